@@ -1,0 +1,101 @@
+//! `code_abi` owns the contract between the machine code `fdc` generates ahead of time and the
+//! `fdrt` code that calls it: the function-pointer type of every generated kernel, what each
+//! argument means, and where in a plan's code section a function may start.
+//!
+//! Every function in a plan's code section is position-independent x86-64 code with the System V
+//! (`extern "C"`) calling convention, has no relocations and calls nothing. A function works on
+//! `rows` consecutive rows of row-major `f32` matrices; each `*_stride` is the distance between two
+//! rows in `f32` elements (not bytes). The runtime splits the rows of one operation into chunks and
+//! calls the function once per chunk, possibly from several threads at once, so a function keeps
+//! no state between calls.
+//!
+//! A generated function is specialized: the shape arguments (`cols`, `group`, `eps`, `n_heads`,
+//! `head_dim`) are fixed when the code is generated. They stay in the signatures so that every
+//! kernel of one kind has the same type and the runtime can pass what the plan recorded; the code
+//! may ignore them. Calling a function with shape arguments other than those it was generated for
+//! is a caller bug, not something the code detects.
+
+/// Every function entry in a code section starts at a multiple of this many bytes from the start
+/// of the section. Generated code addresses its constant pool relative to its own entry and
+/// assumes the pool's alignment (16 bytes for vector constants) holds in memory; the loader maps
+/// the section page-aligned, so aligned offsets keep that promise with room to spare.
+pub const ENTRY_ALIGN: usize = 64;
+
+/// RMS normalization with a learned scale, per group of columns.
+///
+/// For every row `r < rows` each row of `cols` elements is split into `cols / group` groups of
+/// `group` consecutive elements (`group == cols` for a plain norm, `group == head_dim` for a
+/// per-head q/k norm). For element `j` of a group `g` (`j` counted inside the group):
+///
+/// `out[r][g*group + j] = x[r][g*group + j] / sqrt(mean over the group of x^2 + eps) * w[j]`
+///
+/// `w` holds `group` elements. `x` and `out` may be the same buffer (same rows, same stride).
+pub type RmsNormFn = unsafe extern "C" fn(
+    x: *const f32,
+    x_stride: u64,
+    w: *const f32,
+    out: *mut f32,
+    out_stride: u64,
+    rows: u64,
+    cols: u64,
+    group: u64,
+    eps: f32,
+);
+
+/// Residual add fused with the following RMS norm (`group == cols`).
+///
+/// For every row `r < rows` and column `j < cols`: `s = x[r][j] + d[r][j]`,
+/// `sum_out[r][j] = s`, and `normed_out[r][j] = s / sqrt(mean_j(s^2) + eps) * w[j]`.
+///
+/// `sum_out` may be the same buffer as `x` or `d` (an in-place residual update); `normed_out`
+/// must not overlap `x` or `d`.
+pub type AddRmsNormFn = unsafe extern "C" fn(
+    x: *const f32,
+    x_stride: u64,
+    d: *const f32,
+    d_stride: u64,
+    w: *const f32,
+    sum_out: *mut f32,
+    sum_stride: u64,
+    normed_out: *mut f32,
+    normed_stride: u64,
+    rows: u64,
+    cols: u64,
+    eps: f32,
+);
+
+/// SwiGLU activation on a fused gate/up projection.
+///
+/// Each input row holds `2 * cols` elements, `[g(0..cols) | u(0..cols)]`. For every row `r < rows`
+/// and `j < cols`: `out[r][j] = g[j] * sigmoid(g[j]) * u[j]`.
+pub type SiluMulFn = unsafe extern "C" fn(
+    gu: *const f32,
+    gu_stride: u64,
+    out: *mut f32,
+    out_stride: u64,
+    rows: u64,
+    cols: u64,
+);
+
+/// Rotary position embedding, rotate-half layout (as in Hugging Face Llama).
+///
+/// Each row holds `n_heads` heads of `head_dim = D` elements. For row `r < rows` at position
+/// `p = positions[r]`, every head, and `i < D/2`, with `c = cos[p*D/2 + i]` and
+/// `s = sin[p*D/2 + i]`:
+///
+/// `out[i] = x[i]*c - x[i + D/2]*s` and `out[i + D/2] = x[i + D/2]*c + x[i]*s`.
+///
+/// `cos` and `sin` are tables of `D/2` elements per position; the caller guarantees every
+/// position is inside them (the code does not check). `x` and `out` may be the same buffer.
+pub type RopeFn = unsafe extern "C" fn(
+    x: *const f32,
+    x_stride: u64,
+    out: *mut f32,
+    out_stride: u64,
+    rows: u64,
+    n_heads: u64,
+    head_dim: u64,
+    positions: *const u32,
+    cos: *const f32,
+    sin: *const f32,
+);

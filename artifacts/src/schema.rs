@@ -1,0 +1,246 @@
+//! The plan's schema: the manifest (what the model is, what the plan needs) and the program (the
+//! ordered kernel launches the runtime replays at every step).
+//!
+//! These types are the API boundary between `fdc` and `fdrt`. They are built by explicit
+//! conversion from the compiler's graph, never derived from it, so IR refactors cannot change
+//! shipped plans. Changing any type here changes the format: bump `FORMAT_VERSION`.
+//!
+//! Activations are f32 matrices `[rows, cols]` whose rows are `T` (tokens of the step) or `R`
+//! (rows whose logits are wanted). They live in one arena planned per token: a buffer of `cols`
+//! columns at `offset_cols` occupies elements `[offset_cols * T, (offset_cols + cols) * T)`, so the
+//! plan holds for every `T` up to the runtime's token budget.
+
+use ir::types::{DType, Target};
+use serde::{Deserialize, Serialize};
+
+/// Section names inside the `.fdp` container.
+pub mod section {
+    pub const MANIFEST: &str = "manifest";
+    pub const PROGRAM: &str = "program";
+    pub const CODE: &str = "code";
+    pub const TOKENIZER: &str = "tokenizer.json";
+    /// Weight sections are named `weight:<plan weight name>`.
+    pub fn weight(name: &str) -> String {
+        format!("weight:{name}")
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub model: ModelInfo,
+    pub target: Target,
+    /// Storage type of matmul and embedding weights (norms and biases stay f32).
+    pub weight_dtype: DType,
+    pub weights: Vec<WeightInfo>,
+    pub tokenizer: Option<TokenizerInfo>,
+    pub kv: KvInfo,
+    /// RoPE inverse frequencies, `head_dim / 2` values, computed by the compiler in f64.
+    pub rope_inv_freq: Vec<f64>,
+    pub memory: MemoryPlan,
+    /// Generated functions inside the `code` section.
+    pub code: Vec<CodeSymbol>,
+    pub provenance: Provenance,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Architecture family as the compiler names it (`llama`, `qwen2`, `qwen3`).
+    pub architecture: String,
+    /// What the checkpoint said (`LlamaForCausalLM`, `gguf:llama`).
+    pub source_architecture: String,
+    pub vocab_size: u64,
+    pub hidden_size: u64,
+    pub num_layers: u64,
+    pub num_heads: u64,
+    pub num_kv_heads: u64,
+    pub head_dim: u64,
+    pub max_position_embeddings: u64,
+    pub parameter_count: u64,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WeightInfo {
+    pub name: String,
+    pub dtype: DType,
+    /// `[N, K]` for matrices, `[N]` for vectors.
+    pub shape: Vec<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TokenizerInfo {
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KvInfo {
+    pub num_layers: u64,
+    pub num_kv_heads: u64,
+    pub head_dim: u64,
+    pub dtype: DType,
+    /// K and V of every layer for one token.
+    pub bytes_per_token: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    /// Arena width: the arena holds `arena_cols * T` f32 values.
+    pub arena_cols: u64,
+    /// Sum of all buffer widths, for the report: what a plan without reuse would need.
+    pub unplanned_cols: u64,
+    pub buffers: Vec<BufferInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BufferInfo {
+    pub name: String,
+    pub offset_cols: u64,
+    pub cols: u64,
+    /// Steps (indices into the program) of definition and last use.
+    pub first_step: u32,
+    pub last_step: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CodeSymbol {
+    pub name: String,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Provenance {
+    pub compiler_version: String,
+    pub sources: Vec<SourceInfo>,
+    /// The compile options that shaped the plan, as `key=value`.
+    pub options: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SourceInfo {
+    pub name: String,
+    pub bytes: u64,
+    pub blake3: String,
+}
+
+// ---- program ------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub steps: Vec<Step>,
+    /// Width of the logits output `[R, vocab]`.
+    pub logits_cols: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// Registry name of the kernel (`matmul_bf16_avx512`), shown by `fdc inspect`.
+    pub kernel: String,
+    /// For generated kernels: the index into `Manifest::code`.
+    pub code: Option<u32>,
+    pub launch: Launch,
+}
+
+/// Row count of an activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rows {
+    Tokens,
+    LogitRows,
+}
+
+/// Where an activation lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Buffer {
+    /// The arena, at this per-token column offset.
+    Arena { offset_cols: u64 },
+    /// The logits output `[R, logits_cols]`.
+    Logits,
+}
+
+/// A `[rows, cols]` f32 matrix view: column `col` onward of a buffer whose rows are `stride` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Act {
+    pub buffer: Buffer,
+    pub rows: Rows,
+    pub col: u64,
+    pub cols: u64,
+    pub stride: u64,
+}
+
+/// Index into `Manifest::weights`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WeightRef(pub u32);
+
+/// One kernel launch. Token ids, positions and logit rows are the step's inputs, supplied by the
+/// runtime; everything else is named here.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Launch {
+    Embedding {
+        table: WeightRef,
+        out: Act,
+    },
+    RmsNorm {
+        x: Act,
+        w: WeightRef,
+        eps: f32,
+        group: u64,
+        out: Act,
+    },
+    AddRmsNorm {
+        x: Act,
+        d: Act,
+        w: WeightRef,
+        eps: f32,
+        sum_out: Act,
+        normed_out: Act,
+    },
+    MatMul {
+        x: Act,
+        w: WeightRef,
+        bias: Option<WeightRef>,
+        out: Act,
+    },
+    Add {
+        a: Act,
+        b: Act,
+        out: Act,
+    },
+    Mul {
+        a: Act,
+        b: Act,
+        out: Act,
+    },
+    Silu {
+        x: Act,
+        out: Act,
+    },
+    SiluMul {
+        gu: Act,
+        out: Act,
+    },
+    Rope {
+        x: Act,
+        n_heads: u64,
+        head_dim: u64,
+        out: Act,
+    },
+    Attention {
+        q: Act,
+        k: Act,
+        v: Act,
+        layer: u64,
+        n_heads: u64,
+        n_kv_heads: u64,
+        head_dim: u64,
+        scale: f32,
+        out: Act,
+    },
+    GatherRows {
+        x: Act,
+        out: Act,
+    },
+}

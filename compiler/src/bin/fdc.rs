@@ -1,0 +1,125 @@
+//! `fdc`: the command line of the compiler. Argument parsing only; the work is in the library.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use compiler::passes::PassCtx;
+use compiler::{timing, CompileOptions};
+use ir::{DType, Target};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fdc", version, about = "Compile a language model ahead of time into a .fdp plan")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compile an HF checkpoint directory or a GGUF file into a plan.
+    Compile {
+        /// HF model directory (config.json + safetensors) or a .gguf file.
+        model: PathBuf,
+        /// Where to write the plan (default: <model name>.fdp in the current directory).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Hardware target: cpu (this machine's best), cpu-avx512, cpu-avx2, cpu-portable.
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// Storage type of matmul and embedding weights: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Print how long each phase took.
+        #[arg(long)]
+        timings: bool,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Describe a plan: model, target, sections, kernels, memory plan, provenance.
+    Inspect { plan: PathBuf },
+    /// Print the IR of a model after the rewrite passes (or before them with --before).
+    Ir {
+        model: PathBuf,
+        #[arg(long)]
+        before: bool,
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
+    /// The kernel registry.
+    Kernels {
+        /// List every kernel with its key.
+        #[arg(long)]
+        list: bool,
+    },
+}
+
+fn parse_target(text: &str) -> Result<Target> {
+    match Target::parse(text) {
+        Some(t) => Ok(t),
+        None => bail!("unknown target {text:?}; supported: {}", Target::SUPPORTED.join(", ")),
+    }
+}
+
+fn parse_dtype(text: &str) -> Result<DType> {
+    match DType::parse(text) {
+        Some(d @ (DType::F32 | DType::BF16 | DType::F16)) => Ok(d),
+        _ => bail!("unknown --dtype {text:?}; supported: f32, bf16, f16"),
+    }
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("fdc: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    match Cli::parse().command {
+        Command::Compile { model, output, target, dtype, timings, quiet } => {
+            let options =
+                CompileOptions { target: parse_target(&target)?, weight_dtype: parse_dtype(&dtype)?, progress: !quiet };
+            let output = output.unwrap_or_else(|| {
+                let stem = model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("model".into());
+                PathBuf::from(format!("{stem}.fdp"))
+            });
+            let report = compiler::compile(&model, &output, &options)
+                .with_context(|| format!("compiling {}", model.display()))?;
+            println!(
+                "wrote {} ({:.1} MB): {:.1} M parameters, {} launches per step, {} generated kernels, target {}, dtype {}",
+                report.output.display(),
+                report.plan_bytes as f64 / 1e6,
+                report.parameter_count as f64 / 1e6,
+                report.steps,
+                report.generated_kernels,
+                options.target,
+                options.weight_dtype
+            );
+            if timings {
+                for (name, d) in timing::report() {
+                    println!("  {name:<20} {:>9.1} ms", d.as_secs_f64() * 1e3);
+                }
+            }
+        }
+        Command::Inspect { plan } => {
+            print!("{}", compiler::inspect::inspect(&plan).with_context(|| format!("reading {}", plan.display()))?);
+        }
+        Command::Ir { model, before, target, dtype } => {
+            if before {
+                let ckpt = models::open(&model)?;
+                let name = model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                let graph = models::arch::build_graph(&name, &ckpt.config, &*ckpt.tensors)?;
+                print!("{}", ir::text::print(&graph));
+            } else {
+                let ctx = PassCtx { target: parse_target(&target)?, weight_dtype: parse_dtype(&dtype)? };
+                let lowered = compiler::compile::lower(&model, &ctx)?;
+                print!("{}", ir::text::print(&lowered.graph));
+            }
+        }
+        Command::Kernels { .. } => print!("{}", kernels::registry::table()),
+    }
+    Ok(())
+}

@@ -1,0 +1,344 @@
+//! `compile`: the whole of `fdc compile`, from a checkpoint path to a plan file.
+//!
+//! open checkpoint -> build graph -> rewrite passes -> select kernels -> plan memory ->
+//! generate code -> schedule -> write manifest, program, tokenizer, code and weights.
+//! Weights are read and converted a window at a time (in parallel within the window), so the
+//! compiler never holds the whole model in memory.
+
+use crate::codegen::{self, KernelSpec};
+use crate::passes::{self, plan_memory, schedule, select_kernels, PassCtx, PassError};
+use crate::timing;
+use artifacts::schema::{
+    section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, SourceInfo, TokenizerInfo, WeightInfo,
+};
+use artifacts::{codec, PlanError, PlanWriter, SectionKind};
+use half::{bf16, f16};
+use ir::{DType, Graph, NodeId, Op, Target, ValueDef, ValueId, WeightExpr};
+use kernels::registry::KernelSource;
+use models::{Checkpoint, ModelError, TensorSource};
+use rayon::prelude::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    pub target: Target,
+    pub weight_dtype: DType,
+    /// Show a progress bar while weights are written.
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Pass(#[from] PassError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("code generation: {0}")]
+    Codegen(#[from] codegen::CodegenError),
+    #[error("weight {name}: {message}")]
+    Weight { name: String, message: String },
+    #[error("--dtype {0} is not a weight storage type; use f32, bf16 or f16")]
+    BadDtype(DType),
+}
+
+/// What a compile produced, for the command line to report.
+#[derive(Clone, Debug)]
+pub struct CompileReport {
+    pub output: PathBuf,
+    pub plan_bytes: u64,
+    pub steps: usize,
+    pub parameter_count: u64,
+    pub generated_kernels: usize,
+}
+
+/// The graph after every rewrite, plus the checkpoint it came from.
+pub struct Lowered {
+    pub checkpoint: Checkpoint,
+    pub graph: Graph,
+}
+
+/// Opens the checkpoint, builds its graph and runs the rewrite passes.
+pub fn lower(input: &Path, ctx: &PassCtx) -> Result<Lowered, CompileError> {
+    let checkpoint = {
+        let _t = timing::scope("open_checkpoint");
+        models::open(input)?
+    };
+    let name = model_name(input);
+    let mut graph = {
+        let _t = timing::scope("build_graph");
+        models::arch::build_graph(&name, &checkpoint.config, &*checkpoint.tensors)?
+    };
+    passes::run_pipeline(&mut graph, ctx)?;
+    Ok(Lowered { checkpoint, graph })
+}
+
+fn model_name(input: &Path) -> String {
+    let stem = input.file_stem().or_else(|| input.file_name()).map(|s| s.to_string_lossy().to_string());
+    stem.filter(|s| !s.is_empty()).unwrap_or_else(|| "model".to_string())
+}
+
+pub fn compile(input: &Path, output: &Path, options: &CompileOptions) -> Result<CompileReport, CompileError> {
+    if !matches!(options.weight_dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(CompileError::BadDtype(options.weight_dtype));
+    }
+    let ctx = PassCtx { target: options.target, weight_dtype: options.weight_dtype };
+    let Lowered { checkpoint, graph } = lower(input, &ctx)?;
+    let launches: Vec<NodeId> = graph
+        .topo_order()
+        .into_iter()
+        .filter(|&n| !matches!(graph.node(n).op, Op::Split { .. }))
+        .collect();
+    let selection = {
+        let _t = timing::scope("select_kernels");
+        select_kernels::run(&graph, &ctx)?
+    };
+    let memory = {
+        let _t = timing::scope("plan_memory");
+        plan_memory::run(&graph, &launches)?
+    };
+    let (code_bytes, code_symbols, code_index) = {
+        let _t = timing::scope("codegen");
+        generate_code(&graph, &launches, &selection, options.target)?
+    };
+    let weights = graph.weights();
+    let weight_index: HashMap<ValueId, u32> = weights.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
+    let program = {
+        let _t = timing::scope("schedule");
+        schedule::run(&schedule::ScheduleInput {
+            graph: &graph,
+            launches: &launches,
+            selection: &selection,
+            memory: &memory,
+            weight_index: &weight_index,
+            code_index: &code_index,
+        })?
+    };
+    let weight_infos: Vec<WeightInfo> = weights
+        .iter()
+        .map(|&v| WeightInfo {
+            name: weight_name(&graph, v).to_string(),
+            dtype: graph.ty(v).dtype,
+            shape: graph.ty(v).shape.0.iter().map(|d| d.as_const().unwrap_or(0) as u64).collect(),
+        })
+        .collect();
+    let parameter_count = weight_infos.iter().map(|w| w.shape.iter().product::<u64>()).sum();
+    let manifest = build_manifest(&checkpoint, &graph, options, weight_infos, &memory, code_symbols, parameter_count);
+
+    let _t = timing::scope("write_plan");
+    let mut writer = PlanWriter::create(output)?;
+    writer.add_section(section::MANIFEST, SectionKind::Manifest, &codec::encode(&manifest)?)?;
+    writer.add_section(section::PROGRAM, SectionKind::Program, &codec::encode(&program)?)?;
+    if let Some(tok) = &checkpoint.tokenizer {
+        writer.add_section(section::TOKENIZER, SectionKind::Tokenizer, tok.tokenizer_json.as_bytes())?;
+    }
+    writer.add_section(section::CODE, SectionKind::Code, &code_bytes)?;
+    write_weights(&mut writer, &graph, &weights, &*checkpoint.tensors, options.progress)?;
+    let summary = writer.finish()?;
+    Ok(CompileReport {
+        output: output.to_path_buf(),
+        plan_bytes: summary.file_len,
+        steps: program.steps.len(),
+        parameter_count,
+        generated_kernels: manifest.code.len(),
+    })
+}
+
+fn weight_name(graph: &Graph, v: ValueId) -> &str {
+    match &graph.value(v).def {
+        ValueDef::Weight { name, .. } => name,
+        _ => "",
+    }
+}
+
+fn build_manifest(
+    checkpoint: &Checkpoint,
+    graph: &Graph,
+    options: &CompileOptions,
+    weights: Vec<WeightInfo>,
+    memory: &plan_memory::MemoryPlan,
+    code: Vec<CodeSymbol>,
+    parameter_count: u64,
+) -> Manifest {
+    let cfg = &checkpoint.config;
+    let kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * DType::F32.size_bytes();
+    Manifest {
+        model: ModelInfo {
+            name: graph.name.clone(),
+            architecture: cfg.architecture.name().to_string(),
+            source_architecture: cfg.source_architecture.clone(),
+            vocab_size: cfg.vocab_size as u64,
+            hidden_size: cfg.hidden_size as u64,
+            num_layers: cfg.num_hidden_layers as u64,
+            num_heads: cfg.num_attention_heads as u64,
+            num_kv_heads: cfg.num_key_value_heads as u64,
+            head_dim: cfg.head_dim as u64,
+            max_position_embeddings: cfg.max_position_embeddings as u64,
+            parameter_count,
+            bos_token_id: cfg.bos_token_id,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+        },
+        target: options.target,
+        weight_dtype: options.weight_dtype,
+        weights,
+        tokenizer: checkpoint.tokenizer.as_ref().map(|t| TokenizerInfo {
+            chat_template: t.chat_template.clone(),
+            bos_token: t.bos_token.clone(),
+            eos_token: t.eos_token.clone(),
+        }),
+        kv: KvInfo {
+            num_layers: cfg.num_hidden_layers as u64,
+            num_kv_heads: cfg.num_key_value_heads as u64,
+            head_dim: cfg.head_dim as u64,
+            dtype: DType::F32,
+            bytes_per_token: kv_bytes as u64,
+        },
+        rope_inv_freq: graph.constant("rope_inv_freq").map(|c| c.values.clone()).unwrap_or_default(),
+        memory: MemoryPlan {
+            arena_cols: memory.arena_cols,
+            unplanned_cols: memory.unplanned_cols,
+            buffers: memory.buffers.clone(),
+        },
+        code,
+        provenance: Provenance {
+            compiler_version: env!("CARGO_PKG_VERSION").to_string(),
+            sources: checkpoint
+                .sources
+                .iter()
+                .map(|s| SourceInfo { name: s.name.clone(), bytes: s.bytes, blake3: s.blake3.clone() })
+                .collect(),
+            options: vec![format!("target={}", options.target), format!("dtype={}", options.weight_dtype)],
+        },
+    }
+}
+
+/// The generator's spec for a node, from its op and operand shapes.
+fn kernel_spec(graph: &Graph, node: NodeId) -> Option<KernelSpec> {
+    let data = graph.node(node);
+    let cols = |v: ValueId| graph.ty(v).shape.last_const().unwrap_or(0);
+    Some(match data.op {
+        Op::RmsNorm { eps, group } => KernelSpec::RmsNorm { cols: cols(data.inputs[0]), group, eps },
+        Op::AddRmsNorm { eps } => KernelSpec::AddRmsNorm { cols: cols(data.inputs[0]), eps },
+        Op::SiluMul => KernelSpec::SiluMul { cols: cols(data.outputs[0]) },
+        Op::Rope { n_heads, head_dim } => KernelSpec::Rope { n_heads, head_dim },
+        _ => return None,
+    })
+}
+
+type CodeLayout = (Vec<u8>, Vec<CodeSymbol>, HashMap<NodeId, u32>);
+
+/// Generates one function per distinct spec among the nodes that selected a generated kernel,
+/// laid out back to back at `ENTRY_ALIGN` boundaries.
+fn generate_code(
+    graph: &Graph,
+    launches: &[NodeId],
+    selection: &select_kernels::Selection,
+    target: Target,
+) -> Result<CodeLayout, CompileError> {
+    let Target::Cpu(isa) = target;
+    let mut bytes = vec![];
+    let mut symbols: Vec<CodeSymbol> = vec![];
+    let mut specs: Vec<KernelSpec> = vec![];
+    let mut index = HashMap::new();
+    for &node in launches {
+        if selection.get(&node).map(|e| e.source) != Some(KernelSource::Generated) {
+            continue;
+        }
+        let spec = kernel_spec(graph, node).ok_or_else(|| PassError::Failed {
+            pass: "codegen",
+            message: format!("{node} selected a generated kernel the generator cannot build"),
+        })?;
+        let at = match specs.iter().position(|s| *s == spec) {
+            Some(i) => i,
+            None => {
+                let code = codegen::generate(&spec, isa)?;
+                while bytes.len() % artifacts::code_abi::ENTRY_ALIGN != 0 {
+                    bytes.push(0xcc); // int3: padding that traps if ever executed
+                }
+                symbols.push(CodeSymbol {
+                    name: codegen::symbol_name(&spec, isa),
+                    offset: bytes.len() as u64,
+                    len: code.bytes.len() as u64,
+                });
+                bytes.extend_from_slice(&code.bytes);
+                specs.push(spec);
+                specs.len() - 1
+            }
+        };
+        index.insert(node, at as u32);
+    }
+    Ok((bytes, symbols, index))
+}
+
+/// Reads a weight expression as f32, in the order its parts are concatenated.
+fn materialize(expr: &WeightExpr, tensors: &dyn TensorSource) -> Result<Vec<f32>, ModelError> {
+    match expr {
+        WeightExpr::Tensor(name) => tensors.load_f32(name),
+        WeightExpr::ConcatRows(parts) => {
+            let mut out = vec![];
+            for p in parts {
+                out.extend(materialize(p, tensors)?);
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn encode_weight(values: &[f32], dtype: DType) -> Vec<u8> {
+    match dtype {
+        DType::BF16 => values.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+        DType::F16 => values.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Weights converted per window in parallel, written in order (the plan stays deterministic).
+fn write_weights(
+    writer: &mut PlanWriter,
+    graph: &Graph,
+    weights: &[ValueId],
+    tensors: &dyn TensorSource,
+    progress: bool,
+) -> Result<(), CompileError> {
+    const WINDOW: usize = 16;
+    let bar = if progress {
+        let bar = indicatif::ProgressBar::new(weights.len() as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} weights ({elapsed})")
+        {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_message("writing weights");
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    for window in weights.chunks(WINDOW) {
+        let encoded: Vec<Result<(String, Vec<u8>), CompileError>> = window
+            .par_iter()
+            .map(|&v| {
+                let ValueDef::Weight { name, expr } = &graph.value(v).def else {
+                    unreachable!("graph.weights() returns weights only")
+                };
+                let ty = graph.ty(v);
+                let values = materialize(expr, tensors)?;
+                let expected = ty.shape.const_elements().unwrap_or(0);
+                if values.len() != expected {
+                    return Err(CompileError::Weight {
+                        name: name.clone(),
+                        message: format!("has {} values, its type {ty} needs {expected}", values.len()),
+                    });
+                }
+                Ok((name.clone(), encode_weight(&values, ty.dtype)))
+            })
+            .collect();
+        for item in encoded {
+            let (name, bytes) = item?;
+            writer.add_section(&section::weight(&name), SectionKind::Weights, &bytes)?;
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(())
+}

@@ -1,0 +1,165 @@
+//! `plan_memory`: places every activation in one arena by liveness, so buffers whose lifetimes
+//! do not overlap share memory.
+//!
+//! Widths are planned per token: a buffer `[T, cols]` at column offset `o` occupies elements
+//! `[o * T, (o + cols) * T)`, which stays disjoint from its neighbours for every `T`, so one plan
+//! serves every batch size up to the runtime's token budget. `split` results are views into their
+//! input (no memory of their own; they keep it alive). The graph outputs go to their own buffers
+//! (the logits), not the arena. Allocation is first-fit over a free list in program order, which
+//! is simple and, for the straight-line decoder, within a few columns of the peak live width.
+//! It does not reorder the program.
+
+use super::PassError;
+use artifacts::schema::{Act, Buffer, BufferInfo, Rows};
+use ir::{Dim, Graph, NodeId, Op, ValueDef, ValueId};
+use std::collections::HashMap;
+
+pub struct MemoryPlan {
+    pub locations: HashMap<ValueId, Act>,
+    pub arena_cols: u64,
+    pub unplanned_cols: u64,
+    pub buffers: Vec<BufferInfo>,
+}
+
+fn rows_of(graph: &Graph, v: ValueId) -> Rows {
+    match graph.ty(v).shape.0.first() {
+        Some(Dim::LogitRows) => Rows::LogitRows,
+        _ => Rows::Tokens,
+    }
+}
+
+fn cols_of(graph: &Graph, v: ValueId) -> u64 {
+    graph.ty(v).shape.last_const().unwrap_or(0) as u64
+}
+
+/// The value that owns the memory `v` lives in, and `v`'s column offset inside it.
+fn root_of(graph: &Graph, v: ValueId) -> (ValueId, u64) {
+    match graph.value(v).def {
+        ValueDef::Node { node, index } => match &graph.node(node).op {
+            Op::Split { sizes } => {
+                let (root, col) = root_of(graph, graph.node(node).inputs[0]);
+                (root, col + sizes[..index].iter().sum::<usize>() as u64)
+            }
+            _ => (v, 0),
+        },
+        _ => (v, 0),
+    }
+}
+
+/// `launches` is the program order: `graph.topo_order()` without the view ops.
+pub fn run(graph: &Graph, launches: &[NodeId]) -> Result<MemoryPlan, PassError> {
+    let mut last_use: HashMap<ValueId, usize> = HashMap::new();
+    for (step, &node) in launches.iter().enumerate() {
+        for &v in &graph.node(node).inputs {
+            if let ValueDef::Node { .. } = graph.value(v).def {
+                last_use.insert(root_of(graph, v).0, step);
+            }
+        }
+    }
+    let outputs: Vec<ValueId> = graph.outputs().iter().map(|(_, v)| *v).collect();
+    let mut free: Vec<(u64, u64)> = vec![]; // sorted, disjoint [start, end) column ranges
+    let mut arena_cols = 0u64;
+    let mut unplanned_cols = 0u64;
+    let mut roots: HashMap<ValueId, (u64, u64)> = HashMap::new(); // root -> (offset, cols)
+    let mut buffers = vec![];
+    for (step, &node) in launches.iter().enumerate() {
+        for &v in &graph.node(node).outputs {
+            if outputs.contains(&v) {
+                continue;
+            }
+            let cols = cols_of(graph, v);
+            unplanned_cols += cols;
+            let offset = match free.iter().position(|&(s, e)| e - s >= cols) {
+                Some(i) => {
+                    let (s, e) = free[i];
+                    if e - s == cols {
+                        free.remove(i);
+                    } else {
+                        free[i] = (s + cols, e);
+                    }
+                    s
+                }
+                None => {
+                    let s = arena_cols;
+                    arena_cols += cols;
+                    s
+                }
+            };
+            roots.insert(v, (offset, cols));
+            buffers.push(BufferInfo {
+                name: format!("{v}"),
+                offset_cols: offset,
+                cols,
+                first_step: step as u32,
+                last_step: *last_use.get(&v).unwrap_or(&step) as u32,
+            });
+        }
+        // Release what dies here (after allocating this step's outputs, which must not alias
+        // this step's inputs), including outputs nobody reads.
+        let dying: Vec<ValueId> = roots
+            .keys()
+            .copied()
+            .filter(|r| last_use.get(r).map_or(true, |&u| u <= step))
+            .collect();
+        for r in dying {
+            let (offset, cols) = roots.remove(&r).expect("listed above");
+            release(&mut free, offset, cols);
+        }
+    }
+    let mut locations = HashMap::new();
+    for v in graph.value_ids() {
+        if !matches!(graph.value(v).def, ValueDef::Node { .. }) || !graph.is_live(v) {
+            continue;
+        }
+        let (root, col) = root_of(graph, v);
+        let act = if outputs.contains(&root) {
+            let cols = cols_of(graph, root);
+            Act { buffer: Buffer::Logits, rows: rows_of(graph, v), col, cols: cols_of(graph, v), stride: cols }
+        } else {
+            let info = buffers.iter().find(|b| b.name == format!("{root}")).ok_or_else(|| PassError::Failed {
+                pass: "plan_memory",
+                message: format!("{v} has no buffer"),
+            })?;
+            Act {
+                buffer: Buffer::Arena { offset_cols: info.offset_cols },
+                rows: rows_of(graph, v),
+                col,
+                cols: cols_of(graph, v),
+                stride: info.cols,
+            }
+        };
+        locations.insert(v, act);
+    }
+    Ok(MemoryPlan { locations, arena_cols, unplanned_cols, buffers })
+}
+
+/// Returns `[offset, offset + cols)` to the free list, merging neighbours.
+fn release(free: &mut Vec<(u64, u64)>, offset: u64, cols: u64) {
+    if cols == 0 {
+        return;
+    }
+    let i = free.partition_point(|&(s, _)| s < offset);
+    free.insert(i, (offset, offset + cols));
+    if i + 1 < free.len() && free[i].1 == free[i + 1].0 {
+        free[i].1 = free[i + 1].1;
+        free.remove(i + 1);
+    }
+    if i > 0 && free[i - 1].1 == free[i].0 {
+        free[i - 1].1 = free[i].1;
+        free.remove(i);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::release;
+
+    #[test]
+    fn released_ranges_merge_with_neighbours() {
+        let mut free = vec![(0, 4), (10, 12)];
+        release(&mut free, 4, 6);
+        assert_eq!(free, vec![(0, 12)]);
+        release(&mut free, 20, 5);
+        assert_eq!(free, vec![(0, 12), (20, 25)]);
+    }
+}

@@ -1,0 +1,53 @@
+//! `select_kernels`: picks one registry kernel for every launching node, by
+//! `(op, weight dtype, quant scheme, target)`.
+//!
+//! Among the candidates it prefers a generated (cranelift, specialized per shape) kernel only for
+//! the ops where `docs/PERF.md` measured it faster than the library kernel (`GENERATED_WINS`);
+//! otherwise the library kernel. A node with no candidate is an error naming the key: the target
+//! cannot run this model. It does not change the graph.
+
+use super::{PassCtx, PassError};
+use ir::{DType, Graph, NodeId, Op, OpKind, QuantScheme};
+use kernels::registry::{self, KernelEntry, KernelKey, KernelSource};
+use std::collections::HashMap;
+
+/// Ops whose generated kernel beat the library kernel on SmolLM2's shapes (docs/PERF.md,
+/// "Generated vs library kernels"). Update it when the measurements change.
+pub const GENERATED_WINS: &[OpKind] = &[OpKind::AddRmsNorm, OpKind::RmsNorm, OpKind::SiluMul, OpKind::Rope];
+
+pub type Selection = HashMap<NodeId, &'static KernelEntry>;
+
+/// The dtype part of a node's registry key: the weight's storage type for ops that read a
+/// weight matrix, f32 (the activation type) for everything else.
+pub fn key_dtype(graph: &Graph, node: NodeId) -> DType {
+    let data = graph.node(node);
+    match data.op {
+        Op::MatMul => graph.ty(data.inputs[1]).dtype,
+        Op::Embedding => graph.ty(data.inputs[0]).dtype,
+        _ => DType::F32,
+    }
+}
+
+pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<Selection, PassError> {
+    let mut selection = Selection::new();
+    for node in graph.topo_order() {
+        let Some(op) = graph.node(node).op.kind() else { continue };
+        let key = KernelKey { op, dtype: key_dtype(graph, node), quant: QuantScheme::None, target: ctx.target };
+        let candidates = registry::lookup(&key);
+        let wants_generated = GENERATED_WINS.contains(&op);
+        let chosen = candidates
+            .iter()
+            .find(|e| (e.source == KernelSource::Generated) == wants_generated)
+            .or_else(|| candidates.iter().find(|e| e.source == KernelSource::Library))
+            .copied()
+            .ok_or_else(|| PassError::Failed {
+                pass: "select_kernels",
+                message: format!(
+                    "no kernel for {} with {} weights on {}; `fdc kernels --list` shows what exists",
+                    op, key.dtype, ctx.target
+                ),
+            })?;
+        selection.insert(node, chosen);
+    }
+    Ok(selection)
+}

@@ -1,0 +1,318 @@
+//! The IR's text form: a printer and a parser, so every compiler test is "text in, text out".
+//!
+//! ```text
+//! graph tiny {
+//!   input %v0: i32[T] = token_ids
+//!   const rope_inv_freq = [1.0, 0.1]
+//!   weight %v1: f32[320, 64] = @model.embed_tokens.weight
+//!   weight %v2: f32[96, 64] = concat(@a.weight, @b.weight) named @ab.weight
+//!   %v3: f32[T, 64] = embedding(%v1, %v0)
+//!   %v4: f32[T, 32], %v5: f32[T, 32] = split(%v3) {sizes=[32, 32]}
+//!   output hidden = %v3
+//! }
+//! ```
+//! The printer renumbers values in order of appearance and prints nodes in `topo_order`, so
+//! `print(parse(print(g))) == print(g)` and dumps stay stable while passes add and remove nodes.
+
+use crate::graph::{Graph, InputKind, ValueDef, ValueId, WeightExpr};
+use crate::op::Op;
+use crate::shape::{Dim, Shape, TensorType};
+use crate::types::DType;
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+/// Prints the graph in its text form.
+pub fn print(graph: &Graph) -> String {
+    let mut names: HashMap<ValueId, usize> = HashMap::new();
+    let name = |v: ValueId, names: &mut HashMap<ValueId, usize>| -> String {
+        let next = names.len();
+        format!("%v{}", *names.entry(v).or_insert(next))
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "graph {} {{", graph.name);
+    for v in graph.value_ids() {
+        if let ValueDef::Input(kind) = graph.value(v).def {
+            let _ = writeln!(out, "  input {}: {} = {}", name(v, &mut names), graph.ty(v), kind.name());
+        }
+    }
+    for c in graph.constants() {
+        let values: Vec<String> = c.values.iter().map(|x| format!("{x:?}")).collect();
+        let _ = writeln!(out, "  const {} = [{}]", c.name, values.join(", "));
+    }
+    for v in graph.weights() {
+        if let ValueDef::Weight { name: weight_name, expr } = &graph.value(v).def {
+            let expr_text = print_expr(expr);
+            let suffix = match expr {
+                WeightExpr::Tensor(t) if t == weight_name => String::new(),
+                _ => format!(" named @{weight_name}"),
+            };
+            let _ = writeln!(out, "  weight {}: {} = {expr_text}{suffix}", name(v, &mut names), graph.ty(v));
+        }
+    }
+    for node_id in graph.topo_order() {
+        let node = graph.node(node_id);
+        let inputs: Vec<String> = node.inputs.iter().map(|&v| name(v, &mut names)).collect();
+        let outputs: Vec<String> =
+            node.outputs.iter().map(|&v| format!("{}: {}", name(v, &mut names), graph.ty(v))).collect();
+        let attrs = node.op.attrs();
+        let attrs_text = if attrs.is_empty() {
+            String::new()
+        } else {
+            let parts: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            format!(" {{{}}}", parts.join(", "))
+        };
+        let _ = writeln!(out, "  {} = {}({}){attrs_text}", outputs.join(", "), node.op.name(), inputs.join(", "));
+    }
+    for (output_name, v) in graph.outputs() {
+        let _ = writeln!(out, "  output {output_name} = {}", name(*v, &mut names));
+    }
+    out.push_str("}\n");
+    out
+}
+
+fn print_expr(expr: &WeightExpr) -> String {
+    match expr {
+        WeightExpr::Tensor(t) => format!("@{t}"),
+        WeightExpr::ConcatRows(parts) => {
+            let parts: Vec<String> = parts.iter().map(print_expr).collect();
+            format!("concat({})", parts.join(", "))
+        }
+    }
+}
+
+/// A parse failure: line number (1-based) and what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+/// Parses the text form back into a graph, checking every node against the op table.
+pub fn parse(text: &str) -> Result<Graph, ParseError> {
+    let mut graph: Option<Graph> = None;
+    let mut values: HashMap<String, ValueId> = HashMap::new();
+    for (index, raw) in text.lines().enumerate() {
+        let line_no = index + 1;
+        let fail = |message: String| ParseError { line: line_no, message };
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with("//") || line == "}" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("graph ") {
+            let name = rest.trim_end_matches('{').trim();
+            graph = Some(Graph::new(name));
+            continue;
+        }
+        let g = graph.as_mut().ok_or_else(|| fail("expected `graph NAME {` first".into()))?;
+        let lookup = |values: &HashMap<String, ValueId>, name: &str| -> Result<ValueId, ParseError> {
+            values.get(name.trim()).copied().ok_or_else(|| fail(format!("unknown value {}", name.trim())))
+        };
+        if let Some(rest) = line.strip_prefix("input ") {
+            let (lhs, kind) = split_once(rest, " = ").ok_or_else(|| fail("input needs `= kind`".into()))?;
+            let (name, ty) = parse_typed(lhs).map_err(fail)?;
+            let kind = InputKind::parse(kind.trim()).ok_or_else(|| fail(format!("unknown input {kind}")))?;
+            values.insert(name, g.add_input(kind, ty));
+        } else if let Some(rest) = line.strip_prefix("const ") {
+            let (name, list) = split_once(rest, " = ").ok_or_else(|| fail("const needs `= [..]`".into()))?;
+            let inner = list
+                .trim()
+                .strip_prefix('[')
+                .and_then(|s| s.strip_suffix(']'))
+                .ok_or_else(|| fail("const values must be a [list]".into()))?;
+            let numbers = if inner.trim().is_empty() {
+                vec![]
+            } else {
+                inner
+                    .split(',')
+                    .map(|s| s.trim().parse::<f64>().map_err(|_| fail(format!("bad number {s:?}"))))
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+            g.add_constant(name.trim(), numbers);
+        } else if let Some(rest) = line.strip_prefix("weight ") {
+            let (lhs, rhs) = split_once(rest, " = ").ok_or_else(|| fail("weight needs `= expr`".into()))?;
+            let (name, ty) = parse_typed(lhs).map_err(fail)?;
+            let (expr_text, weight_name) = match split_once(rhs, " named @") {
+                Some((e, n)) => (e, Some(n.trim().to_string())),
+                None => (rhs, None),
+            };
+            let (expr, rest) = parse_expr(expr_text.trim()).map_err(fail)?;
+            if !rest.trim().is_empty() {
+                return Err(fail(format!("unexpected {rest:?} after weight expression")));
+            }
+            let weight_name = match (weight_name, &expr) {
+                (Some(n), _) => n,
+                (None, WeightExpr::Tensor(t)) => t.clone(),
+                (None, _) => return Err(fail("a combined weight needs `named @NAME`".into())),
+            };
+            values.insert(name, g.add_weight(weight_name, ty, expr));
+        } else if let Some(rest) = line.strip_prefix("output ") {
+            let (name, value) = split_once(rest, " = ").ok_or_else(|| fail("output needs `= %v`".into()))?;
+            let v = lookup(&values, value)?;
+            g.set_output(name.trim(), v);
+        } else {
+            let (lhs, rhs) = split_once(line, " = ").ok_or_else(|| fail(format!("cannot read {line:?}")))?;
+            let open = rhs.find('(').ok_or_else(|| fail("expected op(operands)".into()))?;
+            let close = rhs.find(')').ok_or_else(|| fail("missing `)`".into()))?;
+            let op_name = rhs[..open].trim();
+            let operands: Vec<ValueId> = rhs[open + 1..close]
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| lookup(&values, s))
+                .collect::<Result<_, _>>()?;
+            let attrs = parse_attrs(rhs[close + 1..].trim()).map_err(fail)?;
+            let op = Op::from_text(op_name, &attrs).map_err(fail)?;
+            let declared: Vec<(String, TensorType)> = split_top_level(lhs)
+                .iter()
+                .map(|s| parse_typed(s))
+                .collect::<Result<_, _>>()
+                .map_err(fail)?;
+            let outputs = g.add_node(op, &operands).map_err(|e| fail(e.to_string()))?;
+            if outputs.len() != declared.len() {
+                return Err(fail(format!("{op_name} has {} outputs, {} declared", outputs.len(), declared.len())));
+            }
+            for ((name, ty), v) in declared.into_iter().zip(outputs) {
+                if *g.ty(v) != ty {
+                    return Err(fail(format!("{name} declared {ty} but {op_name} gives {}", g.ty(v))));
+                }
+                values.insert(name, v);
+            }
+        }
+    }
+    graph.ok_or(ParseError { line: 0, message: "empty input: no graph".into() })
+}
+
+fn split_once<'a>(text: &'a str, sep: &str) -> Option<(&'a str, &'a str)> {
+    text.find(sep).map(|i| (&text[..i], &text[i + sep.len()..]))
+}
+
+/// Splits on commas that are not inside brackets or parentheses.
+fn split_top_level(text: &str) -> Vec<String> {
+    let mut parts = vec![];
+    let mut depth = 0i32;
+    let mut current = String::new();
+    for c in text.chars() {
+        match c {
+            '[' | '(' => depth += 1,
+            ']' | ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(current.trim().to_string());
+                current.clear();
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    if !current.trim().is_empty() {
+        parts.push(current.trim().to_string());
+    }
+    parts
+}
+
+/// `%v3: f32[T, 64]` -> ("%v3", type)
+fn parse_typed(text: &str) -> Result<(String, TensorType), String> {
+    let (name, ty) = split_once(text, ":").ok_or_else(|| format!("expected `%v: type` in {text:?}"))?;
+    Ok((name.trim().to_string(), parse_type(ty.trim())?))
+}
+
+fn parse_type(text: &str) -> Result<TensorType, String> {
+    let open = text.find('[').ok_or_else(|| format!("expected dtype[dims] in {text:?}"))?;
+    let dtype = DType::parse(&text[..open]).ok_or_else(|| format!("unknown dtype in {text:?}"))?;
+    let inner = text[open + 1..].strip_suffix(']').ok_or_else(|| format!("missing `]` in {text:?}"))?;
+    let dims = inner
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Dim::parse(s.trim()).ok_or_else(|| format!("bad dimension {s:?}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TensorType { dtype, shape: Shape(dims) })
+}
+
+fn parse_expr(text: &str) -> Result<(WeightExpr, &str), String> {
+    if let Some(rest) = text.strip_prefix("concat(") {
+        let mut parts = vec![];
+        let mut rest = rest.trim_start();
+        loop {
+            let (part, after) = parse_expr(rest)?;
+            parts.push(part);
+            let after = after.trim_start();
+            if let Some(after) = after.strip_prefix(',') {
+                rest = after.trim_start();
+            } else if let Some(after) = after.strip_prefix(')') {
+                return Ok((WeightExpr::ConcatRows(parts), after));
+            } else {
+                return Err(format!("expected `,` or `)` in concat, found {after:?}"));
+            }
+        }
+    }
+    let rest = text.strip_prefix('@').ok_or_else(|| format!("expected @tensor, found {text:?}"))?;
+    let end = rest.find([',', ')', ' ']).unwrap_or(rest.len());
+    if end == 0 {
+        return Err("empty tensor name".into());
+    }
+    Ok((WeightExpr::Tensor(rest[..end].to_string()), &rest[end..]))
+}
+
+fn parse_attrs(text: &str) -> Result<Vec<(String, String)>, String> {
+    if text.is_empty() {
+        return Ok(vec![]);
+    }
+    let inner = text
+        .strip_prefix('{')
+        .and_then(|s| s.strip_suffix('}'))
+        .ok_or_else(|| format!("attributes must be {{k=v, ...}}, found {text:?}"))?;
+    split_top_level(inner)
+        .into_iter()
+        .map(|kv| {
+            split_once(&kv, "=")
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .ok_or_else(|| format!("attribute {kv:?} needs key=value"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "graph tiny {
+  input %v0: i32[T] = token_ids
+  input %v1: i32[T] = positions
+  input %v2: i32[R] = logit_rows
+  const rope_inv_freq = [1.0, 0.1]
+  weight %v3: f32[320, 8] = @model.embed_tokens.weight
+  weight %v4: f32[8] = @model.norm.weight
+  weight %v5: bf16[16, 8] = concat(@a.weight, @b.weight) named @ab.weight
+  %v6: f32[T, 8] = embedding(%v3, %v0)
+  %v7: f32[T, 8] = rms_norm(%v6, %v4) {eps=1e-5, group=8}
+  %v8: f32[T, 16] = matmul(%v7, %v5)
+  %v9: f32[T, 4], %v10: f32[T, 12] = split(%v8) {sizes=[4, 12]}
+  %v11: f32[T, 4] = rope(%v9, %v1) {n_heads=1, head_dim=4}
+  %v12: f32[R, 4] = gather_rows(%v11, %v2)
+  output logits = %v12
+}
+";
+
+    #[test]
+    fn print_of_parse_is_identity() {
+        let graph = parse(SAMPLE).expect("sample parses");
+        assert_eq!(print(&graph), SAMPLE);
+    }
+
+    fn check_error(text: &str, expected: &str) {
+        let err = parse(text).expect_err("must not parse");
+        assert!(err.to_string().contains(expected), "error {err} should contain {expected:?}");
+    }
+
+    #[test]
+    fn bad_text_is_reported_with_its_line() {
+        check_error("graph g {\n  %v0: f32[T, 4] = silu(%v9)\n}", "line 2: unknown value %v9");
+        check_error("graph g {\n  input %v0: q3[T] = token_ids\n}", "unknown dtype");
+        check_error(
+            "graph g {\n  input %v0: i32[T] = token_ids\n  %v1: f32[T, 4] = rms_norm(%v0, %v0) {eps=1e-5, group=4}\n}",
+            "rms_norm input must be f32",
+        );
+        check_error("graph g {\n  input %v0: i32[T] = token_ids\n  %v1: f32[T, 4] = frob(%v0)\n}", "unknown op frob");
+        check_error("  input %v0: i32[T] = token_ids", "expected `graph NAME {` first");
+    }
+}

@@ -1,0 +1,261 @@
+//! The vocabulary every crate shares: element types, quantization schemes, op kinds and targets.
+//!
+//! This module imports no graph library on purpose: `runtime`, `kernels` and `artifacts` may name
+//! these types, and a tidy test checks that none of them reaches for `ir::graph`.
+//! Only these small enums derive `Serialize`; the graph types never do.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Element type of a tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I32,
+    I64,
+    U8,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::I64 => 8,
+            DType::U8 => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::U8 => "u8",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<DType> {
+        Some(match text {
+            "f32" => DType::F32,
+            "f16" => DType::F16,
+            "bf16" => DType::BF16,
+            "i32" => DType::I32,
+            "i64" => DType::I64,
+            "u8" => DType::U8,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How a weight is quantized. `None` means stored plainly in its dtype.
+/// The quantization issue adds the packed integer and fp8 schemes here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum QuantScheme {
+    None,
+}
+
+impl QuantScheme {
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantScheme::None => "none",
+        }
+    }
+}
+
+impl fmt::Display for QuantScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Instruction-set level of a CPU target, from the most portable up.
+/// Ordered so that `a <= b` means code for `a` runs on a machine that has `b`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CpuIsa {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 with AVX2 and FMA.
+    Avx2,
+    /// x86-64 with AVX-512 F/BW/DQ/VL plus AVX2 and FMA.
+    Avx512,
+}
+
+impl CpuIsa {
+    pub fn name(self) -> &'static str {
+        match self {
+            CpuIsa::Portable => "portable",
+            CpuIsa::Avx2 => "avx2",
+            CpuIsa::Avx512 => "avx512",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CpuIsa> {
+        Some(match text {
+            "portable" => CpuIsa::Portable,
+            "avx2" => CpuIsa::Avx2,
+            "avx512" => CpuIsa::Avx512,
+            _ => return None,
+        })
+    }
+
+    /// The best level this machine supports, by run-time feature detection.
+    pub fn detect() -> CpuIsa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512dq")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return CpuIsa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return CpuIsa::Avx2;
+            }
+        }
+        CpuIsa::Portable
+    }
+}
+
+/// Hardware a plan is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Target {
+    Cpu(CpuIsa),
+}
+
+impl Target {
+    /// Spelling used on the command line and in `fdc inspect`: `cpu-avx512`, `cpu-avx2`, `cpu-portable`.
+    pub fn name(self) -> String {
+        match self {
+            Target::Cpu(isa) => format!("cpu-{}", isa.name()),
+        }
+    }
+
+    /// Parses `cpu` (this machine's best level), `cpu-avx512`, `cpu-avx2` or `cpu-portable`.
+    pub fn parse(text: &str) -> Option<Target> {
+        match text {
+            "cpu" => Some(Target::Cpu(CpuIsa::detect())),
+            _ => CpuIsa::parse(text.strip_prefix("cpu-")?).map(Target::Cpu),
+        }
+    }
+
+    /// Spellings accepted by [`Target::parse`], for error messages.
+    pub const SUPPORTED: &'static [&'static str] = &["cpu", "cpu-avx512", "cpu-avx2", "cpu-portable"];
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+/// The kinds of operation, as keys of the kernel registry. The graph's `Op` (with attributes)
+/// lives in `ir::op`; each `Op` maps to exactly one `OpKind`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum OpKind {
+    /// Rows of a table picked by token id.
+    Embedding,
+    /// `y = x * rsqrt(mean(x^2) + eps) * w`, over groups of a row.
+    RmsNorm,
+    /// Fused `s = x + d; y = rms_norm(s)`, both outputs kept.
+    AddRmsNorm,
+    /// `y = x @ w^T (+ b)`.
+    MatMul,
+    /// Elementwise `a + b`.
+    Add,
+    /// Elementwise `a * b`.
+    Mul,
+    /// Elementwise `x * sigmoid(x)`.
+    Silu,
+    /// Fused `silu(g) * u` over a `[g | u]` row.
+    SiluMul,
+    /// Rotary position embedding, rotate-half layout.
+    Rope,
+    /// Causal self-attention that appends to and reads from the KV cache.
+    Attention,
+    /// Picks the rows whose logits are wanted.
+    GatherRows,
+}
+
+impl OpKind {
+    pub const ALL: &'static [OpKind] = &[
+        OpKind::Embedding,
+        OpKind::RmsNorm,
+        OpKind::AddRmsNorm,
+        OpKind::MatMul,
+        OpKind::Add,
+        OpKind::Mul,
+        OpKind::Silu,
+        OpKind::SiluMul,
+        OpKind::Rope,
+        OpKind::Attention,
+        OpKind::GatherRows,
+    ];
+
+    /// Snake-case spelling, used in the IR text form and in kernel names.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Embedding => "embedding",
+            OpKind::RmsNorm => "rms_norm",
+            OpKind::AddRmsNorm => "add_rms_norm",
+            OpKind::MatMul => "matmul",
+            OpKind::Add => "add",
+            OpKind::Mul => "mul",
+            OpKind::Silu => "silu",
+            OpKind::SiluMul => "silu_mul",
+            OpKind::Rope => "rope",
+            OpKind::Attention => "attention",
+            OpKind::GatherRows => "gather_rows",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<OpKind> {
+        OpKind::ALL.iter().copied().find(|k| k.name() == text)
+    }
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spellings_round_trip() {
+        for &k in OpKind::ALL {
+            assert_eq!(OpKind::parse(k.name()), Some(k));
+        }
+        for d in [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8] {
+            assert_eq!(DType::parse(d.name()), Some(d));
+        }
+        for isa in [CpuIsa::Portable, CpuIsa::Avx2, CpuIsa::Avx512] {
+            assert_eq!(Target::parse(&Target::Cpu(isa).name()), Some(Target::Cpu(isa)));
+        }
+        assert_eq!(Target::parse("gpu"), None);
+    }
+
+    #[test]
+    fn isa_order_means_compatibility() {
+        assert!(CpuIsa::Portable < CpuIsa::Avx2 && CpuIsa::Avx2 < CpuIsa::Avx512);
+    }
+}

@@ -1,0 +1,688 @@
+//! Causal self-attention for one sequence against a contiguous per-layer KV cache, with grouped
+//! query heads (query head h reads kv head `h / (H / KV)`).
+//!
+//! The queries that share a kv head are packed, token-major, into pieces of up to three vectors
+//! of lanes. For a piece, blocks of keys are processed flash-attention style: scores for the whole
+//! block come from a small register-blocked product (a key element broadcast against a vector of
+//! pre-scaled, transposed queries), then an online softmax (running max and sum per query, stable
+//! with the max subtracted) and the probability-weighted sum of value rows into f32 accumulators.
+//! With few pieces (decode), the key range is also cut into fixed chunks of `KEY_CHUNK` positions
+//! computed as separate tasks and merged in chunk order. Every choice depends on the shapes only,
+//! never on the thread count.
+
+use super::simd::{self, load_n, run_simd, store_n, Simd, SimdTask};
+use super::{check_len, check_rows, runnable_isa, SharedMut};
+use crate::KernelError;
+use ir::CpuIsa;
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// One layer's KV cache for one sequence: `k`, `v` are `[P, KV, D]` f32 with P = `capacity`.
+pub struct KvLayerMut<'a> {
+    pub k: &'a mut [f32],
+    pub v: &'a mut [f32],
+    /// Positions the cache holds.
+    pub capacity: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Keys per block of the online softmax.
+const KEY_BLOCK: usize = 64;
+/// Positions per key chunk when the key range is split across tasks.
+const KEY_CHUNK: usize = 256;
+/// Split key ranges into chunks only when there are fewer query pieces than this.
+const SPLIT_BELOW_PIECES: usize = 32;
+/// Query vectors per piece.
+const MAX_QUERY_VECTORS: usize = 3;
+
+/// Appends the new tokens' keys and values to `cache`, then attends.
+///
+/// Shapes: `q` `[T, H*D]`, `k` and `v` `[T, KV*D]`, `out` `[T, H*D]`, all f32 with their own row
+/// strides; `positions` `[T]`, consecutive (`positions[i] = positions[0] + i`) and below the
+/// cache capacity. Token i (at position p) attends to cache positions `0..=p`, which must hold
+/// keys and values from this or earlier calls. `scale` multiplies `q . k` (usually `1/sqrt(D)`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    isa: CpuIsa,
+    q: &[f32],
+    q_stride: usize,
+    k: &[f32],
+    k_stride: usize,
+    v: &[f32],
+    v_stride: usize,
+    t: usize,
+    positions: &[u32],
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    cache: &mut KvLayerMut,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), KernelError> {
+    const NAME: &str = "attention";
+    if n_kv_heads == 0 || head_dim == 0 || n_heads % n_kv_heads != 0 {
+        return Err(KernelError::shape(NAME, format!("{n_heads} heads cannot share {n_kv_heads} kv heads (head_dim {head_dim})")));
+    }
+    if cache.kv_heads != n_kv_heads || cache.head_dim != head_dim {
+        return Err(KernelError::shape(
+            NAME,
+            format!("cache is {} kv heads x {}, kernel asked for {n_kv_heads} x {head_dim}", cache.kv_heads, cache.head_dim),
+        ));
+    }
+    let kv_row = n_kv_heads * head_dim;
+    check_len(NAME, "cache.k", cache.k.len(), cache.capacity * kv_row)?;
+    check_len(NAME, "cache.v", cache.v.len(), cache.capacity * kv_row)?;
+    check_rows(NAME, "q", q.len(), t, n_heads * head_dim, q_stride)?;
+    check_rows(NAME, "k", k.len(), t, kv_row, k_stride)?;
+    check_rows(NAME, "v", v.len(), t, kv_row, v_stride)?;
+    check_rows(NAME, "out", out.len(), t, n_heads * head_dim, out_stride)?;
+    if positions.len() != t {
+        return Err(KernelError::Positions { what: format!("{} positions for {t} tokens", positions.len()) });
+    }
+    if t == 0 {
+        return Ok(());
+    }
+    let first = positions[0] as usize;
+    if let Some(i) = (1..t).find(|&i| positions[i] as usize != first + i) {
+        return Err(KernelError::Positions { what: format!("position {} follows {} at token {i}", positions[i], positions[i - 1]) });
+    }
+    if first + t > cache.capacity {
+        return Err(KernelError::Positions { what: format!("positions up to {} exceed capacity {}", first + t - 1, cache.capacity) });
+    }
+
+    for i in 0..t {
+        let dst = (first + i) * kv_row;
+        cache.k[dst..dst + kv_row].copy_from_slice(&k[i * k_stride..][..kv_row]);
+        cache.v[dst..dst + kv_row].copy_from_slice(&v[i * v_stride..][..kv_row]);
+    }
+
+    let isa = runnable_isa(isa);
+    let lanes = if isa == CpuIsa::Avx512 { 16 } else { 8 };
+    let shape = Shape {
+        q,
+        q_stride,
+        first,
+        group: n_heads / n_kv_heads,
+        n_kv_heads,
+        d: head_dim,
+        scale,
+        keys: &cache.k[..],
+        values: &cache.v[..],
+        out: SharedMut(out.as_mut_ptr()),
+        out_stride,
+        piece_len: MAX_QUERY_VECTORS * lanes,
+    };
+    let queries_per_kv_head = t * shape.group;
+    let pieces_per_kv_head = queries_per_kv_head.div_ceil(shape.piece_len);
+    let pieces: Vec<Piece> = (0..n_kv_heads)
+        .flat_map(|kv| {
+            (0..pieces_per_kv_head).map(move |p| {
+                let begin = p * shape.piece_len;
+                Piece { kv, queries: begin..(begin + shape.piece_len).min(queries_per_kv_head) }
+            })
+        })
+        .collect();
+
+    if pieces.len() >= SPLIT_BELOW_PIECES {
+        pieces.par_iter().for_each(|piece| {
+            let last_key = shape.position(piece.queries.end - 1);
+            run_simd(isa, AttendPiece { shape: &shape, piece, keys: 0..last_key + 1, sink: Sink::Out });
+        });
+        return Ok(());
+    }
+
+    // Decode-like: few pieces, so cut each one's keys into chunks run as separate tasks.
+    let slot = partial_len(shape.piece_len, head_dim);
+    let mut tasks = Vec::new();
+    for (pi, piece) in pieces.iter().enumerate() {
+        let last_key = shape.position(piece.queries.end - 1);
+        for c in 0..=last_key / KEY_CHUNK {
+            tasks.push((pi, c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(last_key + 1)));
+        }
+    }
+    let mut partials = vec![0f32; tasks.len() * slot];
+    partials.par_chunks_mut(slot).zip(tasks.par_iter()).for_each(|(partial, (pi, keys))| {
+        run_simd(isa, AttendPiece { shape: &shape, piece: &pieces[*pi], keys: keys.clone(), sink: Sink::Partial(partial) });
+    });
+    let mut offset = 0;
+    for (pi, piece) in pieces.iter().enumerate() {
+        let chunks = tasks[offset..].iter().take_while(|(p, _)| *p == pi).count();
+        merge_chunks(&shape, piece, &partials[offset * slot..(offset + chunks) * slot], slot);
+        offset += chunks;
+    }
+    Ok(())
+}
+
+/// What every task of one call shares.
+struct Shape<'a> {
+    q: &'a [f32],
+    q_stride: usize,
+    /// Position of token 0.
+    first: usize,
+    /// Query heads per kv head.
+    group: usize,
+    n_kv_heads: usize,
+    d: usize,
+    scale: f32,
+    keys: &'a [f32],
+    values: &'a [f32],
+    out: SharedMut,
+    out_stride: usize,
+    /// Queries per piece: `MAX_QUERY_VECTORS` vectors of lanes.
+    piece_len: usize,
+}
+
+impl Shape<'_> {
+    /// Token and query head of the `index`-th query of a kv head `kv` (token-major).
+    fn token_head(&self, kv: usize, index: usize) -> (usize, usize) {
+        (index / self.group, kv * self.group + index % self.group)
+    }
+
+    fn position(&self, index: usize) -> usize {
+        self.first + index / self.group
+    }
+}
+
+/// Queries `queries` (indices into the token-major list) of kv head `kv`.
+struct Piece {
+    kv: usize,
+    queries: std::ops::Range<usize>,
+}
+
+/// Where a piece's result goes: normalized into `out`, or as a partial `(m, l, acc)` to merge.
+enum Sink<'a> {
+    Out,
+    Partial(&'a mut [f32]),
+}
+
+/// A partial holds the running max and sum of each of `piece_len` queries, then their
+/// unnormalized `D`-element sums.
+fn partial_len(piece_len: usize, d: usize) -> usize {
+    piece_len * (2 + d)
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+struct AttendPiece<'a> {
+    shape: &'a Shape<'a>,
+    piece: &'a Piece,
+    keys: std::ops::Range<usize>,
+    sink: Sink<'a>,
+}
+
+impl SimdTask for AttendPiece<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let vectors = self.piece.queries.len().div_ceil(S::LANES);
+        // SAFETY: `attention` checked q, out and the cache for every token and position; pieces
+        // cover disjoint (token, head) outputs.
+        unsafe {
+            match vectors {
+                1 => attend::<S, 1>(self),
+                2 => attend::<S, 2>(self),
+                _ => attend::<S, 3>(self),
+            }
+        }
+    }
+}
+
+/// Attends the piece's queries (QV vectors of them) to keys `task.keys`.
+#[inline(always)]
+unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
+    let sh = task.shape;
+    let d = sh.d;
+    let width = QV * S::LANES;
+    let nq = task.piece.queries.len();
+    let key_stride = sh.n_kv_heads * d;
+    let kv_offset = task.piece.kv * d;
+    // Taken out of the thread-local rather than used in `with`'s closure, which would be compiled
+    // without the ISA's target features.
+    let mut buf = SCRATCH.take();
+    {
+        let (qt_len, s_len, acc_len) = (d * width, KEY_BLOCK * width, nq * d);
+        let need = qt_len + s_len + acc_len + 4 * width;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let (qt, rest) = buf.split_at_mut(qt_len);
+        let (scores, rest) = rest.split_at_mut(s_len);
+        let (acc, rest) = rest.split_at_mut(acc_len);
+        let (limit, rest) = rest.split_at_mut(width);
+        let (run_max, rest) = rest.split_at_mut(width);
+        let (run_sum, rest) = rest.split_at_mut(width);
+        let corr = &mut rest[..width];
+
+        // Transposed, pre-scaled queries: qt[dd][lane]; padding lanes stay zero and see every key.
+        qt.fill(0.0);
+        limit.fill(f32::MAX);
+        for (lane, index) in task.piece.queries.clone().enumerate() {
+            let (token, head) = sh.token_head(task.piece.kv, index);
+            let row = &sh.q[token * sh.q_stride + head * d..][..d];
+            for (dd, &x) in row.iter().enumerate() {
+                qt[dd * width + lane] = x * sh.scale;
+            }
+            limit[lane] = sh.position(index) as f32;
+        }
+        let min_position = sh.position(task.piece.queries.start);
+        run_max.fill(f32::NEG_INFINITY);
+        run_sum.fill(0.0);
+        acc.fill(0.0);
+
+        let mut j0 = task.keys.start;
+        while j0 < task.keys.end {
+            let bk = (task.keys.end - j0).min(KEY_BLOCK);
+            let key0 = sh.keys.as_ptr().add(j0 * key_stride + kv_offset);
+            block_scores::<S, QV>(key0, key_stride, d, bk, qt.as_ptr(), scores.as_mut_ptr());
+            let masked = j0 + bk - 1 > min_position;
+            block_softmax::<S, QV>(scores, bk, j0, masked, limit, run_max, run_sum, corr);
+            let value0 = sh.values.as_ptr().add(j0 * key_stride + kv_offset);
+            for lane in 0..nq {
+                accumulate_values::<S>(&mut acc[lane * d..][..d], corr[lane], scores, width, lane, bk, value0, key_stride);
+            }
+            j0 += bk;
+        }
+
+        match task.sink {
+            Sink::Out => {
+                for (lane, index) in task.piece.queries.clone().enumerate() {
+                    let (token, head) = sh.token_head(task.piece.kv, index);
+                    let out = sh.out.0.add(token * sh.out_stride + head * d);
+                    let inv = 1.0 / run_sum[lane];
+                    for (dd, &a) in acc[lane * d..][..d].iter().enumerate() {
+                        *out.add(dd) = a * inv;
+                    }
+                }
+            }
+            Sink::Partial(partial) => {
+                partial[..nq].copy_from_slice(&run_max[..nq]);
+                partial[sh.piece_len..][..nq].copy_from_slice(&run_sum[..nq]);
+                partial[2 * sh.piece_len..][..nq * d].copy_from_slice(acc);
+            }
+        }
+    }
+    SCRATCH.set(buf);
+}
+
+/// `scores[j][lane] = keys[j] . qt[.][lane]` for `bk` keys, several keys per step.
+#[inline(always)]
+unsafe fn block_scores<S: Simd, const QV: usize>(key0: *const f32, key_stride: usize, d: usize, bk: usize, qt: *const f32, scores: *mut f32) {
+    // More keys per step when fewer query vectors leave registers free.
+    const fn keys_per_step(qv: usize) -> usize {
+        match qv {
+            1 => 8,
+            2 => 6,
+            _ => 4,
+        }
+    }
+    let step = keys_per_step(QV);
+    let mut j = 0;
+    while j + step <= bk {
+        match QV {
+            1 => score_keys::<S, QV, 8>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES)),
+            2 => score_keys::<S, QV, 6>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES)),
+            _ => score_keys::<S, QV, 4>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES)),
+        }
+        j += step;
+    }
+    while j < bk {
+        score_keys::<S, QV, 1>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES));
+        j += 1;
+    }
+}
+
+#[inline(always)]
+unsafe fn score_keys<S: Simd, const QV: usize, const KEYS: usize>(key0: *const f32, key_stride: usize, d: usize, qt: *const f32, scores: *mut f32) {
+    let width = QV * S::LANES;
+    let mut keys = [key0; KEYS];
+    for (r, k) in keys.iter_mut().enumerate() {
+        *k = key0.add(r * key_stride);
+    }
+    let mut acc = [[S::zero(); QV]; KEYS];
+    let mut qv = [S::zero(); QV];
+    for dd in 0..d {
+        for (v, q) in qv.iter_mut().enumerate() {
+            *q = S::load(qt.add(dd * width + v * S::LANES));
+        }
+        for r in 0..KEYS {
+            let kb = S::splat(*keys[r].add(dd));
+            for v in 0..QV {
+                acc[r][v] = S::mul_add(kb, qv[v], acc[r][v]);
+            }
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        for (v, &a) in row.iter().enumerate() {
+            S::store(scores.add(r * width + v * S::LANES), a);
+        }
+    }
+}
+
+/// Masks keys past each query's position, turns scores into `exp(score - max)`, and updates the
+/// running max and sum; `corr` receives the factor that rescales each query's earlier sums.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block_softmax<S: Simd, const QV: usize>(
+    scores: &mut [f32],
+    bk: usize,
+    j0: usize,
+    masked: bool,
+    limit: &[f32],
+    run_max: &mut [f32],
+    run_sum: &mut [f32],
+    corr: &mut [f32],
+) {
+    let width = QV * S::LANES;
+    let s = scores.as_mut_ptr();
+    let neg_inf = S::splat(f32::NEG_INFINITY);
+    for v in 0..QV {
+        let lane0 = v * S::LANES;
+        let lim = S::load(limit.as_ptr().add(lane0));
+        let mut block_max = neg_inf;
+        for j in 0..bk {
+            let p = s.add(j * width + lane0);
+            let mut x = S::load(p);
+            if masked {
+                x = S::select_gt(S::splat((j0 + j) as f32), lim, neg_inf, x);
+                S::store(p, x);
+            }
+            block_max = S::max(block_max, x);
+        }
+        let old_max = S::load(run_max.as_ptr().add(lane0));
+        let new_max = S::max(old_max, block_max);
+        // A lane with no valid key yet keeps max -inf; subtracting -f32::MAX instead keeps
+        // every exp argument -inf (weight 0) rather than NaN.
+        let shift = S::max(new_max, S::splat(-f32::MAX));
+        let c = simd::exp::<S>(S::sub(old_max, shift));
+        let mut sum = S::zero();
+        for j in 0..bk {
+            let p = s.add(j * width + lane0);
+            let e = simd::exp::<S>(S::sub(S::load(p), shift));
+            S::store(p, e);
+            sum = S::add(sum, e);
+        }
+        let old_sum = S::load(run_sum.as_ptr().add(lane0));
+        S::store(run_sum.as_mut_ptr().add(lane0), S::mul_add(old_sum, c, sum));
+        S::store(run_max.as_mut_ptr().add(lane0), new_max);
+        S::store(corr.as_mut_ptr().add(lane0), c);
+    }
+}
+
+/// `acc = acc * corr + sum_j p[j][lane] * value[j]` over one query's D elements.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn accumulate_values<S: Simd>(
+    acc: &mut [f32],
+    corr: f32,
+    probs: &[f32],
+    width: usize,
+    lane: usize,
+    bk: usize,
+    value0: *const f32,
+    value_stride: usize,
+) {
+    let d = acc.len();
+    let full = d / S::LANES;
+    let mut v = 0;
+    // Up to 8 vectors (D = 64 on AVX2, 128 on AVX-512) stay in registers across all keys.
+    while v < full {
+        let n = (full - v).min(8);
+        let at = v * S::LANES;
+        let a = acc.as_mut_ptr().add(at);
+        let val = value0.add(at);
+        match n {
+            1 => values_in_registers::<S, 1>(a, corr, probs, width, lane, bk, val, value_stride),
+            2 => values_in_registers::<S, 2>(a, corr, probs, width, lane, bk, val, value_stride),
+            3 => values_in_registers::<S, 3>(a, corr, probs, width, lane, bk, val, value_stride),
+            4 => values_in_registers::<S, 4>(a, corr, probs, width, lane, bk, val, value_stride),
+            5 => values_in_registers::<S, 5>(a, corr, probs, width, lane, bk, val, value_stride),
+            6 => values_in_registers::<S, 6>(a, corr, probs, width, lane, bk, val, value_stride),
+            7 => values_in_registers::<S, 7>(a, corr, probs, width, lane, bk, val, value_stride),
+            _ => values_in_registers::<S, 8>(a, corr, probs, width, lane, bk, val, value_stride),
+        }
+        v += n;
+    }
+    let rest = d - full * S::LANES;
+    if rest > 0 {
+        let at = full * S::LANES;
+        let a = acc.as_mut_ptr().add(at);
+        let mut sum = S::mul(load_n::<S>(a, rest), S::splat(corr));
+        for j in 0..bk {
+            let p = S::splat(probs[j * width + lane]);
+            sum = S::mul_add(p, load_n::<S>(value0.add(j * value_stride + at), rest), sum);
+        }
+        store_n::<S>(a, sum, rest);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn values_in_registers<S: Simd, const NV: usize>(
+    acc: *mut f32,
+    corr: f32,
+    probs: &[f32],
+    width: usize,
+    lane: usize,
+    bk: usize,
+    value0: *const f32,
+    value_stride: usize,
+) {
+    let c = S::splat(corr);
+    let mut sum = [S::zero(); NV];
+    for (v, s) in sum.iter_mut().enumerate() {
+        *s = S::mul(S::load(acc.add(v * S::LANES)), c);
+    }
+    for j in 0..bk {
+        let p = S::splat(*probs.get_unchecked(j * width + lane));
+        let row = value0.add(j * value_stride);
+        for (v, s) in sum.iter_mut().enumerate() {
+            *s = S::mul_add(p, S::load(row.add(v * S::LANES)), *s);
+        }
+    }
+    for (v, s) in sum.iter().enumerate() {
+        S::store(acc.add(v * S::LANES), *s);
+    }
+}
+
+/// Combines a piece's chunk partials in chunk order and writes the normalized outputs.
+fn merge_chunks(sh: &Shape, piece: &Piece, partials: &[f32], slot: usize) {
+    let d = sh.d;
+    let chunks = partials.len() / slot;
+    let mut sum = vec![0f32; d];
+    for (lane, index) in piece.queries.clone().enumerate() {
+        let max = (0..chunks).map(|c| partials[c * slot + lane]).fold(f32::NEG_INFINITY, f32::max);
+        let mut total = 0f32;
+        sum.fill(0.0);
+        for c in 0..chunks {
+            let part = &partials[c * slot..][..slot];
+            // Chunks past this query's position have max -inf and weigh exactly 0.
+            let weight = (part[lane] - max).exp();
+            total += part[sh.piece_len + lane] * weight;
+            for (s, &a) in sum.iter_mut().zip(&part[2 * sh.piece_len + lane * d..][..d]) {
+                *s += a * weight;
+            }
+        }
+        let (token, head) = sh.token_head(piece.kv, index);
+        // SAFETY: `attention` checked `out` for every token; each (token, head) is written once.
+        let out = unsafe { std::slice::from_raw_parts_mut(sh.out.0.add(token * sh.out_stride + head * d), d) };
+        for (o, s) in out.iter_mut().zip(&sum) {
+            *o = s / total;
+        }
+    }
+}
+
+/// Scalar attention in f64 with a two-pass softmax.
+pub mod reference {
+    use super::KvLayerMut;
+
+    /// Same contract as [`super::attention`]; panics on bad shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        q: &[f32],
+        q_stride: usize,
+        k: &[f32],
+        k_stride: usize,
+        v: &[f32],
+        v_stride: usize,
+        t: usize,
+        positions: &[u32],
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        cache: &mut KvLayerMut,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let d = head_dim;
+        let row = n_kv_heads * d;
+        for i in 0..t {
+            let p = positions[i] as usize;
+            cache.k[p * row..][..row].copy_from_slice(&k[i * k_stride..][..row]);
+            cache.v[p * row..][..row].copy_from_slice(&v[i * v_stride..][..row]);
+        }
+        let group = n_heads / n_kv_heads;
+        for i in 0..t {
+            let p = positions[i] as usize;
+            for h in 0..n_heads {
+                let kv = h / group;
+                let qv = &q[i * q_stride + h * d..][..d];
+                let scores: Vec<f64> = (0..=p)
+                    .map(|j| {
+                        let kj = &cache.k[j * row + kv * d..][..d];
+                        qv.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let total: f64 = weights.iter().sum();
+                for dd in 0..d {
+                    let acc: f64 = (0..=p).map(|j| weights[j] * cache.v[j * row + kv * d + dd] as f64).sum();
+                    out[i * out_stride + h * d + dd] = (acc / total) as f32;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{isas_to_test, max_abs_diff, on_threads, Rng};
+    use super::*;
+
+    struct Case {
+        heads: usize,
+        kv_heads: usize,
+        d: usize,
+        /// Tokens per call, in order; positions continue from one call to the next.
+        calls: Vec<usize>,
+    }
+
+    /// Runs the calls through the kernel and the reference with the same inputs and returns
+    /// the largest difference of any output.
+    fn run_case(isa: CpuIsa, case: &Case, rng: &mut Rng, threads: usize) -> (f32, Vec<f32>) {
+        let (h, kvh, d) = (case.heads, case.kv_heads, case.d);
+        let capacity = case.calls.iter().sum::<usize>() + 3;
+        let row = kvh * d;
+        let mut cache_k = vec![f32::NAN; capacity * row];
+        let mut cache_v = vec![f32::NAN; capacity * row];
+        let mut ref_k = cache_k.clone();
+        let mut ref_v = cache_v.clone();
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut worst = 0f32;
+        let mut last = Vec::new();
+        let mut pos = 0;
+        for &t in &case.calls {
+            let q_stride = h * d + 5;
+            let q = rng.vec(t * q_stride, 2.0);
+            let k = rng.vec(t * row, 2.0);
+            let v = rng.vec(t * (row + 1), 1.0);
+            let positions: Vec<u32> = (pos..pos + t).map(|p| p as u32).collect();
+            let mut got = vec![0f32; t * h * d];
+            let mut want = vec![0f32; t * h * d];
+            let mut cache = KvLayerMut { k: &mut cache_k, v: &mut cache_v, capacity, kv_heads: kvh, head_dim: d };
+            on_threads(threads, || {
+                attention(isa, &q, q_stride, &k, row, &v, row + 1, t, &positions, h, kvh, d, scale, &mut cache, &mut got, h * d).unwrap()
+            });
+            let mut cache = KvLayerMut { k: &mut ref_k, v: &mut ref_v, capacity, kv_heads: kvh, head_dim: d };
+            reference::attention(&q, q_stride, &k, row, &v, row + 1, t, &positions, h, kvh, d, scale, &mut cache, &mut want, h * d);
+            worst = worst.max(max_abs_diff(&got, &want));
+            last = got;
+            pos += t;
+        }
+        (worst, last)
+    }
+
+    #[test]
+    fn matches_reference_for_prefill_then_decode() {
+        let cases = [
+            Case { heads: 1, kv_heads: 1, d: 1, calls: vec![1, 1, 2] },
+            Case { heads: 9, kv_heads: 3, d: 64, calls: vec![70, 1, 1, 5] },
+            Case { heads: 4, kv_heads: 1, d: 18, calls: vec![3, 40, 1] },
+            Case { heads: 6, kv_heads: 6, d: 20, calls: vec![33, 2] },
+            Case { heads: 32, kv_heads: 2, d: 8, calls: vec![9, 1] },
+            // Long enough for several key chunks in decode and several key blocks in prefill.
+            Case { heads: 3, kv_heads: 1, d: 16, calls: vec![600, 1, 1] },
+            // Many pieces: the unsplit path.
+            Case { heads: 9, kv_heads: 3, d: 64, calls: vec![300, 1] },
+        ];
+        let mut rng = Rng::new(21);
+        for isa in isas_to_test() {
+            for case in &cases {
+                let (diff, _) = run_case(isa, case, &mut rng, 2);
+                println!("attention {isa:?} H={} KV={} D={} calls={:?}: max abs diff {diff:.3e}", case.heads, case.kv_heads, case.d, case.calls);
+                assert!(diff < 2e-5, "{isa:?}: {diff}");
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_thread_count() {
+        for isa in isas_to_test() {
+            for calls in [vec![700, 1], vec![40]] {
+                let case = Case { heads: 9, kv_heads: 3, d: 64, calls };
+                let (_, one) = run_case(isa, &case, &mut Rng::new(3), 1);
+                for threads in [2, 3] {
+                    let (_, many) = run_case(isa, &case, &mut Rng::new(3), threads);
+                    assert!(one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} threads={threads}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_single_key_returns_its_value_and_the_cache_gets_the_rows() {
+        let (h, d) = (2, 4);
+        let q = [1.0, 2.0, 3.0, 4.0, -1.0, 0.5, 0.0, 9.0];
+        let k = [0.3, 0.1, -0.2, 0.7];
+        let v = [5.0, 6.0, 7.0, 8.0];
+        for isa in isas_to_test() {
+            let (mut ck, mut cv) = (vec![0.0; 8], vec![0.0; 8]);
+            let mut cache = KvLayerMut { k: &mut ck, v: &mut cv, capacity: 2, kv_heads: 1, head_dim: d };
+            let mut out = vec![0.0; h * d];
+            attention(isa, &q, 8, &k, 4, &v, 4, 1, &[0], h, 1, d, 0.5, &mut cache, &mut out, 8).unwrap();
+            assert_eq!(out, [5.0, 6.0, 7.0, 8.0, 5.0, 6.0, 7.0, 8.0], "{isa:?}");
+            assert_eq!(&ck[..4], &k);
+            assert_eq!(&cv[..4], &v);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_positions_and_a_full_cache() {
+        let (mut ck, mut cv) = (vec![0.0; 8], vec![0.0; 8]);
+        let mut cache = KvLayerMut { k: &mut ck, v: &mut cv, capacity: 2, kv_heads: 1, head_dim: 4 };
+        let x = [0.0; 8];
+        let mut out = [0.0; 8];
+        let mut call = |t, pos: &[u32], cache: &mut KvLayerMut| attention(CpuIsa::Portable, &x, 4, &x, 4, &x, 4, t, pos, 1, 1, 4, 1.0, cache, &mut out, 4);
+        assert!(matches!(call(2, &[0, 2], &mut cache), Err(KernelError::Positions { .. })));
+        assert!(matches!(call(1, &[2], &mut cache), Err(KernelError::Positions { .. })));
+        assert!(matches!(call(1, &[0, 1], &mut cache), Err(KernelError::Positions { .. })));
+        assert!(call(2, &[0, 1], &mut cache).is_ok());
+        let mut wrong = KvLayerMut { k: &mut [0.0; 8], v: &mut [0.0; 8], capacity: 2, kv_heads: 2, head_dim: 4 };
+        assert!(matches!(call(1, &[0], &mut wrong), Err(KernelError::Shape { .. })));
+    }
+}

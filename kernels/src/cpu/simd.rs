@@ -1,0 +1,628 @@
+//! The vector vocabulary the generic kernels are written in: one [`Simd`] implementation per
+//! [`CpuIsa`] (`Portable` on plain 8-lane arrays, `Avx2` on 8-lane AVX2+FMA registers, `Avx512` on
+//! 16-lane AVX-512 registers), the weight element loaders ([`WeightElem`]), the vector `exp`, and
+//! [`run_simd`], which runs a [`SimdTask`] with the vector type of a `CpuIsa`.
+//!
+//! Kernels are written once as `#[inline(always)]` code generic over `S: Simd`. [`run_simd`] calls
+//! them from a `#[target_feature]` fn per ISA, so every intrinsic is inlined into code compiled for
+//! exactly that ISA, and the `Portable` instantiation uses baseline instructions only.
+
+use half::{bf16, f16};
+use ir::CpuIsa;
+
+/// A unit of kernel work that can be compiled for any vector ISA.
+///
+/// `run::<S>` may only be called when the CPU supports `S`; [`run_simd`] guarantees that.
+pub(crate) trait SimdTask {
+    type Output;
+    fn run<S: Simd>(self) -> Self::Output;
+}
+
+/// Runs `task` with the vector type of `isa`. `isa` must already be runnable on this CPU (see
+/// [`super::runnable_isa`]); an ISA the build target lacks runs the portable code.
+#[inline]
+pub(crate) fn run_simd<T: SimdTask>(isa: CpuIsa, task: T) -> T::Output {
+    debug_assert!(isa <= super::detected_isa());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller resolved `isa` against the running CPU.
+        CpuIsa::Avx512 => unsafe { x86::run_avx512(task) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        CpuIsa::Avx2 => unsafe { x86::run_avx2(task) },
+        _ => task.run::<Portable>(),
+    }
+}
+
+/// Lane-wise f32 vector operations. All methods are `unsafe`: the implementing ISA must be present
+/// and pointer arguments must be valid for the lanes they touch.
+///
+/// `max(a, b)` / `min(a, b)` follow x86 semantics: when either lane is NaN the lane of `b` is
+/// returned, so `max(limit, x)` lets a NaN in `x` through.
+pub(crate) trait Simd: Copy + 'static {
+    /// The ISA level whose instructions this implementation uses.
+    const ISA: CpuIsa;
+    const LANES: usize;
+    type V: Copy;
+
+    unsafe fn zero() -> Self::V;
+    unsafe fn splat(x: f32) -> Self::V;
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// Loads `n < LANES` elements; the other lanes are zero and their memory is not touched.
+    unsafe fn load_part(p: *const f32, n: usize) -> Self::V;
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// Stores the first `n < LANES` lanes and leaves the rest of memory untouched.
+    unsafe fn store_part(p: *mut f32, v: Self::V, n: usize);
+    /// Widens `LANES` bf16 values (their raw bits).
+    unsafe fn load_bf16(p: *const u16) -> Self::V;
+    /// Widens `LANES` IEEE half values (their raw bits).
+    unsafe fn load_f16(p: *const u16) -> Self::V;
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn sub(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn mul(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn div(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn max(a: Self::V, b: Self::V) -> Self::V;
+    unsafe fn min(a: Self::V, b: Self::V) -> Self::V;
+    /// `a * b + c`, fused where the ISA has FMA.
+    unsafe fn mul_add(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// Lane-wise `if a > b { x } else { y }`.
+    unsafe fn select_gt(a: Self::V, b: Self::V, x: Self::V, y: Self::V) -> Self::V;
+    /// `2^n` for lanes holding integral values in [-126, 127].
+    unsafe fn exp2i(n: Self::V) -> Self::V;
+    /// Sum of the lanes in a fixed order.
+    unsafe fn hsum(v: Self::V) -> f32;
+}
+
+/// A weight element type the kernels read, widened to f32 on load.
+pub(crate) trait WeightElem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    /// Loads `S::LANES` elements as f32.
+    unsafe fn load<S: Simd>(p: *const Self) -> S::V;
+    /// Loads `n < S::LANES` elements as f32; the other lanes are zero.
+    #[inline(always)]
+    unsafe fn load_part<S: Simd>(p: *const Self, n: usize) -> S::V {
+        // Tails are rare, so a stack copy keeps every ISA's path simple.
+        let mut buf = [0f32; 16];
+        for (i, slot) in buf.iter_mut().enumerate().take(n) {
+            *slot = (*p.add(i)).to_f32();
+        }
+        S::load(buf.as_ptr())
+    }
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f32) -> S::V {
+        S::load(p)
+    }
+    #[inline(always)]
+    unsafe fn load_part<S: Simd>(p: *const f32, n: usize) -> S::V {
+        S::load_part(p, n)
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const bf16) -> S::V {
+        S::load_bf16(p as *const u16)
+    }
+}
+
+impl WeightElem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16_bits_to_f32(self.to_bits())
+    }
+    #[inline(always)]
+    unsafe fn load<S: Simd>(p: *const f16) -> S::V {
+        S::load_f16(p as *const u16)
+    }
+}
+
+/// IEEE half to f32 by bit manipulation, valid for every input (subnormals, inf, NaN).
+/// The exponent/mantissa bits are moved into f32 position and the exponent bias difference
+/// (127 - 15 = 112) is applied by multiplying with 2^112, which also normalizes subnormals.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let exp_mant = h & 0x7fff;
+    let shifted = exp_mant << 13;
+    let magnitude = if exp_mant >= 0x7c00 {
+        shifted | 0x7f80_0000
+    } else {
+        (f32::from_bits(shifted) * f32::from_bits(0x7780_0000)).to_bits()
+    };
+    f32::from_bits(magnitude | sign)
+}
+
+/// Loads `n <= LANES` elements: a full vector, or a part with zeros above.
+#[inline(always)]
+pub(crate) unsafe fn load_n<S: Simd>(p: *const f32, n: usize) -> S::V {
+    if n == S::LANES {
+        S::load(p)
+    } else {
+        S::load_part(p, n)
+    }
+}
+
+/// Stores the first `n <= LANES` lanes.
+#[inline(always)]
+pub(crate) unsafe fn store_n<S: Simd>(p: *mut f32, v: S::V, n: usize) {
+    if n == S::LANES {
+        S::store(p, v)
+    } else {
+        S::store_part(p, v, n)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// exp
+
+/// Inputs are clamped to this range: above it f32 overflows; below it the result rounds to 0.
+const EXP_HI: f32 = 88.72283;
+const EXP_LO: f32 = -110.0;
+/// Adding then subtracting 1.5 * 2^23 rounds to the nearest integer (ties to even) for |v| < 2^22.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split so that `n * LN2_HI` is exact for |n| < 2^12.
+const LN2_HI: f32 = 0.693_145_75;
+const LN2_LO: f32 = 1.428_606_8e-6;
+
+/// Lane-wise `e^x`, relative error below 2e-7 over the normal f32 range; results in the subnormal
+/// range are rounded once. NaN stays NaN.
+///
+/// Range reduction `x = n ln2 + r` with |r| <= ln2/2, a degree-7 Taylor polynomial for `e^r`
+/// (truncation error 5e-9), then scaling by `2^n` as two factors so that subnormal results are
+/// rounded only once.
+#[inline(always)]
+pub(crate) unsafe fn exp<S: Simd>(x: S::V) -> S::V {
+    let x = S::min(S::splat(EXP_HI), S::max(S::splat(EXP_LO), x));
+    let magic = S::splat(ROUND_MAGIC);
+    let n = S::sub(S::mul_add(x, S::splat(LOG2E), magic), magic);
+    let r = S::mul_add(n, S::splat(-LN2_HI), x);
+    let r = S::mul_add(n, S::splat(-LN2_LO), r);
+    let mut p = S::splat(1.0 / 5040.0);
+    p = S::mul_add(p, r, S::splat(1.0 / 720.0));
+    p = S::mul_add(p, r, S::splat(1.0 / 120.0));
+    p = S::mul_add(p, r, S::splat(1.0 / 24.0));
+    p = S::mul_add(p, r, S::splat(1.0 / 6.0));
+    p = S::mul_add(p, r, S::splat(0.5));
+    p = S::mul_add(p, r, S::splat(1.0));
+    p = S::mul_add(p, r, S::splat(1.0));
+    // floor(n / 2) for integral n, again by the rounding trick.
+    let n_lo = S::sub(S::add(S::mul_add(n, S::splat(0.5), S::splat(-0.25)), magic), magic);
+    let n_hi = S::sub(n, n_lo);
+    S::mul(S::mul(p, S::exp2i(n_hi)), S::exp2i(n_lo))
+}
+
+/// `x * sigmoid(x)` as `x / (1 + e^-x)`.
+#[inline(always)]
+pub(crate) unsafe fn silu<S: Simd>(x: S::V) -> S::V {
+    let one = S::splat(1.0);
+    S::div(x, S::add(one, exp::<S>(S::sub(S::zero(), x))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable: 8 lanes of plain Rust, which the compiler maps onto baseline SSE2.
+
+#[derive(Clone, Copy)]
+pub(crate) struct Portable;
+
+const PORTABLE_LANES: usize = 8;
+type Lanes = [f32; PORTABLE_LANES];
+
+#[inline(always)]
+fn lanewise(a: Lanes, b: Lanes, f: impl Fn(f32, f32) -> f32) -> Lanes {
+    std::array::from_fn(|i| f(a[i], b[i]))
+}
+
+impl Simd for Portable {
+    const ISA: CpuIsa = CpuIsa::Portable;
+    const LANES: usize = PORTABLE_LANES;
+    type V = Lanes;
+
+    #[inline(always)]
+    unsafe fn zero() -> Lanes {
+        [0.0; PORTABLE_LANES]
+    }
+    #[inline(always)]
+    unsafe fn splat(x: f32) -> Lanes {
+        [x; PORTABLE_LANES]
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Lanes {
+        (p as *const Lanes).read_unaligned()
+    }
+    #[inline(always)]
+    unsafe fn load_part(p: *const f32, n: usize) -> Lanes {
+        let mut v = [0.0; PORTABLE_LANES];
+        for (i, lane) in v.iter_mut().enumerate().take(n) {
+            *lane = *p.add(i);
+        }
+        v
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Lanes) {
+        (p as *mut Lanes).write_unaligned(v)
+    }
+    #[inline(always)]
+    unsafe fn store_part(p: *mut f32, v: Lanes, n: usize) {
+        for (i, lane) in v.iter().enumerate().take(n) {
+            *p.add(i) = *lane;
+        }
+    }
+    #[inline(always)]
+    unsafe fn load_bf16(p: *const u16) -> Lanes {
+        std::array::from_fn(|i| f32::from_bits((*p.add(i) as u32) << 16))
+    }
+    #[inline(always)]
+    unsafe fn load_f16(p: *const u16) -> Lanes {
+        std::array::from_fn(|i| f16_bits_to_f32(*p.add(i)))
+    }
+    #[inline(always)]
+    unsafe fn add(a: Lanes, b: Lanes) -> Lanes {
+        lanewise(a, b, |x, y| x + y)
+    }
+    #[inline(always)]
+    unsafe fn sub(a: Lanes, b: Lanes) -> Lanes {
+        lanewise(a, b, |x, y| x - y)
+    }
+    #[inline(always)]
+    unsafe fn mul(a: Lanes, b: Lanes) -> Lanes {
+        lanewise(a, b, |x, y| x * y)
+    }
+    #[inline(always)]
+    unsafe fn div(a: Lanes, b: Lanes) -> Lanes {
+        lanewise(a, b, |x, y| x / y)
+    }
+    #[inline(always)]
+    unsafe fn max(a: Lanes, b: Lanes) -> Lanes {
+        lanewise(a, b, |x, y| if x > y { x } else { y })
+    }
+    #[inline(always)]
+    unsafe fn min(a: Lanes, b: Lanes) -> Lanes {
+        lanewise(a, b, |x, y| if x < y { x } else { y })
+    }
+    #[inline(always)]
+    unsafe fn mul_add(a: Lanes, b: Lanes, c: Lanes) -> Lanes {
+        // Unfused: a software fma would be far slower than the two roundings cost.
+        std::array::from_fn(|i| a[i] * b[i] + c[i])
+    }
+    #[inline(always)]
+    unsafe fn select_gt(a: Lanes, b: Lanes, x: Lanes, y: Lanes) -> Lanes {
+        std::array::from_fn(|i| if a[i] > b[i] { x[i] } else { y[i] })
+    }
+    #[inline(always)]
+    unsafe fn exp2i(n: Lanes) -> Lanes {
+        std::array::from_fn(|i| f32::from_bits(((n[i] as i32 + 127) as u32) << 23))
+    }
+    #[inline(always)]
+    unsafe fn hsum(v: Lanes) -> f32 {
+        ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// x86-64: AVX2+FMA (8 lanes) and AVX-512 (16 lanes).
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{CpuIsa, Simd, SimdTask};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn run_avx2<T: SimdTask>(task: T) -> T::Output {
+        task.run::<Avx2>()
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    pub(super) unsafe fn run_avx512<T: SimdTask>(task: T) -> T::Output {
+        task.run::<Avx512>()
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx2;
+
+    /// Sliding window of lane masks for partial AVX2 loads: `[8 - n..16 - n]` enables n lanes.
+    static AVX2_PART_MASK: [i32; 16] = [-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0];
+
+    #[inline(always)]
+    unsafe fn avx2_mask(n: usize) -> __m256i {
+        _mm256_loadu_si256(AVX2_PART_MASK.as_ptr().add(8 - n) as *const __m256i)
+    }
+
+    impl Simd for Avx2 {
+        const ISA: CpuIsa = CpuIsa::Avx2;
+        const LANES: usize = 8;
+        type V = __m256;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m256 {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> __m256 {
+            _mm256_maskload_ps(p, avx2_mask(n))
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            _mm256_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, v: __m256, n: usize) {
+            _mm256_maskstore_ps(p, avx2_mask(n), v)
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m256 {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m256 {
+            // AVX2 alone has no half conversion (that is F16C), so the bit trick of
+            // `f16_bits_to_f32`, eight lanes at a time.
+            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            let sign = _mm256_slli_epi32::<16>(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)));
+            let exp_mant = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
+            let shifted = _mm256_slli_epi32::<13>(exp_mant);
+            let scaled = _mm256_mul_ps(
+                _mm256_castsi256_ps(shifted),
+                _mm256_castsi256_ps(_mm256_set1_epi32(0x7780_0000)),
+            );
+            let inf_nan = _mm256_or_si256(shifted, _mm256_set1_epi32(0x7f80_0000));
+            let is_inf_nan = _mm256_cmpgt_epi32(exp_mant, _mm256_set1_epi32(0x7bff));
+            let magnitude = _mm256_blendv_epi8(_mm256_castps_si256(scaled), inf_nan, is_inf_nan);
+            _mm256_castsi256_ps(_mm256_or_si256(magnitude, sign))
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            _mm256_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            _mm256_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn div(a: __m256, b: __m256) -> __m256 {
+            _mm256_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m256, b: __m256) -> __m256 {
+            _mm256_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn min(a: __m256, b: __m256) -> __m256 {
+            _mm256_min_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn select_gt(a: __m256, b: __m256, x: __m256, y: __m256) -> __m256 {
+            _mm256_blendv_ps(y, x, _mm256_cmp_ps::<_CMP_GT_OQ>(a, b))
+        }
+        #[inline(always)]
+        unsafe fn exp2i(n: __m256) -> __m256 {
+            let biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<23>(biased))
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+            _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub(crate) struct Avx512;
+
+    #[inline(always)]
+    fn lane_mask(n: usize) -> __mmask16 {
+        ((1u32 << n) - 1) as __mmask16
+    }
+
+    impl Simd for Avx512 {
+        const ISA: CpuIsa = CpuIsa::Avx512;
+        const LANES: usize = 16;
+        type V = __m512;
+
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> __m512 {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_part(p: *const f32, n: usize) -> __m512 {
+            _mm512_maskz_loadu_ps(lane_mask(n), p)
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            _mm512_storeu_ps(p, v)
+        }
+        #[inline(always)]
+        unsafe fn store_part(p: *mut f32, v: __m512, n: usize) {
+            _mm512_mask_storeu_ps(p, lane_mask(n), v)
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m512 {
+            let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(wide))
+        }
+        #[inline(always)]
+        unsafe fn load_f16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            _mm512_sub_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            _mm512_mul_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn div(a: __m512, b: __m512) -> __m512 {
+            _mm512_div_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn max(a: __m512, b: __m512) -> __m512 {
+            _mm512_max_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn min(a: __m512, b: __m512) -> __m512 {
+            _mm512_min_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn mul_add(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn select_gt(a: __m512, b: __m512, x: __m512, y: __m512) -> __m512 {
+            _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b), y, x)
+        }
+        #[inline(always)]
+        unsafe fn exp2i(n: __m512) -> __m512 {
+            let biased = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<23>(biased))
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m512) -> f32 {
+            let oct = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
+            Avx2::hsum(oct)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::test_util::isas_to_test;
+
+    struct ExpOf<'a>(&'a [f32], &'a mut [f32]);
+    impl SimdTask for ExpOf<'_> {
+        type Output = ();
+        fn run<S: Simd>(self) {
+            let mut i = 0;
+            unsafe {
+                while i + S::LANES <= self.0.len() {
+                    S::store(self.1.as_mut_ptr().add(i), exp::<S>(S::load(self.0.as_ptr().add(i))));
+                    i += S::LANES;
+                }
+                let rest = self.0.len() - i;
+                if rest > 0 {
+                    let v = exp::<S>(S::load_part(self.0.as_ptr().add(i), rest));
+                    S::store_part(self.1.as_mut_ptr().add(i), v, rest);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn exp_is_accurate_over_the_normal_range() {
+        let inputs: Vec<f32> = (0..200_001).map(|i| -87.0 + 175.0 * i as f32 / 200_000.0).collect();
+        for isa in isas_to_test() {
+            let mut got = vec![0f32; inputs.len()];
+            run_simd(isa, ExpOf(&inputs, &mut got));
+            let mut worst = 0f64;
+            for (&x, &y) in inputs.iter().zip(&got) {
+                let want = (x as f64).exp();
+                worst = worst.max(((y as f64 - want) / want).abs());
+            }
+            println!("exp {isa:?}: max relative error {worst:.3e}");
+            assert!(worst < 2e-7, "{isa:?}: {worst}");
+        }
+    }
+
+    #[test]
+    fn exp_edges_are_finite_zero_or_nan() {
+        let inputs = [-1e30f32, f32::NEG_INFINITY, -110.0, -104.5, -95.0, 88.7, 0.0, f32::NAN];
+        for isa in isas_to_test() {
+            let mut got = [1f32; 8];
+            run_simd(isa, ExpOf(&inputs, &mut got));
+            assert_eq!(&got[..3], &[0.0, 0.0, 0.0], "{isa:?}");
+            assert!(got[3] == 0.0 || got[3] < 1e-44, "{isa:?}: {}", got[3]);
+            let want = (-95f64).exp();
+            assert!(((got[4] as f64 - want) / want).abs() < 1e-3, "{isa:?} subnormal {}", got[4]);
+            assert!(got[5].is_finite() && got[5] > 3.3e38, "{isa:?}: {}", got[5]);
+            assert_eq!(got[6], 1.0);
+            assert!(got[7].is_nan(), "{isa:?}");
+        }
+    }
+
+    struct Widen<'a, E>(&'a [E], &'a mut [f32]);
+    impl<E: WeightElem> SimdTask for Widen<'_, E> {
+        type Output = ();
+        fn run<S: Simd>(self) {
+            let mut i = 0;
+            unsafe {
+                while i + S::LANES <= self.0.len() {
+                    S::store(self.1.as_mut_ptr().add(i), E::load::<S>(self.0.as_ptr().add(i)));
+                    i += S::LANES;
+                }
+                let rest = self.0.len() - i;
+                if rest > 0 {
+                    let v = E::load_part::<S>(self.0.as_ptr().add(i), rest);
+                    S::store_part(self.1.as_mut_ptr().add(i), v, rest);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_widening_matches_the_half_crate_for_every_bit_pattern() {
+        let f16s: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let bf16s: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        for isa in isas_to_test() {
+            let mut got = vec![0f32; f16s.len()];
+            run_simd(isa, Widen(&f16s, &mut got));
+            for (h, g) in f16s.iter().zip(&got) {
+                let want = h.to_f32();
+                assert!(want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()), "{isa:?} f16 {:#06x}", h.to_bits());
+            }
+            run_simd(isa, Widen(&bf16s, &mut got));
+            for (h, g) in bf16s.iter().zip(&got) {
+                let want = h.to_f32();
+                assert!(want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()), "{isa:?} bf16 {:#06x}", h.to_bits());
+            }
+            // Odd lengths go through the partial loads.
+            let mut odd = vec![0f32; 13];
+            run_simd(isa, Widen(&f16s[0x3c00..0x3c0d], &mut odd));
+            assert_eq!(odd[0], 1.0);
+            assert_eq!(odd[12], f16::from_bits(0x3c0c).to_f32());
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! The kernel registry: one explicit, ordered table of every kernel the compiler may select, keyed
+//! by `(OpKind, DType, QuantScheme, Target)`. `fdc kernels --list` prints it with [`table`].
+//!
+//! A kernel id spells its key: `{op}_{dtype}_{isa}` for library kernels (`matmul_bf16_avx512`)
+//! and `{op}_{dtype}_gen_{isa}` for generated ones (`add_rms_norm_f32_gen_avx512`). The dtype is
+//! the weight's for matmul and embedding and `f32` (the activations') for everything else.
+//! Library kernels of an ISA use only that ISA's instructions; generated kernels are machine code
+//! that fdc emits into the plan, so only targets that fdc generates for (AVX2, AVX-512) have them.
+
+use ir::{CpuIsa, DType, OpKind, QuantScheme, Target};
+use std::fmt;
+
+/// What a kernel is selected by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelKey {
+    pub op: OpKind,
+    /// The weight's dtype for `MatMul` and `Embedding`, otherwise `F32`.
+    pub dtype: DType,
+    pub quant: QuantScheme,
+    pub target: Target,
+}
+
+/// Where a kernel's code comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KernelSource {
+    /// Compiled into this crate (`kernels::cpu`).
+    Library,
+    /// Emitted by fdc's code generator into the plan.
+    Generated,
+}
+
+impl KernelSource {
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelSource::Library => "library",
+            KernelSource::Generated => "generated",
+        }
+    }
+}
+
+/// A kernel's stable name, which spells its key (see the module doc).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
+pub struct KernelId(pub &'static str);
+
+impl fmt::Display for KernelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// One row of the registry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelEntry {
+    pub id: KernelId,
+    pub key: KernelKey,
+    pub source: KernelSource,
+    pub doc: &'static str,
+}
+
+impl KernelEntry {
+    /// The ISA level the kernel's code requires.
+    pub fn isa(&self) -> CpuIsa {
+        match self.key.target {
+            Target::Cpu(isa) => isa,
+        }
+    }
+}
+
+impl fmt::Display for KernelEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<28} {:<12} {:<5} {:<5} {:<13} {:<9} {}",
+            self.id.0,
+            self.key.op.name(),
+            self.key.dtype.name(),
+            self.key.quant.name(),
+            self.key.target.name(),
+            self.source.name(),
+            self.doc
+        )
+    }
+}
+
+/// Every kernel, library kernels of each ISA first (portable, AVX2, AVX-512), then generated ones.
+pub fn entries() -> &'static [KernelEntry] {
+    ENTRIES
+}
+
+/// Every kernel with exactly this key, library before generated.
+pub fn lookup(key: &KernelKey) -> Vec<&'static KernelEntry> {
+    ENTRIES.iter().filter(|e| e.key == *key).collect()
+}
+
+/// The kernel called `name`.
+pub fn by_name(name: &str) -> Option<&'static KernelEntry> {
+    ENTRIES.iter().find(|e| e.id.0 == name)
+}
+
+/// The registry as an aligned text table with a header line, one kernel per line.
+pub fn table() -> String {
+    let mut text = format!("{:<28} {:<12} {:<5} {:<5} {:<13} {:<9} {}\n", "id", "op", "dtype", "quant", "target", "source", "doc");
+    for entry in ENTRIES {
+        text.push_str(&entry.to_string());
+        text.push('\n');
+    }
+    text
+}
+
+const MATMUL_DOC: &str = "out[T,N] = x[T,K] @ w[N,K]^T (+ bias), f32 accumulate";
+const EMBEDDING_DOC: &str = "out[T,H] = table[ids[T]] widened to f32";
+const RMS_NORM_DOC: &str = "per-group x * rsqrt(mean(x^2) + eps) * w";
+const ADD_RMS_NORM_DOC: &str = "s = x + d; s and rms_norm(s)";
+const ADD_DOC: &str = "a + b";
+const MUL_DOC: &str = "a * b";
+const SILU_DOC: &str = "x * sigmoid(x)";
+const SILU_MUL_DOC: &str = "silu(g) * u over [g | u] rows";
+const ROPE_DOC: &str = "rotary embedding, rotate-half layout";
+const ATTENTION_DOC: &str = "causal GQA attention, appends to the KV cache";
+const GATHER_ROWS_DOC: &str = "out[T] = x[rows[T]]";
+
+macro_rules! entry {
+    ($id:expr, $op:ident, $dtype:ident, $isa:ident, $source:ident, $doc:expr) => {
+        KernelEntry {
+            id: KernelId($id),
+            key: KernelKey { op: OpKind::$op, dtype: DType::$dtype, quant: QuantScheme::None, target: Target::Cpu(CpuIsa::$isa) },
+            source: KernelSource::$source,
+            doc: $doc,
+        }
+    };
+}
+
+/// The library kernels of one ISA; `$isa_name` is the id suffix.
+macro_rules! library_kernels {
+    ($isa:ident, $isa_name:literal) => {
+        [
+            entry!(concat!("embedding_f32_", $isa_name), Embedding, F32, $isa, Library, EMBEDDING_DOC),
+            entry!(concat!("embedding_bf16_", $isa_name), Embedding, BF16, $isa, Library, EMBEDDING_DOC),
+            entry!(concat!("embedding_f16_", $isa_name), Embedding, F16, $isa, Library, EMBEDDING_DOC),
+            entry!(concat!("rms_norm_f32_", $isa_name), RmsNorm, F32, $isa, Library, RMS_NORM_DOC),
+            entry!(concat!("add_rms_norm_f32_", $isa_name), AddRmsNorm, F32, $isa, Library, ADD_RMS_NORM_DOC),
+            entry!(concat!("matmul_f32_", $isa_name), MatMul, F32, $isa, Library, MATMUL_DOC),
+            entry!(concat!("matmul_bf16_", $isa_name), MatMul, BF16, $isa, Library, MATMUL_DOC),
+            entry!(concat!("matmul_f16_", $isa_name), MatMul, F16, $isa, Library, MATMUL_DOC),
+            entry!(concat!("add_f32_", $isa_name), Add, F32, $isa, Library, ADD_DOC),
+            entry!(concat!("mul_f32_", $isa_name), Mul, F32, $isa, Library, MUL_DOC),
+            entry!(concat!("silu_f32_", $isa_name), Silu, F32, $isa, Library, SILU_DOC),
+            entry!(concat!("silu_mul_f32_", $isa_name), SiluMul, F32, $isa, Library, SILU_MUL_DOC),
+            entry!(concat!("rope_f32_", $isa_name), Rope, F32, $isa, Library, ROPE_DOC),
+            entry!(concat!("attention_f32_", $isa_name), Attention, F32, $isa, Library, ATTENTION_DOC),
+            entry!(concat!("gather_rows_f32_", $isa_name), GatherRows, F32, $isa, Library, GATHER_ROWS_DOC),
+        ]
+    };
+}
+
+/// The kernels fdc generates for one ISA.
+macro_rules! generated_kernels {
+    ($isa:ident, $isa_name:literal) => {
+        [
+            entry!(concat!("rms_norm_f32_gen_", $isa_name), RmsNorm, F32, $isa, Generated, RMS_NORM_DOC),
+            entry!(concat!("add_rms_norm_f32_gen_", $isa_name), AddRmsNorm, F32, $isa, Generated, ADD_RMS_NORM_DOC),
+            entry!(concat!("silu_mul_f32_gen_", $isa_name), SiluMul, F32, $isa, Generated, SILU_MUL_DOC),
+            entry!(concat!("rope_f32_gen_", $isa_name), Rope, F32, $isa, Generated, ROPE_DOC),
+        ]
+    };
+}
+
+const LIBRARY_PER_ISA: usize = 15;
+const GENERATED_PER_ISA: usize = 4;
+const COUNT: usize = 3 * LIBRARY_PER_ISA + 2 * GENERATED_PER_ISA;
+
+const ENTRIES: &[KernelEntry] = &{
+    let parts: [&[KernelEntry]; 5] = [
+        &library_kernels!(Portable, "portable"),
+        &library_kernels!(Avx2, "avx2"),
+        &library_kernels!(Avx512, "avx512"),
+        &generated_kernels!(Avx2, "avx2"),
+        &generated_kernels!(Avx512, "avx512"),
+    ];
+    let mut all = [parts[0][0]; COUNT];
+    let (mut n, mut p) = (0, 0);
+    while p < parts.len() {
+        let mut i = 0;
+        while i < parts[p].len() {
+            all[n] = parts[p][i];
+            n += 1;
+            i += 1;
+        }
+        p += 1;
+    }
+    assert!(n == COUNT);
+    all
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    const ISAS: [CpuIsa; 3] = [CpuIsa::Portable, CpuIsa::Avx2, CpuIsa::Avx512];
+
+    fn key(op: OpKind, dtype: DType, isa: CpuIsa) -> KernelKey {
+        KernelKey { op, dtype, quant: QuantScheme::None, target: Target::Cpu(isa) }
+    }
+
+    #[test]
+    fn ids_are_unique_and_spell_their_keys() {
+        let mut seen = HashSet::new();
+        for e in entries() {
+            assert!(seen.insert(e.id), "duplicate {}", e.id);
+            let gen = if e.source == KernelSource::Generated { "gen_" } else { "" };
+            let want = format!("{}_{}_{}{}", e.key.op.name(), e.key.dtype.name(), gen, e.isa().name());
+            assert_eq!(e.id.0, want);
+            assert_eq!(by_name(e.id.0), Some(e));
+        }
+        assert_eq!(by_name("matmul_q4_avx512"), None);
+    }
+
+    #[test]
+    fn every_op_has_a_library_kernel_on_every_isa() {
+        for isa in ISAS {
+            for &op in OpKind::ALL {
+                let dtypes: &[DType] = match op {
+                    OpKind::MatMul | OpKind::Embedding => &[DType::F32, DType::BF16, DType::F16],
+                    _ => &[DType::F32],
+                };
+                for &dtype in dtypes {
+                    let found = lookup(&key(op, dtype, isa));
+                    let library: Vec<_> = found.iter().filter(|e| e.source == KernelSource::Library).collect();
+                    assert_eq!(library.len(), 1, "{op} {dtype} {isa:?}");
+                }
+            }
+            assert!(lookup(&key(OpKind::Add, DType::BF16, isa)).is_empty());
+        }
+    }
+
+    #[test]
+    fn generated_kernels_exist_only_where_fdc_emits_them() {
+        let generated_ops = [OpKind::RmsNorm, OpKind::AddRmsNorm, OpKind::SiluMul, OpKind::Rope];
+        for isa in ISAS {
+            for &op in OpKind::ALL {
+                let found = lookup(&key(op, DType::F32, isa));
+                let gen: Vec<_> = found.iter().filter(|e| e.source == KernelSource::Generated).collect();
+                let expected = usize::from(isa != CpuIsa::Portable && generated_ops.contains(&op));
+                assert_eq!(gen.len(), expected, "{op} {isa:?}");
+                // Library first, so a caller that takes the first candidate gets compiled code.
+                assert_eq!(found[0].source, KernelSource::Library);
+            }
+        }
+        assert_eq!(by_name("add_rms_norm_f32_gen_avx512").unwrap().source, KernelSource::Generated);
+        assert_eq!(entries().len(), 3 * 15 + 2 * 4);
+    }
+
+    #[test]
+    fn table_lists_every_kernel_once() {
+        let text = table();
+        assert_eq!(text.lines().count(), entries().len() + 1);
+        assert!(text.lines().any(|l| l.starts_with("matmul_bf16_avx512 ") && l.contains("cpu-avx512") && l.contains("library")));
+    }
+}

@@ -1,0 +1,27 @@
+//! One graph builder per architecture family. Each file opens with what is distinctive about its
+//! family; the decoder stack they share is in `decoder.rs`.
+//!
+//! A builder reads only the config and tensor *metadata*: weights enter the graph as handles
+//! (`WeightExpr::Tensor`), and their shapes are checked against the config here, so a checkpoint
+//! that does not match its config fails before any data is read.
+
+mod decoder;
+pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
+
+use crate::{Architecture, ModelConfig, ModelError, TensorSource};
+use ir::Graph;
+
+/// Builds the graph for `config`, checking every tensor it uses against `tensors`.
+pub fn build_graph(
+    name: &str,
+    config: &ModelConfig,
+    tensors: &dyn TensorSource,
+) -> Result<Graph, ModelError> {
+    match config.architecture {
+        Architecture::Llama => llama::build(name, config, tensors),
+        Architecture::Qwen2 => qwen2::build(name, config, tensors),
+        Architecture::Qwen3 => qwen3::build(name, config, tensors),
+    }
+}

@@ -1,0 +1,934 @@
+//! Model hyperparameters: `ModelConfig`, the architecture it describes, and its rotary embedding
+//! (`RopeConfig`, including HF's `llama3` frequency scaling). Parses an HF `config.json` in both
+//! the older (`rope_theta` + `rope_scaling`) and the transformers 5 (`rope_parameters`) styles;
+//! the GGUF reader fills the same struct from its metadata.
+
+use std::fmt;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::ModelError;
+
+/// A supported decoder-only architecture family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Architecture {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Architecture {
+    pub const ALL: [Architecture; 3] = [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ];
+
+    /// Short lowercase name: "llama", "qwen2", "qwen3".
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        }
+    }
+
+    /// The transformers class a checkpoint of this family names in `architectures`.
+    pub fn hf_class(self) -> &'static str {
+        match self {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    pub fn from_hf_class(class: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.hf_class() == class)
+    }
+
+    /// From a config's `model_type` (used when `architectures` is absent).
+    pub fn from_model_type(model_type: &str) -> Option<Self> {
+        match model_type {
+            "llama" | "smollm" => Some(Architecture::Llama),
+            "qwen2" => Some(Architecture::Qwen2),
+            "qwen3" => Some(Architecture::Qwen3),
+            _ => None,
+        }
+    }
+
+    /// From GGUF's `general.architecture`.
+    pub fn from_gguf(arch: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|a| a.name() == arch)
+    }
+
+    /// "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM", for error messages.
+    pub fn supported_hf_classes() -> String {
+        Self::ALL.map(Architecture::hf_class).join(", ")
+    }
+
+    /// "llama, qwen2, qwen3", for error messages about GGUF files.
+    pub fn supported_names() -> String {
+        Self::ALL.map(Architecture::name).join(", ")
+    }
+}
+
+impl fmt::Display for Architecture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (equivalently, every frequency divided by it).
+    Linear {
+        factor: f64,
+    },
+    /// Llama 3.1's band-wise scaling: long wavelengths divided by `factor`, short ones kept,
+    /// a smooth blend between.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// Inverse frequencies with HF semantics (including `llama3` scaling), computed in f64,
+    /// length `head_dim / 2`: entry i rotates the pair (i, i + head_dim/2) (rotate-half).
+    pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
+        let dim = head_dim as f64;
+        (0..head_dim / 2)
+            .map(|i| {
+                let freq = 1.0 / self.theta.powf((2 * i) as f64 / dim);
+                match self.scaling {
+                    RopeScaling::None => freq,
+                    RopeScaling::Linear { factor } => freq / factor,
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings: original,
+                    } => {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < original / high_freq_factor {
+                            freq
+                        } else if wavelen > original / low_freq_factor {
+                            freq / factor
+                        } else {
+                            let smooth = (original / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * freq / factor + smooth * freq
+                        }
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    /// What the checkpoint said: "LlamaForCausalLM", or "gguf:llama".
+    pub source_architecture: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    /// Explicit `head_dim` when the checkpoint gives one (Qwen3), else hidden / heads.
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope: RopeConfig,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry biases (always for Qwen2).
+    pub attention_bias: bool,
+    /// Per-head RMSNorm on q and k before rope (Qwen3).
+    pub qk_norm: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+impl ModelConfig {
+    /// Reads and parses an HF `config.json`.
+    pub fn from_hf_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_hf_json(&text, path)
+    }
+
+    /// Parses the text of an HF `config.json`; `file` only names it in errors.
+    pub fn from_hf_json(text: &str, file: &Path) -> Result<Self, ModelError> {
+        let value: Value = serde_json::from_str(text).map_err(|source| ModelError::Json {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        let Some(obj) = value.as_object() else {
+            return Err(invalid(file, "(top level)", "expected a JSON object"));
+        };
+        let fields = Fields { obj, file };
+
+        let (architecture, source_architecture) = fields.architecture()?;
+        let defaults = HfDefaults::of(architecture);
+
+        let hidden_size = fields.usize("hidden_size")?.unwrap_or(defaults.hidden_size);
+        let num_attention_heads = fields
+            .usize("num_attention_heads")?
+            .unwrap_or(defaults.num_attention_heads);
+        // HF: a missing (or null) num_key_value_heads means multi-head attention.
+        let num_key_value_heads = fields
+            .usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
+        let head_dim = match fields.usize("head_dim")? {
+            Some(d) => d,
+            None => match defaults.head_dim {
+                Some(d) => d,
+                None => {
+                    if num_attention_heads == 0 || hidden_size % num_attention_heads != 0 {
+                        return Err(invalid(
+                            file,
+                            "hidden_size",
+                            &format!(
+                                "{hidden_size} is not a multiple of num_attention_heads {num_attention_heads} and no head_dim is given"
+                            ),
+                        ));
+                    }
+                    hidden_size / num_attention_heads
+                }
+            },
+        };
+
+        let attention_bias = match architecture {
+            // Qwen2's attention always has q/k/v biases; its config has no switch for them.
+            Architecture::Qwen2 => true,
+            Architecture::Llama | Architecture::Qwen3 => {
+                fields.bool("attention_bias")?.unwrap_or(false)
+            }
+        };
+
+        let bos_token_id = match obj.get("bos_token_id") {
+            None => defaults.bos_token_id,
+            Some(v) => fields.token_ids("bos_token_id", v)?.first().copied(),
+        };
+        let eos_token_ids = match obj.get("eos_token_id") {
+            None => defaults.eos_token_id.into_iter().collect(),
+            Some(v) => fields.token_ids("eos_token_id", v)?,
+        };
+
+        let config = ModelConfig {
+            architecture,
+            source_architecture,
+            vocab_size: fields.usize("vocab_size")?.unwrap_or(defaults.vocab_size),
+            hidden_size,
+            intermediate_size: fields
+                .usize("intermediate_size")?
+                .unwrap_or(defaults.intermediate_size),
+            num_hidden_layers: fields
+                .usize("num_hidden_layers")?
+                .unwrap_or(defaults.num_hidden_layers),
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps: fields.f64("rms_norm_eps")?.unwrap_or(1e-6),
+            rope: fields.rope()?,
+            max_position_embeddings: fields
+                .usize("max_position_embeddings")?
+                .unwrap_or(defaults.max_position_embeddings),
+            tie_word_embeddings: fields.bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias,
+            qk_norm: architecture == Architecture::Qwen3,
+            bos_token_id,
+            eos_token_ids,
+        };
+        config.validate(file)?;
+        Ok(config)
+    }
+
+    /// Checks the invariants graph builders rely on; `file` names the source in errors.
+    pub(crate) fn validate(&self, file: &Path) -> Result<(), ModelError> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(invalid(file, field, "must be positive"));
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(invalid(
+                file,
+                "num_key_value_heads",
+                &format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(invalid(
+                file,
+                "head_dim",
+                &format!("{} is odd; rotary embedding needs pairs", self.head_dim),
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return Err(invalid(file, "rms_norm_eps", "must be a positive number"));
+        }
+        if !(self.rope.theta.is_finite() && self.rope.theta > 0.0) {
+            return Err(invalid(file, "rope_theta", "must be a positive number"));
+        }
+        match self.rope.scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                if !(factor.is_finite() && factor > 0.0) {
+                    return Err(invalid(file, "rope factor", "must be a positive number"));
+                }
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let all_positive = [
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_max_position_embeddings,
+                ]
+                .iter()
+                .all(|v| v.is_finite() && *v > 0.0);
+                if !all_positive || high_freq_factor <= low_freq_factor {
+                    return Err(invalid(
+                        file,
+                        "rope llama3 scaling",
+                        "factors must be positive with high_freq_factor > low_freq_factor",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(file: &Path, field: &str, reason: &str) -> ModelError {
+    ModelError::InvalidConfig {
+        file: file.to_path_buf(),
+        field: field.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// transformers' defaults for fields a config may leave out (the config classes' constructor
+/// defaults), so a sparse config means what it means to HF.
+struct HfDefaults {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    head_dim: Option<usize>,
+    max_position_embeddings: usize,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+}
+
+impl HfDefaults {
+    fn of(architecture: Architecture) -> Self {
+        match architecture {
+            Architecture::Llama => HfDefaults {
+                vocab_size: 32000,
+                hidden_size: 4096,
+                intermediate_size: 11008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                head_dim: None,
+                max_position_embeddings: 2048,
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
+            },
+            Architecture::Qwen2 | Architecture::Qwen3 => HfDefaults {
+                vocab_size: 151936,
+                hidden_size: 4096,
+                intermediate_size: 22016,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                head_dim: (architecture == Architecture::Qwen3).then_some(128),
+                max_position_embeddings: 32768,
+                bos_token_id: None,
+                eos_token_id: None,
+            },
+        }
+    }
+}
+
+/// Typed access to a JSON object's fields with errors that name the file and field.
+/// A field that is present but `null` reads as absent, as it does in transformers.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    file: &'a Path,
+}
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
+        self.get(key)
+            .map(|v| json_usize(v).ok_or_else(|| self.wrong(key, v, "a non-negative integer")))
+            .transpose()
+    }
+
+    fn f64(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        self.get(key)
+            .map(|v| v.as_f64().ok_or_else(|| self.wrong(key, v, "a number")))
+            .transpose()
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        self.get(key)
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.wrong(key, v, "true or false"))
+            })
+            .transpose()
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&str>, ModelError> {
+        self.get(key)
+            .map(|v| v.as_str().ok_or_else(|| self.wrong(key, v, "a string")))
+            .transpose()
+    }
+
+    fn wrong(&self, key: &str, found: &Value, expected: &str) -> ModelError {
+        let mut shown = found.to_string();
+        if shown.len() > 60 {
+            shown.truncate(57);
+            shown.push_str("...");
+        }
+        invalid(
+            self.file,
+            key,
+            &format!("expected {expected}, found {shown}"),
+        )
+    }
+
+    /// A token id field: an integer, a list of integers, or null (none).
+    fn token_ids(&self, key: &str, value: &Value) -> Result<Vec<u32>, ModelError> {
+        let one = |v: &Value| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| self.wrong(key, value, "a token id or a list of token ids"))
+        };
+        match value {
+            Value::Null => Ok(Vec::new()),
+            Value::Array(items) => items.iter().map(one).collect(),
+            v => Ok(vec![one(v)?]),
+        }
+    }
+
+    fn architecture(&self) -> Result<(Architecture, String), ModelError> {
+        if let Some(list) = self.get("architectures") {
+            let found = list
+                .as_array()
+                .and_then(|a| a.first())
+                .and_then(Value::as_str)
+                .ok_or_else(|| self.wrong("architectures", list, "a list of class names"))?;
+            return Architecture::from_hf_class(found)
+                .map(|a| (a, found.to_string()))
+                .ok_or_else(|| ModelError::UnsupportedArchitecture {
+                    found: found.to_string(),
+                    supported: Architecture::supported_hf_classes(),
+                });
+        }
+        match self.str("model_type")? {
+            Some(model_type) => Architecture::from_model_type(model_type)
+                .map(|a| (a, model_type.to_string()))
+                .ok_or_else(|| ModelError::UnsupportedArchitecture {
+                    found: format!("model_type {model_type}"),
+                    supported: Architecture::supported_hf_classes(),
+                }),
+            None => Err(invalid(
+                self.file,
+                "architectures",
+                "missing, and no model_type either",
+            )),
+        }
+    }
+
+    /// Rope from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older).
+    fn rope(&self) -> Result<RopeConfig, ModelError> {
+        let nested = |key: &str| -> Result<Option<&Map<String, Value>>, ModelError> {
+            self.get(key)
+                .map(|v| v.as_object().ok_or_else(|| self.wrong(key, v, "an object")))
+                .transpose()
+        };
+        let parameters = nested("rope_parameters")?;
+        let scaling = match parameters {
+            Some(p) => Some(p),
+            None => nested("rope_scaling")?,
+        };
+        let theta = match parameters.map(|p| Fields {
+            obj: p,
+            file: self.file,
+        }) {
+            Some(p) if p.get("rope_theta").is_some() => p.f64("rope_theta")?,
+            _ => self.f64("rope_theta")?,
+        }
+        .unwrap_or(10000.0);
+
+        let Some(scaling) = scaling else {
+            return Ok(RopeConfig {
+                theta,
+                scaling: RopeScaling::None,
+            });
+        };
+        let s = Fields {
+            obj: scaling,
+            file: self.file,
+        };
+        let rope_type = match s.str("rope_type")? {
+            Some(t) => Some(t),
+            None => s.str("type")?,
+        }
+        .unwrap_or("default");
+        let required = |key: &str| -> Result<f64, ModelError> {
+            s.f64(key)?.ok_or_else(|| {
+                invalid(
+                    self.file,
+                    key,
+                    &format!("required by rope type {rope_type}"),
+                )
+            })
+        };
+        let scaling = match rope_type {
+            "default" => RopeScaling::None,
+            "linear" => RopeScaling::Linear {
+                factor: required("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: required("factor")?,
+                low_freq_factor: required("low_freq_factor")?,
+                high_freq_factor: required("high_freq_factor")?,
+                original_max_position_embeddings: required("original_max_position_embeddings")?,
+            },
+            other => {
+                return Err(ModelError::UnsupportedRope {
+                    file: self.file.to_path_buf(),
+                    rope_type: other.to_string(),
+                })
+            }
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}
+
+/// A non-negative integer, also accepting an integral float such as `64.0` (some exporters
+/// write every number as a float).
+fn json_usize(v: &Value) -> Option<usize> {
+    if let Some(n) = v.as_u64() {
+        return usize::try_from(n).ok();
+    }
+    let f = v.as_f64()?;
+    (f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64).then_some(f as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn golden_config(arch: &str) -> PathBuf {
+        crate::testing::workspace_root()
+            .join("tests/golden/tiny")
+            .join(arch)
+            .join("config.json")
+    }
+
+    fn parse(text: &str) -> Result<ModelConfig, ModelError> {
+        ModelConfig::from_hf_json(text, Path::new("config.json"))
+    }
+
+    #[test]
+    fn tiny_golden_configs_parse_to_expected_values() {
+        struct Expected {
+            dir: &'static str,
+            architecture: Architecture,
+            class: &'static str,
+            head_dim: usize,
+            theta: f64,
+            scaling: RopeScaling,
+            tie: bool,
+            attention_bias: bool,
+            qk_norm: bool,
+        }
+        let cases = [
+            Expected {
+                dir: "llama",
+                architecture: Architecture::Llama,
+                class: "LlamaForCausalLM",
+                head_dim: 16,
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+                tie: false,
+                attention_bias: false,
+                qk_norm: false,
+            },
+            Expected {
+                dir: "llama3_rope",
+                architecture: Architecture::Llama,
+                class: "LlamaForCausalLM",
+                head_dim: 16,
+                theta: 500000.0,
+                scaling: RopeScaling::Llama3 {
+                    factor: 8.0,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 64.0,
+                },
+                tie: false,
+                attention_bias: false,
+                qk_norm: false,
+            },
+            Expected {
+                dir: "qwen2",
+                architecture: Architecture::Qwen2,
+                class: "Qwen2ForCausalLM",
+                head_dim: 16,
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+                tie: true,
+                attention_bias: true,
+                qk_norm: false,
+            },
+            Expected {
+                dir: "qwen3",
+                architecture: Architecture::Qwen3,
+                class: "Qwen3ForCausalLM",
+                head_dim: 32,
+                theta: 10000.0,
+                scaling: RopeScaling::None,
+                tie: false,
+                attention_bias: false,
+                qk_norm: true,
+            },
+        ];
+        for case in cases {
+            let c = ModelConfig::from_hf_file(&golden_config(case.dir)).unwrap();
+            assert_eq!(c.architecture, case.architecture, "{}", case.dir);
+            assert_eq!(c.source_architecture, case.class, "{}", case.dir);
+            assert_eq!(
+                (
+                    c.vocab_size,
+                    c.hidden_size,
+                    c.intermediate_size,
+                    c.num_hidden_layers
+                ),
+                (320, 64, 128, 3),
+                "{}",
+                case.dir
+            );
+            assert_eq!(
+                (c.num_attention_heads, c.num_key_value_heads),
+                (4, 2),
+                "{}",
+                case.dir
+            );
+            assert_eq!(c.head_dim, case.head_dim, "{}", case.dir);
+            assert_eq!(c.rms_norm_eps, 1e-5, "{}", case.dir);
+            assert_eq!(c.rope.theta, case.theta, "{}", case.dir);
+            assert_eq!(c.rope.scaling, case.scaling, "{}", case.dir);
+            assert_eq!(c.max_position_embeddings, 512, "{}", case.dir);
+            assert_eq!(c.tie_word_embeddings, case.tie, "{}", case.dir);
+            assert_eq!(c.attention_bias, case.attention_bias, "{}", case.dir);
+            assert_eq!(c.qk_norm, case.qk_norm, "{}", case.dir);
+            assert_eq!(c.bos_token_id, Some(1), "{}", case.dir);
+            assert_eq!(c.eos_token_ids, vec![2], "{}", case.dir);
+        }
+    }
+
+    #[test]
+    fn old_style_rope_fields_and_eos_list() {
+        // Shaped like a Llama 3.1 config from transformers 4.x.
+        let text = r#"{
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+            "rms_norm_eps": 1e-05, "max_position_embeddings": 131072,
+            "rope_theta": 500000.0,
+            "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+            "tie_word_embeddings": true,
+            "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]
+        }"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.head_dim, 32);
+        assert_eq!(c.rope.theta, 500000.0);
+        assert_eq!(
+            c.rope.scaling,
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192.0
+            }
+        );
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.bos_token_id, Some(128000));
+        assert_eq!(c.eos_token_ids, vec![128001, 128008, 128009]);
+    }
+
+    #[test]
+    fn rope_scaling_variants() {
+        let base =
+            r#""architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4"#;
+        let cases: [(&str, Option<RopeScaling>); 7] = [
+            (
+                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+                Some(RopeScaling::Linear { factor: 2.0 }),
+            ),
+            (
+                r#""rope_scaling": {"rope_type": "linear", "factor": 4}"#,
+                Some(RopeScaling::Linear { factor: 4.0 }),
+            ),
+            (r#""rope_scaling": null"#, Some(RopeScaling::None)),
+            (
+                r#""rope_scaling": {"rope_type": "default"}"#,
+                Some(RopeScaling::None),
+            ),
+            (
+                r#""rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 1e6}"#,
+                Some(RopeScaling::Linear { factor: 3.0 }),
+            ),
+            (
+                r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+                None,
+            ),
+            (
+                r#""rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#,
+                None,
+            ),
+        ];
+        for (fields, expected) in cases {
+            let result = parse(&format!("{{{base}, {fields}}}"));
+            match (result, expected) {
+                (Ok(c), Some(scaling)) => assert_eq!(c.rope.scaling, scaling, "{fields}"),
+                (Err(ModelError::UnsupportedRope { rope_type, .. }), None) => {
+                    assert!(fields.contains(&format!("\"{rope_type}\"")), "{fields}")
+                }
+                (other, _) => panic!("{fields}: unexpected {other:?}"),
+            }
+        }
+        let c = parse(&format!(
+            r#"{{{base}, "rope_parameters": {{"rope_type": "default", "rope_theta": 1000000.0}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(c.rope.theta, 1e6);
+    }
+
+    #[test]
+    fn llama3_scaling_needs_all_its_fields() {
+        let text = r#"{"architectures": ["LlamaForCausalLM"],
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}}"#;
+        let err = parse(text).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::InvalidConfig { field, .. } if field == "high_freq_factor"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_fields_take_hf_defaults() {
+        let c = parse(r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 128, "num_attention_heads": 8}"#)
+            .unwrap();
+        assert_eq!(c.num_key_value_heads, 8);
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.rms_norm_eps, 1e-6);
+        assert_eq!(
+            c.rope,
+            RopeConfig {
+                theta: 10000.0,
+                scaling: RopeScaling::None
+            }
+        );
+        assert_eq!(c.vocab_size, 151936);
+        assert_eq!(c.max_position_embeddings, 32768);
+        assert!(c.attention_bias);
+        assert!(!c.tie_word_embeddings);
+        assert_eq!(c.bos_token_id, None);
+        assert!(c.eos_token_ids.is_empty());
+
+        let c = parse(r#"{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 64, "num_attention_heads": 4}"#)
+            .unwrap();
+        assert_eq!(c.head_dim, 128);
+        assert!(c.qk_norm);
+        assert!(!c.attention_bias);
+
+        let c = parse(r#"{"architectures": ["LlamaForCausalLM"], "num_key_value_heads": null, "bos_token_id": null}"#)
+            .unwrap();
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (32, 32, 128)
+        );
+        assert_eq!(c.bos_token_id, None);
+        assert_eq!(c.eos_token_ids, vec![2]);
+    }
+
+    #[test]
+    fn model_type_is_used_without_architectures() {
+        let cases = [
+            ("llama", Architecture::Llama),
+            ("smollm", Architecture::Llama),
+            ("qwen2", Architecture::Qwen2),
+            ("qwen3", Architecture::Qwen3),
+        ];
+        for (model_type, expected) in cases {
+            let c = parse(&format!(
+                r#"{{"model_type": "{model_type}", "hidden_size": 64, "num_attention_heads": 4}}"#
+            ))
+            .unwrap();
+            assert_eq!(c.architecture, expected);
+            assert_eq!(c.source_architecture, model_type);
+        }
+    }
+
+    #[test]
+    fn unsupported_architecture_names_found_and_supported() {
+        let err = parse(r#"{"architectures": ["MixtralForCausalLM"]}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unsupported architecture MixtralForCausalLM; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+        );
+        let err = parse(r#"{"model_type": "mistral"}"#).unwrap_err();
+        assert!(err.to_string().contains("model_type mistral"), "{err}");
+    }
+
+    #[test]
+    fn malformed_configs_name_the_file_and_field() {
+        let err = parse("{not json").unwrap_err();
+        assert!(matches!(err, ModelError::Json { .. }));
+        assert!(
+            err.to_string().starts_with("invalid JSON in config.json"),
+            "{err}"
+        );
+
+        let cases = [
+            (
+                r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": "big"}"#,
+                "hidden_size",
+            ),
+            (
+                r#"{"architectures": ["LlamaForCausalLM"], "num_key_value_heads": 3}"#,
+                "num_key_value_heads",
+            ),
+            (
+                r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 100, "num_attention_heads": 3}"#,
+                "hidden_size",
+            ),
+            (
+                r#"{"architectures": ["LlamaForCausalLM"], "eos_token_id": [1, -2]}"#,
+                "eos_token_id",
+            ),
+            (r#"{"architectures": "LlamaForCausalLM"}"#, "architectures"),
+            (r#"{"vocab_size": 10}"#, "architectures"),
+            (r#"[1, 2]"#, "(top level)"),
+        ];
+        for (text, expected_field) in cases {
+            match parse(text) {
+                Err(ModelError::InvalidConfig { field, file, .. }) => {
+                    assert_eq!(field, expected_field, "{text}");
+                    assert_eq!(file, Path::new("config.json"));
+                }
+                other => panic!("{text}: unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_config_file_is_not_found() {
+        let path = Path::new("no-such-dir/config.json");
+        let err = ModelConfig::from_hf_file(path).unwrap_err();
+        assert!(
+            matches!(&err, ModelError::NotFound { path: p } if p == path),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn inv_freq_plain_and_linear() {
+        let plain = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::None,
+        };
+        let f = plain.inv_freq(8);
+        // 10000^(-0/8), 10000^(-2/8), 10000^(-4/8), 10000^(-6/8)
+        let expected = [1.0, 0.1, 0.01, 0.001];
+        assert_eq!(f.len(), 4);
+        for (got, want) in f.iter().zip(expected) {
+            assert!(
+                (got - want).abs() <= 1e-15 * want.max(1e-3),
+                "{got} vs {want}"
+            );
+        }
+        let linear = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Linear { factor: 4.0 },
+        };
+        for (got, want) in linear.inv_freq(8).iter().zip(expected) {
+            assert!((got - want / 4.0).abs() <= 1e-15, "{got} vs {}", want / 4.0);
+        }
+    }
+
+    #[test]
+    fn inv_freq_llama3_matches_hand_computation() {
+        // theta 5e5, head_dim 16, factor 8, low 1, high 4, original 64: wavelengths under
+        // 64/4 = 16 keep their frequency, over 64/1 = 64 are divided by 8, between are blended.
+        // Index 0: wavelen 2*pi = 6.28 < 16, kept: 1.
+        // Index 1: freq 5e5^(-1/8) = 0.193922744748686, wavelen 32.4005 in [16, 64]:
+        //   smooth = (64/32.40045573469106 - 1) / 3 = 0.325170..., freq*((1-smooth)/8 + smooth).
+        // Index 2..: wavelen >= 167 > 64, freq / 8.
+        let rope = RopeConfig {
+            theta: 500000.0,
+            scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64.0,
+            },
+        };
+        let expected = [
+            1.0,
+            0.0794030091792082,
+            0.03760603093086393 / 8.0,
+            0.007292664737217109 / 8.0,
+            0.001414213562373095 / 8.0,
+            0.0002742481756762073 / 8.0,
+            5.318295896944988e-05 / 8.0,
+            1.031338537721246e-05 / 8.0,
+        ];
+        let got = rope.inv_freq(16);
+        assert_eq!(got.len(), 8);
+        for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+            assert!((g - e).abs() <= 1e-12 * e, "index {i}: {g} vs {e}");
+        }
+    }
+}

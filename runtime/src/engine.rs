@@ -1,0 +1,411 @@
+//! The executor: replays the plan's program for one forward pass over `T` new tokens of one
+//! sequence, reading weights from the mapped plan and activations from one arena.
+//!
+//! Each step is a kernel launch: a library kernel from `kernels::cpu` (chosen by the plan's ISA)
+//! or a function from the plan's generated code, called on row chunks in parallel. The engine
+//! never decides anything the plan already decided.
+
+use crate::error::RuntimeError;
+use crate::kv_cache::KvCache;
+use crate::plan::{launch_operands, LoadedPlan};
+use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
+use artifacts::schema::{Act, Buffer, Launch, Rows};
+use ir::types::{CpuIsa, Target};
+use kernels::cpu;
+use rayon::prelude::*;
+
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Positions the KV cache holds (prompt plus generated tokens).
+    pub max_context: usize,
+    /// Tokens per forward pass; longer prompts are processed in chunks of this size.
+    pub max_batch_tokens: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { max_context: 4096, max_batch_tokens: 512 }
+    }
+}
+
+/// A generated function, resolved once at load.
+#[derive(Clone, Copy)]
+enum Generated {
+    RmsNorm(RmsNormFn),
+    AddRmsNorm(AddRmsNormFn),
+    SiluMul(SiluMulFn),
+    Rope(RopeFn),
+}
+
+pub struct Engine {
+    plan: LoadedPlan,
+    isa: CpuIsa,
+    generated: Vec<Option<Generated>>,
+    arena: Vec<f32>,
+    logits: Vec<f32>,
+    kv: KvCache,
+    /// RoPE tables `[max_context, D/2]`, computed in f64 from the plan's frequencies.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    options: EngineOptions,
+    seq_len: usize,
+    /// Time per kernel, when `FDRT_PROFILE` is set.
+    profile: Option<Profile>,
+}
+
+/// Wall time per kernel name, accumulated over steps; printed to stderr when the engine drops.
+#[derive(Default)]
+struct Profile {
+    totals: Vec<(String, std::time::Duration, u64)>,
+}
+
+impl Profile {
+    fn record(&mut self, kernel: &str, elapsed: std::time::Duration) {
+        match self.totals.iter_mut().find(|(k, _, _)| k == kernel) {
+            Some((_, total, calls)) => {
+                *total += elapsed;
+                *calls += 1;
+            }
+            None => self.totals.push((kernel.to_string(), elapsed, 1)),
+        }
+    }
+}
+
+impl Drop for Profile {
+    fn drop(&mut self) {
+        self.totals.sort_by(|a, b| b.1.cmp(&a.1));
+        eprintln!("kernel profile (FDRT_PROFILE):");
+        for (kernel, total, calls) in &self.totals {
+            eprintln!("  {kernel:<36} {:>10.2} ms {calls:>8} calls", total.as_secs_f64() * 1e3);
+        }
+    }
+}
+
+/// Rows below which a generated kernel runs on one thread: splitting costs more than it saves.
+const ROWS_PER_TASK: usize = 16;
+
+impl Engine {
+    pub fn new(plan: LoadedPlan, options: EngineOptions) -> Result<Engine, RuntimeError> {
+        let Target::Cpu(isa) = plan.manifest.target;
+        let m = &plan.manifest.model;
+        let max_context = options.max_context.max(1);
+        let max_batch_tokens = options.max_batch_tokens.max(1);
+        let mut generated = Vec::with_capacity(plan.program.steps.len());
+        for step in &plan.program.steps {
+            let Some(c) = step.code else {
+                generated.push(None);
+                continue;
+            };
+            let offset = plan.manifest.code[c as usize].offset as usize;
+            // SAFETY: the symbol was generated for the ABI type matching its launch kind, which
+            // the load-time check tied to the step's kernel.
+            let f = unsafe {
+                match step.launch {
+                    Launch::RmsNorm { .. } => Generated::RmsNorm(plan.code.entry(offset)?),
+                    Launch::AddRmsNorm { .. } => Generated::AddRmsNorm(plan.code.entry(offset)?),
+                    Launch::SiluMul { .. } => Generated::SiluMul(plan.code.entry(offset)?),
+                    Launch::Rope { .. } => Generated::Rope(plan.code.entry(offset)?),
+                    _ => return Err(RuntimeError::InvalidPlan(format!("no generated form for {}", step.kernel))),
+                }
+            };
+            generated.push(Some(f));
+        }
+        let half = m.head_dim as usize / 2;
+        let mut cos = vec![0.0f32; max_context * half];
+        let mut sin = vec![0.0f32; max_context * half];
+        for p in 0..max_context {
+            for (i, &f) in plan.manifest.rope_inv_freq.iter().enumerate() {
+                let angle = p as f64 * f;
+                cos[p * half + i] = angle.cos() as f32;
+                sin[p * half + i] = angle.sin() as f32;
+            }
+        }
+        let kv = KvCache::new(m.num_layers as usize, max_context, m.num_kv_heads as usize, m.head_dim as usize);
+        let arena = vec![0.0; plan.manifest.memory.arena_cols as usize * max_batch_tokens];
+        Ok(Engine {
+            isa,
+            generated,
+            arena,
+            logits: vec![],
+            kv,
+            cos,
+            sin,
+            options: EngineOptions { max_context, max_batch_tokens },
+            seq_len: 0,
+            profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
+            plan,
+        })
+    }
+
+    pub fn plan(&self) -> &LoadedPlan {
+        &self.plan
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.plan.program.logits_cols as usize
+    }
+
+    /// Tokens already in the KV cache.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Forgets the sequence (the cache contents are simply overwritten later).
+    pub fn reset(&mut self) {
+        self.seq_len = 0;
+    }
+
+    /// Appends `tokens` to the sequence, chunked by the token budget, and returns the logits of
+    /// every token (`all_rows`) or of the last one: `[rows, vocab]` row-major.
+    pub fn prefill(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<f32>, RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::EmptyInput);
+        }
+        let mut out = vec![];
+        let chunks: Vec<&[u32]> = tokens.chunks(self.options.max_batch_tokens).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let rows: Vec<u32> = if all_rows {
+                (0..chunk.len() as u32).collect()
+            } else if last {
+                vec![chunk.len() as u32 - 1]
+            } else {
+                vec![]
+            };
+            let logits = self.forward(chunk, &rows)?;
+            out.extend_from_slice(logits);
+        }
+        Ok(out)
+    }
+
+    /// One forward pass over `tokens` (at most the token budget), continuing the sequence.
+    /// Returns the logits of the rows `logit_rows` (indices into `tokens`), `[R, vocab]`.
+    pub fn forward(&mut self, tokens: &[u32], logit_rows: &[u32]) -> Result<&[f32], RuntimeError> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(RuntimeError::EmptyInput);
+        }
+        if t > self.options.max_batch_tokens {
+            return Err(RuntimeError::InvalidPlan(format!(
+                "{t} tokens in one pass exceed the token budget {}",
+                self.options.max_batch_tokens
+            )));
+        }
+        let needed = self.seq_len + t;
+        if needed > self.kv.capacity() {
+            return Err(RuntimeError::ContextFull {
+                needed,
+                capacity: self.kv.capacity(),
+                model_max: self.plan.manifest.model.max_position_embeddings as usize,
+            });
+        }
+        let vocab = self.vocab_size();
+        for &id in tokens {
+            if id as usize >= self.plan.manifest.model.vocab_size as usize {
+                return Err(RuntimeError::BadTokenId { id, vocab });
+            }
+        }
+        if let Some(&bad) = logit_rows.iter().find(|&&r| r as usize >= t) {
+            return Err(RuntimeError::InvalidPlan(format!("logit row {bad} is past the {t} tokens of this pass")));
+        }
+        let positions: Vec<u32> = (self.seq_len as u32..needed as u32).collect();
+        let r = logit_rows.len();
+        self.logits.resize(r * vocab, 0.0);
+        for i in 0..self.plan.program.steps.len() {
+            // With no logits wanted (a middle prefill chunk) the head is skipped; the layers
+            // still run, since they fill the KV cache.
+            if r == 0 && writes_logit_rows(&self.plan.program.steps[i].launch) {
+                continue;
+            }
+            let start = self.profile.as_ref().map(|_| std::time::Instant::now());
+            self.run_step(i, tokens, &positions, logit_rows)?;
+            if let (Some(profile), Some(start)) = (self.profile.as_mut(), start) {
+                profile.record(&self.plan.program.steps[i].kernel, start.elapsed());
+            }
+        }
+        self.seq_len = needed;
+        Ok(&self.logits[..r * vocab])
+    }
+
+    fn run_step(&mut self, index: usize, tokens: &[u32], positions: &[u32], logit_rows: &[u32]) -> Result<(), RuntimeError> {
+        let (t, r) = (tokens.len(), logit_rows.len());
+        let isa = self.isa;
+        let step = &self.plan.program.steps[index];
+        let kernel_error = |source| RuntimeError::Kernel { step: index, kernel: step.kernel.clone(), source };
+        let mem = Memory { arena: self.arena.as_mut_ptr(), arena_len: self.arena.len(), logits: self.logits.as_mut_ptr(), logits_len: self.logits.len(), t, r };
+        let plan = &self.plan;
+        // SAFETY (every `mem.read`/`mem.write` below): the load-time check proved that a step's
+        // outputs overlap neither each other nor its inputs, for every T; `Memory` checks bounds.
+        unsafe {
+            match (&step.launch, self.generated[index]) {
+                (Launch::Embedding { table, out }, _) => {
+                    let (o, os) = mem.write(out)?;
+                    cpu::embedding(isa, &plan.weight(*table), tokens, o, os).map_err(kernel_error)?;
+                }
+                (Launch::RmsNorm { x, w, eps, group, out }, None) => {
+                    let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
+                    let rows = mem.rows(x);
+                    cpu::rms_norm(isa, xs, xst, rows, x.cols as usize, *group as usize, plan.vector(*w), *eps, o, os).map_err(kernel_error)?;
+                }
+                (Launch::RmsNorm { x, w, eps, group, out }, Some(Generated::RmsNorm(f))) => {
+                    let (xs, xst) = mem.read(x)?;
+                    let (o, os) = mem.write(out)?;
+                    let wv = plan.vector(*w);
+                    if wv.len() != *group as usize {
+                        return Err(RuntimeError::InvalidPlan(format!("step {index}: norm weight has {} values, group {group}", wv.len())));
+                    }
+                    let (xp, op, wp, cols) = (xs.as_ptr() as usize, o.as_mut_ptr() as usize, wv.as_ptr() as usize, x.cols);
+                    let (group, eps) = (*group, *eps);
+                    row_chunks(mem.rows(x), |r0, n| {
+                        f((xp as *const f32).add(r0 * xst), xst as u64, wp as *const f32, (op as *mut f32).add(r0 * os), os as u64, n as u64, cols, group, eps)
+                    });
+                }
+                (Launch::AddRmsNorm { x, d, w, eps, sum_out, normed_out }, gen) => {
+                    let ((xs, xst), (ds, dst)) = (mem.read(x)?, mem.read(d)?);
+                    let ((so, sst), (no, nst)) = (mem.write(sum_out)?, mem.write(normed_out)?);
+                    let wv = plan.vector(*w);
+                    let (rows, cols) = (mem.rows(x), x.cols as usize);
+                    match gen {
+                        Some(Generated::AddRmsNorm(f)) => {
+                            if wv.len() != cols {
+                                return Err(RuntimeError::InvalidPlan(format!("step {index}: norm weight has {} values for {cols} columns", wv.len())));
+                            }
+                            let p = [xs.as_ptr() as usize, ds.as_ptr() as usize, wv.as_ptr() as usize, so.as_mut_ptr() as usize, no.as_mut_ptr() as usize];
+                            let eps = *eps;
+                            row_chunks(rows, |r0, n| {
+                                f((p[0] as *const f32).add(r0 * xst), xst as u64, (p[1] as *const f32).add(r0 * dst), dst as u64, p[2] as *const f32, (p[3] as *mut f32).add(r0 * sst), sst as u64, (p[4] as *mut f32).add(r0 * nst), nst as u64, n as u64, cols as u64, eps)
+                            });
+                        }
+                        _ => cpu::add_rms_norm(isa, xs, xst, ds, dst, rows, cols, wv, *eps, so, sst, no, nst).map_err(kernel_error)?,
+                    }
+                }
+                (Launch::MatMul { x, w, bias, out }, _) => {
+                    let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
+                    let b = bias.map(|b| plan.vector(b));
+                    cpu::matmul(isa, xs, xst, mem.rows(x), &plan.weight(*w), b, o, os).map_err(kernel_error)?;
+                }
+                (Launch::Add { a, b, out }, _) => {
+                    let ((as_, ast), (bs, bst), (o, os)) = (mem.read(a)?, mem.read(b)?, mem.write(out)?);
+                    cpu::add(isa, as_, ast, bs, bst, mem.rows(a), a.cols as usize, o, os).map_err(kernel_error)?;
+                }
+                (Launch::Mul { a, b, out }, _) => {
+                    let ((as_, ast), (bs, bst), (o, os)) = (mem.read(a)?, mem.read(b)?, mem.write(out)?);
+                    cpu::mul(isa, as_, ast, bs, bst, mem.rows(a), a.cols as usize, o, os).map_err(kernel_error)?;
+                }
+                (Launch::Silu { x, out }, _) => {
+                    let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
+                    cpu::silu(isa, xs, xst, mem.rows(x), x.cols as usize, o, os).map_err(kernel_error)?;
+                }
+                (Launch::SiluMul { gu, out }, gen) => {
+                    let ((gs, gst), (o, os)) = (mem.read(gu)?, mem.write(out)?);
+                    let (rows, cols) = (mem.rows(gu), out.cols as usize);
+                    match gen {
+                        Some(Generated::SiluMul(f)) => {
+                            let (gp, op) = (gs.as_ptr() as usize, o.as_mut_ptr() as usize);
+                            row_chunks(rows, |r0, n| f((gp as *const f32).add(r0 * gst), gst as u64, (op as *mut f32).add(r0 * os), os as u64, n as u64, cols as u64));
+                        }
+                        _ => cpu::silu_mul(isa, gs, gst, rows, cols, o, os).map_err(kernel_error)?,
+                    }
+                }
+                (Launch::Rope { x, n_heads, head_dim, out }, gen) => {
+                    let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
+                    let (h, d) = (*n_heads as usize, *head_dim as usize);
+                    match gen {
+                        Some(Generated::Rope(f)) => {
+                            // Generated rope reads the tables at each row's position: in range,
+                            // since positions < seq_len + t <= capacity = table rows.
+                            let (xp, op, pp) = (xs.as_ptr() as usize, o.as_mut_ptr() as usize, positions.as_ptr() as usize);
+                            let (cp, sp) = (self.cos.as_ptr() as usize, self.sin.as_ptr() as usize);
+                            row_chunks(mem.rows(x), |r0, n| {
+                                f((xp as *const f32).add(r0 * xst), xst as u64, (op as *mut f32).add(r0 * os), os as u64, n as u64, h as u64, d as u64, (pp as *const u32).add(r0), cp as *const f32, sp as *const f32)
+                            });
+                        }
+                        _ => cpu::rope(isa, xs, xst, mem.rows(x), h, d, positions, &self.cos, &self.sin, d / 2, o, os).map_err(kernel_error)?,
+                    }
+                }
+                (Launch::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim, scale, out }, _) => {
+                    let ((qs, qst), (ks, kst), (vs, vst)) = (mem.read(q)?, mem.read(k)?, mem.read(v)?);
+                    let (o, os) = mem.write(out)?;
+                    let mut cache = self.kv.layer(*layer as usize).ok_or_else(|| RuntimeError::InvalidPlan(format!("step {index}: no KV layer {layer}")))?;
+                    cpu::attention(isa, qs, qst, ks, kst, vs, vst, t, positions, *n_heads as usize, *n_kv_heads as usize, *head_dim as usize, *scale, &mut cache, o, os).map_err(kernel_error)?;
+                }
+                (Launch::GatherRows { x, out }, _) => {
+                    let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
+                    cpu::gather_rows(xs, xst, logit_rows, x.cols as usize, o, os).map_err(kernel_error)?;
+                }
+                (launch, Some(_)) => {
+                    return Err(RuntimeError::InvalidPlan(format!("step {index}: generated code attached to {launch:?}")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn writes_logit_rows(launch: &Launch) -> bool {
+    launch_operands(launch).1.iter().any(|a| a.rows == Rows::LogitRows)
+}
+
+/// Calls `f(first_row, rows)` over `rows` split into parallel chunks.
+fn row_chunks(rows: usize, f: impl Fn(usize, usize) + Sync) {
+    if rows < 2 * ROWS_PER_TASK {
+        f(0, rows);
+        return;
+    }
+    let tasks = rows.div_ceil(ROWS_PER_TASK);
+    (0..tasks).into_par_iter().for_each(|i| {
+        let r0 = i * ROWS_PER_TASK;
+        f(r0, ROWS_PER_TASK.min(rows - r0));
+    });
+}
+
+/// The step's view of the arena and the logits, resolving `Act`s into slices for this `T`/`R`.
+struct Memory {
+    arena: *mut f32,
+    arena_len: usize,
+    logits: *mut f32,
+    logits_len: usize,
+    t: usize,
+    r: usize,
+}
+
+impl Memory {
+    fn rows(&self, a: &Act) -> usize {
+        match a.rows {
+            Rows::Tokens => self.t,
+            Rows::LogitRows => self.r,
+        }
+    }
+
+    /// (pointer to the first element, elements spanned, stride), bounds-checked.
+    fn span(&self, a: &Act) -> Result<(*mut f32, usize, usize), RuntimeError> {
+        let rows = self.rows(a);
+        let (base, start, len) = match a.buffer {
+            Buffer::Arena { offset_cols } => (self.arena, offset_cols as usize * self.t, self.arena_len),
+            Buffer::Logits => (self.logits, 0, self.logits_len),
+        };
+        let start = start + a.col as usize;
+        let span = if rows == 0 { 0 } else { (rows - 1) * a.stride as usize + a.cols as usize };
+        if start + span > len {
+            return Err(RuntimeError::InvalidPlan(format!("activation view {a:?} runs past its buffer")));
+        }
+        // SAFETY: start + span <= len, inside the allocation.
+        Ok((unsafe { base.add(start) }, span, a.stride as usize))
+    }
+
+    /// # Safety: no live `write` view may overlap this one.
+    unsafe fn read<'a>(&self, a: &Act) -> Result<(&'a [f32], usize), RuntimeError> {
+        let (p, len, stride) = self.span(a)?;
+        Ok((std::slice::from_raw_parts(p, len), stride))
+    }
+
+    /// # Safety: no other live view may overlap this one.
+    unsafe fn write<'a>(&self, a: &Act) -> Result<(&'a mut [f32], usize), RuntimeError> {
+        let (p, len, stride) = self.span(a)?;
+        Ok((std::slice::from_raw_parts_mut(p, len), stride))
+    }
+}

@@ -1,0 +1,43 @@
+//! `RuntimeError`: everything `fdrt` can report about a plan, a request or a run, one line each.
+
+use crate::chat::ChatError;
+use crate::code::CodeError;
+use crate::sampler::SamplerError;
+use crate::tokenizer::TokenizerError;
+use artifacts::PlanError;
+use kernels::KernelError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    // ---- the plan ----
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("plan is for {plan_target} but this CPU supports only up to cpu-{machine}: recompile with `fdc compile --target cpu` on this machine (or --target cpu-{machine})")]
+    UnsupportedTarget { plan_target: String, machine: String },
+    #[error("invalid plan: {0}")]
+    InvalidPlan(String),
+    #[error("generated code: {0}")]
+    Code(#[from] CodeError),
+
+    // ---- a run ----
+    #[error("step {step} ({kernel}): {source}")]
+    Kernel { step: usize, kernel: String, source: KernelError },
+    #[error("the sequence needs {needed} positions but the KV cache holds {capacity}; raise --max-context (the model allows {model_max})")]
+    ContextFull { needed: usize, capacity: usize, model_max: usize },
+    #[error("token id {id} is out of range: the vocabulary has {vocab} tokens")]
+    BadTokenId { id: u32, vocab: usize },
+    #[error("empty input: at least one token id is needed")]
+    EmptyInput,
+
+    // ---- text ----
+    #[error("this plan has no tokenizer (compiled from a checkpoint without one): pass token ids instead")]
+    NoTokenizer,
+    #[error("this plan has no chat template: drop --chat or compile from a checkpoint that has one")]
+    NoChatTemplate,
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error(transparent)]
+    Sampler(#[from] SamplerError),
+}

@@ -1,0 +1,22 @@
+//! `runtime` is `fdrt`: it loads a `.fdp` plan, maps its code and weights, and runs its program on
+//! the CPU: `plan` (load and check), `engine` (the executor), `kv_cache`, `generate` (the token
+//! loop), plus text in and out (`tokenizer`, `chat`) and `sampler`.
+//!
+//! It never depends on `compiler`, `models`, a code generator or `ir`'s graph: if it needed a graph,
+//! the compiler would not have finished its job. Tests sit beside the code; end-to-end tests that
+//! compile real models are in `tests/`.
+
+pub mod bench;
+pub mod chat;
+pub mod code;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod kv_cache;
+pub mod plan;
+pub mod sampler;
+pub mod tokenizer;
+
+pub use engine::{Engine, EngineOptions};
+pub use error::RuntimeError;
+pub use plan::LoadedPlan;

@@ -1,0 +1,196 @@
+//! Loading a plan: map the file, decode manifest and program, check that this machine can run
+//! it, and check every reference in the program (weights, buffers, kernels, code) before the
+//! first step, so a bad plan fails at load with a message and never inside a kernel.
+
+use crate::code::CodeImage;
+use crate::error::RuntimeError;
+use artifacts::schema::{section, Act, Buffer, Launch, Manifest, Program, WeightRef};
+use artifacts::{codec, PlanFile};
+use half::slice::HalfBitsSliceExt;
+use half::{bf16, f16};
+use ir::types::{DType, OpKind, Target};
+use kernels::cpu::{Weight, WeightData};
+use kernels::registry::{self, KernelSource};
+use std::path::Path;
+
+/// A loaded, checked plan. Weights stay in the mapping; nothing is copied.
+pub struct LoadedPlan {
+    file: PlanFile,
+    pub manifest: Manifest,
+    pub program: Program,
+    pub code: CodeImage,
+    /// Offsets of the weight sections' data inside the mapping, by weight index.
+    weight_sections: Vec<String>,
+}
+
+impl LoadedPlan {
+    pub fn load(path: &Path) -> Result<LoadedPlan, RuntimeError> {
+        let file = PlanFile::open(path)?;
+        let manifest: Manifest = codec::decode(section::MANIFEST, file.require_section(section::MANIFEST)?)?;
+        let program: Program = codec::decode(section::PROGRAM, file.require_section(section::PROGRAM)?)?;
+        let Target::Cpu(isa) = manifest.target;
+        let machine = kernels::cpu::detected_isa();
+        if isa > machine {
+            return Err(RuntimeError::UnsupportedTarget {
+                plan_target: manifest.target.name(),
+                machine: machine.name().to_string(),
+            });
+        }
+        let code = CodeImage::load(file.section(section::CODE).unwrap_or(&[]))?;
+        let weight_sections = manifest.weights.iter().map(|w| section::weight(&w.name)).collect();
+        let plan = LoadedPlan { file, manifest, program, code, weight_sections };
+        plan.check()?;
+        Ok(plan)
+    }
+
+    pub fn tokenizer_json(&self) -> Option<&str> {
+        self.file.section(section::TOKENIZER).and_then(|b| std::str::from_utf8(b).ok())
+    }
+
+    fn weight_bytes(&self, w: WeightRef) -> &[u8] {
+        // Present and sized: checked at load.
+        self.file.section(&self.weight_sections[w.0 as usize]).unwrap_or(&[])
+    }
+
+    /// A matrix weight `[N, K]` (or a vector `[N]` as `[N, 1]`), in its storage type.
+    pub fn weight(&self, w: WeightRef) -> Weight<'_> {
+        let info = &self.manifest.weights[w.0 as usize];
+        let rows = info.shape.first().copied().unwrap_or(0) as usize;
+        let cols = info.shape.get(1).copied().unwrap_or(1) as usize;
+        let bytes = self.weight_bytes(w);
+        // Alignment and length were checked at load; an empty slice here cannot happen.
+        let data = match info.dtype {
+            DType::BF16 => WeightData::BF16(artifacts::cast_u16(bytes).unwrap_or(&[]).reinterpret_cast::<bf16>()),
+            DType::F16 => WeightData::F16(artifacts::cast_u16(bytes).unwrap_or(&[]).reinterpret_cast::<f16>()),
+            _ => WeightData::F32(artifacts::cast_f32(bytes).unwrap_or(&[])),
+        };
+        Weight { data, rows, cols }
+    }
+
+    /// An f32 vector weight (norm weight, bias).
+    pub fn vector(&self, w: WeightRef) -> &[f32] {
+        artifacts::cast_f32(self.weight_bytes(w)).unwrap_or(&[])
+    }
+
+    fn check(&self) -> Result<(), RuntimeError> {
+        let bad = |msg: String| Err(RuntimeError::InvalidPlan(msg));
+        let m = &self.manifest;
+        for (i, w) in m.weights.iter().enumerate() {
+            let Some(bytes) = self.file.section(&self.weight_sections[i]) else {
+                return bad(format!("weight {} has no section", w.name));
+            };
+            let elements: u64 = w.shape.iter().product();
+            if bytes.len() as u64 != elements * w.dtype.size_bytes() as u64 {
+                return bad(format!("weight {} has {} bytes, {:?} {} needs {}", w.name, bytes.len(), w.shape, w.dtype, elements * w.dtype.size_bytes() as u64));
+            }
+            let aligned = match w.dtype {
+                DType::F32 => artifacts::cast_f32(bytes).is_ok(),
+                DType::BF16 | DType::F16 => artifacts::cast_u16(bytes).is_ok(),
+                other => return bad(format!("weight {} has unsupported storage type {other}", w.name)),
+            };
+            if !aligned {
+                return bad(format!("weight {} is misaligned", w.name));
+            }
+        }
+        for sym in &m.code {
+            if sym.offset + sym.len > self.code.len() as u64 {
+                return bad(format!("code symbol {} lies outside the code section", sym.name));
+            }
+        }
+        let head = m.model.head_dim as usize;
+        if m.rope_inv_freq.len() * 2 != head {
+            return bad(format!("rope table has {} frequencies for head_dim {head}", m.rope_inv_freq.len()));
+        }
+        for (i, step) in self.program.steps.iter().enumerate() {
+            self.check_step(i, &step.kernel, step.code, &step.launch).or_else(|msg| bad(format!("step {i} ({}): {msg}", step.kernel)))?;
+        }
+        Ok(())
+    }
+
+    fn check_step(&self, _index: usize, kernel: &str, code: Option<u32>, launch: &Launch) -> Result<(), String> {
+        let entry = registry::by_name(kernel).ok_or_else(|| format!("unknown kernel {kernel}"))?;
+        if entry.key.op != launch_kind(launch) {
+            return Err(format!("kernel {kernel} does not implement {}", launch_kind(launch)));
+        }
+        match (entry.source, code) {
+            (KernelSource::Generated, Some(c)) if (c as usize) < self.manifest.code.len() => {}
+            (KernelSource::Generated, _) => return Err("generated kernel without code".into()),
+            (KernelSource::Library, None) => {}
+            (KernelSource::Library, Some(_)) => return Err("library kernel with code".into()),
+        }
+        let weights = self.manifest.weights.len();
+        let weight_ok = |w: &WeightRef| -> Result<(), String> {
+            if (w.0 as usize) < weights { Ok(()) } else { Err(format!("weight index {} out of range", w.0)) }
+        };
+        let arena = self.manifest.memory.arena_cols;
+        let logits = self.program.logits_cols;
+        let act_ok = |a: &Act| -> Result<(), String> {
+            if a.col + a.cols > a.stride {
+                return Err(format!("view of {} columns at {} exceeds its {}-wide buffer", a.cols, a.col, a.stride));
+            }
+            match a.buffer {
+                Buffer::Arena { offset_cols } if offset_cols + a.stride <= arena => Ok(()),
+                Buffer::Logits if a.stride == logits => Ok(()),
+                _ => Err(format!("buffer {:?} of width {} is outside the arena ({arena}) or logits ({logits})", a.buffer, a.stride)),
+            }
+        };
+        let (reads, writes, used) = launch_operands(launch);
+        for a in reads.iter().chain(writes.iter()) {
+            act_ok(a)?;
+        }
+        for w in &used {
+            weight_ok(w)?;
+        }
+        // The executor hands out an input and an output view of one arena at once: they must
+        // not overlap, for any T. Per-token column ranges decide it.
+        for o in &writes {
+            for r in &reads {
+                if overlaps(o, r) {
+                    return Err("an output overlaps an input".into());
+                }
+            }
+        }
+        if writes.len() == 2 && overlaps(&writes[0], &writes[1]) {
+            return Err("the two outputs overlap".into());
+        }
+        Ok(())
+    }
+}
+
+fn overlaps(a: &Act, b: &Act) -> bool {
+    match (a.buffer, b.buffer) {
+        (Buffer::Arena { offset_cols: x }, Buffer::Arena { offset_cols: y }) => x < y + b.stride && y < x + a.stride,
+        (Buffer::Logits, Buffer::Logits) => true,
+        _ => false,
+    }
+}
+
+pub fn launch_kind(launch: &Launch) -> OpKind {
+    match launch {
+        Launch::Embedding { .. } => OpKind::Embedding,
+        Launch::RmsNorm { .. } => OpKind::RmsNorm,
+        Launch::AddRmsNorm { .. } => OpKind::AddRmsNorm,
+        Launch::MatMul { .. } => OpKind::MatMul,
+        Launch::Add { .. } => OpKind::Add,
+        Launch::Mul { .. } => OpKind::Mul,
+        Launch::Silu { .. } => OpKind::Silu,
+        Launch::SiluMul { .. } => OpKind::SiluMul,
+        Launch::Rope { .. } => OpKind::Rope,
+        Launch::Attention { .. } => OpKind::Attention,
+        Launch::GatherRows { .. } => OpKind::GatherRows,
+    }
+}
+
+/// (activations read, activations written, weights used) of a launch.
+pub(crate) fn launch_operands(launch: &Launch) -> (Vec<Act>, Vec<Act>, Vec<WeightRef>) {
+    match *launch {
+        Launch::Embedding { table, out } => (vec![], vec![out], vec![table]),
+        Launch::RmsNorm { x, w, out, .. } => (vec![x], vec![out], vec![w]),
+        Launch::AddRmsNorm { x, d, w, sum_out, normed_out, .. } => (vec![x, d], vec![sum_out, normed_out], vec![w]),
+        Launch::MatMul { x, w, bias, out } => (vec![x], vec![out], [Some(w), bias].into_iter().flatten().collect()),
+        Launch::Add { a, b, out } | Launch::Mul { a, b, out } => (vec![a, b], vec![out], vec![]),
+        Launch::Silu { x, out } | Launch::Rope { x, out, .. } | Launch::GatherRows { x, out } => (vec![x], vec![out], vec![]),
+        Launch::SiluMul { gu, out } => (vec![gu], vec![out], vec![]),
+        Launch::Attention { q, k, v, out, .. } => (vec![q, k, v], vec![out], vec![]),
+    }
+}

@@ -1,0 +1,632 @@
+//! Picking the next token from a row of logits: greedy argmax, or a seeded draw after
+//! temperature, top-k, top-p and min-p, applied in that order as Hugging Face's logits
+//! processors apply them.
+//!
+//! The random stream is ChaCha8 seeded from one `u64`, so a seed reproduces a generation on
+//! every platform; without a seed one is taken from the OS and can be read back to reproduce it.
+
+use rand::{Rng, SeedableRng, TryRngCore};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Sampling settings that cannot be used.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum SamplerError {
+    #[error("temperature must be a finite number >= 0 (0 means greedy), got {0}")]
+    Temperature(f32),
+    #[error("top_k must be at least 1, got 0")]
+    TopK,
+    #[error("top_p must be in (0, 1], got {0}")]
+    TopP(f32),
+    #[error("min_p must be in [0, 1], got {0}")]
+    MinP(f32),
+}
+
+/// How to choose each token. `temperature == 0` is greedy and ignores the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    pub temperature: f32,
+    /// Keep only the k most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the most likely tokens whose probabilities add up to at least p.
+    pub top_p: Option<f32>,
+    /// Drop tokens less likely than `min_p` times the most likely one.
+    pub min_p: Option<f32>,
+    /// Seed of the random stream; `None` takes one from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    /// Greedy: the same output on every run, the usual default for comparisons.
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            seed: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), SamplerError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(SamplerError::Temperature(self.temperature));
+        }
+        if self.top_k == Some(0) {
+            return Err(SamplerError::TopK);
+        }
+        if let Some(top_p) = self.top_p {
+            if !(top_p > 0.0 && top_p <= 1.0) {
+                return Err(SamplerError::TopP(top_p));
+            }
+        }
+        if let Some(min_p) = self.min_p {
+            if !(0.0..=1.0).contains(&min_p) {
+                return Err(SamplerError::MinP(min_p));
+            }
+        }
+        Ok(())
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == Some(1)
+    }
+}
+
+/// Chooses tokens under one set of [`SamplingParams`], drawing from its own random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    seed: u64,
+    rng: ChaCha8Rng,
+    /// Reused between calls: (token id, weight relative to the most likely token).
+    candidates: Vec<(u32, f32)>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self, SamplerError> {
+        params.validate()?;
+        let seed = params.seed.unwrap_or_else(seed_from_os);
+        Ok(Self {
+            params,
+            seed,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            candidates: Vec::new(),
+        })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// The seed in use, whether given or taken from the OS: passing it back reproduces the run.
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    /// The next token for one row of logits. NaN logits are never chosen; a row with no finite
+    /// logit falls back to [`argmax`].
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.params.is_greedy() {
+            return argmax(logits);
+        }
+        let Some(max_logit) = logits
+            .iter()
+            .copied()
+            .filter(|logit| logit.is_finite())
+            .max_by(f32::total_cmp)
+        else {
+            return argmax(logits);
+        };
+
+        // Weights relative to the most likely token: exp((l - max) / T) is in [0, 1] and
+        // cannot overflow, however small T is.
+        let inverse_temperature = 1.0 / self.params.temperature;
+        self.candidates.clear();
+        self.candidates.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, logit)| logit.is_finite())
+                .map(|(id, &logit)| (id as u32, ((logit - max_logit) * inverse_temperature).exp()))
+                .filter(|&(_, weight)| weight > 0.0),
+        );
+
+        if let Some(k) = self.params.top_k {
+            if k < self.candidates.len() {
+                self.candidates.select_nth_unstable_by(k, by_weight_then_id);
+                self.candidates.truncate(k);
+            }
+        }
+        if let Some(top_p) = self.params.top_p {
+            keep_nucleus(&mut self.candidates, top_p);
+        }
+        if let Some(min_p) = self.params.min_p {
+            // The most likely candidate has weight 1, so it always stays.
+            self.candidates.retain(|&(_, weight)| weight >= min_p);
+        }
+        self.draw()
+    }
+
+    fn draw(&mut self) -> u32 {
+        let total: f64 = self.candidates.iter().map(|&(_, w)| f64::from(w)).sum();
+        let mut target = self.rng.random::<f64>() * total;
+        for &(id, weight) in &self.candidates {
+            target -= f64::from(weight);
+            if target < 0.0 {
+                return id;
+            }
+        }
+        // Rounding can leave a sliver past the last candidate; it belongs to the last one.
+        self.candidates.last().map_or(0, |&(id, _)| id)
+    }
+}
+
+/// Most likely first; equal weights in id order, as [`argmax`] breaks ties.
+fn by_weight_then_id(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Keeps the shortest most-likely-first prefix whose probability reaches `top_p`, at least one
+/// token, in that order. Only the prefix gets sorted, in chunks of 64, 128, ... taken from the
+/// unsorted rest until the running sum gets there: for the peaked distributions of language
+/// models that is far cheaper than sorting a whole vocabulary.
+fn keep_nucleus(candidates: &mut Vec<(u32, f32)>, top_p: f32) {
+    let total: f64 = candidates.iter().map(|&(_, w)| f64::from(w)).sum();
+    let target = f64::from(top_p) * total;
+    let mut cumulative = 0.0;
+    // Invariant: candidates[..sorted] are the best `sorted` candidates, in order.
+    let mut sorted = 0;
+    let mut chunk = 64;
+    while sorted < candidates.len() {
+        let end = (sorted + chunk).min(candidates.len());
+        let rest = &mut candidates[sorted..];
+        if end - sorted < rest.len() {
+            rest.select_nth_unstable_by(end - sorted, by_weight_then_id);
+        }
+        candidates[sorted..end].sort_unstable_by(by_weight_then_id);
+        for index in sorted..end {
+            cumulative += f64::from(candidates[index].1);
+            if cumulative >= target {
+                candidates.truncate(index + 1);
+                return;
+            }
+        }
+        sorted = end;
+        chunk *= 2;
+    }
+    // Rounding kept the sum just under the target: everything stays.
+}
+
+fn seed_from_os() -> u64 {
+    rand::rngs::OsRng.try_next_u64().unwrap_or_else(|_| {
+        // No OS randomness: the clock still differs from run to run.
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+    })
+}
+
+/// Id of the largest logit; ties go to the lowest id, NaN is never the largest. An empty row
+/// gives 0.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best: Option<(usize, f32)> = None;
+    for (id, &logit) in logits.iter().enumerate() {
+        if logit.is_nan() {
+            continue;
+        }
+        if best.is_none_or(|(_, best_logit)| logit > best_logit) {
+            best = Some((id, logit));
+        }
+    }
+    best.map_or(0, |(id, _)| id as u32)
+}
+
+/// Log-probabilities of a row of logits: `l - log(sum(exp(l)))`, computed from the maximum so it
+/// neither overflows nor underflows. `-inf` logits stay `-inf`; a row with no finite logit has
+/// no distribution and comes back as NaN.
+pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|logit| !logit.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return vec![f32::NAN; logits.len()];
+    }
+    let sum: f64 = logits
+        .iter()
+        .map(|&logit| f64::from(logit - max).exp())
+        .sum();
+    let log_sum = sum.ln() as f32;
+    logits.iter().map(|&logit| logit - max - log_sum).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(temperature: f32) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            seed: Some(7),
+            ..SamplingParams::greedy()
+        }
+    }
+
+    /// Logits whose softmax at temperature 1 is `probabilities`.
+    fn logits_of(probabilities: &[f32]) -> Vec<f32> {
+        probabilities.iter().map(|p| p.ln()).collect()
+    }
+
+    fn rows() -> Vec<Vec<f32>> {
+        vec![
+            vec![0.1, 2.0, -1.0, 1.9],
+            vec![5.0, 5.0, 1.0],
+            vec![-3.0, f32::NAN, -2.5, f32::NEG_INFINITY],
+            (0..1000).map(|i| ((i * 37) % 101) as f32 / 10.0).collect(),
+        ]
+    }
+
+    #[test]
+    fn argmax_picks_the_largest_and_the_lowest_id_on_ties() {
+        let cases: [(&[f32], u32); 7] = [
+            (&[0.1, 2.0, -1.0, 1.9], 1),
+            (&[5.0, 5.0, 1.0], 0),
+            (&[1.0, 3.0, 3.0], 1),
+            (&[f32::NAN, -1.0, -2.0], 1),
+            (&[f32::NEG_INFINITY, f32::NEG_INFINITY, -50.0], 2),
+            (&[-1.0, f32::INFINITY, f32::INFINITY], 1),
+            (&[], 0),
+        ];
+        for (logits, expected) in cases {
+            assert_eq!(argmax(logits), expected, "{logits:?}");
+        }
+    }
+
+    #[test]
+    fn greedy_and_top_k_1_and_tiny_top_p_pick_the_argmax() {
+        let mut settings = vec![params(0.0)];
+        for temperature in [0.1, 1.0, 5.0, 100.0] {
+            settings.push(SamplingParams {
+                top_k: Some(1),
+                ..params(temperature)
+            });
+            settings.push(SamplingParams {
+                top_p: Some(1e-6),
+                ..params(temperature)
+            });
+        }
+        for setting in settings {
+            let mut sampler = Sampler::new(setting).unwrap();
+            for row in rows() {
+                for _ in 0..50 {
+                    assert_eq!(sampler.sample(&row), argmax(&row), "{setting:?} {row:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_gives_the_same_tokens() {
+        let row: Vec<f32> = (0..500).map(|i| (i % 17) as f32 * 0.3).collect();
+        let draws = |seed: u64| {
+            let mut sampler = Sampler::new(SamplingParams {
+                seed: Some(seed),
+                top_p: Some(0.9),
+                ..params(1.3)
+            })
+            .unwrap();
+            (0..200).map(|_| sampler.sample(&row)).collect::<Vec<_>>()
+        };
+        assert_eq!(draws(42), draws(42));
+        assert_ne!(draws(42), draws(43));
+    }
+
+    #[test]
+    fn unseeded_sampler_reports_a_seed_that_reproduces_it() {
+        let row = logits_of(&[0.25, 0.25, 0.25, 0.25]);
+        let mut unseeded = Sampler::new(SamplingParams {
+            seed: None,
+            ..params(1.0)
+        })
+        .unwrap();
+        let mut reseeded = Sampler::new(SamplingParams {
+            seed: Some(unseeded.seed()),
+            ..params(1.0)
+        })
+        .unwrap();
+        for _ in 0..100 {
+            assert_eq!(unseeded.sample(&row), reseeded.sample(&row));
+        }
+    }
+
+    fn frequencies(setting: SamplingParams, logits: &[f32], draws: usize) -> Vec<f64> {
+        let mut sampler = Sampler::new(setting).unwrap();
+        let mut counts = vec![0usize; logits.len()];
+        for _ in 0..draws {
+            counts[sampler.sample(logits) as usize] += 1;
+        }
+        counts.iter().map(|&c| c as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn draws_follow_the_filtered_distribution() {
+        let base = logits_of(&[0.5, 0.3, 0.2]);
+        // (settings, logits, expected probabilities)
+        let cases = [
+            (params(1.0), base.clone(), vec![0.5, 0.3, 0.2]),
+            // T = 0.5 squares the probabilities: 25:9:4.
+            (
+                params(0.5),
+                base.clone(),
+                vec![25.0 / 38.0, 9.0 / 38.0, 4.0 / 38.0],
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(2),
+                    ..params(1.0)
+                },
+                base.clone(),
+                vec![0.625, 0.375, 0.0],
+            ),
+            // 0.5 < 0.7 <= 0.5 + 0.3: the first two stay.
+            (
+                SamplingParams {
+                    top_p: Some(0.7),
+                    ..params(1.0)
+                },
+                base.clone(),
+                vec![0.625, 0.375, 0.0],
+            ),
+            // 0.2 < 0.5 * 0.5 <= 0.3: the last goes.
+            (
+                SamplingParams {
+                    min_p: Some(0.5),
+                    ..params(1.0)
+                },
+                base.clone(),
+                vec![0.625, 0.375, 0.0],
+            ),
+            // After top_k = 2 the second token has 0.375 of the mass, so top_p = 0.6 leaves one.
+            (
+                SamplingParams {
+                    top_k: Some(2),
+                    top_p: Some(0.6),
+                    ..params(1.0)
+                },
+                base.clone(),
+                vec![1.0, 0.0, 0.0],
+            ),
+            (
+                params(1.0),
+                logits_of(&[0.2, 0.5, 0.3])
+                    .into_iter()
+                    .chain([f32::NAN])
+                    .collect(),
+                vec![0.2, 0.5, 0.3, 0.0],
+            ),
+        ];
+        for (setting, logits, expected) in cases {
+            let seen = frequencies(setting, &logits, 20_000);
+            for (token, (&got, &want)) in seen.iter().zip(&expected).enumerate() {
+                assert!(
+                    (got - want).abs() < 0.02,
+                    "{setting:?}: token {token} drawn {got}, expected {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_2_never_draws_the_third_token() {
+        let logits = logits_of(&[0.4, 0.35, 0.25]);
+        for temperature in [0.5, 1.0, 10.0] {
+            let mut sampler = Sampler::new(SamplingParams {
+                top_k: Some(2),
+                ..params(temperature)
+            })
+            .unwrap();
+            let mut seen = [false; 3];
+            for _ in 0..5000 {
+                seen[sampler.sample(&logits) as usize] = true;
+            }
+            assert_eq!(seen, [true, true, false], "temperature {temperature}");
+        }
+    }
+
+    /// Weights where `heavy` tokens, spread over the vocabulary, hold 0.9 of the mass.
+    fn heavy_and_light(heavy: usize, light: usize) -> Vec<(u32, f32)> {
+        let stride = (heavy + light) / heavy;
+        (0..heavy + light)
+            .map(|i| {
+                let is_heavy = i % stride == 0 && i / stride < heavy;
+                let p = if is_heavy {
+                    0.9 / heavy as f32
+                } else {
+                    0.1 / light as f32
+                };
+                (i as u32, p / (0.9 / heavy as f32).max(0.1 / light as f32))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn nucleus_equals_the_prefix_of_a_full_sort() {
+        let ramp: Vec<(u32, f32)> = (0..5000u32)
+            .map(|i| (i, ((i * 7919) % 5000) as f32 + 1.0))
+            .collect();
+        let ties: Vec<(u32, f32)> = (0..300u32)
+            .map(|i| (i, if i % 3 == 0 { 1.0 } else { 0.5 }))
+            .collect();
+        // (candidates, top_p, nucleus size)
+        let cases = [
+            (heavy_and_light(300, 9700), 0.85, 284),
+            (heavy_and_light(10, 9990), 0.5, 6),
+            (heavy_and_light(3000, 7000), 0.9, 3000),
+            (ramp.clone(), 1.0, 5000),
+            (ramp.clone(), 0.5, 1465),
+            (ramp, 1e-9, 1),
+            (ties, 0.5, 100),
+            (vec![(4, 0.5)], 0.1, 1),
+        ];
+        for (candidates, top_p, size) in cases {
+            let mut expected = candidates.clone();
+            expected.sort_by(by_weight_then_id);
+            let total: f64 = expected.iter().map(|&(_, w)| f64::from(w)).sum();
+            let mut cumulative = 0.0;
+            let cut = expected
+                .iter()
+                .position(|&(_, w)| {
+                    cumulative += f64::from(w);
+                    cumulative >= f64::from(top_p) * total
+                })
+                .map_or(expected.len(), |index| index + 1);
+            expected.truncate(cut);
+
+            let mut got = candidates;
+            keep_nucleus(&mut got, top_p);
+            assert_eq!(got.len(), size, "top_p {top_p}");
+            assert_eq!(got, expected, "top_p {top_p}");
+        }
+    }
+
+    #[test]
+    fn top_p_draws_stay_in_the_nucleus() {
+        let weights = heavy_and_light(300, 9700);
+        let logits: Vec<f32> = weights.iter().map(|&(_, w)| w.ln()).collect();
+        let mut nucleus = weights.clone();
+        keep_nucleus(&mut nucleus, 0.85);
+        let mut inside = vec![false; logits.len()];
+        for &(id, _) in &nucleus {
+            inside[id as usize] = true;
+        }
+        let mut sampler = Sampler::new(SamplingParams {
+            top_p: Some(0.85),
+            ..params(1.0)
+        })
+        .unwrap();
+        for _ in 0..500 {
+            let id = sampler.sample(&logits) as usize;
+            assert!(inside[id], "drew token {id} outside the nucleus");
+        }
+    }
+
+    #[test]
+    fn validate_rejects_unusable_settings() {
+        let ok = SamplingParams {
+            top_k: Some(40),
+            top_p: Some(1.0),
+            min_p: Some(0.0),
+            ..params(0.8)
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let cases = [
+            (
+                SamplingParams {
+                    temperature: -0.1,
+                    ..ok
+                },
+                SamplerError::Temperature(-0.1),
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::INFINITY,
+                    ..ok
+                },
+                SamplerError::Temperature(f32::INFINITY),
+            ),
+            (
+                SamplingParams {
+                    top_k: Some(0),
+                    ..ok
+                },
+                SamplerError::TopK,
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(0.0),
+                    ..ok
+                },
+                SamplerError::TopP(0.0),
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(1.01),
+                    ..ok
+                },
+                SamplerError::TopP(1.01),
+            ),
+            (
+                SamplingParams {
+                    min_p: Some(-0.01),
+                    ..ok
+                },
+                SamplerError::MinP(-0.01),
+            ),
+            (
+                SamplingParams {
+                    min_p: Some(1.5),
+                    ..ok
+                },
+                SamplerError::MinP(1.5),
+            ),
+        ];
+        for (setting, expected) in cases {
+            assert_eq!(setting.validate(), Err(expected.clone()), "{setting:?}");
+            assert_eq!(Sampler::new(setting).unwrap_err(), expected);
+        }
+        for nan in [
+            SamplingParams {
+                temperature: f32::NAN,
+                ..ok
+            },
+            SamplingParams {
+                top_p: Some(f32::NAN),
+                ..ok
+            },
+            SamplingParams {
+                min_p: Some(f32::NAN),
+                ..ok
+            },
+        ] {
+            assert!(nan.validate().is_err(), "{nan:?}");
+        }
+    }
+
+    #[test]
+    fn log_softmax_matches_the_definition() {
+        let cases: [&[f32]; 4] = [
+            &[1.0, 2.0, 3.0],
+            &[1000.0, 1001.0, 999.0],
+            &[-1000.0, -1001.0],
+            &[0.5, f32::NEG_INFINITY, 0.5],
+        ];
+        for logits in cases {
+            let got = log_softmax(logits);
+            let shift = logits[0];
+            let sum: f64 = logits.iter().map(|&l| f64::from(l - shift).exp()).sum();
+            for (&l, &g) in logits.iter().zip(&got) {
+                let want = (f64::from(l - shift) - sum.ln()) as f32;
+                if want.is_infinite() {
+                    assert_eq!(g, want, "{logits:?}");
+                } else {
+                    assert!((g - want).abs() < 1e-5, "{logits:?}: {g} vs {want}");
+                }
+            }
+            let total: f64 = got.iter().map(|&g| f64::from(g).exp()).sum();
+            assert!((total - 1.0).abs() < 1e-5, "{logits:?} sums to {total}");
+        }
+        assert!(log_softmax(&[f32::NEG_INFINITY, f32::NAN])
+            .iter()
+            .all(|g| g.is_nan()));
+        assert!(log_softmax(&[]).is_empty());
+    }
+}
