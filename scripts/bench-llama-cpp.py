@@ -6,6 +6,10 @@ Measures, on the CPU with a fixed thread count:
   * decode: 128 tokens at batch size 1 after a short prompt, each chosen greedily from the
     previous step's logits and fed back with its own evaluation, best of 3.
 
+The numbers mean something only on an otherwise idle machine: with as many threads as cores,
+llama.cpp's OpenMP barriers stall whenever another process takes a core, and throughput drops
+several-fold. The load average at the start is reported so that such runs can be spotted.
+
 Install the engine with scripts/setup-bench.sh. The model defaults to the one
 scripts/fetch-model.sh puts in the cache.
 """
@@ -103,6 +107,7 @@ def time_decode(llama_cpp, llm, numpy) -> tuple:
 
 def main() -> int:
     args = parse_args()
+    load_before = os.getloadavg()[0]
     try:
         import llama_cpp
         import numpy
@@ -134,10 +139,12 @@ def main() -> int:
         "prefill_tok_s": round(PREFILL_TOKENS / prefill_s, 2),
         "decode_tokens": DECODE_TOKENS,
         "decode_tok_s": round(DECODE_TOKENS / decode_s, 2),
+        "loadavg_1m_before": round(load_before, 2),
     }
     if not args.json:
         print(f"model    {args.model}")
-        print(f"engine   llama.cpp via {result['version']}, {args.threads} threads")
+        print(f"engine   llama.cpp via {result['version']}, {args.threads} threads "
+              f"(1-minute load average before: {load_before:.2f})")
         print(f"prefill  {PREFILL_TOKENS} tokens in {prefill_s * 1e3:.1f} ms "
               f"= {result['prefill_tok_s']} tok/s (best of {REPEATS})")
         print(f"decode   {DECODE_TOKENS} tokens in {decode_s * 1e3:.1f} ms "

@@ -10,7 +10,7 @@
 //! columns at `offset_cols` occupies elements `[offset_cols * T, (offset_cols + cols) * T)`, so the
 //! plan holds for every `T` up to the runtime's token budget.
 
-use ir::types::{DType, Target};
+use ir_types::{DType, Target};
 use serde::{Deserialize, Serialize};
 
 /// Section names inside the `.fdp` container.

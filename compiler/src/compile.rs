@@ -9,7 +9,8 @@ use crate::codegen::{self, KernelSpec};
 use crate::passes::{self, plan_memory, schedule, select_kernels, PassCtx, PassError};
 use crate::timing;
 use artifacts::schema::{
-    section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, SourceInfo, TokenizerInfo, WeightInfo,
+    section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, SourceInfo,
+    TokenizerInfo, WeightInfo,
 };
 use artifacts::{codec, PlanError, PlanWriter, SectionKind};
 use half::{bf16, f16};
@@ -76,15 +77,26 @@ pub fn lower(input: &Path, ctx: &PassCtx) -> Result<Lowered, CompileError> {
 }
 
 fn model_name(input: &Path) -> String {
-    let stem = input.file_stem().or_else(|| input.file_name()).map(|s| s.to_string_lossy().to_string());
-    stem.filter(|s| !s.is_empty()).unwrap_or_else(|| "model".to_string())
+    let stem = input
+        .file_stem()
+        .or_else(|| input.file_name())
+        .map(|s| s.to_string_lossy().to_string());
+    stem.filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "model".to_string())
 }
 
-pub fn compile(input: &Path, output: &Path, options: &CompileOptions) -> Result<CompileReport, CompileError> {
+pub fn compile(
+    input: &Path,
+    output: &Path,
+    options: &CompileOptions,
+) -> Result<CompileReport, CompileError> {
     if !matches!(options.weight_dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(CompileError::BadDtype(options.weight_dtype));
     }
-    let ctx = PassCtx { target: options.target, weight_dtype: options.weight_dtype };
+    let ctx = PassCtx {
+        target: options.target,
+        weight_dtype: options.weight_dtype,
+    };
     let Lowered { checkpoint, graph } = lower(input, &ctx)?;
     let launches: Vec<NodeId> = graph
         .topo_order()
@@ -104,7 +116,11 @@ pub fn compile(input: &Path, output: &Path, options: &CompileOptions) -> Result<
         generate_code(&graph, &launches, &selection, options.target)?
     };
     let weights = graph.weights();
-    let weight_index: HashMap<ValueId, u32> = weights.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
+    let weight_index: HashMap<ValueId, u32> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v, i as u32))
+        .collect();
     let program = {
         let _t = timing::scope("schedule");
         schedule::run(&schedule::ScheduleInput {
@@ -121,21 +137,56 @@ pub fn compile(input: &Path, output: &Path, options: &CompileOptions) -> Result<
         .map(|&v| WeightInfo {
             name: weight_name(&graph, v).to_string(),
             dtype: graph.ty(v).dtype,
-            shape: graph.ty(v).shape.0.iter().map(|d| d.as_const().unwrap_or(0) as u64).collect(),
+            shape: graph
+                .ty(v)
+                .shape
+                .0
+                .iter()
+                .map(|d| d.as_const().unwrap_or(0) as u64)
+                .collect(),
         })
         .collect();
-    let parameter_count = weight_infos.iter().map(|w| w.shape.iter().product::<u64>()).sum();
-    let manifest = build_manifest(&checkpoint, &graph, options, weight_infos, &memory, code_symbols, parameter_count);
+    let parameter_count = weight_infos
+        .iter()
+        .map(|w| w.shape.iter().product::<u64>())
+        .sum();
+    let manifest = build_manifest(
+        &checkpoint,
+        &graph,
+        options,
+        weight_infos,
+        &memory,
+        code_symbols,
+        parameter_count,
+    );
 
     let _t = timing::scope("write_plan");
     let mut writer = PlanWriter::create(output)?;
-    writer.add_section(section::MANIFEST, SectionKind::Manifest, &codec::encode(&manifest)?)?;
-    writer.add_section(section::PROGRAM, SectionKind::Program, &codec::encode(&program)?)?;
+    writer.add_section(
+        section::MANIFEST,
+        SectionKind::Manifest,
+        &codec::encode(&manifest)?,
+    )?;
+    writer.add_section(
+        section::PROGRAM,
+        SectionKind::Program,
+        &codec::encode(&program)?,
+    )?;
     if let Some(tok) = &checkpoint.tokenizer {
-        writer.add_section(section::TOKENIZER, SectionKind::Tokenizer, tok.tokenizer_json.as_bytes())?;
+        writer.add_section(
+            section::TOKENIZER,
+            SectionKind::Tokenizer,
+            tok.tokenizer_json.as_bytes(),
+        )?;
     }
     writer.add_section(section::CODE, SectionKind::Code, &code_bytes)?;
-    write_weights(&mut writer, &graph, &weights, &*checkpoint.tensors, options.progress)?;
+    write_weights(
+        &mut writer,
+        &graph,
+        &weights,
+        &*checkpoint.tensors,
+        options.progress,
+    )?;
     let summary = writer.finish()?;
     Ok(CompileReport {
         output: output.to_path_buf(),
@@ -163,7 +214,11 @@ fn build_manifest(
     parameter_count: u64,
 ) -> Manifest {
     let cfg = &checkpoint.config;
-    let kv_bytes = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * DType::F32.size_bytes();
+    let kv_bytes = 2
+        * cfg.num_hidden_layers
+        * cfg.num_key_value_heads
+        * cfg.head_dim
+        * DType::F32.size_bytes();
     Manifest {
         model: ModelInfo {
             name: graph.name.clone(),
@@ -195,7 +250,10 @@ fn build_manifest(
             dtype: DType::F32,
             bytes_per_token: kv_bytes as u64,
         },
-        rope_inv_freq: graph.constant("rope_inv_freq").map(|c| c.values.clone()).unwrap_or_default(),
+        rope_inv_freq: graph
+            .constant("rope_inv_freq")
+            .map(|c| c.values.clone())
+            .unwrap_or_default(),
         memory: MemoryPlan {
             arena_cols: memory.arena_cols,
             unplanned_cols: memory.unplanned_cols,
@@ -207,9 +265,16 @@ fn build_manifest(
             sources: checkpoint
                 .sources
                 .iter()
-                .map(|s| SourceInfo { name: s.name.clone(), bytes: s.bytes, blake3: s.blake3.clone() })
+                .map(|s| SourceInfo {
+                    name: s.name.clone(),
+                    bytes: s.bytes,
+                    blake3: s.blake3.clone(),
+                })
                 .collect(),
-            options: vec![format!("target={}", options.target), format!("dtype={}", options.weight_dtype)],
+            options: vec![
+                format!("target={}", options.target),
+                format!("dtype={}", options.weight_dtype),
+            ],
         },
     }
 }
@@ -219,9 +284,18 @@ fn kernel_spec(graph: &Graph, node: NodeId) -> Option<KernelSpec> {
     let data = graph.node(node);
     let cols = |v: ValueId| graph.ty(v).shape.last_const().unwrap_or(0);
     Some(match data.op {
-        Op::RmsNorm { eps, group } => KernelSpec::RmsNorm { cols: cols(data.inputs[0]), group, eps },
-        Op::AddRmsNorm { eps } => KernelSpec::AddRmsNorm { cols: cols(data.inputs[0]), eps },
-        Op::SiluMul => KernelSpec::SiluMul { cols: cols(data.outputs[0]) },
+        Op::RmsNorm { eps, group } => KernelSpec::RmsNorm {
+            cols: cols(data.inputs[0]),
+            group,
+            eps,
+        },
+        Op::AddRmsNorm { eps } => KernelSpec::AddRmsNorm {
+            cols: cols(data.inputs[0]),
+            eps,
+        },
+        Op::SiluMul => KernelSpec::SiluMul {
+            cols: cols(data.outputs[0]),
+        },
         Op::Rope { n_heads, head_dim } => KernelSpec::Rope { n_heads, head_dim },
         _ => return None,
     })
@@ -288,8 +362,14 @@ fn materialize(expr: &WeightExpr, tensors: &dyn TensorSource) -> Result<Vec<f32>
 
 fn encode_weight(values: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
-        DType::BF16 => values.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
-        DType::F16 => values.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
+            .collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
+            .collect(),
         _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
     }
 }
@@ -305,8 +385,9 @@ fn write_weights(
     const WINDOW: usize = 16;
     let bar = if progress {
         let bar = indicatif::ProgressBar::new(weights.len() as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} weights ({elapsed})")
-        {
+        if let Ok(style) = indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} weights ({elapsed})",
+        ) {
             bar.set_style(style.progress_chars("=> "));
         }
         bar.set_message("writing weights");
@@ -327,7 +408,10 @@ fn write_weights(
                 if values.len() != expected {
                     return Err(CompileError::Weight {
                         name: name.clone(),
-                        message: format!("has {} values, its type {ty} needs {expected}", values.len()),
+                        message: format!(
+                            "has {} values, its type {ty} needs {expected}",
+                            values.len()
+                        ),
                     });
                 }
                 Ok((name.clone(), encode_weight(&values, ty.dtype)))

@@ -10,29 +10,63 @@ use std::path::Path;
 
 pub fn inspect(path: &Path) -> Result<String, PlanError> {
     let plan = PlanFile::open(path)?;
-    let manifest: Manifest = codec::decode(section::MANIFEST, plan.require_section(section::MANIFEST)?)?;
-    let program: Program = codec::decode(section::PROGRAM, plan.require_section(section::PROGRAM)?)?;
+    let manifest: Manifest =
+        codec::decode(section::MANIFEST, plan.require_section(section::MANIFEST)?)?;
+    let program: Program =
+        codec::decode(section::PROGRAM, plan.require_section(section::PROGRAM)?)?;
     let m = &manifest.model;
     let mut out = String::new();
-    let _ = writeln!(out, "plan        {} ({} bytes, checksums ok)", path.display(), plan.file_len());
-    let _ = writeln!(out, "model       {} ({}, from {})", m.name, m.architecture, m.source_architecture);
+    let _ = writeln!(
+        out,
+        "plan        {} ({} bytes, checksums ok)",
+        path.display(),
+        plan.file_len()
+    );
+    let _ = writeln!(
+        out,
+        "model       {} ({}, from {})",
+        m.name, m.architecture, m.source_architecture
+    );
     let _ = writeln!(
         out,
         "shape       {} layers, hidden {}, heads {}/{} kv, head_dim {}, vocab {}, max positions {}",
-        m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim, m.vocab_size, m.max_position_embeddings
+        m.num_layers,
+        m.hidden_size,
+        m.num_heads,
+        m.num_kv_heads,
+        m.head_dim,
+        m.vocab_size,
+        m.max_position_embeddings
     );
-    let _ = writeln!(out, "parameters  {} ({:.1} M)", m.parameter_count, m.parameter_count as f64 / 1e6);
+    let _ = writeln!(
+        out,
+        "parameters  {} ({:.1} M)",
+        m.parameter_count,
+        m.parameter_count as f64 / 1e6
+    );
     let _ = writeln!(out, "target      {}", manifest.target);
-    let _ = writeln!(out, "dtype       {} (matmul and embedding weights; norms and biases f32)", manifest.weight_dtype);
+    let _ = writeln!(
+        out,
+        "dtype       {} (matmul and embedding weights; norms and biases f32)",
+        manifest.weight_dtype
+    );
     let _ = writeln!(
         out,
         "kv cache    {} bytes per token ({} layers x {} kv heads x {} x 2, {})",
-        manifest.kv.bytes_per_token, manifest.kv.num_layers, manifest.kv.num_kv_heads, manifest.kv.head_dim, manifest.kv.dtype
+        manifest.kv.bytes_per_token,
+        manifest.kv.num_layers,
+        manifest.kv.num_kv_heads,
+        manifest.kv.head_dim,
+        manifest.kv.dtype
     );
     let tok = match &manifest.tokenizer {
         Some(t) => format!(
             "yes (chat template: {}, bos {:?}, eos {:?})",
-            if t.chat_template.is_some() { "yes" } else { "no" },
+            if t.chat_template.is_some() {
+                "yes"
+            } else {
+                "no"
+            },
             t.bos_token.as_deref().unwrap_or("-"),
             t.eos_token.as_deref().unwrap_or("-")
         ),
@@ -62,7 +96,11 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
     if !manifest.code.is_empty() {
         let _ = writeln!(out, "\ngenerated code ({} functions)", manifest.code.len());
         for sym in &manifest.code {
-            let _ = writeln!(out, "  {:<36} {:>6} bytes at {:#x}", sym.name, sym.len, sym.offset);
+            let _ = writeln!(
+                out,
+                "  {:<36} {:>6} bytes at {:#x}",
+                sym.name, sym.len, sym.offset
+            );
         }
     }
     let mem = &manifest.memory;
@@ -75,9 +113,18 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
         mem.unplanned_cols,
         mem.buffers.len()
     );
-    let _ = writeln!(out, "  logits {} f32 per requested row", program.logits_cols);
+    let _ = writeln!(
+        out,
+        "  logits {} f32 per requested row",
+        program.logits_cols
+    );
     let _ = writeln!(out, "\nprovenance");
-    let _ = writeln!(out, "  fdc {}, {}", manifest.provenance.compiler_version, manifest.provenance.options.join(", "));
+    let _ = writeln!(
+        out,
+        "  fdc {}, {}",
+        manifest.provenance.compiler_version,
+        manifest.provenance.options.join(", ")
+    );
     for s in &manifest.provenance.sources {
         let _ = writeln!(out, "  {} ({} bytes) blake3 {}", s.name, s.bytes, s.blake3);
     }

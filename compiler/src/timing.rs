@@ -12,7 +12,10 @@ pub struct Scope {
 }
 
 pub fn scope(name: &str) -> Scope {
-    Scope { name: name.to_string(), start: Instant::now() }
+    Scope {
+        name: name.to_string(),
+        start: Instant::now(),
+    }
 }
 
 impl Drop for Scope {

@@ -54,9 +54,13 @@ impl InputKind {
     }
 
     pub fn parse(text: &str) -> Option<InputKind> {
-        [InputKind::TokenIds, InputKind::Positions, InputKind::LogitRows]
-            .into_iter()
-            .find(|k| k.name() == text)
+        [
+            InputKind::TokenIds,
+            InputKind::Positions,
+            InputKind::LogitRows,
+        ]
+        .into_iter()
+        .find(|k| k.name() == text)
     }
 }
 
@@ -84,9 +88,15 @@ impl WeightExpr {
 pub enum ValueDef {
     Input(InputKind),
     /// A weight: its plan name and where its data comes from.
-    Weight { name: String, expr: WeightExpr },
+    Weight {
+        name: String,
+        expr: WeightExpr,
+    },
     /// Output `index` of `node`.
-    Node { node: NodeId, index: usize },
+    Node {
+        node: NodeId,
+        index: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -114,7 +124,11 @@ pub struct Constant {
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum GraphError {
     #[error("{op} at {node}: {message}")]
-    Shape { op: &'static str, node: String, message: String },
+    Shape {
+        op: &'static str,
+        node: String,
+        message: String,
+    },
     #[error("unknown value {0}")]
     UnknownValue(ValueId),
     #[error("{0} has no producer node")]
@@ -132,7 +146,10 @@ pub struct Graph {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph { name: name.into(), ..Graph::default() }
+        Graph {
+            name: name.into(),
+            ..Graph::default()
+        }
     }
 
     // ---- values -------------------------------------------------------------------------------
@@ -147,8 +164,19 @@ impl Graph {
         self.push_value(ty, ValueDef::Input(kind))
     }
 
-    pub fn add_weight(&mut self, name: impl Into<String>, ty: TensorType, expr: WeightExpr) -> ValueId {
-        self.push_value(ty, ValueDef::Weight { name: name.into(), expr })
+    pub fn add_weight(
+        &mut self,
+        name: impl Into<String>,
+        ty: TensorType,
+        expr: WeightExpr,
+    ) -> ValueId {
+        self.push_value(
+            ty,
+            ValueDef::Weight {
+                name: name.into(),
+                expr,
+            },
+        )
     }
 
     pub fn value(&self, id: ValueId) -> &ValueData {
@@ -173,7 +201,8 @@ impl Graph {
     }
 
     pub fn input(&self, kind: InputKind) -> Option<ValueId> {
-        self.value_ids().find(|&v| self.value(v).def == ValueDef::Input(kind))
+        self.value_ids()
+            .find(|&v| self.value(v).def == ValueDef::Input(kind))
     }
 
     /// Weights that some node still reads, in creation order.
@@ -200,7 +229,10 @@ impl Graph {
     // ---- constants and outputs ------------------------------------------------------------------
 
     pub fn add_constant(&mut self, name: impl Into<String>, values: Vec<f64>) {
-        self.constants.push(Constant { name: name.into(), values });
+        self.constants.push(Constant {
+            name: name.into(),
+            values,
+        });
     }
 
     pub fn constants(&self) -> &[Constant] {
@@ -231,12 +263,18 @@ impl Graph {
             }
         }
         let types: Vec<&TensorType> = inputs.iter().map(|&v| self.ty(v)).collect();
-        let out_types = op.infer(&types).map_err(|ShapeError(message)| GraphError::Shape {
-            op: op.name(),
-            node: format!("node{}", self.nodes.node_bound()),
-            message,
-        })?;
-        let index = self.nodes.add_node(NodeData { op, inputs: inputs.to_vec(), outputs: vec![] });
+        let out_types = op
+            .infer(&types)
+            .map_err(|ShapeError(message)| GraphError::Shape {
+                op: op.name(),
+                node: format!("node{}", self.nodes.node_bound()),
+                message,
+            })?;
+        let index = self.nodes.add_node(NodeData {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: vec![],
+        });
         let node = NodeId(index.index() as u32);
         let outputs: Vec<ValueId> = out_types
             .into_iter()
@@ -265,7 +303,11 @@ impl Graph {
     }
 
     fn relink_inputs(&mut self, index: NodeIndex) {
-        let incoming: Vec<_> = self.nodes.edges_directed(index, Direction::Incoming).map(|e| e.id()).collect();
+        let incoming: Vec<_> = self
+            .nodes
+            .edges_directed(index, Direction::Incoming)
+            .map(|e| e.id())
+            .collect();
         for e in incoming {
             self.nodes.remove_edge(e);
         }
@@ -323,8 +365,11 @@ impl Graph {
 
     /// Makes every reader of `old` (nodes and graph outputs) read `new` instead.
     pub fn replace_all_uses(&mut self, old: ValueId, new: ValueId) {
-        let readers: Vec<NodeIndex> =
-            self.nodes.node_indices().filter(|&i| self.nodes[i].inputs.contains(&old)).collect();
+        let readers: Vec<NodeIndex> = self
+            .nodes
+            .node_indices()
+            .filter(|&i| self.nodes[i].inputs.contains(&old))
+            .collect();
         for index in readers {
             for v in self.nodes[index].inputs.iter_mut() {
                 if *v == old {
@@ -390,7 +435,10 @@ impl Graph {
         let mut order = Vec::with_capacity(self.nodes.node_count());
         while let Some(Reverse(i)) = ready.pop() {
             order.push(NodeId(i as u32));
-            for next in self.nodes.neighbors_directed(NodeIndex::new(i), Direction::Outgoing) {
+            for next in self
+                .nodes
+                .neighbors_directed(NodeIndex::new(i), Direction::Outgoing)
+            {
                 pending[next.index()] -= 1;
                 if pending[next.index()] == 0 {
                     ready.push(Reverse(next.index()));

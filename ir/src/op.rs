@@ -33,7 +33,13 @@ pub enum Op {
     Rope { n_heads: usize, head_dim: usize },
     /// `(q[T, H*D], k[T, KV*D], v[T, KV*D], positions i32[T]) -> [T, H*D]`: appends k, v to
     /// layer `layer` of the KV cache, then causal attention over everything cached.
-    Attention { layer: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize, scale: f32 },
+    Attention {
+        layer: usize,
+        n_heads: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+    },
     /// `(x[T, C], rows i32[R]) -> [R, C]`
     GatherRows,
     /// `(x[T, sum(sizes)]) -> ([T, sizes0], [T, sizes1], ...)`: column views, no copy.
@@ -117,12 +123,23 @@ impl Op {
     /// Attributes as `key=value` pairs, in a fixed order, for the text form.
     pub fn attrs(&self) -> Vec<(&'static str, String)> {
         match self {
-            Op::RmsNorm { eps, group } => vec![("eps", fmt_f32(*eps)), ("group", group.to_string())],
+            Op::RmsNorm { eps, group } => {
+                vec![("eps", fmt_f32(*eps)), ("group", group.to_string())]
+            }
             Op::AddRmsNorm { eps } => vec![("eps", fmt_f32(*eps))],
             Op::Rope { n_heads, head_dim } => {
-                vec![("n_heads", n_heads.to_string()), ("head_dim", head_dim.to_string())]
+                vec![
+                    ("n_heads", n_heads.to_string()),
+                    ("head_dim", head_dim.to_string()),
+                ]
             }
-            Op::Attention { layer, n_heads, n_kv_heads, head_dim, scale } => vec![
+            Op::Attention {
+                layer,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+            } => vec![
                 ("layer", layer.to_string()),
                 ("n_heads", n_heads.to_string()),
                 ("n_kv_heads", n_kv_heads.to_string()),
@@ -140,7 +157,13 @@ impl Op {
                 text.push(']');
                 vec![("sizes", text)]
             }
-            Op::Embedding | Op::MatMul | Op::Add | Op::Mul | Op::Silu | Op::SiluMul | Op::GatherRows => {
+            Op::Embedding
+            | Op::MatMul
+            | Op::Add
+            | Op::Mul
+            | Op::Silu
+            | Op::SiluMul
+            | Op::GatherRows => {
                 vec![]
             }
         }
@@ -156,21 +179,33 @@ impl Op {
                 .ok_or_else(|| format!("op {name} needs attribute {key}"))
         };
         let usize_attr = |key: &str| -> Result<usize, String> {
-            get(key)?.parse().map_err(|_| format!("attribute {key} of {name} must be an integer"))
+            get(key)?
+                .parse()
+                .map_err(|_| format!("attribute {key} of {name} must be an integer"))
         };
         let f32_attr = |key: &str| -> Result<f32, String> {
-            get(key)?.parse().map_err(|_| format!("attribute {key} of {name} must be a number"))
+            get(key)?
+                .parse()
+                .map_err(|_| format!("attribute {key} of {name} must be a number"))
         };
         Ok(match name {
             "embedding" => Op::Embedding,
-            "rms_norm" => Op::RmsNorm { eps: f32_attr("eps")?, group: usize_attr("group")? },
-            "add_rms_norm" => Op::AddRmsNorm { eps: f32_attr("eps")? },
+            "rms_norm" => Op::RmsNorm {
+                eps: f32_attr("eps")?,
+                group: usize_attr("group")?,
+            },
+            "add_rms_norm" => Op::AddRmsNorm {
+                eps: f32_attr("eps")?,
+            },
             "matmul" => Op::MatMul,
             "add" => Op::Add,
             "mul" => Op::Mul,
             "silu" => Op::Silu,
             "silu_mul" => Op::SiluMul,
-            "rope" => Op::Rope { n_heads: usize_attr("n_heads")?, head_dim: usize_attr("head_dim")? },
+            "rope" => Op::Rope {
+                n_heads: usize_attr("n_heads")?,
+                head_dim: usize_attr("head_dim")?,
+            },
             "attention" => Op::Attention {
                 layer: usize_attr("layer")?,
                 n_heads: usize_attr("n_heads")?,
@@ -187,7 +222,11 @@ impl Op {
                     .ok_or_else(|| "split sizes must be a [list]".to_string())?;
                 let sizes = inner
                     .split(',')
-                    .map(|s| s.trim().parse::<usize>().map_err(|_| format!("bad split size {s:?}")))
+                    .map(|s| {
+                        s.trim()
+                            .parse::<usize>()
+                            .map_err(|_| format!("bad split size {s:?}"))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 Op::Split { sizes }
             }
@@ -201,7 +240,11 @@ impl Op {
             if inputs.len() == n {
                 Ok(())
             } else {
-                err(format!("{} takes {n} operands, got {}", self.name(), inputs.len()))
+                err(format!(
+                    "{} takes {n} operands, got {}",
+                    self.name(),
+                    inputs.len()
+                ))
             }
         };
         let act = |i: usize, what: &str| -> Result<(Dim, usize), ShapeError> {
@@ -223,7 +266,9 @@ impl Op {
                 arity(2)?;
                 let (rows, cols) = act(0, "rms_norm input")?;
                 if *group == 0 || cols % group != 0 {
-                    return err(format!("rms_norm group {group} does not divide {cols} columns"));
+                    return err(format!(
+                        "rms_norm group {group} does not divide {cols} columns"
+                    ));
                 }
                 want_vector(inputs[1], *group, "rms_norm weight")?;
                 Ok(vec![TensorType::act(rows, cols)])
@@ -232,14 +277,23 @@ impl Op {
                 arity(3)?;
                 let (rows, cols) = act(0, "add_rms_norm input")?;
                 if act(1, "add_rms_norm addend")? != (rows, cols) {
-                    return err(format!("add_rms_norm operands differ: {} vs {}", inputs[0], inputs[1]));
+                    return err(format!(
+                        "add_rms_norm operands differ: {} vs {}",
+                        inputs[0], inputs[1]
+                    ));
                 }
                 want_vector(inputs[2], cols, "add_rms_norm weight")?;
-                Ok(vec![TensorType::act(rows, cols), TensorType::act(rows, cols)])
+                Ok(vec![
+                    TensorType::act(rows, cols),
+                    TensorType::act(rows, cols),
+                ])
             }
             Op::MatMul => {
                 if inputs.len() != 2 && inputs.len() != 3 {
-                    return err(format!("matmul takes 2 or 3 operands, got {}", inputs.len()));
+                    return err(format!(
+                        "matmul takes 2 or 3 operands, got {}",
+                        inputs.len()
+                    ));
                 }
                 let (rows, k) = act(0, "matmul input")?;
                 want_float_weight(inputs[1], "matmul weight")?;
@@ -248,7 +302,10 @@ impl Op {
                     _ => return err(format!("matmul weight must be [N, K], got {}", inputs[1])),
                 };
                 if wk != k {
-                    return err(format!("matmul: input has {k} features, weight {} expects {wk}", inputs[1]));
+                    return err(format!(
+                        "matmul: input has {k} features, weight {} expects {wk}",
+                        inputs[1]
+                    ));
                 }
                 if let Some(bias) = inputs.get(2) {
                     want_vector(bias, n, "matmul bias")?;
@@ -259,7 +316,12 @@ impl Op {
                 arity(2)?;
                 let a = act(0, "left operand")?;
                 if act(1, "right operand")? != a {
-                    return err(format!("{} operands differ: {} vs {}", self.name(), inputs[0], inputs[1]));
+                    return err(format!(
+                        "{} operands differ: {} vs {}",
+                        self.name(),
+                        inputs[0],
+                        inputs[1]
+                    ));
                 }
                 Ok(vec![TensorType::act(a.0, a.1)])
             }
@@ -272,7 +334,9 @@ impl Op {
                 arity(1)?;
                 let (rows, cols) = act(0, "silu_mul input")?;
                 if cols % 2 != 0 {
-                    return err(format!("silu_mul input must have an even width, got {cols}"));
+                    return err(format!(
+                        "silu_mul input must have an even width, got {cols}"
+                    ));
                 }
                 Ok(vec![TensorType::act(rows, cols / 2)])
             }
@@ -280,12 +344,19 @@ impl Op {
                 arity(2)?;
                 let (rows, cols) = act(0, "rope input")?;
                 if cols != n_heads * head_dim || head_dim % 2 != 0 {
-                    return err(format!("rope over {n_heads} heads of {head_dim} does not fit {cols} columns"));
+                    return err(format!(
+                        "rope over {n_heads} heads of {head_dim} does not fit {cols} columns"
+                    ));
                 }
                 want_ids(inputs[1], rows, "positions")?;
                 Ok(vec![TensorType::act(rows, cols)])
             }
-            Op::Attention { n_heads, n_kv_heads, head_dim, .. } => {
+            Op::Attention {
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                ..
+            } => {
                 arity(4)?;
                 let (rows, qc) = act(0, "attention q")?;
                 let (_, kc) = act(1, "attention k")?;
@@ -296,7 +367,9 @@ impl Op {
                     ));
                 }
                 if *n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
-                    return err(format!("{n_heads} heads are not a multiple of {n_kv_heads} kv heads"));
+                    return err(format!(
+                        "{n_heads} heads are not a multiple of {n_kv_heads} kv heads"
+                    ));
                 }
                 want_ids(inputs[3], rows, "positions")?;
                 Ok(vec![TensorType::act(rows, qc)])

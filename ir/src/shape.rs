@@ -89,12 +89,18 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn new(dtype: DType, dims: &[Dim]) -> TensorType {
-        TensorType { dtype, shape: Shape(dims.to_vec()) }
+        TensorType {
+            dtype,
+            shape: Shape(dims.to_vec()),
+        }
     }
 
     /// An f32 activation `[rows, cols]`.
     pub fn act(rows: Dim, cols: usize) -> TensorType {
-        TensorType { dtype: DType::F32, shape: Shape::rows_cols(rows, cols) }
+        TensorType {
+            dtype: DType::F32,
+            shape: Shape::rows_cols(rows, cols),
+        }
     }
 }
 

@@ -32,7 +32,13 @@ pub fn print(graph: &Graph) -> String {
     let _ = writeln!(out, "graph {} {{", graph.name);
     for v in graph.value_ids() {
         if let ValueDef::Input(kind) = graph.value(v).def {
-            let _ = writeln!(out, "  input {}: {} = {}", name(v, &mut names), graph.ty(v), kind.name());
+            let _ = writeln!(
+                out,
+                "  input {}: {} = {}",
+                name(v, &mut names),
+                graph.ty(v),
+                kind.name()
+            );
         }
     }
     for c in graph.constants() {
@@ -40,20 +46,32 @@ pub fn print(graph: &Graph) -> String {
         let _ = writeln!(out, "  const {} = [{}]", c.name, values.join(", "));
     }
     for v in graph.weights() {
-        if let ValueDef::Weight { name: weight_name, expr } = &graph.value(v).def {
+        if let ValueDef::Weight {
+            name: weight_name,
+            expr,
+        } = &graph.value(v).def
+        {
             let expr_text = print_expr(expr);
             let suffix = match expr {
                 WeightExpr::Tensor(t) if t == weight_name => String::new(),
                 _ => format!(" named @{weight_name}"),
             };
-            let _ = writeln!(out, "  weight {}: {} = {expr_text}{suffix}", name(v, &mut names), graph.ty(v));
+            let _ = writeln!(
+                out,
+                "  weight {}: {} = {expr_text}{suffix}",
+                name(v, &mut names),
+                graph.ty(v)
+            );
         }
     }
     for node_id in graph.topo_order() {
         let node = graph.node(node_id);
         let inputs: Vec<String> = node.inputs.iter().map(|&v| name(v, &mut names)).collect();
-        let outputs: Vec<String> =
-            node.outputs.iter().map(|&v| format!("{}: {}", name(v, &mut names), graph.ty(v))).collect();
+        let outputs: Vec<String> = node
+            .outputs
+            .iter()
+            .map(|&v| format!("{}: {}", name(v, &mut names), graph.ty(v)))
+            .collect();
         let attrs = node.op.attrs();
         let attrs_text = if attrs.is_empty() {
             String::new()
@@ -61,7 +79,13 @@ pub fn print(graph: &Graph) -> String {
             let parts: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
             format!(" {{{}}}", parts.join(", "))
         };
-        let _ = writeln!(out, "  {} = {}({}){attrs_text}", outputs.join(", "), node.op.name(), inputs.join(", "));
+        let _ = writeln!(
+            out,
+            "  {} = {}({}){attrs_text}",
+            outputs.join(", "),
+            node.op.name(),
+            inputs.join(", ")
+        );
     }
     for (output_name, v) in graph.outputs() {
         let _ = writeln!(out, "  output {output_name} = {}", name(*v, &mut names));
@@ -94,7 +118,10 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
     let mut values: HashMap<String, ValueId> = HashMap::new();
     for (index, raw) in text.lines().enumerate() {
         let line_no = index + 1;
-        let fail = |message: String| ParseError { line: line_no, message };
+        let fail = |message: String| ParseError {
+            line: line_no,
+            message,
+        };
         let line = raw.trim();
         if line.is_empty() || line.starts_with("//") || line == "}" {
             continue;
@@ -104,17 +131,26 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
             graph = Some(Graph::new(name));
             continue;
         }
-        let g = graph.as_mut().ok_or_else(|| fail("expected `graph NAME {` first".into()))?;
-        let lookup = |values: &HashMap<String, ValueId>, name: &str| -> Result<ValueId, ParseError> {
-            values.get(name.trim()).copied().ok_or_else(|| fail(format!("unknown value {}", name.trim())))
-        };
+        let g = graph
+            .as_mut()
+            .ok_or_else(|| fail("expected `graph NAME {` first".into()))?;
+        let lookup =
+            |values: &HashMap<String, ValueId>, name: &str| -> Result<ValueId, ParseError> {
+                values
+                    .get(name.trim())
+                    .copied()
+                    .ok_or_else(|| fail(format!("unknown value {}", name.trim())))
+            };
         if let Some(rest) = line.strip_prefix("input ") {
-            let (lhs, kind) = split_once(rest, " = ").ok_or_else(|| fail("input needs `= kind`".into()))?;
+            let (lhs, kind) =
+                split_once(rest, " = ").ok_or_else(|| fail("input needs `= kind`".into()))?;
             let (name, ty) = parse_typed(lhs).map_err(fail)?;
-            let kind = InputKind::parse(kind.trim()).ok_or_else(|| fail(format!("unknown input {kind}")))?;
+            let kind = InputKind::parse(kind.trim())
+                .ok_or_else(|| fail(format!("unknown input {kind}")))?;
             values.insert(name, g.add_input(kind, ty));
         } else if let Some(rest) = line.strip_prefix("const ") {
-            let (name, list) = split_once(rest, " = ").ok_or_else(|| fail("const needs `= [..]`".into()))?;
+            let (name, list) =
+                split_once(rest, " = ").ok_or_else(|| fail("const needs `= [..]`".into()))?;
             let inner = list
                 .trim()
                 .strip_prefix('[')
@@ -125,12 +161,17 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
             } else {
                 inner
                     .split(',')
-                    .map(|s| s.trim().parse::<f64>().map_err(|_| fail(format!("bad number {s:?}"))))
+                    .map(|s| {
+                        s.trim()
+                            .parse::<f64>()
+                            .map_err(|_| fail(format!("bad number {s:?}")))
+                    })
                     .collect::<Result<Vec<_>, _>>()?
             };
             g.add_constant(name.trim(), numbers);
         } else if let Some(rest) = line.strip_prefix("weight ") {
-            let (lhs, rhs) = split_once(rest, " = ").ok_or_else(|| fail("weight needs `= expr`".into()))?;
+            let (lhs, rhs) =
+                split_once(rest, " = ").ok_or_else(|| fail("weight needs `= expr`".into()))?;
             let (name, ty) = parse_typed(lhs).map_err(fail)?;
             let (expr_text, weight_name) = match split_once(rhs, " named @") {
                 Some((e, n)) => (e, Some(n.trim().to_string())),
@@ -147,12 +188,16 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
             };
             values.insert(name, g.add_weight(weight_name, ty, expr));
         } else if let Some(rest) = line.strip_prefix("output ") {
-            let (name, value) = split_once(rest, " = ").ok_or_else(|| fail("output needs `= %v`".into()))?;
+            let (name, value) =
+                split_once(rest, " = ").ok_or_else(|| fail("output needs `= %v`".into()))?;
             let v = lookup(&values, value)?;
             g.set_output(name.trim(), v);
         } else {
-            let (lhs, rhs) = split_once(line, " = ").ok_or_else(|| fail(format!("cannot read {line:?}")))?;
-            let open = rhs.find('(').ok_or_else(|| fail("expected op(operands)".into()))?;
+            let (lhs, rhs) =
+                split_once(line, " = ").ok_or_else(|| fail(format!("cannot read {line:?}")))?;
+            let open = rhs
+                .find('(')
+                .ok_or_else(|| fail("expected op(operands)".into()))?;
             let close = rhs.find(')').ok_or_else(|| fail("missing `)`".into()))?;
             let op_name = rhs[..open].trim();
             let operands: Vec<ValueId> = rhs[open + 1..close]
@@ -169,17 +214,27 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
                 .map_err(fail)?;
             let outputs = g.add_node(op, &operands).map_err(|e| fail(e.to_string()))?;
             if outputs.len() != declared.len() {
-                return Err(fail(format!("{op_name} has {} outputs, {} declared", outputs.len(), declared.len())));
+                return Err(fail(format!(
+                    "{op_name} has {} outputs, {} declared",
+                    outputs.len(),
+                    declared.len()
+                )));
             }
             for ((name, ty), v) in declared.into_iter().zip(outputs) {
                 if *g.ty(v) != ty {
-                    return Err(fail(format!("{name} declared {ty} but {op_name} gives {}", g.ty(v))));
+                    return Err(fail(format!(
+                        "{name} declared {ty} but {op_name} gives {}",
+                        g.ty(v)
+                    )));
                 }
                 values.insert(name, v);
             }
         }
     }
-    graph.ok_or(ParseError { line: 0, message: "empty input: no graph".into() })
+    graph.ok_or(ParseError {
+        line: 0,
+        message: "empty input: no graph".into(),
+    })
 }
 
 fn split_once<'a>(text: &'a str, sep: &str) -> Option<(&'a str, &'a str)> {
@@ -212,20 +267,28 @@ fn split_top_level(text: &str) -> Vec<String> {
 
 /// `%v3: f32[T, 64]` -> ("%v3", type)
 fn parse_typed(text: &str) -> Result<(String, TensorType), String> {
-    let (name, ty) = split_once(text, ":").ok_or_else(|| format!("expected `%v: type` in {text:?}"))?;
+    let (name, ty) =
+        split_once(text, ":").ok_or_else(|| format!("expected `%v: type` in {text:?}"))?;
     Ok((name.trim().to_string(), parse_type(ty.trim())?))
 }
 
 fn parse_type(text: &str) -> Result<TensorType, String> {
-    let open = text.find('[').ok_or_else(|| format!("expected dtype[dims] in {text:?}"))?;
+    let open = text
+        .find('[')
+        .ok_or_else(|| format!("expected dtype[dims] in {text:?}"))?;
     let dtype = DType::parse(&text[..open]).ok_or_else(|| format!("unknown dtype in {text:?}"))?;
-    let inner = text[open + 1..].strip_suffix(']').ok_or_else(|| format!("missing `]` in {text:?}"))?;
+    let inner = text[open + 1..]
+        .strip_suffix(']')
+        .ok_or_else(|| format!("missing `]` in {text:?}"))?;
     let dims = inner
         .split(',')
         .filter(|s| !s.trim().is_empty())
         .map(|s| Dim::parse(s.trim()).ok_or_else(|| format!("bad dimension {s:?}")))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(TensorType { dtype, shape: Shape(dims) })
+    Ok(TensorType {
+        dtype,
+        shape: Shape(dims),
+    })
 }
 
 fn parse_expr(text: &str) -> Result<(WeightExpr, &str), String> {
@@ -245,7 +308,9 @@ fn parse_expr(text: &str) -> Result<(WeightExpr, &str), String> {
             }
         }
     }
-    let rest = text.strip_prefix('@').ok_or_else(|| format!("expected @tensor, found {text:?}"))?;
+    let rest = text
+        .strip_prefix('@')
+        .ok_or_else(|| format!("expected @tensor, found {text:?}"))?;
     let end = rest.find([',', ')', ' ']).unwrap_or(rest.len());
     if end == 0 {
         return Err("empty tensor name".into());
@@ -301,18 +366,33 @@ mod tests {
 
     fn check_error(text: &str, expected: &str) {
         let err = parse(text).expect_err("must not parse");
-        assert!(err.to_string().contains(expected), "error {err} should contain {expected:?}");
+        assert!(
+            err.to_string().contains(expected),
+            "error {err} should contain {expected:?}"
+        );
     }
 
     #[test]
     fn bad_text_is_reported_with_its_line() {
-        check_error("graph g {\n  %v0: f32[T, 4] = silu(%v9)\n}", "line 2: unknown value %v9");
-        check_error("graph g {\n  input %v0: q3[T] = token_ids\n}", "unknown dtype");
+        check_error(
+            "graph g {\n  %v0: f32[T, 4] = silu(%v9)\n}",
+            "line 2: unknown value %v9",
+        );
+        check_error(
+            "graph g {\n  input %v0: q3[T] = token_ids\n}",
+            "unknown dtype",
+        );
         check_error(
             "graph g {\n  input %v0: i32[T] = token_ids\n  %v1: f32[T, 4] = rms_norm(%v0, %v0) {eps=1e-5, group=4}\n}",
             "rms_norm input must be f32",
         );
-        check_error("graph g {\n  input %v0: i32[T] = token_ids\n  %v1: f32[T, 4] = frob(%v0)\n}", "unknown op frob");
-        check_error("  input %v0: i32[T] = token_ids", "expected `graph NAME {` first");
+        check_error(
+            "graph g {\n  input %v0: i32[T] = token_ids\n  %v1: f32[T, 4] = frob(%v0)\n}",
+            "unknown op frob",
+        );
+        check_error(
+            "  input %v0: i32[T] = token_ids",
+            "expected `graph NAME {` first",
+        );
     }
 }

@@ -23,7 +23,11 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
     let fail = |msg: String| Err(VerifyError(msg));
     let order = graph.topo_order();
     if order.len() != graph.node_count() {
-        return fail(format!("graph has a cycle: {} of {} nodes ordered", order.len(), graph.node_count()));
+        return fail(format!(
+            "graph has a cycle: {} of {} nodes ordered",
+            order.len(),
+            graph.node_count()
+        ));
     }
     let mut inputs_seen = HashSet::new();
     for v in graph.value_ids() {
@@ -35,7 +39,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             }
             ValueDef::Weight { name, .. } => {
                 if graph.ty(v).shape.const_elements().is_none() {
-                    return fail(format!("weight {name} has a symbolic shape {}", graph.ty(v)));
+                    return fail(format!(
+                        "weight {name} has a symbolic shape {}",
+                        graph.ty(v)
+                    ));
                 }
             }
             ValueDef::Node { .. } => {}
@@ -50,25 +57,46 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             };
             if let ValueDef::Node { node: producer, .. } = data.def {
                 if !graph.is_live(v) {
-                    return fail(format!("{node_id} reads {v} whose producer {producer} was removed"));
+                    return fail(format!(
+                        "{node_id} reads {v} whose producer {producer} was removed"
+                    ));
                 }
             }
         }
         let types: Vec<_> = node.inputs.iter().map(|&v| graph.ty(v)).collect();
-        let inferred = node.op.infer(&types).map_err(|e| VerifyError(format!("{node_id} {}: {}", node.op.name(), e.0)))?;
+        let inferred = node
+            .op
+            .infer(&types)
+            .map_err(|e| VerifyError(format!("{node_id} {}: {}", node.op.name(), e.0)))?;
         let declared: Vec<_> = node.outputs.iter().map(|&v| graph.ty(v).clone()).collect();
         if inferred != declared {
-            return fail(format!("{node_id} {}: outputs typed {declared:?}, op table says {inferred:?}", node.op.name()));
+            return fail(format!(
+                "{node_id} {}: outputs typed {declared:?}, op table says {inferred:?}",
+                node.op.name()
+            ));
         }
         for (i, &v) in node.outputs.iter().enumerate() {
-            if graph.value(v).def != (ValueDef::Node { node: node_id, index: i }) {
-                return fail(format!("{v} is listed as output {i} of {node_id} but defined elsewhere"));
+            if graph.value(v).def
+                != (ValueDef::Node {
+                    node: node_id,
+                    index: i,
+                })
+            {
+                return fail(format!(
+                    "{v} is listed as output {i} of {node_id} but defined elsewhere"
+                ));
             }
         }
         match &node.op {
             Op::Rope { head_dim, .. } => match graph.constant("rope_inv_freq") {
                 Some(c) if c.values.len() == head_dim / 2 => {}
-                Some(c) => return fail(format!("rope_inv_freq has {} values, rope needs {}", c.values.len(), head_dim / 2)),
+                Some(c) => {
+                    return fail(format!(
+                        "rope_inv_freq has {} values, rope needs {}",
+                        c.values.len(),
+                        head_dim / 2
+                    ))
+                }
                 None => return fail("rope without a rope_inv_freq constant".into()),
             },
             Op::Attention { layer, .. } => {

@@ -1,11 +1,18 @@
 //! Matmul throughput on SmolLM2-135M shapes: decode (T = 1, reported as GB/s of weights streamed)
 //! and prefill (T = 512, reported as GFLOP/s), for f32, bf16 and f16 weights.
 //!
-//! `cargo run --release -p kernels --example matmul_bench [-- --isa avx2|avx512|portable] [--only decode|prefill]`
+//! Decode is timed twice: "hot" repeats one matrix (which then sits in the last-level cache) and
+//! "cold" cycles through copies totalling 256 MB, as a real model's weights (which exceed the
+//! cache) are read in a decode step.
+//!
+//! A third section times both algorithms for T from 1 to 128 on one shape, which is how the
+//! crossover row count of `MatmulPath::Auto` was chosen.
+//!
+//! `cargo run --release -p kernels --example matmul_bench [-- --isa avx2|avx512|portable] [--only decode|prefill|crossover]`
 
 use half::{bf16, f16};
-use ir::CpuIsa;
-use kernels::cpu::{self, Weight, WeightData};
+use ir_types::CpuIsa;
+use kernels::cpu::{self, MatmulPath, Weight, WeightData};
 use std::time::{Duration, Instant};
 
 /// Best time of repeated runs (after one warm-up), stopping after about `budget`.
@@ -25,15 +32,29 @@ fn best_time(budget: Duration, mut f: impl FnMut()) -> Duration {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let isa = flag("--isa").map(|s| CpuIsa::parse(&s).expect("isa: portable, avx2 or avx512")).unwrap_or_else(CpuIsa::detect);
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let isa = flag("--isa")
+        .map(|s| CpuIsa::parse(&s).expect("isa: portable, avx2 or avx512"))
+        .unwrap_or_else(CpuIsa::detect);
     let only = flag("--only");
     let ran = cpu::runnable_isa(isa);
-    println!("isa asked {} ran {}, {} threads", isa.name(), ran.name(), rayon::current_num_threads());
+    println!(
+        "isa asked {} ran {}, {} threads",
+        isa.name(),
+        ran.name(),
+        rayon::current_num_threads()
+    );
 
     let mut seed = 1u64;
     let mut rand = move || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
     };
     let largest = 1536 * 49152;
@@ -44,13 +65,30 @@ fn main() {
     let mut out = vec![0f32; 512 * 49152];
 
     // (K, N) of the model's projections: q/o, k/v, gate/up (fused), down, lm_head.
-    let shapes = [(576, 576), (576, 192), (576, 1536), (576, 3072), (1536, 576), (576, 49152)];
+    let shapes = [
+        (576, 576),
+        (576, 192),
+        (576, 1536),
+        (576, 3072),
+        (1536, 576),
+        (576, 49152),
+    ];
     for (name, t) in [("decode", 1usize), ("prefill", 512)] {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
         println!("\n{name} T={t}");
-        println!("{:>6} {:>6} {:>5} {:>10} {:>9} {:>9}", "K", "N", "dtype", "time", "GFLOP/s", "GB/s");
+        if t == 1 {
+            println!(
+                "{:>6} {:>6} {:>5} {:>10} {:>9} {:>9} {:>10} {:>9}",
+                "K", "N", "dtype", "hot", "GFLOP/s", "GB/s", "cold", "GB/s"
+            );
+        } else {
+            println!(
+                "{:>6} {:>6} {:>5} {:>10} {:>9} {:>9}",
+                "K", "N", "dtype", "time", "GFLOP/s", "GB/s"
+            );
+        }
         for &(k, n) in &shapes {
             for dtype in ["f32", "bf16", "f16"] {
                 let data = match dtype {
@@ -58,17 +96,106 @@ fn main() {
                     "bf16" => WeightData::BF16(&wb[..n * k]),
                     _ => WeightData::F16(&wh[..n * k]),
                 };
-                let w = Weight { data, rows: n, cols: k };
+                let w = Weight {
+                    data,
+                    rows: n,
+                    cols: k,
+                };
                 let budget = Duration::from_millis(if t == 1 { 300 } else { 1500 });
-                let time = best_time(budget, || cpu::matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap());
+                let time = best_time(budget, || {
+                    cpu::matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
+                });
                 let secs = time.as_secs_f64();
                 let flops = 2.0 * (t * n * k) as f64;
                 let bytes = (n * k * data.dtype().size_bytes()) as f64;
-                println!(
+                let line = format!(
                     "{k:>6} {n:>6} {dtype:>5} {:>8.3}ms {:>9.1} {:>9.2}",
                     secs * 1e3,
                     flops / secs / 1e9,
                     bytes / secs / 1e9
+                );
+                if t > 1 {
+                    println!("{line}");
+                    continue;
+                }
+                // Cold: copies of the matrix filling 256 MB, visited in turn.
+                let copies = ((256usize << 20) / bytes as usize).max(1);
+                let mut next = 0;
+                let cold = match dtype {
+                    "f32" => {
+                        let pool: Vec<f32> = wf[..n * k].repeat(copies);
+                        best_time(budget, || {
+                            let w = Weight {
+                                data: WeightData::F32(&pool[next * n * k..][..n * k]),
+                                rows: n,
+                                cols: k,
+                            };
+                            next = (next + 1) % copies;
+                            cpu::matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
+                        })
+                    }
+                    "bf16" => {
+                        let pool: Vec<bf16> = wb[..n * k].repeat(copies);
+                        best_time(budget, || {
+                            let w = Weight {
+                                data: WeightData::BF16(&pool[next * n * k..][..n * k]),
+                                rows: n,
+                                cols: k,
+                            };
+                            next = (next + 1) % copies;
+                            cpu::matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
+                        })
+                    }
+                    _ => {
+                        let pool: Vec<f16> = wh[..n * k].repeat(copies);
+                        best_time(budget, || {
+                            let w = Weight {
+                                data: WeightData::F16(&pool[next * n * k..][..n * k]),
+                                rows: n,
+                                cols: k,
+                            };
+                            next = (next + 1) % copies;
+                            cpu::matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
+                        })
+                    }
+                };
+                let cold = cold.as_secs_f64();
+                println!("{line} {:>8.3}ms {:>9.2}", cold * 1e3, bytes / cold / 1e9);
+            }
+        }
+    }
+
+    if only.as_deref().is_none_or(|o| o == "crossover") {
+        let (k, n) = (576, 1536);
+        println!("\ncrossover K={k} N={n}: time per call, streamed vs packed");
+        println!(
+            "{:>5} {:>5} {:>10} {:>10}",
+            "T", "dtype", "streamed", "packed"
+        );
+        for t in [1, 2, 4, 6, 8, 12, 16, 24, 32, 64, 128] {
+            for dtype in ["f32", "bf16"] {
+                let data = if dtype == "f32" {
+                    WeightData::F32(&wf[..n * k])
+                } else {
+                    WeightData::BF16(&wb[..n * k])
+                };
+                let w = Weight {
+                    data,
+                    rows: n,
+                    cols: k,
+                };
+                let budget = Duration::from_millis(300);
+                let mut time = |path| {
+                    best_time(budget, || {
+                        cpu::matmul_with_path(isa, path, &x, k, t, &w, None, &mut out, n).unwrap()
+                    })
+                };
+                let streamed = time(MatmulPath::Streamed).as_secs_f64();
+                let packed = time(MatmulPath::Packed).as_secs_f64();
+                println!(
+                    "{t:>5} {dtype:>5} {:>8.3}ms {:>8.3}ms",
+                    streamed * 1e3,
+                    packed * 1e3
                 );
             }
         }

@@ -9,7 +9,11 @@ pub enum KernelError {
     Shape { kernel: &'static str, what: String },
     /// A row index (token id, gathered row) is past the end of its table.
     #[error("{kernel}: index {index} is out of range for {rows} rows")]
-    IndexOutOfRange { kernel: &'static str, index: u32, rows: usize },
+    IndexOutOfRange {
+        kernel: &'static str,
+        index: u32,
+        rows: usize,
+    },
     /// Attention was asked to write a position the KV cache has no room for, or positions that
     /// are not consecutive.
     #[error("attention: {what}")]
@@ -18,6 +22,9 @@ pub enum KernelError {
 
 impl KernelError {
     pub(crate) fn shape(kernel: &'static str, what: impl Into<String>) -> KernelError {
-        KernelError::Shape { kernel, what: what.into() }
+        KernelError::Shape {
+            kernel,
+            what: what.into(),
+        }
     }
 }

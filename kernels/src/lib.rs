@@ -2,8 +2,8 @@
 //! kernels with a plain scalar reference beside each fast one.
 //!
 //! It is shared by compile time (selection) and run time (execution), so it never learns about
-//! graphs or plans: it names only `ir::types`. Tests sit beside each kernel and compare it to its
-//! reference.
+//! graphs or plans: it names only the shared vocabulary of `ir-types`. Tests sit beside each kernel
+//! and compare it to its reference.
 //!
 //! [`registry`] is the one explicit table of kernels (`fdc kernels --list` prints it); [`cpu`]
 //! holds the library kernels, one generic source per kernel compiled for each ISA level

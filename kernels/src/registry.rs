@@ -7,7 +7,7 @@
 //! Library kernels of an ISA use only that ISA's instructions; generated kernels are machine code
 //! that fdc emits into the plan, so only targets that fdc generates for (AVX2, AVX-512) have them.
 
-use ir::{CpuIsa, DType, OpKind, QuantScheme, Target};
+use ir_types::{CpuIsa, DType, OpKind, QuantScheme, Target};
 use std::fmt;
 
 /// What a kernel is selected by.
@@ -99,7 +99,10 @@ pub fn by_name(name: &str) -> Option<&'static KernelEntry> {
 
 /// The registry as an aligned text table with a header line, one kernel per line.
 pub fn table() -> String {
-    let mut text = format!("{:<28} {:<12} {:<5} {:<5} {:<13} {:<9} {}\n", "id", "op", "dtype", "quant", "target", "source", "doc");
+    let mut text = format!(
+        "{:<28} {:<12} {:<5} {:<5} {:<13} {:<9} {}\n",
+        "id", "op", "dtype", "quant", "target", "source", "doc"
+    );
     for entry in ENTRIES {
         text.push_str(&entry.to_string());
         text.push('\n');
@@ -123,7 +126,12 @@ macro_rules! entry {
     ($id:expr, $op:ident, $dtype:ident, $isa:ident, $source:ident, $doc:expr) => {
         KernelEntry {
             id: KernelId($id),
-            key: KernelKey { op: OpKind::$op, dtype: DType::$dtype, quant: QuantScheme::None, target: Target::Cpu(CpuIsa::$isa) },
+            key: KernelKey {
+                op: OpKind::$op,
+                dtype: DType::$dtype,
+                quant: QuantScheme::None,
+                target: Target::Cpu(CpuIsa::$isa),
+            },
             source: KernelSource::$source,
             doc: $doc,
         }
@@ -134,21 +142,126 @@ macro_rules! entry {
 macro_rules! library_kernels {
     ($isa:ident, $isa_name:literal) => {
         [
-            entry!(concat!("embedding_f32_", $isa_name), Embedding, F32, $isa, Library, EMBEDDING_DOC),
-            entry!(concat!("embedding_bf16_", $isa_name), Embedding, BF16, $isa, Library, EMBEDDING_DOC),
-            entry!(concat!("embedding_f16_", $isa_name), Embedding, F16, $isa, Library, EMBEDDING_DOC),
-            entry!(concat!("rms_norm_f32_", $isa_name), RmsNorm, F32, $isa, Library, RMS_NORM_DOC),
-            entry!(concat!("add_rms_norm_f32_", $isa_name), AddRmsNorm, F32, $isa, Library, ADD_RMS_NORM_DOC),
-            entry!(concat!("matmul_f32_", $isa_name), MatMul, F32, $isa, Library, MATMUL_DOC),
-            entry!(concat!("matmul_bf16_", $isa_name), MatMul, BF16, $isa, Library, MATMUL_DOC),
-            entry!(concat!("matmul_f16_", $isa_name), MatMul, F16, $isa, Library, MATMUL_DOC),
-            entry!(concat!("add_f32_", $isa_name), Add, F32, $isa, Library, ADD_DOC),
-            entry!(concat!("mul_f32_", $isa_name), Mul, F32, $isa, Library, MUL_DOC),
-            entry!(concat!("silu_f32_", $isa_name), Silu, F32, $isa, Library, SILU_DOC),
-            entry!(concat!("silu_mul_f32_", $isa_name), SiluMul, F32, $isa, Library, SILU_MUL_DOC),
-            entry!(concat!("rope_f32_", $isa_name), Rope, F32, $isa, Library, ROPE_DOC),
-            entry!(concat!("attention_f32_", $isa_name), Attention, F32, $isa, Library, ATTENTION_DOC),
-            entry!(concat!("gather_rows_f32_", $isa_name), GatherRows, F32, $isa, Library, GATHER_ROWS_DOC),
+            entry!(
+                concat!("embedding_f32_", $isa_name),
+                Embedding,
+                F32,
+                $isa,
+                Library,
+                EMBEDDING_DOC
+            ),
+            entry!(
+                concat!("embedding_bf16_", $isa_name),
+                Embedding,
+                BF16,
+                $isa,
+                Library,
+                EMBEDDING_DOC
+            ),
+            entry!(
+                concat!("embedding_f16_", $isa_name),
+                Embedding,
+                F16,
+                $isa,
+                Library,
+                EMBEDDING_DOC
+            ),
+            entry!(
+                concat!("rms_norm_f32_", $isa_name),
+                RmsNorm,
+                F32,
+                $isa,
+                Library,
+                RMS_NORM_DOC
+            ),
+            entry!(
+                concat!("add_rms_norm_f32_", $isa_name),
+                AddRmsNorm,
+                F32,
+                $isa,
+                Library,
+                ADD_RMS_NORM_DOC
+            ),
+            entry!(
+                concat!("matmul_f32_", $isa_name),
+                MatMul,
+                F32,
+                $isa,
+                Library,
+                MATMUL_DOC
+            ),
+            entry!(
+                concat!("matmul_bf16_", $isa_name),
+                MatMul,
+                BF16,
+                $isa,
+                Library,
+                MATMUL_DOC
+            ),
+            entry!(
+                concat!("matmul_f16_", $isa_name),
+                MatMul,
+                F16,
+                $isa,
+                Library,
+                MATMUL_DOC
+            ),
+            entry!(
+                concat!("add_f32_", $isa_name),
+                Add,
+                F32,
+                $isa,
+                Library,
+                ADD_DOC
+            ),
+            entry!(
+                concat!("mul_f32_", $isa_name),
+                Mul,
+                F32,
+                $isa,
+                Library,
+                MUL_DOC
+            ),
+            entry!(
+                concat!("silu_f32_", $isa_name),
+                Silu,
+                F32,
+                $isa,
+                Library,
+                SILU_DOC
+            ),
+            entry!(
+                concat!("silu_mul_f32_", $isa_name),
+                SiluMul,
+                F32,
+                $isa,
+                Library,
+                SILU_MUL_DOC
+            ),
+            entry!(
+                concat!("rope_f32_", $isa_name),
+                Rope,
+                F32,
+                $isa,
+                Library,
+                ROPE_DOC
+            ),
+            entry!(
+                concat!("attention_f32_", $isa_name),
+                Attention,
+                F32,
+                $isa,
+                Library,
+                ATTENTION_DOC
+            ),
+            entry!(
+                concat!("gather_rows_f32_", $isa_name),
+                GatherRows,
+                F32,
+                $isa,
+                Library,
+                GATHER_ROWS_DOC
+            ),
         ]
     };
 }
@@ -157,10 +270,38 @@ macro_rules! library_kernels {
 macro_rules! generated_kernels {
     ($isa:ident, $isa_name:literal) => {
         [
-            entry!(concat!("rms_norm_f32_gen_", $isa_name), RmsNorm, F32, $isa, Generated, RMS_NORM_DOC),
-            entry!(concat!("add_rms_norm_f32_gen_", $isa_name), AddRmsNorm, F32, $isa, Generated, ADD_RMS_NORM_DOC),
-            entry!(concat!("silu_mul_f32_gen_", $isa_name), SiluMul, F32, $isa, Generated, SILU_MUL_DOC),
-            entry!(concat!("rope_f32_gen_", $isa_name), Rope, F32, $isa, Generated, ROPE_DOC),
+            entry!(
+                concat!("rms_norm_f32_gen_", $isa_name),
+                RmsNorm,
+                F32,
+                $isa,
+                Generated,
+                RMS_NORM_DOC
+            ),
+            entry!(
+                concat!("add_rms_norm_f32_gen_", $isa_name),
+                AddRmsNorm,
+                F32,
+                $isa,
+                Generated,
+                ADD_RMS_NORM_DOC
+            ),
+            entry!(
+                concat!("silu_mul_f32_gen_", $isa_name),
+                SiluMul,
+                F32,
+                $isa,
+                Generated,
+                SILU_MUL_DOC
+            ),
+            entry!(
+                concat!("rope_f32_gen_", $isa_name),
+                Rope,
+                F32,
+                $isa,
+                Generated,
+                ROPE_DOC
+            ),
         ]
     };
 }
@@ -200,7 +341,12 @@ mod tests {
     const ISAS: [CpuIsa; 3] = [CpuIsa::Portable, CpuIsa::Avx2, CpuIsa::Avx512];
 
     fn key(op: OpKind, dtype: DType, isa: CpuIsa) -> KernelKey {
-        KernelKey { op, dtype, quant: QuantScheme::None, target: Target::Cpu(isa) }
+        KernelKey {
+            op,
+            dtype,
+            quant: QuantScheme::None,
+            target: Target::Cpu(isa),
+        }
     }
 
     #[test]
@@ -208,8 +354,18 @@ mod tests {
         let mut seen = HashSet::new();
         for e in entries() {
             assert!(seen.insert(e.id), "duplicate {}", e.id);
-            let gen = if e.source == KernelSource::Generated { "gen_" } else { "" };
-            let want = format!("{}_{}_{}{}", e.key.op.name(), e.key.dtype.name(), gen, e.isa().name());
+            let gen = if e.source == KernelSource::Generated {
+                "gen_"
+            } else {
+                ""
+            };
+            let want = format!(
+                "{}_{}_{}{}",
+                e.key.op.name(),
+                e.key.dtype.name(),
+                gen,
+                e.isa().name()
+            );
             assert_eq!(e.id.0, want);
             assert_eq!(by_name(e.id.0), Some(e));
         }
@@ -226,7 +382,10 @@ mod tests {
                 };
                 for &dtype in dtypes {
                     let found = lookup(&key(op, dtype, isa));
-                    let library: Vec<_> = found.iter().filter(|e| e.source == KernelSource::Library).collect();
+                    let library: Vec<_> = found
+                        .iter()
+                        .filter(|e| e.source == KernelSource::Library)
+                        .collect();
                     assert_eq!(library.len(), 1, "{op} {dtype} {isa:?}");
                 }
             }
@@ -236,18 +395,29 @@ mod tests {
 
     #[test]
     fn generated_kernels_exist_only_where_fdc_emits_them() {
-        let generated_ops = [OpKind::RmsNorm, OpKind::AddRmsNorm, OpKind::SiluMul, OpKind::Rope];
+        let generated_ops = [
+            OpKind::RmsNorm,
+            OpKind::AddRmsNorm,
+            OpKind::SiluMul,
+            OpKind::Rope,
+        ];
         for isa in ISAS {
             for &op in OpKind::ALL {
                 let found = lookup(&key(op, DType::F32, isa));
-                let gen: Vec<_> = found.iter().filter(|e| e.source == KernelSource::Generated).collect();
+                let gen: Vec<_> = found
+                    .iter()
+                    .filter(|e| e.source == KernelSource::Generated)
+                    .collect();
                 let expected = usize::from(isa != CpuIsa::Portable && generated_ops.contains(&op));
                 assert_eq!(gen.len(), expected, "{op} {isa:?}");
                 // Library first, so a caller that takes the first candidate gets compiled code.
                 assert_eq!(found[0].source, KernelSource::Library);
             }
         }
-        assert_eq!(by_name("add_rms_norm_f32_gen_avx512").unwrap().source, KernelSource::Generated);
+        assert_eq!(
+            by_name("add_rms_norm_f32_gen_avx512").unwrap().source,
+            KernelSource::Generated
+        );
         assert_eq!(entries().len(), 3 * 15 + 2 * 4);
     }
 
@@ -255,6 +425,8 @@ mod tests {
     fn table_lists_every_kernel_once() {
         let text = table();
         assert_eq!(text.lines().count(), entries().len() + 1);
-        assert!(text.lines().any(|l| l.starts_with("matmul_bf16_avx512 ") && l.contains("cpu-avx512") && l.contains("library")));
+        assert!(text.lines().any(|l| l.starts_with("matmul_bf16_avx512 ")
+            && l.contains("cpu-avx512")
+            && l.contains("library")));
     }
 }

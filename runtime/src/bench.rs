@@ -16,9 +16,16 @@ pub struct BenchResult {
 
 /// Prefill of `prefill_tokens` tokens and `decode_tokens` greedy single-token steps after a
 /// short prompt, each the best of `repeats` runs. Token ids are a fixed pseudo-random sequence.
-pub fn run(engine: &mut Engine, prefill_tokens: usize, decode_tokens: usize, repeats: usize) -> Result<BenchResult, RuntimeError> {
+pub fn run(
+    engine: &mut Engine,
+    prefill_tokens: usize,
+    decode_tokens: usize,
+    repeats: usize,
+) -> Result<BenchResult, RuntimeError> {
     let vocab = engine.plan().manifest.model.vocab_size as u32;
-    let prompt: Vec<u32> = (0..prefill_tokens as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+    let prompt: Vec<u32> = (0..prefill_tokens as u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab)
+        .collect();
     let mut best_prefill = f64::MAX;
     for _ in 0..repeats.max(1) {
         engine.reset();

@@ -83,7 +83,7 @@ impl CodeImage {
             Some(mapping) if offset < len => mapping.as_ptr(),
             _ => return Err(CodeError::OutOfBounds { offset, len }),
         };
-        if offset % ENTRY_ALIGN != 0 {
+        if !offset.is_multiple_of(ENTRY_ALIGN) {
             return Err(CodeError::Misaligned { offset });
         }
         // SAFETY: `offset < len`, so the address is inside the mapping.
@@ -144,23 +144,28 @@ mod tests {
         let image = CodeImage::load(&section(&[1, 2])).expect("load");
         let len = 2 * ENTRY_ALIGN;
         type Entry = extern "C" fn() -> u32;
-        let cases: [(usize, &str); 4] = [
-            (len, "out of bounds"),
-            (len + ENTRY_ALIGN, "out of bounds"),
-            (usize::MAX, "out of bounds"),
-            (1, "misaligned"),
+        #[derive(Debug)]
+        enum Refusal {
+            OutOfBounds,
+            Misaligned,
+        }
+        let cases = [
+            (len, Refusal::OutOfBounds),
+            (len + ENTRY_ALIGN, Refusal::OutOfBounds),
+            (usize::MAX, Refusal::OutOfBounds),
+            (1, Refusal::Misaligned),
+            (ENTRY_ALIGN + 16, Refusal::Misaligned),
         ];
         for (offset, expected) in cases {
             // SAFETY: every case is refused before any pointer is formed.
             let result = unsafe { image.entry::<Entry>(offset) };
-            let matched = match (&result, expected) {
-                (Err(CodeError::OutOfBounds { .. }), "out of bounds") => true,
-                (Err(CodeError::Misaligned { .. }), "misaligned") => true,
-                _ => false,
+            let refused_as_expected = match expected {
+                Refusal::OutOfBounds => matches!(result, Err(CodeError::OutOfBounds { .. })),
+                Refusal::Misaligned => matches!(result, Err(CodeError::Misaligned { .. })),
             };
             assert!(
-                matched,
-                "offset {offset}: expected {expected}, got {result:?}"
+                refused_as_expected,
+                "offset {offset}: expected {expected:?}, got {result:?}"
             );
         }
         // SAFETY: refused for its size before any pointer is formed.

@@ -10,7 +10,7 @@ use crate::kv_cache::KvCache;
 use crate::plan::{launch_operands, LoadedPlan};
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
 use artifacts::schema::{Act, Buffer, Launch, Rows};
-use ir::types::{CpuIsa, Target};
+use ir_types::{CpuIsa, Target};
 use kernels::cpu;
 use rayon::prelude::*;
 
@@ -24,7 +24,10 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { max_context: 4096, max_batch_tokens: 512 }
+        EngineOptions {
+            max_context: 4096,
+            max_batch_tokens: 512,
+        }
     }
 }
 
@@ -76,7 +79,10 @@ impl Drop for Profile {
         self.totals.sort_by(|a, b| b.1.cmp(&a.1));
         eprintln!("kernel profile (FDRT_PROFILE):");
         for (kernel, total, calls) in &self.totals {
-            eprintln!("  {kernel:<36} {:>10.2} ms {calls:>8} calls", total.as_secs_f64() * 1e3);
+            eprintln!(
+                "  {kernel:<36} {:>10.2} ms {calls:>8} calls",
+                total.as_secs_f64() * 1e3
+            );
         }
     }
 }
@@ -105,7 +111,12 @@ impl Engine {
                     Launch::AddRmsNorm { .. } => Generated::AddRmsNorm(plan.code.entry(offset)?),
                     Launch::SiluMul { .. } => Generated::SiluMul(plan.code.entry(offset)?),
                     Launch::Rope { .. } => Generated::Rope(plan.code.entry(offset)?),
-                    _ => return Err(RuntimeError::InvalidPlan(format!("no generated form for {}", step.kernel))),
+                    _ => {
+                        return Err(RuntimeError::InvalidPlan(format!(
+                            "no generated form for {}",
+                            step.kernel
+                        )))
+                    }
                 }
             };
             generated.push(Some(f));
@@ -120,7 +131,12 @@ impl Engine {
                 sin[p * half + i] = angle.sin() as f32;
             }
         }
-        let kv = KvCache::new(m.num_layers as usize, max_context, m.num_kv_heads as usize, m.head_dim as usize);
+        let kv = KvCache::new(
+            m.num_layers as usize,
+            max_context,
+            m.num_kv_heads as usize,
+            m.head_dim as usize,
+        );
         let arena = vec![0.0; plan.manifest.memory.arena_cols as usize * max_batch_tokens];
         Ok(Engine {
             isa,
@@ -130,7 +146,10 @@ impl Engine {
             kv,
             cos,
             sin,
-            options: EngineOptions { max_context, max_batch_tokens },
+            options: EngineOptions {
+                max_context,
+                max_batch_tokens,
+            },
             seq_len: 0,
             profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
             plan,
@@ -210,7 +229,9 @@ impl Engine {
             }
         }
         if let Some(&bad) = logit_rows.iter().find(|&&r| r as usize >= t) {
-            return Err(RuntimeError::InvalidPlan(format!("logit row {bad} is past the {t} tokens of this pass")));
+            return Err(RuntimeError::InvalidPlan(format!(
+                "logit row {bad} is past the {t} tokens of this pass"
+            )));
         }
         let positions: Vec<u32> = (self.seq_len as u32..needed as u32).collect();
         let r = logit_rows.len();
@@ -231,12 +252,29 @@ impl Engine {
         Ok(&self.logits[..r * vocab])
     }
 
-    fn run_step(&mut self, index: usize, tokens: &[u32], positions: &[u32], logit_rows: &[u32]) -> Result<(), RuntimeError> {
+    fn run_step(
+        &mut self,
+        index: usize,
+        tokens: &[u32],
+        positions: &[u32],
+        logit_rows: &[u32],
+    ) -> Result<(), RuntimeError> {
         let (t, r) = (tokens.len(), logit_rows.len());
         let isa = self.isa;
         let step = &self.plan.program.steps[index];
-        let kernel_error = |source| RuntimeError::Kernel { step: index, kernel: step.kernel.clone(), source };
-        let mem = Memory { arena: self.arena.as_mut_ptr(), arena_len: self.arena.len(), logits: self.logits.as_mut_ptr(), logits_len: self.logits.len(), t, r };
+        let kernel_error = |source| RuntimeError::Kernel {
+            step: index,
+            kernel: step.kernel.clone(),
+            source,
+        };
+        let mem = Memory {
+            arena: self.arena.as_mut_ptr(),
+            arena_len: self.arena.len(),
+            logits: self.logits.as_mut_ptr(),
+            logits_len: self.logits.len(),
+            t,
+            r,
+        };
         let plan = &self.plan;
         // SAFETY (every `mem.read`/`mem.write` below): the load-time check proved that a step's
         // outputs overlap neither each other nor its inputs, for every T; `Memory` checks bounds.
@@ -244,27 +282,86 @@ impl Engine {
             match (&step.launch, self.generated[index]) {
                 (Launch::Embedding { table, out }, _) => {
                     let (o, os) = mem.write(out)?;
-                    cpu::embedding(isa, &plan.weight(*table), tokens, o, os).map_err(kernel_error)?;
+                    cpu::embedding(isa, &plan.weight(*table), tokens, o, os)
+                        .map_err(kernel_error)?;
                 }
-                (Launch::RmsNorm { x, w, eps, group, out }, None) => {
+                (
+                    Launch::RmsNorm {
+                        x,
+                        w,
+                        eps,
+                        group,
+                        out,
+                    },
+                    None,
+                ) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
                     let rows = mem.rows(x);
-                    cpu::rms_norm(isa, xs, xst, rows, x.cols as usize, *group as usize, plan.vector(*w), *eps, o, os).map_err(kernel_error)?;
+                    cpu::rms_norm(
+                        isa,
+                        xs,
+                        xst,
+                        rows,
+                        x.cols as usize,
+                        *group as usize,
+                        plan.vector(*w),
+                        *eps,
+                        o,
+                        os,
+                    )
+                    .map_err(kernel_error)?;
                 }
-                (Launch::RmsNorm { x, w, eps, group, out }, Some(Generated::RmsNorm(f))) => {
+                (
+                    Launch::RmsNorm {
+                        x,
+                        w,
+                        eps,
+                        group,
+                        out,
+                    },
+                    Some(Generated::RmsNorm(f)),
+                ) => {
                     let (xs, xst) = mem.read(x)?;
                     let (o, os) = mem.write(out)?;
                     let wv = plan.vector(*w);
                     if wv.len() != *group as usize {
-                        return Err(RuntimeError::InvalidPlan(format!("step {index}: norm weight has {} values, group {group}", wv.len())));
+                        return Err(RuntimeError::InvalidPlan(format!(
+                            "step {index}: norm weight has {} values, group {group}",
+                            wv.len()
+                        )));
                     }
-                    let (xp, op, wp, cols) = (xs.as_ptr() as usize, o.as_mut_ptr() as usize, wv.as_ptr() as usize, x.cols);
+                    let (xp, op, wp, cols) = (
+                        xs.as_ptr() as usize,
+                        o.as_mut_ptr() as usize,
+                        wv.as_ptr() as usize,
+                        x.cols,
+                    );
                     let (group, eps) = (*group, *eps);
                     row_chunks(mem.rows(x), |r0, n| {
-                        f((xp as *const f32).add(r0 * xst), xst as u64, wp as *const f32, (op as *mut f32).add(r0 * os), os as u64, n as u64, cols, group, eps)
+                        f(
+                            (xp as *const f32).add(r0 * xst),
+                            xst as u64,
+                            wp as *const f32,
+                            (op as *mut f32).add(r0 * os),
+                            os as u64,
+                            n as u64,
+                            cols,
+                            group,
+                            eps,
+                        )
                     });
                 }
-                (Launch::AddRmsNorm { x, d, w, eps, sum_out, normed_out }, gen) => {
+                (
+                    Launch::AddRmsNorm {
+                        x,
+                        d,
+                        w,
+                        eps,
+                        sum_out,
+                        normed_out,
+                    },
+                    gen,
+                ) => {
                     let ((xs, xst), (ds, dst)) = (mem.read(x)?, mem.read(d)?);
                     let ((so, sst), (no, nst)) = (mem.write(sum_out)?, mem.write(normed_out)?);
                     let wv = plan.vector(*w);
@@ -272,33 +369,64 @@ impl Engine {
                     match gen {
                         Some(Generated::AddRmsNorm(f)) => {
                             if wv.len() != cols {
-                                return Err(RuntimeError::InvalidPlan(format!("step {index}: norm weight has {} values for {cols} columns", wv.len())));
+                                return Err(RuntimeError::InvalidPlan(format!(
+                                    "step {index}: norm weight has {} values for {cols} columns",
+                                    wv.len()
+                                )));
                             }
-                            let p = [xs.as_ptr() as usize, ds.as_ptr() as usize, wv.as_ptr() as usize, so.as_mut_ptr() as usize, no.as_mut_ptr() as usize];
+                            let p = [
+                                xs.as_ptr() as usize,
+                                ds.as_ptr() as usize,
+                                wv.as_ptr() as usize,
+                                so.as_mut_ptr() as usize,
+                                no.as_mut_ptr() as usize,
+                            ];
                             let eps = *eps;
                             row_chunks(rows, |r0, n| {
-                                f((p[0] as *const f32).add(r0 * xst), xst as u64, (p[1] as *const f32).add(r0 * dst), dst as u64, p[2] as *const f32, (p[3] as *mut f32).add(r0 * sst), sst as u64, (p[4] as *mut f32).add(r0 * nst), nst as u64, n as u64, cols as u64, eps)
+                                f(
+                                    (p[0] as *const f32).add(r0 * xst),
+                                    xst as u64,
+                                    (p[1] as *const f32).add(r0 * dst),
+                                    dst as u64,
+                                    p[2] as *const f32,
+                                    (p[3] as *mut f32).add(r0 * sst),
+                                    sst as u64,
+                                    (p[4] as *mut f32).add(r0 * nst),
+                                    nst as u64,
+                                    n as u64,
+                                    cols as u64,
+                                    eps,
+                                )
                             });
                         }
-                        _ => cpu::add_rms_norm(isa, xs, xst, ds, dst, rows, cols, wv, *eps, so, sst, no, nst).map_err(kernel_error)?,
+                        _ => cpu::add_rms_norm(
+                            isa, xs, xst, ds, dst, rows, cols, wv, *eps, so, sst, no, nst,
+                        )
+                        .map_err(kernel_error)?,
                     }
                 }
                 (Launch::MatMul { x, w, bias, out }, _) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
                     let b = bias.map(|b| plan.vector(b));
-                    cpu::matmul(isa, xs, xst, mem.rows(x), &plan.weight(*w), b, o, os).map_err(kernel_error)?;
+                    cpu::matmul(isa, xs, xst, mem.rows(x), &plan.weight(*w), b, o, os)
+                        .map_err(kernel_error)?;
                 }
                 (Launch::Add { a, b, out }, _) => {
-                    let ((as_, ast), (bs, bst), (o, os)) = (mem.read(a)?, mem.read(b)?, mem.write(out)?);
-                    cpu::add(isa, as_, ast, bs, bst, mem.rows(a), a.cols as usize, o, os).map_err(kernel_error)?;
+                    let ((as_, ast), (bs, bst), (o, os)) =
+                        (mem.read(a)?, mem.read(b)?, mem.write(out)?);
+                    cpu::add(isa, as_, ast, bs, bst, mem.rows(a), a.cols as usize, o, os)
+                        .map_err(kernel_error)?;
                 }
                 (Launch::Mul { a, b, out }, _) => {
-                    let ((as_, ast), (bs, bst), (o, os)) = (mem.read(a)?, mem.read(b)?, mem.write(out)?);
-                    cpu::mul(isa, as_, ast, bs, bst, mem.rows(a), a.cols as usize, o, os).map_err(kernel_error)?;
+                    let ((as_, ast), (bs, bst), (o, os)) =
+                        (mem.read(a)?, mem.read(b)?, mem.write(out)?);
+                    cpu::mul(isa, as_, ast, bs, bst, mem.rows(a), a.cols as usize, o, os)
+                        .map_err(kernel_error)?;
                 }
                 (Launch::Silu { x, out }, _) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
-                    cpu::silu(isa, xs, xst, mem.rows(x), x.cols as usize, o, os).map_err(kernel_error)?;
+                    cpu::silu(isa, xs, xst, mem.rows(x), x.cols as usize, o, os)
+                        .map_err(kernel_error)?;
                 }
                 (Launch::SiluMul { gu, out }, gen) => {
                     let ((gs, gst), (o, os)) = (mem.read(gu)?, mem.write(out)?);
@@ -306,39 +434,124 @@ impl Engine {
                     match gen {
                         Some(Generated::SiluMul(f)) => {
                             let (gp, op) = (gs.as_ptr() as usize, o.as_mut_ptr() as usize);
-                            row_chunks(rows, |r0, n| f((gp as *const f32).add(r0 * gst), gst as u64, (op as *mut f32).add(r0 * os), os as u64, n as u64, cols as u64));
+                            row_chunks(rows, |r0, n| {
+                                f(
+                                    (gp as *const f32).add(r0 * gst),
+                                    gst as u64,
+                                    (op as *mut f32).add(r0 * os),
+                                    os as u64,
+                                    n as u64,
+                                    cols as u64,
+                                )
+                            });
                         }
-                        _ => cpu::silu_mul(isa, gs, gst, rows, cols, o, os).map_err(kernel_error)?,
+                        _ => {
+                            cpu::silu_mul(isa, gs, gst, rows, cols, o, os).map_err(kernel_error)?
+                        }
                     }
                 }
-                (Launch::Rope { x, n_heads, head_dim, out }, gen) => {
+                (
+                    Launch::Rope {
+                        x,
+                        n_heads,
+                        head_dim,
+                        out,
+                    },
+                    gen,
+                ) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
                     let (h, d) = (*n_heads as usize, *head_dim as usize);
                     match gen {
                         Some(Generated::Rope(f)) => {
                             // Generated rope reads the tables at each row's position: in range,
                             // since positions < seq_len + t <= capacity = table rows.
-                            let (xp, op, pp) = (xs.as_ptr() as usize, o.as_mut_ptr() as usize, positions.as_ptr() as usize);
+                            let (xp, op, pp) = (
+                                xs.as_ptr() as usize,
+                                o.as_mut_ptr() as usize,
+                                positions.as_ptr() as usize,
+                            );
                             let (cp, sp) = (self.cos.as_ptr() as usize, self.sin.as_ptr() as usize);
                             row_chunks(mem.rows(x), |r0, n| {
-                                f((xp as *const f32).add(r0 * xst), xst as u64, (op as *mut f32).add(r0 * os), os as u64, n as u64, h as u64, d as u64, (pp as *const u32).add(r0), cp as *const f32, sp as *const f32)
+                                f(
+                                    (xp as *const f32).add(r0 * xst),
+                                    xst as u64,
+                                    (op as *mut f32).add(r0 * os),
+                                    os as u64,
+                                    n as u64,
+                                    h as u64,
+                                    d as u64,
+                                    (pp as *const u32).add(r0),
+                                    cp as *const f32,
+                                    sp as *const f32,
+                                )
                             });
                         }
-                        _ => cpu::rope(isa, xs, xst, mem.rows(x), h, d, positions, &self.cos, &self.sin, d / 2, o, os).map_err(kernel_error)?,
+                        _ => cpu::rope(
+                            isa,
+                            xs,
+                            xst,
+                            mem.rows(x),
+                            h,
+                            d,
+                            positions,
+                            &self.cos,
+                            &self.sin,
+                            d / 2,
+                            o,
+                            os,
+                        )
+                        .map_err(kernel_error)?,
                     }
                 }
-                (Launch::Attention { q, k, v, layer, n_heads, n_kv_heads, head_dim, scale, out }, _) => {
-                    let ((qs, qst), (ks, kst), (vs, vst)) = (mem.read(q)?, mem.read(k)?, mem.read(v)?);
+                (
+                    Launch::Attention {
+                        q,
+                        k,
+                        v,
+                        layer,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                        scale,
+                        out,
+                    },
+                    _,
+                ) => {
+                    let ((qs, qst), (ks, kst), (vs, vst)) =
+                        (mem.read(q)?, mem.read(k)?, mem.read(v)?);
                     let (o, os) = mem.write(out)?;
-                    let mut cache = self.kv.layer(*layer as usize).ok_or_else(|| RuntimeError::InvalidPlan(format!("step {index}: no KV layer {layer}")))?;
-                    cpu::attention(isa, qs, qst, ks, kst, vs, vst, t, positions, *n_heads as usize, *n_kv_heads as usize, *head_dim as usize, *scale, &mut cache, o, os).map_err(kernel_error)?;
+                    let mut cache = self.kv.layer(*layer as usize).ok_or_else(|| {
+                        RuntimeError::InvalidPlan(format!("step {index}: no KV layer {layer}"))
+                    })?;
+                    cpu::attention(
+                        isa,
+                        qs,
+                        qst,
+                        ks,
+                        kst,
+                        vs,
+                        vst,
+                        t,
+                        positions,
+                        *n_heads as usize,
+                        *n_kv_heads as usize,
+                        *head_dim as usize,
+                        *scale,
+                        &mut cache,
+                        o,
+                        os,
+                    )
+                    .map_err(kernel_error)?;
                 }
                 (Launch::GatherRows { x, out }, _) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
-                    cpu::gather_rows(xs, xst, logit_rows, x.cols as usize, o, os).map_err(kernel_error)?;
+                    cpu::gather_rows(xs, xst, logit_rows, x.cols as usize, o, os)
+                        .map_err(kernel_error)?;
                 }
                 (launch, Some(_)) => {
-                    return Err(RuntimeError::InvalidPlan(format!("step {index}: generated code attached to {launch:?}")));
+                    return Err(RuntimeError::InvalidPlan(format!(
+                        "step {index}: generated code attached to {launch:?}"
+                    )));
                 }
             }
         }
@@ -347,7 +560,10 @@ impl Engine {
 }
 
 fn writes_logit_rows(launch: &Launch) -> bool {
-    launch_operands(launch).1.iter().any(|a| a.rows == Rows::LogitRows)
+    launch_operands(launch)
+        .1
+        .iter()
+        .any(|a| a.rows == Rows::LogitRows)
 }
 
 /// Calls `f(first_row, rows)` over `rows` split into parallel chunks.
@@ -385,13 +601,21 @@ impl Memory {
     fn span(&self, a: &Act) -> Result<(*mut f32, usize, usize), RuntimeError> {
         let rows = self.rows(a);
         let (base, start, len) = match a.buffer {
-            Buffer::Arena { offset_cols } => (self.arena, offset_cols as usize * self.t, self.arena_len),
+            Buffer::Arena { offset_cols } => {
+                (self.arena, offset_cols as usize * self.t, self.arena_len)
+            }
             Buffer::Logits => (self.logits, 0, self.logits_len),
         };
         let start = start + a.col as usize;
-        let span = if rows == 0 { 0 } else { (rows - 1) * a.stride as usize + a.cols as usize };
+        let span = if rows == 0 {
+            0
+        } else {
+            (rows - 1) * a.stride as usize + a.cols as usize
+        };
         if start + span > len {
-            return Err(RuntimeError::InvalidPlan(format!("activation view {a:?} runs past its buffer")));
+            return Err(RuntimeError::InvalidPlan(format!(
+                "activation view {a:?} runs past its buffer"
+            )));
         }
         // SAFETY: start + span <= len, inside the allocation.
         Ok((unsafe { base.add(start) }, span, a.stride as usize))

@@ -13,7 +13,10 @@ pub enum RuntimeError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     #[error("plan is for {plan_target} but this CPU supports only up to cpu-{machine}: recompile with `fdc compile --target cpu` on this machine (or --target cpu-{machine})")]
-    UnsupportedTarget { plan_target: String, machine: String },
+    UnsupportedTarget {
+        plan_target: String,
+        machine: String,
+    },
     #[error("invalid plan: {0}")]
     InvalidPlan(String),
     #[error("generated code: {0}")]
@@ -21,9 +24,17 @@ pub enum RuntimeError {
 
     // ---- a run ----
     #[error("step {step} ({kernel}): {source}")]
-    Kernel { step: usize, kernel: String, source: KernelError },
+    Kernel {
+        step: usize,
+        kernel: String,
+        source: KernelError,
+    },
     #[error("the sequence needs {needed} positions but the KV cache holds {capacity}; raise --max-context (the model allows {model_max})")]
-    ContextFull { needed: usize, capacity: usize, model_max: usize },
+    ContextFull {
+        needed: usize,
+        capacity: usize,
+        model_max: usize,
+    },
     #[error("token id {id} is out of range: the vocabulary has {vocab} tokens")]
     BadTokenId { id: u32, vocab: usize },
     #[error("empty input: at least one token id is needed")]
@@ -32,7 +43,9 @@ pub enum RuntimeError {
     // ---- text ----
     #[error("this plan has no tokenizer (compiled from a checkpoint without one): pass token ids instead")]
     NoTokenizer,
-    #[error("this plan has no chat template: drop --chat or compile from a checkpoint that has one")]
+    #[error(
+        "this plan has no chat template: drop --chat or compile from a checkpoint that has one"
+    )]
     NoChatTemplate,
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),

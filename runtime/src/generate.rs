@@ -64,16 +64,25 @@ pub fn generate(
     let mut tokens = vec![];
     loop {
         if tokens.len() >= options.max_new_tokens {
-            return Ok(Generation { tokens, finish_reason: FinishReason::Length });
+            return Ok(Generation {
+                tokens,
+                finish_reason: FinishReason::Length,
+            });
         }
         let next = sampler.sample(&logits);
         tokens.push(next);
         on_token(next);
         if stops.contains(&next) {
-            return Ok(Generation { tokens, finish_reason: FinishReason::Stop });
+            return Ok(Generation {
+                tokens,
+                finish_reason: FinishReason::Stop,
+            });
         }
         if tokens.len() >= options.max_new_tokens || engine.seq_len() + 1 > capacity {
-            return Ok(Generation { tokens, finish_reason: FinishReason::Length });
+            return Ok(Generation {
+                tokens,
+                finish_reason: FinishReason::Length,
+            });
         }
         logits = engine.forward(&[next], &[0])?.to_vec();
     }

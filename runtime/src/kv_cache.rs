@@ -14,7 +14,9 @@ impl KvCache {
     pub fn new(num_layers: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> KvCache {
         let per_layer = capacity * kv_heads * head_dim;
         KvCache {
-            layers: (0..num_layers).map(|_| (vec![0.0; per_layer], vec![0.0; per_layer])).collect(),
+            layers: (0..num_layers)
+                .map(|_| (vec![0.0; per_layer], vec![0.0; per_layer]))
+                .collect(),
             capacity,
             kv_heads,
             head_dim,
@@ -28,7 +30,13 @@ impl KvCache {
 
     pub fn layer(&mut self, layer: usize) -> Option<KvLayerMut<'_>> {
         let (capacity, kv_heads, head_dim) = (self.capacity, self.kv_heads, self.head_dim);
-        self.layers.get_mut(layer).map(|(k, v)| KvLayerMut { k, v, capacity, kv_heads, head_dim })
+        self.layers.get_mut(layer).map(|(k, v)| KvLayerMut {
+            k,
+            v,
+            capacity,
+            kv_heads,
+            head_dim,
+        })
     }
 
     pub fn bytes(&self) -> usize {

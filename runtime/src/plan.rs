@@ -8,7 +8,7 @@ use artifacts::schema::{section, Act, Buffer, Launch, Manifest, Program, WeightR
 use artifacts::{codec, PlanFile};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
-use ir::types::{DType, OpKind, Target};
+use ir_types::{DType, OpKind, Target};
 use kernels::cpu::{Weight, WeightData};
 use kernels::registry::{self, KernelSource};
 use std::path::Path;
@@ -26,8 +26,10 @@ pub struct LoadedPlan {
 impl LoadedPlan {
     pub fn load(path: &Path) -> Result<LoadedPlan, RuntimeError> {
         let file = PlanFile::open(path)?;
-        let manifest: Manifest = codec::decode(section::MANIFEST, file.require_section(section::MANIFEST)?)?;
-        let program: Program = codec::decode(section::PROGRAM, file.require_section(section::PROGRAM)?)?;
+        let manifest: Manifest =
+            codec::decode(section::MANIFEST, file.require_section(section::MANIFEST)?)?;
+        let program: Program =
+            codec::decode(section::PROGRAM, file.require_section(section::PROGRAM)?)?;
         let Target::Cpu(isa) = manifest.target;
         let machine = kernels::cpu::detected_isa();
         if isa > machine {
@@ -37,19 +39,33 @@ impl LoadedPlan {
             });
         }
         let code = CodeImage::load(file.section(section::CODE).unwrap_or(&[]))?;
-        let weight_sections = manifest.weights.iter().map(|w| section::weight(&w.name)).collect();
-        let plan = LoadedPlan { file, manifest, program, code, weight_sections };
+        let weight_sections = manifest
+            .weights
+            .iter()
+            .map(|w| section::weight(&w.name))
+            .collect();
+        let plan = LoadedPlan {
+            file,
+            manifest,
+            program,
+            code,
+            weight_sections,
+        };
         plan.check()?;
         Ok(plan)
     }
 
     pub fn tokenizer_json(&self) -> Option<&str> {
-        self.file.section(section::TOKENIZER).and_then(|b| std::str::from_utf8(b).ok())
+        self.file
+            .section(section::TOKENIZER)
+            .and_then(|b| std::str::from_utf8(b).ok())
     }
 
     fn weight_bytes(&self, w: WeightRef) -> &[u8] {
         // Present and sized: checked at load.
-        self.file.section(&self.weight_sections[w.0 as usize]).unwrap_or(&[])
+        self.file
+            .section(&self.weight_sections[w.0 as usize])
+            .unwrap_or(&[])
     }
 
     /// A matrix weight `[N, K]` (or a vector `[N]` as `[N, 1]`), in its storage type.
@@ -60,8 +76,16 @@ impl LoadedPlan {
         let bytes = self.weight_bytes(w);
         // Alignment and length were checked at load; an empty slice here cannot happen.
         let data = match info.dtype {
-            DType::BF16 => WeightData::BF16(artifacts::cast_u16(bytes).unwrap_or(&[]).reinterpret_cast::<bf16>()),
-            DType::F16 => WeightData::F16(artifacts::cast_u16(bytes).unwrap_or(&[]).reinterpret_cast::<f16>()),
+            DType::BF16 => WeightData::BF16(
+                artifacts::cast_u16(bytes)
+                    .unwrap_or(&[])
+                    .reinterpret_cast::<bf16>(),
+            ),
+            DType::F16 => WeightData::F16(
+                artifacts::cast_u16(bytes)
+                    .unwrap_or(&[])
+                    .reinterpret_cast::<f16>(),
+            ),
             _ => WeightData::F32(artifacts::cast_f32(bytes).unwrap_or(&[])),
         };
         Weight { data, rows, cols }
@@ -81,12 +105,24 @@ impl LoadedPlan {
             };
             let elements: u64 = w.shape.iter().product();
             if bytes.len() as u64 != elements * w.dtype.size_bytes() as u64 {
-                return bad(format!("weight {} has {} bytes, {:?} {} needs {}", w.name, bytes.len(), w.shape, w.dtype, elements * w.dtype.size_bytes() as u64));
+                return bad(format!(
+                    "weight {} has {} bytes, {:?} {} needs {}",
+                    w.name,
+                    bytes.len(),
+                    w.shape,
+                    w.dtype,
+                    elements * w.dtype.size_bytes() as u64
+                ));
             }
             let aligned = match w.dtype {
                 DType::F32 => artifacts::cast_f32(bytes).is_ok(),
                 DType::BF16 | DType::F16 => artifacts::cast_u16(bytes).is_ok(),
-                other => return bad(format!("weight {} has unsupported storage type {other}", w.name)),
+                other => {
+                    return bad(format!(
+                        "weight {} has unsupported storage type {other}",
+                        w.name
+                    ))
+                }
             };
             if !aligned {
                 return bad(format!("weight {} is misaligned", w.name));
@@ -94,23 +130,39 @@ impl LoadedPlan {
         }
         for sym in &m.code {
             if sym.offset + sym.len > self.code.len() as u64 {
-                return bad(format!("code symbol {} lies outside the code section", sym.name));
+                return bad(format!(
+                    "code symbol {} lies outside the code section",
+                    sym.name
+                ));
             }
         }
         let head = m.model.head_dim as usize;
         if m.rope_inv_freq.len() * 2 != head {
-            return bad(format!("rope table has {} frequencies for head_dim {head}", m.rope_inv_freq.len()));
+            return bad(format!(
+                "rope table has {} frequencies for head_dim {head}",
+                m.rope_inv_freq.len()
+            ));
         }
         for (i, step) in self.program.steps.iter().enumerate() {
-            self.check_step(i, &step.kernel, step.code, &step.launch).or_else(|msg| bad(format!("step {i} ({}): {msg}", step.kernel)))?;
+            self.check_step(i, &step.kernel, step.code, &step.launch)
+                .or_else(|msg| bad(format!("step {i} ({}): {msg}", step.kernel)))?;
         }
         Ok(())
     }
 
-    fn check_step(&self, _index: usize, kernel: &str, code: Option<u32>, launch: &Launch) -> Result<(), String> {
+    fn check_step(
+        &self,
+        _index: usize,
+        kernel: &str,
+        code: Option<u32>,
+        launch: &Launch,
+    ) -> Result<(), String> {
         let entry = registry::by_name(kernel).ok_or_else(|| format!("unknown kernel {kernel}"))?;
         if entry.key.op != launch_kind(launch) {
-            return Err(format!("kernel {kernel} does not implement {}", launch_kind(launch)));
+            return Err(format!(
+                "kernel {kernel} does not implement {}",
+                launch_kind(launch)
+            ));
         }
         match (entry.source, code) {
             (KernelSource::Generated, Some(c)) if (c as usize) < self.manifest.code.len() => {}
@@ -120,18 +172,28 @@ impl LoadedPlan {
         }
         let weights = self.manifest.weights.len();
         let weight_ok = |w: &WeightRef| -> Result<(), String> {
-            if (w.0 as usize) < weights { Ok(()) } else { Err(format!("weight index {} out of range", w.0)) }
+            if (w.0 as usize) < weights {
+                Ok(())
+            } else {
+                Err(format!("weight index {} out of range", w.0))
+            }
         };
         let arena = self.manifest.memory.arena_cols;
         let logits = self.program.logits_cols;
         let act_ok = |a: &Act| -> Result<(), String> {
             if a.col + a.cols > a.stride {
-                return Err(format!("view of {} columns at {} exceeds its {}-wide buffer", a.cols, a.col, a.stride));
+                return Err(format!(
+                    "view of {} columns at {} exceeds its {}-wide buffer",
+                    a.cols, a.col, a.stride
+                ));
             }
             match a.buffer {
                 Buffer::Arena { offset_cols } if offset_cols + a.stride <= arena => Ok(()),
                 Buffer::Logits if a.stride == logits => Ok(()),
-                _ => Err(format!("buffer {:?} of width {} is outside the arena ({arena}) or logits ({logits})", a.buffer, a.stride)),
+                _ => Err(format!(
+                    "buffer {:?} of width {} is outside the arena ({arena}) or logits ({logits})",
+                    a.buffer, a.stride
+                )),
             }
         };
         let (reads, writes, used) = launch_operands(launch);
@@ -159,7 +221,9 @@ impl LoadedPlan {
 
 fn overlaps(a: &Act, b: &Act) -> bool {
     match (a.buffer, b.buffer) {
-        (Buffer::Arena { offset_cols: x }, Buffer::Arena { offset_cols: y }) => x < y + b.stride && y < x + a.stride,
+        (Buffer::Arena { offset_cols: x }, Buffer::Arena { offset_cols: y }) => {
+            x < y + b.stride && y < x + a.stride
+        }
         (Buffer::Logits, Buffer::Logits) => true,
         _ => false,
     }
@@ -186,10 +250,23 @@ pub(crate) fn launch_operands(launch: &Launch) -> (Vec<Act>, Vec<Act>, Vec<Weigh
     match *launch {
         Launch::Embedding { table, out } => (vec![], vec![out], vec![table]),
         Launch::RmsNorm { x, w, out, .. } => (vec![x], vec![out], vec![w]),
-        Launch::AddRmsNorm { x, d, w, sum_out, normed_out, .. } => (vec![x, d], vec![sum_out, normed_out], vec![w]),
-        Launch::MatMul { x, w, bias, out } => (vec![x], vec![out], [Some(w), bias].into_iter().flatten().collect()),
+        Launch::AddRmsNorm {
+            x,
+            d,
+            w,
+            sum_out,
+            normed_out,
+            ..
+        } => (vec![x, d], vec![sum_out, normed_out], vec![w]),
+        Launch::MatMul { x, w, bias, out } => (
+            vec![x],
+            vec![out],
+            [Some(w), bias].into_iter().flatten().collect(),
+        ),
         Launch::Add { a, b, out } | Launch::Mul { a, b, out } => (vec![a, b], vec![out], vec![]),
-        Launch::Silu { x, out } | Launch::Rope { x, out, .. } | Launch::GatherRows { x, out } => (vec![x], vec![out], vec![]),
+        Launch::Silu { x, out } | Launch::Rope { x, out, .. } | Launch::GatherRows { x, out } => {
+            (vec![x], vec![out], vec![])
+        }
         Launch::SiluMul { gu, out } => (vec![gu], vec![out], vec![]),
         Launch::Attention { q, k, v, out, .. } => (vec![q, k, v], vec![out], vec![]),
     }

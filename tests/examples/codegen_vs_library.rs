@@ -15,6 +15,9 @@ use compiler::codegen::{generate, symbol_name, KernelSpec};
 use ir::CpuIsa;
 use runtime::code::CodeImage;
 
+/// Errors cross from the rayon worker back to `main`.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 const HIDDEN: usize = 576;
 const INTERMEDIATE: usize = 1536;
 const HEAD_DIM: usize = 64;
@@ -29,7 +32,7 @@ const BATCHES: usize = 15;
 /// Each batch runs at least this long, so short calls are not lost in timer resolution.
 const BATCH_NANOS: u128 = 2_000_000;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> Result<(), BoxError> {
     let isa = CpuIsa::detect();
     if isa == CpuIsa::Portable {
         println!("skipped: CPU lacks AVX2, there is no generated code to time");
@@ -44,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     pool.install(|| run_all(isa))
 }
 
-fn run_all(isa: CpuIsa) -> Result<(), Box<dyn std::error::Error>> {
+fn run_all(isa: CpuIsa) -> Result<(), BoxError> {
     let specs = [
         KernelSpec::RmsNorm {
             cols: HIDDEN,
@@ -127,7 +130,7 @@ fn time_pair(
     spec: KernelSpec,
     isa: CpuIsa,
     rows: usize,
-) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+) -> Result<(f64, f64), BoxError> {
     let result = match spec {
         KernelSpec::RmsNorm { cols, group, eps } => {
             // SAFETY: the image holds one function, generated for `RmsNormFn`.

@@ -226,8 +226,8 @@ fn reference_rope(
     let half = head_dim / 2;
     let cols = n_heads * head_dim;
     let mut want = Expected::new(rows * cols);
-    for row in 0..rows {
-        let table = positions[row] as usize * half;
+    for (row, &position) in positions.iter().enumerate().take(rows) {
+        let table = position as usize * half;
         for head in 0..n_heads {
             let base = row * stride + head * head_dim;
             for i in 0..half {

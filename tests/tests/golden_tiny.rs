@@ -29,7 +29,11 @@ fn check_arch(arch: &str) {
         ignore_eos: true,
     };
     let out = generate(&mut engine, &prompt, &options, |_| {}).expect("generate");
-    assert_eq!(out.tokens, greedy[prompt.len()..], "{arch}: greedy continuation differs from HF");
+    assert_eq!(
+        out.tokens,
+        greedy[prompt.len()..],
+        "{arch}: greedy continuation differs from HF"
+    );
 }
 
 #[test]

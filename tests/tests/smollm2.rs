@@ -27,7 +27,12 @@ fn cases() -> Vec<Case> {
             text: c["text"].as_str().expect("text").to_string(),
             prompt: ids(&c["prompt_ids"]),
             greedy: ids(&c["greedy_ids"]),
-            margins: c["top1_margin"].as_array().expect("margins").iter().map(|m| m.as_f64().unwrap_or(0.0)).collect(),
+            margins: c["top1_margin"]
+                .as_array()
+                .expect("margins")
+                .iter()
+                .map(|m| m.as_f64().unwrap_or(0.0))
+                .collect(),
         })
         .collect()
 }
@@ -46,7 +51,13 @@ fn check_plan(dtype: DType, tolerance: f32, min_margin: f64) {
         engine.reset();
         let logits = engine.prefill(&sequence, true).expect("forward");
         let want = read_tensor(&golden_file, &format!("{}.prompt_logits", case.name));
-        check_logits(&label, &logits[..case.prompt.len() * vocab], &want.data, vocab, tolerance);
+        check_logits(
+            &label,
+            &logits[..case.prompt.len() * vocab],
+            &want.data,
+            vocab,
+            tolerance,
+        );
         let mut checked = 0;
         for (i, &next) in case.greedy.iter().enumerate() {
             if case.margins[i] <= min_margin {
@@ -54,10 +65,17 @@ fn check_plan(dtype: DType, tolerance: f32, min_margin: f64) {
             }
             let row = case.prompt.len() - 1 + i;
             let got = argmax(&logits[row * vocab..][..vocab]);
-            assert_eq!(got, next, "{label}: greedy token {i} (margin {:.3})", case.margins[i]);
+            assert_eq!(
+                got, next,
+                "{label}: greedy token {i} (margin {:.3})",
+                case.margins[i]
+            );
             checked += 1;
         }
-        println!("{label}: {checked} of {} greedy tokens checked, all equal", case.greedy.len());
+        println!(
+            "{label}: {checked} of {} greedy tokens checked, all equal",
+            case.greedy.len()
+        );
     }
 }
 
@@ -74,9 +92,15 @@ fn bf16_weights_match_within_bf16_noise() {
 #[test]
 fn tokenizer_from_the_plan_matches_the_reference_ids() {
     let plan = runtime::LoadedPlan::load(&compiled(&smollm2_gguf(), DType::F32)).expect("plan");
-    let tokenizer = TextTokenizer::from_json(plan.tokenizer_json().expect("a tokenizer")).expect("tokenizer");
+    let tokenizer =
+        TextTokenizer::from_json(plan.tokenizer_json().expect("a tokenizer")).expect("tokenizer");
     for case in cases() {
-        assert_eq!(tokenizer.encode(&case.text).expect("encode"), case.prompt, "{}", case.name);
+        assert_eq!(
+            tokenizer.encode(&case.text).expect("encode"),
+            case.prompt,
+            "{}",
+            case.name
+        );
     }
 }
 
@@ -91,8 +115,17 @@ fn chat_template_from_the_plan_renders_the_reference_prompt() {
     )
     .expect("template");
     let text = template
-        .render(&[runtime::chat::ChatMessage::new("user", "What is the capital of France?")], true)
+        .render(
+            &[runtime::chat::ChatMessage::new(
+                "user",
+                "What is the capital of France?",
+            )],
+            true,
+        )
         .expect("render");
-    let case = cases().into_iter().find(|c| c.name == "chat_capital").expect("chat case");
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == "chat_capital")
+        .expect("chat case");
     assert_eq!(text, case.text);
 }

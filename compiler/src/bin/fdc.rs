@@ -8,7 +8,11 @@ use ir::{DType, Target};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "fdc", version, about = "Compile a language model ahead of time into a .fdp plan")]
+#[command(
+    name = "fdc",
+    version,
+    about = "Compile a language model ahead of time into a .fdp plan"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -59,7 +63,10 @@ enum Command {
 fn parse_target(text: &str) -> Result<Target> {
     match Target::parse(text) {
         Some(t) => Ok(t),
-        None => bail!("unknown target {text:?}; supported: {}", Target::SUPPORTED.join(", ")),
+        None => bail!(
+            "unknown target {text:?}; supported: {}",
+            Target::SUPPORTED.join(", ")
+        ),
     }
 }
 
@@ -79,11 +86,24 @@ fn main() {
 
 fn run() -> Result<()> {
     match Cli::parse().command {
-        Command::Compile { model, output, target, dtype, timings, quiet } => {
-            let options =
-                CompileOptions { target: parse_target(&target)?, weight_dtype: parse_dtype(&dtype)?, progress: !quiet };
+        Command::Compile {
+            model,
+            output,
+            target,
+            dtype,
+            timings,
+            quiet,
+        } => {
+            let options = CompileOptions {
+                target: parse_target(&target)?,
+                weight_dtype: parse_dtype(&dtype)?,
+                progress: !quiet,
+            };
             let output = output.unwrap_or_else(|| {
-                let stem = model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or("model".into());
+                let stem = model
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or("model".into());
                 PathBuf::from(format!("{stem}.fdp"))
             });
             let report = compiler::compile(&model, &output, &options)
@@ -105,16 +125,31 @@ fn run() -> Result<()> {
             }
         }
         Command::Inspect { plan } => {
-            print!("{}", compiler::inspect::inspect(&plan).with_context(|| format!("reading {}", plan.display()))?);
+            print!(
+                "{}",
+                compiler::inspect::inspect(&plan)
+                    .with_context(|| format!("reading {}", plan.display()))?
+            );
         }
-        Command::Ir { model, before, target, dtype } => {
+        Command::Ir {
+            model,
+            before,
+            target,
+            dtype,
+        } => {
             if before {
                 let ckpt = models::open(&model)?;
-                let name = model.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                let name = model
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
                 let graph = models::arch::build_graph(&name, &ckpt.config, &*ckpt.tensors)?;
                 print!("{}", ir::text::print(&graph));
             } else {
-                let ctx = PassCtx { target: parse_target(&target)?, weight_dtype: parse_dtype(&dtype)? };
+                let ctx = PassCtx {
+                    target: parse_target(&target)?,
+                    weight_dtype: parse_dtype(&dtype)?,
+                };
                 let lowered = compiler::compile::lower(&model, &ctx)?;
                 print!("{}", ir::text::print(&lowered.graph));
             }

@@ -36,15 +36,15 @@ const STRAIGHT_LINE_MAX_VECTORS: usize = 16;
 /// Lane order for bitcasts between vector types (only the lane type changes, never the bytes).
 const LANE_ORDER: MemFlagsData = MemFlagsData::new().with_endianness(Endianness::Little);
 
-/// `exp` clamps its argument here: `e^88` is still finite in f32, and at `-88` the result is
-/// below the smallest normal f32, where flushing to (almost) zero is harmless.
+/// `e^x` is computed for `x` clamped here: `e^88` is still finite in f32, and at `-88` the
+/// result is below the smallest normal f32, where flushing to (almost) zero is harmless.
 const EXP_MIN_ARG: f32 = -88.0;
 const EXP_MAX_ARG: f32 = 88.0;
 /// Adding `1.5 * 2^23` rounds an f32 of magnitude below `2^22` to an integer held in the low
 /// mantissa bits (round to nearest even, one instruction).
 const ROUNDING_MAGIC: f32 = 12_582_912.0;
 /// `ln 2` split so that `n * LN2_HI` is exact for the `|n| <= 127` that occur (Cody and Waite).
-const LN2_HI: f32 = 0.693_359_4;
+const LN2_HI: f32 = 355.0 / 512.0;
 const LN2_LO: f32 = -2.121_944_4e-4;
 /// `e^r = sum r^k / k!` for `|r| <= ln(2)/2`; degree 7 leaves a truncation error below `1e-8`.
 const EXP_TAYLOR_DEGREE: u32 = 7;
@@ -107,7 +107,7 @@ struct Piece {
 }
 
 impl Piece {
-    /// Bytes from this piece to the same element `elements` further along the row.
+    /// The same kind of piece, `elements` further along the row.
     fn shifted(self, elements: usize) -> Piece {
         Piece {
             imm: self.imm + byte_offset(elements),
@@ -122,6 +122,7 @@ struct Sums {
     scalar: Variable,
 }
 
+/// The function being built and the memory flags every load and store carries.
 struct Emitter<'a> {
     b: FunctionBuilder<'a>,
     flags: MemFlagsData,
@@ -275,35 +276,40 @@ impl Emitter<'_> {
     /// `g * u * sigmoid(g)`, written as `g * u / (1 + e^-g)` so that it stays accurate where
     /// `sigmoid(g)` itself would be subnormal.
     fn silu_times(&mut self, g: Value, u: Value, ty: Type) -> Value {
-        let minus_g = self.b.ins().fneg(g);
-        let e = self.exp(minus_g, ty);
+        let e = self.exp_of_negated(g, ty);
         let one = self.float_constant(ty, 1.0);
         let denominator = self.b.ins().fadd(one, e);
         let product = self.b.ins().fmul(g, u);
         self.b.ins().fdiv(product, denominator)
     }
 
-    /// `e^x` for f32 or f32x4 `x`, relative error a few f32 ulps on `[-87, 88]`.
+    /// `e^-x` for f32 or f32x4 `x`, relative error a few f32 ulps for `-x` in `[-87, 88]`.
     ///
-    /// `x = n ln2 + r` with integer `n` and `|r| <= ln(2)/2`; `e^r` by its Taylor polynomial in
-    /// Horner form; `2^n` applied by adding `n` to the exponent field of `e^r`. The clamp keeps
-    /// `n` in `[-127, 127]` and, at `n = -127`, `r >= 0`, so the exponent field never wraps.
-    fn exp(&mut self, x: Value, ty: Type) -> Value {
+    /// `-x = n ln2 + r` with integer `n` and `|r| <= ln(2)/2`; `e^r` by its Taylor polynomial;
+    /// `2^n` applied by adding `n` to the exponent field of `e^r`. The clamp keeps `n` in
+    /// `[-127, 127]` and, at `n = -127`, `r >= 0`, so the exponent field never wraps. Working on
+    /// `x` rather than `-x` (the reduction yields `-r`, the polynomial takes alternating signs)
+    /// saves a negation per vector.
+    fn exp_of_negated(&mut self, x: Value, ty: Type) -> Value {
         let int_ty = if ty == F32X4 { I32X4 } else { I32 };
-        let x = self.clamp(x, EXP_MIN_ARG, EXP_MAX_ARG, ty);
+        let x = self.clamp(x, -EXP_MAX_ARG, -EXP_MIN_ARG, ty);
         let magic = self.float_constant(ty, ROUNDING_MAGIC);
-        let log2_e = self.float_constant(ty, std::f32::consts::LOG2_E);
-        let shifted = self.b.ins().fma(x, log2_e, magic);
+        let minus_log2_e = self.float_constant(ty, -std::f32::consts::LOG2_E);
+        let shifted = self.b.ins().fma(x, minus_log2_e, magic);
         let n = self.b.ins().fsub(shifted, magic);
-        let minus_ln2_hi = self.float_constant(ty, -LN2_HI);
-        let minus_ln2_lo = self.float_constant(ty, -LN2_LO);
-        let r = self.b.ins().fma(n, minus_ln2_hi, x);
-        let r = self.b.ins().fma(n, minus_ln2_lo, r);
-        let mut poly = self.float_constant(ty, inverse_factorial(EXP_TAYLOR_DEGREE));
-        for k in (0..EXP_TAYLOR_DEGREE).rev() {
-            let coefficient = self.float_constant(ty, inverse_factorial(k));
-            poly = self.b.ins().fma(poly, r, coefficient);
-        }
+        let ln2_hi = self.float_constant(ty, LN2_HI);
+        let ln2_lo = self.float_constant(ty, LN2_LO);
+        // minus_r = x + n ln2 = -(-x - n ln2)
+        let minus_r = self.b.ins().fma(n, ln2_hi, x);
+        let minus_r = self.b.ins().fma(n, ln2_lo, minus_r);
+        // e^r = sum r^k / k! = sum (-1)^k (-r)^k / k!
+        let coefficients: Vec<f32> = (0..=EXP_TAYLOR_DEGREE)
+            .map(|k| {
+                let sign = if k % 2 == 0 { 1.0 } else { -1.0 };
+                sign * inverse_factorial(k)
+            })
+            .collect();
+        let poly = self.polynomial(minus_r, &coefficients, ty);
         // The low bits of `shifted` hold n in two's complement; shifted into the exponent field,
         // the magic's own bits fall off the top.
         let shifted_bits = self.b.ins().bitcast(int_ty, LANE_ORDER, shifted);
@@ -311,6 +317,40 @@ impl Emitter<'_> {
         let poly_bits = self.b.ins().bitcast(int_ty, LANE_ORDER, poly);
         let result_bits = self.b.ins().iadd(poly_bits, exponent_add);
         self.b.ins().bitcast(ty, LANE_ORDER, result_bits)
+    }
+
+    /// `sum coefficients[k] * r^k` by Estrin's scheme: pairs `c0 + c1 r`, then pairs of pairs
+    /// with `r^2`, `r^4`, ... The dependency chain is logarithmic in the degree instead of
+    /// linear as with Horner's rule, which matters when the polynomial is the latency-critical
+    /// part of the loop.
+    fn polynomial(&mut self, r: Value, coefficients: &[f32], ty: Type) -> Value {
+        let mut terms: Vec<Value> = coefficients
+            .chunks(2)
+            .map(|pair| {
+                let low = self.float_constant(ty, pair[0]);
+                match pair.get(1) {
+                    Some(&high) => {
+                        let high = self.float_constant(ty, high);
+                        self.b.ins().fma(high, r, low)
+                    }
+                    None => low,
+                }
+            })
+            .collect();
+        let mut power = self.b.ins().fmul(r, r);
+        while terms.len() > 1 {
+            terms = terms
+                .chunks(2)
+                .map(|pair| match pair {
+                    [low, high] => self.b.ins().fma(*high, power, *low),
+                    _ => pair[0],
+                })
+                .collect();
+            if terms.len() > 1 {
+                power = self.b.ins().fmul(power, power);
+            }
+        }
+        terms[0]
     }
 
     /// `min(max(x, lo), hi)` in the forms the x64 backend turns into single min/max instructions

@@ -27,7 +27,8 @@ pub fn run(graph: &mut Graph, _ctx: &PassCtx) -> Result<(), PassError> {
             .into_iter()
             .filter(|&n| {
                 let d = graph.node(n);
-                d.inputs.len() == first.inputs.len() && graph.ty(d.inputs[1]).dtype == graph.ty(first.inputs[1]).dtype
+                d.inputs.len() == first.inputs.len()
+                    && graph.ty(d.inputs[1]).dtype == graph.ty(first.inputs[1]).dtype
             })
             .collect();
         if members.len() < 2 {
@@ -62,26 +63,43 @@ fn fused_name(names: &[String]) -> String {
         end
     });
     let prefix_len = prefix_len.unwrap_or(0);
-    let suffix = names[0].rsplit_once('.').map(|(_, s)| format!(".{s}")).unwrap_or_default();
+    let suffix = names[0]
+        .rsplit_once('.')
+        .map(|(_, s)| format!(".{s}"))
+        .unwrap_or_default();
     let middles: Vec<&str> = names
         .iter()
-        .map(|n| n[prefix_len..].strip_suffix(suffix.as_str()).unwrap_or(&n[prefix_len..]))
+        .map(|n| {
+            n[prefix_len..]
+                .strip_suffix(suffix.as_str())
+                .unwrap_or(&n[prefix_len..])
+        })
         .collect();
     format!("{}{}{}", &names[0][..prefix_len], middles.join("+"), suffix)
 }
 
 fn concat_weight(graph: &mut Graph, parts: &[ValueId]) -> ValueId {
-    let (names, exprs): (Vec<String>, Vec<WeightExpr>) = parts.iter().map(|&w| weight_parts(graph, w)).unzip();
+    let (names, exprs): (Vec<String>, Vec<WeightExpr>) =
+        parts.iter().map(|&w| weight_parts(graph, w)).unzip();
     let first = graph.ty(parts[0]).clone();
-    let rows: usize = parts.iter().map(|&w| graph.ty(w).shape.0[0].as_const().unwrap_or(0)).sum();
+    let rows: usize = parts
+        .iter()
+        .map(|&w| graph.ty(w).shape.0[0].as_const().unwrap_or(0))
+        .sum();
     let mut dims = first.shape.0.clone();
     dims[0] = Dim::Const(rows);
-    let ty = TensorType { dtype: first.dtype, shape: ir::Shape(dims) };
+    let ty = TensorType {
+        dtype: first.dtype,
+        shape: ir::Shape(dims),
+    };
     graph.add_weight(fused_name(&names), ty, WeightExpr::ConcatRows(exprs))
 }
 
 fn fuse(graph: &mut Graph, x: ValueId, members: &[NodeId]) -> Result<(), PassError> {
-    let failed = |e: ir::GraphError| PassError::Failed { pass: "fuse_matmuls", message: e.to_string() };
+    let failed = |e: ir::GraphError| PassError::Failed {
+        pass: "fuse_matmuls",
+        message: e.to_string(),
+    };
     let datas: Vec<_> = members.iter().map(|&n| graph.node(n).clone()).collect();
     let weights: Vec<ValueId> = datas.iter().map(|d| d.inputs[1]).collect();
     let mut operands = vec![x, concat_weight(graph, &weights)];
@@ -90,8 +108,13 @@ fn fuse(graph: &mut Graph, x: ValueId, members: &[NodeId]) -> Result<(), PassErr
         operands.push(concat_weight(graph, &biases));
     }
     let fused = graph.add_node1(Op::MatMul, &operands).map_err(failed)?;
-    let sizes: Vec<usize> = datas.iter().map(|d| graph.ty(d.outputs[0]).shape.last_const().unwrap_or(0)).collect();
-    let parts = graph.add_node(Op::Split { sizes }, &[fused]).map_err(failed)?;
+    let sizes: Vec<usize> = datas
+        .iter()
+        .map(|d| graph.ty(d.outputs[0]).shape.last_const().unwrap_or(0))
+        .collect();
+    let parts = graph
+        .add_node(Op::Split { sizes }, &[fused])
+        .map_err(failed)?;
     for (data, part) in datas.iter().zip(parts) {
         graph.replace_all_uses(data.outputs[0], part);
     }
@@ -107,10 +130,14 @@ mod tests {
 
     #[test]
     fn fused_names_keep_the_common_prefix() {
-        let names: Vec<String> = ["m.l.0.attn.q_proj.weight", "m.l.0.attn.k_proj.weight", "m.l.0.attn.v_proj.weight"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let names: Vec<String> = [
+            "m.l.0.attn.q_proj.weight",
+            "m.l.0.attn.k_proj.weight",
+            "m.l.0.attn.v_proj.weight",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(fused_name(&names), "m.l.0.attn.q_proj+k_proj+v_proj.weight");
         let biases = vec!["a.q.bias".to_string(), "a.k.bias".to_string()];
         assert_eq!(fused_name(&biases), "a.q+k.bias");

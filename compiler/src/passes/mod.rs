@@ -31,7 +31,10 @@ pub struct PassCtx {
 #[derive(Debug, thiserror::Error)]
 pub enum PassError {
     #[error("after pass {pass}: {source}")]
-    Verify { pass: &'static str, source: ir::verify::VerifyError },
+    Verify {
+        pass: &'static str,
+        source: ir::verify::VerifyError,
+    },
     #[error("pass {pass}: {message}")]
     Failed { pass: &'static str, message: String },
 }
@@ -68,7 +71,10 @@ fn verify_after(pass: &'static str, graph: &Graph) -> Result<(), PassError> {
 
 fn dump_if_asked(pass: &str, graph: &Graph) {
     if let Ok(spec) = std::env::var("FDC_DUMP") {
-        if spec.split(',').any(|s| s == format!("after:{pass}") || s == "after:all") {
+        if spec
+            .split(',')
+            .any(|s| s == format!("after:{pass}") || s == "after:all")
+        {
             eprintln!("// ---- IR after {pass} ----\n{}", ir::text::print(graph));
         }
     }

@@ -114,14 +114,25 @@ pub fn run(graph: &Graph, launches: &[NodeId]) -> Result<MemoryPlan, PassError> 
         let (root, col) = root_of(graph, v);
         let act = if outputs.contains(&root) {
             let cols = cols_of(graph, root);
-            Act { buffer: Buffer::Logits, rows: rows_of(graph, v), col, cols: cols_of(graph, v), stride: cols }
-        } else {
-            let info = buffers.iter().find(|b| b.name == format!("{root}")).ok_or_else(|| PassError::Failed {
-                pass: "plan_memory",
-                message: format!("{v} has no buffer"),
-            })?;
             Act {
-                buffer: Buffer::Arena { offset_cols: info.offset_cols },
+                buffer: Buffer::Logits,
+                rows: rows_of(graph, v),
+                col,
+                cols: cols_of(graph, v),
+                stride: cols,
+            }
+        } else {
+            let info = buffers
+                .iter()
+                .find(|b| b.name == format!("{root}"))
+                .ok_or_else(|| PassError::Failed {
+                    pass: "plan_memory",
+                    message: format!("{v} has no buffer"),
+                })?;
+            Act {
+                buffer: Buffer::Arena {
+                    offset_cols: info.offset_cols,
+                },
                 rows: rows_of(graph, v),
                 col,
                 cols: cols_of(graph, v),
@@ -130,7 +141,12 @@ pub fn run(graph: &Graph, launches: &[NodeId]) -> Result<MemoryPlan, PassError> 
         };
         locations.insert(v, act);
     }
-    Ok(MemoryPlan { locations, arena_cols, unplanned_cols, buffers })
+    Ok(MemoryPlan {
+        locations,
+        arena_cols,
+        unplanned_cols,
+        buffers,
+    })
 }
 
 /// Returns `[offset, offset + cols)` to the free list, merging neighbours.

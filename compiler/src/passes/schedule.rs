@@ -24,12 +24,24 @@ pub struct ScheduleInput<'a> {
 }
 
 pub fn run(input: &ScheduleInput) -> Result<Program, PassError> {
-    let fail = |message: String| PassError::Failed { pass: "schedule", message };
+    let fail = |message: String| PassError::Failed {
+        pass: "schedule",
+        message,
+    };
     let act = |v: ValueId| -> Result<Act, PassError> {
-        input.memory.locations.get(&v).copied().ok_or_else(|| fail(format!("{v} has no location")))
+        input
+            .memory
+            .locations
+            .get(&v)
+            .copied()
+            .ok_or_else(|| fail(format!("{v} has no location")))
     };
     let weight = |v: ValueId| -> Result<WeightRef, PassError> {
-        input.weight_index.get(&v).map(|&i| WeightRef(i)).ok_or_else(|| fail(format!("{v} is not a weight")))
+        input
+            .weight_index
+            .get(&v)
+            .map(|&i| WeightRef(i))
+            .ok_or_else(|| fail(format!("{v} is not a weight")))
     };
     let mut steps = Vec::with_capacity(input.launches.len());
     for &node in input.launches {
@@ -37,10 +49,17 @@ pub fn run(input: &ScheduleInput) -> Result<Program, PassError> {
         let ins = &data.inputs;
         let out = || act(data.outputs[0]);
         let launch = match &data.op {
-            Op::Embedding => Launch::Embedding { table: weight(ins[0])?, out: out()? },
-            Op::RmsNorm { eps, group } => {
-                Launch::RmsNorm { x: act(ins[0])?, w: weight(ins[1])?, eps: *eps, group: *group as u64, out: out()? }
-            }
+            Op::Embedding => Launch::Embedding {
+                table: weight(ins[0])?,
+                out: out()?,
+            },
+            Op::RmsNorm { eps, group } => Launch::RmsNorm {
+                x: act(ins[0])?,
+                w: weight(ins[1])?,
+                eps: *eps,
+                group: *group as u64,
+                out: out()?,
+            },
             Op::AddRmsNorm { eps } => Launch::AddRmsNorm {
                 x: act(ins[0])?,
                 d: act(ins[1])?,
@@ -55,14 +74,37 @@ pub fn run(input: &ScheduleInput) -> Result<Program, PassError> {
                 bias: ins.get(2).map(|&b| weight(b)).transpose()?,
                 out: out()?,
             },
-            Op::Add => Launch::Add { a: act(ins[0])?, b: act(ins[1])?, out: out()? },
-            Op::Mul => Launch::Mul { a: act(ins[0])?, b: act(ins[1])?, out: out()? },
-            Op::Silu => Launch::Silu { x: act(ins[0])?, out: out()? },
-            Op::SiluMul => Launch::SiluMul { gu: act(ins[0])?, out: out()? },
-            Op::Rope { n_heads, head_dim } => {
-                Launch::Rope { x: act(ins[0])?, n_heads: *n_heads as u64, head_dim: *head_dim as u64, out: out()? }
-            }
-            Op::Attention { layer, n_heads, n_kv_heads, head_dim, scale } => Launch::Attention {
+            Op::Add => Launch::Add {
+                a: act(ins[0])?,
+                b: act(ins[1])?,
+                out: out()?,
+            },
+            Op::Mul => Launch::Mul {
+                a: act(ins[0])?,
+                b: act(ins[1])?,
+                out: out()?,
+            },
+            Op::Silu => Launch::Silu {
+                x: act(ins[0])?,
+                out: out()?,
+            },
+            Op::SiluMul => Launch::SiluMul {
+                gu: act(ins[0])?,
+                out: out()?,
+            },
+            Op::Rope { n_heads, head_dim } => Launch::Rope {
+                x: act(ins[0])?,
+                n_heads: *n_heads as u64,
+                head_dim: *head_dim as u64,
+                out: out()?,
+            },
+            Op::Attention {
+                layer,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+            } => Launch::Attention {
                 q: act(ins[0])?,
                 k: act(ins[1])?,
                 v: act(ins[2])?,
@@ -73,11 +115,21 @@ pub fn run(input: &ScheduleInput) -> Result<Program, PassError> {
                 scale: *scale,
                 out: out()?,
             },
-            Op::GatherRows => Launch::GatherRows { x: act(ins[0])?, out: out()? },
+            Op::GatherRows => Launch::GatherRows {
+                x: act(ins[0])?,
+                out: out()?,
+            },
             Op::Split { .. } => return Err(fail(format!("{node} is a view and launches nothing"))),
         };
-        let kernel = input.selection.get(&node).ok_or_else(|| fail(format!("{node} has no kernel")))?;
-        steps.push(Step { kernel: kernel.id.0.to_string(), code: input.code_index.get(&node).copied(), launch });
+        let kernel = input
+            .selection
+            .get(&node)
+            .ok_or_else(|| fail(format!("{node} has no kernel")))?;
+        steps.push(Step {
+            kernel: kernel.id.0.to_string(),
+            code: input.code_index.get(&node).copied(),
+            launch,
+        });
     }
     let logits_cols = input
         .graph

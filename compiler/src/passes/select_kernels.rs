@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 /// Ops whose generated kernel beat the library kernel on SmolLM2's shapes (docs/PERF.md,
 /// "Generated vs library kernels"). Update it when the measurements change.
-pub const GENERATED_WINS: &[OpKind] = &[OpKind::AddRmsNorm, OpKind::RmsNorm, OpKind::SiluMul, OpKind::Rope];
+pub const GENERATED_WINS: &[OpKind] = &[OpKind::AddRmsNorm, OpKind::RmsNorm, OpKind::Rope];
 
 pub type Selection = HashMap<NodeId, &'static KernelEntry>;
 
@@ -31,8 +31,15 @@ pub fn key_dtype(graph: &Graph, node: NodeId) -> DType {
 pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<Selection, PassError> {
     let mut selection = Selection::new();
     for node in graph.topo_order() {
-        let Some(op) = graph.node(node).op.kind() else { continue };
-        let key = KernelKey { op, dtype: key_dtype(graph, node), quant: QuantScheme::None, target: ctx.target };
+        let Some(op) = graph.node(node).op.kind() else {
+            continue;
+        };
+        let key = KernelKey {
+            op,
+            dtype: key_dtype(graph, node),
+            quant: QuantScheme::None,
+            target: ctx.target,
+        };
         let candidates = registry::lookup(&key);
         let wants_generated = GENERATED_WINS.contains(&op);
         let chosen = candidates

@@ -13,7 +13,7 @@
 use super::simd::{self, load_n, run_simd, store_n, Simd, SimdTask};
 use super::{check_len, check_rows, runnable_isa, SharedMut};
 use crate::KernelError;
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -62,13 +62,19 @@ pub fn attention(
     out_stride: usize,
 ) -> Result<(), KernelError> {
     const NAME: &str = "attention";
-    if n_kv_heads == 0 || head_dim == 0 || n_heads % n_kv_heads != 0 {
-        return Err(KernelError::shape(NAME, format!("{n_heads} heads cannot share {n_kv_heads} kv heads (head_dim {head_dim})")));
+    if n_kv_heads == 0 || head_dim == 0 || !n_heads.is_multiple_of(n_kv_heads) {
+        return Err(KernelError::shape(
+            NAME,
+            format!("{n_heads} heads cannot share {n_kv_heads} kv heads (head_dim {head_dim})"),
+        ));
     }
     if cache.kv_heads != n_kv_heads || cache.head_dim != head_dim {
         return Err(KernelError::shape(
             NAME,
-            format!("cache is {} kv heads x {}, kernel asked for {n_kv_heads} x {head_dim}", cache.kv_heads, cache.head_dim),
+            format!(
+                "cache is {} kv heads x {}, kernel asked for {n_kv_heads} x {head_dim}",
+                cache.kv_heads, cache.head_dim
+            ),
         ));
     }
     let kv_row = n_kv_heads * head_dim;
@@ -79,17 +85,31 @@ pub fn attention(
     check_rows(NAME, "v", v.len(), t, kv_row, v_stride)?;
     check_rows(NAME, "out", out.len(), t, n_heads * head_dim, out_stride)?;
     if positions.len() != t {
-        return Err(KernelError::Positions { what: format!("{} positions for {t} tokens", positions.len()) });
+        return Err(KernelError::Positions {
+            what: format!("{} positions for {t} tokens", positions.len()),
+        });
     }
     if t == 0 {
         return Ok(());
     }
     let first = positions[0] as usize;
     if let Some(i) = (1..t).find(|&i| positions[i] as usize != first + i) {
-        return Err(KernelError::Positions { what: format!("position {} follows {} at token {i}", positions[i], positions[i - 1]) });
+        return Err(KernelError::Positions {
+            what: format!(
+                "position {} follows {} at token {i}",
+                positions[i],
+                positions[i - 1]
+            ),
+        });
     }
     if first + t > cache.capacity {
-        return Err(KernelError::Positions { what: format!("positions up to {} exceed capacity {}", first + t - 1, cache.capacity) });
+        return Err(KernelError::Positions {
+            what: format!(
+                "positions up to {} exceed capacity {}",
+                first + t - 1,
+                cache.capacity
+            ),
+        });
     }
 
     for i in 0..t {
@@ -120,7 +140,10 @@ pub fn attention(
         .flat_map(|kv| {
             (0..pieces_per_kv_head).map(move |p| {
                 let begin = p * shape.piece_len;
-                Piece { kv, queries: begin..(begin + shape.piece_len).min(queries_per_kv_head) }
+                Piece {
+                    kv,
+                    queries: begin..(begin + shape.piece_len).min(queries_per_kv_head),
+                }
             })
         })
         .collect();
@@ -128,7 +151,15 @@ pub fn attention(
     if pieces.len() >= SPLIT_BELOW_PIECES {
         pieces.par_iter().for_each(|piece| {
             let last_key = shape.position(piece.queries.end - 1);
-            run_simd(isa, AttendPiece { shape: &shape, piece, keys: 0..last_key + 1, sink: Sink::Out });
+            run_simd(
+                isa,
+                AttendPiece {
+                    shape: &shape,
+                    piece,
+                    keys: 0..last_key + 1,
+                    sink: Sink::Out,
+                },
+            );
         });
         return Ok(());
     }
@@ -143,13 +174,29 @@ pub fn attention(
         }
     }
     let mut partials = vec![0f32; tasks.len() * slot];
-    partials.par_chunks_mut(slot).zip(tasks.par_iter()).for_each(|(partial, (pi, keys))| {
-        run_simd(isa, AttendPiece { shape: &shape, piece: &pieces[*pi], keys: keys.clone(), sink: Sink::Partial(partial) });
-    });
+    partials
+        .par_chunks_mut(slot)
+        .zip(tasks.par_iter())
+        .for_each(|(partial, (pi, keys))| {
+            run_simd(
+                isa,
+                AttendPiece {
+                    shape: &shape,
+                    piece: &pieces[*pi],
+                    keys: keys.clone(),
+                    sink: Sink::Partial(partial),
+                },
+            );
+        });
     let mut offset = 0;
     for (pi, piece) in pieces.iter().enumerate() {
         let chunks = tasks[offset..].iter().take_while(|(p, _)| *p == pi).count();
-        merge_chunks(&shape, piece, &partials[offset * slot..(offset + chunks) * slot], slot);
+        merge_chunks(
+            &shape,
+            piece,
+            &partials[offset * slot..(offset + chunks) * slot],
+            slot,
+        );
         offset += chunks;
     }
     Ok(())
@@ -282,7 +329,16 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
             block_softmax::<S, QV>(scores, bk, j0, masked, limit, run_max, run_sum, corr);
             let value0 = sh.values.as_ptr().add(j0 * key_stride + kv_offset);
             for lane in 0..nq {
-                accumulate_values::<S>(&mut acc[lane * d..][..d], corr[lane], scores, width, lane, bk, value0, key_stride);
+                accumulate_values::<S>(
+                    &mut acc[lane * d..][..d],
+                    corr[lane],
+                    scores,
+                    width,
+                    lane,
+                    bk,
+                    value0,
+                    key_stride,
+                );
             }
             j0 += bk;
         }
@@ -310,33 +366,60 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
 
 /// `scores[j][lane] = keys[j] . qt[.][lane]` for `bk` keys, several keys per step.
 #[inline(always)]
-unsafe fn block_scores<S: Simd, const QV: usize>(key0: *const f32, key_stride: usize, d: usize, bk: usize, qt: *const f32, scores: *mut f32) {
-    // More keys per step when fewer query vectors leave registers free.
-    const fn keys_per_step(qv: usize) -> usize {
-        match qv {
-            1 => 8,
-            2 => 6,
-            _ => 4,
-        }
-    }
-    let step = keys_per_step(QV);
+unsafe fn block_scores<S: Simd, const QV: usize>(
+    key0: *const f32,
+    key_stride: usize,
+    d: usize,
+    bk: usize,
+    qt: *const f32,
+    scores: *mut f32,
+) {
+    // Keys per step: as many accumulators (keys x QV) as fit beside QV query vectors and one
+    // broadcast, 16 vector registers on AVX2 and the portable path, 32 on AVX-512.
+    let wide = S::ISA == CpuIsa::Avx512;
     let mut j = 0;
-    while j + step <= bk {
-        match QV {
-            1 => score_keys::<S, QV, 8>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES)),
-            2 => score_keys::<S, QV, 6>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES)),
-            _ => score_keys::<S, QV, 4>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES)),
-        }
-        j += step;
+    macro_rules! steps {
+        ($keys:literal) => {
+            while j + $keys <= bk {
+                score_keys::<S, QV, $keys>(
+                    key0.add(j * key_stride),
+                    key_stride,
+                    d,
+                    qt,
+                    scores.add(j * QV * S::LANES),
+                );
+                j += $keys;
+            }
+        };
+    }
+    match (QV, wide) {
+        (1, false) => steps!(8),
+        (2, false) => steps!(5),
+        (_, false) => steps!(3),
+        (1, true) => steps!(16),
+        (2, true) => steps!(12),
+        (_, true) => steps!(8),
     }
     while j < bk {
-        score_keys::<S, QV, 1>(key0.add(j * key_stride), key_stride, d, qt, scores.add(j * QV * S::LANES));
+        score_keys::<S, QV, 1>(
+            key0.add(j * key_stride),
+            key_stride,
+            d,
+            qt,
+            scores.add(j * QV * S::LANES),
+        );
         j += 1;
     }
 }
 
 #[inline(always)]
-unsafe fn score_keys<S: Simd, const QV: usize, const KEYS: usize>(key0: *const f32, key_stride: usize, d: usize, qt: *const f32, scores: *mut f32) {
+unsafe fn score_keys<S: Simd, const QV: usize, const KEYS: usize>(
+    key0: *const f32,
+    key_stride: usize,
+    d: usize,
+    qt: *const f32,
+    scores: *mut f32,
+) {
     let width = QV * S::LANES;
     let mut keys = [key0; KEYS];
     for (r, k) in keys.iter_mut().enumerate() {
@@ -494,7 +577,9 @@ fn merge_chunks(sh: &Shape, piece: &Piece, partials: &[f32], slot: usize) {
     let chunks = partials.len() / slot;
     let mut sum = vec![0f32; d];
     for (lane, index) in piece.queries.clone().enumerate() {
-        let max = (0..chunks).map(|c| partials[c * slot + lane]).fold(f32::NEG_INFINITY, f32::max);
+        let max = (0..chunks)
+            .map(|c| partials[c * slot + lane])
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut total = 0f32;
         sum.fill(0.0);
         for c in 0..chunks {
@@ -502,13 +587,18 @@ fn merge_chunks(sh: &Shape, piece: &Piece, partials: &[f32], slot: usize) {
             // Chunks past this query's position have max -inf and weigh exactly 0.
             let weight = (part[lane] - max).exp();
             total += part[sh.piece_len + lane] * weight;
-            for (s, &a) in sum.iter_mut().zip(&part[2 * sh.piece_len + lane * d..][..d]) {
+            for (s, &a) in sum
+                .iter_mut()
+                .zip(&part[2 * sh.piece_len + lane * d..][..d])
+            {
                 *s += a * weight;
             }
         }
         let (token, head) = sh.token_head(piece.kv, index);
         // SAFETY: `attention` checked `out` for every token; each (token, head) is written once.
-        let out = unsafe { std::slice::from_raw_parts_mut(sh.out.0.add(token * sh.out_stride + head * d), d) };
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(sh.out.0.add(token * sh.out_stride + head * d), d)
+        };
         for (o, s) in out.iter_mut().zip(&sum) {
             *o = s / total;
         }
@@ -554,14 +644,20 @@ pub mod reference {
                 let scores: Vec<f64> = (0..=p)
                     .map(|j| {
                         let kj = &cache.k[j * row + kv * d..][..d];
-                        qv.iter().zip(kj).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>() * scale as f64
+                        qv.iter()
+                            .zip(kj)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum::<f64>()
+                            * scale as f64
                     })
                     .collect();
                 let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let total: f64 = weights.iter().sum();
                 for dd in 0..d {
-                    let acc: f64 = (0..=p).map(|j| weights[j] * cache.v[j * row + kv * d + dd] as f64).sum();
+                    let acc: f64 = (0..=p)
+                        .map(|j| weights[j] * cache.v[j * row + kv * d + dd] as f64)
+                        .sum();
                     out[i * out_stride + h * d + dd] = (acc / total) as f32;
                 }
             }
@@ -604,12 +700,58 @@ mod tests {
             let positions: Vec<u32> = (pos..pos + t).map(|p| p as u32).collect();
             let mut got = vec![0f32; t * h * d];
             let mut want = vec![0f32; t * h * d];
-            let mut cache = KvLayerMut { k: &mut cache_k, v: &mut cache_v, capacity, kv_heads: kvh, head_dim: d };
+            let mut cache = KvLayerMut {
+                k: &mut cache_k,
+                v: &mut cache_v,
+                capacity,
+                kv_heads: kvh,
+                head_dim: d,
+            };
             on_threads(threads, || {
-                attention(isa, &q, q_stride, &k, row, &v, row + 1, t, &positions, h, kvh, d, scale, &mut cache, &mut got, h * d).unwrap()
+                attention(
+                    isa,
+                    &q,
+                    q_stride,
+                    &k,
+                    row,
+                    &v,
+                    row + 1,
+                    t,
+                    &positions,
+                    h,
+                    kvh,
+                    d,
+                    scale,
+                    &mut cache,
+                    &mut got,
+                    h * d,
+                )
+                .unwrap()
             });
-            let mut cache = KvLayerMut { k: &mut ref_k, v: &mut ref_v, capacity, kv_heads: kvh, head_dim: d };
-            reference::attention(&q, q_stride, &k, row, &v, row + 1, t, &positions, h, kvh, d, scale, &mut cache, &mut want, h * d);
+            let mut cache = KvLayerMut {
+                k: &mut ref_k,
+                v: &mut ref_v,
+                capacity,
+                kv_heads: kvh,
+                head_dim: d,
+            };
+            reference::attention(
+                &q,
+                q_stride,
+                &k,
+                row,
+                &v,
+                row + 1,
+                t,
+                &positions,
+                h,
+                kvh,
+                d,
+                scale,
+                &mut cache,
+                &mut want,
+                h * d,
+            );
             worst = worst.max(max_abs_diff(&got, &want));
             last = got;
             pos += t;
@@ -620,21 +762,59 @@ mod tests {
     #[test]
     fn matches_reference_for_prefill_then_decode() {
         let cases = [
-            Case { heads: 1, kv_heads: 1, d: 1, calls: vec![1, 1, 2] },
-            Case { heads: 9, kv_heads: 3, d: 64, calls: vec![70, 1, 1, 5] },
-            Case { heads: 4, kv_heads: 1, d: 18, calls: vec![3, 40, 1] },
-            Case { heads: 6, kv_heads: 6, d: 20, calls: vec![33, 2] },
-            Case { heads: 32, kv_heads: 2, d: 8, calls: vec![9, 1] },
+            Case {
+                heads: 1,
+                kv_heads: 1,
+                d: 1,
+                calls: vec![1, 1, 2],
+            },
+            Case {
+                heads: 9,
+                kv_heads: 3,
+                d: 64,
+                calls: vec![70, 1, 1, 5],
+            },
+            Case {
+                heads: 4,
+                kv_heads: 1,
+                d: 18,
+                calls: vec![3, 40, 1],
+            },
+            Case {
+                heads: 6,
+                kv_heads: 6,
+                d: 20,
+                calls: vec![33, 2],
+            },
+            Case {
+                heads: 32,
+                kv_heads: 2,
+                d: 8,
+                calls: vec![9, 1],
+            },
             // Long enough for several key chunks in decode and several key blocks in prefill.
-            Case { heads: 3, kv_heads: 1, d: 16, calls: vec![600, 1, 1] },
+            Case {
+                heads: 3,
+                kv_heads: 1,
+                d: 16,
+                calls: vec![600, 1, 1],
+            },
             // Many pieces: the unsplit path.
-            Case { heads: 9, kv_heads: 3, d: 64, calls: vec![300, 1] },
+            Case {
+                heads: 9,
+                kv_heads: 3,
+                d: 64,
+                calls: vec![300, 1],
+            },
         ];
         let mut rng = Rng::new(21);
         for isa in isas_to_test() {
             for case in &cases {
                 let (diff, _) = run_case(isa, case, &mut rng, 2);
-                println!("attention {isa:?} H={} KV={} D={} calls={:?}: max abs diff {diff:.3e}", case.heads, case.kv_heads, case.d, case.calls);
+                println!(
+                    "attention {isa:?} H={} KV={} D={} calls={:?}: max abs diff {diff:.3e}",
+                    case.heads, case.kv_heads, case.d, case.calls
+                );
                 assert!(diff < 2e-5, "{isa:?}: {diff}");
             }
         }
@@ -644,11 +824,21 @@ mod tests {
     fn results_do_not_depend_on_thread_count() {
         for isa in isas_to_test() {
             for calls in [vec![700, 1], vec![40]] {
-                let case = Case { heads: 9, kv_heads: 3, d: 64, calls };
+                let case = Case {
+                    heads: 9,
+                    kv_heads: 3,
+                    d: 64,
+                    calls,
+                };
                 let (_, one) = run_case(isa, &case, &mut Rng::new(3), 1);
                 for threads in [2, 3] {
                     let (_, many) = run_case(isa, &case, &mut Rng::new(3), threads);
-                    assert!(one.iter().zip(&many).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} threads={threads}");
+                    assert!(
+                        one.iter()
+                            .zip(&many)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} threads={threads}"
+                    );
                 }
             }
         }
@@ -662,9 +852,33 @@ mod tests {
         let v = [5.0, 6.0, 7.0, 8.0];
         for isa in isas_to_test() {
             let (mut ck, mut cv) = (vec![0.0; 8], vec![0.0; 8]);
-            let mut cache = KvLayerMut { k: &mut ck, v: &mut cv, capacity: 2, kv_heads: 1, head_dim: d };
+            let mut cache = KvLayerMut {
+                k: &mut ck,
+                v: &mut cv,
+                capacity: 2,
+                kv_heads: 1,
+                head_dim: d,
+            };
             let mut out = vec![0.0; h * d];
-            attention(isa, &q, 8, &k, 4, &v, 4, 1, &[0], h, 1, d, 0.5, &mut cache, &mut out, 8).unwrap();
+            attention(
+                isa,
+                &q,
+                8,
+                &k,
+                4,
+                &v,
+                4,
+                1,
+                &[0],
+                h,
+                1,
+                d,
+                0.5,
+                &mut cache,
+                &mut out,
+                8,
+            )
+            .unwrap();
             assert_eq!(out, [5.0, 6.0, 7.0, 8.0, 5.0, 6.0, 7.0, 8.0], "{isa:?}");
             assert_eq!(&ck[..4], &k);
             assert_eq!(&cv[..4], &v);
@@ -674,15 +888,58 @@ mod tests {
     #[test]
     fn rejects_bad_positions_and_a_full_cache() {
         let (mut ck, mut cv) = (vec![0.0; 8], vec![0.0; 8]);
-        let mut cache = KvLayerMut { k: &mut ck, v: &mut cv, capacity: 2, kv_heads: 1, head_dim: 4 };
+        let mut cache = KvLayerMut {
+            k: &mut ck,
+            v: &mut cv,
+            capacity: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        };
         let x = [0.0; 8];
         let mut out = [0.0; 8];
-        let mut call = |t, pos: &[u32], cache: &mut KvLayerMut| attention(CpuIsa::Portable, &x, 4, &x, 4, &x, 4, t, pos, 1, 1, 4, 1.0, cache, &mut out, 4);
-        assert!(matches!(call(2, &[0, 2], &mut cache), Err(KernelError::Positions { .. })));
-        assert!(matches!(call(1, &[2], &mut cache), Err(KernelError::Positions { .. })));
-        assert!(matches!(call(1, &[0, 1], &mut cache), Err(KernelError::Positions { .. })));
+        let mut call = |t, pos: &[u32], cache: &mut KvLayerMut| {
+            attention(
+                CpuIsa::Portable,
+                &x,
+                4,
+                &x,
+                4,
+                &x,
+                4,
+                t,
+                pos,
+                1,
+                1,
+                4,
+                1.0,
+                cache,
+                &mut out,
+                4,
+            )
+        };
+        assert!(matches!(
+            call(2, &[0, 2], &mut cache),
+            Err(KernelError::Positions { .. })
+        ));
+        assert!(matches!(
+            call(1, &[2], &mut cache),
+            Err(KernelError::Positions { .. })
+        ));
+        assert!(matches!(
+            call(1, &[0, 1], &mut cache),
+            Err(KernelError::Positions { .. })
+        ));
         assert!(call(2, &[0, 1], &mut cache).is_ok());
-        let mut wrong = KvLayerMut { k: &mut [0.0; 8], v: &mut [0.0; 8], capacity: 2, kv_heads: 2, head_dim: 4 };
-        assert!(matches!(call(1, &[0], &mut wrong), Err(KernelError::Shape { .. })));
+        let mut wrong = KvLayerMut {
+            k: &mut [0.0; 8],
+            v: &mut [0.0; 8],
+            capacity: 2,
+            kv_heads: 2,
+            head_dim: 4,
+        };
+        assert!(matches!(
+            call(1, &[0], &mut wrong),
+            Err(KernelError::Shape { .. })
+        ));
     }
 }

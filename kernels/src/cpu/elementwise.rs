@@ -5,7 +5,7 @@
 use super::simd::{self, load_n, run_simd, store_n, Simd, SimdTask};
 use super::{check_rows, for_row_chunks, runnable_isa, SharedMut};
 use crate::KernelError;
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 
 #[derive(Clone, Copy)]
 enum Op {
@@ -29,7 +29,19 @@ pub fn add(
     out: &mut [f32],
     out_stride: usize,
 ) -> Result<(), KernelError> {
-    binary("add", Op::Add, isa, a, a_stride, b, b_stride, t, cols, out, out_stride)
+    binary(
+        "add",
+        Op::Add,
+        isa,
+        a,
+        a_stride,
+        b,
+        b_stride,
+        t,
+        cols,
+        out,
+        out_stride,
+    )
 }
 
 /// `out = a * b`. Shapes: `a`, `b`, `out` `[T, cols]` f32, each with its own row stride.
@@ -45,7 +57,19 @@ pub fn mul(
     out: &mut [f32],
     out_stride: usize,
 ) -> Result<(), KernelError> {
-    binary("mul", Op::Mul, isa, a, a_stride, b, b_stride, t, cols, out, out_stride)
+    binary(
+        "mul",
+        Op::Mul,
+        isa,
+        a,
+        a_stride,
+        b,
+        b_stride,
+        t,
+        cols,
+        out,
+        out_stride,
+    )
 }
 
 /// `out = x * sigmoid(x)`. Shapes: `x`, `out` `[T, cols]` f32.
@@ -61,7 +85,16 @@ pub fn silu(
     const NAME: &str = "silu";
     check_rows(NAME, "x", x.len(), t, cols, x_stride)?;
     check_rows(NAME, "out", out.len(), t, cols, out_stride)?;
-    run(Op::Silu, isa, (x, x_stride), (x, x_stride), t, cols, out, out_stride);
+    run(
+        Op::Silu,
+        isa,
+        (x, x_stride),
+        (x, x_stride),
+        t,
+        cols,
+        out,
+        out_stride,
+    );
     Ok(())
 }
 
@@ -79,7 +112,16 @@ pub fn silu_mul(
     const NAME: &str = "silu_mul";
     check_rows(NAME, "gu", gu.len(), t, 2 * cols, gu_stride)?;
     check_rows(NAME, "out", out.len(), t, cols, out_stride)?;
-    run(Op::SiluMul, isa, (gu, gu_stride), (gu, gu_stride), t, cols, out, out_stride);
+    run(
+        Op::SiluMul,
+        isa,
+        (gu, gu_stride),
+        (gu, gu_stride),
+        t,
+        cols,
+        out,
+        out_stride,
+    );
     Ok(())
 }
 
@@ -100,16 +142,45 @@ fn binary(
     check_rows(name, "a", a.len(), t, cols, a_stride)?;
     check_rows(name, "b", b.len(), t, cols, b_stride)?;
     check_rows(name, "out", out.len(), t, cols, out_stride)?;
-    run(op, isa, (a, a_stride), (b, b_stride), t, cols, out, out_stride);
+    run(
+        op,
+        isa,
+        (a, a_stride),
+        (b, b_stride),
+        t,
+        cols,
+        out,
+        out_stride,
+    );
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(op: Op, isa: CpuIsa, a: (&[f32], usize), b: (&[f32], usize), t: usize, cols: usize, out: &mut [f32], out_stride: usize) {
+fn run(
+    op: Op,
+    isa: CpuIsa,
+    a: (&[f32], usize),
+    b: (&[f32], usize),
+    t: usize,
+    cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let isa = runnable_isa(isa);
     let out = SharedMut(out.as_mut_ptr());
     for_row_chunks(t, cols, |begin, end| {
-        run_simd(isa, Rows { op, a, b, cols, out, out_stride, rows: begin..end });
+        run_simd(
+            isa,
+            Rows {
+                op,
+                a,
+                b,
+                cols,
+                out,
+                out_stride,
+                rows: begin..end,
+            },
+        );
     });
 }
 
@@ -182,7 +253,11 @@ impl VectorOp for SiluMulOp {
 impl Rows<'_> {
     #[inline(always)]
     unsafe fn each<S: Simd, O: VectorOp>(&self) {
-        let b_offset = if matches!(self.op, Op::SiluMul) { self.cols } else { 0 };
+        let b_offset = if matches!(self.op, Op::SiluMul) {
+            self.cols
+        } else {
+            0
+        };
         for row in self.rows.clone() {
             let a = self.a.0.as_ptr().add(row * self.a.1);
             let b = self.b.0.as_ptr().add(row * self.b.1 + b_offset);
@@ -190,7 +265,11 @@ impl Rows<'_> {
             let mut i = 0;
             while i < self.cols {
                 let n = (self.cols - i).min(S::LANES);
-                store_n::<S>(out.add(i), O::apply::<S>(load_n::<S>(a.add(i), n), load_n::<S>(b.add(i), n)), n);
+                store_n::<S>(
+                    out.add(i),
+                    O::apply::<S>(load_n::<S>(a.add(i), n), load_n::<S>(b.add(i), n)),
+                    n,
+                );
                 i += n;
             }
         }
@@ -204,7 +283,14 @@ pub mod reference {
         x / (1.0 + (-x).exp())
     }
 
-    fn map2(a: (&[f32], usize), b: (&[f32], usize), t: usize, cols: usize, out: (&mut [f32], usize), f: impl Fn(f32, f32) -> f32) {
+    fn map2(
+        a: (&[f32], usize),
+        b: (&[f32], usize),
+        t: usize,
+        cols: usize,
+        out: (&mut [f32], usize),
+        f: impl Fn(f32, f32) -> f32,
+    ) {
         for r in 0..t {
             for i in 0..cols {
                 out.0[r * out.1 + i] = f(a.0[r * a.1 + i], b.0[r * b.1 + i]);
@@ -214,23 +300,76 @@ pub mod reference {
 
     /// Same contract as [`super::add`].
     #[allow(clippy::too_many_arguments)]
-    pub fn add(a: &[f32], a_stride: usize, b: &[f32], b_stride: usize, t: usize, cols: usize, out: &mut [f32], out_stride: usize) {
-        map2((a, a_stride), (b, b_stride), t, cols, (out, out_stride), |x, y| x + y);
+    pub fn add(
+        a: &[f32],
+        a_stride: usize,
+        b: &[f32],
+        b_stride: usize,
+        t: usize,
+        cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        map2(
+            (a, a_stride),
+            (b, b_stride),
+            t,
+            cols,
+            (out, out_stride),
+            |x, y| x + y,
+        );
     }
 
     /// Same contract as [`super::mul`].
     #[allow(clippy::too_many_arguments)]
-    pub fn mul(a: &[f32], a_stride: usize, b: &[f32], b_stride: usize, t: usize, cols: usize, out: &mut [f32], out_stride: usize) {
-        map2((a, a_stride), (b, b_stride), t, cols, (out, out_stride), |x, y| x * y);
+    pub fn mul(
+        a: &[f32],
+        a_stride: usize,
+        b: &[f32],
+        b_stride: usize,
+        t: usize,
+        cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        map2(
+            (a, a_stride),
+            (b, b_stride),
+            t,
+            cols,
+            (out, out_stride),
+            |x, y| x * y,
+        );
     }
 
     /// Same contract as [`super::silu`].
-    pub fn silu(x: &[f32], x_stride: usize, t: usize, cols: usize, out: &mut [f32], out_stride: usize) {
-        map2((x, x_stride), (x, x_stride), t, cols, (out, out_stride), |v, _| silu64(v) as f32);
+    pub fn silu(
+        x: &[f32],
+        x_stride: usize,
+        t: usize,
+        cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        map2(
+            (x, x_stride),
+            (x, x_stride),
+            t,
+            cols,
+            (out, out_stride),
+            |v, _| silu64(v) as f32,
+        );
     }
 
     /// Same contract as [`super::silu_mul`].
-    pub fn silu_mul(gu: &[f32], gu_stride: usize, t: usize, cols: usize, out: &mut [f32], out_stride: usize) {
+    pub fn silu_mul(
+        gu: &[f32],
+        gu_stride: usize,
+        t: usize,
+        cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
         for r in 0..t {
             for i in 0..cols {
                 let (g, u) = (gu[r * gu_stride + i], gu[r * gu_stride + cols + i]);
@@ -275,8 +414,15 @@ mod tests {
                 let mut want = vec![0.0; t * cols];
                 silu_mul(isa, &gu, 2 * cols, t, cols, &mut got, cols).unwrap();
                 reference::silu_mul(&gu, 2 * cols, t, cols, &mut want, cols);
-                let rel = got.iter().zip(&want).map(|(g, w)| ((g - w) / w.abs().max(1e-30)).abs()).fold(0.0, f32::max);
-                println!("silu_mul {isa:?} t={t} cols={cols}: max abs diff {:.3e}, max rel {rel:.3e}", max_abs_diff(&got, &want));
+                let rel = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(g, w)| ((g - w) / w.abs().max(1e-30)).abs())
+                    .fold(0.0, f32::max);
+                println!(
+                    "silu_mul {isa:?} t={t} cols={cols}: max abs diff {:.3e}, max rel {rel:.3e}",
+                    max_abs_diff(&got, &want)
+                );
                 assert!(rel < 1e-6, "{isa:?}: {rel}");
             }
             let x: Vec<f32> = (0..2001).map(|i| -80.0 + 0.08 * i as f32).collect();
@@ -284,8 +430,15 @@ mod tests {
             let mut want = vec![0.0; x.len()];
             silu(isa, &x, x.len(), 1, x.len(), &mut got, x.len()).unwrap();
             reference::silu(&x, x.len(), 1, x.len(), &mut want, x.len());
-            let rel = got.iter().zip(&want).map(|(g, w)| ((g - w) / w.abs().max(1e-30)).abs()).fold(0.0, f32::max);
-            println!("silu {isa:?} over [-80, 80]: max abs diff {:.3e}, max rel {rel:.3e}", max_abs_diff(&got, &want));
+            let rel = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| ((g - w) / w.abs().max(1e-30)).abs())
+                .fold(0.0, f32::max);
+            println!(
+                "silu {isa:?} over [-80, 80]: max abs diff {:.3e}, max rel {rel:.3e}",
+                max_abs_diff(&got, &want)
+            );
             assert!(rel < 1e-6, "{isa:?}: {rel}");
         }
     }

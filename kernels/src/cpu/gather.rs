@@ -6,23 +6,59 @@ use super::simd::{run_simd, store_n, Simd, SimdTask, WeightElem};
 use super::{check_rows, runnable_isa, Weight, WeightData};
 use crate::KernelError;
 use half::{bf16, f16};
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 
 /// `out[t] = table[ids[t]]` as f32.
 ///
 /// Shapes: `table` `[V, cols]` f32/bf16/f16, `ids` `[T]`, `out` `[T, cols]` f32 with row stride
 /// `out_stride`. An id `>= V` is an error and nothing is written.
-pub fn embedding(isa: CpuIsa, table: &Weight, ids: &[u32], out: &mut [f32], out_stride: usize) -> Result<(), KernelError> {
+pub fn embedding(
+    isa: CpuIsa,
+    table: &Weight,
+    ids: &[u32],
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), KernelError> {
     const NAME: &str = "embedding";
     table.check(NAME)?;
     check_ids(NAME, ids, table.rows)?;
     check_rows(NAME, "out", out.len(), ids.len(), table.cols, out_stride)?;
     let isa = runnable_isa(isa);
-    let (cols, out) = (table.cols, Out { ptr: out.as_mut_ptr(), stride: out_stride });
+    let (cols, out) = (
+        table.cols,
+        Out {
+            ptr: out.as_mut_ptr(),
+            stride: out_stride,
+        },
+    );
     match table.data {
-        WeightData::F32(d) => run_simd(isa, Widen { table: d, cols, ids, out }),
-        WeightData::BF16(d) => run_simd(isa, Widen::<bf16> { table: d, cols, ids, out }),
-        WeightData::F16(d) => run_simd(isa, Widen::<f16> { table: d, cols, ids, out }),
+        WeightData::F32(d) => run_simd(
+            isa,
+            Widen {
+                table: d,
+                cols,
+                ids,
+                out,
+            },
+        ),
+        WeightData::BF16(d) => run_simd(
+            isa,
+            Widen::<bf16> {
+                table: d,
+                cols,
+                ids,
+                out,
+            },
+        ),
+        WeightData::F16(d) => run_simd(
+            isa,
+            Widen::<f16> {
+                table: d,
+                cols,
+                ids,
+                out,
+            },
+        ),
     }
     Ok(())
 }
@@ -31,14 +67,30 @@ pub fn embedding(isa: CpuIsa, table: &Weight, ids: &[u32], out: &mut [f32], out_
 ///
 /// Shapes: `x` `[R, cols]` f32 with row stride `x_stride` (R is however many rows `x` holds),
 /// `rows` `[T]`, `out` `[T, cols]` f32.
-pub fn gather_rows(x: &[f32], x_stride: usize, rows: &[u32], cols: usize, out: &mut [f32], out_stride: usize) -> Result<(), KernelError> {
+pub fn gather_rows(
+    x: &[f32],
+    x_stride: usize,
+    rows: &[u32],
+    cols: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), KernelError> {
     const NAME: &str = "gather_rows";
     // Rows that fit entirely inside `x`.
-    let available = if cols == 0 { usize::MAX } else if x.len() < cols { 0 } else { (x.len() - cols) / x_stride.max(1) + 1 };
+    let available = if cols == 0 {
+        usize::MAX
+    } else if x.len() < cols {
+        0
+    } else {
+        (x.len() - cols) / x_stride.max(1) + 1
+    };
     check_ids(NAME, rows, available)?;
     check_rows(NAME, "out", out.len(), rows.len(), cols, out_stride)?;
     if rows.len() > 1 && x_stride < cols {
-        return Err(KernelError::shape(NAME, format!("x: stride {x_stride} < {cols} columns")));
+        return Err(KernelError::shape(
+            NAME,
+            format!("x: stride {x_stride} < {cols} columns"),
+        ));
     }
     for (t, &r) in rows.iter().enumerate() {
         let src = &x[r as usize * x_stride..][..cols];
@@ -49,7 +101,11 @@ pub fn gather_rows(x: &[f32], x_stride: usize, rows: &[u32], cols: usize, out: &
 
 fn check_ids(kernel: &'static str, ids: &[u32], rows: usize) -> Result<(), KernelError> {
     match ids.iter().find(|&&id| id as usize >= rows) {
-        Some(&index) => Err(KernelError::IndexOutOfRange { kernel, index, rows }),
+        Some(&index) => Err(KernelError::IndexOutOfRange {
+            kernel,
+            index,
+            rows,
+        }),
         None => Ok(()),
     }
 }
@@ -104,7 +160,14 @@ pub mod reference {
     }
 
     /// Same contract as [`super::gather_rows`]; panics on a bad row.
-    pub fn gather_rows(x: &[f32], x_stride: usize, rows: &[u32], cols: usize, out: &mut [f32], out_stride: usize) {
+    pub fn gather_rows(
+        x: &[f32],
+        x_stride: usize,
+        rows: &[u32],
+        cols: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
         for (t, &r) in rows.iter().enumerate() {
             for i in 0..cols {
                 out[t * out_stride + i] = x[r as usize * x_stride + i];
@@ -127,14 +190,26 @@ mod tests {
                 let b: Vec<bf16> = f.iter().map(|&x| bf16::from_f32(x)).collect();
                 let h: Vec<f16> = f.iter().map(|&x| f16::from_f32(x)).collect();
                 let ids: Vec<u32> = (0..7).map(|_| rng.below(v) as u32).collect();
-                for data in [WeightData::F32(&f), WeightData::BF16(&b), WeightData::F16(&h)] {
-                    let table = Weight { data, rows: v, cols };
+                for data in [
+                    WeightData::F32(&f),
+                    WeightData::BF16(&b),
+                    WeightData::F16(&h),
+                ] {
+                    let table = Weight {
+                        data,
+                        rows: v,
+                        cols,
+                    };
                     let stride = cols + 2;
                     let mut got = vec![-1.0; ids.len() * stride];
                     let mut want = vec![-1.0; ids.len() * stride];
                     embedding(isa, &table, &ids, &mut got, stride).unwrap();
                     reference::embedding(&table, &ids, &mut want, stride);
-                    println!("embedding {isa:?} {} v={v} cols={cols}: max abs diff {:.3e}", data.dtype(), max_abs_diff(&got, &want));
+                    println!(
+                        "embedding {isa:?} {} v={v} cols={cols}: max abs diff {:.3e}",
+                        data.dtype(),
+                        max_abs_diff(&got, &want)
+                    );
                     assert_eq!(got, want, "{isa:?}: widening is exact");
                 }
             }
@@ -144,10 +219,21 @@ mod tests {
     #[test]
     fn out_of_range_ids_are_errors_and_write_nothing() {
         let f = vec![1.0f32; 12];
-        let table = Weight { data: WeightData::F32(&f), rows: 3, cols: 4 };
+        let table = Weight {
+            data: WeightData::F32(&f),
+            rows: 3,
+            cols: 4,
+        };
         let mut out = vec![0.0; 8];
         let err = embedding(CpuIsa::Portable, &table, &[0, 3], &mut out, 4).unwrap_err();
-        assert_eq!(err, KernelError::IndexOutOfRange { kernel: "embedding", index: 3, rows: 3 });
+        assert_eq!(
+            err,
+            KernelError::IndexOutOfRange {
+                kernel: "embedding",
+                index: 3,
+                rows: 3
+            }
+        );
         assert!(out.iter().all(|&v| v == 0.0));
         embedding(CpuIsa::Portable, &table, &[2, 1], &mut out, 4).unwrap();
         assert!(out.iter().all(|&v| v == 1.0));
@@ -162,7 +248,10 @@ mod tests {
         let mut want = vec![0.0; 6];
         reference::gather_rows(&x, 10, &[2, 0], 3, &mut want, 3);
         assert_eq!(out, want);
-        assert!(matches!(gather_rows(&x, 10, &[3], 3, &mut out, 3), Err(KernelError::IndexOutOfRange { index: 3, .. })));
+        assert!(matches!(
+            gather_rows(&x, 10, &[3], 3, &mut out, 3),
+            Err(KernelError::IndexOutOfRange { index: 3, .. })
+        ));
         // The last row of a strided buffer may be short of a full stride.
         gather_rows(&x[..23], 10, &[2], 3, &mut out, 3).unwrap();
         assert!(gather_rows(&x[..22], 10, &[2], 3, &mut out, 3).is_err());

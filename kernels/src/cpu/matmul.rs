@@ -14,15 +14,23 @@ use super::simd::{load_n, run_simd, store_n, Simd, SimdTask, WeightElem};
 use super::{check_len, check_rows, runnable_isa, SharedMut, Weight, WeightData};
 use crate::KernelError;
 use half::{bf16, f16};
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// From this many token rows on, the packed (prefill) path is used.
-pub(crate) const PACKED_MIN_ROWS: usize = 8;
+/// From this many token rows on, the packed (prefill) path is used: below it packing costs more
+/// than it saves (measured with `examples/matmul_bench --only crossover`).
+fn packed_min_rows(isa: CpuIsa) -> usize {
+    match isa {
+        CpuIsa::Avx512 => 16,
+        _ => 24,
+    }
+}
 /// K is processed in blocks of at most this many elements so a packed panel stays in L1/L2.
 const K_BLOCK: usize = 256;
-/// Token rows per task of the packed path.
+/// Size the packed weight block of one task aims for.
+const PACKED_BLOCK_BYTES: usize = 128 << 10;
+/// Token rows per task of the packed path, when N alone gives too few tasks.
 const T_BLOCK: usize = 192;
 /// Fewest weight rows a decode task streams.
 const MIN_ROWS_PER_TASK: usize = 16;
@@ -43,6 +51,45 @@ pub fn matmul(
     out: &mut [f32],
     out_stride: usize,
 ) -> Result<(), KernelError> {
+    matmul_with_path(
+        isa,
+        MatmulPath::Auto,
+        x,
+        x_stride,
+        t,
+        w,
+        bias,
+        out,
+        out_stride,
+    )
+}
+
+/// Which matmul algorithm runs; [`matmul`] uses `Auto`. The others exist for benchmarks and
+/// tests that need one path regardless of T.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// `Streamed` below 16 (AVX-512) or 24 (otherwise) token rows, else `Packed`.
+    Auto,
+    /// Dot products while streaming each weight row once (decode).
+    Streamed,
+    /// Weight panels packed per tile and a register-blocked micro-kernel (prefill).
+    Packed,
+}
+
+/// [`matmul`] with the algorithm chosen by the caller; both paths give results within f32
+/// rounding of each other.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_with_path(
+    isa: CpuIsa,
+    path: MatmulPath,
+    x: &[f32],
+    x_stride: usize,
+    t: usize,
+    w: &Weight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), KernelError> {
     const NAME: &str = "matmul";
     w.check(NAME)?;
     let (n, k) = (w.rows, w.cols);
@@ -55,11 +102,25 @@ pub fn matmul(
         return Ok(());
     }
     let isa = runnable_isa(isa);
-    let args = Args { x, x_stride, t, n, k, bias, out: SharedMut(out.as_mut_ptr()), out_stride };
+    let packed = match path {
+        MatmulPath::Auto => t >= packed_min_rows(isa),
+        MatmulPath::Streamed => false,
+        MatmulPath::Packed => true,
+    };
+    let args = Args {
+        x,
+        x_stride,
+        t,
+        n,
+        k,
+        bias,
+        out: SharedMut(out.as_mut_ptr()),
+        out_stride,
+    };
     match w.data {
-        WeightData::F32(d) => dispatch(isa, &args, d),
-        WeightData::BF16(d) => dispatch::<bf16>(isa, &args, d),
-        WeightData::F16(d) => dispatch::<f16>(isa, &args, d),
+        WeightData::F32(d) => dispatch(isa, packed, &args, d),
+        WeightData::BF16(d) => dispatch::<bf16>(isa, packed, &args, d),
+        WeightData::F16(d) => dispatch::<f16>(isa, packed, &args, d),
     }
     Ok(())
 }
@@ -76,11 +137,11 @@ struct Args<'a> {
     out_stride: usize,
 }
 
-fn dispatch<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
-    if args.t < PACKED_MIN_ROWS {
-        streamed(isa, args, w);
-    } else {
+fn dispatch<E: WeightElem>(isa: CpuIsa, use_packed: bool, args: &Args, w: &[E]) {
+    if use_packed {
         packed(isa, args, w);
+    } else {
+        streamed(isa, args, w);
     }
 }
 
@@ -90,7 +151,11 @@ fn dispatch<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
 fn streamed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
     let threads = rayon::current_num_threads();
     // About 8 tasks per thread balances uneven cores; never fewer than 16 rows per task.
-    let rows_per_task = args.n.div_ceil(threads * 8).next_multiple_of(8).max(MIN_ROWS_PER_TASK);
+    let rows_per_task = args
+        .n
+        .div_ceil(threads * 8)
+        .next_multiple_of(8)
+        .max(MIN_ROWS_PER_TASK);
     let tasks = args.n.div_ceil(rows_per_task);
     let run = |task: usize| {
         let rows = task * rows_per_task..((task + 1) * rows_per_task).min(args.n);
@@ -173,8 +238,16 @@ unsafe fn dot_block<S: Simd, E: WeightElem, const TB: usize, const RB: usize>(
     }
     let mut acc = [[S::zero(); RB]; TB];
     let mut wv = [S::zero(); RB];
+    // The RB rows are short interleaved streams that the hardware prefetcher is slow to pick
+    // up; fetch the next group's rows (the following RB * k elements) a cache line at a time.
+    let line = 64 / std::mem::size_of::<E>();
     let mut kk = 0;
     while kk + S::LANES <= k {
+        if kk % line == 0 {
+            for p in ws {
+                S::prefetch(p.wrapping_add(RB * k + kk));
+            }
+        }
         for r in 0..RB {
             wv[r] = E::load::<S>(ws[r].add(kk));
         }
@@ -198,11 +271,11 @@ unsafe fn dot_block<S: Simd, E: WeightElem, const TB: usize, const RB: usize>(
             }
         }
     }
-    for i in 0..TB {
+    for (i, acc_row) in acc.iter().enumerate() {
         let out_row = a.out.0.add((t0 + i) * a.out_stride + n0);
-        for r in 0..RB {
+        for (r, &sum) in acc_row.iter().enumerate() {
             let bias = a.bias.map_or(0.0, |b| b[n0 + r]);
-            *out_row.add(r) = S::hsum(acc[i][r]) + bias;
+            *out_row.add(r) = S::hsum(sum) + bias;
         }
     }
 }
@@ -213,8 +286,8 @@ unsafe fn dot_block<S: Simd, E: WeightElem, const TB: usize, const RB: usize>(
 /// Micro-tile of the packed path for an ISA: MR token rows x NR output columns.
 fn tile_shape(isa: CpuIsa) -> (usize, usize) {
     match isa {
-        CpuIsa::Avx512 => (8, 32), // 16 accumulators of 32 registers.
-        CpuIsa::Avx2 => (6, 16),   // 12 accumulators + 2 panel vectors + 1 broadcast of 16.
+        CpuIsa::Avx512 => (8, 32),  // 16 accumulators of 32 registers.
+        CpuIsa::Avx2 => (6, 16),    // 12 accumulators + 2 panel vectors + 1 broadcast of 16.
         CpuIsa::Portable => (4, 8), // 8-lane arrays are two SSE registers each.
     }
 }
@@ -222,19 +295,33 @@ fn tile_shape(isa: CpuIsa) -> (usize, usize) {
 fn packed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
     let (_, nr) = tile_shape(isa);
     let threads = rayon::current_num_threads();
-    // Column tiles of 4..16 panels; more, smaller tiles only when there are few.
+    // A tile's packed block (tile columns x K_BLOCK f32) is kept near 128 KB so it stays in L2
+    // while x streams past; smaller tiles only when there would be too few tasks.
     let panels = args.n.div_ceil(nr);
-    let panels_per_tile = (panels / (threads * 4)).clamp(4, 16);
+    let max_panels = (PACKED_BLOCK_BYTES / (nr * K_BLOCK * 4)).max(1);
+    let panels_per_tile = (panels / (threads * 4)).clamp(1, max_panels);
     let n_tile = panels_per_tile * nr;
     let n_tiles = args.n.div_ceil(n_tile);
-    let t_blocks = if n_tiles >= threads * 4 { 1 } else { args.t.div_ceil(T_BLOCK) };
+    let t_blocks = if n_tiles >= threads * 4 {
+        1
+    } else {
+        args.t.div_ceil(T_BLOCK)
+    };
     let t_block = args.t.div_ceil(t_blocks);
     let tasks = n_tiles * t_blocks;
     let run = |task: usize| {
         let (tile, tb) = (task / t_blocks, task % t_blocks);
         let cols = tile * n_tile..((tile + 1) * n_tile).min(args.n);
         let rows = tb * t_block..((tb + 1) * t_block).min(args.t);
-        run_simd(isa, PackedTile { args, w, rows, cols });
+        run_simd(
+            isa,
+            PackedTile {
+                args,
+                w,
+                rows,
+                cols,
+            },
+        );
     };
     if tasks == 1 {
         run(0);
@@ -282,7 +369,15 @@ impl<E: WeightElem> SimdTask for PackedTile<'_, E> {
                 // SAFETY: rows/cols lie inside the checked shapes; the panel holds
                 // `panels * nr * kc` elements; this task owns out[rows, cols].
                 unsafe {
-                    pack_panels(self.w, a.k, self.cols.clone(), k0, kc, nr, panel.as_mut_ptr());
+                    pack_panels::<S, E>(
+                        self.w,
+                        a.k,
+                        self.cols.clone(),
+                        k0,
+                        kc,
+                        nr,
+                        panel.as_mut_ptr(),
+                    );
                     let mut t0 = self.rows.start;
                     while t0 < self.rows.end {
                         let m = (self.rows.end - t0).min(mr);
@@ -315,9 +410,10 @@ impl<E: WeightElem> SimdTask for PackedTile<'_, E> {
 }
 
 /// Widens weight rows `cols` x `[k0, k0 + kc)` into panels of `nr` rows laid out k-major:
-/// `panel[p][kk][j] = w[cols.start + p*nr + j][k0 + kk]`, zero past the last row.
+/// `panel[p][kk][j] = w[cols.start + p*nr + j][k0 + kk]`, zero past the last row. Each
+/// `LANES x LANES` block is read as row vectors and transposed in registers.
 #[inline(always)]
-unsafe fn pack_panels<E: WeightElem>(
+unsafe fn pack_panels<S: Simd, E: WeightElem>(
     w: &[E],
     k: usize,
     cols: std::ops::Range<usize>,
@@ -327,22 +423,29 @@ unsafe fn pack_panels<E: WeightElem>(
     dst: *mut f32,
 ) {
     let width = cols.len();
-    let panels = width.div_ceil(nr);
-    for p in 0..panels {
-        let base = dst.add(p * nr * kc);
-        for j in 0..nr {
-            let row = p * nr + j;
-            if row < width {
-                // Read each weight row sequentially; the strided writes land in L1.
-                let src = w.as_ptr().add((cols.start + row) * k + k0);
-                for kk in 0..kc {
-                    *base.add(kk * nr + j) = (*src.add(kk)).to_f32();
-                }
-            } else {
-                for kk in 0..kc {
-                    *base.add(kk * nr + j) = 0.0;
-                }
+    let mut block = [S::zero(); 16];
+    for row0 in (0..width.div_ceil(nr) * nr).step_by(S::LANES) {
+        let (p, lane0) = (row0 / nr, row0 % nr);
+        let base = dst.add(p * nr * kc + lane0);
+        let rows = width.saturating_sub(row0).min(S::LANES);
+        let mut kk = 0;
+        while kk < kc {
+            let n = (kc - kk).min(S::LANES);
+            for (r, v) in block.iter_mut().enumerate().take(S::LANES) {
+                let src = w.as_ptr().add((cols.start + row0 + r) * k + k0 + kk);
+                *v = if r >= rows {
+                    S::zero()
+                } else if n == S::LANES {
+                    E::load::<S>(src)
+                } else {
+                    E::load_part::<S>(src, n)
+                };
             }
+            S::transpose(&mut block[..S::LANES]);
+            for (i, v) in block.iter().enumerate().take(n) {
+                S::store(base.add((kk + i) * nr), *v);
+            }
+            kk += n;
         }
     }
 }
@@ -485,22 +588,40 @@ mod tests {
                 let (x_stride, out_stride) = (k + 3, n + 5);
                 let x = rng.vec(t * x_stride, 1.0);
                 let bias = rng.vec(n, 1.0);
-                for data in [WeightData::F32(&wf), WeightData::BF16(&wb), WeightData::F16(&wh)] {
-                    let w = Weight { data, rows: n, cols: k };
-                    for use_bias in [false, true] {
+                for data in [
+                    WeightData::F32(&wf),
+                    WeightData::BF16(&wb),
+                    WeightData::F16(&wh),
+                ] {
+                    let w = Weight {
+                        data,
+                        rows: n,
+                        cols: k,
+                    };
+                    for (use_bias, path) in [
+                        (false, MatmulPath::Auto),
+                        (true, MatmulPath::Streamed),
+                        (true, MatmulPath::Packed),
+                    ] {
                         let b = use_bias.then_some(&bias[..]);
                         let sentinel = 1234.5;
                         let mut got = vec![sentinel; t * out_stride];
                         let mut want = vec![sentinel; t * out_stride];
-                        matmul(isa, &x, x_stride, t, &w, b, &mut got, out_stride).unwrap();
+                        matmul_with_path(isa, path, &x, x_stride, t, &w, b, &mut got, out_stride)
+                            .unwrap();
                         reference::matmul(&x, x_stride, t, &w, b, &mut want, out_stride);
                         let diff = max_abs_diff(&got, &want);
-                        println!("matmul {isa:?} {} t={t} n={n} k={k} bias={use_bias}: max abs diff {diff:.3e}", data.dtype());
+                        println!("matmul {isa:?} {path:?} {} t={t} n={n} k={k} bias={use_bias}: max abs diff {diff:.3e}", data.dtype());
                         // Terms are products of values in [-1, 1]: f32 rounding grows ~ sqrt(k) eps.
-                        assert!(diff < 2e-6 * (k as f32).sqrt() * 4.0, "{isa:?} t={t} n={n} k={k}: {diff}");
+                        assert!(
+                            diff < 2e-6 * (k as f32).sqrt() * 4.0,
+                            "{isa:?} t={t} n={n} k={k}: {diff}"
+                        );
                         // Padding columns past N keep the sentinel.
                         for ti in 0..t {
-                            assert!(got[ti * out_stride + n..ti * out_stride + out_stride].iter().all(|&v| v == sentinel));
+                            assert!(got[ti * out_stride + n..ti * out_stride + out_stride]
+                                .iter()
+                                .all(|&v| v == sentinel));
                         }
                     }
                 }
@@ -514,36 +635,57 @@ mod tests {
         for isa in isas_to_test() {
             for &(t, n, k) in &[(1, 999, 577), (5, 300, 64), (61, 1000, 600)] {
                 let (_, wb, _) = weights(&mut rng, n, k);
-                let w = Weight { data: WeightData::BF16(&wb), rows: n, cols: k };
+                let w = Weight {
+                    data: WeightData::BF16(&wb),
+                    rows: n,
+                    cols: k,
+                };
                 let x = rng.vec(t * k, 1.0);
                 let run = |threads| {
                     let mut out = vec![0f32; t * n];
-                    on_threads(threads, || matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap());
+                    on_threads(threads, || {
+                        matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
+                    });
                     out
                 };
                 let one = run(1);
                 for threads in [2, 3, 5] {
-                    assert!(one.iter().zip(&run(threads)).all(|(a, b)| a.to_bits() == b.to_bits()), "{isa:?} t={t} threads={threads}");
+                    assert!(
+                        one.iter()
+                            .zip(&run(threads))
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{isa:?} t={t} threads={threads}"
+                    );
                 }
             }
         }
     }
 
     #[test]
-    fn packed_path_gives_each_row_the_same_value_wherever_it_sits() {
+    fn each_path_gives_a_row_the_same_value_wherever_it_sits() {
         // A row's result must not depend on which micro-tile (or remainder tile) computes it.
         let mut rng = Rng::new(5);
         let (n, k) = (77, 300);
         let (wf, _, _) = weights(&mut rng, n, k);
-        let w = Weight { data: WeightData::F32(&wf), rows: n, cols: k };
+        let w = Weight {
+            data: WeightData::F32(&wf),
+            rows: n,
+            cols: k,
+        };
         let row = rng.vec(k, 1.0);
         for isa in isas_to_test() {
-            let t = 23;
-            let x: Vec<f32> = (0..t).flat_map(|_| row.iter().copied()).collect();
-            let mut out = vec![0f32; t * n];
-            matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap();
-            for ti in 1..t {
-                assert_eq!(out[..n], out[ti * n..(ti + 1) * n], "{isa:?} row {ti}");
+            for path in [MatmulPath::Streamed, MatmulPath::Packed] {
+                let t = 23;
+                let x: Vec<f32> = (0..t).flat_map(|_| row.iter().copied()).collect();
+                let mut out = vec![0f32; t * n];
+                matmul_with_path(isa, path, &x, k, t, &w, None, &mut out, n).unwrap();
+                for ti in 1..t {
+                    assert_eq!(
+                        out[..n],
+                        out[ti * n..(ti + 1) * n],
+                        "{isa:?} {path:?} row {ti}"
+                    );
+                }
             }
         }
     }
@@ -551,14 +693,41 @@ mod tests {
     #[test]
     fn rejects_short_buffers() {
         let w = vec![0f32; 12];
-        let weight = Weight { data: WeightData::F32(&w), rows: 3, cols: 4 };
+        let weight = Weight {
+            data: WeightData::F32(&w),
+            rows: 3,
+            cols: 4,
+        };
         let x = vec![0f32; 7];
         let mut out = vec![0f32; 6];
         let err = matmul(CpuIsa::Portable, &x, 4, 2, &weight, None, &mut out, 3).unwrap_err();
-        assert!(matches!(err, KernelError::Shape { kernel: "matmul", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                KernelError::Shape {
+                    kernel: "matmul",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let x = vec![0f32; 8];
-        assert!(matmul(CpuIsa::Portable, &x, 4, 2, &weight, Some(&[0.0; 2]), &mut out, 3).is_err());
-        let bad = Weight { data: WeightData::F32(&w), rows: 4, cols: 4 };
+        assert!(matmul(
+            CpuIsa::Portable,
+            &x,
+            4,
+            2,
+            &weight,
+            Some(&[0.0; 2]),
+            &mut out,
+            3
+        )
+        .is_err());
+        let bad = Weight {
+            data: WeightData::F32(&w),
+            rows: 4,
+            cols: 4,
+        };
         assert!(matmul(CpuIsa::Portable, &x, 4, 2, &bad, None, &mut out, 3).is_err());
         assert!(matmul(CpuIsa::Portable, &x, 4, 2, &weight, None, &mut out, 3).is_ok());
     }

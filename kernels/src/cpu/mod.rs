@@ -25,13 +25,13 @@ mod simd;
 pub(crate) mod test_util;
 
 use crate::KernelError;
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 use std::sync::OnceLock;
 
 pub use attention::{attention, KvLayerMut};
 pub use elementwise::{add, mul, silu, silu_mul};
 pub use gather::{embedding, gather_rows};
-pub use matmul::matmul;
+pub use matmul::{matmul, matmul_with_path, MatmulPath};
 pub use norm::{add_rms_norm, rms_norm};
 pub use rope::rope;
 
@@ -67,11 +67,11 @@ impl WeightData<'_> {
         self.len() == 0
     }
 
-    pub fn dtype(&self) -> ir::DType {
+    pub fn dtype(&self) -> ir_types::DType {
         match self {
-            WeightData::F32(_) => ir::DType::F32,
-            WeightData::BF16(_) => ir::DType::BF16,
-            WeightData::F16(_) => ir::DType::F16,
+            WeightData::F32(_) => ir_types::DType::F32,
+            WeightData::BF16(_) => ir_types::DType::BF16,
+            WeightData::F16(_) => ir_types::DType::F16,
         }
     }
 
@@ -98,7 +98,12 @@ impl Weight<'_> {
         if self.data.len() != self.rows * self.cols {
             return Err(KernelError::shape(
                 kernel,
-                format!("weight has {} elements, expected {} x {}", self.data.len(), self.rows, self.cols),
+                format!(
+                    "weight has {} elements, expected {} x {}",
+                    self.data.len(),
+                    self.rows,
+                    self.cols
+                ),
             ));
         }
         Ok(())
@@ -130,7 +135,10 @@ fn check_rows(
         return Ok(());
     }
     if rows > 1 && stride < cols {
-        return Err(KernelError::shape(kernel, format!("{name}: stride {stride} < {cols} columns")));
+        return Err(KernelError::shape(
+            kernel,
+            format!("{name}: stride {stride} < {cols} columns"),
+        ));
     }
     let needed = (rows - 1)
         .checked_mul(stride)
@@ -139,7 +147,9 @@ fn check_rows(
     if len < needed {
         return Err(KernelError::shape(
             kernel,
-            format!("{name}: {len} elements cannot hold {rows} rows of {cols} with stride {stride}"),
+            format!(
+                "{name}: {len} elements cannot hold {rows} rows of {cols} with stride {stride}"
+            ),
         ));
     }
     Ok(())
@@ -147,7 +157,10 @@ fn check_rows(
 
 fn check_len(kernel: &'static str, name: &str, len: usize, want: usize) -> Result<(), KernelError> {
     if len < want {
-        return Err(KernelError::shape(kernel, format!("{name}: {len} elements, need {want}")));
+        return Err(KernelError::shape(
+            kernel,
+            format!("{name}: {len} elements, need {want}"),
+        ));
     }
     Ok(())
 }

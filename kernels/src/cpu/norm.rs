@@ -7,7 +7,7 @@
 use super::simd::{load_n, run_simd, store_n, Simd, SimdTask};
 use super::{check_len, check_rows, for_row_chunks, runnable_isa, SharedMut};
 use crate::KernelError;
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 
 /// Per-group RMS norm.
 ///
@@ -27,8 +27,11 @@ pub fn rms_norm(
     out_stride: usize,
 ) -> Result<(), KernelError> {
     const NAME: &str = "rms_norm";
-    if group == 0 || cols % group != 0 {
-        return Err(KernelError::shape(NAME, format!("{cols} columns do not split into groups of {group}")));
+    if group == 0 || !cols.is_multiple_of(group) {
+        return Err(KernelError::shape(
+            NAME,
+            format!("{cols} columns do not split into groups of {group}"),
+        ));
     }
     check_len(NAME, "w", w.len(), group)?;
     check_rows(NAME, "x", x.len(), t, cols, x_stride)?;
@@ -36,7 +39,19 @@ pub fn rms_norm(
     let isa = runnable_isa(isa);
     let out = SharedMut(out.as_mut_ptr());
     for_row_chunks(t, cols, |begin, end| {
-        let task = NormRows { x, x_stride, d: None, cols, group, w, eps, sum: None, out, out_stride, rows: begin..end };
+        let task = NormRows {
+            x,
+            x_stride,
+            d: None,
+            cols,
+            group,
+            w,
+            eps,
+            sum: None,
+            out,
+            out_stride,
+            rows: begin..end,
+        };
         run_simd(isa, task);
     });
     Ok(())
@@ -132,7 +147,13 @@ impl SimdTask for NormRows<'_> {
                 }
                 let dst = self.out.0.add(row * self.out_stride);
                 for g in (0..self.cols).step_by(self.group) {
-                    norm_group::<S>(src.add(g), self.group, self.w.as_ptr(), self.eps, dst.add(g));
+                    norm_group::<S>(
+                        src.add(g),
+                        self.group,
+                        self.w.as_ptr(),
+                        self.eps,
+                        dst.add(g),
+                    );
                 }
             }
         }
@@ -154,7 +175,10 @@ unsafe fn norm_group<S: Simd>(x: *const f32, len: usize, w: *const f32, eps: f32
     let mut i = 0;
     while i < len {
         let n = (len - i).min(S::LANES);
-        let y = S::mul(S::mul(load_n::<S>(x.add(i), n), inv), load_n::<S>(w.add(i), n));
+        let y = S::mul(
+            S::mul(load_n::<S>(x.add(i), n), inv),
+            load_n::<S>(w.add(i), n),
+        );
         store_n::<S>(out.add(i), y, n);
         i += n;
     }
@@ -208,7 +232,17 @@ pub mod reference {
                 sum_out[row * sum_stride + i] = x[row * x_stride + i] + d[row * d_stride + i];
             }
         }
-        rms_norm(sum_out, sum_stride, t, cols, cols, w, eps, normed_out, normed_stride);
+        rms_norm(
+            sum_out,
+            sum_stride,
+            t,
+            cols,
+            cols,
+            w,
+            eps,
+            normed_out,
+            normed_stride,
+        );
     }
 }
 
@@ -221,7 +255,14 @@ mod tests {
     fn rms_norm_matches_reference() {
         let mut rng = Rng::new(3);
         for isa in isas_to_test() {
-            for &(t, cols, group) in &[(1, 1, 1), (3, 7, 7), (5, 576, 576), (4, 54, 18), (70, 640, 64), (2, 33, 11)] {
+            for &(t, cols, group) in &[
+                (1, 1, 1),
+                (3, 7, 7),
+                (5, 576, 576),
+                (4, 54, 18),
+                (70, 640, 64),
+                (2, 33, 11),
+            ] {
                 let stride = cols + 3;
                 let x = rng.vec(t * stride, 3.0);
                 let w = rng.vec(group, 1.0);
@@ -230,9 +271,13 @@ mod tests {
                 rms_norm(isa, &x, stride, t, cols, group, &w, 1e-6, &mut got, stride).unwrap();
                 reference::rms_norm(&x, stride, t, cols, group, &w, 1e-6, &mut want, stride);
                 let diff = max_abs_diff(&got, &want);
-                println!("rms_norm {isa:?} t={t} cols={cols} group={group}: max abs diff {diff:.3e}");
+                println!(
+                    "rms_norm {isa:?} t={t} cols={cols} group={group}: max abs diff {diff:.3e}"
+                );
                 assert!(diff < 5e-6, "{isa:?} {cols}/{group}: {diff}");
-                assert!((0..t).all(|r| got[r * stride + cols..(r + 1) * stride].iter().all(|&v| v == 9.0)));
+                assert!((0..t).all(|r| got[r * stride + cols..(r + 1) * stride]
+                    .iter()
+                    .all(|&v| v == 9.0)));
             }
         }
     }
@@ -261,9 +306,42 @@ mod tests {
                 let x = rng.vec(t * cols, 2.0);
                 let d = rng.vec(t * (cols + 1), 2.0);
                 let w = rng.vec(cols, 1.0);
-                let (mut s, mut y, mut ws, mut wy) = (vec![0.0; t * cols], vec![0.0; t * cols], vec![0.0; t * cols], vec![0.0; t * cols]);
-                add_rms_norm(isa, &x, cols, &d, cols + 1, t, cols, &w, 1e-5, &mut s, cols, &mut y, cols).unwrap();
-                reference::add_rms_norm(&x, cols, &d, cols + 1, t, cols, &w, 1e-5, &mut ws, cols, &mut wy, cols);
+                let (mut s, mut y, mut ws, mut wy) = (
+                    vec![0.0; t * cols],
+                    vec![0.0; t * cols],
+                    vec![0.0; t * cols],
+                    vec![0.0; t * cols],
+                );
+                add_rms_norm(
+                    isa,
+                    &x,
+                    cols,
+                    &d,
+                    cols + 1,
+                    t,
+                    cols,
+                    &w,
+                    1e-5,
+                    &mut s,
+                    cols,
+                    &mut y,
+                    cols,
+                )
+                .unwrap();
+                reference::add_rms_norm(
+                    &x,
+                    cols,
+                    &d,
+                    cols + 1,
+                    t,
+                    cols,
+                    &w,
+                    1e-5,
+                    &mut ws,
+                    cols,
+                    &mut wy,
+                    cols,
+                );
                 let diff = max_abs_diff(&y, &wy);
                 println!("add_rms_norm {isa:?} t={t} cols={cols}: sum diff {:.3e}, normed max abs diff {diff:.3e}", max_abs_diff(&s, &ws));
                 assert_eq!(s, ws, "{isa:?}: the sum is one exact f32 add");
@@ -276,8 +354,44 @@ mod tests {
     fn rejects_groups_that_do_not_divide_the_row() {
         let x = [1.0; 10];
         let mut y = [0.0; 10];
-        assert!(rms_norm(CpuIsa::Portable, &x, 10, 1, 10, 4, &[1.0; 4], 1e-6, &mut y, 10).is_err());
-        assert!(rms_norm(CpuIsa::Portable, &x, 10, 1, 10, 5, &[1.0; 4], 1e-6, &mut y, 10).is_err());
-        assert!(rms_norm(CpuIsa::Portable, &x, 10, 1, 10, 5, &[1.0; 5], 1e-6, &mut y, 10).is_ok());
+        assert!(rms_norm(
+            CpuIsa::Portable,
+            &x,
+            10,
+            1,
+            10,
+            4,
+            &[1.0; 4],
+            1e-6,
+            &mut y,
+            10
+        )
+        .is_err());
+        assert!(rms_norm(
+            CpuIsa::Portable,
+            &x,
+            10,
+            1,
+            10,
+            5,
+            &[1.0; 4],
+            1e-6,
+            &mut y,
+            10
+        )
+        .is_err());
+        assert!(rms_norm(
+            CpuIsa::Portable,
+            &x,
+            10,
+            1,
+            10,
+            5,
+            &[1.0; 5],
+            1e-6,
+            &mut y,
+            10
+        )
+        .is_ok());
     }
 }

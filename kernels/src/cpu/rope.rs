@@ -5,7 +5,7 @@
 use super::simd::{load_n, run_simd, store_n, Simd, SimdTask};
 use super::{check_len, check_rows, for_row_chunks, runnable_isa, SharedMut};
 use crate::KernelError;
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 
 /// `out[i] = x[i] c - x[i + D/2] s`, `out[i + D/2] = x[i + D/2] c + x[i] s` per head, with
 /// `c = cos[pos * table_stride + i]`, `s = sin[...]` for `i < D/2`.
@@ -28,12 +28,18 @@ pub fn rope(
     out_stride: usize,
 ) -> Result<(), KernelError> {
     const NAME: &str = "rope";
-    if head_dim % 2 != 0 {
-        return Err(KernelError::shape(NAME, format!("head_dim {head_dim} is odd")));
+    if !head_dim.is_multiple_of(2) {
+        return Err(KernelError::shape(
+            NAME,
+            format!("head_dim {head_dim} is odd"),
+        ));
     }
     let half = head_dim / 2;
     if table_stride < half {
-        return Err(KernelError::shape(NAME, format!("table_stride {table_stride} < head_dim / 2 = {half}")));
+        return Err(KernelError::shape(
+            NAME,
+            format!("table_stride {table_stride} < head_dim / 2 = {half}"),
+        ));
     }
     let cols = n_heads * head_dim;
     check_rows(NAME, "x", x.len(), t, cols, x_stride)?;
@@ -47,7 +53,19 @@ pub fn rope(
     let isa = runnable_isa(isa);
     let out = SharedMut(out.as_mut_ptr());
     for_row_chunks(t, cols, |begin, end| {
-        let task = RopeRows { x, x_stride, n_heads, half, positions, cos, sin, table_stride, out, out_stride, rows: begin..end };
+        let task = RopeRows {
+            x,
+            x_stride,
+            n_heads,
+            half,
+            positions,
+            cos,
+            sin,
+            table_stride,
+            out,
+            out_stride,
+            rows: begin..end,
+        };
         run_simd(isa, task);
     });
     Ok(())
@@ -159,8 +177,34 @@ mod tests {
                 let x = rng.vec(t * stride, 2.0);
                 let mut got = vec![0.0; t * stride];
                 let mut want = vec![0.0; t * stride];
-                rope(isa, &x, stride, t, heads, d, &positions, &cos, &sin, d / 2, &mut got, stride).unwrap();
-                reference::rope(&x, stride, t, heads, d, &positions, &cos, &sin, d / 2, &mut want, stride);
+                rope(
+                    isa,
+                    &x,
+                    stride,
+                    t,
+                    heads,
+                    d,
+                    &positions,
+                    &cos,
+                    &sin,
+                    d / 2,
+                    &mut got,
+                    stride,
+                )
+                .unwrap();
+                reference::rope(
+                    &x,
+                    stride,
+                    t,
+                    heads,
+                    d,
+                    &positions,
+                    &cos,
+                    &sin,
+                    d / 2,
+                    &mut want,
+                    stride,
+                );
                 let diff = max_abs_diff(&got, &want);
                 println!("rope {isa:?} t={t} heads={heads} d={d}: max abs diff {diff:.3e}");
                 assert!(diff < 1e-6, "{isa:?}: {diff}");
@@ -176,7 +220,21 @@ mod tests {
         let x = rng.vec(2 * heads * d, 1.0);
         for isa in isas_to_test() {
             let mut y = vec![0.0; x.len()];
-            rope(isa, &x, heads * d, 2, heads, d, &[0, 37], &cos, &sin, d / 2, &mut y, heads * d).unwrap();
+            rope(
+                isa,
+                &x,
+                heads * d,
+                2,
+                heads,
+                d,
+                &[0, 37],
+                &cos,
+                &sin,
+                d / 2,
+                &mut y,
+                heads * d,
+            )
+            .unwrap();
             assert_eq!(y[..heads * d], x[..heads * d], "{isa:?}");
             let (xr, yr) = (&x[heads * d..], &y[heads * d..]);
             for h in 0..heads {
@@ -196,7 +254,35 @@ mod tests {
         let (cos, sin) = tables(3, 2, 10000.0);
         let x = [0.0; 4];
         let mut y = [0.0; 4];
-        assert!(rope(CpuIsa::Portable, &x, 4, 1, 1, 4, &[4], &cos, &sin, 2, &mut y, 4).is_err());
-        assert!(rope(CpuIsa::Portable, &x, 4, 1, 1, 4, &[3], &cos, &sin, 2, &mut y, 4).is_ok());
+        assert!(rope(
+            CpuIsa::Portable,
+            &x,
+            4,
+            1,
+            1,
+            4,
+            &[4],
+            &cos,
+            &sin,
+            2,
+            &mut y,
+            4
+        )
+        .is_err());
+        assert!(rope(
+            CpuIsa::Portable,
+            &x,
+            4,
+            1,
+            1,
+            4,
+            &[3],
+            &cos,
+            &sin,
+            2,
+            &mut y,
+            4
+        )
+        .is_ok());
     }
 }

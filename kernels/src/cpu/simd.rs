@@ -8,7 +8,7 @@
 //! exactly that ISA, and the `Portable` instantiation uses baseline instructions only.
 
 use half::{bf16, f16};
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 
 /// A unit of kernel work that can be compiled for any vector ISA.
 ///
@@ -71,6 +71,18 @@ pub(crate) trait Simd: Copy + 'static {
     unsafe fn exp2i(n: Self::V) -> Self::V;
     /// Sum of the lanes in a fixed order.
     unsafe fn hsum(v: Self::V) -> f32;
+    /// Transposes the `LANES x LANES` block held in `rows[..LANES]` (row i becomes column i).
+    unsafe fn transpose(rows: &mut [Self::V]);
+    /// Hints that the cache line at `p` will be read soon. `p` may point anywhere: a prefetch
+    /// never faults.
+    #[inline(always)]
+    unsafe fn prefetch<T>(p: *const T) {
+        // Prefetch is baseline SSE on x86-64, so every level (portable included) may use it.
+        #[cfg(target_arch = "x86_64")]
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p as *const i8);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = p;
+    }
 }
 
 /// A weight element type the kernels read, widened to f32 on load.
@@ -199,7 +211,10 @@ pub(crate) unsafe fn exp<S: Simd>(x: S::V) -> S::V {
     p = S::mul_add(p, r, S::splat(1.0));
     p = S::mul_add(p, r, S::splat(1.0));
     // floor(n / 2) for integral n, again by the rounding trick.
-    let n_lo = S::sub(S::add(S::mul_add(n, S::splat(0.5), S::splat(-0.25)), magic), magic);
+    let n_lo = S::sub(
+        S::add(S::mul_add(n, S::splat(0.5), S::splat(-0.25)), magic),
+        magic,
+    );
     let n_hi = S::sub(n, n_lo);
     S::mul(S::mul(p, S::exp2i(n_hi)), S::exp2i(n_lo))
 }
@@ -308,6 +323,17 @@ impl Simd for Portable {
     #[inline(always)]
     unsafe fn hsum(v: Lanes) -> f32 {
         ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)] // The symmetric indices are the point.
+    unsafe fn transpose(rows: &mut [Lanes]) {
+        for i in 0..PORTABLE_LANES {
+            for j in i + 1..PORTABLE_LANES {
+                let upper = rows[i][j];
+                rows[i][j] = rows[j][i];
+                rows[j][i] = upper;
+            }
+        }
     }
 }
 
@@ -434,6 +460,34 @@ mod x86 {
             let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
             _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
         }
+        #[inline(always)]
+        unsafe fn transpose(r: &mut [__m256]) {
+            // Interleave pairs, then quads within 128-bit halves, then swap halves.
+            let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+            let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+            let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+            let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+            let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+            let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+            let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+            let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+            let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+            let u1 = _mm256_shuffle_ps::<0xee>(t0, t2);
+            let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+            let u3 = _mm256_shuffle_ps::<0xee>(t1, t3);
+            let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+            let u5 = _mm256_shuffle_ps::<0xee>(t4, t6);
+            let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+            let u7 = _mm256_shuffle_ps::<0xee>(t5, t7);
+            r[0] = _mm256_permute2f128_ps::<0x20>(u0, u4);
+            r[1] = _mm256_permute2f128_ps::<0x20>(u1, u5);
+            r[2] = _mm256_permute2f128_ps::<0x20>(u2, u6);
+            r[3] = _mm256_permute2f128_ps::<0x20>(u3, u7);
+            r[4] = _mm256_permute2f128_ps::<0x31>(u0, u4);
+            r[5] = _mm256_permute2f128_ps::<0x31>(u1, u5);
+            r[6] = _mm256_permute2f128_ps::<0x31>(u2, u6);
+            r[7] = _mm256_permute2f128_ps::<0x31>(u3, u7);
+        }
     }
 
     #[derive(Clone, Copy)]
@@ -524,6 +578,34 @@ mod x86 {
             let oct = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
             Avx2::hsum(oct)
         }
+        #[inline(always)]
+        unsafe fn transpose(r: &mut [__m512]) {
+            // Within each 128-bit lane L, `quads[4g + c]` ends up holding rows 4g..4g+4 at
+            // column 4L + c; two rounds of 128-bit lane shuffles then gather each column.
+            let mut pairs = [_mm512_setzero_ps(); 16];
+            for i in 0..8 {
+                pairs[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+                pairs[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+            }
+            let mut quads = [_mm512_setzero_ps(); 16];
+            for g in 0..4 {
+                let p = &pairs[4 * g..4 * g + 4];
+                quads[4 * g] = _mm512_shuffle_ps::<0x44>(p[0], p[2]);
+                quads[4 * g + 1] = _mm512_shuffle_ps::<0xee>(p[0], p[2]);
+                quads[4 * g + 2] = _mm512_shuffle_ps::<0x44>(p[1], p[3]);
+                quads[4 * g + 3] = _mm512_shuffle_ps::<0xee>(p[1], p[3]);
+            }
+            for c in 0..4 {
+                let x0 = _mm512_shuffle_f32x4::<0x88>(quads[c], quads[4 + c]);
+                let x1 = _mm512_shuffle_f32x4::<0xdd>(quads[c], quads[4 + c]);
+                let y0 = _mm512_shuffle_f32x4::<0x88>(quads[8 + c], quads[12 + c]);
+                let y1 = _mm512_shuffle_f32x4::<0xdd>(quads[8 + c], quads[12 + c]);
+                r[c] = _mm512_shuffle_f32x4::<0x88>(x0, y0);
+                r[8 + c] = _mm512_shuffle_f32x4::<0xdd>(x0, y0);
+                r[4 + c] = _mm512_shuffle_f32x4::<0x88>(x1, y1);
+                r[12 + c] = _mm512_shuffle_f32x4::<0xdd>(x1, y1);
+            }
+        }
     }
 }
 
@@ -539,7 +621,10 @@ mod tests {
             let mut i = 0;
             unsafe {
                 while i + S::LANES <= self.0.len() {
-                    S::store(self.1.as_mut_ptr().add(i), exp::<S>(S::load(self.0.as_ptr().add(i))));
+                    S::store(
+                        self.1.as_mut_ptr().add(i),
+                        exp::<S>(S::load(self.0.as_ptr().add(i))),
+                    );
                     i += S::LANES;
                 }
                 let rest = self.0.len() - i;
@@ -553,7 +638,9 @@ mod tests {
 
     #[test]
     fn exp_is_accurate_over_the_normal_range() {
-        let inputs: Vec<f32> = (0..200_001).map(|i| -87.0 + 175.0 * i as f32 / 200_000.0).collect();
+        let inputs: Vec<f32> = (0..200_001)
+            .map(|i| -87.0 + 175.0 * i as f32 / 200_000.0)
+            .collect();
         for isa in isas_to_test() {
             let mut got = vec![0f32; inputs.len()];
             run_simd(isa, ExpOf(&inputs, &mut got));
@@ -569,17 +656,62 @@ mod tests {
 
     #[test]
     fn exp_edges_are_finite_zero_or_nan() {
-        let inputs = [-1e30f32, f32::NEG_INFINITY, -110.0, -104.5, -95.0, 88.7, 0.0, f32::NAN];
+        let inputs = [
+            -1e30f32,
+            f32::NEG_INFINITY,
+            -110.0,
+            -104.5,
+            -95.0,
+            88.7,
+            0.0,
+            f32::NAN,
+        ];
         for isa in isas_to_test() {
             let mut got = [1f32; 8];
             run_simd(isa, ExpOf(&inputs, &mut got));
             assert_eq!(&got[..3], &[0.0, 0.0, 0.0], "{isa:?}");
             assert!(got[3] == 0.0 || got[3] < 1e-44, "{isa:?}: {}", got[3]);
             let want = (-95f64).exp();
-            assert!(((got[4] as f64 - want) / want).abs() < 1e-3, "{isa:?} subnormal {}", got[4]);
+            assert!(
+                ((got[4] as f64 - want) / want).abs() < 1e-3,
+                "{isa:?} subnormal {}",
+                got[4]
+            );
             assert!(got[5].is_finite() && got[5] > 3.3e38, "{isa:?}: {}", got[5]);
             assert_eq!(got[6], 1.0);
             assert!(got[7].is_nan(), "{isa:?}");
+        }
+    }
+
+    struct Transpose<'a>(&'a mut [f32]);
+    impl SimdTask for Transpose<'_> {
+        type Output = usize;
+        fn run<S: Simd>(self) -> usize {
+            let n = S::LANES;
+            unsafe {
+                let mut rows = [S::zero(); 16];
+                for (i, row) in rows.iter_mut().enumerate().take(n) {
+                    *row = S::load(self.0.as_ptr().add(i * n));
+                }
+                S::transpose(&mut rows[..n]);
+                for (i, row) in rows.iter().enumerate().take(n) {
+                    S::store(self.0.as_mut_ptr().add(i * n), *row);
+                }
+            }
+            n
+        }
+    }
+
+    #[test]
+    fn transpose_swaps_rows_and_columns() {
+        for isa in isas_to_test() {
+            let mut block: Vec<f32> = (0..256).map(|i| i as f32).collect();
+            let n = run_simd(isa, Transpose(&mut block));
+            for i in 0..n {
+                for j in 0..n {
+                    assert_eq!(block[i * n + j], (j * n + i) as f32, "{isa:?} [{i}][{j}]");
+                }
+            }
         }
     }
 
@@ -590,7 +722,10 @@ mod tests {
             let mut i = 0;
             unsafe {
                 while i + S::LANES <= self.0.len() {
-                    S::store(self.1.as_mut_ptr().add(i), E::load::<S>(self.0.as_ptr().add(i)));
+                    S::store(
+                        self.1.as_mut_ptr().add(i),
+                        E::load::<S>(self.0.as_ptr().add(i)),
+                    );
                     i += S::LANES;
                 }
                 let rest = self.0.len() - i;
@@ -611,12 +746,20 @@ mod tests {
             run_simd(isa, Widen(&f16s, &mut got));
             for (h, g) in f16s.iter().zip(&got) {
                 let want = h.to_f32();
-                assert!(want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()), "{isa:?} f16 {:#06x}", h.to_bits());
+                assert!(
+                    want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()),
+                    "{isa:?} f16 {:#06x}",
+                    h.to_bits()
+                );
             }
             run_simd(isa, Widen(&bf16s, &mut got));
             for (h, g) in bf16s.iter().zip(&got) {
                 let want = h.to_f32();
-                assert!(want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()), "{isa:?} bf16 {:#06x}", h.to_bits());
+                assert!(
+                    want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()),
+                    "{isa:?} bf16 {:#06x}",
+                    h.to_bits()
+                );
             }
             // Odd lengths go through the partial loads.
             let mut odd = vec![0f32; 13];

@@ -1,7 +1,7 @@
 //! Test helpers: a small deterministic RNG, random buffers, the ISAs this CPU can exercise, and
 //! error measures.
 
-use ir::CpuIsa;
+use ir_types::CpuIsa;
 
 /// SplitMix64: tiny, deterministic, good enough to fill test tensors.
 pub(crate) struct Rng(u64);
@@ -39,16 +39,26 @@ pub(crate) fn isas_to_test() -> Vec<CpuIsa> {
         .into_iter()
         .filter(|&isa| super::runnable_isa(isa) == isa)
         .collect();
-    println!("testing ISA levels {isas:?} (this CPU: {:?})", super::detected_isa());
+    println!(
+        "testing ISA levels {isas:?} (this CPU: {:?})",
+        super::detected_isa()
+    );
     isas
 }
 
 pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Runs `f` on a rayon pool of `threads` threads.
 pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(f)
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
 }

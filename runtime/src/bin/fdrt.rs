@@ -105,11 +105,19 @@ fn main() {
 
 fn load(plan: &Path, args: &RunArgs) -> Result<Engine> {
     if let Some(n) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up worker threads")?;
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("setting up worker threads")?;
     }
     let loaded = LoadedPlan::load(plan).with_context(|| format!("loading {}", plan.display()))?;
-    let max_context = args.max_context.min(loaded.manifest.model.max_position_embeddings.max(1) as usize);
-    let options = EngineOptions { max_context, max_batch_tokens: args.max_batch_tokens };
+    let max_context = args
+        .max_context
+        .min(loaded.manifest.model.max_position_embeddings.max(1) as usize);
+    let options = EngineOptions {
+        max_context,
+        max_batch_tokens: args.max_batch_tokens,
+    };
     Ok(Engine::new(loaded, options)?)
 }
 
@@ -139,15 +147,28 @@ fn run() -> Result<()> {
             let prompt_ids = match (prompt, ids) {
                 (_, Some(ids)) => ids,
                 (Some(text), None) => {
-                    let tok = tokenizer.as_ref().ok_or(runtime::RuntimeError::NoTokenizer)?;
-                    let text = if chat { render_chat(&engine, system, &text)? } else { text };
-                    tok.encode(&text)?
+                    let tok = tokenizer
+                        .as_ref()
+                        .ok_or(runtime::RuntimeError::NoTokenizer)?;
+                    if chat {
+                        // A rendered template already holds every special token it wants (as
+                        // HF's apply_chat_template does): add none on top.
+                        tok.encode_raw(&render_chat(&engine, system, &text)?)?
+                    } else {
+                        tok.encode(&text)?
+                    }
                 }
                 (None, None) => bail!("give a prompt with --prompt TEXT or --ids 1,2,3"),
             };
             let options = GenerateOptions {
                 max_new_tokens: max_tokens,
-                sampling: SamplingParams { temperature, top_k, top_p, min_p, seed },
+                sampling: SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    seed,
+                },
                 stop_token_ids: vec![],
                 ignore_eos,
             };
@@ -162,7 +183,9 @@ fn run() -> Result<()> {
                 println!("{value}");
                 out
             } else {
-                let tok = tokenizer.as_ref().ok_or(runtime::RuntimeError::NoTokenizer)?;
+                let tok = tokenizer
+                    .as_ref()
+                    .ok_or(runtime::RuntimeError::NoTokenizer)?;
                 let mut stream = tok.stream_decoder();
                 let mut stdout = std::io::stdout();
                 let mut failure = None;
@@ -190,18 +213,39 @@ fn run() -> Result<()> {
                 out.tokens.len() as f64 / secs
             );
         }
-        Command::Logits { plan, ids, out, run } => {
+        Command::Logits {
+            plan,
+            ids,
+            out,
+            run,
+        } => {
             let mut engine = load(&plan, &run)?;
             let logits = engine.prefill(&ids, true)?;
             let vocab = engine.vocab_size();
             let bytes: Vec<u8> = logits.iter().flat_map(|x| x.to_le_bytes()).collect();
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![ids.len(), vocab], &bytes)
-                .context("building the logits tensor")?;
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                vec![ids.len(), vocab],
+                &bytes,
+            )
+            .context("building the logits tensor")?;
             safetensors::serialize_to_file([("logits", view)], None, &out)
                 .with_context(|| format!("writing {}", out.display()))?;
-            eprintln!("wrote logits [{}, {}] to {}", ids.len(), vocab, out.display());
+            eprintln!(
+                "wrote logits [{}, {}] to {}",
+                ids.len(),
+                vocab,
+                out.display()
+            );
         }
-        Command::Bench { plan, prompt_tokens, decode_tokens, repeats, json, run } => {
+        Command::Bench {
+            plan,
+            prompt_tokens,
+            decode_tokens,
+            repeats,
+            json,
+            run,
+        } => {
             let mut engine = load(&plan, &run)?;
             let r = runtime::bench::run(&mut engine, prompt_tokens, decode_tokens, repeats)?;
             let threads = rayon::current_num_threads();
@@ -238,8 +282,16 @@ fn run() -> Result<()> {
 }
 
 fn render_chat(engine: &Engine, system: Option<String>, user: &str) -> Result<String> {
-    let info = engine.plan().manifest.tokenizer.as_ref().ok_or(runtime::RuntimeError::NoTokenizer)?;
-    let source = info.chat_template.as_deref().ok_or(runtime::RuntimeError::NoChatTemplate)?;
+    let info = engine
+        .plan()
+        .manifest
+        .tokenizer
+        .as_ref()
+        .ok_or(runtime::RuntimeError::NoTokenizer)?;
+    let source = info
+        .chat_template
+        .as_deref()
+        .ok_or(runtime::RuntimeError::NoChatTemplate)?;
     let template = ChatTemplate::new(source, info.bos_token.clone(), info.eos_token.clone())?;
     let mut messages = vec![];
     if let Some(s) = system {

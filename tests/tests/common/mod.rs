@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_path_buf()
 }
 
 pub fn golden(rel: &str) -> PathBuf {
@@ -41,17 +44,33 @@ pub fn compiled(model: &Path, dtype: DType) -> PathBuf {
     if let Some(p) = done.get(&key) {
         return p.clone();
     }
-    let stem = model.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let stem = model
+        .file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     let out = scratch_path(&format!("{stem}-{dtype}.fdp"));
-    let options = CompileOptions { target: Target::parse("cpu").expect("cpu"), weight_dtype: dtype, progress: false };
-    compiler::compile(model, &out, &options).unwrap_or_else(|e| panic!("compiling {}: {e}", model.display()));
+    let options = CompileOptions {
+        target: Target::parse("cpu").expect("cpu"),
+        weight_dtype: dtype,
+        progress: false,
+    };
+    compiler::compile(model, &out, &options)
+        .unwrap_or_else(|e| panic!("compiling {}: {e}", model.display()));
     done.insert(key, out.clone());
     out
 }
 
 pub fn engine(plan: &Path) -> Engine {
-    let loaded = LoadedPlan::load(plan).unwrap_or_else(|e| panic!("loading {}: {e}", plan.display()));
-    Engine::new(loaded, EngineOptions { max_context: 1024, max_batch_tokens: 64 }).expect("engine")
+    let loaded =
+        LoadedPlan::load(plan).unwrap_or_else(|e| panic!("loading {}: {e}", plan.display()));
+    Engine::new(
+        loaded,
+        EngineOptions {
+            max_context: 1024,
+            max_batch_tokens: 64,
+        },
+    )
+    .expect("engine")
 }
 
 pub struct Tensor {
@@ -62,34 +81,60 @@ pub struct Tensor {
 pub fn read_tensor(file: &Path, name: &str) -> Tensor {
     let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
-    let t = st.tensor(name).unwrap_or_else(|_| panic!("{} has no tensor {name}", file.display()));
+    let t = st
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("{} has no tensor {name}", file.display()));
     let data = match t.dtype() {
-        safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        safetensors::Dtype::I64 => {
-            t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32).collect()
-        }
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::I64 => t
+            .data()
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
         other => panic!("{name}: unexpected dtype {other:?}"),
     };
-    Tensor { shape: t.shape().to_vec(), data }
+    Tensor {
+        shape: t.shape().to_vec(),
+        data,
+    }
 }
 
 pub fn read_json(file: &Path) -> serde_json::Value {
-    let text = std::fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
+    let text =
+        std::fs::read_to_string(file).unwrap_or_else(|e| panic!("reading {}: {e}", file.display()));
     serde_json::from_str(&text).expect("valid JSON")
 }
 
 pub fn ids(value: &serde_json::Value) -> Vec<u32> {
-    value.as_array().expect("an id list").iter().map(|v| v.as_u64().expect("an id") as u32).collect()
+    value
+        .as_array()
+        .expect("an id list")
+        .iter()
+        .map(|v| v.as_u64().expect("an id") as u32)
+        .collect()
 }
 
 /// `max |got - want| / max |want|` over each row of `[rows, cols]`; fails with the worst row,
 /// its position and the first values side by side when above `tolerance`.
 pub fn check_logits(label: &str, got: &[f32], want: &[f32], cols: usize, tolerance: f32) -> f32 {
-    assert_eq!(got.len(), want.len(), "{label}: {} values, golden has {}", got.len(), want.len());
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{label}: {} values, golden has {}",
+        got.len(),
+        want.len()
+    );
     let mut worst = (0.0f32, 0usize);
     for (row, (g, w)) in got.chunks(cols).zip(want.chunks(cols)).enumerate() {
         let scale = w.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-        let diff = g.iter().zip(w).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let diff = g
+            .iter()
+            .zip(w)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         let rel = diff / scale.max(f32::MIN_POSITIVE);
         if rel > worst.0 {
             worst = (rel, row);

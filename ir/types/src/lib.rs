@@ -1,8 +1,10 @@
-//! The vocabulary every crate shares: element types, quantization schemes, op kinds and targets.
+//! `ir-types` owns the vocabulary every crate shares: element types, quantization schemes, op
+//! kinds and targets. `ir` re-exports it as `ir::types`.
 //!
-//! This module imports no graph library on purpose: `runtime`, `kernels` and `artifacts` may name
-//! these types, and a tidy test checks that none of them reaches for `ir::graph`.
-//! Only these small enums derive `Serialize`; the graph types never do.
+//! It is a crate of its own so that `runtime`, `kernels` and `artifacts` can name these types
+//! without building the graph IR or its graph library; a tidy test checks that they never reach
+//! for `ir` itself. Only these small enums derive `Serialize`; the graph types never do.
+//! Tests sit at the bottom of this file.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -156,7 +158,8 @@ impl Target {
     }
 
     /// Spellings accepted by [`Target::parse`], for error messages.
-    pub const SUPPORTED: &'static [&'static str] = &["cpu", "cpu-avx512", "cpu-avx2", "cpu-portable"];
+    pub const SUPPORTED: &'static [&'static str] =
+        &["cpu", "cpu-avx512", "cpu-avx2", "cpu-portable"];
 }
 
 impl fmt::Display for Target {
@@ -245,11 +248,21 @@ mod tests {
         for &k in OpKind::ALL {
             assert_eq!(OpKind::parse(k.name()), Some(k));
         }
-        for d in [DType::F32, DType::F16, DType::BF16, DType::I32, DType::I64, DType::U8] {
+        for d in [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::I32,
+            DType::I64,
+            DType::U8,
+        ] {
             assert_eq!(DType::parse(d.name()), Some(d));
         }
         for isa in [CpuIsa::Portable, CpuIsa::Avx2, CpuIsa::Avx512] {
-            assert_eq!(Target::parse(&Target::Cpu(isa).name()), Some(Target::Cpu(isa)));
+            assert_eq!(
+                Target::parse(&Target::Cpu(isa).name()),
+                Some(Target::Cpu(isa))
+            );
         }
         assert_eq!(Target::parse("gpu"), None);
     }
