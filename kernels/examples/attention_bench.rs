@@ -1,7 +1,7 @@
 //! Attention timings on SmolLM2-135M shapes (H = 9, KV = 3, D = 64): prefill of 512 tokens
 //! (GFLOP/s) and single-token decode against caches of growing length (GB/s of K/V read).
 //!
-//! `cargo run --release -p kernels --example attention_bench [-- --isa avx2|avx512|portable]`
+//! `cargo run --release -p kernels --example attention_bench [-- --isa avx2|avx512|portable] [--only prefill|decode]`
 
 use ir_types::CpuIsa;
 use kernels::cpu::{self, KvLayerMut};
@@ -86,14 +86,25 @@ fn main() {
         })
     };
 
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    // Prefill also fills the cache, so the decode timings below read real keys and values.
     let secs = run(512, 0).as_secs_f64();
     let pairs: usize = (1..=512).sum();
     let flops = 4.0 * (h * d * pairs) as f64;
-    println!(
-        "prefill T=512: {:.3} ms, {:.1} GFLOP/s",
-        secs * 1e3,
-        flops / secs / 1e9
-    );
+    if only.as_deref() != Some("decode") {
+        println!(
+            "prefill T=512: {:.3} ms, {:.1} GFLOP/s",
+            secs * 1e3,
+            flops / secs / 1e9
+        );
+    }
+    if only.as_deref() == Some("prefill") {
+        return;
+    }
     for p in [127, 511, 2047, 4095] {
         let secs = run(1, p).as_secs_f64();
         let bytes = 2.0 * ((p + 1) * kv * d * 4) as f64;

@@ -35,6 +35,8 @@ const KEY_CHUNK: usize = 256;
 const SPLIT_BELOW_PIECES: usize = 32;
 /// Query vectors per piece.
 const MAX_QUERY_VECTORS: usize = 3;
+/// Pieces of at most this many queries compute scores as dot products (see `block_scores_dot`).
+const DOT_MAX_QUERIES: usize = 4;
 
 /// Appends the new tokens' keys and values to `cache`, then attends.
 ///
@@ -292,7 +294,7 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
     let mut buf = SCRATCH.take();
     {
         let (qt_len, s_len, acc_len) = (d * width, KEY_BLOCK * width, nq * d);
-        let need = qt_len + s_len + acc_len + 4 * width;
+        let need = qt_len + s_len + 2 * acc_len + 4 * width;
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
@@ -302,7 +304,9 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
         let (limit, rest) = rest.split_at_mut(width);
         let (run_max, rest) = rest.split_at_mut(width);
         let (run_sum, rest) = rest.split_at_mut(width);
-        let corr = &mut rest[..width];
+        let (corr, rest) = rest.split_at_mut(width);
+        // The same queries, pre-scaled, one contiguous row each (for the dot-product scores).
+        let q_rows = &mut rest[..acc_len];
 
         // Transposed, pre-scaled queries: qt[dd][lane]; padding lanes stay zero and see every key.
         qt.fill(0.0);
@@ -312,6 +316,7 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
             let row = &sh.q[token * sh.q_stride + head * d..][..d];
             for (dd, &x) in row.iter().enumerate() {
                 qt[dd * width + lane] = x * sh.scale;
+                q_rows[lane * d + dd] = x * sh.scale;
             }
             limit[lane] = sh.position(index) as f32;
         }
@@ -324,7 +329,20 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
         while j0 < task.keys.end {
             let bk = (task.keys.end - j0).min(KEY_BLOCK);
             let key0 = sh.keys.as_ptr().add(j0 * key_stride + kv_offset);
-            block_scores::<S, QV>(key0, key_stride, d, bk, qt.as_ptr(), scores.as_mut_ptr());
+            if nq <= DOT_MAX_QUERIES {
+                block_scores_dot::<S>(
+                    key0,
+                    key_stride,
+                    d,
+                    bk,
+                    q_rows,
+                    nq,
+                    width,
+                    scores.as_mut_ptr(),
+                );
+            } else {
+                block_scores::<S, QV>(key0, key_stride, d, bk, qt.as_ptr(), scores.as_mut_ptr());
+            }
             let masked = j0 + bk - 1 > min_position;
             block_softmax::<S, QV>(scores, bk, j0, masked, limit, run_max, run_sum, corr);
             let value0 = sh.values.as_ptr().add(j0 * key_stride + kv_offset);
@@ -362,6 +380,54 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
         }
     }
     SCRATCH.set(buf);
+}
+
+/// `scores[j][lane] = keys[j] . q_rows[lane]` for `bk` keys and `nq` queries, as dot products:
+/// for pieces this small (decode) most lanes of the broadcast form would be idle. LANES keys at
+/// a time keep one accumulator each; one transpose then sums all of them at once.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block_scores_dot<S: Simd>(
+    key0: *const f32,
+    key_stride: usize,
+    d: usize,
+    bk: usize,
+    q_rows: &[f32],
+    nq: usize,
+    width: usize,
+    scores: *mut f32,
+) {
+    let mut acc = [S::zero(); 16];
+    let mut lanes = [0f32; 16];
+    for lane in 0..nq {
+        let q = q_rows.as_ptr().add(lane * d);
+        let mut j = 0;
+        while j < bk {
+            let keys = (bk - j).min(S::LANES);
+            for a in acc.iter_mut() {
+                *a = S::zero();
+            }
+            let mut dd = 0;
+            while dd < d {
+                let n = (d - dd).min(S::LANES);
+                let qv = load_n::<S>(q.add(dd), n);
+                for (r, a) in acc.iter_mut().enumerate().take(keys) {
+                    *a = S::mul_add(qv, load_n::<S>(key0.add((j + r) * key_stride + dd), n), *a);
+                }
+                dd += n;
+            }
+            S::transpose(&mut acc[..S::LANES]);
+            let mut sum = acc[0];
+            for &a in &acc[1..S::LANES] {
+                sum = S::add(sum, a);
+            }
+            S::store(lanes.as_mut_ptr(), sum);
+            for (r, &score) in lanes.iter().enumerate().take(keys) {
+                *scores.add((j + r) * width + lane) = score;
+            }
+            j += keys;
+        }
+    }
 }
 
 /// `scores[j][lane] = keys[j] . qt[.][lane]` for `bk` keys, several keys per step.

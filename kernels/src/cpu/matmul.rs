@@ -101,6 +101,15 @@ pub fn matmul_with_path(
     if t == 0 || n == 0 {
         return Ok(());
     }
+    if k == 0 {
+        // An empty sum: only the bias remains.
+        for row in out.chunks_mut(out_stride.max(1)).take(t) {
+            for (ni, o) in row[..n].iter_mut().enumerate() {
+                *o = bias.map_or(0.0, |b| b[ni]);
+            }
+        }
+        return Ok(());
+    }
     let isa = runnable_isa(isa);
     let packed = match path {
         MatmulPath::Auto => t >= packed_min_rows(isa),
@@ -572,6 +581,7 @@ mod tests {
     fn matches_reference_on_odd_shapes() {
         let mut rng = Rng::new(7);
         let shapes = [
+            (3, 4, 0),
             (1, 1, 1),
             (1, 37, 19),
             (3, 5, 300),
@@ -614,7 +624,7 @@ mod tests {
                         println!("matmul {isa:?} {path:?} {} t={t} n={n} k={k} bias={use_bias}: max abs diff {diff:.3e}", data.dtype());
                         // Terms are products of values in [-1, 1]: f32 rounding grows ~ sqrt(k) eps.
                         assert!(
-                            diff < 2e-6 * (k as f32).sqrt() * 4.0,
+                            diff <= 8e-6 * (k as f32).sqrt(),
                             "{isa:?} t={t} n={n} k={k}: {diff}"
                         );
                         // Padding columns past N keep the sentinel.
