@@ -84,6 +84,21 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
     for (kind, (count, bytes)) in by_kind {
         let _ = writeln!(out, "  {kind:<10} {count:>5} section(s) {bytes:>14} bytes");
     }
+    // Every section but the weights by name, and the largest weights: the full list is long.
+    let mut weights: Vec<_> = plan
+        .sections()
+        .filter(|s| s.name.starts_with("weight:"))
+        .collect();
+    for s in plan.sections().filter(|s| !s.name.starts_with("weight:")) {
+        let _ = writeln!(out, "    {:<48} {:>14} bytes", s.name, s.len);
+    }
+    weights.sort_by(|a, b| b.len.cmp(&a.len).then(a.name.cmp(&b.name)));
+    for s in weights.iter().take(5) {
+        let _ = writeln!(out, "    {:<48} {:>14} bytes", s.name, s.len);
+    }
+    if weights.len() > 5 {
+        let _ = writeln!(out, "    ... {} more weight sections", weights.len() - 5);
+    }
 
     let _ = writeln!(out, "\nkernels ({} launches per step)", program.steps.len());
     let mut kernels: BTreeMap<&str, usize> = BTreeMap::new();
