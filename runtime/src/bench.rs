@@ -40,7 +40,7 @@ pub fn run(
         let start = Instant::now();
         for _ in 0..decode_tokens {
             let next = argmax(&logits);
-            logits = engine.forward(&[next], &[0])?.to_vec();
+            logits = engine.forward_last(&[next])?.to_vec();
         }
         best_decode = best_decode.min(start.elapsed().as_secs_f64());
     }

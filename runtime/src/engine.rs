@@ -20,15 +20,39 @@ pub struct EngineOptions {
     pub max_context: usize,
     /// Tokens per forward pass; longer prompts are processed in chunks of this size.
     pub max_batch_tokens: usize,
+    /// Sequences that can be in flight at once, each with its own KV cache slot.
+    pub max_num_seqs: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions {
-            max_context: 4096,
-            max_batch_tokens: 512,
-        }
+        EngineOptions { max_context: 4096, max_batch_tokens: 512, max_num_seqs: 1 }
     }
+}
+
+/// Which logits a sequence wants from a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    /// Of its last token in this pass (the end of a prompt, every decode step).
+    Last,
+    /// Of every token it has in this pass (`fdrt logits`).
+    All,
+}
+
+/// One sequence's part of a forward pass: tokens appended to KV slot `slot`.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    pub slot: usize,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
+/// Where one sequence's tokens sit in a pass.
+struct SeqSpan {
+    slot: usize,
+    row0: usize,
+    rows: usize,
 }
 
 /// A generated function, resolved once at load.
@@ -46,12 +70,14 @@ pub struct Engine {
     generated: Vec<Option<Generated>>,
     arena: Vec<f32>,
     logits: Vec<f32>,
-    kv: KvCache,
+    /// One KV cache per sequence slot; its memory is committed only as positions are written.
+    kv: Vec<KvCache>,
+    /// Positions held by each slot.
+    slot_lens: Vec<usize>,
     /// RoPE tables `[max_context, D/2]`, computed in f64 from the plan's frequencies.
     cos: Vec<f32>,
     sin: Vec<f32>,
     options: EngineOptions,
-    seq_len: usize,
     /// Time per kernel, when `FDRT_PROFILE` is set.
     profile: Option<Profile>,
 }
@@ -131,12 +157,12 @@ impl Engine {
                 sin[p * half + i] = angle.sin() as f32;
             }
         }
-        let kv = KvCache::new(
-            m.num_layers as usize,
-            max_context,
-            m.num_kv_heads as usize,
-            m.head_dim as usize,
-        );
+        let max_num_seqs = options.max_num_seqs.max(1);
+        let (layers, kv_heads, head_dim) =
+            (m.num_layers as usize, m.num_kv_heads as usize, m.head_dim as usize);
+        let kv = (0..max_num_seqs)
+            .map(|_| KvCache::new(layers, max_context, kv_heads, head_dim))
+            .collect();
         let arena = vec![0.0; plan.manifest.memory.arena_cols as usize * max_batch_tokens];
         Ok(Engine {
             isa,
@@ -144,13 +170,10 @@ impl Engine {
             arena,
             logits: vec![],
             kv,
+            slot_lens: vec![0; max_num_seqs],
             cos,
             sin,
-            options: EngineOptions {
-                max_context,
-                max_batch_tokens,
-            },
-            seq_len: 0,
+            options: EngineOptions { max_context, max_batch_tokens, max_num_seqs },
             profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
             plan,
         })
@@ -168,18 +191,35 @@ impl Engine {
         self.plan.program.logits_cols as usize
     }
 
-    /// Tokens already in the KV cache.
+    /// Sequence slots (KV caches) this engine holds.
+    pub fn num_slots(&self) -> usize {
+        self.kv.len()
+    }
+
+    /// Positions held by `slot`.
+    pub fn slot_len(&self, slot: usize) -> usize {
+        self.slot_lens.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Forgets the sequence in `slot` (its cache is simply overwritten later).
+    pub fn release(&mut self, slot: usize) {
+        if let Some(len) = self.slot_lens.get_mut(slot) {
+            *len = 0;
+        }
+    }
+
+    /// Tokens in slot 0, the slot of the single-sequence calls below.
     pub fn seq_len(&self) -> usize {
-        self.seq_len
+        self.slot_len(0)
     }
 
-    /// Forgets the sequence (the cache contents are simply overwritten later).
+    /// Forgets the single sequence of slot 0.
     pub fn reset(&mut self) {
-        self.seq_len = 0;
+        self.release(0);
     }
 
-    /// Appends `tokens` to the sequence, chunked by the token budget, and returns the logits of
-    /// every token (`all_rows`) or of the last one: `[rows, vocab]` row-major.
+    /// Appends `tokens` to the sequence of slot 0, chunked by the token budget, and returns the
+    /// logits of every token (`all_rows`) or of the last one: `[rows, vocab]` row-major.
     pub fn prefill(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<f32>, RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyInput);
@@ -187,25 +227,27 @@ impl Engine {
         let mut out = vec![];
         let chunks: Vec<&[u32]> = tokens.chunks(self.options.max_batch_tokens).collect();
         for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let rows: Vec<u32> = if all_rows {
-                (0..chunk.len() as u32).collect()
-            } else if last {
-                vec![chunk.len() as u32 - 1]
-            } else {
-                vec![]
+            let logits = match (all_rows, i + 1 == chunks.len()) {
+                (true, _) => Logits::All,
+                (false, true) => Logits::Last,
+                (false, false) => Logits::None,
             };
-            let logits = self.forward(chunk, &rows)?;
-            out.extend_from_slice(logits);
+            out.extend_from_slice(self.forward_batch(&[SeqChunk { slot: 0, tokens: chunk, logits }])?);
         }
         Ok(out)
     }
 
-    /// One forward pass over `tokens` (at most the token budget), continuing the sequence.
-    /// Returns the logits of the rows `logit_rows` (indices into `tokens`), `[R, vocab]`.
-    pub fn forward(&mut self, tokens: &[u32], logit_rows: &[u32]) -> Result<&[f32], RuntimeError> {
-        let t = tokens.len();
-        if t == 0 {
+    /// One pass over `tokens` appended to slot 0, returning the logits of its last token.
+    pub fn forward_last(&mut self, tokens: &[u32]) -> Result<&[f32], RuntimeError> {
+        self.forward_batch(&[SeqChunk { slot: 0, tokens, logits: Logits::Last }])
+    }
+
+    /// One forward pass over several sequences at once: each chunk's tokens are appended to its
+    /// slot. Returns the wanted logits, `[R, vocab]`, in chunk order (rows within a chunk in
+    /// order). Every matmul sees all the tokens together; attention runs per sequence.
+    pub fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
+        let t: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if t == 0 || chunks.iter().any(|c| c.tokens.is_empty()) {
             return Err(RuntimeError::EmptyInput);
         }
         if t > self.options.max_batch_tokens {
@@ -214,26 +256,41 @@ impl Engine {
                 self.options.max_batch_tokens
             )));
         }
-        let needed = self.seq_len + t;
-        if needed > self.kv.capacity() {
-            return Err(RuntimeError::ContextFull {
-                needed,
-                capacity: self.kv.capacity(),
-                model_max: self.plan.manifest.model.max_position_embeddings as usize,
-            });
-        }
         let vocab = self.vocab_size();
-        for &id in tokens {
-            if id as usize >= self.plan.manifest.model.vocab_size as usize {
-                return Err(RuntimeError::BadTokenId { id, vocab });
+        let model_vocab = self.plan.manifest.model.vocab_size as usize;
+        let mut tokens = Vec::with_capacity(t);
+        let mut positions = Vec::with_capacity(t);
+        let mut logit_rows = vec![];
+        let mut spans = Vec::with_capacity(chunks.len());
+        for (i, c) in chunks.iter().enumerate() {
+            if c.slot >= self.kv.len() || chunks[..i].iter().any(|o| o.slot == c.slot) {
+                return Err(RuntimeError::InvalidPlan(format!(
+                    "slot {} is out of range or used twice in one pass",
+                    c.slot
+                )));
             }
+            let start = self.slot_lens[c.slot];
+            let needed = start + c.tokens.len();
+            if needed > self.options.max_context {
+                return Err(RuntimeError::ContextFull {
+                    needed,
+                    capacity: self.options.max_context,
+                    model_max: self.plan.manifest.model.max_position_embeddings as usize,
+                });
+            }
+            if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= model_vocab) {
+                return Err(RuntimeError::BadTokenId { id, vocab: model_vocab });
+            }
+            let row0 = tokens.len() as u32;
+            match c.logits {
+                Logits::None => {}
+                Logits::Last => logit_rows.push(row0 + c.tokens.len() as u32 - 1),
+                Logits::All => logit_rows.extend(row0..row0 + c.tokens.len() as u32),
+            }
+            spans.push(SeqSpan { slot: c.slot, row0: row0 as usize, rows: c.tokens.len() });
+            tokens.extend_from_slice(c.tokens);
+            positions.extend(start as u32..needed as u32);
         }
-        if let Some(&bad) = logit_rows.iter().find(|&&r| r as usize >= t) {
-            return Err(RuntimeError::InvalidPlan(format!(
-                "logit row {bad} is past the {t} tokens of this pass"
-            )));
-        }
-        let positions: Vec<u32> = (self.seq_len as u32..needed as u32).collect();
         let r = logit_rows.len();
         self.logits.resize(r * vocab, 0.0);
         for i in 0..self.plan.program.steps.len() {
@@ -243,12 +300,14 @@ impl Engine {
                 continue;
             }
             let start = self.profile.as_ref().map(|_| std::time::Instant::now());
-            self.run_step(i, tokens, &positions, logit_rows)?;
+            self.run_step(i, &tokens, &positions, &logit_rows, &spans)?;
             if let (Some(profile), Some(start)) = (self.profile.as_mut(), start) {
                 profile.record(&self.plan.program.steps[i].kernel, start.elapsed());
             }
         }
-        self.seq_len = needed;
+        for span in &spans {
+            self.slot_lens[span.slot] += span.rows;
+        }
         Ok(&self.logits[..r * vocab])
     }
 
@@ -258,6 +317,7 @@ impl Engine {
         tokens: &[u32],
         positions: &[u32],
         logit_rows: &[u32],
+        spans: &[SeqSpan],
     ) -> Result<(), RuntimeError> {
         let (t, r) = (tokens.len(), logit_rows.len());
         let isa = self.isa;
@@ -520,28 +580,34 @@ impl Engine {
                     let ((qs, qst), (ks, kst), (vs, vst)) =
                         (mem.read(q)?, mem.read(k)?, mem.read(v)?);
                     let (o, os) = mem.write(out)?;
-                    let mut cache = self.kv.layer(*layer as usize).ok_or_else(|| {
-                        RuntimeError::InvalidPlan(format!("step {index}: no KV layer {layer}"))
-                    })?;
-                    cpu::attention(
-                        isa,
-                        qs,
-                        qst,
-                        ks,
-                        kst,
-                        vs,
-                        vst,
-                        t,
-                        positions,
-                        *n_heads as usize,
-                        *n_kv_heads as usize,
-                        *head_dim as usize,
-                        *scale,
-                        &mut cache,
-                        o,
-                        os,
-                    )
-                    .map_err(kernel_error)?;
+                    let (h, kvh, d) = (*n_heads as usize, *n_kv_heads as usize, *head_dim as usize);
+                    // Each sequence attends to its own cache: one call per sequence, on its rows.
+                    for span in spans {
+                        let rows = |all, stride, cols| sub_rows(all, span.row0, span.rows, stride, cols);
+                        let mut cache = self.kv[span.slot].layer(*layer as usize).ok_or_else(|| {
+                            RuntimeError::InvalidPlan(format!("step {index}: no KV layer {layer}"))
+                        })?;
+                        let o_rows = &mut o[span.row0 * os..][..(span.rows - 1) * os + h * d];
+                        cpu::attention(
+                            isa,
+                            rows(qs, qst, h * d),
+                            qst,
+                            rows(ks, kst, kvh * d),
+                            kst,
+                            rows(vs, vst, kvh * d),
+                            vst,
+                            span.rows,
+                            &positions[span.row0..span.row0 + span.rows],
+                            h,
+                            kvh,
+                            d,
+                            *scale,
+                            &mut cache,
+                            o_rows,
+                            os,
+                        )
+                        .map_err(kernel_error)?;
+                    }
                 }
                 (Launch::GatherRows { x, out }, _) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
@@ -557,6 +623,11 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// Rows `row0..row0 + rows` of a `[T, cols]` view with row stride `stride`.
+fn sub_rows(all: &[f32], row0: usize, rows: usize, stride: usize, cols: usize) -> &[f32] {
+    &all[row0 * stride..][..(rows - 1) * stride + cols]
 }
 
 fn writes_logit_rows(launch: &Launch) -> bool {

@@ -84,6 +84,6 @@ pub fn generate(
                 finish_reason: FinishReason::Length,
             });
         }
-        logits = engine.forward(&[next], &[0])?.to_vec();
+        logits = engine.forward_last(&[next])?.to_vec();
     }
 }

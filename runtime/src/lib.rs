@@ -15,8 +15,9 @@ pub mod generate;
 pub mod kv_cache;
 pub mod plan;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 
-pub use engine::{Engine, EngineOptions};
+pub use engine::{Engine, EngineOptions, Logits, SeqChunk};
 pub use error::RuntimeError;
 pub use plan::LoadedPlan;

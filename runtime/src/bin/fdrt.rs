@@ -104,6 +104,11 @@ fn main() {
 }
 
 fn load(plan: &Path, args: &RunArgs) -> Result<Engine> {
+    load_with_slots(plan, args, 1)
+}
+
+/// Loads a plan into an engine with `max_num_seqs` sequence slots.
+fn load_with_slots(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<Engine> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -114,10 +119,7 @@ fn load(plan: &Path, args: &RunArgs) -> Result<Engine> {
     let max_context = args
         .max_context
         .min(loaded.manifest.model.max_position_embeddings.max(1) as usize);
-    let options = EngineOptions {
-        max_context,
-        max_batch_tokens: args.max_batch_tokens,
-    };
+    let options = EngineOptions { max_context, max_batch_tokens: args.max_batch_tokens, max_num_seqs };
     Ok(Engine::new(loaded, options)?)
 }
 

@@ -61,16 +61,13 @@ pub fn compiled(model: &Path, dtype: DType) -> PathBuf {
 }
 
 pub fn engine(plan: &Path) -> Engine {
+    engine_with(plan, EngineOptions { max_context: 1024, max_batch_tokens: 64, max_num_seqs: 1 })
+}
+
+pub fn engine_with(plan: &Path, options: EngineOptions) -> Engine {
     let loaded =
         LoadedPlan::load(plan).unwrap_or_else(|e| panic!("loading {}: {e}", plan.display()));
-    Engine::new(
-        loaded,
-        EngineOptions {
-            max_context: 1024,
-            max_batch_tokens: 64,
-        },
-    )
-    .expect("engine")
+    Engine::new(loaded, options).expect("engine")
 }
 
 pub struct Tensor {
