@@ -26,7 +26,11 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { max_context: 4096, max_batch_tokens: 512, max_num_seqs: 1 }
+        EngineOptions {
+            max_context: 4096,
+            max_batch_tokens: 512,
+            max_num_seqs: 1,
+        }
     }
 }
 
@@ -158,8 +162,11 @@ impl Engine {
             }
         }
         let max_num_seqs = options.max_num_seqs.max(1);
-        let (layers, kv_heads, head_dim) =
-            (m.num_layers as usize, m.num_kv_heads as usize, m.head_dim as usize);
+        let (layers, kv_heads, head_dim) = (
+            m.num_layers as usize,
+            m.num_kv_heads as usize,
+            m.head_dim as usize,
+        );
         let kv = (0..max_num_seqs)
             .map(|_| KvCache::new(layers, max_context, kv_heads, head_dim))
             .collect();
@@ -173,7 +180,11 @@ impl Engine {
             slot_lens: vec![0; max_num_seqs],
             cos,
             sin,
-            options: EngineOptions { max_context, max_batch_tokens, max_num_seqs },
+            options: EngineOptions {
+                max_context,
+                max_batch_tokens,
+                max_num_seqs,
+            },
             profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
             plan,
         })
@@ -232,14 +243,22 @@ impl Engine {
                 (false, true) => Logits::Last,
                 (false, false) => Logits::None,
             };
-            out.extend_from_slice(self.forward_batch(&[SeqChunk { slot: 0, tokens: chunk, logits }])?);
+            out.extend_from_slice(self.forward_batch(&[SeqChunk {
+                slot: 0,
+                tokens: chunk,
+                logits,
+            }])?);
         }
         Ok(out)
     }
 
     /// One pass over `tokens` appended to slot 0, returning the logits of its last token.
     pub fn forward_last(&mut self, tokens: &[u32]) -> Result<&[f32], RuntimeError> {
-        self.forward_batch(&[SeqChunk { slot: 0, tokens, logits: Logits::Last }])
+        self.forward_batch(&[SeqChunk {
+            slot: 0,
+            tokens,
+            logits: Logits::Last,
+        }])
     }
 
     /// One forward pass over several sequences at once: each chunk's tokens are appended to its
@@ -279,7 +298,10 @@ impl Engine {
                 });
             }
             if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= model_vocab) {
-                return Err(RuntimeError::BadTokenId { id, vocab: model_vocab });
+                return Err(RuntimeError::BadTokenId {
+                    id,
+                    vocab: model_vocab,
+                });
             }
             let row0 = tokens.len() as u32;
             match c.logits {
@@ -287,7 +309,11 @@ impl Engine {
                 Logits::Last => logit_rows.push(row0 + c.tokens.len() as u32 - 1),
                 Logits::All => logit_rows.extend(row0..row0 + c.tokens.len() as u32),
             }
-            spans.push(SeqSpan { slot: c.slot, row0: row0 as usize, rows: c.tokens.len() });
+            spans.push(SeqSpan {
+                slot: c.slot,
+                row0: row0 as usize,
+                rows: c.tokens.len(),
+            });
             tokens.extend_from_slice(c.tokens);
             positions.extend(start as u32..needed as u32);
         }
@@ -583,10 +609,14 @@ impl Engine {
                     let (h, kvh, d) = (*n_heads as usize, *n_kv_heads as usize, *head_dim as usize);
                     // Each sequence attends to its own cache: one call per sequence, on its rows.
                     for span in spans {
-                        let rows = |all, stride, cols| sub_rows(all, span.row0, span.rows, stride, cols);
-                        let mut cache = self.kv[span.slot].layer(*layer as usize).ok_or_else(|| {
-                            RuntimeError::InvalidPlan(format!("step {index}: no KV layer {layer}"))
-                        })?;
+                        let rows =
+                            |all, stride, cols| sub_rows(all, span.row0, span.rows, stride, cols);
+                        let mut cache =
+                            self.kv[span.slot].layer(*layer as usize).ok_or_else(|| {
+                                RuntimeError::InvalidPlan(format!(
+                                    "step {index}: no KV layer {layer}"
+                                ))
+                            })?;
                         let o_rows = &mut o[span.row0 * os..][..(span.rows - 1) * os + h * d];
                         cpu::attention(
                             isa,

@@ -46,7 +46,11 @@ pub struct TokenEvent {
 pub enum Event {
     Token(TokenEvent),
     /// The last event of a request.
-    Done { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Done {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     /// The request failed; the last event.
     Failed(String),
 }
@@ -64,7 +68,12 @@ pub enum SubmitError {
     #[error("the server is at capacity ({waiting} requests waiting); retry later")]
     QueueFull { waiting: usize },
     #[error("the prompt has {prompt} tokens; with max_tokens {max_tokens} this needs {needed} positions but the context holds {context}")]
-    TooLong { prompt: usize, max_tokens: usize, needed: usize, context: usize },
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        needed: usize,
+        context: usize,
+    },
     #[error("the prompt is empty")]
     EmptyPrompt,
     #[error("max_tokens must be at least 1")]
@@ -148,10 +157,16 @@ pub struct Scheduler {
 impl Scheduler {
     /// Moves `engine` onto a thread of its own and starts stepping it.
     pub fn start(engine: Engine, config: SchedulerConfig) -> Scheduler {
-        let config = SchedulerConfig { max_num_seqs: config.max_num_seqs.clamp(1, engine.num_slots()), ..config };
+        let config = SchedulerConfig {
+            max_num_seqs: config.max_num_seqs.clamp(1, engine.num_slots()),
+            ..config
+        };
         let context = engine.options().max_context;
         let shared = Arc::new(Mutex::new(Shared {
-            stats: Stats { kv_tokens_capacity: context * config.max_num_seqs, ..Stats::default() },
+            stats: Stats {
+                kv_tokens_capacity: context * config.max_num_seqs,
+                ..Stats::default()
+            },
             draining: false,
         }));
         let (commands, inbox) = mpsc::channel();
@@ -168,7 +183,13 @@ impl Scheduler {
             .name("fdrt-engine".into())
             .spawn(move || worker.run())
             .expect("spawning the engine thread");
-        Scheduler { commands, shared, config, context, thread: Arc::new(Mutex::new(Some(thread))) }
+        Scheduler {
+            commands,
+            shared,
+            config,
+            context,
+            thread: Arc::new(Mutex::new(Some(thread))),
+        }
     }
 
     /// Positions one sequence may hold (prompt plus generated tokens).
@@ -181,7 +202,11 @@ impl Scheduler {
     }
 
     /// Queues a request. Errors are the caller's to report (as 400, 429 or 503).
-    pub fn submit(&self, prompt: Vec<u32>, params: RequestParams) -> Result<RequestStream, SubmitError> {
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: RequestParams,
+    ) -> Result<RequestStream, SubmitError> {
         if prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
         }
@@ -192,37 +217,66 @@ impl Scheduler {
         // at the context only if max_tokens was clipped by the caller.
         let needed = prompt.len() + 1;
         if needed > self.context {
-            return Err(SubmitError::TooLong { prompt: prompt.len(), max_tokens: params.max_tokens, needed, context: self.context });
+            return Err(SubmitError::TooLong {
+                prompt: prompt.len(),
+                max_tokens: params.max_tokens,
+                needed,
+                context: self.context,
+            });
         }
-        let sampler = Sampler::new(params.sampling.clone()).map_err(|e| SubmitError::Sampling(e.to_string()))?;
+        let sampler = Sampler::new(params.sampling.clone())
+            .map_err(|e| SubmitError::Sampling(e.to_string()))?;
         {
             let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             if shared.draining {
                 return Err(SubmitError::ShuttingDown);
             }
-            if shared.stats.waiting >= self.config.max_waiting && shared.stats.running >= self.config.max_num_seqs {
-                return Err(SubmitError::QueueFull { waiting: shared.stats.waiting });
+            if shared.stats.waiting >= self.config.max_waiting
+                && shared.stats.running >= self.config.max_num_seqs
+            {
+                return Err(SubmitError::QueueFull {
+                    waiting: shared.stats.waiting,
+                });
             }
         }
         let (tx, rx) = async_mpsc::unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
-        let request = Request { prompt, params, sampler, events: tx, cancelled: cancelled.clone() };
-        self.commands.send(Command::Submit(Box::new(request))).map_err(|_| SubmitError::ShuttingDown)?;
+        let request = Request {
+            prompt,
+            params,
+            sampler,
+            events: tx,
+            cancelled: cancelled.clone(),
+        };
+        self.commands
+            .send(Command::Submit(Box::new(request)))
+            .map_err(|_| SubmitError::ShuttingDown)?;
         {
             // Count it as waiting now, so a burst of submissions sees the queue fill up.
             let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             shared.stats.waiting += 1;
         }
-        Ok(RequestStream { events: rx, cancelled, wake: self.commands.clone() })
+        Ok(RequestStream {
+            events: rx,
+            cancelled,
+            wake: self.commands.clone(),
+        })
     }
 
     pub fn stats(&self) -> Stats {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).stats.clone()
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stats
+            .clone()
     }
 
     /// Stops accepting requests; running and waiting ones are finished. Returns at once.
     pub fn drain(&self) {
-        self.shared.lock().unwrap_or_else(|e| e.into_inner()).draining = true;
+        self.shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .draining = true;
         let _ = self.commands.send(Command::Drain);
     }
 
@@ -279,11 +333,18 @@ impl Worker {
                 self.publish();
                 return;
             }
-            let first = if idle { self.inbox.recv().ok() } else { self.inbox.try_recv().ok() };
-            let Some(first) = first.or_else(|| if idle { None } else { Some(Command::Wake) }) else {
+            let first = if idle {
+                self.inbox.recv().ok()
+            } else {
+                self.inbox.try_recv().ok()
+            };
+            let Some(first) = first.or_else(|| if idle { None } else { Some(Command::Wake) })
+            else {
                 return; // every handle is gone
             };
-            for command in std::iter::once(first).chain(std::iter::from_fn(|| self.inbox.try_recv().ok())) {
+            for command in
+                std::iter::once(first).chain(std::iter::from_fn(|| self.inbox.try_recv().ok()))
+            {
                 match command {
                     Command::Submit(r) => self.waiting.push_back(*r),
                     Command::Wake => {}
@@ -314,14 +375,22 @@ impl Worker {
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_num_seqs {
-            let Some(request) = self.waiting.pop_front() else { break };
+            let Some(request) = self.waiting.pop_front() else {
+                break;
+            };
             let used: Vec<usize> = self.running.iter().map(|r| r.slot).collect();
             let Some(slot) = (0..self.config.max_num_seqs).find(|s| !used.contains(s)) else {
                 self.waiting.push_front(request);
                 break;
             };
             self.engine.release(slot);
-            self.running.push(Running { request, slot, prefilled: 0, generated: vec![], next: None });
+            self.running.push(Running {
+                request,
+                slot,
+                prefilled: 0,
+                generated: vec![],
+                next: None,
+            });
         }
     }
 
@@ -343,8 +412,10 @@ impl Worker {
                 used += take;
             }
         }
-        let decode_tokens: Vec<[u32; 1]> =
-            plan.iter().map(|&(i, _, _)| [self.running[i].next.unwrap_or(0)]).collect();
+        let decode_tokens: Vec<[u32; 1]> = plan
+            .iter()
+            .map(|&(i, _, _)| [self.running[i].next.unwrap_or(0)])
+            .collect();
         let chunks: Vec<SeqChunk> = plan
             .iter()
             .zip(&decode_tokens)
@@ -354,10 +425,17 @@ impl Worker {
                     Some(_) => (&one[..], Logits::Last),
                     None => {
                         let done = first + count == r.request.prompt.len();
-                        (&r.request.prompt[first..first + count], if done { Logits::Last } else { Logits::None })
+                        (
+                            &r.request.prompt[first..first + count],
+                            if done { Logits::Last } else { Logits::None },
+                        )
                     }
                 };
-                SeqChunk { slot: r.slot, tokens, logits: want }
+                SeqChunk {
+                    slot: r.slot,
+                    tokens,
+                    logits: want,
+                }
             })
             .collect();
         let result = self.engine.forward_batch(&chunks).map(|l| l.to_vec());
@@ -397,11 +475,20 @@ impl Worker {
             r.next = Some(id);
             let _ = r.request.events.send(Event::Token(event));
             let stop = r.request.params.stop_token_ids.contains(&id)
-                || (!r.request.params.ignore_eos && self.engine.plan().manifest.model.eos_token_ids.contains(&id));
+                || (!r.request.params.ignore_eos
+                    && self
+                        .engine
+                        .plan()
+                        .manifest
+                        .model
+                        .eos_token_ids
+                        .contains(&id));
             let total = r.request.prompt.len() + r.generated.len();
             let reason = if stop {
                 Some(FinishReason::Stop)
-            } else if r.generated.len() >= r.request.params.max_tokens || total >= self.engine.options().max_context {
+            } else if r.generated.len() >= r.request.params.max_tokens
+                || total >= self.engine.options().max_context
+            {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -428,7 +515,11 @@ impl Worker {
         // A submission still in the channel was counted by `submit` and is counted again
         // once received; the gap closes at the next step.
         shared.stats.waiting = self.waiting.len();
-        shared.stats.kv_tokens_used = self.running.iter().map(|r| self.engine.slot_len(r.slot)).sum();
+        shared.stats.kv_tokens_used = self
+            .running
+            .iter()
+            .map(|r| self.engine.slot_len(r.slot))
+            .sum();
         shared.stats.steps = self.steps;
     }
 }
@@ -439,17 +530,27 @@ fn is_cancelled(r: &Request) -> bool {
 
 fn token_event(id: u32, logits: &[f32], logprobs: Option<usize>) -> TokenEvent {
     let Some(top) = logprobs else {
-        return TokenEvent { id, logprob: None, top_logprobs: vec![] };
+        return TokenEvent {
+            id,
+            logprob: None,
+            top_logprobs: vec![],
+        };
     };
     let lp = log_softmax(logits);
     let mut best: Vec<(u32, f32)> = vec![];
     if top > 0 {
         let mut order: Vec<u32> = (0..lp.len() as u32).collect();
         let k = top.min(order.len());
-        order.select_nth_unstable_by(k - 1, |&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
+        order.select_nth_unstable_by(k - 1, |&a, &b| {
+            lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b))
+        });
         order.truncate(k);
         order.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
         best = order.into_iter().map(|t| (t, lp[t as usize])).collect();
     }
-    TokenEvent { id, logprob: Some(lp[id as usize]), top_logprobs: best }
+    TokenEvent {
+        id,
+        logprob: Some(lp[id as usize]),
+        top_logprobs: best,
+    }
 }

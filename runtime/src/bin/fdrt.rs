@@ -119,7 +119,11 @@ fn load_with_slots(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<E
     let max_context = args
         .max_context
         .min(loaded.manifest.model.max_position_embeddings.max(1) as usize);
-    let options = EngineOptions { max_context, max_batch_tokens: args.max_batch_tokens, max_num_seqs };
+    let options = EngineOptions {
+        max_context,
+        max_batch_tokens: args.max_batch_tokens,
+        max_num_seqs,
+    };
     Ok(Engine::new(loaded, options)?)
 }
 

@@ -61,7 +61,14 @@ pub fn compiled(model: &Path, dtype: DType) -> PathBuf {
 }
 
 pub fn engine(plan: &Path) -> Engine {
-    engine_with(plan, EngineOptions { max_context: 1024, max_batch_tokens: 64, max_num_seqs: 1 })
+    engine_with(
+        plan,
+        EngineOptions {
+            max_context: 1024,
+            max_batch_tokens: 64,
+            max_num_seqs: 1,
+        },
+    )
 }
 
 pub fn engine_with(plan: &Path, options: EngineOptions) -> Engine {

@@ -1,0 +1,195 @@
+//! The continuous-batching scheduler on a real plan: a request's greedy output is the same
+//! alone or batched with others (including others whose long prompts are chunked across steps),
+//! cancelled requests free their slots, and admission limits give their errors.
+
+mod common;
+
+use common::*;
+use ir::DType;
+use runtime::generate::{generate, FinishReason, GenerateOptions};
+use runtime::sampler::SamplingParams;
+use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig, Stats, SubmitError};
+use runtime::EngineOptions;
+use std::time::{Duration, Instant};
+
+fn params(max_tokens: usize) -> RequestParams {
+    RequestParams {
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: vec![],
+        ignore_eos: true,
+        logprobs: None,
+    }
+}
+
+fn scheduler(max_num_seqs: usize, max_waiting: usize, max_batch_tokens: usize) -> Scheduler {
+    let plan = compiled(&golden("tiny/llama"), DType::F32);
+    let options = EngineOptions {
+        max_context: 256,
+        max_batch_tokens,
+        max_num_seqs,
+    };
+    Scheduler::start(
+        engine_with(&plan, options),
+        SchedulerConfig {
+            max_num_seqs,
+            max_waiting,
+        },
+    )
+}
+
+/// Greedy continuation of `prompt` run alone, through the single-sequence path.
+fn alone(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
+    let mut engine = engine(&compiled(&golden("tiny/llama"), DType::F32));
+    let options = GenerateOptions {
+        max_new_tokens: max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: vec![],
+        ignore_eos: true,
+    };
+    generate(&mut engine, prompt, &options, |_| {})
+        .expect("generate")
+        .tokens
+}
+
+/// Collects a stream's tokens and its finish.
+fn collect(mut stream: runtime::scheduler::RequestStream) -> (Vec<u32>, Event) {
+    let mut tokens = vec![];
+    loop {
+        match stream
+            .next_blocking()
+            .expect("a stream ends with Done or Failed")
+        {
+            Event::Token(t) => tokens.push(t.id),
+            last => return (tokens, last),
+        }
+    }
+}
+
+fn wait_idle(s: &Scheduler) -> Stats {
+    let start = Instant::now();
+    loop {
+        let stats = s.stats();
+        if (stats.running == 0 && stats.waiting == 0) || start.elapsed() > Duration::from_secs(10) {
+            return stats;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 3 + (seed * 31 + i * 7) % 300)
+        .collect()
+}
+
+#[test]
+fn batched_greedy_outputs_equal_single_request_outputs() {
+    let s = scheduler(8, 16, 64);
+    // Mixed lengths, one longer than the token budget (chunked over several steps).
+    let prompts: Vec<Vec<u32>> = (0..8)
+        .map(|i| prompt(i, [3, 7, 12, 90, 1, 20, 5, 40][i as usize]))
+        .collect();
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| s.submit(p.clone(), params(12)).expect("submit"))
+        .collect();
+    for (p, stream) in prompts.iter().zip(streams) {
+        let (tokens, last) = collect(stream);
+        assert_eq!(
+            last,
+            Event::Done {
+                reason: FinishReason::Length,
+                prompt_tokens: p.len(),
+                completion_tokens: 12
+            }
+        );
+        assert_eq!(
+            tokens,
+            alone(p, 12),
+            "prompt of {} tokens: batched output differs from alone",
+            p.len()
+        );
+    }
+    let stats = wait_idle(&s);
+    assert_eq!(
+        (stats.running, stats.waiting, stats.kv_tokens_used),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+    assert!(stats.steps > 0);
+}
+
+#[test]
+fn a_dropped_stream_frees_its_slot() {
+    let s = scheduler(2, 4, 64);
+    let mut stream = s.submit(prompt(1, 10), params(200)).expect("submit");
+    assert!(matches!(stream.next_blocking(), Some(Event::Token(_))));
+    drop(stream);
+    let stats = wait_idle(&s);
+    assert_eq!((stats.running, stats.kv_tokens_used), (0, 0), "{stats:?}");
+    // The slot is usable again.
+    let (tokens, _) = collect(s.submit(prompt(2, 4), params(3)).expect("submit"));
+    assert_eq!(tokens.len(), 3);
+}
+
+#[test]
+fn admission_limits_are_errors_with_counts() {
+    let s = scheduler(1, 1, 64);
+    assert_eq!(
+        s.submit(vec![], params(1)).err(),
+        Some(SubmitError::EmptyPrompt)
+    );
+    assert_eq!(
+        s.submit(prompt(1, 3), params(0)).err(),
+        Some(SubmitError::NoTokens)
+    );
+    match s.submit(prompt(1, 300), params(4)).err() {
+        Some(SubmitError::TooLong {
+            prompt: 300,
+            context: 256,
+            ..
+        }) => {}
+        other => panic!("expected TooLong, got {other:?}"),
+    }
+    let bad = RequestParams {
+        sampling: SamplingParams {
+            temperature: -1.0,
+            ..SamplingParams::greedy()
+        },
+        ..params(1)
+    };
+    assert!(matches!(
+        s.submit(prompt(1, 3), bad).err(),
+        Some(SubmitError::Sampling(_))
+    ));
+    // One running, one waiting: the next is refused until they finish.
+    let running = s.submit(prompt(1, 3), params(200)).expect("first");
+    let start = Instant::now();
+    while s.stats().running == 0 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let waiting = s.submit(prompt(2, 3), params(2)).expect("second waits");
+    match s.submit(prompt(3, 3), params(2)).err() {
+        Some(SubmitError::QueueFull { waiting: 1 }) => {}
+        other => panic!("expected QueueFull, got {other:?}"),
+    }
+    drop(running);
+    let (tokens, _) = collect(waiting);
+    assert_eq!(tokens.len(), 2);
+}
+
+#[test]
+fn drain_refuses_new_requests_and_finishes_running_ones() {
+    let s = scheduler(2, 4, 64);
+    let stream = s.submit(prompt(4, 5), params(20)).expect("submit");
+    s.drain();
+    assert_eq!(
+        s.submit(prompt(5, 5), params(2)).err(),
+        Some(SubmitError::ShuttingDown)
+    );
+    let (tokens, last) = collect(stream);
+    assert_eq!(tokens.len(), 20);
+    assert!(matches!(last, Event::Done { .. }));
+    assert!(s.join(Duration::from_secs(10)));
+}
