@@ -1,8 +1,31 @@
 #!/usr/bin/env bash
 # The full test suite, as CI runs it: fetch the reference model once (the tests never touch the
-# network), then every test of the workspace.
+# network), then every test of the workspace, then the official `openai` Python client against
+# `fdrt serve` (the only step that needs PyPI, for the `openai` package, installed once into
+# .cache/venv).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-scripts/fetch-model.sh >/dev/null
+model="$(scripts/fetch-model.sh | tail -n 1)"
 cargo test --workspace --locked
+
+# ---- OpenAI client test ----
+cargo build --locked --bin fdc --bin fdrt
+mkdir -p .cache/plans
+plan=.cache/plans/smollm2-bf16.fdp
+# Compiled every run: a plan left from an older format would be refused.
+target/debug/fdc compile --dtype bf16 "$model" -o "$plan" >/dev/null
+
+readonly OPENAI_REQUIREMENT="openai>=1.40,<3"
+python=""
+if [[ -x .cache/venv/bin/python ]] || python3 -m venv .cache/venv >/dev/null 2>&1; then
+    python=.cache/venv/bin/python
+    "$python" -m pip install --quiet --disable-pip-version-check "$OPENAI_REQUIREMENT"
+else
+    # No venv module (Debian without python3-venv): a private target directory instead.
+    rm -rf .cache/venv
+    python3 -m pip install --quiet --disable-pip-version-check --target .cache/pydeps "$OPENAI_REQUIREMENT"
+    export PYTHONPATH="$PWD/.cache/pydeps${PYTHONPATH:+:$PYTHONPATH}"
+    python=python3
+fi
+FDRT_BIN=target/debug/fdrt FDRT_TEST_PLAN="$plan" "$python" -m unittest -v tests/python/test_openai_client.py

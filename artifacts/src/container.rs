@@ -44,7 +44,7 @@ pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 
 /// Version of the on-disk layout (header, table and section encoding) this crate reads and writes.
 /// Bump it on any change to the layout; `PlanFile::open` accepts exactly this version.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Every section (and the table) starts at a multiple of this, so that data viewed through the
 /// page-aligned mmap is 4096-aligned in memory too.
@@ -1130,12 +1130,12 @@ mod tests {
         dump += &format!("table: {:02x?}\n", &table[..4 + 4 + 8 + 1 + 8]);
         dump += &format!("file blake3 {}", blake3::hash(&bytes).to_hex());
         insta::assert_snapshot!(dump, @r"
-        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 01, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
+        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 02, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
         file_len 16527 table_offset 16384 table_len 143
         manifest manifest offset 4096 len 2 alignment 4096
         weights.w weights offset 8192 len 5000 alignment 4096
         table: [02, 00, 00, 00, 08, 00, 00, 00, 6d, 61, 6e, 69, 66, 65, 73, 74, 00, 00, 10, 00, 00, 00, 00, 00, 00]
-        file blake3 53a5913ed150050c6b0a48e913cf30e4f155314a717c90635819a288334f7b73
+        file blake3 813c86f9d58c4bf90287dd4498aafb3e6c55a72c24534a0d8042e937d1d057f1
         ");
     }
 

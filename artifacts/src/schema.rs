@@ -10,7 +10,7 @@
 //! columns at `offset_cols` occupies elements `[offset_cols * T, (offset_cols + cols) * T)`, so the
 //! plan holds for every `T` up to the runtime's token budget.
 
-use ir_types::{DType, Target};
+use ir_types::{DType, MoeRouting, Target};
 use serde::{Deserialize, Serialize};
 
 /// Section names inside the `.fdp` container.
@@ -65,8 +65,21 @@ pub struct ModelInfo {
 pub struct WeightInfo {
     pub name: String,
     pub dtype: DType,
-    /// `[N, K]` for matrices, `[N]` for vectors.
+    /// `[N, K]` for matrices, `[N]` for vectors: the logical shape, whatever the layout.
     pub shape: Vec<u64>,
+    /// How the section's elements are ordered.
+    pub layout: WeightLayout,
+}
+
+/// Storage order of a weight section.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WeightLayout {
+    /// `w[n, k]` at `n * K + k` (vectors are always row-major).
+    RowMajor,
+    /// The matmul kernels' panels (`kernels::cpu::PackedLayout`): `ceil(N / panel)` panels of
+    /// `panel` rows, the last padded with zero rows, each stored k-major (for each k, the
+    /// `panel` values of its rows). The section holds `ceil(N / panel) * panel * K` elements.
+    Panels { panel: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -241,6 +254,23 @@ pub enum Launch {
     },
     GatherRows {
         x: Act,
+        out: Act,
+    },
+    /// Mixture of experts, `out[T, C]` from `x[T, C]`: route each token to its `top_k` experts,
+    /// run their SwiGLU MLPs and sum them weighted. `gate_up` `[E, 2I, C]` and `down`
+    /// `[E, C, I]` are stacked row-major, one contiguous block per expert; `bias` (`[E]`) only
+    /// selects experts.
+    Moe {
+        x: Act,
+        router: WeightRef,
+        bias: Option<WeightRef>,
+        gate_up: WeightRef,
+        down: WeightRef,
+        experts: u64,
+        top_k: u64,
+        routing: MoeRouting,
+        normalize: bool,
+        scaling: f32,
         out: Act,
     },
 }

@@ -8,6 +8,7 @@
 use crate::codegen::{self, KernelSpec};
 use crate::passes::{self, plan_memory, schedule, select_kernels, PassCtx, PassError};
 use crate::timing;
+use artifacts::schema::WeightLayout as PlanLayout;
 use artifacts::schema::{
     section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, SourceInfo,
     TokenizerInfo, WeightInfo,
@@ -15,6 +16,7 @@ use artifacts::schema::{
 use artifacts::{codec, PlanError, PlanWriter, SectionKind};
 use half::{bf16, f16};
 use ir::{DType, Graph, NodeId, Op, Target, ValueDef, ValueId, WeightExpr};
+use kernels::cpu::{PackedLayout, WeightLayout};
 use kernels::registry::KernelSource;
 use models::{Checkpoint, ModelError, TensorSource};
 use rayon::prelude::*;
@@ -132,9 +134,11 @@ pub fn compile(
             code_index: &code_index,
         })?
     };
+    let layouts = weight_layouts(&graph, &weights, options.target);
     let weight_infos: Vec<WeightInfo> = weights
         .iter()
-        .map(|&v| WeightInfo {
+        .zip(&layouts)
+        .map(|(&v, &layout)| WeightInfo {
             name: weight_name(&graph, v).to_string(),
             dtype: graph.ty(v).dtype,
             shape: graph
@@ -144,6 +148,12 @@ pub fn compile(
                 .iter()
                 .map(|d| d.as_const().unwrap_or(0) as u64)
                 .collect(),
+            layout: match layout {
+                WeightLayout::RowMajor => PlanLayout::RowMajor,
+                WeightLayout::Panels(p) => PlanLayout::Panels {
+                    panel: p.panel() as u32,
+                },
+            },
         })
         .collect();
     let parameter_count = weight_infos
@@ -184,6 +194,7 @@ pub fn compile(
         &mut writer,
         &graph,
         &weights,
+        &layouts,
         &*checkpoint.tensors,
         options.progress,
     )?;
@@ -350,28 +361,118 @@ fn generate_code(
 fn materialize(expr: &WeightExpr, tensors: &dyn TensorSource) -> Result<Vec<f32>, ModelError> {
     match expr {
         WeightExpr::Tensor(name) => tensors.load_f32(name),
-        WeightExpr::ConcatRows(parts) => {
+        WeightExpr::ConcatRows(parts) | WeightExpr::Stack(parts) => {
             let mut out = vec![];
             for p in parts {
                 out.extend(materialize(p, tensors)?);
             }
             Ok(out)
         }
+        WeightExpr::Deinterleave {
+            part,
+            head_dim,
+            cols,
+        } => {
+            let data = materialize(part, tensors)?;
+            Ok(deinterleave_rows(&data, *head_dim, *cols))
+        }
     }
 }
 
-fn encode_weight(values: &[f32], dtype: DType) -> Vec<u8> {
-    match dtype {
-        DType::BF16 => values
-            .iter()
-            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
-            .collect(),
-        DType::F16 => values
-            .iter()
-            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-            .collect(),
-        _ => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+/// Within each head of `head_dim` rows of `cols` values: rows `0, 2, 4, ...`, then `1, 3, 5, ...`
+/// (see `WeightExpr::Deinterleave`). The builder checked the shape against whole heads; data
+/// that is not whole heads of an even `head_dim` is returned unchanged.
+fn deinterleave_rows(data: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
+    let head = head_dim * cols;
+    if !head_dim.is_multiple_of(2) || head == 0 || !data.len().is_multiple_of(head) {
+        return data.to_vec();
     }
+    let mut out = Vec::with_capacity(data.len());
+    for h in data.chunks_exact(head) {
+        for parity in [0, 1] {
+            for pair in 0..head_dim / 2 {
+                out.extend_from_slice(&h[(2 * pair + parity) * cols..][..cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The layout each weight is written in, by position in `weights`.
+///
+/// A matrix read by matmuls is stored in the panels of the target's matmul micro-kernel, so the
+/// runtime never repacks and every pass sums in the same order (see `kernels::cpu::matmul`).
+/// A table also read by an embedding (tied input and output embeddings) is packed too: the
+/// embedding gathers its rows from the panels, at a stride, which costs microseconds per token,
+/// where a second, row-major copy would cost the whole table again (SmolLM2-135M: 49152 x 576,
+/// 113 MB in f32, 57 MB in bf16, a fifth of the plan). Weights with any other reader (the
+/// experts of a mixture, vectors) stay row-major.
+fn weight_layouts(graph: &Graph, weights: &[ValueId], target: Target) -> Vec<WeightLayout> {
+    let Target::Cpu(isa) = target;
+    let panels = WeightLayout::Panels(PackedLayout::for_isa(isa));
+    weights
+        .iter()
+        .map(|&v| {
+            let users = graph.users(v);
+            let by_matmul = |n: NodeId| {
+                let node = graph.node(n);
+                matches!(node.op, Op::MatMul)
+                    && node.inputs.get(1) == Some(&v)
+                    && node.inputs.iter().filter(|&&i| i == v).count() == 1
+            };
+            let by_embedding = |n: NodeId| {
+                let node = graph.node(n);
+                matches!(node.op, Op::Embedding) && node.inputs.first() == Some(&v)
+            };
+            let matrix = graph.ty(v).shape.0.len() == 2;
+            if matrix
+                && users.iter().any(|&n| by_matmul(n))
+                && users.iter().all(|&n| by_matmul(n) || by_embedding(n))
+            {
+                panels
+            } else {
+                WeightLayout::RowMajor
+            }
+        })
+        .collect()
+}
+
+/// The section bytes of a weight: `values` (row-major `[rows, cols]`) converted to `dtype`, then
+/// laid out in `layout`.
+fn encode_weight(
+    values: &[f32],
+    dtype: DType,
+    layout: WeightLayout,
+    rows: usize,
+    cols: usize,
+) -> Result<Vec<u8>, kernels::KernelError> {
+    fn arrange<T: Copy + Default>(
+        v: Vec<T>,
+        layout: WeightLayout,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Vec<T>, kernels::KernelError> {
+        match layout {
+            WeightLayout::RowMajor => Ok(v),
+            WeightLayout::Panels(p) => p.pack(&v, rows, cols),
+        }
+    }
+    Ok(match dtype {
+        DType::BF16 => {
+            let v = values.iter().map(|&x| bf16::from_f32(x)).collect();
+            let v = arrange(v, layout, rows, cols)?;
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+        DType::F16 => {
+            let v = values.iter().map(|&x| f16::from_f32(x)).collect();
+            let v = arrange(v, layout, rows, cols)?;
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+        _ => {
+            let v = arrange(values.to_vec(), layout, rows, cols)?;
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
+    })
 }
 
 /// Weights converted per window in parallel, written in order (the plan stays deterministic).
@@ -379,6 +480,7 @@ fn write_weights(
     writer: &mut PlanWriter,
     graph: &Graph,
     weights: &[ValueId],
+    layouts: &[WeightLayout],
     tensors: &dyn TensorSource,
     progress: bool,
 ) -> Result<(), CompileError> {
@@ -395,10 +497,11 @@ fn write_weights(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    for window in weights.chunks(WINDOW) {
+    for (window, layouts) in weights.chunks(WINDOW).zip(layouts.chunks(WINDOW)) {
         let encoded: Vec<Result<(String, Vec<u8>), CompileError>> = window
             .par_iter()
-            .map(|&v| {
+            .zip(layouts)
+            .map(|(&v, &layout)| {
                 let ValueDef::Weight { name, expr } = &graph.value(v).def else {
                     unreachable!("graph.weights() returns weights only")
                 };
@@ -414,7 +517,16 @@ fn write_weights(
                         ),
                     });
                 }
-                Ok((name.clone(), encode_weight(&values, ty.dtype)))
+                let dims = &ty.shape.0;
+                let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1) as usize;
+                let bytes =
+                    encode_weight(&values, ty.dtype, layout, dim(0), dim(1)).map_err(|e| {
+                        CompileError::Weight {
+                            name: name.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                Ok((name.clone(), bytes))
             })
             .collect();
         for item in encoded {

@@ -74,12 +74,12 @@ fn missing_model_is_reported() {
 #[test]
 fn unsupported_architecture_names_it_and_lists_the_supported_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("mixtral");
+    let model = dir.path().join("gpt2");
     copy_dir(&tiny("llama"), &model);
     let config = std::fs::read_to_string(model.join("config.json"))
         .unwrap()
-        .replace("LlamaForCausalLM", "MixtralForCausalLM")
-        .replace("\"llama\"", "\"mixtral\"");
+        .replace("LlamaForCausalLM", "GPT2LMHeadModel")
+        .replace("\"llama\"", "\"gpt2\"");
     std::fs::write(model.join("config.json"), config).unwrap();
     let out = dir.path().join("x.fdp");
     check_fails(
@@ -90,10 +90,11 @@ fn unsupported_architecture_names_it_and_lists_the_supported_ones() {
             out.to_str().unwrap(),
         ],
         &[
-            "MixtralForCausalLM",
+            "GPT2LMHeadModel",
             "LlamaForCausalLM",
             "Qwen2ForCausalLM",
             "Qwen3ForCausalLM",
+            "MixtralForCausalLM",
         ],
     );
 }

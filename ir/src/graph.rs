@@ -72,6 +72,18 @@ pub enum WeightExpr {
     Tensor(String),
     /// Row-wise concatenation (`[N1, K] ++ [N2, K] -> [N1 + N2, K]`, or of vectors).
     ConcatRows(Vec<WeightExpr>),
+    /// Stacking along a new leading axis (`E x [N, K] -> [E, N, K]`): the experts of a
+    /// mixture-of-experts layer. Its data is laid out as the concatenation of its parts.
+    Stack(Vec<WeightExpr>),
+    /// Rows of `[heads * head_dim, cols]` reordered within each head from interleaved rotary
+    /// pairs `(2i, 2i + 1)` to rotate-half pairs `(i, i + head_dim / 2)`: rows `0, 2, 4, ...`
+    /// then `1, 3, 5, ...`. Applied to both q and k it leaves every q.k product unchanged, so
+    /// an interleaved-RoPE model runs on the rotate-half `rope` op.
+    Deinterleave {
+        part: Box<WeightExpr>,
+        head_dim: usize,
+        cols: usize,
+    },
 }
 
 impl WeightExpr {
@@ -79,7 +91,10 @@ impl WeightExpr {
     pub fn tensors(&self) -> Vec<&str> {
         match self {
             WeightExpr::Tensor(name) => vec![name.as_str()],
-            WeightExpr::ConcatRows(parts) => parts.iter().flat_map(|p| p.tensors()).collect(),
+            WeightExpr::ConcatRows(parts) | WeightExpr::Stack(parts) => {
+                parts.iter().flat_map(|p| p.tensors()).collect()
+            }
+            WeightExpr::Deinterleave { part, .. } => part.tensors(),
         }
     }
 }

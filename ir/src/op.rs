@@ -7,7 +7,7 @@
 //! (see docs/how-to/add-an-op.md).
 
 use crate::shape::{Dim, TensorType};
-use crate::types::{DType, OpKind};
+use crate::types::{DType, MoeRouting, OpKind};
 use std::fmt::Write as _;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -44,6 +44,19 @@ pub enum Op {
     GatherRows,
     /// `(x[T, sum(sizes)]) -> ([T, sizes0], [T, sizes1], ...)`: column views, no copy.
     Split { sizes: Vec<usize> },
+    /// `(x[T, C], router[E, C], (bias f32[E],) gate_up[E, 2I, C], down[E, C, I]) -> [T, C]`:
+    /// a mixture of `experts` SwiGLU MLPs as one op. Per token: scores = `routing`(x @ router^T);
+    /// the `top_k` experts with the largest scores (+ bias, which only selects) are picked; their
+    /// weights are their unbiased scores, divided by their sum if `normalize`, times `scaling`;
+    /// out = sum over picked e of weight_e * (silu(x @ G_e^T) * (x @ U_e^T)) @ D_e^T, where
+    /// `gate_up[e] = [G_e; U_e]`. Ties go to the lower expert index.
+    Moe {
+        experts: usize,
+        top_k: usize,
+        routing: MoeRouting,
+        normalize: bool,
+        scaling: f32,
+    },
 }
 
 /// Why an op's operands do not fit its shape rule. Always a bug in whoever built the graph.
@@ -108,6 +121,7 @@ impl Op {
             Op::Rope { .. } => OpKind::Rope,
             Op::Attention { .. } => OpKind::Attention,
             Op::GatherRows => OpKind::GatherRows,
+            Op::Moe { .. } => OpKind::Moe,
             Op::Split { .. } => return None,
         })
     }
@@ -157,6 +171,19 @@ impl Op {
                 text.push(']');
                 vec![("sizes", text)]
             }
+            Op::Moe {
+                experts,
+                top_k,
+                routing,
+                normalize,
+                scaling,
+            } => vec![
+                ("experts", experts.to_string()),
+                ("top_k", top_k.to_string()),
+                ("routing", routing.name().to_string()),
+                ("normalize", normalize.to_string()),
+                ("scaling", fmt_f32(*scaling)),
+            ],
             Op::Embedding
             | Op::MatMul
             | Op::Add
@@ -214,6 +241,16 @@ impl Op {
                 scale: f32_attr("scale")?,
             },
             "gather_rows" => Op::GatherRows,
+            "moe" => Op::Moe {
+                experts: usize_attr("experts")?,
+                top_k: usize_attr("top_k")?,
+                routing: MoeRouting::parse(get("routing")?)
+                    .ok_or_else(|| "moe routing must be softmax or sigmoid".to_string())?,
+                normalize: get("normalize")?
+                    .parse()
+                    .map_err(|_| "moe normalize must be true or false".to_string())?,
+                scaling: f32_attr("scaling")?,
+            },
             "split" => {
                 let list = get("sizes")?.trim();
                 let inner = list
@@ -379,6 +416,41 @@ impl Op {
                 let (_, cols) = act(0, "gather_rows input")?;
                 want_ids(inputs[1], Dim::LogitRows, "row indices")?;
                 Ok(vec![TensorType::act(Dim::LogitRows, cols)])
+            }
+            Op::Moe { experts, top_k, .. } => {
+                if inputs.len() != 4 && inputs.len() != 5 {
+                    return err(format!("moe takes 4 or 5 operands, got {}", inputs.len()));
+                }
+                let (rows, c) = act(0, "moe input")?;
+                let (e, top_k) = (*experts, *top_k);
+                if e == 0 || top_k == 0 || top_k > e {
+                    return err(format!("moe picks {top_k} of {e} experts"));
+                }
+                let dims = |t: &TensorType| -> Vec<usize> {
+                    t.shape
+                        .0
+                        .iter()
+                        .map(|d| d.as_const().unwrap_or(0))
+                        .collect()
+                };
+                want_float_weight(inputs[1], "moe router")?;
+                if dims(inputs[1]) != [e, c] {
+                    return err(format!("moe router must be [{e}, {c}], got {}", inputs[1]));
+                }
+                if inputs.len() == 5 {
+                    want_vector(inputs[2], e, "moe router bias")?;
+                }
+                let (gu, down) = (inputs[inputs.len() - 2], inputs[inputs.len() - 1]);
+                want_float_weight(gu, "moe gate_up")?;
+                want_float_weight(down, "moe down")?;
+                let i = match dims(gu).as_slice() {
+                    [ge, gi, gc] if *ge == e && *gc == c && *gi > 0 && gi % 2 == 0 => gi / 2,
+                    _ => return err(format!("moe gate_up must be [{e}, 2I, {c}], got {gu}")),
+                };
+                if dims(down) != [e, c, i] {
+                    return err(format!("moe down must be [{e}, {c}, {i}], got {down}"));
+                }
+                Ok(vec![TensorType::act(rows, c)])
             }
             Op::Split { sizes } => {
                 arity(1)?;

@@ -101,6 +101,15 @@ fn print_expr(expr: &WeightExpr) -> String {
             let parts: Vec<String> = parts.iter().map(print_expr).collect();
             format!("concat({})", parts.join(", "))
         }
+        WeightExpr::Stack(parts) => {
+            let parts: Vec<String> = parts.iter().map(print_expr).collect();
+            format!("stack({})", parts.join(", "))
+        }
+        WeightExpr::Deinterleave {
+            part,
+            head_dim,
+            cols,
+        } => format!("deinterleave({}, {head_dim}, {cols})", print_expr(part)),
     }
 }
 
@@ -292,7 +301,43 @@ fn parse_type(text: &str) -> Result<TensorType, String> {
 }
 
 fn parse_expr(text: &str) -> Result<(WeightExpr, &str), String> {
-    if let Some(rest) = text.strip_prefix("concat(") {
+    if let Some(rest) = text.strip_prefix("deinterleave(") {
+        let (part, after) = parse_expr(rest.trim_start())?;
+        let mut numbers = [0usize; 2];
+        let mut after = after;
+        for n in numbers.iter_mut() {
+            let rest = after
+                .trim_start()
+                .strip_prefix(',')
+                .ok_or_else(|| {
+                    format!("deinterleave needs (expr, head_dim, cols), found {after:?}")
+                })?
+                .trim_start();
+            let end = rest.find([',', ')']).unwrap_or(rest.len());
+            *n = rest[..end]
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad number {:?} in deinterleave", &rest[..end]))?;
+            after = &rest[end..];
+        }
+        let after = after
+            .trim_start()
+            .strip_prefix(')')
+            .ok_or_else(|| format!("expected `)` after deinterleave, found {after:?}"))?;
+        let [head_dim, cols] = numbers;
+        let expr = WeightExpr::Deinterleave {
+            part: Box::new(part),
+            head_dim,
+            cols,
+        };
+        return Ok((expr, after));
+    }
+    let combined = if let Some(rest) = text.strip_prefix("concat(") {
+        Some((rest, "concat"))
+    } else {
+        text.strip_prefix("stack(").map(|rest| (rest, "stack"))
+    };
+    if let Some((rest, kind)) = combined {
         let mut parts = vec![];
         let mut rest = rest.trim_start();
         loop {
@@ -302,9 +347,14 @@ fn parse_expr(text: &str) -> Result<(WeightExpr, &str), String> {
             if let Some(after) = after.strip_prefix(',') {
                 rest = after.trim_start();
             } else if let Some(after) = after.strip_prefix(')') {
-                return Ok((WeightExpr::ConcatRows(parts), after));
+                let expr = if kind == "stack" {
+                    WeightExpr::Stack(parts)
+                } else {
+                    WeightExpr::ConcatRows(parts)
+                };
+                return Ok((expr, after));
             } else {
-                return Err(format!("expected `,` or `)` in concat, found {after:?}"));
+                return Err(format!("expected `,` or `)` in {kind}, found {after:?}"));
             }
         }
     }
@@ -362,6 +412,46 @@ mod tests {
     fn print_of_parse_is_identity() {
         let graph = parse(SAMPLE).expect("sample parses");
         assert_eq!(print(&graph), SAMPLE);
+    }
+
+    const MOE: &str = "graph moe {
+  input %v0: i32[T] = token_ids
+  input %v1: i32[R] = logit_rows
+  weight %v2: f32[320, 8] = @embed.weight
+  weight %v3: f32[3, 8] = @gate.weight
+  weight %v4: f32[3] = @bias
+  weight %v5: f32[3, 4, 8] = stack(concat(@e0.g, @e0.u), concat(@e1.g, @e1.u), concat(@e2.g, @e2.u)) named @experts.gate_up
+  weight %v6: f32[3, 8, 2] = stack(@e0.d, @e1.d, @e2.d) named @experts.down
+  weight %v7: f32[8, 8] = deinterleave(@q.weight, 4, 8) named @q.deinterleaved
+  %v8: f32[T, 8] = embedding(%v2, %v0)
+  %v9: f32[T, 8] = moe(%v8, %v3, %v4, %v5, %v6) {experts=3, top_k=2, routing=softmax, normalize=true, scaling=1.0}
+  %v10: f32[T, 8] = matmul(%v9, %v7)
+  %v11: f32[R, 8] = gather_rows(%v10, %v1)
+  output logits = %v11
+}
+";
+
+    #[test]
+    fn moe_and_stacked_weights_round_trip() {
+        let graph = parse(MOE).expect("moe sample parses");
+        assert_eq!(print(&graph), MOE);
+        let stacked = graph
+            .weights()
+            .into_iter()
+            .find_map(|v| match &graph.value(v).def {
+                ValueDef::Weight {
+                    expr: WeightExpr::Stack(parts),
+                    ..
+                } => Some(parts.len()),
+                _ => None,
+            });
+        assert_eq!(stacked, Some(3));
+        check_error(
+            &MOE.replace("f32[3, 8, 2] = stack", "f32[3, 8, 3] = stack"),
+            "moe down must be [3, 8, 2]",
+        );
+        check_error(&MOE.replace("top_k=2", "top_k=4"), "moe picks 4 of 3");
+        check_error(&MOE.replace("softmax", "argmax"), "softmax or sigmoid");
     }
 
     fn check_error(text: &str, expected: &str) {

@@ -121,6 +121,7 @@ const SILU_MUL_DOC: &str = "silu(g) * u over [g | u] rows";
 const ROPE_DOC: &str = "rotary embedding, rotate-half layout";
 const ATTENTION_DOC: &str = "causal GQA attention, appends to the KV cache";
 const GATHER_ROWS_DOC: &str = "out[T] = x[rows[T]]";
+const MOE_DOC: &str = "top-k routed SwiGLU experts, grouped by expert, stacked weights";
 
 macro_rules! entry {
     ($id:expr, $op:ident, $dtype:ident, $isa:ident, $source:ident, $doc:expr) => {
@@ -262,6 +263,14 @@ macro_rules! library_kernels {
                 Library,
                 GATHER_ROWS_DOC
             ),
+            entry!(
+                concat!("moe_f32_", $isa_name),
+                Moe,
+                F32,
+                $isa,
+                Library,
+                MOE_DOC
+            ),
         ]
     };
 }
@@ -306,7 +315,7 @@ macro_rules! generated_kernels {
     };
 }
 
-const LIBRARY_PER_ISA: usize = 15;
+const LIBRARY_PER_ISA: usize = 16;
 const GENERATED_PER_ISA: usize = 4;
 const COUNT: usize = 3 * LIBRARY_PER_ISA + 2 * GENERATED_PER_ISA;
 
@@ -418,7 +427,7 @@ mod tests {
             by_name("add_rms_norm_f32_gen_avx512").unwrap().source,
             KernelSource::Generated
         );
-        assert_eq!(entries().len(), 3 * 15 + 2 * 4);
+        assert_eq!(entries().len(), 3 * 16 + 2 * 4);
     }
 
     #[test]

@@ -16,10 +16,26 @@ pub enum Architecture {
     Llama,
     Qwen2,
     Qwen3,
+    /// Qwen3 with mixture-of-experts MLPs (`Qwen3MoeForCausalLM`).
+    Qwen3Moe,
+    Mixtral,
+    /// ERNIE 4.5 with mixture-of-experts MLPs and shared experts (`Ernie4_5_MoeForCausalLM`).
+    Ernie45Moe,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 3] = [
+    pub const ALL: [Architecture; 6] = [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+        Architecture::Qwen3Moe,
+        Architecture::Mixtral,
+        Architecture::Ernie45Moe,
+    ];
+
+    /// The families read from GGUF files (the mixture-of-experts ones are read from HF
+    /// directories only).
+    pub const GGUF: [Architecture; 3] = [
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Qwen3,
@@ -31,6 +47,9 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Qwen3Moe => "qwen3_moe",
+            Architecture::Mixtral => "mixtral",
+            Architecture::Ernie45Moe => "ernie4_5_moe",
         }
     }
 
@@ -40,6 +59,9 @@ impl Architecture {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
+            Architecture::Mixtral => "MixtralForCausalLM",
+            Architecture::Ernie45Moe => "Ernie4_5_MoeForCausalLM",
         }
     }
 
@@ -53,23 +75,26 @@ impl Architecture {
             "llama" | "smollm" => Some(Architecture::Llama),
             "qwen2" => Some(Architecture::Qwen2),
             "qwen3" => Some(Architecture::Qwen3),
+            "qwen3_moe" => Some(Architecture::Qwen3Moe),
+            "mixtral" => Some(Architecture::Mixtral),
+            "ernie4_5_moe" => Some(Architecture::Ernie45Moe),
             _ => None,
         }
     }
 
     /// From GGUF's `general.architecture`.
     pub fn from_gguf(arch: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|a| a.name() == arch)
+        Self::GGUF.into_iter().find(|a| a.name() == arch)
     }
 
-    /// "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM", for error messages.
+    /// "LlamaForCausalLM, Qwen2ForCausalLM, ...", for error messages.
     pub fn supported_hf_classes() -> String {
         Self::ALL.map(Architecture::hf_class).join(", ")
     }
 
     /// "llama, qwen2, qwen3", for error messages about GGUF files.
     pub fn supported_names() -> String {
-        Self::ALL.map(Architecture::name).join(", ")
+        Self::GGUF.map(Architecture::name).join(", ")
     }
 }
 
@@ -136,6 +161,31 @@ impl RopeConfig {
     }
 }
 
+/// The mixture-of-experts part of a config: which layers are sparse and how they route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeConfig {
+    /// Routed experts per sparse layer.
+    pub num_experts: usize,
+    /// Experts each token is routed to (top-k).
+    pub num_experts_per_tok: usize,
+    /// Routing weights of the picked experts are divided by their sum.
+    pub norm_topk_prob: bool,
+    /// Intermediate size of one routed expert.
+    pub moe_intermediate_size: usize,
+    /// Per layer: sparse (experts) or dense (the ordinary MLP of `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+    pub routing: ir::MoeRouting,
+    /// The router has a per-expert bias added to the scores for selection only
+    /// (ERNIE's `moe_statics.e_score_correction_bias`).
+    pub score_correction_bias: bool,
+    /// Shared experts, run on every token beside the routed ones, as one dense MLP of
+    /// `shared_intermediate_size` (0 when there are none).
+    pub num_shared_experts: usize,
+    pub shared_intermediate_size: usize,
+    /// Multiplies the routing weights.
+    pub routed_scaling_factor: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -159,6 +209,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Mixture-of-experts layers, for the MoE families.
+    pub moe: Option<MoeConfig>,
 }
 
 impl ModelConfig {
@@ -212,9 +264,11 @@ impl ModelConfig {
         let attention_bias = match architecture {
             // Qwen2's attention always has q/k/v biases; its config has no switch for them.
             Architecture::Qwen2 => true,
-            Architecture::Llama | Architecture::Qwen3 => {
-                fields.bool("attention_bias")?.unwrap_or(false)
-            }
+            Architecture::Llama
+            | Architecture::Qwen3
+            | Architecture::Qwen3Moe
+            | Architecture::Mixtral => fields.bool("attention_bias")?.unwrap_or(false),
+            Architecture::Ernie45Moe => fields.bool("use_bias")?.unwrap_or(false),
         };
 
         let bos_token_id = match obj.get("bos_token_id") {
@@ -226,17 +280,20 @@ impl ModelConfig {
             Some(v) => fields.token_ids("eos_token_id", v)?,
         };
 
+        let num_hidden_layers = fields
+            .usize("num_hidden_layers")?
+            .unwrap_or(defaults.num_hidden_layers);
+        let intermediate_size = fields
+            .usize("intermediate_size")?
+            .unwrap_or(defaults.intermediate_size);
+        let moe = fields.moe(architecture, num_hidden_layers, intermediate_size)?;
         let config = ModelConfig {
             architecture,
             source_architecture,
             vocab_size: fields.usize("vocab_size")?.unwrap_or(defaults.vocab_size),
             hidden_size,
-            intermediate_size: fields
-                .usize("intermediate_size")?
-                .unwrap_or(defaults.intermediate_size),
-            num_hidden_layers: fields
-                .usize("num_hidden_layers")?
-                .unwrap_or(defaults.num_hidden_layers),
+            intermediate_size,
+            num_hidden_layers,
             num_attention_heads,
             num_key_value_heads,
             head_dim,
@@ -247,9 +304,10 @@ impl ModelConfig {
                 .unwrap_or(defaults.max_position_embeddings),
             tie_word_embeddings: fields.bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe),
             bos_token_id,
             eos_token_ids,
+            moe,
         };
         config.validate(file)?;
         Ok(config)
@@ -364,6 +422,39 @@ impl HfDefaults {
                 bos_token_id: Some(1),
                 eos_token_id: Some(2),
             },
+            Architecture::Qwen3Moe => HfDefaults {
+                vocab_size: 151936,
+                hidden_size: 2048,
+                intermediate_size: 6144,
+                num_hidden_layers: 24,
+                num_attention_heads: 32,
+                head_dim: None,
+                max_position_embeddings: 32768,
+                bos_token_id: None,
+                eos_token_id: None,
+            },
+            Architecture::Mixtral => HfDefaults {
+                vocab_size: 32000,
+                hidden_size: 4096,
+                intermediate_size: 14336,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                head_dim: None,
+                max_position_embeddings: 4096 * 32,
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
+            },
+            Architecture::Ernie45Moe => HfDefaults {
+                vocab_size: 103424,
+                hidden_size: 2560,
+                intermediate_size: 12288,
+                num_hidden_layers: 28,
+                num_attention_heads: 20,
+                head_dim: None,
+                max_position_embeddings: 131072,
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
+            },
             Architecture::Qwen2 | Architecture::Qwen3 => HfDefaults {
                 vocab_size: 151936,
                 hidden_size: 4096,
@@ -474,6 +565,128 @@ impl Fields<'_> {
         }
     }
 
+    /// An integer that may be negative (`moe_layer_end_index: -1`).
+    fn i64(&self, key: &str) -> Result<Option<i64>, ModelError> {
+        self.get(key)
+            .map(|v| v.as_i64().ok_or_else(|| self.wrong(key, v, "an integer")))
+            .transpose()
+    }
+
+    /// A list of layer indices (`mlp_only_layers`).
+    fn usize_list(&self, key: &str) -> Result<Vec<usize>, ModelError> {
+        let Some(v) = self.get(key) else {
+            return Ok(vec![]);
+        };
+        v.as_array()
+            .and_then(|items| items.iter().map(json_usize).collect::<Option<Vec<_>>>())
+            .ok_or_else(|| self.wrong(key, v, "a list of layer indices"))
+    }
+
+    /// The mixture-of-experts description of the MoE families, with transformers' defaults
+    /// for absent fields; `None` for the dense families.
+    fn moe(
+        &self,
+        architecture: Architecture,
+        layers: usize,
+        intermediate_size: usize,
+    ) -> Result<Option<MoeConfig>, ModelError> {
+        let usize_or = |key: &str, default: usize| -> Result<usize, ModelError> {
+            Ok(self.usize(key)?.unwrap_or(default))
+        };
+        let moe = match architecture {
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => return Ok(None),
+            Architecture::Qwen3Moe => {
+                // transformers 5 writes `num_local_experts`, older configs `num_experts`.
+                let num_experts = match self.usize("num_experts")? {
+                    Some(n) => n,
+                    None => usize_or("num_local_experts", 128)?,
+                };
+                let step = usize_or("decoder_sparse_step", 1)?;
+                let dense = self.usize_list("mlp_only_layers")?;
+                MoeConfig {
+                    num_experts,
+                    num_experts_per_tok: usize_or("num_experts_per_tok", 8)?,
+                    norm_topk_prob: self.bool("norm_topk_prob")?.unwrap_or(false),
+                    moe_intermediate_size: usize_or("moe_intermediate_size", 768)?,
+                    sparse_layers: (0..layers)
+                        .map(|l| {
+                            !dense.contains(&l)
+                                && num_experts > 0
+                                && step > 0
+                                && (l + 1) % step == 0
+                        })
+                        .collect(),
+                    routing: ir::MoeRouting::Softmax,
+                    score_correction_bias: false,
+                    num_shared_experts: 0,
+                    shared_intermediate_size: 0,
+                    routed_scaling_factor: 1.0,
+                }
+            }
+            Architecture::Mixtral => MoeConfig {
+                num_experts: usize_or("num_local_experts", 8)?,
+                num_experts_per_tok: usize_or("num_experts_per_tok", 2)?,
+                norm_topk_prob: true,
+                moe_intermediate_size: intermediate_size,
+                sparse_layers: vec![true; layers],
+                routing: ir::MoeRouting::Softmax,
+                score_correction_bias: false,
+                num_shared_experts: 0,
+                shared_intermediate_size: 0,
+                routed_scaling_factor: 1.0,
+            },
+            Architecture::Ernie45Moe => {
+                let moe_intermediate_size = usize_or("moe_intermediate_size", 1536)?;
+                let shared = usize_or("moe_num_shared_experts", 2)?;
+                let start = self.i64("moe_layer_start_index")?.unwrap_or(1);
+                // HF: an end index of -1 means the last layer.
+                let end = match self.i64("moe_layer_end_index")?.unwrap_or(-1) {
+                    -1 => layers as i64 - 1,
+                    e => e,
+                };
+                let interval = self.i64("moe_layer_interval")?.unwrap_or(1);
+                if interval <= 0 {
+                    return Err(invalid(self.file, "moe_layer_interval", "must be positive"));
+                }
+                MoeConfig {
+                    num_experts: usize_or("moe_num_experts", 64)?,
+                    num_experts_per_tok: usize_or("moe_k", 6)?,
+                    norm_topk_prob: true,
+                    moe_intermediate_size,
+                    sparse_layers: (0..layers as i64)
+                        .map(|l| (l + 1) % interval == 0 && l >= start && l <= end)
+                        .collect(),
+                    routing: ir::MoeRouting::Softmax,
+                    score_correction_bias: true,
+                    num_shared_experts: shared,
+                    shared_intermediate_size: shared * moe_intermediate_size,
+                    routed_scaling_factor: 1.0,
+                }
+            }
+        };
+        if moe.num_experts == 0
+            || moe.num_experts_per_tok == 0
+            || moe.num_experts_per_tok > moe.num_experts
+        {
+            return Err(invalid(
+                self.file,
+                "num_experts_per_tok",
+                &format!(
+                    "{} experts per token of {} experts",
+                    moe.num_experts_per_tok, moe.num_experts
+                ),
+            ));
+        }
+        if moe.moe_intermediate_size == 0 {
+            return Err(invalid(
+                self.file,
+                "moe_intermediate_size",
+                "must be positive",
+            ));
+        }
+        Ok(Some(moe))
+    }
+
     /// Rope from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older).
     fn rope(&self) -> Result<RopeConfig, ModelError> {
         let nested = |key: &str| -> Result<Option<&Map<String, Value>>, ModelError> {
@@ -565,6 +778,76 @@ mod tests {
 
     fn parse(text: &str) -> Result<ModelConfig, ModelError> {
         ModelConfig::from_hf_json(text, Path::new("config.json"))
+    }
+
+    #[test]
+    fn tiny_moe_configs_parse_their_expert_fields() {
+        let read = |arch: &str| ModelConfig::from_hf_file(&golden_config(arch)).unwrap();
+        let c = read("qwen3_moe");
+        assert_eq!(c.architecture, Architecture::Qwen3Moe);
+        assert!(c.qk_norm);
+        assert_eq!(
+            c.moe,
+            Some(MoeConfig {
+                num_experts: 8,
+                num_experts_per_tok: 2,
+                norm_topk_prob: true,
+                moe_intermediate_size: 32,
+                // mlp_only_layers: [0]
+                sparse_layers: vec![false, true, true],
+                routing: ir::MoeRouting::Softmax,
+                score_correction_bias: false,
+                num_shared_experts: 0,
+                shared_intermediate_size: 0,
+                routed_scaling_factor: 1.0,
+            })
+        );
+        let c = read("mixtral");
+        assert_eq!(c.architecture, Architecture::Mixtral);
+        let moe = c.moe.unwrap();
+        assert_eq!((moe.num_experts, moe.num_experts_per_tok), (4, 2));
+        assert_eq!(moe.moe_intermediate_size, 128);
+        assert_eq!(moe.sparse_layers, vec![true; 3]);
+        assert!(moe.norm_topk_prob && !moe.score_correction_bias);
+        let c = read("ernie4_5_moe");
+        assert_eq!(c.architecture, Architecture::Ernie45Moe);
+        assert!(!c.attention_bias && !c.qk_norm);
+        let moe = c.moe.unwrap();
+        assert_eq!((moe.num_experts, moe.num_experts_per_tok), (8, 2));
+        // start 1, end 2, interval 1
+        assert_eq!(moe.sparse_layers, vec![false, true, true]);
+        assert!(moe.score_correction_bias && moe.norm_topk_prob);
+        assert_eq!(
+            (moe.num_shared_experts, moe.shared_intermediate_size),
+            (1, 32)
+        );
+
+        // Sparse-layer rules: decoder_sparse_step counts from 1; ERNIE's end index -1 is the
+        // last layer, and the interval applies to index + 1.
+        let c = parse(
+            r#"{"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 4,
+            "num_experts": 4, "num_experts_per_tok": 1, "decoder_sparse_step": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(c.moe.unwrap().sparse_layers, vec![false, true, false, true]);
+        let c = parse(
+            r#"{"architectures": ["Ernie4_5_MoeForCausalLM"], "num_hidden_layers": 5,
+            "moe_num_experts": 4, "moe_k": 2, "moe_layer_interval": 2}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.moe.unwrap().sparse_layers,
+            vec![false, true, false, true, false]
+        );
+        let err = parse(
+            r#"{"architectures": ["MixtralForCausalLM"], "num_local_experts": 2,
+            "num_experts_per_tok": 3}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ModelError::InvalidConfig { field, .. } if field == "num_experts_per_tok"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -813,10 +1096,10 @@ mod tests {
 
     #[test]
     fn unsupported_architecture_names_found_and_supported() {
-        let err = parse(r#"{"architectures": ["MixtralForCausalLM"]}"#).unwrap_err();
+        let err = parse(r#"{"architectures": ["GPT2LMHeadModel"]}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported architecture MixtralForCausalLM; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"
+            "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, Ernie4_5_MoeForCausalLM"
         );
         let err = parse(r#"{"model_type": "mistral"}"#).unwrap_err();
         assert!(err.to_string().contains("model_type mistral"), "{err}");

@@ -716,6 +716,7 @@ impl GgufFile {
                 || self.has_tensor("blk.0.attn_q_norm.weight"),
             bos_token_id: self.token_id_key("tokenizer.ggml.bos_token_id")?,
             eos_token_ids,
+            moe: None,
         };
         config.validate(&self.path)?;
         Ok(config)

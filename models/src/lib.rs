@@ -15,6 +15,6 @@ pub mod testing;
 pub mod tokenizer;
 
 pub use checkpoint::{open, Checkpoint, SourceFile, StoredType, TensorInfo, TensorSource};
-pub use config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
+pub use config::{Architecture, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
 pub use error::ModelError;
 pub use tokenizer::TokenizerSpec;

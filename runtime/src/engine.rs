@@ -644,6 +644,45 @@ impl Engine {
                     cpu::gather_rows(xs, xst, logit_rows, x.cols as usize, o, os)
                         .map_err(kernel_error)?;
                 }
+                (
+                    Launch::Moe {
+                        x,
+                        router,
+                        bias,
+                        gate_up,
+                        down,
+                        experts,
+                        top_k,
+                        routing,
+                        normalize,
+                        scaling,
+                        out,
+                    },
+                    None,
+                ) => {
+                    let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
+                    let params = cpu::MoeParams {
+                        experts: *experts as usize,
+                        top_k: *top_k as usize,
+                        routing: *routing,
+                        normalize: *normalize,
+                        scaling: *scaling,
+                    };
+                    cpu::moe(
+                        isa,
+                        xs,
+                        xst,
+                        mem.rows(x),
+                        &plan.weight(*router),
+                        bias.map(|b| plan.vector(b)),
+                        &plan.stacked_weight(*gate_up),
+                        &plan.stacked_weight(*down),
+                        &params,
+                        o,
+                        os,
+                    )
+                    .map_err(kernel_error)?;
+                }
                 (launch, Some(_)) => {
                     return Err(RuntimeError::InvalidPlan(format!(
                         "step {index}: generated code attached to {launch:?}"

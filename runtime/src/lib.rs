@@ -1,6 +1,7 @@
 //! `runtime` is `fdrt`: it loads a `.fdp` plan, maps its code and weights, and runs its program on
 //! the CPU: `plan` (load and check), `engine` (the executor), `kv_cache`, `generate` (the token
-//! loop), plus text in and out (`tokenizer`, `chat`) and `sampler`.
+//! loop), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
+//! and `server` (`fdrt serve`, an OpenAI-compatible HTTP front end to the scheduler).
 //!
 //! It never depends on `compiler`, `models`, a code generator or `ir`'s graph: if it needed a graph,
 //! the compiler would not have finished its job. Tests sit beside the code; end-to-end tests that
@@ -16,6 +17,7 @@ pub mod kv_cache;
 pub mod plan;
 pub mod sampler;
 pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineOptions, Logits, SeqChunk};

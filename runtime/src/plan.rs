@@ -4,12 +4,15 @@
 
 use crate::code::CodeImage;
 use crate::error::RuntimeError;
-use artifacts::schema::{section, Act, Buffer, Launch, Manifest, Program, WeightRef};
+use artifacts::schema::{
+    section, Act, Buffer, Launch, Manifest, Program, WeightInfo, WeightLayout as PlanLayout,
+    WeightRef,
+};
 use artifacts::{codec, PlanFile};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use ir_types::{DType, OpKind, Target};
-use kernels::cpu::{Weight, WeightData};
+use kernels::cpu::{PackedLayout, Weight, WeightData, WeightLayout};
 use kernels::registry::{self, KernelSource};
 use std::path::Path;
 
@@ -88,7 +91,26 @@ impl LoadedPlan {
             ),
             _ => WeightData::F32(artifacts::cast_f32(bytes).unwrap_or(&[])),
         };
-        Weight { data, rows, cols }
+        // A panel width the kernels cannot read was refused at load.
+        let layout = kernel_layout(info).unwrap_or(WeightLayout::RowMajor);
+        Weight {
+            data,
+            rows,
+            cols,
+            layout,
+        }
+    }
+
+    /// A stacked weight `[E, N, K]` (mixture-of-experts experts) seen as one row-major
+    /// `[E * N, K]` matrix, in its storage type; expert `e` is rows `e * N..(e + 1) * N`.
+    pub fn stacked_weight(&self, w: WeightRef) -> Weight<'_> {
+        let info = &self.manifest.weights[w.0 as usize];
+        let cols = info.shape.last().copied().unwrap_or(1) as usize;
+        let rows = info.shape.iter().rev().skip(1).product::<u64>() as usize;
+        let mut weight = self.weight(w);
+        weight.rows = rows;
+        weight.cols = cols;
+        weight
     }
 
     /// An f32 vector weight (norm weight, bias).
@@ -103,8 +125,16 @@ impl LoadedPlan {
             let Some(bytes) = self.file.section(&self.weight_sections[i]) else {
                 return bad(format!("weight {} has no section", w.name));
             };
-            let elements: u64 = w.shape.iter().product();
-            if bytes.len() as u64 != elements * w.dtype.size_bytes() as u64 {
+            let elements = match kernel_layout(w) {
+                Err(msg) => return bad(format!("weight {}: {msg}", w.name)),
+                // Panels round N up to whole panels.
+                Ok(WeightLayout::Panels(p)) => {
+                    let panel = p.panel() as u64;
+                    w.shape[0].div_ceil(panel).saturating_mul(panel).saturating_mul(w.shape[1])
+                }
+                Ok(WeightLayout::RowMajor) => w.shape.iter().product(),
+            };
+            if bytes.len() as u64 != elements.saturating_mul(w.dtype.size_bytes() as u64) {
                 return bad(format!(
                     "weight {} has {} bytes, {:?} {} needs {}",
                     w.name,
@@ -219,6 +249,21 @@ impl LoadedPlan {
     }
 }
 
+/// The kernels' view of a weight's layout; a panel layout must be a width the kernels read, on
+/// a matrix.
+fn kernel_layout(info: &WeightInfo) -> Result<WeightLayout, String> {
+    match info.layout {
+        PlanLayout::RowMajor => Ok(WeightLayout::RowMajor),
+        PlanLayout::Panels { .. } if info.shape.len() != 2 => Err(format!(
+            "panel layout on a {}-dimensional weight",
+            info.shape.len()
+        )),
+        PlanLayout::Panels { panel } => PackedLayout::new(panel as usize)
+            .map(WeightLayout::Panels)
+            .map_err(|e| e.to_string()),
+    }
+}
+
 fn overlaps(a: &Act, b: &Act) -> bool {
     match (a.buffer, b.buffer) {
         (Buffer::Arena { offset_cols: x }, Buffer::Arena { offset_cols: y }) => {
@@ -242,6 +287,7 @@ pub fn launch_kind(launch: &Launch) -> OpKind {
         Launch::Rope { .. } => OpKind::Rope,
         Launch::Attention { .. } => OpKind::Attention,
         Launch::GatherRows { .. } => OpKind::GatherRows,
+        Launch::Moe { .. } => OpKind::Moe,
     }
 }
 
@@ -269,5 +315,21 @@ pub(crate) fn launch_operands(launch: &Launch) -> (Vec<Act>, Vec<Act>, Vec<Weigh
         }
         Launch::SiluMul { gu, out } => (vec![gu], vec![out], vec![]),
         Launch::Attention { q, k, v, out, .. } => (vec![q, k, v], vec![out], vec![]),
+        Launch::Moe {
+            x,
+            router,
+            bias,
+            gate_up,
+            down,
+            out,
+            ..
+        } => (
+            vec![x],
+            vec![out],
+            [Some(router), bias, Some(gate_up), Some(down)]
+                .into_iter()
+                .flatten()
+                .collect(),
+        ),
     }
 }

@@ -29,10 +29,39 @@ fn check_arch(arch: &str) {
         ignore_eos: true,
     };
     let out = generate(&mut engine, &prompt, &options, |_| {}).expect("generate");
+    // The goldens' continuations never end early: HF generated them with EOS suppressed until
+    // the last token (`min_new_tokens`), so where HF's top token would have been EOS it took the
+    // runner-up. `generate` must agree with them before the first EOS it picks, and greedy with
+    // EOS masked must reproduce them entirely.
+    let eos = engine.plan().manifest.model.eos_token_ids.clone();
+    let want = &greedy[prompt.len()..];
+    let until_eos = out
+        .tokens
+        .iter()
+        .position(|t| eos.contains(t))
+        .unwrap_or(out.tokens.len());
     assert_eq!(
-        out.tokens,
-        greedy[prompt.len()..],
+        out.tokens[..until_eos.min(want.len())],
+        want[..until_eos.min(want.len())],
         "{arch}: greedy continuation differs from HF"
+    );
+    engine.reset();
+    let mut tokens = prompt.clone();
+    let mut next = engine.prefill(&prompt, false).expect("prefill").to_vec();
+    for _ in 0..want.len() {
+        for &e in &eos {
+            if let Some(l) = next.get_mut(e as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let token = argmax(&next);
+        tokens.push(token);
+        next = engine.forward_last(&[token]).expect("decode").to_vec();
+    }
+    assert_eq!(
+        tokens[prompt.len()..],
+        *want,
+        "{arch}: greedy continuation with EOS suppressed differs from HF"
     );
 }
 
@@ -54,4 +83,19 @@ fn qwen2_biases_and_tied_embeddings() {
 #[test]
 fn qwen3_qk_norm_and_head_dim() {
     check_arch("qwen3");
+}
+
+#[test]
+fn qwen3_moe_experts_and_dense_first_layer() {
+    check_arch("qwen3_moe");
+}
+
+#[test]
+fn mixtral_experts_in_every_layer() {
+    check_arch("mixtral");
+}
+
+#[test]
+fn ernie4_5_moe_shared_experts_biased_routing_interleaved_rope() {
+    check_arch("ernie4_5_moe");
 }

@@ -177,3 +177,64 @@ fn bad_requests_are_errors() {
         Err(RuntimeError::ContextFull { .. })
     ));
 }
+
+/// `plan` with its manifest edited by `edit`, every other section copied as is.
+fn with_manifest(plan: &Path, name: &str, edit: impl FnOnce(&mut Manifest)) -> PathBuf {
+    let file = PlanFile::open(plan).unwrap();
+    let mut manifest: Manifest =
+        codec::decode(section::MANIFEST, file.section(section::MANIFEST).unwrap()).unwrap();
+    edit(&mut manifest);
+    let out = scratch_path(name);
+    let mut writer = artifacts::PlanWriter::create(&out).unwrap();
+    for s in file.sections() {
+        let bytes = if s.name == section::MANIFEST {
+            codec::encode(&manifest).unwrap()
+        } else {
+            file.section(&s.name).unwrap().to_vec()
+        };
+        writer.add_section(&s.name, s.kind, &bytes).unwrap();
+    }
+    writer.finish().unwrap();
+    out
+}
+
+#[test]
+fn matmul_weights_are_stored_in_panels_and_their_layout_is_checked_at_load() {
+    use artifacts::schema::WeightLayout;
+    let panel = kernels::cpu::PackedLayout::for_isa(kernels::cpu::detected_isa()).panel() as u32;
+    // The untied llama keeps its embedding table row-major for the gather; the tied qwen2
+    // packs it, since its one copy is also the output head.
+    for (model, tied) in [("tiny/llama", false), ("tiny/qwen2", true)] {
+        let plan = compiled(&golden(model), DType::F32);
+        let file = PlanFile::open(&plan).unwrap();
+        let manifest: Manifest =
+            codec::decode(section::MANIFEST, file.section(section::MANIFEST).unwrap()).unwrap();
+        for w in &manifest.weights {
+            let want = if w.shape.len() == 1 || (w.name.contains("embed_tokens") && !tied) {
+                WeightLayout::RowMajor
+            } else {
+                WeightLayout::Panels { panel }
+            };
+            assert_eq!(w.layout, want, "{model}: {} {:?}", w.name, w.shape);
+        }
+    }
+    // A width the kernels cannot read, or panels on a vector, is refused with the weight's name.
+    let plan = compiled(&golden("tiny/llama"), DType::F32);
+    for (what, edit) in [
+        (
+            "width",
+            (|w| w.shape.len() == 2) as fn(&artifacts::schema::WeightInfo) -> bool,
+        ),
+        ("vector", |w| w.shape.len() == 1),
+    ] {
+        let mut victim = String::new();
+        let bad = with_manifest(&plan, &format!("bad-layout-{what}.fdp"), |m| {
+            let w = m.weights.iter_mut().find(|w| edit(w)).unwrap();
+            w.layout = WeightLayout::Panels { panel: 12 };
+            victim = w.name.clone();
+        });
+        let err = load_error(&bad);
+        assert!(matches!(err, RuntimeError::InvalidPlan(_)), "{what}: {err}");
+        assert!(err.to_string().contains(&victim), "{what}: {err}");
+    }
+}

@@ -119,6 +119,28 @@ pub fn run(input: &ScheduleInput) -> Result<Program, PassError> {
                 x: act(ins[0])?,
                 out: out()?,
             },
+            Op::Moe {
+                experts,
+                top_k,
+                routing,
+                normalize,
+                scaling,
+            } => {
+                let biased = ins.len() == 5;
+                Launch::Moe {
+                    x: act(ins[0])?,
+                    router: weight(ins[1])?,
+                    bias: biased.then(|| weight(ins[2])).transpose()?,
+                    gate_up: weight(ins[ins.len() - 2])?,
+                    down: weight(ins[ins.len() - 1])?,
+                    experts: *experts as u64,
+                    top_k: *top_k as u64,
+                    routing: *routing,
+                    normalize: *normalize,
+                    scaling: *scaling,
+                    out: out()?,
+                }
+            }
             Op::Split { .. } => return Err(fail(format!("{node} is a view and launches nothing"))),
         };
         let kernel = input

@@ -168,6 +168,36 @@ impl fmt::Display for Target {
     }
 }
 
+/// How a mixture-of-experts router turns its logits into expert scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum MoeRouting {
+    /// Softmax over all experts (Mixtral, Qwen3-MoE, ERNIE 4.5).
+    Softmax,
+    /// An independent sigmoid per expert (DeepSeek-V3).
+    Sigmoid,
+}
+
+impl MoeRouting {
+    pub fn name(self) -> &'static str {
+        match self {
+            MoeRouting::Softmax => "softmax",
+            MoeRouting::Sigmoid => "sigmoid",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<MoeRouting> {
+        [MoeRouting::Softmax, MoeRouting::Sigmoid]
+            .into_iter()
+            .find(|r| r.name() == text)
+    }
+}
+
+impl fmt::Display for MoeRouting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The kinds of operation, as keys of the kernel registry. The graph's `Op` (with attributes)
 /// lives in `ir::op`; each `Op` maps to exactly one `OpKind`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -194,6 +224,9 @@ pub enum OpKind {
     Attention,
     /// Picks the rows whose logits are wanted.
     GatherRows,
+    /// Mixture of experts: route each token to its top-k experts, run their SwiGLU MLPs, and
+    /// sum the results weighted by the routing weights.
+    Moe,
 }
 
 impl OpKind {
@@ -209,6 +242,7 @@ impl OpKind {
         OpKind::Rope,
         OpKind::Attention,
         OpKind::GatherRows,
+        OpKind::Moe,
     ];
 
     /// Snake-case spelling, used in the IR text form and in kernel names.
@@ -225,6 +259,7 @@ impl OpKind {
             OpKind::Rope => "rope",
             OpKind::Attention => "attention",
             OpKind::GatherRows => "gather_rows",
+            OpKind::Moe => "moe",
         }
     }
 
@@ -265,6 +300,10 @@ mod tests {
             );
         }
         assert_eq!(Target::parse("gpu"), None);
+        for r in [MoeRouting::Softmax, MoeRouting::Sigmoid] {
+            assert_eq!(MoeRouting::parse(r.name()), Some(r));
+        }
+        assert_eq!(MoeRouting::parse("top1"), None);
     }
 
     #[test]

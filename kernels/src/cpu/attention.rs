@@ -6,9 +6,20 @@
 //! block come from a small register-blocked product (a key element broadcast against a vector of
 //! pre-scaled, transposed queries), then an online softmax (running max and sum per query, stable
 //! with the max subtracted) and the probability-weighted sum of value rows into f32 accumulators.
-//! With few pieces (decode), the key range is also cut into fixed chunks of `KEY_CHUNK` positions
-//! computed as separate tasks and merged in chunk order. Every choice depends on the shapes only,
-//! never on the thread count.
+//!
+//! Every query's result is computed the same way whether it arrives alone (decode) or among
+//! hundreds (prefill), so a token's output does not depend on how its sequence was split into
+//! passes, nor on the thread count:
+//! - its keys are cut into chunks of `KEY_CHUNK` positions from 0, and each chunk into blocks of
+//!   `KEY_BLOCK` from the chunk's start; each chunk's online softmax starts afresh;
+//! - a score is one FMA chain over the head dimension in order, in every path;
+//! - keys past the query's position are masked out of the max and the sum and skipped in the
+//!   value sums, so keys that later tokens of the same pass add change nothing;
+//! - the chunks are merged in order up to the query's own chunk, by one scalar function.
+//!
+//! What varies with the shapes is only scheduling: with few pieces (decode) each chunk is a task
+//! of its own, with many (prefill) a task runs all chunks of a piece. Lanes never mix: every
+//! vector operation is lane-wise, so where a query sits in a piece does not matter either.
 
 use super::simd::{self, load_n, run_simd, store_n, Simd, SimdTask};
 use super::{check_len, check_rows, runnable_isa, SharedMut};
@@ -35,8 +46,6 @@ const KEY_CHUNK: usize = 256;
 const SPLIT_BELOW_PIECES: usize = 32;
 /// Query vectors per piece.
 const MAX_QUERY_VECTORS: usize = 3;
-/// Pieces of at most this many queries compute scores as dot products (see `block_scores_dot`).
-const DOT_MAX_QUERIES: usize = 4;
 
 /// Appends the new tokens' keys and values to `cache`, then attends.
 ///
@@ -150,29 +159,41 @@ pub fn attention(
         })
         .collect();
 
+    let slot = partial_len(shape.piece_len, head_dim);
+    let chunks_of = |piece: &Piece| shape.position(piece.queries.end - 1) / KEY_CHUNK + 1;
+    let chunk_keys = |c: usize, piece: &Piece| {
+        c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(shape.position(piece.queries.end - 1) + 1)
+    };
     if pieces.len() >= SPLIT_BELOW_PIECES {
+        // Prefill-like: enough pieces to share out; each task runs its piece's chunks in turn.
         pieces.par_iter().for_each(|piece| {
-            let last_key = shape.position(piece.queries.end - 1);
-            run_simd(
-                isa,
-                AttendPiece {
-                    shape: &shape,
-                    piece,
-                    keys: 0..last_key + 1,
-                    sink: Sink::Out,
-                },
-            );
+            let chunks = chunks_of(piece);
+            let mut local = PARTIALS.take();
+            if local.len() < chunks * slot {
+                local.resize(chunks * slot, 0.0);
+            }
+            for (c, partial) in local.chunks_mut(slot).take(chunks).enumerate() {
+                run_simd(
+                    isa,
+                    AttendPiece {
+                        shape: &shape,
+                        piece,
+                        keys: chunk_keys(c, piece),
+                        partial,
+                    },
+                );
+            }
+            merge_chunks(&shape, piece, &local[..chunks * slot], slot);
+            PARTIALS.set(local);
         });
         return Ok(());
     }
 
-    // Decode-like: few pieces, so cut each one's keys into chunks run as separate tasks.
-    let slot = partial_len(shape.piece_len, head_dim);
+    // Decode-like: few pieces, so each chunk of each piece is a task of its own.
     let mut tasks = Vec::new();
     for (pi, piece) in pieces.iter().enumerate() {
-        let last_key = shape.position(piece.queries.end - 1);
-        for c in 0..=last_key / KEY_CHUNK {
-            tasks.push((pi, c * KEY_CHUNK..((c + 1) * KEY_CHUNK).min(last_key + 1)));
+        for c in 0..chunks_of(piece) {
+            tasks.push((pi, chunk_keys(c, piece)));
         }
     }
     let mut partials = vec![0f32; tasks.len() * slot];
@@ -186,13 +207,13 @@ pub fn attention(
                     shape: &shape,
                     piece: &pieces[*pi],
                     keys: keys.clone(),
-                    sink: Sink::Partial(partial),
+                    partial,
                 },
             );
         });
     let mut offset = 0;
-    for (pi, piece) in pieces.iter().enumerate() {
-        let chunks = tasks[offset..].iter().take_while(|(p, _)| *p == pi).count();
+    for piece in &pieces {
+        let chunks = chunks_of(piece);
         merge_chunks(
             &shape,
             piece,
@@ -240,12 +261,6 @@ struct Piece {
     queries: std::ops::Range<usize>,
 }
 
-/// Where a piece's result goes: normalized into `out`, or as a partial `(m, l, acc)` to merge.
-enum Sink<'a> {
-    Out,
-    Partial(&'a mut [f32]),
-}
-
 /// A partial holds the running max and sum of each of `piece_len` queries, then their
 /// unnormalized `D`-element sums.
 fn partial_len(piece_len: usize, d: usize) -> usize {
@@ -254,13 +269,17 @@ fn partial_len(piece_len: usize, d: usize) -> usize {
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One piece's chunk partials, in the tasks that run all of a piece's chunks.
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Attends a piece's queries to one chunk of keys, leaving `(max, sum, acc)` per query in
+/// `partial` (see [`partial_len`]).
 struct AttendPiece<'a> {
     shape: &'a Shape<'a>,
     piece: &'a Piece,
     keys: std::ops::Range<usize>,
-    sink: Sink<'a>,
+    partial: &'a mut [f32],
 }
 
 impl SimdTask for AttendPiece<'_> {
@@ -280,7 +299,7 @@ impl SimdTask for AttendPiece<'_> {
     }
 }
 
-/// Attends the piece's queries (QV vectors of them) to keys `task.keys`.
+/// Attends the piece's queries (QV vectors of them) to keys `task.keys`, one chunk.
 #[inline(always)]
 unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
     let sh = task.shape;
@@ -294,7 +313,7 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
     let mut buf = SCRATCH.take();
     {
         let (qt_len, s_len, acc_len) = (d * width, KEY_BLOCK * width, nq * d);
-        let need = qt_len + s_len + 2 * acc_len + 4 * width;
+        let need = qt_len + s_len + acc_len + 4 * width;
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
@@ -304,9 +323,7 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
         let (limit, rest) = rest.split_at_mut(width);
         let (run_max, rest) = rest.split_at_mut(width);
         let (run_sum, rest) = rest.split_at_mut(width);
-        let (corr, rest) = rest.split_at_mut(width);
-        // The same queries, pre-scaled, one contiguous row each (for the dot-product scores).
-        let q_rows = &mut rest[..acc_len];
+        let corr = &mut rest[..width];
 
         // Transposed, pre-scaled queries: qt[dd][lane]; padding lanes stay zero and see every key.
         qt.fill(0.0);
@@ -316,7 +333,6 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
             let row = &sh.q[token * sh.q_stride + head * d..][..d];
             for (dd, &x) in row.iter().enumerate() {
                 qt[dd * width + lane] = x * sh.scale;
-                q_rows[lane * d + dd] = x * sh.scale;
             }
             limit[lane] = sh.position(index) as f32;
         }
@@ -329,31 +345,23 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
         while j0 < task.keys.end {
             let bk = (task.keys.end - j0).min(KEY_BLOCK);
             let key0 = sh.keys.as_ptr().add(j0 * key_stride + kv_offset);
-            if nq <= DOT_MAX_QUERIES {
-                block_scores_dot::<S>(
-                    key0,
-                    key_stride,
-                    d,
-                    bk,
-                    q_rows,
-                    nq,
-                    width,
-                    scores.as_mut_ptr(),
-                );
-            } else {
-                block_scores::<S, QV>(key0, key_stride, d, bk, qt.as_ptr(), scores.as_mut_ptr());
-            }
+            // Even for one query (decode), whose lanes are then mostly idle: a dot-product form
+            // would sum in another order than prefill does.
+            block_scores::<S, QV>(key0, key_stride, d, bk, qt.as_ptr(), scores.as_mut_ptr());
             let masked = j0 + bk - 1 > min_position;
             block_softmax::<S, QV>(scores, bk, j0, masked, limit, run_max, run_sum, corr);
             let value0 = sh.values.as_ptr().add(j0 * key_stride + kv_offset);
             for lane in 0..nq {
+                // Only keys up to the query's position: a masked key's weight is zero, but adding
+                // its zero product could still turn a -0 sum into +0.
+                let valid = (sh.position(task.piece.queries.start + lane) + 1).saturating_sub(j0);
                 accumulate_values::<S>(
                     &mut acc[lane * d..][..d],
                     corr[lane],
                     scores,
                     width,
                     lane,
-                    bk,
+                    bk.min(valid),
                     value0,
                     key_stride,
                 );
@@ -361,73 +369,12 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
             j0 += bk;
         }
 
-        match task.sink {
-            Sink::Out => {
-                for (lane, index) in task.piece.queries.clone().enumerate() {
-                    let (token, head) = sh.token_head(task.piece.kv, index);
-                    let out = sh.out.0.add(token * sh.out_stride + head * d);
-                    let inv = 1.0 / run_sum[lane];
-                    for (dd, &a) in acc[lane * d..][..d].iter().enumerate() {
-                        *out.add(dd) = a * inv;
-                    }
-                }
-            }
-            Sink::Partial(partial) => {
-                partial[..nq].copy_from_slice(&run_max[..nq]);
-                partial[sh.piece_len..][..nq].copy_from_slice(&run_sum[..nq]);
-                partial[2 * sh.piece_len..][..nq * d].copy_from_slice(acc);
-            }
-        }
+        let partial = task.partial;
+        partial[..nq].copy_from_slice(&run_max[..nq]);
+        partial[sh.piece_len..][..nq].copy_from_slice(&run_sum[..nq]);
+        partial[2 * sh.piece_len..][..nq * d].copy_from_slice(acc);
     }
     SCRATCH.set(buf);
-}
-
-/// `scores[j][lane] = keys[j] . q_rows[lane]` for `bk` keys and `nq` queries, as dot products:
-/// for pieces this small (decode) most lanes of the broadcast form would be idle. LANES keys at
-/// a time keep one accumulator each; one transpose then sums all of them at once.
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-unsafe fn block_scores_dot<S: Simd>(
-    key0: *const f32,
-    key_stride: usize,
-    d: usize,
-    bk: usize,
-    q_rows: &[f32],
-    nq: usize,
-    width: usize,
-    scores: *mut f32,
-) {
-    let mut acc = [S::zero(); 16];
-    let mut lanes = [0f32; 16];
-    for lane in 0..nq {
-        let q = q_rows.as_ptr().add(lane * d);
-        let mut j = 0;
-        while j < bk {
-            let keys = (bk - j).min(S::LANES);
-            for a in acc.iter_mut() {
-                *a = S::zero();
-            }
-            let mut dd = 0;
-            while dd < d {
-                let n = (d - dd).min(S::LANES);
-                let qv = load_n::<S>(q.add(dd), n);
-                for (r, a) in acc.iter_mut().enumerate().take(keys) {
-                    *a = S::mul_add(qv, load_n::<S>(key0.add((j + r) * key_stride + dd), n), *a);
-                }
-                dd += n;
-            }
-            S::transpose(&mut acc[..S::LANES]);
-            let mut sum = acc[0];
-            for &a in &acc[1..S::LANES] {
-                sum = S::add(sum, a);
-            }
-            S::store(lanes.as_mut_ptr(), sum);
-            for (r, &score) in lanes.iter().enumerate().take(keys) {
-                *scores.add((j + r) * width + lane) = score;
-            }
-            j += keys;
-        }
-    }
 }
 
 /// `scores[j][lane] = keys[j] . qt[.][lane]` for `bk` keys, several keys per step.
@@ -637,12 +584,14 @@ unsafe fn values_in_registers<S: Simd, const NV: usize>(
     }
 }
 
-/// Combines a piece's chunk partials in chunk order and writes the normalized outputs.
+/// Combines a piece's chunk partials in chunk order and writes the normalized outputs. Each
+/// query merges the chunks up to its own position's only, so how many more its piece had (later
+/// tokens of the same pass) does not matter.
 fn merge_chunks(sh: &Shape, piece: &Piece, partials: &[f32], slot: usize) {
     let d = sh.d;
-    let chunks = partials.len() / slot;
     let mut sum = vec![0f32; d];
     for (lane, index) in piece.queries.clone().enumerate() {
+        let chunks = (partials.len() / slot).min(sh.position(index) / KEY_CHUNK + 1);
         let max = (0..chunks)
             .map(|c| partials[c * slot + lane])
             .fold(f32::NEG_INFINITY, f32::max);
@@ -650,7 +599,6 @@ fn merge_chunks(sh: &Shape, piece: &Piece, partials: &[f32], slot: usize) {
         sum.fill(0.0);
         for c in 0..chunks {
             let part = &partials[c * slot..][..slot];
-            // Chunks past this query's position have max -inf and weigh exactly 0.
             let weight = (part[lane] - max).exp();
             total += part[sh.piece_len + lane] * weight;
             for (s, &a) in sum
@@ -906,6 +854,79 @@ mod tests {
                         "{isa:?} threads={threads}"
                     );
                 }
+            }
+        }
+    }
+
+    /// Attends one fixed sequence of `q`, `k`, `v` rows, passed to the kernel in calls of
+    /// `split` tokens, on `threads` threads; returns every token's output.
+    fn run_split(isa: CpuIsa, split: &[usize], threads: usize) -> Vec<f32> {
+        let (h, kvh, d) = (9, 3, 64);
+        let total: usize = split.iter().sum();
+        let mut rng = Rng::new(77);
+        let q = rng.vec(total * h * d, 2.0);
+        let k = rng.vec(total * kvh * d, 2.0);
+        let v = rng.vec(total * kvh * d, 1.0);
+        let (mut ck, mut cv) = (vec![0f32; total * kvh * d], vec![0f32; total * kvh * d]);
+        let mut out = vec![0f32; total * h * d];
+        let mut pos = 0;
+        for &t in split {
+            let mut cache = KvLayerMut {
+                k: &mut ck,
+                v: &mut cv,
+                capacity: total,
+                kv_heads: kvh,
+                head_dim: d,
+            };
+            let positions: Vec<u32> = (pos..pos + t).map(|p| p as u32).collect();
+            let (qr, kr, o) = (h * d, kvh * d, h * d);
+            on_threads(threads, || {
+                attention(
+                    isa,
+                    &q[pos * qr..],
+                    qr,
+                    &k[pos * kr..],
+                    kr,
+                    &v[pos * kr..],
+                    kr,
+                    t,
+                    &positions,
+                    h,
+                    kvh,
+                    d,
+                    0.125,
+                    &mut cache,
+                    &mut out[pos * o..],
+                    o,
+                )
+                .unwrap()
+            });
+            pos += t;
+        }
+        out
+    }
+
+    /// A token's output must be the same bits whether its sequence came in one prefill call,
+    /// one token at a time, or in uneven pieces: 600 tokens span three key chunks, and the
+    /// splits exercise both the split-key (few pieces) and whole-piece (many pieces) schedules.
+    #[test]
+    fn outputs_do_not_depend_on_how_the_sequence_is_split_into_calls() {
+        for isa in isas_to_test() {
+            let whole = run_split(isa, &[600], 2);
+            let mut splits = vec![vec![1; 600], vec![37, 1, 250, 2, 300, 10]];
+            splits.push(vec![300, 300]);
+            for (split, threads) in splits.iter().zip([1, 3, 2]) {
+                let got = run_split(isa, split, threads);
+                let first_bad = whole
+                    .iter()
+                    .zip(&got)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(
+                    first_bad,
+                    None,
+                    "{isa:?}: split {:?}... differs from one call",
+                    &split[..split.len().min(6)]
+                );
             }
         }
     }

@@ -1,34 +1,49 @@
 //! Matrix multiply against a stored weight: `out[T, N] = x[T, K] @ w[N, K]^T (+ bias[N])`, weights
 //! in f32, bf16 or f16, activations and accumulation in f32.
 //!
-//! Two code paths, chosen by the number of token rows:
-//! - Few rows (decode): stream each weight row once and take dot products against every token
-//!   row, several weight rows per step; tasks are runs of at least 16 weight rows. Memory bound.
-//! - Many rows (prefill): compute bound. Blocks of weight rows are widened to f32 and packed into a
-//!   small k-major panel buffer (one L2-sized block at a time, never the whole matrix), then a
-//!   register-blocked micro-kernel computes MR token rows x NR output columns with broadcast token
-//!   values and vector FMAs. K is cut into fixed blocks, so the order in which each output sums its
-//!   terms is fixed by K alone; tasks are tiles of N (and of T when N alone gives too few).
+//! Weights in the panel layout (what the compiler writes, see [`super::WeightLayout`]) take one
+//! path for every T, and it is batch invariant: an output row depends only on its input row, not
+//! on T, on the other rows, on where the row sits, or on the thread count. Each output sums its K
+//! terms the same way every time: K is cut into blocks of `K_BLOCK` from 0; inside a block one FMA
+//! chain runs over k in order from zero; the bias (or nothing) plus the block sums are then added
+//! in block order. A register-blocked micro-kernel computes m token rows x c column vectors at a
+//! time, with m and c picked from T and the register budget; since every output is its own chain,
+//! the choice changes speed only. Work is split over panels and token rows, never over K.
+//! - Few rows (decode): a panel GEMV, broadcasting `x[k]` against each panel's contiguous k-rows,
+//!   several panels at once for independent chains; tasks are runs of panels.
+//! - Many rows (prefill): K blocks outermost so a tile of panels stays in L2 while the token rows
+//!   stream past; tasks are tiles of panels (and of T when N alone gives too few).
+//!
+//! Row-major weights (tests, tools, plans that do not pack) keep two paths chosen by T, whose
+//! summation orders differ, so they are not batch invariant:
+//! - Few rows: stream each weight row once and take dot products against every token row,
+//!   several weight rows per step; tasks are runs of at least 16 weight rows. Memory bound.
+//! - Many rows: blocks of weight rows are widened to f32 and packed into a small k-major panel
+//!   buffer per call (one L2-sized block at a time), then the same micro-kernel runs on it.
 
 use super::simd::{load_n, run_simd, store_n, Simd, SimdTask, WeightElem};
-use super::{check_len, check_rows, runnable_isa, SharedMut, Weight, WeightData};
+use super::{
+    check_len, check_rows, runnable_isa, PackedLayout, SharedMut, Weight, WeightData, WeightLayout,
+};
 use crate::KernelError;
 use half::{bf16, f16};
 use ir_types::CpuIsa;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// From this many token rows on, the packed (prefill) path is used: below it packing costs more
-/// than it saves (measured with `examples/matmul_bench --only crossover`).
+/// From this many token rows on, row-major weights take the packed path: below it packing costs
+/// more than it saves (measured with `examples/matmul_bench --only crossover`).
 fn packed_min_rows(isa: CpuIsa) -> usize {
     match isa {
         CpuIsa::Avx512 => 16,
         _ => 24,
     }
 }
-/// K is processed in blocks of at most this many elements so a packed panel stays in L1/L2.
+/// K is summed in blocks of this many elements (from k = 0), so a panel block stays in L1/L2
+/// while token rows stream past. Part of every output's summation order: changing it changes
+/// results in the last bits.
 const K_BLOCK: usize = 256;
-/// Size the packed weight block of one task aims for.
+/// Size the weight block of one compute-bound task aims for.
 const PACKED_BLOCK_BYTES: usize = 128 << 10;
 /// Token rows per task of the packed path, when N alone gives too few tasks.
 const T_BLOCK: usize = 192;
@@ -37,9 +52,12 @@ const MIN_ROWS_PER_TASK: usize = 16;
 
 /// `out[T, N] = x[T, K] @ w[N, K]^T (+ bias[N])`.
 ///
-/// Shapes: `x` `[T, K]` f32 with row stride `x_stride`; `w` `[N, K]` f32/bf16/f16 (contiguous);
-/// `bias` `[N]` f32; `out` `[T, N]` f32 with row stride `out_stride`. Only the first K elements of
-/// each `x` row and the first N of each `out` row are touched.
+/// Shapes: `x` `[T, K]` f32 with row stride `x_stride`; `w` `[N, K]` f32/bf16/f16, row-major or
+/// in panels; `bias` `[N]` f32; `out` `[T, N]` f32 with row stride `out_stride`. Only the first K
+/// elements of each `x` row and the first N of each `out` row are touched.
+///
+/// With a panel-layout weight an output row is bit-identical whatever T, the other rows and the
+/// thread count are (see the module documentation).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     isa: CpuIsa,
@@ -64,8 +82,9 @@ pub fn matmul(
     )
 }
 
-/// Which matmul algorithm runs; [`matmul`] uses `Auto`. The others exist for benchmarks and
-/// tests that need one path regardless of T.
+/// Which algorithm runs for a row-major weight; [`matmul`] uses `Auto`. The others exist for
+/// benchmarks and tests that need one path regardless of T. Panel-layout weights have one path
+/// and ignore this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
     /// `Streamed` below 16 (AVX-512) or 24 (otherwise) token rows, else `Packed`.
@@ -76,8 +95,8 @@ pub enum MatmulPath {
     Packed,
 }
 
-/// [`matmul`] with the algorithm chosen by the caller; both paths give results within f32
-/// rounding of each other.
+/// [`matmul`] with the algorithm for row-major weights chosen by the caller; all paths give
+/// results within f32 rounding of each other.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_with_path(
     isa: CpuIsa,
@@ -111,11 +130,6 @@ pub fn matmul_with_path(
         return Ok(());
     }
     let isa = runnable_isa(isa);
-    let packed = match path {
-        MatmulPath::Auto => t >= packed_min_rows(isa),
-        MatmulPath::Streamed => false,
-        MatmulPath::Packed => true,
-    };
     let args = Args {
         x,
         x_stride,
@@ -125,6 +139,20 @@ pub fn matmul_with_path(
         bias,
         out: SharedMut(out.as_mut_ptr()),
         out_stride,
+    };
+    if let WeightLayout::Panels(layout) = w.layout {
+        let p = layout.panel();
+        match w.data {
+            WeightData::F32(d) => panels(isa, p, &args, d),
+            WeightData::BF16(d) => panels::<bf16>(isa, p, &args, d),
+            WeightData::F16(d) => panels::<f16>(isa, p, &args, d),
+        }
+        return Ok(());
+    }
+    let packed = match path {
+        MatmulPath::Auto => t >= packed_min_rows(isa),
+        MatmulPath::Streamed => false,
+        MatmulPath::Packed => true,
     };
     match w.data {
         WeightData::F32(d) => dispatch(isa, packed, &args, d),
@@ -155,7 +183,7 @@ fn dispatch<E: WeightElem>(isa: CpuIsa, use_packed: bool, args: &Args, w: &[E]) 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Decode path: dot products while streaming weight rows.
+// Row-major weights, few rows: dot products while streaming weight rows.
 
 fn streamed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
     let threads = rayon::current_num_threads();
@@ -290,19 +318,343 @@ unsafe fn dot_block<S: Simd, E: WeightElem, const TB: usize, const RB: usize>(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Prefill path: packed weight panels and a register-blocked micro-kernel.
+// Shared micro-kernel: m token rows x c column vectors of a k-major panel.
 
-/// Micro-tile of the packed path for an ISA: MR token rows x NR output columns.
-fn tile_shape(isa: CpuIsa) -> (usize, usize) {
+/// Most token rows one micro-kernel call handles on `isa`.
+fn max_rows(isa: CpuIsa) -> usize {
     match isa {
-        CpuIsa::Avx512 => (8, 32),  // 16 accumulators of 32 registers.
-        CpuIsa::Avx2 => (6, 16),    // 12 accumulators + 2 panel vectors + 1 broadcast of 16.
-        CpuIsa::Portable => (4, 8), // 8-lane arrays are two SSE registers each.
+        CpuIsa::Avx512 => 8,
+        CpuIsa::Avx2 => 6,
+        // 8-lane arrays are two SSE registers each: fewer accumulators fit.
+        CpuIsa::Portable => 4,
     }
 }
 
+/// Operands of the micro-kernel for one run of token rows over a range of K.
+///
+/// Column vector `v` (counted from the block's first) lies in panel `v / nvp` at lane offset
+/// `(v % nvp) * LANES`; its weights for `k_begin` start at `w + (v / nvp) * panel_stride +
+/// (v % nvp) * LANES`, and each next k is `step` elements further. It writes output columns
+/// `col0 + (v / nvp) * step + (v % nvp) * LANES ..`, those below `n_end`.
+struct Block<E> {
+    /// `x[t0, k_begin]`.
+    x: *const f32,
+    x_stride: usize,
+    k_begin: usize,
+    k_end: usize,
+    w: *const E,
+    panel_stride: usize,
+    /// Panel width P: elements per k inside a panel, and output columns per panel.
+    step: usize,
+    /// Vectors per panel, `P / LANES`.
+    nvp: usize,
+    /// `out[t0, 0]`.
+    out: *mut f32,
+    out_stride: usize,
+    col0: usize,
+    n_end: usize,
+    /// `bias[0]`.
+    bias: Option<*const f32>,
+}
+
+impl<E> Block<E> {
+    /// The same block reading its weights from a copy at `w` whose panels are `panel_stride`
+    /// elements apart.
+    fn reading<F>(self, w: *const F, panel_stride: usize) -> Block<F> {
+        Block {
+            x: self.x,
+            x_stride: self.x_stride,
+            k_begin: self.k_begin,
+            k_end: self.k_end,
+            w,
+            panel_stride,
+            step: self.step,
+            nvp: self.nvp,
+            out: self.out,
+            out_stride: self.out_stride,
+            col0: self.col0,
+            n_end: self.n_end,
+            bias: self.bias,
+        }
+    }
+}
+
+/// Runs `m` token rows of `b` against column vectors `vectors`, as many per micro-kernel call as
+/// the registers hold (accumulators m x c plus the weight vectors or broadcasts in flight).
+/// Every output has its own chain, so how the vectors are grouped changes nothing but speed.
+#[inline(always)]
+unsafe fn row_group<S: Simd, E: WeightElem>(
+    m: usize,
+    b: &Block<E>,
+    vectors: std::ops::Range<usize>,
+) {
+    macro_rules! run {
+        ($mr:literal, [$($nc:literal),+]) => {{
+            let mut v = vectors.start;
+            $(
+                while vectors.end - v >= $nc {
+                    micro::<S, E, $mr, $nc>(b, v);
+                    v += $nc;
+                }
+            )+
+        }};
+    }
+    match (S::ISA, m) {
+        // 32 registers.
+        (CpuIsa::Avx512, 1) => run!(1, [8, 4, 2, 1]),
+        (CpuIsa::Avx512, 2) => run!(2, [8, 4, 2, 1]),
+        (CpuIsa::Avx512, 3) => run!(3, [6, 2, 1]),
+        (CpuIsa::Avx512, 4) => run!(4, [6, 2, 1]),
+        (CpuIsa::Avx512, 5) => run!(5, [4, 2, 1]),
+        (CpuIsa::Avx512, 6) => run!(6, [2, 1]),
+        (CpuIsa::Avx512, 7) => run!(7, [2, 1]),
+        (CpuIsa::Avx512, _) => run!(8, [2, 1]),
+        // 16 registers.
+        (CpuIsa::Avx2, 1) => run!(1, [8, 4, 2, 1]),
+        (CpuIsa::Avx2, 2) => run!(2, [6, 2, 1]),
+        (CpuIsa::Avx2, 3) => run!(3, [4, 2, 1]),
+        (CpuIsa::Avx2, 4) => run!(4, [3, 2, 1]),
+        (CpuIsa::Avx2, 5) => run!(5, [2, 1]),
+        (CpuIsa::Avx2, _) => run!(6, [2, 1]),
+        // 16 SSE registers, two per 8-lane array.
+        (CpuIsa::Portable, 1) => run!(1, [4, 2, 1]),
+        (CpuIsa::Portable, 2) => run!(2, [2, 1]),
+        (CpuIsa::Portable, 3) => run!(3, [1]),
+        (CpuIsa::Portable, _) => run!(4, [1]),
+    }
+}
+
+/// `out[MR, NC vectors] (+)= x[MR, k_begin..k_end] @ w[k_begin..k_end, NC vectors]`.
+///
+/// K is walked in blocks ending at multiples of `K_BLOCK`. Within a block every output is one
+/// FMA chain over k in order, starting from zero; at the block's end it is added to what `out`
+/// holds, or, for the block starting at k = 0, to the bias (or stored alone without one). So each
+/// output's value depends on K alone, not on MR, NC, the range this call covers or where the tile
+/// sits.
+#[inline(always)]
+unsafe fn micro<S: Simd, E: WeightElem, const MR: usize, const NC: usize>(b: &Block<E>, v0: usize) {
+    let mut w = [b.w; NC];
+    let mut cols = [0usize; NC];
+    for c in 0..NC {
+        let (panel, lane) = ((v0 + c) / b.nvp, (v0 + c) % b.nvp * S::LANES);
+        w[c] = b.w.add(panel * b.panel_stride + lane);
+        cols[c] = b.col0 + panel * b.step + lane;
+    }
+    let mut x = [b.x; MR];
+    for (i, row) in x.iter_mut().enumerate() {
+        *row = b.x.add(i * b.x_stride);
+    }
+    let mut k = b.k_begin;
+    // Offset of k from k_begin, in x elements and in weight elements.
+    let (mut xo, mut wo) = (0, 0);
+    while k < b.k_end {
+        let kc = (K_BLOCK - k % K_BLOCK).min(b.k_end - k);
+        let mut acc = [[S::zero(); NC]; MR];
+        for _ in 0..kc {
+            // Whichever operand is fewer stays in registers for the step: the MR broadcasts
+            // (each weight vector is then used as soon as it is loaded and widened), or the NC
+            // weight vectors. Either way each accumulator gets one FMA per k.
+            if MR <= NC {
+                let mut xv = [S::zero(); MR];
+                for i in 0..MR {
+                    xv[i] = S::splat(*x[i].add(xo));
+                }
+                for c in 0..NC {
+                    let wv = E::load::<S>(w[c].add(wo));
+                    for i in 0..MR {
+                        acc[i][c] = S::mul_add(xv[i], wv, acc[i][c]);
+                    }
+                }
+            } else {
+                let mut wv = [S::zero(); NC];
+                for c in 0..NC {
+                    wv[c] = E::load::<S>(w[c].add(wo));
+                }
+                for i in 0..MR {
+                    let xv = S::splat(*x[i].add(xo));
+                    for c in 0..NC {
+                        acc[i][c] = S::mul_add(xv, wv[c], acc[i][c]);
+                    }
+                }
+            }
+            xo += 1;
+            wo += b.step;
+        }
+        for (i, acc_row) in acc.iter().enumerate() {
+            let out_row = b.out.add(i * b.out_stride);
+            for c in 0..NC {
+                let n = b.n_end.saturating_sub(cols[c]).min(S::LANES);
+                if n == 0 {
+                    continue; // padding rows of the last panel
+                }
+                let p = out_row.add(cols[c]);
+                let prior = match (k == 0, b.bias) {
+                    (true, None) => None,
+                    (true, Some(bias)) => Some(load_n::<S>(bias.add(cols[c]), n)),
+                    (false, _) => Some(load_n::<S>(p, n)),
+                };
+                let v = match prior {
+                    Some(prior) => S::add(prior, acc_row[c]),
+                    None => acc_row[c],
+                };
+                store_n::<S>(p, v, n);
+            }
+        }
+        k += kc;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Panel-layout weights: one batch-invariant path for every T.
+
+fn panels<E: WeightElem>(isa: CpuIsa, panel: usize, args: &Args, w: &[E]) {
+    // AVX-512 vectors must tile the panel; an 8-wide panel runs on AVX2 (which any AVX-512
+    // machine has). Every supported width is a multiple of 8, the other paths' lanes.
+    let isa = if isa == CpuIsa::Avx512 && !panel.is_multiple_of(16) {
+        CpuIsa::Avx2
+    } else {
+        isa
+    };
+    let n_panels = args.n.div_ceil(panel);
+    let threads = rayon::current_num_threads();
+    let (tile, t_block) = if args.t <= max_rows(isa) {
+        // Memory bound: about 8 runs of panels per thread balance uneven cores.
+        (n_panels.div_ceil(threads * 8), args.t)
+    } else {
+        // Compute bound: a tile's K block of panels (tile x P x K_BLOCK, as f32: half types are
+        // widened per block) is kept near 128 KB so it stays in L2 while x streams past; smaller
+        // tiles only when there would be too few tasks, and then T is cut too.
+        let block = panel * K_BLOCK * 4;
+        let max_tile = (PACKED_BLOCK_BYTES / block).max(1);
+        let tile = (n_panels / (threads * 4)).clamp(1, max_tile);
+        let t_blocks = if n_panels.div_ceil(tile) >= threads * 4 {
+            1
+        } else {
+            args.t.div_ceil(T_BLOCK)
+        };
+        (tile, args.t.div_ceil(t_blocks))
+    };
+    let (n_tiles, t_blocks) = (n_panels.div_ceil(tile), args.t.div_ceil(t_block));
+    let run = |task: usize| {
+        let (ti, tb) = (task / t_blocks, task % t_blocks);
+        run_simd(
+            isa,
+            PanelTile {
+                args,
+                w,
+                panel,
+                panels: ti * tile..((ti + 1) * tile).min(n_panels),
+                rows: tb * t_block..((tb + 1) * t_block).min(args.t),
+            },
+        );
+    };
+    if n_tiles * t_blocks == 1 {
+        run(0);
+    } else {
+        (0..n_tiles * t_blocks).into_par_iter().for_each(run);
+    }
+}
+
+struct PanelTile<'a, E> {
+    args: &'a Args<'a>,
+    w: &'a [E],
+    panel: usize,
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+}
+
+impl<E: WeightElem> SimdTask for PanelTile<'_, E> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let a = self.args;
+        let p = self.panel;
+        let nvp = p / S::LANES;
+        let vectors = 0..self.panels.len() * nvp;
+        // SAFETY: `matmul` checked x, out and bias against t, n, k and the strides, and the
+        // weight's length against the layout; this task writes out[rows, its panels' columns].
+        unsafe {
+            let block = |t0: usize, k_begin: usize, k_end: usize| Block {
+                x: a.x.as_ptr().add(t0 * a.x_stride + k_begin),
+                x_stride: a.x_stride,
+                k_begin,
+                k_end,
+                w: self
+                    .w
+                    .as_ptr()
+                    .add(self.panels.start * p * a.k + k_begin * p),
+                panel_stride: p * a.k,
+                step: p,
+                nvp,
+                out: a.out.0.add(t0 * a.out_stride),
+                out_stride: a.out_stride,
+                col0: self.panels.start * p,
+                n_end: a.n,
+                bias: a.bias.map(|b| b.as_ptr()),
+            };
+            let mr = max_rows(S::ISA);
+            if self.rows.len() <= mr {
+                // Few rows: each group of vectors runs down all of K before the next, so the
+                // panels are read front to back, once.
+                let b = block(self.rows.start, 0, a.k);
+                row_group::<S, E>(self.rows.len(), &b, vectors);
+                return;
+            }
+            if std::any::TypeId::of::<E>() == std::any::TypeId::of::<f32>() {
+                for k0 in (0..a.k).step_by(K_BLOCK) {
+                    let k1 = (k0 + K_BLOCK).min(a.k);
+                    let mut t0 = self.rows.start;
+                    while t0 < self.rows.end {
+                        let m = (self.rows.end - t0).min(mr);
+                        row_group::<S, E>(m, &block(t0, k0, k1), vectors.clone());
+                        t0 += m;
+                    }
+                }
+                return;
+            }
+            // Half-precision weights are widened once per K block into an f32 copy of the tile's
+            // panels (a straight copy: the layout is already the kernel's), which every row
+            // group then reads: widening at each use would cost more than the FMAs on AVX2.
+            // Widening is exact, so the sums are the same as reading the weights directly.
+            let mut buf = PANEL.take();
+            let need = self.panels.len() * p * K_BLOCK.min(a.k) + 16;
+            if buf.len() < need {
+                buf.resize(need, 0.0);
+            }
+            let skew = buf.as_ptr().align_offset(64).min(15);
+            let wide = buf[skew..].as_mut_ptr();
+            for k0 in (0..a.k).step_by(K_BLOCK) {
+                let k1 = (k0 + K_BLOCK).min(a.k);
+                let chunk = (k1 - k0) * p;
+                for panel in 0..self.panels.len() {
+                    let src = self
+                        .w
+                        .as_ptr()
+                        .add((self.panels.start + panel) * p * a.k + k0 * p);
+                    let dst = wide.add(panel * chunk);
+                    // `chunk` is a whole number of vectors: P is a multiple of LANES.
+                    for i in (0..chunk).step_by(S::LANES) {
+                        S::store(dst.add(i), E::load::<S>(src.add(i)));
+                    }
+                }
+                let mut t0 = self.rows.start;
+                while t0 < self.rows.end {
+                    let m = (self.rows.end - t0).min(mr);
+                    let b = block(t0, k0, k1).reading(wide as *const f32, chunk);
+                    row_group::<S, f32>(m, &b, vectors.clone());
+                    t0 += m;
+                }
+            }
+            PANEL.set(buf);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row-major weights, many rows: panels packed per call, one K block at a time.
+
 fn packed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
-    let (_, nr) = tile_shape(isa);
+    let nr = PackedLayout::for_isa(isa).panel();
     let threads = rayon::current_num_threads();
     // A tile's packed block (tile columns x K_BLOCK f32) is kept near 128 KB so it stays in L2
     // while x streams past; smaller tiles only when there would be too few tasks.
@@ -327,6 +679,7 @@ fn packed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
             PackedTile {
                 args,
                 w,
+                nr,
                 rows,
                 cols,
             },
@@ -340,13 +693,14 @@ fn packed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
 }
 
 thread_local! {
-    /// Per-thread panel buffer of the packed path, reused across calls.
+    /// Per-thread panel buffer of the row-major packed path, reused across calls.
     static PANEL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 struct PackedTile<'a, E> {
     args: &'a Args<'a>,
     w: &'a [E],
+    nr: usize,
     rows: std::ops::Range<usize>,
     cols: std::ops::Range<usize>,
 }
@@ -355,8 +709,8 @@ impl<E: WeightElem> SimdTask for PackedTile<'_, E> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        let (mr, nr) = tile_shape(S::ISA);
-        let nv = nr / S::LANES;
+        let mr = max_rows(S::ISA);
+        let nr = self.nr;
         let a = self.args;
         let width = self.cols.len();
         let panels = width.div_ceil(nr);
@@ -371,9 +725,7 @@ impl<E: WeightElem> SimdTask for PackedTile<'_, E> {
             }
             let skew = buf.as_ptr().align_offset(64).min(63);
             let panel = &mut buf[skew..];
-            let k_blocks = a.k.div_ceil(K_BLOCK);
-            for kb in 0..k_blocks {
-                let k0 = kb * K_BLOCK;
+            for k0 in (0..a.k).step_by(K_BLOCK) {
                 let kc = (a.k - k0).min(K_BLOCK);
                 // SAFETY: rows/cols lie inside the checked shapes; the panel holds
                 // `panels * nr * kc` elements; this task owns out[rows, cols].
@@ -390,25 +742,22 @@ impl<E: WeightElem> SimdTask for PackedTile<'_, E> {
                     let mut t0 = self.rows.start;
                     while t0 < self.rows.end {
                         let m = (self.rows.end - t0).min(mr);
-                        for p in 0..panels {
-                            let n0 = self.cols.start + p * nr;
-                            let tile = Tile {
-                                kc,
-                                x: a.x.as_ptr().add(t0 * a.x_stride + k0),
-                                x_stride: a.x_stride,
-                                panel: panel.as_ptr().add(p * nr * kc),
-                                out: a.out.0.add(t0 * a.out_stride + n0),
-                                out_stride: a.out_stride,
-                                cols: (self.cols.end - n0).min(nr),
-                                first: kb == 0,
-                                bias: a.bias.map(|b| b.as_ptr().add(n0)),
-                            };
-                            if nv == 2 {
-                                micro_rows::<S, 2>(m, &tile);
-                            } else {
-                                micro_rows::<S, 1>(m, &tile);
-                            }
-                        }
+                        let b = Block {
+                            x: a.x.as_ptr().add(t0 * a.x_stride + k0),
+                            x_stride: a.x_stride,
+                            k_begin: k0,
+                            k_end: k0 + kc,
+                            w: panel.as_ptr() as *const f32,
+                            panel_stride: nr * kc,
+                            step: nr,
+                            nvp: nr / S::LANES,
+                            out: a.out.0.add(t0 * a.out_stride),
+                            out_stride: a.out_stride,
+                            col0: self.cols.start,
+                            n_end: self.cols.end,
+                            bias: a.bias.map(|b| b.as_ptr()),
+                        };
+                        row_group::<S, f32>(m, &b, 0..panels * (nr / S::LANES));
                         t0 += m;
                     }
                 }
@@ -459,87 +808,11 @@ unsafe fn pack_panels<S: Simd, E: WeightElem>(
     }
 }
 
-/// One micro-tile's operands: `m` token rows from `x` against one packed panel.
-struct Tile {
-    kc: usize,
-    x: *const f32,
-    x_stride: usize,
-    panel: *const f32,
-    out: *mut f32,
-    out_stride: usize,
-    /// Valid output columns of this panel (the rest are padding).
-    cols: usize,
-    /// First K block: store (plus bias) instead of accumulating into `out`.
-    first: bool,
-    bias: Option<*const f32>,
-}
-
-#[inline(always)]
-unsafe fn micro_rows<S: Simd, const NV: usize>(m: usize, tile: &Tile) {
-    match m {
-        1 => micro::<S, 1, NV>(tile),
-        2 => micro::<S, 2, NV>(tile),
-        3 => micro::<S, 3, NV>(tile),
-        4 => micro::<S, 4, NV>(tile),
-        5 => micro::<S, 5, NV>(tile),
-        6 => micro::<S, 6, NV>(tile),
-        7 => micro::<S, 7, NV>(tile),
-        _ => micro::<S, 8, NV>(tile),
-    }
-}
-
-/// `out[MR, NV*LANES] (+)= x[MR, kc] @ panel[kc, NV*LANES]`: every output is one FMA chain over
-/// k in order, so its value does not depend on MR or on where the tile sits.
-#[inline(always)]
-unsafe fn micro<S: Simd, const MR: usize, const NV: usize>(tile: &Tile) {
-    let nr = NV * S::LANES;
-    let mut rows = [tile.x; MR];
-    for (i, row) in rows.iter_mut().enumerate() {
-        *row = tile.x.add(i * tile.x_stride);
-    }
-    let mut acc = [[S::zero(); NV]; MR];
-    let mut bv = [S::zero(); NV];
-    let mut b = tile.panel;
-    for kk in 0..tile.kc {
-        for (j, v) in bv.iter_mut().enumerate() {
-            *v = S::load(b.add(j * S::LANES));
-        }
-        for i in 0..MR {
-            let xv = S::splat(*rows[i].add(kk));
-            for j in 0..NV {
-                acc[i][j] = S::mul_add(xv, bv[j], acc[i][j]);
-            }
-        }
-        b = b.add(nr);
-    }
-    for (i, acc_row) in acc.iter().enumerate() {
-        let out_row = tile.out.add(i * tile.out_stride);
-        for (j, &v) in acc_row.iter().enumerate() {
-            let c0 = j * S::LANES;
-            if c0 >= tile.cols {
-                break;
-            }
-            let p = out_row.add(c0);
-            let n = (tile.cols - c0).min(S::LANES);
-            let prior = match (tile.first, tile.bias) {
-                (true, None) => None,
-                (true, Some(bias)) => Some(load_n::<S>(bias.add(c0), n)),
-                (false, _) => Some(load_n::<S>(p, n)),
-            };
-            let v = match prior {
-                Some(prior) => S::add(prior, v),
-                None => v,
-            };
-            store_n::<S>(p, v, n);
-        }
-    }
-}
-
 /// Plain scalar matmul with f64 accumulation.
 pub mod reference {
     use super::super::Weight;
 
-    /// Same contract as [`super::matmul`]; panics on short buffers.
+    /// Same contract as [`super::matmul`], either layout; panics on short buffers.
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         x: &[f32],
@@ -555,7 +828,7 @@ pub mod reference {
             for ni in 0..n {
                 let mut sum = bias.map_or(0.0, |b| b[ni] as f64);
                 for ki in 0..k {
-                    sum += x[ti * x_stride + ki] as f64 * w.data.get_f32(ni * k + ki) as f64;
+                    sum += x[ti * x_stride + ki] as f64 * w.get_f32(ni, ki) as f64;
                 }
                 out[ti * out_stride + ni] = sum as f32;
             }
@@ -575,8 +848,58 @@ mod tests {
         (f, b, h)
     }
 
-    /// Every dtype and ISA against the reference, for shapes hitting both paths, all tails,
-    /// strided inputs and outputs, and bias on and off.
+    /// One matrix in every dtype, packed in `layout` (or not).
+    struct Stored {
+        n: usize,
+        k: usize,
+        layout: WeightLayout,
+        f: Vec<f32>,
+        b: Vec<bf16>,
+        h: Vec<f16>,
+    }
+
+    impl Stored {
+        fn new(rng: &mut Rng, n: usize, k: usize, layout: WeightLayout) -> Stored {
+            let (f, b, h) = weights(rng, n, k);
+            let (f, b, h) = match layout {
+                WeightLayout::RowMajor => (f, b, h),
+                WeightLayout::Panels(p) => (
+                    p.pack(&f, n, k).unwrap(),
+                    p.pack(&b, n, k).unwrap(),
+                    p.pack(&h, n, k).unwrap(),
+                ),
+            };
+            Stored {
+                n,
+                k,
+                layout,
+                f,
+                b,
+                h,
+            }
+        }
+
+        fn all(&self) -> [Weight<'_>; 3] {
+            [
+                WeightData::F32(&self.f),
+                WeightData::BF16(&self.b),
+                WeightData::F16(&self.h),
+            ]
+            .map(|data| Weight {
+                data,
+                rows: self.n,
+                cols: self.k,
+                layout: self.layout,
+            })
+        }
+    }
+
+    fn panels(width: usize) -> WeightLayout {
+        WeightLayout::Panels(PackedLayout::new(width).unwrap())
+    }
+
+    /// Every dtype, ISA and layout against the reference, for shapes hitting every path, all
+    /// tails, strided inputs and outputs, and bias on and off.
     #[test]
     fn matches_reference_on_odd_shapes() {
         let mut rng = Rng::new(7);
@@ -593,45 +916,100 @@ mod tests {
             (70, 130, 40),
         ];
         for isa in isas_to_test() {
+            let layouts = [
+                WeightLayout::RowMajor,
+                WeightLayout::Panels(PackedLayout::for_isa(isa)),
+                // Widths of other ISAs still compute the right thing, just not at full speed.
+                panels(8),
+                panels(32),
+                panels(24),
+            ];
             for &(t, n, k) in &shapes {
-                let (wf, wb, wh) = weights(&mut rng, n, k);
-                let (x_stride, out_stride) = (k + 3, n + 5);
-                let x = rng.vec(t * x_stride, 1.0);
-                let bias = rng.vec(n, 1.0);
-                for data in [
-                    WeightData::F32(&wf),
-                    WeightData::BF16(&wb),
-                    WeightData::F16(&wh),
-                ] {
-                    let w = Weight {
-                        data,
-                        rows: n,
-                        cols: k,
-                    };
-                    for (use_bias, path) in [
-                        (false, MatmulPath::Auto),
-                        (true, MatmulPath::Streamed),
-                        (true, MatmulPath::Packed),
-                    ] {
-                        let b = use_bias.then_some(&bias[..]);
-                        let sentinel = 1234.5;
-                        let mut got = vec![sentinel; t * out_stride];
-                        let mut want = vec![sentinel; t * out_stride];
-                        matmul_with_path(isa, path, &x, x_stride, t, &w, b, &mut got, out_stride)
+                for layout in layouts {
+                    let stored = Stored::new(&mut rng, n, k, layout);
+                    let (x_stride, out_stride) = (k + 3, n + 5);
+                    let x = rng.vec(t * x_stride, 1.0);
+                    let bias = rng.vec(n, 1.0);
+                    for w in stored.all() {
+                        for (use_bias, path) in [
+                            (false, MatmulPath::Auto),
+                            (true, MatmulPath::Streamed),
+                            (true, MatmulPath::Packed),
+                        ] {
+                            let b = use_bias.then_some(&bias[..]);
+                            let sentinel = 1234.5;
+                            let mut got = vec![sentinel; t * out_stride];
+                            let mut want = vec![sentinel; t * out_stride];
+                            matmul_with_path(
+                                isa, path, &x, x_stride, t, &w, b, &mut got, out_stride,
+                            )
                             .unwrap();
-                        reference::matmul(&x, x_stride, t, &w, b, &mut want, out_stride);
-                        let diff = max_abs_diff(&got, &want);
-                        println!("matmul {isa:?} {path:?} {} t={t} n={n} k={k} bias={use_bias}: max abs diff {diff:.3e}", data.dtype());
-                        // Terms are products of values in [-1, 1]: f32 rounding grows ~ sqrt(k) eps.
-                        assert!(
-                            diff <= 8e-6 * (k as f32).sqrt(),
-                            "{isa:?} t={t} n={n} k={k}: {diff}"
-                        );
-                        // Padding columns past N keep the sentinel.
-                        for ti in 0..t {
-                            assert!(got[ti * out_stride + n..ti * out_stride + out_stride]
-                                .iter()
-                                .all(|&v| v == sentinel));
+                            reference::matmul(&x, x_stride, t, &w, b, &mut want, out_stride);
+                            let diff = max_abs_diff(&got, &want);
+                            println!("matmul {isa:?} {layout:?} {path:?} {} t={t} n={n} k={k} bias={use_bias}: max abs diff {diff:.3e}", w.data.dtype());
+                            // Terms are products of values in [-1, 1]: f32 rounding grows
+                            // ~ sqrt(k) eps.
+                            assert!(
+                                diff <= 8e-6 * (k as f32).sqrt(),
+                                "{isa:?} {layout:?} t={t} n={n} k={k}: {diff}"
+                            );
+                            // Padding columns past N keep the sentinel.
+                            for ti in 0..t {
+                                assert!(got[ti * out_stride + n..ti * out_stride + out_stride]
+                                    .iter()
+                                    .all(|&v| v == sentinel));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Batch invariance: with panel weights, the output row of a given input row is the same
+    /// bits whether the pass has 1 row or 512, wherever in the batch the row sits, whatever the
+    /// other rows are, and on 1, 2 or 3 threads. N is not a multiple of any panel width and K
+    /// spans a partial K block, with a bias, so every tail of the kernel is involved.
+    #[test]
+    fn panel_rows_do_not_depend_on_the_batch_or_the_threads() {
+        let mut rng = Rng::new(31);
+        for isa in isas_to_test() {
+            for &(n, k) in &[(77, 600), (200, 257), (45, 31)] {
+                let layout = WeightLayout::Panels(PackedLayout::for_isa(isa));
+                let stored = Stored::new(&mut rng, n, k, layout);
+                let bias = rng.vec(n, 1.0);
+                let probe = rng.vec(k, 1.0);
+                for w in stored.all() {
+                    let label = format!("{isa:?} {} n={n} k={k}", w.data.dtype());
+                    let mut want = vec![0f32; n];
+                    reference::matmul(&probe, k, 1, &w, Some(&bias), &mut want, n);
+                    let mut first: Option<Vec<f32>> = None;
+                    for (i, &t) in [1usize, 3, 17, 64, 512].iter().enumerate() {
+                        // The probe sits first, last or in the middle, among random rows.
+                        let at = [0, t - 1, t / 2][i % 3];
+                        let mut x = rng.vec(t * k, 1.0);
+                        x[at * k..][..k].copy_from_slice(&probe);
+                        for threads in [1, 2, 3] {
+                            let mut out = vec![0f32; t * n];
+                            on_threads(threads, || {
+                                matmul(isa, &x, k, t, &w, Some(&bias), &mut out, n).unwrap()
+                            });
+                            let row = out[at * n..][..n].to_vec();
+                            match &first {
+                                None => {
+                                    let diff = max_abs_diff(&row, &want);
+                                    println!("{label}: max abs diff to reference {diff:.3e}");
+                                    assert!(diff <= 8e-6 * (k as f32).sqrt(), "{label}: {diff}");
+                                    first = Some(row);
+                                }
+                                Some(first) => {
+                                    let same = first
+                                        .iter()
+                                        .zip(&row)
+                                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                                    assert!(same, "{label}: t={t} row {at} threads={threads}");
+                                }
+                            }
                         }
                     }
                 }
@@ -644,28 +1022,29 @@ mod tests {
         let mut rng = Rng::new(11);
         for isa in isas_to_test() {
             for &(t, n, k) in &[(1, 999, 577), (5, 300, 64), (61, 1000, 600)] {
-                let (_, wb, _) = weights(&mut rng, n, k);
-                let w = Weight {
-                    data: WeightData::BF16(&wb),
-                    rows: n,
-                    cols: k,
-                };
-                let x = rng.vec(t * k, 1.0);
-                let run = |threads| {
-                    let mut out = vec![0f32; t * n];
-                    on_threads(threads, || {
-                        matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
-                    });
-                    out
-                };
-                let one = run(1);
-                for threads in [2, 3, 5] {
-                    assert!(
-                        one.iter()
-                            .zip(&run(threads))
-                            .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{isa:?} t={t} threads={threads}"
-                    );
+                for layout in [
+                    WeightLayout::RowMajor,
+                    WeightLayout::Panels(PackedLayout::for_isa(isa)),
+                ] {
+                    let stored = Stored::new(&mut rng, n, k, layout);
+                    let w = stored.all()[1];
+                    let x = rng.vec(t * k, 1.0);
+                    let run = |threads| {
+                        let mut out = vec![0f32; t * n];
+                        on_threads(threads, || {
+                            matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
+                        });
+                        out
+                    };
+                    let one = run(1);
+                    for threads in [2, 3, 5] {
+                        assert!(
+                            one.iter()
+                                .zip(&run(threads))
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?} {layout:?} t={t} threads={threads}"
+                        );
+                    }
                 }
             }
         }
@@ -676,25 +1055,26 @@ mod tests {
         // A row's result must not depend on which micro-tile (or remainder tile) computes it.
         let mut rng = Rng::new(5);
         let (n, k) = (77, 300);
-        let (wf, _, _) = weights(&mut rng, n, k);
-        let w = Weight {
-            data: WeightData::F32(&wf),
-            rows: n,
-            cols: k,
-        };
         let row = rng.vec(k, 1.0);
         for isa in isas_to_test() {
-            for path in [MatmulPath::Streamed, MatmulPath::Packed] {
-                let t = 23;
-                let x: Vec<f32> = (0..t).flat_map(|_| row.iter().copied()).collect();
-                let mut out = vec![0f32; t * n];
-                matmul_with_path(isa, path, &x, k, t, &w, None, &mut out, n).unwrap();
-                for ti in 1..t {
-                    assert_eq!(
-                        out[..n],
-                        out[ti * n..(ti + 1) * n],
-                        "{isa:?} {path:?} row {ti}"
-                    );
+            for layout in [
+                WeightLayout::RowMajor,
+                WeightLayout::Panels(PackedLayout::for_isa(isa)),
+            ] {
+                let stored = Stored::new(&mut rng, n, k, layout);
+                let w = stored.all()[0];
+                for path in [MatmulPath::Streamed, MatmulPath::Packed] {
+                    let t = 23;
+                    let x: Vec<f32> = (0..t).flat_map(|_| row.iter().copied()).collect();
+                    let mut out = vec![0f32; t * n];
+                    matmul_with_path(isa, path, &x, k, t, &w, None, &mut out, n).unwrap();
+                    for ti in 1..t {
+                        assert_eq!(
+                            out[..n],
+                            out[ti * n..(ti + 1) * n],
+                            "{isa:?} {layout:?} {path:?} row {ti}"
+                        );
+                    }
                 }
             }
         }
@@ -703,11 +1083,7 @@ mod tests {
     #[test]
     fn rejects_short_buffers() {
         let w = vec![0f32; 12];
-        let weight = Weight {
-            data: WeightData::F32(&w),
-            rows: 3,
-            cols: 4,
-        };
+        let weight = Weight::row_major(WeightData::F32(&w), 3, 4);
         let x = vec![0f32; 7];
         let mut out = vec![0f32; 6];
         let err = matmul(CpuIsa::Portable, &x, 4, 2, &weight, None, &mut out, 3).unwrap_err();
@@ -733,12 +1109,20 @@ mod tests {
             3
         )
         .is_err());
-        let bad = Weight {
-            data: WeightData::F32(&w),
-            rows: 4,
-            cols: 4,
-        };
+        let bad = Weight::row_major(WeightData::F32(&w), 4, 4);
         assert!(matmul(CpuIsa::Portable, &x, 4, 2, &bad, None, &mut out, 3).is_err());
         assert!(matmul(CpuIsa::Portable, &x, 4, 2, &weight, None, &mut out, 3).is_ok());
+        // A panel weight must hold whole panels: 3 rows of 4 in 8-row panels is 32 elements.
+        let short = Weight {
+            layout: panels(8),
+            ..weight
+        };
+        assert!(matmul(CpuIsa::Portable, &x, 4, 2, &short, None, &mut out, 3).is_err());
+        let whole = vec![0f32; 32];
+        let packed = Weight {
+            data: WeightData::F32(&whole),
+            ..short
+        };
+        assert!(matmul(CpuIsa::Portable, &x, 4, 2, &packed, None, &mut out, 3).is_ok());
     }
 }

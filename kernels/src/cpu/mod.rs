@@ -16,7 +16,9 @@
 mod attention;
 mod elementwise;
 mod gather;
+mod layout;
 mod matmul;
+mod moe;
 mod norm;
 mod rope;
 mod simd;
@@ -31,7 +33,9 @@ use std::sync::OnceLock;
 pub use attention::{attention, KvLayerMut};
 pub use elementwise::{add, mul, silu, silu_mul};
 pub use gather::{embedding, gather_rows};
+pub use layout::{PackedLayout, WeightLayout};
 pub use matmul::{matmul, matmul_with_path, MatmulPath};
+pub use moe::{moe, route as moe_route, MoeParams};
 pub use norm::{add_rms_norm, rms_norm};
 pub use rope::rope;
 
@@ -42,6 +46,7 @@ pub mod reference {
     pub use super::elementwise::reference::{add, mul, silu, silu_mul};
     pub use super::gather::reference::{embedding, gather_rows};
     pub use super::matmul::reference::matmul;
+    pub use super::moe::reference::moe;
     pub use super::norm::reference::{add_rms_norm, rms_norm};
     pub use super::rope::reference::rope;
 }
@@ -85,24 +90,43 @@ impl WeightData<'_> {
     }
 }
 
-/// A dense row-major `[rows, cols]` weight: `[N, K]` for matmul, `[V, H*D]` for an embedding.
+/// A dense `[rows, cols]` weight, `[N, K]` for matmul, `[V, H*D]` for an embedding, stored in
+/// `layout` order (row-major, or the matmul's panels: see [`WeightLayout`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Weight<'a> {
     pub data: WeightData<'a>,
     pub rows: usize,
     pub cols: usize,
+    pub layout: WeightLayout,
 }
 
-impl Weight<'_> {
+impl<'a> Weight<'a> {
+    /// A row-major weight, as checkpoints store them.
+    pub fn row_major(data: WeightData<'a>, rows: usize, cols: usize) -> Weight<'a> {
+        Weight {
+            data,
+            rows,
+            cols,
+            layout: WeightLayout::RowMajor,
+        }
+    }
+
+    /// Element `[row, col]` widened to f32, wherever the layout keeps it; panics out of range.
+    pub fn get_f32(&self, row: usize, col: usize) -> f32 {
+        self.data.get_f32(self.layout.index(self.cols, row, col))
+    }
+
     fn check(&self, kernel: &'static str) -> Result<(), KernelError> {
-        if self.data.len() != self.rows * self.cols {
+        let want = self.layout.len(self.rows, self.cols);
+        if self.data.len() != want || self.rows.checked_mul(self.cols).is_none() {
             return Err(KernelError::shape(
                 kernel,
                 format!(
-                    "weight has {} elements, expected {} x {}",
+                    "weight has {} elements, {} x {} in {:?} needs {want}",
                     self.data.len(),
                     self.rows,
-                    self.cols
+                    self.cols,
+                    self.layout
                 ),
             ));
         }

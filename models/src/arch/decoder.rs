@@ -15,15 +15,43 @@
 //! ```
 //! Rows are gathered before the final norm: the norm is per row, so only the rows whose logits
 //! are wanted need it.
+//!
+//! In the sparse layers of a mixture-of-experts family the MLP is one `moe` op over the layer's
+//! router and its experts' weights stacked (`[E, 2I, C]` gate-up, `[E, C, I]` down), plus, where
+//! the family has shared experts, an ordinary MLP added to its output:
+//! ```text
+//!             h = rms_norm(x);  x = x + moe(h, router, (bias,) gate_up, down) (+ mlp(h))
+//! ```
+//! The builder emits the fused op itself rather than E small MLPs for a pass to fuse: routing is
+//! data dependent (each token picks its experts at run time), which the per-expert ops cannot
+//! express, so there is no faithful unfused form to start from.
 
 use crate::{ModelConfig, ModelError, TensorSource};
 use ir::{DType, Dim, Graph, GraphError, InputKind, Op, TensorType, ValueId, WeightExpr};
+
+/// Checkpoint tensor names of a family's sparse MLP block, under `model.layers.{l}.{block}`.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeNames {
+    /// The block's module: `mlp` or `block_sparse_moe`.
+    pub block: &'static str,
+    /// The expert projections under `experts.{e}`: gate, up, down (`gate_proj` or `w1`, ...).
+    pub gate: &'static str,
+    pub up: &'static str,
+    pub down: &'static str,
+    /// The router's selection bias under the block, stored `[1, E]`, if the family has one.
+    pub bias: Option<&'static str>,
+    /// The shared experts' module under the block, if the family has them.
+    pub shared: Option<&'static str>,
+}
 
 /// What distinguishes one family's decoder from another's.
 #[derive(Clone, Copy, Debug)]
 pub struct DecoderVariant {
     pub qkv_bias: bool,
     pub qk_norm: bool,
+    /// RoPE rotates interleaved pairs `(2i, 2i + 1)` (ERNIE 4.5): the q and k projections' rows
+    /// are reordered per head (`WeightExpr::Deinterleave`) so the rotate-half `rope` op applies.
+    pub rope_interleaved: bool,
 }
 
 struct Builder<'a> {
@@ -53,6 +81,169 @@ impl Builder<'_> {
             TensorType::new(DType::F32, &dims),
             WeightExpr::Tensor(name.to_string()),
         ))
+    }
+
+    /// Declares the stack of `parts` (each a list of checkpoint tensors concatenated by rows,
+    /// each of `shape`) as one weight `[parts, rows, cols]` named `name`.
+    fn stacked(
+        &mut self,
+        name: String,
+        parts: &[Vec<String>],
+        shape: &[usize; 2],
+    ) -> Result<ValueId, ModelError> {
+        let mut exprs = Vec::with_capacity(parts.len());
+        for tensors in parts {
+            let mut rows = Vec::with_capacity(tensors.len());
+            for t in tensors {
+                self.check_shape(t, shape)?;
+                rows.push(WeightExpr::Tensor(t.clone()));
+            }
+            exprs.push(if rows.len() == 1 {
+                rows.remove(0)
+            } else {
+                WeightExpr::ConcatRows(rows)
+            });
+        }
+        let per_part = parts.first().map_or(0, Vec::len);
+        let dims = [
+            Dim::Const(parts.len()),
+            Dim::Const(per_part * shape[0]),
+            Dim::Const(shape[1]),
+        ];
+        Ok(self.graph.add_weight(
+            name,
+            TensorType::new(DType::F32, &dims),
+            WeightExpr::Stack(exprs),
+        ))
+    }
+
+    fn check_shape(&self, name: &str, shape: &[usize]) -> Result<(), ModelError> {
+        let info = self
+            .tensors
+            .info(name)
+            .ok_or_else(|| ModelError::TensorNotFound {
+                name: name.to_string(),
+            })?;
+        if info.shape != shape {
+            return Err(ModelError::ShapeMismatch {
+                tensor: name.to_string(),
+                expected: shape.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checkpoint tensor `name` of `stored` shape, entering the graph as a vector of `len`.
+    fn vector_weight(
+        &mut self,
+        name: &str,
+        stored: &[usize],
+        len: usize,
+    ) -> Result<ValueId, ModelError> {
+        self.check_shape(name, stored)?;
+        Ok(self.graph.add_weight(
+            name,
+            TensorType::new(DType::F32, &[Dim::Const(len)]),
+            WeightExpr::Tensor(name.to_string()),
+        ))
+    }
+
+    /// `(silu(h @ Wg) * (h @ Wu)) @ Wd` of the MLP at `prefix`.
+    fn mlp(
+        &mut self,
+        h: ValueId,
+        prefix: &str,
+        i: usize,
+        c: usize,
+        names: [&str; 3],
+    ) -> Result<ValueId, ModelError> {
+        let gate = self.linear(h, &format!("{prefix}.{}", names[0]), i, c, false)?;
+        let up = self.linear(h, &format!("{prefix}.{}", names[1]), i, c, false)?;
+        let act = self.node(Op::Silu, &[gate])?;
+        let m = self.node(Op::Mul, &[act, up])?;
+        self.linear(m, &format!("{prefix}.{}", names[2]), c, i, false)
+    }
+
+    /// The sparse MLP of layer prefix `p`: routed experts as one `moe` op, plus shared experts.
+    fn sparse_mlp(
+        &mut self,
+        h: ValueId,
+        p: &str,
+        cfg: &ModelConfig,
+        moe: &crate::MoeConfig,
+        names: &MoeNames,
+    ) -> Result<ValueId, ModelError> {
+        let (c, e, i) = (cfg.hidden_size, moe.num_experts, moe.moe_intermediate_size);
+        let block = format!("{p}.{}", names.block);
+        let router = self.weight(&format!("{block}.gate.weight"), &[e, c])?;
+        let mut inputs = vec![h, router];
+        if let Some(bias) = names.bias {
+            inputs.push(self.vector_weight(&format!("{block}.{bias}"), &[1, e], e)?);
+        }
+        let expert = |x: usize, proj: &str| format!("{block}.experts.{x}.{proj}.weight");
+        let gate_up: Vec<Vec<String>> = (0..e)
+            .map(|x| vec![expert(x, names.gate), expert(x, names.up)])
+            .collect();
+        let down: Vec<Vec<String>> = (0..e).map(|x| vec![expert(x, names.down)]).collect();
+        let gu_name = format!("{block}.experts.{}+{}.weight", names.gate, names.up);
+        inputs.push(self.stacked(gu_name, &gate_up, &[i, c])?);
+        let down_name = format!("{block}.experts.{}.weight", names.down);
+        inputs.push(self.stacked(down_name, &down, &[c, i])?);
+        let op = Op::Moe {
+            experts: e,
+            top_k: moe.num_experts_per_tok,
+            routing: moe.routing,
+            normalize: moe.norm_topk_prob,
+            scaling: moe.routed_scaling_factor as f32,
+        };
+        let routed = self.node(op, &inputs)?;
+        match names.shared {
+            Some(shared) if moe.num_shared_experts > 0 => {
+                let s = self.mlp(
+                    h,
+                    &format!("{block}.{shared}"),
+                    moe.shared_intermediate_size,
+                    c,
+                    ["gate_proj", "up_proj", "down_proj"],
+                )?;
+                self.node(Op::Add, &[routed, s])
+            }
+            _ => Ok(routed),
+        }
+    }
+
+    /// A q or k projection of an interleaved-RoPE family, its rows (and bias) deinterleaved per
+    /// head of `head_dim`.
+    fn linear_deinterleaved(
+        &mut self,
+        x: ValueId,
+        prefix: &str,
+        n: usize,
+        k: usize,
+        bias: bool,
+        head_dim: usize,
+    ) -> Result<ValueId, ModelError> {
+        let mut operands = vec![x];
+        for (suffix, shape) in [("weight", vec![n, k]), ("bias", vec![n])] {
+            if suffix == "bias" && !bias {
+                continue;
+            }
+            let name = format!("{prefix}.{suffix}");
+            self.check_shape(&name, &shape)?;
+            let dims: Vec<Dim> = shape.iter().map(|&d| Dim::Const(d)).collect();
+            let expr = WeightExpr::Deinterleave {
+                part: Box::new(WeightExpr::Tensor(name.clone())),
+                head_dim,
+                cols: shape.get(1).copied().unwrap_or(1),
+            };
+            operands.push(self.graph.add_weight(
+                format!("{prefix}.deinterleaved.{suffix}"),
+                TensorType::new(DType::F32, &dims),
+                expr,
+            ));
+        }
+        self.node(Op::MatMul, &operands)
     }
 
     fn node(&mut self, op: Op, inputs: &[ValueId]) -> Result<ValueId, ModelError> {
@@ -90,6 +281,28 @@ pub fn build_decoder(
     tensors: &dyn TensorSource,
     variant: DecoderVariant,
 ) -> Result<Graph, ModelError> {
+    build(name, cfg, tensors, variant, None)
+}
+
+/// The decoder of a mixture-of-experts family: `cfg.moe` says which layers are sparse, `names`
+/// where their tensors are.
+pub fn build_moe_decoder(
+    name: &str,
+    cfg: &ModelConfig,
+    tensors: &dyn TensorSource,
+    variant: DecoderVariant,
+    names: MoeNames,
+) -> Result<Graph, ModelError> {
+    build(name, cfg, tensors, variant, Some(names))
+}
+
+fn build(
+    name: &str,
+    cfg: &ModelConfig,
+    tensors: &dyn TensorSource,
+    variant: DecoderVariant,
+    moe_names: Option<MoeNames>,
+) -> Result<Graph, ModelError> {
     let (c, d, h, kv, i, v) = (
         cfg.hidden_size,
         cfg.head_dim,
@@ -123,20 +336,21 @@ pub fn build_decoder(
         let p = format!("model.layers.{layer}");
         let w = b.weight(&format!("{p}.input_layernorm.weight"), &[c])?;
         let hn = b.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
-        let mut q = b.linear(
-            hn,
-            &format!("{p}.self_attn.q_proj"),
-            h * d,
-            c,
-            variant.qkv_bias,
-        )?;
-        let mut k = b.linear(
-            hn,
-            &format!("{p}.self_attn.k_proj"),
-            kv * d,
-            c,
-            variant.qkv_bias,
-        )?;
+        let (q_name, k_name) = (
+            format!("{p}.self_attn.q_proj"),
+            format!("{p}.self_attn.k_proj"),
+        );
+        let (mut q, mut k) = if variant.rope_interleaved {
+            (
+                b.linear_deinterleaved(hn, &q_name, h * d, c, variant.qkv_bias, d)?,
+                b.linear_deinterleaved(hn, &k_name, kv * d, c, variant.qkv_bias, d)?,
+            )
+        } else {
+            (
+                b.linear(hn, &q_name, h * d, c, variant.qkv_bias)?,
+                b.linear(hn, &k_name, kv * d, c, variant.qkv_bias)?,
+            )
+        };
         let val = b.linear(
             hn,
             &format!("{p}.self_attn.v_proj"),
@@ -178,11 +392,22 @@ pub fn build_decoder(
 
         let w = b.weight(&format!("{p}.post_attention_layernorm.weight"), &[c])?;
         let hn = b.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
-        let gate = b.linear(hn, &format!("{p}.mlp.gate_proj"), i, c, false)?;
-        let up = b.linear(hn, &format!("{p}.mlp.up_proj"), i, c, false)?;
-        let act = b.node(Op::Silu, &[gate])?;
-        let m = b.node(Op::Mul, &[act, up])?;
-        let down = b.linear(m, &format!("{p}.mlp.down_proj"), c, i, false)?;
+        let sparse = match (&cfg.moe, &moe_names) {
+            (Some(moe), Some(names)) if moe.sparse_layers.get(layer) == Some(&true) => {
+                Some((moe, names))
+            }
+            _ => None,
+        };
+        let down = match sparse {
+            Some((moe, names)) => b.sparse_mlp(hn, &p, cfg, moe, names)?,
+            None => b.mlp(
+                hn,
+                &format!("{p}.mlp"),
+                i,
+                c,
+                ["gate_proj", "up_proj", "down_proj"],
+            )?,
+        };
         x = b.node(Op::Add, &[x, down])?;
     }
     let picked = b.node(Op::GatherRows, &[x, rows])?;

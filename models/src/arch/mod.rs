@@ -6,9 +6,12 @@
 //! that does not match its config fails before any data is read.
 
 mod decoder;
+pub mod ernie4_5_moe;
 pub mod llama;
+pub mod mixtral;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_moe;
 
 use crate::{Architecture, ModelConfig, ModelError, TensorSource};
 use ir::Graph;
@@ -23,5 +26,8 @@ pub fn build_graph(
         Architecture::Llama => llama::build(name, config, tensors),
         Architecture::Qwen2 => qwen2::build(name, config, tensors),
         Architecture::Qwen3 => qwen3::build(name, config, tensors),
+        Architecture::Qwen3Moe => qwen3_moe::build(name, config, tensors),
+        Architecture::Mixtral => mixtral::build(name, config, tensors),
+        Architecture::Ernie45Moe => ernie4_5_moe::build(name, config, tensors),
     }
 }

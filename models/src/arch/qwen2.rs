@@ -21,6 +21,7 @@ pub fn build(
         DecoderVariant {
             qkv_bias: true,
             qk_norm: false,
+            rope_interleaved: false,
         },
     )
 }

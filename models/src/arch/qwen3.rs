@@ -19,6 +19,7 @@ pub fn build(
     let variant = DecoderVariant {
         qkv_bias: config.attention_bias,
         qk_norm: true,
+        rope_interleaved: false,
     };
     build_decoder(name, config, tensors, variant)
 }

@@ -5,11 +5,13 @@ use clap::{Args, Parser, Subcommand};
 use runtime::chat::{ChatMessage, ChatTemplate};
 use runtime::generate::{generate, GenerateOptions};
 use runtime::sampler::SamplingParams;
+use runtime::server::bench::BenchOptions;
+use runtime::server::{Server, ServerConfig};
 use runtime::tokenizer::TextTokenizer;
 use runtime::{Engine, EngineOptions, LoadedPlan};
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(name = "fdrt", version, about = "Run a .fdp plan compiled by fdc")]
@@ -79,6 +81,72 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         run: RunArgs,
+    },
+    /// Serve the plan over an OpenAI-compatible HTTP API with continuous batching.
+    Serve {
+        plan: PathBuf,
+        /// Address to listen on; use 0.0.0.0 to accept connections from other machines.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` on /v1 endpoints (default: the FDRT_API_KEY
+        /// environment variable, if set).
+        #[arg(long, env = "FDRT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Sequences decoded together at most; each holds a KV cache slot of --max-context
+        /// positions.
+        #[arg(long, default_value_t = 8)]
+        max_num_seqs: usize,
+        /// Requests waiting for a slot at most; more are refused with 429.
+        #[arg(long, default_value_t = 256)]
+        max_waiting: usize,
+        /// The model name clients send (default: the plan's model name).
+        #[arg(long)]
+        served_model_name: Option<String>,
+        /// Seconds running requests may take to finish after SIGTERM or Ctrl-C.
+        #[arg(long, default_value_t = 30.0)]
+        drain_timeout: f64,
+        /// Largest request body accepted, in bytes.
+        #[arg(long, default_value_t = 4 << 20)]
+        max_body_bytes: usize,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Load-test a running server: concurrent streaming completions with random token prompts;
+    /// prints throughput and TTFT / TPOT / inter-token latency percentiles.
+    BenchServe {
+        /// host:port of the server.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        address: String,
+        /// Model name to request (default: the server's, from /v1/models).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long, env = "FDRT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Clients sending requests at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Requests in all.
+        #[arg(long, default_value_t = 16)]
+        requests: usize,
+        /// Mean prompt length in tokens.
+        #[arg(long, default_value_t = 128)]
+        input_len: usize,
+        /// Mean output length in tokens.
+        #[arg(long, default_value_t = 64)]
+        output_len: usize,
+        /// Lengths are drawn uniformly within this fraction of the means.
+        #[arg(long, default_value_t = 0.25)]
+        range_ratio: f64,
+        /// Prompt token ids are drawn from LOW..HIGH.
+        #[arg(long, default_value = "1000..20000")]
+        token_range: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Measure batch-1 prefill and decode throughput.
     Bench {
@@ -244,6 +312,102 @@ fn run() -> Result<()> {
                 out.display()
             );
         }
+        Command::Serve {
+            plan,
+            host,
+            port,
+            api_key,
+            max_num_seqs,
+            max_waiting,
+            served_model_name,
+            drain_timeout,
+            max_body_bytes,
+            run,
+        } => {
+            init_logging();
+            if !(drain_timeout.is_finite() && drain_timeout >= 0.0) {
+                bail!("--drain-timeout must be a number of seconds >= 0");
+            }
+            let engine = load_with_slots(&plan, &run, max_num_seqs.max(1))?;
+            log_loaded(&plan, &engine);
+            let config = ServerConfig {
+                served_model_name,
+                api_key,
+                max_num_seqs,
+                max_waiting,
+                max_body_bytes,
+                drain_timeout: Duration::from_secs_f64(drain_timeout),
+            };
+            let server = Server::new(engine, config)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                // The engine's own threads do the heavy work; HTTP needs few.
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("listening on {host}:{port}"))?;
+                let address = listener.local_addr()?;
+                tracing::info!(
+                    "serving `{}` at http://{address}/v1 (OpenAI API){}",
+                    server.model_name(),
+                    if server.has_api_key() {
+                        ", API key required"
+                    } else {
+                        ""
+                    }
+                );
+                runtime::server::serve(listener, server, shutdown_signal()).await?;
+                tracing::info!("stopped");
+                anyhow::Ok(())
+            })?;
+        }
+        Command::BenchServe {
+            address,
+            model,
+            api_key,
+            concurrency,
+            requests,
+            input_len,
+            output_len,
+            range_ratio,
+            token_range,
+            seed,
+            json,
+        } => {
+            let (low, high) = token_range
+                .split_once("..")
+                .and_then(|(l, h)| Some((l.trim().parse().ok()?, h.trim().parse().ok()?)))
+                .context("--token-range must look like 1000..20000")?;
+            let options = BenchOptions {
+                address,
+                model,
+                api_key,
+                concurrency,
+                requests,
+                input_len,
+                output_len,
+                range_ratio,
+                token_range: (low, high),
+                seed,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let report = runtime.block_on(runtime::server::bench::run(options))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if report.completed == 0 {
+                bail!("no request completed");
+            }
+        }
         Command::Bench {
             plan,
             prompt_tokens,
@@ -285,6 +449,73 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Says what was loaded and the memory it reserved.
+fn log_loaded(plan: &Path, engine: &Engine) {
+    let m = &engine.plan().manifest;
+    let options = engine.options();
+    let kv_bytes = (engine.num_slots() * options.max_context) as u64 * m.kv.bytes_per_token;
+    let arena_bytes = m.memory.arena_cols * options.max_batch_tokens as u64 * 4;
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    tracing::info!(
+        "loaded {} ({}): {} ({:.1} M parameters), {} weights, target {}, tokenizer {}",
+        plan.display(),
+        m.model.architecture,
+        m.model.name,
+        m.model.parameter_count as f64 / 1e6,
+        m.weight_dtype,
+        m.target,
+        if engine.plan().tokenizer_json().is_some() {
+            "yes"
+        } else {
+            "no"
+        },
+    );
+    tracing::info!(
+        "reserved: KV cache {:.1} MiB ({} slots x {} positions x {} bytes, committed as used), arena {:.1} MiB ({} tokens per pass), {} worker threads",
+        mib(kv_bytes),
+        engine.num_slots(),
+        options.max_context,
+        m.kv.bytes_per_token,
+        mib(arena_bytes),
+        options.max_batch_tokens,
+        rayon::current_num_threads(),
+    );
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("Ctrl-C received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
 }
 
 fn render_chat(engine: &Engine, system: Option<String>, user: &str) -> Result<String> {

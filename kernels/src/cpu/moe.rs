@@ -1,0 +1,433 @@
+//! Mixture of experts: `out[T, C] = sum over each token's top-k experts e of
+//! w_e * (silu(x @ G_e^T) * (x @ U_e^T)) @ D_e^T`, with the experts' weights stacked:
+//! `gate_up` `[E * 2I, C]` (expert e's rows `[G_e; U_e]` at `e * 2I`) and `down` `[E * C, I]`
+//! (expert e's rows at `e * C`), both row-major so one expert is one contiguous slice.
+//!
+//! Routing, per token: scores = softmax or sigmoid of `x @ router^T` (computed in f64); the
+//! `top_k` experts with the largest `score + bias` are picked (the bias only selects; ties go
+//! to the lower expert index); their weights are their scores, divided by `max(sum, 1e-12)` when
+//! `normalize`, times `scaling`.
+//!
+//! The fast path groups tokens by expert: for each expert that received tokens, in expert order,
+//! it gathers those rows, runs the library matmul for gate-up, `silu_mul`, and the down matmul
+//! over just them, and scatter-adds the weighted rows into `out`. Each output row sums its
+//! experts in ascending expert order whatever the batch, so results do not depend on threads.
+
+use super::{check_rows, matmul, runnable_isa, silu_mul, Weight, WeightData, WeightLayout};
+use crate::KernelError;
+use ir_types::{CpuIsa, MoeRouting};
+
+const NAME: &str = "moe";
+
+/// Smallest routing-weight sum a normalization divides by.
+const NORM_MIN: f64 = 1e-12;
+
+/// The routing attributes of a mixture-of-experts layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MoeParams {
+    pub experts: usize,
+    pub top_k: usize,
+    pub routing: MoeRouting,
+    pub normalize: bool,
+    pub scaling: f32,
+}
+
+/// The picked experts of one token and their weights, best first.
+pub type Route = Vec<(usize, f32)>;
+
+/// Sizes of the stacked weights: `(C, I)` after checking every argument.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    x_len: usize,
+    x_stride: usize,
+    t: usize,
+    router: &Weight,
+    bias: Option<&[f32]>,
+    gate_up: &Weight,
+    down: &Weight,
+    p: &MoeParams,
+    out_len: usize,
+    out_stride: usize,
+) -> Result<(usize, usize), KernelError> {
+    let (e, c) = (p.experts, router.cols);
+    let bad = |what: String| Err(KernelError::shape(NAME, what));
+    if e == 0 || p.top_k == 0 || p.top_k > e {
+        return bad(format!("picks {} of {e} experts", p.top_k));
+    }
+    if router.rows != e {
+        return bad(format!("router has {} rows for {e} experts", router.rows));
+    }
+    if bias.is_some_and(|b| b.len() != e) {
+        return bad(format!("router bias is not {e} values"));
+    }
+    if gate_up.cols != c || !gate_up.rows.is_multiple_of(2 * e) || gate_up.rows == 0 {
+        return bad(format!(
+            "gate_up is [{}, {}], not [{e} * 2I, {c}]",
+            gate_up.rows, gate_up.cols
+        ));
+    }
+    let i = gate_up.rows / (2 * e);
+    if down.rows != e * c || down.cols != i {
+        return bad(format!(
+            "down is [{}, {}], not [{e} * {c}, {i}]",
+            down.rows, down.cols
+        ));
+    }
+    for (w, what) in [(gate_up, "gate_up"), (down, "down")] {
+        if w.layout != WeightLayout::RowMajor {
+            return bad(format!("stacked {what} must be row-major"));
+        }
+        if w.data.len() != w.rows * w.cols {
+            return bad(format!("{what} has {} elements", w.data.len()));
+        }
+    }
+    check_rows(NAME, "x", x_len, t, c, x_stride)?;
+    check_rows(NAME, "out", out_len, t, c, out_stride)?;
+    Ok((c, i))
+}
+
+/// Expert `e`'s `rows` rows of a stacked row-major weight.
+fn expert<'a>(w: &Weight<'a>, e: usize, rows: usize) -> Weight<'a> {
+    let (start, len) = (e * rows * w.cols, rows * w.cols);
+    let data = match w.data {
+        WeightData::F32(d) => WeightData::F32(&d[start..start + len]),
+        WeightData::BF16(d) => WeightData::BF16(&d[start..start + len]),
+        WeightData::F16(d) => WeightData::F16(&d[start..start + len]),
+    };
+    Weight::row_major(data, rows, w.cols)
+}
+
+/// One token's route from its router logits: scores, biased selection, weights.
+pub fn route(logits: &[f32], bias: Option<&[f32]>, p: &MoeParams) -> Route {
+    let scores: Vec<f64> = match p.routing {
+        MoeRouting::Softmax => {
+            let max = logits
+                .iter()
+                .fold(f64::NEG_INFINITY, |m, &l| m.max(l as f64));
+            let exps: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            exps.iter().map(|v| v / sum).collect()
+        }
+        MoeRouting::Sigmoid => logits
+            .iter()
+            .map(|&l| 1.0 / (1.0 + (-(l as f64)).exp()))
+            .collect(),
+    };
+    let key = |e: usize| scores[e] + bias.map_or(0.0, |b| b[e] as f64);
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    // Stable sort: equal keys keep ascending expert order. NaN sorts last.
+    order.sort_by(|&a, &b| {
+        key(b)
+            .partial_cmp(&key(a))
+            .unwrap_or_else(|| key(a).is_nan().cmp(&key(b).is_nan()))
+    });
+    order.truncate(p.top_k);
+    let sum: f64 = order.iter().map(|&e| scores[e]).sum();
+    let div = if p.normalize { sum.max(NORM_MIN) } else { 1.0 };
+    order
+        .into_iter()
+        .map(|e| (e, (scores[e] / div * p.scaling as f64) as f32))
+        .collect()
+}
+
+/// The fused layer, grouped by expert (see the module doc).
+///
+/// Shapes: `x` `[T, C]` with row stride `x_stride`; `router` `[E, C]`; `bias` `[E]`; `gate_up`
+/// `[E * 2I, C]` and `down` `[E * C, I]` row-major; `out` `[T, C]` with row stride `out_stride`.
+#[allow(clippy::too_many_arguments)]
+pub fn moe(
+    isa: CpuIsa,
+    x: &[f32],
+    x_stride: usize,
+    t: usize,
+    router: &Weight,
+    bias: Option<&[f32]>,
+    gate_up: &Weight,
+    down: &Weight,
+    params: &MoeParams,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), KernelError> {
+    let (c, i) = check(
+        x.len(),
+        x_stride,
+        t,
+        router,
+        bias,
+        gate_up,
+        down,
+        params,
+        out.len(),
+        out_stride,
+    )?;
+    if t == 0 {
+        return Ok(());
+    }
+    let isa = runnable_isa(isa);
+    let e_count = params.experts;
+    let mut logits = vec![0.0f32; t * e_count];
+    matmul(isa, x, x_stride, t, router, None, &mut logits, e_count)?;
+    // (token, weight) per expert, tokens ascending.
+    let mut groups: Vec<Vec<(usize, f32)>> = vec![vec![]; e_count];
+    for (token, row) in logits.chunks_exact(e_count).enumerate() {
+        for (e, w) in route(row, bias, params) {
+            groups[e].push((token, w));
+        }
+    }
+    for row in 0..t {
+        out[row * out_stride..][..c].fill(0.0);
+    }
+    let (mut xs, mut gu, mut act, mut y) = (vec![], vec![], vec![], vec![]);
+    for (e, group) in groups.iter().enumerate() {
+        let n = group.len();
+        if n == 0 {
+            continue;
+        }
+        xs.resize(n * c, 0.0);
+        for (j, &(token, _)) in group.iter().enumerate() {
+            xs[j * c..][..c].copy_from_slice(&x[token * x_stride..][..c]);
+        }
+        gu.resize(n * 2 * i, 0.0);
+        act.resize(n * i, 0.0);
+        y.resize(n * c, 0.0);
+        matmul(
+            isa,
+            &xs,
+            c,
+            n,
+            &expert(gate_up, e, 2 * i),
+            None,
+            &mut gu,
+            2 * i,
+        )?;
+        silu_mul(isa, &gu, 2 * i, n, i, &mut act, i)?;
+        matmul(isa, &act, i, n, &expert(down, e, c), None, &mut y, c)?;
+        for (j, &(token, w)) in group.iter().enumerate() {
+            let o = &mut out[token * out_stride..][..c];
+            for (o, v) in o.iter_mut().zip(&y[j * c..][..c]) {
+                *o += w * v;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub mod reference {
+    use super::*;
+
+    /// One token at a time, every picked expert's MLP in f64, summed best expert first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe(
+        x: &[f32],
+        x_stride: usize,
+        t: usize,
+        router: &Weight,
+        bias: Option<&[f32]>,
+        gate_up: &Weight,
+        down: &Weight,
+        params: &MoeParams,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let (c, e_count) = (router.cols, params.experts);
+        let i = gate_up.rows / (2 * e_count);
+        for token in 0..t {
+            let xr = &x[token * x_stride..][..c];
+            let dot = |w: &Weight, row: usize, v: &[f64]| -> f64 {
+                (0..w.cols)
+                    .map(|k| w.get_f32(row, k) as f64 * v[k])
+                    .sum::<f64>()
+            };
+            let xd: Vec<f64> = xr.iter().map(|&v| v as f64).collect();
+            let logits: Vec<f32> = (0..e_count).map(|e| dot(router, e, &xd) as f32).collect();
+            let mut acc = vec![0.0f64; c];
+            for (e, w) in route(&logits, bias, params) {
+                let h: Vec<f64> = (0..i)
+                    .map(|j| {
+                        let g = dot(gate_up, e * 2 * i + j, &xd);
+                        let u = dot(gate_up, e * 2 * i + i + j, &xd);
+                        g / (1.0 + (-g).exp()) * u
+                    })
+                    .collect();
+                for (col, a) in acc.iter_mut().enumerate() {
+                    *a += w as f64 * dot(down, e * c + col, &h);
+                }
+            }
+            for (o, a) in out[token * out_stride..][..c].iter_mut().zip(acc) {
+                *o = a as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::{isas_to_test, max_abs_diff, Rng};
+    use super::*;
+
+    struct Case {
+        e: usize,
+        c: usize,
+        i: usize,
+        router: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        gate_up: Vec<f32>,
+        down: Vec<f32>,
+    }
+
+    impl Case {
+        fn random(rng: &mut Rng, e: usize, c: usize, i: usize, bias: bool) -> Case {
+            Case {
+                e,
+                c,
+                i,
+                router: rng.vec(e * c, 1.0),
+                bias: bias.then(|| rng.vec(e, 0.3)),
+                gate_up: rng.vec(e * 2 * i * c, 0.5),
+                down: rng.vec(e * c * i, 0.5),
+            }
+        }
+
+        /// (fused, reference) outputs with a row stride wider than C.
+        fn run(&self, isa: CpuIsa, x: &[f32], t: usize, p: &MoeParams) -> (Vec<f32>, Vec<f32>) {
+            let (c, stride) = (self.c, self.c + 3);
+            let router = Weight::row_major(WeightData::F32(&self.router), self.e, c);
+            let gate_up = Weight::row_major(WeightData::F32(&self.gate_up), self.e * 2 * self.i, c);
+            let down = Weight::row_major(WeightData::F32(&self.down), self.e * c, self.i);
+            let bias = self.bias.as_deref();
+            let mut got = vec![7.0; t * stride];
+            let mut want = vec![7.0; t * stride];
+            moe(
+                isa, x, c, t, &router, bias, &gate_up, &down, p, &mut got, stride,
+            )
+            .unwrap();
+            reference::moe(
+                x, c, t, &router, bias, &gate_up, &down, p, &mut want, stride,
+            );
+            (got, want)
+        }
+    }
+
+    fn params(e: usize, top_k: usize, routing: MoeRouting, normalize: bool) -> MoeParams {
+        MoeParams {
+            experts: e,
+            top_k,
+            routing,
+            normalize,
+            scaling: 1.0,
+        }
+    }
+
+    #[test]
+    fn grouped_matches_reference_on_random_inputs() {
+        let mut rng = Rng::new(7);
+        for isa in isas_to_test() {
+            for (e, c, i, t, top_k, routing, normalize, bias) in [
+                (8, 24, 10, 13, 2, MoeRouting::Softmax, true, false),
+                (4, 17, 9, 5, 2, MoeRouting::Softmax, false, false),
+                (8, 33, 6, 40, 3, MoeRouting::Softmax, true, true),
+                (5, 16, 7, 1, 1, MoeRouting::Sigmoid, true, true),
+            ] {
+                let case = Case::random(&mut rng, e, c, i, bias);
+                let x = rng.vec(t * c, 1.0);
+                let p = params(e, top_k, routing, normalize);
+                let (got, want) = case.run(isa, &x, t, &p);
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 1e-3, "{isa:?}: output is not trivially zero");
+                assert!(
+                    max_abs_diff(&got, &want) <= 1e-5 * scale.max(1.0),
+                    "{isa:?} e={e} t={t}: {}",
+                    max_abs_diff(&got, &want)
+                );
+                // The padding between rows is untouched.
+                assert!(got.chunks(c + 3).all(|r| r[c..] == [7.0; 3]));
+            }
+        }
+    }
+
+    #[test]
+    fn idle_experts_and_one_popular_expert() {
+        let mut rng = Rng::new(11);
+        let (e, c, i, t) = (6, 12, 8, 9);
+        let mut case = Case::random(&mut rng, e, c, i, false);
+        // Positive inputs, and expert 3's router row far larger than the others (all zero): every
+        // token's first pick is 3, and the tie among the rest goes to expert 0. Experts 1, 2, 4,
+        // 5 receive no token.
+        case.router = vec![0.0; e * c];
+        case.router[3 * c..4 * c].fill(1.0);
+        let x: Vec<f32> = rng.vec(t * c, 1.0).iter().map(|v| v.abs() + 0.5).collect();
+        let p = params(e, 2, MoeRouting::Softmax, true);
+        let router = Weight::row_major(WeightData::F32(&case.router), e, c);
+        let mut logits = vec![0.0; t * e];
+        matmul(CpuIsa::Portable, &x, c, t, &router, None, &mut logits, e).unwrap();
+        for row in logits.chunks(e) {
+            let r = route(row, None, &p);
+            assert_eq!(r.iter().map(|p| p.0).collect::<Vec<_>>(), vec![3, 0]);
+            assert!((r[0].1 + r[1].1 - 1.0).abs() < 1e-6, "normalized: {r:?}");
+        }
+        for isa in isas_to_test() {
+            let (got, want) = case.run(isa, &x, t, &p);
+            assert!(max_abs_diff(&got, &want) <= 1e-5, "{isa:?}");
+        }
+    }
+
+    #[test]
+    fn bias_selects_but_does_not_weigh() {
+        let p = params(4, 2, MoeRouting::Softmax, false);
+        let logits = [2.0f32, 1.0, 0.0, -1.0];
+        let bias = [0.0f32, 0.0, 0.0, 10.0];
+        let r = route(&logits, Some(&bias), &p);
+        assert_eq!(r[0].0, 3);
+        assert_eq!(r[1].0, 0);
+        let sum: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((r[0].1 as f64 - (-1.0f64).exp() / sum).abs() < 1e-7);
+        assert!((r[1].1 as f64 - 2.0f64.exp() / sum).abs() < 1e-7);
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let w = vec![0.0f32; 4 * 8];
+        let router = Weight::row_major(WeightData::F32(&w), 4, 8);
+        let gu = vec![0.0f32; 4 * 2 * 3 * 8];
+        let gate_up = Weight::row_major(WeightData::F32(&gu), 4 * 2 * 3, 8);
+        let d = vec![0.0f32; 4 * 8 * 2];
+        let down = Weight::row_major(WeightData::F32(&d), 4 * 8, 2);
+        let x = vec![0.0; 2 * 8];
+        let mut out = vec![0.0; 2 * 8];
+        let p = params(4, 2, MoeRouting::Softmax, true);
+        let err = moe(
+            CpuIsa::Portable,
+            &x,
+            8,
+            2,
+            &router,
+            None,
+            &gate_up,
+            &down,
+            &p,
+            &mut out,
+            8,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("down is [32, 2], not [4 * 8, 3]"),
+            "{err}"
+        );
+        let p = params(4, 5, MoeRouting::Softmax, true);
+        let err = moe(
+            CpuIsa::Portable,
+            &x,
+            8,
+            2,
+            &router,
+            None,
+            &gate_up,
+            &gate_up,
+            &p,
+            &mut out,
+            8,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("picks 5 of 4"), "{err}");
+    }
+}
