@@ -17,13 +17,16 @@ plan=.cache/plans/smollm2-bf16.fdp
 target/debug/fdc compile --dtype bf16 "$model" -o "$plan" >/dev/null
 
 readonly OPENAI_REQUIREMENT="openai>=1.40,<3"
-python=""
-if [[ -x .cache/venv/bin/python ]] || python3 -m venv .cache/venv >/dev/null 2>&1; then
+# A venv without pip (python3-venv missing its ensurepip) is useless: start over then.
+if [[ ! -x .cache/venv/bin/pip ]]; then
+    rm -rf .cache/venv
+    python3 -m venv .cache/venv >/dev/null 2>&1 || rm -rf .cache/venv
+fi
+if [[ -x .cache/venv/bin/pip ]]; then
     python=.cache/venv/bin/python
     "$python" -m pip install --quiet --disable-pip-version-check "$OPENAI_REQUIREMENT"
 else
-    # No venv module (Debian without python3-venv): a private target directory instead.
-    rm -rf .cache/venv
+    # No working venv module (Debian without python3-venv): a private target directory.
     python3 -m pip install --quiet --disable-pip-version-check --target .cache/pydeps "$OPENAI_REQUIREMENT"
     export PYTHONPATH="$PWD/.cache/pydeps${PYTHONPATH:+:$PYTHONPATH}"
     python=python3

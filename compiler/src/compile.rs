@@ -518,7 +518,7 @@ fn write_weights(
                     });
                 }
                 let dims = &ty.shape.0;
-                let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1) as usize;
+                let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1);
                 let bytes =
                     encode_weight(&values, ty.dtype, layout, dim(0), dim(1)).map_err(|e| {
                         CompileError::Weight {

@@ -130,9 +130,16 @@ impl LoadedPlan {
                 // Panels round N up to whole panels.
                 Ok(WeightLayout::Panels(p)) => {
                     let panel = p.panel() as u64;
-                    w.shape[0].div_ceil(panel).saturating_mul(panel).saturating_mul(w.shape[1])
+                    w.shape[0]
+                        .div_ceil(panel)
+                        .saturating_mul(panel)
+                        .saturating_mul(w.shape[1])
                 }
-                Ok(WeightLayout::RowMajor) => w.shape.iter().product(),
+                Ok(WeightLayout::RowMajor) => w
+                    .shape
+                    .iter()
+                    .try_fold(1u64, |n, &d| n.checked_mul(d))
+                    .unwrap_or(u64::MAX),
             };
             if bytes.len() as u64 != elements.saturating_mul(w.dtype.size_bytes() as u64) {
                 return bad(format!(
@@ -141,7 +148,7 @@ impl LoadedPlan {
                     bytes.len(),
                     w.shape,
                     w.dtype,
-                    elements * w.dtype.size_bytes() as u64
+                    elements.saturating_mul(w.dtype.size_bytes() as u64)
                 ));
             }
             let aligned = match w.dtype {

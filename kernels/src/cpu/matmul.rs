@@ -747,7 +747,7 @@ impl<E: WeightElem> SimdTask for PackedTile<'_, E> {
                             x_stride: a.x_stride,
                             k_begin: k0,
                             k_end: k0 + kc,
-                            w: panel.as_ptr() as *const f32,
+                            w: panel.as_ptr(),
                             panel_stride: nr * kc,
                             step: nr,
                             nvp: nr / S::LANES,

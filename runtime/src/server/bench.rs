@@ -423,7 +423,7 @@ mod tests {
 
     #[test]
     fn percentiles_interpolate_between_ranks() {
-        let samples: Vec<Duration> = (1..=101).map(|ms| Duration::from_millis(ms)).collect();
+        let samples: Vec<Duration> = (1..=101).map(Duration::from_millis).collect();
         let p = Percentiles::of(&samples);
         assert!((p.p50_ms - 51.0).abs() < 1e-9, "{p:?}");
         assert!((p.p90_ms - 91.0).abs() < 1e-9, "{p:?}");
