@@ -46,6 +46,9 @@ const KEY_CHUNK: usize = 256;
 const SPLIT_BELOW_PIECES: usize = 32;
 /// Query vectors per piece.
 const MAX_QUERY_VECTORS: usize = 3;
+/// Pieces of at most this many queries compute scores with keys in the lanes (see
+/// `block_scores_few`).
+const FEW_QUERIES: usize = 4;
 
 /// Appends the new tokens' keys and values to `cache`, then attends.
 ///
@@ -345,9 +348,22 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
         while j0 < task.keys.end {
             let bk = (task.keys.end - j0).min(KEY_BLOCK);
             let key0 = sh.keys.as_ptr().add(j0 * key_stride + kv_offset);
-            // Even for one query (decode), whose lanes are then mostly idle: a dot-product form
-            // would sum in another order than prefill does.
-            block_scores::<S, QV>(key0, key_stride, d, bk, qt.as_ptr(), scores.as_mut_ptr());
+            let s = scores.as_mut_ptr();
+            match nq {
+                1 => block_scores_few::<S, 1>(key0, key_stride, d, bk, qt.as_ptr(), width, s),
+                2 => block_scores_few::<S, 2>(key0, key_stride, d, bk, qt.as_ptr(), width, s),
+                3 => block_scores_few::<S, 3>(key0, key_stride, d, bk, qt.as_ptr(), width, s),
+                FEW_QUERIES => block_scores_few::<S, FEW_QUERIES>(
+                    key0,
+                    key_stride,
+                    d,
+                    bk,
+                    qt.as_ptr(),
+                    width,
+                    s,
+                ),
+                _ => block_scores::<S, QV>(key0, key_stride, d, bk, qt.as_ptr(), s),
+            }
             let masked = j0 + bk - 1 > min_position;
             block_softmax::<S, QV>(scores, bk, j0, masked, limit, run_max, run_sum, corr);
             let value0 = sh.values.as_ptr().add(j0 * key_stride + kv_offset);
@@ -375,6 +391,65 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
         partial[2 * sh.piece_len..][..nq * d].copy_from_slice(acc);
     }
     SCRATCH.set(buf);
+}
+
+/// `scores[j][lane] = keys[j] . qt[.][lane]` for `bk` keys and the first NQ lanes, for pieces
+/// so small (decode) that most lanes of [`block_scores`] would be idle: here the lanes hold keys
+/// instead. Blocks of LANES keys x LANES dimensions are transposed in registers, then each
+/// query's element is broadcast against them. Every score is still one FMA chain over the head
+/// dimension in order, with the same operands as in `block_scores`, so both give the same bits.
+/// Two key blocks are in flight at once for 2 NQ independent chains.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block_scores_few<S: Simd, const NQ: usize>(
+    key0: *const f32,
+    key_stride: usize,
+    d: usize,
+    bk: usize,
+    qt: *const f32,
+    width: usize,
+    scores: *mut f32,
+) {
+    let mut j = 0;
+    while j < bk {
+        let counts = [
+            (bk - j).min(S::LANES),
+            (bk - j).saturating_sub(S::LANES).min(S::LANES),
+        ];
+        let mut acc = [[S::zero(); NQ]; 2];
+        let mut dd = 0;
+        while dd < d {
+            let n = (d - dd).min(S::LANES);
+            for (half, &keys) in counts.iter().enumerate() {
+                if keys == 0 {
+                    continue;
+                }
+                let mut block = [S::zero(); 16];
+                let first = j + half * S::LANES;
+                for (r, row) in block.iter_mut().enumerate().take(keys) {
+                    *row = load_n::<S>(key0.add((first + r) * key_stride + dd), n);
+                }
+                S::transpose(&mut block[..S::LANES]);
+                for (i, dim) in block.iter().enumerate().take(n) {
+                    for q in 0..NQ {
+                        let qv = S::splat(*qt.add((dd + i) * width + q));
+                        acc[half][q] = S::mul_add(qv, *dim, acc[half][q]);
+                    }
+                }
+            }
+            dd += n;
+        }
+        let mut lanes = [0f32; 16];
+        for (half, &keys) in counts.iter().enumerate() {
+            for (q, &a) in acc[half].iter().enumerate() {
+                S::store(lanes.as_mut_ptr(), a);
+                for (r, &score) in lanes.iter().enumerate().take(keys) {
+                    *scores.add((j + half * S::LANES + r) * width + q) = score;
+                }
+            }
+        }
+        j += counts[0] + counts[1];
+    }
 }
 
 /// `scores[j][lane] = keys[j] . qt[.][lane]` for `bk` keys, several keys per step.
@@ -858,10 +933,14 @@ mod tests {
         }
     }
 
-    /// Attends one fixed sequence of `q`, `k`, `v` rows, passed to the kernel in calls of
-    /// `split` tokens, on `threads` threads; returns every token's output.
-    fn run_split(isa: CpuIsa, split: &[usize], threads: usize) -> Vec<f32> {
-        let (h, kvh, d) = (9, 3, 64);
+    /// Attends one fixed sequence of `q`, `k`, `v` rows with `(H, KV, D)` heads, passed to the
+    /// kernel in calls of `split` tokens, on `threads` threads; returns every token's output.
+    fn run_split(
+        isa: CpuIsa,
+        (h, kvh, d): (usize, usize, usize),
+        split: &[usize],
+        threads: usize,
+    ) -> Vec<f32> {
         let total: usize = split.iter().sum();
         let mut rng = Rng::new(77);
         let q = rng.vec(total * h * d, 2.0);
@@ -908,15 +987,20 @@ mod tests {
 
     /// A token's output must be the same bits whether its sequence came in one prefill call,
     /// one token at a time, or in uneven pieces: 600 tokens span three key chunks, and the
-    /// splits exercise both the split-key (few pieces) and whole-piece (many pieces) schedules.
+    /// splits exercise both the split-key (few pieces) and whole-piece (many pieces) schedules,
+    /// and both score forms (keys in lanes for decode, queries in lanes for prefill), with a
+    /// head dimension that is and one that is not a whole number of vectors.
     #[test]
     fn outputs_do_not_depend_on_how_the_sequence_is_split_into_calls() {
-        for isa in isas_to_test() {
-            let whole = run_split(isa, &[600], 2);
+        for (isa, heads) in isas_to_test()
+            .into_iter()
+            .flat_map(|isa| [(isa, (9, 3, 64)), (isa, (4, 1, 20))])
+        {
+            let whole = run_split(isa, heads, &[600], 2);
             let mut splits = vec![vec![1; 600], vec![37, 1, 250, 2, 300, 10]];
             splits.push(vec![300, 300]);
             for (split, threads) in splits.iter().zip([1, 3, 2]) {
-                let got = run_split(isa, split, threads);
+                let got = run_split(isa, heads, split, threads);
                 let first_bad = whole
                     .iter()
                     .zip(&got)
@@ -924,7 +1008,7 @@ mod tests {
                 assert_eq!(
                     first_bad,
                     None,
-                    "{isa:?}: split {:?}... differs from one call",
+                    "{isa:?} {heads:?}: split {:?}... differs from one call",
                     &split[..split.len().min(6)]
                 );
             }
