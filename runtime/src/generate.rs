@@ -47,6 +47,7 @@ pub fn generate(
 ) -> Result<Generation, RuntimeError> {
     options.sampling.validate()?;
     let mut sampler = Sampler::new(options.sampling.clone())?;
+    sampler.observe_prompt(prompt);
     let mut stops = options.stop_token_ids.clone();
     if !options.ignore_eos {
         stops.extend(engine.plan().manifest.model.eos_token_ids.iter().copied());

@@ -1,6 +1,8 @@
 //! Picking the next token from a row of logits: greedy argmax, or a seeded draw after
 //! temperature, top-k, top-p and min-p, applied in that order as Hugging Face's logits
-//! processors apply them.
+//! processors apply them. Repetition, presence and frequency penalties come first, on the raw
+//! logits, and apply to greedy choices too (as in vLLM); they need the sequence's history, which
+//! the sampler keeps itself: the prompt it is told about and every token it picked.
 //!
 //! The random stream is ChaCha8 seeded from one `u64`, so a seed reproduces a generation on
 //! every platform; without a seed one is taken from the OS and can be read back to reproduce it.
@@ -8,6 +10,7 @@
 use rand::{Rng, SeedableRng, TryRngCore};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use thiserror::Error;
 
 /// Sampling settings that cannot be used.
@@ -21,10 +24,18 @@ pub enum SamplerError {
     TopP(f32),
     #[error("min_p must be in [0, 1], got {0}")]
     MinP(f32),
+    #[error("presence_penalty must be in [-2, 2], got {0}")]
+    PresencePenalty(f32),
+    #[error("frequency_penalty must be in [-2, 2], got {0}")]
+    FrequencyPenalty(f32),
+    #[error("repetition_penalty must be a finite number > 0 (1 is off), got {0}")]
+    RepetitionPenalty(f32),
 }
 
-/// How to choose each token. `temperature == 0` is greedy and ignores the rest.
+/// How to choose each token. `temperature == 0` is greedy and ignores the rest but the
+/// penalties.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SamplingParams {
     pub temperature: f32,
     /// Keep only the k most likely tokens.
@@ -35,6 +46,14 @@ pub struct SamplingParams {
     pub min_p: Option<f32>,
     /// Seed of the random stream; `None` takes one from the OS.
     pub seed: Option<u64>,
+    /// Subtracted once from the logit of every token generated so far (OpenAI semantics; 0 is
+    /// off, prompt tokens do not count).
+    pub presence_penalty: f32,
+    /// Subtracted from a generated token's logit once per time it was generated (0 is off).
+    pub frequency_penalty: f32,
+    /// Divides the positive logits and multiplies the negative ones of every token in the prompt
+    /// or the output so far (the CTRL / Hugging Face rule; 1 is off, above 1 discourages).
+    pub repetition_penalty: f32,
 }
 
 impl Default for SamplingParams {
@@ -52,6 +71,9 @@ impl SamplingParams {
             top_p: None,
             min_p: None,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
         }
     }
 
@@ -72,7 +94,23 @@ impl SamplingParams {
                 return Err(SamplerError::MinP(min_p));
             }
         }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(SamplerError::PresencePenalty(self.presence_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(SamplerError::FrequencyPenalty(self.frequency_penalty));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(SamplerError::RepetitionPenalty(self.repetition_penalty));
+        }
         Ok(())
+    }
+
+    /// Whether any penalty is on, so that the sampler must keep the sequence's history.
+    pub fn has_penalties(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
     }
 
     fn is_greedy(&self) -> bool {
@@ -88,6 +126,19 @@ pub struct Sampler {
     rng: ChaCha8Rng,
     /// Reused between calls: (token id, weight relative to the most likely token).
     candidates: Vec<(u32, f32)>,
+    /// The sequence so far, kept only when a penalty is on.
+    history: Option<History>,
+    /// Reused between calls: the penalized copy of a row of logits.
+    penalized: Vec<f32>,
+}
+
+/// What the penalties look at: how often each generated token occurred, and which tokens the
+/// prompt holds. Maps rather than vocabulary-sized arrays, because a sequence touches a few
+/// hundred ids of a vocabulary of tens of thousands.
+#[derive(Debug, Clone, Default)]
+struct History {
+    generated: HashMap<u32, u32>,
+    prompt: HashSet<u32>,
 }
 
 impl Sampler {
@@ -99,7 +150,17 @@ impl Sampler {
             seed,
             rng: ChaCha8Rng::seed_from_u64(seed),
             candidates: Vec::new(),
+            history: params.has_penalties().then(History::default),
+            penalized: Vec::new(),
         })
+    }
+
+    /// Tells the sampler the prompt, which the repetition penalty counts as seen. Without
+    /// penalties it is ignored.
+    pub fn observe_prompt(&mut self, prompt: &[u32]) {
+        if let Some(history) = &mut self.history {
+            history.prompt.extend(prompt.iter().copied());
+        }
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -111,9 +172,25 @@ impl Sampler {
         self.seed
     }
 
-    /// The next token for one row of logits. NaN logits are never chosen; a row with no finite
-    /// logit falls back to [`argmax`].
+    /// The next token for one row of logits, which then counts as generated. NaN logits are
+    /// never chosen; a row with no finite logit falls back to [`argmax`].
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let Some(history) = &mut self.history else {
+            return self.choose(logits);
+        };
+        let mut penalized = std::mem::take(&mut self.penalized);
+        penalized.clear();
+        penalized.extend_from_slice(logits);
+        history.penalize(&self.params, &mut penalized);
+        let id = self.choose(&penalized);
+        self.penalized = penalized;
+        if let Some(history) = &mut self.history {
+            *history.generated.entry(id).or_insert(0) += 1;
+        }
+        id
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -166,6 +243,32 @@ impl Sampler {
         }
         // Rounding can leave a sliver past the last candidate; it belongs to the last one.
         self.candidates.last().map_or(0, |&(id, _)| id)
+    }
+}
+
+impl History {
+    fn penalize(&self, params: &SamplingParams, logits: &mut [f32]) {
+        let repetition = params.repetition_penalty;
+        if repetition != 1.0 {
+            let seen = self
+                .prompt
+                .iter()
+                .chain(self.generated.keys().filter(|id| !self.prompt.contains(id)));
+            for &id in seen {
+                if let Some(logit) = logits.get_mut(id as usize) {
+                    *logit = if *logit > 0.0 {
+                        *logit / repetition
+                    } else {
+                        *logit * repetition
+                    };
+                }
+            }
+        }
+        for (&id, &count) in &self.generated {
+            if let Some(logit) = logits.get_mut(id as usize) {
+                *logit -= params.frequency_penalty * count as f32 + params.presence_penalty;
+            }
+        }
     }
 }
 
@@ -598,6 +701,115 @@ mod tests {
             },
         ] {
             assert!(nan.validate().is_err(), "{nan:?}");
+        }
+    }
+
+    #[test]
+    fn penalties_follow_their_definitions() {
+        // Token 0 is in the prompt; the sampler then picks 1, 1, 2 (forced by huge logits).
+        let run = |params: SamplingParams| {
+            let mut sampler = Sampler::new(params).unwrap();
+            sampler.observe_prompt(&[0, 0]);
+            for forced in [1usize, 1, 2] {
+                let mut logits = vec![0.0; 5];
+                logits[forced] = 1e6;
+                assert_eq!(sampler.sample(&logits), forced as u32);
+            }
+            let mut penalized = vec![2.0, 2.0, -2.0, 2.0, -2.0];
+            sampler
+                .history
+                .as_ref()
+                .expect("penalties keep a history")
+                .penalize(sampler.params(), &mut penalized);
+            penalized
+        };
+        let greedy = SamplingParams::greedy();
+        let presence = run(SamplingParams {
+            presence_penalty: 0.5,
+            ..greedy
+        });
+        assert_eq!(presence, vec![2.0, 1.5, -2.5, 2.0, -2.0]);
+        let frequency = run(SamplingParams {
+            frequency_penalty: 0.25,
+            ..greedy
+        });
+        assert_eq!(frequency, vec![2.0, 1.5, -2.25, 2.0, -2.0]);
+        let repetition = run(SamplingParams {
+            repetition_penalty: 2.0,
+            ..greedy
+        });
+        assert_eq!(repetition, vec![1.0, 1.0, -4.0, 2.0, -2.0]);
+        let all = run(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            repetition_penalty: 2.0,
+            ..greedy
+        });
+        assert_eq!(all, vec![1.0, 0.0, -4.75, 2.0, -2.0]);
+    }
+
+    #[test]
+    fn penalties_change_greedy_choices_and_nothing_when_off() {
+        let logits = [1.0, 0.9, 0.1];
+        let mut plain = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert!(plain.history.is_none(), "no penalty, no history");
+        assert_eq!([0; 3].map(|_| plain.sample(&logits)), [0, 0, 0]);
+        // Repeating token 0 costs 0.3 after the first pick, so greedy alternates.
+        let mut penalized = Sampler::new(SamplingParams {
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
+        assert_eq!([0; 4].map(|_| penalized.sample(&logits)), [0, 1, 0, 1]);
+        // A repetition penalty on the prompt's token moves greedy off it from the start.
+        let mut repetition = Sampler::new(SamplingParams {
+            repetition_penalty: 1.2,
+            ..SamplingParams::greedy()
+        })
+        .unwrap();
+        repetition.observe_prompt(&[0, 7]);
+        assert_eq!(repetition.sample(&logits), 1);
+    }
+
+    #[test]
+    fn penalty_ranges_are_checked() {
+        let greedy = SamplingParams::greedy();
+        for (params, expected) in [
+            (
+                SamplingParams {
+                    presence_penalty: 2.5,
+                    ..greedy
+                },
+                SamplerError::PresencePenalty(2.5),
+            ),
+            (
+                SamplingParams {
+                    frequency_penalty: -2.5,
+                    ..greedy
+                },
+                SamplerError::FrequencyPenalty(-2.5),
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..greedy
+                },
+                SamplerError::RepetitionPenalty(0.0),
+            ),
+        ] {
+            assert_eq!(params.validate(), Err(expected));
+        }
+        for nan in [
+            SamplingParams {
+                presence_penalty: f32::NAN,
+                ..greedy
+            },
+            SamplingParams {
+                repetition_penalty: f32::NAN,
+                ..greedy
+            },
+        ] {
+            assert!(nan.validate().is_err());
         }
     }
 

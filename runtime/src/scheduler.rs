@@ -76,6 +76,8 @@ pub enum SubmitError {
     },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error("token id {id} is out of range: the vocabulary has {vocab} tokens")]
+    TokenOutOfRange { id: u32, vocab: usize },
     #[error("max_tokens must be at least 1")]
     NoTokens,
     #[error("the server is shutting down")]
@@ -129,6 +131,8 @@ enum Command {
     Submit(Box<Request>),
     Wake,
     Drain,
+    /// Fail whatever is left and stop the engine thread.
+    Abort,
 }
 
 struct Request {
@@ -142,6 +146,9 @@ struct Request {
 struct Shared {
     stats: Stats,
     draining: bool,
+    /// Submitted requests still in the command channel, which the worker has not seen yet;
+    /// `stats.waiting` counts them too.
+    in_transit: usize,
 }
 
 /// A handle to the engine thread. Clone it freely.
@@ -151,6 +158,7 @@ pub struct Scheduler {
     shared: Arc<Mutex<Shared>>,
     config: SchedulerConfig,
     context: usize,
+    vocab: usize,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -162,12 +170,14 @@ impl Scheduler {
             ..config
         };
         let context = engine.options().max_context;
+        let vocab = engine.vocab_size();
         let shared = Arc::new(Mutex::new(Shared {
             stats: Stats {
                 kv_tokens_capacity: context * config.max_num_seqs,
                 ..Stats::default()
             },
             draining: false,
+            in_transit: 0,
         }));
         let (commands, inbox) = mpsc::channel();
         let worker = Worker {
@@ -188,6 +198,7 @@ impl Scheduler {
             shared,
             config,
             context,
+            vocab,
             thread: Arc::new(Mutex::new(Some(thread))),
         }
     }
@@ -213,6 +224,13 @@ impl Scheduler {
         if params.max_tokens == 0 {
             return Err(SubmitError::NoTokens);
         }
+        // Checked here so that one request's bad id can never fail a batched pass.
+        if let Some(&id) = prompt.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(SubmitError::TokenOutOfRange {
+                id,
+                vocab: self.vocab,
+            });
+        }
         // The whole request must fit one sequence's context; generation may then stop early
         // at the context only if max_tokens was clipped by the caller.
         let needed = prompt.len() + 1;
@@ -224,10 +242,22 @@ impl Scheduler {
                 context: self.context,
             });
         }
-        let sampler = Sampler::new(params.sampling.clone())
-            .map_err(|e| SubmitError::Sampling(e.to_string()))?;
+        let mut sampler =
+            Sampler::new(params.sampling).map_err(|e| SubmitError::Sampling(e.to_string()))?;
+        sampler.observe_prompt(&prompt);
+        let (tx, rx) = async_mpsc::unbounded_channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let request = Request {
+            prompt,
+            params,
+            sampler,
+            events: tx,
+            cancelled: cancelled.clone(),
+        };
         {
-            let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked and counted under one lock, so a burst of submissions sees the queue
+            // fill up and none slips past the limit.
+            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
             if shared.draining {
                 return Err(SubmitError::ShuttingDown);
             }
@@ -238,23 +268,11 @@ impl Scheduler {
                     waiting: shared.stats.waiting,
                 });
             }
-        }
-        let (tx, rx) = async_mpsc::unbounded_channel();
-        let cancelled = Arc::new(AtomicBool::new(false));
-        let request = Request {
-            prompt,
-            params,
-            sampler,
-            events: tx,
-            cancelled: cancelled.clone(),
-        };
-        self.commands
-            .send(Command::Submit(Box::new(request)))
-            .map_err(|_| SubmitError::ShuttingDown)?;
-        {
-            // Count it as waiting now, so a burst of submissions sees the queue fill up.
-            let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+            self.commands
+                .send(Command::Submit(Box::new(request)))
+                .map_err(|_| SubmitError::ShuttingDown)?;
             shared.stats.waiting += 1;
+            shared.in_transit += 1;
         }
         Ok(RequestStream {
             events: rx,
@@ -280,25 +298,27 @@ impl Scheduler {
         let _ = self.commands.send(Command::Drain);
     }
 
-    /// Waits up to `deadline` for the engine thread to finish after `drain`; requests still
-    /// running then are cancelled. Returns whether everything finished in time.
+    /// Waits up to `deadline` for running and waiting requests to finish after `drain`, then
+    /// stops the engine thread; requests still unfinished at the deadline are failed (their
+    /// streams get [`Event::Failed`]) and their slots freed. Returns whether everything finished
+    /// in time.
     pub fn join(&self, deadline: Duration) -> bool {
         let start = std::time::Instant::now();
-        loop {
+        let finished = loop {
             let stats = self.stats();
             if stats.running == 0 && stats.waiting == 0 {
-                break;
+                break true;
             }
             if start.elapsed() >= deadline {
-                return false;
+                break false;
             }
             std::thread::sleep(Duration::from_millis(10));
-        }
+        };
         if let Some(handle) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = self.commands.send(Command::Drain);
+            let _ = self.commands.send(Command::Abort);
             let _ = handle.join();
         }
-        true
+        finished
     }
 }
 
@@ -342,15 +362,24 @@ impl Worker {
             else {
                 return; // every handle is gone
             };
+            let mut received = 0;
             for command in
                 std::iter::once(first).chain(std::iter::from_fn(|| self.inbox.try_recv().ok()))
             {
                 match command {
-                    Command::Submit(r) => self.waiting.push_back(*r),
+                    Command::Submit(r) => {
+                        self.waiting.push_back(*r);
+                        received += 1;
+                    }
                     Command::Wake => {}
                     Command::Drain => draining = true,
+                    Command::Abort => {
+                        self.abort(received);
+                        return;
+                    }
                 }
             }
+            self.mark_received(received);
             self.drop_cancelled();
             self.admit();
             if !self.running.is_empty() {
@@ -358,6 +387,27 @@ impl Worker {
             }
             self.publish();
         }
+    }
+
+    /// The worker has taken `received` submissions off the channel: they now count through
+    /// `self.waiting` instead.
+    fn mark_received(&self, received: usize) {
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        shared.in_transit = shared.in_transit.saturating_sub(received);
+    }
+
+    /// Fails every request still held and frees its slot; the engine thread then ends.
+    fn abort(&mut self, received: usize) {
+        self.mark_received(received);
+        let message = "the server shut down before this request finished";
+        for request in self.waiting.drain(..) {
+            let _ = request.events.send(Event::Failed(message.into()));
+        }
+        for r in std::mem::take(&mut self.running) {
+            let _ = r.request.events.send(Event::Failed(message.into()));
+            self.engine.release(r.slot);
+        }
+        self.publish();
     }
 
     fn drop_cancelled(&mut self) {
@@ -512,9 +562,7 @@ impl Worker {
     fn publish(&self) {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         shared.stats.running = self.running.len();
-        // A submission still in the channel was counted by `submit` and is counted again
-        // once received; the gap closes at the next step.
-        shared.stats.waiting = self.waiting.len();
+        shared.stats.waiting = self.waiting.len() + shared.in_transit;
         shared.stats.kv_tokens_used = self
             .running
             .iter()

@@ -163,6 +163,18 @@ class OpenAIClientTest(unittest.TestCase):
         self.assertEqual(sample(1234), sample(1234))
         self.assertNotEqual(sample(1234), sample(99))
 
+    def test_penalties_change_a_repetitive_greedy_text(self):
+        def complete(**penalties):
+            return client().completions.create(
+                model=MODEL, prompt="One, two, three, four,", max_tokens=16, temperature=0, **penalties,
+            ).choices[0].text
+
+        plain = complete()
+        self.assertNotEqual(complete(frequency_penalty=2.0), plain)
+        self.assertNotEqual(complete(presence_penalty=2.0), plain)
+        # The client passes vLLM's extra fields through `extra_body`.
+        self.assertNotEqual(complete(extra_body={"repetition_penalty": 1.5}), plain)
+
     def test_stop_sequence_cuts_the_text(self):
         c = client()
         full = c.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=24, temperature=0)

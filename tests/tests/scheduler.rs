@@ -144,6 +144,10 @@ fn admission_limits_are_errors_with_counts() {
         s.submit(prompt(1, 3), params(0)).err(),
         Some(SubmitError::NoTokens)
     );
+    match s.submit(vec![1, 5, 100_000], params(1)).err() {
+        Some(SubmitError::TokenOutOfRange { id: 100_000, .. }) => {}
+        other => panic!("expected TokenOutOfRange, got {other:?}"),
+    }
     match s.submit(prompt(1, 300), params(4)).err() {
         Some(SubmitError::TooLong {
             prompt: 300,
@@ -192,4 +196,49 @@ fn drain_refuses_new_requests_and_finishes_running_ones() {
     assert_eq!(tokens.len(), 20);
     assert!(matches!(last, Event::Done { .. }));
     assert!(s.join(Duration::from_secs(10)));
+}
+
+#[test]
+fn join_at_the_deadline_fails_what_is_left_and_frees_it() {
+    let s = scheduler(1, 4, 64);
+    let running = s.submit(prompt(6, 3), params(250)).expect("first");
+    let waiting = s.submit(prompt(7, 3), params(250)).expect("second");
+    s.drain();
+    assert!(!s.join(Duration::ZERO), "nothing can finish in no time");
+    for stream in [running, waiting] {
+        let (_, last) = collect(stream);
+        match last {
+            Event::Failed(message) => assert!(message.contains("shut down"), "{message}"),
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    }
+    let stats = s.stats();
+    assert_eq!(
+        (stats.running, stats.waiting, stats.kv_tokens_used),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn penalties_change_a_greedy_request_and_only_it() {
+    let s = scheduler(2, 4, 64);
+    let p = prompt(8, 6);
+    let plain = s.submit(p.clone(), params(24)).expect("plain");
+    let penalized = s
+        .submit(
+            p.clone(),
+            RequestParams {
+                sampling: SamplingParams {
+                    frequency_penalty: 2.0,
+                    ..SamplingParams::greedy()
+                },
+                ..params(24)
+            },
+        )
+        .expect("penalized");
+    let (plain, _) = collect(plain);
+    let (penalized, _) = collect(penalized);
+    assert_eq!(plain, alone(&p, 24), "the batch neighbour's penalty leaked");
+    assert_ne!(plain, penalized);
 }

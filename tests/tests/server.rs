@@ -418,10 +418,10 @@ async fn tiny_refuses_bad_requests_with_openai_errors() {
             "`gpt-4` does not exist",
         ),
         (
-            json!({"prompt": prompt, "presence_penalty": 0.5}),
+            json!({"prompt": prompt, "presence_penalty": 3}),
             400,
             Some("presence_penalty"),
-            "not supported yet",
+            "presence_penalty must be in [-2, 2], got 3",
         ),
         (
             json!({"prompt": prompt, "stop": "x"}),

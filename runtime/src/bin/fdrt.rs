@@ -63,6 +63,15 @@ enum Command {
         min_p: Option<f32>,
         #[arg(long)]
         seed: Option<u64>,
+        /// Subtracted once from each generated token's logit (-2 to 2).
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        presence_penalty: f32,
+        /// Subtracted from a generated token's logit per occurrence (-2 to 2).
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        frequency_penalty: f32,
+        /// Divides positive and multiplies negative logits of seen tokens (1 is off).
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
         /// Do not stop at the end-of-sequence token.
         #[arg(long)]
         ignore_eos: bool,
@@ -209,6 +218,9 @@ fn run() -> Result<()> {
             top_p,
             min_p,
             seed,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
             ignore_eos,
             json,
             run,
@@ -242,6 +254,9 @@ fn run() -> Result<()> {
                     top_p,
                     min_p,
                     seed,
+                    presence_penalty,
+                    frequency_penalty,
+                    repetition_penalty,
                 },
                 stop_token_ids: vec![],
                 ignore_eos,

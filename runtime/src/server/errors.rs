@@ -158,9 +158,9 @@ impl From<SubmitError> for ApiError {
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             },
             SubmitError::ShuttingDown => ApiError::shutting_down(),
-            SubmitError::TooLong { .. } | SubmitError::EmptyPrompt => {
-                ApiError::invalid("prompt", message)
-            }
+            SubmitError::TooLong { .. }
+            | SubmitError::EmptyPrompt
+            | SubmitError::TokenOutOfRange { .. } => ApiError::invalid("prompt", message),
             SubmitError::NoTokens => ApiError::invalid("max_tokens", message),
             SubmitError::Sampling(_) => ApiError::bad_request(message),
         }

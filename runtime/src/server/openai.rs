@@ -140,6 +140,17 @@ fn check_unit(param: &str, value: Option<f64>, allow_zero: bool) -> Result<Optio
     }
 }
 
+fn check_penalty(param: &str, value: Option<f64>, neutral: f32) -> Result<f32, ApiError> {
+    match value {
+        None => Ok(neutral),
+        Some(v) if (-2.0..=2.0).contains(&v) => Ok(v as f32),
+        Some(v) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be in [-2, 2], got {v}"),
+        )),
+    }
+}
+
 fn positive(param: &str, value: Option<i64>) -> Result<Option<usize>, ApiError> {
     match value {
         None => Ok(None),
@@ -220,30 +231,19 @@ impl CommonFields {
                 }
             }
         }
-        // Penalties need the sampler to see each sequence's history, which it does not yet:
-        // accept the neutral values that clients send by default, refuse the others.
-        for (param, value, neutral) in [
-            ("presence_penalty", self.presence_penalty, 0.0),
-            ("frequency_penalty", self.frequency_penalty, 0.0),
-            ("repetition_penalty", self.repetition_penalty, 1.0),
-        ] {
-            if let Some(v) = value {
-                if !v.is_finite() {
-                    return Err(ApiError::invalid(
-                        param,
-                        format!("{param} must be a finite number, got {v}"),
-                    ));
-                }
-                if v != neutral {
-                    return Err(ApiError::unsupported(
-                        param,
-                        format!(
-                            "{param} is not supported yet (only {neutral} is accepted), got {v}"
-                        ),
-                    ));
-                }
+        // Ranges as OpenAI documents them (and vLLM checks them).
+        let presence_penalty = check_penalty("presence_penalty", self.presence_penalty, 0.0)?;
+        let frequency_penalty = check_penalty("frequency_penalty", self.frequency_penalty, 0.0)?;
+        let repetition_penalty = match self.repetition_penalty {
+            None => 1.0,
+            Some(v) if v.is_finite() && v > 0.0 => v as f32,
+            Some(v) => {
+                return Err(ApiError::invalid(
+                    "repetition_penalty",
+                    format!("repetition_penalty must be a number > 0 (1 is off), got {v}"),
+                ))
             }
-        }
+        };
         let stream = self.stream.unwrap_or(false);
         let include_usage = self
             .stream_options
@@ -265,6 +265,9 @@ impl CommonFields {
                 min_p,
                 // Any integer is a seed: negative ones keep their bits.
                 seed: self.seed.map(|s| s as u64),
+                presence_penalty,
+                frequency_penalty,
+                repetition_penalty,
             },
             stop,
             stop_token_ids,
@@ -490,9 +493,10 @@ mod tests {
             (json!({"n": 1000}), "n"),
             (json!({"stop": ["a", ""]}), "stop"),
             (json!({"stop_token_ids": [100]}), "stop_token_ids"),
-            (json!({"presence_penalty": 0.5}), "presence_penalty"),
-            (json!({"frequency_penalty": -1.0}), "frequency_penalty"),
-            (json!({"repetition_penalty": 1.2}), "repetition_penalty"),
+            (json!({"presence_penalty": 2.5}), "presence_penalty"),
+            (json!({"frequency_penalty": -2.01}), "frequency_penalty"),
+            (json!({"repetition_penalty": 0.0}), "repetition_penalty"),
+            (json!({"repetition_penalty": -1.0}), "repetition_penalty"),
             (json!({"logprobs": 21}), "logprobs"),
             (json!({"echo": true}), "echo"),
             (
@@ -524,6 +528,19 @@ mod tests {
         assert_eq!(spec.stop, vec!["END".to_string()]);
         assert_eq!(spec.n, 2);
         assert_eq!(spec.logprobs, None);
+    }
+
+    #[test]
+    fn penalties_reach_the_sampler() {
+        let spec = completion(json!({"prompt": "x", "presence_penalty": 0.5,
+                                     "frequency_penalty": -1.0, "repetition_penalty": 1.3}))
+        .spec(100)
+        .unwrap();
+        assert_eq!(spec.sampling.presence_penalty, 0.5);
+        assert_eq!(spec.sampling.frequency_penalty, -1.0);
+        assert_eq!(spec.sampling.repetition_penalty, 1.3);
+        let neutral = completion(json!({"prompt": "x"})).spec(100).unwrap();
+        assert!(!neutral.sampling.has_penalties());
     }
 
     #[test]
