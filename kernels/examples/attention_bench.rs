@@ -56,13 +56,7 @@ fn main() {
 
     let mut run = |t: usize, first: usize| {
         let positions: Vec<u32> = (first..first + t).map(|p| p as u32).collect();
-        let mut cache = KvLayerMut {
-            k: &mut cache_k,
-            v: &mut cache_v,
-            capacity,
-            kv_heads: kv,
-            head_dim: d,
-        };
+        let mut cache = KvLayerMut::contiguous(&mut cache_k, &mut cache_v, capacity, kv, d);
         best_time(Duration::from_millis(500), || {
             cpu::attention(
                 isa,

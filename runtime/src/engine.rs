@@ -6,7 +6,7 @@
 //! never decides anything the plan already decided.
 
 use crate::error::RuntimeError;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::KvPool;
 use crate::plan::{launch_operands, LoadedPlan};
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
 use artifacts::schema::{Act, Buffer, Launch, Rows};
@@ -20,9 +20,18 @@ pub struct EngineOptions {
     pub max_context: usize,
     /// Tokens per forward pass; longer prompts are processed in chunks of this size.
     pub max_batch_tokens: usize,
-    /// Sequences that can be in flight at once, each with its own KV cache slot.
+    /// Sequences that can be in flight at once; with `kv_blocks` unset, the KV pool holds
+    /// this many full contexts.
     pub max_num_seqs: usize,
+    /// Positions per KV cache block.
+    pub block_size: usize,
+    /// Blocks in the KV pool; `None`: enough for `max_num_seqs` sequences of `max_context`.
+    pub kv_blocks: Option<usize>,
 }
+
+/// Default positions per KV block (FastDeploy's default; a multiple of the attention kernel's
+/// key block, so paging costs the kernel nothing).
+pub const DEFAULT_BLOCK_SIZE: usize = 64;
 
 impl Default for EngineOptions {
     fn default() -> Self {
@@ -30,6 +39,8 @@ impl Default for EngineOptions {
             max_context: 4096,
             max_batch_tokens: 512,
             max_num_seqs: 1,
+            block_size: DEFAULT_BLOCK_SIZE,
+            kv_blocks: None,
         }
     }
 }
@@ -44,17 +55,21 @@ pub enum Logits {
     All,
 }
 
-/// One sequence's part of a forward pass: tokens appended to KV slot `slot`.
+/// One sequence's part of a forward pass: `tokens` at positions `start..`, after the `start`
+/// positions already in the sequence's KV blocks. `blocks` is its block table and must cover
+/// every position up to `start + tokens.len()`; the caller (the scheduler's block manager)
+/// guarantees that no other chunk of the pass writes those blocks.
 #[derive(Clone, Copy, Debug)]
 pub struct SeqChunk<'a> {
-    pub slot: usize,
+    pub blocks: &'a [u32],
+    pub start: usize,
     pub tokens: &'a [u32],
     pub logits: Logits,
 }
 
 /// Where one sequence's tokens sit in a pass.
-struct SeqSpan {
-    slot: usize,
+struct SeqSpan<'a> {
+    blocks: &'a [u32],
     row0: usize,
     rows: usize,
 }
@@ -74,10 +89,13 @@ pub struct Engine {
     generated: Vec<Option<Generated>>,
     arena: Vec<f32>,
     logits: Vec<f32>,
-    /// One KV cache per sequence slot; its memory is committed only as positions are written.
-    kv: Vec<KvCache>,
-    /// Positions held by each slot.
-    slot_lens: Vec<usize>,
+    /// The paged KV pool; its memory is committed only as blocks are written.
+    kv: KvPool,
+    /// Block table of the single sequence of `prefill` / `forward_last`: the pool's first
+    /// blocks, in order.
+    solo_blocks: Vec<u32>,
+    /// Positions that single sequence holds.
+    solo_len: usize,
     /// RoPE tables `[max_context, D/2]`, computed in f64 from the plan's frequencies.
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -167,9 +185,14 @@ impl Engine {
             m.num_kv_heads as usize,
             m.head_dim as usize,
         );
-        let kv = (0..max_num_seqs)
-            .map(|_| KvCache::new(layers, max_context, kv_heads, head_dim))
-            .collect();
+        let block_size = options.block_size.max(1);
+        let blocks_per_context = max_context.div_ceil(block_size);
+        let kv_blocks = options
+            .kv_blocks
+            .unwrap_or(max_num_seqs * blocks_per_context)
+            .max(1);
+        let kv = KvPool::new(layers, kv_blocks, block_size, kv_heads, head_dim);
+        let solo_blocks = (0..blocks_per_context.min(kv_blocks) as u32).collect();
         let arena = vec![0.0; plan.manifest.memory.arena_cols as usize * max_batch_tokens];
         Ok(Engine {
             isa,
@@ -177,13 +200,16 @@ impl Engine {
             arena,
             logits: vec![],
             kv,
-            slot_lens: vec![0; max_num_seqs],
+            solo_blocks,
+            solo_len: 0,
             cos,
             sin,
             options: EngineOptions {
                 max_context,
                 max_batch_tokens,
                 max_num_seqs,
+                block_size,
+                kv_blocks: Some(kv_blocks),
             },
             profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
             plan,
@@ -202,35 +228,25 @@ impl Engine {
         self.plan.program.logits_cols as usize
     }
 
-    /// Sequence slots (KV caches) this engine holds.
-    pub fn num_slots(&self) -> usize {
-        self.kv.len()
+    /// The KV pool: its block count and positions per block.
+    pub fn kv_pool(&self) -> &KvPool {
+        &self.kv
     }
 
-    /// Positions held by `slot`.
-    pub fn slot_len(&self, slot: usize) -> usize {
-        self.slot_lens.get(slot).copied().unwrap_or(0)
-    }
-
-    /// Forgets the sequence in `slot` (its cache is simply overwritten later).
-    pub fn release(&mut self, slot: usize) {
-        if let Some(len) = self.slot_lens.get_mut(slot) {
-            *len = 0;
-        }
-    }
-
-    /// Tokens in slot 0, the slot of the single-sequence calls below.
+    /// Tokens in the single sequence of `prefill` / `forward_last`.
     pub fn seq_len(&self) -> usize {
-        self.slot_len(0)
+        self.solo_len
     }
 
-    /// Forgets the single sequence of slot 0.
+    /// Forgets the single sequence.
     pub fn reset(&mut self) {
-        self.release(0);
+        self.solo_len = 0;
     }
 
-    /// Appends `tokens` to the sequence of slot 0, chunked by the token budget, and returns the
+    /// Appends `tokens` to the single sequence, chunked by the token budget, and returns the
     /// logits of every token (`all_rows`) or of the last one: `[rows, vocab]` row-major.
+    /// The single sequence uses the pool's first blocks: do not mix these calls with
+    /// [`Engine::forward_batch`] calls for other sequences on the same engine.
     pub fn prefill(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<f32>, RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyInput);
@@ -243,27 +259,38 @@ impl Engine {
                 (false, true) => Logits::Last,
                 (false, false) => Logits::None,
             };
-            out.extend_from_slice(self.forward_batch(&[SeqChunk {
-                slot: 0,
-                tokens: chunk,
-                logits,
-            }])?);
+            out.extend_from_slice(self.forward_solo(chunk, logits)?);
         }
         Ok(out)
     }
 
-    /// One pass over `tokens` appended to slot 0, returning the logits of its last token.
+    /// One pass over `tokens` appended to the single sequence, returning the logits of its
+    /// last token.
     pub fn forward_last(&mut self, tokens: &[u32]) -> Result<&[f32], RuntimeError> {
-        self.forward_batch(&[SeqChunk {
-            slot: 0,
-            tokens,
-            logits: Logits::Last,
-        }])
+        self.forward_solo(tokens, Logits::Last)
     }
 
-    /// One forward pass over several sequences at once: each chunk's tokens are appended to its
-    /// slot. Returns the wanted logits, `[R, vocab]`, in chunk order (rows within a chunk in
-    /// order). Every matmul sees all the tokens together; attention runs per sequence.
+    fn forward_solo(&mut self, tokens: &[u32], logits: Logits) -> Result<&[f32], RuntimeError> {
+        let blocks = std::mem::take(&mut self.solo_blocks);
+        let start = self.solo_len;
+        let result = self
+            .forward_batch(&[SeqChunk {
+                blocks: &blocks,
+                start,
+                tokens,
+                logits,
+            }])
+            .map(|l| l.len());
+        self.solo_blocks = blocks;
+        let rows = result?;
+        self.solo_len += tokens.len();
+        Ok(&self.logits[..rows])
+    }
+
+    /// One forward pass over several sequences at once: each chunk's tokens are written to its
+    /// blocks at its positions. Returns the wanted logits, `[R, vocab]`, in chunk order (rows
+    /// within a chunk in order). Every matmul sees all the tokens together; attention runs per
+    /// sequence.
     pub fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
         let t: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if t == 0 || chunks.iter().any(|c| c.tokens.is_empty()) {
@@ -281,14 +308,11 @@ impl Engine {
         let mut positions = Vec::with_capacity(t);
         let mut logit_rows = vec![];
         let mut spans = Vec::with_capacity(chunks.len());
-        for (i, c) in chunks.iter().enumerate() {
-            if c.slot >= self.kv.len() || chunks[..i].iter().any(|o| o.slot == c.slot) {
-                return Err(RuntimeError::InvalidPlan(format!(
-                    "slot {} is out of range or used twice in one pass",
-                    c.slot
-                )));
-            }
-            let start = self.slot_lens[c.slot];
+        let (block_size, pool_blocks) = (self.kv.block_size(), self.kv.num_blocks());
+        // Blocks written in this pass, to refuse two chunks writing the same one.
+        let mut written: Vec<u32> = vec![];
+        for c in chunks {
+            let start = c.start;
             let needed = start + c.tokens.len();
             if needed > self.options.max_context {
                 return Err(RuntimeError::ContextFull {
@@ -296,6 +320,26 @@ impl Engine {
                     capacity: self.options.max_context,
                     model_max: self.plan.manifest.model.max_position_embeddings as usize,
                 });
+            }
+            if needed > c.blocks.len() * block_size {
+                return Err(RuntimeError::KvBlocks(format!(
+                    "{needed} positions need {} blocks of {block_size}, the table has {}",
+                    needed.div_ceil(block_size),
+                    c.blocks.len()
+                )));
+            }
+            if let Some(&b) = c.blocks.iter().find(|&&b| b as usize >= pool_blocks) {
+                return Err(RuntimeError::KvBlocks(format!(
+                    "block {b} is outside the pool of {pool_blocks}"
+                )));
+            }
+            for &b in &c.blocks[start / block_size..needed.div_ceil(block_size)] {
+                if written.contains(&b) {
+                    return Err(RuntimeError::KvBlocks(format!(
+                        "block {b} is written by two sequences in one pass"
+                    )));
+                }
+                written.push(b);
             }
             if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= model_vocab) {
                 return Err(RuntimeError::BadTokenId {
@@ -310,7 +354,7 @@ impl Engine {
                 Logits::All => logit_rows.extend(row0..row0 + c.tokens.len() as u32),
             }
             spans.push(SeqSpan {
-                slot: c.slot,
+                blocks: c.blocks,
                 row0: row0 as usize,
                 rows: c.tokens.len(),
             });
@@ -330,9 +374,6 @@ impl Engine {
             if let (Some(profile), Some(start)) = (self.profile.as_mut(), start) {
                 profile.record(&self.plan.program.steps[i].kernel, start.elapsed());
             }
-        }
-        for span in &spans {
-            self.slot_lens[span.slot] += span.rows;
         }
         Ok(&self.logits[..r * vocab])
     }
@@ -612,7 +653,7 @@ impl Engine {
                         let rows =
                             |all, stride, cols| sub_rows(all, span.row0, span.rows, stride, cols);
                         let mut cache =
-                            self.kv[span.slot].layer(*layer as usize).ok_or_else(|| {
+                            self.kv.layer(*layer as usize, span.blocks).ok_or_else(|| {
                                 RuntimeError::InvalidPlan(format!(
                                     "step {index}: no KV layer {layer}"
                                 ))

@@ -35,6 +35,8 @@ pub enum RuntimeError {
         capacity: usize,
         model_max: usize,
     },
+    #[error("KV cache block table: {0}")]
+    KvBlocks(String),
     #[error("token id {id} is out of range: the vocabulary has {vocab} tokens")]
     BadTokenId { id: u32, vocab: usize },
     #[error("empty input: at least one token id is needed")]

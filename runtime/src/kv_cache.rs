@@ -1,45 +1,80 @@
-//! A contiguous KV cache for one sequence: per layer, K and V as `[capacity, KV, D]` f32.
-//! Paging and sharing between sequences come with the serving work; this is the simple form.
+//! The paged KV cache's memory: per layer, one pool of keys and one of values, each
+//! `[blocks, block_size, KV, D]` f32. A sequence reads and writes it through its block table.
+//!
+//! Only numbers live here. Which sequence holds which block, and which blocks hold a known
+//! prefix, is the block manager's bookkeeping (`block_manager.rs`), testable without a model.
+//! The pools are allocated zeroed, so the operating system commits their pages only as blocks
+//! are first written.
 
 use kernels::cpu::KvLayerMut;
 
-pub struct KvCache {
+pub struct KvPool {
     layers: Vec<(Vec<f32>, Vec<f32>)>,
-    capacity: usize,
+    num_blocks: usize,
+    block_size: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
-impl KvCache {
-    pub fn new(num_layers: usize, capacity: usize, kv_heads: usize, head_dim: usize) -> KvCache {
-        let per_layer = capacity * kv_heads * head_dim;
-        KvCache {
+impl KvPool {
+    pub fn new(
+        num_layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> KvPool {
+        let per_layer = num_blocks * block_size * kv_heads * head_dim;
+        KvPool {
             layers: (0..num_layers)
                 .map(|_| (vec![0.0; per_layer], vec![0.0; per_layer]))
                 .collect(),
-            capacity,
+            num_blocks,
+            block_size,
             kv_heads,
             head_dim,
         }
     }
 
-    /// Positions the cache can hold.
-    pub fn capacity(&self) -> usize {
-        self.capacity
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
     }
 
-    pub fn layer(&mut self, layer: usize) -> Option<KvLayerMut<'_>> {
-        let (capacity, kv_heads, head_dim) = (self.capacity, self.kv_heads, self.head_dim);
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Layer `layer` as the sequence with block table `blocks` sees it.
+    pub fn layer<'a>(&'a mut self, layer: usize, blocks: &'a [u32]) -> Option<KvLayerMut<'a>> {
+        let (block_size, kv_heads, head_dim) = (self.block_size, self.kv_heads, self.head_dim);
         self.layers.get_mut(layer).map(|(k, v)| KvLayerMut {
             k,
             v,
-            capacity,
+            block_size,
+            blocks,
             kv_heads,
             head_dim,
         })
     }
 
+    /// Bytes of keys and values one block holds across all layers.
+    pub fn bytes_per_block(
+        num_layers: usize,
+        block_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        num_layers * 2 * block_size * kv_heads * head_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes of the whole pool.
     pub fn bytes(&self) -> usize {
-        self.layers.len() * 2 * self.capacity * self.kv_heads * self.head_dim * 4
+        self.num_blocks
+            * Self::bytes_per_block(
+                self.layers.len(),
+                self.block_size,
+                self.kv_heads,
+                self.head_dim,
+            )
     }
 }

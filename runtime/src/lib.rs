@@ -1,5 +1,6 @@
 //! `runtime` is `fdrt`: it loads a `.fdp` plan, maps its code and weights, and runs its program on
-//! the CPU: `plan` (load and check), `engine` (the executor), `kv_cache`, `generate` (the token
+//! the CPU: `plan` (load and check), `engine` (the executor), `kv_cache` (the paged KV memory) and
+//! `block_manager` (who holds which block, prefix caching), `generate` (the token
 //! loop), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
 //! and `server` (`fdrt serve`, an OpenAI-compatible HTTP front end to the scheduler).
 //!
@@ -8,6 +9,7 @@
 //! compile real models are in `tests/`.
 
 pub mod bench;
+pub mod block_manager;
 pub mod chat;
 pub mod code;
 pub mod engine;

@@ -27,6 +27,19 @@ pub struct LoadedPlan {
 }
 
 impl LoadedPlan {
+    /// A hash naming this plan's contents (the checksum of every section: program, code and
+    /// weights), so that caches keyed by it are never shared between two plans.
+    pub fn identity(&self) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        for section in self.file.sections() {
+            hasher.update(section.name.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(section.checksum.as_bytes());
+            hasher.update(&[0]);
+        }
+        *hasher.finalize().as_bytes()
+    }
+
     pub fn load(path: &Path) -> Result<LoadedPlan, RuntimeError> {
         let file = PlanFile::open(path)?;
         let manifest: Manifest =

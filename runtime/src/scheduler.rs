@@ -2,12 +2,23 @@
 //! finish; every step is one batched forward pass over all running sequences.
 //!
 //! Contract of a step: one step = one forward pass. It holds, for each running sequence, either
-//! its next decode token or the next chunk of its prompt, within the token budget
-//! (`max_batch_tokens`); decode tokens go first, so a long prompt never stalls the others.
+//! its next decode token or the next chunk of its prompt (chunked prefill), within the token
+//! budget (`max_batch_tokens`, `--max-num-batched-tokens`); decode tokens go first, so a long
+//! prompt never stalls the others. Newly admitted sequences take what budget is left.
+//!
+//! KV memory is a pool of blocks ([`BlockManager`]). Admission first takes the cached blocks of
+//! the longest known prefix (prefix caching), so only the rest is prefilled. When a running
+//! sequence needs a block and none is left, the most recently admitted sequence is preempted:
+//! its blocks are freed and it returns to the front of the queue with its output so far, to be
+//! recomputed later (mostly from the prefix cache); nothing fails. A request whose prompt could
+//! never fit the pool is refused at submission; one that outgrows the whole pool while
+//! generating ends with `length`.
+//!
 //! The engine runs on one dedicated thread that owns it; callers talk to it through
 //! [`Scheduler`] (a cheap handle) and receive each request's tokens on a [`RequestStream`].
-//! Dropping a stream cancels its request; its sequence slot is freed at the next step.
+//! Dropping a stream cancels its request; its blocks are freed at the next step.
 
+use crate::block_manager::{BlockManager, SeqBlocks};
 use crate::engine::{Engine, Logits, SeqChunk};
 use crate::generate::FinishReason;
 use crate::sampler::{log_softmax, Sampler, SamplingParams};
@@ -59,8 +70,10 @@ pub enum Event {
 pub struct SchedulerConfig {
     /// Sequences in the running batch at most.
     pub max_num_seqs: usize,
-    /// Requests waiting for a slot at most; more are refused with `QueueFull`.
+    /// Requests waiting to run at most; more are refused with `QueueFull`.
     pub max_waiting: usize,
+    /// Reuse the KV blocks of earlier requests with the same prefix.
+    pub prefix_caching: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -73,6 +86,13 @@ pub enum SubmitError {
         max_tokens: usize,
         needed: usize,
         context: usize,
+    },
+    #[error("the prompt has {prompt} tokens but the KV cache holds {pool} in all ({blocks} blocks of {block_size}); raise --kv-cache-memory")]
+    ExceedsKvCache {
+        prompt: usize,
+        pool: usize,
+        blocks: usize,
+        block_size: usize,
     },
     #[error("the prompt is empty")]
     EmptyPrompt,
@@ -91,10 +111,19 @@ pub enum SubmitError {
 pub struct Stats {
     pub running: usize,
     pub waiting: usize,
-    /// KV positions held by running sequences, and the total the slots can hold.
+    /// KV positions computed for running sequences, and the total the pool can hold.
     pub kv_tokens_used: usize,
     pub kv_tokens_capacity: usize,
+    /// KV blocks held by running sequences (cached prefixes nobody holds do not count), and
+    /// blocks in the pool.
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
     pub steps: u64,
+    /// Running sequences sent back to waiting to free their blocks.
+    pub preemptions: u64,
+    /// Tokens of admitted sequences looked up in the prefix cache, and those found there.
+    pub prefix_cache_queried_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
 }
 
 /// The receiving end of one request. Dropping it cancels the request.
@@ -159,6 +188,8 @@ pub struct Scheduler {
     config: SchedulerConfig,
     context: usize,
     vocab: usize,
+    /// KV blocks in the pool and positions per block.
+    pool: (usize, usize),
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
 }
 
@@ -166,14 +197,23 @@ impl Scheduler {
     /// Moves `engine` onto a thread of its own and starts stepping it.
     pub fn start(engine: Engine, config: SchedulerConfig) -> Scheduler {
         let config = SchedulerConfig {
-            max_num_seqs: config.max_num_seqs.clamp(1, engine.num_slots()),
+            max_num_seqs: config.max_num_seqs.max(1),
             ..config
         };
         let context = engine.options().max_context;
         let vocab = engine.vocab_size();
+        let (num_blocks, block_size) =
+            (engine.kv_pool().num_blocks(), engine.kv_pool().block_size());
+        let blocks = BlockManager::new(
+            num_blocks,
+            block_size,
+            config.prefix_caching,
+            engine.plan().identity(),
+        );
         let shared = Arc::new(Mutex::new(Shared {
             stats: Stats {
-                kv_tokens_capacity: context * config.max_num_seqs,
+                kv_tokens_capacity: num_blocks * block_size,
+                kv_blocks_total: num_blocks,
                 ..Stats::default()
             },
             draining: false,
@@ -182,12 +222,16 @@ impl Scheduler {
         let (commands, inbox) = mpsc::channel();
         let worker = Worker {
             engine,
+            blocks,
             inbox,
             config: config.clone(),
             shared: shared.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             steps: 0,
+            preemptions: 0,
+            prefix_queried_tokens: 0,
+            prefix_hit_tokens: 0,
         };
         let thread = std::thread::Builder::new()
             .name("fdrt-engine".into())
@@ -199,6 +243,7 @@ impl Scheduler {
             config,
             context,
             vocab,
+            pool: (num_blocks, block_size),
             thread: Arc::new(Mutex::new(Some(thread))),
         }
     }
@@ -240,6 +285,15 @@ impl Scheduler {
                 max_tokens: params.max_tokens,
                 needed,
                 context: self.context,
+            });
+        }
+        let (blocks, block_size) = self.pool;
+        if needed > blocks * block_size {
+            return Err(SubmitError::ExceedsKvCache {
+                prompt: prompt.len(),
+                pool: blocks * block_size,
+                blocks,
+                block_size,
             });
         }
         let mut sampler =
@@ -322,25 +376,42 @@ impl Scheduler {
     }
 }
 
-/// A request that holds a sequence slot.
-struct Running {
+/// A request on its way through the engine, waiting or running. Preempted sequences go back
+/// to waiting with their output so far and recompute it (from the prefix cache where they can).
+struct Sequence {
     request: Request,
-    slot: usize,
-    /// Prompt tokens already in the KV cache.
-    prefilled: usize,
-    generated: Vec<u32>,
-    /// The token to feed next, once the prompt is in.
-    next: Option<u32>,
+    /// The prompt, then every generated token: what the KV blocks hold or will hold.
+    tokens: Vec<u32>,
+    /// Leading tokens whose keys and values are in the cache.
+    computed: usize,
+    /// Its KV blocks; empty while waiting.
+    blocks: SeqBlocks,
+}
+
+impl Sequence {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.request.prompt.len()
+    }
+
+    /// Tokens still to go through the model before the next one can be sampled.
+    fn pending(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
 }
 
 struct Worker {
     engine: Engine,
+    blocks: BlockManager,
     inbox: mpsc::Receiver<Command>,
     config: SchedulerConfig,
     shared: Arc<Mutex<Shared>>,
-    waiting: VecDeque<Request>,
-    running: Vec<Running>,
+    waiting: VecDeque<Sequence>,
+    /// In admission order: the last is the first to be preempted.
+    running: Vec<Sequence>,
     steps: u64,
+    preemptions: u64,
+    prefix_queried_tokens: u64,
+    prefix_hit_tokens: u64,
 }
 
 impl Worker {
@@ -368,7 +439,13 @@ impl Worker {
             {
                 match command {
                     Command::Submit(r) => {
-                        self.waiting.push_back(*r);
+                        let request = *r;
+                        self.waiting.push_back(Sequence {
+                            tokens: request.prompt.clone(),
+                            request,
+                            computed: 0,
+                            blocks: SeqBlocks::default(),
+                        });
                         received += 1;
                     }
                     Command::Wake => {}
@@ -381,10 +458,7 @@ impl Worker {
             }
             self.mark_received(received);
             self.drop_cancelled();
-            self.admit();
-            if !self.running.is_empty() {
-                self.step();
-            }
+            self.step();
             self.publish();
         }
     }
@@ -396,95 +470,162 @@ impl Worker {
         shared.in_transit = shared.in_transit.saturating_sub(received);
     }
 
-    /// Fails every request still held and frees its slot; the engine thread then ends.
+    /// Fails every request still held and frees its blocks; the engine thread then ends.
     fn abort(&mut self, received: usize) {
         self.mark_received(received);
         let message = "the server shut down before this request finished";
-        for request in self.waiting.drain(..) {
-            let _ = request.events.send(Event::Failed(message.into()));
-        }
-        for r in std::mem::take(&mut self.running) {
-            let _ = r.request.events.send(Event::Failed(message.into()));
-            self.engine.release(r.slot);
+        let all: Vec<Sequence> = self
+            .waiting
+            .drain(..)
+            .chain(self.running.drain(..))
+            .collect();
+        for s in all {
+            let _ = s.request.events.send(Event::Failed(message.into()));
+            self.release(s.blocks);
         }
         self.publish();
     }
 
+    fn release(&mut self, blocks: SeqBlocks) {
+        if let Err(e) = self.blocks.free(blocks) {
+            // A bookkeeping bug, never an input: report it, keep serving.
+            tracing::error!(error = %e, "KV block bookkeeping");
+        }
+    }
+
     fn drop_cancelled(&mut self) {
-        self.waiting.retain(|r| !is_cancelled(r));
+        self.waiting.retain(|s| !is_cancelled(&s.request));
         let mut i = 0;
         while i < self.running.len() {
             if is_cancelled(&self.running[i].request) {
-                let done = self.running.swap_remove(i);
-                self.engine.release(done.slot);
+                let done = self.running.remove(i);
+                self.release(done.blocks);
             } else {
                 i += 1;
             }
         }
     }
 
-    fn admit(&mut self) {
-        while self.running.len() < self.config.max_num_seqs {
-            let Some(request) = self.waiting.pop_front() else {
-                break;
-            };
-            let used: Vec<usize> = self.running.iter().map(|r| r.slot).collect();
-            let Some(slot) = (0..self.config.max_num_seqs).find(|s| !used.contains(s)) else {
-                self.waiting.push_front(request);
-                break;
-            };
-            self.engine.release(slot);
-            self.running.push(Running {
-                request,
-                slot,
-                prefilled: 0,
-                generated: vec![],
-                next: None,
-            });
+    /// Plans one forward pass: decode tokens first, then prompt chunks of running sequences,
+    /// then newly admitted ones, within the token budget; gives each the blocks its tokens need,
+    /// preempting the most recently admitted sequences when the pool runs out. Returns
+    /// (index into `running`, tokens) pairs.
+    fn schedule(&mut self) -> Vec<(usize, usize)> {
+        let budget = self.engine.options().max_batch_tokens;
+        let mut plan: Vec<(usize, usize)> = vec![];
+        let mut used = 0;
+        let mut preempted = vec![false; self.running.len()];
+        let mut finished = vec![];
+        let decode_first = (0..self.running.len())
+            .filter(|&i| self.running[i].pending() == 1)
+            .chain((0..self.running.len()).filter(|&i| self.running[i].pending() > 1));
+        for i in decode_first.collect::<Vec<_>>() {
+            if preempted[i] || used == budget {
+                continue;
+            }
+            let count = self.running[i].pending().min(budget - used);
+            let positions = self.running[i].computed + count;
+            if self.blocks.blocks_for(positions) > self.blocks.num_blocks() {
+                // Longer than the whole pool: it can never continue.
+                finished.push(i);
+                continue;
+            }
+            loop {
+                if self.blocks.grow(&mut self.running[i].blocks, positions) {
+                    plan.push((i, count));
+                    used += count;
+                    break;
+                }
+                let Some(victim) = (0..self.running.len())
+                    .rev()
+                    .find(|&j| !preempted[j] && !finished.contains(&j))
+                else {
+                    break;
+                };
+                preempted[victim] = true;
+                let blocks = std::mem::take(&mut self.running[victim].blocks);
+                self.release(blocks);
+                self.running[victim].computed = 0;
+                if let Some(at) = plan.iter().position(|&(k, _)| k == victim) {
+                    used -= plan.remove(at).1;
+                }
+                if victim == i {
+                    break;
+                }
+            }
         }
+        let any_preempted = preempted.iter().any(|&p| p);
+        // Admit only when nobody had to give way this step.
+        while !any_preempted && used < budget && self.running.len() < self.config.max_num_seqs {
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            let (blocks, hit) = self.blocks.start(&s.tokens);
+            s.blocks = blocks;
+            s.computed = hit;
+            let count = s.pending().min(budget - used);
+            if !self.blocks.grow(&mut s.blocks, s.computed + count) {
+                let blocks = std::mem::take(&mut s.blocks);
+                self.release(blocks);
+                s.computed = 0;
+                self.waiting.push_front(s);
+                break;
+            }
+            self.prefix_queried_tokens += s.tokens.len() as u64;
+            self.prefix_hit_tokens += hit as u64;
+            self.running.push(s);
+            preempted.push(false);
+            plan.push((self.running.len() - 1, count));
+            used += count;
+        }
+        // Out of the running set, highest index first so the others keep theirs; the plan's
+        // indices are remapped after.
+        let mut out: Vec<usize> = (0..self.running.len())
+            .filter(|&i| preempted[i] || finished.contains(&i))
+            .collect();
+        out.sort_unstable_by(|a, b| b.cmp(a));
+        let mut back_to_waiting = vec![];
+        for &i in &out {
+            let mut s = self.running.remove(i);
+            if preempted[i] {
+                back_to_waiting.push(s);
+            } else {
+                let _ = s.request.events.send(Event::Done {
+                    reason: FinishReason::Length,
+                    prompt_tokens: s.request.prompt.len(),
+                    completion_tokens: s.generated(),
+                });
+                let blocks = std::mem::take(&mut s.blocks);
+                self.release(blocks);
+            }
+        }
+        self.preemptions += back_to_waiting.len() as u64;
+        // The earliest admitted goes back first.
+        for s in back_to_waiting {
+            self.waiting.push_front(s);
+        }
+        plan.iter()
+            .map(|&(i, count)| (i - out.iter().filter(|&&o| o < i).count(), count))
+            .collect()
     }
 
-    /// One forward pass over decode tokens first, then prompt chunks, within the token budget.
+    /// One forward pass over the scheduled tokens; samples for every sequence that reached the
+    /// end of its tokens.
     fn step(&mut self) {
-        let budget = self.engine.options().max_batch_tokens;
-        let mut plan: Vec<(usize, usize, usize)> = vec![]; // (running index, first prompt token, count)
-        let mut used = 0;
-        for (i, r) in self.running.iter().enumerate() {
-            if r.next.is_some() && used < budget {
-                plan.push((i, 0, 1));
-                used += 1;
-            }
+        let plan = self.schedule();
+        if plan.is_empty() {
+            return;
         }
-        for (i, r) in self.running.iter().enumerate() {
-            if r.next.is_none() && used < budget {
-                let take = (r.request.prompt.len() - r.prefilled).min(budget - used);
-                plan.push((i, r.prefilled, take));
-                used += take;
-            }
-        }
-        let decode_tokens: Vec<[u32; 1]> = plan
-            .iter()
-            .map(|&(i, _, _)| [self.running[i].next.unwrap_or(0)])
-            .collect();
         let chunks: Vec<SeqChunk> = plan
             .iter()
-            .zip(&decode_tokens)
-            .map(|(&(i, first, count), one)| {
-                let r = &self.running[i];
-                let (tokens, want) = match r.next {
-                    Some(_) => (&one[..], Logits::Last),
-                    None => {
-                        let done = first + count == r.request.prompt.len();
-                        (
-                            &r.request.prompt[first..first + count],
-                            if done { Logits::Last } else { Logits::None },
-                        )
-                    }
-                };
+            .map(|&(i, count)| {
+                let s = &self.running[i];
+                let done = s.computed + count == s.tokens.len();
                 SeqChunk {
-                    slot: r.slot,
-                    tokens,
-                    logits: want,
+                    blocks: &s.blocks.blocks,
+                    start: s.computed,
+                    tokens: &s.tokens[s.computed..s.computed + count],
+                    logits: if done { Logits::Last } else { Logits::None },
                 }
             })
             .collect();
@@ -493,82 +634,74 @@ impl Worker {
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
-                // A failed pass fails every request in it; the slots are freed.
+                // A failed pass fails every request in it; their blocks are freed.
                 let message = e.to_string();
-                for r in self.running.drain(..) {
-                    let _ = r.request.events.send(Event::Failed(message.clone()));
-                    self.engine.release(r.slot);
+                let mut planned: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
+                planned.sort_unstable_by(|a, b| b.cmp(a));
+                for i in planned {
+                    let s = self.running.remove(i);
+                    let _ = s.request.events.send(Event::Failed(message.clone()));
+                    self.release(s.blocks);
                 }
                 return;
             }
         };
         let vocab = self.engine.vocab_size();
+        let eos = &self.engine.plan().manifest.model.eos_token_ids;
+        let max_context = self.engine.options().max_context;
         let mut row = 0;
         let mut finished = vec![];
-        for &(i, _, count) in &plan {
-            let r = &mut self.running[i];
-            let produced_logits = match r.next {
-                Some(_) => true,
-                None => {
-                    r.prefilled += count;
-                    r.prefilled == r.request.prompt.len()
-                }
-            };
-            if !produced_logits {
+        for &(i, count) in &plan {
+            let s = &mut self.running[i];
+            s.computed += count;
+            self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
+            if s.computed < s.tokens.len() {
                 continue;
             }
             let row_logits = &logits[row * vocab..][..vocab];
             row += 1;
-            let id = r.request.sampler.sample(row_logits);
-            let event = token_event(id, row_logits, r.request.params.logprobs);
-            r.generated.push(id);
-            r.next = Some(id);
-            let _ = r.request.events.send(Event::Token(event));
-            let stop = r.request.params.stop_token_ids.contains(&id)
-                || (!r.request.params.ignore_eos
-                    && self
-                        .engine
-                        .plan()
-                        .manifest
-                        .model
-                        .eos_token_ids
-                        .contains(&id));
-            let total = r.request.prompt.len() + r.generated.len();
+            let id = s.request.sampler.sample(row_logits);
+            let event = token_event(id, row_logits, s.request.params.logprobs);
+            s.tokens.push(id);
+            let _ = s.request.events.send(Event::Token(event));
+            let params = &s.request.params;
+            let stop =
+                params.stop_token_ids.contains(&id) || (!params.ignore_eos && eos.contains(&id));
             let reason = if stop {
                 Some(FinishReason::Stop)
-            } else if r.generated.len() >= r.request.params.max_tokens
-                || total >= self.engine.options().max_context
-            {
+            } else if s.generated() >= params.max_tokens || s.tokens.len() >= max_context {
                 Some(FinishReason::Length)
             } else {
                 None
             };
             if let Some(reason) = reason {
-                let _ = r.request.events.send(Event::Done {
+                let _ = s.request.events.send(Event::Done {
                     reason,
-                    prompt_tokens: r.request.prompt.len(),
-                    completion_tokens: r.generated.len(),
+                    prompt_tokens: s.request.prompt.len(),
+                    completion_tokens: s.generated(),
                 });
                 finished.push(i);
             }
         }
         finished.sort_unstable_by(|a, b| b.cmp(a));
         for i in finished {
-            let done = self.running.swap_remove(i);
-            self.engine.release(done.slot);
+            let done = self.running.remove(i);
+            self.release(done.blocks);
         }
     }
 
     fn publish(&self) {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        shared.stats.running = self.running.len();
-        shared.stats.waiting = self.waiting.len() + shared.in_transit;
-        shared.stats.kv_tokens_used = self
-            .running
-            .iter()
-            .map(|r| self.engine.slot_len(r.slot))
-            .sum();
-        shared.stats.steps = self.steps;
+        let in_transit = shared.in_transit;
+        let stats = &mut shared.stats;
+        stats.running = self.running.len();
+        stats.kv_tokens_used = self.running.iter().map(|s| s.computed).sum();
+        stats.kv_blocks_used = self.blocks.num_held();
+        stats.steps = self.steps;
+        stats.preemptions = self.preemptions;
+        stats.prefix_cache_queried_tokens = self.prefix_queried_tokens;
+        stats.prefix_cache_hit_tokens = self.prefix_hit_tokens;
+        stats.waiting = self.waiting.len() + in_transit;
     }
 }
 

@@ -28,16 +28,46 @@ fn engine_for(model: &str, dtype: DType, seqs: usize) -> Engine {
             max_context: 512,
             max_batch_tokens: 512,
             max_num_seqs: seqs,
+            ..EngineOptions::default()
         },
     )
 }
 
-/// Sequence A's part of a pass: `tokens` into slot 0, the last one's logits wanted.
-fn last(tokens: &[u32]) -> SeqChunk<'_> {
-    SeqChunk {
-        slot: 0,
-        tokens,
-        logits: Logits::Last,
+/// Sequences sharing one engine, each with blocks of its own, scattered through the pool
+/// (sequence i holds every third block from i) so that nothing depends on blocks being in order.
+struct Seqs {
+    tables: Vec<Vec<u32>>,
+    lens: Vec<usize>,
+}
+
+impl Seqs {
+    fn new(engine: &Engine, count: usize) -> Seqs {
+        let pool = engine.kv_pool().num_blocks() as u32;
+        let per_seq = pool / count as u32;
+        Seqs {
+            tables: (0..count as u32)
+                .map(|i| (0..per_seq).map(|b| b * count as u32 + i).collect())
+                .collect(),
+            lens: vec![0; count],
+        }
+    }
+
+    /// One pass over `(sequence, tokens, logits)` parts; returns the logits.
+    fn pass(&mut self, engine: &mut Engine, parts: &[(usize, &[u32], Logits)]) -> Vec<f32> {
+        let chunks: Vec<SeqChunk> = parts
+            .iter()
+            .map(|&(seq, tokens, logits)| SeqChunk {
+                blocks: &self.tables[seq],
+                start: self.lens[seq],
+                tokens,
+                logits,
+            })
+            .collect();
+        let out = engine.forward_batch(&chunks).expect("pass").to_vec();
+        for &(seq, tokens, _) in parts {
+            self.lens[seq] += tokens.len();
+        }
+        out
     }
 }
 
@@ -91,63 +121,32 @@ fn a_sequence_gets_the_same_logits_alone_or_batched_with_others() {
         let vocab = alone.vocab_size();
 
         // Alone: A's prompt, then three decode steps.
-        let mut want = alone.forward_batch(&[last(&a)]).expect("alone").to_vec();
+        let mut solo = Seqs::new(&alone, 3);
+        let mut want = solo.pass(&mut alone, &[(0, &a, Logits::Last)]);
         for id in [5u32, 6, 7] {
-            let step = [id];
-            want.extend_from_slice(alone.forward_batch(&[last(&step)]).expect("alone"));
+            want.extend(solo.pass(&mut alone, &[(0, &[id], Logits::Last)]));
         }
 
         // Shared: A's prompt after B's in one pass, then decode steps beside C's prompt and
         // B's decode tokens, with A in a different place in the batch each time.
-        let mut got = vec![];
-        let logits = shared
-            .forward_batch(&[
-                SeqChunk {
-                    slot: 1,
-                    tokens: &b,
-                    logits: Logits::All,
-                },
-                last(&a),
-            ])
-            .expect("shared");
-        got.extend_from_slice(&logits[b.len() * vocab..]);
-        let steps: [Vec<SeqChunk>; 3] = [
+        let mut seqs = Seqs::new(&shared, 3);
+        let logits = seqs.pass(&mut shared, &[(1, &b, Logits::All), (0, &a, Logits::Last)]);
+        let mut got = logits[b.len() * vocab..].to_vec();
+        let steps: [Vec<(usize, &[u32], Logits)>; 3] = [
+            vec![(2, &c, Logits::Last), (0, &[5], Logits::Last)],
+            vec![(0, &[6], Logits::Last), (1, &[9], Logits::Last)],
             vec![
-                SeqChunk {
-                    slot: 2,
-                    tokens: &c,
-                    logits: Logits::Last,
-                },
-                last(&[5]),
-            ],
-            vec![
-                last(&[6]),
-                SeqChunk {
-                    slot: 1,
-                    tokens: &[9],
-                    logits: Logits::Last,
-                },
-            ],
-            vec![
-                SeqChunk {
-                    slot: 1,
-                    tokens: &[10],
-                    logits: Logits::Last,
-                },
-                last(&[7]),
-                SeqChunk {
-                    slot: 2,
-                    tokens: &[11],
-                    logits: Logits::Last,
-                },
+                (1, &[10], Logits::Last),
+                (0, &[7], Logits::Last),
+                (2, &[11], Logits::Last),
             ],
         ];
         for step in &steps {
             let at = step
                 .iter()
-                .position(|s| s.slot == 0)
+                .position(|part| part.0 == 0)
                 .expect("A is in every step");
-            let logits = shared.forward_batch(step).expect("shared");
+            let logits = seqs.pass(&mut shared, step);
             got.extend_from_slice(&logits[at * vocab..][..vocab]);
         }
         let bad = differing_rows(&want, &got, vocab);

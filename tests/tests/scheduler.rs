@@ -23,17 +23,32 @@ fn params(max_tokens: usize) -> RequestParams {
 }
 
 fn scheduler(max_num_seqs: usize, max_waiting: usize, max_batch_tokens: usize) -> Scheduler {
+    scheduler_with_pool(max_num_seqs, max_waiting, max_batch_tokens, 64, None, true)
+}
+
+/// A scheduler over the tiny llama with a KV pool of `kv_blocks` blocks of `block_size`.
+fn scheduler_with_pool(
+    max_num_seqs: usize,
+    max_waiting: usize,
+    max_batch_tokens: usize,
+    block_size: usize,
+    kv_blocks: Option<usize>,
+    prefix_caching: bool,
+) -> Scheduler {
     let plan = compiled(&golden("tiny/llama"), DType::F32);
     let options = EngineOptions {
         max_context: 256,
         max_batch_tokens,
         max_num_seqs,
+        block_size,
+        kv_blocks,
     };
     Scheduler::start(
         engine_with(&plan, options),
         SchedulerConfig {
             max_num_seqs,
             max_waiting,
+            prefix_caching,
         },
     )
 }
@@ -241,4 +256,78 @@ fn penalties_change_a_greedy_request_and_only_it() {
     let (penalized, _) = collect(penalized);
     assert_eq!(plain, alone(&p, 24), "the batch neighbour's penalty leaked");
     assert_ne!(plain, penalized);
+}
+
+#[test]
+fn a_prompt_served_from_the_prefix_cache_gives_the_cold_tokens() {
+    let s = scheduler_with_pool(2, 4, 64, 16, None, true);
+    let shared = prompt(9, 100);
+    let (cold, _) = collect(s.submit(shared.clone(), params(20)).expect("cold"));
+    assert_eq!(s.stats().prefix_cache_hit_tokens, 0);
+    let (warm, _) = collect(s.submit(shared.clone(), params(20)).expect("warm"));
+    assert_eq!(warm, cold);
+    // Six of the prompt's blocks of 16 are whole and before its last token.
+    assert_eq!(s.stats().prefix_cache_hit_tokens, 96);
+    // A longer prompt with the same start reuses them too, and its output is that of a cold run.
+    let mut longer = shared.clone();
+    longer.extend(prompt(10, 30));
+    let (tokens, _) = collect(s.submit(longer.clone(), params(12)).expect("longer"));
+    assert_eq!(tokens, alone(&longer, 12));
+    let stats = wait_idle(&s);
+    assert!(stats.prefix_cache_hit_tokens >= 96 + 96, "{stats:?}");
+    assert_eq!(stats.kv_blocks_used, 0, "{stats:?}");
+
+    // Turned off, nothing is found.
+    let off = scheduler_with_pool(2, 4, 64, 16, None, false);
+    for _ in 0..2 {
+        let (tokens, _) = collect(off.submit(shared.clone(), params(20)).expect("off"));
+        assert_eq!(tokens, cold);
+    }
+    assert_eq!(off.stats().prefix_cache_hit_tokens, 0);
+}
+
+#[test]
+fn a_pool_too_small_for_the_load_preempts_and_still_finishes_everything() {
+    // 8 blocks of 16 = 128 positions for 12 requests of up to 70 positions each.
+    let s = scheduler_with_pool(8, 16, 64, 16, Some(8), true);
+    let requests: Vec<(Vec<u32>, usize)> = (0..12u32)
+        .map(|i| (prompt(20 + i, 20 + (i as usize * 7) % 21), 30))
+        .collect();
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|(p, n)| s.submit(p.clone(), params(*n)).expect("submit"))
+        .collect();
+    for ((p, n), stream) in requests.iter().zip(streams) {
+        let (tokens, last) = collect(stream);
+        assert!(
+            matches!(last, Event::Done { reason: FinishReason::Length, .. }),
+            "{last:?}"
+        );
+        assert_eq!(&tokens, &alone(p, *n), "a preempted request's output changed");
+    }
+    let stats = wait_idle(&s);
+    assert!(stats.preemptions > 0, "the pool was never short: {stats:?}");
+    assert_eq!(
+        (stats.running, stats.kv_blocks_used, stats.kv_tokens_used),
+        (0, 0, 0),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn a_prompt_larger_than_the_pool_is_refused_and_one_outgrowing_it_ends_with_length() {
+    let s = scheduler_with_pool(2, 4, 64, 16, Some(4), true);
+    match s.submit(prompt(30, 64), params(4)).err() {
+        Some(SubmitError::ExceedsKvCache {
+            prompt: 64,
+            pool: 64,
+            ..
+        }) => {}
+        other => panic!("expected ExceedsKvCache, got {other:?}"),
+    }
+    // Fits to start, but 60 + 30 positions are more than the pool's 64.
+    let (tokens, last) = collect(s.submit(prompt(31, 60), params(30)).expect("fits to start"));
+    assert!(matches!(last, Event::Done { reason: FinishReason::Length, .. }));
+    assert_eq!(tokens.len(), 64 - 60 + 1, "{tokens:?}");
+    assert_eq!(wait_idle(&s).kv_blocks_used, 0);
 }

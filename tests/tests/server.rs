@@ -51,6 +51,7 @@ fn options(max_context: usize, max_num_seqs: usize) -> EngineOptions {
         max_context,
         max_batch_tokens: 64,
         max_num_seqs,
+        ..EngineOptions::default()
     }
 }
 

@@ -22,20 +22,64 @@
 //! vector operation is lane-wise, so where a query sits in a piece does not matter either.
 
 use super::simd::{self, load_n, run_simd, store_n, Simd, SimdTask};
-use super::{check_len, check_rows, runnable_isa, SharedMut};
+use super::{check_rows, runnable_isa, SharedMut};
 use crate::KernelError;
 use ir_types::CpuIsa;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
-/// One layer's KV cache for one sequence: `k`, `v` are `[P, KV, D]` f32 with P = `capacity`.
+/// One layer's paged KV cache as one sequence sees it: `k`, `v` are the whole pool of the layer,
+/// `[blocks, block_size, KV, D]` f32, and the sequence's position `p` lives in block
+/// `blocks[p / block_size]` at row `p % block_size`. A contiguous cache is the case of one block
+/// as large as the context ([`KvLayerMut::contiguous`]).
 pub struct KvLayerMut<'a> {
     pub k: &'a mut [f32],
     pub v: &'a mut [f32],
-    /// Positions the cache holds.
-    pub capacity: usize,
+    /// Positions per block.
+    pub block_size: usize,
+    /// The sequence's block table.
+    pub blocks: &'a [u32],
     pub kv_heads: usize,
     pub head_dim: usize,
+}
+
+impl<'a> KvLayerMut<'a> {
+    /// A contiguous cache of `capacity` positions: `k`, `v` are `[capacity, KV, D]`.
+    pub fn contiguous(
+        k: &'a mut [f32],
+        v: &'a mut [f32],
+        capacity: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Self {
+        KvLayerMut {
+            k,
+            v,
+            block_size: capacity.max(1),
+            blocks: &[0],
+            kv_heads,
+            head_dim,
+        }
+    }
+
+    /// Positions the sequence's blocks hold.
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * self.block_size
+    }
+
+    /// Offset (in elements) of position `p`'s row in `k` and `v`; `p < capacity()`.
+    fn row_offset(&self, p: usize) -> usize {
+        row_offset(
+            self.blocks,
+            self.block_size,
+            self.kv_heads * self.head_dim,
+            p,
+        )
+    }
+}
+
+fn row_offset(blocks: &[u32], block_size: usize, kv_row: usize, p: usize) -> usize {
+    (blocks[p / block_size] as usize * block_size + p % block_size) * kv_row
 }
 
 /// Keys per block of the online softmax.
@@ -92,8 +136,16 @@ pub fn attention(
         ));
     }
     let kv_row = n_kv_heads * head_dim;
-    check_len(NAME, "cache.k", cache.k.len(), cache.capacity * kv_row)?;
-    check_len(NAME, "cache.v", cache.v.len(), cache.capacity * kv_row)?;
+    if cache.block_size == 0 {
+        return Err(KernelError::shape(NAME, "block size 0"));
+    }
+    let pool_blocks = cache.k.len().min(cache.v.len()) / (cache.block_size * kv_row);
+    if let Some(&b) = cache.blocks.iter().find(|&&b| b as usize >= pool_blocks) {
+        return Err(KernelError::shape(
+            NAME,
+            format!("block {b} is outside the pool of {pool_blocks} blocks"),
+        ));
+    }
     check_rows(NAME, "q", q.len(), t, n_heads * head_dim, q_stride)?;
     check_rows(NAME, "k", k.len(), t, kv_row, k_stride)?;
     check_rows(NAME, "v", v.len(), t, kv_row, v_stride)?;
@@ -116,18 +168,18 @@ pub fn attention(
             ),
         });
     }
-    if first + t > cache.capacity {
+    if first + t > cache.capacity() {
         return Err(KernelError::Positions {
             what: format!(
                 "positions up to {} exceed capacity {}",
                 first + t - 1,
-                cache.capacity
+                cache.capacity()
             ),
         });
     }
 
     for i in 0..t {
-        let dst = (first + i) * kv_row;
+        let dst = cache.row_offset(first + i);
         cache.k[dst..dst + kv_row].copy_from_slice(&k[i * k_stride..][..kv_row]);
         cache.v[dst..dst + kv_row].copy_from_slice(&v[i * v_stride..][..kv_row]);
     }
@@ -144,6 +196,8 @@ pub fn attention(
         scale,
         keys: &cache.k[..],
         values: &cache.v[..],
+        blocks: cache.blocks,
+        block_size: cache.block_size,
         out: SharedMut(out.as_mut_ptr()),
         out_stride,
         piece_len: MAX_QUERY_VECTORS * lanes,
@@ -239,8 +293,11 @@ struct Shape<'a> {
     n_kv_heads: usize,
     d: usize,
     scale: f32,
+    /// The layer's pool and the sequence's block table (see [`KvLayerMut`]).
     keys: &'a [f32],
     values: &'a [f32],
+    blocks: &'a [u32],
+    block_size: usize,
     out: SharedMut,
     out_stride: usize,
     /// Queries per piece: `MAX_QUERY_VECTORS` vectors of lanes.
@@ -346,8 +403,12 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
 
         let mut j0 = task.keys.start;
         while j0 < task.keys.end {
-            let bk = (task.keys.end - j0).min(KEY_BLOCK);
-            let key0 = sh.keys.as_ptr().add(j0 * key_stride + kv_offset);
+            // A block of keys never crosses a page: its rows are contiguous.
+            let bk = (task.keys.end - j0)
+                .min(KEY_BLOCK)
+                .min(sh.block_size - j0 % sh.block_size);
+            let row0 = row_offset(sh.blocks, sh.block_size, key_stride, j0);
+            let key0 = sh.keys.as_ptr().add(row0 + kv_offset);
             let s = scores.as_mut_ptr();
             match nq {
                 1 => block_scores_few::<S, 1>(key0, key_stride, d, bk, qt.as_ptr(), width, s),
@@ -366,7 +427,7 @@ unsafe fn attend<S: Simd, const QV: usize>(task: AttendPiece) {
             }
             let masked = j0 + bk - 1 > min_position;
             block_softmax::<S, QV>(scores, bk, j0, masked, limit, run_max, run_sum, corr);
-            let value0 = sh.values.as_ptr().add(j0 * key_stride + kv_offset);
+            let value0 = sh.values.as_ptr().add(row0 + kv_offset);
             for lane in 0..nq {
                 // Only keys up to the query's position: a masked key's weight is zero, but adding
                 // its zero product could still turn a -0 sum into +0.
@@ -720,9 +781,9 @@ pub mod reference {
         let d = head_dim;
         let row = n_kv_heads * d;
         for i in 0..t {
-            let p = positions[i] as usize;
-            cache.k[p * row..][..row].copy_from_slice(&k[i * k_stride..][..row]);
-            cache.v[p * row..][..row].copy_from_slice(&v[i * v_stride..][..row]);
+            let at = cache.row_offset(positions[i] as usize);
+            cache.k[at..][..row].copy_from_slice(&k[i * k_stride..][..row]);
+            cache.v[at..][..row].copy_from_slice(&v[i * v_stride..][..row]);
         }
         let group = n_heads / n_kv_heads;
         for i in 0..t {
@@ -732,7 +793,7 @@ pub mod reference {
                 let qv = &q[i * q_stride + h * d..][..d];
                 let scores: Vec<f64> = (0..=p)
                     .map(|j| {
-                        let kj = &cache.k[j * row + kv * d..][..d];
+                        let kj = &cache.k[cache.row_offset(j) + kv * d..][..d];
                         qv.iter()
                             .zip(kj)
                             .map(|(&a, &b)| a as f64 * b as f64)
@@ -745,7 +806,7 @@ pub mod reference {
                 let total: f64 = weights.iter().sum();
                 for dd in 0..d {
                     let acc: f64 = (0..=p)
-                        .map(|j| weights[j] * cache.v[j * row + kv * d + dd] as f64)
+                        .map(|j| weights[j] * cache.v[cache.row_offset(j) + kv * d + dd] as f64)
                         .sum();
                     out[i * out_stride + h * d + dd] = (acc / total) as f32;
                 }
@@ -789,13 +850,7 @@ mod tests {
             let positions: Vec<u32> = (pos..pos + t).map(|p| p as u32).collect();
             let mut got = vec![0f32; t * h * d];
             let mut want = vec![0f32; t * h * d];
-            let mut cache = KvLayerMut {
-                k: &mut cache_k,
-                v: &mut cache_v,
-                capacity,
-                kv_heads: kvh,
-                head_dim: d,
-            };
+            let mut cache = KvLayerMut::contiguous(&mut cache_k, &mut cache_v, capacity, kvh, d);
             on_threads(threads, || {
                 attention(
                     isa,
@@ -817,13 +872,7 @@ mod tests {
                 )
                 .unwrap()
             });
-            let mut cache = KvLayerMut {
-                k: &mut ref_k,
-                v: &mut ref_v,
-                capacity,
-                kv_heads: kvh,
-                head_dim: d,
-            };
+            let mut cache = KvLayerMut::contiguous(&mut ref_k, &mut ref_v, capacity, kvh, d);
             reference::attention(
                 &q,
                 q_stride,
@@ -950,13 +999,7 @@ mod tests {
         let mut out = vec![0f32; total * h * d];
         let mut pos = 0;
         for &t in split {
-            let mut cache = KvLayerMut {
-                k: &mut ck,
-                v: &mut cv,
-                capacity: total,
-                kv_heads: kvh,
-                head_dim: d,
-            };
+            let mut cache = KvLayerMut::contiguous(&mut ck, &mut cv, total, kvh, d);
             let positions: Vec<u32> = (pos..pos + t).map(|p| p as u32).collect();
             let (qr, kr, o) = (h * d, kvh * d, h * d);
             on_threads(threads, || {
@@ -1023,13 +1066,7 @@ mod tests {
         let v = [5.0, 6.0, 7.0, 8.0];
         for isa in isas_to_test() {
             let (mut ck, mut cv) = (vec![0.0; 8], vec![0.0; 8]);
-            let mut cache = KvLayerMut {
-                k: &mut ck,
-                v: &mut cv,
-                capacity: 2,
-                kv_heads: 1,
-                head_dim: d,
-            };
+            let mut cache = KvLayerMut::contiguous(&mut ck, &mut cv, 2, 1, d);
             let mut out = vec![0.0; h * d];
             attention(
                 isa,
@@ -1059,13 +1096,7 @@ mod tests {
     #[test]
     fn rejects_bad_positions_and_a_full_cache() {
         let (mut ck, mut cv) = (vec![0.0; 8], vec![0.0; 8]);
-        let mut cache = KvLayerMut {
-            k: &mut ck,
-            v: &mut cv,
-            capacity: 2,
-            kv_heads: 1,
-            head_dim: 4,
-        };
+        let mut cache = KvLayerMut::contiguous(&mut ck, &mut cv, 2, 1, 4);
         let x = [0.0; 8];
         let mut out = [0.0; 8];
         let mut call = |t, pos: &[u32], cache: &mut KvLayerMut| {
@@ -1101,16 +1132,129 @@ mod tests {
             Err(KernelError::Positions { .. })
         ));
         assert!(call(2, &[0, 1], &mut cache).is_ok());
-        let mut wrong = KvLayerMut {
-            k: &mut [0.0; 8],
-            v: &mut [0.0; 8],
-            capacity: 2,
-            kv_heads: 2,
-            head_dim: 4,
-        };
+        let (mut wrong_k, mut wrong_v) = ([0.0; 8], [0.0; 8]);
+        let mut wrong = KvLayerMut::contiguous(&mut wrong_k, &mut wrong_v, 2, 2, 4);
         assert!(matches!(
             call(1, &[0], &mut wrong),
             Err(KernelError::Shape { .. })
         ));
+    }
+
+    /// The same calls against a contiguous cache and against scattered blocks of several sizes:
+    /// the paged reads and writes must land on the same keys. With blocks of `KEY_BLOCK` or more
+    /// positions the blocking of keys is the same, so the outputs are the same bits.
+    #[test]
+    fn paged_cache_matches_the_contiguous_one() {
+        let (h, kvh, d) = (6, 2, 16);
+        let row = kvh * d;
+        let calls = [5usize, 1, 70, 1, 300, 1, 2];
+        let total: usize = calls.iter().sum();
+        let mut rng = Rng::new(41);
+        let inputs: Vec<_> = calls
+            .iter()
+            .map(|&t| {
+                (
+                    rng.vec(t * h * d, 2.0),
+                    rng.vec(t * row, 2.0),
+                    rng.vec(t * row, 1.0),
+                )
+            })
+            .collect();
+        let run = |cache: &mut KvLayerMut| {
+            let mut outs = vec![];
+            let mut pos = 0;
+            for (&t, (q, k, v)) in calls.iter().zip(&inputs) {
+                let positions: Vec<u32> = (pos..pos + t).map(|p| p as u32).collect();
+                let mut out = vec![0f32; t * h * d];
+                attention(
+                    CpuIsa::Avx2,
+                    q,
+                    h * d,
+                    k,
+                    row,
+                    v,
+                    row,
+                    t,
+                    &positions,
+                    h,
+                    kvh,
+                    d,
+                    0.25,
+                    cache,
+                    &mut out,
+                    h * d,
+                )
+                .expect("attention");
+                outs.extend(out);
+                pos += t;
+            }
+            outs
+        };
+        let (mut ck, mut cv) = (vec![f32::NAN; total * row], vec![f32::NAN; total * row]);
+        let want = run(&mut KvLayerMut::contiguous(&mut ck, &mut cv, total, kvh, d));
+        for block_size in [1usize, 16, 64, 128] {
+            let needed = total.div_ceil(block_size);
+            // Twice the blocks the sequence needs, handed out in a scrambled order.
+            let pool = 2 * needed;
+            let blocks: Vec<u32> = (0..needed).map(|i| ((i * 7 + 3) % pool) as u32).collect();
+            let (mut pk, mut pv) = (
+                vec![f32::NAN; pool * block_size * row],
+                vec![f32::NAN; pool * block_size * row],
+            );
+            let got = run(&mut KvLayerMut {
+                k: &mut pk,
+                v: &mut pv,
+                block_size,
+                blocks: &blocks,
+                kv_heads: kvh,
+                head_dim: d,
+            });
+            let worst = max_abs_diff(&got, &want);
+            if block_size % KEY_BLOCK == 0 {
+                assert_eq!(worst, 0.0, "block size {block_size}");
+            } else {
+                assert!(worst < 1e-5, "block size {block_size}: {worst}");
+            }
+        }
+    }
+
+    #[test]
+    fn blocks_outside_the_pool_are_refused() {
+        // Two blocks of two positions of one head of 4.
+        let (mut k, mut v) = (vec![0f32; 2 * 2 * 4], vec![0f32; 2 * 2 * 4]);
+        let mut cache = KvLayerMut {
+            k: &mut k,
+            v: &mut v,
+            block_size: 2,
+            blocks: &[0, 2],
+            kv_heads: 1,
+            head_dim: 4,
+        };
+        let one = [0f32; 4];
+        let mut out = [0f32; 4];
+        let err = attention(
+            CpuIsa::Portable,
+            &one,
+            4,
+            &one,
+            4,
+            &one,
+            4,
+            1,
+            &[0],
+            1,
+            1,
+            4,
+            1.0,
+            &mut cache,
+            &mut out,
+            4,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("block 2 is outside the pool of 2 blocks"),
+            "{err}"
+        );
     }
 }

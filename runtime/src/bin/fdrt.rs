@@ -25,9 +25,17 @@ struct RunArgs {
     /// Positions the KV cache holds (prompt + generated tokens).
     #[arg(long, default_value_t = 4096)]
     max_context: usize,
-    /// Tokens per forward pass; longer prompts are processed in chunks.
-    #[arg(long, default_value_t = 512)]
+    /// Tokens per forward pass (the step's token budget); longer prompts are processed in
+    /// chunks (chunked prefill). Set it to --max-context to prefill whole prompts at once.
+    #[arg(long, alias = "max-num-batched-tokens", default_value_t = 512)]
     max_batch_tokens: usize,
+    /// Positions per KV cache block.
+    #[arg(long, default_value_t = runtime::engine::DEFAULT_BLOCK_SIZE as u32, value_parser = clap::value_parser!(u32).range(1..=4096) )]
+    block_size: u32,
+    /// KV cache pool size in bytes (suffixes KiB, MiB, GiB, KB, MB, GB allowed); default: room
+    /// for every sequence (--max-num-seqs) at full --max-context.
+    #[arg(long, value_parser = parse_bytes)]
+    kv_cache_memory: Option<u64>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -103,13 +111,15 @@ enum Command {
         /// environment variable, if set).
         #[arg(long, env = "FDRT_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
-        /// Sequences decoded together at most; each holds a KV cache slot of --max-context
-        /// positions.
+        /// Sequences decoded together at most.
         #[arg(long, default_value_t = 8)]
         max_num_seqs: usize,
-        /// Requests waiting for a slot at most; more are refused with 429.
+        /// Requests waiting to run at most; more are refused with 429.
         #[arg(long, default_value_t = 256)]
         max_waiting: usize,
+        /// Do not reuse the KV blocks of earlier requests that share a prefix.
+        #[arg(long)]
+        no_prefix_caching: bool,
         /// The model name clients send (default: the plan's model name).
         #[arg(long)]
         served_model_name: Option<String>,
@@ -196,10 +206,26 @@ fn load_with_slots(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<E
     let max_context = args
         .max_context
         .min(loaded.manifest.model.max_position_embeddings.max(1) as usize);
+    let block_size = args.block_size as usize;
+    let kv_blocks = match args.kv_cache_memory {
+        None => None,
+        Some(bytes) => {
+            let per_block = loaded.manifest.kv.bytes_per_token * block_size as u64;
+            let blocks = bytes / per_block.max(1);
+            if blocks == 0 {
+                bail!(
+                    "--kv-cache-memory {bytes} holds no KV block: one block of {block_size} positions takes {per_block} bytes"
+                );
+            }
+            Some(blocks as usize)
+        }
+    };
     let options = EngineOptions {
         max_context,
         max_batch_tokens: args.max_batch_tokens,
         max_num_seqs,
+        block_size,
+        kv_blocks,
     };
     Ok(Engine::new(loaded, options)?)
 }
@@ -334,6 +360,7 @@ fn run() -> Result<()> {
             api_key,
             max_num_seqs,
             max_waiting,
+            no_prefix_caching,
             served_model_name,
             drain_timeout,
             max_body_bytes,
@@ -350,6 +377,7 @@ fn run() -> Result<()> {
                 api_key,
                 max_num_seqs,
                 max_waiting,
+                prefix_caching: !no_prefix_caching,
                 max_body_bytes,
                 drain_timeout: Duration::from_secs_f64(drain_timeout),
             };
@@ -480,7 +508,9 @@ fn init_logging() {
 fn log_loaded(plan: &Path, engine: &Engine) {
     let m = &engine.plan().manifest;
     let options = engine.options();
-    let kv_bytes = (engine.num_slots() * options.max_context) as u64 * m.kv.bytes_per_token;
+    let pool = engine.kv_pool();
+    let kv_tokens = pool.num_blocks() * pool.block_size();
+    let kv_bytes = kv_tokens as u64 * m.kv.bytes_per_token;
     let arena_bytes = m.memory.arena_cols * options.max_batch_tokens as u64 * 4;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     tracing::info!(
@@ -498,15 +528,47 @@ fn log_loaded(plan: &Path, engine: &Engine) {
         },
     );
     tracing::info!(
-        "reserved: KV cache {:.1} MiB ({} slots x {} positions x {} bytes, committed as used), arena {:.1} MiB ({} tokens per pass), {} worker threads",
+        "reserved: KV cache {:.1} MiB ({} blocks of {} positions = {} tokens at {} bytes each, {:.1} full contexts of {}; committed as used), arena {:.1} MiB ({} tokens per pass), {} worker threads",
         mib(kv_bytes),
-        engine.num_slots(),
-        options.max_context,
+        pool.num_blocks(),
+        pool.block_size(),
+        kv_tokens,
         m.kv.bytes_per_token,
+        kv_tokens as f64 / options.max_context as f64,
+        options.max_context,
         mib(arena_bytes),
         options.max_batch_tokens,
         rayon::current_num_threads(),
     );
+}
+
+/// A byte count: digits with an optional suffix (`KiB`, `MiB`, `GiB` powers of 1024; `KB`,
+/// `MB`, `GB` powers of 1000; case ignored). Written here rather than taken from a crate: five
+/// suffixes are all a flag needs.
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let scale: f64 = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        other => {
+            return Err(format!(
+                "unknown size suffix `{other}` (use KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 4GiB or 500000000)"))?;
+    Ok((value * scale) as u64)
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -159,6 +159,7 @@ impl From<SubmitError> for ApiError {
             },
             SubmitError::ShuttingDown => ApiError::shutting_down(),
             SubmitError::TooLong { .. }
+            | SubmitError::ExceedsKvCache { .. }
             | SubmitError::EmptyPrompt
             | SubmitError::TokenOutOfRange { .. } => ApiError::invalid("prompt", message),
             SubmitError::NoTokens => ApiError::invalid("max_tokens", message),

@@ -189,18 +189,18 @@ impl Metrics {
         );
         gauge(
             "fdrt:num_requests_waiting",
-            "Requests waiting for a sequence slot.",
+            "Requests waiting to run.",
             "gauge",
             stats.waiting.to_string(),
         );
-        let usage = if stats.kv_tokens_capacity == 0 {
+        let usage = if stats.kv_blocks_total == 0 {
             0.0
         } else {
-            stats.kv_tokens_used as f64 / stats.kv_tokens_capacity as f64
+            stats.kv_blocks_used as f64 / stats.kv_blocks_total as f64
         };
         gauge(
             "fdrt:kv_cache_usage_perc",
-            "Fraction of KV cache positions in use (1 = full).",
+            "Fraction of KV cache blocks held by running sequences (1 = full).",
             "gauge",
             usage.to_string(),
         );
@@ -212,9 +212,39 @@ impl Metrics {
         );
         gauge(
             "fdrt:kv_cache_capacity_tokens",
-            "KV cache positions of all sequence slots.",
+            "KV cache positions of the whole block pool.",
             "gauge",
             stats.kv_tokens_capacity.to_string(),
+        );
+        gauge(
+            "fdrt:kv_cache_used_blocks",
+            "KV cache blocks held by running sequences.",
+            "gauge",
+            stats.kv_blocks_used.to_string(),
+        );
+        gauge(
+            "fdrt:kv_cache_total_blocks",
+            "KV cache blocks in the pool.",
+            "gauge",
+            stats.kv_blocks_total.to_string(),
+        );
+        gauge(
+            "fdrt:prefix_cache_queries_total",
+            "Prompt tokens of admitted sequences looked up in the prefix cache.",
+            "counter",
+            stats.prefix_cache_queried_tokens.to_string(),
+        );
+        gauge(
+            "fdrt:prefix_cache_hits_total",
+            "Prompt tokens found in the prefix cache (their prefill skipped).",
+            "counter",
+            stats.prefix_cache_hit_tokens.to_string(),
+        );
+        gauge(
+            "fdrt:num_preemptions_total",
+            "Running sequences preempted to free KV blocks (recomputed later).",
+            "counter",
+            stats.preemptions.to_string(),
         );
         gauge(
             "fdrt:num_scheduler_steps_total",
@@ -337,8 +367,13 @@ mod tests {
             running: 2,
             waiting: 1,
             kv_tokens_used: 25,
-            kv_tokens_capacity: 100,
+            kv_tokens_capacity: 128,
+            kv_blocks_used: 1,
+            kv_blocks_total: 4,
             steps: 9,
+            preemptions: 3,
+            prefix_cache_queried_tokens: 40,
+            prefix_cache_hit_tokens: 32,
         };
         let text = metrics.render(&stats);
         let model = "model_name=\"m\\\"1\"";
@@ -346,10 +381,15 @@ mod tests {
             line(&text, &format!("fdrt:num_requests_running{{{model}}}")),
             format!("fdrt:num_requests_running{{{model}}} 2")
         );
-        assert!(
-            text.contains(&format!("fdrt:kv_cache_usage_perc{{{model}}} 0.25\n")),
-            "{text}"
-        );
+        for expected in [
+            "fdrt:kv_cache_usage_perc{M} 0.25\n",
+            "fdrt:num_preemptions_total{M} 3\n",
+            "fdrt:prefix_cache_queries_total{M} 40\n",
+            "fdrt:prefix_cache_hits_total{M} 32\n",
+        ] {
+            let expected = expected.replace('M', model);
+            assert!(text.contains(&expected), "no {expected} in {text}");
+        }
         assert!(text.contains(&format!(
             "fdrt:time_to_first_token_seconds_bucket{{{model},le=\"0.005\"}} 0\n"
         )));

@@ -39,10 +39,13 @@ pub struct ServerConfig {
     pub served_model_name: Option<String>,
     /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
-    /// Sequences decoded together at most (capped by the engine's slots).
+    /// Sequences decoded together at most.
     pub max_num_seqs: usize,
-    /// Requests waiting for a slot at most; beyond it, requests get 429.
+    /// Requests waiting to run at most; beyond it, requests get 429.
     pub max_waiting: usize,
+    /// Reuse the KV blocks of earlier requests with the same prefix (`--no-prefix-caching`
+    /// turns it off).
+    pub prefix_caching: bool,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
     /// How long running requests may continue after shutdown begins.
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             api_key: None,
             max_num_seqs: 8,
             max_waiting: 256,
+            prefix_caching: true,
             max_body_bytes: 4 << 20,
             drain_timeout: Duration::from_secs(30),
         }
@@ -142,6 +146,7 @@ impl Server {
             SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
                 max_waiting: config.max_waiting,
+                prefix_caching: config.prefix_caching,
             },
         );
         let now = SystemTime::now()

@@ -67,6 +67,7 @@ pub fn engine(plan: &Path) -> Engine {
             max_context: 1024,
             max_batch_tokens: 64,
             max_num_seqs: 1,
+            ..EngineOptions::default()
         },
     )
 }
