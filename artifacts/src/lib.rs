@@ -9,6 +9,7 @@ pub mod codec;
 mod container;
 mod error;
 pub mod schema;
+pub mod units;
 
 pub use container::{
     cast_f32, cast_u16, PlanFile, PlanSummary, PlanWriter, SectionInfo, SectionKind,

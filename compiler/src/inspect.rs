@@ -8,7 +8,12 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
-pub fn inspect(path: &Path) -> Result<String, PlanError> {
+/// KV pool sizes `inspect` always reports how many tokens fit in: a small edge device, a
+/// mid-size card, an 80 GB accelerator.
+const KV_SIZES: [u64; 3] = [1 << 30, 16 << 30, 80 << 30];
+
+/// The account of the plan at `path`; `kv_memory` adds sizes to the KV-fit line.
+pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     let plan = PlanFile::open(path)?;
     let manifest: Manifest =
         codec::decode(section::MANIFEST, plan.require_section(section::MANIFEST)?)?;
@@ -58,6 +63,15 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
         manifest.kv.num_kv_heads,
         manifest.kv.head_dim,
         manifest.kv.dtype
+    );
+    let _ = writeln!(
+        out,
+        "kv fits     {}",
+        kv_fit_line(
+            manifest.kv.bytes_per_token,
+            m.max_position_embeddings as u64,
+            kv_memory
+        )
     );
     let tok = match &manifest.tokenizer {
         Some(t) => format!(
@@ -144,4 +158,35 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
         let _ = writeln!(out, "  {} ({} bytes) blake3 {}", s.name, s.bytes, s.blake3);
     }
     Ok(out)
+}
+
+/// How many tokens (and full contexts) a KV pool of each size holds, e.g.
+/// `1.0 GiB: 23301 tokens (2.8 x 8192)`. The runtime rounds down to whole blocks.
+fn kv_fit_line(bytes_per_token: u64, context: u64, extra: &[u64]) -> String {
+    KV_SIZES
+        .iter()
+        .chain(extra)
+        .map(|&size| {
+            let tokens = size / bytes_per_token.max(1);
+            format!(
+                "{}: {tokens} tokens ({:.1} x {context})",
+                artifacts::units::format_bytes(size),
+                tokens as f64 / context.max(1) as f64
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod kv_fit_tests {
+    #[test]
+    fn kv_fit_counts_tokens_and_contexts() {
+        let line = super::kv_fit_line(1 << 20, 512, &[3 << 20]);
+        assert!(
+            line.starts_with("1.0 GiB: 1024 tokens (2.0 x 512); "),
+            "{line}"
+        );
+        assert!(line.ends_with("3.0 MiB: 3 tokens (0.0 x 512)"), "{line}");
+    }
 }

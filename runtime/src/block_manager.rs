@@ -204,7 +204,7 @@ impl BlockManager {
         positions: usize,
     ) -> Option<(SeqBlocks, Option<(BlockId, BlockId)>)> {
         let full = positions / self.block_size;
-        let partial = positions % self.block_size != 0;
+        let partial = !positions.is_multiple_of(self.block_size);
         let copy = if partial {
             let from = *seq.blocks.get(full)?;
             Some((from, self.allocate()?))

@@ -300,10 +300,20 @@ fn a_pool_too_small_for_the_load_preempts_and_still_finishes_everything() {
     for ((p, n), stream) in requests.iter().zip(streams) {
         let (tokens, last) = collect(stream);
         assert!(
-            matches!(last, Event::Done { reason: FinishReason::Length, .. }),
+            matches!(
+                last,
+                Event::Done {
+                    reason: FinishReason::Length,
+                    ..
+                }
+            ),
             "{last:?}"
         );
-        assert_eq!(&tokens, &alone(p, *n), "a preempted request's output changed");
+        assert_eq!(
+            &tokens,
+            &alone(p, *n),
+            "a preempted request's output changed"
+        );
     }
     let stats = wait_idle(&s);
     assert!(stats.preemptions > 0, "the pool was never short: {stats:?}");
@@ -327,7 +337,13 @@ fn a_prompt_larger_than_the_pool_is_refused_and_one_outgrowing_it_ends_with_leng
     }
     // Fits to start, but 60 + 30 positions are more than the pool's 64.
     let (tokens, last) = collect(s.submit(prompt(31, 60), params(30)).expect("fits to start"));
-    assert!(matches!(last, Event::Done { reason: FinishReason::Length, .. }));
+    assert!(matches!(
+        last,
+        Event::Done {
+            reason: FinishReason::Length,
+            ..
+        }
+    ));
     assert_eq!(tokens.len(), 64 - 60 + 1, "{tokens:?}");
     assert_eq!(wait_idle(&s).kv_blocks_used, 0);
 }

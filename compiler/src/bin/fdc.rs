@@ -41,7 +41,12 @@ enum Command {
         quiet: bool,
     },
     /// Describe a plan: model, target, sections, kernels, memory plan, provenance.
-    Inspect { plan: PathBuf },
+    Inspect {
+        plan: PathBuf,
+        /// Also say how many tokens a KV cache of this size holds (e.g. 24GiB).
+        #[arg(long, value_parser = artifacts::units::parse_bytes)]
+        kv_memory: Vec<u64>,
+    },
     /// Print the IR of a model after the rewrite passes (or before them with --before).
     Ir {
         model: PathBuf,
@@ -124,10 +129,10 @@ fn run() -> Result<()> {
                 }
             }
         }
-        Command::Inspect { plan } => {
+        Command::Inspect { plan, kv_memory } => {
             print!(
                 "{}",
-                compiler::inspect::inspect(&plan)
+                compiler::inspect::inspect(&plan, &kv_memory)
                     .with_context(|| format!("reading {}", plan.display()))?
             );
         }

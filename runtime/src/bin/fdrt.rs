@@ -34,7 +34,7 @@ struct RunArgs {
     block_size: u32,
     /// KV cache pool size in bytes (suffixes KiB, MiB, GiB, KB, MB, GB allowed); default: room
     /// for every sequence (--max-num-seqs) at full --max-context.
-    #[arg(long, value_parser = parse_bytes)]
+    #[arg(long, value_parser = artifacts::units::parse_bytes)]
     kv_cache_memory: Option<u64>,
     /// Worker threads (default: all cores).
     #[arg(long)]
@@ -163,6 +163,16 @@ enum Command {
         token_range: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Start every prompt with the same this many tokens (a shared system prompt).
+        #[arg(long, default_value_t = 0)]
+        shared_prefix_len: usize,
+        /// Also send one request with a prompt this long (and one output token) ...
+        #[arg(long)]
+        long_prompt_len: Option<usize>,
+        /// ... this many seconds after the start, and report the other streams' inter-token
+        /// latency while it is admitted.
+        #[arg(long, default_value_t = 5.0)]
+        long_prompt_after: f64,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -418,6 +428,9 @@ fn run() -> Result<()> {
             range_ratio,
             token_range,
             seed,
+            shared_prefix_len,
+            long_prompt_len,
+            long_prompt_after,
             json,
         } => {
             let (low, high) = token_range
@@ -435,6 +448,8 @@ fn run() -> Result<()> {
                 range_ratio,
                 token_range: (low, high),
                 seed,
+                shared_prefix_len,
+                long_prompt: long_prompt_len.map(|len| (len, long_prompt_after)),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -540,35 +555,6 @@ fn log_loaded(plan: &Path, engine: &Engine) {
         options.max_batch_tokens,
         rayon::current_num_threads(),
     );
-}
-
-/// A byte count: digits with an optional suffix (`KiB`, `MiB`, `GiB` powers of 1024; `KB`,
-/// `MB`, `GB` powers of 1000; case ignored). Written here rather than taken from a crate: five
-/// suffixes are all a flag needs.
-fn parse_bytes(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let scale: f64 = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        other => {
-            return Err(format!(
-                "unknown size suffix `{other}` (use KiB, MiB, GiB, KB, MB or GB)"
-            ))
-        }
-    };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (e.g. 4GiB or 500000000)"))?;
-    Ok((value * scale) as u64)
 }
 
 /// Completes on Ctrl-C or SIGTERM.

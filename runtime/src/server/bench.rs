@@ -6,6 +6,11 @@
 //! exactly the prompt and output lengths drawn for it (uniform within `range_ratio` of the
 //! means): the numbers measure the server, not what the model happens to say. Each request opens
 //! its own HTTP/1.1 connection, as independent clients would.
+//!
+//! Two options shape the workload for the KV-cache figures: `shared_prefix_len` starts every
+//! prompt with the same tokens (a system prompt, for prefix caching), and `long_prompt` sends
+//! one extra request with a very long prompt once the others are decoding, and reports the
+//! inter-token latency the other streams saw while it was being admitted (chunked prefill).
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -35,6 +40,23 @@ pub struct BenchOptions {
     /// Prompt token ids are drawn from `[low, high)`.
     pub token_range: (u32, u32),
     pub seed: u64,
+    /// Tokens every prompt starts with (the same for all), before its own `input_len`.
+    pub shared_prefix_len: usize,
+    /// One extra request with a prompt of this many tokens (and one output token), sent this
+    /// many seconds after the start.
+    pub long_prompt: Option<(usize, f64)>,
+}
+
+/// What the other streams saw while the long prompt was admitted.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LongPromptReport {
+    pub prompt_tokens: usize,
+    /// From sending it to its first token.
+    pub ttft_ms: f64,
+    /// Gaps between tokens of the other streams that ended inside that window.
+    pub itl_during: Percentiles,
+    pub max_itl_during_ms: f64,
+    pub gaps_during: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +127,7 @@ pub struct BenchReport {
     pub tpot: Percentiles,
     pub itl: Percentiles,
     pub e2e: Percentiles,
+    pub long_prompt: Option<LongPromptReport>,
     /// The first few failures' messages.
     pub errors: Vec<String>,
 }
@@ -143,6 +166,19 @@ impl std::fmt::Display for BenchReport {
                 p.mean_ms, p.p50_ms, p.p90_ms, p.p99_ms
             )?;
         }
+        if let Some(long) = &self.long_prompt {
+            writeln!(
+                f,
+                "long prompt of {} tokens: TTFT {:.1} ms; meanwhile {} gaps of the other streams: ITL p50 {:.1} / p90 {:.1} / p99 {:.1} / max {:.1} ms",
+                long.prompt_tokens,
+                long.ttft_ms,
+                long.gaps_during,
+                long.itl_during.p50_ms,
+                long.itl_during.p90_ms,
+                long.itl_during.p99_ms,
+                long.max_itl_during_ms
+            )?;
+        }
         for e in &self.errors {
             writeln!(f, "error: {e}")?;
         }
@@ -156,8 +192,14 @@ struct Sample {
     output_tokens: usize,
     ttft: Duration,
     e2e: Duration,
-    /// Gaps between consecutive tokens.
-    gaps: Vec<Duration>,
+    /// When each token arrived.
+    token_times: Vec<Instant>,
+}
+
+impl Sample {
+    fn gaps(&self) -> impl Iterator<Item = Duration> + '_ {
+        self.token_times.windows(2).map(|w| w[1] - w[0])
+    }
 }
 
 /// A response read as it arrives: status, then body bytes with the time each frame came.
@@ -301,7 +343,7 @@ async fn one_request(
         output_tokens: token_times.len(),
         ttft: first - start,
         e2e: start.elapsed(),
-        gaps: token_times.windows(2).map(|w| w[1] - w[0]).collect(),
+        token_times,
     })
 }
 
@@ -337,17 +379,21 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         let (input, output) = (draw(options.input_len), draw(options.output_len));
         work.push((input, output));
     }
+    let (low, high) = options.token_range;
+    let prefix: Vec<u32> = (0..options.shared_prefix_len)
+        .map(|_| rng.random_range(low..high))
+        .collect();
     let work: Vec<(Vec<u32>, usize)> = work
         .into_iter()
         .map(|(input, output)| {
-            (
-                (0..input)
-                    .map(|_| rng.random_range(options.token_range.0..options.token_range.1))
-                    .collect(),
-                output,
-            )
+            let mut prompt = prefix.clone();
+            prompt.extend((0..input).map(|_| rng.random_range(low..high)));
+            (prompt, output)
         })
         .collect();
+    let long_prompt: Option<Vec<u32>> = options
+        .long_prompt
+        .map(|(len, _)| (0..len).map(|_| rng.random_range(low..high)).collect());
     let work = Arc::new(work);
     let next = Arc::new(AtomicUsize::new(0));
     let results: Arc<Mutex<Vec<Result<Sample, String>>>> = Arc::new(Mutex::new(vec![]));
@@ -377,10 +423,30 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
             }
         }));
     }
+    let long_task = match (long_prompt, options.long_prompt) {
+        (Some(prompt), Some((_, after_s))) => {
+            let (options, model) = (options.clone(), model.clone());
+            Some(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs_f64(after_s.max(0.0))).await;
+                let sent = Instant::now();
+                one_request(&options, &model, prompt, 1)
+                    .await
+                    .map(|sample| (sent, sample))
+            }))
+        }
+        _ => None,
+    };
     for c in clients {
         c.await
             .map_err(|e| BenchError::Protocol(format!("a client task failed: {e}")))?;
     }
+    let long = match long_task {
+        Some(task) => Some(
+            task.await
+                .map_err(|e| BenchError::Protocol(format!("the long request failed: {e}")))??,
+        ),
+        None => None,
+    };
     let duration = start.elapsed().as_secs_f64();
     let results = std::mem::take(&mut *results.lock().unwrap_or_else(|e| e.into_inner()));
     let (ok, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
@@ -388,6 +454,22 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
     let errors: Vec<String> = failed.into_iter().filter_map(Result::err).take(5).collect();
     let input_tokens = samples.iter().map(|s| s.input_tokens).sum();
     let output_tokens: usize = samples.iter().map(|s| s.output_tokens).sum();
+    let long_prompt = long.map(|(sent, sample)| {
+        let first = sent + sample.ttft;
+        let during: Vec<Duration> = samples
+            .iter()
+            .flat_map(|s| s.token_times.windows(2))
+            .filter(|w| w[1] > sent && w[0] < first)
+            .map(|w| w[1] - w[0])
+            .collect();
+        LongPromptReport {
+            prompt_tokens: sample.input_tokens,
+            ttft_ms: sample.ttft.as_secs_f64() * 1e3,
+            max_itl_during_ms: during.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1e3),
+            gaps_during: during.len(),
+            itl_during: Percentiles::of(&during),
+        }
+    });
     let tpot: Vec<Duration> = samples
         .iter()
         .filter(|s| s.output_tokens > 1)
@@ -406,13 +488,9 @@ pub async fn run(options: BenchOptions) -> Result<BenchReport, BenchError> {
         total_token_throughput: (input_tokens + output_tokens) as f64 / duration,
         ttft: Percentiles::of(&samples.iter().map(|s| s.ttft).collect::<Vec<_>>()),
         tpot: Percentiles::of(&tpot),
-        itl: Percentiles::of(
-            &samples
-                .iter()
-                .flat_map(|s| s.gaps.iter().copied())
-                .collect::<Vec<_>>(),
-        ),
+        itl: Percentiles::of(&samples.iter().flat_map(Sample::gaps).collect::<Vec<_>>()),
         e2e: Percentiles::of(&samples.iter().map(|s| s.e2e).collect::<Vec<_>>()),
+        long_prompt,
         errors,
     })
 }

@@ -214,6 +214,19 @@ mod tests {
                 },
                 StatusCode::BAD_REQUEST,
             ),
+            (
+                SubmitError::ExceedsKvCache {
+                    prompt: 100,
+                    pool: 64,
+                    blocks: 4,
+                    block_size: 16,
+                },
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                SubmitError::TokenOutOfRange { id: 9, vocab: 5 },
+                StatusCode::BAD_REQUEST,
+            ),
         ];
         for (e, status) in cases {
             assert_eq!(ApiError::from(e.clone()).status, status, "{e:?}");
