@@ -287,6 +287,21 @@ impl ModelConfig {
             .usize("intermediate_size")?
             .unwrap_or(defaults.intermediate_size);
         let moe = fields.moe(architecture, num_hidden_layers, intermediate_size)?;
+        let max_position_embeddings = fields
+            .usize("max_position_embeddings")?
+            .unwrap_or(defaults.max_position_embeddings);
+        // Sliding-window attention (Mistral, some Mixtral and Qwen2 configs) sees only the last
+        // `sliding_window` positions. Up to the window it is plain causal attention, so capping
+        // the context at the window serves such a model exactly (and longer sequences are
+        // refused rather than computed wrongly). `use_sliding_window: false` switches it off.
+        let sliding_window = match fields.bool("use_sliding_window")? {
+            Some(false) => None,
+            _ => fields.usize("sliding_window")?.filter(|&w| w > 0),
+        };
+        let max_position_embeddings = match sliding_window {
+            Some(window) => window.min(max_position_embeddings),
+            None => max_position_embeddings,
+        };
         let config = ModelConfig {
             architecture,
             source_architecture,
@@ -299,9 +314,7 @@ impl ModelConfig {
             head_dim,
             rms_norm_eps: fields.f64("rms_norm_eps")?.unwrap_or(1e-6),
             rope: fields.rope()?,
-            max_position_embeddings: fields
-                .usize("max_position_embeddings")?
-                .unwrap_or(defaults.max_position_embeddings),
+            max_position_embeddings,
             tie_word_embeddings: fields.bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias,
             qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe),
@@ -946,6 +959,29 @@ mod tests {
             assert_eq!(c.bos_token_id, Some(1), "{}", case.dir);
             assert_eq!(c.eos_token_ids, vec![2], "{}", case.dir);
         }
+    }
+
+    #[test]
+    fn a_sliding_window_caps_the_context_unless_switched_off() {
+        let config = |extra: &str| {
+            parse(&format!(
+                r#"{{"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                    "num_local_experts": 2, "num_experts_per_tok": 1,
+                    "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+                    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "max_position_embeddings": 32768{extra}}}"#
+            ))
+            .unwrap()
+            .max_position_embeddings
+        };
+        assert_eq!(config(""), 32768);
+        assert_eq!(config(r#", "sliding_window": 4096"#), 4096);
+        assert_eq!(config(r#", "sliding_window": null"#), 32768);
+        assert_eq!(config(r#", "sliding_window": 65536"#), 32768);
+        assert_eq!(
+            config(r#", "sliding_window": 4096, "use_sliding_window": false"#),
+            32768
+        );
     }
 
     #[test]
