@@ -1,7 +1,10 @@
 //! `fdc inspect PLAN`: a human-readable account of a plan: model, target, dtype, parameter
 //! count, bytes per section kind, the kernels the program launches, the memory plan and
-//! provenance. Reading a plan verifies its checksums, so inspecting also checks integrity.
+//! provenance, and the part files of a plan in parts. Reading a plan verifies its checksums, so
+//! inspecting also checks integrity; part files are checked against the plan's parts table by
+//! length and table checksum (their sections are verified when the runtime loads them).
 
+use artifacts::parts::{PartsTable, PARTS_SECTION};
 use artifacts::schema::{section, Manifest, Program};
 use artifacts::{codec, PlanError, PlanFile};
 use std::collections::BTreeMap;
@@ -100,6 +103,10 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
         let _ = writeln!(out, "    ... {} more weight sections", weights.len() - 5);
     }
 
+    if let Some(bytes) = plan.section(PARTS_SECTION) {
+        describe_parts(&mut out, path, &codec::decode(PARTS_SECTION, bytes)?);
+    }
+
     let _ = writeln!(out, "\nkernels ({} launches per step)", program.steps.len());
     let mut kernels: BTreeMap<&str, usize> = BTreeMap::new();
     for step in &program.steps {
@@ -144,4 +151,33 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
         let _ = writeln!(out, "  {} ({} bytes) blake3 {}", s.name, s.bytes, s.blake3);
     }
     Ok(out)
+}
+
+/// The part files a plan ships with, each checked for presence, length and table checksum.
+fn describe_parts(out: &mut String, plan: &Path, table: &PartsTable) {
+    let total: u64 = table.parts.iter().map(|p| p.bytes).sum();
+    let _ = writeln!(
+        out,
+        "\nweights in {} part files ({total} bytes), beside the plan",
+        table.parts.len()
+    );
+    let dir = plan.parent().unwrap_or(Path::new("."));
+    for part in &table.parts {
+        let state = match PlanFile::open_unverified(dir.join(&part.file)) {
+            Err(e) => format!("NOT OK: {e}"),
+            Ok(f) if f.file_len() != part.bytes || f.checksum() != part.checksum => {
+                format!(
+                    "NOT OK: {} bytes, table checksum {}",
+                    f.file_len(),
+                    f.checksum()
+                )
+            }
+            Ok(_) => "ok".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>14} bytes  blake3 {}  {state}",
+            part.file, part.bytes, part.checksum
+        );
+    }
 }

@@ -11,6 +11,7 @@
 use crate::engine::{Engine, Logits, SeqChunk};
 use crate::generate::FinishReason;
 use crate::sampler::{log_softmax, Sampler, SamplingParams};
+use crate::weights::WeightStore;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -129,6 +130,8 @@ enum Command {
     Submit(Box<Request>),
     Wake,
     Drain,
+    /// Put these weights in service at the next step boundary (see `weights_update`).
+    SwapWeights(Box<WeightStore>, tokio::sync::oneshot::Sender<()>),
 }
 
 struct Request {
@@ -271,6 +274,19 @@ impl Scheduler {
             .clone()
     }
 
+    /// Hands `weights` to the engine thread, which puts them in service at the next step
+    /// boundary; the receiver completes once they serve. Errs when the engine thread is gone.
+    pub fn swap_weights(
+        &self,
+        weights: WeightStore,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, SubmitError> {
+        let (switched, on_switch) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::SwapWeights(Box::new(weights), switched))
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        Ok(on_switch)
+    }
+
     /// Stops accepting requests; running and waiting ones are finished. Returns at once.
     pub fn drain(&self) {
         self.shared
@@ -342,6 +358,7 @@ impl Worker {
             else {
                 return; // every handle is gone
             };
+            let mut swaps = vec![];
             for command in
                 std::iter::once(first).chain(std::iter::from_fn(|| self.inbox.try_recv().ok()))
             {
@@ -349,7 +366,11 @@ impl Worker {
                     Command::Submit(r) => self.waiting.push_back(*r),
                     Command::Wake => {}
                     Command::Drain => draining = true,
+                    Command::SwapWeights(weights, switched) => swaps.push((weights, switched)),
                 }
+            }
+            for (weights, switched) in swaps {
+                self.swap_weights(*weights, switched);
             }
             self.drop_cancelled();
             self.admit();
@@ -359,6 +380,20 @@ impl Worker {
             self.publish();
         }
     }
+
+    /// A live weight update, between two steps: no pass mixes old and new weights, and running
+    /// sequences go on with the new ones. The old weights are unmapped here.
+    fn swap_weights(&mut self, weights: WeightStore, switched: tokio::sync::oneshot::Sender<()>) {
+        drop(self.engine.replace_weights(weights));
+        self.invalidate_prefix_cache();
+        let _ = switched.send(());
+    }
+
+    /// Hook for the prefix cache, called at every weight switch: cached KV blocks were computed
+    /// with the old weights, so none may be reused for a prompt after the switch. There is no
+    /// prefix cache yet; when it lands, it must drop every cached (unreferenced) block here and
+    /// stop matching blocks still held by running sequences.
+    fn invalidate_prefix_cache(&mut self) {}
 
     fn drop_cancelled(&mut self) {
         self.waiting.retain(|r| !is_cancelled(r));
