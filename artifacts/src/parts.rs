@@ -458,16 +458,19 @@ mod tests {
     #[test]
     fn parts_hold_at_most_part_size_of_aligned_sections() {
         const PAGE: u64 = SECTION_ALIGNMENT;
-        let cases: [(&[u64], u64, Vec<Range<usize>>); 5] = [
-            (&[], 10 * PAGE, vec![0..0]),
-            (&[PAGE, PAGE, PAGE], 2 * PAGE, vec![0..2, 2..3]),
+        // (section lengths, part size, parts as (first, end) weight indices)
+        type Case = (&'static [u64], u64, &'static [(usize, usize)]);
+        let cases: [Case; 5] = [
+            (&[], 10 * PAGE, &[(0, 0)]),
+            (&[PAGE, PAGE, PAGE], 2 * PAGE, &[(0, 2), (2, 3)]),
             // One byte over a page counts as two pages.
-            (&[PAGE + 1, PAGE], 2 * PAGE, vec![0..1, 1..2]),
+            (&[PAGE + 1, PAGE], 2 * PAGE, &[(0, 1), (1, 2)]),
             // A weight larger than a part gets a part of its own.
-            (&[PAGE, 5 * PAGE, PAGE], 2 * PAGE, vec![0..1, 1..2, 2..3]),
-            (&[1, 1, 1, 1], 4 * PAGE, vec![0..4]),
+            (&[PAGE, 5 * PAGE, PAGE], 2 * PAGE, &[(0, 1), (1, 2), (2, 3)]),
+            (&[1, 1, 1, 1], 4 * PAGE, &[(0, 4)]),
         ];
         for (lens, size, want) in cases {
+            let want: Vec<Range<usize>> = want.iter().map(|&(a, b)| a..b).collect();
             assert_eq!(split_into_parts(lens, size), want, "{lens:?} at {size}");
         }
     }

@@ -63,8 +63,10 @@ fn main() {
         mb(shipped_bytes(&parts)),
         mb(largest)
     );
-    println!("| load | RSS before (MB) | peak VmHWM (MB) | added by the load (MB) |");
-    println!("| --- | --- | --- | --- |");
+    println!(
+        "| load | RSS before (MB) | peak VmHWM (MB) | added by the load (MB) | load time (s) |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
     let mut worst_parts = 0;
     // Alternated, three times each: the machine is shared.
     for round in 0..3 {
@@ -74,11 +76,12 @@ fn main() {
                 worst_parts = worst_parts.max(m.added());
             }
             println!(
-                "| {label} (round {}) | {:.1} | {:.1} | {:.1} |",
+                "| {label} (round {}) | {:.1} | {:.1} | {:.1} | {:.2} |",
                 round + 1,
                 mb(m.before),
                 mb(m.peak),
-                mb(m.added())
+                mb(m.added()),
+                m.seconds
             );
         }
     }

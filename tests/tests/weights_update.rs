@@ -195,6 +195,7 @@ async fn a_live_update_switches_under_load_and_a_failed_one_changes_nothing() {
         .await
         .expect("the update succeeds");
     let at_switch: Vec<usize> = seen.iter().map(|s| s.load(Ordering::SeqCst)).collect();
+    println!("switched: {report:?}; stream tokens at the switch: {at_switch:?} of {STREAM_TOKENS}");
     assert!(report.parts >= 3, "{report:?}");
     for task in tasks {
         let (tokens, finish) = task.await.unwrap();

@@ -38,6 +38,8 @@ pub fn reset_peak() {
 pub struct LoadMemory {
     pub before: u64,
     pub peak: u64,
+    /// Wall time of the load.
+    pub seconds: f64,
 }
 
 impl LoadMemory {
@@ -51,11 +53,17 @@ impl LoadMemory {
 pub fn measure_load(plan: &Path) -> LoadMemory {
     reset_peak();
     let before = status_bytes("VmRSS");
+    let start = std::time::Instant::now();
     let loaded =
         LoadedPlan::load(plan).unwrap_or_else(|e| panic!("loading {}: {e}", plan.display()));
+    let seconds = start.elapsed().as_secs_f64();
     let peak = status_bytes("VmHWM");
     drop(loaded);
-    LoadMemory { before, peak }
+    LoadMemory {
+        before,
+        peak,
+        seconds,
+    }
 }
 
 /// The largest part file of the plan in parts `plan`.

@@ -116,7 +116,7 @@ pub fn write_safetensors(
     }
     let mut header = serde_json::Value::Object(header).to_string();
     // The data must start 8-byte aligned.
-    while (header.len() + 8) % 8 != 0 {
+    while !(header.len() + 8).is_multiple_of(8) {
         header.push(' ');
     }
     let file = std::fs::File::create(path).expect("safetensors file");
