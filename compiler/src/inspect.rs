@@ -1,10 +1,11 @@
 //! `fdc inspect PLAN`: a human-readable account of a plan: model, target, dtype, parameter
 //! count, bytes per section kind, the kernels the program launches, the memory plan and
-//! provenance, and the part files of a plan in parts. Reading a plan verifies its checksums, so
+//! provenance, and the part files of a plan in parts; given a weight part file (`.fdw`), which plan
+//! or snapshot it belongs to and its weights. Reading a plan verifies its checksums, so
 //! inspecting also checks integrity; part files are checked against the plan's parts table by
 //! length and table checksum (their sections are verified when the runtime loads them).
 
-use artifacts::parts::{PartsTable, PARTS_SECTION};
+use artifacts::parts::{PartHeader, PartsTable, PARTS_SECTION, PART_SECTION};
 use artifacts::schema::{section, Manifest, Program};
 use artifacts::{codec, PlanError, PlanFile};
 use std::collections::BTreeMap;
@@ -13,6 +14,12 @@ use std::path::Path;
 
 pub fn inspect(path: &Path) -> Result<String, PlanError> {
     let plan = PlanFile::open(path)?;
+    if let Some(bytes) = plan.section(PART_SECTION) {
+        return Ok(describe_part_file(
+            &plan,
+            &codec::decode(PART_SECTION, bytes)?,
+        ));
+    }
     let manifest: Manifest =
         codec::decode(section::MANIFEST, plan.require_section(section::MANIFEST)?)?;
     let program: Program =
@@ -180,4 +187,34 @@ fn describe_parts(out: &mut String, plan: &Path, table: &PartsTable) {
             part.file, part.bytes, part.checksum
         );
     }
+}
+
+/// A weight part file on its own: which plan or snapshot it belongs to, and its weights.
+fn describe_part_file(file: &PlanFile, header: &PartHeader) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "part        {} ({} bytes, checksums ok, table checksum {})",
+        file.path().display(),
+        file.file_len(),
+        file.checksum()
+    );
+    let owner = match &header.snapshot {
+        Some(tag) => format!("snapshot {:?} rank {}", tag.id, tag.rank),
+        None => "a plan in parts".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "of          {owner} of model {}: part {} of {}",
+        header.model, header.index, header.count
+    );
+    let _ = writeln!(out, "weights     {}", header.weights.len());
+    for w in &header.weights {
+        let _ = writeln!(
+            out,
+            "  {:<48} {:?} {} {:?}",
+            w.name, w.shape, w.dtype, w.layout
+        );
+    }
+    out
 }

@@ -323,6 +323,13 @@ fn a_plan_in_parts_and_a_snapshot_are_written_and_listed() {
     ]);
     assert!(ok, "{err}");
     assert!(stdout.contains("tiny.tp12.34.part0.fdw"), "{stdout}");
+    let part = dir.path().join("sub/tiny.tp12.34.part0.fdw");
+    let (ok, listing, err) = fdc(&["inspect", part.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        listing.contains("snapshot \"34\" rank 12") && listing.contains("part 0 of"),
+        "{listing}"
+    );
     assert!(
         !stdout.contains("tiny.fdp ("),
         "a snapshot writes no plan: {stdout}"

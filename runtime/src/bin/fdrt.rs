@@ -532,6 +532,13 @@ fn log_loaded(plan: &Path, engine: &Engine) {
             "no"
         },
     );
+    let weights = engine.plan().weights();
+    if weights.file_count() > 1 {
+        tracing::info!(
+            "weights from {} part files, verified and loaded one at a time",
+            weights.file_count()
+        );
+    }
     tracing::info!(
         "reserved: KV cache {:.1} MiB ({} slots x {} positions x {} bytes, committed as used), arena {:.1} MiB ({} tokens per pass), {} worker threads",
         mib(kv_bytes),
