@@ -235,7 +235,13 @@ async fn a_live_update_switches_under_load_and_a_failed_one_changes_nothing() {
         );
         assert_eq!(a.greedy(&prompt, 24).await, want, "after a failed update");
     }
-    assert_eq!(a.server.stats().running, 0);
+    // The engine thread publishes its statistics after the step that finished the last
+    // request, so wait for it rather than read them at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a.server.stats().running != 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(a.server.stats().running, 0, "nothing is left running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
