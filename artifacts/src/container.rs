@@ -42,9 +42,17 @@ compile_error!("fdc plans store numbers little-endian and are read in place: big
 /// transfers that strip the eighth bit or rewrite line endings.
 pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 
-/// Version of the on-disk layout (header, table and section encoding) this crate reads and writes.
-/// Bump it on any change to the layout; `PlanFile::open` accepts exactly this version.
-pub const FORMAT_VERSION: u32 = 2;
+/// Version of the format (layout, and the schema of the sections) this crate writes. Bump it on
+/// any change to either.
+///
+/// History: 2, single-file plans. 3, plans may ship their weights in part files: a `parts`
+/// section replaces the weight sections, and part files (`.fdw`) use this same container (see
+/// `parts`); the layout and every other section are unchanged, so version 2 plans still load.
+pub const FORMAT_VERSION: u32 = 3;
+
+/// Oldest format version `PlanFile::open` still reads; older files are refused with a message
+/// to recompile. Version 2 files read as version 3 files without parts.
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
 
 /// Every section (and the table) starts at a multiple of this, so that data viewed through the
 /// page-aligned mmap is 4096-aligned in memory too.
@@ -153,6 +161,8 @@ struct SectionEntry {
 /// The header fields after magic and version.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Header {
+    /// What the file says; always `FORMAT_VERSION` when writing.
+    format_version: u32,
     file_len: u64,
     table_offset: u64,
     table_len: u64,
@@ -214,18 +224,19 @@ impl Header {
                 supported: FORMAT_VERSION,
             });
         }
-        if version < FORMAT_VERSION {
+        if version < OLDEST_FORMAT_VERSION {
             return Err(PlanError::OlderVersion {
                 found: version,
-                supported: FORMAT_VERSION,
+                supported: OLDEST_FORMAT_VERSION,
             });
         }
         let hashed = file
             .get(..HEADER_HASHED_LEN)
             .ok_or_else(|| truncated(HEADER_LEN))?;
-        let Some((flags, header, header_checksum)) = Header::read_fields(&mut reader) else {
+        let Some((flags, mut header, header_checksum)) = Header::read_fields(&mut reader) else {
             return Err(truncated(HEADER_LEN));
         };
+        header.format_version = version;
         if blake3::hash(hashed) != blake3::Hash::from_bytes(header_checksum) {
             return Err(header_corrupt("header checksum does not match".into()));
         }
@@ -267,6 +278,7 @@ impl Header {
         let flags = reader.u32()?;
         // Field initializers run in the order written, which is the order on disk.
         let header = Header {
+            format_version: FORMAT_VERSION,
             file_len: reader.u64()?,
             table_offset: reader.u64()?,
             table_len: reader.u64()?,
@@ -499,6 +511,7 @@ impl PlanWriter {
         self.write(&table)?;
         let table_checksum = blake3::hash(&table);
         let header = Header {
+            format_version: FORMAT_VERSION,
             file_len: self.position,
             table_offset,
             table_len: table.len() as u64,
@@ -596,6 +609,8 @@ struct Layout {
     sections: Vec<Section>,
     by_name: HashMap<String, usize>,
     table: Range<usize>,
+    format_version: u32,
+    table_checksum: [u8; 32],
 }
 
 impl Layout {
@@ -616,6 +631,8 @@ impl Layout {
             sections,
             by_name,
             table,
+            format_version: header.format_version,
+            table_checksum: header.table_checksum,
         })
     }
 
@@ -769,6 +786,37 @@ impl PlanFile {
                     .to_string(),
             }
         })
+    }
+
+    /// The format version the file was written in (`OLDEST_FORMAT_VERSION..=FORMAT_VERSION`).
+    pub fn format_version(&self) -> u32 {
+        self.layout.format_version
+    }
+
+    /// blake3 of the section table, lower-case hex, as `PlanSummary::checksum` reported it when
+    /// the file was written: it holds every section's checksum, so it identifies the content.
+    pub fn checksum(&self) -> String {
+        blake3::Hash::from_bytes(self.layout.table_checksum)
+            .to_hex()
+            .to_string()
+    }
+
+    /// Drops the mapping's resident pages from this process (they stay in the page cache and
+    /// fault back in on the next read), so that verifying a large file does not leave it all
+    /// counted as this process's memory. Part loading calls it after each part.
+    pub fn release_resident(&self) -> Result<(), PlanError> {
+        #[cfg(unix)]
+        {
+            // SAFETY: the mapping is read-only and backed by a file that is never modified in
+            // place (see `open_unverified`), so after MADV_DONTNEED every page reads back with
+            // the same bytes from the file; no slice into the mapping observes a change.
+            unsafe {
+                self.map
+                    .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+            }
+            .map_err(PlanError::io(&self.path))?;
+        }
+        Ok(())
     }
 
     /// Length of the whole plan file in bytes.
@@ -1130,12 +1178,12 @@ mod tests {
         dump += &format!("table: {:02x?}\n", &table[..4 + 4 + 8 + 1 + 8]);
         dump += &format!("file blake3 {}", blake3::hash(&bytes).to_hex());
         insta::assert_snapshot!(dump, @r"
-        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 02, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
+        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 03, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
         file_len 16527 table_offset 16384 table_len 143
         manifest manifest offset 4096 len 2 alignment 4096
         weights.w weights offset 8192 len 5000 alignment 4096
         table: [02, 00, 00, 00, 08, 00, 00, 00, 6d, 61, 6e, 69, 66, 65, 73, 74, 00, 00, 10, 00, 00, 00, 00, 00, 00]
-        file blake3 813c86f9d58c4bf90287dd4498aafb3e6c55a72c24534a0d8042e937d1d057f1
+        file blake3 ecc53143274294ae74ba1454a5e17c13f9cec6ca45f81c3bbaa0153382cdfc93
         ");
     }
 
@@ -1423,7 +1471,7 @@ mod tests {
                 "older version",
                 SetVersion(0),
                 older_version,
-                vec!["version 0".into(), format!("({FORMAT_VERSION})")],
+                vec!["version 0".into(), format!("({OLDEST_FORMAT_VERSION})")],
             ),
             (
                 "trailing bytes",

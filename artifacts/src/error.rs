@@ -27,7 +27,7 @@ pub enum PlanError {
     NewerVersion { found: u32, supported: u32 },
 
     /// The plan was written by an older `fdc` than this reader understands.
-    #[error("plan format version {found} is older than this fdrt supports ({supported}): recompile the model with a matching fdc")]
+    #[error("plan format version {found} is older than the oldest this fdrt reads ({supported}): recompile the model with a matching fdc")]
     OlderVersion { found: u32, supported: u32 },
 
     /// The file is shorter than its header (or the header's recorded length) says it must be.

@@ -1,32 +1,39 @@
 //! Byte sizes as people type them on a command line (`4GiB`, `500MB`, `1048576`), for the flags
-//! of both binaries that size memory or files. Written here rather than taken from a crate: six
-//! suffixes are all the flags need.
+//! of both binaries that size memory or files (`--part-size`, `--kv-cache-memory`,
+//! `--kv-memory`). Hand-written: six units do not justify a dependency.
 
-/// Digits (a decimal point allowed) with an optional suffix: `KiB`, `MiB`, `GiB` are powers of
-/// 1024, `KB`, `MB`, `GB` powers of 1000, `B` or none is bytes; case is ignored.
+/// A positive whole number of bytes with an optional unit: `KiB`, `MiB`, `GiB` are powers of
+/// 1024, `KB`, `MB`, `GB` powers of 1000, `B` or none is bytes; case is ignored. Overflow and
+/// zero are errors.
 pub fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());
-    let (number, suffix) = text.split_at(split);
-    let scale: f64 = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        other => {
+    let (number, unit) = text.split_at(digits);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
             return Err(format!(
-                "unknown size suffix `{other}` (use KiB, MiB, GiB, KB, MB or GB)"
+                "{text:?}: unknown unit; use B, KB, MB, GB, KiB, MiB or GiB"
             ))
         }
     };
-    match number.parse::<f64>() {
-        Ok(value) if value.is_finite() => Ok((value * scale) as u64),
-        _ => Err(format!("`{text}` is not a size (e.g. 4GiB or 500000000)")),
+    match number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+    {
+        Some(bytes) if bytes > 0 => Ok(bytes),
+        _ => Err(format!(
+            "{text:?} must be a positive whole number of bytes, such as 50MB or 4GiB"
+        )),
     }
 }
 
@@ -56,14 +63,22 @@ mod tests {
             ("1048576", 1 << 20),
             ("4GiB", 4 << 30),
             ("4 gib", 4 << 30),
-            ("1.5KiB", 1536),
             ("500MB", 500_000_000),
             ("2kb", 2000),
             ("7B", 7),
         ] {
             assert_eq!(parse_bytes(text), Ok(want), "{text}");
         }
-        for bad in ["", "GiB", "4 GB extra", "4TB", "1.2.3MiB", "-1"] {
+        for bad in [
+            "",
+            "0",
+            "GiB",
+            "4 GB extra",
+            "4TB",
+            "1.5MiB",
+            "-1",
+            "99999999999999999999GB",
+        ] {
             assert!(parse_bytes(bad).is_err(), "{bad}");
         }
     }

@@ -1,13 +1,15 @@
 //! `compile`: the whole of `fdc compile`, from a checkpoint path to a plan file.
 //!
 //! open checkpoint -> build graph -> rewrite passes -> select kernels -> plan memory ->
-//! generate code -> schedule -> write manifest, program, tokenizer, code and weights.
+//! generate code -> schedule -> write manifest, program, tokenizer, code and weights (in the plan,
+//! in part files beside it, or only the weights, as a snapshot for a live update).
 //! Weights are read and converted a window at a time (in parallel within the window), so the
 //! compiler never holds the whole model in memory.
 
 use crate::codegen::{self, KernelSpec};
 use crate::passes::{self, plan_memory, schedule, select_kernels, PassCtx, PassError};
 use crate::timing;
+use artifacts::parts::{self, PartEntry, PartsWriter, SnapshotTag};
 use artifacts::schema::WeightLayout as PlanLayout;
 use artifacts::schema::{
     section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, SourceInfo,
@@ -47,11 +49,27 @@ pub enum CompileError {
     BadDtype(DType),
 }
 
+/// Where the weights go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightOutput {
+    /// Weight sections inside the plan file: one file to ship.
+    InPlan,
+    /// Part files `NAME.part{N}.fdw` beside `NAME.fdp`, each holding at most `part_size` bytes
+    /// of weights (or one larger weight), listed with their checksums in the plan.
+    Parts { part_size: u64 },
+    /// Only the weights, as snapshot `tag` of the plan `NAME.fdp` would be:
+    /// `NAME.tp{rank}.{id}.part{N}.fdw`, for a live update of a server running that plan.
+    Snapshot { part_size: u64, tag: SnapshotTag },
+}
+
 /// What a compile produced, for the command line to report.
 #[derive(Clone, Debug)]
 pub struct CompileReport {
     pub output: PathBuf,
+    /// Bytes of the plan file (0 when only a snapshot was written).
     pub plan_bytes: u64,
+    /// The weight part files written, if any.
+    pub parts: Vec<PartEntry>,
     pub steps: usize,
     pub parameter_count: u64,
     pub generated_kernels: usize,
@@ -87,10 +105,21 @@ fn model_name(input: &Path) -> String {
         .unwrap_or_else(|| "model".to_string())
 }
 
+/// Compiles `input` into the single-file plan `output`.
 pub fn compile(
     input: &Path,
     output: &Path,
     options: &CompileOptions,
+) -> Result<CompileReport, CompileError> {
+    compile_to(input, output, options, &WeightOutput::InPlan)
+}
+
+/// Compiles `input` into the plan `output`, writing the weights as `weights` says.
+pub fn compile_to(
+    input: &Path,
+    output: &Path,
+    options: &CompileOptions,
+    weights_to: &WeightOutput,
 ) -> Result<CompileReport, CompileError> {
     if !matches!(options.weight_dtype, DType::F32 | DType::BF16 | DType::F16) {
         return Err(CompileError::BadDtype(options.weight_dtype));
@@ -171,6 +200,45 @@ pub fn compile(
     );
 
     let _t = timing::scope("write_plan");
+    let plan_name = model_name(output);
+    let dir = match output.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let part_plan = |part_size: u64, tag: Option<SnapshotTag>| {
+        PartsWriter::plan(
+            &manifest.model.name,
+            tag.clone(),
+            &manifest.weights,
+            part_size,
+            dir,
+            |index| match &tag {
+                Some(tag) => parts::snapshot_part_file(&plan_name, tag, index),
+                None => parts::plan_part_file(&plan_name, index),
+            },
+        )
+    };
+    let weight_source = WeightSource {
+        graph: &graph,
+        weights: &weights,
+        layouts: &layouts,
+        tensors: &*checkpoint.tensors,
+        progress: options.progress,
+    };
+    let mut report = CompileReport {
+        output: output.to_path_buf(),
+        plan_bytes: 0,
+        parts: vec![],
+        steps: program.steps.len(),
+        parameter_count,
+        generated_kernels: manifest.code.len(),
+    };
+    if let WeightOutput::Snapshot { part_size, tag } = weights_to {
+        let mut parts = PartsWriter::new(part_plan(*part_size, Some(tag.clone()))?);
+        weight_source.write(&mut |name, bytes| Ok(parts.add_weight(name, bytes)?))?;
+        report.parts = parts.finish()?.parts;
+        return Ok(report);
+    }
     let mut writer = PlanWriter::create(output)?;
     writer.add_section(
         section::MANIFEST,
@@ -190,22 +258,24 @@ pub fn compile(
         )?;
     }
     writer.add_section(section::CODE, SectionKind::Code, &code_bytes)?;
-    write_weights(
-        &mut writer,
-        &graph,
-        &weights,
-        &layouts,
-        &*checkpoint.tensors,
-        options.progress,
-    )?;
-    let summary = writer.finish()?;
-    Ok(CompileReport {
-        output: output.to_path_buf(),
-        plan_bytes: summary.file_len,
-        steps: program.steps.len(),
-        parameter_count,
-        generated_kernels: manifest.code.len(),
-    })
+    match weights_to {
+        WeightOutput::Parts { part_size } => {
+            let mut parts = PartsWriter::new(part_plan(*part_size, None)?);
+            weight_source.write(&mut |name, bytes| Ok(parts.add_weight(name, bytes)?))?;
+            let table = parts.finish()?;
+            writer.add_section(
+                parts::PARTS_SECTION,
+                SectionKind::Other,
+                &codec::encode(&table)?,
+            )?;
+            report.parts = table.parts;
+        }
+        _ => weight_source.write(&mut |name, bytes| {
+            Ok(writer.add_section(&section::weight(name), SectionKind::Weights, bytes)?)
+        })?,
+    }
+    report.plan_bytes = writer.finish()?.file_len;
+    Ok(report)
 }
 
 fn weight_name(graph: &Graph, v: ValueId) -> &str {
@@ -475,66 +545,74 @@ fn encode_weight(
     })
 }
 
-/// Weights converted per window in parallel, written in order (the plan stays deterministic).
-fn write_weights(
-    writer: &mut PlanWriter,
-    graph: &Graph,
-    weights: &[ValueId],
-    layouts: &[WeightLayout],
-    tensors: &dyn TensorSource,
+/// Everything needed to produce the weights' section bytes.
+struct WeightSource<'a> {
+    graph: &'a Graph,
+    weights: &'a [ValueId],
+    layouts: &'a [WeightLayout],
+    tensors: &'a dyn TensorSource,
     progress: bool,
-) -> Result<(), CompileError> {
-    const WINDOW: usize = 16;
-    let bar = if progress {
-        let bar = indicatif::ProgressBar::new(weights.len() as u64);
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {pos}/{len} weights ({elapsed})",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_message("writing weights");
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    for (window, layouts) in weights.chunks(WINDOW).zip(layouts.chunks(WINDOW)) {
-        let encoded: Vec<Result<(String, Vec<u8>), CompileError>> = window
-            .par_iter()
-            .zip(layouts)
-            .map(|(&v, &layout)| {
-                let ValueDef::Weight { name, expr } = &graph.value(v).def else {
-                    unreachable!("graph.weights() returns weights only")
-                };
-                let ty = graph.ty(v);
-                let values = materialize(expr, tensors)?;
-                let expected = ty.shape.const_elements().unwrap_or(0);
-                if values.len() != expected {
-                    return Err(CompileError::Weight {
-                        name: name.clone(),
-                        message: format!(
-                            "has {} values, its type {ty} needs {expected}",
-                            values.len()
-                        ),
-                    });
-                }
-                let dims = &ty.shape.0;
-                let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1);
-                let bytes =
-                    encode_weight(&values, ty.dtype, layout, dim(0), dim(1)).map_err(|e| {
-                        CompileError::Weight {
-                            name: name.clone(),
-                            message: e.to_string(),
+}
+
+/// Receives each weight's section bytes, in plan order.
+type WeightSink<'s> = dyn FnMut(&str, &[u8]) -> Result<(), CompileError> + 's;
+
+impl WeightSource<'_> {
+    /// Weights converted per window in parallel, handed to `sink` in order (the plan stays
+    /// deterministic).
+    fn write(&self, sink: &mut WeightSink<'_>) -> Result<(), CompileError> {
+        const WINDOW: usize = 16;
+        let (graph, tensors) = (self.graph, self.tensors);
+        let bar = if self.progress {
+            let bar = indicatif::ProgressBar::new(self.weights.len() as u64);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {pos}/{len} weights ({elapsed})",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message("writing weights");
+            bar
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        for (window, layouts) in self.weights.chunks(WINDOW).zip(self.layouts.chunks(WINDOW)) {
+            let encoded: Vec<Result<(String, Vec<u8>), CompileError>> =
+                window
+                    .par_iter()
+                    .zip(layouts)
+                    .map(|(&v, &layout)| {
+                        let ValueDef::Weight { name, expr } = &graph.value(v).def else {
+                            unreachable!("graph.weights() returns weights only")
+                        };
+                        let ty = graph.ty(v);
+                        let values = materialize(expr, tensors)?;
+                        let expected = ty.shape.const_elements().unwrap_or(0);
+                        if values.len() != expected {
+                            return Err(CompileError::Weight {
+                                name: name.clone(),
+                                message: format!(
+                                    "has {} values, its type {ty} needs {expected}",
+                                    values.len()
+                                ),
+                            });
                         }
-                    })?;
-                Ok((name.clone(), bytes))
-            })
-            .collect();
-        for item in encoded {
-            let (name, bytes) = item?;
-            writer.add_section(&section::weight(&name), SectionKind::Weights, &bytes)?;
-            bar.inc(1);
+                        let dims = &ty.shape.0;
+                        let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1);
+                        let bytes = encode_weight(&values, ty.dtype, layout, dim(0), dim(1))
+                            .map_err(|e| CompileError::Weight {
+                                name: name.clone(),
+                                message: e.to_string(),
+                            })?;
+                        Ok((name.clone(), bytes))
+                    })
+                    .collect();
+            for item in encoded {
+                let (name, bytes) = item?;
+                sink(&name, &bytes)?;
+                bar.inc(1);
+            }
         }
+        bar.finish_and_clear();
+        Ok(())
     }
-    bar.finish_and_clear();
-    Ok(())
 }

@@ -1,7 +1,11 @@
 //! `fdc inspect PLAN`: a human-readable account of a plan: model, target, dtype, parameter
 //! count, bytes per section kind, the kernels the program launches, the memory plan and
-//! provenance. Reading a plan verifies its checksums, so inspecting also checks integrity.
+//! provenance, and the part files of a plan in parts; given a weight part file (`.fdw`), which plan
+//! or snapshot it belongs to and its weights. Reading a plan verifies its checksums, so
+//! inspecting also checks integrity; part files are checked against the plan's parts table by
+//! length and table checksum (their sections are verified when the runtime loads them).
 
+use artifacts::parts::{PartHeader, PartsTable, PARTS_SECTION, PART_SECTION};
 use artifacts::schema::{section, Manifest, Program};
 use artifacts::{codec, PlanError, PlanFile};
 use std::collections::BTreeMap;
@@ -15,6 +19,12 @@ const KV_SIZES: [u64; 3] = [1 << 30, 16 << 30, 80 << 30];
 /// The account of the plan at `path`; `kv_memory` adds sizes to the KV-fit line.
 pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     let plan = PlanFile::open(path)?;
+    if let Some(bytes) = plan.section(PART_SECTION) {
+        return Ok(describe_part_file(
+            &plan,
+            &codec::decode(PART_SECTION, bytes)?,
+        ));
+    }
     let manifest: Manifest =
         codec::decode(section::MANIFEST, plan.require_section(section::MANIFEST)?)?;
     let program: Program =
@@ -114,6 +124,10 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
         let _ = writeln!(out, "    ... {} more weight sections", weights.len() - 5);
     }
 
+    if let Some(bytes) = plan.section(PARTS_SECTION) {
+        describe_parts(&mut out, path, &codec::decode(PARTS_SECTION, bytes)?);
+    }
+
     let _ = writeln!(out, "\nkernels ({} launches per step)", program.steps.len());
     let mut kernels: BTreeMap<&str, usize> = BTreeMap::new();
     for step in &program.steps {
@@ -158,6 +172,65 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
         let _ = writeln!(out, "  {} ({} bytes) blake3 {}", s.name, s.bytes, s.blake3);
     }
     Ok(out)
+}
+
+/// The part files a plan ships with, each checked for presence, length and table checksum.
+fn describe_parts(out: &mut String, plan: &Path, table: &PartsTable) {
+    let total: u64 = table.parts.iter().map(|p| p.bytes).sum();
+    let _ = writeln!(
+        out,
+        "\nweights in {} part files ({total} bytes), beside the plan",
+        table.parts.len()
+    );
+    let dir = plan.parent().unwrap_or(Path::new("."));
+    for part in &table.parts {
+        let state = match PlanFile::open_unverified(dir.join(&part.file)) {
+            Err(e) => format!("NOT OK: {e}"),
+            Ok(f) if f.file_len() != part.bytes || f.checksum() != part.checksum => {
+                format!(
+                    "NOT OK: {} bytes, table checksum {}",
+                    f.file_len(),
+                    f.checksum()
+                )
+            }
+            Ok(_) => "ok".to_string(),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>14} bytes  blake3 {}  {state}",
+            part.file, part.bytes, part.checksum
+        );
+    }
+}
+
+/// A weight part file on its own: which plan or snapshot it belongs to, and its weights.
+fn describe_part_file(file: &PlanFile, header: &PartHeader) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "part        {} ({} bytes, checksums ok, table checksum {})",
+        file.path().display(),
+        file.file_len(),
+        file.checksum()
+    );
+    let owner = match &header.snapshot {
+        Some(tag) => format!("snapshot {:?} rank {}", tag.id, tag.rank),
+        None => "a plan in parts".to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "of          {owner} of model {}: part {} of {}",
+        header.model, header.index, header.count
+    );
+    let _ = writeln!(out, "weights     {}", header.weights.len());
+    for w in &header.weights {
+        let _ = writeln!(
+            out,
+            "  {:<48} {:?} {} {:?}",
+            w.name, w.shape, w.dtype, w.layout
+        );
+    }
+    out
 }
 
 /// How many tokens (and full contexts) a KV pool of each size holds, e.g.

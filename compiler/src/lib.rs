@@ -11,4 +11,4 @@ pub mod inspect;
 pub mod passes;
 pub mod timing;
 
-pub use compile::{compile, CompileError, CompileOptions, CompileReport};
+pub use compile::{compile, compile_to, CompileError, CompileOptions, CompileReport, WeightOutput};

@@ -253,3 +253,85 @@ fn kernel_list_shows_the_registry() {
         "{table}"
     );
 }
+
+#[test]
+fn part_sizes_and_snapshot_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny.fdp");
+    let (model, out) = (tiny("llama"), out.to_str().unwrap().to_string());
+    let model = model.to_str().unwrap();
+    for size in ["0", "5XB", "MB", "3.5MB", "99999999999999999999GB"] {
+        check_fails(
+            &["compile", model, "-o", &out, "--part-size", size],
+            &["--part-size", size],
+        );
+    }
+    check_fails(
+        &["compile", model, "-o", &out, "--weights-only"],
+        &["--snapshot-id"],
+    );
+    check_fails(
+        &[
+            "compile",
+            model,
+            "-o",
+            &out,
+            "--weights-only",
+            "--snapshot-id",
+            "a.b",
+        ],
+        &["snapshot id", "'.'"],
+    );
+}
+
+#[test]
+fn a_plan_in_parts_and_a_snapshot_are_written_and_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sub/tiny.fdp");
+    let (model, out) = (tiny("llama"), out.to_str().unwrap().to_string());
+    let model = model.to_str().unwrap();
+    let (ok, stdout, err) = fdc(&[
+        "compile",
+        model,
+        "-o",
+        &out,
+        "--part-size",
+        "64KiB",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("tiny.part0.fdw"), "{stdout}");
+    let (ok, listing, err) = fdc(&["inspect", &out]);
+    assert!(ok, "{err}");
+    assert!(
+        listing.contains("part files") && listing.contains("tiny.part1.fdw"),
+        "{listing}"
+    );
+    let (ok, stdout, err) = fdc(&[
+        "compile",
+        model,
+        "-o",
+        &out,
+        "--weights-only",
+        "--snapshot-id",
+        "34",
+        "--rank",
+        "12",
+        "--part-size",
+        "64KiB",
+        "--quiet",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("tiny.tp12.34.part0.fdw"), "{stdout}");
+    let part = dir.path().join("sub/tiny.tp12.34.part0.fdw");
+    let (ok, listing, err) = fdc(&["inspect", part.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        listing.contains("snapshot \"34\" rank 12") && listing.contains("part 0 of"),
+        "{listing}"
+    );
+    assert!(
+        !stdout.contains("tiny.fdp ("),
+        "a snapshot writes no plan: {stdout}"
+    );
+}

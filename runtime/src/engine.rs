@@ -8,6 +8,7 @@
 use crate::error::RuntimeError;
 use crate::kv_cache::KvPool;
 use crate::plan::{launch_operands, LoadedPlan};
+use crate::weights::WeightStore;
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
 use artifacts::schema::{Act, Buffer, Launch, Rows};
 use ir_types::{CpuIsa, Target};
@@ -218,6 +219,12 @@ impl Engine {
 
     pub fn plan(&self) -> &LoadedPlan {
         &self.plan
+    }
+
+    /// Serves the next pass from `weights` (same structure, checked by the caller) and returns
+    /// the previous weights; see `weights_update`.
+    pub fn replace_weights(&mut self, weights: WeightStore) -> WeightStore {
+        self.plan.replace_weights(weights)
     }
 
     pub fn options(&self) -> &EngineOptions {

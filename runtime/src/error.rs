@@ -22,6 +22,20 @@ pub enum RuntimeError {
     #[error("generated code: {0}")]
     Code(#[from] CodeError),
 
+    // ---- weight parts and snapshots ----
+    #[error("weight part {part} is missing: expected {expected}")]
+    MissingPart { part: String, expected: String },
+    #[error("weight part {part}: {source}")]
+    PartFile {
+        part: String,
+        #[source]
+        source: PlanError,
+    },
+    #[error("weight part {part}: {reason}")]
+    Part { part: String, reason: String },
+    #[error("weight snapshot: {0}")]
+    Snapshot(String),
+
     // ---- a run ----
     #[error("step {step} ({kernel}): {source}")]
     Kernel {

@@ -1,7 +1,8 @@
 //! `runtime` is `fdrt`: it loads a `.fdp` plan, maps its code and weights, and runs its program on
-//! the CPU: `plan` (load and check), `engine` (the executor), `kv_cache` (the paged KV memory) and
-//! `block_manager` (who holds which block, prefix caching), `generate` (the token
-//! loop), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
+//! the CPU: `plan` (load and check), `weights` (where the weights live: the plan, its part files
+//! or a snapshot), `weights_update` (live weight updates), `engine` (the executor), `kv_cache`
+//! (the paged KV memory) and `block_manager` (who holds which block, prefix caching), `generate`
+//! (the token loop), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
 //! and `server` (`fdrt serve`, an OpenAI-compatible HTTP front end to the scheduler).
 //!
 //! It never depends on `compiler`, `models`, a code generator or `ir`'s graph: if it needed a graph,
@@ -21,6 +22,8 @@ pub mod sampler;
 pub mod scheduler;
 pub mod server;
 pub mod tokenizer;
+pub mod weights;
+pub mod weights_update;
 
 pub use engine::{Engine, EngineOptions, Logits, SeqChunk};
 pub use error::RuntimeError;

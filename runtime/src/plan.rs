@@ -1,29 +1,29 @@
 //! Loading a plan: map the file, decode manifest and program, check that this machine can run
 //! it, and check every reference in the program (weights, buffers, kernels, code) before the
-//! first step, so a bad plan fails at load with a message and never inside a kernel.
+//! first step, so a bad plan fails at load with a message and never inside a kernel. Where the
+//! weights live (the plan file, its part files, a snapshot after a live update) is `weights`.
 
 use crate::code::CodeImage;
 use crate::error::RuntimeError;
-use artifacts::schema::{
-    section, Act, Buffer, Launch, Manifest, Program, WeightInfo, WeightLayout as PlanLayout,
-    WeightRef,
-};
+use crate::weights::{kernel_layout, WeightStore};
+use artifacts::parts::{PartsTable, PARTS_SECTION};
+use artifacts::schema::{section, Act, Buffer, Launch, Manifest, Program, WeightRef};
 use artifacts::{codec, PlanFile};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use ir_types::{DType, OpKind, Target};
-use kernels::cpu::{PackedLayout, Weight, WeightData, WeightLayout};
+use kernels::cpu::{Weight, WeightData, WeightLayout};
 use kernels::registry::{self, KernelSource};
 use std::path::Path;
+use std::sync::Arc;
 
-/// A loaded, checked plan. Weights stay in the mapping; nothing is copied.
+/// A loaded, checked plan. Weights stay in the mapped files; nothing is copied.
 pub struct LoadedPlan {
-    file: PlanFile,
+    file: Arc<PlanFile>,
     pub manifest: Manifest,
     pub program: Program,
     pub code: CodeImage,
-    /// Offsets of the weight sections' data inside the mapping, by weight index.
-    weight_sections: Vec<String>,
+    weights: WeightStore,
 }
 
 impl LoadedPlan {
@@ -40,8 +40,11 @@ impl LoadedPlan {
         *hasher.finalize().as_bytes()
     }
 
+    /// Loads a plan: its part files when it has a parts table (one part at a time, see
+    /// `weights`), otherwise the weight sections of the plan file itself (format version 2
+    /// plans, and plans compiled without `--part-size`).
     pub fn load(path: &Path) -> Result<LoadedPlan, RuntimeError> {
-        let file = PlanFile::open(path)?;
+        let file = Arc::new(PlanFile::open(path)?);
         let manifest: Manifest =
             codec::decode(section::MANIFEST, file.require_section(section::MANIFEST)?)?;
         let program: Program =
@@ -55,17 +58,19 @@ impl LoadedPlan {
             });
         }
         let code = CodeImage::load(file.section(section::CODE).unwrap_or(&[]))?;
-        let weight_sections = manifest
-            .weights
-            .iter()
-            .map(|w| section::weight(&w.name))
-            .collect();
+        let weights = match file.section(PARTS_SECTION) {
+            Some(bytes) => {
+                let table: PartsTable = codec::decode(PARTS_SECTION, bytes)?;
+                WeightStore::load_parts(path, &table, &manifest)?
+            }
+            None => WeightStore::in_plan(file.clone(), &manifest)?,
+        };
         let plan = LoadedPlan {
             file,
             manifest,
             program,
             code,
-            weight_sections,
+            weights,
         };
         plan.check()?;
         Ok(plan)
@@ -77,13 +82,21 @@ impl LoadedPlan {
             .and_then(|b| std::str::from_utf8(b).ok())
     }
 
-    fn weight_bytes(&self, w: WeightRef) -> &[u8] {
-        // Present and sized: checked at load.
-        self.file
-            .section(&self.weight_sections[w.0 as usize])
-            .unwrap_or(&[])
+    /// Where the weights in service live.
+    pub fn weights(&self) -> &WeightStore {
+        &self.weights
     }
 
+    /// Puts `weights` in service and returns the previous ones. The caller checked them
+    /// against this plan's manifest (`WeightStore::load_snapshot` does).
+    pub fn replace_weights(&mut self, weights: WeightStore) -> WeightStore {
+        std::mem::replace(&mut self.weights, weights)
+    }
+
+    fn weight_bytes(&self, w: WeightRef) -> &[u8] {
+        // Present and sized: checked at load.
+        self.weights.bytes(w.0 as usize)
+    }
     /// A matrix weight `[N, K]` (or a vector `[N]` as `[N, 1]`), in its storage type.
     pub fn weight(&self, w: WeightRef) -> Weight<'_> {
         let info = &self.manifest.weights[w.0 as usize];
@@ -134,50 +147,6 @@ impl LoadedPlan {
     fn check(&self) -> Result<(), RuntimeError> {
         let bad = |msg: String| Err(RuntimeError::InvalidPlan(msg));
         let m = &self.manifest;
-        for (i, w) in m.weights.iter().enumerate() {
-            let Some(bytes) = self.file.section(&self.weight_sections[i]) else {
-                return bad(format!("weight {} has no section", w.name));
-            };
-            let elements = match kernel_layout(w) {
-                Err(msg) => return bad(format!("weight {}: {msg}", w.name)),
-                // Panels round N up to whole panels.
-                Ok(WeightLayout::Panels(p)) => {
-                    let panel = p.panel() as u64;
-                    w.shape[0]
-                        .div_ceil(panel)
-                        .saturating_mul(panel)
-                        .saturating_mul(w.shape[1])
-                }
-                Ok(WeightLayout::RowMajor) => w
-                    .shape
-                    .iter()
-                    .try_fold(1u64, |n, &d| n.checked_mul(d))
-                    .unwrap_or(u64::MAX),
-            };
-            if bytes.len() as u64 != elements.saturating_mul(w.dtype.size_bytes() as u64) {
-                return bad(format!(
-                    "weight {} has {} bytes, {:?} {} needs {}",
-                    w.name,
-                    bytes.len(),
-                    w.shape,
-                    w.dtype,
-                    elements.saturating_mul(w.dtype.size_bytes() as u64)
-                ));
-            }
-            let aligned = match w.dtype {
-                DType::F32 => artifacts::cast_f32(bytes).is_ok(),
-                DType::BF16 | DType::F16 => artifacts::cast_u16(bytes).is_ok(),
-                other => {
-                    return bad(format!(
-                        "weight {} has unsupported storage type {other}",
-                        w.name
-                    ))
-                }
-            };
-            if !aligned {
-                return bad(format!("weight {} is misaligned", w.name));
-            }
-        }
         for sym in &m.code {
             if sym.offset + sym.len > self.code.len() as u64 {
                 return bad(format!(
@@ -266,21 +235,6 @@ impl LoadedPlan {
             return Err("the two outputs overlap".into());
         }
         Ok(())
-    }
-}
-
-/// The kernels' view of a weight's layout; a panel layout must be a width the kernels read, on
-/// a matrix.
-fn kernel_layout(info: &WeightInfo) -> Result<WeightLayout, String> {
-    match info.layout {
-        PlanLayout::RowMajor => Ok(WeightLayout::RowMajor),
-        PlanLayout::Panels { .. } if info.shape.len() != 2 => Err(format!(
-            "panel layout on a {}-dimensional weight",
-            info.shape.len()
-        )),
-        PlanLayout::Panels { panel } => PackedLayout::new(panel as usize)
-            .map(WeightLayout::Panels)
-            .map_err(|e| e.to_string()),
     }
 }
 

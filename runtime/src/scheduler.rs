@@ -22,6 +22,7 @@ use crate::block_manager::{BlockManager, SeqBlocks};
 use crate::engine::{Engine, Logits, SeqChunk};
 use crate::generate::FinishReason;
 use crate::sampler::{log_softmax, Sampler, SamplingParams};
+use crate::weights::WeightStore;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -162,6 +163,8 @@ enum Command {
     Drain,
     /// Fail whatever is left and stop the engine thread.
     Abort,
+    /// Put these weights in service at the next step boundary (see `weights_update`).
+    SwapWeights(Box<WeightStore>, tokio::sync::oneshot::Sender<()>),
 }
 
 struct Request {
@@ -232,6 +235,7 @@ impl Scheduler {
             preemptions: 0,
             prefix_queried_tokens: 0,
             prefix_hit_tokens: 0,
+            weight_generation: 0,
         };
         let thread = std::thread::Builder::new()
             .name("fdrt-engine".into())
@@ -343,6 +347,19 @@ impl Scheduler {
             .clone()
     }
 
+    /// Hands `weights` to the engine thread, which puts them in service at the next step
+    /// boundary; the receiver completes once they serve. Errs when the engine thread is gone.
+    pub fn swap_weights(
+        &self,
+        weights: WeightStore,
+    ) -> Result<tokio::sync::oneshot::Receiver<()>, SubmitError> {
+        let (switched, on_switch) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::SwapWeights(Box::new(weights), switched))
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        Ok(on_switch)
+    }
+
     /// Stops accepting requests; running and waiting ones are finished. Returns at once.
     pub fn drain(&self) {
         self.shared
@@ -412,6 +429,8 @@ struct Worker {
     preemptions: u64,
     prefix_queried_tokens: u64,
     prefix_hit_tokens: u64,
+    /// Live weight updates so far: part of the prefix cache's salt.
+    weight_generation: u64,
 }
 
 impl Worker {
@@ -434,6 +453,7 @@ impl Worker {
                 return; // every handle is gone
             };
             let mut received = 0;
+            let mut swaps = vec![];
             for command in
                 std::iter::once(first).chain(std::iter::from_fn(|| self.inbox.try_recv().ok()))
             {
@@ -450,6 +470,7 @@ impl Worker {
                     }
                     Command::Wake => {}
                     Command::Drain => draining = true,
+                    Command::SwapWeights(weights, switched) => swaps.push((weights, switched)),
                     Command::Abort => {
                         self.abort(received);
                         return;
@@ -457,6 +478,9 @@ impl Worker {
                 }
             }
             self.mark_received(received);
+            for (weights, switched) in swaps {
+                self.swap_weights(*weights, switched);
+            }
             self.drop_cancelled();
             self.step();
             self.publish();
@@ -491,6 +515,26 @@ impl Worker {
             // A bookkeeping bug, never an input: report it, keep serving.
             tracing::error!(error = %e, "KV block bookkeeping");
         }
+    }
+
+    /// A live weight update, between two steps: no pass mixes old and new weights, and running
+    /// sequences go on with the new ones. The old weights are unmapped here.
+    fn swap_weights(&mut self, weights: WeightStore, switched: tokio::sync::oneshot::Sender<()>) {
+        drop(self.engine.replace_weights(weights));
+        self.invalidate_prefix_cache();
+        let _ = switched.send(());
+    }
+
+    /// Called at every weight switch: cached KV blocks were computed with the old weights, so
+    /// none may serve a prompt after the switch. The cache forgets every hash and takes a new
+    /// salt; blocks still held by running sequences keep their old-chain hashes, which no new
+    /// prompt can match.
+    fn invalidate_prefix_cache(&mut self) {
+        self.weight_generation += 1;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.engine.plan().identity());
+        hasher.update(&self.weight_generation.to_le_bytes());
+        self.blocks.clear_cache(*hasher.finalize().as_bytes());
     }
 
     fn drop_cancelled(&mut self) {

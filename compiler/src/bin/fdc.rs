@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use compiler::passes::PassCtx;
-use compiler::{timing, CompileOptions};
+use compiler::{timing, CompileOptions, WeightOutput};
 use ir::{DType, Target};
 use std::path::PathBuf;
 
@@ -39,6 +39,21 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Write the weights in part files NAME.part0.fdw, NAME.part1.fdw, ... of at most SIZE
+        /// bytes each (a larger weight gets a part of its own): 50MB, 2GiB, 1000000.
+        #[arg(long, value_name = "SIZE")]
+        part_size: Option<String>,
+        /// Write only the weights, as snapshot --snapshot-id for --rank of the plan -o names:
+        /// NAME.tp{rank}.{id}.part{N}.fdw, for `fdrt update-weights` (parts of --part-size,
+        /// default 1GiB).
+        #[arg(long, requires = "snapshot_id")]
+        weights_only: bool,
+        /// Snapshot id: letters, digits, '-' and '_'.
+        #[arg(long, requires = "weights_only")]
+        snapshot_id: Option<String>,
+        /// Tensor-parallel rank of the snapshot.
+        #[arg(long, default_value_t = 0, requires = "weights_only")]
+        rank: u32,
     },
     /// Describe a plan: model, target, sections, kernels, memory plan, provenance.
     Inspect {
@@ -82,6 +97,10 @@ fn parse_dtype(text: &str) -> Result<DType> {
     }
 }
 
+fn parse_size(text: &str) -> Result<u64> {
+    artifacts::units::parse_bytes(text).map_err(|e| anyhow::anyhow!("--part-size {e}"))
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("fdc: error: {e:#}");
@@ -98,7 +117,23 @@ fn run() -> Result<()> {
             dtype,
             timings,
             quiet,
+            part_size,
+            weights_only,
+            snapshot_id,
+            rank,
         } => {
+            let part_size = part_size.as_deref().map(parse_size).transpose()?;
+            let weights_to = match (snapshot_id, part_size) {
+                (Some(id), part_size) if weights_only => {
+                    artifacts::parts::check_snapshot_id(&id).map_err(anyhow::Error::msg)?;
+                    WeightOutput::Snapshot {
+                        part_size: part_size.unwrap_or(1 << 30),
+                        tag: artifacts::parts::SnapshotTag { id, rank },
+                    }
+                }
+                (_, Some(part_size)) => WeightOutput::Parts { part_size },
+                _ => WeightOutput::InPlan,
+            };
             let options = CompileOptions {
                 target: parse_target(&target)?,
                 weight_dtype: parse_dtype(&dtype)?,
@@ -111,8 +146,23 @@ fn run() -> Result<()> {
                     .unwrap_or("model".into());
                 PathBuf::from(format!("{stem}.fdp"))
             });
-            let report = compiler::compile(&model, &output, &options)
+            if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let report = compiler::compile_to(&model, &output, &options, &weights_to)
                 .with_context(|| format!("compiling {}", model.display()))?;
+            let dir = output.parent().unwrap_or(std::path::Path::new(""));
+            for part in &report.parts {
+                println!(
+                    "wrote {} ({:.1} MB)",
+                    dir.join(&part.file).display(),
+                    part.bytes as f64 / 1e6
+                );
+            }
+            if matches!(weights_to, WeightOutput::Snapshot { .. }) {
+                return Ok(());
+            }
             println!(
                 "wrote {} ({:.1} MB): {:.1} M parameters, {} launches per step, {} generated kernels, target {}, dtype {}",
                 report.output.display(),

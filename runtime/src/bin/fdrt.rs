@@ -177,6 +177,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Ask a running server to load a weight snapshot (`fdc compile --weights-only`) and switch
+    /// to it at a step boundary; the server must run with --api-key.
+    UpdateWeights {
+        /// host:port of the server.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        address: String,
+        #[arg(long, env = "FDRT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Directory holding NAME.tp{rank}.{snapshot_id}.part{N}.fdw, as the server sees it
+        /// (a relative path is made absolute here).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        snapshot_id: String,
+        #[arg(long, default_value_t = 0)]
+        rank: u32,
+    },
     /// Measure batch-1 prefill and decode throughput.
     Bench {
         plan: PathBuf,
@@ -466,6 +483,39 @@ fn run() -> Result<()> {
                 bail!("no request completed");
             }
         }
+        Command::UpdateWeights {
+            address,
+            api_key,
+            dir,
+            snapshot_id,
+            rank,
+        } => {
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("resolving {}", dir.display()))?;
+            let request = runtime::weights_update::UpdateWeightsRequest {
+                dir,
+                snapshot_id,
+                rank,
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let report = runtime.block_on(runtime::server::admin::request_update(
+                &address,
+                api_key.as_deref(),
+                &request,
+            ))?;
+            println!(
+                "switched to snapshot {} rank {}: {} parts, {} weights, loaded in {:.0} ms, switched {:.0} ms later",
+                report.snapshot_id,
+                report.rank,
+                report.parts,
+                report.weights,
+                report.load_ms,
+                report.switch_ms
+            );
+        }
         Command::Bench {
             plan,
             prompt_tokens,
@@ -542,6 +592,13 @@ fn log_loaded(plan: &Path, engine: &Engine) {
             "no"
         },
     );
+    let weights = engine.plan().weights();
+    if weights.file_count() > 1 {
+        tracing::info!(
+            "weights from {} part files, verified and loaded one at a time",
+            weights.file_count()
+        );
+    }
     tracing::info!(
         "reserved: KV cache {:.1} MiB ({} blocks of {} positions = {} tokens at {} bytes each, {:.1} full contexts of {}; committed as used), arena {:.1} MiB ({} tokens per pass), {} worker threads",
         mib(kv_bytes),

@@ -203,16 +203,18 @@ impl Sample {
 }
 
 /// A response read as it arrives: status, then body bytes with the time each frame came.
-async fn send(
-    options: &BenchOptions,
+/// Also the client of `fdrt update-weights` (`admin::request_update`).
+pub(crate) async fn send(
+    address: &str,
+    api_key: Option<&str>,
     method: &str,
     path: &str,
     body: Option<Value>,
 ) -> Result<(u16, ResponseBody), BenchError> {
-    let stream = tokio::net::TcpStream::connect(&options.address)
+    let stream = tokio::net::TcpStream::connect(address)
         .await
         .map_err(|source| BenchError::Connect {
-            address: options.address.clone(),
+            address: address.to_string(),
             source,
         })?;
     stream.set_nodelay(true).ok();
@@ -222,8 +224,8 @@ async fn send(
     let mut request = hyper::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", options.address.as_str());
-    if let Some(key) = &options.api_key {
+        .header("host", address);
+    if let Some(key) = api_key {
         request = request.header("authorization", format!("Bearer {key}"));
     }
     let bytes = body.map(|b| b.to_string()).unwrap_or_default();
@@ -239,7 +241,7 @@ async fn send(
     ))
 }
 
-struct ResponseBody(hyper::body::Incoming);
+pub(crate) struct ResponseBody(hyper::body::Incoming);
 
 impl ResponseBody {
     /// The next piece of the body, or `None` at its end.
@@ -252,7 +254,7 @@ impl ResponseBody {
         Ok(None)
     }
 
-    async fn text(mut self) -> Result<String, BenchError> {
+    pub(crate) async fn text(mut self) -> Result<String, BenchError> {
         let mut out = vec![];
         while let Some(b) = self.next().await? {
             out.extend_from_slice(&b);
@@ -263,7 +265,14 @@ impl ResponseBody {
 
 /// The served model's name, from `/v1/models`.
 async fn served_model(options: &BenchOptions) -> Result<String, BenchError> {
-    let (status, body) = send(options, "GET", "/v1/models", None).await?;
+    let (status, body) = send(
+        &options.address,
+        options.api_key.as_deref(),
+        "GET",
+        "/v1/models",
+        None,
+    )
+    .await?;
     let text = body.text().await?;
     if status != 200 {
         return Err(BenchError::Status { status, body: text });
@@ -295,7 +304,14 @@ async fn one_request(
         "return_token_ids": true,
     });
     let start = Instant::now();
-    let (status, mut body) = send(options, "POST", "/v1/completions", Some(body)).await?;
+    let (status, mut body) = send(
+        &options.address,
+        options.api_key.as_deref(),
+        "POST",
+        "/v1/completions",
+        Some(body),
+    )
+    .await?;
     if status != 200 {
         return Err(BenchError::Status {
             status,

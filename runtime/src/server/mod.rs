@@ -9,12 +9,14 @@
 //!
 //! Layout: `openai` (request bodies and their validation), `routes` (endpoints, SSE),
 //! `generation` (submission and the per-choice tasks), `errors` (OpenAI error bodies),
-//! `metrics` (Prometheus text), `bench` (the load generator behind `fdrt bench-serve`).
+//! `metrics` (Prometheus text), `bench` (the load generator behind `fdrt bench-serve`), `admin`
+//! (operator endpoints: the live weight update, with a key only).
 //!
 //! Shutdown: when the shutdown future given to [`serve`] completes, the server drains: new
 //! requests get 503, running ones may finish until the drain timeout, after which they are
 //! aborted; then the listener closes.
 
+pub mod admin;
 pub mod bench;
 pub mod errors;
 mod generation;
@@ -26,6 +28,7 @@ use crate::chat::{ChatError, ChatTemplate};
 use crate::engine::Engine;
 use crate::scheduler::{Scheduler, SchedulerConfig, Stats};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
+use artifacts::schema::Manifest;
 use metrics::Metrics;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -99,6 +102,10 @@ pub(crate) struct AppState {
     next_id: AtomicU64,
     /// Makes response ids unique across restarts.
     id_prefix: u64,
+    /// The plan in service, which a weight snapshot must match.
+    manifest: Arc<Manifest>,
+    /// Held by the weight update in progress: updates run one at a time.
+    weights_update: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -140,6 +147,7 @@ impl Server {
             None => None,
         };
         let eos_token_ids = plan.manifest.model.eos_token_ids.clone();
+        let manifest = Arc::new(plan.manifest.clone());
         let vocab = engine.vocab_size();
         let scheduler = Scheduler::start(
             engine,
@@ -168,6 +176,8 @@ impl Server {
             in_flight: AtomicUsize::new(0),
             next_id: AtomicU64::new(0),
             id_prefix: now.as_nanos() as u64,
+            manifest,
+            weights_update: tokio::sync::Mutex::new(()),
         };
         Ok(Server {
             state: Arc::new(state),

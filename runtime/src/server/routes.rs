@@ -37,6 +37,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .merge(v1)
+        .merge(super::admin::routes(state.clone()))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
@@ -73,16 +74,21 @@ async fn require_api_key(
     next: Next,
 ) -> Response {
     if let Some(key) = &state.config.api_key {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given.map(str::trim) != Some(key.as_str()) {
+        if !has_bearer_key(&request, key) {
             return ApiError::unauthorized().into_response();
         }
     }
     next.run(request).await
+}
+
+/// Whether `request` carries `Authorization: Bearer <key>`.
+pub(super) fn has_bearer_key(request: &Request, key: &str) -> bool {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    given.map(str::trim) == Some(key)
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
@@ -129,7 +135,7 @@ async fn get_model(
 }
 
 /// The body as `T`, with a message that says what is wrong with it.
-fn parse_body<T: DeserializeOwned>(
+pub(super) fn parse_body<T: DeserializeOwned>(
     state: &AppState,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {

@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+pub mod load_memory;
+pub mod synthetic;
+
 use compiler::CompileOptions;
 use ir::{DType, Target};
 use runtime::{Engine, EngineOptions, LoadedPlan};
