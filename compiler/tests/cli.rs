@@ -138,7 +138,7 @@ fn gguf_with_tensor(ggml_type: u32, elements: u64, data: &[u8]) -> Vec<u8> {
     out.extend(elements.to_le_bytes());
     out.extend(ggml_type.to_le_bytes());
     out.extend(0u64.to_le_bytes());
-    while out.len() % 32 != 0 {
+    while !out.len().is_multiple_of(32) {
         out.push(0);
     }
     out.extend(data);

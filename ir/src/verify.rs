@@ -99,10 +99,8 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 }
                 None => return fail("rope without a rope_inv_freq constant".into()),
             },
-            Op::Attention { layer, .. } => {
-                if !layers.insert(*layer) {
-                    return fail(format!("attention layer {layer} appears twice"));
-                }
+            Op::Attention { layer, .. } if !layers.insert(*layer) => {
+                return fail(format!("attention layer {layer} appears twice"));
             }
             _ => {}
         }

@@ -125,7 +125,7 @@ impl Profile {
 
 impl Drop for Profile {
     fn drop(&mut self) {
-        self.totals.sort_by(|a, b| b.1.cmp(&a.1));
+        self.totals.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         eprintln!("kernel profile (FDRT_PROFILE):");
         for (kernel, total, calls) in &self.totals {
             eprintln!(

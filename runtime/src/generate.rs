@@ -46,7 +46,7 @@ pub fn generate(
     mut on_token: impl FnMut(u32),
 ) -> Result<Generation, RuntimeError> {
     options.sampling.validate()?;
-    let mut sampler = Sampler::new(options.sampling.clone())?;
+    let mut sampler = Sampler::new(options.sampling)?;
     sampler.observe_prompt(prompt);
     let mut stops = options.stop_token_ids.clone();
     if !options.ignore_eos {

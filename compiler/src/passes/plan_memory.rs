@@ -99,7 +99,7 @@ pub fn run(graph: &Graph, launches: &[NodeId]) -> Result<MemoryPlan, PassError> 
         let dying: Vec<ValueId> = roots
             .keys()
             .copied()
-            .filter(|r| last_use.get(r).map_or(true, |&u| u <= step))
+            .filter(|r| last_use.get(r).is_none_or(|&u| u <= step))
             .collect();
         for r in dying {
             let (offset, cols) = roots.remove(&r).expect("listed above");

@@ -492,9 +492,9 @@ unsafe fn block_scores_few<S: Simd, const NQ: usize>(
                 }
                 S::transpose(&mut block[..S::LANES]);
                 for (i, dim) in block.iter().enumerate().take(n) {
-                    for q in 0..NQ {
+                    for (q, sum) in acc[half].iter_mut().enumerate() {
                         let qv = S::splat(*qt.add((dd + i) * width + q));
-                        acc[half][q] = S::mul_add(qv, *dim, acc[half][q]);
+                        *sum = S::mul_add(qv, *dim, *sum);
                     }
                 }
             }
