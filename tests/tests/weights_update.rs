@@ -93,6 +93,22 @@ impl Running {
         assert_eq!(status, 200, "{body}");
         ids(&body["choices"][0]["token_ids"])
     }
+
+    /// The log-probability of the first greedy token after `prompt`: any difference in the KV
+    /// it was computed from shows here, even where the choice of token does not change.
+    async fn first_logprob(&self, prompt: &[u32]) -> f64 {
+        let (status, body) = self
+            .post(
+                "/v1/completions",
+                Some(KEY),
+                json!({"prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 0}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["choices"][0]["logprobs"]["token_logprobs"][0]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no logprob in {body}"))
+    }
 }
 
 /// Streams a completion, counting its token chunks in `seen`; returns the token count and the
@@ -169,6 +185,11 @@ async fn a_live_update_switches_under_load_and_a_failed_one_changes_nothing() {
     let prompt = ids(&read_json(&golden("tiny/llama/golden.json"))["prompt_ids"]);
     let before = a.greedy(&prompt, 24).await;
     let want = fresh.greedy(&prompt, 24).await;
+    // A prompt of more than two KV blocks (64 positions each), served once before the switch so
+    // that its blocks sit in the prefix cache, computed with the old weights.
+    let long: Vec<u32> = prompt.iter().copied().cycle().take(150).collect();
+    let long_before = a.first_logprob(&long).await;
+    let long_want = fresh.first_logprob(&long).await;
     assert_ne!(
         before, want,
         "the perturbation must change the greedy output"
@@ -210,6 +231,12 @@ async fn a_live_update_switches_under_load_and_a_failed_one_changes_nothing() {
         a.greedy(&prompt, 24).await,
         want,
         "after the switch the server computes what a fresh server on the new weights does"
+    );
+    assert_ne!(long_before, long_want);
+    assert_eq!(
+        a.first_logprob(&long).await,
+        long_want,
+        "the prefix cache still served blocks computed with the old weights"
     );
 
     // Failed updates return the error and leave the new weights serving.
