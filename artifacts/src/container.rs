@@ -44,7 +44,7 @@ pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 
 /// Version of the on-disk layout (header, table and section encoding) this crate reads and writes.
 /// Bump it on any change to the layout; `PlanFile::open` accepts exactly this version.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// Every section (and the table) starts at a multiple of this, so that data viewed through the
 /// page-aligned mmap is 4096-aligned in memory too.

@@ -10,7 +10,7 @@
 //! columns at `offset_cols` occupies elements `[offset_cols * T, (offset_cols + cols) * T)`, so the
 //! plan holds for every `T` up to the runtime's token budget.
 
-use ir_types::{DType, MoeRouting, Target};
+use ir_types::{CodeFormat, DType, MoeRouting, QuantScheme, Target};
 use serde::{Deserialize, Serialize};
 
 /// Section names inside the `.fdp` container.
@@ -69,6 +69,27 @@ pub struct WeightInfo {
     pub shape: Vec<u64>,
     /// How the section's elements are ordered.
     pub layout: WeightLayout,
+    /// For a quantized weight (`dtype` u8, panel layout): its format and where its scales are.
+    pub quant: Option<QuantInfo>,
+}
+
+/// A quantized weight (`kernels::cpu::quant`): the section holds the packed codes, then at
+/// `scales_offset` the f16 scales, then at `mins_offset` the f16 minimums (asymmetric only), each
+/// part starting at a multiple of 64 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantInfo {
+    /// The scheme the compiler chose for this weight (it decides the matmul's activations).
+    pub scheme: QuantScheme,
+    pub codes: CodeFormat,
+    /// K elements per scale (K itself for one scale per row).
+    pub group: u64,
+    pub asymmetric: bool,
+    /// Byte offsets inside the weight's section.
+    pub scales_offset: u64,
+    pub mins_offset: u64,
+    /// Whether the codes and scales were copied from the checkpoint's own quantized blocks
+    /// (GGUF Q4_0, Q4_1, Q8_0) rather than quantized by the compiler.
+    pub from_checkpoint: bool,
 }
 
 /// Storage order of a weight section.

@@ -100,6 +100,51 @@ pub fn inspect(path: &Path) -> Result<String, PlanError> {
         let _ = writeln!(out, "    ... {} more weight sections", weights.len() - 5);
     }
 
+    // Every matrix weight's storage, grouped: one line per distinct storage with its count and
+    // first names (a model has hundreds of weights).
+    let _ = writeln!(out, "\nweight storage");
+    let mut storage: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for w in manifest.weights.iter().filter(|w| w.shape.len() == 2) {
+        let key = match &w.quant {
+            None => format!("{} (unquantized)", w.dtype),
+            Some(q) => format!(
+                "{} ({}-bit {}, {}, {}{})",
+                q.scheme,
+                q.codes.bits(),
+                match q.codes {
+                    ir::CodeFormat::Int(_) => "int",
+                    ir::CodeFormat::Fp8E4M3 => "e4m3",
+                },
+                if Some(&q.group) == w.shape.get(1) {
+                    "per channel".to_string()
+                } else {
+                    format!("group {}", q.group)
+                },
+                if q.asymmetric {
+                    "asymmetric"
+                } else {
+                    "symmetric"
+                },
+                if q.from_checkpoint {
+                    ", checkpoint blocks kept"
+                } else {
+                    ""
+                }
+            ),
+        };
+        storage.entry(key).or_default().push(&w.name);
+    }
+    for (key, names) in &storage {
+        let shown: Vec<&str> = names.iter().take(3).copied().collect();
+        let more = if names.len() > 3 { ", ..." } else { "" };
+        let _ = writeln!(
+            out,
+            "  {key}: {} weight(s): {}{more}",
+            names.len(),
+            shown.join(", ")
+        );
+    }
+
     let _ = writeln!(out, "\nkernels ({} launches per step)", program.steps.len());
     let mut kernels: BTreeMap<&str, usize> = BTreeMap::new();
     for step in &program.steps {
