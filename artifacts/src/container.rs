@@ -48,7 +48,9 @@ pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 /// History: 2, single-file plans. 3, plans may ship their weights in part files: a `parts`
 /// section replaces the weight sections, and part files (`.fdw`) use this same container (see
 /// `parts`); the layout and every other section are unchanged, so version 2 plans still load.
-pub const FORMAT_VERSION: u32 = 3;
+/// 4, quantized weights: an optional `quant` section holds each quantized weight's
+/// `QuantInfo` (the manifest itself is unchanged, so versions 2 and 3 still load).
+pub const FORMAT_VERSION: u32 = 4;
 
 /// Oldest format version `PlanFile::open` still reads; older files are refused with a message
 /// to recompile. Version 2 files read as version 3 files without parts.

@@ -87,6 +87,25 @@ pub fn weight_section_len(info: &WeightInfo) -> Option<u64> {
             rows.div_ceil(panel).checked_mul(panel)?.checked_mul(cols)?
         }
     };
+    if let Some(q) = &info.quant {
+        // Codes, then f16 scales at `scales_offset`, then (asymmetric) f16 minimums at
+        // `mins_offset`, one of each per panel row and group.
+        let (WeightLayout::Panels { panel }, [rows, cols]) = (info.layout, &info.shape[..]) else {
+            return None;
+        };
+        let panel = u64::from(panel).max(1);
+        let groups = cols.checked_div(q.group)?;
+        let values = rows
+            .div_ceil(panel)
+            .checked_mul(panel)?
+            .checked_mul(groups)?;
+        let mins = if q.asymmetric {
+            values.checked_mul(2)?
+        } else {
+            0
+        };
+        return q.mins_offset.checked_add(mins);
+    }
     match info.dtype {
         DType::F32 | DType::BF16 | DType::F16 => {
             elements.checked_mul(info.dtype.size_bytes() as u64)
@@ -482,6 +501,7 @@ mod tests {
             dtype,
             shape,
             layout,
+            quant: None,
         };
         let panels = WeightLayout::Panels { panel: 16 };
         assert_eq!(

@@ -10,7 +10,7 @@
 //! columns at `offset_cols` occupies elements `[offset_cols * T, (offset_cols + cols) * T)`, so the
 //! plan holds for every `T` up to the runtime's token budget.
 
-use ir_types::{DType, MoeRouting, Target};
+use ir_types::{CodeFormat, DType, MoeRouting, QuantScheme, Target};
 use serde::{Deserialize, Serialize};
 
 /// Section names inside the `.fdp` container.
@@ -42,6 +42,60 @@ pub struct Manifest {
     pub provenance: Provenance,
 }
 
+/// Decodes the manifest section of a file of format `version`. Versions 2 and 3 wrote weights
+/// without `quant` (nothing was quantized then); they read through [`ManifestV3`].
+pub fn decode_manifest(bytes: &[u8], version: u32) -> Result<Manifest, crate::PlanError> {
+    if version >= 4 {
+        return crate::codec::decode(section::MANIFEST, bytes);
+    }
+    let old: ManifestV3 = crate::codec::decode(section::MANIFEST, bytes)?;
+    Ok(Manifest {
+        model: old.model,
+        target: old.target,
+        weight_dtype: old.weight_dtype,
+        weights: old
+            .weights
+            .into_iter()
+            .map(|w| WeightInfo {
+                name: w.name,
+                dtype: w.dtype,
+                shape: w.shape,
+                layout: w.layout,
+                quant: None,
+            })
+            .collect(),
+        tokenizer: old.tokenizer,
+        kv: old.kv,
+        rope_inv_freq: old.rope_inv_freq,
+        memory: old.memory,
+        code: old.code,
+        provenance: old.provenance,
+    })
+}
+
+/// The manifest of format versions 2 and 3, field for field, kept only to read them.
+#[derive(Deserialize)]
+struct ManifestV3 {
+    model: ModelInfo,
+    target: Target,
+    weight_dtype: DType,
+    weights: Vec<WeightInfoV3>,
+    tokenizer: Option<TokenizerInfo>,
+    kv: KvInfo,
+    rope_inv_freq: Vec<f64>,
+    memory: MemoryPlan,
+    code: Vec<CodeSymbol>,
+    provenance: Provenance,
+}
+
+#[derive(Deserialize)]
+struct WeightInfoV3 {
+    name: String,
+    dtype: DType,
+    shape: Vec<u64>,
+    layout: WeightLayout,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelInfo {
     pub name: String,
@@ -69,6 +123,27 @@ pub struct WeightInfo {
     pub shape: Vec<u64>,
     /// How the section's elements are ordered.
     pub layout: WeightLayout,
+    /// For a quantized weight (`dtype` u8, panel layout): its format and where its scales are.
+    pub quant: Option<QuantInfo>,
+}
+
+/// A quantized weight (`kernels::cpu::quant`): the section holds the packed codes, then at
+/// `scales_offset` the f16 scales, then at `mins_offset` the f16 minimums (asymmetric only), each
+/// part starting at a multiple of 64 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantInfo {
+    /// The scheme the compiler chose for this weight (it decides the matmul's activations).
+    pub scheme: QuantScheme,
+    pub codes: CodeFormat,
+    /// K elements per scale (K itself for one scale per row).
+    pub group: u64,
+    pub asymmetric: bool,
+    /// Byte offsets inside the weight's section.
+    pub scales_offset: u64,
+    pub mins_offset: u64,
+    /// Whether the codes and scales were copied from the checkpoint's own quantized blocks
+    /// (GGUF Q4_0, Q4_1, Q8_0) rather than quantized by the compiler.
+    pub from_checkpoint: bool,
 }
 
 /// Storage order of a weight section.

@@ -7,20 +7,23 @@
 //! compiler never holds the whole model in memory.
 
 use crate::codegen::{self, KernelSpec};
+use crate::passes::quantize_weights::{self, GroupSize, QuantOptions, QuantPlan};
 use crate::passes::{self, plan_memory, schedule, select_kernels, PassCtx, PassError};
+use crate::quantize;
 use crate::timing;
 use artifacts::parts::{self, PartEntry, PartsWriter, SnapshotTag};
 use artifacts::schema::WeightLayout as PlanLayout;
 use artifacts::schema::{
-    section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, SourceInfo,
-    TokenizerInfo, WeightInfo,
+    section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, QuantInfo,
+    SourceInfo, TokenizerInfo, WeightInfo,
 };
 use artifacts::{codec, PlanError, PlanWriter, SectionKind};
 use half::{bf16, f16};
-use ir::{DType, Graph, NodeId, Op, Target, ValueDef, ValueId, WeightExpr};
-use kernels::cpu::{PackedLayout, WeightLayout};
+use ir::{CodeFormat, DType, Graph, NodeId, Op, Target, ValueDef, ValueId, WeightExpr};
+use kernels::cpu::quant::QuantBytes;
+use kernels::cpu::{PackedLayout, QuantMatrix, WeightLayout};
 use kernels::registry::KernelSource;
-use models::{Checkpoint, ModelError, TensorSource};
+use models::{Checkpoint, ModelError, QuantBlocks, StoredType, TensorSource};
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,8 @@ use std::path::{Path, PathBuf};
 pub struct CompileOptions {
     pub target: Target,
     pub weight_dtype: DType,
+    /// Quantization of matmul weights.
+    pub quant: QuantOptions,
     /// Show a progress bar while weights are written.
     pub progress: bool,
 }
@@ -127,8 +132,15 @@ pub fn compile_to(
     let ctx = PassCtx {
         target: options.target,
         weight_dtype: options.weight_dtype,
+        quant: options.quant.clone(),
     };
     let Lowered { checkpoint, graph } = lower(input, &ctx)?;
+    let quant_plan = {
+        let _t = timing::scope("quantize_weights");
+        let mut plan = quantize_weights::run(&graph, &ctx)?;
+        adopt_checkpoint_blocks(&mut plan, &graph, &*checkpoint.tensors, &options.quant);
+        plan
+    };
     let launches: Vec<NodeId> = graph
         .topo_order()
         .into_iter()
@@ -136,7 +148,7 @@ pub fn compile_to(
         .collect();
     let selection = {
         let _t = timing::scope("select_kernels");
-        select_kernels::run(&graph, &ctx)?
+        select_kernels::run_quantized(&graph, &ctx, &quant_plan)?
     };
     let memory = {
         let _t = timing::scope("plan_memory");
@@ -169,7 +181,10 @@ pub fn compile_to(
         .zip(&layouts)
         .map(|(&v, &layout)| WeightInfo {
             name: weight_name(&graph, v).to_string(),
-            dtype: graph.ty(v).dtype,
+            dtype: match quant_plan.get(&v) {
+                Some(_) => DType::U8,
+                None => graph.ty(v).dtype,
+            },
             shape: graph
                 .ty(v)
                 .shape
@@ -182,6 +197,23 @@ pub fn compile_to(
                 WeightLayout::Panels(p) => PlanLayout::Panels {
                     panel: p.panel() as u32,
                 },
+            },
+            quant: match (quant_plan.get(&v), layout) {
+                (Some(q), WeightLayout::Panels(p)) => {
+                    let dims = &graph.ty(v).shape.0;
+                    let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(0);
+                    let parts = QuantBytes::of(&q.format, p, dim(0), dim(1));
+                    Some(QuantInfo {
+                        scheme: q.scheme,
+                        codes: q.format.codes,
+                        group: q.format.group as u64,
+                        asymmetric: q.format.asymmetric,
+                        scales_offset: parts.scales_offset as u64,
+                        mins_offset: parts.mins_offset as u64,
+                        from_checkpoint: q.from_checkpoint,
+                    })
+                }
+                _ => None,
             },
         })
         .collect();
@@ -222,6 +254,8 @@ pub fn compile_to(
         graph: &graph,
         weights: &weights,
         layouts: &layouts,
+        quant: &quant_plan,
+        quant_options: &options.quant,
         tensors: &*checkpoint.tensors,
         progress: options.progress,
     };
@@ -352,10 +386,30 @@ fn build_manifest(
                     blake3: s.blake3.clone(),
                 })
                 .collect(),
-            options: vec![
-                format!("target={}", options.target),
-                format!("dtype={}", options.weight_dtype),
-            ],
+            options: {
+                let q = &options.quant;
+                let mut o = vec![
+                    format!("target={}", options.target),
+                    format!("dtype={}", options.weight_dtype),
+                    format!("quant={}", q.scheme),
+                ];
+                if let Some(g) = q.group {
+                    o.push(match g {
+                        GroupSize::Channel => "group_size=channel".to_string(),
+                        GroupSize::Elements(n) => format!("group_size={n}"),
+                    });
+                }
+                if let Some(a) = q.asymmetric {
+                    o.push(format!("asymmetric={a}"));
+                }
+                if q.round_to_nearest {
+                    o.push("quant_method=rtn".to_string());
+                }
+                for (pattern, scheme) in &q.overrides {
+                    o.push(format!("quant_override={pattern}={scheme}"));
+                }
+                o
+            },
         },
     }
 }
@@ -550,6 +604,9 @@ struct WeightSource<'a> {
     graph: &'a Graph,
     weights: &'a [ValueId],
     layouts: &'a [WeightLayout],
+    /// Weights stored quantized, and how.
+    quant: &'a QuantPlan,
+    quant_options: &'a QuantOptions,
     tensors: &'a dyn TensorSource,
     progress: bool,
 }
@@ -576,36 +633,42 @@ impl WeightSource<'_> {
             indicatif::ProgressBar::hidden()
         };
         for (window, layouts) in self.weights.chunks(WINDOW).zip(self.layouts.chunks(WINDOW)) {
-            let encoded: Vec<Result<(String, Vec<u8>), CompileError>> =
-                window
-                    .par_iter()
-                    .zip(layouts)
-                    .map(|(&v, &layout)| {
-                        let ValueDef::Weight { name, expr } = &graph.value(v).def else {
-                            unreachable!("graph.weights() returns weights only")
-                        };
-                        let ty = graph.ty(v);
-                        let values = materialize(expr, tensors)?;
-                        let expected = ty.shape.const_elements().unwrap_or(0);
-                        if values.len() != expected {
-                            return Err(CompileError::Weight {
-                                name: name.clone(),
-                                message: format!(
-                                    "has {} values, its type {ty} needs {expected}",
-                                    values.len()
-                                ),
-                            });
-                        }
-                        let dims = &ty.shape.0;
-                        let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1);
-                        let bytes = encode_weight(&values, ty.dtype, layout, dim(0), dim(1))
-                            .map_err(|e| CompileError::Weight {
+            let encoded: Vec<Result<(String, Vec<u8>), CompileError>> = window
+                .par_iter()
+                .zip(layouts)
+                .map(|(&v, &layout)| {
+                    let ValueDef::Weight { name, expr } = &graph.value(v).def else {
+                        unreachable!("graph.weights() returns weights only")
+                    };
+                    let ty = graph.ty(v);
+                    if let (Some(q), WeightLayout::Panels(p)) = (self.quant.get(&v), layout) {
+                        let bytes =
+                            encode_quantized(name, expr, ty, q, p, tensors, self.quant_options)?;
+                        return Ok((name.clone(), bytes));
+                    }
+                    let values = materialize(expr, tensors)?;
+                    let expected = ty.shape.const_elements().unwrap_or(0);
+                    if values.len() != expected {
+                        return Err(CompileError::Weight {
+                            name: name.clone(),
+                            message: format!(
+                                "has {} values, its type {ty} needs {expected}",
+                                values.len()
+                            ),
+                        });
+                    }
+                    let dims = &ty.shape.0;
+                    let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1);
+                    let bytes =
+                        encode_weight(&values, ty.dtype, layout, dim(0), dim(1)).map_err(|e| {
+                            CompileError::Weight {
                                 name: name.clone(),
                                 message: e.to_string(),
-                            })?;
-                        Ok((name.clone(), bytes))
-                    })
-                    .collect();
+                            }
+                        })?;
+                    Ok((name.clone(), bytes))
+                })
+                .collect();
             for item in encoded {
                 let (name, bytes) = item?;
                 sink(&name, &bytes)?;
@@ -615,4 +678,133 @@ impl WeightSource<'_> {
         bar.finish_and_clear();
         Ok(())
     }
+}
+
+/// The blocks of the checkpoint that a scheme of `bits`-bit integer codes can take over as they
+/// are: GGUF Q8_0 for 8 bits, Q4_0 and Q4_1 for 4 bits.
+fn passes_through(stored: StoredType, codes: CodeFormat) -> bool {
+    matches!(
+        (stored, codes),
+        (StoredType::Q8_0, CodeFormat::Int(8))
+            | (StoredType::Q4_0 | StoredType::Q4_1, CodeFormat::Int(4))
+    )
+}
+
+/// The tensors a weight expression reads, if it is one tensor or rows of tensors concatenated.
+fn row_parts(expr: &WeightExpr) -> Option<Vec<&str>> {
+    match expr {
+        WeightExpr::Tensor(name) => Some(vec![name.as_str()]),
+        WeightExpr::ConcatRows(parts) => parts
+            .iter()
+            .map(|p| match p {
+                WeightExpr::Tensor(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// Switches every quantized weight whose checkpoint tensors are all GGUF blocks of its code width
+/// (and one symmetry) to those blocks' own format: group 32, symmetric for Q8_0 and Q4_0,
+/// asymmetric for Q4_1. Their codes and scales are then copied, not re-quantized. A group size
+/// other than 32 given on the command line keeps the compiler's own quantization.
+fn adopt_checkpoint_blocks(
+    plan: &mut QuantPlan,
+    graph: &Graph,
+    tensors: &dyn TensorSource,
+    options: &QuantOptions,
+) {
+    if !matches!(options.group, None | Some(GroupSize::Elements(32))) {
+        return;
+    }
+    for (v, q) in plan.iter_mut() {
+        let ValueDef::Weight { expr, .. } = &graph.value(*v).def else {
+            continue;
+        };
+        let Some(parts) = row_parts(expr) else {
+            continue;
+        };
+        let stored: Option<Vec<StoredType>> = parts
+            .iter()
+            .map(|name| tensors.info(name).map(|i| i.stored))
+            .collect();
+        let Some(stored) = stored else { continue };
+        if stored
+            .iter()
+            .all(|&s| s == stored[0] && passes_through(s, q.format.codes))
+        {
+            q.format.group = 32;
+            q.format.asymmetric = stored[0] == StoredType::Q4_1;
+            q.from_checkpoint = true;
+        }
+    }
+}
+
+/// The section bytes of a quantized weight: packed codes, f16 scales, f16 minimums.
+fn encode_quantized(
+    name: &str,
+    expr: &WeightExpr,
+    ty: &ir::TensorType,
+    q: &quantize_weights::WeightQuant,
+    layout: PackedLayout,
+    tensors: &dyn TensorSource,
+    options: &QuantOptions,
+) -> Result<Vec<u8>, CompileError> {
+    let dims = &ty.shape.0;
+    let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(0);
+    let (rows, cols) = (dim(0), dim(1));
+    let bad = |message: String| CompileError::Weight {
+        name: name.to_string(),
+        message,
+    };
+    let matrix = if q.from_checkpoint {
+        let mut blocks: Vec<QuantBlocks> = vec![];
+        for part in row_parts(expr).unwrap_or_default() {
+            blocks.push(
+                tensors
+                    .load_blocks(part)?
+                    .ok_or_else(|| bad(format!("tensor {part} has no quantized blocks")))?,
+            );
+        }
+        let mut m = QuantMatrix {
+            format: q.format,
+            rows: 0,
+            cols,
+            codes: vec![],
+            scales: vec![],
+            mins: vec![],
+        };
+        for b in blocks {
+            // Q8_0 codes are stored offset by 128, as the symmetric 8-bit format reads them.
+            m.rows += b.rows;
+            m.codes.extend(b.codes);
+            m.scales.extend(b.scales);
+            m.mins.extend(b.mins);
+        }
+        if m.rows != rows {
+            return Err(bad(format!(
+                "blocks hold {} rows, the weight has {rows}",
+                m.rows
+            )));
+        }
+        m
+    } else {
+        let values = materialize(expr, tensors)?;
+        if values.len() != rows * cols {
+            return Err(bad(format!(
+                "has {} values, [{rows}, {cols}] needs {}",
+                values.len(),
+                rows * cols
+            )));
+        }
+        let method = if options.round_to_nearest {
+            quantize::Method::RoundToNearest
+        } else {
+            quantize::Method::Fitted
+        };
+        quantize::quantize(&values, rows, cols, q.format, method)
+    };
+    let packed = matrix.pack(layout).map_err(|e| bad(e.to_string()))?;
+    Ok(QuantBytes::of(&q.format, layout, rows, cols).write(&packed))
 }

@@ -25,8 +25,10 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
             &codec::decode(PART_SECTION, bytes)?,
         ));
     }
-    let manifest: Manifest =
-        codec::decode(section::MANIFEST, plan.require_section(section::MANIFEST)?)?;
+    let manifest: Manifest = artifacts::schema::decode_manifest(
+        plan.require_section(section::MANIFEST)?,
+        plan.format_version(),
+    )?;
     let program: Program =
         codec::decode(section::PROGRAM, plan.require_section(section::PROGRAM)?)?;
     let m = &manifest.model;
@@ -126,6 +128,50 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
 
     if let Some(bytes) = plan.section(PARTS_SECTION) {
         describe_parts(&mut out, path, &codec::decode(PARTS_SECTION, bytes)?);
+    }
+    // Every matrix weight's storage, grouped: one line per distinct storage with its count and
+    // first names (a model has hundreds of weights).
+    let _ = writeln!(out, "\nweight storage");
+    let mut storage: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    for w in manifest.weights.iter().filter(|w| w.shape.len() == 2) {
+        let key = match &w.quant {
+            None => format!("{} (unquantized)", w.dtype),
+            Some(q) => format!(
+                "{} ({}-bit {}, {}, {}{})",
+                q.scheme,
+                q.codes.bits(),
+                match q.codes {
+                    ir::CodeFormat::Int(_) => "int",
+                    ir::CodeFormat::Fp8E4M3 => "e4m3",
+                },
+                if Some(&q.group) == w.shape.get(1) {
+                    "per channel".to_string()
+                } else {
+                    format!("group {}", q.group)
+                },
+                if q.asymmetric {
+                    "asymmetric"
+                } else {
+                    "symmetric"
+                },
+                if q.from_checkpoint {
+                    ", checkpoint blocks kept"
+                } else {
+                    ""
+                }
+            ),
+        };
+        storage.entry(key).or_default().push(&w.name);
+    }
+    for (key, names) in &storage {
+        let shown: Vec<&str> = names.iter().take(3).copied().collect();
+        let more = if names.len() > 3 { ", ..." } else { "" };
+        let _ = writeln!(
+            out,
+            "  {key}: {} weight(s): {}{more}",
+            names.len(),
+            shown.join(", ")
+        );
     }
 
     let _ = writeln!(out, "\nkernels ({} launches per step)", program.steps.len());

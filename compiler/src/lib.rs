@@ -9,6 +9,7 @@ pub mod codegen;
 pub mod compile;
 pub mod inspect;
 pub mod passes;
+pub mod quantize;
 pub mod timing;
 
 pub use compile::{compile, compile_to, CompileError, CompileOptions, CompileReport, WeightOutput};

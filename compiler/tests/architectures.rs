@@ -36,6 +36,7 @@ fn check_arch(arch: &str) {
     let ctx = PassCtx {
         target: Target::Cpu(CpuIsa::Avx2),
         weight_dtype: DType::F32,
+        quant: Default::default(),
     };
     let Lowered { graph: lowered, .. } =
         lower(&dir, &ctx).unwrap_or_else(|e| panic!("{arch}: lowering: {e}"));
@@ -109,6 +110,7 @@ fn check_moe_arch(arch: &str) {
     let ctx = PassCtx {
         target: Target::Cpu(CpuIsa::Avx2),
         weight_dtype: DType::F32,
+        quant: Default::default(),
     };
     let Lowered { graph: lowered, .. } =
         lower(&dir, &ctx).unwrap_or_else(|e| panic!("{arch}: lowering: {e}"));

@@ -38,6 +38,7 @@ fn run_case(pass_name: &str, path: &Path) -> String {
     let ctx = PassCtx {
         target: Target::Cpu(CpuIsa::Avx2),
         weight_dtype: weight_dtype(pass_name),
+        quant: Default::default(),
     };
     pass(&mut graph, &ctx).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     ir::verify::verify(&graph)

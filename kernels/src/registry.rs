@@ -1,8 +1,10 @@
 //! The kernel registry: one explicit, ordered table of every kernel the compiler may select, keyed
 //! by `(OpKind, DType, QuantScheme, Target)`. `fdc kernels --list` prints it with [`table`].
 //!
-//! A kernel id spells its key: `{op}_{dtype}_{isa}` for library kernels (`matmul_bf16_avx512`)
-//! and `{op}_{dtype}_gen_{isa}` for generated ones (`add_rms_norm_f32_gen_avx512`). The dtype is
+//! A kernel id spells its key: `{op}_{dtype}_{isa}` for library kernels (`matmul_bf16_avx512`),
+//! `{op}_{quant}_{isa}` for kernels of quantized weights (`matmul_w4a16_avx2`, whose weights are
+//! u8 codes with f16 scales: `kernels::cpu::quant`) and `{op}_{dtype}_gen_{isa}` for generated
+//! ones (`add_rms_norm_f32_gen_avx512`). The dtype is
 //! the weight's for matmul and embedding and `f32` (the activations') for everything else.
 //! Library kernels of an ISA use only that ISA's instructions; generated kernels are machine code
 //! that fdc emits into the plan, so only targets that fdc generates for (AVX2, AVX-512) have them.
@@ -121,16 +123,22 @@ const SILU_MUL_DOC: &str = "silu(g) * u over [g | u] rows";
 const ROPE_DOC: &str = "rotary embedding, rotate-half layout";
 const ATTENTION_DOC: &str = "causal GQA attention, appends to the KV cache";
 const GATHER_ROWS_DOC: &str = "out[T] = x[rows[T]]";
+const MATMUL_QUANT_DOC: &str =
+    "out[T,N] = act(x)[T,K] @ dequant(w)[N,K]^T (+ bias), chunks dequantized in registers/L1";
+const EMBEDDING_QUANT_DOC: &str = "out[T,H] = dequant(table)[ids[T]]";
 const MOE_DOC: &str = "top-k routed SwiGLU experts, grouped by expert, stacked weights";
 
 macro_rules! entry {
     ($id:expr, $op:ident, $dtype:ident, $isa:ident, $source:ident, $doc:expr) => {
+        entry!($id, $op, $dtype, None, $isa, $source, $doc)
+    };
+    ($id:expr, $op:ident, $dtype:ident, $quant:ident, $isa:ident, $source:ident, $doc:expr) => {
         KernelEntry {
             id: KernelId($id),
             key: KernelKey {
                 op: OpKind::$op,
                 dtype: DType::$dtype,
-                quant: QuantScheme::None,
+                quant: QuantScheme::$quant,
                 target: Target::Cpu(CpuIsa::$isa),
             },
             source: KernelSource::$source,
@@ -275,6 +283,53 @@ macro_rules! library_kernels {
     };
 }
 
+/// The matmul and embedding of one quantization scheme on one ISA.
+macro_rules! quant_pair {
+    ($quant:ident, $quant_name:literal, $isa:ident, $isa_name:literal) => {
+        [
+            entry!(
+                concat!("matmul_", $quant_name, "_", $isa_name),
+                MatMul,
+                U8,
+                $quant,
+                $isa,
+                Library,
+                MATMUL_QUANT_DOC
+            ),
+            entry!(
+                concat!("embedding_", $quant_name, "_", $isa_name),
+                Embedding,
+                U8,
+                $quant,
+                $isa,
+                Library,
+                EMBEDDING_QUANT_DOC
+            ),
+        ]
+    };
+}
+
+/// The kernels of quantized weights on one ISA: every scheme's matmul and embedding.
+macro_rules! quant_kernels {
+    ($isa:ident, $isa_name:literal) => {{
+        let pairs = [
+            quant_pair!(W8A16, "w8a16", $isa, $isa_name),
+            quant_pair!(W4A16, "w4a16", $isa, $isa_name),
+            quant_pair!(W2A16, "w2a16", $isa, $isa_name),
+            quant_pair!(W8A8, "w8a8", $isa, $isa_name),
+            quant_pair!(W4A8, "w4a8", $isa, $isa_name),
+            quant_pair!(Fp8, "fp8", $isa, $isa_name),
+        ];
+        let mut all = [pairs[0][0]; QUANT_PER_ISA];
+        let mut i = 0;
+        while i < QUANT_PER_ISA {
+            all[i] = pairs[i / 2][i % 2];
+            i += 1;
+        }
+        all
+    }};
+}
+
 /// The kernels fdc generates for one ISA.
 macro_rules! generated_kernels {
     ($isa:ident, $isa_name:literal) => {
@@ -317,13 +372,17 @@ macro_rules! generated_kernels {
 
 const LIBRARY_PER_ISA: usize = 16;
 const GENERATED_PER_ISA: usize = 4;
-const COUNT: usize = 3 * LIBRARY_PER_ISA + 2 * GENERATED_PER_ISA;
+const QUANT_PER_ISA: usize = 12;
+const COUNT: usize = 3 * LIBRARY_PER_ISA + 3 * QUANT_PER_ISA + 2 * GENERATED_PER_ISA;
 
 const ENTRIES: &[KernelEntry] = &{
-    let parts: [&[KernelEntry]; 5] = [
+    let parts: [&[KernelEntry]; 8] = [
         &library_kernels!(Portable, "portable"),
         &library_kernels!(Avx2, "avx2"),
         &library_kernels!(Avx512, "avx512"),
+        &quant_kernels!(Portable, "portable"),
+        &quant_kernels!(Avx2, "avx2"),
+        &quant_kernels!(Avx512, "avx512"),
         &generated_kernels!(Avx2, "avx2"),
         &generated_kernels!(Avx512, "avx512"),
     ];
@@ -368,13 +427,12 @@ mod tests {
             } else {
                 ""
             };
-            let want = format!(
-                "{}_{}_{}{}",
-                e.key.op.name(),
-                e.key.dtype.name(),
-                gen,
-                e.isa().name()
-            );
+            let spelled = if e.key.quant == QuantScheme::None {
+                e.key.dtype.name()
+            } else {
+                e.key.quant.name()
+            };
+            let want = format!("{}_{}_{}{}", e.key.op.name(), spelled, gen, e.isa().name());
             assert_eq!(e.id.0, want);
             assert_eq!(by_name(e.id.0), Some(e));
         }
@@ -427,7 +485,25 @@ mod tests {
             by_name("add_rms_norm_f32_gen_avx512").unwrap().source,
             KernelSource::Generated
         );
-        assert_eq!(entries().len(), 3 * 16 + 2 * 4);
+        assert_eq!(entries().len(), 3 * 16 + 3 * 12 + 2 * 4);
+    }
+
+    #[test]
+    fn every_quant_scheme_has_a_matmul_and_an_embedding_on_every_isa() {
+        for isa in ISAS {
+            for &quant in QuantScheme::ALL.iter().filter(|&&q| q != QuantScheme::None) {
+                for op in [OpKind::MatMul, OpKind::Embedding] {
+                    let key = KernelKey {
+                        op,
+                        dtype: DType::U8,
+                        quant,
+                        target: Target::Cpu(isa),
+                    };
+                    assert_eq!(lookup(&key).len(), 1, "{op} {quant} {isa:?}");
+                }
+            }
+        }
+        assert!(by_name("matmul_w4a16_avx2").is_some());
     }
 
     #[test]

@@ -115,6 +115,29 @@ pub trait TensorSource: Send + Sync {
     /// The tensor as f32, dequantized exactly, in HF layout (for GGUF llama-family Q and K weights
     /// the llama.cpp row permutation is undone). Reads lazily from the mmap; never loads the whole file.
     fn load_f32(&self, name: &str) -> Result<Vec<f32>, ModelError>;
+    /// The tensor's own quantized blocks, for sources that store them (GGUF Q8_0, Q4_0, Q4_1),
+    /// rows in HF order like [`TensorSource::load_f32`]; None for any other storage.
+    fn load_blocks(&self, name: &str) -> Result<Option<QuantBlocks>, ModelError> {
+        let _ = name;
+        Ok(None)
+    }
+}
+
+/// A matrix `[rows, cols]` as a checkpoint's quantized blocks of 32 along a row, unpacked to one
+/// code per element but otherwise untouched. With `d` and `m` the block's scale and minimum:
+/// Q8_0 is `w = (code - 128) * d`, Q4_0 `w = (code - 8) * d`, Q4_1 `w = code * d + m`; these are
+/// exactly the values [`TensorSource::load_f32`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantBlocks {
+    pub stored: StoredType,
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols]`.
+    pub codes: Vec<u8>,
+    /// `[rows, cols / 32]`.
+    pub scales: Vec<half::f16>,
+    /// `[rows, cols / 32]` for Q4_1, else empty.
+    pub mins: Vec<half::f16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use crate::checkpoint::{map_file, Checkpoint, SourceFile, StoredType, TensorInfo, TensorSource};
+use crate::checkpoint::{
+    map_file, Checkpoint, QuantBlocks, SourceFile, StoredType, TensorInfo, TensorSource,
+};
 use crate::config::{Architecture, ModelConfig, RopeConfig, RopeScaling};
 use crate::error::ModelError;
 use crate::tokenizer::{byte_level_bpe_json, GgufBpeVocab, TokenizerSpec};
@@ -876,27 +878,34 @@ pub fn hf_tensor_name(gguf_name: &str) -> Option<String> {
 /// stored as row `h*d + 2*i + t` (d the head dim, t in {0, 1}). `data` holds `rows * cols`
 /// values row-major; None when `rows` is not a multiple of `2 * n_heads` or the length is off.
 pub fn unpermute_qk_rows(data: &[f32], cols: usize, n_heads: usize) -> Option<Vec<f32>> {
-    if cols == 0 || n_heads == 0 || data.len() % cols != 0 {
+    if cols == 0 || data.len() % cols != 0 {
         return None;
     }
-    let rows = data.len() / cols;
-    if rows % (2 * n_heads) != 0 {
+    let order = qk_stored_rows(data.len() / cols, n_heads)?;
+    let mut out = Vec::with_capacity(data.len());
+    for stored in order {
+        out.extend_from_slice(&data[stored * cols..(stored + 1) * cols]);
+    }
+    Some(out)
+}
+
+/// For each HF row of a permuted Q/K projection of `rows` rows, the row llama.cpp stored it at
+/// (see [`unpermute_qk_rows`]); None when `rows` is not a multiple of `2 * n_heads`.
+pub fn qk_stored_rows(rows: usize, n_heads: usize) -> Option<Vec<usize>> {
+    if n_heads == 0 || rows % (2 * n_heads) != 0 {
         return None;
     }
     let head_dim = rows / n_heads;
     let half = head_dim / 2;
-    let mut out = vec![0.0f32; data.len()];
+    let mut order = vec![0; rows];
     for h in 0..n_heads {
         for i in 0..half {
             for t in 0..2 {
-                let stored = h * head_dim + 2 * i + t;
-                let hf = h * head_dim + t * half + i;
-                out[hf * cols..(hf + 1) * cols]
-                    .copy_from_slice(&data[stored * cols..(stored + 1) * cols]);
+                order[h * head_dim + t * half + i] = h * head_dim + 2 * i + t;
             }
         }
     }
-    Some(out)
+    Some(order)
 }
 
 fn f16_at(bytes: &[u8], at: usize) -> f32 {
@@ -1121,6 +1130,67 @@ impl GgufTensors {
 }
 
 impl TensorSource for GgufTensors {
+    fn load_blocks(&self, name: &str) -> Result<Option<QuantBlocks>, ModelError> {
+        let Some(entry) = self.entries.get(name) else {
+            return Err(ModelError::TensorNotFound {
+                name: name.to_string(),
+            });
+        };
+        let (StoredType::Q8_0 | StoredType::Q4_0 | StoredType::Q4_1) = entry.stored else {
+            return Ok(None);
+        };
+        let [rows, cols] = entry.shape[..] else {
+            return Ok(None);
+        };
+        let tensor = &self.file.tensors[entry.index];
+        let bytes = self.file.tensor_bytes(tensor)?;
+        let block_bytes = entry.stored.block_bytes();
+        if cols % 32 != 0 || bytes.len() != rows * cols / 32 * block_bytes {
+            return Ok(None);
+        }
+        let order = match entry.unpermute_heads {
+            None => (0..rows).collect(),
+            Some(heads) => qk_stored_rows(rows, heads).ok_or_else(|| ModelError::CorruptGguf {
+                file: self.file.path.clone(),
+                offset: self.file.data_offset.saturating_add(tensor.offset),
+                reason: format!("tensor {} does not split into {heads} heads", tensor.name),
+            })?,
+        };
+        let half_at =
+            |b: &[u8], at: usize| half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]]));
+        let blocks_per_row = cols / 32;
+        let mut out = QuantBlocks {
+            stored: entry.stored,
+            rows,
+            cols,
+            codes: Vec::with_capacity(rows * cols),
+            scales: Vec::with_capacity(rows * blocks_per_row),
+            mins: vec![],
+        };
+        for stored_row in order {
+            let row =
+                &bytes[stored_row * blocks_per_row * block_bytes..][..blocks_per_row * block_bytes];
+            for b in row.chunks_exact(block_bytes) {
+                out.scales.push(half_at(b, 0));
+                match entry.stored {
+                    StoredType::Q8_0 => out
+                        .codes
+                        .extend(b[2..34].iter().map(|&q| (q as i8 as i16 + 128) as u8)),
+                    StoredType::Q4_0 => {
+                        out.codes.extend(b[2..18].iter().map(|&q| q & 0x0f));
+                        out.codes.extend(b[2..18].iter().map(|&q| q >> 4));
+                    }
+                    _ => {
+                        out.mins.push(half_at(b, 2));
+                        out.codes.extend(b[4..20].iter().map(|&q| q & 0x0f));
+                        out.codes.extend(b[4..20].iter().map(|&q| q >> 4));
+                    }
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
     fn names(&self) -> Vec<String> {
         self.entries.keys().cloned().collect()
     }

@@ -14,7 +14,9 @@ pub mod safetensors_dir;
 pub mod testing;
 pub mod tokenizer;
 
-pub use checkpoint::{open, Checkpoint, SourceFile, StoredType, TensorInfo, TensorSource};
+pub use checkpoint::{
+    open, Checkpoint, QuantBlocks, SourceFile, StoredType, TensorInfo, TensorSource,
+};
 pub use config::{Architecture, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
 pub use error::ModelError;
 pub use tokenizer::TokenizerSpec;

@@ -11,7 +11,7 @@ use crate::plan::{launch_operands, LoadedPlan};
 use crate::weights::WeightStore;
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
 use artifacts::schema::{Act, Buffer, Launch, Rows};
-use ir_types::{CpuIsa, Target};
+use ir_types::{ActQuant, CpuIsa, Target};
 use kernels::cpu;
 use rayon::prelude::*;
 
@@ -416,8 +416,11 @@ impl Engine {
             match (&step.launch, self.generated[index]) {
                 (Launch::Embedding { table, out }, _) => {
                     let (o, os) = mem.write(out)?;
-                    cpu::embedding(isa, &plan.weight(*table), tokens, o, os)
-                        .map_err(kernel_error)?;
+                    match plan.quant_weight(*table) {
+                        Some(q) => cpu::embedding_quant(tokens, &q, o, os),
+                        None => cpu::embedding(isa, &plan.weight(*table), tokens, o, os),
+                    }
+                    .map_err(kernel_error)?;
                 }
                 (
                     Launch::RmsNorm {
@@ -542,8 +545,16 @@ impl Engine {
                 (Launch::MatMul { x, w, bias, out }, _) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
                     let b = bias.map(|b| plan.vector(b));
-                    cpu::matmul(isa, xs, xst, mem.rows(x), &plan.weight(*w), b, o, os)
-                        .map_err(kernel_error)?;
+                    match plan.quant_weight(*w) {
+                        Some(q) => {
+                            let act = plan.manifest.weights[w.0 as usize]
+                                .quant
+                                .map_or(ActQuant::None, |q| q.scheme.act_quant());
+                            cpu::matmul_quant(isa, act, xs, xst, mem.rows(x), &q, b, o, os)
+                        }
+                        None => cpu::matmul(isa, xs, xst, mem.rows(x), &plan.weight(*w), b, o, os),
+                    }
+                    .map_err(kernel_error)?;
                 }
                 (Launch::Add { a, b, out }, _) => {
                     let ((as_, ast), (bs, bst), (o, os)) =

@@ -15,6 +15,7 @@ pub mod chat;
 pub mod code;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod kv_cache;
 pub mod plan;

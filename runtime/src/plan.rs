@@ -7,12 +7,14 @@ use crate::code::CodeImage;
 use crate::error::RuntimeError;
 use crate::weights::{kernel_layout, WeightStore};
 use artifacts::parts::{PartsTable, PARTS_SECTION};
-use artifacts::schema::{section, Act, Buffer, Launch, Manifest, Program, WeightRef};
+use artifacts::schema::{
+    self, section, Act, Buffer, Launch, Manifest, Program, WeightInfo, WeightRef,
+};
 use artifacts::{codec, PlanFile};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
 use ir_types::{DType, OpKind, Target};
-use kernels::cpu::{Weight, WeightData, WeightLayout};
+use kernels::cpu::{QuantFormat, QuantWeight, Weight, WeightData, WeightLayout};
 use kernels::registry::{self, KernelSource};
 use std::path::Path;
 use std::sync::Arc;
@@ -45,8 +47,10 @@ impl LoadedPlan {
     /// plans, and plans compiled without `--part-size`).
     pub fn load(path: &Path) -> Result<LoadedPlan, RuntimeError> {
         let file = Arc::new(PlanFile::open(path)?);
-        let manifest: Manifest =
-            codec::decode(section::MANIFEST, file.require_section(section::MANIFEST)?)?;
+        let manifest: Manifest = schema::decode_manifest(
+            file.require_section(section::MANIFEST)?,
+            file.format_version(),
+        )?;
         let program: Program =
             codec::decode(section::PROGRAM, file.require_section(section::PROGRAM)?)?;
         let Target::Cpu(isa) = manifest.target;
@@ -125,6 +129,13 @@ impl LoadedPlan {
             cols,
             layout,
         }
+    }
+
+    /// A quantized matrix weight, None for a plain one. Its format, size and alignment were
+    /// checked at load.
+    pub fn quant_weight(&self, w: WeightRef) -> Option<QuantWeight<'_>> {
+        let info = &self.manifest.weights[w.0 as usize];
+        quant_view(info, self.weight_bytes(w)).ok().flatten()
     }
 
     /// A stacked weight `[E, N, K]` (mixture-of-experts experts) seen as one row-major
@@ -222,6 +233,23 @@ impl LoadedPlan {
         for w in &used {
             weight_ok(w)?;
         }
+        // A matmul or embedding kernel must be the one for its weight's scheme.
+        let table = match launch {
+            Launch::MatMul { w, .. } => Some(w),
+            Launch::Embedding { table, .. } => Some(table),
+            _ => None,
+        };
+        if let Some(w) = table {
+            let scheme = self.manifest.weights[w.0 as usize]
+                .quant
+                .map_or(ir_types::QuantScheme::None, |q| q.scheme);
+            if entry.key.quant != scheme {
+                return Err(format!(
+                    "kernel {kernel} is for {} weights, its weight is {scheme}",
+                    entry.key.quant
+                ));
+            }
+        }
         // The executor hands out an input and an output view of one arena at once: they must
         // not overlap, for any T. Per-token column ranges decide it.
         for o in &writes {
@@ -236,6 +264,34 @@ impl LoadedPlan {
         }
         Ok(())
     }
+}
+
+/// The kernels' view of a quantized weight (None for a plain one): u8 codes in panels of a
+/// width the kernels read, a format they read, a section of the right size and alignment.
+pub(crate) fn quant_view<'a>(
+    info: &WeightInfo,
+    bytes: &'a [u8],
+) -> Result<Option<QuantWeight<'a>>, String> {
+    let Some(q) = &info.quant else {
+        return Ok(None);
+    };
+    let layout = match kernel_layout(info)? {
+        WeightLayout::Panels(p) if info.dtype == DType::U8 => p,
+        _ => return Err("quantized weights must be u8 codes in panels".into()),
+    };
+    let format = QuantFormat {
+        codes: q.codes,
+        group: q.group as usize,
+        asymmetric: q.asymmetric,
+    };
+    let (rows, cols) = (info.shape[0] as usize, info.shape[1] as usize);
+    let view =
+        QuantWeight::from_bytes(format, layout, rows, cols, bytes).map_err(|e| e.to_string())?;
+    let parts = kernels::cpu::quant::QuantBytes::of(&format, layout, rows, cols);
+    if (parts.scales_offset as u64, parts.mins_offset as u64) != (q.scales_offset, q.mins_offset) {
+        return Err("scale offsets disagree with the format".into());
+    }
+    Ok(Some(view))
 }
 
 fn overlaps(a: &Act, b: &Act) -> bool {

@@ -209,6 +209,12 @@ impl WeightStore {
             if let Err(msg) = kernel_layout(w) {
                 return bad(format!("weight {}: {msg}", w.name));
             }
+            // Quantized: codes, scales and minimums checked against the format.
+            match crate::plan::quant_view(w, bytes) {
+                Err(msg) => return bad(format!("weight {}: {msg}", w.name)),
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+            }
             let needed = artifacts::parts::weight_section_len(w);
             if needed != Some(bytes.len() as u64) {
                 return bad(format!(

@@ -40,6 +40,7 @@ fn main() {
         target: Target::parse("cpu").expect("cpu"),
         weight_dtype: DType::F32,
         progress: false,
+        quant: Default::default(),
     };
     let single = work.join("single/synthetic.fdp");
     let parts = work.join("parts/synthetic.fdp");

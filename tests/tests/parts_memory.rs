@@ -28,6 +28,7 @@ fn loading_in_parts_stays_within_one_part_plus_a_constant() {
         target: Target::parse("cpu").expect("cpu"),
         weight_dtype: DType::F32,
         progress: false,
+        quant: Default::default(),
     };
     let single = scratch_path("single.fdp");
     let parts_dir = scratch_path("parts");

@@ -129,6 +129,7 @@ fn a_plan_for_a_wider_isa_than_this_cpu_is_refused_with_a_fix() {
     let options = compiler::CompileOptions {
         target: Target::Cpu(CpuIsa::Avx512),
         weight_dtype: DType::F32,
+        quant: Default::default(),
         progress: false,
     };
     compiler::compile(&golden("tiny/llama"), &out, &options).unwrap();
@@ -150,6 +151,7 @@ fn portable_plans_run_everywhere_and_agree_with_the_golden() {
     let options = compiler::CompileOptions {
         target: Target::Cpu(CpuIsa::Portable),
         weight_dtype: DType::F32,
+        quant: Default::default(),
         progress: false,
     };
     compiler::compile(&golden("tiny/qwen3"), &out, &options).unwrap();

@@ -27,6 +27,7 @@ fn compile_into(model: &Path, dir: &str, dtype: DType, weights: WeightOutput) ->
         target: Target::parse("cpu").expect("cpu"),
         weight_dtype: dtype,
         progress: false,
+        quant: Default::default(),
     };
     compiler::compile_to(model, &out, &options, &weights)
         .unwrap_or_else(|e| panic!("compiling {}: {e}", model.display()));

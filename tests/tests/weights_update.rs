@@ -158,6 +158,7 @@ fn snapshot(model: &Path, dir: &str, tag: &SnapshotTag) -> PathBuf {
         target: Target::parse("cpu").expect("cpu"),
         weight_dtype: DType::F32,
         progress: false,
+        quant: Default::default(),
     };
     let weights = WeightOutput::Snapshot {
         part_size: 64 << 10,

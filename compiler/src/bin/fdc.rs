@@ -2,9 +2,10 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use compiler::passes::quantize_weights::{GroupSize, QuantOptions};
 use compiler::passes::PassCtx;
 use compiler::{timing, CompileOptions, WeightOutput};
-use ir::{DType, Target};
+use ir::{DType, QuantScheme, Target};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -33,6 +34,26 @@ enum Command {
         /// Storage type of matmul and embedding weights: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Quantize matmul weights: none, w8a16, w4a16, w2a16, w8a8, w4a8 or fp8.
+        #[arg(long, default_value = "none")]
+        quant: String,
+        /// Elements per quantization scale along K: a number (32, 64, 128, ...) or `channel`
+        /// (default: 32 for integer schemes, channel for fp8).
+        #[arg(long)]
+        group_size: Option<String>,
+        /// Store a minimum per group (default for 4 and 2 bits).
+        #[arg(long, conflicts_with = "quant_sym")]
+        quant_asym: bool,
+        /// Symmetric groups, no minimum (default for 8 bits and fp8).
+        #[arg(long)]
+        quant_sym: bool,
+        /// Plain round-to-nearest for asymmetric groups instead of fitted ranges.
+        #[arg(long)]
+        quant_rtn: bool,
+        /// Per-weight scheme, `PATTERN=SCHEME` (`lm_head=w8a16`, `embed*=none`), repeatable;
+        /// `*` matches anything, a pattern matches whole dot-separated parts of a name.
+        #[arg(long, value_name = "PATTERN=SCHEME")]
+        quant_override: Vec<String>,
         /// Print how long each phase took.
         #[arg(long)]
         timings: bool,
@@ -101,6 +122,64 @@ fn parse_size(text: &str) -> Result<u64> {
     artifacts::units::parse_bytes(text).map_err(|e| anyhow::anyhow!("--part-size {e}"))
 }
 
+fn parse_scheme(text: &str) -> Result<QuantScheme> {
+    match QuantScheme::parse(text) {
+        Some(q) => Ok(q),
+        None => bail!(
+            "unknown quantization scheme {text:?}; supported: {}",
+            QuantScheme::ALL
+                .iter()
+                .map(|q| q.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+fn parse_quant(
+    scheme: &str,
+    group_size: Option<&str>,
+    asym: bool,
+    sym: bool,
+    rtn: bool,
+    overrides: &[String],
+) -> Result<QuantOptions> {
+    let group = match group_size {
+        None => None,
+        Some("channel") => Some(GroupSize::Channel),
+        Some(n) => match n.parse::<usize>() {
+            Ok(n) if n > 0 => Some(GroupSize::Elements(n)),
+            _ => bail!("--group-size {n:?} is neither a positive number nor `channel`"),
+        },
+    };
+    let scheme = parse_scheme(scheme)?;
+    if asym && !scheme.allows_asymmetric() {
+        bail!("--quant-asym: scheme {scheme} has no asymmetric form (integer schemes do)");
+    }
+    let overrides = overrides
+        .iter()
+        .map(|o| match o.split_once('=') {
+            Some((pattern, s)) if !pattern.is_empty() => {
+                Ok((pattern.to_string(), parse_scheme(s)?))
+            }
+            _ => bail!("--quant-override {o:?} is not PATTERN=SCHEME"),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(QuantOptions {
+        scheme,
+        group,
+        asymmetric: if asym {
+            Some(true)
+        } else if sym {
+            Some(false)
+        } else {
+            None
+        },
+        overrides,
+        round_to_nearest: rtn,
+    })
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("fdc: error: {e:#}");
@@ -115,6 +194,12 @@ fn run() -> Result<()> {
             output,
             target,
             dtype,
+            quant,
+            group_size,
+            quant_asym,
+            quant_sym,
+            quant_rtn,
+            quant_override,
             timings,
             quiet,
             part_size,
@@ -137,6 +222,14 @@ fn run() -> Result<()> {
             let options = CompileOptions {
                 target: parse_target(&target)?,
                 weight_dtype: parse_dtype(&dtype)?,
+                quant: parse_quant(
+                    &quant,
+                    group_size.as_deref(),
+                    quant_asym,
+                    quant_sym,
+                    quant_rtn,
+                    &quant_override,
+                )?,
                 progress: !quiet,
             };
             let output = output.unwrap_or_else(|| {
@@ -164,14 +257,15 @@ fn run() -> Result<()> {
                 return Ok(());
             }
             println!(
-                "wrote {} ({:.1} MB): {:.1} M parameters, {} launches per step, {} generated kernels, target {}, dtype {}",
+                "wrote {} ({:.1} MB): {:.1} M parameters, {} launches per step, {} generated kernels, target {}, dtype {}, quant {}",
                 report.output.display(),
                 report.plan_bytes as f64 / 1e6,
                 report.parameter_count as f64 / 1e6,
                 report.steps,
                 report.generated_kernels,
                 options.target,
-                options.weight_dtype
+                options.weight_dtype,
+                options.quant.scheme
             );
             if timings {
                 for (name, d) in timing::report() {
@@ -204,6 +298,7 @@ fn run() -> Result<()> {
                 let ctx = PassCtx {
                     target: parse_target(&target)?,
                     weight_dtype: parse_dtype(&dtype)?,
+                    quant: Default::default(),
                 };
                 let lowered = compiler::compile::lower(&model, &ctx)?;
                 print!("{}", ir::text::print(&lowered.graph));

@@ -3,7 +3,8 @@
 //! debug and test builds, runs the verifier after each one.
 //!
 //! Passes that rewrite the graph: `canonicalize`, `fuse_matmuls`, `fuse_silu_mul`,
-//! `fuse_add_rms_norm`, `cast_weights`. Passes that analyse it for the plan: `select_kernels`,
+//! `fuse_add_rms_norm`, `cast_weights`. Passes that analyse it for the plan: `quantize_weights`,
+//! `select_kernels`,
 //! `plan_memory`; `schedule` turns all of that into the plan's linear program.
 //!
 //! `FDC_DUMP=after:<pass>` (or `after:all`) prints the IR text after a pass to stderr.
@@ -14,6 +15,7 @@ pub mod fuse_add_rms_norm;
 pub mod fuse_matmuls;
 pub mod fuse_silu_mul;
 pub mod plan_memory;
+pub mod quantize_weights;
 pub mod schedule;
 pub mod select_kernels;
 
@@ -26,6 +28,8 @@ pub struct PassCtx {
     pub target: Target,
     /// Storage type for matmul and embedding weights.
     pub weight_dtype: DType,
+    /// Quantization of matmul weights (`quantize_weights`).
+    pub quant: quantize_weights::QuantOptions,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,7 @@
 //! otherwise the library kernel. A node with no candidate is an error naming the key: the target
 //! cannot run this model. It does not change the graph.
 
+use super::quantize_weights::QuantPlan;
 use super::{PassCtx, PassError};
 use ir::{DType, Graph, NodeId, Op, OpKind, QuantScheme};
 use kernels::registry::{self, KernelEntry, KernelKey, KernelSource};
@@ -29,16 +30,40 @@ pub fn key_dtype(graph: &Graph, node: NodeId) -> DType {
 }
 
 pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<Selection, PassError> {
+    run_quantized(graph, ctx, &QuantPlan::new())
+}
+
+/// [`run`] for a graph some of whose weights `quant` stores quantized: their matmuls and
+/// embeddings take the kernels of their scheme, keyed by u8 codes.
+pub fn run_quantized(
+    graph: &Graph,
+    ctx: &PassCtx,
+    quant: &QuantPlan,
+) -> Result<Selection, PassError> {
     let mut selection = Selection::new();
     for node in graph.topo_order() {
         let Some(op) = graph.node(node).op.kind() else {
             continue;
         };
-        let key = KernelKey {
-            op,
-            dtype: key_dtype(graph, node),
-            quant: QuantScheme::None,
-            target: ctx.target,
+        let data = graph.node(node);
+        let weight = match data.op {
+            Op::MatMul => data.inputs.get(1),
+            Op::Embedding => data.inputs.first(),
+            _ => None,
+        };
+        let key = match weight.and_then(|w| quant.get(w)) {
+            Some(q) => KernelKey {
+                op,
+                dtype: DType::U8,
+                quant: q.scheme,
+                target: ctx.target,
+            },
+            None => KernelKey {
+                op,
+                dtype: key_dtype(graph, node),
+                quant: QuantScheme::None,
+                target: ctx.target,
+            },
         };
         let candidates = registry::lookup(&key);
         let wants_generated = GENERATED_WINS.contains(&op);
@@ -50,8 +75,8 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<Selection, PassError> {
             .ok_or_else(|| PassError::Failed {
                 pass: "select_kernels",
                 message: format!(
-                    "no kernel for {} with {} weights on {}; `fdc kernels --list` shows what exists",
-                    op, key.dtype, ctx.target
+                    "no kernel for {} with {} weights ({}) on {}; `fdc kernels --list` shows what exists",
+                    op, key.dtype, key.quant, ctx.target
                 ),
             })?;
         selection.insert(node, chosen);

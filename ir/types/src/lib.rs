@@ -61,21 +61,103 @@ impl fmt::Display for DType {
     }
 }
 
-/// How a weight is quantized. `None` means stored plainly in its dtype.
-/// The quantization issue adds the packed integer and fp8 schemes here.
+/// How a weight is quantized, and whether the matmuls that read it quantize their activations.
+/// `None` means stored plainly in its dtype. `WnAm` stores n-bit integer codes with a scale per
+/// group of K (and a minimum when asymmetric); A16 keeps activations in float, A8 quantizes each
+/// token's activations to int8 (one scale per token, computed at run time). `Fp8` stores e4m3
+/// codes with a scale per output row and rounds each token's activations to e4m3 likewise.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum QuantScheme {
     None,
+    W8A16,
+    W4A16,
+    W2A16,
+    W8A8,
+    W4A8,
+    Fp8,
 }
 
-impl QuantScheme {
-    pub fn name(self) -> &'static str {
+/// Element format of a quantized weight's codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CodeFormat {
+    /// Unsigned integer codes of this many bits (8, 4 or 2).
+    Int(u8),
+    /// FP8 e4m3 (1 sign, 4 exponent bits with bias 7, 3 mantissa bits, no infinities).
+    Fp8E4M3,
+}
+
+impl CodeFormat {
+    /// Bits per code.
+    pub fn bits(self) -> u32 {
         match self {
-            QuantScheme::None => "none",
+            CodeFormat::Int(b) => b as u32,
+            CodeFormat::Fp8E4M3 => 8,
         }
     }
 }
 
+/// How a matmul treats its activations under a scheme.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ActQuant {
+    /// Activations stay f32.
+    None,
+    /// Each token row is scaled by `max|x| / 127` and rounded to integers in [-127, 127].
+    Int8PerToken,
+    /// Each token row is scaled by `max|x| / 448` and rounded to the nearest e4m3 value.
+    Fp8PerToken,
+}
+
+impl QuantScheme {
+    pub const ALL: &'static [QuantScheme] = &[
+        QuantScheme::None,
+        QuantScheme::W8A16,
+        QuantScheme::W4A16,
+        QuantScheme::W2A16,
+        QuantScheme::W8A8,
+        QuantScheme::W4A8,
+        QuantScheme::Fp8,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantScheme::None => "none",
+            QuantScheme::W8A16 => "w8a16",
+            QuantScheme::W4A16 => "w4a16",
+            QuantScheme::W2A16 => "w2a16",
+            QuantScheme::W8A8 => "w8a8",
+            QuantScheme::W4A8 => "w4a8",
+            QuantScheme::Fp8 => "fp8",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<QuantScheme> {
+        QuantScheme::ALL.iter().copied().find(|q| q.name() == text)
+    }
+
+    /// The weight code format; `None` for unquantized weights.
+    pub fn code_format(self) -> Option<CodeFormat> {
+        Some(match self {
+            QuantScheme::None => return None,
+            QuantScheme::W8A16 | QuantScheme::W8A8 => CodeFormat::Int(8),
+            QuantScheme::W4A16 | QuantScheme::W4A8 => CodeFormat::Int(4),
+            QuantScheme::W2A16 => CodeFormat::Int(2),
+            QuantScheme::Fp8 => CodeFormat::Fp8E4M3,
+        })
+    }
+
+    pub fn act_quant(self) -> ActQuant {
+        match self {
+            QuantScheme::W8A8 | QuantScheme::W4A8 => ActQuant::Int8PerToken,
+            QuantScheme::Fp8 => ActQuant::Fp8PerToken,
+            _ => ActQuant::None,
+        }
+    }
+
+    /// Whether the scheme may store a minimum per group (integer codes only).
+    pub fn allows_asymmetric(self) -> bool {
+        matches!(self.code_format(), Some(CodeFormat::Int(_)))
+    }
+}
 impl fmt::Display for QuantScheme {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -304,6 +386,10 @@ mod tests {
             assert_eq!(MoeRouting::parse(r.name()), Some(r));
         }
         assert_eq!(MoeRouting::parse("top1"), None);
+        for &q in QuantScheme::ALL {
+            assert_eq!(QuantScheme::parse(q.name()), Some(q));
+        }
+        assert_eq!(QuantScheme::parse("w3a16"), None);
     }
 
     #[test]

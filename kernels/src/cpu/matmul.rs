@@ -321,7 +321,7 @@ unsafe fn dot_block<S: Simd, E: WeightElem, const TB: usize, const RB: usize>(
 // Shared micro-kernel: m token rows x c column vectors of a k-major panel.
 
 /// Most token rows one micro-kernel call handles on `isa`.
-fn max_rows(isa: CpuIsa) -> usize {
+pub(super) fn max_rows(isa: CpuIsa) -> usize {
     match isa {
         CpuIsa::Avx512 => 8,
         CpuIsa::Avx2 => 6,
@@ -336,25 +336,25 @@ fn max_rows(isa: CpuIsa) -> usize {
 /// `(v % nvp) * LANES`; its weights for `k_begin` start at `w + (v / nvp) * panel_stride +
 /// (v % nvp) * LANES`, and each next k is `step` elements further. It writes output columns
 /// `col0 + (v / nvp) * step + (v % nvp) * LANES ..`, those below `n_end`.
-struct Block<E> {
+pub(super) struct Block<E> {
     /// `x[t0, k_begin]`.
-    x: *const f32,
-    x_stride: usize,
-    k_begin: usize,
-    k_end: usize,
-    w: *const E,
-    panel_stride: usize,
+    pub(super) x: *const f32,
+    pub(super) x_stride: usize,
+    pub(super) k_begin: usize,
+    pub(super) k_end: usize,
+    pub(super) w: *const E,
+    pub(super) panel_stride: usize,
     /// Panel width P: elements per k inside a panel, and output columns per panel.
-    step: usize,
+    pub(super) step: usize,
     /// Vectors per panel, `P / LANES`.
-    nvp: usize,
+    pub(super) nvp: usize,
     /// `out[t0, 0]`.
-    out: *mut f32,
-    out_stride: usize,
-    col0: usize,
-    n_end: usize,
+    pub(super) out: *mut f32,
+    pub(super) out_stride: usize,
+    pub(super) col0: usize,
+    pub(super) n_end: usize,
     /// `bias[0]`.
-    bias: Option<*const f32>,
+    pub(super) bias: Option<*const f32>,
 }
 
 impl<E> Block<E> {
@@ -383,7 +383,7 @@ impl<E> Block<E> {
 /// the registers hold (accumulators m x c plus the weight vectors or broadcasts in flight).
 /// Every output has its own chain, so how the vectors are grouped changes nothing but speed.
 #[inline(always)]
-unsafe fn row_group<S: Simd, E: WeightElem>(
+pub(super) unsafe fn row_group<S: Simd, E: WeightElem>(
     m: usize,
     b: &Block<E>,
     vectors: std::ops::Range<usize>,

@@ -20,6 +20,7 @@ mod layout;
 mod matmul;
 mod moe;
 mod norm;
+pub mod quant;
 mod rope;
 mod simd;
 
@@ -37,6 +38,7 @@ pub use layout::{PackedLayout, WeightLayout};
 pub use matmul::{matmul, matmul_with_path, MatmulPath};
 pub use moe::{moe, route as moe_route, MoeParams};
 pub use norm::{add_rms_norm, rms_norm};
+pub use quant::{embedding_quant, matmul_quant, QuantFormat, QuantMatrix, QuantWeight};
 pub use rope::rope;
 
 /// Plain scalar versions of every kernel, same arguments less the ISA: the numerical ground
@@ -48,6 +50,7 @@ pub mod reference {
     pub use super::matmul::reference::matmul;
     pub use super::moe::reference::moe;
     pub use super::norm::reference::{add_rms_norm, rms_norm};
+    pub use super::quant::reference::{dequantize as dequantize_quant, matmul_quant};
     pub use super::rope::reference::rope;
 }
 

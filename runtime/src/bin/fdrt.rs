@@ -99,6 +99,28 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Perplexity of the plan on a text file, and with --reference the KL divergence and top-1
+    /// agreement of its next-token distributions against another plan's.
+    Eval {
+        plan: PathBuf,
+        /// The text (UTF-8), tokenized with the plan's tokenizer.
+        #[arg(long)]
+        text: PathBuf,
+        /// A plan to compare with (the unquantized model).
+        #[arg(long)]
+        reference: Option<PathBuf>,
+        /// Tokens per window; each window starts from an empty cache.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Use only the first N tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// Serve the plan over an OpenAI-compatible HTTP API with continuous batching.
     Serve {
         plan: PathBuf,
@@ -379,6 +401,72 @@ fn run() -> Result<()> {
                 vocab,
                 out.display()
             );
+        }
+        Command::Eval {
+            plan,
+            text,
+            reference,
+            window,
+            max_tokens,
+            json,
+            run,
+        } => {
+            let mut engine = load(&plan, &run)?;
+            let tokenizer = TextTokenizer::from_json(
+                engine
+                    .plan()
+                    .tokenizer_json()
+                    .context("the plan has no tokenizer")?,
+            )?;
+            let body = std::fs::read_to_string(&text)
+                .with_context(|| format!("reading {}", text.display()))?;
+            let mut ids = tokenizer.encode_raw(&body)?;
+            if let Some(n) = max_tokens {
+                ids.truncate(n);
+            }
+            let mut reference = match &reference {
+                Some(p) => Some(load(
+                    p,
+                    &RunArgs {
+                        threads: None,
+                        ..run.clone()
+                    },
+                )?),
+                None => None,
+            };
+            let r = runtime::eval::evaluate(&mut engine, reference.as_mut(), &ids, window)?;
+            if json {
+                let mut v = serde_json::json!({
+                    "plan": plan.display().to_string(),
+                    "text": text.display().to_string(),
+                    "tokens": ids.len(),
+                    "window": window,
+                    "predictions": r.predictions,
+                    "perplexity": r.perplexity,
+                });
+                if let Some(c) = &r.reference {
+                    v["reference_perplexity"] = c.reference_perplexity.into();
+                    v["mean_kl"] = c.mean_kl.into();
+                    v["top1_agreement"] = c.top1_agreement.into();
+                }
+                println!("{v}");
+            } else {
+                print!(
+                    "{} tokens, {} predictions: perplexity {:.4}",
+                    ids.len(),
+                    r.predictions,
+                    r.perplexity
+                );
+                if let Some(c) = &r.reference {
+                    print!(
+                        "; reference perplexity {:.4}, mean KL {:.5} nats, top-1 agreement {:.2}%",
+                        c.reference_perplexity,
+                        c.mean_kl,
+                        100.0 * c.top1_agreement
+                    );
+                }
+                println!();
+            }
         }
         Command::Serve {
             plan,

@@ -55,6 +55,7 @@ pub fn compiled(model: &Path, dtype: DType) -> PathBuf {
     let options = CompileOptions {
         target: Target::parse("cpu").expect("cpu"),
         weight_dtype: dtype,
+        quant: Default::default(),
         progress: false,
     };
     compiler::compile(model, &out, &options)

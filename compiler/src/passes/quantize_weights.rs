@@ -1,0 +1,217 @@
+//! `quantize_weights`: decides how every matmul weight is stored: unquantized in `--dtype`, or in
+//! one of the quantization schemes with its group size and symmetry (`--quant`, `--group-size`,
+//! `--quant-asym`/`--quant-sym`, `--quant-override PATTERN=SCHEME`).
+//!
+//! Only matrices read by matmuls (and possibly by an embedding: tied tables) are quantized; norms,
+//! biases and mixture-of-experts experts stay as they are. A table read by an embedding and the
+//! `lm_head` default to `w8a16` under any other scheme, as is usual (their error reaches every
+//! token's logits); an override names them to change that. It is an analysis: it does not
+//! change the graph; the weight writer quantizes the data and `select_kernels` reads the result.
+//!
+//! Errors: a scheme the target has no kernel for lists the schemes it has; a group size that
+//! does not divide a weight's K names the weight.
+
+use super::{PassCtx, PassError};
+use ir::{CodeFormat, DType, Graph, Op, OpKind, QuantScheme, ValueDef, ValueId};
+use kernels::cpu::QuantFormat;
+use kernels::registry::{self, KernelKey};
+use std::collections::HashMap;
+
+/// Group size on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupSize {
+    /// One scale per output row.
+    Channel,
+    Elements(usize),
+}
+
+/// The user's quantization choices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuantOptions {
+    pub scheme: QuantScheme,
+    /// None: the scheme's default (32 for integer codes, per channel for fp8).
+    pub group: Option<GroupSize>,
+    /// None: the scheme's default (asymmetric for 4 and 2 bits, symmetric for 8 bits and fp8).
+    pub asymmetric: Option<bool>,
+    /// `(pattern, scheme)`, later entries winning; see [`name_matches`].
+    pub overrides: Vec<(String, QuantScheme)>,
+    /// Plain rounding for asymmetric groups instead of the fitted ranges (`crate::quantize`).
+    pub round_to_nearest: bool,
+}
+
+impl Default for QuantOptions {
+    fn default() -> Self {
+        QuantOptions {
+            scheme: QuantScheme::None,
+            group: None,
+            asymmetric: None,
+            overrides: vec![],
+            round_to_nearest: false,
+        }
+    }
+}
+
+/// How one weight is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WeightQuant {
+    pub scheme: QuantScheme,
+    pub format: QuantFormat,
+    /// Set by the compiler when the checkpoint's own blocks are copied (GGUF pass-through).
+    pub from_checkpoint: bool,
+}
+
+/// The quantized weights; weights absent are stored unquantized.
+pub type QuantPlan = HashMap<ValueId, WeightQuant>;
+
+pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
+    let options = &ctx.quant;
+    let mut plan = QuantPlan::new();
+    let fail = |message: String| PassError::Failed {
+        pass: "quantize_weights",
+        message,
+    };
+    for w in graph.weights() {
+        let ValueDef::Weight { name, .. } = &graph.value(w).def else {
+            continue;
+        };
+        let users = graph.users(w);
+        let by_matmul = |n: &ir::NodeId| {
+            let node = graph.node(*n);
+            matches!(node.op, Op::MatMul) && node.inputs.get(1) == Some(&w)
+        };
+        let by_embedding = |n: &ir::NodeId| {
+            let node = graph.node(*n);
+            matches!(node.op, Op::Embedding) && node.inputs.first() == Some(&w)
+        };
+        let ty = graph.ty(w);
+        if ty.shape.0.len() != 2
+            || !users.iter().any(by_matmul)
+            || !users.iter().all(|n| by_matmul(n) || by_embedding(n))
+        {
+            continue;
+        }
+        let table = users.iter().any(by_embedding) || name.starts_with("lm_head");
+        let mut scheme = match options.scheme {
+            QuantScheme::None => QuantScheme::None,
+            _ if table => QuantScheme::W8A16,
+            s => s,
+        };
+        for (pattern, s) in &options.overrides {
+            if name_matches(pattern, name) {
+                scheme = *s;
+            }
+        }
+        if scheme == QuantScheme::None {
+            continue;
+        }
+        check_target(scheme, ctx).map_err(fail)?;
+        let Some(codes) = scheme.code_format() else {
+            continue;
+        };
+        let k = ty.shape.0[1].as_const().unwrap_or(0);
+        let group = match options.group {
+            Some(GroupSize::Elements(g)) => g,
+            Some(GroupSize::Channel) => k,
+            None if codes == CodeFormat::Fp8E4M3 => k,
+            None => 32,
+        };
+        let asymmetric = scheme.allows_asymmetric()
+            && options
+                .asymmetric
+                .unwrap_or(matches!(codes, CodeFormat::Int(4 | 2)));
+        let format = QuantFormat {
+            codes,
+            group,
+            asymmetric,
+        };
+        format.check(k).map_err(|m| {
+            fail(format!(
+                "weight {name} [{}, {k}] under {scheme}: {m}",
+                ty.shape.0[0]
+            ))
+        })?;
+        plan.insert(
+            w,
+            WeightQuant {
+                scheme,
+                format,
+                from_checkpoint: false,
+            },
+        );
+    }
+    Ok(plan)
+}
+
+/// Whether the target has a matmul for `scheme`; if not, the message lists the ones it has.
+fn check_target(scheme: QuantScheme, ctx: &PassCtx) -> Result<(), String> {
+    let key = |quant| KernelKey {
+        op: OpKind::MatMul,
+        dtype: DType::U8,
+        quant,
+        target: ctx.target,
+    };
+    if !registry::lookup(&key(scheme)).is_empty() {
+        return Ok(());
+    }
+    let available: Vec<&str> = QuantScheme::ALL
+        .iter()
+        .filter(|&&q| q == QuantScheme::None || !registry::lookup(&key(q)).is_empty())
+        .map(|q| q.name())
+        .collect();
+    Err(format!(
+        "target {} cannot run --quant {scheme}; it runs: {}",
+        ctx.target,
+        available.join(", ")
+    ))
+}
+
+/// Whether `pattern` (`*` matches any run of characters) matches the whole of `name` or a part of
+/// it between dots: `lm_head` matches `lm_head.weight`, `embed*` matches
+/// `model.embed_tokens.weight`, `*mlp*` matches every MLP weight. Hand-written: ten lines do
+/// not justify a glob crate, and this matches whole dotted segments, which globs do not.
+pub fn name_matches(pattern: &str, name: &str) -> bool {
+    let starts = std::iter::once(0).chain(name.match_indices('.').map(|(i, _)| i + 1));
+    let starts: Vec<usize> = starts.collect();
+    starts.iter().any(|&s| {
+        let rest = &name[s..];
+        let ends = rest
+            .match_indices('.')
+            .map(|(i, _)| i)
+            .chain(std::iter::once(rest.len()));
+        ends.into_iter()
+            .any(|e| glob(pattern.as_bytes(), &rest.as_bytes()[..e]))
+    })
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    match p.split_first() {
+        None => s.is_empty(),
+        Some((b'*', rest)) => (0..=s.len()).any(|i| glob(rest, &s[i..])),
+        Some((&c, rest)) => s.first() == Some(&c) && glob(rest, &s[1..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_dotted_segments() {
+        let cases = [
+            ("lm_head", "lm_head.weight", true),
+            ("embed*", "model.embed_tokens.weight", true),
+            ("*mlp*", "model.layers.3.mlp.gate_proj+up_proj.weight", true),
+            ("layers.0.*", "model.layers.0.self_attn.o_proj.weight", true),
+            (
+                "layers.0.*",
+                "model.layers.10.self_attn.o_proj.weight",
+                false,
+            ),
+            ("head", "lm_head.weight", false),
+            ("model.norm.weight", "model.norm.weight", true),
+        ];
+        for (pattern, name, want) in cases {
+            assert_eq!(name_matches(pattern, name), want, "{pattern} {name}");
+        }
+    }
+}

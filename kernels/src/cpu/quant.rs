@@ -1,0 +1,1095 @@
+//! Quantized weights: their packed layout, the packer, and the matmul and embedding kernels that
+//! read them. Shapes: a weight is `[N, K]`, activations `[T, K]`, outputs `[T, N]`.
+//!
+//! A quantized weight is integer (8, 4 or 2 bits) or FP8 e4m3 codes with a scale per group of
+//! `G` consecutive k of one row (`G = K` is one scale per row), plus a minimum per group when
+//! asymmetric. The value of element `[n, k]`, with `g = k / G`:
+//! - symmetric integer, b bits: `w = (code - 2^(b-1)) * scale[n, g]` (GGUF Q8_0 and Q4_0);
+//! - asymmetric integer: `w = code * scale[n, g] + min[n, g]` (GGUF Q4_1);
+//! - FP8: `w = e4m3(code) * scale[n, g]`.
+//!
+//! Scales and minimums are f16, so the product `q * scale` is exact in f32 (at most 8 + 11
+//! significant bits) and a weight is rounded at most once, by the add of the minimum: every
+//! path (kernel, embedding, reference, GGUF's own dequantization) gets the same f32 value.
+//!
+//! Layout (what the compiler writes and the kernels stream, never repacked): the matmul's panels
+//! of P rows (see [`PackedLayout`]). Codes: panel after panel; inside a panel, for each k in
+//! order, the P codes of its rows packed into `P * b / 8` bytes, where with `c = 8 / b` codes per
+//! byte, bits `[s*b, (s+1)*b)` of byte `j` hold row `s * (P / c) + j` (so unpacking slot s of
+//! consecutive bytes gives consecutive rows). Scales: for each panel, for each group, the P
+//! scales of its rows; minimums likewise. Rows past N (the last panel's padding) have zero codes
+//! and zero scales.
+//!
+//! The matmul dequantizes one chunk of `QUANT_CHUNK` k of a few panels at a time into a small
+//! per-thread f32 buffer (at most 8 panels: 32 KB on AVX2) and runs the dense micro-kernel on it,
+//! so no dequantized copy of a matrix ever exists. Every output sums its K terms the same way for
+//! any T: chunks of `QUANT_CHUNK` from k = 0, one FMA chain per chunk, chunks added in order, so
+//! the kernel is batch invariant like the dense panel path.
+//!
+//! Activation quantization (the A8 and FP8 schemes) happens per token row at run time: the row
+//! is divided by `max|x| / 127` (or `/ 448`) and rounded to the int8 (or e4m3) grid; the matmul
+//! then runs on those rounded values and multiplies each output row by its scale. The products of
+//! integer or e4m3 values with the weights are what an integer or FP8 kernel forms; this CPU path
+//! accumulates them in f32 (see `docs/QUANTIZATION.md`).
+
+use super::matmul::{max_rows, row_group, Block};
+use super::simd::{run_simd, Simd, SimdTask};
+use super::{check_len, check_rows, runnable_isa, PackedLayout, SharedMut};
+use crate::KernelError;
+use half::f16;
+use ir_types::{ActQuant, CodeFormat, CpuIsa};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// K is summed in chunks of this many elements from k = 0 (part of every output's summation
+/// order). Group sizes of 32 and more divide or are divided by it.
+pub const QUANT_CHUNK: usize = 64;
+/// Most panels one task dequantizes per chunk: 8 panels of 16 rows x 64 k in f32 are 32 KB.
+const MAX_TILE_PANELS: usize = 8;
+/// Token rows per task when the panels alone give too few tasks.
+const T_BLOCK: usize = 128;
+
+/// How a quantized weight's codes and scales are to be read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct QuantFormat {
+    pub codes: CodeFormat,
+    /// K elements per scale; equal to K for one scale per row.
+    pub group: usize,
+    /// Whether each group has a minimum (integer codes only).
+    pub asymmetric: bool,
+}
+
+impl QuantFormat {
+    /// Checks the format on a `[rows, cols]` weight: a code width the kernels read, a positive
+    /// group that divides `cols`, minimums only with integer codes.
+    pub fn check(&self, cols: usize) -> Result<(), String> {
+        match self.codes {
+            CodeFormat::Int(8 | 4 | 2) | CodeFormat::Fp8E4M3 => {}
+            CodeFormat::Int(b) => return Err(format!("{b}-bit codes are not supported")),
+        }
+        if self.asymmetric && self.codes == CodeFormat::Fp8E4M3 {
+            return Err("fp8 codes are symmetric".into());
+        }
+        if self.group == 0 || !cols.is_multiple_of(self.group) {
+            return Err(format!(
+                "group size {} does not divide the {cols} columns",
+                self.group
+            ));
+        }
+        Ok(())
+    }
+
+    /// Groups per row of a `[_, cols]` weight.
+    pub fn groups(&self, cols: usize) -> usize {
+        cols / self.group.max(1)
+    }
+
+    /// The offset subtracted from a symmetric integer code.
+    fn offset(&self) -> f32 {
+        match (self.codes, self.asymmetric) {
+            (CodeFormat::Int(b), false) => (1u32 << (b - 1)) as f32,
+            _ => 0.0,
+        }
+    }
+
+    /// The weight value of `code` with this group's `scale` and `min` (see the module doc).
+    #[inline(always)]
+    pub fn value(&self, code: u8, scale: f32, min: f32) -> f32 {
+        match self.codes {
+            CodeFormat::Fp8E4M3 => e4m3_to_f32(code) * scale,
+            CodeFormat::Int(_) if self.asymmetric => code as f32 * scale + min,
+            CodeFormat::Int(_) => (code as f32 - self.offset()) * scale,
+        }
+    }
+}
+
+/// Sizes of the three parts of a packed quantized weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantSizes {
+    pub code_bytes: usize,
+    /// f16 values each, of scales and (when asymmetric, else 0) of minimums.
+    pub scales: usize,
+    pub mins: usize,
+}
+
+/// Bytes and value counts of an `[n, k]` weight of `format` in panels of `layout`.
+pub fn quant_sizes(format: &QuantFormat, layout: PackedLayout, n: usize, k: usize) -> QuantSizes {
+    let rows = n.div_ceil(layout.panel()).saturating_mul(layout.panel());
+    let scales = rows.saturating_mul(format.groups(k));
+    QuantSizes {
+        code_bytes: rows.saturating_mul(k) / 8 * format.codes.bits() as usize,
+        scales,
+        mins: if format.asymmetric { scales } else { 0 },
+    }
+}
+
+/// Where the parts of a quantized weight stored as one byte buffer start: packed codes at 0, f16
+/// scales at `scales_offset`, f16 minimums at `mins_offset`, each at a multiple of 64 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantBytes {
+    pub scales_offset: usize,
+    pub mins_offset: usize,
+    pub len: usize,
+}
+
+impl QuantBytes {
+    pub fn of(format: &QuantFormat, layout: PackedLayout, n: usize, k: usize) -> QuantBytes {
+        const ALIGN: usize = 64;
+        let sizes = quant_sizes(format, layout, n, k);
+        let scales_offset = sizes.code_bytes.next_multiple_of(ALIGN);
+        let mins_offset = (scales_offset + 2 * sizes.scales).next_multiple_of(ALIGN);
+        QuantBytes {
+            scales_offset,
+            mins_offset,
+            len: mins_offset + 2 * sizes.mins,
+        }
+    }
+
+    /// The buffer of `packed` in this layout (what the compiler writes).
+    pub fn write(&self, packed: &PackedQuant) -> Vec<u8> {
+        let mut bytes = vec![0u8; self.len];
+        bytes[..packed.codes.len()].copy_from_slice(&packed.codes);
+        for (i, s) in packed.scales.iter().enumerate() {
+            bytes[self.scales_offset + 2 * i..][..2].copy_from_slice(&s.to_le_bytes());
+        }
+        for (i, m) in packed.mins.iter().enumerate() {
+            bytes[self.mins_offset + 2 * i..][..2].copy_from_slice(&m.to_le_bytes());
+        }
+        bytes
+    }
+}
+
+/// A quantized `[rows, cols]` weight in the panel layout (see the module documentation).
+#[derive(Clone, Copy, Debug)]
+pub struct QuantWeight<'a> {
+    pub format: QuantFormat,
+    pub layout: PackedLayout,
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: &'a [u8],
+    pub scales: &'a [f16],
+    /// Empty when symmetric.
+    pub mins: &'a [f16],
+}
+
+impl<'a> QuantWeight<'a> {
+    /// The weight stored in `bytes` as [`QuantBytes`] lays it out (little-endian f16), checked
+    /// for size and alignment.
+    pub fn from_bytes(
+        format: QuantFormat,
+        layout: PackedLayout,
+        rows: usize,
+        cols: usize,
+        bytes: &'a [u8],
+    ) -> Result<QuantWeight<'a>, KernelError> {
+        const NAME: &str = "quantized weight";
+        format
+            .check(cols)
+            .map_err(|m| KernelError::shape(NAME, m))?;
+        let parts = QuantBytes::of(&format, layout, rows, cols);
+        let sizes = quant_sizes(&format, layout, rows, cols);
+        if bytes.len() != parts.len {
+            return Err(KernelError::shape(
+                NAME,
+                format!("{} bytes, {rows} x {cols} needs {}", bytes.len(), parts.len),
+            ));
+        }
+        let halves = |offset: usize, n: usize| -> Result<&'a [f16], KernelError> {
+            let part = &bytes[offset..offset + 2 * n];
+            if !cfg!(target_endian = "little") || part.as_ptr().align_offset(2) != 0 {
+                return Err(KernelError::shape(NAME, "scales are misaligned"));
+            }
+            // SAFETY: `part` holds 2n initialized bytes at 2-byte alignment, and f16 is a
+            // plain 16-bit value stored little-endian, this machine's order (checked above).
+            Ok(unsafe { std::slice::from_raw_parts(part.as_ptr() as *const f16, n) })
+        };
+        Ok(QuantWeight {
+            format,
+            layout,
+            rows,
+            cols,
+            codes: &bytes[..sizes.code_bytes],
+            scales: halves(parts.scales_offset, sizes.scales)?,
+            mins: halves(parts.mins_offset, sizes.mins)?,
+        })
+    }
+
+    pub fn check(&self, kernel: &'static str) -> Result<(), KernelError> {
+        self.format
+            .check(self.cols)
+            .map_err(|m| KernelError::shape(kernel, m))?;
+        let want = quant_sizes(&self.format, self.layout, self.rows, self.cols);
+        if self.codes.len() != want.code_bytes
+            || self.scales.len() != want.scales
+            || self.mins.len() != want.mins
+        {
+            return Err(KernelError::shape(
+                kernel,
+                format!(
+                    "quantized weight has {} code bytes, {} scales, {} minimums; {} x {} needs {}, {}, {}",
+                    self.codes.len(),
+                    self.scales.len(),
+                    self.mins.len(),
+                    self.rows,
+                    self.cols,
+                    want.code_bytes,
+                    want.scales,
+                    want.mins
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The code of element `[row, col]`.
+    fn code(&self, row: usize, col: usize) -> u8 {
+        let p = self.layout.panel();
+        let bits = self.format.codes.bits() as usize;
+        let per_byte = 8 / bits;
+        let bytes_per_k = p / per_byte;
+        let (panel, j) = (row / p, row % p);
+        let at = (panel * self.cols + col) * bytes_per_k + j % bytes_per_k;
+        let slot = j / bytes_per_k;
+        (self.codes[at] >> (slot * bits)) & (((1u32 << bits) - 1) as u8)
+    }
+
+    /// Element `[row, col]` as f32, exactly the value the kernels compute with.
+    pub fn get_f32(&self, row: usize, col: usize) -> f32 {
+        let p = self.layout.panel();
+        let groups = self.format.groups(self.cols);
+        let s = ((row / p) * groups + col / self.format.group) * p + row % p;
+        let min = self.mins.get(s).map_or(0.0, |m| m.to_f32());
+        self.format
+            .value(self.code(row, col), self.scales[s].to_f32(), min)
+    }
+}
+
+/// A quantized matrix before packing: one code per element and one scale (and minimum) per
+/// group, row-major: what a quantizer produces and what GGUF blocks hold.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuantMatrix {
+    pub format: QuantFormat,
+    pub rows: usize,
+    pub cols: usize,
+    /// `[rows, cols]`, each below `2^bits`.
+    pub codes: Vec<u8>,
+    /// `[rows, cols / group]`.
+    pub scales: Vec<f16>,
+    /// `[rows, cols / group]` when asymmetric, else empty.
+    pub mins: Vec<f16>,
+}
+
+/// A packed quantized weight's three parts, owned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedQuant {
+    pub codes: Vec<u8>,
+    pub scales: Vec<f16>,
+    pub mins: Vec<f16>,
+}
+
+impl QuantMatrix {
+    /// The matrix in `layout`'s panels (see the module documentation).
+    pub fn pack(&self, layout: PackedLayout) -> Result<PackedQuant, KernelError> {
+        const NAME: &str = "quant pack";
+        let (n, k) = (self.rows, self.cols);
+        self.format
+            .check(k)
+            .map_err(|m| KernelError::shape(NAME, m))?;
+        let groups = self.format.groups(k);
+        let bits = self.format.codes.bits() as usize;
+        if self.codes.len() != n * k
+            || self.scales.len() != n * groups
+            || self.mins.len()
+                != if self.format.asymmetric {
+                    n * groups
+                } else {
+                    0
+                }
+            || self.codes.iter().any(|&c| (c as u32) >> bits != 0)
+        {
+            return Err(KernelError::shape(
+                NAME,
+                format!(
+                    "codes, scales or minimums do not fit a {n} x {k} matrix of {bits}-bit codes"
+                ),
+            ));
+        }
+        let p = layout.panel();
+        let sizes = quant_sizes(&self.format, layout, n, k);
+        let per_byte = 8 / bits;
+        let bytes_per_k = p / per_byte;
+        let mut codes = vec![0u8; sizes.code_bytes];
+        let mut scales = vec![f16::ZERO; sizes.scales];
+        let mut mins = vec![f16::ZERO; sizes.mins];
+        for row in 0..n {
+            let (panel, j) = (row / p, row % p);
+            let (byte, slot) = (j % bytes_per_k, j / bytes_per_k);
+            for col in 0..k {
+                let at = (panel * k + col) * bytes_per_k + byte;
+                codes[at] |= self.codes[row * k + col] << (slot * bits);
+            }
+            for g in 0..groups {
+                let s = (panel * groups + g) * p + j;
+                scales[s] = self.scales[row * groups + g];
+                if self.format.asymmetric {
+                    mins[s] = self.mins[row * groups + g];
+                }
+            }
+        }
+        Ok(PackedQuant {
+            codes,
+            scales,
+            mins,
+        })
+    }
+
+    /// Element `[row, col]` as f32 (see [`QuantFormat::value`]).
+    pub fn get_f32(&self, row: usize, col: usize) -> f32 {
+        let g = row * self.format.groups(self.cols) + col / self.format.group;
+        let min = self.mins.get(g).map_or(0.0, |m| m.to_f32());
+        self.format.value(
+            self.codes[row * self.cols + col],
+            self.scales[g].to_f32(),
+            min,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP8 e4m3
+
+/// The e4m3 value of `code`: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is
+/// subnormal (`m * 2^-9`). The two NaN codes (0x7f, 0xff) give NaN.
+#[inline(always)]
+pub fn e4m3_to_f32(code: u8) -> f32 {
+    E4M3_TABLE[code as usize]
+}
+
+static E4M3_TABLE: [f32; 256] = {
+    let mut table = [0f32; 256];
+    let mut c = 0;
+    while c < 256 {
+        let (e, m) = ((c >> 3) & 15, c & 7);
+        let magnitude = if c & 0x7f == 0x7f {
+            f32::NAN
+        } else if e == 0 {
+            m as f32 / 512.0
+        } else {
+            // (8 + m) * 2^(e - 10), built from powers of two exactly.
+            let mut v = (8 + m) as f32;
+            let mut i = 0;
+            while i < 10 {
+                v /= 2.0;
+                i += 1;
+            }
+            let mut i = 0;
+            while i < e {
+                v *= 2.0;
+                i += 1;
+            }
+            v
+        };
+        table[c] = if c & 0x80 != 0 { -magnitude } else { magnitude };
+        c += 1;
+    }
+    table
+};
+
+/// The largest finite e4m3 value.
+pub const E4M3_MAX: f32 = 448.0;
+
+/// `v` rounded to the nearest e4m3 value (ties to even), saturating at +-448.
+#[inline(always)]
+pub fn round_to_e4m3(v: f32) -> f32 {
+    let a = v.abs();
+    let r = if a >= E4M3_MAX {
+        E4M3_MAX
+    } else if a < 1.0 / 64.0 {
+        // Subnormal range: a fixed quantum of 2^-9.
+        (a * 512.0).round_ties_even() / 512.0
+    } else {
+        // Normal range: keep 3 of f32's 23 mantissa bits, rounding to nearest even.
+        let b = a.to_bits();
+        f32::from_bits((b + 0x7_ffff + ((b >> 20) & 1)) & !0xf_ffff)
+    };
+    if v.is_nan() {
+        v
+    } else {
+        r.copysign(v)
+    }
+}
+
+/// The e4m3 code of an e4m3 value `v` (as returned by [`round_to_e4m3`]).
+pub fn e4m3_code(v: f32) -> u8 {
+    let sign = if v.is_sign_negative() { 0x80 } else { 0 };
+    let a = v.abs();
+    let magnitude = if a < 1.0 / 64.0 {
+        (a * 512.0) as u8
+    } else {
+        let b = a.to_bits();
+        let e = ((b >> 23) as i32 - 127 + 7) as u8;
+        (e << 3) | ((b >> 20) & 7) as u8
+    };
+    sign | magnitude
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization
+
+/// Quantizes the K values of one token row into `q` (values on the int8 or e4m3 grid, as f32) and
+/// returns the row's scale: `x ~ q * scale`. An all-zero row has scale 0 and zero values.
+#[inline(always)]
+pub fn quantize_activation_row(act: ActQuant, x: &[f32], q: &mut [f32]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (limit, round): (f32, fn(f32) -> f32) = match act {
+        ActQuant::None => {
+            q.copy_from_slice(x);
+            return 1.0;
+        }
+        ActQuant::Int8PerToken => (127.0, f32::round),
+        ActQuant::Fp8PerToken => (E4M3_MAX, round_to_e4m3),
+    };
+    let scale = amax / limit;
+    if scale == 0.0 {
+        q.fill(0.0);
+        return 0.0;
+    }
+    for (q, &v) in q.iter_mut().zip(x) {
+        *q = round(v / scale).clamp(-limit, limit);
+    }
+    scale
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matmul
+
+thread_local! {
+    /// Per-thread buffer of dequantized panel chunks, reused across calls.
+    static CHUNK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread quantized activations of the A8 and FP8 schemes.
+    static ACTS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `out[T, N] = act(x)[T, K] @ w[N, K]^T (+ bias[N])`, where `act` quantizes each token row
+/// for the A8 and FP8 schemes and is the identity for A16 (see the module documentation).
+///
+/// Shapes: `x` `[T, K]` f32 with row stride `x_stride`; `w` quantized `[N, K]` in panels;
+/// `bias` `[N]` f32; `out` `[T, N]` f32 with row stride `out_stride`. An output row is
+/// bit-identical whatever T, the other rows and the thread count are.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_quant(
+    isa: CpuIsa,
+    act: ActQuant,
+    x: &[f32],
+    x_stride: usize,
+    t: usize,
+    w: &QuantWeight,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), KernelError> {
+    const NAME: &str = "matmul_quant";
+    w.check(NAME)?;
+    let (n, k) = (w.rows, w.cols);
+    check_rows(NAME, "x", x.len(), t, k, x_stride)?;
+    check_rows(NAME, "out", out.len(), t, n, out_stride)?;
+    if let Some(b) = bias {
+        check_len(NAME, "bias", b.len(), n)?;
+    }
+    if t == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        for row in out.chunks_mut(out_stride.max(1)).take(t) {
+            for (ni, o) in row[..n].iter_mut().enumerate() {
+                *o = bias.map_or(0.0, |b| b[ni]);
+            }
+        }
+        return Ok(());
+    }
+    let isa = runnable_isa(isa);
+    if act == ActQuant::None {
+        let args = Args {
+            x,
+            x_stride,
+            t,
+            n,
+            k,
+            bias,
+            out: SharedMut(out.as_mut_ptr()),
+            out_stride,
+        };
+        run_tiles(isa, &args, w);
+        return Ok(());
+    }
+    let (mut xq, mut scales) = ACTS.take();
+    xq.resize(t * k, 0.0);
+    scales.resize(t, 0.0);
+    let rows_per_task = (1 << 14) / k + 1;
+    xq.par_chunks_mut(k * rows_per_task)
+        .zip(scales.par_chunks_mut(rows_per_task))
+        .enumerate()
+        .for_each(|(c, (q, s))| {
+            for (i, (q, s)) in q.chunks_mut(k).zip(s.iter_mut()).enumerate() {
+                let row = (c * rows_per_task + i) * x_stride;
+                *s = quantize_activation_row(act, &x[row..row + k], q);
+            }
+        });
+    let args = Args {
+        x: &xq,
+        x_stride: k,
+        t,
+        n,
+        k,
+        bias: None,
+        out: SharedMut(out.as_mut_ptr()),
+        out_stride,
+    };
+    run_tiles(isa, &args, w);
+    for (row, &s) in out.chunks_mut(out_stride.max(1)).take(t).zip(&scales) {
+        match bias {
+            Some(b) => {
+                for (o, &b) in row[..n].iter_mut().zip(b) {
+                    *o = *o * s + b;
+                }
+            }
+            None => row[..n].iter_mut().for_each(|o| *o *= s),
+        }
+    }
+    ACTS.set((xq, scales));
+    Ok(())
+}
+
+/// Validated arguments shared by every task.
+struct Args<'a> {
+    x: &'a [f32],
+    x_stride: usize,
+    t: usize,
+    n: usize,
+    k: usize,
+    bias: Option<&'a [f32]>,
+    out: SharedMut,
+    out_stride: usize,
+}
+
+fn run_tiles(isa: CpuIsa, args: &Args, w: &QuantWeight) {
+    let panel = w.layout.panel();
+    // AVX-512 vectors must tile the panel; an 8-wide panel runs on AVX2.
+    let isa = if isa == CpuIsa::Avx512 && !panel.is_multiple_of(16) {
+        CpuIsa::Avx2
+    } else {
+        isa
+    };
+    let n_panels = args.n.div_ceil(panel);
+    let threads = rayon::current_num_threads();
+    // About 8 tasks per thread balance uneven cores; a task dequantizes at most MAX_TILE_PANELS
+    // panels per chunk so the buffer stays in L1/L2.
+    let tile = n_panels.div_ceil(threads * 8).clamp(1, MAX_TILE_PANELS);
+    let n_tiles = n_panels.div_ceil(tile);
+    let t_blocks = if args.t <= max_rows(isa) || n_tiles >= threads * 4 {
+        1
+    } else {
+        args.t.div_ceil(T_BLOCK)
+    };
+    let t_block = args.t.div_ceil(t_blocks);
+    let run = |task: usize| {
+        let (ti, tb) = (task / t_blocks, task % t_blocks);
+        run_simd(
+            isa,
+            QuantTile {
+                args,
+                w,
+                panels: ti * tile..((ti + 1) * tile).min(n_panels),
+                rows: tb * t_block..((tb + 1) * t_block).min(args.t),
+            },
+        );
+    };
+    if n_tiles * t_blocks == 1 {
+        run(0);
+    } else {
+        (0..n_tiles * t_blocks).into_par_iter().for_each(run);
+    }
+}
+
+struct QuantTile<'a> {
+    args: &'a Args<'a>,
+    w: &'a QuantWeight<'a>,
+    panels: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+}
+
+impl SimdTask for QuantTile<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run<S: Simd>(self) {
+        let a = self.args;
+        let w = self.w;
+        let p = w.layout.panel();
+        let nvp = p / S::LANES;
+        let vectors = 0..self.panels.len() * nvp;
+        let mr = max_rows(S::ISA);
+        let mut buf = CHUNK.take();
+        let need = self.panels.len() * p * QUANT_CHUNK + 16;
+        if buf.len() < need {
+            buf.resize(need, 0.0);
+        }
+        let skew = buf.as_ptr().align_offset(64).min(15);
+        for k0 in (0..a.k).step_by(QUANT_CHUNK) {
+            let k1 = (k0 + QUANT_CHUNK).min(a.k);
+            let chunk = (k1 - k0) * p;
+            for (i, panel) in self.panels.clone().enumerate() {
+                let dst = &mut buf[skew + i * chunk..skew + (i + 1) * chunk];
+                dequant_chunk(w, panel, k0, k1, dst);
+            }
+            let wide = buf[skew..].as_ptr();
+            let mut t0 = self.rows.start;
+            while t0 < self.rows.end {
+                let m = (self.rows.end - t0).min(mr);
+                // SAFETY: `matmul_quant` checked x, out and bias against t, n, k and the
+                // strides; the buffer holds the tile's chunk, `chunk` floats per panel; this
+                // task writes out[rows, its panels' columns] only.
+                unsafe {
+                    let b = Block {
+                        x: a.x.as_ptr().add(t0 * a.x_stride + k0),
+                        x_stride: a.x_stride,
+                        k_begin: k0,
+                        k_end: k1,
+                        w: wide,
+                        panel_stride: chunk,
+                        step: p,
+                        nvp,
+                        out: a.out.0.add(t0 * a.out_stride),
+                        out_stride: a.out_stride,
+                        col0: self.panels.start * p,
+                        n_end: a.n,
+                        bias: a.bias.map(|b| b.as_ptr()),
+                    };
+                    row_group::<S, f32>(m, &b, vectors.clone());
+                }
+                t0 += m;
+            }
+        }
+        CHUNK.set(buf);
+    }
+}
+
+/// Writes the weights of `panel` for `k0..k1` into `dst`, k-major (`P` values per k), as f32.
+/// Plain loops over contiguous bytes, so the compiler vectorizes them for the caller's ISA.
+#[inline(always)]
+fn dequant_chunk(w: &QuantWeight, panel: usize, k0: usize, k1: usize, dst: &mut [f32]) {
+    let p = w.layout.panel();
+    let f = w.format;
+    let bits = f.codes.bits() as usize;
+    let bytes_per_k = p * bits / 8;
+    let groups = f.groups(w.cols);
+    let codes = &w.codes[panel * w.cols * bytes_per_k..][..w.cols * bytes_per_k];
+    let mut scale = [0f32; 64];
+    let mut min = [0f32; 64];
+    let offset = f.offset();
+    let mut group = usize::MAX;
+    for k in k0..k1 {
+        if k / f.group != group {
+            group = k / f.group;
+            let s = (panel * groups + group) * p;
+            for (d, h) in scale[..p].iter_mut().zip(&w.scales[s..s + p]) {
+                *d = h.to_f32();
+            }
+            if f.asymmetric {
+                for (d, h) in min[..p].iter_mut().zip(&w.mins[s..s + p]) {
+                    *d = h.to_f32();
+                }
+            }
+        }
+        let src = &codes[k * bytes_per_k..][..bytes_per_k];
+        let out = &mut dst[(k - k0) * p..][..p];
+        let per_byte = 8 / bits;
+        let mask = ((1u32 << bits) - 1) as u8;
+        match f.codes {
+            CodeFormat::Fp8E4M3 => {
+                for j in 0..p {
+                    out[j] = e4m3_to_f32(src[j]) * scale[j];
+                }
+            }
+            CodeFormat::Int(_) => {
+                for slot in 0..per_byte {
+                    let rows = slot * bytes_per_k..(slot + 1) * bytes_per_k;
+                    let (o, s, m) = (&mut out[rows.clone()], &scale[rows.clone()], &min[rows]);
+                    let shift = slot * bits;
+                    if f.asymmetric {
+                        for j in 0..bytes_per_k {
+                            o[j] = ((src[j] >> shift) & mask) as f32 * s[j] + m[j];
+                        }
+                    } else {
+                        for j in 0..bytes_per_k {
+                            o[j] = (((src[j] >> shift) & mask) as f32 - offset) * s[j];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding
+
+/// `out[T, K] = table[ids[T]]` from a quantized `[V, K]` table, rows dequantized exactly as the
+/// matmul reads them.
+pub fn embedding_quant(
+    ids: &[u32],
+    w: &QuantWeight,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<(), KernelError> {
+    const NAME: &str = "embedding_quant";
+    w.check(NAME)?;
+    check_rows(NAME, "out", out.len(), ids.len(), w.cols, out_stride)?;
+    for (i, &id) in ids.iter().enumerate() {
+        if id as usize >= w.rows {
+            return Err(KernelError::IndexOutOfRange {
+                kernel: NAME,
+                index: id,
+                rows: w.rows,
+            });
+        }
+        let row = &mut out[i * out_stride..][..w.cols];
+        for (col, o) in row.iter_mut().enumerate() {
+            *o = w.get_f32(id as usize, col);
+        }
+    }
+    Ok(())
+}
+
+/// Plain scalar versions: the weights dequantized one element at a time, activations quantized
+/// with f32 division and rounding as the format defines, sums in f64.
+pub mod reference {
+    use super::*;
+
+    /// Row-major `[N, K]` f32 weights of `w`.
+    pub fn dequantize(w: &QuantWeight) -> Vec<f32> {
+        let mut out = Vec::with_capacity(w.rows * w.cols);
+        for n in 0..w.rows {
+            for k in 0..w.cols {
+                out.push(w.get_f32(n, k));
+            }
+        }
+        out
+    }
+
+    /// [`super::matmul_quant`] in f64 (see the module doc of `reference` above).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_quant(
+        act: ActQuant,
+        x: &[f32],
+        x_stride: usize,
+        t: usize,
+        w: &QuantWeight,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let (n, k) = (w.rows, w.cols);
+        let wf = dequantize(w);
+        for ti in 0..t {
+            let row = &x[ti * x_stride..][..k];
+            let (limit, round): (f32, fn(f32) -> f32) = match act {
+                ActQuant::None => (0.0, |v| v),
+                ActQuant::Int8PerToken => (127.0, f32::round),
+                ActQuant::Fp8PerToken => (E4M3_MAX, round_to_e4m3),
+            };
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if limit == 0.0 { 1.0 } else { amax / limit };
+            let q: Vec<f64> = row
+                .iter()
+                .map(|&v| match act {
+                    ActQuant::None => v as f64,
+                    _ if scale == 0.0 => 0.0,
+                    _ => round(v / scale).clamp(-limit, limit) as f64,
+                })
+                .collect();
+            for ni in 0..n {
+                let dot: f64 = (0..k).map(|ki| wf[ni * k + ki] as f64 * q[ki]).sum();
+                let b = bias.map_or(0.0, |b| b[ni] as f64);
+                out[ti * out_stride + ni] = (dot * scale as f64 + b) as f32;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::test_util::{isas_to_test, on_threads, Rng};
+
+    /// A random quantized matrix of `format`.
+    fn random_matrix(rng: &mut Rng, format: QuantFormat, n: usize, k: usize) -> QuantMatrix {
+        let bits = format.codes.bits();
+        let groups = n * format.groups(k);
+        let codes = (0..n * k)
+            .map(|_| match format.codes {
+                // Finite e4m3 codes only (0x7f and 0xff are NaN).
+                CodeFormat::Fp8E4M3 => {
+                    let c = rng.below(254) as u8;
+                    c + u8::from(c >= 0x7f)
+                }
+                _ => rng.below(1 << bits) as u8,
+            })
+            .collect();
+        let scales = (0..groups)
+            .map(|_| f16::from_f32(0.01 + rng.unit().abs() * 0.05))
+            .collect();
+        let mins = if format.asymmetric {
+            (0..groups)
+                .map(|_| f16::from_f32(rng.unit() * 0.1))
+                .collect()
+        } else {
+            vec![]
+        };
+        QuantMatrix {
+            format,
+            rows: n,
+            cols: k,
+            codes,
+            scales,
+            mins,
+        }
+    }
+
+    fn formats() -> Vec<QuantFormat> {
+        let mut all = vec![];
+        for codes in [
+            CodeFormat::Int(8),
+            CodeFormat::Int(4),
+            CodeFormat::Int(2),
+            CodeFormat::Fp8E4M3,
+        ] {
+            for group in [32, 64, 128, 192] {
+                for asymmetric in [false, true] {
+                    if asymmetric && codes == CodeFormat::Fp8E4M3 {
+                        continue;
+                    }
+                    all.push(QuantFormat {
+                        codes,
+                        group,
+                        asymmetric,
+                    });
+                }
+            }
+        }
+        all
+    }
+
+    fn weight<'a>(
+        m: &QuantMatrix,
+        packed: &'a PackedQuant,
+        layout: PackedLayout,
+    ) -> QuantWeight<'a> {
+        QuantWeight {
+            format: m.format,
+            layout,
+            rows: m.rows,
+            cols: m.cols,
+            codes: &packed.codes,
+            scales: &packed.scales,
+            mins: &packed.mins,
+        }
+    }
+
+    #[test]
+    fn packing_keeps_every_value() {
+        let mut rng = Rng::new(1);
+        for format in formats() {
+            let m = random_matrix(&mut rng, format, 37, 384);
+            for panel in [8, 16, 32] {
+                let layout = PackedLayout::new(panel).unwrap();
+                let packed = m.pack(layout).unwrap();
+                let w = weight(&m, &packed, layout);
+                w.check("test").unwrap();
+                for row in 0..m.rows {
+                    for col in 0..m.cols {
+                        assert_eq!(
+                            w.get_f32(row, col).to_bits(),
+                            m.get_f32(row, col).to_bits(),
+                            "{format:?} panel {panel} [{row}, {col}]"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_rounding_matches_the_nearest_table_value() {
+        let finite: Vec<f32> = (0..=255u8)
+            .map(e4m3_to_f32)
+            .filter(|v| v.is_finite())
+            .collect();
+        assert_eq!(finite.len(), 254);
+        assert_eq!(e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(e4m3_to_f32(0x01), 1.0 / 512.0);
+        let mut rng = Rng::new(3);
+        for i in 0..20000 {
+            let v = rng.unit() * [500.0, 10.0, 0.1, 0.01][i % 4];
+            let r = round_to_e4m3(v);
+            let best = finite
+                .iter()
+                .map(|&f| (f - v).abs())
+                .fold(f32::INFINITY, f32::min);
+            assert!((r - v).abs() <= best, "{v}: {r}, nearest is {best} away");
+            assert_eq!(e4m3_to_f32(e4m3_code(r)), r, "{v}");
+        }
+        // Ties go to the even mantissa: 1.0625 lies between 1.0 and 1.125.
+        assert_eq!(round_to_e4m3(1.0625), 1.0);
+        assert_eq!(round_to_e4m3(1.1875), 1.25);
+        assert_eq!(round_to_e4m3(-1000.0), -448.0);
+    }
+
+    #[test]
+    fn matmul_matches_the_f64_reference_for_every_format() {
+        let mut rng = Rng::new(7);
+        for isa in isas_to_test() {
+            let layout = PackedLayout::for_isa(isa);
+            for format in formats() {
+                let (n, k) = (45, 384);
+                let m = random_matrix(&mut rng, format, n, k);
+                let packed = m.pack(layout).unwrap();
+                let w = weight(&m, &packed, layout);
+                for act in [
+                    ActQuant::None,
+                    ActQuant::Int8PerToken,
+                    ActQuant::Fp8PerToken,
+                ] {
+                    for t in [1, 3, 7, 40] {
+                        let x = rng.vec(t * (k + 3), 1.0);
+                        let bias = rng.vec(n, 0.5);
+                        let mut got = vec![0.0; t * (n + 1)];
+                        let mut want = vec![0.0; t * (n + 1)];
+                        matmul_quant(isa, act, &x, k + 3, t, &w, Some(&bias), &mut got, n + 1)
+                            .unwrap();
+                        reference::matmul_quant(
+                            act,
+                            &x,
+                            k + 3,
+                            t,
+                            &w,
+                            Some(&bias),
+                            &mut want,
+                            n + 1,
+                        );
+                        // Each output sums k products in f32: allow k roundings of the
+                        // magnitudes summed, relative to their size.
+                        for ti in 0..t {
+                            for ni in 0..n {
+                                let (g, r) = (got[ti * (n + 1) + ni], want[ti * (n + 1) + ni]);
+                                let tol = 1e-5 * (1.0 + r.abs()) * (k as f32).sqrt();
+                                assert!(
+                                    (g - r).abs() <= tol,
+                                    "{isa:?} {format:?} {act:?} t={t} [{ti}, {ni}]: {g} vs {r}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rows_do_not_depend_on_the_batch_or_the_threads() {
+        let mut rng = Rng::new(11);
+        let format = QuantFormat {
+            codes: CodeFormat::Int(4),
+            group: 32,
+            asymmetric: true,
+        };
+        let (n, k) = (300, 576);
+        let m = random_matrix(&mut rng, format, n, k);
+        for isa in isas_to_test() {
+            let layout = PackedLayout::for_isa(isa);
+            let packed = m.pack(layout).unwrap();
+            let w = weight(&m, &packed, layout);
+            let x = rng.vec(200 * k, 1.0);
+            for act in [ActQuant::None, ActQuant::Int8PerToken] {
+                let mut all = vec![0.0; 200 * n];
+                on_threads(3, || {
+                    matmul_quant(isa, act, &x, k, 200, &w, None, &mut all, n)
+                })
+                .unwrap();
+                for (start, t) in [(0, 1), (5, 2), (17, 6), (100, 9)] {
+                    let mut part = vec![0.0; t * n];
+                    on_threads(1, || {
+                        matmul_quant(isa, act, &x[start * k..], k, t, &w, None, &mut part, n)
+                    })
+                    .unwrap();
+                    assert_eq!(
+                        part,
+                        all[start * n..(start + t) * n],
+                        "{isa:?} {act:?} {start}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn embedding_reads_rows_as_the_matmul_does() {
+        let mut rng = Rng::new(5);
+        let format = QuantFormat {
+            codes: CodeFormat::Int(8),
+            group: 32,
+            asymmetric: false,
+        };
+        let m = random_matrix(&mut rng, format, 50, 64);
+        let layout = PackedLayout::new(16).unwrap();
+        let packed = m.pack(layout).unwrap();
+        let w = weight(&m, &packed, layout);
+        let mut out = vec![0.0; 2 * 64];
+        embedding_quant(&[3, 49], &w, &mut out, 64).unwrap();
+        let dense = reference::dequantize(&w);
+        assert_eq!(&out[..64], &dense[3 * 64..4 * 64]);
+        assert_eq!(&out[64..], &dense[49 * 64..50 * 64]);
+        assert!(embedding_quant(&[50], &w, &mut out, 64).is_err());
+    }
+
+    #[test]
+    fn rejects_bad_groups_and_sizes() {
+        let format = QuantFormat {
+            codes: CodeFormat::Int(4),
+            group: 48,
+            asymmetric: false,
+        };
+        assert!(format.check(64).unwrap_err().contains("does not divide"));
+        let fp8_asym = QuantFormat {
+            codes: CodeFormat::Fp8E4M3,
+            group: 32,
+            asymmetric: true,
+        };
+        assert!(fp8_asym.check(64).is_err());
+        let ok = QuantFormat {
+            group: 32,
+            ..format
+        };
+        let w = QuantWeight {
+            format: ok,
+            layout: PackedLayout::new(8).unwrap(),
+            rows: 8,
+            cols: 64,
+            codes: &[0; 10],
+            scales: &[],
+            mins: &[],
+        };
+        let mut out = vec![0.0; 64];
+        assert!(matmul_quant(
+            CpuIsa::Portable,
+            ActQuant::None,
+            &[0.0; 64],
+            64,
+            1,
+            &w,
+            None,
+            &mut out,
+            8
+        )
+        .is_err());
+    }
+}
