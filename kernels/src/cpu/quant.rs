@@ -674,7 +674,8 @@ impl SimdTask for QuantTile<'_> {
 }
 
 /// Writes the weights of `panel` for `k0..k1` into `dst`, k-major (`P` values per k), as f32.
-/// Plain loops over contiguous bytes, so the compiler vectorizes them for the caller's ISA.
+/// Plain loops over contiguous bytes, compiled for the caller's ISA; too slow for decode as they
+/// stand (`docs/PERF.md`): a register-level GEMV for few rows is the next step.
 #[inline(always)]
 fn dequant_chunk(w: &QuantWeight, panel: usize, k0: usize, k1: usize, dst: &mut [f32]) {
     let p = w.layout.panel();
