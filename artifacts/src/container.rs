@@ -1180,12 +1180,12 @@ mod tests {
         dump += &format!("table: {:02x?}\n", &table[..4 + 4 + 8 + 1 + 8]);
         dump += &format!("file blake3 {}", blake3::hash(&bytes).to_hex());
         insta::assert_snapshot!(dump, @r"
-        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 03, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
+        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 04, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
         file_len 16527 table_offset 16384 table_len 143
         manifest manifest offset 4096 len 2 alignment 4096
         weights.w weights offset 8192 len 5000 alignment 4096
         table: [02, 00, 00, 00, 08, 00, 00, 00, 6d, 61, 6e, 69, 66, 65, 73, 74, 00, 00, 10, 00, 00, 00, 00, 00, 00]
-        file blake3 ecc53143274294ae74ba1454a5e17c13f9cec6ca45f81c3bbaa0153382cdfc93
+        file blake3 6c1a653e9f420e9cf286fddbd9672b2b144c3ba502e30dd0c260fe53009f7546
         ");
     }
 
