@@ -95,6 +95,48 @@ pub enum MatmulPath {
     Packed,
 }
 
+/// Whether a matmul's shapes leave work for a kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Shape {
+    /// `out` is already complete: no rows, no outputs, or K = 0 (the bias alone, written here).
+    Done,
+    Compute,
+}
+
+/// The checks every matmul kernel starts with, for `x` `[T, K]`, weights `[N, K]`, `bias` `[N]`
+/// and `out` `[T, N]`; the degenerate shapes are finished here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_matmul(
+    name: &'static str,
+    x: &[f32],
+    x_stride: usize,
+    t: usize,
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    out_stride: usize,
+) -> Result<Shape, KernelError> {
+    check_rows(name, "x", x.len(), t, k, x_stride)?;
+    check_rows(name, "out", out.len(), t, n, out_stride)?;
+    if let Some(b) = bias {
+        check_len(name, "bias", b.len(), n)?;
+    }
+    if t == 0 || n == 0 {
+        return Ok(Shape::Done);
+    }
+    if k == 0 {
+        // An empty sum: only the bias remains.
+        for row in out.chunks_mut(out_stride.max(1)).take(t) {
+            for (ni, o) in row[..n].iter_mut().enumerate() {
+                *o = bias.map_or(0.0, |b| b[ni]);
+            }
+        }
+        return Ok(Shape::Done);
+    }
+    Ok(Shape::Compute)
+}
+
 /// [`matmul`] with the algorithm for row-major weights chosen by the caller; all paths give
 /// results within f32 rounding of each other.
 #[allow(clippy::too_many_arguments)]
@@ -112,21 +154,7 @@ pub fn matmul_with_path(
     const NAME: &str = "matmul";
     w.check(NAME)?;
     let (n, k) = (w.rows, w.cols);
-    check_rows(NAME, "x", x.len(), t, k, x_stride)?;
-    check_rows(NAME, "out", out.len(), t, n, out_stride)?;
-    if let Some(b) = bias {
-        check_len(NAME, "bias", b.len(), n)?;
-    }
-    if t == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        // An empty sum: only the bias remains.
-        for row in out.chunks_mut(out_stride.max(1)).take(t) {
-            for (ni, o) in row[..n].iter_mut().enumerate() {
-                *o = bias.map_or(0.0, |b| b[ni]);
-            }
-        }
+    if check_matmul(NAME, x, x_stride, t, n, k, bias, out, out_stride)? == Shape::Done {
         return Ok(());
     }
     let isa = runnable_isa(isa);

@@ -34,7 +34,7 @@
 
 use super::matmul::{max_rows, row_group, Block};
 use super::simd::{run_simd, Simd, SimdTask};
-use super::{check_len, check_rows, runnable_isa, PackedLayout, SharedMut};
+use super::{check_rows, runnable_isa, PackedLayout, SharedMut};
 use crate::KernelError;
 use half::f16;
 use ir_types::{ActQuant, CodeFormat, CpuIsa};
@@ -491,20 +491,9 @@ pub fn matmul_quant(
     const NAME: &str = "matmul_quant";
     w.check(NAME)?;
     let (n, k) = (w.rows, w.cols);
-    check_rows(NAME, "x", x.len(), t, k, x_stride)?;
-    check_rows(NAME, "out", out.len(), t, n, out_stride)?;
-    if let Some(b) = bias {
-        check_len(NAME, "bias", b.len(), n)?;
-    }
-    if t == 0 || n == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        for row in out.chunks_mut(out_stride.max(1)).take(t) {
-            for (ni, o) in row[..n].iter_mut().enumerate() {
-                *o = bias.map_or(0.0, |b| b[ni]);
-            }
-        }
+    if super::matmul::check_matmul(NAME, x, x_stride, t, n, k, bias, out, out_stride)?
+        == super::matmul::Shape::Done
+    {
         return Ok(());
     }
     let isa = runnable_isa(isa);
