@@ -190,16 +190,16 @@ pub fn matmul_with_path(
     Ok(())
 }
 
-/// Validated arguments shared by every task.
-struct Args<'a> {
-    x: &'a [f32],
-    x_stride: usize,
-    t: usize,
-    n: usize,
-    k: usize,
-    bias: Option<&'a [f32]>,
-    out: SharedMut,
-    out_stride: usize,
+/// Validated arguments shared by every task (of the dense and the quantized matmul).
+pub(crate) struct Args<'a> {
+    pub(crate) x: &'a [f32],
+    pub(crate) x_stride: usize,
+    pub(crate) t: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) out: SharedMut,
+    pub(crate) out_stride: usize,
 }
 
 fn dispatch<E: WeightElem>(isa: CpuIsa, use_packed: bool, args: &Args, w: &[E]) {

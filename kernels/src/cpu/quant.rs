@@ -32,6 +32,7 @@
 //! integer or e4m3 values with the weights are what an integer or FP8 kernel forms; this CPU path
 //! accumulates them in f32 (see `docs/QUANTIZATION.md`).
 
+use super::matmul::Args;
 use super::matmul::{max_rows, row_group, Block};
 use super::simd::{run_simd, Simd, SimdTask};
 use super::{check_rows, runnable_isa, PackedLayout, SharedMut};
@@ -547,18 +548,6 @@ pub fn matmul_quant(
     }
     ACTS.set((xq, scales));
     Ok(())
-}
-
-/// Validated arguments shared by every task.
-struct Args<'a> {
-    x: &'a [f32],
-    x_stride: usize,
-    t: usize,
-    n: usize,
-    k: usize,
-    bias: Option<&'a [f32]>,
-    out: SharedMut,
-    out_stride: usize,
 }
 
 fn run_tiles(isa: CpuIsa, args: &Args, w: &QuantWeight) {
