@@ -20,11 +20,15 @@
 //! scales of its rows; minimums likewise. Rows past N (the last panel's padding) have zero codes
 //! and zero scales.
 //!
-//! The matmul dequantizes one chunk of `QUANT_CHUNK` k of a few panels at a time into a small
-//! per-thread f32 buffer (at most 8 panels: 32 KB on AVX2) and runs the dense micro-kernel on it,
-//! so no dequantized copy of a matrix ever exists. Every output sums its K terms the same way for
-//! any T: chunks of `QUANT_CHUNK` from k = 0, one FMA chain per chunk, chunks added in order, so
-//! the kernel is batch invariant like the dense panel path.
+//! The matmul never forms dequantized weights. Within a group of G k, a weight is
+//! `code * scale + offset` with one scale and one offset for the group (the offset is the
+//! minimum, `-2^(b-1) * scale` when symmetric, 0 for FP8), so a group's contribution to an
+//! output is `scale * sum(code * x) + offset * sum(x)`: the kernels unpack codes to f32 in
+//! registers and run one FMA chain per group and output, then fold it in with the group's scale
+//! and the group's activation sum (computed once per token row). Register tiles hold up to 6
+//! token rows (prefill) or four panels of one row (decode, for independent FMA chains). Every
+//! output sums the same terms in the same order for any T, tile or thread split, so the kernel
+//! is batch invariant like the dense panel path.
 //!
 //! Activation quantization (the A8 and FP8 schemes) happens per token row at run time: the row
 //! is divided by `max|x| / 127` (or `/ 448`) and rounded to the int8 (or e4m3) grid; the matmul
@@ -33,22 +37,13 @@
 //! accumulates them in f32 (see `docs/QUANTIZATION.md`).
 
 use super::matmul::Args;
-use super::matmul::{max_rows, row_group, Block};
-use super::simd::{run_simd, Simd, SimdTask};
+use super::simd::{load_n, run_simd, store_n, Simd, SimdTask};
 use super::{check_rows, runnable_isa, PackedLayout, SharedMut};
 use crate::KernelError;
 use half::f16;
 use ir_types::{ActQuant, CodeFormat, CpuIsa};
 use rayon::prelude::*;
 use std::cell::RefCell;
-
-/// K is summed in chunks of this many elements from k = 0 (part of every output's summation
-/// order). Group sizes of 32 and more divide or are divided by it.
-pub const QUANT_CHUNK: usize = 64;
-/// Most panels one task dequantizes per chunk: 8 panels of 16 rows x 64 k in f32 are 32 KB.
-const MAX_TILE_PANELS: usize = 8;
-/// Token rows per task when the panels alone give too few tasks.
-const T_BLOCK: usize = 128;
 
 /// How a quantized weight's codes and scales are to be read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -219,6 +214,16 @@ impl<'a> QuantWeight<'a> {
         self.format
             .check(self.cols)
             .map_err(|m| KernelError::shape(kernel, m))?;
+        // A power-of-two panel splits into vectors whose rows read uniform runs of bytes.
+        if !self.layout.panel().is_power_of_two() {
+            return Err(KernelError::shape(
+                kernel,
+                format!(
+                    "quantized weights need a panel of 8, 16, 32 or 64 rows, not {}",
+                    self.layout.panel()
+                ),
+            ));
+        }
         let want = quant_sizes(&self.format, self.layout, self.rows, self.cols);
         if self.codes.len() != want.code_bytes
             || self.scales.len() != want.scales
@@ -465,11 +470,17 @@ pub fn quantize_activation_row(act: ActQuant, x: &[f32], q: &mut [f32]) -> f32 {
 // Matmul
 
 thread_local! {
-    /// Per-thread buffer of dequantized panel chunks, reused across calls.
-    static CHUNK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    /// Per-thread quantized activations of the A8 and FP8 schemes.
-    static ACTS: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Per-call buffers: quantized activations of the A8 and FP8 schemes, their row scales, and
+    /// the per-group sums of the activations.
+    static ACTS: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
+
+/// Most token rows one register tile holds (prefill).
+const MAX_TILE_ROWS: usize = 6;
+/// Token rows per task when panels alone give too few tasks: 48 rows of K = 1536 in f32 are
+/// 288 KB, within a core's L2.
+const T_BLOCK: usize = 48;
 
 /// `out[T, N] = act(x)[T, K] @ w[N, K]^T (+ bias[N])`, where `act` quantizes each token row
 /// for the A8 and FP8 schemes and is the identity for A16 (see the module documentation).
@@ -498,59 +509,70 @@ pub fn matmul_quant(
         return Ok(());
     }
     let isa = runnable_isa(isa);
-    if act == ActQuant::None {
-        let args = Args {
-            x,
-            x_stride,
-            t,
-            n,
-            k,
-            bias,
-            out: SharedMut(out.as_mut_ptr()),
-            out_stride,
-        };
-        run_tiles(isa, &args, w);
-        return Ok(());
+    let (mut xq, mut scales, mut sums) = ACTS.take();
+    let (x, x_stride, kernel_bias) = if act == ActQuant::None {
+        (x, x_stride, bias)
+    } else {
+        xq.resize(t * k, 0.0);
+        scales.resize(t, 0.0);
+        let rows_per_task = (1 << 14) / k + 1;
+        xq.par_chunks_mut(k * rows_per_task)
+            .zip(scales.par_chunks_mut(rows_per_task))
+            .enumerate()
+            .for_each(|(c, (q, s))| {
+                for (i, (q, s)) in q.chunks_mut(k).zip(s.iter_mut()).enumerate() {
+                    let row = (c * rows_per_task + i) * x_stride;
+                    *s = quantize_activation_row(act, &x[row..row + k], q);
+                }
+            });
+        // The row scales multiply the outputs afterwards, the bias is added after that.
+        (&xq[..], k, None)
+    };
+    let groups = w.format.groups(k);
+    if w.format.codes != CodeFormat::Fp8E4M3 {
+        // Integer codes carry an offset (the minimum, or -2^(b-1) * scale when symmetric), which
+        // multiplies the sum of each group's activations: computed once per token row here.
+        sums.resize(t * groups, 0.0);
+        sums.par_chunks_mut(groups * 64)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                for (i, row_sums) in chunk.chunks_mut(groups).enumerate() {
+                    let row = &x[(c * 64 + i) * x_stride..][..k];
+                    for (sum, group) in row_sums.iter_mut().zip(row.chunks(w.format.group)) {
+                        *sum = group.iter().fold(0.0, |acc, &v| acc + v);
+                    }
+                }
+            });
     }
-    let (mut xq, mut scales) = ACTS.take();
-    xq.resize(t * k, 0.0);
-    scales.resize(t, 0.0);
-    let rows_per_task = (1 << 14) / k + 1;
-    xq.par_chunks_mut(k * rows_per_task)
-        .zip(scales.par_chunks_mut(rows_per_task))
-        .enumerate()
-        .for_each(|(c, (q, s))| {
-            for (i, (q, s)) in q.chunks_mut(k).zip(s.iter_mut()).enumerate() {
-                let row = (c * rows_per_task + i) * x_stride;
-                *s = quantize_activation_row(act, &x[row..row + k], q);
-            }
-        });
     let args = Args {
-        x: &xq,
-        x_stride: k,
+        x,
+        x_stride,
         t,
         n,
         k,
-        bias: None,
+        bias: kernel_bias,
         out: SharedMut(out.as_mut_ptr()),
         out_stride,
     };
-    run_tiles(isa, &args, w);
-    for (row, &s) in out.chunks_mut(out_stride.max(1)).take(t).zip(&scales) {
-        match bias {
-            Some(b) => {
-                for (o, &b) in row[..n].iter_mut().zip(b) {
-                    *o = *o * s + b;
+    run_tasks(isa, &args, w, &sums);
+    if act != ActQuant::None {
+        for (row, &s) in out.chunks_mut(out_stride.max(1)).take(t).zip(&scales) {
+            match bias {
+                Some(b) => {
+                    for (o, &b) in row[..n].iter_mut().zip(b) {
+                        *o = *o * s + b;
+                    }
                 }
+                None => row[..n].iter_mut().for_each(|o| *o *= s),
             }
-            None => row[..n].iter_mut().for_each(|o| *o *= s),
         }
     }
-    ACTS.set((xq, scales));
+    ACTS.set((xq, scales, sums));
     Ok(())
 }
 
-fn run_tiles(isa: CpuIsa, args: &Args, w: &QuantWeight) {
+/// Splits the matmul into tasks (ranges of panels x blocks of token rows) run with rayon.
+fn run_tasks(isa: CpuIsa, args: &Args, w: &QuantWeight, sums: &[f32]) {
     let panel = w.layout.panel();
     // AVX-512 vectors must tile the panel; an 8-wide panel runs on AVX2.
     let isa = if isa == CpuIsa::Avx512 && !panel.is_multiple_of(16) {
@@ -560,11 +582,15 @@ fn run_tiles(isa: CpuIsa, args: &Args, w: &QuantWeight) {
     };
     let n_panels = args.n.div_ceil(panel);
     let threads = rayon::current_num_threads();
-    // About 8 tasks per thread balance uneven cores; a task dequantizes at most MAX_TILE_PANELS
-    // panels per chunk so the buffer stays in L1/L2.
-    let tile = n_panels.div_ceil(threads * 8).clamp(1, MAX_TILE_PANELS);
+    // About 8 tasks per thread balance uneven cores; few token rows take panels four at a time.
+    let tile = n_panels.div_ceil(threads * 8).max(1);
+    let tile = if args.t < 4 {
+        tile.next_multiple_of(4)
+    } else {
+        tile
+    };
     let n_tiles = n_panels.div_ceil(tile);
-    let t_blocks = if args.t <= max_rows(isa) || n_tiles >= threads * 4 {
+    let t_blocks = if args.t <= T_BLOCK {
         1
     } else {
         args.t.div_ceil(T_BLOCK)
@@ -574,9 +600,10 @@ fn run_tiles(isa: CpuIsa, args: &Args, w: &QuantWeight) {
         let (ti, tb) = (task / t_blocks, task % t_blocks);
         run_simd(
             isa,
-            QuantTile {
+            QuantTask {
                 args,
                 w,
+                sums,
                 panels: ti * tile..((ti + 1) * tile).min(n_panels),
                 rows: tb * t_block..((tb + 1) * t_block).min(args.t),
             },
@@ -589,120 +616,225 @@ fn run_tiles(isa: CpuIsa, args: &Args, w: &QuantWeight) {
     }
 }
 
-struct QuantTile<'a> {
+/// Where one vector of `S::LANES` rows of a panel finds its codes in each k's bytes.
+#[derive(Clone, Copy)]
+struct RowVector<S: Simd> {
+    /// First byte inside the k's `bytes_per_k`.
+    byte: usize,
+    shifts: S::Shifts,
+}
+
+/// What the kernels need to address a quantized weight, for vectors of `S::LANES` rows.
+struct Decoder<S: Simd> {
+    fp8: bool,
+    /// Code bits mask (integer codes).
+    mask: u32,
+    /// Bytes per k of one panel: `P * bits / 8`.
+    bytes_per_k: usize,
+    /// How many consecutive bytes one vector reads (see [`Simd::load_codes`]).
+    run: usize,
+    /// Row vectors of a panel, `P / S::LANES` of them (at most 8).
+    vectors: [RowVector<S>; 8],
+}
+
+impl<S: Simd> Decoder<S> {
+    /// # Safety
+    /// `S` must be runnable on this CPU; the layout's panel is a power of two that `S::LANES`
+    /// divides (checked by `QuantWeight::check` and `run_tasks`).
+    unsafe fn new(w: &QuantWeight) -> Decoder<S> {
+        let p = w.layout.panel();
+        let bits = w.format.codes.bits() as usize;
+        let bytes_per_k = p * bits / 8;
+        let run = bytes_per_k.min(S::LANES);
+        let mut vectors = [RowVector {
+            byte: 0,
+            shifts: S::code_shifts(|_| 0),
+        }; 8];
+        for (v, vector) in vectors.iter_mut().enumerate().take(p / S::LANES) {
+            // Row r sits in byte r % bytes_per_k, bit slot r / bytes_per_k (module doc).
+            let first = v * S::LANES;
+            *vector = RowVector {
+                byte: first % bytes_per_k,
+                shifts: S::code_shifts(|i| ((first + i) / bytes_per_k * bits) as u32),
+            };
+        }
+        Decoder {
+            fp8: w.format.codes == CodeFormat::Fp8E4M3,
+            mask: (1u32 << bits) - 1,
+            bytes_per_k,
+            run,
+            vectors,
+        }
+    }
+
+    /// The weights' codes as f32 for row vector `v` at `p` (the k's bytes of a panel).
+    #[inline(always)]
+    unsafe fn load(&self, p: *const u8, v: usize) -> S::V {
+        let vector = self.vectors[v];
+        if self.fp8 {
+            S::load_e4m3(p.add(vector.byte))
+        } else {
+            S::load_codes(p.add(vector.byte), self.run, vector.shifts, self.mask)
+        }
+    }
+}
+
+/// One task: the output columns of a range of panels for a range of token rows.
+struct QuantTask<'a> {
     args: &'a Args<'a>,
     w: &'a QuantWeight<'a>,
+    /// `[T, groups]` sums of each group's activations (integer codes only).
+    sums: &'a [f32],
     panels: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
 }
 
-impl SimdTask for QuantTile<'_> {
+impl SimdTask for QuantTask<'_> {
     type Output = ();
     #[inline(always)]
     fn run<S: Simd>(self) {
-        let a = self.args;
-        let w = self.w;
-        let p = w.layout.panel();
-        let nvp = p / S::LANES;
-        let vectors = 0..self.panels.len() * nvp;
-        let mr = max_rows(S::ISA);
-        let mut buf = CHUNK.take();
-        let need = self.panels.len() * p * QUANT_CHUNK + 16;
-        if buf.len() < need {
-            buf.resize(need, 0.0);
+        let p = self.w.layout.panel();
+        let vectors_per_panel = p / S::LANES;
+        // A unit is NV row vectors of one panel; a tile is MR token rows x U units.
+        if vectors_per_panel.is_multiple_of(2) {
+            self.units::<S, 2>(vectors_per_panel / 2);
+        } else {
+            self.units::<S, 1>(vectors_per_panel);
         }
-        let skew = buf.as_ptr().align_offset(64).min(15);
-        for k0 in (0..a.k).step_by(QUANT_CHUNK) {
-            let k1 = (k0 + QUANT_CHUNK).min(a.k);
-            let chunk = (k1 - k0) * p;
-            for (i, panel) in self.panels.clone().enumerate() {
-                let dst = &mut buf[skew + i * chunk..skew + (i + 1) * chunk];
-                dequant_chunk(w, panel, k0, k1, dst);
-            }
-            let wide = buf[skew..].as_ptr();
-            let mut t0 = self.rows.start;
-            while t0 < self.rows.end {
-                let m = (self.rows.end - t0).min(mr);
-                // SAFETY: `matmul_quant` checked x, out and bias against t, n, k and the
-                // strides; the buffer holds the tile's chunk, `chunk` floats per panel; this
-                // task writes out[rows, its panels' columns] only.
-                unsafe {
-                    let b = Block {
-                        x: a.x.as_ptr().add(t0 * a.x_stride + k0),
-                        x_stride: a.x_stride,
-                        k_begin: k0,
-                        k_end: k1,
-                        w: wide,
-                        panel_stride: chunk,
-                        step: p,
-                        nvp,
-                        out: a.out.0.add(t0 * a.out_stride),
-                        out_stride: a.out_stride,
-                        col0: self.panels.start * p,
-                        n_end: a.n,
-                        bias: a.bias.map(|b| b.as_ptr()),
-                    };
-                    row_group::<S, f32>(m, &b, vectors.clone());
-                }
-                t0 += m;
-            }
-        }
-        CHUNK.set(buf);
     }
 }
 
-/// Writes the weights of `panel` for `k0..k1` into `dst`, k-major (`P` values per k), as f32.
-/// Plain loops over contiguous bytes, compiled for the caller's ISA; too slow for decode as they
-/// stand (`docs/PERF.md`): a register-level GEMV for few rows is the next step.
-#[inline(always)]
-fn dequant_chunk(w: &QuantWeight, panel: usize, k0: usize, k1: usize, dst: &mut [f32]) {
-    let p = w.layout.panel();
-    let f = w.format;
-    let bits = f.codes.bits() as usize;
-    let bytes_per_k = p * bits / 8;
-    let groups = f.groups(w.cols);
-    let codes = &w.codes[panel * w.cols * bytes_per_k..][..w.cols * bytes_per_k];
-    let mut scale = [0f32; 64];
-    let mut min = [0f32; 64];
-    let offset = f.offset();
-    let mut group = usize::MAX;
-    for k in k0..k1 {
-        if k / f.group != group {
-            group = k / f.group;
-            let s = (panel * groups + group) * p;
-            for (d, h) in scale[..p].iter_mut().zip(&w.scales[s..s + p]) {
-                *d = h.to_f32();
+impl QuantTask<'_> {
+    #[inline(always)]
+    fn units<S: Simd, const NV: usize>(&self, per_panel: usize) {
+        // SAFETY: `run_simd` runs this only on a CPU with `S`; `QuantWeight::check` and
+        // `check_matmul` validated every buffer against T, N, K, the strides and the layout.
+        let d = unsafe { Decoder::<S>::new(self.w) };
+        let units = self.panels.start * per_panel..self.panels.end * per_panel;
+        let mut t0 = self.rows.start;
+        while t0 < self.rows.end {
+            let mr = (self.rows.end - t0).min(MAX_TILE_ROWS);
+            // Independent FMA chains hide the FMA latency: few token rows take more units.
+            // SAFETY: as above.
+            unsafe {
+                match mr {
+                    1 => self.tiles::<S, 1, 4, NV>(&d, units.clone(), t0, per_panel),
+                    2 => self.tiles::<S, 2, 2, NV>(&d, units.clone(), t0, per_panel),
+                    3 => self.tiles::<S, 3, 2, NV>(&d, units.clone(), t0, per_panel),
+                    4 => self.tiles::<S, 4, 1, NV>(&d, units.clone(), t0, per_panel),
+                    5 => self.tiles::<S, 5, 1, NV>(&d, units.clone(), t0, per_panel),
+                    _ => self.tiles::<S, 6, 1, NV>(&d, units.clone(), t0, per_panel),
+                }
             }
-            if f.asymmetric {
-                for (d, h) in min[..p].iter_mut().zip(&w.mins[s..s + p]) {
-                    *d = h.to_f32();
+            t0 += mr;
+        }
+    }
+
+    /// Runs `units` for token rows `t0..t0 + MR`, U units at a time (the rest one at a time).
+    #[inline(always)]
+    unsafe fn tiles<S: Simd, const MR: usize, const U: usize, const NV: usize>(
+        &self,
+        d: &Decoder<S>,
+        units: std::ops::Range<usize>,
+        t0: usize,
+        per_panel: usize,
+    ) {
+        let mut u = units.start;
+        while u + U <= units.end {
+            self.tile::<S, MR, U, NV>(d, std::array::from_fn(|i| u + i), t0, per_panel);
+            u += U;
+        }
+        while u < units.end {
+            self.tile::<S, MR, 1, NV>(d, [u], t0, per_panel);
+            u += 1;
+        }
+    }
+
+    /// The register tile: MR token rows x U units of NV row vectors. For each group, each
+    /// output sums `code * x` over the group's k in order (one FMA chain from zero), then adds
+    /// `scale * that` and `offset * (sum of the group's x)` to its total, groups in order; the
+    /// bias comes last. Every output row is computed the same way whatever MR, U and the task
+    /// split are, which is what makes the kernel batch invariant.
+    #[inline(always)]
+    unsafe fn tile<S: Simd, const MR: usize, const U: usize, const NV: usize>(
+        &self,
+        d: &Decoder<S>,
+        units: [usize; U],
+        t0: usize,
+        per_panel: usize,
+    ) {
+        let a = self.args;
+        let w = self.w;
+        let (p, k, group) = (w.layout.panel(), a.k, w.format.group);
+        let groups = k / group;
+        let lanes = S::LANES;
+        let asymmetric = w.format.asymmetric;
+        let offset = w.format.offset();
+        let codes = w.codes.as_ptr();
+        let scales = w.scales.as_ptr() as *const u16;
+        let mins = w.mins.as_ptr() as *const u16;
+        // Per unit: its panel's codes, and the first row vector (within the panel) and row.
+        let panel_of = |u: usize| u / per_panel;
+        let first_vector = |u: usize| (u % per_panel) * NV;
+        let unit_codes: [*const u8; U] =
+            std::array::from_fn(|i| codes.add(panel_of(units[i]) * k * d.bytes_per_k));
+        let x = a.x.as_ptr().add(t0 * a.x_stride);
+        let mut total = [[[S::zero(); NV]; U]; MR];
+        for g in 0..groups {
+            let mut sum = [[[S::zero(); NV]; U]; MR];
+            for kk in g * group..(g + 1) * group {
+                let mut c = [[S::zero(); NV]; U];
+                for i in 0..U {
+                    let at = unit_codes[i].add(kk * d.bytes_per_k);
+                    for v in 0..NV {
+                        c[i][v] = d.load(at, first_vector(units[i]) + v);
+                    }
+                }
+                for m in 0..MR {
+                    let xv = S::splat(*x.add(m * a.x_stride + kk));
+                    for i in 0..U {
+                        for v in 0..NV {
+                            sum[m][i][v] = S::mul_add(c[i][v], xv, sum[m][i][v]);
+                        }
+                    }
+                }
+            }
+            for i in 0..U {
+                let base = (panel_of(units[i]) * groups + g) * p;
+                for v in 0..NV {
+                    let row = (first_vector(units[i]) + v) * lanes;
+                    let scale = S::load_f16(scales.add(base + row));
+                    let min = if d.fp8 {
+                        None
+                    } else if asymmetric {
+                        Some(S::load_f16(mins.add(base + row)))
+                    } else {
+                        Some(S::mul(scale, S::splat(-offset)))
+                    };
+                    for m in 0..MR {
+                        total[m][i][v] = S::mul_add(scale, sum[m][i][v], total[m][i][v]);
+                        if let Some(min) = min {
+                            let s = S::splat(self.sums[(t0 + m) * groups + g]);
+                            total[m][i][v] = S::mul_add(min, s, total[m][i][v]);
+                        }
+                    }
                 }
             }
         }
-        let src = &codes[k * bytes_per_k..][..bytes_per_k];
-        let out = &mut dst[(k - k0) * p..][..p];
-        let per_byte = 8 / bits;
-        let mask = ((1u32 << bits) - 1) as u8;
-        match f.codes {
-            CodeFormat::Fp8E4M3 => {
-                for j in 0..p {
-                    out[j] = e4m3_to_f32(src[j]) * scale[j];
-                }
-            }
-            CodeFormat::Int(_) => {
-                for slot in 0..per_byte {
-                    let rows = slot * bytes_per_k..(slot + 1) * bytes_per_k;
-                    let (o, s, m) = (&mut out[rows.clone()], &scale[rows.clone()], &min[rows]);
-                    let shift = slot * bits;
-                    if f.asymmetric {
-                        for j in 0..bytes_per_k {
-                            o[j] = ((src[j] >> shift) & mask) as f32 * s[j] + m[j];
-                        }
-                    } else {
-                        for j in 0..bytes_per_k {
-                            o[j] = (((src[j] >> shift) & mask) as f32 - offset) * s[j];
-                        }
+        for m in 0..MR {
+            let out = a.out.0.add((t0 + m) * a.out_stride);
+            for i in 0..U {
+                for v in 0..NV {
+                    let col = panel_of(units[i]) * p + (first_vector(units[i]) + v) * lanes;
+                    if col >= a.n {
+                        continue;
                     }
+                    let mut value = total[m][i][v];
+                    let width = (a.n - col).min(lanes);
+                    if let Some(bias) = a.bias {
+                        value = S::add(value, load_n::<S>(bias.as_ptr().add(col), width));
+                    }
+                    store_n::<S>(out.add(col), value, width);
                 }
             }
         }
@@ -927,44 +1059,48 @@ mod tests {
     fn matmul_matches_the_f64_reference_for_every_format() {
         let mut rng = Rng::new(7);
         for isa in isas_to_test() {
-            let layout = PackedLayout::for_isa(isa);
-            for format in formats() {
-                let (n, k) = (45, 384);
-                let m = random_matrix(&mut rng, format, n, k);
-                let packed = m.pack(layout).unwrap();
-                let w = weight(&m, &packed, layout);
-                for act in [
-                    ActQuant::None,
-                    ActQuant::Int8PerToken,
-                    ActQuant::Fp8PerToken,
-                ] {
-                    for t in [1, 3, 7, 40] {
-                        let x = rng.vec(t * (k + 3), 1.0);
-                        let bias = rng.vec(n, 0.5);
-                        let mut got = vec![0.0; t * (n + 1)];
-                        let mut want = vec![0.0; t * (n + 1)];
-                        matmul_quant(isa, act, &x, k + 3, t, &w, Some(&bias), &mut got, n + 1)
-                            .unwrap();
-                        reference::matmul_quant(
-                            act,
-                            &x,
-                            k + 3,
-                            t,
-                            &w,
-                            Some(&bias),
-                            &mut want,
-                            n + 1,
-                        );
-                        // Each output sums k products in f32: allow k roundings of the
-                        // magnitudes summed, relative to their size.
-                        for ti in 0..t {
-                            for ni in 0..n {
-                                let (g, r) = (got[ti * (n + 1) + ni], want[ti * (n + 1) + ni]);
-                                let tol = 1e-5 * (1.0 + r.abs()) * (k as f32).sqrt();
-                                assert!(
+            // The ISA's own panel, and the others a plan for another CPU could carry (each
+            // splits into row vectors and code runs differently).
+            for panel in [8, 16, 32, 64] {
+                let layout = PackedLayout::new(panel).unwrap();
+                for format in formats() {
+                    let (n, k) = (45, 384);
+                    let m = random_matrix(&mut rng, format, n, k);
+                    let packed = m.pack(layout).unwrap();
+                    let w = weight(&m, &packed, layout);
+                    for act in [
+                        ActQuant::None,
+                        ActQuant::Int8PerToken,
+                        ActQuant::Fp8PerToken,
+                    ] {
+                        for t in [1, 3, 7, 40] {
+                            let x = rng.vec(t * (k + 3), 1.0);
+                            let bias = rng.vec(n, 0.5);
+                            let mut got = vec![0.0; t * (n + 1)];
+                            let mut want = vec![0.0; t * (n + 1)];
+                            matmul_quant(isa, act, &x, k + 3, t, &w, Some(&bias), &mut got, n + 1)
+                                .unwrap();
+                            reference::matmul_quant(
+                                act,
+                                &x,
+                                k + 3,
+                                t,
+                                &w,
+                                Some(&bias),
+                                &mut want,
+                                n + 1,
+                            );
+                            // Each output sums k products in f32: allow k roundings of the
+                            // magnitudes summed, relative to their size.
+                            for ti in 0..t {
+                                for ni in 0..n {
+                                    let (g, r) = (got[ti * (n + 1) + ni], want[ti * (n + 1) + ni]);
+                                    let tol = 1e-5 * (1.0 + r.abs()) * (k as f32).sqrt();
+                                    assert!(
                                     (g - r).abs() <= tol,
-                                    "{isa:?} {format:?} {act:?} t={t} [{ti}, {ni}]: {g} vs {r}"
+                                    "{isa:?} P={panel} {format:?} {act:?} t={t} [{ti}, {ni}]: {g} vs {r}"
                                 );
+                                }
                             }
                         }
                     }

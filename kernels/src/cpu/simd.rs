@@ -73,6 +73,17 @@ pub(crate) trait Simd: Copy + 'static {
     unsafe fn hsum(v: Self::V) -> f32;
     /// Transposes the `LANES x LANES` block held in `rows[..LANES]` (row i becomes column i).
     unsafe fn transpose(rows: &mut [Self::V]);
+    /// Per-lane right shifts for [`Simd::load_codes`].
+    type Shifts: Copy;
+    /// The shifts `shift(i)` for lanes `i in 0..LANES`.
+    unsafe fn code_shifts(shift: impl Fn(usize) -> u32) -> Self::Shifts;
+    /// Unpacks integer codes to f32: lane `i` is `(p[i % run] >> shifts[i]) & mask`, where `run`
+    /// is `LANES` or a smaller power of two (narrow codes of a few bytes fill a vector from
+    /// several bit slots of the same bytes).
+    unsafe fn load_codes(p: *const u8, run: usize, shifts: Self::Shifts, mask: u32) -> Self::V;
+    /// `LANES` FP8 e4m3 codes as f32. The code 0x7f (e4m3's NaN) reads as 480; quantizers never
+    /// write it.
+    unsafe fn load_e4m3(p: *const u8) -> Self::V;
     /// Hints that the cache line at `p` will be read soon. `p` may point anywhere: a prefetch
     /// never faults.
     #[inline(always)]
@@ -137,6 +148,18 @@ impl WeightElem for f16 {
     unsafe fn load<S: Simd>(p: *const f16) -> S::V {
         S::load_f16(p as *const u16)
     }
+}
+
+/// 2^120: rebiases an e4m3 exponent (bias 7) placed in an f32's exponent field (bias 127).
+const E4M3_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
+
+/// An FP8 e4m3 code as f32: its exponent and mantissa bits placed at the top of an f32's
+/// exponent and mantissa fields, then scaled by 2^120. Exact for normal and subnormal codes
+/// alike (a subnormal e4m3 lands on an f32 subnormal, and the scaling is a power of two).
+#[inline(always)]
+pub(crate) fn e4m3_bits_to_f32(code: u8) -> f32 {
+    let code = code as u32;
+    f32::from_bits(((code & 0x80) << 24) | ((code & 0x7f) << 20)) * E4M3_REBIAS
 }
 
 /// IEEE half to f32 by bit manipulation, valid for every input (subnormals, inf, NaN).
@@ -324,6 +347,19 @@ impl Simd for Portable {
     unsafe fn hsum(v: Lanes) -> f32 {
         ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
     }
+    type Shifts = [u32; PORTABLE_LANES];
+    #[inline(always)]
+    unsafe fn code_shifts(shift: impl Fn(usize) -> u32) -> Self::Shifts {
+        std::array::from_fn(shift)
+    }
+    #[inline(always)]
+    unsafe fn load_codes(p: *const u8, run: usize, shifts: Self::Shifts, mask: u32) -> Lanes {
+        std::array::from_fn(|i| ((*p.add(i % run) as u32 >> shifts[i]) & mask) as f32)
+    }
+    #[inline(always)]
+    unsafe fn load_e4m3(p: *const u8) -> Lanes {
+        std::array::from_fn(|i| e4m3_bits_to_f32(*p.add(i)))
+    }
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // The symmetric indices are the point.
     unsafe fn transpose(rows: &mut [Lanes]) {
@@ -460,6 +496,39 @@ mod x86 {
             let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
             _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)))
         }
+        type Shifts = __m256i;
+        #[inline(always)]
+        unsafe fn code_shifts(shift: impl Fn(usize) -> u32) -> __m256i {
+            let lanes: [u32; 8] = std::array::from_fn(shift);
+            _mm256_loadu_si256(lanes.as_ptr() as *const __m256i)
+        }
+        #[inline(always)]
+        unsafe fn load_codes(p: *const u8, run: usize, shifts: __m256i, mask: u32) -> __m256 {
+            let bytes = match run {
+                8.. => _mm_loadl_epi64(p as *const __m128i),
+                4 => _mm_set1_epi32((p as *const i32).read_unaligned()),
+                2 => _mm_set1_epi16((p as *const i16).read_unaligned()),
+                _ => _mm_set1_epi8(*p as i8),
+            };
+            let wide = _mm256_cvtepu8_epi32(bytes);
+            if mask == 0xff {
+                return _mm256_cvtepi32_ps(wide);
+            }
+            let codes = _mm256_and_si256(
+                _mm256_srlv_epi32(wide, shifts),
+                _mm256_set1_epi32(mask as i32),
+            );
+            _mm256_cvtepi32_ps(codes)
+        }
+        #[inline(always)]
+        unsafe fn load_e4m3(p: *const u8) -> __m256 {
+            // See `e4m3_bits_to_f32`.
+            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            let magnitude = _mm256_slli_epi32::<20>(_mm256_and_si256(b, _mm256_set1_epi32(0x7f)));
+            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
+            let bits = _mm256_castsi256_ps(_mm256_or_si256(magnitude, sign));
+            _mm256_mul_ps(bits, _mm256_set1_ps(super::E4M3_REBIAS))
+        }
         #[inline(always)]
         unsafe fn transpose(r: &mut [__m256]) {
             // Interleave pairs, then quads within 128-bit halves, then swap halves.
@@ -577,6 +646,40 @@ mod x86 {
         unsafe fn hsum(v: __m512) -> f32 {
             let oct = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v));
             Avx2::hsum(oct)
+        }
+        type Shifts = __m512i;
+        #[inline(always)]
+        unsafe fn code_shifts(shift: impl Fn(usize) -> u32) -> __m512i {
+            let lanes: [u32; 16] = std::array::from_fn(shift);
+            _mm512_loadu_si512(lanes.as_ptr() as *const _)
+        }
+        #[inline(always)]
+        unsafe fn load_codes(p: *const u8, run: usize, shifts: __m512i, mask: u32) -> __m512 {
+            let bytes = match run {
+                16.. => _mm_loadu_si128(p as *const __m128i),
+                8 => _mm_set1_epi64x((p as *const i64).read_unaligned()),
+                4 => _mm_set1_epi32((p as *const i32).read_unaligned()),
+                2 => _mm_set1_epi16((p as *const i16).read_unaligned()),
+                _ => _mm_set1_epi8(*p as i8),
+            };
+            let wide = _mm512_cvtepu8_epi32(bytes);
+            if mask == 0xff {
+                return _mm512_cvtepi32_ps(wide);
+            }
+            let codes = _mm512_and_si512(
+                _mm512_srlv_epi32(wide, shifts),
+                _mm512_set1_epi32(mask as i32),
+            );
+            _mm512_cvtepi32_ps(codes)
+        }
+        #[inline(always)]
+        unsafe fn load_e4m3(p: *const u8) -> __m512 {
+            // See `e4m3_bits_to_f32`.
+            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+            let magnitude = _mm512_slli_epi32::<20>(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)));
+            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
+            let bits = _mm512_castsi512_ps(_mm512_or_si512(magnitude, sign));
+            _mm512_mul_ps(bits, _mm512_set1_ps(super::E4M3_REBIAS))
         }
         #[inline(always)]
         unsafe fn transpose(r: &mut [__m512]) {
@@ -766,6 +869,72 @@ mod tests {
             run_simd(isa, Widen(&f16s[0x3c00..0x3c0d], &mut odd));
             assert_eq!(odd[0], 1.0);
             assert_eq!(odd[12], f16::from_bits(0x3c0c).to_f32());
+        }
+    }
+
+    /// Unpacks every byte value at each code width, run length and slot through `load_codes`,
+    /// and every e4m3 code through `load_e4m3`, against plain shifts and the e4m3 table.
+    struct Unpack<'a>(&'a [u8], &'a mut Vec<(String, f32, f32)>);
+    impl SimdTask for Unpack<'_> {
+        type Output = ();
+        fn run<S: Simd>(self) {
+            let bytes = self.0;
+            let mut lanes = [0f32; 16];
+            for bits in [2u32, 4, 8] {
+                let mut run = S::LANES;
+                while run >= 1 {
+                    for first_slot in 0..8 / bits {
+                        let slots = 8 / bits;
+                        let shift = |i: usize| ((first_slot + (i / run) as u32) % slots) * bits;
+                        for start in (0..bytes.len() - S::LANES).step_by(7) {
+                            unsafe {
+                                let v = S::load_codes(
+                                    bytes.as_ptr().add(start),
+                                    run,
+                                    S::code_shifts(shift),
+                                    (1 << bits) - 1,
+                                );
+                                S::store(lanes.as_mut_ptr(), v);
+                            }
+                            for (i, &got) in lanes.iter().enumerate().take(S::LANES) {
+                                let byte = bytes[start + i % run] as u32;
+                                let want = ((byte >> shift(i)) & ((1 << bits) - 1)) as f32;
+                                if got != want {
+                                    self.1.push((format!("{bits}-bit run {run}"), got, want));
+                                }
+                            }
+                        }
+                    }
+                    run /= 2;
+                }
+            }
+            for start in (0..bytes.len() - S::LANES).step_by(S::LANES) {
+                unsafe { S::store(lanes.as_mut_ptr(), S::load_e4m3(bytes.as_ptr().add(start))) };
+                for (i, &got) in lanes.iter().enumerate().take(S::LANES) {
+                    let code = bytes[start + i];
+                    let want = crate::cpu::quant::e4m3_to_f32(code);
+                    if code & 0x7f != 0x7f && got.to_bits() != want.to_bits() {
+                        self.1.push((format!("e4m3 {code:#04x}"), got, want));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn code_unpacking_matches_plain_shifts_and_the_e4m3_table() {
+        // Every byte value, then a scramble of them, so neighbouring lanes differ.
+        let mut bytes: Vec<u8> = (0..=255).collect();
+        bytes.extend((0..=255u32).map(|i| (i * 73 + 19) as u8));
+        bytes.extend([0; 16]);
+        for isa in isas_to_test() {
+            let mut wrong = Vec::new();
+            run_simd(isa, Unpack(&bytes, &mut wrong));
+            assert!(
+                wrong.is_empty(),
+                "{isa:?}: {:?}",
+                &wrong[..wrong.len().min(5)]
+            );
         }
     }
 }
