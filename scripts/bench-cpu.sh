@@ -7,6 +7,8 @@
 #   scripts/bench-cpu.sh [threads]
 #   PLANS="bf16 w4a16" ROUNDS=3 scripts/bench-cpu.sh 2   # a subset, more rounds
 #   PROFILE=dev scripts/bench-cpu.sh 2                   # binaries of the dev/test profile
+#   BIN=dir MODEL=file.gguf TARGET=cpu-avx2 scripts/bench-cpu.sh 2
+#                                # prebuilt fdc/fdrt (no cargo), another model path, a fixed ISA
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,8 +17,11 @@ threads="${1:-2}"
 plans="${PLANS:-f32 bf16 w8a16 w4a16 w2a16 w8a8 w4a8 fp8}"
 rounds="${ROUNDS:-2}"
 
-model="$(scripts/fetch-model.sh | tail -n 1)"
-if [ "${PROFILE:-release}" = dev ]; then
+model="${MODEL:-$(scripts/fetch-model.sh | tail -n 1)}"
+target="${TARGET:-cpu}"
+if [ -n "${BIN:-}" ]; then
+    bin="$BIN"
+elif [ "${PROFILE:-release}" = dev ]; then
     cargo build --locked --bin fdc --bin fdrt >&2
     bin=target/debug
 else
@@ -29,7 +34,7 @@ for p in $plans; do
         f32 | bf16 | f16) args=(--dtype "$p") ;;
         *) args=(--quant "$p") ;;
     esac
-    "$bin/fdc" compile --quiet --target cpu "${args[@]}" "$model" -o ".cache/plans/smollm2-$p.fdp" >&2
+    "$bin/fdc" compile --quiet --target "$target" "${args[@]}" "$model" -o ".cache/plans/smollm2-$p.fdp" >&2
 done
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads, $bin"

@@ -124,7 +124,7 @@ const ROPE_DOC: &str = "rotary embedding, rotate-half layout";
 const ATTENTION_DOC: &str = "causal GQA attention, appends to the KV cache";
 const GATHER_ROWS_DOC: &str = "out[T] = x[rows[T]]";
 const MATMUL_QUANT_DOC: &str =
-    "out[T,N] = act(x)[T,K] @ dequant(w)[N,K]^T (+ bias), chunks dequantized in registers/L1";
+    "out[T,N] = act(x)[T,K] @ dequant(w)[N,K]^T (+ bias), codes unpacked in registers";
 const EMBEDDING_QUANT_DOC: &str = "out[T,H] = dequant(table)[ids[T]]";
 const MOE_DOC: &str = "top-k routed SwiGLU experts, grouped by expert, stacked weights";
 

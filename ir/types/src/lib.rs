@@ -204,11 +204,14 @@ impl CpuIsa {
                 && std::arch::is_x86_feature_detected!("avx512vl")
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 return CpuIsa::Avx512;
             }
+            // F16C (half conversions) came with or before AVX2 on every x86 CPU.
             if std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
             {
                 return CpuIsa::Avx2;
             }

@@ -37,7 +37,7 @@
 //! accumulates them in f32 (see `docs/QUANTIZATION.md`).
 
 use super::matmul::Args;
-use super::simd::{load_n, run_simd, store_n, Simd, SimdTask};
+use super::simd::{load_n, run_simd, store_n, Simd, SimdTask, CODE_E4M3};
 use super::{check_rows, runnable_isa, PackedLayout, SharedMut};
 use crate::KernelError;
 use half::f16;
@@ -476,6 +476,9 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
+/// How far ahead of each unit's codes the kernel prefetches: about 300 cycles of decode at
+/// 8 bytes per k of a 16-row 4-bit panel, which covers a memory access.
+const PREFETCH_AHEAD: usize = 1024;
 /// Most token rows one register tile holds (prefill).
 const MAX_TILE_ROWS: usize = 6;
 /// Token rows per task when panels alone give too few tasks: 48 rows of K = 1536 in f32 are
@@ -629,8 +632,6 @@ struct Decoder<S: Simd> {
     fp8: bool,
     /// Code bits mask (integer codes).
     mask: u32,
-    /// Bytes per k of one panel: `P * bits / 8`.
-    bytes_per_k: usize,
     /// How many consecutive bytes one vector reads (see [`Simd::load_codes`]).
     run: usize,
     /// Row vectors of a panel, `P / S::LANES` of them (at most 8).
@@ -661,7 +662,6 @@ impl<S: Simd> Decoder<S> {
         Decoder {
             fp8: w.format.codes == CodeFormat::Fp8E4M3,
             mask: (1u32 << bits) - 1,
-            bytes_per_k,
             run,
             vectors,
         }
@@ -695,58 +695,93 @@ impl SimdTask for QuantTask<'_> {
     fn run<S: Simd>(self) {
         let p = self.w.layout.panel();
         let vectors_per_panel = p / S::LANES;
-        // A unit is NV row vectors of one panel; a tile is MR token rows x U units.
-        if vectors_per_panel.is_multiple_of(2) {
-            self.units::<S, 2>(vectors_per_panel / 2);
+        // A unit is NV row vectors of one panel; a tile is MR token rows x U units. Panels of
+        // two vectors (the layout the compiler writes for the ISA) take the unpacking
+        // specialized per code width; other panels go through the general decoder.
+        // SAFETY: `run_simd` runs this only on a CPU with `S`; the panel is a power of two
+        // (`QuantWeight::check`) that S::LANES divides (`run_tasks`).
+        let d = unsafe { Decoder::<S>::new(self.w) };
+        if vectors_per_panel == 2 && S::ISA != CpuIsa::Portable {
+            match self.w.format.codes {
+                CodeFormat::Int(8) => self.units::<S, 2, _>(PairCodes::<8>, 1),
+                CodeFormat::Int(4) => self.units::<S, 2, _>(PairCodes::<4>, 1),
+                CodeFormat::Int(2) => self.units::<S, 2, _>(PairCodes::<2>, 1),
+                _ => self.units::<S, 2, _>(PairCodes::<CODE_E4M3>, 1),
+            }
+        } else if vectors_per_panel.is_multiple_of(2) {
+            self.units::<S, 2, _>(&d, vectors_per_panel / 2);
         } else {
-            self.units::<S, 1>(vectors_per_panel);
+            self.units::<S, 1, _>(&d, vectors_per_panel);
         }
+    }
+}
+
+/// How a tile reads the codes of one k for the NV row vectors of a unit.
+trait UnitCodes<S: Simd, const NV: usize>: Copy {
+    /// `k_bytes`: the k's bytes of the unit's panel; `first`: the unit's first row vector.
+    unsafe fn load(self, k_bytes: *const u8, first: usize) -> [S::V; NV];
+}
+
+/// The two row vectors of a panel of `2 * S::LANES` rows, unpacked for one code width.
+#[derive(Clone, Copy)]
+struct PairCodes<const CODE: u32>;
+
+impl<S: Simd, const CODE: u32> UnitCodes<S, 2> for PairCodes<CODE> {
+    #[inline(always)]
+    unsafe fn load(self, k_bytes: *const u8, _first: usize) -> [S::V; 2] {
+        S::load_code_pair::<CODE>(k_bytes)
+    }
+}
+
+impl<S: Simd, const NV: usize> UnitCodes<S, NV> for &Decoder<S> {
+    #[inline(always)]
+    unsafe fn load(self, k_bytes: *const u8, first: usize) -> [S::V; NV] {
+        std::array::from_fn(|v| Decoder::load(self, k_bytes, first + v))
     }
 }
 
 impl QuantTask<'_> {
     #[inline(always)]
-    fn units<S: Simd, const NV: usize>(&self, per_panel: usize) {
-        // SAFETY: `run_simd` runs this only on a CPU with `S`; `QuantWeight::check` and
-        // `check_matmul` validated every buffer against T, N, K, the strides and the layout.
-        let d = unsafe { Decoder::<S>::new(self.w) };
+    fn units<S: Simd, const NV: usize, C: UnitCodes<S, NV>>(&self, codes: C, per_panel: usize) {
         let units = self.panels.start * per_panel..self.panels.end * per_panel;
         let mut t0 = self.rows.start;
         while t0 < self.rows.end {
             let mr = (self.rows.end - t0).min(MAX_TILE_ROWS);
             // Independent FMA chains hide the FMA latency: few token rows take more units.
-            // SAFETY: as above.
+            // SAFETY: as in `run`; `check_matmul` validated x, out and bias.
             unsafe {
                 match mr {
-                    1 => self.tiles::<S, 1, 4, NV>(&d, units.clone(), t0, per_panel),
-                    2 => self.tiles::<S, 2, 2, NV>(&d, units.clone(), t0, per_panel),
-                    3 => self.tiles::<S, 3, 2, NV>(&d, units.clone(), t0, per_panel),
-                    4 => self.tiles::<S, 4, 1, NV>(&d, units.clone(), t0, per_panel),
-                    5 => self.tiles::<S, 5, 1, NV>(&d, units.clone(), t0, per_panel),
-                    _ => self.tiles::<S, 6, 1, NV>(&d, units.clone(), t0, per_panel),
+                    1 => self.tiles::<S, 1, 4, NV, C>(codes, units.clone(), t0, per_panel),
+                    2 => self.tiles::<S, 2, 2, NV, C>(codes, units.clone(), t0, per_panel),
+                    3 => self.tiles::<S, 3, 2, NV, C>(codes, units.clone(), t0, per_panel),
+                    4 => self.tiles::<S, 4, 1, NV, C>(codes, units.clone(), t0, per_panel),
+                    5 => self.tiles::<S, 5, 1, NV, C>(codes, units.clone(), t0, per_panel),
+                    _ => self.tiles::<S, 6, 1, NV, C>(codes, units.clone(), t0, per_panel),
                 }
             }
             t0 += mr;
         }
     }
 
-    /// Runs `units` for token rows `t0..t0 + MR`, U units at a time (the rest one at a time).
+    /// Runs `units` for token rows `t0..t0 + MR`, U units at a time. A last group of fewer
+    /// than U units repeats its last unit (computed twice, stored once) rather than needing a
+    /// narrower tile.
     #[inline(always)]
-    unsafe fn tiles<S: Simd, const MR: usize, const U: usize, const NV: usize>(
+    unsafe fn tiles<S: Simd, const MR: usize, const U: usize, const NV: usize, C>(
         &self,
-        d: &Decoder<S>,
+        codes: C,
         units: std::ops::Range<usize>,
         t0: usize,
         per_panel: usize,
-    ) {
+    ) where
+        C: UnitCodes<S, NV>,
+    {
         let mut u = units.start;
-        while u + U <= units.end {
-            self.tile::<S, MR, U, NV>(d, std::array::from_fn(|i| u + i), t0, per_panel);
-            u += U;
-        }
         while u < units.end {
-            self.tile::<S, MR, 1, NV>(d, [u], t0, per_panel);
-            u += 1;
+            let last = units.end - 1;
+            let group: [usize; U] = std::array::from_fn(|i| (u + i).min(last));
+            self.tile::<S, MR, U, NV, C>(codes, group, t0, per_panel);
+            u += U;
         }
     }
 
@@ -756,39 +791,47 @@ impl QuantTask<'_> {
     /// bias comes last. Every output row is computed the same way whatever MR, U and the task
     /// split are, which is what makes the kernel batch invariant.
     #[inline(always)]
-    unsafe fn tile<S: Simd, const MR: usize, const U: usize, const NV: usize>(
+    unsafe fn tile<S: Simd, const MR: usize, const U: usize, const NV: usize, C>(
         &self,
-        d: &Decoder<S>,
+        codes: C,
         units: [usize; U],
         t0: usize,
         per_panel: usize,
-    ) {
+    ) where
+        C: UnitCodes<S, NV>,
+    {
         let a = self.args;
         let w = self.w;
         let (p, k, group) = (w.layout.panel(), a.k, w.format.group);
         let groups = k / group;
         let lanes = S::LANES;
+        let fp8 = w.format.codes == CodeFormat::Fp8E4M3;
         let asymmetric = w.format.asymmetric;
         let offset = w.format.offset();
-        let codes = w.codes.as_ptr();
+        let bytes_per_k = p * w.format.codes.bits() as usize / 8;
+        let k_per_line = (64 / bytes_per_k).max(1);
         let scales = w.scales.as_ptr() as *const u16;
         let mins = w.mins.as_ptr() as *const u16;
-        // Per unit: its panel's codes, and the first row vector (within the panel) and row.
-        let panel_of = |u: usize| u / per_panel;
-        let first_vector = |u: usize| (u % per_panel) * NV;
-        let unit_codes: [*const u8; U] =
-            std::array::from_fn(|i| codes.add(panel_of(units[i]) * k * d.bytes_per_k));
+        // Per unit: its panel and its first row vector within the panel.
+        let panel: [usize; U] = std::array::from_fn(|i| units[i] / per_panel);
+        let first: [usize; U] = std::array::from_fn(|i| (units[i] % per_panel) * NV);
+        let mut at: [*const u8; U] =
+            std::array::from_fn(|i| w.codes.as_ptr().add(panel[i] * k * bytes_per_k));
         let x = a.x.as_ptr().add(t0 * a.x_stride);
         let mut total = [[[S::zero(); NV]; U]; MR];
         for g in 0..groups {
             let mut sum = [[[S::zero(); NV]; U]; MR];
             for kk in g * group..(g + 1) * group {
-                let mut c = [[S::zero(); NV]; U];
-                for i in 0..U {
-                    let at = unit_codes[i].add(kk * d.bytes_per_k);
-                    for v in 0..NV {
-                        c[i][v] = d.load(at, first_vector(units[i]) + v);
+                // Each unit is a short stream of its own: prefetch one cache line per unit
+                // ahead of it, once per line, since the hardware ramps up too slowly on them.
+                if kk & (k_per_line - 1) == 0 {
+                    for &stream in &at {
+                        S::prefetch(stream.wrapping_add(PREFETCH_AHEAD));
                     }
+                }
+                let c: [[S::V; NV]; U] = std::array::from_fn(|i| codes.load(at[i], first[i]));
+                for i in 0..U {
+                    at[i] = at[i].add(bytes_per_k);
                 }
                 for m in 0..MR {
                     let xv = S::splat(*x.add(m * a.x_stride + kk));
@@ -800,23 +843,24 @@ impl QuantTask<'_> {
                 }
             }
             for i in 0..U {
-                let base = (panel_of(units[i]) * groups + g) * p;
+                let base = (panel[i] * groups + g) * p;
                 for v in 0..NV {
-                    let row = (first_vector(units[i]) + v) * lanes;
+                    let row = (first[i] + v) * lanes;
                     let scale = S::load_f16(scales.add(base + row));
-                    let min = if d.fp8 {
-                        None
-                    } else if asymmetric {
-                        Some(S::load_f16(mins.add(base + row)))
-                    } else {
-                        Some(S::mul(scale, S::splat(-offset)))
-                    };
                     for m in 0..MR {
                         total[m][i][v] = S::mul_add(scale, sum[m][i][v], total[m][i][v]);
-                        if let Some(min) = min {
-                            let s = S::splat(self.sums[(t0 + m) * groups + g]);
-                            total[m][i][v] = S::mul_add(min, s, total[m][i][v]);
-                        }
+                    }
+                    if fp8 {
+                        continue;
+                    }
+                    let min = if asymmetric {
+                        S::load_f16(mins.add(base + row))
+                    } else {
+                        S::mul(scale, S::splat(-offset))
+                    };
+                    for m in 0..MR {
+                        let s = S::splat(self.sums[(t0 + m) * groups + g]);
+                        total[m][i][v] = S::mul_add(min, s, total[m][i][v]);
                     }
                 }
             }
@@ -824,8 +868,11 @@ impl QuantTask<'_> {
         for m in 0..MR {
             let out = a.out.0.add((t0 + m) * a.out_stride);
             for i in 0..U {
+                if i > 0 && units[i] == units[i - 1] {
+                    continue;
+                }
                 for v in 0..NV {
-                    let col = panel_of(units[i]) * p + (first_vector(units[i]) + v) * lanes;
+                    let col = panel[i] * p + (first[i] + v) * lanes;
                     if col >= a.n {
                         continue;
                     }

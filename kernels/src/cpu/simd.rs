@@ -84,6 +84,11 @@ pub(crate) trait Simd: Copy + 'static {
     /// `LANES` FP8 e4m3 codes as f32. The code 0x7f (e4m3's NaN) reads as 480; quantizers never
     /// write it.
     unsafe fn load_e4m3(p: *const u8) -> Self::V;
+    /// The codes of one k of a quantized panel of `2 * LANES` rows (the layout of `cpu::quant`),
+    /// as f32: rows `[0, LANES)` and `[LANES, 2 * LANES)`. `CODE` is the integer code width (8,
+    /// 4 or 2 bits) or [`CODE_E4M3`]. The hot path of the quantized matmul: one load per k, no
+    /// run-time choices.
+    unsafe fn load_code_pair<const CODE: u32>(p: *const u8) -> [Self::V; 2];
     /// Hints that the cache line at `p` will be read soon. `p` may point anywhere: a prefetch
     /// never faults.
     #[inline(always)]
@@ -150,16 +155,21 @@ impl WeightElem for f16 {
     }
 }
 
-/// 2^120: rebiases an e4m3 exponent (bias 7) placed in an f32's exponent field (bias 127).
-const E4M3_REBIAS: f32 = f32::from_bits((127 + 120) << 23);
+/// `CODE` of [`Simd::load_code_pair`] for FP8 e4m3 codes.
+pub(crate) const CODE_E4M3: u32 = 0;
 
-/// An FP8 e4m3 code as f32: its exponent and mantissa bits placed at the top of an f32's
-/// exponent and mantissa fields, then scaled by 2^120. Exact for normal and subnormal codes
-/// alike (a subnormal e4m3 lands on an f32 subnormal, and the scaling is a power of two).
+/// 2^8: rebiases an e4m3 value read as an IEEE half (exponent bias 15) to e4m3's bias 7.
+const E4M3_FROM_HALF: f32 = 256.0;
+
+/// An FP8 e4m3 code as f32: its exponent and mantissa bits placed at the top of an IEEE half's
+/// exponent and mantissa fields, widened, then scaled by 2^8. Exact for normal and subnormal
+/// codes alike (a subnormal e4m3 is a subnormal half, whose widening is exact and which no f32
+/// arithmetic sees as subnormal, so no slow denormal path is taken), the same bits as the
+/// vector paths below.
 #[inline(always)]
 pub(crate) fn e4m3_bits_to_f32(code: u8) -> f32 {
-    let code = code as u32;
-    f32::from_bits(((code & 0x80) << 24) | ((code & 0x7f) << 20)) * E4M3_REBIAS
+    let code = code as u16;
+    f16_bits_to_f32(((code & 0x80) << 8) | ((code & 0x7f) << 7)) * E4M3_FROM_HALF
 }
 
 /// IEEE half to f32 by bit manipulation, valid for every input (subnormals, inf, NaN).
@@ -361,6 +371,21 @@ impl Simd for Portable {
         std::array::from_fn(|i| e4m3_bits_to_f32(*p.add(i)))
     }
     #[inline(always)]
+    unsafe fn load_code_pair<const CODE: u32>(p: *const u8) -> [Lanes; 2] {
+        std::array::from_fn(|half| {
+            std::array::from_fn(|i| {
+                let row = half * PORTABLE_LANES + i;
+                if CODE == CODE_E4M3 {
+                    return e4m3_bits_to_f32(*p.add(row));
+                }
+                // Row r: byte r % bytes_per_k, bit slot r / bytes_per_k (see `cpu::quant`).
+                let bytes_per_k = 2 * PORTABLE_LANES * CODE as usize / 8;
+                let byte = *p.add(row % bytes_per_k) as u32;
+                ((byte >> (row / bytes_per_k) as u32 * CODE) & ((1 << CODE) - 1)) as f32
+            })
+        })
+    }
+    #[inline(always)]
     #[allow(clippy::needless_range_loop)] // The symmetric indices are the point.
     unsafe fn transpose(rows: &mut [Lanes]) {
         for i in 0..PORTABLE_LANES {
@@ -381,12 +406,12 @@ mod x86 {
     use super::{CpuIsa, Simd, SimdTask};
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn run_avx2<T: SimdTask>(task: T) -> T::Output {
         task.run::<Avx2>()
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")]
     pub(super) unsafe fn run_avx512<T: SimdTask>(task: T) -> T::Output {
         task.run::<Avx512>()
     }
@@ -400,6 +425,21 @@ mod x86 {
     #[inline(always)]
     unsafe fn avx2_mask(n: usize) -> __m256i {
         _mm256_loadu_si256(AVX2_PART_MASK.as_ptr().add(8 - n) as *const __m256i)
+    }
+
+    /// e4m3 codes in 16-bit lanes as IEEE half bits (see `e4m3_bits_to_f32`): shifting the
+    /// byte to the top and arithmetically back by 1 puts exponent and mantissa at bits 7 to 13
+    /// and copies the sign to bit 14; the mask keeps those bits and the sign at bit 15.
+    #[inline(always)]
+    unsafe fn e4m3_halves(b: __m256i) -> __m256i {
+        let spread = _mm256_srai_epi16::<1>(_mm256_slli_epi16::<8>(b));
+        _mm256_and_si256(spread, _mm256_set1_epi16(0xbf80u16 as i16))
+    }
+
+    /// Eight half values (bits) to f32 times 2^8: e4m3 values.
+    #[inline(always)]
+    unsafe fn e4m3_from_halves(h: __m128i) -> __m256 {
+        _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(super::E4M3_FROM_HALF))
     }
 
     impl Simd for Avx2 {
@@ -438,20 +478,7 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_f16(p: *const u16) -> __m256 {
-            // AVX2 alone has no half conversion (that is F16C), so the bit trick of
-            // `f16_bits_to_f32`, eight lanes at a time.
-            let h = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
-            let sign = _mm256_slli_epi32::<16>(_mm256_and_si256(h, _mm256_set1_epi32(0x8000)));
-            let exp_mant = _mm256_and_si256(h, _mm256_set1_epi32(0x7fff));
-            let shifted = _mm256_slli_epi32::<13>(exp_mant);
-            let scaled = _mm256_mul_ps(
-                _mm256_castsi256_ps(shifted),
-                _mm256_castsi256_ps(_mm256_set1_epi32(0x7780_0000)),
-            );
-            let inf_nan = _mm256_or_si256(shifted, _mm256_set1_epi32(0x7f80_0000));
-            let is_inf_nan = _mm256_cmpgt_epi32(exp_mant, _mm256_set1_epi32(0x7bff));
-            let magnitude = _mm256_blendv_epi8(_mm256_castps_si256(scaled), inf_nan, is_inf_nan);
-            _mm256_castsi256_ps(_mm256_or_si256(magnitude, sign))
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
         }
         #[inline(always)]
         unsafe fn add(a: __m256, b: __m256) -> __m256 {
@@ -522,12 +549,46 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_e4m3(p: *const u8) -> __m256 {
-            // See `e4m3_bits_to_f32`.
-            let b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
-            let magnitude = _mm256_slli_epi32::<20>(_mm256_and_si256(b, _mm256_set1_epi32(0x7f)));
-            let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
-            let bits = _mm256_castsi256_ps(_mm256_or_si256(magnitude, sign));
-            _mm256_mul_ps(bits, _mm256_set1_ps(super::E4M3_REBIAS))
+            let b = _mm256_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+            e4m3_from_halves(_mm256_castsi256_si128(e4m3_halves(b)))
+        }
+        #[inline(always)]
+        unsafe fn load_code_pair<const CODE: u32>(p: *const u8) -> [__m256; 2] {
+            let widen = |p: *const u8| _mm256_cvtepu8_epi32(_mm_loadl_epi64(p as *const __m128i));
+            match CODE {
+                8 => [
+                    _mm256_cvtepi32_ps(widen(p)),
+                    _mm256_cvtepi32_ps(widen(p.add(8))),
+                ],
+                4 => {
+                    let w = widen(p);
+                    let low = _mm256_and_si256(w, _mm256_set1_epi32(0xf));
+                    [
+                        _mm256_cvtepi32_ps(low),
+                        _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(w)),
+                    ]
+                }
+                2 => {
+                    // Four bytes hold the 16 rows in four 2-bit slots: lanes 0-3 and 4-7 of
+                    // the first vector are slots 0 and 1, of the second slots 2 and 3.
+                    let bytes = _mm_set1_epi32((p as *const i32).read_unaligned());
+                    let w = _mm256_cvtepu8_epi32(bytes);
+                    let mask = _mm256_set1_epi32(3);
+                    let low = _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+                    let high = _mm256_srlv_epi32(w, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6));
+                    [
+                        _mm256_cvtepi32_ps(_mm256_and_si256(low, mask)),
+                        _mm256_cvtepi32_ps(_mm256_and_si256(high, mask)),
+                    ]
+                }
+                _ => {
+                    let h = e4m3_halves(_mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i)));
+                    [
+                        e4m3_from_halves(_mm256_castsi256_si128(h)),
+                        e4m3_from_halves(_mm256_extracti128_si256::<1>(h)),
+                    ]
+                }
+            }
         }
         #[inline(always)]
         unsafe fn transpose(r: &mut [__m256]) {
@@ -674,12 +735,49 @@ mod x86 {
         }
         #[inline(always)]
         unsafe fn load_e4m3(p: *const u8) -> __m512 {
-            // See `e4m3_bits_to_f32`.
-            let b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
-            let magnitude = _mm512_slli_epi32::<20>(_mm512_and_si512(b, _mm512_set1_epi32(0x7f)));
-            let sign = _mm512_slli_epi32::<24>(_mm512_and_si512(b, _mm512_set1_epi32(0x80)));
-            let bits = _mm512_castsi512_ps(_mm512_or_si512(magnitude, sign));
-            _mm512_mul_ps(bits, _mm512_set1_ps(super::E4M3_REBIAS))
+            // As the AVX2 version, on 16 lanes.
+            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128(p as *const __m128i));
+            _mm512_mul_ps(
+                _mm512_cvtph_ps(e4m3_halves(b)),
+                _mm512_set1_ps(super::E4M3_FROM_HALF),
+            )
+        }
+        #[inline(always)]
+        unsafe fn load_code_pair<const CODE: u32>(p: *const u8) -> [__m512; 2] {
+            let widen = |p: *const u8| _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i));
+            match CODE {
+                8 => [
+                    _mm512_cvtepi32_ps(widen(p)),
+                    _mm512_cvtepi32_ps(widen(p.add(16))),
+                ],
+                4 => {
+                    let w = widen(p);
+                    let low = _mm512_and_si512(w, _mm512_set1_epi32(0xf));
+                    [
+                        _mm512_cvtepi32_ps(low),
+                        _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(w)),
+                    ]
+                }
+                2 => {
+                    // Eight bytes hold the 32 rows in four 2-bit slots (see the AVX2 version).
+                    let bytes = _mm_set1_epi64x((p as *const i64).read_unaligned());
+                    let w = _mm512_cvtepu8_epi32(bytes);
+                    let mask = _mm512_set1_epi32(3);
+                    let low = _mm512_srlv_epi32(
+                        w,
+                        _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
+                    );
+                    let high = _mm512_srlv_epi32(
+                        w,
+                        _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
+                    );
+                    [
+                        _mm512_cvtepi32_ps(_mm512_and_si512(low, mask)),
+                        _mm512_cvtepi32_ps(_mm512_and_si512(high, mask)),
+                    ]
+                }
+                _ => [Self::load_e4m3(p), Self::load_e4m3(p.add(16))],
+            }
         }
         #[inline(always)]
         unsafe fn transpose(r: &mut [__m512]) {
@@ -908,6 +1006,39 @@ mod tests {
                     run /= 2;
                 }
             }
+            // Pairs: rows [0, 2 LANES) of a panel, row r at byte r % bytes_per_k, slot
+            // r / bytes_per_k.
+            let mut pair = [0f32; 32];
+            for code in [8u32, 4, 2, CODE_E4M3] {
+                for start in (0..bytes.len() - 2 * S::LANES).step_by(5) {
+                    let p = unsafe { bytes.as_ptr().add(start) };
+                    let [a, b] = unsafe {
+                        match code {
+                            8 => S::load_code_pair::<8>(p),
+                            4 => S::load_code_pair::<4>(p),
+                            2 => S::load_code_pair::<2>(p),
+                            _ => S::load_code_pair::<CODE_E4M3>(p),
+                        }
+                    };
+                    unsafe {
+                        S::store(pair.as_mut_ptr(), a);
+                        S::store(pair.as_mut_ptr().add(S::LANES), b);
+                    }
+                    for (row, &got) in pair.iter().enumerate().take(2 * S::LANES) {
+                        let want = if code == CODE_E4M3 {
+                            crate::cpu::quant::e4m3_to_f32(bytes[start + row])
+                        } else {
+                            let bytes_per_k = 2 * S::LANES * code as usize / 8;
+                            let byte = bytes[start + row % bytes_per_k] as u32;
+                            ((byte >> ((row / bytes_per_k) as u32 * code)) & ((1 << code) - 1))
+                                as f32
+                        };
+                        if got.to_bits() != want.to_bits() && !want.is_nan() {
+                            self.1.push((format!("pair {code} row {row}"), got, want));
+                        }
+                    }
+                }
+            }
             for start in (0..bytes.len() - S::LANES).step_by(S::LANES) {
                 unsafe { S::store(lanes.as_mut_ptr(), S::load_e4m3(bytes.as_ptr().add(start))) };
                 for (i, &got) in lanes.iter().enumerate().take(S::LANES) {
@@ -926,7 +1057,7 @@ mod tests {
         // Every byte value, then a scramble of them, so neighbouring lanes differ.
         let mut bytes: Vec<u8> = (0..=255).collect();
         bytes.extend((0..=255u32).map(|i| (i * 73 + 19) as u8));
-        bytes.extend([0; 16]);
+        bytes.extend([0; 32]);
         for isa in isas_to_test() {
             let mut wrong = Vec::new();
             run_simd(isa, Unpack(&bytes, &mut wrong));
