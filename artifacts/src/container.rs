@@ -766,6 +766,13 @@ impl PlanFile {
         self.map.get(self.layout.sections.get(index)?.data.clone())
     }
 
+    /// The blake3 that the section table records for section `name`, which `open` checked the
+    /// bytes against: for readers that copy a section and want to check the copy itself.
+    pub fn section_checksum(&self, name: &str) -> Option<[u8; 32]> {
+        let index = *self.layout.by_name.get(name)?;
+        Some(self.layout.sections.get(index)?.entry.checksum)
+    }
+
     /// Like `section`, but a missing section is an error that names it.
     pub fn require_section(&self, name: &str) -> Result<&[u8], PlanError> {
         self.section(name).ok_or_else(|| PlanError::MissingSection {

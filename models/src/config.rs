@@ -525,7 +525,12 @@ impl Fields<'_> {
     fn wrong(&self, key: &str, found: &Value, expected: &str) -> ModelError {
         let mut shown = found.to_string();
         if shown.len() > 60 {
-            shown.truncate(57);
+            // Cut on a character boundary: the value may hold any text.
+            let cut = (0..=57)
+                .rev()
+                .find(|&i| shown.is_char_boundary(i))
+                .unwrap_or(0);
+            shown.truncate(cut);
             shown.push_str("...");
         }
         invalid(
@@ -958,6 +963,24 @@ mod tests {
             assert_eq!(c.qk_norm, case.qk_norm, "{}", case.dir);
             assert_eq!(c.bos_token_id, Some(1), "{}", case.dir);
             assert_eq!(c.eos_token_ids, vec![2], "{}", case.dir);
+        }
+    }
+
+    /// Found by the `hf_config` fuzz target: a long wrong value with a multi-byte character
+    /// where the message cuts it panicked instead of being reported.
+    #[test]
+    fn long_wrong_values_with_any_characters_are_reported() {
+        for filler in ["a", "é", "\u{1333}", "😀"] {
+            for pad in 0..4 {
+                let value = format!("{}{}", "x".repeat(50 + pad), filler.repeat(8));
+                let text = format!(r#"{{"architectures": [["{value}"]], "vocab_size": 320}}"#);
+                match parse(&text) {
+                    Err(ModelError::InvalidConfig { reason, .. }) => {
+                        assert!(reason.ends_with("..."), "{reason}")
+                    }
+                    other => panic!("{filler:?} {pad}: {other:?}"),
+                }
+            }
         }
     }
 

@@ -486,6 +486,23 @@ You are Qwen.<|im_end|>
         &'static str,
     );
 
+    /// Message contents are data: template syntax in them, including an attempt to include a
+    /// file, comes out as written (the environment has no loader, so no template can read files).
+    #[test]
+    fn template_syntax_in_messages_is_never_evaluated() {
+        let hostile = "{{ 7*7 }} {% include '/etc/passwd' %} {{ raise_exception('x') }}";
+        for (label, source) in [("smollm2", SMOLLM2), ("llama3 style", LLAMA3_STYLE)] {
+            let text = render(source, &[("user", hostile)], true).expect("renders");
+            assert!(text.contains(hostile), "{label}: {text}");
+            assert!(
+                !text.contains("49") && !text.contains("root:"),
+                "{label}: {text}"
+            );
+        }
+        let including = "{% include '/etc/passwd' %}";
+        assert!(render(including, &[], false).is_err());
+    }
+
     #[test]
     fn renders_templates_as_hugging_face_does() {
         let cases: [RenderCase; 8] = [

@@ -26,6 +26,8 @@ pub enum CodeError {
     Misaligned { offset: usize },
     #[error("entry type is {size} bytes, not a function pointer")]
     NotAFunctionPointer { size: usize },
+    #[error("the code section does not match its checksum (blake3 {found}, the plan records {expected}): the plan file changed or is damaged; nothing was mapped executable")]
+    ChecksumMismatch { expected: String, found: String },
 }
 
 /// A plan's code section, mapped read+execute.
@@ -38,7 +40,36 @@ impl CodeImage {
     /// Copies `bytes` (a plan's code section) into fresh anonymous memory, then makes it
     /// read+exec (never writable and executable at once).
     pub fn load(bytes: &[u8]) -> Result<CodeImage, CodeError> {
+        CodeImage::map_checked_copy(bytes, |_| Ok(()))
+    }
+
+    /// Like [`CodeImage::load`], but checks the private copy against `expected` (the section's
+    /// blake3 from the plan's table) before making it executable. The plan file was verified
+    /// when opened; checking the copy as well means the bytes that become executable are
+    /// exactly the ones hashed, even if the file were changed in place after verification.
+    pub fn load_checked(bytes: &[u8], expected: &[u8; 32]) -> Result<CodeImage, CodeError> {
+        CodeImage::map_checked_copy(bytes, |copy| {
+            let found = blake3::hash(copy);
+            // `blake3::Hash` equality is constant-time; nothing here is secret, it is simply
+            // the comparison the type offers.
+            if found == blake3::Hash::from_bytes(*expected) {
+                return Ok(());
+            }
+            Err(CodeError::ChecksumMismatch {
+                expected: blake3::Hash::from_bytes(*expected).to_hex().to_string(),
+                found: found.to_hex().to_string(),
+            })
+        })
+    }
+
+    /// Copies `bytes` into fresh writable memory, runs `check` on the copy, and only then makes
+    /// it read+exec.
+    fn map_checked_copy(
+        bytes: &[u8],
+        check: impl FnOnce(&[u8]) -> Result<(), CodeError>,
+    ) -> Result<CodeImage, CodeError> {
         if bytes.is_empty() {
+            check(bytes)?;
             return Ok(CodeImage { mapping: None });
         }
         let map_error = |source| CodeError::Map {
@@ -47,6 +78,7 @@ impl CodeImage {
         };
         let mut writable = MmapMut::map_anon(bytes.len()).map_err(map_error)?;
         writable.copy_from_slice(bytes);
+        check(&writable)?;
         // Changing the protection of the pages the CPU will fetch from is the only
         // synchronization x86-64 needs between writing code and running it.
         let executable = writable.make_exec().map_err(map_error)?;
@@ -183,6 +215,31 @@ mod tests {
             result,
             Err(CodeError::OutOfBounds { offset: 0, len: 0 })
         ));
+    }
+
+    #[test]
+    fn code_that_does_not_match_its_checksum_is_never_mapped() {
+        let bytes = section(&[3, 5, 9]);
+        let right = *blake3::hash(&bytes).as_bytes();
+        let image = CodeImage::load_checked(&bytes, &right).expect("matching code loads");
+        assert_eq!(image.mapping.as_deref(), Some(&bytes[..]));
+        let mut changed = bytes.clone();
+        changed[1] ^= 1;
+        for (label, code, expected) in [
+            ("one bit changed", &changed[..], right),
+            ("empty section", &[][..], right),
+            ("another checksum", &bytes[..], [0u8; 32]),
+        ] {
+            let result = CodeImage::load_checked(code, &expected);
+            assert!(
+                matches!(result, Err(CodeError::ChecksumMismatch { .. })),
+                "{label}: {result:?}"
+            );
+        }
+        let empty = *blake3::hash(&[]).as_bytes();
+        assert!(CodeImage::load_checked(&[], &empty)
+            .expect("empty")
+            .is_empty());
     }
 
     #[test]

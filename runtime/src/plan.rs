@@ -61,7 +61,14 @@ impl LoadedPlan {
                 machine: machine.name().to_string(),
             });
         }
-        let code = CodeImage::load(file.section(section::CODE).unwrap_or(&[]))?;
+        // `open` verified every section; the copy that becomes executable is checked again.
+        let code = match (
+            file.section(section::CODE),
+            file.section_checksum(section::CODE),
+        ) {
+            (Some(bytes), Some(checksum)) => CodeImage::load_checked(bytes, &checksum)?,
+            _ => CodeImage::load(&[])?,
+        };
         let weights = match file.section(PARTS_SECTION) {
             Some(bytes) => {
                 let table: PartsTable = codec::decode(PARTS_SECTION, bytes)?;

@@ -319,9 +319,15 @@ impl Scheduler {
             if shared.draining {
                 return Err(SubmitError::ShuttingDown);
             }
-            if shared.stats.waiting >= self.config.max_waiting
-                && shared.stats.running >= self.config.max_num_seqs
-            {
+            // Free sequence slots let that many more requests wait briefly on their way in;
+            // beyond them the queue holds `max_waiting`, whether sequences are short of slots
+            // or of KV blocks (a pool that fits fewer than `max_num_seqs` must not make the
+            // queue unbounded).
+            let free_slots = self
+                .config
+                .max_num_seqs
+                .saturating_sub(shared.stats.running);
+            if shared.stats.waiting >= self.config.max_waiting.saturating_add(free_slots) {
                 return Err(SubmitError::QueueFull {
                     waiting: shared.stats.waiting,
                 });

@@ -324,6 +324,45 @@ fn a_pool_too_small_for_the_load_preempts_and_still_finishes_everything() {
     );
 }
 
+/// A pool that fits one sequence while four slots are free must still bound the queue: before
+/// the fix, requests were refused only when every slot was running, so this queue grew without
+/// limit (found by the soak test, scripts/soak.sh).
+#[test]
+fn the_queue_stays_bounded_when_kv_blocks_are_short_rather_than_slots() {
+    let (max_num_seqs, max_waiting) = (4, 2);
+    // 4 blocks of 16 = 64 positions; each request needs 3 to 4 blocks, so one runs at a time.
+    let s = scheduler_with_pool(max_num_seqs, max_waiting, 64, 16, Some(4), true);
+    let mut accepted = vec![];
+    let mut refused = 0;
+    for i in 0..20u32 {
+        match s.submit(prompt(40 + i, 30), params(20)) {
+            Ok(stream) => accepted.push(stream),
+            Err(SubmitError::QueueFull { .. }) => refused += 1,
+            Err(other) => panic!("request {i}: {other:?}"),
+        }
+        let stats = s.stats();
+        assert!(
+            stats.waiting <= max_waiting + max_num_seqs,
+            "the queue passed its bound: {stats:?}"
+        );
+    }
+    assert!(refused > 0, "20 requests and none refused");
+    assert!(
+        accepted.len() <= max_waiting + max_num_seqs,
+        "{}",
+        accepted.len()
+    );
+    for stream in accepted {
+        let (tokens, _) = collect(stream);
+        assert_eq!(tokens.len(), 20);
+    }
+    let stats = wait_idle(&s);
+    assert_eq!(
+        (stats.running, stats.waiting, stats.kv_blocks_used),
+        (0, 0, 0)
+    );
+}
+
 #[test]
 fn a_prompt_larger_than_the_pool_is_refused_and_one_outgrowing_it_ends_with_length() {
     let s = scheduler_with_pool(2, 4, 64, 16, Some(4), true);

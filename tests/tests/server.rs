@@ -660,9 +660,9 @@ async fn api_key_guards_the_v1_endpoints() {
             .as_u16(),
         200
     );
-    // Probes stay open.
+    // The liveness probe stays open; metrics need the key (tests/tests/server_security.rs).
     assert_eq!(s.get("/health").await.0, 200);
-    assert_eq!(s.get("/metrics").await.0, 200);
+    assert_eq!(s.get("/metrics").await.0, 401);
     s.shutdown().await;
 }
 
@@ -1197,5 +1197,109 @@ async fn smollm2_64_concurrent_streams_equal_single_requests() {
         .map(|q| json!({"messages": user(q), "max_tokens": 10, "temperature": 0, "stream": true, "return_token_ids": true}))
         .collect();
     concurrent_streams_match_single_requests(&s, "/v1/chat/completions", requests).await;
+    s.shutdown().await;
+}
+
+// ---- security review (docs/RELIABILITY.md lists what each test covers) ----
+
+/// Sends `request` (raw HTTP/1.1) on a fresh connection and returns what came back before the
+/// server closed it or a second passed: a status line, or nothing if the server hung up first.
+async fn raw_exchange(base: &str, request: Vec<u8>) -> String {
+    let address = base.trim_start_matches("http://").to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        // The server may answer and close before taking everything: a failed write is fine.
+        let _ = stream.write_all(&request);
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        String::from_utf8_lossy(&reply).into_owned()
+    })
+    .await
+    .expect("raw exchange")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_v1_need_the_key_and_keys_must_match_exactly() {
+    let config = ServerConfig {
+        api_key: Some("sekret-key".into()),
+        ..ServerConfig::default()
+    };
+    let s = start(&tiny_plan(), options(64, 1), config).await;
+    let status_of = |path: &'static str, auth: Option<&'static str>| {
+        let mut request = s.client.get(s.url(path));
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        async move { request.send().await.expect("request").status().as_u16() }
+    };
+    for path in ["/metrics", "/v1/models"] {
+        for auth in [
+            None,
+            Some("Bearer "),
+            Some("Bearer sekret"),
+            Some("Bearer sekret-key2"),
+            Some("Bearer sekret-kez"),
+            Some("Bearer SEKRET-KEY"),
+            Some("bearer sekret-key"),
+            Some("sekret-key"),
+        ] {
+            assert_eq!(status_of(path, auth).await, 401, "{path} with {auth:?}");
+        }
+        assert_eq!(
+            status_of(path, Some("Bearer sekret-key")).await,
+            200,
+            "{path}"
+        );
+    }
+    let metrics = s
+        .client
+        .get(s.url("/metrics"))
+        .bearer_auth("sekret-key")
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(metrics.contains("fdrt:num_requests_running"), "{metrics}");
+    assert_eq!(status_of("/health", None).await, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_and_chunked_bodies_are_refused() {
+    let config = ServerConfig {
+        max_body_bytes: 4096,
+        ..ServerConfig::default()
+    };
+    let s = start(&tiny_plan(), options(64, 1), config).await;
+    // A megabyte of headers: the HTTP layer refuses it (431) or hangs up; never a 2xx.
+    let mut request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Padding: ".to_vec();
+    request.extend(std::iter::repeat_n(b'a', 1 << 20));
+    request.extend_from_slice(b"\r\nConnection: close\r\n\r\n");
+    let reply = raw_exchange(&s.base, request).await;
+    assert!(
+        reply.is_empty() || reply.starts_with("HTTP/1.1 431"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
+    // A chunked body (no Content-Length) past the limit: 413 with an OpenAI error body.
+    let mut request = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    let chunk = vec![b' '; 1024];
+    for _ in 0..8 {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(&chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let reply = raw_exchange(&s.base, request).await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    assert!(reply.contains("\"error\""), "{reply}");
+    // The server is still serving.
+    assert_eq!(s.get("/health").await.0, 200);
     s.shutdown().await;
 }

@@ -125,12 +125,12 @@ enum Command {
     Serve {
         plan: PathBuf,
         /// Address to listen on; use 0.0.0.0 to accept connections from other machines.
-        #[arg(long, default_value = "127.0.0.1")]
+        #[arg(long, default_value = runtime::server::DEFAULT_HOST)]
         host: String,
         #[arg(long, default_value_t = 8000)]
         port: u16,
-        /// Require `Authorization: Bearer KEY` on /v1 endpoints (default: the FDRT_API_KEY
-        /// environment variable, if set).
+        /// Require `Authorization: Bearer KEY` on /v1 endpoints, /metrics and the admin
+        /// endpoints (default: the FDRT_API_KEY environment variable, if set).
         #[arg(long, env = "FDRT_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
         /// Sequences decoded together at most.

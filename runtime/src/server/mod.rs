@@ -35,12 +35,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+/// The address `fdrt serve` listens on unless told otherwise: loopback, so that a server is
+/// reachable from other machines only when its operator says so (`--host 0.0.0.0`).
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+
 /// How a server behaves, beyond the engine it runs.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// The name clients use in `model`; defaults to the plan's model name.
     pub served_model_name: Option<String>,
-    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
+    /// When set, `/v1/*`, `/metrics` and the admin endpoints require `Authorization: Bearer
+    /// <key>`; `/health` stays open for probes.
     pub api_key: Option<String>,
     /// Sequences decoded together at most.
     pub max_num_seqs: usize,
@@ -278,4 +283,13 @@ async fn drain(server: &Server) {
         }
     }
     tracing::info!("drained");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_default_address_is_loopback() {
+        let address: std::net::IpAddr = super::DEFAULT_HOST.parse().expect("an IP address");
+        assert!(address.is_loopback());
+    }
 }

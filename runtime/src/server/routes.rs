@@ -31,6 +31,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
+        // Metrics name the model and reveal load and traffic: behind the key when there is one.
+        .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
@@ -39,7 +41,6 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .merge(v1)
         .merge(super::admin::routes(state.clone()))
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -88,7 +89,15 @@ pub(super) fn has_bearer_key(request: &Request, key: &str) -> bool {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    given.map(str::trim) == Some(key)
+    given.is_some_and(|given| keys_match(given.trim(), key))
+}
+
+/// Compares a given key with the server's in time independent of where they differ and of the
+/// given key's length: both are hashed and the digests compared with `blake3::Hash`'s
+/// constant-time equality (the crate is already a dependency; hashing first also hides the
+/// length, which a plain constant-time slice comparison would not).
+pub(crate) fn keys_match(given: &str, key: &str) -> bool {
+    blake3::hash(given.as_bytes()) == blake3::hash(key.as_bytes())
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
@@ -622,4 +631,25 @@ fn stream_response(state: Arc<AppState>, running: Running, meta: Meta) -> Respon
     Sse::new(events)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys_match;
+
+    #[test]
+    fn keys_match_only_when_equal() {
+        let key = "sekret-key";
+        assert!(keys_match("sekret-key", key));
+        for given in [
+            "",
+            "sekret",
+            "sekret-key2",
+            "sekret-kez",
+            "SEKRET-KEY",
+            " sekret-key",
+        ] {
+            assert!(!keys_match(given, key), "{given:?}");
+        }
+    }
 }
