@@ -187,8 +187,8 @@ mod tests {
         let mut gram = vec![1.0f64; 9];
         cols.smooth_gram(&mut gram);
         assert_eq!(gram[0], 1.0 / 64.0);
-        assert_eq!(gram[1 * 3 + 2], 1.0 / (0.5 * 0.25));
-        // Rows 1.. of a [3, 2] matrix divided.
+        assert_eq!(gram[5], 1.0 / (0.5 * 0.25)); // [1, 2]
+                                                 // Rows 1.. of a [3, 2] matrix divided.
         let mut m = vec![1.0f32; 6];
         Rescale {
             rows: Some((1, vec![2.0, 4.0])),
