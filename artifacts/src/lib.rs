@@ -1,11 +1,13 @@
 //! `artifacts` owns the `.fdp` plan format: the schema (manifest, program), the container (magic,
 //! version, aligned sections, a checksum per section), the writer and the reader.
 //!
-//! `parts` adds plans shipped in parts and weight snapshots for live updates.
+//! `parts` adds plans shipped in parts and weight snapshots for live updates; `calibration` is the
+//! statistics file `fdrt calibrate` writes for `fdc compile --calibration` (GPTQ).
 //!
 //! The plan is the only thing `fdc` and `fdrt` share, so this crate names `ir::types` vocabulary and
 //! nothing else of the workspace. Tests beside the code cover round trips and every corruption case.
 
+pub mod calibration;
 pub mod code_abi;
 pub mod codec;
 mod container;

@@ -10,7 +10,9 @@ use crate::codegen::{self, KernelSpec};
 use crate::passes::quantize_weights::{self, GroupSize, QuantOptions, QuantPlan};
 use crate::passes::{self, plan_memory, schedule, select_kernels, PassCtx, PassError};
 use crate::quantize;
+use crate::smooth::{self, Rescale};
 use crate::timing;
+use artifacts::calibration::{Calibration, InputStats};
 use artifacts::parts::{self, PartEntry, PartsWriter, SnapshotTag};
 use artifacts::schema::WeightLayout as PlanLayout;
 use artifacts::schema::{
@@ -52,6 +54,8 @@ pub enum CompileError {
     Weight { name: String, message: String },
     #[error("--dtype {0} is not a weight storage type; use f32, bf16 or f16")]
     BadDtype(DType),
+    #[error("calibration statistics do not match the model: {0}")]
+    Calibration(String),
 }
 
 /// Where the weights go.
@@ -141,6 +145,23 @@ pub fn compile_to(
         adopt_checkpoint_blocks(&mut plan, &graph, &*checkpoint.tensors, &options.quant);
         plan
     };
+    let calibrated = match &options.quant.calibration {
+        Some(c) => calibrated_weights(&graph, &quant_plan, &c.0)?,
+        None => vec![],
+    };
+    let rescale = match &options.quant.calibration {
+        Some(c) if options.quant.smooth_alpha > 0.0 => {
+            let _t = timing::scope("smooth");
+            smooth::plan(
+                &graph,
+                &quant_plan,
+                &c.0,
+                options.quant.smooth_alpha,
+                &|v| column_abs_max(&graph, v, &*checkpoint.tensors),
+            )
+        }
+        _ => HashMap::new(),
+    };
     let launches: Vec<NodeId> = graph
         .topo_order()
         .into_iter()
@@ -221,7 +242,7 @@ pub fn compile_to(
         .iter()
         .map(|w| w.shape.iter().product::<u64>())
         .sum();
-    let manifest = build_manifest(
+    let mut manifest = build_manifest(
         &checkpoint,
         &graph,
         options,
@@ -230,6 +251,29 @@ pub fn compile_to(
         code_symbols,
         parameter_count,
     );
+    if let Some(c) = &options.quant.calibration {
+        // Which weights GPTQ quantized, by name: the plan format has no field for it, and the
+        // provenance is where `fdc inspect` looks (`inspect::CALIBRATED_OPTION`).
+        let o = &mut manifest.provenance.options;
+        o.push(format!(
+            "calibration={} tokens, text blake3 {}",
+            c.0.tokens, c.0.text_blake3
+        ));
+        if !rescale.is_empty() {
+            o.push(format!(
+                "smooth_alpha={} ({} weights smoothed)",
+                options.quant.smooth_alpha,
+                rescale.values().filter(|r| r.cols.is_some()).count()
+            ));
+        }
+        o.extend(calibrated.iter().map(|&v| {
+            format!(
+                "{}{}",
+                crate::inspect::CALIBRATED_OPTION,
+                weight_name(&graph, v)
+            )
+        }));
+    }
 
     let _t = timing::scope("write_plan");
     let plan_name = model_name(output);
@@ -256,6 +300,8 @@ pub fn compile_to(
         layouts: &layouts,
         quant: &quant_plan,
         quant_options: &options.quant,
+        calibrated: &calibrated,
+        rescale: &rescale,
         tensors: &*checkpoint.tensors,
         progress: options.progress,
     };
@@ -607,6 +653,10 @@ struct WeightSource<'a> {
     /// Weights stored quantized, and how.
     quant: &'a QuantPlan,
     quant_options: &'a QuantOptions,
+    /// Weights quantized by GPTQ with the statistics in `quant_options.calibration`.
+    calibrated: &'a [ValueId],
+    /// Weights rescaled by activation smoothing.
+    rescale: &'a HashMap<ValueId, Rescale>,
     tensors: &'a dyn TensorSource,
     progress: bool,
 }
@@ -633,42 +683,58 @@ impl WeightSource<'_> {
             indicatif::ProgressBar::hidden()
         };
         for (window, layouts) in self.weights.chunks(WINDOW).zip(self.layouts.chunks(WINDOW)) {
-            let encoded: Vec<Result<(String, Vec<u8>), CompileError>> = window
-                .par_iter()
-                .zip(layouts)
-                .map(|(&v, &layout)| {
-                    let ValueDef::Weight { name, expr } = &graph.value(v).def else {
-                        unreachable!("graph.weights() returns weights only")
-                    };
-                    let ty = graph.ty(v);
-                    if let (Some(q), WeightLayout::Panels(p)) = (self.quant.get(&v), layout) {
-                        let bytes =
-                            encode_quantized(name, expr, ty, q, p, tensors, self.quant_options)?;
-                        return Ok((name.clone(), bytes));
-                    }
-                    let values = materialize(expr, tensors)?;
-                    let expected = ty.shape.const_elements().unwrap_or(0);
-                    if values.len() != expected {
-                        return Err(CompileError::Weight {
-                            name: name.clone(),
-                            message: format!(
-                                "has {} values, its type {ty} needs {expected}",
-                                values.len()
-                            ),
-                        });
-                    }
-                    let dims = &ty.shape.0;
-                    let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1);
-                    let bytes =
-                        encode_weight(&values, ty.dtype, layout, dim(0), dim(1)).map_err(|e| {
-                            CompileError::Weight {
+            let encoded: Vec<Result<(String, Vec<u8>), CompileError>> =
+                window
+                    .par_iter()
+                    .zip(layouts)
+                    .map(|(&v, &layout)| {
+                        let ValueDef::Weight { name, expr } = &graph.value(v).def else {
+                            unreachable!("graph.weights() returns weights only")
+                        };
+                        let ty = graph.ty(v);
+                        if let (Some(q), WeightLayout::Panels(p)) = (self.quant.get(&v), layout) {
+                            let stats = match &self.quant_options.calibration {
+                                Some(c) if self.calibrated.contains(&v) => c.0.input(name),
+                                _ => None,
+                            };
+                            let bytes = encode_quantized(
+                                name,
+                                expr,
+                                ty,
+                                q,
+                                p,
+                                tensors,
+                                self.quant_options,
+                                stats,
+                                self.rescale.get(&v),
+                            )?;
+                            return Ok((name.clone(), bytes));
+                        }
+                        let mut values = materialize(expr, tensors)?;
+                        if let Some(r) = self.rescale.get(&v) {
+                            let cols = ty.shape.last_const().unwrap_or(values.len());
+                            r.apply(&mut values, cols);
+                        }
+                        let expected = ty.shape.const_elements().unwrap_or(0);
+                        if values.len() != expected {
+                            return Err(CompileError::Weight {
+                                name: name.clone(),
+                                message: format!(
+                                    "has {} values, its type {ty} needs {expected}",
+                                    values.len()
+                                ),
+                            });
+                        }
+                        let dims = &ty.shape.0;
+                        let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(1);
+                        let bytes = encode_weight(&values, ty.dtype, layout, dim(0), dim(1))
+                            .map_err(|e| CompileError::Weight {
                                 name: name.clone(),
                                 message: e.to_string(),
-                            }
-                        })?;
-                    Ok((name.clone(), bytes))
-                })
-                .collect();
+                            })?;
+                        Ok((name.clone(), bytes))
+                    })
+                    .collect();
             for item in encoded {
                 let (name, bytes) = item?;
                 sink(&name, &bytes)?;
@@ -741,7 +807,63 @@ fn adopt_checkpoint_blocks(
     }
 }
 
-/// The section bytes of a quantized weight: packed codes, f16 scales, f16 minimums.
+/// `max |W[:, j]|` per column of the matrix weight `v` (None if it cannot be read).
+fn column_abs_max(graph: &Graph, v: ValueId, tensors: &dyn TensorSource) -> Option<Vec<f32>> {
+    let ValueDef::Weight { expr, .. } = &graph.value(v).def else {
+        return None;
+    };
+    let cols = graph.ty(v).shape.last_const()?;
+    let values = materialize(expr, tensors).ok()?;
+    let mut max = vec![0f32; cols];
+    for row in values.chunks_exact(cols) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            *m = m.max(x.abs());
+        }
+    }
+    Some(max)
+}
+
+/// The weights quantized by GPTQ: those the compiler quantizes itself (not copied from the
+/// checkpoint) that `calibration` has statistics for, in graph order. Every entry of the file
+/// must name a matrix of this model with its K: statistics of another model (or of a graph
+/// fused differently) are refused rather than half used.
+fn calibrated_weights(
+    graph: &Graph,
+    plan: &QuantPlan,
+    calibration: &Calibration,
+) -> Result<Vec<ValueId>, CompileError> {
+    let weights = graph.weights();
+    for input in &calibration.inputs {
+        let Some(&v) = weights
+            .iter()
+            .find(|&&v| weight_name(graph, v) == input.weight)
+        else {
+            return Err(CompileError::Calibration(format!(
+                "the file (from model {}) has statistics for weight {}, which {} does not have; run fdrt calibrate on the unquantized plan of this model",
+                calibration.model, input.weight, graph.name
+            )));
+        };
+        let dims = &graph.ty(v).shape.0;
+        let k = dims.get(1).and_then(|d| d.as_const());
+        if dims.len() != 2 || k != Some(input.k as usize) {
+            return Err(CompileError::Calibration(format!(
+                "weight {} has shape {}, the statistics are for K = {}",
+                input.weight,
+                graph.ty(v),
+                input.k
+            )));
+        }
+    }
+    Ok(weights
+        .into_iter()
+        .filter(|v| plan.get(v).is_some_and(|q| !q.from_checkpoint))
+        .filter(|&v| calibration.input(weight_name(graph, v)).is_some())
+        .collect())
+}
+
+/// The section bytes of a quantized weight: packed codes, f16 scales, f16 minimums. With
+/// `stats`, the weight is quantized by GPTQ.
+#[allow(clippy::too_many_arguments)]
 fn encode_quantized(
     name: &str,
     expr: &WeightExpr,
@@ -750,6 +872,8 @@ fn encode_quantized(
     layout: PackedLayout,
     tensors: &dyn TensorSource,
     options: &QuantOptions,
+    stats: Option<&InputStats>,
+    rescale: Option<&Rescale>,
 ) -> Result<Vec<u8>, CompileError> {
     let dims = &ty.shape.0;
     let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(0);
@@ -790,7 +914,10 @@ fn encode_quantized(
         }
         m
     } else {
-        let values = materialize(expr, tensors)?;
+        let mut values = materialize(expr, tensors)?;
+        if let Some(r) = rescale {
+            r.apply(&mut values, cols);
+        }
         if values.len() != rows * cols {
             return Err(bad(format!(
                 "has {} values, [{rows}, {cols}] needs {}",
@@ -803,7 +930,16 @@ fn encode_quantized(
         } else {
             quantize::Method::Fitted
         };
-        quantize::quantize(&values, rows, cols, q.format, method)
+        match stats {
+            Some(stats) => {
+                let mut gram = stats.gram();
+                if let Some(r) = rescale {
+                    r.smooth_gram(&mut gram);
+                }
+                crate::gptq::quantize(&values, rows, cols, q.format, method, &gram).map_err(bad)?
+            }
+            None => quantize::quantize(&values, rows, cols, q.format, method),
+        }
     };
     let packed = matrix.pack(layout).map_err(|e| bad(e.to_string()))?;
     Ok(QuantBytes::of(&q.format, layout, rows, cols).write(&packed))

@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
+/// Provenance option prefix naming a weight quantized by GPTQ (`gptq=NAME`): the plan format
+/// has no per-weight field for it.
+pub const CALIBRATED_OPTION: &str = "gptq=";
+
 /// KV pool sizes `inspect` always reports how many tokens fit in: a small edge device, a
 /// mid-size card, an 80 GB accelerator.
 const KV_SIZES: [u64; 3] = [1 << 30, 16 << 30, 80 << 30];
@@ -132,6 +136,12 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     // Every matrix weight's storage, grouped: one line per distinct storage with its count and
     // first names (a model has hundreds of weights).
     let _ = writeln!(out, "\nweight storage");
+    let calibrated: Vec<&str> = manifest
+        .provenance
+        .options
+        .iter()
+        .filter_map(|o| o.strip_prefix(CALIBRATED_OPTION))
+        .collect();
     let mut storage: BTreeMap<String, Vec<&str>> = BTreeMap::new();
     for w in manifest.weights.iter().filter(|w| w.shape.len() == 2) {
         let key = match &w.quant {
@@ -156,6 +166,8 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
                 },
                 if q.from_checkpoint {
                     ", checkpoint blocks kept"
+                } else if calibrated.contains(&w.name.as_str()) {
+                    ", GPTQ-calibrated"
                 } else {
                     ""
                 }
@@ -208,12 +220,22 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
         program.logits_cols
     );
     let _ = writeln!(out, "\nprovenance");
+    let options: Vec<&str> = manifest
+        .provenance
+        .options
+        .iter()
+        .map(String::as_str)
+        .filter(|o| !o.starts_with(CALIBRATED_OPTION))
+        .collect();
     let _ = writeln!(
         out,
         "  fdc {}, {}",
         manifest.provenance.compiler_version,
-        manifest.provenance.options.join(", ")
+        options.join(", ")
     );
+    if !calibrated.is_empty() {
+        let _ = writeln!(out, "  {} weights quantized by GPTQ", calibrated.len());
+    }
     for s in &manifest.provenance.sources {
         let _ = writeln!(out, "  {} ({} bytes) blake3 {}", s.name, s.bytes, s.blake3);
     }

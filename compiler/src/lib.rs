@@ -7,9 +7,11 @@
 
 pub mod codegen;
 pub mod compile;
+pub mod gptq;
 pub mod inspect;
 pub mod passes;
 pub mod quantize;
+pub mod smooth;
 pub mod timing;
 
 pub use compile::{compile, compile_to, CompileError, CompileOptions, CompileReport, WeightOutput};

@@ -74,34 +74,29 @@ pub fn quantize(
 
 /// Quantizes one group into `codes`; returns its scale and minimum (zero when symmetric).
 fn quantize_group(w: &[f32], codes: &mut [u8], format: QuantFormat, method: Method) -> (f16, f16) {
+    let (scale, min) = group_params(w, codes, format, method);
+    let (d, m) = (scale.to_f32(), min.to_f32());
+    for (c, &v) in codes.iter_mut().zip(w) {
+        *c = round_to_grid(v, format, d, m).0;
+    }
+    (scale, min)
+}
+
+/// The scale and minimum (zero when symmetric) of a group of values `w`; `scratch` (as long as
+/// `w`) is overwritten. Symmetric and fp8 groups take `max|w| / qmax`; asymmetric ones are
+/// rounded or fitted as `method` says.
+pub(crate) fn group_params(
+    w: &[f32],
+    scratch: &mut [u8],
+    format: QuantFormat,
+    method: Method,
+) -> (f16, f16) {
     let amax = w.iter().fold(0f32, |m, v| m.max(v.abs()));
     match format.codes {
-        CodeFormat::Fp8E4M3 => {
-            let scale = f16::from_f32(amax / E4M3_MAX);
-            let d = scale.to_f32();
-            for (c, &v) in codes.iter_mut().zip(w) {
-                *c = if d == 0.0 {
-                    0
-                } else {
-                    e4m3_code(round_to_e4m3(v / d))
-                };
-            }
-            (scale, f16::ZERO)
-        }
+        CodeFormat::Fp8E4M3 => (f16::from_f32(amax / E4M3_MAX), f16::ZERO),
         CodeFormat::Int(bits) if !format.asymmetric => {
-            let offset = 1i32 << (bits - 1);
-            let qmax = (offset - 1).max(1);
-            let scale = f16::from_f32(amax / qmax as f32);
-            let d = scale.to_f32();
-            for (c, &v) in codes.iter_mut().zip(w) {
-                let q = if d == 0.0 {
-                    0
-                } else {
-                    ((v / d).round() as i32).clamp(-offset, offset - 1)
-                };
-                *c = (q + offset) as u8;
-            }
-            (scale, f16::ZERO)
+            let qmax = ((1i32 << (bits - 1)) - 1).max(1);
+            (f16::from_f32(amax / qmax as f32), f16::ZERO)
         }
         CodeFormat::Int(bits) => {
             let levels = ((1u32 << bits) - 1) as f32;
@@ -117,37 +112,64 @@ fn quantize_group(w: &[f32], codes: &mut [u8], format: QuantFormat, method: Meth
                 let rounds = if method == Method::Fitted { 6 } else { 1 };
                 for round in 0..rounds {
                     let (scale, min) = (f16::from_f32(d), f16::from_f32(m));
-                    let err = assign(w, codes, levels, scale.to_f32(), min.to_f32());
+                    let err = assign(w, scratch, format, scale.to_f32(), min.to_f32());
                     if err < best.0 {
                         best = (err, scale, min);
                     }
                     if round + 1 < rounds {
-                        match least_squares(w, codes) {
+                        match least_squares(w, scratch) {
                             Some((nd, nm)) => (d, m) = (nd, nm),
                             None => break,
                         }
                     }
                 }
             }
-            let (_, scale, min) = best;
-            assign(w, codes, levels, scale.to_f32(), min.to_f32());
-            (scale, min)
+            (best.1, best.2)
         }
     }
 }
 
-/// Codes `round((w - min) / d)` in `[0, levels]`; returns the squared error of the weights they
-/// give (computed exactly as the kernels dequantize).
-fn assign(w: &[f32], codes: &mut [u8], levels: f32, d: f32, min: f32) -> f64 {
+/// The code of `format` nearest to `v` for the scale `d` and minimum `m` (ties away from zero
+/// for integers, to even for e4m3, saturating), and the value it stands for, computed exactly as
+/// the kernels dequantize: symmetric `(code - 2^(b-1)) d`, asymmetric `code d + m`, fp8
+/// `e4m3(code) d`. A zero scale gives the zero code.
+pub(crate) fn round_to_grid(v: f32, format: QuantFormat, d: f32, m: f32) -> (u8, f32) {
+    match format.codes {
+        CodeFormat::Fp8E4M3 => {
+            if d == 0.0 {
+                return (0, 0.0);
+            }
+            let r = round_to_e4m3(v / d);
+            (e4m3_code(r), r * d)
+        }
+        CodeFormat::Int(bits) if !format.asymmetric => {
+            let offset = 1i32 << (bits - 1);
+            let q = if d == 0.0 {
+                0
+            } else {
+                ((v / d).round() as i32).clamp(-offset, offset - 1)
+            };
+            ((q + offset) as u8, q as f32 * d)
+        }
+        CodeFormat::Int(bits) => {
+            let levels = ((1u32 << bits) - 1) as f32;
+            let q = if d > 0.0 {
+                ((v - m) / d).round().clamp(0.0, levels)
+            } else {
+                0.0
+            };
+            (q as u8, q * d + m)
+        }
+    }
+}
+
+/// Codes of `w` on the asymmetric grid `(d, min)`; returns the squared error of the weights they
+/// give.
+fn assign(w: &[f32], codes: &mut [u8], format: QuantFormat, d: f32, min: f32) -> f64 {
     let mut err = 0f64;
     for (c, &v) in codes.iter_mut().zip(w) {
-        let q = if d > 0.0 {
-            ((v - min) / d).round().clamp(0.0, levels)
-        } else {
-            0.0
-        };
-        *c = q as u8;
-        let back = q * d + min;
+        let (code, back) = round_to_grid(v, format, d, min);
+        *c = code;
         err += ((back - v) as f64).powi(2);
     }
     err

@@ -10,7 +10,7 @@ use crate::kv_cache::KvPool;
 use crate::plan::{launch_operands, LoadedPlan};
 use crate::weights::WeightStore;
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
-use artifacts::schema::{Act, Buffer, Launch, Rows};
+use artifacts::schema::{Act, Buffer, Launch, Rows, WeightRef};
 use ir_types::{ActQuant, CpuIsa, Target};
 use kernels::cpu;
 use rayon::prelude::*;
@@ -103,7 +103,13 @@ pub struct Engine {
     options: EngineOptions,
     /// Time per kernel, when `FDRT_PROFILE` is set.
     profile: Option<Profile>,
+    /// Sees every matmul's input (`fdrt calibrate`); None in service.
+    matmul_observer: Option<Box<MatmulObserver>>,
 }
+
+/// Called with each matmul's weight and its input `x` (`rows` rows of `cols` values, `stride`
+/// apart) before the matmul runs.
+pub type MatmulObserver = dyn FnMut(WeightRef, &[f32], usize, usize, usize) + Send;
 
 /// Wall time per kernel name, accumulated over steps; printed to stderr when the engine drops.
 #[derive(Default)]
@@ -213,12 +219,22 @@ impl Engine {
                 kv_blocks: Some(kv_blocks),
             },
             profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
+            matmul_observer: None,
             plan,
         })
     }
 
     pub fn plan(&self) -> &LoadedPlan {
         &self.plan
+    }
+
+    /// Installs (or with None removes) an observer of every matmul's input; returns the
+    /// previous one.
+    pub fn set_matmul_observer(
+        &mut self,
+        observer: Option<Box<MatmulObserver>>,
+    ) -> Option<Box<MatmulObserver>> {
+        std::mem::replace(&mut self.matmul_observer, observer)
     }
 
     /// Serves the next pass from `weights` (same structure, checked by the caller) and returns
@@ -544,6 +560,9 @@ impl Engine {
                 }
                 (Launch::MatMul { x, w, bias, out }, _) => {
                     let ((xs, xst), (o, os)) = (mem.read(x)?, mem.write(out)?);
+                    if let Some(observe) = self.matmul_observer.as_mut() {
+                        observe(*w, xs, xst, mem.rows(x), x.cols as usize);
+                    }
                     let b = bias.map(|b| plan.vector(b));
                     match plan.quant_weight(*w) {
                         Some(q) => {

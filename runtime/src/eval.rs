@@ -71,6 +71,56 @@ pub fn evaluate(
     Ok(totals.report(reference.is_some()))
 }
 
+/// Per predicted position of [`evaluate`]'s windows, in order: the log-probability the plan gives
+/// the next token, and its most likely token. Two plans' scores give the perplexity of each and
+/// their top-1 agreement, and are small enough to keep (tests cache the reference plan's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenScores {
+    pub logprob: Vec<f64>,
+    pub top1: Vec<u32>,
+}
+
+impl TokenScores {
+    pub fn perplexity(&self) -> f64 {
+        let n = self.logprob.len().max(1) as f64;
+        (-self.logprob.iter().sum::<f64>() / n).exp()
+    }
+
+    /// Fraction of positions where `self` and `other` have the same most likely token.
+    pub fn top1_agreement(&self, other: &TokenScores) -> f64 {
+        let same = self
+            .top1
+            .iter()
+            .zip(&other.top1)
+            .filter(|(a, b)| a == b)
+            .count();
+        same as f64 / self.top1.len().max(1) as f64
+    }
+}
+
+/// Scores `ids` in windows of `window` tokens, as [`evaluate`] does.
+pub fn score(engine: &mut Engine, ids: &[u32], window: usize) -> Result<TokenScores, RuntimeError> {
+    let vocab = engine.vocab_size();
+    let mut scores = TokenScores {
+        logprob: vec![],
+        top1: vec![],
+    };
+    for chunk in ids.chunks(window.max(2)).filter(|c| c.len() >= 2) {
+        engine.reset();
+        let logits = engine.prefill(chunk, true)?;
+        for pos in 0..chunk.len() - 1 {
+            let logp = log_softmax(&logits[pos * vocab..(pos + 1) * vocab]);
+            let next = chunk[pos + 1] as usize;
+            scores
+                .logprob
+                .push(logp.get(next).copied().unwrap_or(f64::NEG_INFINITY));
+            scores.top1.push(argmax(&logp) as u32);
+        }
+    }
+    engine.reset();
+    Ok(scores)
+}
+
 #[derive(Default)]
 struct Totals {
     n: usize,

@@ -2,7 +2,7 @@
 //! the CPU: `plan` (load and check), `weights` (where the weights live: the plan, its part files
 //! or a snapshot), `weights_update` (live weight updates), `engine` (the executor), `kv_cache`
 //! (the paged KV memory) and `block_manager` (who holds which block, prefix caching), `generate`
-//! (the token loop), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
+//! (the token loop), `eval` and `calibrate` (perplexity, and the statistics GPTQ needs), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
 //! and `server` (`fdrt serve`, an OpenAI-compatible HTTP front end to the scheduler).
 //!
 //! It never depends on `compiler`, `models`, a code generator or `ir`'s graph: if it needed a graph,
@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod block_manager;
+pub mod calibrate;
 pub mod chat;
 pub mod code;
 pub mod engine;

@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use compiler::passes::quantize_weights::{GroupSize, QuantOptions};
+use compiler::passes::quantize_weights::{CalibrationRef, GroupSize, QuantOptions};
 use compiler::passes::PassCtx;
 use compiler::{timing, CompileOptions, WeightOutput};
 use ir::{DType, QuantScheme, Target};
@@ -54,6 +54,14 @@ enum Command {
         /// `*` matches anything, a pattern matches whole dot-separated parts of a name.
         #[arg(long, value_name = "PATTERN=SCHEME")]
         quant_override: Vec<String>,
+        /// Input statistics written by `fdrt calibrate` from the unquantized plan of this model:
+        /// every weight quantized here that has statistics is quantized by GPTQ.
+        #[arg(long, value_name = "FILE")]
+        calibration: Option<PathBuf>,
+        /// With --calibration and a scheme that quantizes activations (w8a8, w4a8, fp8): how
+        /// much of the activations' range SmoothQuant moves into the weights, 0 to 1 (0: off).
+        #[arg(long, default_value_t = compiler::passes::quantize_weights::DEFAULT_SMOOTH_ALPHA)]
+        smooth_alpha: f32,
         /// Print how long each phase took.
         #[arg(long)]
         timings: bool,
@@ -177,6 +185,7 @@ fn parse_quant(
         },
         overrides,
         round_to_nearest: rtn,
+        ..Default::default()
     })
 }
 
@@ -200,6 +209,8 @@ fn run() -> Result<()> {
             quant_sym,
             quant_rtn,
             quant_override,
+            calibration,
+            smooth_alpha,
             timings,
             quiet,
             part_size,
@@ -219,17 +230,29 @@ fn run() -> Result<()> {
                 (_, Some(part_size)) => WeightOutput::Parts { part_size },
                 _ => WeightOutput::InPlan,
             };
+            let mut quant = parse_quant(
+                &quant,
+                group_size.as_deref(),
+                quant_asym,
+                quant_sym,
+                quant_rtn,
+                &quant_override,
+            )?;
+            if let Some(path) = calibration {
+                if quant.scheme == QuantScheme::None && quant.overrides.is_empty() {
+                    bail!("--calibration is for quantized plans: add --quant SCHEME");
+                }
+                let stats = artifacts::calibration::Calibration::read(&path)?;
+                quant.calibration = Some(CalibrationRef(std::sync::Arc::new(stats)));
+            }
+            if !(0.0..=1.0).contains(&smooth_alpha) {
+                bail!("--smooth-alpha {smooth_alpha} is not between 0 and 1");
+            }
+            quant.smooth_alpha = smooth_alpha;
             let options = CompileOptions {
                 target: parse_target(&target)?,
                 weight_dtype: parse_dtype(&dtype)?,
-                quant: parse_quant(
-                    &quant,
-                    group_size.as_deref(),
-                    quant_asym,
-                    quant_sym,
-                    quant_rtn,
-                    &quant_override,
-                )?,
+                quant,
                 progress: !quiet,
             };
             let output = output.unwrap_or_else(|| {

@@ -12,10 +12,12 @@
 //! does not divide a weight's K names the weight.
 
 use super::{PassCtx, PassError};
+use artifacts::calibration::Calibration;
 use ir::{CodeFormat, DType, Graph, Op, OpKind, QuantScheme, ValueDef, ValueId};
 use kernels::cpu::QuantFormat;
 use kernels::registry::{self, KernelKey};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Group size on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,7 +28,7 @@ pub enum GroupSize {
 }
 
 /// The user's quantization choices.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct QuantOptions {
     pub scheme: QuantScheme,
     /// None: the scheme's default (32 for integer codes, per channel for fp8).
@@ -37,7 +39,25 @@ pub struct QuantOptions {
     pub overrides: Vec<(String, QuantScheme)>,
     /// Plain rounding for asymmetric groups instead of the fitted ranges (`crate::quantize`).
     pub round_to_nearest: bool,
+    /// Input statistics (`fdc compile --calibration`): every weight quantized by the compiler
+    /// that has them is quantized by GPTQ (`crate::gptq`).
+    pub calibration: Option<CalibrationRef>,
+    /// SmoothQuant's migration strength for the schemes that quantize activations, with
+    /// `calibration` (`crate::smooth`); 0 turns smoothing off.
+    pub smooth_alpha: f32,
 }
+
+/// Shared calibration statistics; two are equal when they are the same file read once.
+#[derive(Clone, Debug)]
+pub struct CalibrationRef(pub Arc<Calibration>);
+
+impl PartialEq for CalibrationRef {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for CalibrationRef {}
 
 impl Default for QuantOptions {
     fn default() -> Self {
@@ -47,9 +67,14 @@ impl Default for QuantOptions {
             asymmetric: None,
             overrides: vec![],
             round_to_nearest: false,
+            calibration: None,
+            smooth_alpha: DEFAULT_SMOOTH_ALPHA,
         }
     }
 }
+
+/// SmoothQuant's usual migration strength.
+pub const DEFAULT_SMOOTH_ALPHA: f32 = 0.5;
 
 /// How one weight is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

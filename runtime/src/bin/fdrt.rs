@@ -121,6 +121,25 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Run an unquantized plan over a calibration text and write, for each matmul weight, the
+    /// statistics of its inputs (for `fdc compile --calibration`, GPTQ).
+    Calibrate {
+        plan: PathBuf,
+        /// The calibration text (UTF-8), tokenized with the plan's tokenizer.
+        #[arg(long)]
+        text: PathBuf,
+        /// Where to write the statistics (`model.calib`).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Tokens per window; each window starts from an empty cache.
+        #[arg(long, default_value_t = 512)]
+        window: usize,
+        /// Use only the first N tokens of the text.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        #[command(flatten)]
+        run: RunArgs,
+    },
     /// Serve the plan over an OpenAI-compatible HTTP API with continuous batching.
     Serve {
         plan: PathBuf,
@@ -237,6 +256,23 @@ fn main() {
         eprintln!("fdrt: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// The text of `file` and its first `max_tokens` token ids by the plan's tokenizer.
+fn text_ids(engine: &Engine, file: &Path, max_tokens: Option<usize>) -> Result<(String, Vec<u32>)> {
+    let tokenizer = TextTokenizer::from_json(
+        engine
+            .plan()
+            .tokenizer_json()
+            .context("the plan has no tokenizer")?,
+    )?;
+    let body =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let mut ids = tokenizer.encode_raw(&body)?;
+    if let Some(n) = max_tokens {
+        ids.truncate(n);
+    }
+    Ok((body, ids))
 }
 
 fn load(plan: &Path, args: &RunArgs) -> Result<Engine> {
@@ -402,6 +438,51 @@ fn run() -> Result<()> {
                 out.display()
             );
         }
+        Command::Calibrate {
+            plan,
+            text,
+            output,
+            window,
+            max_tokens,
+            run,
+        } => {
+            let mut engine = load(
+                &plan,
+                &RunArgs {
+                    max_batch_tokens: run.max_batch_tokens.max(window),
+                    ..run
+                },
+            )?;
+            if engine
+                .plan()
+                .manifest
+                .weights
+                .iter()
+                .any(|w| w.quant.is_some())
+            {
+                bail!(
+                    "{} has quantized weights: calibrate the unquantized plan (fdc compile without --quant)",
+                    plan.display()
+                );
+            }
+            let (body, ids) = text_ids(&engine, &text, max_tokens)?;
+            if ids.is_empty() {
+                bail!("{} has no tokens", text.display());
+            }
+            let started = Instant::now();
+            let hash = blake3::hash(body.as_bytes()).to_hex().to_string();
+            let stats = runtime::calibrate::calibrate(&mut engine, &ids, window, &hash)?;
+            stats
+                .write(&output)
+                .with_context(|| format!("writing {}", output.display()))?;
+            eprintln!(
+                "{} tokens in {:.1} s: statistics of {} matmul inputs written to {}",
+                ids.len(),
+                started.elapsed().as_secs_f64(),
+                stats.inputs.len(),
+                output.display()
+            );
+        }
         Command::Eval {
             plan,
             text,
@@ -412,18 +493,7 @@ fn run() -> Result<()> {
             run,
         } => {
             let mut engine = load(&plan, &run)?;
-            let tokenizer = TextTokenizer::from_json(
-                engine
-                    .plan()
-                    .tokenizer_json()
-                    .context("the plan has no tokenizer")?,
-            )?;
-            let body = std::fs::read_to_string(&text)
-                .with_context(|| format!("reading {}", text.display()))?;
-            let mut ids = tokenizer.encode_raw(&body)?;
-            if let Some(n) = max_tokens {
-                ids.truncate(n);
-            }
+            let (_, ids) = text_ids(&engine, &text, max_tokens)?;
             let mut reference = match &reference {
                 Some(p) => Some(load(
                     p,
