@@ -50,7 +50,9 @@ pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 /// `parts`); the layout and every other section are unchanged, so version 2 plans still load.
 /// 4, quantized weights: an optional `quant` section holds each quantized weight's
 /// `QuantInfo` (the manifest itself is unchanged, so versions 2 and 3 still load).
-pub const FORMAT_VERSION: u32 = 4;
+/// 5, multi-head latent attention and group-limited expert routing: a `MlaAttention` launch and
+/// a `SigmoidGrouped` routing, both appended to their enums, so version 4 programs still decode.
+pub const FORMAT_VERSION: u32 = 5;
 
 /// Oldest format version `PlanFile::open` still reads; older files are refused with a message
 /// to recompile. Version 2 files read as version 3 files without parts.
@@ -1187,12 +1189,12 @@ mod tests {
         dump += &format!("table: {:02x?}\n", &table[..4 + 4 + 8 + 1 + 8]);
         dump += &format!("file blake3 {}", blake3::hash(&bytes).to_hex());
         insta::assert_snapshot!(dump, @r"
-        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 04, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
+        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 05, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
         file_len 16527 table_offset 16384 table_len 143
         manifest manifest offset 4096 len 2 alignment 4096
         weights.w weights offset 8192 len 5000 alignment 4096
         table: [02, 00, 00, 00, 08, 00, 00, 00, 6d, 61, 6e, 69, 66, 65, 73, 74, 00, 00, 10, 00, 00, 00, 00, 00, 00]
-        file blake3 6c1a653e9f420e9cf286fddbd9672b2b144c3ba502e30dd0c260fe53009f7546
+        file blake3 c9690fc738adac65badf99299ec19911c9b5c24b60057ee073a7e097604570ed
         ");
     }
 

@@ -167,10 +167,13 @@ pub struct TokenizerInfo {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KvInfo {
     pub num_layers: u64,
+    /// Heads and width of a cached row: K and V each have `num_kv_heads * head_dim` values per
+    /// token and layer; a latent cache (`Program::has_latent_kv`) has one row of `head_dim`
+    /// values (`num_kv_heads` 1) and no V.
     pub num_kv_heads: u64,
     pub head_dim: u64,
     pub dtype: DType,
-    /// K and V of every layer for one token.
+    /// K and V (or the latent) of every layer for one token.
     pub bytes_per_token: u64,
 }
 
@@ -348,4 +351,33 @@ pub enum Launch {
         scaling: f32,
         out: Act,
     },
+    /// Multi-head latent attention, `out[T, H*V]`: rotates the rope parts of `q` (`[T, H*(N+P)]`)
+    /// and `k_rope` (`[T, P]`), appends `[latent | k_rope]` (`L + P` values) to layer `layer` of
+    /// the KV cache, which then holds that row per position instead of keys and values, and
+    /// attends with `kv_b` (`[H*(N+V), L]`, row-major) absorbed (the IR's `mla_attention` op).
+    MlaAttention {
+        q: Act,
+        latent: Act,
+        k_rope: Act,
+        kv_b: WeightRef,
+        layer: u64,
+        n_heads: u64,
+        nope_dim: u64,
+        rope_dim: u64,
+        v_dim: u64,
+        kv_lora: u64,
+        scale: f32,
+        rope_interleaved: bool,
+        out: Act,
+    },
+}
+
+impl Program {
+    /// The KV cache holds one latent row per position and layer (multi-head latent attention)
+    /// rather than keys and values: its layers are attended by `MlaAttention` launches.
+    pub fn has_latent_kv(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s.launch, Launch::MlaAttention { .. }))
+    }
 }

@@ -375,11 +375,12 @@ fn build_manifest(
     parameter_count: u64,
 ) -> Manifest {
     let cfg = &checkpoint.config;
-    let kv_bytes = 2
-        * cfg.num_hidden_layers
-        * cfg.num_key_value_heads
-        * cfg.head_dim
-        * DType::F32.size_bytes();
+    // Per token and layer: keys and values of every kv head, or one latent row (MLA).
+    let (kv_heads, kv_width, kv_pools) = match &cfg.mla {
+        Some(mla) => (1, mla.kv_lora_rank + mla.qk_rope_head_dim, 1),
+        None => (cfg.num_key_value_heads, cfg.head_dim, 2),
+    };
+    let kv_bytes = kv_pools * cfg.num_hidden_layers * kv_heads * kv_width * DType::F32.size_bytes();
     Manifest {
         model: ModelInfo {
             name: graph.name.clone(),
@@ -406,8 +407,8 @@ fn build_manifest(
         }),
         kv: KvInfo {
             num_layers: cfg.num_hidden_layers as u64,
-            num_kv_heads: cfg.num_key_value_heads as u64,
-            head_dim: cfg.head_dim as u64,
+            num_kv_heads: kv_heads as u64,
+            head_dim: kv_width as u64,
             dtype: DType::F32,
             bytes_per_token: kv_bytes as u64,
         },

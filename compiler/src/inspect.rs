@@ -71,14 +71,22 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
         "dtype       {} (matmul and embedding weights; norms and biases f32)",
         manifest.weight_dtype
     );
+    let kv = &manifest.kv;
+    let kv_shape = if program.has_latent_kv() {
+        format!(
+            "{} layers x latent {} (MLA: no per-head K or V), {}",
+            kv.num_layers, kv.head_dim, kv.dtype
+        )
+    } else {
+        format!(
+            "{} layers x {} kv heads x {} x 2, {}",
+            kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.dtype
+        )
+    };
     let _ = writeln!(
         out,
-        "kv cache    {} bytes per token ({} layers x {} kv heads x {} x 2, {})",
-        manifest.kv.bytes_per_token,
-        manifest.kv.num_layers,
-        manifest.kv.num_kv_heads,
-        manifest.kv.head_dim,
-        manifest.kv.dtype
+        "kv cache    {} bytes per token ({kv_shape})",
+        kv.bytes_per_token
     );
     let _ = writeln!(
         out,

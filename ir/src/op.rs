@@ -40,6 +40,24 @@ pub enum Op {
         head_dim: usize,
         scale: f32,
     },
+    /// Multi-head latent attention (DeepSeek-V3), `L` the latent rank `kv_lora`, `N` `nope_dim`,
+    /// `P` `rope_dim`, `V` `v_dim`:
+    /// `(q[T, H*(N+P)], latent[T, L], k_rope[T, P], kv_b[H*(N+V), L], positions i32[T]) -> [T, H*V]`.
+    /// Rotates the last `P` columns of every q head and `k_rope` by position (pairs `(2i, 2i+1)`
+    /// if `rope_interleaved`, else rotate-half), appends `[latent | k_rope]` to layer `layer` of
+    /// the KV cache, then attends causally with keys `[kv_b_k(h) @ latent | k_rope]` and values
+    /// `kv_b_v(h) @ latent` (head h's rows of `kv_b`: N for keys, then V for values), computed on
+    /// the latent: the key and value up-projections are absorbed into q and the output.
+    MlaAttention {
+        layer: usize,
+        n_heads: usize,
+        nope_dim: usize,
+        rope_dim: usize,
+        v_dim: usize,
+        kv_lora: usize,
+        scale: f32,
+        rope_interleaved: bool,
+    },
     /// `(x[T, C], rows i32[R]) -> [R, C]`
     GatherRows,
     /// `(x[T, sum(sizes)]) -> ([T, sizes0], [T, sizes1], ...)`: column views, no copy.
@@ -49,7 +67,8 @@ pub enum Op {
     /// the `top_k` experts with the largest scores (+ bias, which only selects) are picked; their
     /// weights are their unbiased scores, divided by their sum if `normalize`, times `scaling`;
     /// out = sum over picked e of weight_e * (silu(x @ G_e^T) * (x @ U_e^T)) @ D_e^T, where
-    /// `gate_up[e] = [G_e; U_e]`. Ties go to the lower expert index.
+    /// `gate_up[e] = [G_e; U_e]`. Ties go to the lower expert index. With `sigmoid_grouped`
+    /// routing the text form carries its `groups` and `top_groups` as attributes of their own.
     Moe {
         experts: usize,
         top_k: usize,
@@ -120,6 +139,7 @@ impl Op {
             Op::SiluMul => OpKind::SiluMul,
             Op::Rope { .. } => OpKind::Rope,
             Op::Attention { .. } => OpKind::Attention,
+            Op::MlaAttention { .. } => OpKind::MlaAttention,
             Op::GatherRows => OpKind::GatherRows,
             Op::Moe { .. } => OpKind::Moe,
             Op::Split { .. } => return None,
@@ -160,6 +180,25 @@ impl Op {
                 ("head_dim", head_dim.to_string()),
                 ("scale", fmt_f32(*scale)),
             ],
+            Op::MlaAttention {
+                layer,
+                n_heads,
+                nope_dim,
+                rope_dim,
+                v_dim,
+                kv_lora,
+                scale,
+                rope_interleaved,
+            } => vec![
+                ("layer", layer.to_string()),
+                ("n_heads", n_heads.to_string()),
+                ("nope_dim", nope_dim.to_string()),
+                ("rope_dim", rope_dim.to_string()),
+                ("v_dim", v_dim.to_string()),
+                ("kv_lora", kv_lora.to_string()),
+                ("scale", fmt_f32(*scale)),
+                ("rope_interleaved", rope_interleaved.to_string()),
+            ],
             Op::Split { sizes } => {
                 let mut text = String::from("[");
                 for (i, s) in sizes.iter().enumerate() {
@@ -177,13 +216,20 @@ impl Op {
                 routing,
                 normalize,
                 scaling,
-            } => vec![
-                ("experts", experts.to_string()),
-                ("top_k", top_k.to_string()),
-                ("routing", routing.name().to_string()),
-                ("normalize", normalize.to_string()),
-                ("scaling", fmt_f32(*scaling)),
-            ],
+            } => {
+                let mut attrs = vec![
+                    ("experts", experts.to_string()),
+                    ("top_k", top_k.to_string()),
+                    ("routing", routing.name().to_string()),
+                    ("normalize", normalize.to_string()),
+                    ("scaling", fmt_f32(*scaling)),
+                ];
+                if let MoeRouting::SigmoidGrouped { groups, top_groups } = routing {
+                    attrs.push(("groups", groups.to_string()));
+                    attrs.push(("top_groups", top_groups.to_string()));
+                }
+                attrs
+            }
             Op::Embedding
             | Op::MatMul
             | Op::Add
@@ -215,6 +261,11 @@ impl Op {
                 .parse()
                 .map_err(|_| format!("attribute {key} of {name} must be a number"))
         };
+        let bool_attr = |key: &str| -> Result<bool, String> {
+            get(key)?
+                .parse()
+                .map_err(|_| format!("attribute {key} of {name} must be true or false"))
+        };
         Ok(match name {
             "embedding" => Op::Embedding,
             "rms_norm" => Op::RmsNorm {
@@ -241,16 +292,38 @@ impl Op {
                 scale: f32_attr("scale")?,
             },
             "gather_rows" => Op::GatherRows,
-            "moe" => Op::Moe {
-                experts: usize_attr("experts")?,
-                top_k: usize_attr("top_k")?,
-                routing: MoeRouting::parse(get("routing")?)
-                    .ok_or_else(|| "moe routing must be softmax or sigmoid".to_string())?,
-                normalize: get("normalize")?
-                    .parse()
-                    .map_err(|_| "moe normalize must be true or false".to_string())?,
-                scaling: f32_attr("scaling")?,
+            "mla_attention" => Op::MlaAttention {
+                layer: usize_attr("layer")?,
+                n_heads: usize_attr("n_heads")?,
+                nope_dim: usize_attr("nope_dim")?,
+                rope_dim: usize_attr("rope_dim")?,
+                v_dim: usize_attr("v_dim")?,
+                kv_lora: usize_attr("kv_lora")?,
+                scale: f32_attr("scale")?,
+                rope_interleaved: bool_attr("rope_interleaved")?,
             },
+            "moe" => {
+                let group_count = |key: &str| -> Result<u32, String> {
+                    u32::try_from(usize_attr(key)?)
+                        .map_err(|_| format!("attribute {key} of moe is too large"))
+                };
+                let routing = match get("routing")? {
+                    "sigmoid_grouped" => MoeRouting::SigmoidGrouped {
+                        groups: group_count("groups")?,
+                        top_groups: group_count("top_groups")?,
+                    },
+                    other => MoeRouting::parse(other).ok_or_else(|| {
+                        "moe routing must be softmax, sigmoid or sigmoid_grouped".to_string()
+                    })?,
+                };
+                Op::Moe {
+                    experts: usize_attr("experts")?,
+                    top_k: usize_attr("top_k")?,
+                    routing,
+                    normalize: bool_attr("normalize")?,
+                    scaling: f32_attr("scaling")?,
+                }
+            }
             "split" => {
                 let list = get("sizes")?.trim();
                 let inner = list
@@ -411,13 +484,54 @@ impl Op {
                 want_ids(inputs[3], rows, "positions")?;
                 Ok(vec![TensorType::act(rows, qc)])
             }
+            Op::MlaAttention {
+                n_heads,
+                nope_dim,
+                rope_dim,
+                v_dim,
+                kv_lora,
+                ..
+            } => {
+                arity(5)?;
+                let (h, n, p, v, l) = (*n_heads, *nope_dim, *rope_dim, *v_dim, *kv_lora);
+                let (rows, qc) = act(0, "mla q")?;
+                let (_, lc) = act(1, "mla latent")?;
+                let (_, pc) = act(2, "mla k_rope")?;
+                if h == 0
+                    || l == 0
+                    || v == 0
+                    || p % 2 != 0
+                    || qc != h * (n + p)
+                    || lc != l
+                    || pc != p
+                {
+                    return err(format!(
+                        "mla attention with {h} heads of {n}+{p} (values {v}, latent {l}) does not fit q {qc}, latent {lc}, k_rope {pc}"
+                    ));
+                }
+                want_float_weight(inputs[3], "mla kv_b")?;
+                if inputs[3].shape.0 != [Dim::Const(h * (n + v)), Dim::Const(l)] {
+                    return err(format!(
+                        "mla kv_b must be [{}, {l}], got {}",
+                        h * (n + v),
+                        inputs[3]
+                    ));
+                }
+                want_ids(inputs[4], rows, "positions")?;
+                Ok(vec![TensorType::act(rows, h * v)])
+            }
             Op::GatherRows => {
                 arity(2)?;
                 let (_, cols) = act(0, "gather_rows input")?;
                 want_ids(inputs[1], Dim::LogitRows, "row indices")?;
                 Ok(vec![TensorType::act(Dim::LogitRows, cols)])
             }
-            Op::Moe { experts, top_k, .. } => {
+            Op::Moe {
+                experts,
+                top_k,
+                routing,
+                ..
+            } => {
                 if inputs.len() != 4 && inputs.len() != 5 {
                     return err(format!("moe takes 4 or 5 operands, got {}", inputs.len()));
                 }
@@ -425,6 +539,9 @@ impl Op {
                 let (e, top_k) = (*experts, *top_k);
                 if e == 0 || top_k == 0 || top_k > e {
                     return err(format!("moe picks {top_k} of {e} experts"));
+                }
+                if let Some(why) = routing.group_error(e, top_k) {
+                    return err(format!("moe routing: {why}"));
                 }
                 let dims = |t: &TensorType| -> Vec<usize> {
                     t.shape

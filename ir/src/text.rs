@@ -451,7 +451,53 @@ mod tests {
             "moe down must be [3, 8, 2]",
         );
         check_error(&MOE.replace("top_k=2", "top_k=4"), "moe picks 4 of 3");
-        check_error(&MOE.replace("softmax", "argmax"), "softmax or sigmoid");
+        check_error(
+            &MOE.replace("softmax", "argmax"),
+            "softmax, sigmoid or sigmoid_grouped",
+        );
+    }
+
+    const MLA: &str = "graph mla {
+  input %v0: i32[T] = token_ids
+  input %v1: i32[T] = positions
+  input %v2: i32[R] = logit_rows
+  const rope_inv_freq = [1.0, 0.1]
+  weight %v3: f32[320, 8] = @embed.weight
+  weight %v4: f32[18, 8] = @q.weight
+  weight %v5: f32[10, 8] = @kv_a.weight
+  weight %v6: f32[22, 6] = @kv_b.weight
+  weight %v7: f32[4, 8] = @router.weight
+  weight %v8: f32[4, 6, 8] = stack(@e0, @e1, @e2, @e3) named @experts.gate_up
+  weight %v9: f32[4, 8, 3] = stack(@d0, @d1, @d2, @d3) named @experts.down
+  %v10: f32[T, 8] = embedding(%v3, %v0)
+  %v11: f32[T, 18] = matmul(%v10, %v4)
+  %v12: f32[T, 10] = matmul(%v10, %v5)
+  %v13: f32[T, 6], %v14: f32[T, 4] = split(%v12) {sizes=[6, 4]}
+  %v15: f32[T, 12] = mla_attention(%v11, %v13, %v14, %v6, %v1) {layer=0, n_heads=2, nope_dim=5, rope_dim=4, v_dim=6, kv_lora=6, scale=0.33, rope_interleaved=true}
+  %v16: f32[T, 8] = moe(%v10, %v7, %v8, %v9) {experts=4, top_k=2, routing=sigmoid_grouped, normalize=true, scaling=2.5, groups=2, top_groups=1}
+  %v17: f32[R, 12] = gather_rows(%v15, %v2)
+  output logits = %v17
+  output moe = %v16
+}
+";
+
+    #[test]
+    fn mla_attention_and_grouped_routing_round_trip() {
+        let graph = parse(MLA).expect("mla sample parses");
+        assert_eq!(print(&graph), MLA);
+        crate::verify::verify(&graph).expect("verifies");
+        check_error(
+            &MLA.replace("f32[22, 6] = @kv_b", "f32[24, 6] = @kv_b"),
+            "mla kv_b must be [22, 6]",
+        );
+        check_error(
+            &MLA.replace("top_groups=1", "top_groups=3"),
+            "the best 3 of 2 groups",
+        );
+        check_error(
+            &MLA.replace("groups=2,", "groups=3,"),
+            "do not split 4 experts",
+        );
     }
 
     fn check_error(text: &str, expected: &str) {

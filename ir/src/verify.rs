@@ -4,7 +4,8 @@
 //! 2. Each value has one definition: an input, a weight, or one output slot of one live node.
 //! 3. The graph is acyclic: `topo_order` reaches every node.
 //! 4. Each input kind appears at most once; weights have constant shapes.
-//! 5. A graph with `rope` nodes carries a `rope_inv_freq` constant of `head_dim / 2` values.
+//! 5. A graph with `rope` (or `mla_attention`) nodes carries a `rope_inv_freq` constant of
+//!    `head_dim / 2` (`rope_dim / 2`) values.
 //! 6. Each attention layer index appears once (it names one slot of the KV cache).
 //! 7. Every graph output is defined.
 //!
@@ -88,7 +89,10 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             }
         }
         match &node.op {
-            Op::Rope { head_dim, .. } => match graph.constant("rope_inv_freq") {
+            Op::Rope { head_dim, .. }
+            | Op::MlaAttention {
+                rope_dim: head_dim, ..
+            } => match graph.constant("rope_inv_freq") {
                 Some(c) if c.values.len() == head_dim / 2 => {}
                 Some(c) => {
                     return fail(format!(
@@ -99,10 +103,12 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
                 }
                 None => return fail("rope without a rope_inv_freq constant".into()),
             },
-            Op::Attention { layer, .. } if !layers.insert(*layer) => {
+            _ => {}
+        }
+        if let Op::Attention { layer, .. } | Op::MlaAttention { layer, .. } = &node.op {
+            if !layers.insert(*layer) {
                 return fail(format!("attention layer {layer} appears twice"));
             }
-            _ => {}
         }
     }
     for (name, v) in graph.outputs() {

@@ -127,6 +127,7 @@ const MATMUL_QUANT_DOC: &str =
     "out[T,N] = act(x)[T,K] @ dequant(w)[N,K]^T (+ bias), codes unpacked in registers";
 const EMBEDDING_QUANT_DOC: &str = "out[T,H] = dequant(table)[ids[T]]";
 const MOE_DOC: &str = "top-k routed SwiGLU experts, grouped by expert, stacked weights";
+const MLA_DOC: &str = "multi-head latent attention on a latent KV cache, projections absorbed";
 
 macro_rules! entry {
     ($id:expr, $op:ident, $dtype:ident, $isa:ident, $source:ident, $doc:expr) => {
@@ -279,6 +280,14 @@ macro_rules! library_kernels {
                 Library,
                 MOE_DOC
             ),
+            entry!(
+                concat!("mla_attention_f32_", $isa_name),
+                MlaAttention,
+                F32,
+                $isa,
+                Library,
+                MLA_DOC
+            ),
         ]
     };
 }
@@ -370,7 +379,7 @@ macro_rules! generated_kernels {
     };
 }
 
-const LIBRARY_PER_ISA: usize = 16;
+const LIBRARY_PER_ISA: usize = 17;
 const GENERATED_PER_ISA: usize = 4;
 const QUANT_PER_ISA: usize = 12;
 const COUNT: usize = 3 * LIBRARY_PER_ISA + 3 * QUANT_PER_ISA + 2 * GENERATED_PER_ISA;
@@ -485,7 +494,7 @@ mod tests {
             by_name("add_rms_norm_f32_gen_avx512").unwrap().source,
             KernelSource::Generated
         );
-        assert_eq!(entries().len(), 3 * 16 + 3 * 12 + 2 * 4);
+        assert_eq!(entries().len(), 3 * 17 + 3 * 12 + 2 * 4);
     }
 
     #[test]

@@ -112,6 +112,13 @@ pub trait TensorSource: Send + Sync {
     fn names(&self) -> Vec<String>;
     /// Shape in HF order (a Linear weight is [out_features, in_features]) and the stored type.
     fn info(&self, name: &str) -> Option<TensorInfo>;
+    /// What a graph builder that expects `name` to be of `shape` is told: by default the
+    /// tensor's real info (which the builder then checks); a source that makes tensors up to
+    /// order (`synth`) answers with the expected shape.
+    fn info_expecting(&self, name: &str, shape: &[usize]) -> Option<TensorInfo> {
+        let _ = shape;
+        self.info(name)
+    }
     /// The tensor as f32, dequantized exactly, in HF layout (for GGUF llama-family Q and K weights
     /// the llama.cpp row permutation is undone). Reads lazily from the mmap; never loads the whole file.
     fn load_f32(&self, name: &str) -> Result<Vec<f32>, ModelError>;

@@ -21,16 +21,20 @@ pub enum Architecture {
     Mixtral,
     /// ERNIE 4.5 with mixture-of-experts MLPs and shared experts (`Ernie4_5_MoeForCausalLM`).
     Ernie45Moe,
+    /// DeepSeek-V3: multi-head latent attention and group-limited sigmoid-routed experts
+    /// (`DeepseekV3ForCausalLM`).
+    DeepseekV3,
 }
 
 impl Architecture {
-    pub const ALL: [Architecture; 6] = [
+    pub const ALL: [Architecture; 7] = [
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Qwen3,
         Architecture::Qwen3Moe,
         Architecture::Mixtral,
         Architecture::Ernie45Moe,
+        Architecture::DeepseekV3,
     ];
 
     /// The families read from GGUF files (the mixture-of-experts ones are read from HF
@@ -50,6 +54,7 @@ impl Architecture {
             Architecture::Qwen3Moe => "qwen3_moe",
             Architecture::Mixtral => "mixtral",
             Architecture::Ernie45Moe => "ernie4_5_moe",
+            Architecture::DeepseekV3 => "deepseek_v3",
         }
     }
 
@@ -62,6 +67,7 @@ impl Architecture {
             Architecture::Qwen3Moe => "Qwen3MoeForCausalLM",
             Architecture::Mixtral => "MixtralForCausalLM",
             Architecture::Ernie45Moe => "Ernie4_5_MoeForCausalLM",
+            Architecture::DeepseekV3 => "DeepseekV3ForCausalLM",
         }
     }
 
@@ -78,6 +84,7 @@ impl Architecture {
             "qwen3_moe" => Some(Architecture::Qwen3Moe),
             "mixtral" => Some(Architecture::Mixtral),
             "ernie4_5_moe" => Some(Architecture::Ernie45Moe),
+            "deepseek_v3" => Some(Architecture::DeepseekV3),
             _ => None,
         }
     }
@@ -186,6 +193,23 @@ pub struct MoeConfig {
     pub routed_scaling_factor: f64,
 }
 
+/// Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+/// bottleneck, keys and values up-projected from one shared latent per token, and a separate
+/// rope part of every query and key head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlaConfig {
+    /// Rank of the query bottleneck (`q_a_proj`, `q_a_layernorm`, `q_b_proj`); `None`: a plain
+    /// `q_proj`.
+    pub q_lora_rank: Option<usize>,
+    /// Width of the cached latent.
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    /// RoPE rotates pairs `(2i, 2i + 1)` of the rope parts.
+    pub rope_interleave: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub architecture: Architecture,
@@ -211,6 +235,8 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
     /// Mixture-of-experts layers, for the MoE families.
     pub moe: Option<MoeConfig>,
+    /// Multi-head latent attention, for DeepSeek-V3 (whose `head_dim` is then the rope part's).
+    pub mla: Option<MlaConfig>,
 }
 
 impl ModelConfig {
@@ -242,7 +268,10 @@ impl ModelConfig {
         let num_key_value_heads = fields
             .usize("num_key_value_heads")?
             .unwrap_or(num_attention_heads);
+        let mla = fields.mla(architecture)?;
         let head_dim = match fields.usize("head_dim")? {
+            // Rope runs on the rope part of each head only: its width is the rope head dim.
+            _ if mla.is_some() => mla.as_ref().map_or(0, |m| m.qk_rope_head_dim),
             Some(d) => d,
             None => match defaults.head_dim {
                 Some(d) => d,
@@ -267,7 +296,8 @@ impl ModelConfig {
             Architecture::Llama
             | Architecture::Qwen3
             | Architecture::Qwen3Moe
-            | Architecture::Mixtral => fields.bool("attention_bias")?.unwrap_or(false),
+            | Architecture::Mixtral
+            | Architecture::DeepseekV3 => fields.bool("attention_bias")?.unwrap_or(false),
             Architecture::Ernie45Moe => fields.bool("use_bias")?.unwrap_or(false),
         };
 
@@ -321,6 +351,7 @@ impl ModelConfig {
             bos_token_id,
             eos_token_ids,
             moe,
+            mla,
         };
         config.validate(file)?;
         Ok(config)
@@ -468,6 +499,17 @@ impl HfDefaults {
                 bos_token_id: Some(1),
                 eos_token_id: Some(2),
             },
+            Architecture::DeepseekV3 => HfDefaults {
+                vocab_size: 129280,
+                hidden_size: 7168,
+                intermediate_size: 18432,
+                num_hidden_layers: 61,
+                num_attention_heads: 128,
+                head_dim: None,
+                max_position_embeddings: 4096,
+                bos_token_id: Some(0),
+                eos_token_id: Some(1),
+            },
             Architecture::Qwen2 | Architecture::Qwen3 => HfDefaults {
                 vocab_size: 151936,
                 hidden_size: 4096,
@@ -613,6 +655,41 @@ impl Fields<'_> {
         };
         let moe = match architecture {
             Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => return Ok(None),
+            Architecture::DeepseekV3 => {
+                let num_experts = usize_or("n_routed_experts", 256)?;
+                let moe_intermediate_size = usize_or("moe_intermediate_size", 2048)?;
+                let shared = usize_or("n_shared_experts", 1)?;
+                let first_dense = usize_or("first_k_dense_replace", 3)?;
+                let groups = usize_or("n_group", 8)?;
+                let top_groups = usize_or("topk_group", 4)?;
+                let group_count = |key: &str, n: usize| {
+                    u32::try_from(n).map_err(|_| invalid(self.file, key, "is too large"))
+                };
+                let routing = if groups > 1 {
+                    ir::MoeRouting::SigmoidGrouped {
+                        groups: group_count("n_group", groups)?,
+                        top_groups: group_count("topk_group", top_groups)?,
+                    }
+                } else {
+                    ir::MoeRouting::Sigmoid
+                };
+                let top_k = usize_or("num_experts_per_tok", 8)?;
+                if let Some(why) = routing.group_error(num_experts, top_k) {
+                    return Err(invalid(self.file, "n_group", &why));
+                }
+                MoeConfig {
+                    num_experts,
+                    num_experts_per_tok: top_k,
+                    norm_topk_prob: self.bool("norm_topk_prob")?.unwrap_or(true),
+                    moe_intermediate_size,
+                    sparse_layers: (0..layers).map(|l| l >= first_dense).collect(),
+                    routing,
+                    score_correction_bias: true,
+                    num_shared_experts: shared,
+                    shared_intermediate_size: shared * moe_intermediate_size,
+                    routed_scaling_factor: self.f64("routed_scaling_factor")?.unwrap_or(2.5),
+                }
+            }
             Architecture::Qwen3Moe => {
                 // transformers 5 writes `num_local_experts`, older configs `num_experts`.
                 let num_experts = match self.usize("num_experts")? {
@@ -703,6 +780,41 @@ impl Fields<'_> {
             ));
         }
         Ok(Some(moe))
+    }
+
+    /// The multi-head latent attention of DeepSeek-V3, with transformers' defaults; `None` for
+    /// the other families.
+    fn mla(&self, architecture: Architecture) -> Result<Option<MlaConfig>, ModelError> {
+        if architecture != Architecture::DeepseekV3 {
+            return Ok(None);
+        }
+        let usize_or = |key: &str, default: usize| -> Result<usize, ModelError> {
+            Ok(self.usize(key)?.unwrap_or(default))
+        };
+        // An explicit null means no query bottleneck; an absent field takes the default.
+        let q_lora_rank = match self.obj.get("q_lora_rank") {
+            Some(Value::Null) => None,
+            _ => Some(usize_or("q_lora_rank", 1536)?),
+        };
+        let mla = MlaConfig {
+            q_lora_rank,
+            kv_lora_rank: usize_or("kv_lora_rank", 512)?,
+            qk_nope_head_dim: usize_or("qk_nope_head_dim", 128)?,
+            qk_rope_head_dim: usize_or("qk_rope_head_dim", 64)?,
+            v_head_dim: usize_or("v_head_dim", 128)?,
+            rope_interleave: self.bool("rope_interleave")?.unwrap_or(true),
+        };
+        for (field, value) in [
+            ("q_lora_rank", mla.q_lora_rank.unwrap_or(1)),
+            ("kv_lora_rank", mla.kv_lora_rank),
+            ("qk_rope_head_dim", mla.qk_rope_head_dim),
+            ("v_head_dim", mla.v_head_dim),
+        ] {
+            if value == 0 {
+                return Err(invalid(self.file, field, "must be positive"));
+            }
+        }
+        Ok(Some(mla))
     }
 
     /// Rope from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older).
@@ -864,6 +976,48 @@ mod tests {
         .unwrap_err();
         assert!(
             matches!(&err, ModelError::InvalidConfig { field, .. } if field == "num_experts_per_tok"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn deepseek_v3_config_parses_its_latent_attention_and_routing() {
+        let c = ModelConfig::from_hf_file(&golden_config("deepseek_v3")).unwrap();
+        assert_eq!(c.architecture, Architecture::DeepseekV3);
+        assert_eq!(
+            c.mla,
+            Some(MlaConfig {
+                q_lora_rank: Some(32),
+                kv_lora_rank: 16,
+                qk_nope_head_dim: 16,
+                qk_rope_head_dim: 8,
+                v_head_dim: 16,
+                rope_interleave: true,
+            })
+        );
+        // Rope runs on the rope part of each head.
+        assert_eq!(c.head_dim, 8);
+        let moe = c.moe.unwrap();
+        assert_eq!(moe.sparse_layers, vec![false, true, true]);
+        assert_eq!(
+            moe.routing,
+            ir::MoeRouting::SigmoidGrouped {
+                groups: 2,
+                top_groups: 1
+            }
+        );
+        assert_eq!((moe.num_experts, moe.num_experts_per_tok), (8, 2));
+        assert_eq!(moe.shared_intermediate_size, 32);
+        assert_eq!(moe.routed_scaling_factor, 2.5);
+        assert!(moe.norm_topk_prob && moe.score_correction_bias);
+
+        let text = std::fs::read_to_string(golden_config("deepseek_v3")).unwrap();
+        let no_q_lora = text.replace(r#""q_lora_rank": 32"#, r#""q_lora_rank": null"#);
+        assert_eq!(parse(&no_q_lora).unwrap().mla.unwrap().q_lora_rank, None);
+        let bad_groups = text.replace(r#""n_group": 2"#, r#""n_group": 3"#);
+        let err = parse(&bad_groups).unwrap_err().to_string();
+        assert!(
+            err.contains("n_group") && err.contains("do not split 8"),
             "{err}"
         );
     }
@@ -1158,7 +1312,7 @@ mod tests {
         let err = parse(r#"{"architectures": ["GPT2LMHeadModel"]}"#).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, Ernie4_5_MoeForCausalLM"
+            "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Qwen3MoeForCausalLM, MixtralForCausalLM, Ernie4_5_MoeForCausalLM, DeepseekV3ForCausalLM"
         );
         let err = parse(r#"{"model_type": "mistral"}"#).unwrap_err();
         assert!(err.to_string().contains("model_type mistral"), "{err}");

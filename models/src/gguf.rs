@@ -719,6 +719,7 @@ impl GgufFile {
             bos_token_id: self.token_id_key("tokenizer.ggml.bos_token_id")?,
             eos_token_ids,
             moe: None,
+            mla: None,
         };
         config.validate(&self.path)?;
         Ok(config)

@@ -11,12 +11,13 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod safetensors_dir;
+pub mod synth;
 pub mod testing;
 pub mod tokenizer;
 
 pub use checkpoint::{
     open, Checkpoint, QuantBlocks, SourceFile, StoredType, TensorInfo, TensorSource,
 };
-pub use config::{Architecture, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
+pub use config::{Architecture, MlaConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling};
 pub use error::ModelError;
 pub use tokenizer::TokenizerSpec;

@@ -6,7 +6,7 @@
 //! never decides anything the plan already decided.
 
 use crate::error::RuntimeError;
-use crate::kv_cache::KvPool;
+use crate::kv_cache::{KvPool, KvRows};
 use crate::plan::{launch_operands, LoadedPlan};
 use crate::weights::WeightStore;
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
@@ -187,18 +187,26 @@ impl Engine {
             }
         }
         let max_num_seqs = options.max_num_seqs.max(1);
+        let kv_info = &plan.manifest.kv;
         let (layers, kv_heads, head_dim) = (
-            m.num_layers as usize,
-            m.num_kv_heads as usize,
-            m.head_dim as usize,
+            kv_info.num_layers as usize,
+            kv_info.num_kv_heads as usize,
+            kv_info.head_dim as usize,
         );
+        let rows = if plan.program.has_latent_kv() {
+            KvRows::Latent {
+                width: kv_heads * head_dim,
+            }
+        } else {
+            KvRows::KeysAndValues { kv_heads, head_dim }
+        };
         let block_size = options.block_size.max(1);
         let blocks_per_context = max_context.div_ceil(block_size);
         let kv_blocks = options
             .kv_blocks
             .unwrap_or(max_num_seqs * blocks_per_context)
             .max(1);
-        let kv = KvPool::new(layers, kv_blocks, block_size, kv_heads, head_dim);
+        let kv = KvPool::new(layers, kv_blocks, block_size, rows);
         let solo_blocks = (0..blocks_per_context.min(kv_blocks) as u32).collect();
         let arena = vec![0.0; plan.manifest.memory.arena_cols as usize * max_batch_tokens];
         Ok(Engine {
@@ -710,6 +718,72 @@ impl Engine {
                             kvh,
                             d,
                             *scale,
+                            &mut cache,
+                            o_rows,
+                            os,
+                        )
+                        .map_err(kernel_error)?;
+                    }
+                }
+                (
+                    Launch::MlaAttention {
+                        q,
+                        latent,
+                        k_rope,
+                        kv_b,
+                        layer,
+                        n_heads,
+                        nope_dim,
+                        rope_dim,
+                        v_dim,
+                        kv_lora,
+                        scale,
+                        rope_interleaved,
+                        out,
+                    },
+                    _,
+                ) => {
+                    let ((qs, qst), (ls, lst), (ks, kst)) =
+                        (mem.read(q)?, mem.read(latent)?, mem.read(k_rope)?);
+                    let (o, os) = mem.write(out)?;
+                    let params = cpu::MlaParams {
+                        n_heads: *n_heads as usize,
+                        nope_dim: *nope_dim as usize,
+                        rope_dim: *rope_dim as usize,
+                        v_dim: *v_dim as usize,
+                        kv_lora: *kv_lora as usize,
+                        scale: *scale,
+                        rope_interleaved: *rope_interleaved,
+                    };
+                    let rope = cpu::RopeTables {
+                        cos: &self.cos,
+                        sin: &self.sin,
+                        stride: plan.manifest.model.head_dim as usize / 2,
+                    };
+                    let kv_b = plan.weight(*kv_b);
+                    for span in spans {
+                        let rows =
+                            |all, stride, cols| sub_rows(all, span.row0, span.rows, stride, cols);
+                        let mut cache =
+                            self.kv.layer(*layer as usize, span.blocks).ok_or_else(|| {
+                                RuntimeError::InvalidPlan(format!(
+                                    "step {index}: no KV layer {layer}"
+                                ))
+                            })?;
+                        let o_rows =
+                            &mut o[span.row0 * os..][..(span.rows - 1) * os + out.cols as usize];
+                        cpu::mla_attention(
+                            rows(qs, qst, q.cols as usize),
+                            qst,
+                            rows(ls, lst, latent.cols as usize),
+                            lst,
+                            rows(ks, kst, k_rope.cols as usize),
+                            kst,
+                            span.rows,
+                            &positions[span.row0..span.row0 + span.rows],
+                            &kv_b,
+                            &params,
+                            &rope,
                             &mut cache,
                             o_rows,
                             os,

@@ -325,6 +325,7 @@ pub fn launch_kind(launch: &Launch) -> OpKind {
         Launch::Attention { .. } => OpKind::Attention,
         Launch::GatherRows { .. } => OpKind::GatherRows,
         Launch::Moe { .. } => OpKind::Moe,
+        Launch::MlaAttention { .. } => OpKind::MlaAttention,
     }
 }
 
@@ -352,6 +353,14 @@ pub(crate) fn launch_operands(launch: &Launch) -> (Vec<Act>, Vec<Act>, Vec<Weigh
         }
         Launch::SiluMul { gu, out } => (vec![gu], vec![out], vec![]),
         Launch::Attention { q, k, v, out, .. } => (vec![q, k, v], vec![out], vec![]),
+        Launch::MlaAttention {
+            q,
+            latent,
+            k_rope,
+            kv_b,
+            out,
+            ..
+        } => (vec![q, latent, k_rope], vec![out], vec![kv_b]),
         Launch::Moe {
             x,
             router,

@@ -99,3 +99,8 @@ fn mixtral_experts_in_every_layer() {
 fn ernie4_5_moe_shared_experts_biased_routing_interleaved_rope() {
     check_arch("ernie4_5_moe");
 }
+
+#[test]
+fn deepseek_v3_latent_attention_grouped_sigmoid_routing_dense_first_layer() {
+    check_arch("deepseek_v3");
+}

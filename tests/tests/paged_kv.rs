@@ -21,6 +21,7 @@ fn models() -> Vec<(String, PathBuf)> {
         "tiny/qwen3_moe",
         "tiny/mixtral",
         "tiny/ernie4_5_moe",
+        "tiny/deepseek_v3",
     ]
     .iter()
     .map(|m| (m.to_string(), golden(m)))

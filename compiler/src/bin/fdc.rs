@@ -101,6 +101,20 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: String,
     },
+    /// Write a checkpoint with random weights for a config: DIR/config.json and
+    /// DIR/model.safetensors, every tensor the architecture reads, seeded and small.
+    Synth {
+        /// An HF config.json of a supported architecture.
+        config: PathBuf,
+        /// The checkpoint directory to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Storage type of the matrices: f32 or bf16 (vectors are f32).
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// The kernel registry.
     Kernels {
         /// List every kernel with its key.
@@ -295,6 +309,27 @@ fn run() -> Result<()> {
                     println!("  {name:<20} {:>9.1} ms", d.as_secs_f64() * 1e3);
                 }
             }
+        }
+        Command::Synth {
+            config,
+            output,
+            seed,
+            dtype,
+        } => {
+            let bf16 = match parse_dtype(&dtype)? {
+                DType::BF16 => true,
+                DType::F32 => false,
+                _ => bail!("fdc synth writes f32 or bf16 matrices, not {dtype}"),
+            };
+            let summary = models::synth::synthesize(&config, &output, seed, bf16)
+                .with_context(|| format!("synthesizing a checkpoint for {}", config.display()))?;
+            println!(
+                "wrote {} ({} tensors, {:.1} M parameters, {:.1} MB)",
+                summary.weights_file.display(),
+                summary.tensors,
+                summary.parameters as f64 / 1e6,
+                summary.bytes as f64 / 1e6
+            );
         }
         Command::Inspect { plan, kv_memory } => {
             print!(

@@ -1,5 +1,6 @@
-//! `cast_weights`: sets the storage type of matmul and embedding weights to the `--dtype` the
-//! user chose. Norm weights and biases stay f32: they are tiny and their precision matters.
+//! `cast_weights`: sets the storage type of matmul and embedding weights, and of the stacked
+//! expert matrices of `moe` ops, to the `--dtype` the user chose. Norm weights, biases, routers
+//! and MLA's `kv_b` stay f32: they are small and their precision matters.
 //!
 //! It changes types only; the data is converted (round to nearest even) when the plan is written.
 
@@ -13,6 +14,8 @@ pub fn run(graph: &mut Graph, ctx: &PassCtx) -> Result<(), PassError> {
         match data.op {
             Op::MatMul => matrices.push(data.inputs[1]),
             Op::Embedding => matrices.push(data.inputs[0]),
+            // The stacked expert matrices (the last two operands); router and bias stay f32.
+            Op::Moe { .. } => matrices.extend(data.inputs.iter().rev().take(2).copied()),
             _ => {}
         }
     }

@@ -258,8 +258,12 @@ impl fmt::Display for Target {
 pub enum MoeRouting {
     /// Softmax over all experts (Mixtral, Qwen3-MoE, ERNIE 4.5).
     Softmax,
-    /// An independent sigmoid per expert (DeepSeek-V3).
+    /// An independent sigmoid per expert.
     Sigmoid,
+    /// Sigmoid scores with group-limited selection (DeepSeek-V3's `n_group`, `topk_group`): the
+    /// experts are cut into `groups` equal groups, each group is ranked by the sum of its two
+    /// best selection keys, and experts are picked only from the `top_groups` best groups.
+    SigmoidGrouped { groups: u32, top_groups: u32 },
 }
 
 impl MoeRouting {
@@ -267,9 +271,33 @@ impl MoeRouting {
         match self {
             MoeRouting::Softmax => "softmax",
             MoeRouting::Sigmoid => "sigmoid",
+            MoeRouting::SigmoidGrouped { .. } => "sigmoid_grouped",
         }
     }
 
+    /// Why group-limited routing cannot pick `top_k` of `experts` experts, if it cannot: the
+    /// groups must split the experts evenly, hold two experts each (a group's rank is its best
+    /// two), and the kept groups must hold at least `top_k` experts.
+    pub fn group_error(self, experts: usize, top_k: usize) -> Option<String> {
+        let MoeRouting::SigmoidGrouped { groups, top_groups } = self else {
+            return None;
+        };
+        let (groups, top_groups) = (groups as usize, top_groups as usize);
+        if groups == 0 || !experts.is_multiple_of(groups) || experts / groups < 2 {
+            return Some(format!(
+                "{groups} groups do not split {experts} experts into groups of two or more"
+            ));
+        }
+        if top_groups == 0 || top_groups > groups || top_groups * (experts / groups) < top_k {
+            return Some(format!(
+                "the best {top_groups} of {groups} groups cannot hold {top_k} picked experts"
+            ));
+        }
+        None
+    }
+
+    /// The routings without parameters, from their names (`sigmoid_grouped` takes its group
+    /// counts from elsewhere: see `ir::Op::Moe`'s text form).
     pub fn parse(text: &str) -> Option<MoeRouting> {
         [MoeRouting::Softmax, MoeRouting::Sigmoid]
             .into_iter()
@@ -307,6 +335,9 @@ pub enum OpKind {
     Rope,
     /// Causal self-attention that appends to and reads from the KV cache.
     Attention,
+    /// Multi-head latent attention (DeepSeek-V3): the KV cache holds one compressed latent per
+    /// token, and attention runs on it with the key and value up-projections absorbed.
+    MlaAttention,
     /// Picks the rows whose logits are wanted.
     GatherRows,
     /// Mixture of experts: route each token to its top-k experts, run their SwiGLU MLPs, and
@@ -328,6 +359,7 @@ impl OpKind {
         OpKind::Attention,
         OpKind::GatherRows,
         OpKind::Moe,
+        OpKind::MlaAttention,
     ];
 
     /// Snake-case spelling, used in the IR text form and in kernel names.
@@ -345,6 +377,7 @@ impl OpKind {
             OpKind::Attention => "attention",
             OpKind::GatherRows => "gather_rows",
             OpKind::Moe => "moe",
+            OpKind::MlaAttention => "mla_attention",
         }
     }
 

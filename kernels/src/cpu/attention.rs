@@ -68,7 +68,7 @@ impl<'a> KvLayerMut<'a> {
     }
 
     /// Offset (in elements) of position `p`'s row in `k` and `v`; `p < capacity()`.
-    fn row_offset(&self, p: usize) -> usize {
+    pub(crate) fn row_offset(&self, p: usize) -> usize {
         row_offset(
             self.blocks,
             self.block_size,

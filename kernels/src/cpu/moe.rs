@@ -6,7 +6,8 @@
 //! Routing, per token: scores = softmax or sigmoid of `x @ router^T` (computed in f64); the
 //! `top_k` experts with the largest `score + bias` are picked (the bias only selects; ties go
 //! to the lower expert index); their weights are their scores, divided by `max(sum, 1e-12)` when
-//! `normalize`, times `scaling`.
+//! `normalize`, times `scaling`. Group-limited routing first keeps only the experts of the best
+//! groups in the running (`MoeRouting::SigmoidGrouped`).
 //!
 //! The fast path groups tokens by expert: for each expert that received tokens, in expert order,
 //! it gathers those rows, runs the library matmul for gate-up, `silu_mul`, and the down matmul
@@ -53,6 +54,9 @@ fn check(
     let bad = |what: String| Err(KernelError::shape(NAME, what));
     if e == 0 || p.top_k == 0 || p.top_k > e {
         return bad(format!("picks {} of {e} experts", p.top_k));
+    }
+    if let Some(why) = p.routing.group_error(e, p.top_k) {
+        return bad(why);
     }
     if router.rows != e {
         return bad(format!("router has {} rows for {e} experts", router.rows));
@@ -108,12 +112,18 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, p: &MoeParams) -> Route {
             let sum: f64 = exps.iter().sum();
             exps.iter().map(|v| v / sum).collect()
         }
-        MoeRouting::Sigmoid => logits
+        MoeRouting::Sigmoid | MoeRouting::SigmoidGrouped { .. } => logits
             .iter()
             .map(|&l| 1.0 / (1.0 + (-(l as f64)).exp()))
             .collect(),
     };
-    let key = |e: usize| scores[e] + bias.map_or(0.0, |b| b[e] as f64);
+    let mut keys: Vec<f64> = (0..scores.len())
+        .map(|e| scores[e] + bias.map_or(0.0, |b| b[e] as f64))
+        .collect();
+    if let MoeRouting::SigmoidGrouped { groups, top_groups } = p.routing {
+        mask_groups(&mut keys, groups as usize, top_groups as usize);
+    }
+    let key = |e: usize| keys[e];
     let mut order: Vec<usize> = (0..scores.len()).collect();
     // Stable sort: equal keys keep ascending expert order. NaN sorts last.
     order.sort_by(|&a, &b| {
@@ -128,6 +138,41 @@ pub fn route(logits: &[f32], bias: Option<&[f32]>, p: &MoeParams) -> Route {
         .into_iter()
         .map(|e| (e, (scores[e] / div * p.scaling as f64) as f32))
         .collect()
+}
+
+/// Group-limited selection: ranks `groups` equal groups of experts by the sum of their two best
+/// keys and sets the keys of experts outside the best `top_groups` groups to 0, as DeepSeek-V3's
+/// reference does (a masked expert can still win over a negative key; with sigmoid scores and
+/// small biases none is negative). Ties between groups go to the lower group.
+fn mask_groups(keys: &mut [f64], groups: usize, top_groups: usize) {
+    if groups == 0 || !keys.len().is_multiple_of(groups) {
+        return;
+    }
+    let size = keys.len() / groups;
+    let rank: Vec<f64> = keys
+        .chunks_exact(size)
+        .map(|group| {
+            let (mut best, mut second) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
+            for &k in group {
+                if k > best {
+                    second = best;
+                    best = k;
+                } else if k > second {
+                    second = k;
+                }
+            }
+            best + second
+        })
+        .collect();
+    let mut order: Vec<usize> = (0..groups).collect();
+    order.sort_by(|&a, &b| {
+        rank[b]
+            .partial_cmp(&rank[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    for &g in &order[top_groups.min(groups)..] {
+        keys[g * size..][..size].fill(0.0);
+    }
 }
 
 /// The fused layer, grouped by expert (see the module doc).
@@ -382,6 +427,48 @@ mod tests {
         let sum: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
         assert!((r[0].1 as f64 - (-1.0f64).exp() / sum).abs() < 1e-7);
         assert!((r[1].1 as f64 - 2.0f64.exp() / sum).abs() < 1e-7);
+    }
+
+    #[test]
+    fn group_limited_routing_picks_within_the_best_groups() {
+        // Two groups of four. Group 0's best two keys sum to 1.6 (0.9 + 0.7), group 1's to 1.7
+        // (0.95 + 0.75) after its bias: only group 1's experts compete, though expert 0 has the
+        // second largest score.
+        let p = MoeParams {
+            experts: 8,
+            top_k: 2,
+            routing: MoeRouting::SigmoidGrouped {
+                groups: 2,
+                top_groups: 1,
+            },
+            normalize: true,
+            scaling: 2.5,
+        };
+        let sigmoid_inverse = |s: f64| (s / (1.0 - s)).ln() as f32;
+        let scores = [0.9, 0.7, 0.1, 0.1, 0.95, 0.65, 0.1, 0.2];
+        let logits: Vec<f32> = scores.iter().map(|&s| sigmoid_inverse(s)).collect();
+        let mut bias = [0.0f32; 8];
+        bias[5] = 0.1;
+        let r = route(&logits, Some(&bias), &p);
+        assert_eq!(r.iter().map(|p| p.0).collect::<Vec<_>>(), vec![4, 5]);
+        // Weighted by the unbiased scores, normalized, then scaled.
+        assert!((r[0].1 as f64 - 2.5 * 0.95 / 1.6).abs() < 1e-6, "{r:?}");
+        assert!((r[1].1 as f64 - 2.5 * 0.65 / 1.6).abs() < 1e-6, "{r:?}");
+        // Without the group limit expert 0 would be picked.
+        let ungrouped = MoeParams {
+            routing: MoeRouting::Sigmoid,
+            ..p
+        };
+        let r = route(&logits, Some(&bias), &ungrouped);
+        assert_eq!(r.iter().map(|p| p.0).collect::<Vec<_>>(), vec![4, 0]);
+        // The fused layer agrees with the reference under group-limited routing.
+        let mut rng = Rng::new(13);
+        let case = Case::random(&mut rng, 8, 16, 6, true);
+        let x = rng.vec(11 * 16, 1.0);
+        for isa in isas_to_test() {
+            let (got, want) = case.run(isa, &x, 11, &p);
+            assert!(max_abs_diff(&got, &want) <= 1e-5, "{isa:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,13 @@
 //! The builder emits the fused op itself rather than E small MLPs for a pass to fuse: routing is
 //! data dependent (each token picks its experts at run time), which the per-expert ops cannot
 //! express, so there is no faithful unfused form to start from.
+//!
+//! With multi-head latent attention (`cfg.mla`, DeepSeek-V3) the attention block is instead:
+//! ```text
+//!             q = (rms_norm(h @ Wqa) @ Wqb)  or  h @ Wq            [T, H*(N+P)]
+//!             latent, k_rope = split(h @ Wkva);  latent = rms_norm(latent)
+//!             a = mla_attention(q, latent, k_rope, Wkvb);  x = x + a @ Wo
+//! ```
 
 use crate::{ModelConfig, ModelError, TensorSource};
 use ir::{DType, Dim, Graph, GraphError, InputKind, Op, TensorType, ValueId, WeightExpr};
@@ -62,12 +69,12 @@ struct Builder<'a> {
 impl Builder<'_> {
     /// Declares checkpoint tensor `name` as a weight, checking its shape.
     fn weight(&mut self, name: &str, shape: &[usize]) -> Result<ValueId, ModelError> {
-        let info = self
-            .tensors
-            .info(name)
-            .ok_or_else(|| ModelError::TensorNotFound {
-                name: name.to_string(),
-            })?;
+        let info =
+            self.tensors
+                .info_expecting(name, shape)
+                .ok_or_else(|| ModelError::TensorNotFound {
+                    name: name.to_string(),
+                })?;
         if info.shape != shape {
             return Err(ModelError::ShapeMismatch {
                 tensor: name.to_string(),
@@ -118,12 +125,12 @@ impl Builder<'_> {
     }
 
     fn check_shape(&self, name: &str, shape: &[usize]) -> Result<(), ModelError> {
-        let info = self
-            .tensors
-            .info(name)
-            .ok_or_else(|| ModelError::TensorNotFound {
-                name: name.to_string(),
-            })?;
+        let info =
+            self.tensors
+                .info_expecting(name, shape)
+                .ok_or_else(|| ModelError::TensorNotFound {
+                    name: name.to_string(),
+                })?;
         if info.shape != shape {
             return Err(ModelError::ShapeMismatch {
                 tensor: name.to_string(),
@@ -179,7 +186,13 @@ impl Builder<'_> {
         let router = self.weight(&format!("{block}.gate.weight"), &[e, c])?;
         let mut inputs = vec![h, router];
         if let Some(bias) = names.bias {
-            inputs.push(self.vector_weight(&format!("{block}.{bias}"), &[1, e], e)?);
+            // ERNIE stores the bias `[1, E]`, DeepSeek-V3 `[E]`.
+            let name = format!("{block}.{bias}");
+            let stored = match self.tensors.info(&name) {
+                Some(info) if info.shape.len() == 1 => vec![e],
+                _ => vec![1, e],
+            };
+            inputs.push(self.vector_weight(&name, &stored, e)?);
         }
         let expert = |x: usize, proj: &str| format!("{block}.experts.{x}.{proj}.weight");
         let gate_up: Vec<Vec<String>> = (0..e)
@@ -246,8 +259,96 @@ impl Builder<'_> {
         self.node(Op::MatMul, &operands)
     }
 
+    /// Multi-head latent attention of layer prefix `p` (see `ir::Op::MlaAttention`): q through
+    /// its bottleneck (or `q_proj`), the latent and rope key from `kv_a_proj_with_mqa`, the
+    /// latent normed, then attention on the latent cache and `o_proj`.
+    fn mla_attention(
+        &mut self,
+        h_in: ValueId,
+        p: &str,
+        layer: usize,
+        cfg: &ModelConfig,
+        mla: &crate::MlaConfig,
+        positions: ValueId,
+    ) -> Result<ValueId, ModelError> {
+        let (c, h, eps, bias) = (
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.rms_norm_eps as f32,
+            cfg.attention_bias,
+        );
+        let (n, r, v, l) = (
+            mla.qk_nope_head_dim,
+            mla.qk_rope_head_dim,
+            mla.v_head_dim,
+            mla.kv_lora_rank,
+        );
+        let attn = format!("{p}.self_attn");
+        let q = match mla.q_lora_rank {
+            Some(rank) => {
+                let qa = self.linear(h_in, &format!("{attn}.q_a_proj"), rank, c, bias)?;
+                let w = self.weight(&format!("{attn}.q_a_layernorm.weight"), &[rank])?;
+                let qa = self.node(Op::RmsNorm { eps, group: rank }, &[qa, w])?;
+                self.linear(qa, &format!("{attn}.q_b_proj"), h * (n + r), rank, false)?
+            }
+            None => self.linear(h_in, &format!("{attn}.q_proj"), h * (n + r), c, false)?,
+        };
+        let kv = self.linear(h_in, &format!("{attn}.kv_a_proj_with_mqa"), l + r, c, bias)?;
+        let parts = self
+            .graph
+            .add_node(Op::Split { sizes: vec![l, r] }, &[kv])
+            .map_err(graph_bug)?;
+        let w = self.weight(&format!("{attn}.kv_a_layernorm.weight"), &[l])?;
+        let latent = self.node(Op::RmsNorm { eps, group: l }, &[parts[0], w])?;
+        let kv_b = self.weight(&format!("{attn}.kv_b_proj.weight"), &[h * (n + v), l])?;
+        let op = Op::MlaAttention {
+            layer,
+            n_heads: h,
+            nope_dim: n,
+            rope_dim: r,
+            v_dim: v,
+            kv_lora: l,
+            scale: 1.0 / ((n + r) as f32).sqrt(),
+            rope_interleaved: mla.rope_interleave,
+        };
+        let a = self.node(op, &[q, latent, parts[1], kv_b, positions])?;
+        self.linear(a, &format!("{attn}.o_proj"), c, h * v, bias)
+    }
+
     fn node(&mut self, op: Op, inputs: &[ValueId]) -> Result<ValueId, ModelError> {
         self.graph.add_node1(op, inputs).map_err(graph_bug)
+    }
+
+    /// `x + mlp(rms_norm(x))` of layer `layer`, the MLP sparse where the config says so.
+    fn feed_forward(
+        &mut self,
+        x: ValueId,
+        p: &str,
+        layer: usize,
+        cfg: &ModelConfig,
+        moe_names: Option<&MoeNames>,
+    ) -> Result<ValueId, ModelError> {
+        let c = cfg.hidden_size;
+        let eps = cfg.rms_norm_eps as f32;
+        let w = self.weight(&format!("{p}.post_attention_layernorm.weight"), &[c])?;
+        let hn = self.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
+        let sparse = match (&cfg.moe, moe_names) {
+            (Some(moe), Some(names)) if moe.sparse_layers.get(layer) == Some(&true) => {
+                Some((moe, names))
+            }
+            _ => None,
+        };
+        let down = match sparse {
+            Some((moe, names)) => self.sparse_mlp(hn, p, cfg, moe, names)?,
+            None => self.mlp(
+                hn,
+                &format!("{p}.mlp"),
+                cfg.intermediate_size,
+                c,
+                ["gate_proj", "up_proj", "down_proj"],
+            )?,
+        };
+        self.node(Op::Add, &[x, down])
     }
 
     fn linear(
@@ -303,12 +404,11 @@ fn build(
     variant: DecoderVariant,
     moe_names: Option<MoeNames>,
 ) -> Result<Graph, ModelError> {
-    let (c, d, h, kv, i, v) = (
+    let (c, d, h, kv, v) = (
         cfg.hidden_size,
         cfg.head_dim,
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
-        cfg.intermediate_size,
         cfg.vocab_size,
     );
     let eps = cfg.rms_norm_eps as f32;
@@ -336,6 +436,12 @@ fn build(
         let p = format!("model.layers.{layer}");
         let w = b.weight(&format!("{p}.input_layernorm.weight"), &[c])?;
         let hn = b.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
+        if let Some(mla) = &cfg.mla {
+            let o = b.mla_attention(hn, &p, layer, cfg, mla, positions)?;
+            x = b.node(Op::Add, &[x, o])?;
+            x = b.feed_forward(x, &p, layer, cfg, moe_names.as_ref())?;
+            continue;
+        }
         let (q_name, k_name) = (
             format!("{p}.self_attn.q_proj"),
             format!("{p}.self_attn.k_proj"),
@@ -389,26 +495,7 @@ fn build(
         let a = b.node(attn, &[q, k, val, positions])?;
         let o = b.linear(a, &format!("{p}.self_attn.o_proj"), c, h * d, false)?;
         x = b.node(Op::Add, &[x, o])?;
-
-        let w = b.weight(&format!("{p}.post_attention_layernorm.weight"), &[c])?;
-        let hn = b.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
-        let sparse = match (&cfg.moe, &moe_names) {
-            (Some(moe), Some(names)) if moe.sparse_layers.get(layer) == Some(&true) => {
-                Some((moe, names))
-            }
-            _ => None,
-        };
-        let down = match sparse {
-            Some((moe, names)) => b.sparse_mlp(hn, &p, cfg, moe, names)?,
-            None => b.mlp(
-                hn,
-                &format!("{p}.mlp"),
-                i,
-                c,
-                ["gate_proj", "up_proj", "down_proj"],
-            )?,
-        };
-        x = b.node(Op::Add, &[x, down])?;
+        x = b.feed_forward(x, &p, layer, cfg, moe_names.as_ref())?;
     }
     let picked = b.node(Op::GatherRows, &[x, rows])?;
     let w = b.weight("model.norm.weight", &[c])?;

@@ -6,6 +6,7 @@
 //! that does not match its config fails before any data is read.
 
 mod decoder;
+pub mod deepseek_v3;
 pub mod ernie4_5_moe;
 pub mod llama;
 pub mod mixtral;
@@ -29,5 +30,6 @@ pub fn build_graph(
         Architecture::Qwen3Moe => qwen3_moe::build(name, config, tensors),
         Architecture::Mixtral => mixtral::build(name, config, tensors),
         Architecture::Ernie45Moe => ernie4_5_moe::build(name, config, tensors),
+        Architecture::DeepseekV3 => deepseek_v3::build(name, config, tensors),
     }
 }
