@@ -161,9 +161,7 @@ fn main() -> anyhow::Result<()> {
         expert_bytes as f64 / 1e6,
         gate_up.data.dtype()
     );
-    let isa = match plan.manifest.target {
-        ir_types::Target::Cpu(isa) => isa,
-    };
+    let ir_types::Target::Cpu(isa) = plan.manifest.target;
     println!("| T | fused tok/s | unfused tok/s | experts read (fused) | fused bound tok/s | unfused bound tok/s |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for t in [1usize, 32, 512] {

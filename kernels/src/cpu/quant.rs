@@ -791,6 +791,8 @@ impl QuantTask<'_> {
     /// bias comes last. Every output row is computed the same way whatever MR, U and the task
     /// split are, which is what makes the kernel batch invariant.
     #[inline(always)]
+    // Indices over the tile's constant dimensions are the point: they unroll into registers.
+    #[allow(clippy::needless_range_loop)]
     unsafe fn tile<S: Simd, const MR: usize, const U: usize, const NV: usize, C>(
         &self,
         codes: C,

@@ -381,7 +381,7 @@ impl Simd for Portable {
                 // Row r: byte r % bytes_per_k, bit slot r / bytes_per_k (see `cpu::quant`).
                 let bytes_per_k = 2 * PORTABLE_LANES * CODE as usize / 8;
                 let byte = *p.add(row % bytes_per_k) as u32;
-                ((byte >> (row / bytes_per_k) as u32 * CODE) & ((1 << CODE) - 1)) as f32
+                ((byte >> ((row / bytes_per_k) as u32 * CODE)) & ((1 << CODE) - 1)) as f32
             })
         })
     }
