@@ -221,17 +221,6 @@ fn dtype_bytes(w: &Weight) -> usize {
     }
 }
 
-/// Expert `e`'s `rows` rows of a stacked row-major weight.
-fn expert<'a>(w: &Weight<'a>, e: usize, rows: usize) -> Weight<'a> {
-    let (start, len) = (e * rows * w.cols, rows * w.cols);
-    let data = match w.data {
-        WeightData::F32(d) => WeightData::F32(&d[start..start + len]),
-        WeightData::BF16(d) => WeightData::BF16(&d[start..start + len]),
-        WeightData::F16(d) => WeightData::F16(&d[start..start + len]),
-    };
-    Weight::row_major(data, rows, w.cols)
-}
-
 /// Per token, its routing weight for every expert (0 where not picked).
 fn routing_weights(
     isa: ir_types::CpuIsa,
@@ -293,7 +282,7 @@ fn moe_unfused(
             x,
             c,
             t,
-            &expert(gate_up, expert_idx, 2 * i),
+            &cpu::moe_expert(gate_up, expert_idx, 2 * i),
             None,
             &mut gu,
             2 * i,
@@ -304,7 +293,7 @@ fn moe_unfused(
             &act,
             i,
             t,
-            &expert(down, expert_idx, c),
+            &cpu::moe_expert(down, expert_idx, c),
             None,
             &mut y,
             c,

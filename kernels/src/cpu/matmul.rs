@@ -562,18 +562,35 @@ fn panels<E: WeightElem>(isa: CpuIsa, panel: usize, args: &Args, w: &[E]) {
         };
         (tile, args.t.div_ceil(t_blocks))
     };
-    let (n_tiles, t_blocks) = (n_panels.div_ceil(tile), args.t.div_ceil(t_block));
-    let run = |task: usize| {
-        let (ti, tb) = (task / t_blocks, task % t_blocks);
+    for_each_task(n_panels, tile, args.t, t_block, |panels, rows| {
         run_simd(
             isa,
             PanelTile {
                 args,
                 w,
                 panel,
-                panels: ti * tile..((ti + 1) * tile).min(n_panels),
-                rows: tb * t_block..((tb + 1) * t_block).min(args.t),
+                panels,
+                rows,
             },
+        )
+    });
+}
+
+/// Runs `task(panels, rows)` over the grid of `tile` panels x `t_block` token rows that covers
+/// `n_panels` panels and `t` rows, in parallel unless the grid is a single task.
+pub(crate) fn for_each_task(
+    n_panels: usize,
+    tile: usize,
+    t: usize,
+    t_block: usize,
+    task: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    let (n_tiles, t_blocks) = (n_panels.div_ceil(tile), t.div_ceil(t_block));
+    let run = |i: usize| {
+        let (ti, tb) = (i / t_blocks, i % t_blocks);
+        task(
+            ti * tile..((ti + 1) * tile).min(n_panels),
+            tb * t_block..((tb + 1) * t_block).min(t),
         );
     };
     if n_tiles * t_blocks == 1 {

@@ -91,7 +91,7 @@ fn check(
 }
 
 /// Expert `e`'s `rows` rows of a stacked row-major weight.
-fn expert<'a>(w: &Weight<'a>, e: usize, rows: usize) -> Weight<'a> {
+pub fn expert<'a>(w: &Weight<'a>, e: usize, rows: usize) -> Weight<'a> {
     let (start, len) = (e * rows * w.cols, rows * w.cols);
     let data = match w.data {
         WeightData::F32(d) => WeightData::F32(&d[start..start + len]),

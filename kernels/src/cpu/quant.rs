@@ -36,7 +36,7 @@
 //! integer or e4m3 values with the weights are what an integer or FP8 kernel forms; this CPU path
 //! accumulates them in f32 (see `docs/QUANTIZATION.md`).
 
-use super::matmul::Args;
+use super::matmul::{for_each_task, Args};
 use super::simd::{load_n, run_simd, store_n, Simd, SimdTask, CODE_E4M3};
 use super::{check_rows, runnable_isa, PackedLayout, SharedMut};
 use crate::KernelError;
@@ -592,31 +592,24 @@ fn run_tasks(isa: CpuIsa, args: &Args, w: &QuantWeight, sums: &[f32]) {
     } else {
         tile
     };
-    let n_tiles = n_panels.div_ceil(tile);
     let t_blocks = if args.t <= T_BLOCK {
         1
     } else {
         args.t.div_ceil(T_BLOCK)
     };
     let t_block = args.t.div_ceil(t_blocks);
-    let run = |task: usize| {
-        let (ti, tb) = (task / t_blocks, task % t_blocks);
+    for_each_task(n_panels, tile, args.t, t_block, |panels, rows| {
         run_simd(
             isa,
             QuantTask {
                 args,
                 w,
                 sums,
-                panels: ti * tile..((ti + 1) * tile).min(n_panels),
-                rows: tb * t_block..((tb + 1) * t_block).min(args.t),
+                panels,
+                rows,
             },
-        );
-    };
-    if n_tiles * t_blocks == 1 {
-        run(0);
-    } else {
-        (0..n_tiles * t_blocks).into_par_iter().for_each(run);
-    }
+        )
+    });
 }
 
 /// Where one vector of `S::LANES` rows of a panel finds its codes in each k's bytes.
