@@ -142,7 +142,7 @@ pub fn compile_to(
     let quant_plan = {
         let _t = timing::scope("quantize_weights");
         let mut plan = quantize_weights::run(&graph, &ctx)?;
-        adopt_checkpoint_blocks(&mut plan, &graph, &*checkpoint.tensors, &options.quant);
+        adopt_checkpoint_blocks(&mut plan, &graph, &*checkpoint.tensors);
         plan
     };
     let calibrated = match &options.quant.calibration {
@@ -774,18 +774,14 @@ fn row_parts(expr: &WeightExpr) -> Option<Vec<&str>> {
 
 /// Switches every quantized weight whose checkpoint tensors are all GGUF blocks of its code width
 /// (and one symmetry) to those blocks' own format: group 32, symmetric for Q8_0 and Q4_0,
-/// asymmetric for Q4_1. Their codes and scales are then copied, not re-quantized. A group size
-/// other than 32 given on the command line keeps the compiler's own quantization.
-fn adopt_checkpoint_blocks(
-    plan: &mut QuantPlan,
-    graph: &Graph,
-    tensors: &dyn TensorSource,
-    options: &QuantOptions,
-) {
-    if !matches!(options.group, None | Some(GroupSize::Elements(32))) {
-        return;
-    }
+/// asymmetric for Q4_1. Their codes and scales are then copied, not re-quantized. A weight planned
+/// in groups other than 32 (`--group-size`; tables keep their scheme's default, see
+/// `quantize_weights`) keeps the compiler's own quantization.
+fn adopt_checkpoint_blocks(plan: &mut QuantPlan, graph: &Graph, tensors: &dyn TensorSource) {
     for (v, q) in plan.iter_mut() {
+        if q.format.group != 32 {
+            continue;
+        }
         let ValueDef::Weight { expr, .. } = &graph.value(*v).def else {
             continue;
         };

@@ -5,7 +5,9 @@
 //! Only matrices read by matmuls (and possibly by an embedding: tied tables) are quantized; norms,
 //! biases and mixture-of-experts experts stay as they are. A table read by an embedding and the
 //! `lm_head` default to `w8a16` under any other scheme, as is usual (their error reaches every
-//! token's logits); an override names them to change that. It is an analysis: it does not
+//! token's logits), in that scheme's own default groups (32, symmetric: a GGUF's Q8_0 table is
+//! kept bit for bit): `--group-size` and the symmetry flags are for the chosen scheme's weights.
+//! An override names them to change that. It is an analysis: it does not
 //! change the graph; the weight writer quantizes the data and `select_kernels` reads the result.
 //!
 //! Errors: a scheme the target has no kernel for lists the schemes it has; a group size that
@@ -121,11 +123,19 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
             _ if table => QuantScheme::W8A16,
             s => s,
         };
+        // A table's default scheme takes that scheme's default groups and symmetry.
+        let mut table_default = table;
         for (pattern, s) in &options.overrides {
             if name_matches(pattern, name) {
                 scheme = *s;
+                table_default = false;
             }
         }
+        let (group_option, asymmetric_option) = if table_default {
+            (None, None)
+        } else {
+            (options.group, options.asymmetric)
+        };
         if scheme == QuantScheme::None {
             continue;
         }
@@ -134,16 +144,14 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
             continue;
         };
         let k = ty.shape.0[1].as_const().unwrap_or(0);
-        let group = match options.group {
+        let group = match group_option {
             Some(GroupSize::Elements(g)) => g,
             Some(GroupSize::Channel) => k,
             None if codes == CodeFormat::Fp8E4M3 => k,
             None => 32,
         };
         let asymmetric = scheme.allows_asymmetric()
-            && options
-                .asymmetric
-                .unwrap_or(matches!(codes, CodeFormat::Int(4 | 2)));
+            && asymmetric_option.unwrap_or(matches!(codes, CodeFormat::Int(4 | 2)));
         let format = QuantFormat {
             codes,
             group,

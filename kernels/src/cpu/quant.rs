@@ -35,6 +35,16 @@
 //! then runs on those rounded values and multiplies each output row by its scale. The products of
 //! integer or e4m3 values with the weights are what an integer or FP8 kernel forms; this CPU path
 //! accumulates them in f32 (see `docs/QUANTIZATION.md`).
+//!
+//! The integer path: integer codes whose groups are whole blocks of 32 k (every format the
+//! compiler writes for the usual shapes) run on 16-bit integer activations instead. Each token
+//! row is rounded per block of 32 k to int16 with its own scale `max|x| / 32767` (A16: a relative
+//! error of at most 2^-16 of the block's largest value, finer than an f16 or bf16 activation), or
+//! to the row's int8 grid (A8). Codes and activations are then multiplied in pairs of k and summed
+//! in i32 (`vpmaddwd`: 16 products per instruction on AVX2 where the f32 path needs a conversion
+//! and an FMA per 8), exactly; each block's i32 sum is scaled by the block's activation scale into
+//! the group's f32 sum, which is folded in with the group's weight scale and offset as above.
+//! Every output row still sums the same terms in the same order for any T, tile or thread split.
 
 use super::matmul::{for_each_task, Args};
 use super::simd::{load_n, run_simd, store_n, Simd, SimdTask, CODE_E4M3};
@@ -469,11 +479,87 @@ pub fn quantize_activation_row(act: ActQuant, x: &[f32], q: &mut [f32]) -> f32 {
 // ---------------------------------------------------------------------------------------------
 // Matmul
 
+/// Per-call activation buffers, kept per thread so that a decode step allocates nothing.
+#[derive(Default)]
+struct ActBuffers {
+    /// f32 activations the kernel reads when they are not the caller's: the A8 and FP8 rows on
+    /// their grid (f32 path), or the int16 rows times their block scales (the integer math on a
+    /// panel the integer kernel does not read).
+    xf: Vec<f32>,
+    /// Per token row scale of the f32 path's A8 and FP8 rows.
+    row_scales: Vec<f32>,
+    /// `[T, groups]` sums of each group's activations (integer codes only).
+    sums: Vec<f32>,
+    /// `[T, K]` activations rounded to int16 (integer path).
+    xi: Vec<i16>,
+    /// `[T, K / ACT_BLOCK]` scales of `xi`'s blocks.
+    block_scales: Vec<f32>,
+}
+
 thread_local! {
-    /// Per-call buffers: quantized activations of the A8 and FP8 schemes, their row scales, and
-    /// the per-group sums of the activations.
-    static ACTS: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    static ACTS: RefCell<ActBuffers> = RefCell::new(ActBuffers::default());
+}
+
+/// K per activation scale on the integer path: 32 products of a 16-bit activation and an 8-bit
+/// code sum to at most 2^28, far from i32's limit.
+const ACT_BLOCK: usize = 32;
+/// The int16 grid of A16 activations on the integer path.
+const ACT_I16_LIMIT: f32 = 32767.0;
+
+/// Whether `matmul_quant` takes the integer path for this weight format and activation scheme.
+fn takes_integer_path(format: &QuantFormat, act: ActQuant, k: usize) -> bool {
+    matches!(format.codes, CodeFormat::Int(_))
+        && matches!(act, ActQuant::None | ActQuant::Int8PerToken)
+        && k.is_multiple_of(ACT_BLOCK)
+        && format.group.is_multiple_of(ACT_BLOCK)
+}
+
+/// The ISA whose integer kernel reads panels of `panel` rows (two row vectors), if any.
+fn integer_kernel_isa(isa: CpuIsa, panel: usize) -> Option<CpuIsa> {
+    match (isa, panel) {
+        (CpuIsa::Avx512, 32) => Some(CpuIsa::Avx512),
+        (CpuIsa::Avx512 | CpuIsa::Avx2, 16) => Some(CpuIsa::Avx2),
+        (CpuIsa::Portable, 16) => Some(CpuIsa::Portable),
+        _ => None,
+    }
+}
+
+/// Rounds one token row for the integer path: `x[k] ~ q[k] * scales[k / ACT_BLOCK]`. A16 takes
+/// each block's own int16 grid; A8 the row's int8 grid (every block gets the row's scale). A
+/// block holding a non-finite value gets a NaN scale, so that its outputs are NaN as in f32.
+pub fn quantize_row_i16(act: ActQuant, x: &[f32], q: &mut [i16], scales: &mut [f32]) {
+    let row_scale = match act {
+        ActQuant::Int8PerToken => {
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            Some(amax / 127.0)
+        }
+        _ => None,
+    };
+    for ((x, q), scale) in x
+        .chunks(ACT_BLOCK)
+        .zip(q.chunks_mut(ACT_BLOCK))
+        .zip(scales.iter_mut())
+    {
+        let (s, limit) = match row_scale {
+            Some(s) => (s, 127.0),
+            None => (
+                x.iter().fold(0f32, |m, v| m.max(v.abs())) / ACT_I16_LIMIT,
+                ACT_I16_LIMIT,
+            ),
+        };
+        *scale = if x.iter().all(|v| v.is_finite()) {
+            s
+        } else {
+            f32::NAN
+        };
+        for (q, &v) in q.iter_mut().zip(x) {
+            *q = if s > 0.0 {
+                (v / s).round().clamp(-limit, limit) as i16
+            } else {
+                0
+            };
+        }
+    }
 }
 
 /// How far ahead of each unit's codes the kernel prefetches: about 300 cycles of decode at
@@ -512,31 +598,124 @@ pub fn matmul_quant(
         return Ok(());
     }
     let isa = runnable_isa(isa);
-    let (mut xq, mut scales, mut sums) = ACTS.take();
-    let (x, x_stride, kernel_bias) = if act == ActQuant::None {
-        (x, x_stride, bias)
+    let mut buffers = ACTS.take();
+    let args = Args {
+        x,
+        x_stride,
+        t,
+        n,
+        k,
+        bias,
+        out: SharedMut(out.as_mut_ptr()),
+        out_stride,
+    };
+    if takes_integer_path(&w.format, act, k) {
+        integer_path(isa, act, &args, w, &mut buffers);
     } else {
-        xq.resize(t * k, 0.0);
-        scales.resize(t, 0.0);
+        float_path(isa, act, &args, w, &mut buffers);
+    }
+    ACTS.set(buffers);
+    Ok(())
+}
+
+/// The integer path (module doc): rounds the rows to int16 blocks, then runs the integer kernel,
+/// or the f32 kernel on the same rounded values where no integer kernel reads the panel.
+fn integer_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mut ActBuffers) {
+    let (t, k) = (args.t, args.k);
+    let blocks = k / ACT_BLOCK;
+    let groups = w.format.groups(k);
+    let blocks_per_group = w.format.group / ACT_BLOCK;
+    b.xi.resize(t * k, 0);
+    b.block_scales.resize(t * blocks, 0.0);
+    b.sums.resize(t * groups, 0.0);
+    let rows_per_task = (1 << 14) / k + 1;
+    b.xi.par_chunks_mut(k * rows_per_task)
+        .zip(b.block_scales.par_chunks_mut(blocks * rows_per_task))
+        .zip(b.sums.par_chunks_mut(groups * rows_per_task))
+        .enumerate()
+        .for_each(|(c, ((q, scales), sums))| {
+            let rows = q
+                .chunks_mut(k)
+                .zip(scales.chunks_mut(blocks))
+                .zip(sums.chunks_mut(groups));
+            for (i, ((q, scales), sums)) in rows.enumerate() {
+                let row = (c * rows_per_task + i) * args.x_stride;
+                quantize_row_i16(act, &args.x[row..row + k], q, scales);
+                // The offset's activation sums, of the rounded values: exact integer sums of
+                // each block times its scale.
+                for (g, sum) in sums.iter_mut().enumerate() {
+                    let blocks = g * blocks_per_group..(g + 1) * blocks_per_group;
+                    *sum = blocks.fold(0.0, |acc, blk| {
+                        let block = &q[blk * ACT_BLOCK..(blk + 1) * ACT_BLOCK];
+                        let ints: i32 = block.iter().map(|&v| v as i32).sum();
+                        acc + ints as f32 * scales[blk]
+                    });
+                }
+            }
+        });
+    match integer_kernel_isa(isa, w.layout.panel()) {
+        Some(isa) => {
+            let acts = IntActs {
+                q: &b.xi,
+                scales: &b.block_scales,
+            };
+            run_tasks(isa, args, w, &b.sums, Some(acts));
+        }
+        None => {
+            b.xf.resize(t * k, 0.0);
+            for ((xf, q), scales) in
+                b.xf.chunks_mut(k)
+                    .zip(b.xi.chunks(k))
+                    .zip(b.block_scales.chunks(blocks))
+            {
+                for ((xf, q), &s) in xf
+                    .chunks_mut(ACT_BLOCK)
+                    .zip(q.chunks(ACT_BLOCK))
+                    .zip(scales)
+                {
+                    for (xf, &q) in xf.iter_mut().zip(q) {
+                        *xf = q as f32 * s;
+                    }
+                }
+            }
+            let args = Args {
+                x: &b.xf,
+                x_stride: k,
+                ..*args
+            };
+            run_tasks(isa, &args, w, &b.sums, None);
+        }
+    }
+}
+
+/// The f32 path: FP8 codes, groups that are not whole blocks, and FP8 activations.
+fn float_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mut ActBuffers) {
+    let (t, k, n) = (args.t, args.k, args.n);
+    let (x, x_stride, kernel_bias) = if act == ActQuant::None {
+        (args.x, args.x_stride, args.bias)
+    } else {
+        b.xf.resize(t * k, 0.0);
+        b.row_scales.resize(t, 0.0);
         let rows_per_task = (1 << 14) / k + 1;
-        xq.par_chunks_mut(k * rows_per_task)
-            .zip(scales.par_chunks_mut(rows_per_task))
+        b.xf.par_chunks_mut(k * rows_per_task)
+            .zip(b.row_scales.par_chunks_mut(rows_per_task))
             .enumerate()
             .for_each(|(c, (q, s))| {
                 for (i, (q, s)) in q.chunks_mut(k).zip(s.iter_mut()).enumerate() {
-                    let row = (c * rows_per_task + i) * x_stride;
-                    *s = quantize_activation_row(act, &x[row..row + k], q);
+                    let row = (c * rows_per_task + i) * args.x_stride;
+                    *s = quantize_activation_row(act, &args.x[row..row + k], q);
                 }
             });
         // The row scales multiply the outputs afterwards, the bias is added after that.
-        (&xq[..], k, None)
+        (&b.xf[..], k, None)
     };
     let groups = w.format.groups(k);
     if w.format.codes != CodeFormat::Fp8E4M3 {
         // Integer codes carry an offset (the minimum, or -2^(b-1) * scale when symmetric), which
         // multiplies the sum of each group's activations: computed once per token row here.
-        sums.resize(t * groups, 0.0);
-        sums.par_chunks_mut(groups * 64)
+        b.sums.resize(t * groups, 0.0);
+        b.sums
+            .par_chunks_mut(groups * 64)
             .enumerate()
             .for_each(|(c, chunk)| {
                 for (i, row_sums) in chunk.chunks_mut(groups).enumerate() {
@@ -547,35 +726,42 @@ pub fn matmul_quant(
                 }
             });
     }
-    let args = Args {
+    let kernel_args = Args {
         x,
         x_stride,
-        t,
-        n,
-        k,
         bias: kernel_bias,
-        out: SharedMut(out.as_mut_ptr()),
-        out_stride,
+        ..*args
     };
-    run_tasks(isa, &args, w, &sums);
+    run_tasks(isa, &kernel_args, w, &b.sums, None);
     if act != ActQuant::None {
-        for (row, &s) in out.chunks_mut(out_stride.max(1)).take(t).zip(&scales) {
-            match bias {
-                Some(b) => {
-                    for (o, &b) in row[..n].iter_mut().zip(b) {
-                        *o = *o * s + b;
+        for (ti, &s) in b.row_scales.iter().enumerate().take(t) {
+            // SAFETY: `matmul_quant` checked `out` for T rows of N at `out_stride`; the tasks
+            // that wrote it have finished.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut(args.out.0.add(ti * args.out_stride), n) };
+            match args.bias {
+                Some(bias) => {
+                    for (o, &bias) in row.iter_mut().zip(bias) {
+                        *o = *o * s + bias;
                     }
                 }
-                None => row[..n].iter_mut().for_each(|o| *o *= s),
+                None => row.iter_mut().for_each(|o| *o *= s),
             }
         }
     }
-    ACTS.set((xq, scales, sums));
-    Ok(())
 }
 
-/// Splits the matmul into tasks (ranges of panels x blocks of token rows) run with rayon.
-fn run_tasks(isa: CpuIsa, args: &Args, w: &QuantWeight, sums: &[f32]) {
+/// Activations rounded for the integer kernel: `x[t, k] ~ q[t * K + k] * scales[t * K / ACT_BLOCK
+/// + k / ACT_BLOCK]`.
+#[derive(Clone, Copy)]
+struct IntActs<'a> {
+    q: &'a [i16],
+    scales: &'a [f32],
+}
+
+/// Splits the matmul into tasks (ranges of panels x blocks of token rows) run with rayon. With
+/// `int`, `isa` is the one [`integer_kernel_isa`] chose for the panel.
+fn run_tasks(isa: CpuIsa, args: &Args, w: &QuantWeight, sums: &[f32], int: Option<IntActs>) {
     let panel = w.layout.panel();
     // AVX-512 vectors must tile the panel; an 8-wide panel runs on AVX2.
     let isa = if isa == CpuIsa::Avx512 && !panel.is_multiple_of(16) {
@@ -605,6 +791,7 @@ fn run_tasks(isa: CpuIsa, args: &Args, w: &QuantWeight, sums: &[f32]) {
                 args,
                 w,
                 sums,
+                int,
                 panels,
                 rows,
             },
@@ -678,6 +865,8 @@ struct QuantTask<'a> {
     w: &'a QuantWeight<'a>,
     /// `[T, groups]` sums of each group's activations (integer codes only).
     sums: &'a [f32],
+    /// Set on the integer path (the panel is then two row vectors of `S`).
+    int: Option<IntActs<'a>>,
     panels: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
 }
@@ -693,18 +882,27 @@ impl SimdTask for QuantTask<'_> {
         // specialized per code width; other panels go through the general decoder.
         // SAFETY: `run_simd` runs this only on a CPU with `S`; the panel is a power of two
         // (`QuantWeight::check`) that S::LANES divides (`run_tasks`).
+        if let Some(acts) = self.int {
+            debug_assert_eq!(vectors_per_panel, 2);
+            match self.w.format.codes {
+                CodeFormat::Int(8) => self.units::<S, _>(IntTile::<8>(acts), 1),
+                CodeFormat::Int(4) => self.units::<S, _>(IntTile::<4>(acts), 1),
+                _ => self.units::<S, _>(IntTile::<2>(acts), 1),
+            }
+            return;
+        }
         let d = unsafe { Decoder::<S>::new(self.w) };
         if vectors_per_panel == 2 && S::ISA != CpuIsa::Portable {
             match self.w.format.codes {
-                CodeFormat::Int(8) => self.units::<S, 2, _>(PairCodes::<8>, 1),
-                CodeFormat::Int(4) => self.units::<S, 2, _>(PairCodes::<4>, 1),
-                CodeFormat::Int(2) => self.units::<S, 2, _>(PairCodes::<2>, 1),
-                _ => self.units::<S, 2, _>(PairCodes::<CODE_E4M3>, 1),
+                CodeFormat::Int(8) => self.units::<S, _>(FloatTile::<_, 2>(PairCodes::<8>), 1),
+                CodeFormat::Int(4) => self.units::<S, _>(FloatTile::<_, 2>(PairCodes::<4>), 1),
+                CodeFormat::Int(2) => self.units::<S, _>(FloatTile::<_, 2>(PairCodes::<2>), 1),
+                _ => self.units::<S, _>(FloatTile::<_, 2>(PairCodes::<CODE_E4M3>), 1),
             }
         } else if vectors_per_panel.is_multiple_of(2) {
-            self.units::<S, 2, _>(&d, vectors_per_panel / 2);
+            self.units::<S, _>(FloatTile::<_, 2>(&d), vectors_per_panel / 2);
         } else {
-            self.units::<S, 1, _>(&d, vectors_per_panel);
+            self.units::<S, _>(FloatTile::<_, 1>(&d), vectors_per_panel);
         }
     }
 }
@@ -733,9 +931,56 @@ impl<S: Simd, const NV: usize> UnitCodes<S, NV> for &Decoder<S> {
     }
 }
 
+/// How a register tile of MR token rows x U units is computed.
+trait Tile<S: Simd>: Copy {
+    /// # Safety
+    /// As [`QuantTask::tile`].
+    unsafe fn run<const MR: usize, const U: usize>(
+        self,
+        task: &QuantTask,
+        units: [usize; U],
+        t0: usize,
+        per_panel: usize,
+    );
+}
+
+/// The f32 path: units of NV row vectors whose codes `C` widens to f32.
+#[derive(Clone, Copy)]
+struct FloatTile<C, const NV: usize>(C);
+
+impl<S: Simd, C: UnitCodes<S, NV>, const NV: usize> Tile<S> for FloatTile<C, NV> {
+    #[inline(always)]
+    unsafe fn run<const MR: usize, const U: usize>(
+        self,
+        task: &QuantTask,
+        units: [usize; U],
+        t0: usize,
+        per_panel: usize,
+    ) {
+        task.tile::<S, MR, U, NV, C>(self.0, units, t0, per_panel)
+    }
+}
+
+/// The integer path: whole panels of two row vectors, `CODE`-bit codes, int16 activations.
+#[derive(Clone, Copy)]
+struct IntTile<'a, const CODE: u32>(IntActs<'a>);
+
+impl<S: Simd, const CODE: u32> Tile<S> for IntTile<'_, CODE> {
+    #[inline(always)]
+    unsafe fn run<const MR: usize, const U: usize>(
+        self,
+        task: &QuantTask,
+        units: [usize; U],
+        t0: usize,
+        _per_panel: usize,
+    ) {
+        task.int_tile::<S, MR, U, CODE>(self.0, units, t0)
+    }
+}
+
 impl QuantTask<'_> {
     #[inline(always)]
-    fn units<S: Simd, const NV: usize, C: UnitCodes<S, NV>>(&self, codes: C, per_panel: usize) {
+    fn units<S: Simd, T: Tile<S>>(&self, tile: T, per_panel: usize) {
         let units = self.panels.start * per_panel..self.panels.end * per_panel;
         let mut t0 = self.rows.start;
         while t0 < self.rows.end {
@@ -744,12 +989,12 @@ impl QuantTask<'_> {
             // SAFETY: as in `run`; `check_matmul` validated x, out and bias.
             unsafe {
                 match mr {
-                    1 => self.tiles::<S, 1, 4, NV, C>(codes, units.clone(), t0, per_panel),
-                    2 => self.tiles::<S, 2, 2, NV, C>(codes, units.clone(), t0, per_panel),
-                    3 => self.tiles::<S, 3, 2, NV, C>(codes, units.clone(), t0, per_panel),
-                    4 => self.tiles::<S, 4, 1, NV, C>(codes, units.clone(), t0, per_panel),
-                    5 => self.tiles::<S, 5, 1, NV, C>(codes, units.clone(), t0, per_panel),
-                    _ => self.tiles::<S, 6, 1, NV, C>(codes, units.clone(), t0, per_panel),
+                    1 => self.tiles::<S, 1, 4, T>(tile, units.clone(), t0, per_panel),
+                    2 => self.tiles::<S, 2, 2, T>(tile, units.clone(), t0, per_panel),
+                    3 => self.tiles::<S, 3, 2, T>(tile, units.clone(), t0, per_panel),
+                    4 => self.tiles::<S, 4, 1, T>(tile, units.clone(), t0, per_panel),
+                    5 => self.tiles::<S, 5, 1, T>(tile, units.clone(), t0, per_panel),
+                    _ => self.tiles::<S, 6, 1, T>(tile, units.clone(), t0, per_panel),
                 }
             }
             t0 += mr;
@@ -760,20 +1005,18 @@ impl QuantTask<'_> {
     /// than U units repeats its last unit (computed twice, stored once) rather than needing a
     /// narrower tile.
     #[inline(always)]
-    unsafe fn tiles<S: Simd, const MR: usize, const U: usize, const NV: usize, C>(
+    unsafe fn tiles<S: Simd, const MR: usize, const U: usize, T: Tile<S>>(
         &self,
-        codes: C,
+        tile: T,
         units: std::ops::Range<usize>,
         t0: usize,
         per_panel: usize,
-    ) where
-        C: UnitCodes<S, NV>,
-    {
+    ) {
         let mut u = units.start;
         while u < units.end {
             let last = units.end - 1;
             let group: [usize; U] = std::array::from_fn(|i| (u + i).min(last));
-            self.tile::<S, MR, U, NV, C>(codes, group, t0, per_panel);
+            tile.run::<MR, U>(self, group, t0, per_panel);
             u += U;
         }
     }
@@ -799,14 +1042,8 @@ impl QuantTask<'_> {
         let w = self.w;
         let (p, k, group) = (w.layout.panel(), a.k, w.format.group);
         let groups = k / group;
-        let lanes = S::LANES;
-        let fp8 = w.format.codes == CodeFormat::Fp8E4M3;
-        let asymmetric = w.format.asymmetric;
-        let offset = w.format.offset();
         let bytes_per_k = p * w.format.codes.bits() as usize / 8;
         let k_per_line = (64 / bytes_per_k).max(1);
-        let scales = w.scales.as_ptr() as *const u16;
-        let mins = w.mins.as_ptr() as *const u16;
         // Per unit: its panel and its first row vector within the panel.
         let panel: [usize; U] = std::array::from_fn(|i| units[i] / per_panel);
         let first: [usize; U] = std::array::from_fn(|i| (units[i] % per_panel) * NV);
@@ -837,29 +1074,130 @@ impl QuantTask<'_> {
                     }
                 }
             }
-            for i in 0..U {
-                let base = (panel[i] * groups + g) * p;
-                for v in 0..NV {
-                    let row = (first[i] + v) * lanes;
-                    let scale = S::load_f16(scales.add(base + row));
-                    for m in 0..MR {
-                        total[m][i][v] = S::mul_add(scale, sum[m][i][v], total[m][i][v]);
+            self.fold_group::<S, MR, U, NV>(g, panel, first, &sum, &mut total, t0);
+        }
+        self.store_tile::<S, MR, U, NV>(units, panel, first, &total, t0);
+    }
+
+    /// The integer register tile: MR token rows x U panels of two row vectors. For each block
+    /// of ACT_BLOCK k, each output sums `code * q` over the block in pairs of k, in i32 (exact),
+    /// then adds that times the block's activation scale to the group's f32 sum, blocks in
+    /// order; groups are folded in as by [`Self::tile`]. Batch invariant for the same reasons.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn int_tile<S: Simd, const MR: usize, const U: usize, const CODE: u32>(
+        &self,
+        acts: IntActs,
+        units: [usize; U],
+        t0: usize,
+    ) {
+        let a = self.args;
+        let w = self.w;
+        let (p, k, group) = (w.layout.panel(), a.k, w.format.group);
+        let (groups, blocks) = (k / group, k / ACT_BLOCK);
+        let bytes_per_k = p * CODE as usize / 8;
+        // Two k per step: a line holds at least two k of any panel.
+        let k_per_line = (64 / bytes_per_k).max(2);
+        let first = [0; U];
+        let mut at: [*const u8; U] =
+            std::array::from_fn(|i| w.codes.as_ptr().add(units[i] * k * bytes_per_k));
+        let q = acts.q.as_ptr().add(t0 * k);
+        let mut total = [[[S::zero(); 2]; U]; MR];
+        for g in 0..groups {
+            let mut sum = [[[S::zero(); 2]; U]; MR];
+            for b in g * group / ACT_BLOCK..(g + 1) * group / ACT_BLOCK {
+                let mut isum = [[[S::zero_i(); 2]; U]; MR];
+                for kk in (b * ACT_BLOCK..(b + 1) * ACT_BLOCK).step_by(2) {
+                    if kk & (k_per_line - 1) == 0 {
+                        for &stream in &at {
+                            S::prefetch(stream.wrapping_add(PREFETCH_AHEAD));
+                        }
                     }
-                    if fp8 {
-                        continue;
+                    let c: [[S::I; 2]; U] =
+                        std::array::from_fn(|i| S::load_code_pairs_i16::<CODE>(at[i]));
+                    for i in 0..U {
+                        at[i] = at[i].add(2 * bytes_per_k);
                     }
-                    let min = if asymmetric {
-                        S::load_f16(mins.add(base + row))
-                    } else {
-                        S::mul(scale, S::splat(-offset))
-                    };
                     for m in 0..MR {
-                        let s = S::splat(self.sums[(t0 + m) * groups + g]);
-                        total[m][i][v] = S::mul_add(min, s, total[m][i][v]);
+                        let xp = S::splat_pair(q.add(m * k + kk));
+                        for i in 0..U {
+                            for v in 0..2 {
+                                isum[m][i][v] = S::dot_pairs(isum[m][i][v], c[i][v], xp);
+                            }
+                        }
+                    }
+                }
+                for m in 0..MR {
+                    let scale = S::splat(*acts.scales.get_unchecked((t0 + m) * blocks + b));
+                    for i in 0..U {
+                        for v in 0..2 {
+                            let block = S::i32_to_f32(isum[m][i][v]);
+                            sum[m][i][v] = S::mul_add(block, scale, sum[m][i][v]);
+                        }
                     }
                 }
             }
+            self.fold_group::<S, MR, U, 2>(g, units, first, &sum, &mut total, t0);
         }
+        self.store_tile::<S, MR, U, 2>(units, units, first, &total, t0);
+    }
+
+    /// Adds group `g`'s sums into the totals: `scale * sum + offset * (the group's x sum)`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn fold_group<S: Simd, const MR: usize, const U: usize, const NV: usize>(
+        &self,
+        g: usize,
+        panel: [usize; U],
+        first: [usize; U],
+        sum: &[[[S::V; NV]; U]; MR],
+        total: &mut [[[S::V; NV]; U]; MR],
+        t0: usize,
+    ) {
+        let w = self.w;
+        let (p, groups) = (w.layout.panel(), self.args.k / w.format.group);
+        let fp8 = w.format.codes == CodeFormat::Fp8E4M3;
+        let offset = w.format.offset();
+        let scales = w.scales.as_ptr() as *const u16;
+        let mins = w.mins.as_ptr() as *const u16;
+        for i in 0..U {
+            let base = (panel[i] * groups + g) * p;
+            for v in 0..NV {
+                let row = (first[i] + v) * S::LANES;
+                let scale = S::load_f16(scales.add(base + row));
+                for m in 0..MR {
+                    total[m][i][v] = S::mul_add(scale, sum[m][i][v], total[m][i][v]);
+                }
+                if fp8 {
+                    continue;
+                }
+                let min = if w.format.asymmetric {
+                    S::load_f16(mins.add(base + row))
+                } else {
+                    S::mul(scale, S::splat(-offset))
+                };
+                for m in 0..MR {
+                    let s = S::splat(*self.sums.get_unchecked((t0 + m) * groups + g));
+                    total[m][i][v] = S::mul_add(min, s, total[m][i][v]);
+                }
+            }
+        }
+    }
+
+    /// Stores the tile's totals (plus the bias) into the output rows, each unit once.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn store_tile<S: Simd, const MR: usize, const U: usize, const NV: usize>(
+        &self,
+        units: [usize; U],
+        panel: [usize; U],
+        first: [usize; U],
+        total: &[[[S::V; NV]; U]; MR],
+        t0: usize,
+    ) {
+        let a = self.args;
+        let p = self.w.layout.panel();
+        let lanes = S::LANES;
         for m in 0..MR {
             let out = a.out.0.add((t0 + m) * a.out_stride);
             for i in 0..U {
@@ -943,6 +1281,36 @@ pub mod reference {
     ) {
         let (n, k) = (w.rows, w.cols);
         let wf = dequantize(w);
+        if takes_integer_path(&w.format, act, k) {
+            // Activations as the integer path rounds them: int16 per block of ACT_BLOCK k with
+            // the block's own scale (A16), or the row's int8 grid (A8).
+            for ti in 0..t {
+                let row = &x[ti * x_stride..][..k];
+                let amax = |v: &[f32]| v.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let row_scale = amax(row) / 127.0;
+                let mut xr = Vec::with_capacity(k);
+                for block in row.chunks(ACT_BLOCK) {
+                    let (scale, limit) = match act {
+                        ActQuant::Int8PerToken => (row_scale, 127.0),
+                        _ => (amax(block) / 32767.0, 32767.0),
+                    };
+                    xr.extend(block.iter().map(|&v| {
+                        let q = if scale > 0.0 {
+                            (v / scale).round().clamp(-limit, limit)
+                        } else {
+                            0.0
+                        };
+                        q as f64 * scale as f64
+                    }));
+                }
+                for ni in 0..n {
+                    let dot: f64 = (0..k).map(|ki| wf[ni * k + ki] as f64 * xr[ki]).sum();
+                    let b = bias.map_or(0.0, |b| b[ni] as f64);
+                    out[ti * out_stride + ni] = (dot + b) as f32;
+                }
+            }
+            return;
+        }
         for ti in 0..t {
             let row = &x[ti * x_stride..][..k];
             let (limit, round): (f32, fn(f32) -> f32) = match act {
@@ -1016,7 +1384,7 @@ mod tests {
             CodeFormat::Int(2),
             CodeFormat::Fp8E4M3,
         ] {
-            for group in [32, 64, 128, 192] {
+            for group in [16, 32, 64, 128, 192] {
                 for asymmetric in [false, true] {
                     if asymmetric && codes == CodeFormat::Fp8E4M3 {
                         continue;

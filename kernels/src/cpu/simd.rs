@@ -89,6 +89,19 @@ pub(crate) trait Simd: Copy + 'static {
     /// 4 or 2 bits) or [`CODE_E4M3`]. The hot path of the quantized matmul: one load per k, no
     /// run-time choices.
     unsafe fn load_code_pair<const CODE: u32>(p: *const u8) -> [Self::V; 2];
+    /// `LANES` i32 lanes, each holding two i16 halves (the integer path of the quantized
+    /// matmul: codes against activations rounded to int16, see `cpu::quant`).
+    type I: Copy;
+    unsafe fn zero_i() -> Self::I;
+    /// The integer codes of k and k + 1 of a quantized panel of `2 * LANES` rows (`p` points at
+    /// k's bytes, k + 1's follow) as i16 pairs: lane `i` of vector `h` holds the codes of row
+    /// `h * LANES + i` at k (low half) and k + 1 (high half). `CODE` is 8, 4 or 2 bits.
+    unsafe fn load_code_pairs_i16<const CODE: u32>(p: *const u8) -> [Self::I; 2];
+    /// The i16 pair at `x` (x[0] low, x[1] high) in every lane.
+    unsafe fn splat_pair(x: *const i16) -> Self::I;
+    /// `acc + a.low * x.low + a.high * x.high`, lane by lane, in i32.
+    unsafe fn dot_pairs(acc: Self::I, a: Self::I, x: Self::I) -> Self::I;
+    unsafe fn i32_to_f32(v: Self::I) -> Self::V;
     /// Hints that the cache line at `p` will be read soon. `p` may point anywhere: a prefetch
     /// never faults.
     #[inline(always)]
@@ -385,6 +398,39 @@ impl Simd for Portable {
             })
         })
     }
+    type I = [i32; PORTABLE_LANES];
+    #[inline(always)]
+    unsafe fn zero_i() -> Self::I {
+        [0; PORTABLE_LANES]
+    }
+    #[inline(always)]
+    unsafe fn load_code_pairs_i16<const CODE: u32>(p: *const u8) -> [Self::I; 2] {
+        let bytes_per_k = 2 * PORTABLE_LANES * CODE as usize / 8;
+        // Row r: byte r % bytes_per_k, bit slot r / bytes_per_k (see `cpu::quant`).
+        let code = |k: usize, row: usize| {
+            let byte = *p.add(k * bytes_per_k + row % bytes_per_k) as i32;
+            (byte >> ((row / bytes_per_k) as u32 * CODE)) & ((1 << CODE) - 1)
+        };
+        std::array::from_fn(|half| {
+            std::array::from_fn(|i| {
+                let row = half * PORTABLE_LANES + i;
+                code(0, row) | (code(1, row) << 16)
+            })
+        })
+    }
+    #[inline(always)]
+    unsafe fn splat_pair(x: *const i16) -> Self::I {
+        [(x as *const i32).read_unaligned(); PORTABLE_LANES]
+    }
+    #[inline(always)]
+    unsafe fn dot_pairs(acc: Self::I, a: Self::I, x: Self::I) -> Self::I {
+        let (low, high) = (|v: i32| v as i16 as i32, |v: i32| v >> 16);
+        std::array::from_fn(|i| acc[i] + low(a[i]) * low(x[i]) + high(a[i]) * high(x[i]))
+    }
+    #[inline(always)]
+    unsafe fn i32_to_f32(v: Self::I) -> Lanes {
+        v.map(|v| v as f32)
+    }
     #[inline(always)]
     #[allow(clippy::needless_range_loop)] // The symmetric indices are the point.
     unsafe fn transpose(rows: &mut [Lanes]) {
@@ -590,6 +636,66 @@ mod x86 {
                 }
             }
         }
+        type I = __m256i;
+        #[inline(always)]
+        unsafe fn zero_i() -> __m256i {
+            _mm256_setzero_si256()
+        }
+        #[inline(always)]
+        unsafe fn load_code_pairs_i16<const CODE: u32>(p: *const u8) -> [__m256i; 2] {
+            match CODE {
+                8 => {
+                    // 16 bytes per k: interleaving k's and k + 1's bytes pairs them per row.
+                    let a = _mm_loadu_si128(p as *const __m128i);
+                    let b = _mm_loadu_si128(p.add(16) as *const __m128i);
+                    [
+                        _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(a, b)),
+                        _mm256_cvtepu8_epi16(_mm_unpackhi_epi8(a, b)),
+                    ]
+                }
+                4 => {
+                    // 8 bytes per k: byte j holds rows j (low nibble) and j + 8 (high).
+                    let both = _mm_loadu_si128(p as *const __m128i);
+                    let pairs = _mm_shuffle_epi8(
+                        both,
+                        _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15),
+                    );
+                    let w = _mm256_cvtepu8_epi16(pairs);
+                    [
+                        _mm256_and_si256(w, _mm256_set1_epi16(0xf)),
+                        _mm256_srli_epi16::<4>(w),
+                    ]
+                }
+                _ => {
+                    // 4 bytes per k: byte j holds rows j, j + 4, j + 8, j + 12 in its four
+                    // slots; lanes 0-3 of each vector take one slot, lanes 4-7 the next. The
+                    // 32-bit shifts move bits of the high half into the top of the low one,
+                    // which the mask clears.
+                    let both = _mm_loadl_epi64(p as *const __m128i);
+                    let pairs = _mm_shuffle_epi8(
+                        both,
+                        _mm_setr_epi8(0, 4, 1, 5, 2, 6, 3, 7, 0, 4, 1, 5, 2, 6, 3, 7),
+                    );
+                    let w = _mm256_cvtepu8_epi16(pairs);
+                    let mask = _mm256_set1_epi16(3);
+                    let low = _mm256_srlv_epi32(w, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2));
+                    let high = _mm256_srlv_epi32(w, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6));
+                    [_mm256_and_si256(low, mask), _mm256_and_si256(high, mask)]
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat_pair(x: *const i16) -> __m256i {
+            _mm256_set1_epi32((x as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn dot_pairs(acc: __m256i, a: __m256i, x: __m256i) -> __m256i {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(a, x))
+        }
+        #[inline(always)]
+        unsafe fn i32_to_f32(v: __m256i) -> __m256 {
+            _mm256_cvtepi32_ps(v)
+        }
         #[inline(always)]
         unsafe fn transpose(r: &mut [__m256]) {
             // Interleave pairs, then quads within 128-bit halves, then swap halves.
@@ -778,6 +884,71 @@ mod x86 {
                 }
                 _ => [Self::load_e4m3(p), Self::load_e4m3(p.add(16))],
             }
+        }
+        type I = __m512i;
+        #[inline(always)]
+        unsafe fn zero_i() -> __m512i {
+            _mm512_setzero_si512()
+        }
+        #[inline(always)]
+        unsafe fn load_code_pairs_i16<const CODE: u32>(p: *const u8) -> [__m512i; 2] {
+            // Pairs the 16 bytes of k at `a` with those of k + 1 at `b`, byte by byte.
+            let pair16 = |a: *const u8, b: *const u8| {
+                let (a, b) = (
+                    _mm_loadu_si128(a as *const __m128i),
+                    _mm_loadu_si128(b as *const __m128i),
+                );
+                _mm512_cvtepu8_epi16(_mm256_set_m128i(
+                    _mm_unpackhi_epi8(a, b),
+                    _mm_unpacklo_epi8(a, b),
+                ))
+            };
+            match CODE {
+                // 32 bytes per k: rows 0-15 in bytes 0-15, rows 16-31 in bytes 16-31.
+                8 => [pair16(p, p.add(32)), pair16(p.add(16), p.add(48))],
+                4 => {
+                    // 16 bytes per k: byte j holds rows j (low nibble) and j + 16 (high).
+                    let w = pair16(p, p.add(16));
+                    [
+                        _mm512_and_si512(w, _mm512_set1_epi16(0xf)),
+                        _mm512_srli_epi16::<4>(w),
+                    ]
+                }
+                _ => {
+                    // 8 bytes per k: byte j holds rows j, j + 8, j + 16, j + 24; lanes 0-7 of
+                    // each vector take one slot, lanes 8-15 the next.
+                    let both = _mm_loadu_si128(p as *const __m128i);
+                    let pairs = _mm_shuffle_epi8(
+                        both,
+                        _mm_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15),
+                    );
+                    let w = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(pairs));
+                    let mask = _mm512_set1_epi16(3);
+                    // Word shifts: the first 16 words (lanes 0-7) by `a`, the rest by `b`.
+                    let shifts = |a: i16, b: i16| {
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(_mm256_set1_epi16(a)),
+                            _mm256_set1_epi16(b),
+                        )
+                    };
+                    [
+                        _mm512_and_si512(_mm512_srlv_epi16(w, shifts(0, 2)), mask),
+                        _mm512_and_si512(_mm512_srlv_epi16(w, shifts(4, 6)), mask),
+                    ]
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn splat_pair(x: *const i16) -> __m512i {
+            _mm512_set1_epi32((x as *const i32).read_unaligned())
+        }
+        #[inline(always)]
+        unsafe fn dot_pairs(acc: __m512i, a: __m512i, x: __m512i) -> __m512i {
+            _mm512_add_epi32(acc, _mm512_madd_epi16(a, x))
+        }
+        #[inline(always)]
+        unsafe fn i32_to_f32(v: __m512i) -> __m512 {
+            _mm512_cvtepi32_ps(v)
         }
         #[inline(always)]
         unsafe fn transpose(r: &mut [__m512]) {
