@@ -104,3 +104,15 @@ fn ernie4_5_moe_shared_experts_biased_routing_interleaved_rope() {
 fn deepseek_v3_latent_attention_grouped_sigmoid_routing_dense_first_layer() {
     check_arch("deepseek_v3");
 }
+
+// YaRN goldens written by `scripts/golden-tiny.py` (transformers 5.23, float64).
+
+#[test]
+fn deepseek_v3_yarn_attention_factor_and_mscale_all_dim() {
+    check_arch("deepseek_v3_yarn");
+}
+
+#[test]
+fn qwen2_yarn_default_betas_plain_attention() {
+    check_arch("qwen2_yarn");
+}
