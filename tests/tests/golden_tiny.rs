@@ -116,3 +116,45 @@ fn deepseek_v3_yarn_attention_factor_and_mscale_all_dim() {
 fn qwen2_yarn_default_betas_plain_attention() {
     check_arch("qwen2_yarn");
 }
+
+/// A sliding window shorter than the context caps the plan's context at the window: up to it,
+/// sliding-window attention is causal attention, so the golden's first `window` rows hold, and a
+/// longer sequence is refused rather than computed without the window.
+#[test]
+fn mixtral_sliding_window_caps_the_context() {
+    const WINDOW: usize = 16;
+    let golden_dir = golden("tiny/mixtral");
+    let dir = scratch_path("mixtral-window");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        golden_dir.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let mut config = read_json(&golden_dir.join("config.json"));
+    config["sliding_window"] = WINDOW.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+
+    let plan = compiled(&dir, DType::F32);
+    let mut engine = engine(&plan);
+    let manifest = &engine.plan().manifest;
+    assert_eq!(manifest.model.max_position_embeddings, WINDOW as u64);
+    assert_eq!(engine.options().max_context, WINDOW);
+
+    let golden_logits = read_tensor(&golden_dir.join("golden.safetensors"), "logits");
+    let vocab = golden_logits.shape[1];
+    let input_ids = ids(&read_json(&golden_dir.join("golden.json"))["input_ids"]);
+    let logits = engine.prefill(&input_ids[..WINDOW], true).expect("forward");
+    check_logits(
+        "mixtral, window 16",
+        &logits,
+        &golden_logits.data[..WINDOW * vocab],
+        vocab,
+        1e-3,
+    );
+    engine.reset();
+    assert!(matches!(
+        engine.prefill(&input_ids[..WINDOW + 1], false),
+        Err(runtime::RuntimeError::ContextFull { .. })
+    ));
+}
