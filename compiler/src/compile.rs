@@ -547,6 +547,28 @@ fn materialize(expr: &WeightExpr, tensors: &dyn TensorSource) -> Result<Vec<f32>
             let data = materialize(part, tensors)?;
             Ok(deinterleave_rows(&data, *head_dim, *cols))
         }
+        WeightExpr::ScaleRows {
+            part,
+            period,
+            start,
+            len,
+            cols,
+            factor,
+        } => {
+            let mut data = materialize(part, tensors)?;
+            // Rows past the block (a malformed expression) are left alone rather than indexed.
+            let rows = (*start..(start + len).min(*period)).map(|r| r * cols);
+            if *period > 0 && *cols > 0 {
+                for block in data.chunks_exact_mut(period * cols) {
+                    for r in rows.clone() {
+                        for x in &mut block[r..r + cols] {
+                            *x = (f64::from(*x) * factor) as f32;
+                        }
+                    }
+                }
+            }
+            Ok(data)
+        }
     }
 }
 

@@ -5,8 +5,8 @@
 //! inspecting also checks integrity; part files are checked against the plan's parts table by
 //! length and table checksum (their sections are verified when the runtime loads them).
 
-use artifacts::parts::{PartHeader, PartsTable, PARTS_SECTION, PART_SECTION};
-use artifacts::schema::{section, Manifest, Program};
+use artifacts::parts::{weight_section_len, PartHeader, PartsTable, PARTS_SECTION, PART_SECTION};
+use artifacts::schema::{section, Launch, Manifest, Program};
 use artifacts::{codec, PlanError, PlanFile};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -194,6 +194,10 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
         );
     }
 
+    if let Some(moe) = describe_moe(&manifest, &program) {
+        out.push_str(&moe);
+    }
+
     let _ = writeln!(out, "\nkernels ({} launches per step)", program.steps.len());
     let mut kernels: BTreeMap<&str, usize> = BTreeMap::new();
     for step in &program.steps {
@@ -248,6 +252,115 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
         let _ = writeln!(out, "  {} ({} bytes) blake3 {}", s.name, s.bytes, s.blake3);
     }
     Ok(out)
+}
+
+/// The mixture-of-experts layers of a plan: how many, their experts and routing, shared
+/// experts, and the bytes of expert weights in all and read per token (a token reads its top-k
+/// routed experts of every sparse layer, the shared experts, and every dense weight); `None`
+/// for a dense model.
+fn describe_moe(manifest: &Manifest, program: &Program) -> Option<String> {
+    let bytes_of = |index: usize| {
+        manifest
+            .weights
+            .get(index)
+            .and_then(weight_section_len)
+            .unwrap_or(0)
+    };
+    let mut layers = 0usize;
+    let mut routed_total = 0u64;
+    let mut routed_active = 0u64;
+    let mut routed_weights = vec![];
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    let mut expert_cols = 0u64;
+    for step in &program.steps {
+        let Launch::Moe {
+            bias,
+            gate_up,
+            down,
+            experts,
+            top_k,
+            routing,
+            normalize,
+            scaling,
+            ..
+        } = &step.launch
+        else {
+            continue;
+        };
+        layers += 1;
+        let stacked = bytes_of(gate_up.0 as usize) + bytes_of(down.0 as usize);
+        routed_total += stacked;
+        routed_active += stacked / (*experts).max(1) * top_k;
+        routed_weights.extend([gate_up.0 as usize, down.0 as usize]);
+        if let Some(w) = manifest.weights.get(down.0 as usize) {
+            expert_cols = w.shape.last().copied().unwrap_or(0);
+        }
+        let mut kind = format!("{experts} experts, top-{top_k}, {} routing", routing.name());
+        if let ir::MoeRouting::SigmoidGrouped { groups, top_groups } = routing {
+            let _ = write!(kind, " (best {top_groups} of {groups} groups)");
+        }
+        if bias.is_some() {
+            kind.push_str(", selection bias");
+        }
+        if *normalize {
+            kind.push_str(", weights renormalized");
+        }
+        if *scaling != 1.0 {
+            let _ = write!(kind, ", scaled x{scaling}");
+        }
+        *kinds.entry(kind).or_default() += 1;
+    }
+    if layers == 0 {
+        return None;
+    }
+    // Shared experts are ordinary MLP weights; the families that have them name them so.
+    let shared: Vec<usize> = (0..manifest.weights.len())
+        .filter(|&i| manifest.weights[i].name.contains(".shared_experts."))
+        .collect();
+    let shared_bytes: u64 = shared.iter().map(|&i| bytes_of(i)).sum();
+    let shared_cols: u64 = manifest
+        .weights
+        .iter()
+        .filter(|w| w.name.contains(".shared_experts.") && w.name.contains("down_proj"))
+        .map(|w| w.shape.last().copied().unwrap_or(0))
+        .sum();
+    let all: u64 = (0..manifest.weights.len()).map(bytes_of).sum();
+    let routed_set: std::collections::BTreeSet<usize> = routed_weights.into_iter().collect();
+    let dense: u64 = (0..manifest.weights.len())
+        .filter(|i| !routed_set.contains(i))
+        .map(bytes_of)
+        .sum();
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nmixture of experts ({layers} of {} layers sparse)",
+        manifest.model.num_layers
+    );
+    for (kind, count) in &kinds {
+        let _ = writeln!(out, "  {count} layer(s): {kind}");
+    }
+    if shared_cols > 0 && expert_cols > 0 {
+        let _ = writeln!(
+            out,
+            "  shared experts: {} per sparse layer ({} weights, {shared_bytes} bytes), run on every token",
+            shared_cols / layers as u64 / expert_cols,
+            shared.len()
+        );
+    } else {
+        let _ = writeln!(out, "  shared experts: none");
+    }
+    let _ = writeln!(
+        out,
+        "  routed expert weights: {routed_total} bytes in all, {routed_active} bytes active per token"
+    );
+    let _ = writeln!(
+        out,
+        "  weights read per token: {} of {all} bytes ({:.1}%; dense weights counted whole)",
+        dense + routed_active,
+        100.0 * (dense + routed_active) as f64 / all.max(1) as f64
+    );
+    Some(out)
 }
 
 /// The part files a plan ships with, each checked for presence, length and table checksum.

@@ -84,6 +84,17 @@ pub enum WeightExpr {
         head_dim: usize,
         cols: usize,
     },
+    /// Rows of `[blocks * period, cols]` with `start..start + len` of every block of `period`
+    /// rows multiplied by `factor`: part of every head of a projection scaled (YaRN's attention
+    /// factor on the rope part of multi-head latent attention's queries).
+    ScaleRows {
+        part: Box<WeightExpr>,
+        period: usize,
+        start: usize,
+        len: usize,
+        cols: usize,
+        factor: f64,
+    },
 }
 
 impl WeightExpr {
@@ -94,7 +105,9 @@ impl WeightExpr {
             WeightExpr::ConcatRows(parts) | WeightExpr::Stack(parts) => {
                 parts.iter().flat_map(|p| p.tensors()).collect()
             }
-            WeightExpr::Deinterleave { part, .. } => part.tensors(),
+            WeightExpr::Deinterleave { part, .. } | WeightExpr::ScaleRows { part, .. } => {
+                part.tensors()
+            }
         }
     }
 }

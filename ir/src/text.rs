@@ -110,6 +110,17 @@ fn print_expr(expr: &WeightExpr) -> String {
             head_dim,
             cols,
         } => format!("deinterleave({}, {head_dim}, {cols})", print_expr(part)),
+        WeightExpr::ScaleRows {
+            part,
+            period,
+            start,
+            len,
+            cols,
+            factor,
+        } => format!(
+            "scale_rows({}, {period}, {start}, {len}, {cols}, {factor:?})",
+            print_expr(part)
+        ),
     }
 }
 
@@ -300,35 +311,66 @@ fn parse_type(text: &str) -> Result<TensorType, String> {
     })
 }
 
+/// The `n` comma-separated arguments after an expression operand (`, a, b)`), and the text
+/// after the closing parenthesis; `form` names the expected spelling in errors.
+fn expr_arguments<'t>(
+    text: &'t str,
+    form: &str,
+    n: usize,
+) -> Result<(Vec<&'t str>, &'t str), String> {
+    let mut args = Vec::with_capacity(n);
+    let mut after = text;
+    for _ in 0..n {
+        let rest = after
+            .trim_start()
+            .strip_prefix(',')
+            .ok_or_else(|| format!("expected {form}, found {after:?}"))?
+            .trim_start();
+        let end = rest.find([',', ')']).unwrap_or(rest.len());
+        args.push(rest[..end].trim());
+        after = &rest[end..];
+    }
+    let after = after
+        .trim_start()
+        .strip_prefix(')')
+        .ok_or_else(|| format!("expected `)` closing {form}, found {after:?}"))?;
+    Ok((args, after))
+}
+
+fn number(text: &str) -> Result<usize, String> {
+    text.parse()
+        .map_err(|_| format!("bad number {text:?} in a weight expression"))
+}
+
 fn parse_expr(text: &str) -> Result<(WeightExpr, &str), String> {
     if let Some(rest) = text.strip_prefix("deinterleave(") {
         let (part, after) = parse_expr(rest.trim_start())?;
-        let mut numbers = [0usize; 2];
-        let mut after = after;
-        for n in numbers.iter_mut() {
-            let rest = after
-                .trim_start()
-                .strip_prefix(',')
-                .ok_or_else(|| {
-                    format!("deinterleave needs (expr, head_dim, cols), found {after:?}")
-                })?
-                .trim_start();
-            let end = rest.find([',', ')']).unwrap_or(rest.len());
-            *n = rest[..end]
-                .trim()
-                .parse()
-                .map_err(|_| format!("bad number {:?} in deinterleave", &rest[..end]))?;
-            after = &rest[end..];
-        }
-        let after = after
-            .trim_start()
-            .strip_prefix(')')
-            .ok_or_else(|| format!("expected `)` after deinterleave, found {after:?}"))?;
-        let [head_dim, cols] = numbers;
+        let (numbers, after) = expr_arguments(after, "deinterleave(expr, head_dim, cols)", 2)?;
+        let [head_dim, cols] = [number(numbers[0])?, number(numbers[1])?];
         let expr = WeightExpr::Deinterleave {
             part: Box::new(part),
             head_dim,
             cols,
+        };
+        return Ok((expr, after));
+    }
+    if let Some(rest) = text.strip_prefix("scale_rows(") {
+        let (part, after) = parse_expr(rest.trim_start())?;
+        let (args, after) = expr_arguments(
+            after,
+            "scale_rows(expr, period, start, len, cols, factor)",
+            5,
+        )?;
+        let factor = args[4]
+            .parse()
+            .map_err(|_| format!("bad factor {:?} in scale_rows", args[4]))?;
+        let expr = WeightExpr::ScaleRows {
+            part: Box::new(part),
+            period: number(args[0])?,
+            start: number(args[1])?,
+            len: number(args[2])?,
+            cols: number(args[3])?,
+            factor,
         };
         return Ok((expr, after));
     }
@@ -463,7 +505,7 @@ mod tests {
   input %v2: i32[R] = logit_rows
   const rope_inv_freq = [1.0, 0.1]
   weight %v3: f32[320, 8] = @embed.weight
-  weight %v4: f32[18, 8] = @q.weight
+  weight %v4: f32[18, 8] = scale_rows(@q.weight, 9, 5, 4, 8, 1.5) named @q.rope_scaled
   weight %v5: f32[10, 8] = @kv_a.weight
   weight %v6: f32[22, 6] = @kv_b.weight
   weight %v7: f32[4, 8] = @router.weight

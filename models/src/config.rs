@@ -126,6 +126,37 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// YaRN (DeepSeek-V3, Qwen2.5 long context): frequencies that turn fewer than `beta_slow`
+    /// times over the original context divided by `factor`, those that turn more than
+    /// `beta_fast` times kept, a linear ramp over the dimensions between; and the rotated
+    /// vectors multiplied by an attention factor (see [`RopeConfig::attention_factor`]).
+    Yarn(Yarn),
+}
+
+/// The parameters of YaRN scaling, as HF's `rope_parameters` names them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: f64,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// 0 when absent. With `mscale_all_dim` it sets the default attention factor; DeepSeek-V3's
+    /// attention also multiplies its softmax scale by `mscale(factor, mscale_all_dim)^2`.
+    pub mscale: f64,
+    pub mscale_all_dim: f64,
+    /// An explicit attention factor, overriding the one derived from `factor` and the mscales.
+    pub attention_factor: Option<f64>,
+    /// The correction range's ends are rounded outwards to whole dimensions (HF's default).
+    pub truncate: bool,
+}
+
+/// YaRN's magnitude correction for a context stretched by `scale`.
+fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * scale.ln() + 1.0
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,15 +166,27 @@ pub struct RopeConfig {
 }
 
 impl RopeConfig {
-    /// Inverse frequencies with HF semantics (including `llama3` scaling), computed in f64,
-    /// length `head_dim / 2`: entry i rotates the pair (i, i + head_dim/2) (rotate-half).
+    /// Inverse frequencies with HF semantics (including `llama3` and `yarn` scaling), computed
+    /// in f64, length `head_dim / 2`: entry i rotates the pair (i, i + head_dim/2) (rotate-half).
     pub fn inv_freq(&self, head_dim: usize) -> Vec<f64> {
         let dim = head_dim as f64;
+        let yarn_ramp = match self.scaling {
+            RopeScaling::Yarn(yarn) => Some(yarn.correction_range(self.theta, head_dim)),
+            _ => None,
+        };
         (0..head_dim / 2)
             .map(|i| {
                 let freq = 1.0 / self.theta.powf((2 * i) as f64 / dim);
                 match self.scaling {
                     RopeScaling::None => freq,
+                    RopeScaling::Yarn(yarn) => {
+                        let (low, high) = yarn_ramp.unwrap_or((0.0, 0.0));
+                        // HF widens an empty range to avoid dividing by zero.
+                        let high = if low == high { high + 0.001 } else { high };
+                        // 0 keeps the frequency (extrapolation), 1 divides it (interpolation).
+                        let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                        freq / yarn.factor * ramp + freq * (1.0 - ramp)
+                    }
                     RopeScaling::Linear { factor } => freq / factor,
                     RopeScaling::Llama3 {
                         factor,
@@ -165,6 +208,53 @@ impl RopeConfig {
                 }
             })
             .collect()
+    }
+
+    /// What HF multiplies the rotary cos and sin tables by, so every rotated q and k: YaRN's
+    /// attention factor (an explicit `attention_factor`, else `mscale(factor, mscale) /
+    /// mscale(factor, mscale_all_dim)` when both are given, else `mscale(factor, 1)`); 1 for
+    /// the other scalings.
+    pub fn attention_factor(&self) -> f64 {
+        match self.scaling {
+            RopeScaling::Yarn(yarn) => match yarn.attention_factor {
+                Some(f) => f,
+                None if yarn.mscale != 0.0 && yarn.mscale_all_dim != 0.0 => {
+                    yarn_mscale(yarn.factor, yarn.mscale)
+                        / yarn_mscale(yarn.factor, yarn.mscale_all_dim)
+                }
+                None => yarn_mscale(yarn.factor, 1.0),
+            },
+            _ => 1.0,
+        }
+    }
+
+    /// What DeepSeek-V3's attention multiplies its softmax scale by under YaRN with a
+    /// nonzero `mscale_all_dim`: `mscale(factor, mscale_all_dim)^2`; 1 otherwise.
+    pub fn latent_attention_mscale(&self) -> f64 {
+        match self.scaling {
+            RopeScaling::Yarn(yarn) if yarn.mscale_all_dim != 0.0 => {
+                yarn_mscale(yarn.factor, yarn.mscale_all_dim).powi(2)
+            }
+            _ => 1.0,
+        }
+    }
+}
+
+impl Yarn {
+    /// The dimension range `(low, high)` over which YaRN's ramp goes from keeping frequencies
+    /// to dividing them: where a frequency turns `beta_fast`, then `beta_slow` times over the
+    /// original context.
+    fn correction_range(&self, theta: f64, head_dim: usize) -> (f64, f64) {
+        let dim = head_dim as f64;
+        let original = self.original_max_position_embeddings;
+        let dim_of = |rotations: f64| {
+            dim * (original / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let (mut low, mut high) = (dim_of(self.beta_fast), dim_of(self.beta_slow));
+        if self.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        (low.max(0.0), high.min(dim - 1.0))
     }
 }
 
@@ -320,6 +410,9 @@ impl ModelConfig {
         let max_position_embeddings = fields
             .usize("max_position_embeddings")?
             .unwrap_or(defaults.max_position_embeddings);
+        // Read before the sliding window caps the context: HF's YaRN and llama3 scaling default
+        // their original context to the configured one.
+        let rope = fields.rope(defaults.rope_theta, max_position_embeddings)?;
         // Sliding-window attention (Mistral, some Mixtral and Qwen2 configs) sees only the last
         // `sliding_window` positions. Up to the window it is plain causal attention, so capping
         // the context at the window serves such a model exactly (and longer sequences are
@@ -343,7 +436,7 @@ impl ModelConfig {
             num_key_value_heads,
             head_dim,
             rms_norm_eps: fields.f64("rms_norm_eps")?.unwrap_or(1e-6),
-            rope: fields.rope()?,
+            rope,
             max_position_embeddings,
             tie_word_embeddings: fields.bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias,
@@ -425,6 +518,27 @@ impl ModelConfig {
                     ));
                 }
             }
+            RopeScaling::Yarn(yarn) => {
+                let positive = [
+                    yarn.factor,
+                    yarn.original_max_position_embeddings,
+                    yarn.beta_fast,
+                    yarn.beta_slow,
+                ]
+                .iter()
+                .all(|v| v.is_finite() && *v > 0.0);
+                let finite = [yarn.mscale, yarn.mscale_all_dim]
+                    .iter()
+                    .chain(&yarn.attention_factor)
+                    .all(|v| v.is_finite());
+                if !positive || !finite {
+                    return Err(invalid(
+                        file,
+                        "rope yarn scaling",
+                        "factor, original_max_position_embeddings, beta_fast and beta_slow must be positive, mscale, mscale_all_dim and attention_factor finite",
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -450,6 +564,9 @@ struct HfDefaults {
     max_position_embeddings: usize,
     bos_token_id: Option<u32>,
     eos_token_id: Option<u32>,
+    /// The config class's `default_theta`, used when neither `rope_theta` nor
+    /// `rope_parameters.rope_theta` is given.
+    rope_theta: f64,
 }
 
 impl HfDefaults {
@@ -465,6 +582,7 @@ impl HfDefaults {
                 max_position_embeddings: 2048,
                 bos_token_id: Some(1),
                 eos_token_id: Some(2),
+                rope_theta: 10000.0,
             },
             Architecture::Qwen3Moe => HfDefaults {
                 vocab_size: 151936,
@@ -476,6 +594,7 @@ impl HfDefaults {
                 max_position_embeddings: 32768,
                 bos_token_id: None,
                 eos_token_id: None,
+                rope_theta: 10000.0,
             },
             Architecture::Mixtral => HfDefaults {
                 vocab_size: 32000,
@@ -487,6 +606,7 @@ impl HfDefaults {
                 max_position_embeddings: 4096 * 32,
                 bos_token_id: Some(1),
                 eos_token_id: Some(2),
+                rope_theta: 1e6,
             },
             Architecture::Ernie45Moe => HfDefaults {
                 vocab_size: 103424,
@@ -498,6 +618,7 @@ impl HfDefaults {
                 max_position_embeddings: 131072,
                 bos_token_id: Some(1),
                 eos_token_id: Some(2),
+                rope_theta: 500000.0,
             },
             Architecture::DeepseekV3 => HfDefaults {
                 vocab_size: 129280,
@@ -509,6 +630,7 @@ impl HfDefaults {
                 max_position_embeddings: 4096,
                 bos_token_id: Some(0),
                 eos_token_id: Some(1),
+                rope_theta: 10000.0,
             },
             Architecture::Qwen2 | Architecture::Qwen3 => HfDefaults {
                 vocab_size: 151936,
@@ -520,6 +642,7 @@ impl HfDefaults {
                 max_position_embeddings: 32768,
                 bos_token_id: None,
                 eos_token_id: None,
+                rope_theta: 10000.0,
             },
         }
     }
@@ -817,8 +940,14 @@ impl Fields<'_> {
         Ok(Some(mla))
     }
 
-    /// Rope from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older).
-    fn rope(&self) -> Result<RopeConfig, ModelError> {
+    /// Rope from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling` (older),
+    /// with HF's defaults: `default_theta` for a missing theta, the configured context
+    /// (`max_position_embeddings`) for a missing original context.
+    fn rope(
+        &self,
+        default_theta: f64,
+        max_position_embeddings: usize,
+    ) -> Result<RopeConfig, ModelError> {
         let nested = |key: &str| -> Result<Option<&Map<String, Value>>, ModelError> {
             self.get(key)
                 .map(|v| v.as_object().ok_or_else(|| self.wrong(key, v, "an object")))
@@ -836,7 +965,7 @@ impl Fields<'_> {
             Some(p) if p.get("rope_theta").is_some() => p.f64("rope_theta")?,
             _ => self.f64("rope_theta")?,
         }
-        .unwrap_or(10000.0);
+        .unwrap_or(default_theta);
 
         let Some(scaling) = scaling else {
             return Ok(RopeConfig {
@@ -862,6 +991,16 @@ impl Fields<'_> {
                 )
             })
         };
+        // HF: a top-level `original_max_position_embeddings` (Phi-3 style) wins over the one in
+        // the rope parameters; without either, the configured context is the original one.
+        let original = || -> Result<f64, ModelError> {
+            Ok(match self.f64("original_max_position_embeddings")? {
+                Some(v) => v,
+                None => s
+                    .f64("original_max_position_embeddings")?
+                    .unwrap_or(max_position_embeddings as f64),
+            })
+        };
         let scaling = match rope_type {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear {
@@ -871,8 +1010,19 @@ impl Fields<'_> {
                 factor: required("factor")?,
                 low_freq_factor: required("low_freq_factor")?,
                 high_freq_factor: required("high_freq_factor")?,
-                original_max_position_embeddings: required("original_max_position_embeddings")?,
+                original_max_position_embeddings: original()?,
             },
+            "yarn" => RopeScaling::Yarn(Yarn {
+                factor: required("factor")?,
+                original_max_position_embeddings: original()?,
+                // HF reads these with `or`: 0 and null both take the default.
+                beta_fast: s.f64("beta_fast")?.filter(|&b| b != 0.0).unwrap_or(32.0),
+                beta_slow: s.f64("beta_slow")?.filter(|&b| b != 0.0).unwrap_or(1.0),
+                mscale: s.f64("mscale")?.unwrap_or(0.0),
+                mscale_all_dim: s.f64("mscale_all_dim")?.unwrap_or(0.0),
+                attention_factor: s.f64("attention_factor")?,
+                truncate: s.bool("truncate")?.unwrap_or(true),
+            }),
             other => {
                 return Err(ModelError::UnsupportedRope {
                     file: self.file.to_path_buf(),
@@ -1220,7 +1370,7 @@ mod tests {
                 None,
             ),
             (
-                r#""rope_parameters": {"rope_type": "yarn", "factor": 4.0}"#,
+                r#""rope_parameters": {"rope_type": "longrope", "factor": 4.0}"#,
                 None,
             ),
         ];
@@ -1239,6 +1389,182 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.rope.theta, 1e6);
+    }
+
+    #[test]
+    fn yarn_parameters_take_hf_defaults() {
+        // Shaped like DeepSeek-V3's own config (older style, `type`).
+        let c = parse(
+            r#"{"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+            "num_attention_heads": 4, "max_position_embeddings": 163840, "rope_theta": 10000,
+            "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+              "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.rope.scaling,
+            RopeScaling::Yarn(Yarn {
+                factor: 40.0,
+                original_max_position_embeddings: 4096.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: 1.0,
+                mscale_all_dim: 1.0,
+                attention_factor: None,
+                truncate: true,
+            })
+        );
+        // Equal mscales cancel in the attention factor; the softmax correction remains.
+        assert_eq!(c.rope.attention_factor(), 1.0);
+        let m = 0.1 * 40f64.ln() + 1.0;
+        assert!((c.rope.latent_attention_mscale() - m * m).abs() < 1e-12);
+
+        // Qwen2.5 style: only factor and original given; betas 32 and 1, attention factor
+        // mscale(factor) = 0.1 ln(4) + 1. Without an original context, the configured one.
+        let c = parse(
+            r#"{"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+            "num_attention_heads": 4, "max_position_embeddings": 2048,
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#,
+        )
+        .unwrap();
+        let RopeScaling::Yarn(yarn) = c.rope.scaling else {
+            panic!("{:?}", c.rope.scaling)
+        };
+        assert_eq!(
+            (
+                yarn.beta_fast,
+                yarn.beta_slow,
+                yarn.mscale,
+                yarn.mscale_all_dim
+            ),
+            (32.0, 1.0, 0.0, 0.0)
+        );
+        assert_eq!(yarn.original_max_position_embeddings, 2048.0);
+        assert!((c.rope.attention_factor() - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+        assert_eq!(c.rope.latent_attention_mscale(), 1.0);
+
+        // An explicit attention factor wins; a factor is required.
+        let c = parse(
+            r#"{"architectures": ["LlamaForCausalLM"], "rope_parameters": {"rope_type": "yarn",
+            "factor": 8.0, "original_max_position_embeddings": 8192, "attention_factor": 0.5}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rope.attention_factor(), 0.5);
+        let err = parse(
+            r#"{"architectures": ["LlamaForCausalLM"], "rope_parameters": {"rope_type": "yarn"}}"#,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, ModelError::InvalidConfig { field, .. } if field == "factor"),
+            "{err}"
+        );
+        let err = parse(
+            r#"{"architectures": ["LlamaForCausalLM"], "rope_parameters": {"rope_type": "yarn",
+            "factor": 4.0, "beta_fast": -1}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("rope yarn scaling"), "{err}");
+    }
+
+    #[test]
+    fn inv_freq_yarn_matches_transformers() {
+        // The rotary tables transformers 5.23 builds for the yarn goldens (inv_freq in f32).
+        // deepseek_v3_yarn: rope dim 8, theta 1e4, factor 4, original 32, betas 4 and 0.5:
+        // the correction range is dims [0, 2], so index 1 sits halfway on the ramp.
+        let rope = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Yarn(Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 32.0,
+                beta_fast: 4.0,
+                beta_slow: 0.5,
+                mscale: 2.0,
+                mscale_all_dim: 0.5,
+                attention_factor: None,
+                truncate: true,
+            }),
+        };
+        let hf = [1.0, 0.0625, 0.0024999999441206455, 0.0002500000118743628];
+        for (i, (got, want)) in rope.inv_freq(8).iter().zip(hf).enumerate() {
+            assert!((got - want).abs() <= 1e-7 * want, "{i}: {got} vs {want}");
+        }
+        assert!((rope.attention_factor() - 1.1944648761087142).abs() < 1e-12);
+        // HF's softmax scale 0.23340248099017752 = 24^-1/2 * this.
+        let scale = rope.latent_attention_mscale() / 24f64.sqrt();
+        assert!((scale - 0.23340248099017752).abs() < 1e-12, "{scale}");
+
+        // qwen2_yarn: head dim 16 at the defaults (betas 32 and 1).
+        let rope = RopeConfig {
+            theta: 10000.0,
+            scaling: RopeScaling::Yarn(Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: 32.0,
+                beta_fast: 32.0,
+                beta_slow: 1.0,
+                mscale: 0.0,
+                mscale_all_dim: 0.0,
+                attention_factor: None,
+                truncate: true,
+            }),
+        };
+        let hf = [
+            1.0,
+            0.19764235615730286,
+            0.02500000037252903,
+            0.007905694656074047,
+            0.0024999999441206455,
+            0.0007905694656074047,
+            0.0002500000118743628,
+            7.905694656074047e-05,
+        ];
+        for (i, (got, want)) in rope.inv_freq(16).iter().zip(hf).enumerate() {
+            assert!((got - want).abs() <= 1e-7 * want, "{i}: {got} vs {want}");
+        }
+        assert!((rope.attention_factor() - 1.138629436111989).abs() < 1e-12);
+    }
+
+    #[test]
+    fn missing_rope_theta_takes_the_architectures_default() {
+        // transformers' `default_theta`: 1e4 for most, 1e6 for Mixtral, 5e5 for ERNIE 4.5.
+        let cases = [
+            (r#""LlamaForCausalLM""#, "", 10000.0),
+            (r#""Qwen2ForCausalLM""#, "", 10000.0),
+            (r#""Qwen3ForCausalLM""#, "", 10000.0),
+            (
+                r#""Qwen3MoeForCausalLM""#,
+                r#", "num_experts": 2, "num_experts_per_tok": 1"#,
+                10000.0,
+            ),
+            (
+                r#""MixtralForCausalLM""#,
+                r#", "num_local_experts": 2, "num_experts_per_tok": 1"#,
+                1e6,
+            ),
+            (
+                r#""Ernie4_5_MoeForCausalLM""#,
+                r#", "moe_num_experts": 2, "moe_k": 1"#,
+                500000.0,
+            ),
+            (
+                r#""DeepseekV3ForCausalLM""#,
+                r#", "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 1"#,
+                10000.0,
+            ),
+        ];
+        for (class, extra, theta) in cases {
+            let base = format!(
+                r#""architectures": [{class}], "hidden_size": 64, "num_attention_heads": 4{extra}"#
+            );
+            let c = parse(&format!("{{{base}}}")).unwrap();
+            assert_eq!(c.rope.theta, theta, "{class}");
+            assert_eq!(c.rope.scaling, RopeScaling::None, "{class}");
+            // A rope dict without a theta takes the same default.
+            let c = parse(&format!(
+                r#"{{{base}, "rope_parameters": {{"rope_type": "linear", "factor": 2.0}}}}"#
+            ))
+            .unwrap();
+            assert_eq!(c.rope.theta, theta, "{class} with rope_parameters");
+        }
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub enum ModelError {
     #[error("unsupported architecture {found}; supported: {supported}")]
     UnsupportedArchitecture { found: String, supported: String },
 
-    #[error("unsupported rope type {rope_type} in {}; supported: default, linear, llama3", .file.display())]
+    #[error("unsupported rope type {rope_type} in {}; supported: default, linear, llama3, yarn", .file.display())]
     UnsupportedRope { file: PathBuf, rope_type: String },
 
     #[error("invalid safetensors file {}: {reason}", .file.display())]

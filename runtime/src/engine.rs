@@ -17,7 +17,9 @@ use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
-    /// Positions the KV cache holds (prompt plus generated tokens).
+    /// Positions the KV cache holds (prompt plus generated tokens); at most the plan's
+    /// `max_position_embeddings`, which for a sliding-window model is its window (the
+    /// compiler caps it: up to the window, sliding-window attention is causal attention).
     pub max_context: usize,
     /// Tokens per forward pass; longer prompts are processed in chunks of this size.
     pub max_batch_tokens: usize,
@@ -149,7 +151,10 @@ impl Engine {
     pub fn new(plan: LoadedPlan, options: EngineOptions) -> Result<Engine, RuntimeError> {
         let Target::Cpu(isa) = plan.manifest.target;
         let m = &plan.manifest.model;
-        let max_context = options.max_context.max(1);
+        let max_context = options
+            .max_context
+            .min(m.max_position_embeddings as usize)
+            .max(1);
         let max_batch_tokens = options.max_batch_tokens.max(1);
         let mut generated = Vec::with_capacity(plan.program.steps.len());
         for step in &plan.program.steps {

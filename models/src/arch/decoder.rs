@@ -284,14 +284,24 @@ impl Builder<'_> {
             mla.kv_lora_rank,
         );
         let attn = format!("{p}.self_attn");
+        // YaRN's attention factor multiplies the rotated rope parts of q and k, so the rope half
+        // of every score by its square: folded into the rope rows of q's projection (rope is
+        // linear), the no-rope part left as it is.
+        let rope_factor = cfg.rope.attention_factor().powi(2);
         let q = match mla.q_lora_rank {
             Some(rank) => {
                 let qa = self.linear(h_in, &format!("{attn}.q_a_proj"), rank, c, bias)?;
                 let w = self.weight(&format!("{attn}.q_a_layernorm.weight"), &[rank])?;
                 let qa = self.node(Op::RmsNorm { eps, group: rank }, &[qa, w])?;
-                self.linear(qa, &format!("{attn}.q_b_proj"), h * (n + r), rank, false)?
+                let name = format!("{attn}.q_b_proj.weight");
+                let wq = self.rope_scaled_weight(&name, [h, n, r], rank, rope_factor)?;
+                self.node(Op::MatMul, &[qa, wq])?
             }
-            None => self.linear(h_in, &format!("{attn}.q_proj"), h * (n + r), c, false)?,
+            None => {
+                let name = format!("{attn}.q_proj.weight");
+                let wq = self.rope_scaled_weight(&name, [h, n, r], c, rope_factor)?;
+                self.node(Op::MatMul, &[h_in, wq])?
+            }
         };
         let kv = self.linear(h_in, &format!("{attn}.kv_a_proj_with_mqa"), l + r, c, bias)?;
         let parts = self
@@ -308,11 +318,40 @@ impl Builder<'_> {
             rope_dim: r,
             v_dim: v,
             kv_lora: l,
-            scale: 1.0 / ((n + r) as f32).sqrt(),
+            // DeepSeek-V3 under YaRN also sharpens the softmax by `mscale_all_dim`.
+            scale: cfg.rope.latent_attention_mscale() as f32 / ((n + r) as f32).sqrt(),
             rope_interleaved: mla.rope_interleave,
         };
         let a = self.node(op, &[q, latent, parts[1], kv_b, positions])?;
         self.linear(a, &format!("{attn}.o_proj"), c, h * v, bias)
+    }
+
+    /// A query projection `[H*(N+P), k]` whose rope rows (the last P of every head) are
+    /// multiplied by `factor`; the plain weight when the factor is 1.
+    fn rope_scaled_weight(
+        &mut self,
+        name: &str,
+        [h, n, r]: [usize; 3],
+        k: usize,
+        factor: f64,
+    ) -> Result<ValueId, ModelError> {
+        if factor == 1.0 {
+            return self.weight(name, &[h * (n + r), k]);
+        }
+        self.check_shape(name, &[h * (n + r), k])?;
+        let expr = WeightExpr::ScaleRows {
+            part: Box::new(WeightExpr::Tensor(name.to_string())),
+            period: n + r,
+            start: n,
+            len: r,
+            cols: k,
+            factor,
+        };
+        Ok(self.graph.add_weight(
+            format!("{name}.rope_scaled"),
+            TensorType::new(DType::F32, &[Dim::Const(h * (n + r)), Dim::Const(k)]),
+            expr,
+        ))
     }
 
     fn node(&mut self, op: Op, inputs: &[ValueId]) -> Result<ValueId, ModelError> {
@@ -484,7 +523,9 @@ fn build(
             },
             &[k, positions],
         )?;
-        let scale = 1.0 / (d as f32).sqrt();
+        // YaRN's attention factor multiplies every rotated q and k (HF scales the cos and sin
+        // tables), so every score by its square.
+        let scale = cfg.rope.attention_factor().powi(2) as f32 / (d as f32).sqrt();
         let attn = Op::Attention {
             layer,
             n_heads: h,
