@@ -1303,3 +1303,168 @@ async fn oversized_headers_and_chunked_bodies_are_refused() {
     assert_eq!(s.get("/health").await.0, 200);
     s.shutdown().await;
 }
+
+/// Connects to the test server and plays one stalling client: sends `head` a byte at a time with
+/// `gap` between bytes (all at once when `gap` is zero), then waits for the server to hang up.
+/// Returns how long after connecting the server hung up, or `None` if it had not within 10 s.
+async fn stall(base: String, head: &'static [u8], gap: Duration) -> Option<Duration> {
+    let address = base.trim_start_matches("http://").to_string();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let connected = Instant::now();
+        let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut writer = stream.try_clone().expect("a second handle");
+        std::thread::spawn(move || {
+            if gap.is_zero() {
+                let _ = writer.write_all(head);
+            } else {
+                for byte in head {
+                    // Fails once the server has hung up: the trickle is over then.
+                    if writer.write_all(&[*byte]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(gap);
+                }
+            }
+        });
+        let mut reply = Vec::new();
+        match stream.read_to_end(&mut reply) {
+            // A reset is a hang-up too (the server closed with bytes of ours unread).
+            Ok(_) => Some(connected.elapsed()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Some(connected.elapsed()),
+            Err(_) => None,
+        }
+    })
+    .await
+    .expect("stalling client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_stalling_in_their_request_head_are_dropped_while_others_are_served() {
+    let header_read_timeout = Duration::from_millis(500);
+    let config = ServerConfig {
+        header_read_timeout,
+        ..ServerConfig::default()
+    };
+    let s = start(&tiny_plan(), options(256, 1), config).await;
+    let base = s.base.clone();
+    // Half a request line; nothing at all; a whole head sent a byte every 100 ms (slowloris: it
+    // would take about 5 s, so it is cut off partway even though bytes keep arriving).
+    let stalled = [
+        tokio::spawn(stall(base.clone(), b"GET /health HTT", Duration::ZERO)),
+        tokio::spawn(stall(base.clone(), b"", Duration::ZERO)),
+        tokio::spawn(stall(
+            base,
+            b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            Duration::from_millis(100),
+        )),
+    ];
+    // Meanwhile others are served, each on a new connection (a kept-alive one would itself be
+    // closed by the server between requests: the timeout covers waiting for the next head).
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("HTTP client");
+    let (prompt, expected) = tiny_golden();
+    for _ in 0..3 {
+        let health = client.get(s.url("/health")).send().await.expect("health");
+        assert_eq!(health.status().as_u16(), 200);
+        let response = client
+            .post(s.url("/v1/completions"))
+            .json(&json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": true}))
+            .send()
+            .await
+            .expect("completion");
+        let (status, body) = read_json_response(response).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(token_ids(&body["choices"][0]), expected[..4], "{body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (client_idx, client) in stalled.into_iter().enumerate() {
+        let hung_up_after = client.await.expect("stalling client task");
+        let hung_up_after = hung_up_after
+            .unwrap_or_else(|| panic!("stalling client {client_idx} still connected after 10 s"));
+        assert!(
+            hung_up_after >= header_read_timeout,
+            "client {client_idx} dropped after {hung_up_after:?}, before the timeout"
+        );
+    }
+    assert_eq!(s.get("/health").await.0, 200);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_limit_wait_for_a_free_slot() {
+    use std::io::{Read, Write};
+    // The default header timeout (30 s) is far longer than this test: only a client hanging up
+    // frees a slot here.
+    let config = ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    };
+    let s = start(&tiny_plan(), options(256, 1), config).await;
+    let address = s.base.trim_start_matches("http://").to_string();
+    let connect = || std::net::TcpStream::connect(&address).expect("connect");
+    // Two silent connections take both slots (the kernel queues connections in order, so they
+    // are accepted before any later one).
+    let first = connect();
+    let second = connect();
+    let request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut waiting = connect();
+    waiting.write_all(request).expect("request");
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout");
+    let (mut waiting, early) = tokio::task::spawn_blocking(move || {
+        let mut byte = [0u8; 1];
+        let early = waiting.read(&mut byte);
+        (waiting, early)
+    })
+    .await
+    .expect("read");
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "served beyond the limit: {early:?}"
+    );
+    // A slot frees: the waiting connection is served, well before any header timeout.
+    drop(first);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut reply = Vec::new();
+        waiting.read_to_end(&mut reply).map(|_| reply)
+    })
+    .await
+    .expect("read")
+    .expect("served once a slot was free");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    // With one slot left, eight requests at once are served one connection at a time, all of
+    // them.
+    let replies: Vec<_> = (0..8)
+        .map(|_| {
+            let base = s.base.clone();
+            tokio::spawn(async move { raw_exchange(&base, request.to_vec()).await })
+        })
+        .collect();
+    for reply in replies {
+        let reply = reply.await.expect("client task");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    }
+    drop(second);
+    let (prompt, expected) = tiny_golden();
+    let (status, body) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(token_ids(&body["choices"][0]), expected[..4], "{body}");
+    s.shutdown().await;
+}

@@ -170,6 +170,13 @@ enum Command {
         /// Largest request body accepted, in bytes.
         #[arg(long, default_value_t = 4 << 20)]
         max_body_bytes: usize,
+        /// Connections open at once at most; more wait in the listen backlog until one closes.
+        #[arg(long, default_value_t = runtime::server::DEFAULT_MAX_CONNECTIONS)]
+        max_connections: usize,
+        /// Seconds a client may take to send a request head (on a new connection, or on a
+        /// kept-alive one after its last response) before the connection is closed.
+        #[arg(long, default_value_t = 30.0)]
+        header_read_timeout: f64,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -549,11 +556,16 @@ fn run() -> Result<()> {
             served_model_name,
             drain_timeout,
             max_body_bytes,
+            max_connections,
+            header_read_timeout,
             run,
         } => {
             init_logging();
-            if !(drain_timeout.is_finite() && drain_timeout >= 0.0) {
-                bail!("--drain-timeout must be a number of seconds >= 0");
+            let drain_timeout = seconds("--drain-timeout", drain_timeout, 0.0)?;
+            // Zero would close every connection before its request arrives.
+            let header_read_timeout = seconds("--header-read-timeout", header_read_timeout, 0.001)?;
+            if max_connections == 0 {
+                bail!("--max-connections must be at least 1");
             }
             let engine = load_with_slots(&plan, &run, max_num_seqs.max(1))?;
             log_loaded(&plan, &engine);
@@ -564,7 +576,9 @@ fn run() -> Result<()> {
                 max_waiting,
                 prefix_caching: !no_prefix_caching,
                 max_body_bytes,
-                drain_timeout: Duration::from_secs_f64(drain_timeout),
+                drain_timeout,
+                max_connections,
+                header_read_timeout,
             };
             let server = Server::new(engine, config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -725,6 +739,15 @@ fn init_logging() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+}
+
+/// A flag's number of seconds as a duration: finite, at least `least`, and small enough to be
+/// one (`Duration::from_secs_f64` panics on what it cannot hold).
+fn seconds(flag: &str, value: f64, least: f64) -> Result<Duration> {
+    if !(value.is_finite() && value >= least) {
+        bail!("{flag} must be a number of seconds >= {least}");
+    }
+    Duration::try_from_secs_f64(value).with_context(|| format!("{flag} {value} s is too long"))
 }
 
 /// Says what was loaded and the memory it reserved.

@@ -10,7 +10,8 @@
 //! Layout: `openai` (request bodies and their validation), `routes` (endpoints, SSE),
 //! `generation` (submission and the per-choice tasks), `errors` (OpenAI error bodies),
 //! `metrics` (Prometheus text), `bench` (the load generator behind `fdrt bench-serve`), `admin`
-//! (operator endpoints: the live weight update, with a key only).
+//! (operator endpoints: the live weight update, with a key only), `connections` (accepting
+//! connections: their limit and the header read timeout).
 //!
 //! Shutdown: when the shutdown future given to [`serve`] completes, the server drains: new
 //! requests get 503, running ones may finish until the drain timeout, after which they are
@@ -18,6 +19,7 @@
 
 pub mod admin;
 pub mod bench;
+mod connections;
 pub mod errors;
 mod generation;
 pub mod metrics;
@@ -39,6 +41,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// reachable from other machines only when its operator says so (`--host 0.0.0.0`).
 pub const DEFAULT_HOST: &str = "127.0.0.1";
 
+/// Connections open at once unless told otherwise: FastDeploy's default for its similar
+/// `--max-concurrency`, and far more than a CPU server decodes at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
 /// How a server behaves, beyond the engine it runs.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
@@ -58,6 +64,13 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long running requests may continue after shutdown begins.
     pub drain_timeout: Duration,
+    /// Connections open at once at most; beyond it, new connections wait in the listen backlog
+    /// until one closes (`connections` says why they wait rather than being refused).
+    pub max_connections: usize,
+    /// How long a client may take to send a request head, counted from when the server starts
+    /// waiting for one (a new connection, or a kept-alive one after its last response); past
+    /// it the connection is closed, so idle and slow clients cannot hold connections forever.
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +83,8 @@ impl Default for ServerConfig {
             prefix_caching: true,
             max_body_bytes: 4 << 20,
             drain_timeout: Duration::from_secs(30),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -243,12 +258,14 @@ pub async fn serve(
         drain(&drainer).await;
         let _ = closed_tx.send(());
     });
-    let app = server.router();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = closed_rx.await;
-        })
-        .await?;
+    let limits = connections::ConnectionLimits {
+        max_connections: server.state.config.max_connections,
+        header_read_timeout: server.state.config.header_read_timeout,
+    };
+    connections::serve_connections(listener, server.router(), limits, async move {
+        let _ = closed_rx.await;
+    })
+    .await;
     // Everything has finished or been aborted: stop the engine thread.
     let scheduler = server.state.scheduler.clone();
     tokio::task::spawn_blocking(move || scheduler.join(Duration::from_secs(5)))
