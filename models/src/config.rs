@@ -403,6 +403,14 @@ impl ModelConfig {
         let num_hidden_layers = fields
             .usize("num_hidden_layers")?
             .unwrap_or(defaults.num_hidden_layers);
+        // Per-layer tables are sized from this before anything else can refuse the config.
+        if num_hidden_layers > MAX_HIDDEN_LAYERS {
+            return Err(invalid(
+                file,
+                "num_hidden_layers",
+                &format!("{num_hidden_layers} is more than the {MAX_HIDDEN_LAYERS} layers a model may have"),
+            ));
+        }
         let intermediate_size = fields
             .usize("intermediate_size")?
             .unwrap_or(defaults.intermediate_size);
@@ -543,6 +551,10 @@ impl ModelConfig {
         Ok(())
     }
 }
+
+/// Far above any published model (DeepSeek-V3 has 61 layers, Llama-3.1-405B 126); a bound so
+/// that a corrupt count is an error rather than a huge allocation.
+const MAX_HIDDEN_LAYERS: usize = 1 << 14;
 
 fn invalid(file: &Path, field: &str, reason: &str) -> ModelError {
     ModelError::InvalidConfig {
@@ -1285,6 +1297,18 @@ mod tests {
                     other => panic!("{filler:?} {pad}: {other:?}"),
                 }
             }
+        }
+    }
+
+    /// Found by the `hf_config` fuzz target: a MoE config's per-layer table was allocated from
+    /// an absurd layer count before anything refused it.
+    #[test]
+    fn an_absurd_layer_count_is_refused_before_allocating() {
+        let text =
+            r#"{"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 55555277777777640}"#;
+        match parse(text) {
+            Err(ModelError::InvalidConfig { field, .. }) => assert_eq!(field, "num_hidden_layers"),
+            other => panic!("{other:?}"),
         }
     }
 
