@@ -269,7 +269,7 @@ fn group_size_applies_to_the_schemes_weights_not_the_table() {
     let plan = runtime::LoadedPlan::load(&compile_quant("w8a16-g64", quant)).expect("plan");
     let quant_of = |name: &str| {
         let info = plan.manifest.weights.iter().find(|w| w.name == name);
-        info.and_then(|w| w.quant.clone())
+        info.and_then(|w| w.quant)
             .unwrap_or_else(|| panic!("{name} is not quantized"))
     };
     let table = quant_of("model.embed_tokens.weight");
