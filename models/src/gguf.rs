@@ -823,6 +823,11 @@ impl GgufFile {
 /// Bytes a tensor of this shape and type occupies; an error for shapes that do not fit the
 /// block size or overflow.
 fn byte_len(dims: &[u64], stored: StoredType) -> Result<u64, String> {
+    // An empty dimension would let the others be anything while the tensor takes no bytes, and
+    // readers size buffers from them (a Q/K row order of `rows` entries, say).
+    if dims.contains(&0) {
+        return Err(format!("shape {dims:?} has an empty dimension"));
+    }
     let elements = dims
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))
@@ -1977,6 +1982,13 @@ mod tests {
             .tensor("x", &[4], 99, vec![0; 16])
             .write(dir, "t99.gguf");
         assert!(open(&unknown).unwrap_err().to_string().contains("type 99"));
+        // Found by the `gguf` fuzz target: an empty dimension made a Q8_0 projection of no bytes
+        // with 2^60 rows, and reading it sized a row order from the rows.
+        let empty = minimal("llama")
+            .tensor("blk.0.attn_q.weight", &[0, 1 << 60], 8, vec![])
+            .write(dir, "empty-dim.gguf");
+        let err = open(&empty).unwrap_err().to_string();
+        assert!(err.contains("empty dimension"), "{err}");
 
         // Unsupported architecture.
         let phi = minimal("phi3").write(dir, "phi3.gguf");
