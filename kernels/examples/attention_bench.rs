@@ -5,21 +5,13 @@
 
 use ir_types::CpuIsa;
 use kernels::cpu::{self, KvLayerMut};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn best_time(budget: Duration, mut f: impl FnMut()) -> Duration {
-    f();
-    let start = Instant::now();
-    let mut best = Duration::MAX;
-    let mut runs = 0;
-    while runs < 3 || (start.elapsed() < budget && runs < 10_000) {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed());
-        runs += 1;
-    }
-    best
-}
+mod common;
+use common::best_time;
+
+/// Most timed runs per measurement.
+const MAX_RUNS: usize = 10_000;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -57,7 +49,7 @@ fn main() {
     let mut run = |t: usize, first: usize| {
         let positions: Vec<u32> = (first..first + t).map(|p| p as u32).collect();
         let mut cache = KvLayerMut::contiguous(&mut cache_k, &mut cache_v, capacity, kv, d);
-        best_time(Duration::from_millis(500), || {
+        best_time(Duration::from_millis(500), MAX_RUNS, || {
             cpu::attention(
                 isa,
                 &q,

@@ -16,7 +16,13 @@
 use half::{bf16, f16};
 use ir_types::CpuIsa;
 use kernels::cpu::{self, MatmulPath, PackedLayout, Weight, WeightData, WeightLayout};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod common;
+use common::best_time;
+
+/// Most timed runs per measurement.
+const MAX_RUNS: usize = 1000;
 
 /// A copy of `v` starting on a 64-byte boundary, as weight sections of a plan do (they are
 /// page-aligned): `(buffer, offset)`, the copy being `buffer[offset..][..v.len()]`.
@@ -26,21 +32,6 @@ fn aligned<T: Copy + Default>(v: &[T]) -> (Vec<T>, usize) {
     let off = buf.as_ptr().align_offset(64).min(spare);
     buf[off..][..v.len()].copy_from_slice(v);
     (buf, off)
-}
-
-/// Best time of repeated runs (after one warm-up), stopping after about `budget`.
-fn best_time(budget: Duration, mut f: impl FnMut()) -> Duration {
-    f();
-    let start = Instant::now();
-    let mut best = Duration::MAX;
-    let mut runs = 0;
-    while runs < 3 || (start.elapsed() < budget && runs < 1000) {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed());
-        runs += 1;
-    }
-    best
 }
 
 fn main() {
@@ -137,7 +128,7 @@ fn main() {
                     layout,
                 };
                 let budget = Duration::from_millis(if t == 1 { 300 } else { 1500 });
-                let time = best_time(budget, || {
+                let time = best_time(budget, MAX_RUNS, || {
                     cpu::matmul(isa, &x, k, t, &w, None, &mut out, n).unwrap()
                 });
                 let secs = time.as_secs_f64();
@@ -159,7 +150,7 @@ fn main() {
                 let cold = match dtype {
                     "f32" => {
                         let (pool, off) = aligned(&wf.repeat(copies));
-                        best_time(budget, || {
+                        best_time(budget, MAX_RUNS, || {
                             let w = Weight {
                                 data: WeightData::F32(&pool[off + next * len..][..len]),
                                 rows: n,
@@ -172,7 +163,7 @@ fn main() {
                     }
                     "bf16" => {
                         let (pool, off) = aligned(&wb.repeat(copies));
-                        best_time(budget, || {
+                        best_time(budget, MAX_RUNS, || {
                             let w = Weight {
                                 data: WeightData::BF16(&pool[off + next * len..][..len]),
                                 rows: n,
@@ -185,7 +176,7 @@ fn main() {
                     }
                     _ => {
                         let (pool, off) = aligned(&wh.repeat(copies));
-                        best_time(budget, || {
+                        best_time(budget, MAX_RUNS, || {
                             let w = Weight {
                                 data: WeightData::F16(&pool[off + next * len..][..len]),
                                 rows: n,
@@ -237,7 +228,7 @@ fn main() {
                 };
                 let budget = Duration::from_millis(300);
                 let mut time = |path, w: &Weight| {
-                    best_time(budget, || {
+                    best_time(budget, MAX_RUNS, || {
                         cpu::matmul_with_path(isa, path, &x, k, t, w, None, &mut out, n).unwrap()
                     })
                     .as_secs_f64()

@@ -8,22 +8,13 @@ use half::{bf16, f16};
 use ir_types::{ActQuant, CodeFormat, CpuIsa};
 use kernels::cpu::{self, PackedLayout, QuantFormat, QuantMatrix, QuantWeight, Weight};
 use kernels::cpu::{WeightData, WeightLayout};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Best time of repeated runs (after one warm-up), stopping after about `budget`.
-fn best_time(budget: Duration, mut f: impl FnMut()) -> Duration {
-    f();
-    let start = Instant::now();
-    let mut best = Duration::MAX;
-    let mut runs = 0;
-    while runs < 3 || (start.elapsed() < budget && runs < 1000) {
-        let t = Instant::now();
-        f();
-        best = best.min(t.elapsed());
-        runs += 1;
-    }
-    best
-}
+mod common;
+use common::best_time;
+
+/// Most timed runs per measurement.
+const MAX_RUNS: usize = 1000;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -101,7 +92,7 @@ fn main() {
                 mins: &pool[p].mins,
             };
             let mut turn = 0;
-            let decode = best_time(Duration::from_millis(300), || {
+            let decode = best_time(Duration::from_millis(300), MAX_RUNS, || {
                 turn = (turn + 1) % copies;
                 cpu::matmul_quant(
                     isa,
@@ -116,7 +107,7 @@ fn main() {
                 )
                 .unwrap()
             });
-            let prefill = best_time(Duration::from_millis(1000), || {
+            let prefill = best_time(Duration::from_millis(1000), MAX_RUNS, || {
                 cpu::matmul_quant(
                     isa,
                     ActQuant::None,
@@ -153,11 +144,11 @@ fn main() {
             layout: WeightLayout::Panels(layout),
         };
         let mut turn = 0;
-        let decode = best_time(Duration::from_millis(300), || {
+        let decode = best_time(Duration::from_millis(300), MAX_RUNS, || {
             turn = (turn + 1) % copies;
             cpu::matmul(isa, &x, k, 1, &w(turn), None, &mut out, n).unwrap()
         });
-        let prefill = best_time(Duration::from_millis(1000), || {
+        let prefill = best_time(Duration::from_millis(1000), MAX_RUNS, || {
             cpu::matmul(isa, &x, k, 512, &w(0), None, &mut out, n).unwrap()
         });
         println!(

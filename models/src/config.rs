@@ -403,14 +403,8 @@ impl ModelConfig {
         let num_hidden_layers = fields
             .usize("num_hidden_layers")?
             .unwrap_or(defaults.num_hidden_layers);
-        // Per-layer tables are sized from this before anything else can refuse the config.
-        if num_hidden_layers > MAX_HIDDEN_LAYERS {
-            return Err(invalid(
-                file,
-                "num_hidden_layers",
-                &format!("{num_hidden_layers} is more than the {MAX_HIDDEN_LAYERS} layers a model may have"),
-            ));
-        }
+        // Per-layer tables are sized from this before `validate` runs.
+        check_layer_count(num_hidden_layers, file)?;
         let intermediate_size = fields
             .usize("intermediate_size")?
             .unwrap_or(defaults.intermediate_size);
@@ -474,6 +468,7 @@ impl ModelConfig {
                 return Err(invalid(file, field, "must be positive"));
             }
         }
+        check_layer_count(self.num_hidden_layers, file)?;
         if self.num_attention_heads % self.num_key_value_heads != 0 {
             return Err(invalid(
                 file,
@@ -555,6 +550,17 @@ impl ModelConfig {
 /// Far above any published model (DeepSeek-V3 has 61 layers, Llama-3.1-405B 126); a bound so
 /// that a corrupt count is an error rather than a huge allocation.
 const MAX_HIDDEN_LAYERS: usize = 1 << 14;
+
+fn check_layer_count(layers: usize, file: &Path) -> Result<(), ModelError> {
+    if layers > MAX_HIDDEN_LAYERS {
+        return Err(invalid(
+            file,
+            "num_hidden_layers",
+            &format!("{layers} is more than the {MAX_HIDDEN_LAYERS} layers a model may have"),
+        ));
+    }
+    Ok(())
+}
 
 fn invalid(file: &Path, field: &str, reason: &str) -> ModelError {
     ModelError::InvalidConfig {

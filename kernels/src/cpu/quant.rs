@@ -613,6 +613,22 @@ pub fn matmul_quant(
         integer_path(isa, act, &args, w, &mut buffers);
     } else {
         float_path(isa, act, &args, w, &mut buffers);
+        if act != ActQuant::None {
+            // The f32 path ran on the rows' grid values: scale each output row, then add the bias.
+            for (row, &s) in out
+                .chunks_mut(out_stride.max(1))
+                .zip(&buffers.row_scales[..t])
+            {
+                match bias {
+                    Some(b) => {
+                        for (o, &b) in row[..n].iter_mut().zip(b) {
+                            *o = *o * s + b;
+                        }
+                    }
+                    None => row[..n].iter_mut().for_each(|o| *o *= s),
+                }
+            }
+        }
     }
     ACTS.set(buffers);
     Ok(())
@@ -688,9 +704,11 @@ fn integer_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mu
     }
 }
 
-/// The f32 path: FP8 codes, groups that are not whole blocks, and FP8 activations.
+/// The f32 path: FP8 codes, groups that are not whole blocks, and FP8 activations. With A8 or
+/// FP8 activations it leaves the outputs unscaled and without bias; `b.row_scales` holds the
+/// rows' scales for the caller to apply.
 fn float_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mut ActBuffers) {
-    let (t, k, n) = (args.t, args.k, args.n);
+    let (t, k) = (args.t, args.k);
     let (x, x_stride, kernel_bias) = if act == ActQuant::None {
         (args.x, args.x_stride, args.bias)
     } else {
@@ -733,22 +751,6 @@ fn float_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mut 
         ..*args
     };
     run_tasks(isa, &kernel_args, w, &b.sums, None);
-    if act != ActQuant::None {
-        for (ti, &s) in b.row_scales.iter().enumerate().take(t) {
-            // SAFETY: `matmul_quant` checked `out` for T rows of N at `out_stride`; the tasks
-            // that wrote it have finished.
-            let row =
-                unsafe { std::slice::from_raw_parts_mut(args.out.0.add(ti * args.out_stride), n) };
-            match args.bias {
-                Some(bias) => {
-                    for (o, &bias) in row.iter_mut().zip(bias) {
-                        *o = *o * s + bias;
-                    }
-                }
-                None => row.iter_mut().for_each(|o| *o *= s),
-            }
-        }
-    }
 }
 
 /// Activations rounded for the integer kernel: `x[t, k] ~ q[t * K + k] * scales[t * K / ACT_BLOCK
