@@ -13,7 +13,6 @@ use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
 use artifacts::schema::{Act, Buffer, Launch, Rows, WeightRef};
 use ir_types::{ActQuant, CpuIsa, Target};
 use kernels::cpu;
-use rayon::prelude::*;
 
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -870,7 +869,7 @@ fn row_chunks(rows: usize, f: impl Fn(usize, usize) + Sync) {
         return;
     }
     let tasks = rows.div_ceil(ROWS_PER_TASK);
-    (0..tasks).into_par_iter().for_each(|i| {
+    kernels::cpu::pool::for_each(tasks, |i| {
         let r0 = i * ROWS_PER_TASK;
         f(r0, ROWS_PER_TASK.min(rows - r0));
     });

@@ -21,11 +21,11 @@
 //! of its own, with many (prefill) a task runs all chunks of a piece. Lanes never mix: every
 //! vector operation is lane-wise, so where a query sits in a piece does not matter either.
 
+use super::pool;
 use super::simd::{self, load_n, run_simd, store_n, Simd, SimdTask};
 use super::{check_rows, runnable_isa, SharedMut};
 use crate::KernelError;
 use ir_types::CpuIsa;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// One layer's paged KV cache as one sequence sees it: `k`, `v` are the whole pool of the layer,
@@ -223,7 +223,8 @@ pub fn attention(
     };
     if pieces.len() >= SPLIT_BELOW_PIECES {
         // Prefill-like: enough pieces to share out; each task runs its piece's chunks in turn.
-        pieces.par_iter().for_each(|piece| {
+        pool::for_each(pieces.len(), |i| {
+            let piece = &pieces[i];
             let chunks = chunks_of(piece);
             let mut local = PARTIALS.take();
             if local.len() < chunks * slot {
@@ -254,20 +255,18 @@ pub fn attention(
         }
     }
     let mut partials = vec![0f32; tasks.len() * slot];
-    partials
-        .par_chunks_mut(slot)
-        .zip(tasks.par_iter())
-        .for_each(|(partial, (pi, keys))| {
-            run_simd(
-                isa,
-                AttendPiece {
-                    shape: &shape,
-                    piece: &pieces[*pi],
-                    keys: keys.clone(),
-                    partial,
-                },
-            );
-        });
+    pool::for_each_chunk_mut(&mut partials, slot, |i, partial| {
+        let (pi, keys) = &tasks[i];
+        run_simd(
+            isa,
+            AttendPiece {
+                shape: &shape,
+                piece: &pieces[*pi],
+                keys: keys.clone(),
+                partial,
+            },
+        );
+    });
     let mut offset = 0;
     for piece in &pieces {
         let chunks = chunks_of(piece);

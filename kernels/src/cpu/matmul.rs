@@ -21,6 +21,7 @@
 //! - Many rows: blocks of weight rows are widened to f32 and packed into a small k-major panel
 //!   buffer per call (one L2-sized block at a time), then the same micro-kernel runs on it.
 
+use super::pool;
 use super::simd::{load_n, run_simd, store_n, Simd, SimdTask, WeightElem};
 use super::{
     check_len, check_rows, runnable_isa, PackedLayout, SharedMut, Weight, WeightData, WeightLayout,
@@ -28,7 +29,6 @@ use super::{
 use crate::KernelError;
 use half::{bf16, f16};
 use ir_types::CpuIsa;
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// From this many token rows on, row-major weights take the packed path: below it packing costs
@@ -214,7 +214,7 @@ fn dispatch<E: WeightElem>(isa: CpuIsa, use_packed: bool, args: &Args, w: &[E]) 
 // Row-major weights, few rows: dot products while streaming weight rows.
 
 fn streamed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
-    let threads = rayon::current_num_threads();
+    let threads = pool::threads();
     // About 8 tasks per thread balances uneven cores; never fewer than 16 rows per task.
     let rows_per_task = args
         .n
@@ -229,7 +229,7 @@ fn streamed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
     if tasks == 1 {
         run(0);
     } else {
-        (0..tasks).into_par_iter().for_each(run);
+        pool::for_each(tasks, run);
     }
 }
 
@@ -544,7 +544,7 @@ fn panels<E: WeightElem>(isa: CpuIsa, panel: usize, args: &Args, w: &[E]) {
         isa
     };
     let n_panels = args.n.div_ceil(panel);
-    let threads = rayon::current_num_threads();
+    let threads = pool::threads();
     let (tile, t_block) = if args.t <= max_rows(isa) {
         // Memory bound: about 8 runs of panels per thread balance uneven cores.
         (n_panels.div_ceil(threads * 8), args.t)
@@ -596,7 +596,7 @@ pub(crate) fn for_each_task(
     if n_tiles * t_blocks == 1 {
         run(0);
     } else {
-        (0..n_tiles * t_blocks).into_par_iter().for_each(run);
+        pool::for_each(n_tiles * t_blocks, run);
     }
 }
 
@@ -700,7 +700,7 @@ impl<E: WeightElem> SimdTask for PanelTile<'_, E> {
 
 fn packed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
     let nr = PackedLayout::for_isa(isa).panel();
-    let threads = rayon::current_num_threads();
+    let threads = pool::threads();
     // A tile's packed block (tile columns x K_BLOCK f32) is kept near 128 KB so it stays in L2
     // while x streams past; smaller tiles only when there would be too few tasks.
     let panels = args.n.div_ceil(nr);
@@ -733,7 +733,7 @@ fn packed<E: WeightElem>(isa: CpuIsa, args: &Args, w: &[E]) {
     if tasks == 1 {
         run(0);
     } else {
-        (0..tasks).into_par_iter().for_each(run);
+        pool::for_each(tasks, run);
     }
 }
 

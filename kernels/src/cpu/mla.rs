@@ -15,9 +15,9 @@
 //! in order, one running sum per dot product), so a token's result does not depend on the other
 //! tokens of its pass, on the thread count, or on how the cache is paged.
 
+use super::pool;
 use super::{check_len, check_rows, KvLayerMut, Weight};
 use crate::KernelError;
-use rayon::prelude::*;
 
 const NAME: &str = "mla_attention";
 
@@ -125,22 +125,20 @@ pub fn mla_attention(
     }
     let cache = &*cache;
     let cols = params.n_heads * params.v_dim;
-    out.par_chunks_mut(out_stride.max(1))
-        .take(t)
-        .enumerate()
-        .for_each(|(i, out_row)| {
-            let mut work = Scratch::default();
-            attend_token(
-                &q[i * q_stride..][..params.n_heads * (params.nope_dim + p)],
-                positions[i] as usize,
-                kv_b,
-                params,
-                rope,
-                cache,
-                &mut work,
-                &mut out_row[..cols],
-            );
-        });
+    let rows_len = out.len().min(t * out_stride.max(1));
+    pool::for_each_chunk_mut(&mut out[..rows_len], out_stride.max(1), |i, out_row| {
+        let mut work = Scratch::default();
+        attend_token(
+            &q[i * q_stride..][..params.n_heads * (params.nope_dim + p)],
+            positions[i] as usize,
+            kv_b,
+            params,
+            rope,
+            cache,
+            &mut work,
+            &mut out_row[..cols],
+        );
+    });
     Ok(())
 }
 

@@ -11,7 +11,7 @@
 //! tests compare the two on random inputs of odd sizes. Kernels return `Err` for any length,
 //! stride or index that would reach outside a buffer. Work is split into tasks whose boundaries
 //! do not depend on the number of threads, and every output element is reduced in a fixed order,
-//! so results are the same on any rayon pool.
+//! so results are the same on any number of threads ([`pool`] runs the parallel loops).
 
 mod attention;
 mod elementwise;
@@ -21,6 +21,7 @@ mod matmul;
 mod mla;
 mod moe;
 mod norm;
+pub mod pool;
 pub mod quant;
 mod rope;
 mod simd;
@@ -213,9 +214,8 @@ fn for_row_chunks(t: usize, cols: usize, work: impl Fn(usize, usize) + Sync) {
         work(0, t);
         return;
     }
-    use rayon::prelude::*;
     let chunks = t.div_ceil(rows_per_chunk);
-    (0..chunks).into_par_iter().for_each(|c| {
+    pool::for_each(chunks, |c| {
         let begin = c * rows_per_chunk;
         work(begin, (begin + rows_per_chunk).min(t));
     });

@@ -47,12 +47,12 @@
 //! Every output row still sums the same terms in the same order for any T, tile or thread split.
 
 use super::matmul::{for_each_task, Args};
+use super::pool::{self, SharedSlice};
 use super::simd::{load_n, run_simd, store_n, Simd, SimdTask, CODE_E4M3};
 use super::{check_rows, runnable_isa, PackedLayout, SharedMut};
 use crate::KernelError;
 use half::f16;
 use ir_types::{ActQuant, CodeFormat, CpuIsa};
-use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// How a quantized weight's codes and scales are to be read.
@@ -645,30 +645,40 @@ fn integer_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mu
     b.block_scales.resize(t * blocks, 0.0);
     b.sums.resize(t * groups, 0.0);
     let rows_per_task = (1 << 14) / k + 1;
-    b.xi.par_chunks_mut(k * rows_per_task)
-        .zip(b.block_scales.par_chunks_mut(blocks * rows_per_task))
-        .zip(b.sums.par_chunks_mut(groups * rows_per_task))
-        .enumerate()
-        .for_each(|(c, ((q, scales), sums))| {
-            let rows = q
-                .chunks_mut(k)
-                .zip(scales.chunks_mut(blocks))
-                .zip(sums.chunks_mut(groups));
-            for (i, ((q, scales), sums)) in rows.enumerate() {
-                let row = (c * rows_per_task + i) * args.x_stride;
-                quantize_row_i16(act, &args.x[row..row + k], q, scales);
-                // The offset's activation sums, of the rounded values: exact integer sums of
-                // each block times its scale.
-                for (g, sum) in sums.iter_mut().enumerate() {
-                    let blocks = g * blocks_per_group..(g + 1) * blocks_per_group;
-                    *sum = blocks.fold(0.0, |acc, blk| {
-                        let block = &q[blk * ACT_BLOCK..(blk + 1) * ACT_BLOCK];
-                        let ints: i32 = block.iter().map(|&v| v as i32).sum();
-                        acc + ints as f32 * scales[blk]
-                    });
-                }
+    let (xi, block_scales, all_sums) = (
+        SharedSlice::new(&mut b.xi),
+        SharedSlice::new(&mut b.block_scales),
+        SharedSlice::new(&mut b.sums),
+    );
+    pool::for_each(t.div_ceil(rows_per_task), |c| {
+        let rows = c * rows_per_task..((c + 1) * rows_per_task).min(t);
+        // SAFETY: task c alone touches rows c * rows_per_task.. of each buffer.
+        let (q, scales, sums) = unsafe {
+            (
+                xi.slice(rows.start * k..rows.end * k),
+                block_scales.slice(rows.start * blocks..rows.end * blocks),
+                all_sums.slice(rows.start * groups..rows.end * groups),
+            )
+        };
+        let rows = q
+            .chunks_mut(k)
+            .zip(scales.chunks_mut(blocks))
+            .zip(sums.chunks_mut(groups));
+        for (i, ((q, scales), sums)) in rows.enumerate() {
+            let row = (c * rows_per_task + i) * args.x_stride;
+            quantize_row_i16(act, &args.x[row..row + k], q, scales);
+            // The offset's activation sums, of the rounded values: exact integer sums of
+            // each block times its scale.
+            for (g, sum) in sums.iter_mut().enumerate() {
+                let blocks = g * blocks_per_group..(g + 1) * blocks_per_group;
+                *sum = blocks.fold(0.0, |acc, blk| {
+                    let block = &q[blk * ACT_BLOCK..(blk + 1) * ACT_BLOCK];
+                    let ints: i32 = block.iter().map(|&v| v as i32).sum();
+                    acc + ints as f32 * scales[blk]
+                });
             }
-        });
+        }
+    });
     match integer_kernel_isa(isa, w.layout.panel()) {
         Some(isa) => {
             let acts = IntActs {
@@ -715,15 +725,16 @@ fn float_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mut 
         b.xf.resize(t * k, 0.0);
         b.row_scales.resize(t, 0.0);
         let rows_per_task = (1 << 14) / k + 1;
-        b.xf.par_chunks_mut(k * rows_per_task)
-            .zip(b.row_scales.par_chunks_mut(rows_per_task))
-            .enumerate()
-            .for_each(|(c, (q, s))| {
-                for (i, (q, s)) in q.chunks_mut(k).zip(s.iter_mut()).enumerate() {
-                    let row = (c * rows_per_task + i) * args.x_stride;
-                    *s = quantize_activation_row(act, &args.x[row..row + k], q);
-                }
-            });
+        let row_scales = SharedSlice::new(&mut b.row_scales);
+        pool::for_each_chunk_mut(&mut b.xf, k * rows_per_task, |c, q| {
+            let rows = c * rows_per_task..((c + 1) * rows_per_task).min(t);
+            // SAFETY: task c alone touches these rows' scales.
+            let s = unsafe { row_scales.slice(rows) };
+            for (i, (q, s)) in q.chunks_mut(k).zip(s.iter_mut()).enumerate() {
+                let row = (c * rows_per_task + i) * args.x_stride;
+                *s = quantize_activation_row(act, &args.x[row..row + k], q);
+            }
+        });
         // The row scales multiply the outputs afterwards, the bias is added after that.
         (&b.xf[..], k, None)
     };
@@ -732,17 +743,14 @@ fn float_path(isa: CpuIsa, act: ActQuant, args: &Args, w: &QuantWeight, b: &mut 
         // Integer codes carry an offset (the minimum, or -2^(b-1) * scale when symmetric), which
         // multiplies the sum of each group's activations: computed once per token row here.
         b.sums.resize(t * groups, 0.0);
-        b.sums
-            .par_chunks_mut(groups * 64)
-            .enumerate()
-            .for_each(|(c, chunk)| {
-                for (i, row_sums) in chunk.chunks_mut(groups).enumerate() {
-                    let row = &x[(c * 64 + i) * x_stride..][..k];
-                    for (sum, group) in row_sums.iter_mut().zip(row.chunks(w.format.group)) {
-                        *sum = group.iter().fold(0.0, |acc, &v| acc + v);
-                    }
+        pool::for_each_chunk_mut(&mut b.sums, groups * 64, |c, chunk| {
+            for (i, row_sums) in chunk.chunks_mut(groups).enumerate() {
+                let row = &x[(c * 64 + i) * x_stride..][..k];
+                for (sum, group) in row_sums.iter_mut().zip(row.chunks(w.format.group)) {
+                    *sum = group.iter().fold(0.0, |acc, &v| acc + v);
                 }
-            });
+            }
+        });
     }
     let kernel_args = Args {
         x,
@@ -772,7 +780,7 @@ fn run_tasks(isa: CpuIsa, args: &Args, w: &QuantWeight, sums: &[f32], int: Optio
         isa
     };
     let n_panels = args.n.div_ceil(panel);
-    let threads = rayon::current_num_threads();
+    let threads = pool::threads();
     // About 8 tasks per thread balance uneven cores; few token rows take panels four at a time.
     let tile = n_panels.div_ceil(threads * 8).max(1);
     let tile = if args.t < 4 {
