@@ -7,6 +7,11 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 model="$(scripts/fetch-model.sh | tail -n 1)"
+# NVRTC from its wheel, so the CUDA targets' compile-to-cubin tests run here too (no GPU needed);
+# FD_REQUIRE_NVRTC turns their "skipped: no NVRTC" into a failure.
+nvrtc_lib="$(scripts/fetch-nvrtc.sh | tail -n 1)"
+export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export FD_REQUIRE_NVRTC=1
 cargo test --workspace --locked
 
 # ---- OpenAI client test ----

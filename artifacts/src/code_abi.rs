@@ -15,6 +15,13 @@
 //! may ignore them. Calling a function with shape arguments other than those it was generated for
 //! is a caller bug, not something the code detects.
 
+/// The code symbol of a CUDA plan's module compiled for its architecture (an ELF cubin), which
+/// fdrt loads through the driver. A CUDA plan's code section holds this and [`CUDA_PTX`] and no
+/// CPU functions.
+pub const CUDA_CUBIN: &str = "cuda.cubin";
+/// The code symbol of a CUDA plan's module as PTX for its virtual architecture (text).
+pub const CUDA_PTX: &str = "cuda.ptx";
+
 /// Every function entry in a code section starts at a multiple of this many bytes from the start
 /// of the section. Generated code addresses its constant pool relative to its own entry and
 /// assumes the pool's alignment (16 bytes for vector constants) holds in memory; the loader maps

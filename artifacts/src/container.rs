@@ -52,7 +52,9 @@ pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 /// `QuantInfo` (the manifest itself is unchanged, so versions 2 and 3 still load).
 /// 5, multi-head latent attention and group-limited expert routing: a `MlaAttention` launch and
 /// a `SigmoidGrouped` routing, both appended to their enums, so version 4 programs still decode.
-pub const FORMAT_VERSION: u32 = 5;
+/// 6, CUDA targets: `Target::Cuda` appended to the target enum, and a CUDA plan's code section
+/// holds its module (`code_abi::CUDA_CUBIN`, `code_abi::CUDA_PTX`); older plans are unchanged.
+pub const FORMAT_VERSION: u32 = 6;
 
 /// Oldest format version `PlanFile::open` still reads; older files are refused with a message
 /// to recompile. Version 2 files read as version 3 files without parts.
@@ -1189,12 +1191,12 @@ mod tests {
         dump += &format!("table: {:02x?}\n", &table[..4 + 4 + 8 + 1 + 8]);
         dump += &format!("file blake3 {}", blake3::hash(&bytes).to_hex());
         insta::assert_snapshot!(dump, @r"
-        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 05, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
+        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 06, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
         file_len 16527 table_offset 16384 table_len 143
         manifest manifest offset 4096 len 2 alignment 4096
         weights.w weights offset 8192 len 5000 alignment 4096
         table: [02, 00, 00, 00, 08, 00, 00, 00, 6d, 61, 6e, 69, 66, 65, 73, 74, 00, 00, 10, 00, 00, 00, 00, 00, 00]
-        file blake3 c9690fc738adac65badf99299ec19911c9b5c24b60057ee073a7e097604570ed
+        file blake3 bb07ed0b35067a251dfad936301b0fed4d4dbee6e451aa7e90323a86bb0df30c
         ");
     }
 

@@ -50,6 +50,8 @@ pub enum CompileError {
     Plan(#[from] PlanError),
     #[error("code generation: {0}")]
     Codegen(#[from] codegen::CodegenError),
+    #[error("CUDA module: {0}")]
+    Cuda(String),
     #[error("weight {name}: {message}")]
     Weight { name: String, message: String },
     #[error("--dtype {0} is not a weight storage type; use f32, bf16 or f16")]
@@ -311,7 +313,10 @@ pub fn compile_to(
         parts: vec![],
         steps: program.steps.len(),
         parameter_count,
-        generated_kernels: manifest.code.len(),
+        generated_kernels: match manifest.target {
+            Target::Cpu(_) => manifest.code.len(),
+            Target::Cuda(_) => 0,
+        },
     };
     if let WeightOutput::Snapshot { part_size, tag } = weights_to {
         let mut parts = PartsWriter::new(part_plan(*part_size, Some(tag.clone()))?);
@@ -493,7 +498,10 @@ fn generate_code(
     selection: &select_kernels::Selection,
     target: Target,
 ) -> Result<CodeLayout, CompileError> {
-    let Target::Cpu(isa) = target;
+    let isa = match target {
+        Target::Cpu(isa) => isa,
+        Target::Cuda(arch) => return cuda_module(graph, arch),
+    };
     let mut bytes = vec![];
     let mut symbols: Vec<CodeSymbol> = vec![];
     let mut specs: Vec<KernelSpec> = vec![];
@@ -526,6 +534,49 @@ fn generate_code(
         index.insert(node, at as u32);
     }
     Ok((bytes, symbols, index))
+}
+
+/// The CUDA module of a plan: `kernels::cuda`'s sources specialized to the model's head
+/// dimension, compiled by NVRTC. The code section holds the cubin, then the PTX, named by
+/// [`artifacts::code_abi::CUDA_CUBIN`] and [`artifacts::code_abi::CUDA_PTX`]; no step refers to
+/// them by index, since every CUDA kernel lives in the one module.
+fn cuda_module(graph: &Graph, arch: ir::CudaArch) -> Result<CodeLayout, CompileError> {
+    let mut head_dims = graph
+        .topo_order()
+        .into_iter()
+        .filter_map(|n| match graph.node(n).op {
+            Op::Attention { head_dim, .. } => Some(head_dim),
+            _ => None,
+        });
+    // A model without attention still gets a module; its attention kernel is never launched.
+    let head_dim = head_dims.next().unwrap_or(32);
+    if let Some(other) = head_dims.find(|&d| d != head_dim) {
+        return Err(CompileError::Cuda(format!(
+            "attention layers with head dimensions {head_dim} and {other}: one module is built \
+             per head dimension"
+        )));
+    }
+    let spec = kernels::cuda::ModuleSpec {
+        head_dim: head_dim as u32,
+    };
+    spec.check().map_err(CompileError::Cuda)?;
+    let module = codegen::cuda::compile(&kernels::cuda::module_source(&spec), arch)
+        .map_err(|e| CompileError::Cuda(e.to_string()))?;
+    let symbols = vec![
+        CodeSymbol {
+            name: artifacts::code_abi::CUDA_CUBIN.to_string(),
+            offset: 0,
+            len: module.cubin.len() as u64,
+        },
+        CodeSymbol {
+            name: artifacts::code_abi::CUDA_PTX.to_string(),
+            offset: module.cubin.len() as u64,
+            len: module.ptx.len() as u64,
+        },
+    ];
+    let mut bytes = module.cubin;
+    bytes.extend_from_slice(&module.ptx);
+    Ok((bytes, symbols, HashMap::new()))
 }
 
 /// Reads a weight expression as f32, in the order its parts are concatenated.
@@ -601,7 +652,10 @@ fn deinterleave_rows(data: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
 /// 113 MB in f32, 57 MB in bf16, a fifth of the plan). Weights with any other reader (the
 /// experts of a mixture, vectors) stay row-major.
 fn weight_layouts(graph: &Graph, weights: &[ValueId], target: Target) -> Vec<WeightLayout> {
-    let Target::Cpu(isa) = target;
+    let Target::Cpu(isa) = target else {
+        // The CUDA kernels read row-major weights, coalesced along K.
+        return vec![WeightLayout::RowMajor; weights.len()];
+    };
     let panels = WeightLayout::Panels(PackedLayout::for_isa(isa));
     weights
         .iter()

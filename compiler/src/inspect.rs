@@ -206,7 +206,12 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     for (kernel, count) in kernels {
         let _ = writeln!(out, "  {kernel:<36} x{count}");
     }
-    if !manifest.code.is_empty() {
+    if matches!(manifest.target, ir::Target::Cuda(_)) {
+        let _ = writeln!(out, "\nCUDA module (one for every kernel above)");
+        for sym in &manifest.code {
+            let _ = writeln!(out, "  {:<36} {:>6} bytes", sym.name, sym.len);
+        }
+    } else if !manifest.code.is_empty() {
         let _ = writeln!(out, "\ngenerated code ({} functions)", manifest.code.len());
         for sym in &manifest.code {
             let _ = writeln!(

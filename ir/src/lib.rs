@@ -19,4 +19,6 @@ pub use ir_types as types;
 pub use graph::{Graph, GraphError, InputKind, NodeId, ValueDef, ValueId, WeightExpr};
 pub use op::Op;
 pub use shape::{Dim, Shape, TensorType};
-pub use types::{ActQuant, CodeFormat, CpuIsa, DType, MoeRouting, OpKind, QuantScheme, Target};
+pub use types::{
+    ActQuant, CodeFormat, CpuIsa, CudaArch, DType, MoeRouting, OpKind, QuantScheme, Target,
+};

@@ -7,10 +7,13 @@
 //!
 //! [`registry`] is the one explicit table of kernels (`fdc kernels --list` prints it); [`cpu`]
 //! holds the library kernels, one generic source per kernel compiled for each ISA level
-//! (portable, AVX2, AVX-512) behind a safe entry point that takes the level as an argument.
+//! (portable, AVX2, AVX-512) behind a safe entry point that takes the level as an argument;
+//! [`cuda`] assembles the CUDA C sources of `kernels/cuda/` into a plan's module (compiled by fdc,
+//! loaded by fdrt: this crate neither compiles nor launches them).
 //! Kernels report bad shapes or indices as [`KernelError`].
 
 pub mod cpu;
+pub mod cuda;
 mod error;
 pub mod registry;
 

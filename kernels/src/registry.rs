@@ -8,8 +8,10 @@
 //! the weight's for matmul and embedding and `f32` (the activations') for everything else.
 //! Library kernels of an ISA use only that ISA's instructions; generated kernels are machine code
 //! that fdc emits into the plan, so only targets that fdc generates for (AVX2, AVX-512) have them.
+//! CUDA kernels (`{op}_{dtype}_{arch}`, `matmul_bf16_sm90`) are CUDA C in `kernels/cuda/`, which
+//! fdc compiles with NVRTC into the plan's module for the target architecture ([`crate::cuda`]).
 
-use ir_types::{CpuIsa, DType, OpKind, QuantScheme, Target};
+use ir_types::{CpuIsa, CudaArch, DType, OpKind, QuantScheme, Target};
 use std::fmt;
 
 /// What a kernel is selected by.
@@ -29,6 +31,8 @@ pub enum KernelSource {
     Library,
     /// Emitted by fdc's code generator into the plan.
     Generated,
+    /// CUDA C from `kernels/cuda/`, compiled by fdc into the plan's CUDA module.
+    Cuda,
 }
 
 impl KernelSource {
@@ -36,6 +40,7 @@ impl KernelSource {
         match self {
             KernelSource::Library => "library",
             KernelSource::Generated => "generated",
+            KernelSource::Cuda => "cuda",
         }
     }
 }
@@ -60,10 +65,11 @@ pub struct KernelEntry {
 }
 
 impl KernelEntry {
-    /// The ISA level the kernel's code requires.
-    pub fn isa(&self) -> CpuIsa {
+    /// The suffix of the kernel's id: its CPU ISA level (`avx2`) or GPU architecture (`sm90`).
+    pub fn target_suffix(&self) -> &'static str {
         match self.key.target {
-            Target::Cpu(isa) => isa,
+            Target::Cpu(isa) => isa.name(),
+            Target::Cuda(arch) => arch.name(),
         }
     }
 }
@@ -379,13 +385,123 @@ macro_rules! generated_kernels {
     };
 }
 
+/// One CUDA kernel of `kernels/cuda/` on one architecture.
+macro_rules! cuda_entry {
+    ($id:expr, $op:ident, $dtype:ident, $arch:ident, $doc:expr) => {
+        KernelEntry {
+            id: KernelId($id),
+            key: KernelKey {
+                op: OpKind::$op,
+                dtype: DType::$dtype,
+                quant: QuantScheme::None,
+                target: Target::Cuda(CudaArch::$arch),
+            },
+            source: KernelSource::Cuda,
+            doc: $doc,
+        }
+    };
+}
+
+/// The CUDA kernels of one architecture: the ops of dense models, f32/bf16/f16 weights.
+macro_rules! cuda_kernels {
+    ($arch:ident, $arch_name:literal) => {
+        [
+            cuda_entry!(
+                concat!("embedding_f32_", $arch_name),
+                Embedding,
+                F32,
+                $arch,
+                EMBEDDING_DOC
+            ),
+            cuda_entry!(
+                concat!("embedding_bf16_", $arch_name),
+                Embedding,
+                BF16,
+                $arch,
+                EMBEDDING_DOC
+            ),
+            cuda_entry!(
+                concat!("embedding_f16_", $arch_name),
+                Embedding,
+                F16,
+                $arch,
+                EMBEDDING_DOC
+            ),
+            cuda_entry!(
+                concat!("rms_norm_f32_", $arch_name),
+                RmsNorm,
+                F32,
+                $arch,
+                RMS_NORM_DOC
+            ),
+            cuda_entry!(
+                concat!("add_rms_norm_f32_", $arch_name),
+                AddRmsNorm,
+                F32,
+                $arch,
+                ADD_RMS_NORM_DOC
+            ),
+            cuda_entry!(
+                concat!("matmul_f32_", $arch_name),
+                MatMul,
+                F32,
+                $arch,
+                MATMUL_DOC
+            ),
+            cuda_entry!(
+                concat!("matmul_bf16_", $arch_name),
+                MatMul,
+                BF16,
+                $arch,
+                MATMUL_DOC
+            ),
+            cuda_entry!(
+                concat!("matmul_f16_", $arch_name),
+                MatMul,
+                F16,
+                $arch,
+                MATMUL_DOC
+            ),
+            cuda_entry!(concat!("add_f32_", $arch_name), Add, F32, $arch, ADD_DOC),
+            cuda_entry!(concat!("mul_f32_", $arch_name), Mul, F32, $arch, MUL_DOC),
+            cuda_entry!(concat!("silu_f32_", $arch_name), Silu, F32, $arch, SILU_DOC),
+            cuda_entry!(
+                concat!("silu_mul_f32_", $arch_name),
+                SiluMul,
+                F32,
+                $arch,
+                SILU_MUL_DOC
+            ),
+            cuda_entry!(concat!("rope_f32_", $arch_name), Rope, F32, $arch, ROPE_DOC),
+            cuda_entry!(
+                concat!("attention_f32_", $arch_name),
+                Attention,
+                F32,
+                $arch,
+                ATTENTION_DOC
+            ),
+            cuda_entry!(
+                concat!("gather_rows_f32_", $arch_name),
+                GatherRows,
+                F32,
+                $arch,
+                GATHER_ROWS_DOC
+            ),
+        ]
+    };
+}
+
 const LIBRARY_PER_ISA: usize = 17;
 const GENERATED_PER_ISA: usize = 4;
 const QUANT_PER_ISA: usize = 12;
-const COUNT: usize = 3 * LIBRARY_PER_ISA + 3 * QUANT_PER_ISA + 2 * GENERATED_PER_ISA;
+const CUDA_PER_ARCH: usize = 15;
+const COUNT: usize = 3 * LIBRARY_PER_ISA
+    + 3 * QUANT_PER_ISA
+    + 2 * GENERATED_PER_ISA
+    + CudaArch::ALL.len() * CUDA_PER_ARCH;
 
 const ENTRIES: &[KernelEntry] = &{
-    let parts: [&[KernelEntry]; 8] = [
+    let parts: [&[KernelEntry]; 11] = [
         &library_kernels!(Portable, "portable"),
         &library_kernels!(Avx2, "avx2"),
         &library_kernels!(Avx512, "avx512"),
@@ -394,6 +510,9 @@ const ENTRIES: &[KernelEntry] = &{
         &quant_kernels!(Avx512, "avx512"),
         &generated_kernels!(Avx2, "avx2"),
         &generated_kernels!(Avx512, "avx512"),
+        &cuda_kernels!(Sm80, "sm80"),
+        &cuda_kernels!(Sm89, "sm89"),
+        &cuda_kernels!(Sm90, "sm90"),
     ];
     let mut all = [parts[0][0]; COUNT];
     let (mut n, mut p) = (0, 0);
@@ -441,7 +560,13 @@ mod tests {
             } else {
                 e.key.quant.name()
             };
-            let want = format!("{}_{}_{}{}", e.key.op.name(), spelled, gen, e.isa().name());
+            let want = format!(
+                "{}_{}_{}{}",
+                e.key.op.name(),
+                spelled,
+                gen,
+                e.target_suffix()
+            );
             assert_eq!(e.id.0, want);
             assert_eq!(by_name(e.id.0), Some(e));
         }
@@ -494,7 +619,7 @@ mod tests {
             by_name("add_rms_norm_f32_gen_avx512").unwrap().source,
             KernelSource::Generated
         );
-        assert_eq!(entries().len(), 3 * 17 + 3 * 12 + 2 * 4);
+        assert_eq!(entries().len(), 3 * 17 + 3 * 12 + 2 * 4 + 3 * 15);
     }
 
     #[test]
@@ -513,6 +638,30 @@ mod tests {
             }
         }
         assert!(by_name("matmul_w4a16_avx2").is_some());
+    }
+
+    #[test]
+    fn every_dense_op_but_moe_and_mla_has_a_cuda_kernel_on_every_arch() {
+        for arch in CudaArch::ALL {
+            for &op in OpKind::ALL {
+                let dtypes: &[DType] = match op {
+                    OpKind::MatMul | OpKind::Embedding => &[DType::F32, DType::BF16, DType::F16],
+                    _ => &[DType::F32],
+                };
+                for &dtype in dtypes {
+                    let found = lookup(&KernelKey {
+                        op,
+                        dtype,
+                        quant: QuantScheme::None,
+                        target: Target::Cuda(arch),
+                    });
+                    let expected = usize::from(!matches!(op, OpKind::Moe | OpKind::MlaAttention));
+                    assert_eq!(found.len(), expected, "{op} {dtype} {arch:?}");
+                    assert!(found.iter().all(|e| e.source == KernelSource::Cuda));
+                }
+            }
+        }
+        assert!(by_name("matmul_bf16_sm90").is_some());
     }
 
     #[test]

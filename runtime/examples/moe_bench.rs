@@ -161,7 +161,11 @@ fn main() -> anyhow::Result<()> {
         expert_bytes as f64 / 1e6,
         gate_up.data.dtype()
     );
-    let ir_types::Target::Cpu(isa) = plan.manifest.target;
+    let isa = plan
+        .manifest
+        .target
+        .cpu_isa()
+        .ok_or_else(|| anyhow::anyhow!("the MoE benchmark runs CPU plans only"))?;
     println!("| T | fused tok/s | unfused tok/s | experts read (fused) | fused bound tok/s | unfused bound tok/s |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for t in [1usize, 32, 512] {

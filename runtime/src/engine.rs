@@ -10,7 +10,7 @@ use crate::kv_cache::{KvPool, KvRows};
 use crate::plan::{launch_operands, LoadedPlan};
 use crate::weights::WeightStore;
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
-use artifacts::schema::{Act, Buffer, Launch, Rows, WeightRef};
+use artifacts::schema::{Act, Buffer, Launch, Manifest, Rows, WeightRef};
 use ir_types::{ActQuant, CpuIsa, Target};
 use kernels::cpu;
 
@@ -148,7 +148,11 @@ const ROWS_PER_TASK: usize = 16;
 
 impl Engine {
     pub fn new(plan: LoadedPlan, options: EngineOptions) -> Result<Engine, RuntimeError> {
-        let Target::Cpu(isa) = plan.manifest.target;
+        let Target::Cpu(isa) = plan.manifest.target else {
+            return Err(RuntimeError::CudaPlan {
+                plan_target: plan.manifest.target.name(),
+            });
+        };
         let m = &plan.manifest.model;
         let max_context = options
             .max_context
@@ -180,16 +184,7 @@ impl Engine {
             };
             generated.push(Some(f));
         }
-        let half = m.head_dim as usize / 2;
-        let mut cos = vec![0.0f32; max_context * half];
-        let mut sin = vec![0.0f32; max_context * half];
-        for p in 0..max_context {
-            for (i, &f) in plan.manifest.rope_inv_freq.iter().enumerate() {
-                let angle = p as f64 * f;
-                cos[p * half + i] = angle.cos() as f32;
-                sin[p * half + i] = angle.sin() as f32;
-            }
-        }
+        let (cos, sin) = rope_tables(&plan.manifest, max_context);
         let max_num_seqs = options.max_num_seqs.max(1);
         let kv_info = &plan.manifest.kv;
         let (layers, kv_heads, head_dim) = (
@@ -860,6 +855,22 @@ fn writes_logit_rows(launch: &Launch) -> bool {
         .1
         .iter()
         .any(|a| a.rows == Rows::LogitRows)
+}
+
+/// RoPE's cos and sin tables, `[max_context, head_dim / 2]`, from the plan's inverse
+/// frequencies (angles in f64).
+pub(crate) fn rope_tables(manifest: &Manifest, max_context: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = manifest.model.head_dim as usize / 2;
+    let mut cos = vec![0.0f32; max_context * half];
+    let mut sin = vec![0.0f32; max_context * half];
+    for p in 0..max_context {
+        for (i, &f) in manifest.rope_inv_freq.iter().enumerate().take(half) {
+            let angle = p as f64 * f;
+            cos[p * half + i] = angle.cos() as f32;
+            sin[p * half + i] = angle.sin() as f32;
+        }
+    }
+    (cos, sin)
 }
 
 /// Calls `f(first_row, rows)` over `rows` split into parallel chunks.

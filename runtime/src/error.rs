@@ -17,6 +17,16 @@ pub enum RuntimeError {
         plan_target: String,
         machine: String,
     },
+    #[error("plan is for {plan_target}: this fdrt does not execute CUDA plans yet (it checks and loads their GPU module only); compile for a CPU target with `fdc compile --target cpu`")]
+    CudaPlan { plan_target: String },
+    #[error("plan is for {plan_target} but the GPU is {device}: recompile with `fdc compile --target {device_target}`")]
+    WrongGpu {
+        plan_target: String,
+        device: String,
+        device_target: String,
+    },
+    #[error("CUDA: {0}")]
+    Cuda(String),
     #[error("invalid plan: {0}")]
     InvalidPlan(String),
     #[error("generated code: {0}")]

@@ -4,6 +4,8 @@
 //! (the paged KV memory) and `block_manager` (who holds which block, prefix caching), `generate`
 //! (the token loop), `eval` and `calibrate` (perplexity, and the statistics GPTQ needs), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
 //! and `server` (`fdrt serve`, an OpenAI-compatible HTTP front end to the scheduler).
+//! `cuda` opens a CUDA device for a CUDA plan, refuses a plan built for another GPU, and loads
+//! the plan's module (executing CUDA plans is still to come).
 //!
 //! It never depends on `compiler`, `models`, a code generator or `ir`'s graph: if it needed a graph,
 //! the compiler would not have finished its job. Tests sit beside the code; end-to-end tests that
@@ -14,6 +16,7 @@ pub mod block_manager;
 pub mod calibrate;
 pub mod chat;
 pub mod code;
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod eval;

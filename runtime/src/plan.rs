@@ -29,6 +29,16 @@ pub struct LoadedPlan {
 }
 
 impl LoadedPlan {
+    /// The bytes of a code symbol of the plan's code section (a CUDA plan's module), if both
+    /// exist and the symbol lies inside the section.
+    pub fn code_symbol(&self, name: &str) -> Option<&[u8]> {
+        let sym = self.manifest.code.iter().find(|s| s.name == name)?;
+        let bytes = self.file.section(section::CODE)?;
+        let start = usize::try_from(sym.offset).ok()?;
+        let end = start.checked_add(usize::try_from(sym.len).ok()?)?;
+        bytes.get(start..end)
+    }
+
     /// A hash naming this plan's contents (the checksum of every section: program, code and
     /// weights), so that caches keyed by it are never shared between two plans.
     pub fn identity(&self) -> [u8; 32] {
@@ -53,21 +63,28 @@ impl LoadedPlan {
         )?;
         let program: Program =
             codec::decode(section::PROGRAM, file.require_section(section::PROGRAM)?)?;
-        let Target::Cpu(isa) = manifest.target;
-        let machine = kernels::cpu::detected_isa();
-        if isa > machine {
-            return Err(RuntimeError::UnsupportedTarget {
-                plan_target: manifest.target.name(),
-                machine: machine.name().to_string(),
-            });
-        }
-        // `open` verified every section; the copy that becomes executable is checked again.
-        let code = match (
-            file.section(section::CODE),
-            file.section_checksum(section::CODE),
-        ) {
-            (Some(bytes), Some(checksum)) => CodeImage::load_checked(bytes, &checksum)?,
-            _ => CodeImage::load(&[])?,
+        let code = match manifest.target {
+            Target::Cpu(isa) => {
+                let machine = kernels::cpu::detected_isa();
+                if isa > machine {
+                    return Err(RuntimeError::UnsupportedTarget {
+                        plan_target: manifest.target.name(),
+                        machine: machine.name().to_string(),
+                    });
+                }
+                // `open` verified every section; the copy that becomes executable is checked
+                // again.
+                match (
+                    file.section(section::CODE),
+                    file.section_checksum(section::CODE),
+                ) {
+                    (Some(bytes), Some(checksum)) => CodeImage::load_checked(bytes, &checksum)?,
+                    _ => CodeImage::load(&[])?,
+                }
+            }
+            // A CUDA plan's code section is its GPU module ([`LoadedPlan::cuda_cubin`]), never
+            // mapped executable here.
+            Target::Cuda(_) => CodeImage::load(&[])?,
         };
         let weights = match file.section(PARTS_SECTION) {
             Some(bytes) => {
@@ -104,7 +121,7 @@ impl LoadedPlan {
         std::mem::replace(&mut self.weights, weights)
     }
 
-    fn weight_bytes(&self, w: WeightRef) -> &[u8] {
+    pub(crate) fn weight_bytes(&self, w: WeightRef) -> &[u8] {
         // Present and sized: checked at load.
         self.weights.bytes(w.0 as usize)
     }
@@ -165,8 +182,20 @@ impl LoadedPlan {
     fn check(&self) -> Result<(), RuntimeError> {
         let bad = |msg: String| Err(RuntimeError::InvalidPlan(msg));
         let m = &self.manifest;
+        // A CUDA plan's module is not mapped as code; its symbols index the section itself.
+        let code_len = match m.target {
+            Target::Cpu(_) => self.code.len() as u64,
+            Target::Cuda(_) => self
+                .file
+                .section(section::CODE)
+                .map_or(0, |b| b.len() as u64),
+        };
         for sym in &m.code {
-            if sym.offset + sym.len > self.code.len() as u64 {
+            if sym
+                .offset
+                .checked_add(sym.len)
+                .is_none_or(|end| end > code_len)
+            {
                 return bad(format!(
                     "code symbol {} lies outside the code section",
                     sym.name
@@ -206,6 +235,8 @@ impl LoadedPlan {
             (KernelSource::Generated, _) => return Err("generated kernel without code".into()),
             (KernelSource::Library, None) => {}
             (KernelSource::Library, Some(_)) => return Err("library kernel with code".into()),
+            (KernelSource::Cuda, None) if matches!(self.manifest.target, Target::Cuda(_)) => {}
+            (KernelSource::Cuda, _) => return Err("CUDA kernel outside a CUDA plan".into()),
         }
         let weights = self.manifest.weights.len();
         let weight_ok = |w: &WeightRef| -> Result<(), String> {

@@ -28,7 +28,8 @@ enum Command {
         /// Where to write the plan (default: <model name>.fdp in the current directory).
         #[arg(short, long)]
         output: Option<PathBuf>,
-        /// Hardware target: cpu (this machine's best), cpu-avx512, cpu-avx2, cpu-portable.
+        /// Hardware target: cpu (this machine's best), cpu-avx512, cpu-avx2, cpu-portable, or a
+        /// GPU: cuda-sm80, cuda-sm89, cuda-sm90 (needs NVRTC: the nvidia-cuda-nvrtc wheel).
         #[arg(long, default_value = "cpu")]
         target: String,
         /// Storage type of matmul and embedding weights: f32, bf16 or f16.
@@ -293,13 +294,16 @@ fn run() -> Result<()> {
             if matches!(weights_to, WeightOutput::Snapshot { .. }) {
                 return Ok(());
             }
+            let code = match options.target {
+                Target::Cpu(_) => format!("{} generated kernels", report.generated_kernels),
+                Target::Cuda(_) => "one CUDA module".to_string(),
+            };
             println!(
-                "wrote {} ({:.1} MB): {:.1} M parameters, {} launches per step, {} generated kernels, target {}, dtype {}, quant {}",
+                "wrote {} ({:.1} MB): {:.1} M parameters, {} launches per step, {code}, target {}, dtype {}, quant {}",
                 report.output.display(),
                 report.plan_bytes as f64 / 1e6,
                 report.parameter_count as f64 / 1e6,
                 report.steps,
-                report.generated_kernels,
                 options.target,
                 options.weight_dtype,
                 options.quant.scheme

@@ -10,7 +10,9 @@
 //! the bytes as they are. The same spec and ISA always give the same bytes.
 //!
 //! This module builds the target and checks the result; [`elementwise`] writes the IR.
+//! [`cuda`] compiles the CUDA targets' module with NVRTC.
 
+pub mod cuda;
 mod elementwise;
 
 use std::fmt;

@@ -70,16 +70,44 @@ pub fn run_quantized(
         let chosen = candidates
             .iter()
             .find(|e| (e.source == KernelSource::Generated) == wants_generated)
-            .or_else(|| candidates.iter().find(|e| e.source == KernelSource::Library))
+            .or_else(|| candidates.first())
             .copied()
             .ok_or_else(|| PassError::Failed {
                 pass: "select_kernels",
                 message: format!(
-                    "no kernel for {} with {} weights ({}) on {}; `fdc kernels --list` shows what exists",
-                    op, key.dtype, key.quant, ctx.target
+                    "no kernel for {} with {} weights ({}) on {}; {}; `fdc kernels --list` shows \
+                     every kernel",
+                    op,
+                    key.dtype,
+                    key.quant,
+                    ctx.target,
+                    what_the_target_runs(ctx.target, key.quant != QuantScheme::None)
                 ),
             })?;
         selection.insert(node, chosen);
     }
     Ok(selection)
+}
+
+/// For errors: the quantization schemes (`schemes`) or the ops a target has kernels for.
+fn what_the_target_runs(target: ir::Target, schemes: bool) -> String {
+    let mut names: Vec<&str> = vec![];
+    for e in registry::entries()
+        .iter()
+        .filter(|e| e.key.target == target)
+    {
+        let name = if schemes {
+            e.key.quant.name()
+        } else {
+            e.key.op.name()
+        };
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    if schemes {
+        format!("{target} runs the schemes: {}", names.join(", "))
+    } else {
+        format!("{target} has kernels for: {}", names.join(", "))
+    }
 }

@@ -220,31 +220,99 @@ impl CpuIsa {
     }
 }
 
+/// An NVIDIA GPU architecture a plan's CUDA kernels are compiled for (its compute capability).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum CudaArch {
+    /// Ampere (A100): compute capability 8.0.
+    Sm80,
+    /// Ada (L4, L40S, RTX 4090): 8.9, the first with FP8 tensor cores.
+    Sm89,
+    /// Hopper (H100, H200): 9.0.
+    Sm90,
+}
+
+impl CudaArch {
+    pub const ALL: [CudaArch; 3] = [CudaArch::Sm80, CudaArch::Sm89, CudaArch::Sm90];
+
+    /// `sm80`, `sm89`, `sm90`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CudaArch::Sm80 => "sm80",
+            CudaArch::Sm89 => "sm89",
+            CudaArch::Sm90 => "sm90",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<CudaArch> {
+        CudaArch::ALL.into_iter().find(|a| a.name() == text)
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(self) -> (u32, u32) {
+        match self {
+            CudaArch::Sm80 => (8, 0),
+            CudaArch::Sm89 => (8, 9),
+            CudaArch::Sm90 => (9, 0),
+        }
+    }
+
+    /// The architecture whose code runs on a device of compute capability `major.minor`: only
+    /// an exact match, since a cubin runs only on its own major version and the plan's kernel
+    /// choices are made per architecture.
+    pub fn of_device(major: u32, minor: u32) -> Option<CudaArch> {
+        CudaArch::ALL
+            .into_iter()
+            .find(|a| a.compute_capability() == (major, minor))
+    }
+}
+
 /// Hardware a plan is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Target {
     Cpu(CpuIsa),
+    Cuda(CudaArch),
 }
 
 impl Target {
-    /// Spelling used on the command line and in `fdc inspect`: `cpu-avx512`, `cpu-avx2`, `cpu-portable`.
+    /// Spelling used on the command line and in `fdc inspect`: `cpu-avx512`, `cpu-avx2`,
+    /// `cpu-portable`, `cuda-sm80`, `cuda-sm89`, `cuda-sm90`.
     pub fn name(self) -> String {
         match self {
             Target::Cpu(isa) => format!("cpu-{}", isa.name()),
+            Target::Cuda(arch) => format!("cuda-{}", arch.name()),
         }
     }
 
-    /// Parses `cpu` (this machine's best level), `cpu-avx512`, `cpu-avx2` or `cpu-portable`.
+    /// Parses `cpu` (this machine's best level), `cpu-avx512`, `cpu-avx2`, `cpu-portable` or
+    /// `cuda-sm80|sm89|sm90`.
     pub fn parse(text: &str) -> Option<Target> {
-        match text {
-            "cpu" => Some(Target::Cpu(CpuIsa::detect())),
-            _ => CpuIsa::parse(text.strip_prefix("cpu-")?).map(Target::Cpu),
+        if text == "cpu" {
+            return Some(Target::Cpu(CpuIsa::detect()));
         }
+        if let Some(arch) = text.strip_prefix("cuda-") {
+            return CudaArch::parse(arch).map(Target::Cuda);
+        }
+        CpuIsa::parse(text.strip_prefix("cpu-")?).map(Target::Cpu)
     }
 
     /// Spellings accepted by [`Target::parse`], for error messages.
-    pub const SUPPORTED: &'static [&'static str] =
-        &["cpu", "cpu-avx512", "cpu-avx2", "cpu-portable"];
+    pub const SUPPORTED: &'static [&'static str] = &[
+        "cpu",
+        "cpu-avx512",
+        "cpu-avx2",
+        "cpu-portable",
+        "cuda-sm80",
+        "cuda-sm89",
+        "cuda-sm90",
+    ];
+
+    /// The CPU instruction set of a CPU target.
+    pub fn cpu_isa(self) -> Option<CpuIsa> {
+        match self {
+            Target::Cpu(isa) => Some(isa),
+            Target::Cuda(_) => None,
+        }
+    }
 }
 
 impl fmt::Display for Target {
@@ -417,6 +485,18 @@ mod tests {
                 Some(Target::Cpu(isa))
             );
         }
+        for arch in CudaArch::ALL {
+            let target = Target::Cuda(arch);
+            assert_eq!(Target::parse(&target.name()), Some(target));
+            let (major, minor) = arch.compute_capability();
+            assert_eq!(CudaArch::of_device(major, minor), Some(arch));
+        }
+        assert_eq!(
+            Target::parse("cuda-sm90"),
+            Some(Target::Cuda(CudaArch::Sm90))
+        );
+        assert_eq!(CudaArch::of_device(8, 6), None);
+        assert_eq!(Target::parse("cuda-sm75"), None);
         assert_eq!(Target::parse("gpu"), None);
         for r in [MoeRouting::Softmax, MoeRouting::Sigmoid] {
             assert_eq!(MoeRouting::parse(r.name()), Some(r));

@@ -696,9 +696,33 @@ fn run() -> Result<()> {
             json,
             run,
         } => {
-            let mut engine = load(&plan, &run)?;
-            let r = runtime::bench::run(&mut engine, prompt_tokens, decode_tokens, repeats)?;
-            let threads = rayon::current_num_threads();
+            let target = LoadedPlan::load(&plan)
+                .with_context(|| format!("loading {}", plan.display()))?
+                .manifest
+                .target;
+            let mut engine: Box<dyn runtime::bench::OneSequence> = match target {
+                ir_types::Target::Cuda(_) => Box::new(
+                    runtime::cuda::GpuEngine::new(
+                        LoadedPlan::load(&plan)?,
+                        0,
+                        run.max_context,
+                        run.max_batch_tokens,
+                    )
+                    .context("starting the GPU engine")?,
+                ),
+                ir_types::Target::Cpu(_) => Box::new(load(&plan, &run)?),
+            };
+            let r = runtime::bench::run(
+                engine.as_mut(),
+                run.max_batch_tokens,
+                prompt_tokens,
+                decode_tokens,
+                repeats,
+            )?;
+            let threads = match target {
+                ir_types::Target::Cuda(_) => 0,
+                ir_types::Target::Cpu(_) => rayon::current_num_threads(),
+            };
             if json {
                 println!(
                     "{}",

@@ -29,13 +29,25 @@ pub fn smollm2_gguf() -> PathBuf {
     models::testing::smollm2_gguf_path()
 }
 
-fn scratch() -> &'static tempfile::TempDir {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("a temporary directory"))
+/// The test binary's scratch folder, under cargo's target directory and emptied when the binary
+/// starts. A `TempDir` in a static is never dropped, so every run used to leave its plans behind
+/// in the system's temporary folder (about a gigabyte per run of the suite).
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let binary = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "tests".into());
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("scratch-{binary}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("a scratch folder");
+        dir
+    })
 }
 
 pub fn scratch_path(name: &str) -> PathBuf {
-    scratch().path().join(name)
+    scratch().join(name)
 }
 
 /// Compiles `model` for this machine's CPU with `dtype` weights, once per test binary.

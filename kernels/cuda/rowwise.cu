@@ -1,0 +1,116 @@
+// Row-wise kernels: embedding, row gathers, elementwise ops, RMS norms and RoPE. Each is the CUDA
+// twin of a CPU kernel in `kernels/src/cpu` with the same contract (see that kernel's doc); the
+// CPU kernel's scalar `reference` is what the GPU tests compare against.
+
+// out[t, :] = table[ids[t], :] widened to f32. Grid: one block per token row.
+template <typename W>
+__device__ void embedding(const W* table, const unsigned int* ids, int cols, float* out,
+                          int out_stride) {
+    const W* row = table + (long long)ids[blockIdx.x] * cols;
+    float* o = out + (long long)blockIdx.x * out_stride;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = fd_load(row + i);
+}
+
+extern "C" __global__ void embedding_f32(const float* table, const unsigned int* ids, int cols,
+                                         float* out, int out_stride) {
+    embedding(table, ids, cols, out, out_stride);
+}
+extern "C" __global__ void embedding_bf16(const fd_bf16* table, const unsigned int* ids, int cols,
+                                          float* out, int out_stride) {
+    embedding(table, ids, cols, out, out_stride);
+}
+extern "C" __global__ void embedding_f16(const fd_f16* table, const unsigned int* ids, int cols,
+                                         float* out, int out_stride) {
+    embedding(table, ids, cols, out, out_stride);
+}
+
+// out[r, :] = x[rows[r], :]. Grid: one block per output row.
+extern "C" __global__ void gather_rows_f32(const float* x, int x_stride, const unsigned int* rows,
+                                           int cols, float* out, int out_stride) {
+    const float* src = x + (long long)rows[blockIdx.x] * x_stride;
+    float* o = out + (long long)blockIdx.x * out_stride;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = src[i];
+}
+
+// Elementwise ops over [T, cols]. Grid: (column blocks, T).
+extern "C" __global__ void add_f32(const float* a, int a_stride, const float* b, int b_stride,
+                                   int cols, float* out, int out_stride) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (i < cols) out[r * out_stride + i] = a[r * a_stride + i] + b[r * b_stride + i];
+}
+
+extern "C" __global__ void mul_f32(const float* a, int a_stride, const float* b, int b_stride,
+                                   int cols, float* out, int out_stride) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (i < cols) out[r * out_stride + i] = a[r * a_stride + i] * b[r * b_stride + i];
+}
+
+__device__ __forceinline__ float fd_silu(float x) { return x / (1.0f + expf(-x)); }
+
+extern "C" __global__ void silu_f32(const float* x, int x_stride, int cols, float* out,
+                                    int out_stride) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (i < cols) out[r * out_stride + i] = fd_silu(x[r * x_stride + i]);
+}
+
+// out[r, i] = silu(gu[r, i]) * gu[r, cols + i].
+extern "C" __global__ void silu_mul_f32(const float* gu, int gu_stride, int cols, float* out,
+                                        int out_stride) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
+    if (i < cols) {
+        const float* row = gu + (long long)r * gu_stride;
+        out[r * out_stride + i] = fd_silu(row[i]) * row[cols + i];
+    }
+}
+
+// Per row, per group of `group` columns: out = x * rsqrt(mean(x^2) + eps) * w[i % group].
+// Grid: (groups per row, T); the block sums its group's squares.
+extern "C" __global__ void rms_norm_f32(const float* x, int x_stride, int group, const float* w,
+                                        float eps, float* out, int out_stride) {
+    __shared__ float scratch[32];
+    const float* row = x + (long long)blockIdx.y * x_stride + blockIdx.x * group;
+    float* o = out + (long long)blockIdx.y * out_stride + blockIdx.x * group;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < group; i += blockDim.x) ss += row[i] * row[i];
+    const float inv = rsqrtf(fd_block_sum(ss, scratch) / group + eps);
+    for (int i = threadIdx.x; i < group; i += blockDim.x) o[i] = row[i] * inv * w[i];
+}
+
+// s = x + d; sum_out = s; normed_out = rms_norm(s) over the whole row. Grid: one block per row.
+extern "C" __global__ void add_rms_norm_f32(const float* x, int x_stride, const float* d,
+                                            int d_stride, int cols, const float* w, float eps,
+                                            float* sum_out, int sum_stride, float* normed_out,
+                                            int normed_stride) {
+    __shared__ float scratch[32];
+    const long long r = blockIdx.x;
+    float* s = sum_out + r * sum_stride;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float v = x[r * x_stride + i] + d[r * d_stride + i];
+        s[i] = v;
+        ss += v * v;
+    }
+    const float inv = rsqrtf(fd_block_sum(ss, scratch) / cols + eps);
+    // Each thread reads back only the elements it wrote.
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        normed_out[r * normed_stride + i] = s[i] * inv * w[i];
+    }
+}
+
+// Rotate-half RoPE: per head, pairs (x[i], x[i + D/2]) rotated by the angle of table column i at
+// the token's position. Grid: (heads, T); threads over i < D/2.
+extern "C" __global__ void rope_f32(const float* x, int x_stride, int head_dim,
+                                    const unsigned int* positions, const float* cos_table,
+                                    const float* sin_table, int table_stride, float* out,
+                                    int out_stride) {
+    const int half = head_dim / 2, h = blockIdx.x, r = blockIdx.y;
+    const long long p = (long long)positions[r] * table_stride;
+    const float* xh = x + (long long)r * x_stride + h * head_dim;
+    float* oh = out + (long long)r * out_stride + h * head_dim;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float c = cos_table[p + i], s = sin_table[p + i];
+        const float lo = xh[i], hi = xh[half + i];
+        oh[i] = lo * c - hi * s;
+        oh[half + i] = hi * c + lo * s;
+    }
+}

@@ -1,0 +1,96 @@
+//! The CUDA kernels: CUDA C sources in `kernels/cuda/`, assembled here into the one module a plan
+//! carries. fdc compiles that module with NVRTC for the plan's architecture (cubin, plus PTX for
+//! the record); fdrt only loads it through the driver API. The sources need no CUDA headers, so
+//! NVRTC alone (the `nvidia-cuda-nvrtc` wheel) is enough to build them.
+//!
+//! Every kernel is the twin of a CPU kernel in [`crate::cpu`] with the same contract; the CPU
+//! kernel's scalar reference is what GPU tests compare against.
+
+use crate::registry::{KernelEntry, KernelSource};
+use ir_types::OpKind;
+
+const COMMON: &str = include_str!("../cuda/common.cuh");
+const ROWWISE: &str = include_str!("../cuda/rowwise.cu");
+const MATMUL: &str = include_str!("../cuda/matmul.cu");
+const ATTENTION: &str = include_str!("../cuda/attention.cu");
+
+/// What a plan's module is specialized to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModuleSpec {
+    /// Attention head dimension: even, at most 256.
+    pub head_dim: u32,
+}
+
+impl ModuleSpec {
+    /// Checks what the kernels can be built for.
+    pub fn check(&self) -> Result<(), String> {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > 256 {
+            return Err(format!(
+                "the CUDA attention kernel needs an even head dimension up to 256, the model has {}",
+                self.head_dim
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The module's full source for `spec`: its constants, then every source file.
+pub fn module_source(spec: &ModuleSpec) -> String {
+    format!(
+        "// Built by fdc for one plan.\n#define FD_HEAD_DIM {}\n\n{COMMON}\n{ROWWISE}\n{MATMUL}\n{ATTENTION}",
+        spec.head_dim
+    )
+}
+
+/// The module functions a CUDA kernel of the registry launches, in launch order.
+pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
+    debug_assert_eq!(entry.source, KernelSource::Cuda);
+    match (entry.key.op, entry.key.dtype) {
+        (OpKind::Embedding, ir_types::DType::BF16) => &["embedding_bf16"],
+        (OpKind::Embedding, ir_types::DType::F16) => &["embedding_f16"],
+        (OpKind::Embedding, _) => &["embedding_f32"],
+        (OpKind::MatMul, ir_types::DType::BF16) => &["matmul_bf16"],
+        (OpKind::MatMul, ir_types::DType::F16) => &["matmul_f16"],
+        (OpKind::MatMul, _) => &["matmul_f32"],
+        (OpKind::RmsNorm, _) => &["rms_norm_f32"],
+        (OpKind::AddRmsNorm, _) => &["add_rms_norm_f32"],
+        (OpKind::Add, _) => &["add_f32"],
+        (OpKind::Mul, _) => &["mul_f32"],
+        (OpKind::Silu, _) => &["silu_f32"],
+        (OpKind::SiluMul, _) => &["silu_mul_f32"],
+        (OpKind::Rope, _) => &["rope_f32"],
+        (OpKind::Attention, _) => &["kv_append_f32", "attention_f32"],
+        (OpKind::GatherRows, _) => &["gather_rows_f32"],
+        (OpKind::Moe | OpKind::MlaAttention, _) => &[],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::entries;
+
+    #[test]
+    fn every_function_a_cuda_kernel_launches_is_defined_in_the_module() {
+        let source = module_source(&ModuleSpec { head_dim: 64 });
+        for entry in entries().iter().filter(|e| e.source == KernelSource::Cuda) {
+            let names = functions(entry);
+            assert!(!names.is_empty(), "{}", entry.id);
+            for name in names {
+                let definition = format!("extern \"C\" __global__ void {name}(");
+                assert!(source.contains(&definition), "{} launches {name}", entry.id);
+            }
+        }
+    }
+
+    #[test]
+    fn head_dims_the_attention_kernel_cannot_take_are_refused() {
+        for head_dim in [16, 64, 96, 128, 256] {
+            assert!(ModuleSpec { head_dim }.check().is_ok());
+        }
+        for head_dim in [0, 47, 512] {
+            assert!(ModuleSpec { head_dim }.check().is_err());
+        }
+        assert!(module_source(&ModuleSpec { head_dim: 128 }).contains("#define FD_HEAD_DIM 128\n"));
+    }
+}

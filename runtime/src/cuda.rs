@@ -1,0 +1,589 @@
+//! The CUDA device: opening it for a CUDA plan, refusing a plan compiled for another GPU, and
+//! loading the plan's module (the cubin fdc compiled) through the driver API. The driver is
+//! loaded at run time, so fdrt runs on machines without one until a CUDA plan is opened.
+//!
+//! Executing a CUDA plan's program (the device-side engine) is not here yet; [`GpuModule`] is
+//! what it will launch from, and what the GPU tests launch kernels from today.
+
+use crate::error::RuntimeError;
+use crate::plan::LoadedPlan;
+use artifacts::code_abi;
+use artifacts::schema::{Act, Buffer, Launch, Rows};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+use ir_types::{CudaArch, Target};
+use kernels::registry::{self, KernelSource};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Whether a CUDA driver and at least one device are present.
+pub fn device_present() -> bool {
+    // SAFETY: only tries to open the driver library by its known names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return false;
+    }
+    matches!(CudaContext::device_count(), Ok(n) if n > 0)
+}
+
+/// The architecture of device `ordinal`, with its name: `None` for a GPU no target is built for.
+pub fn device_arch(ordinal: usize) -> Result<(String, Option<CudaArch>), RuntimeError> {
+    let ctx = open_context(ordinal)?;
+    describe(&ctx)
+}
+
+fn open_context(ordinal: usize) -> Result<Arc<CudaContext>, RuntimeError> {
+    if !device_present() {
+        return Err(RuntimeError::Cuda(
+            "no CUDA device (or no driver) on this machine".into(),
+        ));
+    }
+    CudaContext::new(ordinal)
+        .map_err(|e| RuntimeError::Cuda(format!("opening device {ordinal}: {e}")))
+}
+
+fn describe(ctx: &CudaContext) -> Result<(String, Option<CudaArch>), RuntimeError> {
+    let name = ctx.name().map_err(cuda("reading the device name"))?;
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(cuda("reading the compute capability"))?;
+    Ok((
+        format!("{name} (sm_{major}{minor})"),
+        CudaArch::of_device(major as u32, minor as u32),
+    ))
+}
+
+fn cuda(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> RuntimeError {
+    move |e| RuntimeError::Cuda(format!("{what}: {e}"))
+}
+
+/// A CUDA plan's module loaded on a device, with every function its steps launch.
+pub struct GpuModule {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub module: Arc<CudaModule>,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+impl GpuModule {
+    /// Opens device `ordinal` for `plan`: refuses a CPU plan and a plan for another GPU (naming
+    /// both), loads the cubin and resolves every function the plan's kernels launch.
+    pub fn open(plan: &LoadedPlan, ordinal: usize) -> Result<GpuModule, RuntimeError> {
+        let Target::Cuda(arch) = plan.manifest.target else {
+            return Err(RuntimeError::Cuda(format!(
+                "plan is for {}, not a GPU",
+                plan.manifest.target
+            )));
+        };
+        let ctx = open_context(ordinal)?;
+        let (device, device_arch) = describe(&ctx)?;
+        if device_arch != Some(arch) {
+            return Err(RuntimeError::WrongGpu {
+                plan_target: plan.manifest.target.name(),
+                device_target: device_arch
+                    .map(|a| Target::Cuda(a).name())
+                    .unwrap_or_else(|| "(none: this GPU has no CUDA target)".into()),
+                device,
+            });
+        }
+        // One stream per module: the engine orders its work itself, and cudarc's per-use event
+        // records (one driver call per pointer taken, several per launch) only cost time.
+        // SAFETY: every allocation of this context is used on `stream` alone.
+        unsafe { ctx.disable_event_tracking() };
+        let cubin = plan.code_symbol(code_abi::CUDA_CUBIN).ok_or_else(|| {
+            RuntimeError::InvalidPlan(format!("CUDA plan without a {}", code_abi::CUDA_CUBIN))
+        })?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+            .map_err(cuda("loading the plan's module"))?;
+        let mut functions = HashMap::new();
+        for step in &plan.program.steps {
+            let entry = registry::by_name(&step.kernel)
+                .filter(|e| e.source == KernelSource::Cuda)
+                .ok_or_else(|| {
+                    RuntimeError::InvalidPlan(format!("{} is not a CUDA kernel", step.kernel))
+                })?;
+            for &name in kernels::cuda::functions(entry) {
+                if !functions.contains_key(name) {
+                    let f = module
+                        .load_function(name)
+                        .map_err(|e| RuntimeError::Cuda(format!("module has no {name}: {e}")))?;
+                    functions.insert(name, f);
+                }
+            }
+        }
+        Ok(GpuModule {
+            stream: ctx.default_stream(),
+            ctx,
+            module,
+            functions,
+        })
+    }
+
+    /// A function of the module that one of the plan's kernels launches.
+    pub fn function(&self, name: &str) -> Option<&CudaFunction> {
+        self.functions.get(name)
+    }
+}
+
+/// A CUDA plan's program executed on the device, for one sequence: the device twin of
+/// [`crate::Engine`]'s single-sequence path (`prefill`, `forward_last`). Weights, the activation
+/// arena, the logits and the paged KV cache live on the device; each step is one or two kernel
+/// launches on one stream, with the same views (`Act`) the CPU engine resolves.
+///
+/// Still to come: several sequences per pass (the scheduler's batches), CUDA graphs, cuBLAS for
+/// large batches, and uploading weights in bounded chunks.
+pub struct GpuEngine {
+    gpu: GpuModule,
+    plan: LoadedPlan,
+    weights: Vec<CudaSlice<u8>>,
+    arena: CudaSlice<f32>,
+    logits: CudaSlice<f32>,
+    k_cache: Vec<CudaSlice<f32>>,
+    v_cache: Vec<CudaSlice<f32>>,
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    blocks: CudaSlice<u32>,
+    /// A pass's token ids, positions and logit rows, `3 * max_batch_tokens` values.
+    inputs: CudaSlice<u32>,
+    block_size: usize,
+    max_context: usize,
+    max_batch_tokens: usize,
+    seq_len: usize,
+    /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
+    profile: Option<HashMap<String, (std::time::Duration, usize)>>,
+}
+
+impl Drop for GpuEngine {
+    fn drop(&mut self) {
+        if let Some(profile) = &self.profile {
+            let mut rows: Vec<_> = profile.iter().collect();
+            rows.sort_by_key(|row| std::cmp::Reverse(row.1 .0));
+            eprintln!("kernel profile (FDRT_PROFILE, each step synchronized):");
+            for (kernel, (time, calls)) in rows {
+                eprintln!(
+                    "  {kernel:<36} {:>10.2} ms {calls:>9} calls",
+                    time.as_secs_f64() * 1e3
+                );
+            }
+        }
+    }
+}
+
+/// Threads per block of the row-wise kernels.
+const ROW_THREADS: u32 = 256;
+
+impl GpuEngine {
+    /// Uploads `plan` to device `ordinal` with room for `max_context` positions and passes of
+    /// up to `max_batch_tokens` tokens.
+    pub fn new(
+        plan: LoadedPlan,
+        ordinal: usize,
+        max_context: usize,
+        max_batch_tokens: usize,
+    ) -> Result<GpuEngine, RuntimeError> {
+        if plan.program.has_latent_kv() {
+            return Err(RuntimeError::Cuda(
+                "multi-head latent attention has no CUDA kernel yet".into(),
+            ));
+        }
+        let gpu = GpuModule::open(&plan, ordinal)?;
+        let s = gpu.stream.clone();
+        let m = &plan.manifest;
+        let max_context = max_context
+            .min(m.model.max_position_embeddings as usize)
+            .max(1);
+        let max_batch_tokens = max_batch_tokens.max(1);
+        let upload = |what: &str, e| RuntimeError::Cuda(format!("uploading {what}: {e}"));
+        let weights = (0..m.weights.len())
+            .map(|i| {
+                let bytes = plan.weight_bytes(artifacts::schema::WeightRef(i as u32));
+                // A zero-length allocation is refused by the driver; empty weights get a byte.
+                s.clone_htod(if bytes.is_empty() { &[0u8][..] } else { bytes })
+                    .map_err(|e| upload(&m.weights[i].name, e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let alloc = |n: usize| {
+            s.alloc_zeros::<f32>(n.max(1))
+                .map_err(|e| upload("buffers", e))
+        };
+        let arena = alloc(m.memory.arena_cols as usize * max_batch_tokens)?;
+        let logits = alloc(plan.program.logits_cols as usize * max_batch_tokens)?;
+        let block_size = 16;
+        let blocks_per_context = max_context.div_ceil(block_size);
+        let kv = &m.kv;
+        let layer_len =
+            blocks_per_context * block_size * kv.num_kv_heads as usize * kv.head_dim as usize;
+        let mut k_cache = vec![];
+        let mut v_cache = vec![];
+        for _ in 0..kv.num_layers {
+            k_cache.push(alloc(layer_len)?);
+            v_cache.push(alloc(layer_len)?);
+        }
+        let (cos, sin) = crate::engine::rope_tables(m, max_context);
+        let table = |t: &[f32]| s.clone_htod(if t.is_empty() { &[0f32][..] } else { t });
+        let (cos, sin) = (
+            table(&cos).map_err(|e| upload("rope tables", e))?,
+            table(&sin).map_err(|e| upload("rope tables", e))?,
+        );
+        let table: Vec<u32> = (0..blocks_per_context as u32).collect();
+        let blocks = s
+            .clone_htod(&table)
+            .map_err(|e| upload("the block table", e))?;
+        let inputs = s
+            .alloc_zeros::<u32>(3 * max_batch_tokens)
+            .map_err(|e| upload("input buffers", e))?;
+        Ok(GpuEngine {
+            profile: std::env::var_os("FDRT_PROFILE").map(|_| HashMap::new()),
+            inputs,
+            gpu,
+            plan,
+            weights,
+            arena,
+            logits,
+            k_cache,
+            v_cache,
+            cos,
+            sin,
+            blocks,
+            block_size,
+            max_context,
+            max_batch_tokens,
+            seq_len: 0,
+        })
+    }
+
+    pub fn plan(&self) -> &LoadedPlan {
+        &self.plan
+    }
+
+    /// Forgets the sequence.
+    pub fn reset(&mut self) {
+        self.seq_len = 0;
+    }
+
+    /// Runs `tokens` after the sequence so far; returns the logits of every new token (`all`) or
+    /// of the last only, `[rows, vocab]`.
+    pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>, RuntimeError> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(RuntimeError::EmptyInput);
+        }
+        if t > self.max_batch_tokens {
+            return Err(RuntimeError::InvalidPlan(format!(
+                "{t} tokens in one pass exceed the token budget {}",
+                self.max_batch_tokens
+            )));
+        }
+        let needed = self.seq_len + t;
+        if needed > self.max_context {
+            return Err(RuntimeError::ContextFull {
+                needed,
+                capacity: self.max_context,
+                model_max: self.plan.manifest.model.max_position_embeddings as usize,
+            });
+        }
+        let vocab = self.plan.manifest.model.vocab_size as usize;
+        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RuntimeError::BadTokenId { id, vocab });
+        }
+        let positions: Vec<u32> = (self.seq_len as u32..needed as u32).collect();
+        let logit_rows: Vec<u32> = if all {
+            (0..t as u32).collect()
+        } else {
+            vec![t as u32 - 1]
+        };
+        let s = self.gpu.stream.clone();
+        let up = |e| RuntimeError::Cuda(format!("uploading the pass's inputs: {e}"));
+        // One upload into the pass's input buffer: [ids | positions | logit rows].
+        let mut host = Vec::with_capacity(3 * t);
+        host.extend_from_slice(tokens);
+        host.extend_from_slice(&positions);
+        host.extend_from_slice(&logit_rows);
+        s.memcpy_htod(&host, &mut self.inputs.slice_mut(..host.len()))
+            .map_err(up)?;
+        let base = ptr(&self.inputs, &s);
+        let inputs = PassInputs {
+            t,
+            r: logit_rows.len(),
+            ids: base,
+            positions: base + 4 * t as u64,
+            logit_rows: base + 8 * t as u64,
+        };
+        for index in 0..self.plan.program.steps.len() {
+            let start = self.profile.as_ref().map(|_| std::time::Instant::now());
+            self.run_step(index, &inputs)?;
+            if let (Some(profile), Some(start)) = (self.profile.as_mut(), start) {
+                s.synchronize()
+                    .map_err(|e| RuntimeError::Cuda(format!("profiling: {e}")))?;
+                let kernel = &self.plan.program.steps[index].kernel;
+                let entry = profile.entry(kernel.clone()).or_default();
+                entry.0 += start.elapsed();
+                entry.1 += 1;
+            }
+        }
+        let cols = self.plan.program.logits_cols as usize;
+        let out = s
+            .clone_dtoh(&self.logits.slice(..inputs.r * cols))
+            .map_err(|e| RuntimeError::Cuda(format!("reading the logits: {e}")))?;
+        self.seq_len = needed;
+        Ok(out)
+    }
+
+    fn run_step(&self, index: usize, p: &PassInputs) -> Result<(), RuntimeError> {
+        use Arg::{F, I, P};
+        let step = &self.plan.program.steps[index];
+        let s = &self.gpu.stream;
+        let act = |a: &Act| self.act(a, p);
+        let weight = |w: &artifacts::schema::WeightRef| ptr(&self.weights[w.0 as usize], s);
+        let rows = |a: &Act| match a.rows {
+            Rows::Tokens => p.t as u32,
+            Rows::LogitRows => p.r as u32,
+        };
+        let grid = |x: u32, y: u32, threads: u32| LaunchConfig {
+            grid_dim: (x.max(1), y.max(1), 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let cols_grid =
+            |cols: u64, r: u32| grid((cols as u32).div_ceil(ROW_THREADS), r, ROW_THREADS);
+        let entry = registry::by_name(&step.kernel)
+            .ok_or_else(|| RuntimeError::InvalidPlan(format!("unknown kernel {}", step.kernel)))?;
+        let names = kernels::cuda::functions(entry);
+        let go = |i: usize, config: LaunchConfig, args: &[Arg]| -> Result<(), RuntimeError> {
+            let f = names
+                .get(i)
+                .and_then(|n| self.gpu.function(n))
+                .ok_or_else(|| {
+                    RuntimeError::InvalidPlan(format!("{} has no function", step.kernel))
+                })?;
+            let mut b = s.launch_builder(f);
+            for a in args {
+                match a {
+                    P(v) => b.arg(v),
+                    I(v) => b.arg(v),
+                    F(v) => b.arg(v),
+                };
+            }
+            // SAFETY: the arguments match the kernel's signature in `kernels/cuda/` (checked by
+            // the GPU tests), and every pointer is a device allocation of this engine sized by
+            // the plan's memory plan, bounds-checked by `act`.
+            unsafe { b.launch(config) }
+                .map(drop)
+                .map_err(|e| RuntimeError::Cuda(format!("step {index} ({}): {e}", step.kernel)))
+        };
+        let int = |v: u64| I(v as i32);
+        match &step.launch {
+            Launch::Embedding { table, out } => {
+                let (o, os) = act(out)?;
+                let args = [P(weight(table)), P(p.ids), int(out.cols), P(o), I(os)];
+                go(0, grid(p.t as u32, 1, ROW_THREADS), &args)
+            }
+            Launch::RmsNorm {
+                x,
+                w,
+                eps,
+                group,
+                out,
+            } => {
+                let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
+                let groups = (x.cols / (*group).max(1)) as u32;
+                let args = [
+                    P(xp),
+                    I(xs),
+                    int(*group),
+                    P(weight(w)),
+                    F(*eps),
+                    P(o),
+                    I(os),
+                ];
+                go(0, grid(groups, rows(x), ROW_THREADS), &args)
+            }
+            Launch::AddRmsNorm {
+                x,
+                d,
+                w,
+                eps,
+                sum_out,
+                normed_out,
+            } => {
+                let ((xp, xs), (dp, ds)) = (act(x)?, act(d)?);
+                let ((sp, ss), (np, ns)) = (act(sum_out)?, act(normed_out)?);
+                let args = [
+                    P(xp),
+                    I(xs),
+                    P(dp),
+                    I(ds),
+                    int(x.cols),
+                    P(weight(w)),
+                    F(*eps),
+                    P(sp),
+                    I(ss),
+                    P(np),
+                    I(ns),
+                ];
+                go(0, grid(rows(x), 1, ROW_THREADS), &args)
+            }
+            Launch::MatMul { x, w, bias, out } => {
+                let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
+                let bias = bias.as_ref().map_or(0u64, weight);
+                let (n, t) = (out.cols as u32, rows(x));
+                let args = [
+                    P(xp),
+                    I(xs),
+                    P(weight(w)),
+                    int(x.cols),
+                    int(out.cols),
+                    P(bias),
+                    I(t as i32),
+                    P(o),
+                    I(os),
+                ];
+                go(0, grid(n.div_ceil(8), t.div_ceil(4), 256), &args)
+            }
+            Launch::Add { a, b, out } | Launch::Mul { a, b, out } => {
+                let ((ap, as_), (bp, bs), (o, os)) = (act(a)?, act(b)?, act(out)?);
+                let args = [P(ap), I(as_), P(bp), I(bs), int(a.cols), P(o), I(os)];
+                go(0, cols_grid(a.cols, rows(a)), &args)
+            }
+            Launch::Silu { x, out } | Launch::SiluMul { gu: x, out } => {
+                let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
+                let args = [P(xp), I(xs), int(out.cols), P(o), I(os)];
+                go(0, cols_grid(out.cols, rows(x)), &args)
+            }
+            Launch::Rope {
+                x,
+                n_heads,
+                head_dim,
+                out,
+            } => {
+                let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
+                let args = [
+                    P(xp),
+                    I(xs),
+                    int(*head_dim),
+                    P(p.positions),
+                    P(ptr(&self.cos, s)),
+                    P(ptr(&self.sin, s)),
+                    int(*head_dim / 2),
+                    P(o),
+                    I(os),
+                ];
+                go(0, grid(*n_heads as u32, rows(x), 64), &args)
+            }
+            Launch::Attention {
+                q,
+                k,
+                v,
+                layer,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+                out,
+            } => {
+                let ((qp, qs), (kp, ks), (vp, vs)) = (act(q)?, act(k)?, act(v)?);
+                let (o, os) = act(out)?;
+                let layer = *layer as usize;
+                let (kc, vc) = match (self.k_cache.get(layer), self.v_cache.get(layer)) {
+                    (Some(kc), Some(vc)) => (ptr(kc, s), ptr(vc, s)),
+                    _ => {
+                        return Err(RuntimeError::InvalidPlan(format!(
+                            "step {index}: no KV layer {layer}"
+                        )))
+                    }
+                };
+                let blocks = P(ptr(&self.blocks, s));
+                let block_size = I(self.block_size as i32);
+                let t = p.t as u32;
+                let append = [
+                    P(kp),
+                    I(ks),
+                    P(vp),
+                    I(vs),
+                    P(p.positions),
+                    blocks,
+                    block_size,
+                    int(*n_kv_heads),
+                    P(kc),
+                    P(vc),
+                ];
+                go(0, grid(*n_kv_heads as u32, t, *head_dim as u32), &append)?;
+                let attend = [
+                    P(qp),
+                    I(qs),
+                    P(p.positions),
+                    blocks,
+                    block_size,
+                    int(*n_heads),
+                    int(*n_kv_heads),
+                    F(*scale),
+                    P(kc),
+                    P(vc),
+                    P(o),
+                    I(os),
+                ];
+                go(1, grid(*n_heads as u32, t, 128), &attend)
+            }
+            Launch::GatherRows { x, out } => {
+                let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
+                let args = [P(xp), I(xs), P(p.logit_rows), int(x.cols), P(o), I(os)];
+                go(0, grid(p.r as u32, 1, ROW_THREADS), &args)
+            }
+            other => Err(RuntimeError::Cuda(format!(
+                "step {index}: {} has no CUDA kernel yet",
+                crate::plan::launch_kind(other)
+            ))),
+        }
+    }
+
+    /// The device address of a view's first element and its row stride, bounds-checked as the
+    /// CPU engine's views are.
+    fn act(&self, a: &Act, p: &PassInputs) -> Result<(u64, i32), RuntimeError> {
+        let rows = match a.rows {
+            Rows::Tokens => p.t,
+            Rows::LogitRows => p.r,
+        };
+        let (buffer, start) = match a.buffer {
+            Buffer::Arena { offset_cols } => (&self.arena, offset_cols as usize * p.t),
+            Buffer::Logits => (&self.logits, 0),
+        };
+        let start = start + a.col as usize;
+        let span = if rows == 0 {
+            0
+        } else {
+            (rows - 1) * a.stride as usize + a.cols as usize
+        };
+        if start + span > buffer.len() {
+            return Err(RuntimeError::InvalidPlan(format!(
+                "activation view {a:?} runs past its buffer"
+            )));
+        }
+        let base = ptr(buffer, &self.gpu.stream);
+        Ok((base + 4 * start as u64, a.stride as i32))
+    }
+}
+
+/// A kernel argument: a device address, an int or a float.
+#[derive(Clone, Copy)]
+enum Arg {
+    P(u64),
+    I(i32),
+    F(f32),
+}
+
+/// A pass's inputs on the device.
+struct PassInputs {
+    t: usize,
+    r: usize,
+    ids: u64,
+    positions: u64,
+    logit_rows: u64,
+}
+
+/// The device address of an allocation (the engine uses one stream, so no event is needed).
+fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _record) = slice.device_ptr(stream);
+    p
+}

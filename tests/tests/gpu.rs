@@ -1,0 +1,319 @@
+//! GPU tests: they run whenever a CUDA device is present and print `SKIPPED` when none is (CI has
+//! no GPU; these are run on an H100 before a GPU change lands). Each compiles a tiny golden model
+//! for the device's architecture, loads the plan's module through the driver and checks kernels
+//! against float64 references computed here on the same random inputs.
+
+mod common;
+
+use compiler::CompileOptions;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use half::bf16;
+use ir::{CudaArch, DType, Target};
+use runtime::cuda::{device_arch, device_present, GpuEngine, GpuModule};
+use runtime::{LoadedPlan, RuntimeError};
+use std::path::PathBuf;
+
+/// Says why a test did not run, on the real stderr: the test harness captures `eprintln!` of
+/// passing tests, and a skip must be seen.
+fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {why}; the GPU tests did not run"
+    );
+}
+
+/// The device's architecture, or `None` (with the reason printed) when the tests cannot run.
+fn device() -> Option<CudaArch> {
+    if !device_present() {
+        skipped("no CUDA device here");
+        return None;
+    }
+    if !compiler::codegen::cuda::available_for_test("GPU tests") {
+        return None;
+    }
+    match device_arch(0) {
+        Ok((_, Some(arch))) => Some(arch),
+        Ok((name, None)) => {
+            skipped(&format!("{name} is not a target fdc builds for"));
+            None
+        }
+        Err(e) => panic!("a CUDA device is present but cannot be opened: {e}"),
+    }
+}
+
+fn tiny_plan(arch: CudaArch) -> PathBuf {
+    cuda_plan("llama", arch, DType::BF16)
+}
+
+fn cuda_plan(model: &str, arch: CudaArch, dtype: DType) -> PathBuf {
+    let out = common::scratch_path(&format!("tiny-{model}-{}-{dtype}.fdp", arch.name()));
+    let options = CompileOptions {
+        target: Target::Cuda(arch),
+        weight_dtype: dtype,
+        quant: Default::default(),
+        progress: false,
+    };
+    compiler::compile(&common::golden(&format!("tiny/{model}")), &out, &options)
+        .unwrap_or_else(|e| panic!("compiling {model} for {arch:?}: {e}"));
+    out
+}
+
+fn module(arch: CudaArch) -> GpuModule {
+    let plan = LoadedPlan::load(&tiny_plan(arch)).expect("loading the plan");
+    GpuModule::open(&plan, 0).expect("opening the module")
+}
+
+/// Uniform values in [-1, 1) from a fixed seed.
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// ||got - want|| / ||want||.
+fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let diff: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    let norm: f64 = want.iter().map(|w| w * w).sum();
+    (diff / norm).sqrt()
+}
+
+#[test]
+fn a_plan_for_another_gpu_is_refused_naming_both() {
+    let Some(arch) = device() else { return };
+    let other = CudaArch::ALL
+        .into_iter()
+        .find(|&a| a != arch)
+        .expect("three archs");
+    let plan = LoadedPlan::load(&tiny_plan(other)).expect("loading the plan");
+    match GpuModule::open(&plan, 0) {
+        Err(e @ RuntimeError::WrongGpu { .. }) => {
+            let message = e.to_string();
+            assert!(message.contains(&Target::Cuda(other).name()), "{message}");
+            assert!(message.contains(&Target::Cuda(arch).name()), "{message}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a plan for {other:?} opened on {arch:?}"),
+    }
+}
+
+#[test]
+fn matmul_bf16_matches_a_float64_reference() {
+    let Some(arch) = device() else { return };
+    let gpu = module(arch);
+    let (t, k, n) = (5usize, 300usize, 70usize);
+    let x = random(t * k, 1);
+    let w: Vec<bf16> = random(n * k, 2).into_iter().map(bf16::from_f32).collect();
+    let bias = random(n, 3);
+    let s = &gpu.stream;
+    let x_d = s.clone_htod(&x).unwrap();
+    let w_d = s
+        .clone_htod(&w.iter().map(|v| v.to_bits()).collect::<Vec<u16>>())
+        .unwrap();
+    let b_d = s.clone_htod(&bias).unwrap();
+    // Poisoned output: every element must be written.
+    let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+    let f = gpu.function("matmul_bf16").expect("matmul_bf16");
+    let (ki, ni, ti) = (k as i32, n as i32, t as i32);
+    let mut launch = s.launch_builder(f);
+    launch
+        .arg(&x_d)
+        .arg(&ki)
+        .arg(&w_d)
+        .arg(&ki)
+        .arg(&ni)
+        .arg(&b_d)
+        .arg(&ti)
+        .arg(&mut out_d)
+        .arg(&ni);
+    let config = LaunchConfig {
+        grid_dim: (n.div_ceil(8) as u32, t.div_ceil(4) as u32, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(config) }.expect("launch");
+    let got = s.clone_dtoh(&out_d).unwrap();
+    let mut want = vec![0f64; t * n];
+    for r in 0..t {
+        for c in 0..n {
+            let dot: f64 = (0..k)
+                .map(|i| x[r * k + i] as f64 * w[c * k + i].to_f32() as f64)
+                .sum();
+            want[r * n + c] = dot + bias[c] as f64;
+        }
+    }
+    let err = relative_error(&got, &want);
+    assert!(err < 1e-5, "relative error {err}");
+}
+
+#[test]
+fn paged_attention_matches_a_float64_reference() {
+    let Some(arch) = device() else { return };
+    let gpu = module(arch);
+    // The tiny llama's shapes: 4 heads sharing 2 kv heads of 16; 7 tokens of one sequence in
+    // blocks of 4 positions, the sequence's blocks out of order in a pool of 5.
+    let (t, heads, kv_heads, d, block_size) = (7usize, 4usize, 2usize, 16usize, 4usize);
+    let blocks: Vec<u32> = vec![3, 1];
+    let positions: Vec<u32> = (0..t as u32).collect();
+    let q = random(t * heads * d, 4);
+    let k = random(t * kv_heads * d, 5);
+    let v = random(t * kv_heads * d, 6);
+    let scale = 1.0 / (d as f32).sqrt();
+    let s = &gpu.stream;
+    let pool = 5 * block_size * kv_heads * d;
+    let (q_d, k_d, v_d) = (
+        s.clone_htod(&q).unwrap(),
+        s.clone_htod(&k).unwrap(),
+        s.clone_htod(&v).unwrap(),
+    );
+    let (pos_d, blocks_d) = (
+        s.clone_htod(&positions).unwrap(),
+        s.clone_htod(&blocks).unwrap(),
+    );
+    let mut k_cache = s.alloc_zeros::<f32>(pool).unwrap();
+    let mut v_cache = s.alloc_zeros::<f32>(pool).unwrap();
+    let mut out_d = s.clone_htod(&vec![f32::NAN; t * heads * d]).unwrap();
+    let (kv_cols, q_cols) = ((kv_heads * d) as i32, (heads * d) as i32);
+    let (bs, h_i, kv_i) = (block_size as i32, heads as i32, kv_heads as i32);
+    let append = gpu.function("kv_append_f32").expect("kv_append_f32");
+    let mut launch = s.launch_builder(append);
+    launch
+        .arg(&k_d)
+        .arg(&kv_cols)
+        .arg(&v_d)
+        .arg(&kv_cols)
+        .arg(&pos_d)
+        .arg(&blocks_d)
+        .arg(&bs)
+        .arg(&kv_i)
+        .arg(&mut k_cache)
+        .arg(&mut v_cache);
+    let config = LaunchConfig {
+        grid_dim: (kv_heads as u32, t as u32, 1),
+        block_dim: (d as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(config) }.expect("kv_append launch");
+    let attend = gpu.function("attention_f32").expect("attention_f32");
+    let mut launch = s.launch_builder(attend);
+    launch
+        .arg(&q_d)
+        .arg(&q_cols)
+        .arg(&pos_d)
+        .arg(&blocks_d)
+        .arg(&bs)
+        .arg(&h_i)
+        .arg(&kv_i)
+        .arg(&scale)
+        .arg(&k_cache)
+        .arg(&v_cache)
+        .arg(&mut out_d)
+        .arg(&q_cols);
+    let config = LaunchConfig {
+        grid_dim: (heads as u32, t as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(config) }.expect("attention launch");
+    let got = s.clone_dtoh(&out_d).unwrap();
+    let mut want = vec![0f64; t * heads * d];
+    for r in 0..t {
+        for h in 0..heads {
+            let g = h / (heads / kv_heads);
+            let scores: Vec<f64> = (0..=r)
+                .map(|p| {
+                    (0..d)
+                        .map(|i| {
+                            q[(r * heads + h) * d + i] as f64 * k[(p * kv_heads + g) * d + i] as f64
+                        })
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            for i in 0..d {
+                want[(r * heads + h) * d + i] = (0..=r)
+                    .map(|p| e[p] / sum * v[(p * kv_heads + g) * d + i] as f64)
+                    .sum();
+            }
+        }
+    }
+    let err = relative_error(&got, &want);
+    assert!(err < 1e-5, "relative error {err}");
+}
+
+/// A dense tiny golden, f32 weights, run whole on the GPU: logits at every position within 1e-3
+/// of the largest golden logit (the CPU tests' bound), and HF's greedy continuation (EOS
+/// suppressed) reproduced one decode step at a time.
+fn golden_on_the_gpu(model: &str) {
+    let Some(arch) = device() else { return };
+    let dir = common::golden(&format!("tiny/{model}"));
+    let plan = LoadedPlan::load(&cuda_plan(model, arch, DType::F32)).expect("loading");
+    let mut engine = GpuEngine::new(plan, 0, 1024, 64).expect("uploading the plan");
+    let golden_logits = common::read_tensor(&dir.join("golden.safetensors"), "logits");
+    let json = common::read_json(&dir.join("golden.json"));
+    let vocab = golden_logits.shape[1];
+    let logits = engine
+        .forward(&common::ids(&json["input_ids"]), true)
+        .expect("forward");
+    common::check_logits(model, &logits, &golden_logits.data, vocab, 1e-3);
+
+    let prompt = common::ids(&json["prompt_ids"]);
+    let greedy = common::ids(&json["greedy_ids"]);
+    let eos = engine.plan().manifest.model.eos_token_ids.clone();
+    engine.reset();
+    let mut tokens = prompt.clone();
+    let mut next = engine.forward(&prompt, false).expect("prefill");
+    for _ in prompt.len()..greedy.len() {
+        for &e in &eos {
+            if let Some(l) = next.get_mut(e as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let token = common::argmax(&next);
+        tokens.push(token);
+        next = engine.forward(&[token], false).expect("decode");
+    }
+    assert_eq!(
+        tokens, greedy,
+        "{model}: greedy continuation differs from HF"
+    );
+}
+
+#[test]
+fn golden_llama_on_the_gpu() {
+    golden_on_the_gpu("llama");
+}
+
+#[test]
+fn golden_llama3_rope_scaling_on_the_gpu() {
+    golden_on_the_gpu("llama3_rope");
+}
+
+#[test]
+fn golden_qwen2_biases_and_tied_embeddings_on_the_gpu() {
+    golden_on_the_gpu("qwen2");
+}
+
+#[test]
+fn golden_qwen2_yarn_on_the_gpu() {
+    golden_on_the_gpu("qwen2_yarn");
+}
+
+#[test]
+fn golden_qwen3_qk_norm_on_the_gpu() {
+    golden_on_the_gpu("qwen3");
+}
