@@ -113,8 +113,10 @@ impl GpuModule {
                 }
             }
         }
+        // A stream of its own: the legacy default stream cannot be captured into a graph.
+        let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
         Ok(GpuModule {
-            stream: ctx.default_stream(),
+            stream,
             ctx,
             module,
             functions,
@@ -132,8 +134,9 @@ impl GpuModule {
 /// arena, the logits and the paged KV cache live on the device; each step is one or two kernel
 /// launches on one stream, with the same views (`Act`) the CPU engine resolves.
 ///
-/// Still to come: several sequences per pass (the scheduler's batches), CUDA graphs, cuBLAS for
-/// large batches, and uploading weights in bounded chunks.
+/// One-token decode steps are captured once into a CUDA graph and replayed. Still to come:
+/// several sequences per pass (the scheduler's batches), cuBLAS for large batches, and uploading
+/// weights in bounded chunks.
 pub struct GpuEngine {
     gpu: GpuModule,
     plan: LoadedPlan,
@@ -151,6 +154,8 @@ pub struct GpuEngine {
     max_context: usize,
     max_batch_tokens: usize,
     seq_len: usize,
+    /// The captured decode step (one token), replayed for every later one.
+    decode_graph: Option<cudarc::driver::CudaGraph>,
     /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
     profile: Option<HashMap<String, (std::time::Duration, usize)>>,
 }
@@ -236,6 +241,7 @@ impl GpuEngine {
             .map_err(|e| upload("input buffers", e))?;
         Ok(GpuEngine {
             profile: std::env::var_os("FDRT_PROFILE").map(|_| HashMap::new()),
+            decode_graph: None,
             inputs,
             gpu,
             plan,
@@ -311,9 +317,53 @@ impl GpuEngine {
             positions: base + 4 * t as u64,
             logit_rows: base + 8 * t as u64,
         };
+        // A decode step (one token, its logits) is the same launches every time, reading the
+        // position from the input buffer: captured once into a CUDA graph, then replayed, so
+        // the ~300 launches cost one. Not while profiling, which times each step.
+        if t == 1 && !all && self.profile.is_none() {
+            if self.decode_graph.is_none() {
+                let graph_error =
+                    |e| RuntimeError::Cuda(format!("capturing the decode graph: {e}"));
+                s.begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .map_err(graph_error)?;
+                let captured = (0..self.plan.program.steps.len())
+                    .try_for_each(|index| self.run_step(index, &inputs));
+                // End the capture whatever happened, so the stream is usable again.
+                let graph = s
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .map_err(graph_error)?;
+                captured?;
+                self.decode_graph = graph;
+            }
+            match &self.decode_graph {
+                Some(graph) => graph
+                    .launch()
+                    .map_err(|e| RuntimeError::Cuda(format!("replaying the decode graph: {e}")))?,
+                None => {
+                    return Err(RuntimeError::Cuda(
+                        "the decode graph captured nothing".into(),
+                    ))
+                }
+            }
+        } else {
+            self.run_steps(&inputs)?;
+        }
+        let cols = self.plan.program.logits_cols as usize;
+        let out = s
+            .clone_dtoh(&self.logits.slice(..inputs.r * cols))
+            .map_err(|e| RuntimeError::Cuda(format!("reading the logits: {e}")))?;
+        self.seq_len = needed;
+        Ok(out)
+    }
+
+    /// Launches every step, one by one (timing each with `FDRT_PROFILE`).
+    fn run_steps(&mut self, inputs: &PassInputs) -> Result<(), RuntimeError> {
+        let s = self.gpu.stream.clone();
         for index in 0..self.plan.program.steps.len() {
             let start = self.profile.as_ref().map(|_| std::time::Instant::now());
-            self.run_step(index, &inputs)?;
+            self.run_step(index, inputs)?;
             if let (Some(profile), Some(start)) = (self.profile.as_mut(), start) {
                 s.synchronize()
                     .map_err(|e| RuntimeError::Cuda(format!("profiling: {e}")))?;
@@ -323,12 +373,7 @@ impl GpuEngine {
                 entry.1 += 1;
             }
         }
-        let cols = self.plan.program.logits_cols as usize;
-        let out = s
-            .clone_dtoh(&self.logits.slice(..inputs.r * cols))
-            .map_err(|e| RuntimeError::Cuda(format!("reading the logits: {e}")))?;
-        self.seq_len = needed;
-        Ok(out)
+        Ok(())
     }
 
     fn run_step(&self, index: usize, p: &PassInputs) -> Result<(), RuntimeError> {
