@@ -25,19 +25,37 @@ extern "C" __global__ void kv_append_f32(const float* k, int k_stride, const flo
     v_cache[at + d] = v[(long long)r * v_stride + g * FD_HEAD_DIM + d];
 }
 
-// out[r, h*D..] = softmax(q k^T * scale) v over the keys at positions 0..=positions[r], for
-// kv head h / (H / KV). Grid: (H, T); block: 32 * ATTENTION_WARPS. Each warp takes every
-// ATTENTION_WARPS-th key with an online softmax; the warps' partial results are merged at the end.
-extern "C" __global__ void attention_f32(const float* q, int q_stride, const unsigned int* positions,
-                                         const unsigned int* blocks, int block_size, int n_heads,
-                                         int kv_heads, float scale, const float* k_cache, const float* v_cache,
-                                         float* out, int out_stride) {
+// Attention is split over the sequence (the flash-decoding layout) so that a decode step, one
+// query per head, still spreads over every SM: `attention_partial_f32` attends each query to one
+// chunk of `chunk` positions per block and writes the chunk's partial result, and
+// `attention_merge_f32` merges a query's chunks. A partial is `[m, l, acc[FD_HEAD_DIM]]`: the
+// chunk's largest score, its sum of exp(score - m), and its exp-weighted sum of values.
+#define PARTIAL_WIDTH (FD_HEAD_DIM + 2)
+
+// Grid: (H, T, max_chunks); block: 32 * ATTENTION_WARPS. partial: [T, H, max_chunks, PARTIAL_WIDTH].
+// Each warp takes every ATTENTION_WARPS-th key of the chunk with an online softmax; the warps are
+// merged into the chunk's partial. Chunks past the query's position write an empty partial.
+extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
+                                                 const unsigned int* positions,
+                                                 const unsigned int* blocks, int block_size,
+                                                 int n_heads, int kv_heads, float scale,
+                                                 const float* k_cache, const float* v_cache,
+                                                 int chunk, float* partial) {
     __shared__ float part_max[ATTENTION_WARPS], part_sum[ATTENTION_WARPS];
     __shared__ float part_acc[ATTENTION_WARPS][FD_HEAD_DIM];
-    const int h = blockIdx.x, r = blockIdx.y;
+    const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, max_chunks = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = h / (n_heads / kv_heads);
     const int last = positions[r];
+    const int begin = c * chunk, end = min(begin + chunk, last + 1);
+    float* out = partial + (((long long)r * n_heads + h) * max_chunks + c) * PARTIAL_WIDTH;
+    if (begin > last) {
+        if (threadIdx.x == 0) {
+            out[0] = FD_NEG_INF;
+            out[1] = 0.0f;
+        }
+        return;
+    }
     const float* qh = q + (long long)r * q_stride + h * FD_HEAD_DIM;
     float qv[HEAD_LANES], acc[HEAD_LANES];
 #pragma unroll
@@ -47,7 +65,7 @@ extern "C" __global__ void attention_f32(const float* q, int q_stride, const uns
         acc[j] = 0.0f;
     }
     float m = FD_NEG_INF, l = 0.0f;
-    for (int p = warp; p <= last; p += ATTENTION_WARPS) {
+    for (int p = begin + warp; p < end; p += ATTENTION_WARPS) {
         const long long at = fd_cache_row(blocks, block_size, p, kv_heads, g);
         float dot = 0.0f;
 #pragma unroll
@@ -78,16 +96,46 @@ extern "C" __global__ void attention_f32(const float* q, int q_stride, const uns
     __syncthreads();
     float m_all = FD_NEG_INF;
     for (int w = 0; w < ATTENTION_WARPS; w++) m_all = fmaxf(m_all, part_max[w]);
+    // A warp that saw no key (a chunk shorter than the warps) holds m = -inf and adds nothing.
     float l_all = 0.0f;
     for (int w = 0; w < ATTENTION_WARPS; w++) {
-        // A warp that saw no key (short prefixes) holds m = -inf and adds nothing.
         if (part_max[w] != FD_NEG_INF) l_all += part_sum[w] * expf(part_max[w] - m_all);
     }
-    float* oh = out + (long long)r * out_stride + h * FD_HEAD_DIM;
     for (int d = threadIdx.x; d < FD_HEAD_DIM; d += blockDim.x) {
         float v = 0.0f;
         for (int w = 0; w < ATTENTION_WARPS; w++) {
             if (part_max[w] != FD_NEG_INF) v += part_acc[w][d] * expf(part_max[w] - m_all);
+        }
+        out[2 + d] = v;
+    }
+    if (threadIdx.x == 0) {
+        out[0] = m_all;
+        out[1] = l_all;
+    }
+}
+
+// out[r, h*D..] = the merge of query r's chunk partials for head h: chunks 0..=positions[r] /
+// chunk, each weighted by exp(m_c - max m). Grid: (H, T); block: any multiple of 32.
+extern "C" __global__ void attention_merge_f32(const float* partial,
+                                               const unsigned int* positions, int n_heads,
+                                               int chunk, int max_chunks, float* out,
+                                               int out_stride) {
+    const int h = blockIdx.x, r = blockIdx.y;
+    const int chunks = min((int)(positions[r] / chunk) + 1, max_chunks);
+    const float* base = partial + ((long long)r * n_heads + h) * max_chunks * PARTIAL_WIDTH;
+    float m_all = FD_NEG_INF;
+    for (int c = 0; c < chunks; c++) m_all = fmaxf(m_all, base[c * PARTIAL_WIDTH]);
+    float l_all = 0.0f;
+    for (int c = 0; c < chunks; c++) {
+        const float* part = base + c * PARTIAL_WIDTH;
+        if (part[0] != FD_NEG_INF) l_all += part[1] * expf(part[0] - m_all);
+    }
+    float* oh = out + (long long)r * out_stride + h * FD_HEAD_DIM;
+    for (int d = threadIdx.x; d < FD_HEAD_DIM; d += blockDim.x) {
+        float v = 0.0f;
+        for (int c = 0; c < chunks; c++) {
+            const float* part = base + c * PARTIAL_WIDTH;
+            if (part[0] != FD_NEG_INF) v += part[2 + d] * expf(part[0] - m_all);
         }
         oh[d] = v / l_all;
     }

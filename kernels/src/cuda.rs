@@ -59,7 +59,11 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
         (OpKind::Silu, _) => &["silu_f32"],
         (OpKind::SiluMul, _) => &["silu_mul_f32"],
         (OpKind::Rope, _) => &["rope_f32"],
-        (OpKind::Attention, _) => &["kv_append_f32", "attention_f32"],
+        (OpKind::Attention, _) => &[
+            "kv_append_f32",
+            "attention_partial_f32",
+            "attention_merge_f32",
+        ],
         (OpKind::GatherRows, _) => &["gather_rows_f32"],
         (OpKind::Moe | OpKind::MlaAttention, _) => &[],
     }

@@ -148,6 +148,12 @@ pub struct GpuEngine {
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
     blocks: CudaSlice<u32>,
+    /// Attention's partial results per chunk of positions: `[T, H, chunks, head_dim + 2]`.
+    partial: CudaSlice<f32>,
+    /// `H * head_dim` of the model: the widest attention the partials have room for.
+    partial_per_token: usize,
+    attention_chunk: usize,
+    attention_chunks: usize,
     /// A pass's token ids, positions and logit rows, `3 * max_batch_tokens` values.
     inputs: CudaSlice<u32>,
     block_size: usize,
@@ -239,7 +245,21 @@ impl GpuEngine {
         let inputs = s
             .alloc_zeros::<u32>(3 * max_batch_tokens)
             .map_err(|e| upload("input buffers", e))?;
+        // Attention's chunks: at least 64 positions, at most 64 chunks per context.
+        let attention_chunk = max_context.div_ceil(64).max(64);
+        let attention_chunks = max_context.div_ceil(attention_chunk);
+        let partial_per_token = m.model.num_heads as usize * m.model.head_dim as usize;
+        let partial = alloc(
+            max_batch_tokens
+                * m.model.num_heads as usize
+                * attention_chunks
+                * (m.model.head_dim as usize + 2),
+        )?;
         Ok(GpuEngine {
+            partial,
+            partial_per_token,
+            attention_chunk,
+            attention_chunks,
             profile: std::env::var_os("FDRT_PROFILE").map(|_| HashMap::new()),
             decode_graph: None,
             inputs,
@@ -555,6 +575,13 @@ impl GpuEngine {
                     P(vc),
                 ];
                 go(0, grid(*n_kv_heads as u32, t, *head_dim as u32), &append)?;
+                if *n_heads as usize * *head_dim as usize > self.partial_per_token {
+                    return Err(RuntimeError::InvalidPlan(format!(
+                        "step {index}: attention wider than the model's heads"
+                    )));
+                }
+                let partial = P(ptr(&self.partial, s));
+                let chunk = I(self.attention_chunk as i32);
                 let attend = [
                     P(qp),
                     I(qs),
@@ -566,10 +593,25 @@ impl GpuEngine {
                     F(*scale),
                     P(kc),
                     P(vc),
+                    chunk,
+                    partial,
+                ];
+                let chunks = LaunchConfig {
+                    grid_dim: (*n_heads as u32, t, self.attention_chunks as u32),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                go(1, chunks, &attend)?;
+                let merge = [
+                    partial,
+                    P(p.positions),
+                    int(*n_heads),
+                    chunk,
+                    I(self.attention_chunks as i32),
                     P(o),
                     I(os),
                 ];
-                go(1, grid(*n_heads as u32, t, 128), &attend)
+                go(2, grid(*n_heads as u32, t, 128), &merge)
             }
             Launch::GatherRows { x, out } => {
                 let ((xp, xs), (o, os)) = (act(x)?, act(out)?);

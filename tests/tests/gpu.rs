@@ -205,7 +205,14 @@ fn paged_attention_matches_a_float64_reference() {
         shared_mem_bytes: 0,
     };
     unsafe { launch.launch(config) }.expect("kv_append launch");
-    let attend = gpu.function("attention_f32").expect("attention_f32");
+    // Chunks of 3 positions: the 7 tokens' keys span three chunks, merged by the second kernel.
+    let (chunk, max_chunks) = (3i32, 3usize);
+    let mut partial = s
+        .alloc_zeros::<f32>(t * heads * max_chunks * (d + 2))
+        .unwrap();
+    let attend = gpu
+        .function("attention_partial_f32")
+        .expect("attention_partial_f32");
     let mut launch = s.launch_builder(attend);
     launch
         .arg(&q_d)
@@ -218,6 +225,25 @@ fn paged_attention_matches_a_float64_reference() {
         .arg(&scale)
         .arg(&k_cache)
         .arg(&v_cache)
+        .arg(&chunk)
+        .arg(&mut partial);
+    let config = LaunchConfig {
+        grid_dim: (heads as u32, t as u32, max_chunks as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(config) }.expect("attention launch");
+    let merge = gpu
+        .function("attention_merge_f32")
+        .expect("attention_merge_f32");
+    let mut launch = s.launch_builder(merge);
+    let chunks_i = max_chunks as i32;
+    launch
+        .arg(&partial)
+        .arg(&pos_d)
+        .arg(&h_i)
+        .arg(&chunk)
+        .arg(&chunks_i)
         .arg(&mut out_d)
         .arg(&q_cols);
     let config = LaunchConfig {
@@ -225,7 +251,7 @@ fn paged_attention_matches_a_float64_reference() {
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
-    unsafe { launch.launch(config) }.expect("attention launch");
+    unsafe { launch.launch(config) }.expect("merge launch");
     let got = s.clone_dtoh(&out_d).unwrap();
     let mut want = vec![0f64; t * heads * d];
     for r in 0..t {

@@ -149,7 +149,12 @@ mod tests {
                 ptx.contains(&format!(".target sm_{major}{minor}")),
                 "{arch:?}"
             );
-            for name in ["matmul_bf16", "attention_f32", "kv_append_f32", "rope_f32"] {
+            for name in [
+                "matmul_bf16",
+                "attention_partial_f32",
+                "kv_append_f32",
+                "rope_f32",
+            ] {
                 assert!(ptx.contains(&format!(".entry {name}(")), "{arch:?} {name}");
             }
         }
