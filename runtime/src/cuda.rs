@@ -289,6 +289,18 @@ impl GpuEngine {
         self.seq_len = 0;
     }
 
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    pub fn max_batch_tokens(&self) -> usize {
+        self.max_batch_tokens
+    }
+
     /// Runs `tokens` after the sequence so far; returns the logits of every new token (`all`) or
     /// of the last only, `[rows, vocab]`.
     pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>, RuntimeError> {

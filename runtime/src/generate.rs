@@ -1,9 +1,9 @@
 //! The token loop for one sequence: prefill the prompt, then sample one token per step until an
 //! end-of-sequence token, a stop, the token limit or the context limit.
 
-use crate::engine::Engine;
 use crate::error::RuntimeError;
 use crate::sampler::{Sampler, SamplingParams};
+use crate::sequence::OneSequence;
 
 #[derive(Clone, Debug)]
 pub struct GenerateOptions {
@@ -40,7 +40,7 @@ pub struct Generation {
 /// Generates after `prompt`, calling `on_token` with each new token as soon as it is sampled.
 /// The engine's sequence is reset first.
 pub fn generate(
-    engine: &mut Engine,
+    engine: &mut dyn OneSequence,
     prompt: &[u32],
     options: &GenerateOptions,
     mut on_token: impl FnMut(u32),
@@ -52,7 +52,7 @@ pub fn generate(
     if !options.ignore_eos {
         stops.extend(engine.plan().manifest.model.eos_token_ids.iter().copied());
     }
-    let capacity = engine.options().max_context;
+    let capacity = engine.max_context();
     if prompt.len() > capacity {
         return Err(RuntimeError::ContextFull {
             needed: prompt.len(),
@@ -61,7 +61,7 @@ pub fn generate(
         });
     }
     engine.reset();
-    let mut logits = engine.prefill(prompt, false)?;
+    let mut logits = engine.append(prompt)?;
     let mut tokens = vec![];
     loop {
         if tokens.len() >= options.max_new_tokens {
@@ -85,6 +85,6 @@ pub fn generate(
                 finish_reason: FinishReason::Length,
             });
         }
-        logits = engine.forward_last(&[next])?.to_vec();
+        logits = engine.append(&[next])?;
     }
 }

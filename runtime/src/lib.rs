@@ -25,6 +25,7 @@ pub mod kv_cache;
 pub mod plan;
 pub mod sampler;
 pub mod scheduler;
+pub mod sequence;
 pub mod server;
 pub mod tokenizer;
 pub mod weights;

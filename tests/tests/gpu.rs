@@ -343,3 +343,25 @@ fn golden_qwen2_yarn_on_the_gpu() {
 fn golden_qwen3_qk_norm_on_the_gpu() {
     golden_on_the_gpu("qwen3");
 }
+
+/// SmolLM2-135M (its GGUF, f32 weights) on the GPU against the float64 reference, as the CPU
+/// test checks it: prompt logits within 1e-3, teacher-forced greedy tokens equal.
+#[test]
+fn smollm2_matches_the_float64_reference_on_the_gpu() {
+    let Some(arch) = device() else { return };
+    let out = common::scratch_path(&format!("smollm2-{}.fdp", arch.name()));
+    let options = CompileOptions {
+        target: Target::Cuda(arch),
+        weight_dtype: DType::F32,
+        quant: Default::default(),
+        progress: false,
+    };
+    compiler::compile(&common::smollm2_gguf(), &out, &options).expect("compiling SmolLM2");
+    let plan = LoadedPlan::load(&out).expect("loading");
+    let vocab = plan.manifest.model.vocab_size as usize;
+    let mut engine = GpuEngine::new(plan, 0, 2048, 1024).expect("uploading the plan");
+    common::check_smollm2("f32 on the GPU", vocab, 1e-3, 1e-3, |sequence| {
+        engine.reset();
+        engine.forward(sequence, true).expect("forward")
+    });
+}

@@ -8,75 +8,22 @@ use common::*;
 use ir::DType;
 use runtime::tokenizer::TextTokenizer;
 
-struct Case {
-    name: String,
-    text: String,
-    prompt: Vec<u32>,
-    greedy: Vec<u32>,
-    margins: Vec<f64>,
-}
-
-fn cases() -> Vec<Case> {
-    let json = read_json(&golden("smollm2/golden.json"));
-    json["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .map(|c| Case {
-            name: c["name"].as_str().expect("name").to_string(),
-            text: c["text"].as_str().expect("text").to_string(),
-            prompt: ids(&c["prompt_ids"]),
-            greedy: ids(&c["greedy_ids"]),
-            margins: c["top1_margin"]
-                .as_array()
-                .expect("margins")
-                .iter()
-                .map(|m| m.as_f64().unwrap_or(0.0))
-                .collect(),
-        })
-        .collect()
-}
-
 /// Prompt logits within `tolerance`, and teacher-forced greedy agreement wherever the golden
 /// top-1 margin exceeds `min_margin`.
 fn check_plan(dtype: DType, tolerance: f32, min_margin: f64) {
     let plan = compiled(&smollm2_gguf(), dtype);
     let mut engine = engine(&plan);
     let vocab = engine.vocab_size();
-    let golden_file = golden("smollm2/logits.safetensors");
-    for case in cases() {
-        let label = format!("{} {dtype}", case.name);
-        let mut sequence = case.prompt.clone();
-        sequence.extend(&case.greedy);
-        engine.reset();
-        let logits = engine.prefill(&sequence, true).expect("forward");
-        let want = read_tensor(&golden_file, &format!("{}.prompt_logits", case.name));
-        check_logits(
-            &label,
-            &logits[..case.prompt.len() * vocab],
-            &want.data,
-            vocab,
-            tolerance,
-        );
-        let mut checked = 0;
-        for (i, &next) in case.greedy.iter().enumerate() {
-            if case.margins[i] <= min_margin {
-                continue;
-            }
-            let row = case.prompt.len() - 1 + i;
-            let got = argmax(&logits[row * vocab..][..vocab]);
-            assert_eq!(
-                got, next,
-                "{label}: greedy token {i} (margin {:.3})",
-                case.margins[i]
-            );
-            checked += 1;
-        }
-        println!(
-            "{label}: {checked} of {} greedy tokens checked, all equal",
-            case.greedy.len()
-        );
-    }
+    check_smollm2(
+        &dtype.to_string(),
+        vocab,
+        tolerance,
+        min_margin,
+        |sequence| {
+            engine.reset();
+            engine.prefill(sequence, true).expect("forward")
+        },
+    );
 }
 
 #[test]
@@ -94,7 +41,7 @@ fn tokenizer_from_the_plan_matches_the_reference_ids() {
     let plan = runtime::LoadedPlan::load(&compiled(&smollm2_gguf(), DType::F32)).expect("plan");
     let tokenizer =
         TextTokenizer::from_json(plan.tokenizer_json().expect("a tokenizer")).expect("tokenizer");
-    for case in cases() {
+    for case in smollm2_cases() {
         assert_eq!(
             tokenizer.encode(&case.text).expect("encode"),
             case.prompt,
@@ -123,7 +70,7 @@ fn chat_template_from_the_plan_renders_the_reference_prompt() {
             true,
         )
         .expect("render");
-    let case = cases()
+    let case = smollm2_cases()
         .into_iter()
         .find(|c| c.name == "chat_capital")
         .expect("chat case");

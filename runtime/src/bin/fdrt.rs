@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use runtime::chat::{ChatMessage, ChatTemplate};
 use runtime::generate::{generate, GenerateOptions};
 use runtime::sampler::SamplingParams;
+use runtime::sequence::OneSequence;
 use runtime::server::bench::BenchOptions;
 use runtime::server::{Server, ServerConfig};
 use runtime::tokenizer::TextTokenizer;
@@ -286,15 +287,32 @@ fn load(plan: &Path, args: &RunArgs) -> Result<Engine> {
     load_with_slots(plan, args, 1)
 }
 
+/// Loads a plan for one sequence: on the GPU (device 0) for a CUDA plan, else on the CPU.
+fn load_one_sequence(plan: &Path, args: &RunArgs) -> Result<Box<dyn OneSequence>> {
+    let loaded = LoadedPlan::load(plan).with_context(|| format!("loading {}", plan.display()))?;
+    Ok(match loaded.manifest.target {
+        ir_types::Target::Cuda(_) => Box::new(
+            runtime::cuda::GpuEngine::new(loaded, 0, args.max_context, args.max_batch_tokens)
+                .context("starting the GPU engine")?,
+        ),
+        ir_types::Target::Cpu(_) => Box::new(engine_for(loaded, args, 1)?),
+    })
+}
+
 /// Loads a plan into an engine with `max_num_seqs` sequence slots.
 fn load_with_slots(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<Engine> {
+    let loaded = LoadedPlan::load(plan).with_context(|| format!("loading {}", plan.display()))?;
+    engine_for(loaded, args, max_num_seqs)
+}
+
+/// The CPU engine for a loaded plan, with the thread count and KV cache the arguments ask for.
+fn engine_for(loaded: LoadedPlan, args: &RunArgs, max_num_seqs: usize) -> Result<Engine> {
     if let Some(n) = args.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build_global()
             .context("setting up worker threads")?;
     }
-    let loaded = LoadedPlan::load(plan).with_context(|| format!("loading {}", plan.display()))?;
     let max_context = args
         .max_context
         .min(loaded.manifest.model.max_position_embeddings.max(1) as usize);
@@ -343,7 +361,7 @@ fn run() -> Result<()> {
             json,
             run,
         } => {
-            let mut engine = load(&plan, &run)?;
+            let mut engine = load_one_sequence(&plan, &run)?;
             let tokenizer = match engine.plan().tokenizer_json() {
                 Some(j) => Some(TextTokenizer::from_json(j)?),
                 None => None,
@@ -357,7 +375,7 @@ fn run() -> Result<()> {
                     if chat {
                         // A rendered template already holds every special token it wants (as
                         // HF's apply_chat_template does): add none on top.
-                        tok.encode_raw(&render_chat(&engine, system, &text)?)?
+                        tok.encode_raw(&render_chat(engine.plan(), system, &text)?)?
                     } else {
                         tok.encode(&text)?
                     }
@@ -381,7 +399,7 @@ fn run() -> Result<()> {
             };
             let start = Instant::now();
             let out = if json || tokenizer.is_none() {
-                let out = generate(&mut engine, &prompt_ids, &options, |_| {})?;
+                let out = generate(engine.as_mut(), &prompt_ids, &options, |_| {})?;
                 let value = serde_json::json!({
                     "prompt_ids": prompt_ids,
                     "generated_ids": out.tokens,
@@ -396,7 +414,7 @@ fn run() -> Result<()> {
                 let mut stream = tok.stream_decoder();
                 let mut stdout = std::io::stdout();
                 let mut failure = None;
-                let out = generate(&mut engine, &prompt_ids, &options, |id| {
+                let out = generate(engine.as_mut(), &prompt_ids, &options, |id| {
                     match stream.push(id) {
                         Ok(text) => {
                             let _ = stdout.write_all(text.as_bytes());
@@ -696,29 +714,9 @@ fn run() -> Result<()> {
             json,
             run,
         } => {
-            let target = LoadedPlan::load(&plan)
-                .with_context(|| format!("loading {}", plan.display()))?
-                .manifest
-                .target;
-            let mut engine: Box<dyn runtime::bench::OneSequence> = match target {
-                ir_types::Target::Cuda(_) => Box::new(
-                    runtime::cuda::GpuEngine::new(
-                        LoadedPlan::load(&plan)?,
-                        0,
-                        run.max_context,
-                        run.max_batch_tokens,
-                    )
-                    .context("starting the GPU engine")?,
-                ),
-                ir_types::Target::Cpu(_) => Box::new(load(&plan, &run)?),
-            };
-            let r = runtime::bench::run(
-                engine.as_mut(),
-                run.max_batch_tokens,
-                prompt_tokens,
-                decode_tokens,
-                repeats,
-            )?;
+            let mut engine = load_one_sequence(&plan, &run)?;
+            let target = engine.plan().manifest.target;
+            let r = runtime::bench::run(engine.as_mut(), prompt_tokens, decode_tokens, repeats)?;
             let threads = match target {
                 ir_types::Target::Cuda(_) => 0,
                 ir_types::Target::Cpu(_) => rayon::current_num_threads(),
@@ -843,9 +841,8 @@ async fn shutdown_signal() {
     }
 }
 
-fn render_chat(engine: &Engine, system: Option<String>, user: &str) -> Result<String> {
-    let info = engine
-        .plan()
+fn render_chat(plan: &LoadedPlan, system: Option<String>, user: &str) -> Result<String> {
+    let info = plan
         .manifest
         .tokenizer
         .as_ref()

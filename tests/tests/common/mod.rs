@@ -174,3 +174,78 @@ pub fn check_logits(label: &str, got: &[f32], want: &[f32], cols: usize, toleran
 pub fn argmax(row: &[f32]) -> u32 {
     runtime::sampler::argmax(row)
 }
+
+/// One of SmolLM2's golden cases: a prompt and the reference's greedy continuation.
+pub struct SmolCase {
+    pub name: String,
+    pub text: String,
+    pub prompt: Vec<u32>,
+    pub greedy: Vec<u32>,
+    pub margins: Vec<f64>,
+}
+
+pub fn smollm2_cases() -> Vec<SmolCase> {
+    let json = read_json(&golden("smollm2/golden.json"));
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| SmolCase {
+            name: c["name"].as_str().expect("name").to_string(),
+            text: c["text"].as_str().expect("text").to_string(),
+            prompt: ids(&c["prompt_ids"]),
+            greedy: ids(&c["greedy_ids"]),
+            margins: c["top1_margin"]
+                .as_array()
+                .expect("margins")
+                .iter()
+                .map(|m| m.as_f64().unwrap_or(0.0))
+                .collect(),
+        })
+        .collect()
+}
+
+/// SmolLM2 against its float64 reference, whatever engine `forward_all` drives (it runs a
+/// fresh sequence and returns every position's logits): prompt logits within `tolerance`, and
+/// teacher-forced greedy agreement wherever the golden top-1 margin exceeds `min_margin`.
+pub fn check_smollm2(
+    label: &str,
+    vocab: usize,
+    tolerance: f32,
+    min_margin: f64,
+    mut forward_all: impl FnMut(&[u32]) -> Vec<f32>,
+) {
+    let golden_file = golden("smollm2/logits.safetensors");
+    for case in smollm2_cases() {
+        let label = format!("{} {label}", case.name);
+        let mut sequence = case.prompt.clone();
+        sequence.extend(&case.greedy);
+        let logits = forward_all(&sequence);
+        let want = read_tensor(&golden_file, &format!("{}.prompt_logits", case.name));
+        check_logits(
+            &label,
+            &logits[..case.prompt.len() * vocab],
+            &want.data,
+            vocab,
+            tolerance,
+        );
+        let mut checked = 0;
+        for (i, &next) in case.greedy.iter().enumerate() {
+            if case.margins[i] <= min_margin {
+                continue;
+            }
+            let row = case.prompt.len() - 1 + i;
+            let got = argmax(&logits[row * vocab..][..vocab]);
+            assert_eq!(
+                got, next,
+                "{label}: greedy token {i} (margin {:.3})",
+                case.margins[i]
+            );
+            checked += 1;
+        }
+        println!(
+            "{label}: {checked} of {} greedy tokens checked, all equal",
+            case.greedy.len()
+        );
+    }
+}
