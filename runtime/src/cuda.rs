@@ -182,6 +182,9 @@ impl Drop for GpuEngine {
     }
 }
 
+/// Weight bytes uploaded between two releases of the plan's resident pages.
+const UPLOAD_WINDOW: usize = 1 << 30;
+
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 
@@ -207,14 +210,25 @@ impl GpuEngine {
             .max(1);
         let max_batch_tokens = max_batch_tokens.max(1);
         let upload = |what: &str, e| RuntimeError::Cuda(format!("uploading {what}: {e}"));
-        let weights = (0..m.weights.len())
-            .map(|i| {
-                let bytes = plan.weight_bytes(artifacts::schema::WeightRef(i as u32));
-                // A zero-length allocation is refused by the driver; empty weights get a byte.
-                s.clone_htod(if bytes.is_empty() { &[0u8][..] } else { bytes })
-                    .map_err(|e| upload(&m.weights[i].name, e))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // Host memory stays bounded while uploading: after about UPLOAD_WINDOW bytes the copies
+        // are waited for and the plan's pages dropped from this process (they stay in the page
+        // cache), so the mapped plan never counts whole against it.
+        let mut weights = Vec::with_capacity(m.weights.len());
+        let mut since_release = 0usize;
+        for i in 0..m.weights.len() {
+            let bytes = plan.weight_bytes(artifacts::schema::WeightRef(i as u32));
+            // A zero-length allocation is refused by the driver; empty weights get a byte.
+            let slice = s
+                .clone_htod(if bytes.is_empty() { &[0u8][..] } else { bytes })
+                .map_err(|e| upload(&m.weights[i].name, e))?;
+            weights.push(slice);
+            since_release += bytes.len();
+            if since_release >= UPLOAD_WINDOW || i + 1 == m.weights.len() {
+                s.synchronize().map_err(|e| upload("weights", e))?;
+                plan.release_resident()?;
+                since_release = 0;
+            }
+        }
         let alloc = |n: usize| {
             s.alloc_zeros::<f32>(n.max(1))
                 .map_err(|e| upload("buffers", e))

@@ -29,6 +29,13 @@ pub struct LoadedPlan {
 }
 
 impl LoadedPlan {
+    /// Drops the plan's and its weight files' resident pages from this process (see
+    /// [`WeightStore::release_resident`]).
+    pub fn release_resident(&self) -> Result<(), RuntimeError> {
+        self.file.release_resident()?;
+        self.weights.release_resident()
+    }
+
     /// The bytes of a code symbol of the plan's code section (a CUDA plan's module), if both
     /// exist and the symbol lies inside the section.
     pub fn code_symbol(&self, name: &str) -> Option<&[u8]> {

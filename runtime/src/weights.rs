@@ -184,6 +184,15 @@ impl WeightStore {
             .unwrap_or(&[])
     }
 
+    /// Drops every weight file's resident pages from this process (they stay in the page cache
+    /// and fault back in when read again): for a reader that has copied the weights elsewhere.
+    pub fn release_resident(&self) -> Result<(), RuntimeError> {
+        for file in &self.files {
+            file.release_resident()?;
+        }
+        Ok(())
+    }
+
     /// Where the weights came from: the plan file, or the snapshot.
     pub fn origin(&self) -> &str {
         &self.origin
