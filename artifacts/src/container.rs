@@ -71,6 +71,9 @@ const HEADER_HASHED_LEN: usize = 72;
 /// Smallest possible table entry: a one-byte name.
 const MIN_ENTRY_LEN: usize = 4 + 1 + 1 + 8 + 8 + 8 + 32;
 const MAX_SECTION_NAME_LEN: usize = 1024;
+/// Called with each section's byte range once its checksum is computed.
+type Hashed<'a> = &'a (dyn Fn(std::ops::Range<usize>) + Sync);
+
 /// Below this many section bytes, spawning threads costs more than hashing on one.
 const PARALLEL_VERIFY_MIN_BYTES: u64 = 64 << 20;
 static ZEROS: [u8; SECTION_ALIGNMENT as usize] = [0; SECTION_ALIGNMENT as usize];
@@ -643,13 +646,20 @@ impl Layout {
     }
 
     /// Checks every section against its blake3, then that all padding is zero.
+    #[cfg(test)]
     fn verify(&self, file: &[u8]) -> Result<(), PlanError> {
-        self.verify_with(file, PARALLEL_VERIFY_MIN_BYTES)
+        self.verify_with(file, PARALLEL_VERIFY_MIN_BYTES, &|_| {})
     }
 
-    /// `verify`, hashing on several threads from `parallel_min_bytes` of section data on.
-    fn verify_with(&self, file: &[u8], parallel_min_bytes: u64) -> Result<(), PlanError> {
-        if let Some(bad) = self.first_failing_section(file, parallel_min_bytes) {
+    /// `verify`, hashing on several threads from `parallel_min_bytes` of section data on, and
+    /// calling `hashed(range)` with each section's bytes once they are hashed.
+    fn verify_with(
+        &self,
+        file: &[u8],
+        parallel_min_bytes: u64,
+        hashed: Hashed,
+    ) -> Result<(), PlanError> {
+        if let Some(bad) = self.first_failing_section(file, parallel_min_bytes, hashed) {
             return Err(PlanError::ChecksumMismatch {
                 section: self.sections[bad].entry.name.clone(),
             });
@@ -657,14 +667,21 @@ impl Layout {
         self.check_padding(file)
     }
 
-    fn section_matches(file: &[u8], section: &Section) -> bool {
-        file.get(section.data.clone()).is_some_and(|bytes| {
+    fn section_matches(file: &[u8], section: &Section, hashed: Hashed) -> bool {
+        let matches = file.get(section.data.clone()).is_some_and(|bytes| {
             blake3::hash(bytes) == blake3::Hash::from_bytes(section.entry.checksum)
-        })
+        });
+        hashed(section.data.clone());
+        matches
     }
 
     /// Index of the first section (in file order) whose bytes fail their checksum.
-    fn first_failing_section(&self, file: &[u8], parallel_min_bytes: u64) -> Option<usize> {
+    fn first_failing_section(
+        &self,
+        file: &[u8],
+        parallel_min_bytes: u64,
+        hashed: Hashed,
+    ) -> Option<usize> {
         let total: u64 = self.sections.iter().map(|s| s.entry.len).sum();
         let threads = std::thread::available_parallelism()
             .map_or(1, |n| n.get())
@@ -673,7 +690,7 @@ impl Layout {
             return self
                 .sections
                 .iter()
-                .position(|s| !Layout::section_matches(file, s));
+                .position(|s| !Layout::section_matches(file, s, hashed));
         }
         // Sections are handed out one at a time so that a few huge ones do not leave the other
         // threads idle; the lowest failing index is kept so the error does not depend on timing.
@@ -684,7 +701,7 @@ impl Layout {
             let Some(section) = self.sections.get(index) else {
                 break;
             };
-            if !Layout::section_matches(file, section) {
+            if !Layout::section_matches(file, section, hashed) {
                 first_failing.fetch_min(index, Ordering::Relaxed);
             }
         };
@@ -760,8 +777,31 @@ impl PlanFile {
 
     /// Checks every section against its blake3, then that all padding is zero. Large plans are
     /// hashed on several threads.
+    /// Each section's pages are dropped from this process once hashed (see
+    /// [`PlanFile::release_resident`]), so that verifying a plan larger than memory does not
+    /// count it all as this process's memory at once.
     pub fn verify_all(&self) -> Result<(), PlanError> {
-        self.layout.verify(&self.map)
+        self.layout
+            .verify_with(&self.map, PARALLEL_VERIFY_MIN_BYTES, &|range| {
+                self.release_range(range)
+            })
+    }
+
+    /// Drops the resident pages of `range` of the mapping, best effort (see `release_resident`).
+    fn release_range(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if range.start < range.end && range.end <= self.map.len() {
+            // SAFETY: as in `release_resident`: a read-only mapping of a file never modified in
+            // place, so every page reads back with the same bytes. Sections start on page
+            // boundaries; a range's last partial page holds only its own bytes and padding.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.len(),
+                )
+            };
+        }
     }
 
     /// The bytes of section `name`, 4096-aligned in memory.
@@ -1761,7 +1801,7 @@ mod tests {
                 bytes[offset_of(i) + 17] ^= 0x10;
             }
             // Threshold 0: always take the threaded path (where the machine has several cores).
-            match (layout.verify_with(&bytes, 0), expected) {
+            match (layout.verify_with(&bytes, 0, &|_| {}), expected) {
                 (Ok(()), None) => {}
                 (Err(PlanError::ChecksumMismatch { section }), Some(name)) => {
                     assert_eq!(section, name, "{label}")
