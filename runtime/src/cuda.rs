@@ -64,6 +64,8 @@ pub struct GpuModule {
     pub stream: Arc<CudaStream>,
     pub module: Arc<CudaModule>,
     functions: HashMap<&'static str, CudaFunction>,
+    /// By step: the functions its kernel launches.
+    step_functions: Vec<Vec<CudaFunction>>,
 }
 
 impl GpuModule {
@@ -97,21 +99,29 @@ impl GpuModule {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
             .map_err(cuda("loading the plan's module"))?;
-        let mut functions = HashMap::new();
+        let mut functions: HashMap<&'static str, CudaFunction> = HashMap::new();
+        let mut step_functions = Vec::with_capacity(plan.program.steps.len());
         for step in &plan.program.steps {
             let entry = registry::by_name(&step.kernel)
                 .filter(|e| e.source == KernelSource::Cuda)
                 .ok_or_else(|| {
                     RuntimeError::InvalidPlan(format!("{} is not a CUDA kernel", step.kernel))
                 })?;
+            let mut launched = vec![];
             for &name in kernels::cuda::functions(entry) {
-                if !functions.contains_key(name) {
-                    let f = module
-                        .load_function(name)
-                        .map_err(|e| RuntimeError::Cuda(format!("module has no {name}: {e}")))?;
-                    functions.insert(name, f);
-                }
+                let f = match functions.get(name) {
+                    Some(f) => f.clone(),
+                    None => {
+                        let f = module.load_function(name).map_err(|e| {
+                            RuntimeError::Cuda(format!("module has no {name}: {e}"))
+                        })?;
+                        functions.insert(name, f.clone());
+                        f
+                    }
+                };
+                launched.push(f);
             }
+            step_functions.push(launched);
         }
         // A stream of its own: the legacy default stream cannot be captured into a graph.
         let stream = ctx.new_stream().map_err(cuda("creating a stream"))?;
@@ -120,12 +130,19 @@ impl GpuModule {
             ctx,
             module,
             functions,
+            step_functions,
         })
     }
 
     /// A function of the module that one of the plan's kernels launches.
     pub fn function(&self, name: &str) -> Option<&CudaFunction> {
         self.functions.get(name)
+    }
+
+    /// The functions step `index` of the plan launches, in launch order (resolved at open, so
+    /// a launch looks nothing up).
+    pub fn step_functions(&self, index: usize) -> &[CudaFunction] {
+        self.step_functions.get(index).map_or(&[], Vec::as_slice)
     }
 }
 
@@ -439,16 +456,11 @@ impl GpuEngine {
         };
         let cols_grid =
             |cols: u64, r: u32| grid((cols as u32).div_ceil(ROW_THREADS), r, ROW_THREADS);
-        let entry = registry::by_name(&step.kernel)
-            .ok_or_else(|| RuntimeError::InvalidPlan(format!("unknown kernel {}", step.kernel)))?;
-        let names = kernels::cuda::functions(entry);
+        let functions = self.gpu.step_functions(index);
         let go = |i: usize, config: LaunchConfig, args: &[Arg]| -> Result<(), RuntimeError> {
-            let f = names
-                .get(i)
-                .and_then(|n| self.gpu.function(n))
-                .ok_or_else(|| {
-                    RuntimeError::InvalidPlan(format!("{} has no function", step.kernel))
-                })?;
+            let f = functions.get(i).ok_or_else(|| {
+                RuntimeError::InvalidPlan(format!("{} has no function", step.kernel))
+            })?;
             let mut b = s.launch_builder(f);
             for a in args {
                 match a {

@@ -177,25 +177,33 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
 
 /// Whether the target has a matmul for `scheme`; if not, the message lists the ones it has.
 fn check_target(scheme: QuantScheme, ctx: &PassCtx) -> Result<(), String> {
-    let key = |quant| KernelKey {
-        op: OpKind::MatMul,
-        dtype: DType::U8,
-        quant,
-        target: ctx.target,
-    };
-    if !registry::lookup(&key(scheme)).is_empty() {
+    let available = schemes_on(ctx.target);
+    if available.contains(&scheme.name()) {
         return Ok(());
     }
-    let available: Vec<&str> = QuantScheme::ALL
-        .iter()
-        .filter(|&&q| q == QuantScheme::None || !registry::lookup(&key(q)).is_empty())
-        .map(|q| q.name())
-        .collect();
     Err(format!(
         "target {} cannot run --quant {scheme}; it runs: {}",
         ctx.target,
         available.join(", ")
     ))
+}
+
+/// The `--quant` schemes `target` has a matmul for (`none` always), for error messages.
+pub(crate) fn schemes_on(target: ir::Target) -> Vec<&'static str> {
+    QuantScheme::ALL
+        .iter()
+        .filter(|&&q| {
+            q == QuantScheme::None
+                || !registry::lookup(&KernelKey {
+                    op: OpKind::MatMul,
+                    dtype: DType::U8,
+                    quant: q,
+                    target,
+                })
+                .is_empty()
+        })
+        .map(|q| q.name())
+        .collect()
 }
 
 /// Whether `pattern` (`*` matches any run of characters) matches the whole of `name` or a part of

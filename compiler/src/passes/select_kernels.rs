@@ -91,23 +91,18 @@ pub fn run_quantized(
 
 /// For errors: the quantization schemes (`schemes`) or the ops a target has kernels for.
 fn what_the_target_runs(target: ir::Target, schemes: bool) -> String {
-    let mut names: Vec<&str> = vec![];
+    if schemes {
+        let names = super::quantize_weights::schemes_on(target);
+        return format!("{target} runs the schemes: {}", names.join(", "));
+    }
+    let mut ops: Vec<&str> = vec![];
     for e in registry::entries()
         .iter()
         .filter(|e| e.key.target == target)
     {
-        let name = if schemes {
-            e.key.quant.name()
-        } else {
-            e.key.op.name()
-        };
-        if !names.contains(&name) {
-            names.push(name);
+        if !ops.contains(&e.key.op.name()) {
+            ops.push(e.key.op.name());
         }
     }
-    if schemes {
-        format!("{target} runs the schemes: {}", names.join(", "))
-    } else {
-        format!("{target} has kernels for: {}", names.join(", "))
-    }
+    format!("{target} has kernels for: {}", ops.join(", "))
 }
