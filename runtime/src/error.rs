@@ -17,7 +17,7 @@ pub enum RuntimeError {
         plan_target: String,
         machine: String,
     },
-    #[error("plan is for {plan_target}: this fdrt does not execute CUDA plans yet (it checks and loads their GPU module only); compile for a CPU target with `fdc compile --target cpu`")]
+    #[error("plan is for {plan_target}: the CPU engine cannot run it, and of fdrt's commands only `generate` and `bench` run CUDA plans so far; for the others compile for a CPU target with `fdc compile --target cpu`")]
     CudaPlan { plan_target: String },
     #[error("plan is for {plan_target} but the GPU is {device}: recompile with `fdc compile --target {device_target}`")]
     WrongGpu {
