@@ -5,8 +5,6 @@
 // module is built; the block size is the runtime's choice.
 
 #define ATTENTION_WARPS 4
-// Head elements per lane: lane l holds elements l, l + 32, ... below FD_HEAD_DIM.
-#define HEAD_LANES ((FD_HEAD_DIM + 31) / 32)
 
 __device__ __forceinline__ long long fd_cache_row(const unsigned int* blocks, int block_size,
                                                   int pos, int kv_heads, int g) {
@@ -27,71 +25,130 @@ extern "C" __global__ void kv_append_f32(const float* k, int k_stride, const flo
 
 // Attention is split over the sequence (the flash-decoding layout) so that a decode step, one
 // query per head, still spreads over every SM: `attention_partial_f32` attends each query to one
-// chunk of `chunk` positions per block and writes the chunk's partial result, and
-// `attention_merge_f32` merges a query's chunks. A partial is `[m, l, acc[FD_HEAD_DIM]]`: the
-// chunk's largest score, its sum of exp(score - m), and its exp-weighted sum of values.
+// chunk of positions per block and writes the chunk's partial result, and `attention_merge_f32`
+// merges a query's chunks. A partial is `[m, l, acc[FD_HEAD_DIM]]`: the chunk's largest score,
+// its sum of exp(score - m), and its exp-weighted sum of values.
+//
+// The chunks are sized on the device from the query's position: `gridDim.z` chunks of
+// max(min_chunk, ceil(len / gridDim.z)) positions, so a graph captured once keeps every block
+// busy as the context grows.
 #define PARTIAL_WIDTH (FD_HEAD_DIM + 2)
+// Lanes that share one key: KEY_LANES lanes hold KEY_DIMS consecutive head elements each, so a
+// warp has 32 / KEY_LANES keys in flight at once, their K and V rows loaded before either is used.
+#define KEY_LANES 8
+#define KEY_GROUPS (32 / KEY_LANES)
+#define KEY_DIMS ((FD_HEAD_DIM + KEY_LANES - 1) / KEY_LANES)
 
-// Grid: (H, T, max_chunks); block: 32 * ATTENTION_WARPS. partial: [T, H, max_chunks, PARTIAL_WIDTH].
-// Each warp takes every ATTENTION_WARPS-th key of the chunk with an online softmax; the warps are
-// merged into the chunk's partial. Chunks past the query's position write an empty partial.
+// Loads a lane's KEY_DIMS elements of a cache row (zeros past the head), 16 bytes at a time when
+// the split allows (cache rows start at multiples of FD_HEAD_DIM floats of their own allocation).
+__device__ __forceinline__ void fd_load_key_dims(const float* row, int first, float out[KEY_DIMS]) {
+    if (KEY_DIMS % 4 == 0 && FD_HEAD_DIM % KEY_LANES == 0) {
+#pragma unroll
+        for (int j = 0; j < KEY_DIMS; j += 4) {
+            const float4 v = *reinterpret_cast<const float4*>(row + first + j);
+            out[j] = v.x; out[j + 1] = v.y; out[j + 2] = v.z; out[j + 3] = v.w;
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < KEY_DIMS; j++) out[j] = first + j < FD_HEAD_DIM ? row[first + j] : 0.0f;
+    }
+}
+
+// Folds the online-softmax state (m2, l2, acc2) into (m, l, acc); a state that saw no key has
+// m = -inf and adds nothing.
+__device__ __forceinline__ void fd_softmax_merge(float& m, float& l, float acc[KEY_DIMS], float m2,
+                                                 float l2, const float acc2[KEY_DIMS]) {
+    const float m_new = fmaxf(m, m2);
+    const float a = m == FD_NEG_INF ? 0.0f : expf(m - m_new);
+    const float b = m2 == FD_NEG_INF ? 0.0f : expf(m2 - m_new);
+    l = l * a + l2 * b;
+#pragma unroll
+    for (int j = 0; j < KEY_DIMS; j++) acc[j] = acc[j] * a + acc2[j] * b;
+    m = m_new;
+}
+
+// Grid: (H, T, chunks); block: 32 * ATTENTION_WARPS. partial: [T, H, chunks, PARTIAL_WIDTH].
+// Each group of KEY_LANES lanes takes every (ATTENTION_WARPS * KEY_GROUPS)-th key of the chunk
+// with an online softmax; the groups, then the warps, are merged into the chunk's partial.
+// Chunks past the query's position write an empty partial.
 extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
                                                  const unsigned int* positions,
                                                  const unsigned int* blocks, int block_size,
                                                  int n_heads, int kv_heads, float scale,
                                                  const float* k_cache, const float* v_cache,
-                                                 int chunk, float* partial) {
+                                                 int min_chunk, float* partial) {
     __shared__ float part_max[ATTENTION_WARPS], part_sum[ATTENTION_WARPS];
-    __shared__ float part_acc[ATTENTION_WARPS][FD_HEAD_DIM];
-    const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, max_chunks = gridDim.z;
+    __shared__ float part_acc[ATTENTION_WARPS][KEY_LANES * KEY_DIMS];
+    const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, chunks = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int group = lane / KEY_LANES, first = (lane % KEY_LANES) * KEY_DIMS;
     const int g = h / (n_heads / kv_heads);
-    const int last = positions[r];
-    const int begin = c * chunk, end = min(begin + chunk, last + 1);
-    float* out = partial + (((long long)r * n_heads + h) * max_chunks + c) * PARTIAL_WIDTH;
-    if (begin > last) {
+    const int len = positions[r] + 1;
+    const int chunk = max(min_chunk, (len + chunks - 1) / chunks);
+    const int begin = c * chunk, end = min(begin + chunk, len);
+    float* out = partial + (((long long)r * n_heads + h) * chunks + c) * PARTIAL_WIDTH;
+    if (begin >= len) {
         if (threadIdx.x == 0) {
             out[0] = FD_NEG_INF;
             out[1] = 0.0f;
         }
         return;
     }
+    // The query row may sit anywhere in the activations: read element by element, once.
     const float* qh = q + (long long)r * q_stride + h * FD_HEAD_DIM;
-    float qv[HEAD_LANES], acc[HEAD_LANES];
+    float qv[KEY_DIMS], acc[KEY_DIMS];
 #pragma unroll
-    for (int j = 0; j < HEAD_LANES; j++) {
-        const int d = lane + 32 * j;
-        qv[j] = d < FD_HEAD_DIM ? qh[d] : 0.0f;
+    for (int j = 0; j < KEY_DIMS; j++) {
+        qv[j] = first + j < FD_HEAD_DIM ? qh[first + j] : 0.0f;
         acc[j] = 0.0f;
     }
     float m = FD_NEG_INF, l = 0.0f;
-    for (int p = begin + warp; p < end; p += ATTENTION_WARPS) {
-        const long long at = fd_cache_row(blocks, block_size, p, kv_heads, g);
+    const int stride = ATTENTION_WARPS * KEY_GROUPS;
+    // Every lane of a group runs the same iterations (the shuffles below need the whole warp);
+    // a group past the chunk's end computes nothing it keeps.
+    for (int p0 = begin + warp * KEY_GROUPS; p0 < end; p0 += stride) {
+        const int p = p0 + group;
+        const bool live = p < end;
+        float kv[KEY_DIMS], vv[KEY_DIMS];
+        if (live) {
+            const long long at = fd_cache_row(blocks, block_size, p, kv_heads, g);
+            fd_load_key_dims(k_cache + at, first, kv);
+            fd_load_key_dims(v_cache + at, first, vv);
+        }
         float dot = 0.0f;
 #pragma unroll
-        for (int j = 0; j < HEAD_LANES; j++) {
-            const int d = lane + 32 * j;
-            if (d < FD_HEAD_DIM) dot += qv[j] * k_cache[at + d];
-        }
-        const float s = fd_warp_sum(dot) * scale;
-        const float m_new = fmaxf(m, s);
-        const float correction = expf(m - m_new), e = expf(s - m_new);
-        l = l * correction + e;
+        for (int j = 0; j < KEY_DIMS; j++) dot += live ? qv[j] * kv[j] : 0.0f;
 #pragma unroll
-        for (int j = 0; j < HEAD_LANES; j++) {
-            const int d = lane + 32 * j;
-            if (d < FD_HEAD_DIM) acc[j] = acc[j] * correction + e * v_cache[at + d];
+        for (int offset = KEY_LANES / 2; offset > 0; offset >>= 1) {
+            dot += __shfl_xor_sync(0xffffffffu, dot, offset);
         }
-        m = m_new;
+        if (live) {
+            const float s = dot * scale;
+            const float m_new = fmaxf(m, s);
+            const float correction = expf(m - m_new), e = expf(s - m_new);
+            l = l * correction + e;
+#pragma unroll
+            for (int j = 0; j < KEY_DIMS; j++) acc[j] = acc[j] * correction + e * vv[j];
+            m = m_new;
+        }
+    }
+    // The groups of the warp merged: after the exchanges every group holds the warp's state.
+#pragma unroll
+    for (int offset = KEY_LANES; offset < 32; offset <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
+        const float l2 = __shfl_xor_sync(0xffffffffu, l, offset);
+        float acc2[KEY_DIMS];
+#pragma unroll
+        for (int j = 0; j < KEY_DIMS; j++) acc2[j] = __shfl_xor_sync(0xffffffffu, acc[j], offset);
+        fd_softmax_merge(m, l, acc, m2, l2, acc2);
     }
     if (lane == 0) {
         part_max[warp] = m;
         part_sum[warp] = l;
     }
+    if (group == 0) {
 #pragma unroll
-    for (int j = 0; j < HEAD_LANES; j++) {
-        const int d = lane + 32 * j;
-        if (d < FD_HEAD_DIM) part_acc[warp][d] = acc[j];
+        for (int j = 0; j < KEY_DIMS; j++) part_acc[warp][first + j] = acc[j];
     }
     __syncthreads();
     float m_all = FD_NEG_INF;
@@ -114,15 +171,12 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
     }
 }
 
-// out[r, h*D..] = the merge of query r's chunk partials for head h: chunks 0..=positions[r] /
-// chunk, each weighted by exp(m_c - max m). Grid: (H, T); block: any multiple of 32.
-extern "C" __global__ void attention_merge_f32(const float* partial,
-                                               const unsigned int* positions, int n_heads,
-                                               int chunk, int max_chunks, float* out,
-                                               int out_stride) {
+// out[r, h*D..] = the merge of query r's chunk partials for head h, each weighted by
+// exp(m_c - max m); empty chunks (m = -inf) add nothing. Grid: (H, T); block: any multiple of 32.
+extern "C" __global__ void attention_merge_f32(const float* partial, int n_heads, int chunks,
+                                               float* out, int out_stride) {
     const int h = blockIdx.x, r = blockIdx.y;
-    const int chunks = min((int)(positions[r] / chunk) + 1, max_chunks);
-    const float* base = partial + ((long long)r * n_heads + h) * max_chunks * PARTIAL_WIDTH;
+    const float* base = partial + ((long long)r * n_heads + h) * chunks * PARTIAL_WIDTH;
     float m_all = FD_NEG_INF;
     for (int c = 0; c < chunks; c++) m_all = fmaxf(m_all, base[c * PARTIAL_WIDTH]);
     float l_all = 0.0f;

@@ -30,14 +30,7 @@ __device__ __forceinline__ float fd_load(const fd_f16* p) {
     return f;
 }
 
-// Eight consecutive weights as f32, from one 16-byte load (two for f32): `p` 16-byte aligned.
-__device__ __forceinline__ void fd_load8(const float* p, float out[8]) {
-    const float4 a = reinterpret_cast<const float4*>(p)[0];
-    const float4 b = reinterpret_cast<const float4*>(p)[1];
-    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
-    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
-}
-
+// Eight 16-bit weights packed in 16 bytes, widened to f32.
 __device__ __forceinline__ void fd_unpack8(uint4 v, float out[8], bool bf16) {
     const unsigned int words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -51,14 +44,6 @@ __device__ __forceinline__ void fd_unpack8(uint4 v, float out[8], bool bf16) {
             asm("cvt.f32.f16 %0, %1;" : "=f"(out[2 * j + 1]) : "h"(hi));
         }
     }
-}
-
-__device__ __forceinline__ void fd_load8(const fd_bf16* p, float out[8]) {
-    fd_unpack8(*reinterpret_cast<const uint4*>(p), out, true);
-}
-
-__device__ __forceinline__ void fd_load8(const fd_f16* p, float out[8]) {
-    fd_unpack8(*reinterpret_cast<const uint4*>(p), out, false);
 }
 
 __device__ __forceinline__ float fd_warp_sum(float v) {

@@ -4,60 +4,90 @@
 // One warp per weight row and block of MATMUL_TOKENS token rows: the lanes stride over k, so a
 // warp reads its weight row once per token block, coalesced, and reduces with shuffles. This is
 // the small-batch (decode) shape; large batches will go to cuBLAS.
+//
+// What makes it reach the copy bandwidth at batch 1 (measured on an H100 with
+// `tests/examples/cuda_matmul_bench.rs`, docs/PERF.md): MATMUL_UNROLL 16-byte weight loads per
+// lane issued before any is used (8 KB in flight per warp), the weights kept packed in registers
+// until used (unpacked they would spill), and loads that bypass L1 (`ld.global.nc` without L1
+// allocation), so that L1 keeps the activation row every warp of the SM re-reads.
 
 #define MATMUL_WARPS 8
 #define MATMUL_TOKENS 4
-#define MATMUL_UNROLL 4
+#define MATMUL_UNROLL 8
 
-template <typename W>
-__device__ void matmul(const float* x, int x_stride, const W* w, int k, int n, const float* bias,
-                       int t, float* out, int out_stride) {
+// 16 bytes of weights that are read once: through the read-only path, not allocated in L1.
+__device__ __forceinline__ uint4 fd_load_stream(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+    return v;
+}
+
+// The weights in 16 bytes, widened to f32.
+template <typename W> struct Packed;
+template <> struct Packed<float> {
+    static constexpr int N = 4;
+    static __device__ __forceinline__ void unpack(uint4 v, float o[4]) {
+        o[0] = __uint_as_float(v.x); o[1] = __uint_as_float(v.y);
+        o[2] = __uint_as_float(v.z); o[3] = __uint_as_float(v.w);
+    }
+};
+template <> struct Packed<fd_bf16> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void unpack(uint4 v, float o[8]) { fd_unpack8(v, o, true); }
+};
+template <> struct Packed<fd_f16> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void unpack(uint4 v, float o[8]) { fd_unpack8(v, o, false); }
+};
+
+// One warp's row for the block's tokens, at most TOKENS of them. The token bound and the
+// activations' alignment are compile-time, so that a decode step's single token compiles to
+// straight-line code with one accumulator and no branch in the loop (measured: 20% faster).
+template <typename W, int TOKENS, bool X_ALIGNED>
+__device__ __forceinline__ void matmul_row(const float* x, int x_stride, const W* w, int k,
+                                           int row, const float* bias, int t0, int tokens,
+                                           float* out, int out_stride) {
+    constexpr int E = Packed<W>::N;  // weights per 16-byte load
     const int lane = threadIdx.x & 31;
-    const int row = blockIdx.x * MATMUL_WARPS + (threadIdx.x >> 5);
-    const int t0 = blockIdx.y * MATMUL_TOKENS;
-    if (row >= n) return;
-    const int tokens = min(MATMUL_TOKENS, t - t0);
     const W* wr = w + (long long)row * k;
-    float acc[MATMUL_TOKENS];
+    float acc[TOKENS];
 #pragma unroll
-    for (int m = 0; m < MATMUL_TOKENS; m++) acc[m] = 0.0f;
-    // Rows of whole 16-byte chunks (k a multiple of 8) are read 8 elements per lane at a time,
-    // 512 bytes per warp for 16-bit weights; other rows element by element.
-    // MATMUL_UNROLL loads per lane are issued before their first use, so that enough bytes are
-    // in flight to cover memory latency even when few warps share an SM (narrow matrices).
-    const int vector_k = (k % 8 == 0) ? k : 0;
-    // Activation rows read as float4 pairs when every row start is 16-byte aligned: scalar reads
-    // at a lane stride of 32 bytes cost eight L1 wavefronts each and bound the kernel.
-    const bool x_aligned = ((unsigned long long)x % 16 == 0) && (x_stride % 4 == 0);
-    for (int base = lane * 8; base < vector_k; base += 32 * 8 * MATMUL_UNROLL) {
-        float wv[MATMUL_UNROLL][8];
+    for (int m = 0; m < TOKENS; m++) acc[m] = 0.0f;
+    // Rows of whole 16-byte chunks are read E elements per lane per load, 512 bytes per warp;
+    // other rows element by element.
+    const int vector_k = (k % E == 0) ? k : 0;
+    for (int base = lane * E; base < vector_k; base += 32 * E * MATMUL_UNROLL) {
+        uint4 wv[MATMUL_UNROLL];
 #pragma unroll
         for (int u = 0; u < MATMUL_UNROLL; u++) {
-            const int i = base + u * 32 * 8;
-            if (i < vector_k) {
-                fd_load8(wr + i, wv[u]);
-            } else {
-#pragma unroll
-                for (int j = 0; j < 8; j++) wv[u][j] = 0.0f;
-            }
+            const int i = base + u * 32 * E;
+            wv[u] = i < vector_k ? fd_load_stream(wr + i) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < MATMUL_UNROLL; u++) {
-            const int i = base + u * 32 * 8;
-            if (i >= vector_k) break;
+            const int i = base + u * 32 * E;
+            if (i >= vector_k) continue;
+            float wf[E];
+            Packed<W>::unpack(wv[u], wf);
 #pragma unroll
-            for (int m = 0; m < MATMUL_TOKENS; m++) {
+            for (int m = 0; m < TOKENS; m++) {
                 if (m < tokens) {
                     const float* xr = x + (long long)(t0 + m) * x_stride + i;
-                    float xv[8];
-                    if (x_aligned) {
-                        fd_load8(xr, xv);
+                    float xv[E];
+                    if (X_ALIGNED) {
+#pragma unroll
+                        for (int j = 0; j < E; j += 4) {
+                            const float4 a = *reinterpret_cast<const float4*>(xr + j);
+                            xv[j] = a.x; xv[j + 1] = a.y; xv[j + 2] = a.z; xv[j + 3] = a.w;
+                        }
                     } else {
 #pragma unroll
-                        for (int j = 0; j < 8; j++) xv[j] = xr[j];
+                        for (int j = 0; j < E; j++) xv[j] = xr[j];
                     }
 #pragma unroll
-                    for (int j = 0; j < 8; j++) acc[m] += wv[u][j] * xv[j];
+                    for (int j = 0; j < E; j++) acc[m] += wf[j] * xv[j];
                 }
             }
         }
@@ -65,16 +95,38 @@ __device__ void matmul(const float* x, int x_stride, const W* w, int k, int n, c
     for (int i = vector_k + lane; i < k; i += 32) {
         const float wv = fd_load(wr + i);
 #pragma unroll
-        for (int m = 0; m < MATMUL_TOKENS; m++) {
+        for (int m = 0; m < TOKENS; m++) {
             if (m < tokens) acc[m] += wv * x[(long long)(t0 + m) * x_stride + i];
         }
     }
 #pragma unroll
-    for (int m = 0; m < MATMUL_TOKENS; m++) {
+    for (int m = 0; m < TOKENS; m++) {
         const float sum = fd_warp_sum(acc[m]);
         if (lane == 0 && m < tokens) {
             out[(long long)(t0 + m) * out_stride + row] = sum + (bias ? bias[row] : 0.0f);
         }
+    }
+}
+
+template <typename W>
+__device__ void matmul(const float* x, int x_stride, const W* w, int k, int n, const float* bias,
+                       int t, float* out, int out_stride) {
+    const int row = blockIdx.x * MATMUL_WARPS + (threadIdx.x >> 5);
+    const int t0 = blockIdx.y * MATMUL_TOKENS;
+    if (row >= n) return;
+    const int tokens = min(MATMUL_TOKENS, t - t0);
+    // Activation rows read as float4 when every row start is 16-byte aligned: scalar reads at a
+    // lane stride of 16 or 32 bytes cost several L1 wavefronts each and bound the kernel.
+    const bool aligned = ((unsigned long long)x % 16 == 0) && (x_stride % 4 == 0);
+    const int many = MATMUL_TOKENS;
+    if (tokens == 1 && aligned) {
+        matmul_row<W, 1, true>(x, x_stride, w, k, row, bias, t0, 1, out, out_stride);
+    } else if (tokens == 1) {
+        matmul_row<W, 1, false>(x, x_stride, w, k, row, bias, t0, 1, out, out_stride);
+    } else if (aligned) {
+        matmul_row<W, many, true>(x, x_stride, w, k, row, bias, t0, tokens, out, out_stride);
+    } else {
+        matmul_row<W, many, false>(x, x_stride, w, k, row, bias, t0, tokens, out, out_stride);
     }
 }
 

@@ -63,6 +63,29 @@ extern "C" __global__ void silu_mul_f32(const float* gu, int gu_stride, int cols
     }
 }
 
+// Columns a thread of a row-wise kernel holds in registers at once. Outputs may alias inputs, so
+// the compiler keeps every load after the previous store: loading a batch before storing any of
+// it makes a 4096-wide row one memory round trip per pass, not one per column (15 us to ~3 us
+// per norm on an H100).
+#define ROW_BATCH 16
+
+// The sum over i < cols of value(i)^2, read ROW_BATCH columns per thread at a time.
+template <typename F>
+__device__ __forceinline__ float fd_sum_squares(int cols, F value) {
+    float ss = 0.0f;
+    for (int b = threadIdx.x; b < cols; b += ROW_BATCH * blockDim.x) {
+        float v[ROW_BATCH];
+#pragma unroll
+        for (int j = 0; j < ROW_BATCH; j++) {
+            const int i = b + j * blockDim.x;
+            v[j] = i < cols ? value(i) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < ROW_BATCH; j++) ss += v[j] * v[j];
+    }
+    return ss;
+}
+
 // Per row, per group of `group` columns: out = x * rsqrt(mean(x^2) + eps) * w[i % group].
 // Grid: (groups per row, T); the block sums its group's squares.
 extern "C" __global__ void rms_norm_f32(const float* x, int x_stride, int group, const float* w,
@@ -70,10 +93,22 @@ extern "C" __global__ void rms_norm_f32(const float* x, int x_stride, int group,
     __shared__ float scratch[32];
     const float* row = x + (long long)blockIdx.y * x_stride + blockIdx.x * group;
     float* o = out + (long long)blockIdx.y * out_stride + blockIdx.x * group;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < group; i += blockDim.x) ss += row[i] * row[i];
+    const float ss = fd_sum_squares(group, [&](int i) { return row[i]; });
     const float inv = rsqrtf(fd_block_sum(ss, scratch) / group + eps);
-    for (int i = threadIdx.x; i < group; i += blockDim.x) o[i] = row[i] * inv * w[i];
+    for (int b = threadIdx.x; b < group; b += ROW_BATCH * blockDim.x) {
+        float v[ROW_BATCH], g[ROW_BATCH];
+#pragma unroll
+        for (int j = 0; j < ROW_BATCH; j++) {
+            const int i = b + j * blockDim.x;
+            v[j] = i < group ? row[i] : 0.0f;
+            g[j] = i < group ? w[i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < ROW_BATCH; j++) {
+            const int i = b + j * blockDim.x;
+            if (i < group) o[i] = v[j] * inv * g[j];
+        }
+    }
 }
 
 // s = x + d; sum_out = s; normed_out = rms_norm(s) over the whole row. Grid: one block per row.
@@ -83,17 +118,28 @@ extern "C" __global__ void add_rms_norm_f32(const float* x, int x_stride, const 
                                             int normed_stride) {
     __shared__ float scratch[32];
     const long long r = blockIdx.x;
+    const float* xr = x + r * x_stride;
+    const float* dr = d + r * d_stride;
     float* s = sum_out + r * sum_stride;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        const float v = x[r * x_stride + i] + d[r * d_stride + i];
-        s[i] = v;
-        ss += v * v;
-    }
+    float* n = normed_out + r * normed_stride;
+    const float ss = fd_sum_squares(cols, [&](int i) { return xr[i] + dr[i]; });
     const float inv = rsqrtf(fd_block_sum(ss, scratch) / cols + eps);
-    // Each thread reads back only the elements it wrote.
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        normed_out[r * normed_stride + i] = s[i] * inv * w[i];
+    for (int b = threadIdx.x; b < cols; b += ROW_BATCH * blockDim.x) {
+        float v[ROW_BATCH], g[ROW_BATCH];
+#pragma unroll
+        for (int j = 0; j < ROW_BATCH; j++) {
+            const int i = b + j * blockDim.x;
+            v[j] = i < cols ? xr[i] + dr[i] : 0.0f;
+            g[j] = i < cols ? w[i] : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < ROW_BATCH; j++) {
+            const int i = b + j * blockDim.x;
+            if (i < cols) {
+                s[i] = v[j];
+                n[i] = v[j] * inv * g[j];
+            }
+        }
     }
 }
 

@@ -169,8 +169,8 @@ pub struct GpuEngine {
     partial: CudaSlice<f32>,
     /// `H * head_dim` of the model: the widest attention the partials have room for.
     partial_per_token: usize,
-    attention_chunk: usize,
-    attention_chunks: usize,
+    /// How many chunks of positions attention splits a query into, by pass size.
+    attention_split: AttentionSplit,
     /// A pass's token ids, positions and logit rows, `3 * max_batch_tokens` values.
     inputs: CudaSlice<u32>,
     block_size: usize,
@@ -196,6 +196,35 @@ impl Drop for GpuEngine {
                 );
             }
         }
+    }
+}
+
+/// The fewest positions a chunk of attention takes: the keys one block of
+/// `attention_partial_f32` holds in flight at once (4 warps of 4 lane groups).
+const ATTENTION_MIN_CHUNK: usize = 16;
+
+/// How attention splits each query's positions into chunks (one block each, merged after): enough
+/// chunks that a pass fills the GPU (`target_blocks`), since a decode step has one query per head,
+/// and no more than a full context of minimal chunks. The chunk length is chosen on the device from
+/// the query's position, so a captured decode step stays balanced as the context grows.
+#[derive(Clone, Copy, Debug)]
+struct AttentionSplit {
+    heads: usize,
+    target_blocks: usize,
+    max_chunks: usize,
+}
+
+impl AttentionSplit {
+    /// Chunks per query for a pass of `t` tokens.
+    fn chunks(&self, t: usize) -> usize {
+        self.target_blocks
+            .div_ceil(self.heads.max(1) * t.max(1))
+            .clamp(1, self.max_chunks.max(1))
+    }
+
+    /// The most partials (tokens x chunks) of any pass up to `max_t` tokens.
+    fn max_partials(&self, max_t: usize) -> usize {
+        (1..=max_t.max(1)).map(|t| t * self.chunks(t)).max().unwrap_or(1)
     }
 }
 
@@ -276,21 +305,27 @@ impl GpuEngine {
         let inputs = s
             .alloc_zeros::<u32>(3 * max_batch_tokens)
             .map_err(|e| upload("input buffers", e))?;
-        // Attention's chunks: at least 64 positions, at most 64 chunks per context.
-        let attention_chunk = max_context.div_ceil(64).max(64);
-        let attention_chunks = max_context.div_ceil(attention_chunk);
+        let sm_count = gpu
+            .ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cuda("reading the SM count"))?;
+        let attention_split = AttentionSplit {
+            heads: m.model.num_heads as usize,
+            target_blocks: 4 * sm_count.max(1) as usize,
+            max_chunks: max_context.div_ceil(ATTENTION_MIN_CHUNK),
+        };
         let partial_per_token = m.model.num_heads as usize * m.model.head_dim as usize;
         let partial = alloc(
-            max_batch_tokens
+            attention_split.max_partials(max_batch_tokens)
                 * m.model.num_heads as usize
-                * attention_chunks
                 * (m.model.head_dim as usize + 2),
         )?;
         Ok(GpuEngine {
             partial,
             partial_per_token,
-            attention_chunk,
-            attention_chunks,
+            attention_split,
             profile: std::env::var_os("FDRT_PROFILE").map(|_| HashMap::new()),
             decode_graph: None,
             inputs,
@@ -619,7 +654,7 @@ impl GpuEngine {
                     )));
                 }
                 let partial = P(ptr(&self.partial, s));
-                let chunk = I(self.attention_chunk as i32);
+                let chunks = self.attention_split.chunks(p.t);
                 let attend = [
                     P(qp),
                     I(qs),
@@ -631,24 +666,16 @@ impl GpuEngine {
                     F(*scale),
                     P(kc),
                     P(vc),
-                    chunk,
+                    I(ATTENTION_MIN_CHUNK as i32),
                     partial,
                 ];
-                let chunks = LaunchConfig {
-                    grid_dim: (*n_heads as u32, t, self.attention_chunks as u32),
+                let config = LaunchConfig {
+                    grid_dim: (*n_heads as u32, t, chunks as u32),
                     block_dim: (128, 1, 1),
                     shared_mem_bytes: 0,
                 };
-                go(1, chunks, &attend)?;
-                let merge = [
-                    partial,
-                    P(p.positions),
-                    int(*n_heads),
-                    chunk,
-                    I(self.attention_chunks as i32),
-                    P(o),
-                    I(os),
-                ];
+                go(1, config, &attend)?;
+                let merge = [partial, int(*n_heads), I(chunks as i32), P(o), I(os)];
                 go(2, grid(*n_heads as u32, t, 128), &merge)
             }
             Launch::GatherRows { x, out } => {
@@ -711,4 +738,32 @@ struct PassInputs {
 fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _record) = slice.device_ptr(stream);
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_splits_a_decode_step_to_fill_the_gpu_and_a_prefill_not_at_all() {
+        // Llama-3-8B's 32 heads on an H100's 132 SMs, a 1024-position context.
+        let split = AttentionSplit {
+            heads: 32,
+            target_blocks: 4 * 132,
+            max_chunks: 1024 / ATTENTION_MIN_CHUNK,
+        };
+        assert_eq!(split.chunks(1), 17);
+        assert_eq!(split.chunks(4), 5);
+        assert_eq!(split.chunks(128), 1);
+        // Never more chunks than a context has minimal chunks.
+        let short = AttentionSplit {
+            max_chunks: 2,
+            ..split
+        };
+        assert_eq!(short.chunks(1), 2);
+        // The partial buffer covers every pass size.
+        let most = split.max_partials(256);
+        assert!((1..=256).all(|t| t * split.chunks(t) <= most));
+        assert_eq!(most, 256);
+    }
 }

@@ -161,17 +161,31 @@ fn matmul_bf16_matches_a_float64_reference() {
 fn paged_attention_matches_a_float64_reference() {
     let Some(arch) = device() else { return };
     let gpu = module(arch);
-    // The tiny llama's shapes: 4 heads sharing 2 kv heads of 16; 7 tokens of one sequence in
-    // blocks of 4 positions, the sequence's blocks out of order in a pool of 5.
-    let (t, heads, kv_heads, d, block_size) = (7usize, 4usize, 2usize, 16usize, 4usize);
-    let blocks: Vec<u32> = vec![3, 1];
+    // 7 tokens in 3 chunks of at least one position: the keys span all three chunks, and the
+    // first queries leave chunks empty.
+    check_paged_attention(&gpu, 7, 3, 1);
+    // 45 tokens in 2 chunks of at least 16: chunks longer than the 16 keys a block takes at a
+    // time, and a last round where only some lane groups hold a key.
+    check_paged_attention(&gpu, 45, 2, 16);
+}
+
+/// `t` tokens of one sequence attended in one pass, split into `chunks` chunks of at least
+/// `min_chunk` positions, against a float64 reference.
+fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i32) {
+    // The tiny llama's shapes: 4 heads sharing 2 kv heads of 16, in blocks of 4 positions, the
+    // sequence's blocks out of order in a pool with one spare block.
+    let (heads, kv_heads, d, block_size) = (4usize, 2usize, 16usize, 4usize);
+    let used = t.div_ceil(block_size);
+    let pool_blocks = used + 1;
+    // The sequence's blocks in descending order, pool block 0 unused.
+    let blocks: Vec<u32> = (0..used).map(|i| (pool_blocks - 1 - i) as u32).collect();
     let positions: Vec<u32> = (0..t as u32).collect();
     let q = random(t * heads * d, 4);
     let k = random(t * kv_heads * d, 5);
     let v = random(t * kv_heads * d, 6);
     let scale = 1.0 / (d as f32).sqrt();
     let s = &gpu.stream;
-    let pool = 5 * block_size * kv_heads * d;
+    let pool = pool_blocks * block_size * kv_heads * d;
     let (q_d, k_d, v_d) = (
         s.clone_htod(&q).unwrap(),
         s.clone_htod(&k).unwrap(),
@@ -205,8 +219,7 @@ fn paged_attention_matches_a_float64_reference() {
         shared_mem_bytes: 0,
     };
     unsafe { launch.launch(config) }.expect("kv_append launch");
-    // Chunks of 3 positions: the 7 tokens' keys span three chunks, merged by the second kernel.
-    let (chunk, max_chunks) = (3i32, 3usize);
+    let max_chunks = chunks;
     let mut partial = s
         .alloc_zeros::<f32>(t * heads * max_chunks * (d + 2))
         .unwrap();
@@ -225,7 +238,7 @@ fn paged_attention_matches_a_float64_reference() {
         .arg(&scale)
         .arg(&k_cache)
         .arg(&v_cache)
-        .arg(&chunk)
+        .arg(&min_chunk)
         .arg(&mut partial);
     let config = LaunchConfig {
         grid_dim: (heads as u32, t as u32, max_chunks as u32),
@@ -240,9 +253,7 @@ fn paged_attention_matches_a_float64_reference() {
     let chunks_i = max_chunks as i32;
     launch
         .arg(&partial)
-        .arg(&pos_d)
         .arg(&h_i)
-        .arg(&chunk)
         .arg(&chunks_i)
         .arg(&mut out_d)
         .arg(&q_cols);
@@ -278,7 +289,7 @@ fn paged_attention_matches_a_float64_reference() {
         }
     }
     let err = relative_error(&got, &want);
-    assert!(err < 1e-5, "relative error {err}");
+    assert!(err < 1e-5, "{t} tokens in {chunks} chunks: relative error {err}");
 }
 
 /// A dense tiny golden, f32 weights, run whole on the GPU: logits at every position within 1e-3

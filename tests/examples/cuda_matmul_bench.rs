@@ -1,0 +1,212 @@
+//! Decode-shaped matmuls on the GPU: the plan module's matmul kernels (and, for experiments,
+//! kernels from an extra CUDA file with the same signature) timed on Llama-3-8B's projection
+//! shapes with weights cold in DRAM, as in a decode step. Prints GB/s of weights read next to
+//! the device-to-device copy bandwidth measured in the same run (the roofline a decode step is
+//! held to), and checks every variant's output against the module's kernel.
+//!
+//! ```text
+//! cargo run --release -p tests --example cuda_matmul_bench -- [--extra FILE.cu] [--tokens T] \
+//!     [FUNCTION:ROWS_PER_BLOCK:THREADS ...]
+//! ```
+//!
+//! Each function takes the matmul kernels' arguments (`kernels/cuda/matmul.cu`); ROWS_PER_BLOCK
+//! weight rows go to one block of THREADS threads, and each block takes 4 tokens. The default is
+//! the module's `matmul_bf16`.
+
+use compiler::codegen::cuda;
+use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+use cudarc::driver::{CudaContext, CudaSlice, LaunchConfig, PushKernelArg};
+use ir::CudaArch;
+use runtime::cuda::device_arch;
+use std::sync::Arc;
+
+/// Llama-3-8B's projections as (name, K, N): fused QKV, output, fused gate/up, down, LM head.
+const SHAPES: [(&str, usize, usize); 5] = [
+    ("qkv", 4096, 6144),
+    ("o", 4096, 4096),
+    ("gate_up", 4096, 28672),
+    ("down", 14336, 4096),
+    ("lm_head", 4096, 128256),
+];
+
+/// Weight copies cycled through so that every launch reads from DRAM, not the 50 MB L2.
+const COLD_BYTES: usize = 1 << 30;
+
+struct Variant {
+    function: String,
+    rows_per_block: u32,
+    threads: u32,
+}
+
+fn main() {
+    let mut extra = None;
+    let mut tokens = 1usize;
+    let mut variants = vec![];
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--extra" => extra = Some(args.next().expect("--extra FILE")),
+            "--tokens" => tokens = args.next().and_then(|t| t.parse().ok()).expect("--tokens T"),
+            spec => {
+                let parts: Vec<&str> = spec.split(':').collect();
+                let [function, rows, threads] = parts[..] else {
+                    panic!("expected FUNCTION:ROWS_PER_BLOCK:THREADS, got {spec}")
+                };
+                variants.push(Variant {
+                    function: function.to_string(),
+                    rows_per_block: rows.parse().expect("rows per block"),
+                    threads: threads.parse().expect("threads"),
+                });
+            }
+        }
+    }
+    let reference = Variant {
+        function: "matmul_bf16".into(),
+        rows_per_block: 8,
+        threads: 256,
+    };
+    if variants.is_empty() {
+        variants.push(Variant {
+            function: reference.function.clone(),
+            ..reference
+        });
+    }
+    let mut source = kernels::cuda::module_source(&kernels::cuda::ModuleSpec { head_dim: 128 });
+    if let Some(path) = &extra {
+        source.push_str(&std::fs::read_to_string(path).expect("reading the extra source"));
+    }
+    let Ok((name, arch)) = device_arch(0) else {
+        // No device: the sources are still compiled, so that a variant's errors show here.
+        cuda::compile(&source, CudaArch::Sm90).expect("compiling the module");
+        println!("no CUDA device: the module compiled for sm_90, nothing timed");
+        return;
+    };
+    let arch: CudaArch = arch.expect("a GPU fdc builds for");
+    let module = cuda::compile(&source, arch).expect("compiling the module");
+    let ctx = CudaContext::new(0).expect("context");
+    let s = ctx.new_stream().expect("stream");
+    let module = ctx
+        .load_module(cudarc::nvrtc::Ptx::from_binary(module.cubin))
+        .expect("loading the module");
+    println!("{name}, {tokens} token(s) per launch");
+
+    let copy_gbs = copy_bandwidth(&ctx, &s);
+    println!("device-to-device copy: {copy_gbs:.0} GB/s (bytes read plus written)");
+
+    for (shape, k, n) in SHAPES {
+        let bytes = k * n * 2;
+        let copies = COLD_BYTES.div_ceil(bytes).max(2);
+        // The same values at different addresses: the L2 caches by address.
+        let host = random_bf16(k * n, 7);
+        let weights: Vec<CudaSlice<u16>> = (0..copies)
+            .map(|_| s.clone_htod(&host).expect("weights"))
+            .collect();
+        let x_host: Vec<f32> = random_f32(tokens * k, 99);
+        let x = s.clone_htod(&x_host).expect("x");
+        let mut want = None;
+        for (i, v) in std::iter::once(&reference).chain(&variants).enumerate() {
+            let Ok(f) = module.load_function(&v.function) else {
+                println!("  {shape}: no function {}", v.function);
+                continue;
+            };
+            let mut out = s.alloc_zeros::<f32>(tokens * n).expect("out");
+            let launch = |w: &CudaSlice<u16>, out: &mut CudaSlice<f32>| {
+                let (ki, ni, ti) = (k as i32, n as i32, tokens as i32);
+                let mut b = s.launch_builder(&f);
+                b.arg(&x)
+                    .arg(&ki)
+                    .arg(w)
+                    .arg(&ki)
+                    .arg(&ni)
+                    .arg(&0u64)
+                    .arg(&ti)
+                    .arg(out)
+                    .arg(&ni);
+                let config = LaunchConfig {
+                    grid_dim: (
+                        (n as u32).div_ceil(v.rows_per_block),
+                        (tokens as u32).div_ceil(4),
+                        1,
+                    ),
+                    block_dim: (v.threads, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the arguments follow the matmul kernels' signature; every buffer is
+                // sized for the shape.
+                unsafe { b.launch(config) }.expect("launch");
+            };
+            launch(&weights[0], &mut out);
+            let got = s.clone_dtoh(&out).expect("out");
+            let diff = match &want {
+                None => {
+                    want = Some(got);
+                    0.0
+                }
+                Some(w) => max_relative_difference(&got, w),
+            };
+            if i == 0 {
+                continue; // the reference output only
+            }
+            let launches = 3 * copies;
+            let start = ctx.new_event(Some(CU_EVENT_DEFAULT)).expect("event");
+            let end = ctx.new_event(Some(CU_EVENT_DEFAULT)).expect("event");
+            start.record(&s).expect("record");
+            for i in 0..launches {
+                launch(&weights[i % copies], &mut out);
+            }
+            end.record(&s).expect("record");
+            let ms = start.elapsed_ms(&end).expect("elapsed") as f64 / launches as f64;
+            let gbs = bytes as f64 / (ms * 1e-3) / 1e9;
+            println!(
+                "  {shape:8} K {k:6} N {n:6}  {:28} {:8.1} us  {gbs:6.0} GB/s  {:4.0}% of copy  max diff {diff:.1e}",
+                v.function,
+                ms * 1e3,
+                100.0 * gbs / copy_gbs,
+            );
+        }
+    }
+}
+
+/// Bytes read plus written per second by a 1 GB device-to-device copy, best of five.
+fn copy_bandwidth(ctx: &Arc<CudaContext>, s: &Arc<cudarc::driver::CudaStream>) -> f64 {
+    let n = 1usize << 28;
+    let src = s.alloc_zeros::<f32>(n).expect("copy source");
+    let mut dst = s.alloc_zeros::<f32>(n).expect("copy target");
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let start = ctx.new_event(Some(CU_EVENT_DEFAULT)).expect("event");
+        let end = ctx.new_event(Some(CU_EVENT_DEFAULT)).expect("event");
+        start.record(s).expect("record");
+        s.memcpy_dtod(&src, &mut dst).expect("copy");
+        end.record(s).expect("record");
+        best = best.min(start.elapsed_ms(&end).expect("elapsed") as f64);
+    }
+    2.0 * 4.0 * n as f64 / (best * 1e-3) / 1e9
+}
+
+fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn random_bf16(n: usize, seed: u64) -> Vec<u16> {
+    random_f32(n, seed)
+        .into_iter()
+        .map(|v| half::bf16::from_f32(v).to_bits())
+        .collect()
+}
+
+fn max_relative_difference(got: &[f32], want: &[f32]) -> f64 {
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    got.iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w as f64).abs() / scale)
+        .fold(0.0, f64::max)
+}
