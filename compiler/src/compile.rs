@@ -198,7 +198,7 @@ pub fn compile_to(
             code_index: &code_index,
         })?
     };
-    let layouts = weight_layouts(&graph, &weights, options.target);
+    let layouts = weight_layouts(&graph, &weights, options.target, &quant_plan);
     let weight_infos: Vec<WeightInfo> = weights
         .iter()
         .zip(&layouts)
@@ -651,10 +651,27 @@ fn deinterleave_rows(data: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
 /// where a second, row-major copy would cost the whole table again (SmolLM2-135M: 49152 x 576,
 /// 113 MB in f32, 57 MB in bf16, a fifth of the plan). Weights with any other reader (the
 /// experts of a mixture, vectors) stay row-major.
-fn weight_layouts(graph: &Graph, weights: &[ValueId], target: Target) -> Vec<WeightLayout> {
+fn weight_layouts(
+    graph: &Graph,
+    weights: &[ValueId],
+    target: Target,
+    quant_plan: &QuantPlan,
+) -> Vec<WeightLayout> {
     let Target::Cpu(isa) = target else {
-        // The CUDA kernels read row-major weights, coalesced along K.
-        return vec![WeightLayout::RowMajor; weights.len()];
+        // The CUDA kernels read plain weights row-major, coalesced along K, and quantized ones
+        // in the CPU's panels of 8 rows: a warp's 16-byte load then holds codes of 8 rows that
+        // share the activations it loads (kernels/cuda/quant.cu).
+        let quantized = WeightLayout::Panels(PackedLayout::CUDA_QUANT);
+        return weights
+            .iter()
+            .map(|v| {
+                if quant_plan.contains_key(v) {
+                    quantized
+                } else {
+                    WeightLayout::RowMajor
+                }
+            })
+            .collect();
     };
     let panels = WeightLayout::Panels(PackedLayout::for_isa(isa));
     weights

@@ -13,6 +13,7 @@ const COMMON: &str = include_str!("../cuda/common.cuh");
 const ROWWISE: &str = include_str!("../cuda/rowwise.cu");
 const MATMUL: &str = include_str!("../cuda/matmul.cu");
 const ATTENTION: &str = include_str!("../cuda/attention.cu");
+const QUANT: &str = include_str!("../cuda/quant.cu");
 
 /// What a plan's module is specialized to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,14 +38,28 @@ impl ModuleSpec {
 /// The module's full source for `spec`: its constants, then every source file.
 pub fn module_source(spec: &ModuleSpec) -> String {
     format!(
-        "// Built by fdc for one plan.\n#define FD_HEAD_DIM {}\n\n{COMMON}\n{ROWWISE}\n{MATMUL}\n{ATTENTION}",
+        "// Built by fdc for one plan.\n#define FD_HEAD_DIM {}\n\n{COMMON}\n{ROWWISE}\n{MATMUL}\n{ATTENTION}\n{QUANT}",
         spec.head_dim
     )
 }
 
+/// K and group sizes the quantized CUDA kernels take must be multiples of this: a lane's span of
+/// codes (up to 16 k) lies inside one group.
+pub const QUANT_K_MULTIPLE: usize = 16;
+
 /// The module functions a CUDA kernel of the registry launches, in launch order.
 pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
     debug_assert_eq!(entry.source, KernelSource::Cuda);
+    use ir_types::QuantScheme;
+    match (entry.key.op, entry.key.quant) {
+        (OpKind::MatMul, QuantScheme::W8A16) => return &["matmul_q8"],
+        (OpKind::MatMul, QuantScheme::W4A16) => return &["matmul_q4"],
+        (OpKind::MatMul, QuantScheme::W2A16) => return &["matmul_q2"],
+        (OpKind::Embedding, QuantScheme::W8A16) => return &["embedding_q8"],
+        (OpKind::Embedding, QuantScheme::W4A16) => return &["embedding_q4"],
+        (OpKind::Embedding, QuantScheme::W2A16) => return &["embedding_q2"],
+        _ => {}
+    }
     match (entry.key.op, entry.key.dtype) {
         (OpKind::Embedding, ir_types::DType::BF16) => &["embedding_bf16"],
         (OpKind::Embedding, ir_types::DType::F16) => &["embedding_f16"],

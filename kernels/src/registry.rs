@@ -491,17 +491,86 @@ macro_rules! cuda_kernels {
     };
 }
 
+/// One quantized CUDA kernel (weights dequantized in the kernel) on one architecture.
+macro_rules! cuda_quant_entry {
+    ($id:expr, $op:ident, $quant:ident, $arch:ident, $doc:expr) => {
+        KernelEntry {
+            id: KernelId($id),
+            key: KernelKey {
+                op: OpKind::$op,
+                dtype: DType::U8,
+                quant: QuantScheme::$quant,
+                target: Target::Cuda(CudaArch::$arch),
+            },
+            source: KernelSource::Cuda,
+            doc: $doc,
+        }
+    };
+}
+
+/// The CUDA kernels of quantized weights on one architecture: matmul and embedding of the schemes
+/// with 16-bit activations.
+macro_rules! cuda_quant_kernels {
+    ($arch:ident, $arch_name:literal) => {
+        [
+            cuda_quant_entry!(
+                concat!("matmul_w8a16_", $arch_name),
+                MatMul,
+                W8A16,
+                $arch,
+                MATMUL_QUANT_DOC
+            ),
+            cuda_quant_entry!(
+                concat!("matmul_w4a16_", $arch_name),
+                MatMul,
+                W4A16,
+                $arch,
+                MATMUL_QUANT_DOC
+            ),
+            cuda_quant_entry!(
+                concat!("matmul_w2a16_", $arch_name),
+                MatMul,
+                W2A16,
+                $arch,
+                MATMUL_QUANT_DOC
+            ),
+            cuda_quant_entry!(
+                concat!("embedding_w8a16_", $arch_name),
+                Embedding,
+                W8A16,
+                $arch,
+                EMBEDDING_QUANT_DOC
+            ),
+            cuda_quant_entry!(
+                concat!("embedding_w4a16_", $arch_name),
+                Embedding,
+                W4A16,
+                $arch,
+                EMBEDDING_QUANT_DOC
+            ),
+            cuda_quant_entry!(
+                concat!("embedding_w2a16_", $arch_name),
+                Embedding,
+                W2A16,
+                $arch,
+                EMBEDDING_QUANT_DOC
+            ),
+        ]
+    };
+}
+
 const LIBRARY_PER_ISA: usize = 17;
 const GENERATED_PER_ISA: usize = 4;
 const QUANT_PER_ISA: usize = 12;
 const CUDA_PER_ARCH: usize = 15;
+const CUDA_QUANT_PER_ARCH: usize = 6;
 const COUNT: usize = 3 * LIBRARY_PER_ISA
     + 3 * QUANT_PER_ISA
     + 2 * GENERATED_PER_ISA
-    + CudaArch::ALL.len() * CUDA_PER_ARCH;
+    + CudaArch::ALL.len() * (CUDA_PER_ARCH + CUDA_QUANT_PER_ARCH);
 
 const ENTRIES: &[KernelEntry] = &{
-    let parts: [&[KernelEntry]; 11] = [
+    let parts: [&[KernelEntry]; 14] = [
         &library_kernels!(Portable, "portable"),
         &library_kernels!(Avx2, "avx2"),
         &library_kernels!(Avx512, "avx512"),
@@ -513,6 +582,9 @@ const ENTRIES: &[KernelEntry] = &{
         &cuda_kernels!(Sm80, "sm80"),
         &cuda_kernels!(Sm89, "sm89"),
         &cuda_kernels!(Sm90, "sm90"),
+        &cuda_quant_kernels!(Sm80, "sm80"),
+        &cuda_quant_kernels!(Sm89, "sm89"),
+        &cuda_quant_kernels!(Sm90, "sm90"),
     ];
     let mut all = [parts[0][0]; COUNT];
     let (mut n, mut p) = (0, 0);

@@ -224,7 +224,10 @@ impl AttentionSplit {
 
     /// The most partials (tokens x chunks) of any pass up to `max_t` tokens.
     fn max_partials(&self, max_t: usize) -> usize {
-        (1..=max_t.max(1)).map(|t| t * self.chunks(t)).max().unwrap_or(1)
+        (1..=max_t.max(1))
+            .map(|t| t * self.chunks(t))
+            .max()
+            .unwrap_or(1)
     }
 }
 
@@ -515,6 +518,19 @@ impl GpuEngine {
         match &step.launch {
             Launch::Embedding { table, out } => {
                 let (o, os) = act(out)?;
+                if let Some(q) = self.quant(table) {
+                    let args = [
+                        P(weight(table)),
+                        int(out.cols),
+                        I(q.group),
+                        P(q.scales),
+                        P(q.mins),
+                        P(p.ids),
+                        P(o),
+                        I(os),
+                    ];
+                    return go(0, cols_grid(out.cols, p.t as u32), &args);
+                }
                 let args = [P(weight(table)), P(p.ids), int(out.cols), P(o), I(os)];
                 go(0, grid(p.t as u32, 1, ROW_THREADS), &args)
             }
@@ -567,6 +583,24 @@ impl GpuEngine {
                 let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
                 let bias = bias.as_ref().map_or(0u64, weight);
                 let (n, t) = (out.cols as u32, rows(x));
+                if let Some(q) = self.quant(w) {
+                    let args = [
+                        P(xp),
+                        I(xs),
+                        P(weight(w)),
+                        int(x.cols),
+                        int(out.cols),
+                        I(q.group),
+                        P(q.scales),
+                        P(q.mins),
+                        P(bias),
+                        I(t as i32),
+                        P(o),
+                        I(os),
+                    ];
+                    let config = grid(n.div_ceil(QUANT_PANEL), t.div_ceil(4), QUANT_THREADS);
+                    return go(0, config, &args);
+                }
                 let args = [
                     P(xp),
                     I(xs),
@@ -690,6 +724,22 @@ impl GpuEngine {
         }
     }
 
+    /// Where a quantized weight's scales and minimums are on the device (None for a plain
+    /// weight). The plan's check at load verified the offsets against the format.
+    fn quant(&self, w: &artifacts::schema::WeightRef) -> Option<QuantArgs> {
+        let q = self.plan.manifest.weights.get(w.0 as usize)?.quant?;
+        let base = ptr(&self.weights[w.0 as usize], &self.gpu.stream);
+        Some(QuantArgs {
+            group: q.group as i32,
+            scales: base + q.scales_offset,
+            mins: if q.asymmetric {
+                base + q.mins_offset
+            } else {
+                0
+            },
+        })
+    }
+
     /// The device address of a view's first element and its row stride, bounds-checked as the
     /// CPU engine's views are.
     fn act(&self, a: &Act, p: &PassInputs) -> Result<(u64, i32), RuntimeError> {
@@ -716,6 +766,18 @@ impl GpuEngine {
         Ok((base + 4 * start as u64, a.stride as i32))
     }
 }
+
+/// The extra arguments of a quantized weight's kernels.
+struct QuantArgs {
+    group: i32,
+    scales: u64,
+    /// 0 (a null pointer) for symmetric codes.
+    mins: u64,
+}
+
+/// Rows per block of the quantized matmul (`QPANEL`) and its threads (`QMATMUL_WARPS` warps).
+const QUANT_PANEL: u32 = 8;
+const QUANT_THREADS: u32 = 256;
 
 /// A kernel argument: a device address, an int or a float.
 #[derive(Clone, Copy)]

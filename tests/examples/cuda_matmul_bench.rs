@@ -46,7 +46,12 @@ fn main() {
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--extra" => extra = Some(args.next().expect("--extra FILE")),
-            "--tokens" => tokens = args.next().and_then(|t| t.parse().ok()).expect("--tokens T"),
+            "--tokens" => {
+                tokens = args
+                    .next()
+                    .and_then(|t| t.parse().ok())
+                    .expect("--tokens T")
+            }
             spec => {
                 let parts: Vec<&str> = spec.split(':').collect();
                 let [function, rows, threads] = parts[..] else {

@@ -97,13 +97,103 @@ fn the_cpu_engine_refuses_a_cuda_plan_saying_what_to_do() {
 fn what_a_cuda_target_cannot_compile_is_refused_naming_what_it_can() {
     // Both refusals come before any CUDA code is built: no NVRTC needed.
     let target = Target::Cuda(CudaArch::Sm90);
-    let err = compile("tiny/llama", target, QuantScheme::W4A16).unwrap_err();
+    let err = compile("tiny/llama", target, QuantScheme::W8A8).unwrap_err();
     assert!(
-        err.contains("cuda-sm90 cannot run --quant w4a16; it runs: none"),
+        err.contains("cuda-sm90 cannot run --quant w8a8; it runs: none, w8a16, w4a16, w2a16"),
         "{err}"
     );
+    // The quantized CUDA kernels take groups of whole 16-k spans.
+    let mut options = CompileOptions {
+        target,
+        weight_dtype: DType::BF16,
+        quant: Default::default(),
+        progress: false,
+    };
+    options.quant.scheme = QuantScheme::W4A16;
+    options.quant.group = Some(compiler::passes::quantize_weights::GroupSize::Elements(8));
+    let out = common::scratch_path("tiny-llama-cuda-group-8.fdp");
+    let err = compiler::compile(&common::golden("tiny/llama"), &out, &options)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("multiples of 16 (group 8)"), "{err}");
     let err = compile("tiny/mixtral", target, QuantScheme::None).unwrap_err();
     assert!(err.contains("no kernel for moe"), "{err}");
     assert!(err.contains("cuda-sm90 has kernels for:"), "{err}");
     assert!(err.contains("attention"), "{err}");
+}
+
+#[test]
+fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernels() {
+    if !available_for_test(
+        "a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernels",
+    ) {
+        return;
+    }
+    for (scheme, bits) in [
+        (QuantScheme::W8A16, 8),
+        (QuantScheme::W4A16, 4),
+        (QuantScheme::W2A16, 2),
+    ] {
+        let path = compile("tiny/llama", Target::Cuda(CudaArch::Sm90), scheme).expect("compiles");
+        let plan = LoadedPlan::load(&path).expect("loads without a GPU");
+        let mut quantized = 0;
+        for w in &plan.manifest.weights {
+            match &w.quant {
+                Some(q) => {
+                    quantized += 1;
+                    assert_eq!(
+                        w.layout,
+                        artifacts::schema::WeightLayout::Panels { panel: 8 },
+                        "{}",
+                        w.name
+                    );
+                    // Tables (the embedding and lm_head) default to 8 bits under any scheme.
+                    let table = w.name.contains("embed") || w.name.starts_with("lm_head");
+                    let want = if table { 8 } else { bits };
+                    assert_eq!(q.codes, ir::CodeFormat::Int(want), "{}", w.name);
+                }
+                None => assert_eq!(w.layout, artifacts::schema::WeightLayout::RowMajor),
+            }
+        }
+        assert!(quantized >= 7, "{scheme}: {quantized} quantized weights");
+        let kernels: Vec<&str> = plan
+            .program
+            .steps
+            .iter()
+            .map(|s| s.kernel.as_str())
+            .collect();
+        assert!(
+            kernels.contains(&format!("matmul_{scheme}_sm90").as_str()),
+            "{kernels:?}"
+        );
+        // The tiny llama's embedding table is read by the embedding alone: it stays bf16.
+        assert!(kernels.contains(&"embedding_bf16_sm90"), "{kernels:?}");
+    }
+}
+
+#[test]
+fn a_tied_table_on_cuda_is_read_by_the_quantized_embedding() {
+    if !available_for_test("a_tied_table_on_cuda_is_read_by_the_quantized_embedding") {
+        return;
+    }
+    let path = compile(
+        "tiny/qwen2",
+        Target::Cuda(CudaArch::Sm90),
+        QuantScheme::W4A16,
+    )
+    .expect("compiles");
+    let plan = LoadedPlan::load(&path).expect("loads without a GPU");
+    let kernels: Vec<&str> = plan
+        .program
+        .steps
+        .iter()
+        .map(|s| s.kernel.as_str())
+        .collect();
+    assert_eq!(
+        kernels.first(),
+        Some(&"embedding_w8a16_sm90"),
+        "{kernels:?}"
+    );
+    assert_eq!(kernels.last(), Some(&"matmul_w8a16_sm90"), "{kernels:?}");
+    assert!(kernels.contains(&"matmul_w4a16_sm90"), "{kernels:?}");
 }

@@ -289,7 +289,10 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
         }
     }
     let err = relative_error(&got, &want);
-    assert!(err < 1e-5, "{t} tokens in {chunks} chunks: relative error {err}");
+    assert!(
+        err < 1e-5,
+        "{t} tokens in {chunks} chunks: relative error {err}"
+    );
 }
 
 /// A dense tiny golden, f32 weights, run whole on the GPU: logits at every position within 1e-3
@@ -375,4 +378,156 @@ fn smollm2_matches_the_float64_reference_on_the_gpu() {
         engine.reset();
         engine.forward(sequence, true).expect("forward")
     });
+}
+
+/// The quantized matmuls (8, 4 and 2-bit codes, symmetric and asymmetric, one scale per 32 k
+/// and per row) against a float64 reference of the weights the CPU kernels read
+/// (`QuantWeight::get_f32`), for a decode step and a 5-token pass, with a partial last panel.
+#[test]
+fn quantized_matmuls_match_a_float64_reference() {
+    use kernels::cpu::quant::{QuantBytes, QuantFormat, QuantWeight};
+    use kernels::cpu::PackedLayout;
+    let Some(arch) = device() else { return };
+    let gpu = module(arch);
+    let s = &gpu.stream;
+    let (k, n) = (256usize, 44usize);
+    let layout = PackedLayout::CUDA_QUANT;
+    let values = random(n * k, 7);
+    let bias = random(n, 8);
+    for (bits, function) in [(8, "matmul_q8"), (4, "matmul_q4"), (2, "matmul_q2")] {
+        for asymmetric in [false, true] {
+            for group in [32, k] {
+                let format = QuantFormat {
+                    codes: ir::CodeFormat::Int(bits),
+                    group,
+                    asymmetric,
+                };
+                let matrix = compiler::quantize::quantize(
+                    &values,
+                    n,
+                    k,
+                    format,
+                    compiler::quantize::Method::RoundToNearest,
+                );
+                let packed = matrix.pack(layout).expect("packs");
+                let parts = QuantBytes::of(&format, layout, n, k);
+                let bytes = parts.write(&packed);
+                let weight = QuantWeight::from_bytes(format, layout, n, k, &bytes).expect("view");
+                let w_d = s.clone_htod(&bytes).unwrap();
+                let b_d = s.clone_htod(&bias).unwrap();
+                let base = {
+                    let (p, _) = cudarc::driver::DevicePtr::device_ptr(&w_d, s);
+                    p
+                };
+                let scales = base + parts.scales_offset as u64;
+                let mins = if asymmetric {
+                    base + parts.mins_offset as u64
+                } else {
+                    0
+                };
+                for t in [1usize, 5] {
+                    let x = random(t * k, 9 + t as u64);
+                    let x_d = s.clone_htod(&x).unwrap();
+                    let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+                    let f = gpu.module.load_function(function).expect(function);
+                    let (ki, ni, gi, ti) = (k as i32, n as i32, group as i32, t as i32);
+                    let mut launch = s.launch_builder(&f);
+                    launch
+                        .arg(&x_d)
+                        .arg(&ki)
+                        .arg(&w_d)
+                        .arg(&ki)
+                        .arg(&ni)
+                        .arg(&gi)
+                        .arg(&scales)
+                        .arg(&mins)
+                        .arg(&b_d)
+                        .arg(&ti)
+                        .arg(&mut out_d)
+                        .arg(&ni);
+                    let config = LaunchConfig {
+                        grid_dim: (n.div_ceil(8) as u32, t.div_ceil(4) as u32, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    unsafe { launch.launch(config) }.expect("launch");
+                    let got = s.clone_dtoh(&out_d).unwrap();
+                    let mut want = vec![0f64; t * n];
+                    for r in 0..t {
+                        for c in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|i| x[r * k + i] as f64 * weight.get_f32(c, i) as f64)
+                                .sum();
+                            want[r * n + c] = dot + bias[c] as f64;
+                        }
+                    }
+                    let err = relative_error(&got, &want);
+                    assert!(
+                        err < 1e-5,
+                        "{function} asymmetric {asymmetric} group {group} t {t}: relative error {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A tiny golden compiled with a quantized scheme for the GPU and for the CPU from the same
+/// checkpoint: the same codes, so the GPU's logits must match the CPU engine's (which computes
+/// with 16-bit integer activations where the GPU keeps f32) within 1e-3 of the largest logit.
+fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
+    let Some(arch) = device() else { return };
+    let dir = common::golden(&format!("tiny/{model}"));
+    let compile = |target: Target| {
+        let out = common::scratch_path(&format!("tiny-{model}-{scheme}-{}.fdp", target.name()));
+        let mut options = CompileOptions {
+            target,
+            weight_dtype: DType::F32,
+            quant: Default::default(),
+            progress: false,
+        };
+        options.quant.scheme = scheme;
+        compiler::compile(&dir, &out, &options)
+            .unwrap_or_else(|e| panic!("compiling {model} {scheme} for {target}: {e}"));
+        LoadedPlan::load(&out).expect("loading")
+    };
+    let json = common::read_json(&dir.join("golden.json"));
+    let ids = common::ids(&json["input_ids"]);
+    let mut cpu = runtime::Engine::new(
+        compile(Target::parse("cpu").expect("the host target")),
+        Default::default(),
+    )
+    .expect("CPU engine");
+    let want = cpu.prefill(&ids, true).expect("CPU prefill");
+    let mut gpu = GpuEngine::new(compile(Target::Cuda(arch)), 0, 1024, 64).expect("uploading");
+    let got = gpu.forward(&ids, true).expect("GPU forward");
+    let vocab = gpu.plan().manifest.model.vocab_size as usize;
+    common::check_logits(&format!("{model} {scheme}"), &got, &want, vocab, 1e-3);
+    // Decode steps (the graph path) agree with the CPU too.
+    gpu.reset();
+    let _ = gpu.forward(&ids[..ids.len() - 1], false).expect("prefill");
+    let last = gpu.forward(&ids[ids.len() - 1..], false).expect("decode");
+    let want_last = &want[(ids.len() - 1) * vocab..];
+    common::check_logits(
+        &format!("{model} {scheme} decode"),
+        &last,
+        want_last,
+        vocab,
+        1e-3,
+    );
+}
+
+#[test]
+fn golden_llama_w4a16_on_the_gpu_matches_the_cpu() {
+    quantized_golden_on_the_gpu("llama", ir::QuantScheme::W4A16);
+}
+
+#[test]
+fn golden_qwen2_tied_w8a16_on_the_gpu_matches_the_cpu() {
+    quantized_golden_on_the_gpu("qwen2", ir::QuantScheme::W8A16);
+}
+
+#[test]
+fn golden_qwen3_w2a16_on_the_gpu_matches_the_cpu() {
+    quantized_golden_on_the_gpu("qwen3", ir::QuantScheme::W2A16);
 }

@@ -163,6 +163,16 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
                 ty.shape.0[0]
             ))
         })?;
+        if let ir::Target::Cuda(_) = ctx.target {
+            let multiple = kernels::cuda::QUANT_K_MULTIPLE;
+            if !k.is_multiple_of(multiple) || !group.is_multiple_of(multiple) {
+                return Err(fail(format!(
+                    "weight {name} [{}, {k}] under {scheme}: the CUDA kernels need K and the \
+                     group size to be multiples of {multiple} (group {group})",
+                    ty.shape.0[0]
+                )));
+            }
+        }
         plan.insert(
             w,
             WeightQuant {

@@ -49,6 +49,10 @@ impl PackedLayout {
         PackedLayout { panel }
     }
 
+    /// The layout of quantized weights in CUDA plans: panels of 8 rows, which the CUDA kernels
+    /// read (`kernels/cuda/quant.cu`) and the portable CPU path reads too.
+    pub const CUDA_QUANT: PackedLayout = PackedLayout { panel: 8 };
+
     /// A layout of `panel` columns: a positive multiple of 8, at most 64.
     pub fn new(panel: usize) -> Result<PackedLayout, KernelError> {
         if panel == 0 || !panel.is_multiple_of(PANEL_QUANTUM) || panel > MAX_PANEL {
