@@ -8,7 +8,8 @@
 //! the weight's for matmul and embedding and `f32` (the activations') for everything else.
 //! Library kernels of an ISA use only that ISA's instructions; generated kernels are machine code
 //! that fdc emits into the plan, so only targets that fdc generates for (AVX2, AVX-512) have them.
-//! CUDA kernels (`{op}_{dtype}_{arch}`, `matmul_bf16_sm90`) are CUDA C in `kernels/cuda/`, which
+//! CUDA kernels (`{op}_{dtype}_{arch}`, `matmul_bf16_sm90`; quantized `{op}_{scheme}_{arch}`,
+//! `matmul_w4a16_sm90`) are CUDA C in `kernels/cuda/`, which
 //! fdc compiles with NVRTC into the plan's module for the target architecture ([`crate::cuda`]).
 
 use ir_types::{CpuIsa, CudaArch, DType, OpKind, QuantScheme, Target};
@@ -691,7 +692,28 @@ mod tests {
             by_name("add_rms_norm_f32_gen_avx512").unwrap().source,
             KernelSource::Generated
         );
-        assert_eq!(entries().len(), 3 * 17 + 3 * 12 + 2 * 4 + 3 * 15);
+        assert_eq!(entries().len(), 3 * 17 + 3 * 12 + 2 * 4 + 3 * (15 + 6));
+    }
+
+    #[test]
+    fn cuda_runs_the_schemes_with_16_bit_activations_and_no_other() {
+        for arch in CudaArch::ALL {
+            for &quant in QuantScheme::ALL.iter().filter(|&&q| q != QuantScheme::None) {
+                for op in [OpKind::MatMul, OpKind::Embedding] {
+                    let found = lookup(&KernelKey {
+                        op,
+                        dtype: DType::U8,
+                        quant,
+                        target: Target::Cuda(arch),
+                    });
+                    let want = matches!(
+                        quant,
+                        QuantScheme::W8A16 | QuantScheme::W4A16 | QuantScheme::W2A16
+                    );
+                    assert_eq!(found.len(), usize::from(want), "{op} {quant} {arch:?}");
+                }
+            }
+        }
     }
 
     #[test]
