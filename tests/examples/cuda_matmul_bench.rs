@@ -13,6 +13,9 @@
 //! weight rows go to one block of THREADS threads, and each block takes 4 tokens. The default is
 //! the module's `matmul_bf16`.
 
+#[path = "../tests/common/random.rs"]
+mod random;
+
 use compiler::codegen::cuda;
 use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
 use cudarc::driver::{CudaContext, CudaSlice, LaunchConfig, PushKernelArg};
@@ -106,7 +109,7 @@ fn main() {
         let weights: Vec<CudaSlice<u16>> = (0..copies)
             .map(|_| s.clone_htod(&host).expect("weights"))
             .collect();
-        let x_host: Vec<f32> = random_f32(tokens * k, 99);
+        let x_host: Vec<f32> = random::uniform(tokens * k, 99);
         let x = s.clone_htod(&x_host).expect("x");
         let mut want = None;
         for (i, v) in std::iter::once(&reference).chain(&variants).enumerate() {
@@ -189,20 +192,8 @@ fn copy_bandwidth(ctx: &Arc<CudaContext>, s: &Arc<cudarc::driver::CudaStream>) -
     2.0 * 4.0 * n as f64 / (best * 1e-3) / 1e9
 }
 
-fn random_f32(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
 fn random_bf16(n: usize, seed: u64) -> Vec<u16> {
-    random_f32(n, seed)
+    random::uniform(n, seed)
         .into_iter()
         .map(|v| half::bf16::from_f32(v).to_bits())
         .collect()

@@ -12,8 +12,18 @@ use runtime::{Engine, EngineOptions, LoadedPlan, RuntimeError};
 use std::path::PathBuf;
 
 fn compile(model: &str, target: Target, quant: QuantScheme) -> Result<PathBuf, String> {
+    compile_with(model, target, quant, None)
+}
+
+/// `compile` with a group size for the quantized weights.
+fn compile_with(
+    model: &str,
+    target: Target,
+    quant: QuantScheme,
+    group: Option<usize>,
+) -> Result<PathBuf, String> {
     let out = common::scratch_path(&format!(
-        "{}-{}-{quant}.fdp",
+        "{}-{}-{quant}-{group:?}.fdp",
         model.replace('/', "-"),
         target.name()
     ));
@@ -24,6 +34,7 @@ fn compile(model: &str, target: Target, quant: QuantScheme) -> Result<PathBuf, S
         progress: false,
     };
     options.quant.scheme = quant;
+    options.quant.group = group.map(compiler::passes::quantize_weights::GroupSize::Elements);
     compiler::compile(&common::golden(model), &out, &options)
         .map(|_| out)
         .map_err(|e| e.to_string())
@@ -103,18 +114,7 @@ fn what_a_cuda_target_cannot_compile_is_refused_naming_what_it_can() {
         "{err}"
     );
     // The quantized CUDA kernels take groups of whole 16-k spans.
-    let mut options = CompileOptions {
-        target,
-        weight_dtype: DType::BF16,
-        quant: Default::default(),
-        progress: false,
-    };
-    options.quant.scheme = QuantScheme::W4A16;
-    options.quant.group = Some(compiler::passes::quantize_weights::GroupSize::Elements(8));
-    let out = common::scratch_path("tiny-llama-cuda-group-8.fdp");
-    let err = compiler::compile(&common::golden("tiny/llama"), &out, &options)
-        .unwrap_err()
-        .to_string();
+    let err = compile_with("tiny/llama", target, QuantScheme::W4A16, Some(8)).unwrap_err();
     assert!(err.contains("multiples of 16 (group 8)"), "{err}");
     let err = compile("tiny/mixtral", target, QuantScheme::None).unwrap_err();
     assert!(err.contains("no kernel for moe"), "{err}");

@@ -64,18 +64,7 @@ fn module(arch: CudaArch) -> GpuModule {
     GpuModule::open(&plan, 0).expect("opening the module")
 }
 
-/// Uniform values in [-1, 1) from a fixed seed.
-fn random(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
+use common::random::uniform as random;
 
 /// ||got - want|| / ||want||.
 fn relative_error(got: &[f32], want: &[f64]) -> f64 {

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod load_memory;
+pub mod random;
 pub mod synthetic;
 
 use compiler::CompileOptions;
