@@ -10,10 +10,11 @@
 // lane takes QPIECES consecutive 16-byte pieces of codes (QPIECES * KL k, inside one group), sums
 // code * x per row in f32, then folds the group in: `scale * sum(code * x) + min * sum(x)`.
 // Measured on an H100 (docs/PERF.md): splitting K over the block's warps matters most (a panel
-// per warp left too few warps for the narrow projections), and two pieces per lane beat more.
+// per warp left too few warps for the narrow projections), two pieces per lane beat more, and 4
+// warps per block beat 2, 8 and 16. It reaches 40 to 70% of the copy bandwidth, latency-bound.
 
 #define QPANEL 8
-#define QMATMUL_WARPS 8
+#define QMATMUL_WARPS 4
 #define QPIECES 2
 #define QTOKENS 4
 
@@ -56,12 +57,12 @@ __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], in
     }
 }
 
-template <int BITS, int TOKENS, bool X_ALIGNED>
+template <int BITS, int WARPS, int TOKENS, bool X_ALIGNED>
 __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes, int k, int n,
                         int group, const fd_f16* scales, const fd_f16* mins, const float* bias,
                         int t0, int tokens, float* out, int out_stride) {
     using L = QLayout<BITS>;
-    __shared__ float reduced[QMATMUL_WARPS][QTOKENS][QPANEL];
+    __shared__ float reduced[WARPS][QTOKENS][QPANEL];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int panel = blockIdx.x;
     const int groups = k / group;
@@ -76,7 +77,7 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
         for (int r = 0; r < QPANEL; r++) acc[m][r] = 0.0f;
     const int pieces = k / L::KL;
     constexpr int LANE_K = QPIECES * L::KL;
-    for (int base = warp * 32 * QPIECES; base < pieces; base += QMATMUL_WARPS * 32 * QPIECES) {
+    for (int base = warp * 32 * QPIECES; base < pieces; base += WARPS * 32 * QPIECES) {
         const int j0 = base + lane * QPIECES;
         uint4 c[QPIECES];
 #pragma unroll
@@ -147,13 +148,13 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
         const int row = panel * QPANEL + r;
         if (m < tokens && row < n) {
             float v = 0.0f;
-            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[w][m][r];
+            for (int w = 0; w < WARPS; w++) v += reduced[w][m][r];
             out[(long long)(t0 + m) * out_stride + row] = v + (bias ? bias[row] : 0.0f);
         }
     }
 }
 
-template <int BITS>
+template <int BITS, int WARPS>
 __device__ void qmatmul_launch(const float* x, int x_stride, const unsigned char* codes, int k,
                                int n, int group, const fd_f16* scales, const fd_f16* mins,
                                const float* bias, int t, float* out, int out_stride) {
@@ -161,33 +162,34 @@ __device__ void qmatmul_launch(const float* x, int x_stride, const unsigned char
     const int tokens = min(QTOKENS, t - t0);
     const bool aligned = ((unsigned long long)x % 16 == 0) && (x_stride % 4 == 0);
     if (tokens == 1 && aligned) {
-        qmatmul<BITS, 1, true>(x, x_stride, codes, k, n, group, scales, mins, bias, t0, 1, out,
+        qmatmul<BITS, WARPS, 1, true>(x, x_stride, codes, k, n, group, scales, mins, bias, t0, 1, out,
                                out_stride);
     } else if (tokens == 1) {
-        qmatmul<BITS, 1, false>(x, x_stride, codes, k, n, group, scales, mins, bias, t0, 1, out,
+        qmatmul<BITS, WARPS, 1, false>(x, x_stride, codes, k, n, group, scales, mins, bias, t0, 1, out,
                                 out_stride);
     } else {
-        qmatmul<BITS, QTOKENS, false>(x, x_stride, codes, k, n, group, scales, mins, bias, t0,
+        qmatmul<BITS, WARPS, QTOKENS, false>(x, x_stride, codes, k, n, group, scales, mins, bias, t0,
                                       tokens, out, out_stride);
     }
 }
 
-// Grid: (ceil(n / QPANEL), ceil(t / QTOKENS)); block: 32 * QMATMUL_WARPS threads. `mins` null
-// for symmetric codes; `k` a multiple of 16 and `group` of QPIECES * KL (checked by fdc).
+// Grid: (ceil(n / QPANEL), ceil(t / QTOKENS)); block: 32 * QMATMUL_WARPS threads (the runtime's
+// QUANT_MATMUL_THREADS). `mins` null for symmetric codes; `k` a multiple of 16 and `group` of
+// QPIECES * KL (checked by fdc).
 extern "C" __global__ void matmul_q8(const float* x, int x_stride, const unsigned char* codes, int k,
                                    int n, int group, const fd_f16* scales, const fd_f16* mins,
                                    const float* bias, int t, float* out, int out_stride) {
-    qmatmul_launch<8>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
+    qmatmul_launch<8, QMATMUL_WARPS>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
 }
 extern "C" __global__ void matmul_q4(const float* x, int x_stride, const unsigned char* codes, int k,
                                    int n, int group, const fd_f16* scales, const fd_f16* mins,
                                    const float* bias, int t, float* out, int out_stride) {
-    qmatmul_launch<4>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
+    qmatmul_launch<4, QMATMUL_WARPS>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
 }
 extern "C" __global__ void matmul_q2(const float* x, int x_stride, const unsigned char* codes, int k,
                                    int n, int group, const fd_f16* scales, const fd_f16* mins,
                                    const float* bias, int t, float* out, int out_stride) {
-    qmatmul_launch<2>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
+    qmatmul_launch<2, QMATMUL_WARPS>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
 }
 
 // out[t, c] = the weight [ids[t], c] of a quantized table, as f32. Grid: (column blocks, T).

@@ -598,7 +598,11 @@ impl GpuEngine {
                         P(o),
                         I(os),
                     ];
-                    let config = grid(n.div_ceil(QUANT_PANEL), t.div_ceil(4), QUANT_THREADS);
+                    let config = grid(
+                        n.div_ceil(QUANT_MATMUL_ROWS),
+                        t.div_ceil(4),
+                        QUANT_MATMUL_THREADS,
+                    );
                     return go(0, config, &args);
                 }
                 let args = [
@@ -775,9 +779,11 @@ struct QuantArgs {
     mins: u64,
 }
 
-/// Rows per block of the quantized matmul (`QPANEL`) and its threads (`QMATMUL_WARPS` warps).
-const QUANT_PANEL: u32 = 8;
-const QUANT_THREADS: u32 = 256;
+/// Rows per block of the quantized matmul (`QPANEL` in `kernels/cuda/quant.cu`).
+pub const QUANT_MATMUL_ROWS: u32 = 8;
+/// Threads per block of the quantized matmul: `QMATMUL_WARPS` warps, which the kernel's K split
+/// and reduction assume.
+pub const QUANT_MATMUL_THREADS: u32 = 128;
 
 /// A kernel argument: a device address, an int or a float.
 #[derive(Clone, Copy)]

@@ -6,12 +6,14 @@
 //!
 //! ```text
 //! cargo run --release -p tests --example cuda_matmul_bench -- [--extra FILE.cu] [--tokens T] \
-//!     [FUNCTION:ROWS_PER_BLOCK:THREADS ...]
+//!     [--quant BITS] [FUNCTION:ROWS_PER_BLOCK:THREADS ...]
 //! ```
 //!
 //! Each function takes the matmul kernels' arguments (`kernels/cuda/matmul.cu`); ROWS_PER_BLOCK
 //! weight rows go to one block of THREADS threads, and each block takes 4 tokens. The default is
-//! the module's `matmul_bf16`.
+//! the module's `matmul_bf16`. With `--quant 8|4|2` the weights are random codes in the layout of
+//! quantized CUDA plans (groups of 32, asymmetric below 8 bits), the functions take the quantized
+//! matmul's arguments (`kernels/cuda/quant.cu`), and the default is the module's `matmul_q{BITS}`.
 
 #[path = "../tests/common/random.rs"]
 mod random;
@@ -44,11 +46,19 @@ struct Variant {
 fn main() {
     let mut extra = None;
     let mut tokens = 1usize;
+    let mut quant_bits: Option<u8> = None;
     let mut variants = vec![];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--extra" => extra = Some(args.next().expect("--extra FILE")),
+            "--quant" => {
+                quant_bits = Some(
+                    args.next()
+                        .and_then(|b| b.parse().ok())
+                        .expect("--quant BITS"),
+                )
+            }
             "--tokens" => {
                 tokens = args
                     .next()
@@ -68,10 +78,17 @@ fn main() {
             }
         }
     }
-    let reference = Variant {
-        function: "matmul_bf16".into(),
-        rows_per_block: 8,
-        threads: 256,
+    let reference = match quant_bits {
+        None => Variant {
+            function: "matmul_bf16".into(),
+            rows_per_block: 8,
+            threads: 256,
+        },
+        Some(bits) => Variant {
+            function: format!("matmul_q{bits}"),
+            rows_per_block: 8,
+            threads: runtime::cuda::QUANT_MATMUL_THREADS,
+        },
     };
     if variants.is_empty() {
         variants.push(Variant {
@@ -102,12 +119,15 @@ fn main() {
     println!("device-to-device copy: {copy_gbs:.0} GB/s (bytes read plus written)");
 
     for (shape, k, n) in SHAPES {
-        let bytes = k * n * 2;
+        let weight = match quant_bits {
+            None => WeightBytes::bf16(k, n),
+            Some(bits) => WeightBytes::quantized(bits, k, n),
+        };
+        let bytes = weight.bytes.len();
         let copies = COLD_BYTES.div_ceil(bytes).max(2);
         // The same values at different addresses: the L2 caches by address.
-        let host = random_bf16(k * n, 7);
-        let weights: Vec<CudaSlice<u16>> = (0..copies)
-            .map(|_| s.clone_htod(&host).expect("weights"))
+        let weights: Vec<CudaSlice<u8>> = (0..copies)
+            .map(|_| s.clone_htod(&weight.bytes).expect("weights"))
             .collect();
         let x_host: Vec<f32> = random::uniform(tokens * k, 99);
         let x = s.clone_htod(&x_host).expect("x");
@@ -118,18 +138,23 @@ fn main() {
                 continue;
             };
             let mut out = s.alloc_zeros::<f32>(tokens * n).expect("out");
-            let launch = |w: &CudaSlice<u16>, out: &mut CudaSlice<f32>| {
+            let launch = |w: &CudaSlice<u8>, out: &mut CudaSlice<f32>| {
                 let (ki, ni, ti) = (k as i32, n as i32, tokens as i32);
+                let base = {
+                    let (p, _) = cudarc::driver::DevicePtr::device_ptr(w, &s);
+                    p
+                };
+                let (group, scales, mins) = (
+                    weight.group,
+                    base + weight.scales_offset,
+                    weight.mins_offset.map_or(0, |m| base + m),
+                );
                 let mut b = s.launch_builder(&f);
-                b.arg(&x)
-                    .arg(&ki)
-                    .arg(w)
-                    .arg(&ki)
-                    .arg(&ni)
-                    .arg(&0u64)
-                    .arg(&ti)
-                    .arg(out)
-                    .arg(&ni);
+                b.arg(&x).arg(&ki).arg(w).arg(&ki).arg(&ni);
+                if quant_bits.is_some() {
+                    b.arg(&group).arg(&scales).arg(&mins);
+                }
+                b.arg(&0u64).arg(&ti).arg(out).arg(&ni);
                 let config = LaunchConfig {
                     grid_dim: (
                         (n as u32).div_ceil(v.rows_per_block),
@@ -192,11 +217,63 @@ fn copy_bandwidth(ctx: &Arc<CudaContext>, s: &Arc<cudarc::driver::CudaStream>) -
     2.0 * 4.0 * n as f64 / (best * 1e-3) / 1e9
 }
 
-fn random_bf16(n: usize, seed: u64) -> Vec<u16> {
-    random::uniform(n, seed)
-        .into_iter()
-        .map(|v| half::bf16::from_f32(v).to_bits())
-        .collect()
+/// A weight's bytes as a plan holds them, and where its scales are when quantized.
+struct WeightBytes {
+    bytes: Vec<u8>,
+    group: i32,
+    scales_offset: u64,
+    mins_offset: Option<u64>,
+}
+
+impl WeightBytes {
+    fn bf16(k: usize, n: usize) -> WeightBytes {
+        let bytes = random::uniform(n * k, 7)
+            .into_iter()
+            .flat_map(|v| half::bf16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        WeightBytes {
+            bytes,
+            group: 0,
+            scales_offset: 0,
+            mins_offset: None,
+        }
+    }
+
+    /// Random codes and scales, packed as the compiler packs them for CUDA.
+    fn quantized(bits: u8, k: usize, n: usize) -> WeightBytes {
+        use kernels::cpu::quant::{QuantBytes, QuantFormat, QuantMatrix};
+        let format = QuantFormat {
+            codes: ir::CodeFormat::Int(bits),
+            group: 32,
+            asymmetric: bits < 8,
+        };
+        let groups = n * (k / 32);
+        let noise = random::uniform(n * k, 7);
+        let matrix = QuantMatrix {
+            format,
+            rows: n,
+            cols: k,
+            codes: noise
+                .iter()
+                .map(|v| ((v + 1.0) * 0.5 * ((1u32 << bits) - 1) as f32) as u8)
+                .collect(),
+            scales: vec![half::f16::from_f32(0.01); groups],
+            mins: if format.asymmetric {
+                vec![half::f16::from_f32(-0.05); groups]
+            } else {
+                vec![]
+            },
+        };
+        let layout = kernels::cpu::PackedLayout::CUDA_QUANT;
+        let packed = matrix.pack(layout).expect("packs");
+        let parts = QuantBytes::of(&format, layout, n, k);
+        WeightBytes {
+            bytes: parts.write(&packed),
+            group: 32,
+            scales_offset: parts.scales_offset as u64,
+            mins_offset: format.asymmetric.then_some(parts.mins_offset as u64),
+        }
+    }
 }
 
 fn max_relative_difference(got: &[f32], want: &[f32]) -> f64 {

@@ -435,8 +435,12 @@ fn quantized_matmuls_match_a_float64_reference() {
                         .arg(&mut out_d)
                         .arg(&ni);
                     let config = LaunchConfig {
-                        grid_dim: (n.div_ceil(8) as u32, t.div_ceil(4) as u32, 1),
-                        block_dim: (256, 1, 1),
+                        grid_dim: (
+                            (n as u32).div_ceil(runtime::cuda::QUANT_MATMUL_ROWS),
+                            t.div_ceil(4) as u32,
+                            1,
+                        ),
+                        block_dim: (runtime::cuda::QUANT_MATMUL_THREADS, 1, 1),
                         shared_mem_bytes: 0,
                     };
                     unsafe { launch.launch(config) }.expect("launch");
