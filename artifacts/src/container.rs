@@ -54,7 +54,9 @@ pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 /// a `SigmoidGrouped` routing, both appended to their enums, so version 4 programs still decode.
 /// 6, CUDA targets: `Target::Cuda` appended to the target enum, and a CUDA plan's code section
 /// holds its module (`code_abi::CUDA_CUBIN`, `code_abi::CUDA_PTX`); older plans are unchanged.
-pub const FORMAT_VERSION: u32 = 6;
+/// 7, RoPE fused into attention: an `AttentionRope` launch appended to the launch enum, so
+/// version 6 programs still decode.
+pub const FORMAT_VERSION: u32 = 7;
 
 /// Oldest format version `PlanFile::open` still reads; older files are refused with a message
 /// to recompile. Version 2 files read as version 3 files without parts.

@@ -370,6 +370,20 @@ pub enum Launch {
         rope_interleaved: bool,
         out: Act,
     },
+    /// `Attention` whose `q` and `k` arrive unrotated: the kernel applies rotate-half RoPE (the
+    /// runtime's tables) to k as it writes the cache and to q as it loads it (the IR's
+    /// `attention` with `rope`; CUDA plans). Appended last so older programs still decode.
+    AttentionRope {
+        q: Act,
+        k: Act,
+        v: Act,
+        layer: u64,
+        n_heads: u64,
+        n_kv_heads: u64,
+        head_dim: u64,
+        scale: f32,
+        out: Act,
+    },
 }
 
 impl Program {

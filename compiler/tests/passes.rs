@@ -26,6 +26,15 @@ fn weight_dtype(pass: &str) -> DType {
     }
 }
 
+/// The target a pass's cases compile for: CUDA for the passes that only rewrite CUDA graphs.
+fn target(pass: &str) -> Target {
+    if pass == "fuse_rope_attention" {
+        Target::Cuda(ir::CudaArch::Sm90)
+    } else {
+        Target::Cpu(CpuIsa::Avx2)
+    }
+}
+
 fn run_case(pass_name: &str, path: &Path) -> String {
     let (_, pass) = REWRITES
         .iter()
@@ -36,7 +45,7 @@ fn run_case(pass_name: &str, path: &Path) -> String {
     ir::verify::verify(&graph)
         .unwrap_or_else(|e| panic!("{} (before {pass_name}): {e}", path.display()));
     let ctx = PassCtx {
-        target: Target::Cpu(CpuIsa::Avx2),
+        target: target(pass_name),
         weight_dtype: weight_dtype(pass_name),
         quant: Default::default(),
     };
@@ -70,6 +79,11 @@ fn canonicalize() {
 #[test]
 fn fuse_matmuls() {
     check_pass("fuse_matmuls");
+}
+
+#[test]
+fn fuse_rope_attention() {
+    check_pass("fuse_rope_attention");
 }
 
 #[test]

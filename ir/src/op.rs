@@ -32,13 +32,16 @@ pub enum Op {
     /// `rope_inv_freq` constant.
     Rope { n_heads: usize, head_dim: usize },
     /// `(q[T, H*D], k[T, KV*D], v[T, KV*D], positions i32[T]) -> [T, H*D]`: appends k, v to
-    /// layer `layer` of the KV cache, then causal attention over everything cached.
+    /// layer `layer` of the KV cache, then causal attention over everything cached. With `rope`,
+    /// q and k arrive unrotated and the op applies `rope` to both first (the CUDA target fuses
+    /// the rotation into the cache write and the query load: `fuse_rope_attention`).
     Attention {
         layer: usize,
         n_heads: usize,
         n_kv_heads: usize,
         head_dim: usize,
         scale: f32,
+        rope: bool,
     },
     /// Multi-head latent attention (DeepSeek-V3), `L` the latent rank `kv_lora`, `N` `nope_dim`,
     /// `P` `rope_dim`, `V` `v_dim`:
@@ -173,13 +176,21 @@ impl Op {
                 n_kv_heads,
                 head_dim,
                 scale,
-            } => vec![
-                ("layer", layer.to_string()),
-                ("n_heads", n_heads.to_string()),
-                ("n_kv_heads", n_kv_heads.to_string()),
-                ("head_dim", head_dim.to_string()),
-                ("scale", fmt_f32(*scale)),
-            ],
+                rope,
+            } => {
+                let mut attrs = vec![
+                    ("layer", layer.to_string()),
+                    ("n_heads", n_heads.to_string()),
+                    ("n_kv_heads", n_kv_heads.to_string()),
+                    ("head_dim", head_dim.to_string()),
+                    ("scale", fmt_f32(*scale)),
+                ];
+                // Spelled only when set: most graphs rotate in their own rope ops.
+                if *rope {
+                    attrs.push(("rope", "true".to_string()));
+                }
+                attrs
+            }
             Op::MlaAttention {
                 layer,
                 n_heads,
@@ -290,6 +301,7 @@ impl Op {
                 n_kv_heads: usize_attr("n_kv_heads")?,
                 head_dim: usize_attr("head_dim")?,
                 scale: f32_attr("scale")?,
+                rope: attrs.iter().any(|(k, _)| k == "rope") && bool_attr("rope")?,
             },
             "gather_rows" => Op::GatherRows,
             "mla_attention" => Op::MlaAttention {

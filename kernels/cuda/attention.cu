@@ -12,14 +12,30 @@ __device__ __forceinline__ long long fd_cache_row(const unsigned int* blocks, in
     return (slot * kv_heads + g) * FD_HEAD_DIM;
 }
 
-// Writes the T new tokens' K and V rows at their positions. Grid: (KV, T); block: FD_HEAD_DIM.
+// Element d of a head row rotated by RoPE (rotate-half: pairs (d, d + D/2)) at table row `p` of
+// `cos_table`/`sin_table` (`table_stride` values per position), as `rope_f32` computes it; the
+// row unchanged when the tables are null (a plan whose graph rotates in its own rope ops).
+__device__ __forceinline__ float fd_rope_at(const float* head, int d, const float* cos_table,
+                                            const float* sin_table, long long p) {
+    if (!cos_table) return head[d];
+    const int half = FD_HEAD_DIM / 2;
+    const int i = d < half ? d : d - half;
+    const float c = cos_table[p + i], s = sin_table[p + i];
+    return d < half ? head[d] * c - head[d + half] * s : head[d] * c + head[d - half] * s;
+}
+
+// Writes the T new tokens' K and V rows at their positions, K rotated by RoPE first when the
+// tables are given (RoPE fused with the cache write). Grid: (KV, T); block: FD_HEAD_DIM.
 extern "C" __global__ void kv_append_f32(const float* k, int k_stride, const float* v,
                                          int v_stride, const unsigned int* positions,
                                          const unsigned int* blocks, int block_size, int kv_heads,
-                                         float* k_cache, float* v_cache) {
+                                         const float* cos_table, const float* sin_table,
+                                         int table_stride, float* k_cache, float* v_cache) {
     const int g = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
     const long long at = fd_cache_row(blocks, block_size, positions[r], kv_heads, g);
-    k_cache[at + d] = k[(long long)r * k_stride + g * FD_HEAD_DIM + d];
+    const float* kh = k + (long long)r * k_stride + g * FD_HEAD_DIM;
+    const long long p = (long long)positions[r] * table_stride;
+    k_cache[at + d] = fd_rope_at(kh, d, cos_table, sin_table, p);
     v_cache[at + d] = v[(long long)r * v_stride + g * FD_HEAD_DIM + d];
 }
 
@@ -68,6 +84,7 @@ __device__ __forceinline__ void fd_softmax_merge(float& m, float& l, float acc[K
 }
 
 // Grid: (H, T, chunks); block: 32 * ATTENTION_WARPS. partial: [T, H, chunks, PARTIAL_WIDTH].
+// With the RoPE tables given, q arrives unrotated (as kv_append_f32's K does).
 // Each group of KEY_LANES lanes takes every (ATTENTION_WARPS * KEY_GROUPS)-th key of the chunk
 // with an online softmax; the groups, then the warps, are merged into the chunk's partial.
 // Chunks past the query's position write an empty partial.
@@ -76,7 +93,9 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
                                                  const unsigned int* blocks, int block_size,
                                                  int n_heads, int kv_heads, float scale,
                                                  const float* k_cache, const float* v_cache,
-                                                 int min_chunk, float* partial) {
+                                                 const float* cos_table, const float* sin_table,
+                                                 int table_stride, int min_chunk,
+                                                 float* partial) {
     __shared__ float part_max[ATTENTION_WARPS], part_sum[ATTENTION_WARPS];
     __shared__ float part_acc[ATTENTION_WARPS][KEY_LANES * KEY_DIMS];
     const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, chunks = gridDim.z;
@@ -94,12 +113,16 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
         }
         return;
     }
-    // The query row may sit anywhere in the activations: read element by element, once.
+    // The query row may sit anywhere in the activations: read element by element, once, and
+    // rotated here when RoPE is fused into attention.
     const float* qh = q + (long long)r * q_stride + h * FD_HEAD_DIM;
+    const long long table_row = (long long)positions[r] * table_stride;
     float qv[KEY_DIMS], acc[KEY_DIMS];
 #pragma unroll
     for (int j = 0; j < KEY_DIMS; j++) {
-        qv[j] = first + j < FD_HEAD_DIM ? qh[first + j] : 0.0f;
+        qv[j] = first + j < FD_HEAD_DIM
+                    ? fd_rope_at(qh, first + j, cos_table, sin_table, table_row)
+                    : 0.0f;
         acc[j] = 0.0f;
     }
     float m = FD_NEG_INF, l = 0.0f;

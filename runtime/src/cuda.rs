@@ -658,7 +658,25 @@ impl GpuEngine {
                 head_dim,
                 scale,
                 out,
+            }
+            | Launch::AttentionRope {
+                q,
+                k,
+                v,
+                layer,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                scale,
+                out,
             } => {
+                // RoPE fused: the kernels rotate k and q with the engine's tables; null tables
+                // leave them as they are.
+                let (cos, sin) = match step.launch {
+                    Launch::AttentionRope { .. } => (ptr(&self.cos, s), ptr(&self.sin, s)),
+                    _ => (0, 0),
+                };
+                let table_stride = int(*head_dim / 2);
                 let ((qp, qs), (kp, ks), (vp, vs)) = (act(q)?, act(k)?, act(v)?);
                 let (o, os) = act(out)?;
                 let layer = *layer as usize;
@@ -682,6 +700,9 @@ impl GpuEngine {
                     blocks,
                     block_size,
                     int(*n_kv_heads),
+                    P(cos),
+                    P(sin),
+                    table_stride,
                     P(kc),
                     P(vc),
                 ];
@@ -704,6 +725,9 @@ impl GpuEngine {
                     F(*scale),
                     P(kc),
                     P(vc),
+                    P(cos),
+                    P(sin),
+                    table_stride,
                     I(ATTENTION_MIN_CHUNK as i32),
                     partial,
                 ];

@@ -834,6 +834,12 @@ impl Engine {
                     )
                     .map_err(kernel_error)?;
                 }
+                (Launch::AttentionRope { .. }, None) => {
+                    // Only CUDA plans fuse RoPE into attention, and this engine refuses them.
+                    return Err(RuntimeError::InvalidPlan(format!(
+                        "step {index}: attention with fused RoPE runs on the CUDA engine only"
+                    )));
+                }
                 (launch, Some(_)) => {
                     return Err(RuntimeError::InvalidPlan(format!(
                         "step {index}: generated code attached to {launch:?}"

@@ -360,7 +360,7 @@ pub fn launch_kind(launch: &Launch) -> OpKind {
         Launch::Silu { .. } => OpKind::Silu,
         Launch::SiluMul { .. } => OpKind::SiluMul,
         Launch::Rope { .. } => OpKind::Rope,
-        Launch::Attention { .. } => OpKind::Attention,
+        Launch::Attention { .. } | Launch::AttentionRope { .. } => OpKind::Attention,
         Launch::GatherRows { .. } => OpKind::GatherRows,
         Launch::Moe { .. } => OpKind::Moe,
         Launch::MlaAttention { .. } => OpKind::MlaAttention,
@@ -390,7 +390,9 @@ pub(crate) fn launch_operands(launch: &Launch) -> (Vec<Act>, Vec<Act>, Vec<Weigh
             (vec![x], vec![out], vec![])
         }
         Launch::SiluMul { gu, out } => (vec![gu], vec![out], vec![]),
-        Launch::Attention { q, k, v, out, .. } => (vec![q, k, v], vec![out], vec![]),
+        Launch::Attention { q, k, v, out, .. } | Launch::AttentionRope { q, k, v, out, .. } => {
+            (vec![q, k, v], vec![out], vec![])
+        }
         Launch::MlaAttention {
             q,
             latent,

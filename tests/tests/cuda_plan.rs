@@ -72,6 +72,19 @@ fn a_cuda_plan_carries_its_module_cuda_kernels_and_row_major_weights() {
             .weights
             .iter()
             .all(|w| w.layout == artifacts::schema::WeightLayout::RowMajor));
+        // RoPE is fused into attention (`fuse_rope_attention`): no rope launch is left.
+        assert!(
+            plan.program
+                .steps
+                .iter()
+                .all(|s| !s.kernel.starts_with("rope_")),
+            "a rope launch in a CUDA plan"
+        );
+        assert!(plan
+            .program
+            .steps
+            .iter()
+            .any(|s| matches!(s.launch, artifacts::schema::Launch::AttentionRope { .. })));
         let report = compiler::inspect::inspect(&path, &[]).expect("inspects");
         assert!(report.contains("CUDA module"), "{report}");
         assert!(

@@ -152,15 +152,19 @@ fn paged_attention_matches_a_float64_reference() {
     let gpu = module(arch);
     // 7 tokens in 3 chunks of at least one position: the keys span all three chunks, and the
     // first queries leave chunks empty.
-    check_paged_attention(&gpu, 7, 3, 1);
+    check_paged_attention(&gpu, 7, 3, 1, false);
     // 45 tokens in 2 chunks of at least 16: chunks longer than the 16 keys a block takes at a
     // time, and a last round where only some lane groups hold a key.
-    check_paged_attention(&gpu, 45, 2, 16);
+    check_paged_attention(&gpu, 45, 2, 16, false);
+    // RoPE fused: q and k arrive unrotated and the kernels rotate them with the tables.
+    check_paged_attention(&gpu, 7, 3, 1, true);
+    check_paged_attention(&gpu, 45, 2, 16, true);
 }
 
 /// `t` tokens of one sequence attended in one pass, split into `chunks` chunks of at least
-/// `min_chunk` positions, against a float64 reference.
-fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i32) {
+/// `min_chunk` positions, against a float64 reference; with `rope`, q and k are rotated by the
+/// kernels (rotate-half, random angles per position and pair) and by the reference.
+fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i32, rope: bool) {
     // The tiny llama's shapes: 4 heads sharing 2 kv heads of 16, in blocks of 4 positions, the
     // sequence's blocks out of order in a pool with one spare block.
     let (heads, kv_heads, d, block_size) = (4usize, 2usize, 16usize, 4usize);
@@ -173,6 +177,36 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
     let k = random(t * kv_heads * d, 5);
     let v = random(t * kv_heads * d, 6);
     let scale = 1.0 / (d as f32).sqrt();
+    // RoPE tables, [position, d / 2], and the rotated q and k the reference attends with.
+    let angles: Vec<f32> = random(t * d / 2, 12).iter().map(|a| a * 3.0).collect();
+    let (cos, sin): (Vec<f32>, Vec<f32>) = angles.iter().map(|a| (a.cos(), a.sin())).unzip();
+    let rotate = |x: &[f32], heads: usize| -> Vec<f64> {
+        let mut out: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        if rope {
+            for r in 0..t {
+                for h in 0..heads {
+                    let at = (r * heads + h) * d;
+                    for i in 0..d / 2 {
+                        let (c, s) = (cos[r * d / 2 + i] as f64, sin[r * d / 2 + i] as f64);
+                        let (lo, hi) = (x[at + i] as f64, x[at + d / 2 + i] as f64);
+                        out[at + i] = lo * c - hi * s;
+                        out[at + d / 2 + i] = hi * c + lo * s;
+                    }
+                }
+            }
+        }
+        out
+    };
+    let (q_ref, k_ref) = (rotate(&q, heads), rotate(&k, kv_heads));
+    let (cos_d, sin_d) = (device_table(gpu, &cos), device_table(gpu, &sin));
+    let table = |t: &cudarc::driver::CudaSlice<f32>| -> u64 {
+        if rope {
+            cudarc::driver::DevicePtr::device_ptr(t, &gpu.stream).0
+        } else {
+            0
+        }
+    };
+    let (cos_p, sin_p, table_stride) = (table(&cos_d), table(&sin_d), (d / 2) as i32);
     let s = &gpu.stream;
     let pool = pool_blocks * block_size * kv_heads * d;
     let (q_d, k_d, v_d) = (
@@ -200,6 +234,9 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
         .arg(&blocks_d)
         .arg(&bs)
         .arg(&kv_i)
+        .arg(&cos_p)
+        .arg(&sin_p)
+        .arg(&table_stride)
         .arg(&mut k_cache)
         .arg(&mut v_cache);
     let config = LaunchConfig {
@@ -227,6 +264,9 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
         .arg(&scale)
         .arg(&k_cache)
         .arg(&v_cache)
+        .arg(&cos_p)
+        .arg(&sin_p)
+        .arg(&table_stride)
         .arg(&min_chunk)
         .arg(&mut partial);
     let config = LaunchConfig {
@@ -260,9 +300,7 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
             let scores: Vec<f64> = (0..=r)
                 .map(|p| {
                     (0..d)
-                        .map(|i| {
-                            q[(r * heads + h) * d + i] as f64 * k[(p * kv_heads + g) * d + i] as f64
-                        })
+                        .map(|i| q_ref[(r * heads + h) * d + i] * k_ref[(p * kv_heads + g) * d + i])
                         .sum::<f64>()
                         * scale as f64
                 })
@@ -280,8 +318,13 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
     let err = relative_error(&got, &want);
     assert!(
         err < 1e-5,
-        "{t} tokens in {chunks} chunks: relative error {err}"
+        "{t} tokens in {chunks} chunks, rope {rope}: relative error {err}"
     );
+}
+
+/// A table on the device.
+fn device_table(gpu: &GpuModule, values: &[f32]) -> cudarc::driver::CudaSlice<f32> {
+    gpu.stream.clone_htod(values).expect("uploading a table")
 }
 
 /// A dense tiny golden, f32 weights, run whole on the GPU: logits at every position within 1e-3

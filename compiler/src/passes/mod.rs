@@ -3,7 +3,7 @@
 //! debug and test builds, runs the verifier after each one.
 //!
 //! Passes that rewrite the graph: `canonicalize`, `fuse_matmuls`, `fuse_silu_mul`,
-//! `fuse_add_rms_norm`, `cast_weights`. Passes that analyse it for the plan: `quantize_weights`,
+//! `fuse_add_rms_norm`, `fuse_rope_attention` (CUDA targets), `cast_weights`. Passes that analyse it for the plan: `quantize_weights`,
 //! `select_kernels`,
 //! `plan_memory`; `schedule` turns all of that into the plan's linear program.
 //!
@@ -13,6 +13,7 @@ pub mod canonicalize;
 pub mod cast_weights;
 pub mod fuse_add_rms_norm;
 pub mod fuse_matmuls;
+pub mod fuse_rope_attention;
 pub mod fuse_silu_mul;
 pub mod plan_memory;
 pub mod quantize_weights;
@@ -51,6 +52,7 @@ pub const REWRITES: &[(&str, GraphPass)] = &[
     ("fuse_matmuls", fuse_matmuls::run),
     ("fuse_silu_mul", fuse_silu_mul::run),
     ("fuse_add_rms_norm", fuse_add_rms_norm::run),
+    ("fuse_rope_attention", fuse_rope_attention::run),
     ("cast_weights", cast_weights::run),
 ];
 

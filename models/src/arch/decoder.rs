@@ -532,6 +532,7 @@ fn build(
             n_kv_heads: kv,
             head_dim: d,
             scale,
+            rope: false,
         };
         let a = b.node(attn, &[q, k, val, positions])?;
         let o = b.linear(a, &format!("{p}.self_attn.o_proj"), c, h * d, false)?;
