@@ -206,6 +206,27 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     for (kernel, count) in kernels {
         let _ = writeln!(out, "  {kernel:<36} x{count}");
     }
+    // Which kernel serves which matmul shape: the weight's [N, K] per launch.
+    let mut shapes: BTreeMap<(&str, u64, u64), usize> = BTreeMap::new();
+    for step in &program.steps {
+        if let artifacts::schema::Launch::MatMul { w, .. } = &step.launch {
+            if let Some(info) = manifest.weights.get(w.0 as usize) {
+                if let [n, k] = info.shape[..] {
+                    *shapes.entry((step.kernel.as_str(), n, k)).or_default() += 1;
+                }
+            }
+        }
+    }
+    if !shapes.is_empty() {
+        let _ = writeln!(
+            out,
+            "
+matmuls by shape (N x K of the weight)"
+        );
+        for ((kernel, n, k), count) in shapes {
+            let _ = writeln!(out, "  {kernel:<36} {:>16} x{count}", format!("{n} x {k}"));
+        }
+    }
     if matches!(manifest.target, ir::Target::Cuda(_)) {
         let _ = writeln!(out, "\nCUDA module (one for every kernel above)");
         for sym in &manifest.code {

@@ -181,6 +181,23 @@ fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernel
         );
         // The tiny llama's embedding table is read by the embedding alone: it stays bf16.
         assert!(kernels.contains(&"embedding_bf16_sm90"), "{kernels:?}");
+        // `fdc inspect` says which kernel serves each matmul shape: the tiny llama's
+        // gate/up projection is [2 x 128, 64], its LM head (8 bits under any scheme) [320, 64].
+        let report = compiler::inspect::inspect(&path, &[]).expect("inspects");
+        let section = report
+            .split("matmuls by shape")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no matmul shapes in\n{report}"));
+        let line = |kernel: &str, shape: &str| {
+            section
+                .lines()
+                .any(|l| l.contains(kernel) && l.contains(shape))
+        };
+        assert!(
+            line(&format!("matmul_{scheme}_sm90"), "256 x 64"),
+            "{section}"
+        );
+        assert!(line("matmul_w8a16_sm90", "320 x 64"), "{section}");
     }
 }
 
