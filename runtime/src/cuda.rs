@@ -151,9 +151,10 @@ impl GpuModule {
 /// arena, the logits and the paged KV cache live on the device; each step is one or two kernel
 /// launches on one stream, with the same views (`Act`) the CPU engine resolves.
 ///
-/// One-token decode steps are captured once into a CUDA graph and replayed. Still to come:
-/// several sequences per pass (the scheduler's batches), cuBLAS for large batches, and uploading
-/// weights in bounded chunks.
+/// Plain (f32, bf16, f16) and quantized (8, 4, 2-bit codes) weights; the RoPE of attention
+/// fused into its kernels when the plan says so (`Launch::AttentionRope`). One-token decode
+/// steps are captured once into a CUDA graph and replayed. Still to come: several sequences per
+/// pass (the scheduler's batches) and cuBLAS for large batches.
 pub struct GpuEngine {
     gpu: GpuModule,
     plan: LoadedPlan,
