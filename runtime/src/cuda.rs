@@ -838,6 +838,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_quantized_matmul_launch_matches_the_kernels_block_shape() {
+        // The kernel sizes its shared reduction and its K split by these; a launch with more
+        // threads would index past them.
+        let source = kernels::cuda::module_source(&kernels::cuda::ModuleSpec { head_dim: 64 });
+        let warps = format!("#define QMATMUL_WARPS {}\n", QUANT_MATMUL_THREADS / 32);
+        let rows = format!("#define QPANEL {}\n", QUANT_MATMUL_ROWS);
+        assert!(
+            source.contains(&warps),
+            "the module does not define {warps}"
+        );
+        assert!(source.contains(&rows), "the module does not define {rows}");
+        assert_eq!(
+            QUANT_MATMUL_ROWS as usize,
+            kernels::cpu::PackedLayout::CUDA_QUANT.panel()
+        );
+    }
+
+    #[test]
     fn attention_splits_a_decode_step_to_fill_the_gpu_and_a_prefill_not_at_all() {
         // Llama-3-8B's 32 heads on an H100's 132 SMs, a 1024-position context.
         let split = AttentionSplit {
