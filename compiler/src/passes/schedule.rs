@@ -104,36 +104,43 @@ pub fn run(input: &ScheduleInput) -> Result<Program, PassError> {
                 n_kv_heads,
                 head_dim,
                 scale,
-                rope: false,
-            } => Launch::Attention {
-                q: act(ins[0])?,
-                k: act(ins[1])?,
-                v: act(ins[2])?,
-                layer: *layer as u64,
-                n_heads: *n_heads as u64,
-                n_kv_heads: *n_kv_heads as u64,
-                head_dim: *head_dim as u64,
-                scale: *scale,
-                out: out()?,
-            },
-            Op::Attention {
-                layer,
-                n_heads,
-                n_kv_heads,
-                head_dim,
-                scale,
-                rope: true,
-            } => Launch::AttentionRope {
-                q: act(ins[0])?,
-                k: act(ins[1])?,
-                v: act(ins[2])?,
-                layer: *layer as u64,
-                n_heads: *n_heads as u64,
-                n_kv_heads: *n_kv_heads as u64,
-                head_dim: *head_dim as u64,
-                scale: *scale,
-                out: out()?,
-            },
+                rope,
+            } => {
+                let (q, k, v, out) = (act(ins[0])?, act(ins[1])?, act(ins[2])?, out()?);
+                let (layer, n_heads, n_kv_heads, head_dim, scale) = (
+                    *layer as u64,
+                    *n_heads as u64,
+                    *n_kv_heads as u64,
+                    *head_dim as u64,
+                    *scale,
+                );
+                // Two launch kinds rather than a flag: plans of format 6 decode unchanged.
+                if *rope {
+                    Launch::AttentionRope {
+                        q,
+                        k,
+                        v,
+                        layer,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                        scale,
+                        out,
+                    }
+                } else {
+                    Launch::Attention {
+                        q,
+                        k,
+                        v,
+                        layer,
+                        n_heads,
+                        n_kv_heads,
+                        head_dim,
+                        scale,
+                        out,
+                    }
+                }
+            }
             Op::MlaAttention {
                 layer,
                 n_heads,
