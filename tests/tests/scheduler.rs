@@ -345,13 +345,15 @@ fn the_queue_stays_bounded_when_kv_blocks_are_short_rather_than_slots() {
             stats.waiting <= max_waiting + max_num_seqs,
             "the queue passed its bound: {stats:?}"
         );
+        // What is in flight at any moment stays bounded. (The total accepted over the loop
+        // may exceed the bound: the engine finishes requests while the loop submits, which
+        // made a count of accepted requests fail on a fast, idle machine.)
+        assert!(
+            stats.waiting + stats.running <= max_waiting + max_num_seqs,
+            "more in flight than the bound: {stats:?}"
+        );
     }
     assert!(refused > 0, "20 requests and none refused");
-    assert!(
-        accepted.len() <= max_waiting + max_num_seqs,
-        "{}",
-        accepted.len()
-    );
     for stream in accepted {
         let (tokens, _) = collect(stream);
         assert_eq!(tokens.len(), 20);
