@@ -66,6 +66,29 @@ fn module(arch: CudaArch) -> GpuModule {
 
 use common::random::uniform as random;
 
+/// `x @ w^T + bias` in float64: `x` is `[T, k]` row-major, `w(c, i)` the weight of output `c` at
+/// `i`, one output per bias entry.
+fn matmul_reference(
+    x: &[f32],
+    k: usize,
+    bias: &[f32],
+    w: impl Fn(usize, usize) -> f32,
+) -> Vec<f64> {
+    let n = bias.len();
+    let mut out = vec![0f64; x.len() / k * n];
+    for (r, row) in x.chunks(k).enumerate() {
+        for c in 0..n {
+            let dot: f64 = row
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| v as f64 * w(c, i) as f64)
+                .sum();
+            out[r * n + c] = dot + bias[c] as f64;
+        }
+    }
+    out
+}
+
 /// ||got - want|| / ||want||.
 fn relative_error(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
@@ -133,15 +156,7 @@ fn matmul_bf16_matches_a_float64_reference() {
     };
     unsafe { launch.launch(config) }.expect("launch");
     let got = s.clone_dtoh(&out_d).unwrap();
-    let mut want = vec![0f64; t * n];
-    for r in 0..t {
-        for c in 0..n {
-            let dot: f64 = (0..k)
-                .map(|i| x[r * k + i] as f64 * w[c * k + i].to_f32() as f64)
-                .sum();
-            want[r * n + c] = dot + bias[c] as f64;
-        }
-    }
+    let want = matmul_reference(&x, k, &bias, |c, i| w[c * k + i].to_f32());
     let err = relative_error(&got, &want);
     assert!(err < 1e-5, "relative error {err}");
 }
@@ -488,15 +503,7 @@ fn quantized_matmuls_match_a_float64_reference() {
                     };
                     unsafe { launch.launch(config) }.expect("launch");
                     let got = s.clone_dtoh(&out_d).unwrap();
-                    let mut want = vec![0f64; t * n];
-                    for r in 0..t {
-                        for c in 0..n {
-                            let dot: f64 = (0..k)
-                                .map(|i| x[r * k + i] as f64 * weight.get_f32(c, i) as f64)
-                                .sum();
-                            want[r * n + c] = dot + bias[c] as f64;
-                        }
-                    }
+                    let want = matmul_reference(&x, k, &bias, |c, i| weight.get_f32(c, i));
                     let err = relative_error(&got, &want);
                     assert!(
                         err < 1e-5,
