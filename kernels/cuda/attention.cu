@@ -1,8 +1,10 @@
-// Causal GQA attention over a paged KV cache: the CUDA twin of `kernels::cpu::attention`, for one
-// sequence per launch pair. A layer's cache is `[blocks, block_size, KV, FD_HEAD_DIM]` f32 for
-// K and for V; position p of the sequence lives in block `blocks[p / block_size]` at row
-// `p % block_size`. FD_HEAD_DIM (at most 256) is the plan's, defined when the
-// module is built; the block size is the runtime's choice.
+// Causal GQA attention over a paged KV cache: the CUDA twin of `kernels::cpu::attention`, for
+// any number of sequences per launch. A layer's cache is `[blocks, block_size, KV, FD_HEAD_DIM]`
+// f32 for K and for V; token r's sequence has its block table at `tables + table_offsets[r]`,
+// and position p of that sequence lives in block `blocks[p / block_size]` at row
+// `p % block_size`. Each token carries its own position and table, so a pass mixes sequences
+// freely (decode tokens and prompt chunks). FD_HEAD_DIM (at most 256) is the plan's, defined
+// when the module is built; the block size is the runtime's choice.
 
 #define ATTENTION_WARPS 4
 
@@ -28,10 +30,13 @@ __device__ __forceinline__ float fd_rope_at(const float* head, int d, const floa
 // tables are given (RoPE fused with the cache write). Grid: (KV, T); block: FD_HEAD_DIM.
 extern "C" __global__ void kv_append_f32(const float* k, int k_stride, const float* v,
                                          int v_stride, const unsigned int* positions,
-                                         const unsigned int* blocks, int block_size, int kv_heads,
+                                         const unsigned int* tables,
+                                         const unsigned int* table_offsets, int block_size,
+                                         int kv_heads,
                                          const float* cos_table, const float* sin_table,
                                          int table_stride, float* k_cache, float* v_cache) {
     const int g = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
+    const unsigned int* blocks = tables + table_offsets[r];
     const long long at = fd_cache_row(blocks, block_size, positions[r], kv_heads, g);
     const float* kh = k + (long long)r * k_stride + g * FD_HEAD_DIM;
     const long long p = (long long)positions[r] * table_stride;
@@ -90,7 +95,8 @@ __device__ __forceinline__ void fd_softmax_merge(float& m, float& l, float acc[K
 // Chunks past the query's position write an empty partial.
 extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
                                                  const unsigned int* positions,
-                                                 const unsigned int* blocks, int block_size,
+                                                 const unsigned int* tables,
+                                                 const unsigned int* table_offsets, int block_size,
                                                  int n_heads, int kv_heads, float scale,
                                                  const float* k_cache, const float* v_cache,
                                                  const float* cos_table, const float* sin_table,
@@ -102,6 +108,7 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = lane / KEY_LANES, first = (lane % KEY_LANES) * KEY_DIMS;
     const int g = h / (n_heads / kv_heads);
+    const unsigned int* blocks = tables + table_offsets[r];
     const int len = positions[r] + 1;
     const int chunk = max(min_chunk, (len + chunks - 1) / chunks);
     const int begin = c * chunk, end = min(begin + chunk, len);

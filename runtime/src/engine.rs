@@ -70,10 +70,103 @@ pub struct SeqChunk<'a> {
 }
 
 /// Where one sequence's tokens sit in a pass.
-struct SeqSpan<'a> {
-    blocks: &'a [u32],
-    row0: usize,
-    rows: usize,
+pub(crate) struct SeqSpan<'a> {
+    pub blocks: &'a [u32],
+    pub row0: usize,
+    pub rows: usize,
+}
+
+/// A pass's tokens laid out in rows, checked: what either engine needs to run it.
+pub(crate) struct PassLayout<'a> {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// The rows whose logits are wanted, in chunk order.
+    pub logit_rows: Vec<u32>,
+    pub spans: Vec<SeqSpan<'a>>,
+}
+
+impl<'a> PassLayout<'a> {
+    /// Lays out `chunks` and refuses a pass no engine may run: empty, over the token budget or
+    /// the context, block tables too short or outside the pool of `pool_blocks`, a block
+    /// written by two chunks, a token id outside the model's `vocab`.
+    pub fn of(
+        chunks: &[SeqChunk<'a>],
+        options: &EngineOptions,
+        pool_blocks: usize,
+        vocab: usize,
+        model_max: usize,
+    ) -> Result<PassLayout<'a>, RuntimeError> {
+        let t: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if t == 0 || chunks.iter().any(|c| c.tokens.is_empty()) {
+            return Err(RuntimeError::EmptyInput);
+        }
+        if t > options.max_batch_tokens {
+            return Err(RuntimeError::InvalidPlan(format!(
+                "{t} tokens in one pass exceed the token budget {}",
+                options.max_batch_tokens
+            )));
+        }
+        let block_size = options.block_size;
+        let mut tokens = Vec::with_capacity(t);
+        let mut positions = Vec::with_capacity(t);
+        let mut logit_rows = vec![];
+        let mut spans = Vec::with_capacity(chunks.len());
+        // Blocks written in this pass, to refuse two chunks writing the same one.
+        let mut written: Vec<u32> = vec![];
+        for c in chunks {
+            let start = c.start;
+            let needed = start + c.tokens.len();
+            if needed > options.max_context {
+                return Err(RuntimeError::ContextFull {
+                    needed,
+                    capacity: options.max_context,
+                    model_max,
+                });
+            }
+            if needed > c.blocks.len() * block_size {
+                return Err(RuntimeError::KvBlocks(format!(
+                    "{needed} positions need {} blocks of {block_size}, the table has {}",
+                    needed.div_ceil(block_size),
+                    c.blocks.len()
+                )));
+            }
+            if let Some(&b) = c.blocks.iter().find(|&&b| b as usize >= pool_blocks) {
+                return Err(RuntimeError::KvBlocks(format!(
+                    "block {b} is outside the pool of {pool_blocks}"
+                )));
+            }
+            for &b in &c.blocks[start / block_size..needed.div_ceil(block_size)] {
+                if written.contains(&b) {
+                    return Err(RuntimeError::KvBlocks(format!(
+                        "block {b} is written by two sequences in one pass"
+                    )));
+                }
+                written.push(b);
+            }
+            if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= vocab) {
+                return Err(RuntimeError::BadTokenId { id, vocab });
+            }
+            let row0 = tokens.len() as u32;
+            match c.logits {
+                Logits::None => {}
+                Logits::Last => logit_rows.push(row0 + c.tokens.len() as u32 - 1),
+                Logits::All => logit_rows.extend(row0..row0 + c.tokens.len() as u32),
+            }
+            spans.push(SeqSpan {
+                blocks: c.blocks,
+                row0: row0 as usize,
+                rows: c.tokens.len(),
+            });
+            tokens.extend_from_slice(c.tokens);
+            positions.extend(start as u32..needed as u32);
+        }
+        Ok(PassLayout {
+            tokens,
+            positions,
+            logit_rows,
+            spans,
+        })
+    }
 }
 
 /// A generated function, resolved once at load.
@@ -322,75 +415,19 @@ impl Engine {
     /// within a chunk in order). Every matmul sees all the tokens together; attention runs per
     /// sequence.
     pub fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
-        let t: usize = chunks.iter().map(|c| c.tokens.len()).sum();
-        if t == 0 || chunks.iter().any(|c| c.tokens.is_empty()) {
-            return Err(RuntimeError::EmptyInput);
-        }
-        if t > self.options.max_batch_tokens {
-            return Err(RuntimeError::InvalidPlan(format!(
-                "{t} tokens in one pass exceed the token budget {}",
-                self.options.max_batch_tokens
-            )));
-        }
         let vocab = self.vocab_size();
-        let model_vocab = self.plan.manifest.model.vocab_size as usize;
-        let mut tokens = Vec::with_capacity(t);
-        let mut positions = Vec::with_capacity(t);
-        let mut logit_rows = vec![];
-        let mut spans = Vec::with_capacity(chunks.len());
-        let (block_size, pool_blocks) = (self.kv.block_size(), self.kv.num_blocks());
-        // Blocks written in this pass, to refuse two chunks writing the same one.
-        let mut written: Vec<u32> = vec![];
-        for c in chunks {
-            let start = c.start;
-            let needed = start + c.tokens.len();
-            if needed > self.options.max_context {
-                return Err(RuntimeError::ContextFull {
-                    needed,
-                    capacity: self.options.max_context,
-                    model_max: self.plan.manifest.model.max_position_embeddings as usize,
-                });
-            }
-            if needed > c.blocks.len() * block_size {
-                return Err(RuntimeError::KvBlocks(format!(
-                    "{needed} positions need {} blocks of {block_size}, the table has {}",
-                    needed.div_ceil(block_size),
-                    c.blocks.len()
-                )));
-            }
-            if let Some(&b) = c.blocks.iter().find(|&&b| b as usize >= pool_blocks) {
-                return Err(RuntimeError::KvBlocks(format!(
-                    "block {b} is outside the pool of {pool_blocks}"
-                )));
-            }
-            for &b in &c.blocks[start / block_size..needed.div_ceil(block_size)] {
-                if written.contains(&b) {
-                    return Err(RuntimeError::KvBlocks(format!(
-                        "block {b} is written by two sequences in one pass"
-                    )));
-                }
-                written.push(b);
-            }
-            if let Some(&id) = c.tokens.iter().find(|&&id| id as usize >= model_vocab) {
-                return Err(RuntimeError::BadTokenId {
-                    id,
-                    vocab: model_vocab,
-                });
-            }
-            let row0 = tokens.len() as u32;
-            match c.logits {
-                Logits::None => {}
-                Logits::Last => logit_rows.push(row0 + c.tokens.len() as u32 - 1),
-                Logits::All => logit_rows.extend(row0..row0 + c.tokens.len() as u32),
-            }
-            spans.push(SeqSpan {
-                blocks: c.blocks,
-                row0: row0 as usize,
-                rows: c.tokens.len(),
-            });
-            tokens.extend_from_slice(c.tokens);
-            positions.extend(start as u32..needed as u32);
-        }
+        let PassLayout {
+            tokens,
+            positions,
+            logit_rows,
+            spans,
+        } = PassLayout::of(
+            chunks,
+            &self.options,
+            self.kv.num_blocks(),
+            self.plan.manifest.model.vocab_size as usize,
+            self.plan.manifest.model.max_position_embeddings as usize,
+        )?;
         let r = logit_rows.len();
         self.logits.resize(r * vocab, 0.0);
         for i in 0..self.plan.program.steps.len() {
@@ -856,7 +893,7 @@ fn sub_rows(all: &[f32], row0: usize, rows: usize, stride: usize, cols: usize) -
     &all[row0 * stride..][..(rows - 1) * stride + cols]
 }
 
-fn writes_logit_rows(launch: &Launch) -> bool {
+pub(crate) fn writes_logit_rows(launch: &Launch) -> bool {
     launch_operands(launch)
         .1
         .iter()

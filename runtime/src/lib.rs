@@ -4,13 +4,15 @@
 //! (the paged KV memory) and `block_manager` (who holds which block, prefix caching), `generate`
 //! (the token loop), `eval` and `calibrate` (perplexity, and the statistics GPTQ needs), plus text in and out (`tokenizer`, `chat`), `sampler`, the continuous-batching `scheduler`
 //! and `server` (`fdrt serve`, an OpenAI-compatible HTTP front end to the scheduler).
-//! `cuda` opens a CUDA device for a CUDA plan, refuses a plan built for another GPU, and loads
-//! the plan's module (executing CUDA plans is still to come).
+//! `cuda` opens a CUDA device for a CUDA plan, refuses a plan built for another GPU, loads the
+//! plan's module and runs its program (`GpuEngine`); `batch_engine` is what the scheduler steps,
+//! either engine.
 //!
 //! It never depends on `compiler`, `models`, a code generator or `ir`'s graph: if it needed a graph,
 //! the compiler would not have finished its job. Tests sit beside the code; end-to-end tests that
 //! compile real models are in `tests/`.
 
+pub mod batch_engine;
 pub mod bench;
 pub mod block_manager;
 pub mod calibrate;
@@ -31,6 +33,7 @@ pub mod tokenizer;
 pub mod weights;
 pub mod weights_update;
 
+pub use batch_engine::BatchEngine;
 pub use engine::{Engine, EngineOptions, Logits, SeqChunk};
 pub use error::RuntimeError;
 pub use plan::LoadedPlan;

@@ -18,8 +18,10 @@
 //! [`Scheduler`] (a cheap handle) and receive each request's tokens on a [`RequestStream`].
 //! Dropping a stream cancels its request; its blocks are freed at the next step.
 
+use crate::batch_engine::BatchEngine;
 use crate::block_manager::{BlockManager, SeqBlocks};
-use crate::engine::{Engine, Logits, SeqChunk};
+use crate::engine::{Logits, SeqChunk};
+use crate::error::RuntimeError;
 use crate::generate::FinishReason;
 use crate::sampler::{log_softmax, Sampler, SamplingParams};
 use crate::weights::WeightStore;
@@ -157,6 +159,9 @@ impl Drop for RequestStream {
     }
 }
 
+/// Where the engine thread says whether new weights serve (or why they do not).
+type SwitchReply = tokio::sync::oneshot::Sender<Result<(), RuntimeError>>;
+
 enum Command {
     Submit(Box<Request>),
     Wake,
@@ -164,7 +169,7 @@ enum Command {
     /// Fail whatever is left and stop the engine thread.
     Abort,
     /// Put these weights in service at the next step boundary (see `weights_update`).
-    SwapWeights(Box<WeightStore>, tokio::sync::oneshot::Sender<()>),
+    SwapWeights(Box<WeightStore>, SwitchReply),
 }
 
 struct Request {
@@ -198,15 +203,14 @@ pub struct Scheduler {
 
 impl Scheduler {
     /// Moves `engine` onto a thread of its own and starts stepping it.
-    pub fn start(engine: Engine, config: SchedulerConfig) -> Scheduler {
+    pub fn start(engine: Box<dyn BatchEngine>, config: SchedulerConfig) -> Scheduler {
         let config = SchedulerConfig {
             max_num_seqs: config.max_num_seqs.max(1),
             ..config
         };
         let context = engine.options().max_context;
         let vocab = engine.vocab_size();
-        let (num_blocks, block_size) =
-            (engine.kv_pool().num_blocks(), engine.kv_pool().block_size());
+        let (num_blocks, block_size) = (engine.kv_blocks(), engine.options().block_size);
         let blocks = BlockManager::new(
             num_blocks,
             block_size,
@@ -358,7 +362,7 @@ impl Scheduler {
     pub fn swap_weights(
         &self,
         weights: WeightStore,
-    ) -> Result<tokio::sync::oneshot::Receiver<()>, SubmitError> {
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), RuntimeError>>, SubmitError> {
         let (switched, on_switch) = tokio::sync::oneshot::channel();
         self.commands
             .send(Command::SwapWeights(Box::new(weights), switched))
@@ -423,7 +427,7 @@ impl Sequence {
 }
 
 struct Worker {
-    engine: Engine,
+    engine: Box<dyn BatchEngine>,
     blocks: BlockManager,
     inbox: mpsc::Receiver<Command>,
     config: SchedulerConfig,
@@ -525,10 +529,17 @@ impl Worker {
 
     /// A live weight update, between two steps: no pass mixes old and new weights, and running
     /// sequences go on with the new ones. The old weights are unmapped here.
-    fn swap_weights(&mut self, weights: WeightStore, switched: tokio::sync::oneshot::Sender<()>) {
-        drop(self.engine.replace_weights(weights));
-        self.invalidate_prefix_cache();
-        let _ = switched.send(());
+    fn swap_weights(&mut self, weights: WeightStore, switched: SwitchReply) {
+        match self.engine.replace_weights(weights) {
+            Ok(old) => {
+                drop(old);
+                self.invalidate_prefix_cache();
+                let _ = switched.send(Ok(()));
+            }
+            Err(e) => {
+                let _ = switched.send(Err(e));
+            }
+        }
     }
 
     /// Called at every weight switch: cached KV blocks were computed with the old weights, so

@@ -80,7 +80,7 @@ pub async fn update_weights(
     let switched = scheduler
         .swap_weights(store)
         .map_err(|_| UpdateError::EngineStopped)?;
-    switched.await.map_err(|_| UpdateError::EngineStopped)?;
+    switched.await.map_err(|_| UpdateError::EngineStopped)??;
     Ok(UpdateWeightsReport {
         snapshot_id: request.snapshot_id,
         rank: request.rank,

@@ -10,7 +10,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
 use ir::{CudaArch, DType, Target};
 use runtime::cuda::{device_arch, device_present, GpuEngine, GpuModule};
-use runtime::{LoadedPlan, RuntimeError};
+use runtime::{EngineOptions, LoadedPlan, Logits, RuntimeError, SeqChunk};
 use std::path::PathBuf;
 
 /// Says why a test did not run, on the real stderr: the test harness captures `eprintln!` of
@@ -39,6 +39,15 @@ fn device() -> Option<CudaArch> {
             None
         }
         Err(e) => panic!("a CUDA device is present but cannot be opened: {e}"),
+    }
+}
+
+/// Options for one sequence of `max_context` positions in passes of up to `max_batch_tokens`.
+fn solo(max_context: usize, max_batch_tokens: usize) -> EngineOptions {
+    EngineOptions {
+        max_context,
+        max_batch_tokens,
+        ..EngineOptions::default()
     }
 }
 
@@ -229,9 +238,11 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
         s.clone_htod(&k).unwrap(),
         s.clone_htod(&v).unwrap(),
     );
-    let (pos_d, blocks_d) = (
+    // One sequence: every token's table starts at offset 0.
+    let (pos_d, blocks_d, offsets_d) = (
         s.clone_htod(&positions).unwrap(),
         s.clone_htod(&blocks).unwrap(),
+        s.clone_htod(&vec![0u32; t]).unwrap(),
     );
     let mut k_cache = s.alloc_zeros::<f32>(pool).unwrap();
     let mut v_cache = s.alloc_zeros::<f32>(pool).unwrap();
@@ -247,6 +258,7 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
         .arg(&kv_cols)
         .arg(&pos_d)
         .arg(&blocks_d)
+        .arg(&offsets_d)
         .arg(&bs)
         .arg(&kv_i)
         .arg(&cos_p)
@@ -273,6 +285,7 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
         .arg(&q_cols)
         .arg(&pos_d)
         .arg(&blocks_d)
+        .arg(&offsets_d)
         .arg(&bs)
         .arg(&h_i)
         .arg(&kv_i)
@@ -349,7 +362,7 @@ fn golden_on_the_gpu(model: &str) {
     let Some(arch) = device() else { return };
     let dir = common::golden(&format!("tiny/{model}"));
     let plan = LoadedPlan::load(&cuda_plan(model, arch, DType::F32)).expect("loading");
-    let mut engine = GpuEngine::new(plan, 0, 1024, 64).expect("uploading the plan");
+    let mut engine = GpuEngine::new(plan, 0, solo(1024, 64)).expect("uploading the plan");
     let golden_logits = common::read_tensor(&dir.join("golden.safetensors"), "logits");
     let json = common::read_json(&dir.join("golden.json"));
     let vocab = golden_logits.shape[1];
@@ -420,7 +433,7 @@ fn smollm2_matches_the_float64_reference_on_the_gpu() {
     compiler::compile(&common::smollm2_gguf(), &out, &options).expect("compiling SmolLM2");
     let plan = LoadedPlan::load(&out).expect("loading");
     let vocab = plan.manifest.model.vocab_size as usize;
-    let mut engine = GpuEngine::new(plan, 0, 2048, 1024).expect("uploading the plan");
+    let mut engine = GpuEngine::new(plan, 0, solo(2048, 1024)).expect("uploading the plan");
     common::check_smollm2("f32 on the GPU", vocab, 1e-3, 1e-3, |sequence| {
         engine.reset();
         engine.forward(sequence, true).expect("forward")
@@ -542,7 +555,8 @@ fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
     )
     .expect("CPU engine");
     let want = cpu.prefill(&ids, true).expect("CPU prefill");
-    let mut gpu = GpuEngine::new(compile(Target::Cuda(arch)), 0, 1024, 64).expect("uploading");
+    let mut gpu =
+        GpuEngine::new(compile(Target::Cuda(arch)), 0, solo(1024, 64)).expect("uploading");
     let got = gpu.forward(&ids, true).expect("GPU forward");
     let vocab = gpu.plan().manifest.model.vocab_size as usize;
     common::check_logits(&format!("{model} {scheme}"), &got, &want, vocab, 1e-3);
@@ -573,4 +587,158 @@ fn golden_qwen2_tied_w8a16_on_the_gpu_matches_the_cpu() {
 #[test]
 fn golden_qwen3_w2a16_on_the_gpu_matches_the_cpu() {
     quantized_golden_on_the_gpu("qwen3", ir::QuantScheme::W2A16);
+}
+
+/// A fixed, varied token sequence inside the tiny vocabulary.
+fn tokens(len: usize, seed: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| (i * 7919 + seed * 104_729 + 3) % 317 + 3)
+        .collect()
+}
+
+/// Several sequences sharing passes on the GPU, each through its own block table scattered
+/// over the pool (sequence i holds every third block from i): prompt chunks beside decode
+/// tokens, and decode passes of 2 and 3 sequences (captured graphs, the second replayed at new
+/// positions with the sequences in another order). Every pass's logits match the CPU engine's
+/// for the same passes within 1e-3 of the largest logit.
+#[test]
+fn several_sequences_in_one_pass_match_the_cpu_engine() {
+    let Some(arch) = device() else { return };
+    let dir = common::golden("tiny/llama");
+    let options = EngineOptions {
+        max_context: 512,
+        max_batch_tokens: 256,
+        max_num_seqs: 3,
+        block_size: 16,
+        kv_blocks: Some(96),
+    };
+    let cpu_plan = common::compiled(&dir, DType::F32);
+    let mut cpu = common::engine_with(&cpu_plan, options.clone());
+    let plan = LoadedPlan::load(&cuda_plan("llama", arch, DType::F32)).expect("loading");
+    let mut gpu = GpuEngine::new(plan, 0, options).expect("uploading the plan");
+    assert_eq!(gpu.kv_blocks(), 96);
+    let vocab = cpu.vocab_size();
+    let tables: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| (0..32).map(|b| b * 3 + i).collect())
+        .collect();
+    let (a, b, c) = (tokens(40, 2), tokens(90, 3), tokens(7, 4));
+    let passes: Vec<Vec<(usize, Vec<u32>, Logits)>> = vec![
+        vec![(1, b.clone(), Logits::All), (0, a.clone(), Logits::Last)],
+        vec![(2, c.clone(), Logits::Last), (0, vec![5], Logits::Last)],
+        vec![(0, vec![6], Logits::Last), (1, vec![9], Logits::Last)],
+        vec![
+            (1, vec![10], Logits::Last),
+            (0, vec![7], Logits::Last),
+            (2, vec![11], Logits::Last),
+        ],
+        vec![
+            (2, vec![12], Logits::Last),
+            (1, vec![13], Logits::Last),
+            (0, vec![14], Logits::Last),
+        ],
+        vec![(0, vec![15], Logits::Last), (1, vec![16], Logits::Last)],
+    ];
+    let mut lens = [0usize; 3];
+    for (i, pass) in passes.iter().enumerate() {
+        let chunks: Vec<SeqChunk> = pass
+            .iter()
+            .map(|(seq, ids, logits)| SeqChunk {
+                blocks: &tables[*seq],
+                start: lens[*seq],
+                tokens: ids,
+                logits: *logits,
+            })
+            .collect();
+        let want = cpu.forward_batch(&chunks).expect("CPU pass").to_vec();
+        let got = gpu.forward_batch(&chunks).expect("GPU pass").to_vec();
+        common::check_logits(&format!("pass {i}"), &got, &want, vocab, 1e-3);
+        for (seq, ids, _) in pass {
+            lens[*seq] += ids.len();
+        }
+    }
+    // A pass the GPU engine must refuse as the CPU one does: a block outside the pool.
+    let bad = [SeqChunk {
+        blocks: &[96],
+        start: 0,
+        tokens: &[1],
+        logits: Logits::Last,
+    }];
+    assert!(matches!(
+        gpu.forward_batch(&bad),
+        Err(RuntimeError::KvBlocks(_))
+    ));
+}
+
+/// The scheduler stepping the GPU engine: eight requests of mixed lengths (one longer than the
+/// token budget, so chunked) served together give the greedy tokens each gets alone on the GPU.
+#[test]
+fn the_scheduler_on_the_gpu_batches_requests_as_they_run_alone() {
+    use runtime::generate::{generate, GenerateOptions};
+    use runtime::sampler::SamplingParams;
+    use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig};
+    let Some(arch) = device() else { return };
+    let path = cuda_plan("llama", arch, DType::F32);
+    let load = || LoadedPlan::load(&path).expect("loading");
+    let options = EngineOptions {
+        max_context: 256,
+        max_batch_tokens: 64,
+        max_num_seqs: 8,
+        block_size: 16,
+        kv_blocks: None,
+    };
+    let engine = GpuEngine::new(load(), 0, options).expect("uploading the plan");
+    let scheduler = Scheduler::start(
+        Box::new(engine),
+        SchedulerConfig {
+            max_num_seqs: 8,
+            max_waiting: 16,
+            prefix_caching: true,
+        },
+    );
+    let prompts: Vec<Vec<u32>> = [3usize, 7, 12, 90, 1, 20, 5, 40]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| tokens(len, i as u32 + 10))
+        .collect();
+    let params = RequestParams {
+        max_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: vec![],
+        ignore_eos: true,
+        logprobs: None,
+    };
+    let streams: Vec<_> = prompts
+        .iter()
+        .map(|p| scheduler.submit(p.clone(), params.clone()).expect("submit"))
+        .collect();
+    let mut alone = GpuEngine::new(load(), 0, solo(256, 64)).expect("uploading the plan");
+    let generate_options = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: vec![],
+        ignore_eos: true,
+    };
+    for (p, mut stream) in prompts.iter().zip(streams) {
+        let mut got = vec![];
+        loop {
+            match stream
+                .next_blocking()
+                .expect("a stream ends with Done or Failed")
+            {
+                Event::Token(t) => got.push(t.id),
+                Event::Done { .. } => break,
+                other => panic!("prompt of {} tokens: {other:?}", p.len()),
+            }
+        }
+        alone.reset();
+        let want = generate(&mut alone, p, &generate_options, |_| {})
+            .expect("generate")
+            .tokens;
+        assert_eq!(
+            got,
+            want,
+            "prompt of {} tokens: batched differs from alone",
+            p.len()
+        );
+    }
 }

@@ -76,7 +76,7 @@ fn a_cached_latent_prefix_is_reused() {
         kv_blocks: Some(16),
     };
     let s = Scheduler::start(
-        engine_with(&plan, options),
+        Box::new(engine_with(&plan, options)),
         SchedulerConfig {
             max_num_seqs: 2,
             max_waiting: 4,

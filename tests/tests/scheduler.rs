@@ -44,7 +44,7 @@ fn scheduler_with_pool(
         kv_blocks,
     };
     Scheduler::start(
-        engine_with(&plan, options),
+        Box::new(engine_with(&plan, options)),
         SchedulerConfig {
             max_num_seqs,
             max_waiting,

@@ -60,7 +60,7 @@ async fn start(plan: &Path, engine: EngineOptions, config: ServerConfig) -> Test
         max_num_seqs: engine.max_num_seqs,
         ..config
     };
-    let server = Server::new(engine_with(plan, engine), config).expect("server starts");
+    let server = Server::new(Box::new(engine_with(plan, engine)), config).expect("server starts");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("a loopback port");

@@ -48,7 +48,7 @@ impl Running {
             max_num_seqs: STREAMS + 1,
             ..ServerConfig::default()
         };
-        let server = Server::new(engine, config).expect("server starts");
+        let server = Server::new(Box::new(engine), config).expect("server starts");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         // The server runs until the test process ends.

@@ -9,7 +9,7 @@ use runtime::sequence::OneSequence;
 use runtime::server::bench::BenchOptions;
 use runtime::server::{Server, ServerConfig};
 use runtime::tokenizer::TextTokenizer;
-use runtime::{Engine, EngineOptions, LoadedPlan};
+use runtime::{BatchEngine, Engine, EngineOptions, LoadedPlan};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -287,19 +287,49 @@ fn load(plan: &Path, args: &RunArgs) -> Result<Engine> {
     load_with_slots(plan, args, 1)
 }
 
-/// Loads a plan for one sequence: on the GPU (device 0) for a CUDA plan, else on the CPU.
-fn load_one_sequence(plan: &Path, args: &RunArgs) -> Result<Box<dyn OneSequence>> {
+/// A plan in the engine of its target.
+enum TargetEngine {
+    Cpu(Engine),
+    Gpu(runtime::cuda::GpuEngine),
+}
+
+/// Loads a plan with `max_num_seqs` sequence slots: on the GPU (device 0) for a CUDA plan, else
+/// on the CPU.
+fn load_for_target(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<TargetEngine> {
     let loaded = LoadedPlan::load(plan).with_context(|| format!("loading {}", plan.display()))?;
     Ok(match loaded.manifest.target {
-        ir_types::Target::Cuda(_) => Box::new(
-            runtime::cuda::GpuEngine::new(loaded, 0, args.max_context, args.max_batch_tokens)
-                .context("starting the GPU engine")?,
-        ),
-        ir_types::Target::Cpu(_) => Box::new(engine_for(loaded, args, 1)?),
+        ir_types::Target::Cuda(_) => {
+            let options = engine_options(&loaded, args, max_num_seqs)?;
+            TargetEngine::Gpu(
+                runtime::cuda::GpuEngine::new(loaded, 0, options)
+                    .context("starting the GPU engine")?,
+            )
+        }
+        ir_types::Target::Cpu(_) => TargetEngine::Cpu(engine_for(loaded, args, max_num_seqs)?),
     })
 }
 
-/// Loads a plan into an engine with `max_num_seqs` sequence slots.
+/// Loads a plan for one sequence, on its target's engine.
+fn load_one_sequence(plan: &Path, args: &RunArgs) -> Result<Box<dyn OneSequence>> {
+    Ok(match load_for_target(plan, args, 1)? {
+        TargetEngine::Cpu(e) => Box::new(e),
+        TargetEngine::Gpu(e) => Box::new(e),
+    })
+}
+
+/// Loads a plan into the engine the scheduler steps, on its target's engine.
+fn load_batch_engine(
+    plan: &Path,
+    args: &RunArgs,
+    max_num_seqs: usize,
+) -> Result<Box<dyn BatchEngine>> {
+    Ok(match load_for_target(plan, args, max_num_seqs)? {
+        TargetEngine::Cpu(e) => Box::new(e),
+        TargetEngine::Gpu(e) => Box::new(e),
+    })
+}
+
+/// Loads a plan into a CPU engine with `max_num_seqs` sequence slots.
 fn load_with_slots(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<Engine> {
     let loaded = LoadedPlan::load(plan).with_context(|| format!("loading {}", plan.display()))?;
     engine_for(loaded, args, max_num_seqs)
@@ -313,6 +343,16 @@ fn engine_for(loaded: LoadedPlan, args: &RunArgs, max_num_seqs: usize) -> Result
             .build_global()
             .context("setting up worker threads")?;
     }
+    let options = engine_options(&loaded, args, max_num_seqs)?;
+    Ok(Engine::new(loaded, options)?)
+}
+
+/// The engine options the arguments ask for: context, token budget, KV block size and pool.
+fn engine_options(
+    loaded: &LoadedPlan,
+    args: &RunArgs,
+    max_num_seqs: usize,
+) -> Result<EngineOptions> {
     let max_context = args
         .max_context
         .min(loaded.manifest.model.max_position_embeddings.max(1) as usize);
@@ -330,14 +370,13 @@ fn engine_for(loaded: LoadedPlan, args: &RunArgs, max_num_seqs: usize) -> Result
             Some(blocks as usize)
         }
     };
-    let options = EngineOptions {
+    Ok(EngineOptions {
         max_context,
         max_batch_tokens: args.max_batch_tokens,
         max_num_seqs,
         block_size,
         kv_blocks,
-    };
-    Ok(Engine::new(loaded, options)?)
+    })
 }
 
 fn run() -> Result<()> {
@@ -585,8 +624,8 @@ fn run() -> Result<()> {
             if max_connections == 0 {
                 bail!("--max-connections must be at least 1");
             }
-            let engine = load_with_slots(&plan, &run, max_num_seqs.max(1))?;
-            log_loaded(&plan, &engine);
+            let engine = load_batch_engine(&plan, &run, max_num_seqs.max(1))?;
+            log_loaded(&plan, engine.as_ref());
             let config = ServerConfig {
                 served_model_name,
                 api_key,
@@ -773,11 +812,10 @@ fn seconds(flag: &str, value: f64, least: f64) -> Result<Duration> {
 }
 
 /// Says what was loaded and the memory it reserved.
-fn log_loaded(plan: &Path, engine: &Engine) {
+fn log_loaded(plan: &Path, engine: &dyn BatchEngine) {
     let m = &engine.plan().manifest;
     let options = engine.options();
-    let pool = engine.kv_pool();
-    let kv_tokens = pool.num_blocks() * pool.block_size();
+    let kv_tokens = engine.kv_blocks() * options.block_size;
     let kv_bytes = kv_tokens as u64 * m.kv.bytes_per_token;
     let arena_bytes = m.memory.arena_cols * options.max_batch_tokens as u64 * 4;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -805,8 +843,8 @@ fn log_loaded(plan: &Path, engine: &Engine) {
     tracing::info!(
         "reserved: KV cache {:.1} MiB ({} blocks of {} positions = {} tokens at {} bytes each, {:.1} full contexts of {}; committed as used), arena {:.1} MiB ({} tokens per pass), {} worker threads",
         mib(kv_bytes),
-        pool.num_blocks(),
-        pool.block_size(),
+        engine.kv_blocks(),
+        options.block_size,
         kv_tokens,
         m.kv.bytes_per_token,
         kv_tokens as f64 / options.max_context as f64,

@@ -26,8 +26,8 @@ pub mod metrics;
 pub mod openai;
 mod routes;
 
+use crate::batch_engine::BatchEngine;
 use crate::chat::{ChatError, ChatTemplate};
-use crate::engine::Engine;
 use crate::scheduler::{Scheduler, SchedulerConfig, Stats};
 use crate::tokenizer::{TextTokenizer, TokenizerError};
 use artifacts::schema::Manifest;
@@ -145,7 +145,7 @@ pub struct Server {
 
 impl Server {
     /// Starts the scheduler on `engine`.
-    pub fn new(engine: Engine, config: ServerConfig) -> Result<Server, ServerError> {
+    pub fn new(engine: Box<dyn BatchEngine>, config: ServerConfig) -> Result<Server, ServerError> {
         let plan = engine.plan();
         let model_name = config
             .served_model_name

@@ -2,11 +2,13 @@
 //! loading the plan's module (the cubin fdc compiled) through the driver API. The driver is
 //! loaded at run time, so fdrt runs on machines without one until a CUDA plan is opened.
 //!
-//! Executing a CUDA plan's program (the device-side engine) is not here yet; [`GpuModule`] is
-//! what it will launch from, and what the GPU tests launch kernels from today.
+//! [`GpuEngine`] runs a CUDA plan's program on the device, for one sequence or a batch of them;
+//! [`GpuModule`] is what it launches from, and what the GPU tests launch kernels from.
 
+use crate::engine::{writes_logit_rows, EngineOptions, Logits, PassLayout, SeqChunk};
 use crate::error::RuntimeError;
 use crate::plan::LoadedPlan;
+use crate::weights::WeightStore;
 use artifacts::code_abi;
 use artifacts::schema::{Act, Buffer, Launch, Rows};
 use cudarc::driver::{
@@ -146,43 +148,58 @@ impl GpuModule {
     }
 }
 
-/// A CUDA plan's program executed on the device, for one sequence: the device twin of
-/// [`crate::Engine`]'s single-sequence path (`prefill`, `forward_last`). Weights, the activation
-/// arena, the logits and the paged KV cache live on the device; each step is one or two kernel
-/// launches on one stream, with the same views (`Act`) the CPU engine resolves.
+/// A CUDA plan's program executed on the device: the device twin of [`crate::Engine`]. One
+/// forward pass runs any number of sequences (`forward_batch`, what the scheduler steps), each
+/// token attending through its own sequence's block table in a paged KV cache on the device;
+/// `forward` is the single sequence of `fdrt generate` and `fdrt bench`. Weights, the
+/// activation arena, the logits and the KV cache live on the device; each step is one to three
+/// kernel launches on one stream, with the same views (`Act`) the CPU engine resolves.
 ///
 /// Plain (f32, bf16, f16) and quantized (8, 4, 2-bit codes) weights; the RoPE of attention
-/// fused into its kernels when the plan says so (`Launch::AttentionRope`). One-token decode
-/// steps are captured once into a CUDA graph and replayed. Still to come: several sequences per
-/// pass (the scheduler's batches) and cuBLAS for large batches.
+/// fused into its kernels when the plan says so (`Launch::AttentionRope`). A pass of one token
+/// per sequence (a decode step of `n` sequences) is captured into a CUDA graph the first time
+/// its size is seen and replayed after. Still to come: cuBLAS for prefill and large batches.
 pub struct GpuEngine {
     gpu: GpuModule,
     plan: LoadedPlan,
+    options: EngineOptions,
     weights: Vec<CudaSlice<u8>>,
     arena: CudaSlice<f32>,
     logits: CudaSlice<f32>,
+    /// The last pass's logits, copied back.
+    host_logits: Vec<f32>,
+    /// Per layer, `[blocks, block_size, KV, head_dim]` keys and values.
     k_cache: Vec<CudaSlice<f32>>,
     v_cache: Vec<CudaSlice<f32>>,
+    kv_blocks: usize,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
-    blocks: CudaSlice<u32>,
+    /// The block tables of a pass's sequences, one after another; each token finds its own
+    /// through its table offset.
+    tables: CudaSlice<u32>,
     /// Attention's partial results per chunk of positions: `[T, H, chunks, head_dim + 2]`.
     partial: CudaSlice<f32>,
     /// `H * head_dim` of the model: the widest attention the partials have room for.
     partial_per_token: usize,
     /// How many chunks of positions attention splits a query into, by pass size.
     attention_split: AttentionSplit,
-    /// A pass's token ids, positions and logit rows, `3 * max_batch_tokens` values.
+    /// A pass's token ids, positions, table offsets and logit rows, `4 * max_batch_tokens` values.
     inputs: CudaSlice<u32>,
-    block_size: usize,
-    max_context: usize,
-    max_batch_tokens: usize,
-    seq_len: usize,
-    /// The captured decode step (one token), replayed for every later one.
-    decode_graph: Option<cudarc::driver::CudaGraph>,
+    /// The single sequence of `forward`: the pool's first blocks, and the positions it holds.
+    solo_blocks: Vec<u32>,
+    solo_len: usize,
+    /// Captured decode passes, by sequence count, replayed for every later pass of that size.
+    decode_graphs: HashMap<usize, DecodeGraph>,
     /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
     profile: Option<HashMap<String, (std::time::Duration, usize)>>,
 }
+
+/// A captured graph, owned by one engine.
+struct DecodeGraph(cudarc::driver::CudaGraph);
+
+// SAFETY: the graph is only touched through its engine's `&mut self` (launched or dropped), so
+// never from two threads at once, which is all the driver asks of graph objects.
+unsafe impl Send for DecodeGraph {}
 
 impl Drop for GpuEngine {
     fn drop(&mut self) {
@@ -235,17 +252,21 @@ impl AttentionSplit {
 /// Weight bytes uploaded between two releases of the plan's resident pages.
 const UPLOAD_WINDOW: usize = 1 << 30;
 
+/// Device memory a KV pool sized by what is free leaves free: for graphs, the driver's own
+/// allocations and other kernels' scratch.
+const KV_HEADROOM: usize = 1 << 30;
+
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 
 impl GpuEngine {
-    /// Uploads `plan` to device `ordinal` with room for `max_context` positions and passes of
-    /// up to `max_batch_tokens` tokens.
+    /// Uploads `plan` to device `ordinal` with the context, token budget and KV cache of
+    /// `options`. With `kv_blocks` unset the pool holds `max_num_seqs` full contexts, or as
+    /// many blocks as the device's free memory allows (keeping `KV_HEADROOM` free).
     pub fn new(
         plan: LoadedPlan,
         ordinal: usize,
-        max_context: usize,
-        max_batch_tokens: usize,
+        options: EngineOptions,
     ) -> Result<GpuEngine, RuntimeError> {
         if plan.program.has_latent_kv() {
             return Err(RuntimeError::Cuda(
@@ -255,29 +276,24 @@ impl GpuEngine {
         let gpu = GpuModule::open(&plan, ordinal)?;
         let s = gpu.stream.clone();
         let m = &plan.manifest;
-        let max_context = max_context
+        let max_context = options
+            .max_context
             .min(m.model.max_position_embeddings as usize)
             .max(1);
-        let max_batch_tokens = max_batch_tokens.max(1);
+        let max_batch_tokens = options.max_batch_tokens.max(1);
+        let max_num_seqs = options.max_num_seqs.max(1);
+        let block_size = options.block_size.max(1);
         let upload = |what: &str, e| RuntimeError::Cuda(format!("uploading {what}: {e}"));
-        // Host memory stays bounded while uploading: after about UPLOAD_WINDOW bytes the copies
-        // are waited for and the plan's pages dropped from this process (they stay in the page
-        // cache), so the mapped plan never counts whole against it.
         let mut weights = Vec::with_capacity(m.weights.len());
-        let mut since_release = 0usize;
         for i in 0..m.weights.len() {
-            let bytes = plan.weight_bytes(artifacts::schema::WeightRef(i as u32));
+            let len = plan
+                .weight_bytes(artifacts::schema::WeightRef(i as u32))
+                .len();
             // A zero-length allocation is refused by the driver; empty weights get a byte.
             let slice = s
-                .clone_htod(if bytes.is_empty() { &[0u8][..] } else { bytes })
+                .alloc_zeros::<u8>(len.max(1))
                 .map_err(|e| upload(&m.weights[i].name, e))?;
             weights.push(slice);
-            since_release += bytes.len();
-            if since_release >= UPLOAD_WINDOW || i + 1 == m.weights.len() {
-                s.synchronize().map_err(|e| upload("weights", e))?;
-                plan.release_resident()?;
-                since_release = 0;
-            }
         }
         let alloc = |n: usize| {
             s.alloc_zeros::<f32>(n.max(1))
@@ -285,29 +301,18 @@ impl GpuEngine {
         };
         let arena = alloc(m.memory.arena_cols as usize * max_batch_tokens)?;
         let logits = alloc(plan.program.logits_cols as usize * max_batch_tokens)?;
-        let block_size = 16;
-        let blocks_per_context = max_context.div_ceil(block_size);
-        let kv = &m.kv;
-        let layer_len =
-            blocks_per_context * block_size * kv.num_kv_heads as usize * kv.head_dim as usize;
-        let mut k_cache = vec![];
-        let mut v_cache = vec![];
-        for _ in 0..kv.num_layers {
-            k_cache.push(alloc(layer_len)?);
-            v_cache.push(alloc(layer_len)?);
-        }
         let (cos, sin) = crate::engine::rope_tables(m, max_context);
         let table = |t: &[f32]| s.clone_htod(if t.is_empty() { &[0f32][..] } else { t });
         let (cos, sin) = (
             table(&cos).map_err(|e| upload("rope tables", e))?,
             table(&sin).map_err(|e| upload("rope tables", e))?,
         );
-        let table: Vec<u32> = (0..blocks_per_context as u32).collect();
-        let blocks = s
-            .clone_htod(&table)
-            .map_err(|e| upload("the block table", e))?;
+        let blocks_per_context = max_context.div_ceil(block_size);
+        let tables = s
+            .alloc_zeros::<u32>(max_num_seqs.min(max_batch_tokens) * blocks_per_context)
+            .map_err(|e| upload("block tables", e))?;
         let inputs = s
-            .alloc_zeros::<u32>(3 * max_batch_tokens)
+            .alloc_zeros::<u32>(4 * max_batch_tokens)
             .map_err(|e| upload("input buffers", e))?;
         let sm_count = gpu
             .ctx
@@ -326,144 +331,291 @@ impl GpuEngine {
                 * m.model.num_heads as usize
                 * (m.model.head_dim as usize + 2),
         )?;
-        Ok(GpuEngine {
+        // The KV pool last, in what the device has left.
+        let kv = &m.kv;
+        let block_len = block_size * kv.num_kv_heads as usize * kv.head_dim as usize;
+        let block_bytes = 2 * kv.num_layers as usize * block_len * std::mem::size_of::<f32>();
+        let kv_blocks = match options.kv_blocks {
+            Some(n) => n.max(1),
+            None => {
+                let (free, _) = gpu
+                    .ctx
+                    .mem_get_info()
+                    .map_err(cuda("reading the free device memory"))?;
+                let fits = free.saturating_sub(KV_HEADROOM) / block_bytes.max(1);
+                if fits == 0 {
+                    return Err(RuntimeError::Cuda(format!(
+                        "no device memory left for the KV cache: {free} bytes free, one block of {block_size} positions takes {block_bytes}"
+                    )));
+                }
+                (max_num_seqs * blocks_per_context).min(fits)
+            }
+        };
+        let mut k_cache = vec![];
+        let mut v_cache = vec![];
+        for _ in 0..kv.num_layers {
+            let kv_alloc = |what| {
+                s.alloc_zeros::<f32>((kv_blocks * block_len).max(1))
+                    .map_err(|e| {
+                        RuntimeError::Cuda(format!(
+                            "allocating the {what} cache ({kv_blocks} blocks of {block_bytes} bytes over all layers): {e}"
+                        ))
+                    })
+            };
+            k_cache.push(kv_alloc("key")?);
+            v_cache.push(kv_alloc("value")?);
+        }
+        let mut engine = GpuEngine {
             partial,
             partial_per_token,
             attention_split,
             profile: std::env::var_os("FDRT_PROFILE").map(|_| HashMap::new()),
-            decode_graph: None,
+            decode_graphs: HashMap::new(),
             inputs,
             gpu,
-            plan,
             weights,
             arena,
             logits,
+            host_logits: vec![],
             k_cache,
             v_cache,
+            kv_blocks,
             cos,
             sin,
-            blocks,
-            block_size,
-            max_context,
-            max_batch_tokens,
-            seq_len: 0,
-        })
+            tables,
+            solo_blocks: (0..blocks_per_context.min(kv_blocks) as u32).collect(),
+            solo_len: 0,
+            options: EngineOptions {
+                max_context,
+                max_batch_tokens,
+                max_num_seqs,
+                block_size,
+                kv_blocks: Some(kv_blocks),
+            },
+            plan,
+        };
+        engine.upload_weights()?;
+        Ok(engine)
+    }
+
+    /// Copies every weight of the plan's store into its device allocation. Host memory stays
+    /// bounded: after about UPLOAD_WINDOW bytes the copies are waited for and the plan's pages
+    /// dropped from this process (they stay in the page cache), so the mapped plan never counts
+    /// whole against it.
+    fn upload_weights(&mut self) -> Result<(), RuntimeError> {
+        let s = self.gpu.stream.clone();
+        let m = &self.plan.manifest;
+        let mut since_release = 0usize;
+        for (i, slice) in self.weights.iter_mut().enumerate() {
+            let bytes = self
+                .plan
+                .weight_bytes(artifacts::schema::WeightRef(i as u32));
+            if bytes.len() > slice.len() {
+                return Err(RuntimeError::InvalidPlan(format!(
+                    "weight {} has {} bytes, its device copy {}",
+                    m.weights[i].name,
+                    bytes.len(),
+                    slice.len()
+                )));
+            }
+            s.memcpy_htod(bytes, &mut slice.slice_mut(..bytes.len()))
+                .map_err(|e| RuntimeError::Cuda(format!("uploading {}: {e}", m.weights[i].name)))?;
+            since_release += bytes.len();
+            if since_release >= UPLOAD_WINDOW || i + 1 == m.weights.len() {
+                s.synchronize()
+                    .map_err(|e| RuntimeError::Cuda(format!("uploading weights: {e}")))?;
+                self.plan.release_resident()?;
+                since_release = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves the next pass from `weights` (same structure, checked by the caller: see
+    /// `weights_update`), copied into the device allocations in place, so captured graphs stay
+    /// valid; returns the previous store. If the copy fails the previous weights are copied
+    /// back and stay in service.
+    pub fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda("binding the device"))?;
+        let old = self.plan.replace_weights(weights);
+        match self.upload_weights() {
+            Ok(()) => Ok(old),
+            Err(e) => {
+                drop(self.plan.replace_weights(old));
+                self.upload_weights().map_err(|again| {
+                    RuntimeError::Cuda(format!(
+                        "{e}; restoring the previous weights failed too: {again}"
+                    ))
+                })?;
+                Err(e)
+            }
+        }
     }
 
     pub fn plan(&self) -> &LoadedPlan {
         &self.plan
     }
 
-    /// Forgets the sequence.
-    pub fn reset(&mut self) {
-        self.seq_len = 0;
+    pub fn options(&self) -> &EngineOptions {
+        &self.options
     }
 
+    /// Blocks in the device's KV pool.
+    pub fn kv_blocks(&self) -> usize {
+        self.kv_blocks
+    }
+
+    /// Forgets the single sequence.
+    pub fn reset(&mut self) {
+        self.solo_len = 0;
+    }
+
+    /// Positions the single sequence holds.
     pub fn seq_len(&self) -> usize {
-        self.seq_len
+        self.solo_len
     }
 
     pub fn max_context(&self) -> usize {
-        self.max_context
+        self.options.max_context
     }
 
     pub fn max_batch_tokens(&self) -> usize {
-        self.max_batch_tokens
+        self.options.max_batch_tokens
     }
 
-    /// Runs `tokens` after the sequence so far; returns the logits of every new token (`all`) or
-    /// of the last only, `[rows, vocab]`.
+    /// Runs `tokens` after the single sequence so far (in the pool's first blocks: do not mix
+    /// with `forward_batch` calls for other sequences); returns the logits of every new token
+    /// (`all`) or of the last only, `[rows, vocab]`.
     pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>, RuntimeError> {
-        let t = tokens.len();
-        if t == 0 {
-            return Err(RuntimeError::EmptyInput);
-        }
-        if t > self.max_batch_tokens {
-            return Err(RuntimeError::InvalidPlan(format!(
-                "{t} tokens in one pass exceed the token budget {}",
-                self.max_batch_tokens
-            )));
-        }
-        let needed = self.seq_len + t;
-        if needed > self.max_context {
-            return Err(RuntimeError::ContextFull {
-                needed,
-                capacity: self.max_context,
-                model_max: self.plan.manifest.model.max_position_embeddings as usize,
-            });
-        }
-        let vocab = self.plan.manifest.model.vocab_size as usize;
-        if let Some(&id) = tokens.iter().find(|&&id| id as usize >= vocab) {
-            return Err(RuntimeError::BadTokenId { id, vocab });
-        }
-        let positions: Vec<u32> = (self.seq_len as u32..needed as u32).collect();
-        let logit_rows: Vec<u32> = if all {
-            (0..t as u32).collect()
-        } else {
-            vec![t as u32 - 1]
+        let blocks = std::mem::take(&mut self.solo_blocks);
+        let chunk = SeqChunk {
+            blocks: &blocks,
+            start: self.solo_len,
+            tokens,
+            logits: if all { Logits::All } else { Logits::Last },
         };
+        let result = self.forward_batch(&[chunk]).map(<[f32]>::to_vec);
+        self.solo_blocks = blocks;
+        let logits = result?;
+        self.solo_len += tokens.len();
+        Ok(logits)
+    }
+
+    /// One forward pass over several sequences at once, each chunk's tokens written to its
+    /// blocks at its positions (the contract of [`crate::Engine::forward_batch`], checked the
+    /// same way). Returns the wanted logits, `[R, vocab]`, in chunk order.
+    pub fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
+        let m = &self.plan.manifest.model;
+        let layout = PassLayout::of(
+            chunks,
+            &self.options,
+            self.kv_blocks,
+            m.vocab_size as usize,
+            m.max_position_embeddings as usize,
+        )?;
+        let (t, r) = (layout.tokens.len(), layout.logit_rows.len());
+        // Each chunk's table, as far as its positions reach, and every token's offset into them.
+        let block_size = self.options.block_size;
+        let mut tables: Vec<u32> = Vec::new();
+        let mut offsets: Vec<u32> = Vec::with_capacity(t);
+        for (c, span) in chunks.iter().zip(&layout.spans) {
+            let offset = tables.len() as u32;
+            tables.extend_from_slice(&c.blocks[..(c.start + span.rows).div_ceil(block_size)]);
+            offsets.extend(std::iter::repeat_n(offset, span.rows));
+        }
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda("binding the device"))?;
         let s = self.gpu.stream.clone();
         let up = |e| RuntimeError::Cuda(format!("uploading the pass's inputs: {e}"));
-        // One upload into the pass's input buffer: [ids | positions | logit rows].
-        let mut host = Vec::with_capacity(3 * t);
-        host.extend_from_slice(tokens);
-        host.extend_from_slice(&positions);
-        host.extend_from_slice(&logit_rows);
+        if tables.len() > self.tables.len() {
+            // More sequences or longer tables than planned for: a larger buffer, and the
+            // graphs that captured the old one's address go.
+            self.decode_graphs.clear();
+            self.tables = s.alloc_zeros::<u32>(tables.len()).map_err(up)?;
+        }
+        s.memcpy_htod(&tables, &mut self.tables.slice_mut(..tables.len()))
+            .map_err(up)?;
+        // One upload into the pass's input buffer: [ids | positions | table offsets | logit rows].
+        let mut host = Vec::with_capacity(3 * t + r);
+        host.extend_from_slice(&layout.tokens);
+        host.extend_from_slice(&layout.positions);
+        host.extend_from_slice(&offsets);
+        host.extend_from_slice(&layout.logit_rows);
         s.memcpy_htod(&host, &mut self.inputs.slice_mut(..host.len()))
             .map_err(up)?;
         let base = ptr(&self.inputs, &s);
         let inputs = PassInputs {
             t,
-            r: logit_rows.len(),
+            r,
             ids: base,
             positions: base + 4 * t as u64,
-            logit_rows: base + 8 * t as u64,
+            table_offsets: base + 8 * t as u64,
+            logit_rows: base + 12 * t as u64,
+            tables: ptr(&self.tables, &s),
         };
-        // A decode step (one token, its logits) is the same launches every time, reading the
-        // position from the input buffer: captured once into a CUDA graph, then replayed, so
-        // the ~300 launches cost one. Not while profiling, which times each step.
-        if t == 1 && !all && self.profile.is_none() {
-            if self.decode_graph.is_none() {
-                let graph_error =
-                    |e| RuntimeError::Cuda(format!("capturing the decode graph: {e}"));
-                s.begin_capture(
-                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
-                )
-                .map_err(graph_error)?;
-                let captured = (0..self.plan.program.steps.len())
-                    .try_for_each(|index| self.run_step(index, &inputs));
-                // End the capture whatever happened, so the stream is usable again.
-                let graph = s
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-                    .map_err(graph_error)?;
-                captured?;
-                self.decode_graph = graph;
+        // A decode pass (one token per sequence, each with its logits) is the same launches
+        // every time for a given sequence count, reading positions and tables from the input
+        // buffers: captured once into a CUDA graph, then replayed, so the ~300 launches cost
+        // one. Not while profiling, which times each step.
+        if r == t && chunks.len() == t && self.profile.is_none() {
+            if !self.decode_graphs.contains_key(&t) {
+                let graph = self.capture(&inputs)?;
+                self.decode_graphs.insert(t, graph);
             }
-            match &self.decode_graph {
-                Some(graph) => graph
+            if let Some(graph) = self.decode_graphs.get(&t) {
+                graph
+                    .0
                     .launch()
-                    .map_err(|e| RuntimeError::Cuda(format!("replaying the decode graph: {e}")))?,
-                None => {
-                    return Err(RuntimeError::Cuda(
-                        "the decode graph captured nothing".into(),
-                    ))
-                }
+                    .map_err(|e| RuntimeError::Cuda(format!("replaying the decode graph: {e}")))?;
             }
         } else {
             self.run_steps(&inputs)?;
         }
         let cols = self.plan.program.logits_cols as usize;
-        let out = s
-            .clone_dtoh(&self.logits.slice(..inputs.r * cols))
-            .map_err(|e| RuntimeError::Cuda(format!("reading the logits: {e}")))?;
-        self.seq_len = needed;
-        Ok(out)
+        self.host_logits.resize(r * cols, 0.0);
+        if r > 0 {
+            s.memcpy_dtoh(&self.logits.slice(..r * cols), &mut self.host_logits)
+                .map_err(|e| RuntimeError::Cuda(format!("reading the logits: {e}")))?;
+        }
+        s.synchronize()
+            .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
+        Ok(&self.host_logits)
+    }
+
+    /// Captures every step of a pass into a graph.
+    fn capture(&mut self, inputs: &PassInputs) -> Result<DecodeGraph, RuntimeError> {
+        let s = self.gpu.stream.clone();
+        let graph_error = |e| RuntimeError::Cuda(format!("capturing the decode graph: {e}"));
+        s.begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .map_err(graph_error)?;
+        let captured =
+            (0..self.plan.program.steps.len()).try_for_each(|index| self.run_step(index, inputs));
+        // End the capture whatever happened, so the stream is usable again.
+        let graph = s
+            .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            .map_err(graph_error)?;
+        captured?;
+        graph
+            .map(DecodeGraph)
+            .ok_or_else(|| RuntimeError::Cuda("the decode graph captured nothing".into()))
     }
 
     /// Launches every step, one by one (timing each with `FDRT_PROFILE`).
     fn run_steps(&mut self, inputs: &PassInputs) -> Result<(), RuntimeError> {
         let s = self.gpu.stream.clone();
         for index in 0..self.plan.program.steps.len() {
+            // With no logits wanted (a middle prefill chunk) the head is skipped; the layers
+            // still run, since they fill the KV cache.
+            if inputs.r == 0 && writes_logit_rows(&self.plan.program.steps[index].launch) {
+                continue;
+            }
             let start = self.profile.as_ref().map(|_| std::time::Instant::now());
             self.run_step(index, inputs)?;
             if let (Some(profile), Some(start)) = (self.profile.as_mut(), start) {
@@ -689,8 +841,8 @@ impl GpuEngine {
                         )))
                     }
                 };
-                let blocks = P(ptr(&self.blocks, s));
-                let block_size = I(self.block_size as i32);
+                let (tables, offsets) = (P(p.tables), P(p.table_offsets));
+                let block_size = I(self.options.block_size as i32);
                 let t = p.t as u32;
                 let append = [
                     P(kp),
@@ -698,7 +850,8 @@ impl GpuEngine {
                     P(vp),
                     I(vs),
                     P(p.positions),
-                    blocks,
+                    tables,
+                    offsets,
                     block_size,
                     int(*n_kv_heads),
                     P(cos),
@@ -719,7 +872,8 @@ impl GpuEngine {
                     P(qp),
                     I(qs),
                     P(p.positions),
-                    blocks,
+                    tables,
+                    offsets,
                     block_size,
                     int(*n_heads),
                     int(*n_kv_heads),
@@ -824,7 +978,10 @@ struct PassInputs {
     r: usize,
     ids: u64,
     positions: u64,
+    /// Per token: where its sequence's block table starts in `tables`.
+    table_offsets: u64,
     logit_rows: u64,
+    tables: u64,
 }
 
 /// The device address of an allocation (the engine uses one stream, so no event is needed).

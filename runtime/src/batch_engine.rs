@@ -1,0 +1,66 @@
+//! What the scheduler steps: an engine that runs one forward pass over a batch of sequences,
+//! each through its own KV block table. The CPU [`Engine`] and the GPU
+//! [`crate::cuda::GpuEngine`] both are one, so `fdrt serve` runs either plan the same way.
+
+use crate::cuda::GpuEngine;
+use crate::engine::{Engine, EngineOptions, SeqChunk};
+use crate::error::RuntimeError;
+use crate::plan::LoadedPlan;
+use crate::weights::WeightStore;
+
+pub trait BatchEngine: Send {
+    fn plan(&self) -> &LoadedPlan;
+    /// The options in force (context, token budget, KV blocks), after the engine's own limits.
+    fn options(&self) -> &EngineOptions;
+    /// Columns of a logits row.
+    fn vocab_size(&self) -> usize;
+    /// Blocks in the KV pool.
+    fn kv_blocks(&self) -> usize;
+    /// One forward pass over `chunks`; the wanted logits, `[R, vocab]`, in chunk order.
+    fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError>;
+    /// Serves the next pass from `weights` (same structure, checked by the caller) and returns
+    /// the previous ones. On an error the previous weights stay in service.
+    fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError>;
+}
+
+impl BatchEngine for Engine {
+    fn plan(&self) -> &LoadedPlan {
+        Engine::plan(self)
+    }
+    fn options(&self) -> &EngineOptions {
+        Engine::options(self)
+    }
+    fn vocab_size(&self) -> usize {
+        Engine::vocab_size(self)
+    }
+    fn kv_blocks(&self) -> usize {
+        self.kv_pool().num_blocks()
+    }
+    fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
+        Engine::forward_batch(self, chunks)
+    }
+    fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
+        Ok(Engine::replace_weights(self, weights))
+    }
+}
+
+impl BatchEngine for GpuEngine {
+    fn plan(&self) -> &LoadedPlan {
+        GpuEngine::plan(self)
+    }
+    fn options(&self) -> &EngineOptions {
+        GpuEngine::options(self)
+    }
+    fn vocab_size(&self) -> usize {
+        self.plan().program.logits_cols as usize
+    }
+    fn kv_blocks(&self) -> usize {
+        GpuEngine::kv_blocks(self)
+    }
+    fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
+        GpuEngine::forward_batch(self, chunks)
+    }
+    fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
+        GpuEngine::replace_weights(self, weights)
+    }
+}
