@@ -3,7 +3,10 @@
 checkpoint fdc compiled, batch-1 prefill and greedy decode tokens/s, plus the device-to-device
 copy bandwidth that bounds batch-1 decode (weight bytes / bandwidth is the roofline).
 
-    python3 scripts/bench-hf-gpu.py --model DIR [--prompt-tokens 128] [--decode-tokens 64]
+    python3 scripts/bench-hf-gpu.py --model DIR [--prompt-tokens 128] [--decode-tokens 64] [--batch 1]
+
+Prefill is one prompt; decode runs `--batch` sequences of 8 prompt tokens together and counts
+the tokens of all of them.
 
 Prints one JSON line. Needs torch with CUDA and transformers (not installed by the project).
 """
@@ -36,6 +39,7 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
 
     bandwidth = copy_bandwidth()
@@ -52,7 +56,7 @@ def main():
         model(ids)
         torch.cuda.synchronize()
         prefill = args.prompt_tokens / (time.perf_counter() - start)
-        short = ids[:, :8]
+        short = torch.randint(0, vocab, (args.batch, 8), generator=gen).cuda()
         model.generate(short, max_new_tokens=4, min_new_tokens=4, do_sample=False)
         torch.cuda.synchronize()
         start = time.perf_counter()
@@ -63,7 +67,7 @@ def main():
             do_sample=False,
         )
         torch.cuda.synchronize()
-        decode = args.decode_tokens / (time.perf_counter() - start)
+        decode = args.batch * args.decode_tokens / (time.perf_counter() - start)
     print(
         json.dumps(
             {
@@ -73,6 +77,7 @@ def main():
                 "prefill_tokens": args.prompt_tokens,
                 "prefill_tok_s": round(prefill, 1),
                 "decode_tokens": args.decode_tokens,
+                "decode_batch": args.batch,
                 "decode_tok_s": round(decode, 2),
                 "weight_bytes": weight_bytes,
                 "copy_bandwidth_bytes_s": round(bandwidth),

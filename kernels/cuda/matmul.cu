@@ -143,3 +143,31 @@ extern "C" __global__ void matmul_f16(const float* x, int x_stride, const fd_f16
                                       const float* bias, int t, float* out, int out_stride) {
     matmul(x, x_stride, w, k, n, bias, t, out, out_stride);
 }
+
+// The input of a tensor-core GEMM (cuBLAS, for prefill and large batches): x's rows (f32, at
+// `x_stride`) rounded to nearest-even 16-bit floats, [t, k] contiguous. The GEMM then reads each
+// weight once per tile of tokens where the warp-per-row kernel above reads it once per
+// MATMUL_TOKENS tokens and multiplies on the FMA units.
+// Grid: (ceil(k / 256), t); block: 256.
+template <bool BF16>
+__device__ __forceinline__ void gemm_input(const float* x, int x_stride, int k,
+                                           unsigned short* out) {
+    const int r = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= k) return;
+    const float v = x[(long long)r * x_stride + c];
+    unsigned short h;
+    if (BF16) {
+        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    } else {
+        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    }
+    out[(long long)r * k + c] = h;
+}
+extern "C" __global__ void gemm_input_bf16(const float* x, int x_stride, int k,
+                                           unsigned short* out) {
+    gemm_input<true>(x, x_stride, k, out);
+}
+extern "C" __global__ void gemm_input_f16(const float* x, int x_stride, int k,
+                                          unsigned short* out) {
+    gemm_input<false>(x, x_stride, k, out);
+}

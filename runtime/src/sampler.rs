@@ -320,16 +320,23 @@ fn seed_from_os() -> u64 {
 /// Id of the largest logit; ties go to the lowest id, NaN is never the largest. An empty row
 /// gives 0.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best: Option<(usize, f32)> = None;
-    for (id, &logit) in logits.iter().enumerate() {
-        if logit.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, best_logit)| logit > best_logit) {
-            best = Some((id, logit));
+    // Two branch-free passes the compiler vectorizes (the largest value, then its first
+    // position) rather than one branchy pass: a batch of 64 rows of a 128K vocabulary is 8M
+    // values per step, which the one-pass loop took 10 ms over. `f32::max` skips NaN.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut rows = logits.chunks_exact(LANES);
+    for row in &mut rows {
+        for (m, &v) in lanes.iter_mut().zip(row) {
+            *m = m.max(v);
         }
     }
-    best.map_or(0, |(id, _)| id as u32)
+    let best = rows
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    logits.iter().position(|&v| v == best).unwrap_or(0) as u32
 }
 
 /// Log-probabilities of a row of logits: `l - log(sum(exp(l)))`, computed from the maximum so it
@@ -392,6 +399,19 @@ mod tests {
         for (logits, expected) in cases {
             assert_eq!(argmax(logits), expected, "{logits:?}");
         }
+        // Rows longer than the vectorized lanes, with NaNs, ties and the maximum in the lanes,
+        // in the remainder, or first: the first position of the largest non-NaN value.
+        let mut row: Vec<f32> = (0..45).map(|i| ((i * 37) % 11) as f32 - 20.0).collect();
+        row[3] = f32::NAN;
+        assert_eq!(argmax(&row), 8);
+        row[21] = 7.0;
+        row[37] = 7.0;
+        assert_eq!(argmax(&row), 21);
+        row[44] = 8.0;
+        assert_eq!(argmax(&row), 44);
+        row[0] = f32::INFINITY;
+        assert_eq!(argmax(&row), 0);
+        assert_eq!(argmax(&[f32::NAN; 40]), 0);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use crate::error::RuntimeError;
 use crate::generate::FinishReason;
 use crate::sampler::{log_softmax, Sampler, SamplingParams};
 use crate::weights::WeightStore;
+use rayon::prelude::*;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -690,7 +691,12 @@ impl Worker {
                 }
             })
             .collect();
-        let result = self.engine.forward_batch(&chunks).map(|l| l.to_vec());
+        let vocab = self.engine.vocab_size();
+        let eos = self.engine.plan().manifest.model.eos_token_ids.clone();
+        let max_context = self.engine.options().max_context;
+        // The logits are read where the engine keeps them: a decode pass of many sequences
+        // returns tens of megabytes, which a copy per step would cost milliseconds.
+        let result = self.engine.forward_batch(&chunks);
         self.steps += 1;
         let logits = match result {
             Ok(l) => l,
@@ -707,22 +713,35 @@ impl Worker {
                 return;
             }
         };
-        let vocab = self.engine.vocab_size();
-        let eos = &self.engine.plan().manifest.model.eos_token_ids;
-        let max_context = self.engine.options().max_context;
-        let mut row = 0;
-        let mut finished = vec![];
+        // Which running sequence samples from which logits row (those that reached the end of
+        // their tokens, in plan order).
+        let mut sample_row: Vec<Option<usize>> = vec![None; self.running.len()];
+        let mut rows = 0;
         for &(i, count) in &plan {
             let s = &mut self.running[i];
             s.computed += count;
             self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
-            if s.computed < s.tokens.len() {
-                continue;
+            if s.computed == s.tokens.len() {
+                sample_row[i] = Some(rows);
+                rows += 1;
             }
-            let row_logits = &logits[row * vocab..][..vocab];
-            row += 1;
-            let id = s.request.sampler.sample(row_logits);
-            let event = token_event(id, row_logits, s.request.params.logprobs);
+        }
+        // Each sequence samples with its own sampler, so the rows are sampled in parallel: a
+        // decode pass of 64 sequences of a 128K vocabulary is 8M logits to scan.
+        let sampled: Vec<Option<(u32, TokenEvent)>> = self
+            .running
+            .par_iter_mut()
+            .zip(sample_row.par_iter())
+            .map(|(s, row)| {
+                let row_logits = &logits[(*row)? * vocab..][..vocab];
+                let id = s.request.sampler.sample(row_logits);
+                Some((id, token_event(id, row_logits, s.request.params.logprobs)))
+            })
+            .collect();
+        let mut finished = vec![];
+        for (i, sample) in sampled.into_iter().enumerate() {
+            let Some((id, event)) = sample else { continue };
+            let s = &mut self.running[i];
             s.tokens.push(id);
             let _ = s.request.events.send(Event::Token(event));
             let params = &s.request.params;

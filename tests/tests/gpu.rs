@@ -742,3 +742,93 @@ fn the_scheduler_on_the_gpu_batches_requests_as_they_run_alone() {
         );
     }
 }
+
+/// The tensor-core GEMM of prefill and large batches (cuBLAS), for f32, bf16 and f16 weights,
+/// against a float64 reference of what it computes: activations rounded to the weights' type
+/// (f32 kept as is), products summed exactly. Activations and outputs sit in wider rows (the
+/// engine's arena views), with a bias; the output is poisoned first.
+#[test]
+fn gemm_matches_a_float64_reference() {
+    use half::f16;
+    use runtime::cuda::{Gemm, GemmArgs};
+    let Some(arch) = device() else { return };
+    let gpu = module(arch);
+    let (t, k, n, x_stride, out_stride) = (37usize, 320usize, 72usize, 352usize, 80usize);
+    let gemm = Gemm::new(&gpu, t, k).expect("cuBLAS (the GPU machine has the CUDA toolkit)");
+    let x = random(t * x_stride, 21);
+    let bias = random(n, 22);
+    let w = random(n * k, 23);
+    let s = &gpu.stream;
+    let address = |d: &cudarc::driver::CudaSlice<u8>| cudarc::driver::DevicePtr::device_ptr(d, s).0;
+    // Per weight type: how an activation or weight is rounded to it, and the weights' bytes.
+    type Case = (DType, fn(f32) -> f32, Vec<u8>);
+    let round: [Case; 3] = [
+        (
+            DType::F32,
+            |v| v,
+            w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            DType::BF16,
+            |v| bf16::from_f32(v).to_f32(),
+            w.iter()
+                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
+                .collect(),
+        ),
+        (
+            DType::F16,
+            |v| f16::from_f32(v).to_f32(),
+            w.iter()
+                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
+                .collect(),
+        ),
+    ];
+    let x_d = s
+        .clone_htod(&x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())
+        .unwrap();
+    let b_d = s
+        .clone_htod(
+            &bias
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
+    for (dtype, to_weight_type, w_bytes) in round {
+        let w_d = s.clone_htod(&w_bytes).unwrap();
+        let out_d = s.clone_htod(&[0xffu8; 4].repeat(t * out_stride)).unwrap();
+        let args = GemmArgs {
+            x: address(&x_d),
+            x_stride: x_stride as i32,
+            w: address(&w_d),
+            dtype,
+            k: k as i32,
+            n: n as i32,
+            t: t as i32,
+            out: address(&out_d),
+            out_stride: out_stride as i32,
+            bias: address(&b_d),
+        };
+        gemm.run(s, &args).expect("GEMM");
+        let bytes = s.clone_dtoh(&out_d).unwrap();
+        let out: Vec<f32> = bytes
+            .chunks(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let got: Vec<f32> = out
+            .chunks(out_stride)
+            .flat_map(|row| row[..n].to_vec())
+            .collect();
+        let rounded_x: Vec<f32> = x
+            .chunks(x_stride)
+            .flat_map(|row| row[..k].iter().map(|&v| to_weight_type(v)))
+            .collect();
+        let want = matmul_reference(&rounded_x, k, &bias, |c, i| to_weight_type(w[c * k + i]));
+        let err = relative_error(&got, &want);
+        assert!(err < 1e-5, "{dtype}: relative error {err}");
+        // The padding past each row's n outputs is untouched.
+        assert!(out
+            .chunks(out_stride)
+            .all(|row| row[n..].iter().all(|v| v.is_nan())));
+    }
+}

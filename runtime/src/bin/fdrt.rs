@@ -243,7 +243,8 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         rank: u32,
     },
-    /// Measure batch-1 prefill and decode throughput.
+    /// Measure batch-1 prefill and decode throughput (with --batch: the decode throughput of
+    /// that many sequences stepping together).
     Bench {
         plan: PathBuf,
         #[arg(long, default_value_t = 512)]
@@ -252,6 +253,10 @@ enum Command {
         decode_tokens: usize,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Sequences decoding together, one token each per forward pass (8-token prompts; no
+        /// prefill measured).
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -289,8 +294,8 @@ fn load(plan: &Path, args: &RunArgs) -> Result<Engine> {
 
 /// A plan in the engine of its target.
 enum TargetEngine {
-    Cpu(Engine),
-    Gpu(runtime::cuda::GpuEngine),
+    Cpu(Box<Engine>),
+    Gpu(Box<runtime::cuda::GpuEngine>),
 }
 
 /// Loads a plan with `max_num_seqs` sequence slots: on the GPU (device 0) for a CUDA plan, else
@@ -300,20 +305,22 @@ fn load_for_target(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<T
     Ok(match loaded.manifest.target {
         ir_types::Target::Cuda(_) => {
             let options = engine_options(&loaded, args, max_num_seqs)?;
-            TargetEngine::Gpu(
+            TargetEngine::Gpu(Box::new(
                 runtime::cuda::GpuEngine::new(loaded, 0, options)
                     .context("starting the GPU engine")?,
-            )
+            ))
         }
-        ir_types::Target::Cpu(_) => TargetEngine::Cpu(engine_for(loaded, args, max_num_seqs)?),
+        ir_types::Target::Cpu(_) => {
+            TargetEngine::Cpu(Box::new(engine_for(loaded, args, max_num_seqs)?))
+        }
     })
 }
 
 /// Loads a plan for one sequence, on its target's engine.
 fn load_one_sequence(plan: &Path, args: &RunArgs) -> Result<Box<dyn OneSequence>> {
     Ok(match load_for_target(plan, args, 1)? {
-        TargetEngine::Cpu(e) => Box::new(e),
-        TargetEngine::Gpu(e) => Box::new(e),
+        TargetEngine::Cpu(e) => e,
+        TargetEngine::Gpu(e) => e,
     })
 }
 
@@ -324,8 +331,8 @@ fn load_batch_engine(
     max_num_seqs: usize,
 ) -> Result<Box<dyn BatchEngine>> {
     Ok(match load_for_target(plan, args, max_num_seqs)? {
-        TargetEngine::Cpu(e) => Box::new(e),
-        TargetEngine::Gpu(e) => Box::new(e),
+        TargetEngine::Cpu(e) => e,
+        TargetEngine::Gpu(e) => e,
     })
 }
 
@@ -750,9 +757,29 @@ fn run() -> Result<()> {
             prompt_tokens,
             decode_tokens,
             repeats,
+            batch,
             json,
             run,
         } => {
+            if batch > 1 {
+                let mut engine = load_batch_engine(&plan, &run, batch)?;
+                let r = runtime::bench::run_batch(engine.as_mut(), batch, decode_tokens, repeats)?;
+                let m = &engine.plan().manifest;
+                if json {
+                    let mut report = bench_json_head(&plan, m);
+                    report["batch"] = r.batch.into();
+                    report["decode_tokens"] = r.decode_tokens.into();
+                    report["decode_tok_s"] = r.decode_tok_s.into();
+                    report["step_ms"] = r.step_ms.into();
+                    println!("{report}");
+                } else {
+                    println!(
+                        "decode batch {}, {} tokens each: {:.1} tokens/s, {:.2} ms per step ({}, {})",
+                        r.batch, r.decode_tokens, r.decode_tok_s, r.step_ms, m.target, m.weight_dtype
+                    );
+                }
+                return Ok(());
+            }
             let mut engine = load_one_sequence(&plan, &run)?;
             let target = engine.plan().manifest.target;
             let r = runtime::bench::run(engine.as_mut(), prompt_tokens, decode_tokens, repeats)?;
@@ -761,20 +788,13 @@ fn run() -> Result<()> {
                 ir_types::Target::Cpu(_) => rayon::current_num_threads(),
             };
             if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "engine": "fdrt",
-                        "plan": plan.display().to_string(),
-                        "target": engine.plan().manifest.target.name(),
-                        "dtype": engine.plan().manifest.weight_dtype.name(),
-                        "threads": threads,
-                        "prefill_tokens": r.prefill_tokens,
-                        "prefill_tok_s": r.prefill_tok_s,
-                        "decode_tokens": r.decode_tokens,
-                        "decode_tok_s": r.decode_tok_s,
-                    })
-                );
+                let mut report = bench_json_head(&plan, &engine.plan().manifest);
+                report["threads"] = threads.into();
+                report["prefill_tokens"] = r.prefill_tokens.into();
+                report["prefill_tok_s"] = r.prefill_tok_s.into();
+                report["decode_tokens"] = r.decode_tokens.into();
+                report["decode_tok_s"] = r.decode_tok_s.into();
+                println!("{report}");
             } else {
                 println!(
                     "prefill {} tokens: {:.1} tokens/s; decode {} tokens: {:.1} tokens/s ({} threads, {}, {})",
@@ -812,6 +832,16 @@ fn seconds(flag: &str, value: f64, least: f64) -> Result<Duration> {
 }
 
 /// Says what was loaded and the memory it reserved.
+/// What every `fdrt bench --json` report starts with: the engine and the plan measured.
+fn bench_json_head(plan: &Path, m: &artifacts::schema::Manifest) -> serde_json::Value {
+    serde_json::json!({
+        "engine": "fdrt",
+        "plan": plan.display().to_string(),
+        "target": m.target.name(),
+        "dtype": m.weight_dtype.name(),
+    })
+}
+
 fn log_loaded(plan: &Path, engine: &dyn BatchEngine) {
     let m = &engine.plan().manifest;
     let options = engine.options();

@@ -5,6 +5,10 @@
 //! [`GpuEngine`] runs a CUDA plan's program on the device, for one sequence or a batch of them;
 //! [`GpuModule`] is what it launches from, and what the GPU tests launch kernels from.
 
+mod gemm;
+
+pub use gemm::{Gemm, GemmArgs, GEMM_MIN_TOKENS};
+
 use crate::engine::{writes_logit_rows, EngineOptions, Logits, PassLayout, SeqChunk};
 use crate::error::RuntimeError;
 use crate::plan::LoadedPlan;
@@ -158,7 +162,8 @@ impl GpuModule {
 /// Plain (f32, bf16, f16) and quantized (8, 4, 2-bit codes) weights; the RoPE of attention
 /// fused into its kernels when the plan says so (`Launch::AttentionRope`). A pass of one token
 /// per sequence (a decode step of `n` sequences) is captured into a CUDA graph the first time
-/// its size is seen and replayed after. Still to come: cuBLAS for prefill and large batches.
+/// its size is seen and replayed after. Passes of many tokens run their plain matmuls as
+/// tensor-core GEMMs through cuBLAS (`gemm`).
 pub struct GpuEngine {
     gpu: GpuModule,
     plan: LoadedPlan,
@@ -166,7 +171,10 @@ pub struct GpuEngine {
     weights: Vec<CudaSlice<u8>>,
     arena: CudaSlice<f32>,
     logits: CudaSlice<f32>,
-    /// The last pass's logits, copied back.
+    /// The last pass's logits, copied back: into page-locked memory (a direct DMA, about
+    /// twice the speed of pageable memory) when they fit its `max_num_seqs` rows, the most a
+    /// decode pass asks for, else into ordinary memory.
+    pinned_logits: cudarc::driver::PinnedHostSlice<f32>,
     host_logits: Vec<f32>,
     /// Per layer, `[blocks, block_size, KV, head_dim]` keys and values.
     k_cache: Vec<CudaSlice<f32>>,
@@ -190,6 +198,9 @@ pub struct GpuEngine {
     solo_len: usize,
     /// Captured decode passes, by sequence count, replayed for every later pass of that size.
     decode_graphs: HashMap<usize, DecodeGraph>,
+    /// Tensor-core GEMMs for the plain matmuls of passes of `GEMM_MIN_TOKENS` tokens or more;
+    /// None without cuBLAS (or with `FDRT_GEMM=off`), when the row kernel takes every pass.
+    gemm: Option<Gemm>,
     /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
     profile: Option<HashMap<String, (std::time::Duration, usize)>>,
 }
@@ -365,7 +376,42 @@ impl GpuEngine {
             k_cache.push(kv_alloc("key")?);
             v_cache.push(kv_alloc("value")?);
         }
+        let gemm = if max_batch_tokens < GEMM_MIN_TOKENS
+            || std::env::var("FDRT_GEMM").is_ok_and(|v| v == "off")
+        {
+            None
+        } else {
+            let max_k = plan
+                .program
+                .steps
+                .iter()
+                .filter_map(|step| match &step.launch {
+                    Launch::MatMul { x, .. } => Some(x.cols as usize),
+                    _ => None,
+                })
+                .max()
+                .unwrap_or(0);
+            match Gemm::new(&gpu, max_batch_tokens, max_k) {
+                Ok(gemm) => Some(gemm),
+                Err(why) => {
+                    tracing::warn!(
+                        "matmuls of {GEMM_MIN_TOKENS} tokens or more run on the decode kernel, not tensor cores: {why}"
+                    );
+                    None
+                }
+            }
+        };
+        let logit_cols = plan.program.logits_cols as usize;
+        // SAFETY: page-locked, ordinary (not write-combined: the host reads it) memory; only
+        // read after a copy into it has completed.
+        let pinned_logits = unsafe {
+            gpu.ctx
+                .alloc_pinned_with_flags::<f32>((max_num_seqs * logit_cols).max(1), 0)
+        }
+        .map_err(|e| upload("page-locked logits", e))?;
         let mut engine = GpuEngine {
+            gemm,
+            pinned_logits,
             partial,
             partial_per_token,
             attention_split,
@@ -576,12 +622,24 @@ impl GpuEngine {
         } else {
             self.run_steps(&inputs)?;
         }
-        let cols = self.plan.program.logits_cols as usize;
-        self.host_logits.resize(r * cols, 0.0);
-        if r > 0 {
-            s.memcpy_dtoh(&self.logits.slice(..r * cols), &mut self.host_logits)
-                .map_err(|e| RuntimeError::Cuda(format!("reading the logits: {e}")))?;
+        let len = r * self.plan.program.logits_cols as usize;
+        let read = |e| RuntimeError::Cuda(format!("reading the logits: {e}"));
+        if len <= self.pinned_logits.len() {
+            let dst = &mut self.pinned_logits.as_mut_slice().map_err(read)?[..len];
+            // SAFETY: `dst` is page-locked host memory of `len` values and the logits buffer
+            // holds at least `len` (R rows of the vocabulary); the stream is synchronized
+            // below, before `dst` is read or written again.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(dst, ptr(&self.logits, &s), s.cu_stream())
+            }
+            .map_err(read)?;
+            s.synchronize()
+                .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
+            return Ok(&self.pinned_logits.as_slice().map_err(read)?[..len]);
         }
+        self.host_logits.resize(len, 0.0);
+        s.memcpy_dtoh(&self.logits.slice(..len), &mut self.host_logits)
+            .map_err(read)?;
         s.synchronize()
             .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
         Ok(&self.host_logits)
@@ -736,6 +794,23 @@ impl GpuEngine {
                 let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
                 let bias = bias.as_ref().map_or(0u64, weight);
                 let (n, t) = (out.cols as u32, rows(x));
+                if let (Some(gemm), None, true) =
+                    (&self.gemm, self.quant(w), t as usize >= GEMM_MIN_TOKENS)
+                {
+                    let args = GemmArgs {
+                        x: xp,
+                        x_stride: xs,
+                        w: weight(w),
+                        dtype: self.plan.manifest.weights[w.0 as usize].dtype,
+                        k: x.cols as i32,
+                        n: n as i32,
+                        t: t as i32,
+                        out: o,
+                        out_stride: os,
+                        bias,
+                    };
+                    return gemm.run(s, &args);
+                }
                 if let Some(q) = self.quant(w) {
                     let args = [
                         P(xp),
@@ -985,7 +1060,7 @@ struct PassInputs {
 }
 
 /// The device address of an allocation (the engine uses one stream, so no event is needed).
-fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+pub(crate) fn ptr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     let (p, _record) = slice.device_ptr(stream);
     p
 }

@@ -1,0 +1,193 @@
+//! Dense matmuls of many tokens on tensor cores, through cuBLAS: prefill and large decode
+//! batches. The warp-per-row kernel of `kernels/cuda/matmul.cu` reads each weight once per 4
+//! tokens and multiplies on the FMA units: the right trade for a decode step, which is bound by
+//! reading the weights, and 70x behind a GEMM on a 2,048-token prompt (docs/PERF.md). From
+//! [`GEMM_MIN_TOKENS`] tokens a pass's plain (f32, bf16, f16) matmuls go to cuBLAS instead.
+//!
+//! bf16 and f16 weights multiply activations rounded to the weights' type (`gemm_input_*` in
+//! the plan's module), accumulating in f32, as HF transformers computes in bf16; f32 weights
+//! multiply the f32 activations as they are, in f32 (no TF32). cuBLAS is loaded at run time like
+//! the driver; without it the engine keeps the row kernel for every pass and says so once.
+
+use super::{ptr, GpuModule};
+use crate::error::RuntimeError;
+use cudarc::cublas::{result as blas, sys, CudaBlas};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use ir_types::DType;
+
+/// Tokens in a pass from which plain matmuls run as a GEMM. Below it the row kernel, which
+/// reads the weights at the copy bandwidth, is as fast: a GEMM's tensor cores only pay once a
+/// weight read serves many tokens.
+pub const GEMM_MIN_TOKENS: usize = 16;
+
+/// cuBLAS's scratch, given to it up front so that it never allocates inside a captured graph.
+const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// The cuBLAS handle on the engine's stream, its workspace, and the 16-bit activation buffer.
+pub struct Gemm {
+    blas: CudaBlas,
+    _workspace: CudaSlice<u8>,
+    /// A pass's activations rounded to 16 bits: `max_tokens * max_k` values.
+    input: CudaSlice<u16>,
+    max_input: usize,
+    to_bf16: CudaFunction,
+    to_f16: CudaFunction,
+    /// `add_f32`, which adds a bias row to every output row (a zero stride repeats it).
+    add: CudaFunction,
+}
+
+/// One matmul `out[t, n] = x[t, k] . w[n, k]` on device addresses; `w` row-major in `dtype`.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmArgs {
+    pub x: u64,
+    pub x_stride: i32,
+    pub w: u64,
+    pub dtype: DType,
+    pub k: i32,
+    pub n: i32,
+    pub t: i32,
+    pub out: u64,
+    pub out_stride: i32,
+    /// f32 `[n]`, or 0 (null) for none.
+    pub bias: u64,
+}
+
+impl Gemm {
+    /// cuBLAS on `gpu`'s stream with room for passes of `max_tokens` tokens of up to `max_k`
+    /// inputs; `Err` says why not (no cuBLAS library, or a plan compiled before the module had
+    /// the conversion kernels).
+    pub fn new(gpu: &GpuModule, max_tokens: usize, max_k: usize) -> Result<Gemm, String> {
+        // SAFETY: only tries to open the library by its known names.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("no cuBLAS library (libcublas) on the library path".into());
+        }
+        let function = |name: &str| {
+            gpu.module
+                .load_function(name)
+                .map_err(|_| format!("the plan's module has no {name} (compiled by an older fdc)"))
+        };
+        let (to_bf16, to_f16) = (function("gemm_input_bf16")?, function("gemm_input_f16")?);
+        let add = function("add_f32")?;
+        let blas = CudaBlas::new(gpu.stream.clone()).map_err(|e| format!("cuBLAS: {e}"))?;
+        let s = &gpu.stream;
+        let workspace = s
+            .alloc_zeros::<u8>(WORKSPACE_BYTES)
+            .map_err(|e| format!("cuBLAS workspace: {e}"))?;
+        // SAFETY: the workspace is a live allocation of this context of the size given, kept
+        // as long as the handle (both dropped with this struct).
+        unsafe {
+            sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr(&workspace, s) as *mut _,
+                WORKSPACE_BYTES,
+            )
+        }
+        .result()
+        .map_err(|e| format!("cuBLAS workspace: {e}"))?;
+        let max_input = (max_tokens * max_k).max(1);
+        let input = s
+            .alloc_zeros::<u16>(max_input)
+            .map_err(|e| format!("GEMM input buffer: {e}"))?;
+        Ok(Gemm {
+            blas,
+            _workspace: workspace,
+            input,
+            max_input,
+            to_bf16,
+            to_f16,
+            add,
+        })
+    }
+
+    /// Queues the matmul, then its bias, on the stream.
+    pub fn run(&self, stream: &CudaStream, a: &GemmArgs) -> Result<(), RuntimeError> {
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            RuntimeError::Cuda(format!(
+                "GEMM {}x{} over {} tokens ({what}): {e}",
+                a.n, a.k, a.t
+            ))
+        };
+        let (data_type, b, ldb) = match a.dtype {
+            DType::F32 => (sys::cudaDataType::CUDA_R_32F, a.x, a.x_stride),
+            DType::BF16 | DType::F16 => {
+                let len = a.t as usize * a.k as usize;
+                if len > self.max_input {
+                    return Err(fail("input", &"more than the buffer planned for"));
+                }
+                let (convert, data_type) = if a.dtype == DType::BF16 {
+                    (&self.to_bf16, sys::cudaDataType::CUDA_R_16BF)
+                } else {
+                    (&self.to_f16, sys::cudaDataType::CUDA_R_16F)
+                };
+                let input = ptr(&self.input, stream);
+                let config = LaunchConfig {
+                    grid_dim: ((a.k as u32).div_ceil(256), a.t as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut launch = stream.launch_builder(convert);
+                launch.arg(&a.x).arg(&a.x_stride).arg(&a.k).arg(&input);
+                // SAFETY: the arguments match `gemm_input_*` in matmul.cu; `x` covers t rows of
+                // k values (the engine's bounds-checked view) and `input` holds t * k (checked
+                // above).
+                unsafe { launch.launch(config) }.map_err(|e| fail("rounding the input", &e))?;
+                (data_type, input, a.k)
+            }
+            other => return Err(fail("weights", &format!("no GEMM for {other}"))),
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Column-major, as cuBLAS sees it: out^T [n x t] = (w^T)^T [n x k] . x^T [k x t], where
+        // row-major w [n, k] is column-major w^T [k x n] (lda k), x rows are columns (ldb),
+        // and out's rows are columns of out^T (ldc = its row stride).
+        // SAFETY: every pointer is a device allocation of this context covering the extents
+        // given (the engine's views are bounds-checked, the weight is [n, k] of `dtype`), and
+        // alpha/beta are host values (cuBLAS's default pointer mode).
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                a.n,
+                a.t,
+                a.k,
+                &alpha as *const f32 as *const _,
+                a.w as *const _,
+                data_type,
+                a.k,
+                b as *const _,
+                data_type,
+                ldb,
+                &beta as *const f32 as *const _,
+                a.out as *mut _,
+                sys::cudaDataType::CUDA_R_32F,
+                a.out_stride,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| fail("cuBLAS", &e))?;
+        if a.bias == 0 {
+            return Ok(());
+        }
+        let config = LaunchConfig {
+            grid_dim: ((a.n as u32).div_ceil(256), a.t as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(&self.add);
+        launch
+            .arg(&a.out)
+            .arg(&a.out_stride)
+            .arg(&a.bias)
+            .arg(&0i32)
+            .arg(&a.n)
+            .arg(&a.out)
+            .arg(&a.out_stride);
+        // SAFETY: `add_f32`'s arguments: out (t rows of n at out_stride) plus the bias row
+        // repeated (stride 0), written in place, each element read before it is written by the
+        // same thread.
+        unsafe { launch.launch(config) }
+            .map(drop)
+            .map_err(|e| fail("bias", &e))
+    }
+}
