@@ -224,3 +224,129 @@ extern "C" __global__ void attention_merge_f32(const float* partial, int n_heads
         oh[d] = v / l_all;
     }
 }
+
+// Prefill attention: a block takes a tile of query rows (up to PREFILL_QUERY_ROWS: the query
+// heads of one kv head for consecutive tokens of one sequence) and walks their keys in tiles of
+// PREFILL_KEYS held in shared memory, so each key and value is read once per tile of queries,
+// where the split kernel above reads them once per query (at 2,048 tokens that was 67 GB of
+// cache traffic per layer, most of a prefill pass). Each query row is PREFILL_LANES threads:
+// a thread scores PREFILL_KEYS / PREFILL_LANES keys of each tile and accumulates every
+// PREFILL_LANES-th dimension of the row's output, with an online softmax per row.
+//
+// tiles: pairs (first row, rows) of the pass, each inside one sequence, at most
+// PREFILL_QUERY_ROWS / (n_heads / kv_heads) rows (the host builds them). q arrives unrotated
+// when the RoPE tables are given. Grid: (tiles, kv_heads); block: PREFILL_QUERY_ROWS *
+// PREFILL_LANES threads.
+#define PREFILL_QUERY_ROWS 16
+#define PREFILL_LANES 8
+#define PREFILL_KEYS (FD_HEAD_DIM <= 128 ? 32 : 8)
+#define PREFILL_KEYS_PER_LANE (PREFILL_KEYS / PREFILL_LANES)
+#define PREFILL_DIMS_PER_LANE ((FD_HEAD_DIM + PREFILL_LANES - 1) / PREFILL_LANES)
+
+extern "C" __global__ void __launch_bounds__(PREFILL_QUERY_ROWS * PREFILL_LANES)
+attention_prefill_f32(const float* q, int q_stride, const unsigned int* positions,
+                      const unsigned int* tables, const unsigned int* table_offsets,
+                      int block_size, int n_heads, int kv_heads, float scale,
+                      const float* k_cache, const float* v_cache, const float* cos_table,
+                      const float* sin_table, int table_stride, const unsigned int* tiles,
+                      float* out, int out_stride) {
+    // Rows padded by one float: the lanes of a row read consecutive keys at the same
+    // dimension, which would otherwise all hit one bank.
+    __shared__ float qs[PREFILL_QUERY_ROWS][FD_HEAD_DIM + 1];
+    __shared__ float ks[PREFILL_KEYS][FD_HEAD_DIM + 1];
+    __shared__ float vs[PREFILL_KEYS][FD_HEAD_DIM];
+    const int g = blockIdx.y, group = n_heads / kv_heads;
+    const int row0 = tiles[2 * blockIdx.x], rows = tiles[2 * blockIdx.x + 1];
+    const int t = threadIdx.x, qr = t / PREFILL_LANES, lane = t % PREFILL_LANES;
+    // Query row qr: token row0 + qr / group, head g * group + qr % group.
+    const bool active = qr / group < rows;
+    const int r = row0 + (active ? qr / group : 0);
+    const int h = g * group + qr % group;
+    const int pos = positions[r];
+    const int last = positions[row0 + rows - 1];
+    const unsigned int* blocks = tables + table_offsets[row0];
+    for (int i = t; i < PREFILL_QUERY_ROWS * FD_HEAD_DIM; i += blockDim.x) {
+        const int row = i / FD_HEAD_DIM, d = i % FD_HEAD_DIM;
+        float v = 0.0f;
+        if (row / group < rows) {
+            const int tr = row0 + row / group, head = g * group + row % group;
+            const float* qh = q + (long long)tr * q_stride + head * FD_HEAD_DIM;
+            v = fd_rope_at(qh, d, cos_table, sin_table, (long long)positions[tr] * table_stride) *
+                scale;
+        }
+        qs[row][d] = v;
+    }
+    float m = FD_NEG_INF, l = 0.0f, acc[PREFILL_DIMS_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < PREFILL_DIMS_PER_LANE; i++) acc[i] = 0.0f;
+    const int base_lane = (t & 31) & ~(PREFILL_LANES - 1);
+    for (int k0 = 0; k0 <= last; k0 += PREFILL_KEYS) {
+        __syncthreads();  // the previous tile is consumed (and the queries are in)
+        for (int i = t; i < PREFILL_KEYS * FD_HEAD_DIM; i += blockDim.x) {
+            const int kk = i / FD_HEAD_DIM, d = i % FD_HEAD_DIM, p = k0 + kk;
+            float kv = 0.0f, vv = 0.0f;
+            if (p <= last) {
+                const long long at = fd_cache_row(blocks, block_size, p, kv_heads, g);
+                kv = k_cache[at + d];
+                vv = v_cache[at + d];
+            }
+            ks[kk][d] = kv;
+            vs[kk][d] = vv;
+        }
+        __syncthreads();
+        float s[PREFILL_KEYS_PER_LANE];
+#pragma unroll
+        for (int j = 0; j < PREFILL_KEYS_PER_LANE; j++) s[j] = 0.0f;
+        for (int d = 0; d < FD_HEAD_DIM; d++) {
+            const float qv = qs[qr][d];
+#pragma unroll
+            for (int j = 0; j < PREFILL_KEYS_PER_LANE; j++) s[j] += qv * ks[lane + PREFILL_LANES * j][d];
+        }
+        // Causal: a row sees the keys up to its own position; masked scores are -inf.
+        float tile_max = FD_NEG_INF;
+#pragma unroll
+        for (int j = 0; j < PREFILL_KEYS_PER_LANE; j++) {
+            if (!active || k0 + lane + PREFILL_LANES * j > pos) s[j] = FD_NEG_INF;
+            tile_max = fmaxf(tile_max, s[j]);
+        }
+#pragma unroll
+        for (int o = PREFILL_LANES / 2; o > 0; o >>= 1) {
+            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
+        }
+        // Every lane of the warp takes part in the shuffles below, rows that see no key yet
+        // included (their weights are all zero).
+        const float m_new = fmaxf(m, tile_max);
+        const float correction = m == FD_NEG_INF ? 0.0f : expf(m - m_new);
+        float p[PREFILL_KEYS_PER_LANE], p_sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < PREFILL_KEYS_PER_LANE; j++) {
+            p[j] = s[j] == FD_NEG_INF ? 0.0f : expf(s[j] - m_new);
+            p_sum += p[j];
+        }
+#pragma unroll
+        for (int o = PREFILL_LANES / 2; o > 0; o >>= 1) {
+            p_sum += __shfl_xor_sync(0xffffffffu, p_sum, o);
+        }
+        l = l * correction + p_sum;
+#pragma unroll
+        for (int i = 0; i < PREFILL_DIMS_PER_LANE; i++) acc[i] *= correction;
+#pragma unroll
+        for (int kk = 0; kk < PREFILL_KEYS; kk++) {
+            const float pk = __shfl_sync(0xffffffffu, p[kk / PREFILL_LANES],
+                                         base_lane + kk % PREFILL_LANES);
+#pragma unroll
+            for (int i = 0; i < PREFILL_DIMS_PER_LANE; i++) {
+                const int d = lane + PREFILL_LANES * i;
+                if (d < FD_HEAD_DIM) acc[i] += pk * vs[kk][d];
+            }
+        }
+        m = m_new;
+    }
+    if (!active) return;
+    float* oh = out + (long long)r * out_stride + h * FD_HEAD_DIM;
+#pragma unroll
+    for (int i = 0; i < PREFILL_DIMS_PER_LANE; i++) {
+        const int d = lane + PREFILL_LANES * i;
+        if (d < FD_HEAD_DIM) oh[d] = acc[i] / l;
+    }
+}

@@ -176,19 +176,31 @@ fn paged_attention_matches_a_float64_reference() {
     let gpu = module(arch);
     // 7 tokens in 3 chunks of at least one position: the keys span all three chunks, and the
     // first queries leave chunks empty.
-    check_paged_attention(&gpu, 7, 3, 1, false);
+    check_paged_attention(&gpu, 7, 3, 1, false, false);
     // 45 tokens in 2 chunks of at least 16: chunks longer than the 16 keys a block takes at a
     // time, and a last round where only some lane groups hold a key.
-    check_paged_attention(&gpu, 45, 2, 16, false);
+    check_paged_attention(&gpu, 45, 2, 16, false, false);
     // RoPE fused: q and k arrive unrotated and the kernels rotate them with the tables.
-    check_paged_attention(&gpu, 7, 3, 1, true);
-    check_paged_attention(&gpu, 45, 2, 16, true);
+    check_paged_attention(&gpu, 7, 3, 1, true, false);
+    check_paged_attention(&gpu, 45, 2, 16, true, false);
+    // The tiled prefill kernel: tiles of 8 tokens, the last partial, keys in tiles of 32 (45
+    // positions: a partial key tile), with and without RoPE.
+    check_paged_attention(&gpu, 45, 1, 1, false, true);
+    check_paged_attention(&gpu, 45, 1, 1, true, true);
+    check_paged_attention(&gpu, 3, 1, 1, true, true);
 }
 
 /// `t` tokens of one sequence attended in one pass, split into `chunks` chunks of at least
 /// `min_chunk` positions, against a float64 reference; with `rope`, q and k are rotated by the
 /// kernels (rotate-half, random angles per position and pair) and by the reference.
-fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i32, rope: bool) {
+fn check_paged_attention(
+    gpu: &GpuModule,
+    t: usize,
+    chunks: usize,
+    min_chunk: i32,
+    rope: bool,
+    tiled: bool,
+) {
     // The tiny llama's shapes: 4 heads sharing 2 kv heads of 16, in blocks of 4 positions, the
     // sequence's blocks out of order in a pool with one spare block.
     let (heads, kv_heads, d, block_size) = (4usize, 2usize, 16usize, 4usize);
@@ -272,54 +284,93 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
         shared_mem_bytes: 0,
     };
     unsafe { launch.launch(config) }.expect("kv_append launch");
-    let max_chunks = chunks;
-    let mut partial = s
-        .alloc_zeros::<f32>(t * heads * max_chunks * (d + 2))
-        .unwrap();
-    let attend = gpu
-        .function("attention_partial_f32")
-        .expect("attention_partial_f32");
-    let mut launch = s.launch_builder(attend);
-    launch
-        .arg(&q_d)
-        .arg(&q_cols)
-        .arg(&pos_d)
-        .arg(&blocks_d)
-        .arg(&offsets_d)
-        .arg(&bs)
-        .arg(&h_i)
-        .arg(&kv_i)
-        .arg(&scale)
-        .arg(&k_cache)
-        .arg(&v_cache)
-        .arg(&cos_p)
-        .arg(&sin_p)
-        .arg(&table_stride)
-        .arg(&min_chunk)
-        .arg(&mut partial);
-    let config = LaunchConfig {
-        grid_dim: (heads as u32, t as u32, max_chunks as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    unsafe { launch.launch(config) }.expect("attention launch");
-    let merge = gpu
-        .function("attention_merge_f32")
-        .expect("attention_merge_f32");
-    let mut launch = s.launch_builder(merge);
-    let chunks_i = max_chunks as i32;
-    launch
-        .arg(&partial)
-        .arg(&h_i)
-        .arg(&chunks_i)
-        .arg(&mut out_d)
-        .arg(&q_cols);
-    let config = LaunchConfig {
-        grid_dim: (heads as u32, t as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    unsafe { launch.launch(config) }.expect("merge launch");
+    if tiled {
+        // Tiles of 16 query rows over the 2 query heads of a kv head: 8 tokens each.
+        let tile_tokens = 16 / (heads / kv_heads);
+        let tiles: Vec<u32> = (0..t)
+            .step_by(tile_tokens)
+            .flat_map(|first| [first as u32, tile_tokens.min(t - first) as u32])
+            .collect();
+        let tiles_d = s.clone_htod(&tiles).unwrap();
+        let prefill = gpu
+            .module
+            .load_function("attention_prefill_f32")
+            .expect("attention_prefill_f32");
+        let mut launch = s.launch_builder(&prefill);
+        launch
+            .arg(&q_d)
+            .arg(&q_cols)
+            .arg(&pos_d)
+            .arg(&blocks_d)
+            .arg(&offsets_d)
+            .arg(&bs)
+            .arg(&h_i)
+            .arg(&kv_i)
+            .arg(&scale)
+            .arg(&k_cache)
+            .arg(&v_cache)
+            .arg(&cos_p)
+            .arg(&sin_p)
+            .arg(&table_stride)
+            .arg(&tiles_d)
+            .arg(&mut out_d)
+            .arg(&q_cols);
+        let config = LaunchConfig {
+            grid_dim: ((tiles.len() / 2) as u32, kv_heads as u32, 1),
+            block_dim: (runtime::cuda::PREFILL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(config) }.expect("prefill attention launch");
+    } else {
+        let max_chunks = chunks;
+        let mut partial = s
+            .alloc_zeros::<f32>(t * heads * max_chunks * (d + 2))
+            .unwrap();
+        let attend = gpu
+            .function("attention_partial_f32")
+            .expect("attention_partial_f32");
+        let mut launch = s.launch_builder(attend);
+        launch
+            .arg(&q_d)
+            .arg(&q_cols)
+            .arg(&pos_d)
+            .arg(&blocks_d)
+            .arg(&offsets_d)
+            .arg(&bs)
+            .arg(&h_i)
+            .arg(&kv_i)
+            .arg(&scale)
+            .arg(&k_cache)
+            .arg(&v_cache)
+            .arg(&cos_p)
+            .arg(&sin_p)
+            .arg(&table_stride)
+            .arg(&min_chunk)
+            .arg(&mut partial);
+        let config = LaunchConfig {
+            grid_dim: (heads as u32, t as u32, max_chunks as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(config) }.expect("attention launch");
+        let merge = gpu
+            .function("attention_merge_f32")
+            .expect("attention_merge_f32");
+        let mut launch = s.launch_builder(merge);
+        let chunks_i = max_chunks as i32;
+        launch
+            .arg(&partial)
+            .arg(&h_i)
+            .arg(&chunks_i)
+            .arg(&mut out_d)
+            .arg(&q_cols);
+        let config = LaunchConfig {
+            grid_dim: (heads as u32, t as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(config) }.expect("merge launch");
+    }
     let got = s.clone_dtoh(&out_d).unwrap();
     let mut want = vec![0f64; t * heads * d];
     for r in 0..t {
@@ -346,7 +397,7 @@ fn check_paged_attention(gpu: &GpuModule, t: usize, chunks: usize, min_chunk: i3
     let err = relative_error(&got, &want);
     assert!(
         err < 1e-5,
-        "{t} tokens in {chunks} chunks, rope {rope}: relative error {err}"
+        "{t} tokens in {chunks} chunks, rope {rope}, tiled {tiled}: relative error {err}"
     );
 }
 

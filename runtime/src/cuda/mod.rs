@@ -191,13 +191,18 @@ pub struct GpuEngine {
     partial_per_token: usize,
     /// How many chunks of positions attention splits a query into, by pass size.
     attention_split: AttentionSplit,
-    /// A pass's token ids, positions, table offsets and logit rows, `4 * max_batch_tokens` values.
+    /// A pass's token ids, positions, table offsets and logit rows, then its prefill tiles:
+    /// `6 * max_batch_tokens` values.
     inputs: CudaSlice<u32>,
     /// The single sequence of `forward`: the pool's first blocks, and the positions it holds.
     solo_blocks: Vec<u32>,
     solo_len: usize,
     /// Captured decode passes, by sequence count, replayed for every later pass of that size.
     decode_graphs: HashMap<usize, DecodeGraph>,
+    /// The tiled prefill attention and the query tokens of one tile (`PREFILL_QUERY_ROWS` over
+    /// the query heads sharing a kv head); None for a plan whose module predates it or whose
+    /// heads do not fit a tile, when the split kernel serves every pass.
+    prefill_attention: Option<(CudaFunction, usize)>,
     /// Tensor-core GEMMs for the plain matmuls of passes of `GEMM_MIN_TOKENS` tokens or more;
     /// None without cuBLAS (or with `FDRT_GEMM=off`), when the row kernel takes every pass.
     gemm: Option<Gemm>,
@@ -323,7 +328,7 @@ impl GpuEngine {
             .alloc_zeros::<u32>(max_num_seqs.min(max_batch_tokens) * blocks_per_context)
             .map_err(|e| upload("block tables", e))?;
         let inputs = s
-            .alloc_zeros::<u32>(4 * max_batch_tokens)
+            .alloc_zeros::<u32>(6 * max_batch_tokens)
             .map_err(|e| upload("input buffers", e))?;
         let sm_count = gpu
             .ctx
@@ -409,7 +414,18 @@ impl GpuEngine {
                 .alloc_pinned_with_flags::<f32>((max_num_seqs * logit_cols).max(1), 0)
         }
         .map_err(|e| upload("page-locked logits", e))?;
+        let group = (m.model.num_heads / m.kv.num_kv_heads.max(1)) as usize;
+        let prefill_attention = match gpu.module.load_function("attention_prefill_f32") {
+            Ok(f)
+                if (1..=PREFILL_QUERY_ROWS).contains(&group)
+                    && m.model.num_heads % m.kv.num_kv_heads.max(1) == 0 =>
+            {
+                Some((f, PREFILL_QUERY_ROWS / group))
+            }
+            _ => None,
+        };
         let mut engine = GpuEngine {
+            prefill_attention,
             gemm,
             pinned_logits,
             partial,
@@ -586,12 +602,37 @@ impl GpuEngine {
         }
         s.memcpy_htod(&tables, &mut self.tables.slice_mut(..tables.len()))
             .map_err(up)?;
-        // One upload into the pass's input buffer: [ids | positions | table offsets | logit rows].
-        let mut host = Vec::with_capacity(3 * t + r);
+        // Most of the pass's tokens in prompt chunks: attention by tiles of queries, each tile
+        // inside one chunk (the split kernel is for decode tokens, one query each).
+        let in_chunks: usize = layout
+            .spans
+            .iter()
+            .filter(|s| s.rows > 1)
+            .map(|s| s.rows)
+            .sum();
+        let tiles: Vec<u32> = match self.prefill_attention {
+            Some((_, tile_tokens)) if 2 * in_chunks >= t => layout
+                .spans
+                .iter()
+                .flat_map(|span| {
+                    (0..span.rows).step_by(tile_tokens).flat_map(move |first| {
+                        [
+                            (span.row0 + first) as u32,
+                            tile_tokens.min(span.rows - first) as u32,
+                        ]
+                    })
+                })
+                .collect(),
+            _ => vec![],
+        };
+        // One upload into the pass's input buffer:
+        // [ids | positions | table offsets | logit rows | prefill tiles].
+        let mut host = Vec::with_capacity(3 * t + r + tiles.len());
         host.extend_from_slice(&layout.tokens);
         host.extend_from_slice(&layout.positions);
         host.extend_from_slice(&offsets);
         host.extend_from_slice(&layout.logit_rows);
+        host.extend_from_slice(&tiles);
         s.memcpy_htod(&host, &mut self.inputs.slice_mut(..host.len()))
             .map_err(up)?;
         let base = ptr(&self.inputs, &s);
@@ -603,6 +644,8 @@ impl GpuEngine {
             table_offsets: base + 8 * t as u64,
             logit_rows: base + 12 * t as u64,
             tables: ptr(&self.tables, &s),
+            prefill_tiles: (!tiles.is_empty())
+                .then_some((base + 4 * (3 * t + r) as u64, tiles.len() / 2)),
         };
         // A decode pass (one token per sequence, each with its logits) is the same launches
         // every time for a given sequence count, reading positions and tables from the input
@@ -706,10 +749,7 @@ impl GpuEngine {
         let cols_grid =
             |cols: u64, r: u32| grid((cols as u32).div_ceil(ROW_THREADS), r, ROW_THREADS);
         let functions = self.gpu.step_functions(index);
-        let go = |i: usize, config: LaunchConfig, args: &[Arg]| -> Result<(), RuntimeError> {
-            let f = functions.get(i).ok_or_else(|| {
-                RuntimeError::InvalidPlan(format!("{} has no function", step.kernel))
-            })?;
+        let launch = |f: &CudaFunction, config: LaunchConfig, args: &[Arg]| {
             let mut b = s.launch_builder(f);
             for a in args {
                 match a {
@@ -724,6 +764,12 @@ impl GpuEngine {
             unsafe { b.launch(config) }
                 .map(drop)
                 .map_err(|e| RuntimeError::Cuda(format!("step {index} ({}): {e}", step.kernel)))
+        };
+        let go = |i: usize, config: LaunchConfig, args: &[Arg]| -> Result<(), RuntimeError> {
+            let f = functions.get(i).ok_or_else(|| {
+                RuntimeError::InvalidPlan(format!("{} has no function", step.kernel))
+            })?;
+            launch(f, config, args)
         };
         let int = |v: u64| I(v as i32);
         match &step.launch {
@@ -941,6 +987,44 @@ impl GpuEngine {
                         "step {index}: attention wider than the model's heads"
                     )));
                 }
+                if let (Some((tiles_at, tiles)), Some((prefill, tile_tokens))) =
+                    (p.prefill_tiles, &self.prefill_attention)
+                {
+                    // The tiles were cut for the model's heads; a layer with other heads (or
+                    // another head size) takes the split kernel.
+                    let fits = *head_dim == self.plan.manifest.model.head_dim
+                        && *n_heads % (*n_kv_heads).max(1) == 0
+                        && PREFILL_QUERY_ROWS / (*n_heads / (*n_kv_heads).max(1)).max(1) as usize
+                            == *tile_tokens;
+                    if fits {
+                        let args = [
+                            P(qp),
+                            I(qs),
+                            P(p.positions),
+                            tables,
+                            offsets,
+                            block_size,
+                            int(*n_heads),
+                            int(*n_kv_heads),
+                            F(*scale),
+                            P(kc),
+                            P(vc),
+                            P(cos),
+                            P(sin),
+                            table_stride,
+                            P(tiles_at),
+                            P(o),
+                            I(os),
+                        ];
+                        let config = LaunchConfig {
+                            grid_dim: (tiles as u32, *n_kv_heads as u32, 1),
+                            block_dim: (PREFILL_THREADS, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        // The tiles lie inside the pass's rows, each inside one chunk.
+                        return launch(prefill, config, &args);
+                    }
+                }
                 let partial = P(ptr(&self.partial, s));
                 let chunks = self.attention_split.chunks(p.t);
                 let attend = [
@@ -1033,6 +1117,11 @@ struct QuantArgs {
     mins: u64,
 }
 
+/// Query rows (query heads x tokens) per block of the prefill attention (`PREFILL_QUERY_ROWS`
+/// in `kernels/cuda/attention.cu`), and its threads (`PREFILL_LANES` per row).
+pub const PREFILL_QUERY_ROWS: usize = 16;
+pub const PREFILL_THREADS: u32 = 16 * 8;
+
 /// Rows per block of the quantized matmul (`QPANEL` in `kernels/cuda/quant.cu`).
 pub const QUANT_MATMUL_ROWS: u32 = 8;
 /// Threads per block of the quantized matmul: `QMATMUL_WARPS` warps, which the kernel's K split
@@ -1057,6 +1146,9 @@ struct PassInputs {
     table_offsets: u64,
     logit_rows: u64,
     tables: u64,
+    /// Where the (first row, rows) tiles of prefill attention are, and how many; None: the
+    /// split kernel takes the pass.
+    prefill_tiles: Option<(u64, usize)>,
 }
 
 /// The device address of an allocation (the engine uses one stream, so no event is needed).
