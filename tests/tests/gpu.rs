@@ -284,6 +284,26 @@ fn check_paged_attention(
         shared_mem_bytes: 0,
     };
     unsafe { launch.launch(config) }.expect("kv_append launch");
+    // The arguments both attention kernels start with: the queries and the cache.
+    macro_rules! with_queries {
+        ($launch:expr) => {
+            $launch
+                .arg(&q_d)
+                .arg(&q_cols)
+                .arg(&pos_d)
+                .arg(&blocks_d)
+                .arg(&offsets_d)
+                .arg(&bs)
+                .arg(&h_i)
+                .arg(&kv_i)
+                .arg(&scale)
+                .arg(&k_cache)
+                .arg(&v_cache)
+                .arg(&cos_p)
+                .arg(&sin_p)
+                .arg(&table_stride)
+        };
+    }
     if tiled {
         // Tiles of 16 query rows over the 2 query heads of a kv head: 8 tokens each.
         let tile_tokens = 16 / (heads / kv_heads);
@@ -297,21 +317,7 @@ fn check_paged_attention(
             .load_function("attention_prefill_f32")
             .expect("attention_prefill_f32");
         let mut launch = s.launch_builder(&prefill);
-        launch
-            .arg(&q_d)
-            .arg(&q_cols)
-            .arg(&pos_d)
-            .arg(&blocks_d)
-            .arg(&offsets_d)
-            .arg(&bs)
-            .arg(&h_i)
-            .arg(&kv_i)
-            .arg(&scale)
-            .arg(&k_cache)
-            .arg(&v_cache)
-            .arg(&cos_p)
-            .arg(&sin_p)
-            .arg(&table_stride)
+        with_queries!(launch)
             .arg(&tiles_d)
             .arg(&mut out_d)
             .arg(&q_cols);
@@ -330,23 +336,7 @@ fn check_paged_attention(
             .function("attention_partial_f32")
             .expect("attention_partial_f32");
         let mut launch = s.launch_builder(attend);
-        launch
-            .arg(&q_d)
-            .arg(&q_cols)
-            .arg(&pos_d)
-            .arg(&blocks_d)
-            .arg(&offsets_d)
-            .arg(&bs)
-            .arg(&h_i)
-            .arg(&kv_i)
-            .arg(&scale)
-            .arg(&k_cache)
-            .arg(&v_cache)
-            .arg(&cos_p)
-            .arg(&sin_p)
-            .arg(&table_stride)
-            .arg(&min_chunk)
-            .arg(&mut partial);
+        with_queries!(launch).arg(&min_chunk).arg(&mut partial);
         let config = LaunchConfig {
             grid_dim: (heads as u32, t as u32, max_chunks as u32),
             block_dim: (128, 1, 1),

@@ -418,7 +418,7 @@ impl GpuEngine {
         let prefill_attention = match gpu.module.load_function("attention_prefill_f32") {
             Ok(f)
                 if (1..=PREFILL_QUERY_ROWS).contains(&group)
-                    && m.model.num_heads % m.kv.num_kv_heads.max(1) == 0 =>
+                    && m.model.num_heads.is_multiple_of(m.kv.num_kv_heads.max(1)) =>
             {
                 Some((f, PREFILL_QUERY_ROWS / group))
             }
@@ -987,47 +987,9 @@ impl GpuEngine {
                         "step {index}: attention wider than the model's heads"
                     )));
                 }
-                if let (Some((tiles_at, tiles)), Some((prefill, tile_tokens))) =
-                    (p.prefill_tiles, &self.prefill_attention)
-                {
-                    // The tiles were cut for the model's heads; a layer with other heads (or
-                    // another head size) takes the split kernel.
-                    let fits = *head_dim == self.plan.manifest.model.head_dim
-                        && *n_heads % (*n_kv_heads).max(1) == 0
-                        && PREFILL_QUERY_ROWS / (*n_heads / (*n_kv_heads).max(1)).max(1) as usize
-                            == *tile_tokens;
-                    if fits {
-                        let args = [
-                            P(qp),
-                            I(qs),
-                            P(p.positions),
-                            tables,
-                            offsets,
-                            block_size,
-                            int(*n_heads),
-                            int(*n_kv_heads),
-                            F(*scale),
-                            P(kc),
-                            P(vc),
-                            P(cos),
-                            P(sin),
-                            table_stride,
-                            P(tiles_at),
-                            P(o),
-                            I(os),
-                        ];
-                        let config = LaunchConfig {
-                            grid_dim: (tiles as u32, *n_kv_heads as u32, 1),
-                            block_dim: (PREFILL_THREADS, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        // The tiles lie inside the pass's rows, each inside one chunk.
-                        return launch(prefill, config, &args);
-                    }
-                }
-                let partial = P(ptr(&self.partial, s));
-                let chunks = self.attention_split.chunks(p.t);
-                let attend = [
+                // Both attention kernels take the queries and the cache this way; each adds
+                // where its results go.
+                let queries = [
                     P(qp),
                     I(qs),
                     P(p.positions),
@@ -1042,9 +1004,32 @@ impl GpuEngine {
                     P(cos),
                     P(sin),
                     table_stride,
-                    I(ATTENTION_MIN_CHUNK as i32),
-                    partial,
                 ];
+                if let (Some((tiles_at, tiles)), Some((prefill, tile_tokens))) =
+                    (p.prefill_tiles, &self.prefill_attention)
+                {
+                    // The tiles were cut for the model's heads; a layer with other heads (or
+                    // another head size) takes the split kernel.
+                    let fits = *head_dim == self.plan.manifest.model.head_dim
+                        && n_heads.is_multiple_of((*n_kv_heads).max(1))
+                        && PREFILL_QUERY_ROWS / (*n_heads / (*n_kv_heads).max(1)).max(1) as usize
+                            == *tile_tokens;
+                    if fits {
+                        let mut args = queries.to_vec();
+                        args.extend([P(tiles_at), P(o), I(os)]);
+                        let config = LaunchConfig {
+                            grid_dim: (tiles as u32, *n_kv_heads as u32, 1),
+                            block_dim: (PREFILL_THREADS, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        // The tiles lie inside the pass's rows, each inside one chunk.
+                        return launch(prefill, config, &args);
+                    }
+                }
+                let partial = P(ptr(&self.partial, s));
+                let chunks = self.attention_split.chunks(p.t);
+                let mut attend = queries.to_vec();
+                attend.extend([I(ATTENTION_MIN_CHUNK as i32), partial]);
                 let config = LaunchConfig {
                     grid_dim: (*n_heads as u32, t, chunks as u32),
                     block_dim: (128, 1, 1),
