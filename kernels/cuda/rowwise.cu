@@ -160,3 +160,49 @@ extern "C" __global__ void rope_f32(const float* x, int x_stride, int head_dim,
         oh[half + i] = hi * c + lo * s;
     }
 }
+
+// ids[r] = the first position of the largest non-NaN value of logits row r (0 for a row of
+// NaNs): `sampler::argmax` on the device, so that a greedy decode step copies back one id per
+// sequence rather than its row of the vocabulary. Grid: (rows); block: 1024 threads.
+extern "C" __global__ void argmax_rows_f32(const float* logits, int cols, unsigned int* ids) {
+    __shared__ float warp_value[32];
+    __shared__ int warp_index[32];
+    const float* row = logits + (long long)blockIdx.x * cols;
+    float best = FD_NEG_INF;
+    int at = 0x7fffffff;
+    // A NaN compares false both ways and is never taken; -inf is taken at its first position.
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float v = row[i];
+        if (v > best || (v == best && i < at)) {
+            best = v;
+            at = i;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const int i = __shfl_xor_sync(0xffffffffu, at, o);
+        if (v > best || (v == best && i < at)) {
+            best = v;
+            at = i;
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        warp_value[warp] = best;
+        warp_index[warp] = at;
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    const int warps = blockDim.x >> 5;
+    best = lane < warps ? warp_value[lane] : FD_NEG_INF;
+    at = lane < warps ? warp_index[lane] : 0x7fffffff;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const int i = __shfl_xor_sync(0xffffffffu, at, o);
+        if (v > best || (v == best && i < at)) {
+            best = v;
+            at = i;
+        }
+    }
+    if (lane == 0) ids[blockIdx.x] = at == 0x7fffffff ? 0 : at;
+}

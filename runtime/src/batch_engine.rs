@@ -8,6 +8,15 @@ use crate::error::RuntimeError;
 use crate::plan::LoadedPlan;
 use crate::weights::WeightStore;
 
+/// What a pass gives back.
+pub struct PassOutput<'a> {
+    /// The logits of the `Last` and `All` chunks, `[R, vocab]`, in chunk order.
+    pub logits: &'a [f32],
+    /// The tokens picked for the `Logits::Greedy` chunks, in chunk order: the first position
+    /// of the largest logit, as `sampler::argmax` picks it.
+    pub greedy_ids: &'a [u32],
+}
+
 pub trait BatchEngine: Send {
     fn plan(&self) -> &LoadedPlan;
     /// The options in force (context, token budget, KV blocks), after the engine's own limits.
@@ -16,8 +25,8 @@ pub trait BatchEngine: Send {
     fn vocab_size(&self) -> usize;
     /// Blocks in the KV pool.
     fn kv_blocks(&self) -> usize;
-    /// One forward pass over `chunks`; the wanted logits, `[R, vocab]`, in chunk order.
-    fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError>;
+    /// One forward pass over `chunks` (see [`Engine::forward_batch`]).
+    fn pass(&mut self, chunks: &[SeqChunk]) -> Result<PassOutput<'_>, RuntimeError>;
     /// Serves the next pass from `weights` (same structure, checked by the caller) and returns
     /// the previous ones. On an error the previous weights stay in service.
     fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError>;
@@ -36,8 +45,12 @@ impl BatchEngine for Engine {
     fn kv_blocks(&self) -> usize {
         self.kv_pool().num_blocks()
     }
-    fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
-        Engine::forward_batch(self, chunks)
+    fn pass(&mut self, chunks: &[SeqChunk]) -> Result<PassOutput<'_>, RuntimeError> {
+        let len = Engine::forward_batch(self, chunks)?.len();
+        Ok(PassOutput {
+            logits: &self.last_logits()[..len],
+            greedy_ids: self.greedy_ids(),
+        })
     }
     fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
         Ok(Engine::replace_weights(self, weights))
@@ -57,8 +70,12 @@ impl BatchEngine for GpuEngine {
     fn kv_blocks(&self) -> usize {
         GpuEngine::kv_blocks(self)
     }
-    fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
-        GpuEngine::forward_batch(self, chunks)
+    fn pass(&mut self, chunks: &[SeqChunk]) -> Result<PassOutput<'_>, RuntimeError> {
+        GpuEngine::forward_batch(self, chunks)?;
+        Ok(PassOutput {
+            logits: self.last_logits(),
+            greedy_ids: self.greedy_ids(),
+        })
     }
     fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
         GpuEngine::replace_weights(self, weights)

@@ -7,7 +7,6 @@ use crate::engine::{Logits, SeqChunk};
 use crate::error::RuntimeError;
 use crate::sampler::argmax;
 use crate::sequence::OneSequence;
-use rayon::prelude::*;
 use std::time::Instant;
 
 #[derive(Clone, Debug)]
@@ -66,9 +65,9 @@ pub struct BatchBenchResult {
 }
 
 /// `batch` sequences decoding together: an 8-token prompt each (one pass for all), then
-/// `decode_tokens` passes of one token per sequence, each sequence's next token chosen greedily
-/// on the host from its logits row (the logits come back to the host as a server's sampler
-/// needs them; the rows in parallel, as the scheduler samples them). Best of `repeats` runs.
+/// `decode_tokens` passes of one token per sequence, each sequence's next token picked greedily
+/// by the engine (`Logits::Greedy`, as the scheduler asks for greedy requests: on a GPU the
+/// logits stay on the device). Best of `repeats` runs.
 pub fn run_batch(
     engine: &mut dyn BatchEngine,
     batch: usize,
@@ -98,7 +97,6 @@ pub fn run_batch(
                 .collect()
         })
         .collect();
-    let cols = engine.vocab_size();
     let mut best = f64::MAX;
     for _ in 0..repeats.max(1) {
         // The prompts in as few passes as the token budget allows.
@@ -110,11 +108,10 @@ pub fn run_batch(
                     blocks: &tables[s],
                     start: 0,
                     tokens: &prompts[s],
-                    logits: Logits::Last,
+                    logits: Logits::Greedy,
                 })
                 .collect();
-            let logits = engine.forward_batch(&chunks)?;
-            next.extend(logits.par_chunks(cols).map(argmax).collect::<Vec<_>>());
+            next.extend_from_slice(engine.pass(&chunks)?.greedy_ids);
         }
         let start = Instant::now();
         for step in 0..decode_tokens {
@@ -124,15 +121,10 @@ pub fn run_batch(
                     blocks: &tables[s],
                     start: prompt_len + step,
                     tokens: std::slice::from_ref(&ids[s]),
-                    logits: Logits::Last,
+                    logits: Logits::Greedy,
                 })
                 .collect();
-            // Rows chosen in parallel, as the scheduler samples them.
-            next = engine
-                .forward_batch(&chunks)?
-                .par_chunks(cols)
-                .map(argmax)
-                .collect();
+            next = engine.pass(&chunks)?.greedy_ids.to_vec();
         }
         best = best.min(start.elapsed().as_secs_f64());
     }

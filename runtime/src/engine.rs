@@ -55,6 +55,10 @@ pub enum Logits {
     Last,
     /// Of every token it has in this pass (`fdrt logits`).
     All,
+    /// Only the most likely next token after its last token (greedy decoding with nothing
+    /// else read from the row): the engine picks it ([`Engine::greedy_ids`]) and returns no
+    /// logits row for it, so a GPU pass need not copy the row back.
+    Greedy,
 }
 
 /// One sequence's part of a forward pass: `tokens` at positions `start..`, after the `start`
@@ -80,8 +84,11 @@ pub(crate) struct SeqSpan<'a> {
 pub(crate) struct PassLayout<'a> {
     pub tokens: Vec<u32>,
     pub positions: Vec<u32>,
-    /// The rows whose logits are wanted, in chunk order.
+    /// The rows whose logits are computed: first those returned (`Last` and `All` chunks, in
+    /// chunk order), then the `Greedy` chunks' (in chunk order), whose argmax alone is wanted.
     pub logit_rows: Vec<u32>,
+    /// How many of `logit_rows` are returned as logits.
+    pub full_rows: usize,
     pub spans: Vec<SeqSpan<'a>>,
 }
 
@@ -110,6 +117,7 @@ impl<'a> PassLayout<'a> {
         let mut tokens = Vec::with_capacity(t);
         let mut positions = Vec::with_capacity(t);
         let mut logit_rows = vec![];
+        let mut greedy_rows = vec![];
         let mut spans = Vec::with_capacity(chunks.len());
         // Blocks written in this pass, to refuse two chunks writing the same one.
         let mut written: Vec<u32> = vec![];
@@ -151,6 +159,7 @@ impl<'a> PassLayout<'a> {
                 Logits::None => {}
                 Logits::Last => logit_rows.push(row0 + c.tokens.len() as u32 - 1),
                 Logits::All => logit_rows.extend(row0..row0 + c.tokens.len() as u32),
+                Logits::Greedy => greedy_rows.push(row0 + c.tokens.len() as u32 - 1),
             }
             spans.push(SeqSpan {
                 blocks: c.blocks,
@@ -160,10 +169,13 @@ impl<'a> PassLayout<'a> {
             tokens.extend_from_slice(c.tokens);
             positions.extend(start as u32..needed as u32);
         }
+        let full_rows = logit_rows.len();
+        logit_rows.extend(greedy_rows);
         Ok(PassLayout {
             tokens,
             positions,
             logit_rows,
+            full_rows,
             spans,
         })
     }
@@ -199,6 +211,8 @@ pub struct Engine {
     profile: Option<Profile>,
     /// Sees every matmul's input (`fdrt calibrate`); None in service.
     matmul_observer: Option<Box<MatmulObserver>>,
+    /// The last pass's picks for its `Greedy` chunks.
+    greedy_ids: Vec<u32>,
 }
 
 /// Called with each matmul's weight and its input `x` (`rows` rows of `cols` values, `stride`
@@ -320,6 +334,7 @@ impl Engine {
             },
             profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
             matmul_observer: None,
+            greedy_ids: vec![],
             plan,
         })
     }
@@ -411,15 +426,17 @@ impl Engine {
     }
 
     /// One forward pass over several sequences at once: each chunk's tokens are written to its
-    /// blocks at its positions. Returns the wanted logits, `[R, vocab]`, in chunk order (rows
-    /// within a chunk in order). Every matmul sees all the tokens together; attention runs per
-    /// sequence.
+    /// blocks at its positions. Returns the wanted logits, `[R, vocab]`, of the `Last` and `All`
+    /// chunks in chunk order (rows within a chunk in order); the `Greedy` chunks' tokens are
+    /// then in [`Engine::greedy_ids`]. Every matmul sees all the tokens together; attention runs
+    /// per sequence.
     pub fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
         let vocab = self.vocab_size();
         let PassLayout {
             tokens,
             positions,
             logit_rows,
+            full_rows,
             spans,
         } = PassLayout::of(
             chunks,
@@ -442,7 +459,23 @@ impl Engine {
                 profile.record(&self.plan.program.steps[i].kernel, start.elapsed());
             }
         }
-        Ok(&self.logits[..r * vocab])
+        self.greedy_ids.clear();
+        self.greedy_ids.extend(
+            self.logits[full_rows * vocab..r * vocab]
+                .chunks(vocab)
+                .map(crate::sampler::argmax),
+        );
+        Ok(&self.logits[..full_rows * vocab])
+    }
+
+    /// The tokens picked for the last pass's `Greedy` chunks, in chunk order.
+    pub fn greedy_ids(&self) -> &[u32] {
+        &self.greedy_ids
+    }
+
+    /// The logits buffer of the last pass; its first rows are what `forward_batch` returned.
+    pub(crate) fn last_logits(&self) -> &[f32] {
+        &self.logits
     }
 
     fn run_step(

@@ -190,6 +190,12 @@ impl Sampler {
         id
     }
 
+    /// Whether every pick is the raw row's argmax (greedy, with no penalty to apply), so an
+    /// engine may pick it without handing the row over.
+    pub fn picks_argmax(&self) -> bool {
+        self.params.is_greedy() && self.history.is_none()
+    }
+
     fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);

@@ -687,19 +687,30 @@ impl Worker {
                     blocks: &s.blocks.blocks,
                     start: s.computed,
                     tokens: &s.tokens[s.computed..s.computed + count],
-                    logits: if done { Logits::Last } else { Logits::None },
+                    logits: match done {
+                        false => Logits::None,
+                        // Nothing but the argmax is read from the row: the engine picks it
+                        // (on a GPU, without copying the row back).
+                        true if s.request.sampler.picks_argmax()
+                            && s.request.params.logprobs.is_none() =>
+                        {
+                            Logits::Greedy
+                        }
+                        true => Logits::Last,
+                    },
                 }
             })
             .collect();
+        let chunk_logits: Vec<Logits> = chunks.iter().map(|c| c.logits).collect();
         let vocab = self.engine.vocab_size();
         let eos = self.engine.plan().manifest.model.eos_token_ids.clone();
         let max_context = self.engine.options().max_context;
         // The logits are read where the engine keeps them: a decode pass of many sequences
         // returns tens of megabytes, which a copy per step would cost milliseconds.
-        let result = self.engine.forward_batch(&chunks);
+        let result = self.engine.pass(&chunks);
         self.steps += 1;
-        let logits = match result {
-            Ok(l) => l,
+        let output = match result {
+            Ok(output) => output,
             Err(e) => {
                 // A failed pass fails every request in it; their blocks are freed.
                 let message = e.to_string();
@@ -713,29 +724,43 @@ impl Worker {
                 return;
             }
         };
-        // Which running sequence samples from which logits row (those that reached the end of
-        // their tokens, in plan order).
-        let mut sample_row: Vec<Option<usize>> = vec![None; self.running.len()];
-        let mut rows = 0;
-        for &(i, count) in &plan {
+        // What each running sequence that reached the end of its tokens samples from: a logits
+        // row or the engine's greedy pick, each counted in plan order.
+        let mut picks: Vec<Option<Pick>> = vec![None; self.running.len()];
+        let (mut rows, mut greedy) = (0, 0);
+        for (&(i, count), chunk) in plan.iter().zip(&chunk_logits) {
             let s = &mut self.running[i];
             s.computed += count;
             self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
-            if s.computed == s.tokens.len() {
-                sample_row[i] = Some(rows);
-                rows += 1;
+            match chunk {
+                Logits::Greedy => {
+                    picks[i] = Some(Pick::Greedy(greedy));
+                    greedy += 1;
+                }
+                Logits::Last => {
+                    picks[i] = Some(Pick::Row(rows));
+                    rows += 1;
+                }
+                Logits::None | Logits::All => {}
             }
         }
+        let (logits, greedy_ids) = (output.logits, output.greedy_ids);
         // Each sequence samples with its own sampler, so the rows are sampled in parallel: a
         // decode pass of 64 sequences of a 128K vocabulary is 8M logits to scan.
         let sampled: Vec<Option<(u32, TokenEvent)>> = self
             .running
             .par_iter_mut()
-            .zip(sample_row.par_iter())
-            .map(|(s, row)| {
-                let row_logits = &logits[(*row)? * vocab..][..vocab];
-                let id = s.request.sampler.sample(row_logits);
-                Some((id, token_event(id, row_logits, s.request.params.logprobs)))
+            .zip(picks.par_iter())
+            .map(|(s, pick)| match (*pick)? {
+                Pick::Greedy(k) => {
+                    let id = *greedy_ids.get(k)?;
+                    Some((id, token_event(id, &[], None)))
+                }
+                Pick::Row(row) => {
+                    let row_logits = logits.get(row * vocab..(row + 1) * vocab)?;
+                    let id = s.request.sampler.sample(row_logits);
+                    Some((id, token_event(id, row_logits, s.request.params.logprobs)))
+                }
             })
             .collect();
         let mut finished = vec![];
@@ -783,6 +808,15 @@ impl Worker {
         stats.prefix_cache_hit_tokens = self.prefix_hit_tokens;
         stats.waiting = self.waiting.len() + in_transit;
     }
+}
+
+/// Where a sequence's next token comes from after a pass.
+#[derive(Clone, Copy)]
+enum Pick {
+    /// Its sampler over this logits row.
+    Row(usize),
+    /// The engine's greedy pick of this index.
+    Greedy(usize),
 }
 
 fn is_cancelled(r: &Request) -> bool {

@@ -156,3 +156,27 @@ fn a_sequence_gets_the_same_logits_alone_or_batched_with_others() {
         );
     }
 }
+
+#[test]
+fn greedy_chunks_give_the_argmax_of_the_rows_they_leave_out() {
+    let (a, b, c) = (tokens(12, 5), tokens(30, 6), tokens(3, 7));
+    let mut engine = engine_for("tiny/llama", DType::F32, 3);
+    let vocab = engine.vocab_size();
+    let mut seqs = Seqs::new(&engine, 3);
+    // The same pass twice over (writing the same keys and values again): once with every
+    // chunk's last row returned, once with A and C picked greedily.
+    let parts = |greedy: Logits| -> [(usize, &[u32], Logits); 3] {
+        [(0, &a, greedy), (1, &b, Logits::All), (2, &c, greedy)]
+    };
+    let rows = seqs.pass(&mut engine, &parts(Logits::Last));
+    assert_eq!(rows.len(), (1 + b.len() + 1) * vocab);
+    seqs.lens = vec![0; 3];
+    let picked = seqs.pass(&mut engine, &parts(Logits::Greedy));
+    // Only B's rows come back; A's and C's picks are the argmax of the rows left out.
+    assert_eq!(picked, rows[vocab..(1 + b.len()) * vocab]);
+    let want = [
+        runtime::sampler::argmax(&rows[..vocab]),
+        runtime::sampler::argmax(&rows[(1 + b.len()) * vocab..]),
+    ];
+    assert_eq!(engine.greedy_ids(), want);
+}

@@ -697,6 +697,29 @@ fn several_sequences_in_one_pass_match_the_cpu_engine() {
             lens[*seq] += ids.len();
         }
     }
+    // Greedy chunks: the same decode pass run twice at the same positions, once returning
+    // the rows and once with the device picking from them (a graph of its own, captured with
+    // the picks): the picks are the host's argmax of the rows.
+    let step: Vec<(usize, Vec<u32>)> = vec![(0, vec![21]), (2, vec![22]), (1, vec![23])];
+    let run = |gpu: &mut GpuEngine, logits: Logits| -> (Vec<f32>, Vec<u32>) {
+        let chunks: Vec<SeqChunk> = step
+            .iter()
+            .map(|(seq, ids)| SeqChunk {
+                blocks: &tables[*seq],
+                start: lens[*seq],
+                tokens: ids,
+                logits,
+            })
+            .collect();
+        let rows = gpu.forward_batch(&chunks).expect("GPU pass").to_vec();
+        (rows, gpu.greedy_ids().to_vec())
+    };
+    let (rows, none) = run(&mut gpu, Logits::Last);
+    assert!(none.is_empty());
+    let (empty, picked) = run(&mut gpu, Logits::Greedy);
+    assert!(empty.is_empty(), "greedy chunks return no rows");
+    let want: Vec<u32> = rows.chunks(vocab).map(runtime::sampler::argmax).collect();
+    assert_eq!(picked, want);
     // A pass the GPU engine must refuse as the CPU one does: a block outside the pool.
     let bad = [SeqChunk {
         blocks: &[96],
@@ -872,4 +895,52 @@ fn gemm_matches_a_float64_reference() {
             .chunks(out_stride)
             .all(|row| row[n..].iter().all(|v| v.is_nan())));
     }
+}
+
+/// The device's greedy pick (`argmax_rows_f32`) against the host's `sampler::argmax` on rows
+/// made to trip it: NaNs, ties (the first position wins), a maximum in the last column,
+/// all -inf, all NaN, -0.0 against 0.0, and a row of random values.
+#[test]
+fn the_device_argmax_picks_what_the_host_argmax_picks() {
+    let Some(arch) = device() else { return };
+    let gpu = module(arch);
+    let cols = 3000usize;
+    let mut rows: Vec<Vec<f32>> = vec![];
+    let mut row = random(cols, 31);
+    rows.push(row.clone());
+    row[100] = 5.0;
+    row[2000] = 5.0;
+    row[7] = f32::NAN;
+    rows.push(row.clone());
+    row[cols - 1] = 6.0;
+    rows.push(row.clone());
+    rows.push(vec![f32::NEG_INFINITY; cols]);
+    let mut nan_first = vec![f32::NEG_INFINITY; cols];
+    nan_first[0] = f32::NAN;
+    rows.push(nan_first);
+    rows.push(vec![f32::NAN; cols]);
+    let mut zeros = vec![-1.0f32; cols];
+    zeros[40] = -0.0;
+    zeros[41] = 0.0;
+    rows.push(zeros);
+    let flat: Vec<f32> = rows.concat();
+    let s = &gpu.stream;
+    let logits = s.clone_htod(&flat).unwrap();
+    let mut ids = s.alloc_zeros::<u32>(rows.len()).unwrap();
+    let argmax = gpu
+        .module
+        .load_function("argmax_rows_f32")
+        .expect("argmax_rows_f32");
+    let cols_i = cols as i32;
+    let mut launch = s.launch_builder(&argmax);
+    launch.arg(&logits).arg(&cols_i).arg(&mut ids);
+    let config = LaunchConfig {
+        grid_dim: (rows.len() as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(config) }.expect("argmax launch");
+    let got = s.clone_dtoh(&ids).unwrap();
+    let want: Vec<u32> = rows.iter().map(|r| runtime::sampler::argmax(r)).collect();
+    assert_eq!(got, want);
 }

@@ -176,6 +176,15 @@ pub struct GpuEngine {
     /// decode pass asks for, else into ordinary memory.
     pinned_logits: cudarc::driver::PinnedHostSlice<f32>,
     host_logits: Vec<f32>,
+    /// `argmax_rows_f32` (None for a plan whose module predates it: the rows are then copied
+    /// back and picked on the host) and where it writes: one id per logits row.
+    argmax: Option<CudaFunction>,
+    row_ids: CudaSlice<u32>,
+    /// The last pass's picks for its `Greedy` chunks.
+    greedy_ids: Vec<u32>,
+    /// Where the last pass's returned logits are: in `pinned_logits` (or `host_logits`), and
+    /// how many values.
+    last_logits: (bool, usize),
     /// Per layer, `[blocks, block_size, KV, head_dim]` keys and values.
     k_cache: Vec<CudaSlice<f32>>,
     v_cache: Vec<CudaSlice<f32>>,
@@ -424,7 +433,15 @@ impl GpuEngine {
             }
             _ => None,
         };
+        let argmax = gpu.module.load_function("argmax_rows_f32").ok();
+        let row_ids = s
+            .alloc_zeros::<u32>(max_batch_tokens)
+            .map_err(|e| upload("row ids", e))?;
         let mut engine = GpuEngine {
+            argmax,
+            row_ids,
+            greedy_ids: vec![],
+            last_logits: (false, 0),
             prefill_attention,
             gemm,
             pinned_logits,
@@ -639,6 +656,7 @@ impl GpuEngine {
         let inputs = PassInputs {
             t,
             r,
+            full_rows: layout.full_rows,
             ids: base,
             positions: base + 4 * t as u64,
             table_offsets: base + 8 * t as u64,
@@ -665,8 +683,27 @@ impl GpuEngine {
         } else {
             self.run_steps(&inputs)?;
         }
-        let len = r * self.plan.program.logits_cols as usize;
+        let cols = self.plan.program.logits_cols as usize;
         let read = |e| RuntimeError::Cuda(format!("reading the logits: {e}"));
+        let full_rows = layout.full_rows;
+        self.greedy_ids.clear();
+        // Without the device's picks, the greedy rows come back with the others.
+        let len = if self.argmax.is_some() {
+            if r > full_rows {
+                self.greedy_ids.resize(r - full_rows, 0);
+                s.memcpy_dtoh(&self.row_ids.slice(full_rows..r), &mut self.greedy_ids)
+                    .map_err(read)?;
+            }
+            full_rows * cols
+        } else {
+            r * cols
+        };
+        self.last_logits = (false, 0);
+        if len == 0 {
+            s.synchronize()
+                .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
+            return Ok(&[]);
+        }
         if len <= self.pinned_logits.len() {
             let dst = &mut self.pinned_logits.as_mut_slice().map_err(read)?[..len];
             // SAFETY: `dst` is page-locked host memory of `len` values and the logits buffer
@@ -678,14 +715,64 @@ impl GpuEngine {
             .map_err(read)?;
             s.synchronize()
                 .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
-            return Ok(&self.pinned_logits.as_slice().map_err(read)?[..len]);
+            let logits = &self.pinned_logits.as_slice().map_err(read)?[..len];
+            let returned = pick_on_host(logits, cols, full_rows, &mut self.greedy_ids);
+            self.last_logits = (true, returned.len());
+            return Ok(returned);
         }
         self.host_logits.resize(len, 0.0);
         s.memcpy_dtoh(&self.logits.slice(..len), &mut self.host_logits)
             .map_err(read)?;
         s.synchronize()
             .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
-        Ok(&self.host_logits)
+        let returned = pick_on_host(&self.host_logits, cols, full_rows, &mut self.greedy_ids);
+        self.last_logits = (false, returned.len());
+        Ok(returned)
+    }
+
+    /// The tokens picked for the last pass's `Greedy` chunks, in chunk order.
+    pub fn greedy_ids(&self) -> &[u32] {
+        &self.greedy_ids
+    }
+
+    /// What the last `forward_batch` returned.
+    pub(crate) fn last_logits(&self) -> &[f32] {
+        let (in_pinned, len) = self.last_logits;
+        if in_pinned {
+            // The copy into it completed before `forward_batch` returned.
+            self.pinned_logits
+                .as_slice()
+                .map_or(&[][..], |logits| &logits[..len])
+        } else {
+            &self.host_logits[..len]
+        }
+    }
+
+    /// Picks every logits row's most likely token on the device (`row_ids`), when the pass has
+    /// rows to pick from (`always`: in a captured graph, which later passes with greedy rows
+    /// replay).
+    fn pick_on_device(&self, p: &PassInputs, always: bool) -> Result<(), RuntimeError> {
+        let Some(argmax) = &self.argmax else {
+            return Ok(());
+        };
+        if p.r == 0 || (!always && p.r == p.full_rows) {
+            return Ok(());
+        }
+        let s = &self.gpu.stream;
+        let (logits, ids) = (ptr(&self.logits, s), ptr(&self.row_ids, s));
+        let cols = self.plan.program.logits_cols as i32;
+        let mut b = s.launch_builder(argmax);
+        b.arg(&logits).arg(&cols).arg(&ids);
+        let config = LaunchConfig {
+            grid_dim: (p.r as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `argmax_rows_f32(logits, cols, ids)`: the logits buffer holds the pass's r
+        // rows of `cols`, `row_ids` has room for `max_batch_tokens >= r` ids.
+        unsafe { b.launch(config) }
+            .map(drop)
+            .map_err(|e| RuntimeError::Cuda(format!("picking greedy tokens: {e}")))
     }
 
     /// Captures every step of a pass into a graph.
@@ -696,8 +783,9 @@ impl GpuEngine {
             cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
         )
         .map_err(graph_error)?;
-        let captured =
-            (0..self.plan.program.steps.len()).try_for_each(|index| self.run_step(index, inputs));
+        let captured = (0..self.plan.program.steps.len())
+            .try_for_each(|index| self.run_step(index, inputs))
+            .and_then(|()| self.pick_on_device(inputs, true));
         // End the capture whatever happened, so the stream is usable again.
         let graph = s
             .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
@@ -728,7 +816,7 @@ impl GpuEngine {
                 entry.1 += 1;
             }
         }
-        Ok(())
+        self.pick_on_device(inputs, false)
     }
 
     fn run_step(&self, index: usize, p: &PassInputs) -> Result<(), RuntimeError> {
@@ -1121,10 +1209,27 @@ enum Arg {
     F(f32),
 }
 
+/// The returned part of a pass's logits (`full_rows` rows of `cols`); when `logits` also holds
+/// the greedy rows (no device picks), they are picked here into `greedy_ids`.
+fn pick_on_host<'a>(
+    logits: &'a [f32],
+    cols: usize,
+    full_rows: usize,
+    greedy_ids: &mut Vec<u32>,
+) -> &'a [f32] {
+    let (full, greedy) = logits.split_at((full_rows * cols).min(logits.len()));
+    if !greedy.is_empty() {
+        greedy_ids.extend(greedy.chunks(cols).map(crate::sampler::argmax));
+    }
+    full
+}
+
 /// A pass's inputs on the device.
 struct PassInputs {
     t: usize,
     r: usize,
+    /// Logits rows returned; the rest of the `r` are greedy picks.
+    full_rows: usize,
     ids: u64,
     positions: u64,
     /// Per token: where its sequence's block table starts in `tables`.
