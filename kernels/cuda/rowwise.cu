@@ -161,6 +161,24 @@ extern "C" __global__ void rope_f32(const float* x, int x_stride, int head_dim,
     }
 }
 
+// Takes (v, i) over (best, at) when it is larger, or equal at an earlier position; a NaN
+// compares false both ways and is never taken.
+__device__ __forceinline__ void fd_argmax_take(float& best, int& at, float v, int i) {
+    if (v > best || (v == best && i < at)) {
+        best = v;
+        at = i;
+    }
+}
+
+// The warp's (best, at), in every lane.
+__device__ __forceinline__ void fd_argmax_warp(float& best, int& at) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float v = __shfl_xor_sync(0xffffffffu, best, o);
+        const int i = __shfl_xor_sync(0xffffffffu, at, o);
+        fd_argmax_take(best, at, v, i);
+    }
+}
+
 // ids[r] = the first position of the largest non-NaN value of logits row r (0 for a row of
 // NaNs): `sampler::argmax` on the device, so that a greedy decode step copies back one id per
 // sequence rather than its row of the vocabulary. Grid: (rows); block: 1024 threads.
@@ -169,23 +187,9 @@ extern "C" __global__ void argmax_rows_f32(const float* logits, int cols, unsign
     __shared__ int warp_index[32];
     const float* row = logits + (long long)blockIdx.x * cols;
     float best = FD_NEG_INF;
-    int at = 0x7fffffff;
-    // A NaN compares false both ways and is never taken; -inf is taken at its first position.
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        const float v = row[i];
-        if (v > best || (v == best && i < at)) {
-            best = v;
-            at = i;
-        }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffffu, best, o);
-        const int i = __shfl_xor_sync(0xffffffffu, at, o);
-        if (v > best || (v == best && i < at)) {
-            best = v;
-            at = i;
-        }
-    }
+    int at = 0x7fffffff;  // -inf is taken at its first position
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) fd_argmax_take(best, at, row[i], i);
+    fd_argmax_warp(best, at);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) {
         warp_value[warp] = best;
@@ -196,13 +200,6 @@ extern "C" __global__ void argmax_rows_f32(const float* logits, int cols, unsign
     const int warps = blockDim.x >> 5;
     best = lane < warps ? warp_value[lane] : FD_NEG_INF;
     at = lane < warps ? warp_index[lane] : 0x7fffffff;
-    for (int o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffffu, best, o);
-        const int i = __shfl_xor_sync(0xffffffffu, at, o);
-        if (v > best || (v == best && i < at)) {
-            best = v;
-            at = i;
-        }
-    }
+    fd_argmax_warp(best, at);
     if (lane == 0) ids[blockIdx.x] = at == 0x7fffffff ? 0 : at;
 }
