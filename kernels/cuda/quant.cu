@@ -192,22 +192,57 @@ extern "C" __global__ void matmul_q2(const float* x, int x_stride, const unsigne
     qmatmul_launch<2, QMATMUL_WARPS>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
 }
 
+// The weight at (row, c) of a quantized matrix of `cols` columns, as f32, exactly as the CPU
+// forms it.
+template <int BITS>
+__device__ __forceinline__ float fd_qweight(const unsigned char* codes, int cols, int group,
+                                            const fd_f16* scales, const fd_f16* mins, int row,
+                                            int c) {
+    using L = QLayout<BITS>;
+    const int panel = row / QPANEL, j = row % QPANEL;
+    const unsigned char byte = codes[((long long)panel * cols + c) * L::BPK + j % L::BPK];
+    const unsigned int code = (byte >> ((j / L::BPK) * BITS)) & ((1u << BITS) - 1);
+    const long long at = ((long long)panel * (cols / group) + c / group) * QPANEL + j;
+    const float scale = fd_load(scales + at);
+    return mins ? (float)code * scale + fd_load(mins + at)
+                : ((float)code - (float)(1 << (BITS - 1))) * scale;
+}
+
 // out[t, c] = the weight [ids[t], c] of a quantized table, as f32. Grid: (column blocks, T).
 template <int BITS>
 __device__ void qembedding(const unsigned char* codes, int cols, int group, const fd_f16* scales,
                            const fd_f16* mins, const unsigned int* ids, float* out,
                            int out_stride) {
-    using L = QLayout<BITS>;
     const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (c >= cols) return;
-    const int row = ids[t], panel = row / QPANEL, j = row % QPANEL;
-    const unsigned char byte = codes[((long long)panel * cols + c) * L::BPK + j % L::BPK];
-    const unsigned int code = (byte >> ((j / L::BPK) * BITS)) & ((1u << BITS) - 1);
-    const long long at = ((long long)panel * (cols / group) + c / group) * QPANEL + j;
-    const float scale = fd_load(scales + at);
-    const float v = mins ? (float)code * scale + fd_load(mins + at)
-                         : ((float)code - (float)(1 << (BITS - 1))) * scale;
-    out[(long long)t * out_stride + c] = v;
+    out[(long long)t * out_stride + c] = fd_qweight<BITS>(codes, cols, group, scales, mins, ids[t], c);
+}
+
+// out = the whole matrix [n, k] as f32, row-major: the weight of a GEMM for prefill and large
+// batches, formed once per pass. f32, not f16: rounding weights and activations to f16 moved
+// the tiny goldens' logits further than 1e-3 from the CPU's. Grid: (n, column blocks).
+template <int BITS>
+__device__ void qdequantize(const unsigned char* codes, int k, int group, const fd_f16* scales,
+                            const fd_f16* mins, float* out) {
+    const int row = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= k) return;
+    out[(long long)row * k + c] = fd_qweight<BITS>(codes, k, group, scales, mins, row, c);
+}
+
+extern "C" __global__ void dequantize_q8_f32(const unsigned char* codes, int k, int group,
+                                             const fd_f16* scales, const fd_f16* mins,
+                                             float* out) {
+    qdequantize<8>(codes, k, group, scales, mins, out);
+}
+extern "C" __global__ void dequantize_q4_f32(const unsigned char* codes, int k, int group,
+                                             const fd_f16* scales, const fd_f16* mins,
+                                             float* out) {
+    qdequantize<4>(codes, k, group, scales, mins, out);
+}
+extern "C" __global__ void dequantize_q2_f32(const unsigned char* codes, int k, int group,
+                                             const fd_f16* scales, const fd_f16* mins,
+                                             float* out) {
+    qdequantize<2>(codes, k, group, scales, mins, out);
 }
 
 extern "C" __global__ void embedding_q8(const unsigned char* codes, int cols, int group,

@@ -483,7 +483,8 @@ fn smollm2_matches_the_float64_reference_on_the_gpu() {
 
 /// The quantized matmuls (8, 4 and 2-bit codes, symmetric and asymmetric, one scale per 32 k
 /// and per row) against a float64 reference of the weights the CPU kernels read
-/// (`QuantWeight::get_f32`), for a decode step and a 5-token pass, with a partial last panel.
+/// (`QuantWeight::get_f32`), for a decode step and a 5-token pass, with a partial last panel;
+/// and the GEMM of many tokens over the same weights formed whole in f32.
 #[test]
 fn quantized_matmuls_match_a_float64_reference() {
     use kernels::cpu::quant::{QuantBytes, QuantFormat, QuantWeight};
@@ -492,6 +493,7 @@ fn quantized_matmuls_match_a_float64_reference() {
     let gpu = module(arch);
     let s = &gpu.stream;
     let (k, n) = (256usize, 44usize);
+    let gemm = runtime::cuda::Gemm::new(&gpu, 70, k, n * k).expect("cuBLAS");
     let layout = PackedLayout::CUDA_QUANT;
     let values = random(n * k, 7);
     let bias = random(n, 8);
@@ -564,6 +566,41 @@ fn quantized_matmuls_match_a_float64_reference() {
                         "{function} asymmetric {asymmetric} group {group} t {t}: relative error {err}"
                     );
                 }
+                // The GEMM of many tokens: the weight formed whole and exactly, in f32.
+                let t = 70usize;
+                let x = random(t * k, 30);
+                let x_d = s.clone_htod(&x).unwrap();
+                let out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+                let address = |d: &cudarc::driver::CudaSlice<f32>| {
+                    cudarc::driver::DevicePtr::device_ptr(d, s).0
+                };
+                let args = runtime::cuda::GemmArgs {
+                    x: address(&x_d),
+                    x_stride: k as i32,
+                    w: base,
+                    dtype: DType::F32,
+                    k: k as i32,
+                    n: n as i32,
+                    t: t as i32,
+                    out: address(&out_d),
+                    out_stride: n as i32,
+                    bias: address(&b_d),
+                };
+                let q = runtime::cuda::QuantArgs {
+                    codes: Some(bits),
+                    group: group as i32,
+                    scales,
+                    mins,
+                };
+                assert!(gemm.dequantizes(&q));
+                gemm.run_quantized(s, &args, &q).expect("quantized GEMM");
+                let got = s.clone_dtoh(&out_d).unwrap();
+                let want = matmul_reference(&x, k, &bias, |c, i| weight.get_f32(c, i));
+                let err = relative_error(&got, &want);
+                assert!(
+                    err < 1e-5,
+                    "GEMM {bits}-bit asymmetric {asymmetric} group {group}: relative error {err}"
+                );
             }
         }
     }
@@ -818,7 +855,7 @@ fn gemm_matches_a_float64_reference() {
     let Some(arch) = device() else { return };
     let gpu = module(arch);
     let (t, k, n, x_stride, out_stride) = (37usize, 320usize, 72usize, 352usize, 80usize);
-    let gemm = Gemm::new(&gpu, t, k).expect("cuBLAS (the GPU machine has the CUDA toolkit)");
+    let gemm = Gemm::new(&gpu, t, k, 0).expect("cuBLAS (the GPU machine has the CUDA toolkit)");
     let x = random(t * x_stride, 21);
     let bias = random(n, 22);
     let w = random(n * k, 23);

@@ -6,10 +6,14 @@
 //!
 //! bf16 and f16 weights multiply activations rounded to the weights' type (`gemm_input_*` in
 //! the plan's module), accumulating in f32, as HF transformers computes in bf16; f32 weights
-//! multiply the f32 activations as they are, in f32 (no TF32). cuBLAS is loaded at run time like
-//! the driver; without it the engine keeps the row kernel for every pass and says so once.
+//! multiply the f32 activations as they are, in f32 (no TF32). Quantized weights (8, 4, 2-bit
+//! codes) are formed whole and exactly as f32 (`dequantize_q*_f32`) into a buffer for the
+//! largest of them, then multiplied in f32 (f16 moved the quantized goldens past 1e-3), from
+//! [`GEMM_MIN_TOKENS_QUANTIZED`] tokens: forming the weight costs a write and a read of four
+//! bytes per weight, which only a pass of many tokens repays. cuBLAS is loaded at run time like the driver; without it the
+//! engine keeps the row kernels for every pass and says so once.
 
-use super::{ptr, GpuModule};
+use super::{ptr, GpuModule, QuantArgs};
 use crate::error::RuntimeError;
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
@@ -19,6 +23,9 @@ use ir_types::DType;
 /// reads the weights at the copy bandwidth, is as fast: a GEMM's tensor cores only pay once a
 /// weight read serves many tokens.
 pub const GEMM_MIN_TOKENS: usize = 16;
+
+/// Tokens in a pass from which matmuls with quantized weights run as a GEMM.
+pub const GEMM_MIN_TOKENS_QUANTIZED: usize = 64;
 
 /// cuBLAS's scratch, given to it up front so that it never allocates inside a captured graph.
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -34,6 +41,17 @@ pub struct Gemm {
     to_f16: CudaFunction,
     /// `add_f32`, which adds a bias row to every output row (a zero stride repeats it).
     add: CudaFunction,
+    /// `dequantize_q{8,4,2}_f32` and the f32 matrix they write: quantized weights are formed
+    /// whole for each GEMM (None: the plan has no quantized matmul, or its module predates
+    /// these kernels).
+    dequantize: Option<Dequantize>,
+}
+
+struct Dequantize {
+    q8: CudaFunction,
+    q4: CudaFunction,
+    q2: CudaFunction,
+    weights: CudaSlice<f32>,
 }
 
 /// One matmul `out[t, n] = x[t, k] . w[n, k]` on device addresses; `w` row-major in `dtype`.
@@ -56,7 +74,12 @@ impl Gemm {
     /// cuBLAS on `gpu`'s stream with room for passes of `max_tokens` tokens of up to `max_k`
     /// inputs; `Err` says why not (no cuBLAS library, or a plan compiled before the module had
     /// the conversion kernels).
-    pub fn new(gpu: &GpuModule, max_tokens: usize, max_k: usize) -> Result<Gemm, String> {
+    pub fn new(
+        gpu: &GpuModule,
+        max_tokens: usize,
+        max_k: usize,
+        max_quant_weight: usize,
+    ) -> Result<Gemm, String> {
         // SAFETY: only tries to open the library by its known names.
         if !unsafe { sys::is_culib_present() } {
             return Err("no cuBLAS library (libcublas) on the library path".into());
@@ -88,7 +111,27 @@ impl Gemm {
         let input = s
             .alloc_zeros::<u16>(max_input)
             .map_err(|e| format!("GEMM input buffer: {e}"))?;
+        let dequantize = if max_quant_weight == 0 {
+            None
+        } else {
+            match (
+                function("dequantize_q8_f32"),
+                function("dequantize_q4_f32"),
+                function("dequantize_q2_f32"),
+            ) {
+                (Ok(q8), Ok(q4), Ok(q2)) => Some(Dequantize {
+                    q8,
+                    q4,
+                    q2,
+                    weights: s
+                        .alloc_zeros::<f32>(max_quant_weight)
+                        .map_err(|e| format!("GEMM weight buffer: {e}"))?,
+                }),
+                _ => None,
+            }
+        };
         Ok(Gemm {
+            dequantize,
             blas,
             _workspace: workspace,
             input,
@@ -97,6 +140,66 @@ impl Gemm {
             to_f16,
             add,
         })
+    }
+
+    /// Whether a quantized weight of these codes can take the GEMM.
+    pub fn dequantizes(&self, q: &QuantArgs) -> bool {
+        self.dequantize.is_some() && matches!(q.codes, Some(8 | 4 | 2))
+    }
+
+    /// Queues a matmul whose weight `a.w` holds quantized codes (`q`): the weight formed whole
+    /// as f32 (exactly), then the f32 GEMM over it.
+    pub fn run_quantized(
+        &self,
+        stream: &CudaStream,
+        a: &GemmArgs,
+        q: &QuantArgs,
+    ) -> Result<(), RuntimeError> {
+        let fail = |e: &dyn std::fmt::Display| {
+            RuntimeError::Cuda(format!(
+                "GEMM {}x{} over {} tokens (forming the weight): {e}",
+                a.n, a.k, a.t
+            ))
+        };
+        let d = self
+            .dequantize
+            .as_ref()
+            .ok_or_else(|| fail(&"no dequantizing kernels"))?;
+        let function = match q.codes {
+            Some(8) => &d.q8,
+            Some(4) => &d.q4,
+            Some(2) => &d.q2,
+            other => return Err(fail(&format!("no GEMM for codes {other:?}"))),
+        };
+        if a.n as usize * a.k as usize > d.weights.len() {
+            return Err(fail(&"more than the buffer planned for"));
+        }
+        let weights = ptr(&d.weights, stream);
+        let config = LaunchConfig {
+            grid_dim: (a.n as u32, (a.k as u32).div_ceil(256), 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(function);
+        launch
+            .arg(&a.w)
+            .arg(&a.k)
+            .arg(&q.group)
+            .arg(&q.scales)
+            .arg(&q.mins)
+            .arg(&weights);
+        // SAFETY: `dequantize_q*_f32(codes, k, group, scales, mins, out)`: the weight's section
+        // holds the codes, scales and minimums of an [n, k] matrix (checked at plan load), and
+        // the buffer holds n * k values (checked above).
+        unsafe { launch.launch(config) }.map_err(|e| fail(&e))?;
+        self.run(
+            stream,
+            &GemmArgs {
+                w: weights,
+                dtype: DType::F32,
+                ..*a
+            },
+        )
     }
 
     /// Queues the matmul, then its bias, on the stream.

@@ -7,7 +7,7 @@
 
 mod gemm;
 
-pub use gemm::{Gemm, GemmArgs, GEMM_MIN_TOKENS};
+pub use gemm::{Gemm, GemmArgs, GEMM_MIN_TOKENS, GEMM_MIN_TOKENS_QUANTIZED};
 
 use crate::engine::{writes_logit_rows, EngineOptions, Logits, PassLayout, SeqChunk};
 use crate::error::RuntimeError;
@@ -395,17 +395,23 @@ impl GpuEngine {
         {
             None
         } else {
-            let max_k = plan
-                .program
-                .steps
-                .iter()
-                .filter_map(|step| match &step.launch {
-                    Launch::MatMul { x, .. } => Some(x.cols as usize),
-                    _ => None,
-                })
+            let matmuls = || {
+                plan.program
+                    .steps
+                    .iter()
+                    .filter_map(|step| match &step.launch {
+                        Launch::MatMul { x, w, out, .. } => Some((x.cols, w, out.cols)),
+                        _ => None,
+                    })
+            };
+            let max_k = matmuls().map(|(k, _, _)| k as usize).max().unwrap_or(0);
+            // Room for the largest quantized weight formed whole (as f32) for the GEMM.
+            let max_quant = matmuls()
+                .filter(|(_, w, _)| m.weights[w.0 as usize].quant.is_some())
+                .map(|(k, _, n)| (k * n) as usize)
                 .max()
                 .unwrap_or(0);
-            match Gemm::new(&gpu, max_batch_tokens, max_k) {
+            match Gemm::new(&gpu, max_batch_tokens, max_k, max_quant) {
                 Ok(gemm) => Some(gemm),
                 Err(why) => {
                     tracing::warn!(
@@ -928,9 +934,7 @@ impl GpuEngine {
                 let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
                 let bias = bias.as_ref().map_or(0u64, weight);
                 let (n, t) = (out.cols as u32, rows(x));
-                if let (Some(gemm), None, true) =
-                    (&self.gemm, self.quant(w), t as usize >= GEMM_MIN_TOKENS)
-                {
+                if let (Some(gemm), true) = (&self.gemm, t as usize >= GEMM_MIN_TOKENS) {
                     let args = GemmArgs {
                         x: xp,
                         x_stride: xs,
@@ -943,7 +947,15 @@ impl GpuEngine {
                         out_stride: os,
                         bias,
                     };
-                    return gemm.run(s, &args);
+                    match self.quant(w) {
+                        None => return gemm.run(s, &args),
+                        Some(q)
+                            if gemm.dequantizes(&q) && t as usize >= GEMM_MIN_TOKENS_QUANTIZED =>
+                        {
+                            return gemm.run_quantized(s, &args, &q)
+                        }
+                        Some(_) => {}
+                    }
                 }
                 if let Some(q) = self.quant(w) {
                     let args = [
@@ -1145,6 +1157,10 @@ impl GpuEngine {
         let q = self.plan.manifest.weights.get(w.0 as usize)?.quant?;
         let base = ptr(&self.weights[w.0 as usize], &self.gpu.stream);
         Some(QuantArgs {
+            codes: match q.codes {
+                ir_types::CodeFormat::Int(bits) => Some(bits),
+                ir_types::CodeFormat::Fp8E4M3 => None,
+            },
             group: q.group as i32,
             scales: base + q.scales_offset,
             mins: if q.asymmetric {
@@ -1183,11 +1199,14 @@ impl GpuEngine {
 }
 
 /// The extra arguments of a quantized weight's kernels.
-struct QuantArgs {
-    group: i32,
-    scales: u64,
+#[derive(Clone, Copy, Debug)]
+pub struct QuantArgs {
+    /// Bits of its integer codes (None: FP8 codes).
+    pub codes: Option<u8>,
+    pub group: i32,
+    pub scales: u64,
     /// 0 (a null pointer) for symmetric codes.
-    mins: u64,
+    pub mins: u64,
 }
 
 /// Query rows (query heads x tokens) per block of the prefill attention (`PREFILL_QUERY_ROWS`
