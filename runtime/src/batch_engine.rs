@@ -71,11 +71,7 @@ impl BatchEngine for GpuEngine {
         GpuEngine::kv_blocks(self)
     }
     fn pass(&mut self, chunks: &[SeqChunk]) -> Result<PassOutput<'_>, RuntimeError> {
-        GpuEngine::forward_batch(self, chunks)?;
-        Ok(PassOutput {
-            logits: self.last_logits(),
-            greedy_ids: self.greedy_ids(),
-        })
+        GpuEngine::pass(self, chunks)
     }
     fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
         GpuEngine::replace_weights(self, weights)

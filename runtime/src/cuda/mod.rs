@@ -9,6 +9,7 @@ mod gemm;
 
 pub use gemm::{Gemm, GemmArgs, GEMM_MIN_TOKENS, GEMM_MIN_TOKENS_QUANTIZED};
 
+use crate::batch_engine::PassOutput;
 use crate::engine::{writes_logit_rows, EngineOptions, Logits, PassLayout, SeqChunk};
 use crate::error::RuntimeError;
 use crate::plan::LoadedPlan;
@@ -182,9 +183,6 @@ pub struct GpuEngine {
     row_ids: CudaSlice<u32>,
     /// The last pass's picks for its `Greedy` chunks.
     greedy_ids: Vec<u32>,
-    /// Where the last pass's returned logits are: in `pinned_logits` (or `host_logits`), and
-    /// how many values.
-    last_logits: (bool, usize),
     /// Per layer, `[blocks, block_size, KV, head_dim]` keys and values.
     k_cache: Vec<CudaSlice<f32>>,
     v_cache: Vec<CudaSlice<f32>>,
@@ -405,8 +403,10 @@ impl GpuEngine {
                     })
             };
             let max_k = matmuls().map(|(k, _, _)| k as usize).max().unwrap_or(0);
-            // Room for the largest quantized weight formed whole (as f32) for the GEMM.
+            // Room for the largest quantized weight formed whole (as f32) for the GEMM, when a
+            // pass can be long enough to take it.
             let max_quant = matmuls()
+                .filter(|_| max_batch_tokens >= GEMM_MIN_TOKENS_QUANTIZED)
                 .filter(|(_, w, _)| m.weights[w.0 as usize].quant.is_some())
                 .map(|(k, _, n)| (k * n) as usize)
                 .max()
@@ -447,7 +447,6 @@ impl GpuEngine {
             argmax,
             row_ids,
             greedy_ids: vec![],
-            last_logits: (false, 0),
             prefill_attention,
             gemm,
             pinned_logits,
@@ -591,8 +590,33 @@ impl GpuEngine {
 
     /// One forward pass over several sequences at once, each chunk's tokens written to its
     /// blocks at its positions (the contract of [`crate::Engine::forward_batch`], checked the
-    /// same way). Returns the wanted logits, `[R, vocab]`, in chunk order.
+    /// same way). Returns the wanted logits, `[R, vocab]`, in chunk order; the `Greedy`
+    /// chunks' picks are then in [`GpuEngine::greedy_ids`].
     pub fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
+        self.pass(chunks).map(|output| output.logits)
+    }
+
+    /// One forward pass: its logits and its greedy picks.
+    pub(crate) fn pass(&mut self, chunks: &[SeqChunk]) -> Result<PassOutput<'_>, RuntimeError> {
+        let returned = self.run_pass(chunks)?;
+        let logits = match returned {
+            Returned::Pinned(len) => {
+                // The copy into it completed before `run_pass` returned.
+                &self
+                    .pinned_logits
+                    .as_slice()
+                    .map_err(|e| RuntimeError::Cuda(format!("reading the logits: {e}")))?[..len]
+            }
+            Returned::Host(len) => &self.host_logits[..len],
+        };
+        Ok(PassOutput {
+            logits,
+            greedy_ids: &self.greedy_ids,
+        })
+    }
+
+    /// Runs a pass and brings back what it returns; says where the returned logits are.
+    fn run_pass(&mut self, chunks: &[SeqChunk]) -> Result<Returned, RuntimeError> {
         let m = &self.plan.manifest.model;
         let layout = PassLayout::of(
             chunks,
@@ -704,11 +728,10 @@ impl GpuEngine {
         } else {
             r * cols
         };
-        self.last_logits = (false, 0);
         if len == 0 {
             s.synchronize()
                 .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
-            return Ok(&[]);
+            return Ok(Returned::Host(0));
         }
         if len <= self.pinned_logits.len() {
             let dst = &mut self.pinned_logits.as_mut_slice().map_err(read)?[..len];
@@ -722,36 +745,29 @@ impl GpuEngine {
             s.synchronize()
                 .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
             let logits = &self.pinned_logits.as_slice().map_err(read)?[..len];
-            let returned = pick_on_host(logits, cols, full_rows, &mut self.greedy_ids);
-            self.last_logits = (true, returned.len());
-            return Ok(returned);
+            return Ok(Returned::Pinned(pick_on_host(
+                logits,
+                cols,
+                full_rows,
+                &mut self.greedy_ids,
+            )));
         }
         self.host_logits.resize(len, 0.0);
         s.memcpy_dtoh(&self.logits.slice(..len), &mut self.host_logits)
             .map_err(read)?;
         s.synchronize()
             .map_err(|e| RuntimeError::Cuda(format!("finishing the pass: {e}")))?;
-        let returned = pick_on_host(&self.host_logits, cols, full_rows, &mut self.greedy_ids);
-        self.last_logits = (false, returned.len());
-        Ok(returned)
+        Ok(Returned::Host(pick_on_host(
+            &self.host_logits,
+            cols,
+            full_rows,
+            &mut self.greedy_ids,
+        )))
     }
 
     /// The tokens picked for the last pass's `Greedy` chunks, in chunk order.
     pub fn greedy_ids(&self) -> &[u32] {
         &self.greedy_ids
-    }
-
-    /// What the last `forward_batch` returned.
-    pub(crate) fn last_logits(&self) -> &[f32] {
-        let (in_pinned, len) = self.last_logits;
-        if in_pinned {
-            // The copy into it completed before `forward_batch` returned.
-            self.pinned_logits
-                .as_slice()
-                .map_or(&[][..], |logits| &logits[..len])
-        } else {
-            &self.host_logits[..len]
-        }
     }
 
     /// Picks every logits row's most likely token on the device (`row_ids`), when the pass has
@@ -957,40 +973,21 @@ impl GpuEngine {
                         Some(_) => {}
                     }
                 }
+                // Both row kernels take (x, weight, k, n), then the quantized one its scales,
+                // then both (bias, t, out).
+                let head = [P(xp), I(xs), P(weight(w)), int(x.cols), int(out.cols)];
+                let tail = [P(bias), I(t as i32), P(o), I(os)];
                 if let Some(q) = self.quant(w) {
-                    let args = [
-                        P(xp),
-                        I(xs),
-                        P(weight(w)),
-                        int(x.cols),
-                        int(out.cols),
-                        I(q.group),
-                        P(q.scales),
-                        P(q.mins),
-                        P(bias),
-                        I(t as i32),
-                        P(o),
-                        I(os),
-                    ];
+                    let scales = [I(q.group), P(q.scales), P(q.mins)];
                     let config = grid(
                         n.div_ceil(QUANT_MATMUL_ROWS),
                         t.div_ceil(4),
                         QUANT_MATMUL_THREADS,
                     );
-                    return go(0, config, &args);
+                    return go(0, config, &[&head[..], &scales, &tail].concat());
                 }
-                let args = [
-                    P(xp),
-                    I(xs),
-                    P(weight(w)),
-                    int(x.cols),
-                    int(out.cols),
-                    P(bias),
-                    I(t as i32),
-                    P(o),
-                    I(os),
-                ];
-                go(0, grid(n.div_ceil(8), t.div_ceil(4), 256), &args)
+                let config = grid(n.div_ceil(8), t.div_ceil(4), 256);
+                go(0, config, &[&head[..], &tail].concat())
             }
             Launch::Add { a, b, out } | Launch::Mul { a, b, out } => {
                 let ((ap, as_), (bp, bs), (o, os)) = (act(a)?, act(b)?, act(out)?);
@@ -1228,19 +1225,19 @@ enum Arg {
     F(f32),
 }
 
-/// The returned part of a pass's logits (`full_rows` rows of `cols`); when `logits` also holds
-/// the greedy rows (no device picks), they are picked here into `greedy_ids`.
-fn pick_on_host<'a>(
-    logits: &'a [f32],
-    cols: usize,
-    full_rows: usize,
-    greedy_ids: &mut Vec<u32>,
-) -> &'a [f32] {
+/// Where a pass's returned logits were copied back, and how many values.
+enum Returned {
+    Pinned(usize),
+    Host(usize),
+}
+
+/// How many of a pass's copied-back logits are returned (`full_rows` rows of `cols`); when
+/// `logits` also holds the greedy rows (no device picks), they are picked here into
+/// `greedy_ids`.
+fn pick_on_host(logits: &[f32], cols: usize, full_rows: usize, greedy_ids: &mut Vec<u32>) -> usize {
     let (full, greedy) = logits.split_at((full_rows * cols).min(logits.len()));
-    if !greedy.is_empty() {
-        greedy_ids.extend(greedy.chunks(cols).map(crate::sampler::argmax));
-    }
-    full
+    greedy_ids.extend(greedy.chunks(cols).map(crate::sampler::argmax));
+    full.len()
 }
 
 /// A pass's inputs on the device.
