@@ -56,7 +56,10 @@ pub const MAGIC: [u8; 8] = *b"\x89FDPLAN\n";
 /// holds its module (`code_abi::CUDA_CUBIN`, `code_abi::CUDA_PTX`); older plans are unchanged.
 /// 7, RoPE fused into attention: an `AttentionRope` launch appended to the launch enum, so
 /// version 6 programs still decode.
-pub const FORMAT_VERSION: u32 = 7;
+/// 8, A8 and FP8 on CUDA: the quantized CUDA matmuls take each row's activation scale, so the
+/// runtime refuses CUDA plans of version 7 and older that have quantized weights (their modules'
+/// matmuls take other arguments); every other plan reads unchanged.
+pub const FORMAT_VERSION: u32 = 8;
 
 /// Oldest format version `PlanFile::open` still reads; older files are refused with a message
 /// to recompile. Version 2 files read as version 3 files without parts.

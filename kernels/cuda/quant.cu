@@ -1,10 +1,17 @@
-// Quantized weights (W8A16, W4A16, W2A16): the CUDA twins of the matmul and embedding of
-// `kernels::cpu::quant`, reading the same layout, which the compiler writes once for both
+// Quantized weights (W8A16, W4A16, W2A16; W8A8 and W4A8; FP8): the CUDA twins of the matmul and
+// embedding of `kernels::cpu::quant`, reading the same layout, which the compiler writes once for both
 // (panels of QPANEL = 8 rows; see that module's doc): codes panel after panel, for each k the 8
 // rows' codes in 8 * BITS / 8 bytes, where bits [s*BITS, (s+1)*BITS) of byte j hold row
 // s * BPK + j (BPK bytes per k); then f16 scales, for each panel and group of G k the 8 rows';
 // then f16 minimums likewise when asymmetric. The value of a weight is `code * scale + min`
-// (asymmetric) or `(code - 2^(BITS-1)) * scale` (symmetric), formed exactly in f32 as on the CPU.
+// (asymmetric) or `(code - 2^(BITS-1)) * scale` (symmetric), or `e4m3(code) * scale` (FP8),
+// formed exactly in f32 as on the CPU.
+//
+// The A8 and FP8 schemes quantize activations per token row first (`quantize_rows_*`: the row
+// divided by `max|x| / 127` or `/ 448` and rounded to the int8 or e4m3 grid, as
+// `quantize_activation_row` does on the CPU); the matmul then reads those grid values, whose
+// products with the codes are exact in f32 as an integer or FP8 unit forms them, and multiplies
+// each output row by its row's scale before the bias.
 //
 // The matmul never forms dequantized weights. A block takes one panel; its warps split K; each
 // lane takes QPIECES consecutive 16-byte pieces of codes (QPIECES * KL k, inside one group), sums
@@ -32,8 +39,24 @@ __device__ __forceinline__ float fd_byte_f32(unsigned int w, int sel) {
     return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7650 | sel)) - 8388608.0f;
 }
 
+// Byte `sel` of `w` read as an e4m3 code, as f32: its magnitude bits shifted into an f32's
+// exponent and mantissa give the value times 2^-120 (e4m3's exponent bias is 7, f32's 127; the
+// subnormal codes land on f32 subnormals, which this module keeps), so one multiply by 2^120
+// is exact. The two NaN codes give NaN, as `e4m3_to_f32` does.
+__device__ __forceinline__ float fd_e4m3_f32(unsigned int w, int sel) {
+    const unsigned int b = __byte_perm(w, 0u, 0x4440 | sel);
+    const float v = __uint_as_float(((b & 0x7fu) << 20) | ((b & 0x80u) << 24)) * 0x1p120f;
+    return (b & 0x7fu) == 0x7fu ? __int_as_float(0x7fffffff) : v;
+}
+
+// Byte `sel` of `w` as the code's value: the unsigned integer, or the e4m3 value.
+template <bool E4M3>
+__device__ __forceinline__ float fd_code_f32(unsigned int w, int sel) {
+    return E4M3 ? fd_e4m3_f32(w, sel) : fd_byte_f32(w, sel);
+}
+
 // gs[m][r] += sum over the piece's KL k of code(k, r) * x[m][k].
-template <int BITS, int TOKENS>
+template <int BITS, bool E4M3, int TOKENS>
 __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], int base_k,
                                           float (*gs)[QPANEL]) {
     using L = QLayout<BITS>;
@@ -50,17 +73,19 @@ __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], in
 #pragma unroll
         for (int r = 0; r < QPANEL; r++) {
             const int byte = kk * L::BPK + r % L::BPK, slot = r / L::BPK;
-            const float code = fd_byte_f32(slots[byte / 4][slot], byte % 4);
+            const float code = fd_code_f32<E4M3>(slots[byte / 4][slot], byte % 4);
 #pragma unroll
             for (int m = 0; m < TOKENS; m++) gs[m][r] += code * xv[m][base_k + kk];
         }
     }
 }
 
-template <int BITS, int WARPS, int TOKENS, bool X_ALIGNED>
+// `row_scales` (null for A16): each output row's activation scale, multiplied in before the bias.
+template <int BITS, bool E4M3, int WARPS, int TOKENS, bool X_ALIGNED>
 __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes, int k, int n,
                         int group, const fd_f16* scales, const fd_f16* mins, const float* bias,
-                        int t0, int tokens, float* out, int out_stride) {
+                        const float* row_scales, int t0, int tokens, float* out,
+                        int out_stride) {
     using L = QLayout<BITS>;
     __shared__ float reduced[WARPS][QTOKENS][QPANEL];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -69,7 +94,7 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
     const unsigned char* pc = codes + (long long)panel * k * L::BPK;
     const fd_f16* ps = scales + (long long)panel * groups * QPANEL;
     const fd_f16* pm = mins ? mins + (long long)panel * groups * QPANEL : nullptr;
-    const float offset = mins ? 0.0f : (float)(1 << (BITS - 1));
+    const float offset = (mins || E4M3) ? 0.0f : (float)(1 << (BITS - 1));
     float acc[TOKENS][QPANEL];
 #pragma unroll
     for (int m = 0; m < TOKENS; m++)
@@ -119,7 +144,7 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
 #pragma unroll
             for (int r = 0; r < QPANEL; r++) gs[m][r] = 0.0f;
 #pragma unroll
-        for (int u = 0; u < QPIECES; u++) fd_qpiece<BITS, TOKENS>(c[u], xv, u * L::KL, gs);
+        for (int u = 0; u < QPIECES; u++) fd_qpiece<BITS, E4M3, TOKENS>(c[u], xv, u * L::KL, gs);
         // The lane's k lie in one group (the compiler checks that groups are whole lane spans).
         const int g = k0 / group;
         float s[QPANEL], mn[QPANEL];
@@ -149,52 +174,135 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
         if (m < tokens && row < n) {
             float v = 0.0f;
             for (int w = 0; w < WARPS; w++) v += reduced[w][m][r];
+            if (row_scales) v *= row_scales[t0 + m];
             out[(long long)(t0 + m) * out_stride + row] = v + (bias ? bias[row] : 0.0f);
         }
     }
 }
 
-template <int BITS, int WARPS>
+template <int BITS, bool E4M3>
 __device__ void qmatmul_launch(const float* x, int x_stride, const unsigned char* codes, int k,
                                int n, int group, const fd_f16* scales, const fd_f16* mins,
-                               const float* bias, int t, float* out, int out_stride) {
+                               const float* bias, const float* row_scales, int t, float* out,
+                               int out_stride) {
     const int t0 = blockIdx.y * QTOKENS;
     const int tokens = min(QTOKENS, t - t0);
     const bool aligned = ((unsigned long long)x % 16 == 0) && (x_stride % 4 == 0);
     if (tokens == 1 && aligned) {
-        qmatmul<BITS, WARPS, 1, true>(x, x_stride, codes, k, n, group, scales, mins, bias, t0, 1, out,
-                               out_stride);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true>(x, x_stride, codes, k, n, group, scales, mins,
+                                                    bias, row_scales, t0, 1, out, out_stride);
     } else if (tokens == 1) {
-        qmatmul<BITS, WARPS, 1, false>(x, x_stride, codes, k, n, group, scales, mins, bias, t0, 1, out,
-                                out_stride);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false>(x, x_stride, codes, k, n, group, scales, mins,
+                                                     bias, row_scales, t0, 1, out, out_stride);
     } else {
-        qmatmul<BITS, WARPS, QTOKENS, false>(x, x_stride, codes, k, n, group, scales, mins, bias, t0,
-                                      tokens, out, out_stride);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, QTOKENS, false>(x, x_stride, codes, k, n, group, scales,
+                                                           mins, bias, row_scales, t0, tokens, out,
+                                                           out_stride);
     }
 }
 
 // Grid: (ceil(n / QPANEL), ceil(t / QTOKENS)); block: 32 * QMATMUL_WARPS threads (the runtime's
-// QUANT_MATMUL_THREADS). `mins` null for symmetric codes; `k` a multiple of 16 and `group` of
-// QPIECES * KL (checked by fdc).
-extern "C" __global__ void matmul_q8(const float* x, int x_stride, const unsigned char* codes, int k,
-                                   int n, int group, const fd_f16* scales, const fd_f16* mins,
-                                   const float* bias, int t, float* out, int out_stride) {
-    qmatmul_launch<8, QMATMUL_WARPS>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
+// QUANT_MATMUL_THREADS). `mins` null for symmetric codes, `row_scales` null for A16 activations;
+// `k` a multiple of 16 and `group` of QPIECES * KL (checked by fdc).
+extern "C" __global__ void matmul_q8(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    qmatmul_launch<8, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+                             out, out_stride);
 }
-extern "C" __global__ void matmul_q4(const float* x, int x_stride, const unsigned char* codes, int k,
-                                   int n, int group, const fd_f16* scales, const fd_f16* mins,
-                                   const float* bias, int t, float* out, int out_stride) {
-    qmatmul_launch<4, QMATMUL_WARPS>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
+extern "C" __global__ void matmul_q4(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    qmatmul_launch<4, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+                             out, out_stride);
 }
-extern "C" __global__ void matmul_q2(const float* x, int x_stride, const unsigned char* codes, int k,
-                                   int n, int group, const fd_f16* scales, const fd_f16* mins,
-                                   const float* bias, int t, float* out, int out_stride) {
-    qmatmul_launch<2, QMATMUL_WARPS>(x, x_stride, codes, k, n, group, scales, mins, bias, t, out, out_stride);
+extern "C" __global__ void matmul_q2(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    qmatmul_launch<2, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+                             out, out_stride);
+}
+extern "C" __global__ void matmul_e4m3(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    qmatmul_launch<8, true>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+                             out, out_stride);
+}
+
+// The A8 and FP8 activations: row t of x (k values) divided by its scale `max|x| / LIMIT` and
+// rounded (half away from zero to the int8 grid, or to the nearest e4m3 value, ties to even),
+// written to q (rows of k) with the scale to scales[t]; an all-zero row gets scale 0 and zeros.
+// The same operations in the same order as `quantize_activation_row`, so the grid values match
+// the CPU's bit for bit on the same input. Grid: (t); block: 256 threads.
+__device__ __forceinline__ float fd_round_e4m3(float v) {
+    const float a = fabsf(v);
+    float r;
+    if (a >= 448.0f) {
+        r = 448.0f;
+    } else if (a < 1.0f / 64.0f) {
+        r = rintf(a * 512.0f) / 512.0f;  // subnormal: a fixed quantum of 2^-9
+    } else {
+        const unsigned int b = __float_as_uint(a);  // keep 3 mantissa bits, to nearest even
+        r = __uint_as_float((b + 0x7ffffu + ((b >> 20) & 1u)) & ~0xfffffu);
+    }
+    return v != v ? v : copysignf(r, v);
+}
+
+template <bool E4M3>
+__device__ void quantize_rows(const float* x, int x_stride, int k, float* q, float* scales) {
+    __shared__ float scratch[32];
+    const float limit = E4M3 ? 448.0f : 127.0f;
+    const float* row = x + (long long)blockIdx.x * x_stride;
+    float amax = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(row[i]));
+    // The block's maximum (fmaxf ignores NaN as the CPU's `f32::max` does).
+    for (int offset = 16; offset > 0; offset >>= 1)
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = amax;
+    __syncthreads();
+    amax = 0.0f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) amax = fmaxf(amax, scratch[w]);
+    const float scale = amax / limit;
+    float* out = q + (long long)blockIdx.x * k;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        float v = 0.0f;
+        if (scale != 0.0f) {
+            const float d = row[i] / scale;
+            v = E4M3 ? fd_round_e4m3(d) : roundf(d);
+            // A clamp that keeps NaN, as Rust's `f32::clamp` does.
+            v = v < -limit ? -limit : (v > limit ? limit : v);
+        }
+        out[i] = v;
+    }
+    if (threadIdx.x == 0) scales[blockIdx.x] = scale;
+}
+
+extern "C" __global__ void quantize_rows_i8_f32(const float* x, int x_stride, int k, float* q,
+                                                float* scales) {
+    quantize_rows<false>(x, x_stride, k, q, scales);
+}
+extern "C" __global__ void quantize_rows_e4m3_f32(const float* x, int x_stride, int k, float* q,
+                                                  float* scales) {
+    quantize_rows<true>(x, x_stride, k, q, scales);
+}
+
+// out[t, c] = out[t, c] * scales[t] + bias[c] (bias null: none), in place: the epilogue of an A8
+// or FP8 GEMM, which multiplies the rows' grid values. Grid: (ceil(n / 256), t); block: 256.
+extern "C" __global__ void scale_rows_f32(float* out, int out_stride, int n, const float* scales,
+                                          const float* bias) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (c >= n) return;
+    float* o = out + (long long)t * out_stride + c;
+    *o = *o * scales[t] + (bias ? bias[c] : 0.0f);
 }
 
 // The weight at (row, c) of a quantized matrix of `cols` columns, as f32, exactly as the CPU
 // forms it.
-template <int BITS>
+template <int BITS, bool E4M3 = false>
 __device__ __forceinline__ float fd_qweight(const unsigned char* codes, int cols, int group,
                                             const fd_f16* scales, const fd_f16* mins, int row,
                                             int c) {
@@ -204,29 +312,30 @@ __device__ __forceinline__ float fd_qweight(const unsigned char* codes, int cols
     const unsigned int code = (byte >> ((j / L::BPK) * BITS)) & ((1u << BITS) - 1);
     const long long at = ((long long)panel * (cols / group) + c / group) * QPANEL + j;
     const float scale = fd_load(scales + at);
+    if (E4M3) return fd_e4m3_f32(code, 0) * scale;
     return mins ? (float)code * scale + fd_load(mins + at)
                 : ((float)code - (float)(1 << (BITS - 1))) * scale;
 }
 
 // out[t, c] = the weight [ids[t], c] of a quantized table, as f32. Grid: (column blocks, T).
-template <int BITS>
+template <int BITS, bool E4M3 = false>
 __device__ void qembedding(const unsigned char* codes, int cols, int group, const fd_f16* scales,
                            const fd_f16* mins, const unsigned int* ids, float* out,
                            int out_stride) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (c >= cols) return;
-    out[(long long)t * out_stride + c] = fd_qweight<BITS>(codes, cols, group, scales, mins, ids[t], c);
+    out[(long long)t * out_stride + c] = fd_qweight<BITS, E4M3>(codes, cols, group, scales, mins, ids[t], c);
 }
 
 // out = the whole matrix [n, k] as f32, row-major: the weight of a GEMM for prefill and large
 // batches, formed once per pass. f32, not f16: rounding weights and activations to f16 moved
 // the tiny goldens' logits further than 1e-3 from the CPU's. Grid: (n, column blocks).
-template <int BITS>
+template <int BITS, bool E4M3 = false>
 __device__ void qdequantize(const unsigned char* codes, int k, int group, const fd_f16* scales,
                             const fd_f16* mins, float* out) {
     const int row = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= k) return;
-    out[(long long)row * k + c] = fd_qweight<BITS>(codes, k, group, scales, mins, row, c);
+    out[(long long)row * k + c] = fd_qweight<BITS, E4M3>(codes, k, group, scales, mins, row, c);
 }
 
 extern "C" __global__ void dequantize_q8_f32(const unsigned char* codes, int k, int group,
@@ -245,6 +354,12 @@ extern "C" __global__ void dequantize_q2_f32(const unsigned char* codes, int k, 
     qdequantize<2>(codes, k, group, scales, mins, out);
 }
 
+extern "C" __global__ void dequantize_e4m3_f32(const unsigned char* codes, int k, int group,
+                                               const fd_f16* scales, const fd_f16* mins,
+                                               float* out) {
+    qdequantize<8, true>(codes, k, group, scales, mins, out);
+}
+
 extern "C" __global__ void embedding_q8(const unsigned char* codes, int cols, int group,
                                       const fd_f16* scales, const fd_f16* mins,
                                       const unsigned int* ids, float* out, int out_stride) {
@@ -259,4 +374,9 @@ extern "C" __global__ void embedding_q2(const unsigned char* codes, int cols, in
                                       const fd_f16* scales, const fd_f16* mins,
                                       const unsigned int* ids, float* out, int out_stride) {
     qembedding<2>(codes, cols, group, scales, mins, ids, out, out_stride);
+}
+extern "C" __global__ void embedding_e4m3(const unsigned char* codes, int cols, int group,
+                                          const fd_f16* scales, const fd_f16* mins,
+                                          const unsigned int* ids, float* out, int out_stride) {
+    qembedding<8, true>(codes, cols, group, scales, mins, ids, out, out_stride);
 }

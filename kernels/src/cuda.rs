@@ -55,9 +55,14 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
         (OpKind::MatMul, QuantScheme::W8A16) => return &["matmul_q8"],
         (OpKind::MatMul, QuantScheme::W4A16) => return &["matmul_q4"],
         (OpKind::MatMul, QuantScheme::W2A16) => return &["matmul_q2"],
-        (OpKind::Embedding, QuantScheme::W8A16) => return &["embedding_q8"],
-        (OpKind::Embedding, QuantScheme::W4A16) => return &["embedding_q4"],
+        // The A8 and FP8 schemes quantize the activations first, then the matmul reads them.
+        (OpKind::MatMul, QuantScheme::W8A8) => return &["quantize_rows_i8_f32", "matmul_q8"],
+        (OpKind::MatMul, QuantScheme::W4A8) => return &["quantize_rows_i8_f32", "matmul_q4"],
+        (OpKind::MatMul, QuantScheme::Fp8) => return &["quantize_rows_e4m3_f32", "matmul_e4m3"],
+        (OpKind::Embedding, QuantScheme::W8A16 | QuantScheme::W8A8) => return &["embedding_q8"],
+        (OpKind::Embedding, QuantScheme::W4A16 | QuantScheme::W4A8) => return &["embedding_q4"],
         (OpKind::Embedding, QuantScheme::W2A16) => return &["embedding_q2"],
+        (OpKind::Embedding, QuantScheme::Fp8) => return &["embedding_e4m3"],
         _ => {}
     }
     match (entry.key.op, entry.key.dtype) {

@@ -509,50 +509,21 @@ macro_rules! cuda_quant_entry {
     };
 }
 
-/// The CUDA kernels of quantized weights on one architecture: matmul and embedding of the schemes
-/// with 16-bit activations.
-macro_rules! cuda_quant_kernels {
-    ($arch:ident, $arch_name:literal) => {
+/// The matmul and embedding of one quantized scheme on one CUDA architecture.
+macro_rules! cuda_quant_pair {
+    ($quant:ident, $quant_name:literal, $arch:ident, $arch_name:literal) => {
         [
             cuda_quant_entry!(
-                concat!("matmul_w8a16_", $arch_name),
+                concat!("matmul_", $quant_name, "_", $arch_name),
                 MatMul,
-                W8A16,
+                $quant,
                 $arch,
                 MATMUL_QUANT_DOC
             ),
             cuda_quant_entry!(
-                concat!("matmul_w4a16_", $arch_name),
-                MatMul,
-                W4A16,
-                $arch,
-                MATMUL_QUANT_DOC
-            ),
-            cuda_quant_entry!(
-                concat!("matmul_w2a16_", $arch_name),
-                MatMul,
-                W2A16,
-                $arch,
-                MATMUL_QUANT_DOC
-            ),
-            cuda_quant_entry!(
-                concat!("embedding_w8a16_", $arch_name),
+                concat!("embedding_", $quant_name, "_", $arch_name),
                 Embedding,
-                W8A16,
-                $arch,
-                EMBEDDING_QUANT_DOC
-            ),
-            cuda_quant_entry!(
-                concat!("embedding_w4a16_", $arch_name),
-                Embedding,
-                W4A16,
-                $arch,
-                EMBEDDING_QUANT_DOC
-            ),
-            cuda_quant_entry!(
-                concat!("embedding_w2a16_", $arch_name),
-                Embedding,
-                W2A16,
+                $quant,
                 $arch,
                 EMBEDDING_QUANT_DOC
             ),
@@ -560,18 +531,42 @@ macro_rules! cuda_quant_kernels {
     };
 }
 
+/// The CUDA kernels of quantized weights on one architecture: every integer scheme's matmul and
+/// embedding (the A8 ones quantize each token's activations first).
+macro_rules! cuda_quant_kernels {
+    ($arch:ident, $arch_name:literal) => {{
+        let pairs = [
+            cuda_quant_pair!(W8A16, "w8a16", $arch, $arch_name),
+            cuda_quant_pair!(W4A16, "w4a16", $arch, $arch_name),
+            cuda_quant_pair!(W2A16, "w2a16", $arch, $arch_name),
+            cuda_quant_pair!(W8A8, "w8a8", $arch, $arch_name),
+            cuda_quant_pair!(W4A8, "w4a8", $arch, $arch_name),
+        ];
+        let mut all = [pairs[0][0]; CUDA_QUANT_PER_ARCH];
+        let mut i = 0;
+        while i < CUDA_QUANT_PER_ARCH {
+            all[i] = pairs[i / 2][i % 2];
+            i += 1;
+        }
+        all
+    }};
+}
+
 const LIBRARY_PER_ISA: usize = 17;
 const GENERATED_PER_ISA: usize = 4;
 const QUANT_PER_ISA: usize = 12;
 const CUDA_PER_ARCH: usize = 15;
-const CUDA_QUANT_PER_ARCH: usize = 6;
+const CUDA_QUANT_PER_ARCH: usize = 10;
+/// FP8 runs on the architectures with FP8 hardware (sm89, sm90) only.
+const CUDA_FP8_ARCHS: usize = 2;
 const COUNT: usize = 3 * LIBRARY_PER_ISA
     + 3 * QUANT_PER_ISA
     + 2 * GENERATED_PER_ISA
-    + CudaArch::ALL.len() * (CUDA_PER_ARCH + CUDA_QUANT_PER_ARCH);
+    + CudaArch::ALL.len() * (CUDA_PER_ARCH + CUDA_QUANT_PER_ARCH)
+    + CUDA_FP8_ARCHS * 2;
 
 const ENTRIES: &[KernelEntry] = &{
-    let parts: [&[KernelEntry]; 14] = [
+    let parts: [&[KernelEntry]; 16] = [
         &library_kernels!(Portable, "portable"),
         &library_kernels!(Avx2, "avx2"),
         &library_kernels!(Avx512, "avx512"),
@@ -586,6 +581,8 @@ const ENTRIES: &[KernelEntry] = &{
         &cuda_quant_kernels!(Sm80, "sm80"),
         &cuda_quant_kernels!(Sm89, "sm89"),
         &cuda_quant_kernels!(Sm90, "sm90"),
+        &cuda_quant_pair!(Fp8, "fp8", Sm89, "sm89"),
+        &cuda_quant_pair!(Fp8, "fp8", Sm90, "sm90"),
     ];
     let mut all = [parts[0][0]; COUNT];
     let (mut n, mut p) = (0, 0);
@@ -692,11 +689,14 @@ mod tests {
             by_name("add_rms_norm_f32_gen_avx512").unwrap().source,
             KernelSource::Generated
         );
-        assert_eq!(entries().len(), 3 * 17 + 3 * 12 + 2 * 4 + 3 * (15 + 6));
+        assert_eq!(
+            entries().len(),
+            3 * 17 + 3 * 12 + 2 * 4 + 3 * (15 + 10) + 2 * 2
+        );
     }
 
     #[test]
-    fn cuda_runs_the_schemes_with_16_bit_activations_and_no_other() {
+    fn cuda_runs_every_scheme_and_fp8_only_with_fp8_hardware() {
         for arch in CudaArch::ALL {
             for &quant in QuantScheme::ALL.iter().filter(|&&q| q != QuantScheme::None) {
                 for op in [OpKind::MatMul, OpKind::Embedding] {
@@ -706,10 +706,7 @@ mod tests {
                         quant,
                         target: Target::Cuda(arch),
                     });
-                    let want = matches!(
-                        quant,
-                        QuantScheme::W8A16 | QuantScheme::W4A16 | QuantScheme::W2A16
-                    );
+                    let want = quant != QuantScheme::Fp8 || arch != CudaArch::Sm80;
                     assert_eq!(found.len(), usize::from(want), "{op} {quant} {arch:?}");
                 }
             }

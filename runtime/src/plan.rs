@@ -20,6 +20,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// A loaded, checked plan. Weights stay in the mapped files; nothing is copied.
+/// The format version from which a CUDA plan's quantized matmuls take the rows' activation
+/// scales (`matmul_q*` / `matmul_e4m3` in `kernels/cuda/quant.cu`).
+const CUDA_QUANT_ARGS_VERSION: u32 = 8;
+
 pub struct LoadedPlan {
     file: Arc<PlanFile>,
     pub manifest: Manifest,
@@ -91,7 +95,20 @@ impl LoadedPlan {
             }
             // A CUDA plan's code section is its GPU module ([`LoadedPlan::cuda_cubin`]), never
             // mapped executable here.
-            Target::Cuda(_) => CodeImage::load(&[])?,
+            Target::Cuda(_) => {
+                // Format 8 gave the quantized CUDA matmuls another argument (the rows'
+                // activation scales): an older module's matmuls would read the wrong ones.
+                let quantized = manifest.weights.iter().any(|w| w.quant.is_some());
+                if quantized && file.format_version() < CUDA_QUANT_ARGS_VERSION {
+                    return Err(RuntimeError::InvalidPlan(format!(
+                        "this CUDA plan with quantized weights was written in format {} by an \
+                         older fdc, whose quantized kernels take other arguments: recompile it \
+                         with this release's fdc",
+                        file.format_version()
+                    )));
+                }
+                CodeImage::load(&[])?
+            }
         };
         let weights = match file.section(PARTS_SECTION) {
             Some(bytes) => {

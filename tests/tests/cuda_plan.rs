@@ -121,9 +121,12 @@ fn the_cpu_engine_refuses_a_cuda_plan_saying_what_to_do() {
 fn what_a_cuda_target_cannot_compile_is_refused_naming_what_it_can() {
     // Both refusals come before any CUDA code is built: no NVRTC needed.
     let target = Target::Cuda(CudaArch::Sm90);
-    let err = compile("tiny/llama", target, QuantScheme::W8A8).unwrap_err();
+    // FP8 needs FP8 hardware (sm89, sm90).
+    let err = compile("tiny/llama", Target::Cuda(CudaArch::Sm80), QuantScheme::Fp8).unwrap_err();
     assert!(
-        err.contains("cuda-sm90 cannot run --quant w8a8; it runs: none, w8a16, w4a16, w2a16"),
+        err.contains(
+            "cuda-sm80 cannot run --quant fp8; it runs: none, w8a16, w4a16, w2a16, w8a8, w4a8"
+        ),
         "{err}"
     );
     // The quantized CUDA kernels take groups of whole 16-k spans.
@@ -142,10 +145,14 @@ fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernel
     ) {
         return;
     }
-    for (scheme, bits) in [
-        (QuantScheme::W8A16, 8),
-        (QuantScheme::W4A16, 4),
-        (QuantScheme::W2A16, 2),
+    use ir::CodeFormat::{Fp8E4M3, Int};
+    for (scheme, codes) in [
+        (QuantScheme::W8A16, Int(8)),
+        (QuantScheme::W4A16, Int(4)),
+        (QuantScheme::W2A16, Int(2)),
+        (QuantScheme::W8A8, Int(8)),
+        (QuantScheme::W4A8, Int(4)),
+        (QuantScheme::Fp8, Fp8E4M3),
     ] {
         let path = compile("tiny/llama", Target::Cuda(CudaArch::Sm90), scheme).expect("compiles");
         let plan = LoadedPlan::load(&path).expect("loads without a GPU");
@@ -162,8 +169,8 @@ fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernel
                     );
                     // Tables (the embedding and lm_head) default to 8 bits under any scheme.
                     let table = w.name.contains("embed") || w.name.starts_with("lm_head");
-                    let want = if table { 8 } else { bits };
-                    assert_eq!(q.codes, ir::CodeFormat::Int(want), "{}", w.name);
+                    let want = if table { Int(8) } else { codes };
+                    assert_eq!(q.codes, want, "{}", w.name);
                 }
                 None => assert_eq!(w.layout, artifacts::schema::WeightLayout::RowMajor),
             }

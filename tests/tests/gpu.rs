@@ -487,7 +487,8 @@ fn smollm2_matches_the_float64_reference_on_the_gpu() {
 /// and the GEMM of many tokens over the same weights formed whole in f32.
 #[test]
 fn quantized_matmuls_match_a_float64_reference() {
-    use kernels::cpu::quant::{QuantBytes, QuantFormat, QuantWeight};
+    use ir::{ActQuant, CodeFormat};
+    use kernels::cpu::quant::{quantize_activation_row, QuantBytes, QuantFormat, QuantWeight};
     use kernels::cpu::PackedLayout;
     let Some(arch) = device() else { return };
     let gpu = module(arch);
@@ -497,11 +498,86 @@ fn quantized_matmuls_match_a_float64_reference() {
     let layout = PackedLayout::CUDA_QUANT;
     let values = random(n * k, 7);
     let bias = random(n, 8);
-    for (bits, function) in [(8, "matmul_q8"), (4, "matmul_q4"), (2, "matmul_q2")] {
+    let b_d = s.clone_htod(&bias).unwrap();
+    let address =
+        |d: &cudarc::driver::CudaSlice<f32>| cudarc::driver::DevicePtr::device_ptr(d, s).0;
+    let function = |name: &str| gpu.module.load_function(name).expect(name);
+    // Every code format with the activations its schemes take: A16 (as they are), A8 (the int8
+    // grid of W8A8 and W4A8) and the e4m3 grid of FP8.
+    let cases = [
+        (CodeFormat::Int(8), "matmul_q8", ActQuant::None),
+        (CodeFormat::Int(4), "matmul_q4", ActQuant::None),
+        (CodeFormat::Int(2), "matmul_q2", ActQuant::None),
+        (CodeFormat::Int(8), "matmul_q8", ActQuant::Int8PerToken),
+        (CodeFormat::Int(4), "matmul_q4", ActQuant::Int8PerToken),
+        (CodeFormat::Fp8E4M3, "matmul_e4m3", ActQuant::Fp8PerToken),
+    ];
+    // The activations a matmul reads: x itself, or its rows on their grid (quantized on the
+    // device, which must give the CPU's grid values and scales bit for bit) and their scales.
+    let activations = |x: &[f32], t: usize, act: ActQuant| {
+        let x_d = s.clone_htod(x).unwrap();
+        if act == ActQuant::None {
+            return (x_d, None, x.to_vec(), vec![1f32; t]);
+        }
+        let q_d = s.clone_htod(&vec![f32::NAN; t * k]).unwrap();
+        let scales_d = s.clone_htod(&vec![f32::NAN; t]).unwrap();
+        let quantize = function(if act == ActQuant::Int8PerToken {
+            "quantize_rows_i8_f32"
+        } else {
+            "quantize_rows_e4m3_f32"
+        });
+        let ki = k as i32;
+        let mut launch = s.launch_builder(&quantize);
+        launch.arg(&x_d).arg(&ki).arg(&ki).arg(&q_d).arg(&scales_d);
+        let config = LaunchConfig {
+            grid_dim: (t as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(config) }.expect("quantize launch");
+        let (got_q, got_scales) = (
+            s.clone_dtoh(&q_d).unwrap(),
+            s.clone_dtoh(&scales_d).unwrap(),
+        );
+        let mut want_q = vec![0f32; t * k];
+        for (r, q) in want_q.chunks_mut(k).enumerate() {
+            let scale = quantize_activation_row(act, &x[r * k..][..k], q);
+            assert_eq!(
+                got_scales[r].to_bits(),
+                scale.to_bits(),
+                "{act:?} row {r} scale"
+            );
+        }
+        let same = got_q
+            .iter()
+            .zip(&want_q)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{act:?}: the device's grid values differ from the CPU's"
+        );
+        (q_d, Some(scales_d), want_q, got_scales)
+    };
+    // `scale[t] * (q @ w^T)[t] + bias` in float64.
+    let reference = |q: &[f32], scales: &[f32], weight: &QuantWeight| -> Vec<f64> {
+        let zero = vec![0f32; n];
+        let mut want = matmul_reference(q, k, &zero, |c, i| weight.get_f32(c, i));
+        for (r, row) in want.chunks_mut(n).enumerate() {
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = *v * scales[r] as f64 + bias[c] as f64;
+            }
+        }
+        want
+    };
+    for (codes, name, act) in cases {
         for asymmetric in [false, true] {
+            if asymmetric && codes == CodeFormat::Fp8E4M3 {
+                continue;
+            }
             for group in [32, k] {
+                let case = format!("{name} {act:?} asymmetric {asymmetric} group {group}");
                 let format = QuantFormat {
-                    codes: ir::CodeFormat::Int(bits),
+                    codes,
                     group,
                     asymmetric,
                 };
@@ -517,11 +593,7 @@ fn quantized_matmuls_match_a_float64_reference() {
                 let bytes = parts.write(&packed);
                 let weight = QuantWeight::from_bytes(format, layout, n, k, &bytes).expect("view");
                 let w_d = s.clone_htod(&bytes).unwrap();
-                let b_d = s.clone_htod(&bias).unwrap();
-                let base = {
-                    let (p, _) = cudarc::driver::DevicePtr::device_ptr(&w_d, s);
-                    p
-                };
+                let base = cudarc::driver::DevicePtr::device_ptr(&w_d, s).0;
                 let scales = base + parts.scales_offset as u64;
                 let mins = if asymmetric {
                     base + parts.mins_offset as u64
@@ -530,9 +602,10 @@ fn quantized_matmuls_match_a_float64_reference() {
                 };
                 for t in [1usize, 5] {
                     let x = random(t * k, 9 + t as u64);
-                    let x_d = s.clone_htod(&x).unwrap();
+                    let (x_d, row_scales_d, q, row_scales) = activations(&x, t, act);
+                    let row_scales_p = row_scales_d.as_ref().map_or(0, address);
                     let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
-                    let f = gpu.module.load_function(function).expect(function);
+                    let f = function(name);
                     let (ki, ni, gi, ti) = (k as i32, n as i32, group as i32, t as i32);
                     let mut launch = s.launch_builder(&f);
                     launch
@@ -544,6 +617,7 @@ fn quantized_matmuls_match_a_float64_reference() {
                         .arg(&gi)
                         .arg(&scales)
                         .arg(&mins)
+                        .arg(&row_scales_p)
                         .arg(&b_d)
                         .arg(&ti)
                         .arg(&mut out_d)
@@ -559,21 +633,16 @@ fn quantized_matmuls_match_a_float64_reference() {
                     };
                     unsafe { launch.launch(config) }.expect("launch");
                     let got = s.clone_dtoh(&out_d).unwrap();
-                    let want = matmul_reference(&x, k, &bias, |c, i| weight.get_f32(c, i));
-                    let err = relative_error(&got, &want);
-                    assert!(
-                        err < 1e-5,
-                        "{function} asymmetric {asymmetric} group {group} t {t}: relative error {err}"
-                    );
+                    let err = relative_error(&got, &reference(&q, &row_scales, &weight));
+                    assert!(err < 1e-5, "{case} t {t}: relative error {err}");
                 }
-                // The GEMM of many tokens: the weight formed whole and exactly, in f32.
+                // The GEMM of many tokens: the weight formed whole and exactly, in f32; for
+                // quantized activations the rows' scales and the bias come after
+                // (`scale_rows_f32`, as the engine runs it).
                 let t = 70usize;
                 let x = random(t * k, 30);
-                let x_d = s.clone_htod(&x).unwrap();
+                let (x_d, row_scales_d, q, row_scales) = activations(&x, t, act);
                 let out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
-                let address = |d: &cudarc::driver::CudaSlice<f32>| {
-                    cudarc::driver::DevicePtr::device_ptr(d, s).0
-                };
                 let args = runtime::cuda::GemmArgs {
                     x: address(&x_d),
                     x_stride: k as i32,
@@ -584,23 +653,38 @@ fn quantized_matmuls_match_a_float64_reference() {
                     t: t as i32,
                     out: address(&out_d),
                     out_stride: n as i32,
-                    bias: address(&b_d),
+                    bias: if row_scales_d.is_some() {
+                        0
+                    } else {
+                        address(&b_d)
+                    },
                 };
-                let q = runtime::cuda::QuantArgs {
-                    codes: Some(bits),
+                let quant = runtime::cuda::QuantArgs {
+                    codes,
+                    act,
                     group: group as i32,
                     scales,
                     mins,
                 };
-                assert!(gemm.dequantizes(&q));
-                gemm.run_quantized(s, &args, &q).expect("quantized GEMM");
+                assert!(gemm.dequantizes(&quant), "{case}");
+                gemm.run_quantized(s, &args, &quant)
+                    .expect("quantized GEMM");
+                if let Some(row_scales_d) = &row_scales_d {
+                    let f = function("scale_rows_f32");
+                    let (ni, out, rs, b) =
+                        (n as i32, args.out, address(row_scales_d), address(&b_d));
+                    let mut launch = s.launch_builder(&f);
+                    launch.arg(&out).arg(&ni).arg(&ni).arg(&rs).arg(&b);
+                    let config = LaunchConfig {
+                        grid_dim: ((n as u32).div_ceil(256), t as u32, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    unsafe { launch.launch(config) }.expect("epilogue launch");
+                }
                 let got = s.clone_dtoh(&out_d).unwrap();
-                let want = matmul_reference(&x, k, &bias, |c, i| weight.get_f32(c, i));
-                let err = relative_error(&got, &want);
-                assert!(
-                    err < 1e-5,
-                    "GEMM {bits}-bit asymmetric {asymmetric} group {group}: relative error {err}"
-                );
+                let err = relative_error(&got, &reference(&q, &row_scales, &weight));
+                assert!(err < 1e-5, "GEMM {case}: relative error {err}");
             }
         }
     }
@@ -608,9 +692,13 @@ fn quantized_matmuls_match_a_float64_reference() {
 
 /// A tiny golden compiled with a quantized scheme for the GPU and for the CPU from the same
 /// checkpoint: the same codes, so the GPU's logits must match the CPU engine's (which computes
-/// with 16-bit integer activations where the GPU keeps f32) within 1e-3 of the largest logit.
+/// with 16-bit integer activations where the GPU keeps f32) within 1e-3 of the largest logit,
+/// for the golden prompt, a decode step, and a prompt long enough for the quantized GEMM.
 fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
     let Some(arch) = device() else { return };
+    if scheme == ir::QuantScheme::Fp8 && arch == CudaArch::Sm80 {
+        return skipped("FP8 runs on sm89 and sm90; this device is sm80");
+    }
     let dir = common::golden(&format!("tiny/{model}"));
     let compile = |target: Target| {
         let out = common::scratch_path(&format!("tiny-{model}-{scheme}-{}.fdp", target.name()));
@@ -634,10 +722,50 @@ fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
     .expect("CPU engine");
     let want = cpu.prefill(&ids, true).expect("CPU prefill");
     let mut gpu =
-        GpuEngine::new(compile(Target::Cuda(arch)), 0, solo(1024, 64)).expect("uploading");
+        GpuEngine::new(compile(Target::Cuda(arch)), 0, solo(1024, 128)).expect("uploading");
     let got = gpu.forward(&ids, true).expect("GPU forward");
     let vocab = gpu.plan().manifest.model.vocab_size as usize;
     common::check_logits(&format!("{model} {scheme}"), &got, &want, vocab, 1e-3);
+    // A prompt of GEMM_MIN_TOKENS_QUANTIZED tokens or more: the quantized matmuls take the GEMM.
+    let long: Vec<u32> = ids.iter().chain(&ids).copied().collect();
+    assert!(long.len() >= runtime::cuda::GEMM_MIN_TOKENS_QUANTIZED);
+    cpu.reset();
+    let want_long = cpu.prefill(&long, true).expect("CPU prefill");
+    gpu.reset();
+    let got_long = gpu.forward(&long, true).expect("GPU forward");
+    let label = format!("{model} {scheme} GEMM");
+    if scheme.act_quant() != ir::ActQuant::Fp8PerToken {
+        common::check_logits(&label, &got_long, &want_long, vocab, 1e-3);
+        return;
+    }
+    // FP8 activations keep 3 mantissa bits: where the GPU's and the CPU's sums differ in their
+    // last bit (another order), a value near the middle of two e4m3 neighbours rounds to the
+    // other one, 1/16 of it away, and through the KV cache every later token carries that. So
+    // the two FP8 engines are each held to the unquantized model instead: the GPU's logits may
+    // stray from it by at most half as much again as the CPU's do.
+    let mut plain = runtime::Engine::new(
+        LoadedPlan::load(&common::compiled(&dir, DType::F32)).expect("loading"),
+        Default::default(),
+    )
+    .expect("CPU engine");
+    let exact = plain.prefill(&long, true).expect("unquantized prefill");
+    let mean_error = |got: &[f32]| {
+        let rows = got.chunks(vocab).zip(exact.chunks(vocab));
+        let sum: f64 = rows
+            .map(|(g, w)| {
+                let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                let diff = g.iter().zip(w).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                diff as f64 / scale
+            })
+            .sum();
+        sum / (got.len() / vocab) as f64
+    };
+    let (gpu_error, cpu_error) = (mean_error(&got_long), mean_error(&want_long));
+    println!("{label}: mean relative distance to the unquantized model: GPU {gpu_error:.3e}, CPU {cpu_error:.3e}");
+    assert!(
+        gpu_error <= 1.5 * cpu_error,
+        "{label}: the GPU's FP8 logits are {gpu_error:.3e} from the unquantized model's, the CPU's {cpu_error:.3e}"
+    );
     // Decode steps (the graph path) agree with the CPU too.
     gpu.reset();
     let _ = gpu.forward(&ids[..ids.len() - 1], false).expect("prefill");
@@ -665,6 +793,21 @@ fn golden_qwen2_tied_w8a16_on_the_gpu_matches_the_cpu() {
 #[test]
 fn golden_qwen3_w2a16_on_the_gpu_matches_the_cpu() {
     quantized_golden_on_the_gpu("qwen3", ir::QuantScheme::W2A16);
+}
+
+#[test]
+fn golden_llama_w8a8_on_the_gpu_matches_the_cpu() {
+    quantized_golden_on_the_gpu("llama", ir::QuantScheme::W8A8);
+}
+
+#[test]
+fn golden_qwen2_tied_w4a8_on_the_gpu_matches_the_cpu() {
+    quantized_golden_on_the_gpu("qwen2", ir::QuantScheme::W4A8);
+}
+
+#[test]
+fn golden_qwen3_fp8_on_the_gpu_matches_the_cpu() {
+    quantized_golden_on_the_gpu("qwen3", ir::QuantScheme::Fp8);
 }
 
 /// A fixed, varied token sequence inside the tiny vocabulary.

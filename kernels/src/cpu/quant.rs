@@ -1532,35 +1532,48 @@ mod tests {
     #[test]
     fn rows_do_not_depend_on_the_batch_or_the_threads() {
         let mut rng = Rng::new(11);
-        let format = QuantFormat {
+        let (n, k) = (300, 576);
+        // The integer path (4-bit codes, A16 and A8) and the f32 path (FP8 codes and activations).
+        let int4 = QuantFormat {
             codes: CodeFormat::Int(4),
             group: 32,
             asymmetric: true,
         };
-        let (n, k) = (300, 576);
-        let m = random_matrix(&mut rng, format, n, k);
-        for isa in isas_to_test() {
-            let layout = PackedLayout::for_isa(isa);
-            let packed = m.pack(layout).unwrap();
-            let w = weight(&m, &packed, layout);
-            let x = rng.vec(200 * k, 1.0);
-            for act in [ActQuant::None, ActQuant::Int8PerToken] {
-                let mut all = vec![0.0; 200 * n];
-                on_threads(3, || {
-                    matmul_quant(isa, act, &x, k, 200, &w, None, &mut all, n)
-                })
-                .unwrap();
-                for (start, t) in [(0, 1), (5, 2), (17, 6), (100, 9)] {
-                    let mut part = vec![0.0; t * n];
-                    on_threads(1, || {
-                        matmul_quant(isa, act, &x[start * k..], k, t, &w, None, &mut part, n)
+        let fp8 = QuantFormat {
+            codes: CodeFormat::Fp8E4M3,
+            group: k,
+            asymmetric: false,
+        };
+        let cases = [
+            (int4, ActQuant::None),
+            (int4, ActQuant::Int8PerToken),
+            (fp8, ActQuant::Fp8PerToken),
+        ];
+        for (format, act) in cases {
+            let m = random_matrix(&mut rng, format, n, k);
+            for isa in isas_to_test() {
+                let layout = PackedLayout::for_isa(isa);
+                let packed = m.pack(layout).unwrap();
+                let w = weight(&m, &packed, layout);
+                let x = rng.vec(200 * k, 1.0);
+                {
+                    let mut all = vec![0.0; 200 * n];
+                    on_threads(3, || {
+                        matmul_quant(isa, act, &x, k, 200, &w, None, &mut all, n)
                     })
                     .unwrap();
-                    assert_eq!(
-                        part,
-                        all[start * n..(start + t) * n],
-                        "{isa:?} {act:?} {start}"
-                    );
+                    for (start, t) in [(0, 1), (5, 2), (17, 6), (100, 9)] {
+                        let mut part = vec![0.0; t * n];
+                        on_threads(1, || {
+                            matmul_quant(isa, act, &x[start * k..], k, t, &w, None, &mut part, n)
+                        })
+                        .unwrap();
+                        assert_eq!(
+                            part,
+                            all[start * n..(start + t) * n],
+                            "{isa:?} {act:?} {start}"
+                        );
+                    }
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! bf16 and f16 weights multiply activations rounded to the weights' type (`gemm_input_*` in
 //! the plan's module), accumulating in f32, as HF transformers computes in bf16; f32 weights
 //! multiply the f32 activations as they are, in f32 (no TF32). Quantized weights (8, 4, 2-bit
-//! codes) are formed whole and exactly as f32 (`dequantize_q*_f32`) into a buffer for the
+//! and e4m3 codes) are formed whole and exactly as f32 (`dequantize_q*_f32`) into a buffer for the
 //! largest of them, then multiplied in f32 (f16 moved the quantized goldens past 1e-3), from
 //! [`GEMM_MIN_TOKENS_QUANTIZED`] tokens: forming the weight costs a write and a read of four
 //! bytes per weight, which only a pass of many tokens repays. cuBLAS is loaded at run time like the driver; without it the
@@ -17,7 +17,7 @@ use super::{ptr, GpuModule, QuantArgs};
 use crate::error::RuntimeError;
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use ir_types::DType;
+use ir_types::{CodeFormat, DType};
 
 /// Tokens in a pass from which plain matmuls run as a GEMM. Below it the row kernel, which
 /// reads the weights at the copy bandwidth, is as fast: a GEMM's tensor cores only pay once a
@@ -51,7 +51,22 @@ struct Dequantize {
     q8: CudaFunction,
     q4: CudaFunction,
     q2: CudaFunction,
+    /// None for a module without FP8 codes (compiled for an architecture without them).
+    e4m3: Option<CudaFunction>,
     weights: CudaSlice<f32>,
+}
+
+impl Dequantize {
+    /// The kernel forming weights of these codes.
+    fn function(&self, codes: CodeFormat) -> Option<&CudaFunction> {
+        match codes {
+            CodeFormat::Int(8) => Some(&self.q8),
+            CodeFormat::Int(4) => Some(&self.q4),
+            CodeFormat::Int(2) => Some(&self.q2),
+            CodeFormat::Fp8E4M3 => self.e4m3.as_ref(),
+            CodeFormat::Int(_) => None,
+        }
+    }
 }
 
 /// One matmul `out[t, n] = x[t, k] . w[n, k]` on device addresses; `w` row-major in `dtype`.
@@ -123,6 +138,7 @@ impl Gemm {
                     q8,
                     q4,
                     q2,
+                    e4m3: function("dequantize_e4m3_f32").ok(),
                     weights: s
                         .alloc_zeros::<f32>(max_quant_weight)
                         .map_err(|e| format!("GEMM weight buffer: {e}"))?,
@@ -144,7 +160,9 @@ impl Gemm {
 
     /// Whether a quantized weight of these codes can take the GEMM.
     pub fn dequantizes(&self, q: &QuantArgs) -> bool {
-        self.dequantize.is_some() && matches!(q.codes, Some(8 | 4 | 2))
+        self.dequantize
+            .as_ref()
+            .is_some_and(|d| d.function(q.codes).is_some())
     }
 
     /// Queues a matmul whose weight `a.w` holds quantized codes (`q`): the weight formed whole
@@ -165,12 +183,9 @@ impl Gemm {
             .dequantize
             .as_ref()
             .ok_or_else(|| fail(&"no dequantizing kernels"))?;
-        let function = match q.codes {
-            Some(8) => &d.q8,
-            Some(4) => &d.q4,
-            Some(2) => &d.q2,
-            other => return Err(fail(&format!("no GEMM for codes {other:?}"))),
-        };
+        let function = d
+            .function(q.codes)
+            .ok_or_else(|| fail(&format!("no GEMM for codes {:?}", q.codes)))?;
         if a.n as usize * a.k as usize > d.weights.len() {
             return Err(fail(&"more than the buffer planned for"));
         }

@@ -20,7 +20,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
     PushKernelArg,
 };
-use ir_types::{CudaArch, Target};
+use ir_types::{ActQuant, CodeFormat, CudaArch, Target};
 use kernels::registry::{self, KernelSource};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -160,8 +160,9 @@ impl GpuModule {
 /// activation arena, the logits and the KV cache live on the device; each step is one to three
 /// kernel launches on one stream, with the same views (`Act`) the CPU engine resolves.
 ///
-/// Plain (f32, bf16, f16) and quantized (8, 4, 2-bit codes) weights; the RoPE of attention
-/// fused into its kernels when the plan says so (`Launch::AttentionRope`). A pass of one token
+/// Plain (f32, bf16, f16) and quantized (8, 4, 2-bit and e4m3 codes; A16, A8 and FP8
+/// activations) weights; the RoPE of attention fused into its kernels when the plan says so
+/// (`Launch::AttentionRope`). A pass of one token
 /// per sequence (a decode step of `n` sequences) is captured into a CUDA graph the first time
 /// its size is seen and replayed after. Passes of many tokens run their plain matmuls as
 /// tensor-core GEMMs through cuBLAS (`gemm`).
@@ -213,8 +214,18 @@ pub struct GpuEngine {
     /// Tensor-core GEMMs for the plain matmuls of passes of `GEMM_MIN_TOKENS` tokens or more;
     /// None without cuBLAS (or with `FDRT_GEMM=off`), when the row kernel takes every pass.
     gemm: Option<Gemm>,
+    /// Where the A8 and FP8 matmuls put their quantized activations (None: the plan has none).
+    act_quant: Option<ActQuantBuffers>,
     /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
     profile: Option<HashMap<String, (std::time::Duration, usize)>>,
+}
+
+/// A pass's activations on the int8 or e4m3 grid (`max_batch_tokens` rows of the widest such
+/// matmul's K) and each row's scale, and `scale_rows_f32`, the epilogue of their GEMMs.
+struct ActQuantBuffers {
+    q: CudaSlice<f32>,
+    scales: CudaSlice<f32>,
+    scale_rows: CudaFunction,
 }
 
 /// A captured graph, owned by one engine.
@@ -439,6 +450,28 @@ impl GpuEngine {
             }
             _ => None,
         };
+        let act_quant_k = plan
+            .program
+            .steps
+            .iter()
+            .filter_map(|step| match &step.launch {
+                Launch::MatMul { x, w, .. } => {
+                    let q = m.weights.get(w.0 as usize)?.quant?;
+                    (q.scheme.act_quant() != ir_types::ActQuant::None).then_some(x.cols as usize)
+                }
+                _ => None,
+            })
+            .max();
+        let act_quant = match act_quant_k {
+            None => None,
+            Some(k) => Some(ActQuantBuffers {
+                q: alloc(k * max_batch_tokens)?,
+                scales: alloc(max_batch_tokens)?,
+                scale_rows: gpu.module.load_function("scale_rows_f32").map_err(|e| {
+                    RuntimeError::InvalidPlan(format!("the module has no scale_rows_f32: {e}"))
+                })?,
+            }),
+        };
         let argmax = gpu.module.load_function("argmax_rows_f32").ok();
         let row_ids = s
             .alloc_zeros::<u32>(max_batch_tokens)
@@ -449,6 +482,7 @@ impl GpuEngine {
             greedy_ids: vec![],
             prefill_attention,
             gemm,
+            act_quant,
             pinned_logits,
             partial,
             partial_per_token,
@@ -947,9 +981,36 @@ impl GpuEngine {
                 go(0, grid(rows(x), 1, ROW_THREADS), &args)
             }
             Launch::MatMul { x, w, bias, out } => {
-                let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
+                let ((mut xp, mut xs), (o, os)) = (act(x)?, act(out)?);
                 let bias = bias.as_ref().map_or(0u64, weight);
                 let (n, t) = (out.cols as u32, rows(x));
+                let quant = self.quant(w);
+                // A8 and FP8: the activations onto their grid first (the step's first function),
+                // then the matmul reads those, and each output row takes its row's scale.
+                let mut row_scales = 0u64;
+                if let Some(QuantArgs {
+                    act: ActQuant::Int8PerToken | ActQuant::Fp8PerToken,
+                    ..
+                }) = quant
+                {
+                    let buffers = self.act_quant.as_ref().ok_or_else(|| {
+                        RuntimeError::InvalidPlan(format!("step {index}: no activation buffer"))
+                    })?;
+                    if (t as usize) * (x.cols as usize) > buffers.q.len() {
+                        return Err(RuntimeError::InvalidPlan(format!(
+                            "step {index}: {t} rows of {} activations exceed their buffer",
+                            x.cols
+                        )));
+                    }
+                    let (qp, sp) = (ptr(&buffers.q, s), ptr(&buffers.scales, s));
+                    go(
+                        0,
+                        grid(t, 1, 256),
+                        &[P(xp), I(xs), int(x.cols), P(qp), P(sp)],
+                    )?;
+                    (xp, xs, row_scales) = (qp, x.cols as i32, sp);
+                }
+                let matmul = functions.len().saturating_sub(1);
                 if let (Some(gemm), true) = (&self.gemm, t as usize >= GEMM_MIN_TOKENS) {
                     let args = GemmArgs {
                         x: xp,
@@ -963,12 +1024,21 @@ impl GpuEngine {
                         out_stride: os,
                         bias,
                     };
-                    match self.quant(w) {
+                    match quant {
                         None => return gemm.run(s, &args),
                         Some(q)
                             if gemm.dequantizes(&q) && t as usize >= GEMM_MIN_TOKENS_QUANTIZED =>
                         {
-                            return gemm.run_quantized(s, &args, &q)
+                            if row_scales == 0 {
+                                return gemm.run_quantized(s, &args, &q);
+                            }
+                            // The GEMM multiplies the grid values; the epilogue scales each row
+                            // and adds the bias.
+                            gemm.run_quantized(s, &GemmArgs { bias: 0, ..args }, &q)?;
+                            let scale_rows =
+                                &self.act_quant.as_ref().expect("checked above").scale_rows;
+                            let epilogue = [P(o), I(os), I(n as i32), P(row_scales), P(bias)];
+                            return launch(scale_rows, grid(n.div_ceil(256), t, 256), &epilogue);
                         }
                         Some(_) => {}
                     }
@@ -977,17 +1047,17 @@ impl GpuEngine {
                 // then both (bias, t, out).
                 let head = [P(xp), I(xs), P(weight(w)), int(x.cols), int(out.cols)];
                 let tail = [P(bias), I(t as i32), P(o), I(os)];
-                if let Some(q) = self.quant(w) {
-                    let scales = [I(q.group), P(q.scales), P(q.mins)];
+                if let Some(q) = quant {
+                    let scales = [I(q.group), P(q.scales), P(q.mins), P(row_scales)];
                     let config = grid(
                         n.div_ceil(QUANT_MATMUL_ROWS),
                         t.div_ceil(4),
                         QUANT_MATMUL_THREADS,
                     );
-                    return go(0, config, &[&head[..], &scales, &tail].concat());
+                    return go(matmul, config, &[&head[..], &scales, &tail].concat());
                 }
                 let config = grid(n.div_ceil(8), t.div_ceil(4), 256);
-                go(0, config, &[&head[..], &tail].concat())
+                go(matmul, config, &[&head[..], &tail].concat())
             }
             Launch::Add { a, b, out } | Launch::Mul { a, b, out } => {
                 let ((ap, as_), (bp, bs), (o, os)) = (act(a)?, act(b)?, act(out)?);
@@ -1154,10 +1224,8 @@ impl GpuEngine {
         let q = self.plan.manifest.weights.get(w.0 as usize)?.quant?;
         let base = ptr(&self.weights[w.0 as usize], &self.gpu.stream);
         Some(QuantArgs {
-            codes: match q.codes {
-                ir_types::CodeFormat::Int(bits) => Some(bits),
-                ir_types::CodeFormat::Fp8E4M3 => None,
-            },
+            codes: q.codes,
+            act: q.scheme.act_quant(),
             group: q.group as i32,
             scales: base + q.scales_offset,
             mins: if q.asymmetric {
@@ -1198,8 +1266,9 @@ impl GpuEngine {
 /// The extra arguments of a quantized weight's kernels.
 #[derive(Clone, Copy, Debug)]
 pub struct QuantArgs {
-    /// Bits of its integer codes (None: FP8 codes).
-    pub codes: Option<u8>,
+    pub codes: CodeFormat,
+    /// How the matmul's activations are quantized first (A8, FP8), if at all.
+    pub act: ActQuant,
     pub group: i32,
     pub scales: u64,
     /// 0 (a null pointer) for symmetric codes.

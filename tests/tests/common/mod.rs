@@ -151,6 +151,7 @@ pub fn check_logits(label: &str, got: &[f32], want: &[f32], cols: usize, toleran
         want.len()
     );
     let mut worst = (0.0f32, 0usize);
+    let mut over = vec![];
     for (row, (g, w)) in got.chunks(cols).zip(want.chunks(cols)).enumerate() {
         let scale = w.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let diff = g
@@ -158,6 +159,9 @@ pub fn check_logits(label: &str, got: &[f32], want: &[f32], cols: usize, toleran
             .zip(w)
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         let rel = diff / scale.max(f32::MIN_POSITIVE);
+        if rel > tolerance {
+            over.push(row);
+        }
         if rel > worst.0 {
             worst = (rel, row);
         }
@@ -167,7 +171,7 @@ pub fn check_logits(label: &str, got: &[f32], want: &[f32], cols: usize, toleran
     if rel > tolerance {
         let g = &got[row * cols..][..6.min(cols)];
         let w = &want[row * cols..][..6.min(cols)];
-        panic!("{label}: row {row} differs by {rel:.3e} relative (tolerance {tolerance:.0e})\n  got    {g:?}\n  golden {w:?}");
+        panic!("{label}: row {row} differs by {rel:.3e} relative (tolerance {tolerance:.0e}); rows over it: {over:?}\n  got    {g:?}\n  golden {w:?}");
     }
     rel
 }
