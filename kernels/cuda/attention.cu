@@ -35,6 +35,8 @@ extern "C" __global__ void kv_append_f32(const float* k, int k_stride, const flo
                                          int kv_heads,
                                          const float* cos_table, const float* sin_table,
                                          int table_stride, float* k_cache, float* v_cache) {
+    fd_grid_start();
+    fd_grid_wait();
     const int g = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
     const unsigned int* blocks = tables + table_offsets[r];
     const long long at = fd_cache_row(blocks, block_size, positions[r], kv_heads, g);
@@ -102,6 +104,8 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
                                                  const float* cos_table, const float* sin_table,
                                                  int table_stride, int min_chunk,
                                                  float* partial) {
+    fd_grid_start();
+    fd_grid_wait();
     __shared__ float part_max[ATTENTION_WARPS], part_sum[ATTENTION_WARPS];
     __shared__ float part_acc[ATTENTION_WARPS][KEY_LANES * KEY_DIMS];
     const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, chunks = gridDim.z;
@@ -205,6 +209,8 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
 // exp(m_c - max m); empty chunks (m = -inf) add nothing. Grid: (H, T); block: any multiple of 32.
 extern "C" __global__ void attention_merge_f32(const float* partial, int n_heads, int chunks,
                                                float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     const int h = blockIdx.x, r = blockIdx.y;
     const float* base = partial + ((long long)r * n_heads + h) * chunks * PARTIAL_WIDTH;
     float m_all = FD_NEG_INF;
@@ -250,6 +256,8 @@ attention_prefill_f32(const float* q, int q_stride, const unsigned int* position
                       const float* k_cache, const float* v_cache, const float* cos_table,
                       const float* sin_table, int table_stride, const unsigned int* tiles,
                       float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     // Rows padded by one float: the lanes of a row read consecutive keys at the same
     // dimension, which would otherwise all hit one bank.
     __shared__ float qs[PREFILL_QUERY_ROWS][FD_HEAD_DIM + 1];

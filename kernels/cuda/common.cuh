@@ -8,6 +8,24 @@
 
 #define FD_NEG_INF __int_as_float(0xff800000)
 
+// Programmatic dependent launch (sm90; no-ops before it, and when the kernel was launched
+// without the attribute): the runtime launches every step so that the next kernel's blocks may
+// start while this one drains. Each kernel lets its dependents start at once
+// (`fd_grid_start`), and waits for the kernels before it to finish, and their writes to be
+// seen, before it reads or writes any activation (`fd_grid_wait`); only weights, which no kernel
+// writes, may be read before. Every kernel waits on every path, so a kernel's end implies the
+// end of all before it.
+__device__ __forceinline__ void fd_grid_start() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fd_grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 // Half-precision weights as 16-bit patterns; distinct types so that `fd_load` picks the widening.
 struct fd_bf16 {
     unsigned short bits;

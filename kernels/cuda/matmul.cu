@@ -65,6 +65,8 @@ __device__ __forceinline__ void matmul_row(const float* x, int x_stride, const W
             const int i = base + u * 32 * E;
             wv[u] = i < vector_k ? fd_load_stream(wr + i) : make_uint4(0, 0, 0, 0);
         }
+        // The first weights are on their way while the kernel before finishes.
+        if (base == lane * E) fd_grid_wait();
 #pragma unroll
         for (int u = 0; u < MATMUL_UNROLL; u++) {
             const int i = base + u * 32 * E;
@@ -92,6 +94,7 @@ __device__ __forceinline__ void matmul_row(const float* x, int x_stride, const W
             }
         }
     }
+    fd_grid_wait();  // returns at once when the loop above waited
     for (int i = vector_k + lane; i < k; i += 32) {
         const float wv = fd_load(wr + i);
 #pragma unroll
@@ -133,14 +136,17 @@ __device__ void matmul(const float* x, int x_stride, const W* w, int k, int n, c
 // Grid: (ceil(n / MATMUL_WARPS), ceil(t / MATMUL_TOKENS)); block: 32 * MATMUL_WARPS threads.
 extern "C" __global__ void matmul_f32(const float* x, int x_stride, const float* w, int k, int n,
                                       const float* bias, int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
     matmul(x, x_stride, w, k, n, bias, t, out, out_stride);
 }
 extern "C" __global__ void matmul_bf16(const float* x, int x_stride, const fd_bf16* w, int k, int n,
                                        const float* bias, int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
     matmul(x, x_stride, w, k, n, bias, t, out, out_stride);
 }
 extern "C" __global__ void matmul_f16(const float* x, int x_stride, const fd_f16* w, int k, int n,
                                       const float* bias, int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
     matmul(x, x_stride, w, k, n, bias, t, out, out_stride);
 }
 
@@ -165,9 +171,13 @@ __device__ __forceinline__ void gemm_input(const float* x, int x_stride, int k,
 }
 extern "C" __global__ void gemm_input_bf16(const float* x, int x_stride, int k,
                                            unsigned short* out) {
+    fd_grid_start();
+    fd_grid_wait();
     gemm_input<true>(x, x_stride, k, out);
 }
 extern "C" __global__ void gemm_input_f16(const float* x, int x_stride, int k,
                                           unsigned short* out) {
+    fd_grid_start();
+    fd_grid_wait();
     gemm_input<false>(x, x_stride, k, out);
 }

@@ -110,6 +110,8 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
             c[u] = j0 + u < pieces ? fd_load_stream(pc + (long long)(j0 + u) * 16)
                                    : make_uint4(0, 0, 0, 0);
         }
+        // The first codes are on their way while the kernel before finishes.
+        if (base == warp * 32 * QPIECES) fd_grid_wait();
         if (j0 >= pieces) continue;
         const int k0 = j0 * L::KL;
         float xv[TOKENS][16];
@@ -160,6 +162,7 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
 #pragma unroll
             for (int r = 0; r < QPANEL; r++) acc[m][r] += s[r] * gs[m][r] + mn[r] * xs[m];
     }
+    fd_grid_wait();  // returns at once when the loop above waited
 #pragma unroll
     for (int m = 0; m < TOKENS; m++)
 #pragma unroll
@@ -208,6 +211,7 @@ extern "C" __global__ void matmul_q8(const float* x, int x_stride, const unsigne
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
     qmatmul_launch<8, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
 }
@@ -215,6 +219,7 @@ extern "C" __global__ void matmul_q4(const float* x, int x_stride, const unsigne
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
     qmatmul_launch<4, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
 }
@@ -222,6 +227,7 @@ extern "C" __global__ void matmul_q2(const float* x, int x_stride, const unsigne
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
     qmatmul_launch<2, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
 }
@@ -229,6 +235,7 @@ extern "C" __global__ void matmul_e4m3(const float* x, int x_stride, const unsig
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
     qmatmul_launch<8, true>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
 }
@@ -283,10 +290,14 @@ __device__ void quantize_rows(const float* x, int x_stride, int k, float* q, flo
 
 extern "C" __global__ void quantize_rows_i8_f32(const float* x, int x_stride, int k, float* q,
                                                 float* scales) {
+    fd_grid_start();
+    fd_grid_wait();
     quantize_rows<false>(x, x_stride, k, q, scales);
 }
 extern "C" __global__ void quantize_rows_e4m3_f32(const float* x, int x_stride, int k, float* q,
                                                   float* scales) {
+    fd_grid_start();
+    fd_grid_wait();
     quantize_rows<true>(x, x_stride, k, q, scales);
 }
 
@@ -294,6 +305,8 @@ extern "C" __global__ void quantize_rows_e4m3_f32(const float* x, int x_stride, 
 // or FP8 GEMM, which multiplies the rows' grid values. Grid: (ceil(n / 256), t); block: 256.
 extern "C" __global__ void scale_rows_f32(float* out, int out_stride, int n, const float* scales,
                                           const float* bias) {
+    fd_grid_start();
+    fd_grid_wait();
     const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
     if (c >= n) return;
     float* o = out + (long long)t * out_stride + c;
@@ -341,42 +354,58 @@ __device__ void qdequantize(const unsigned char* codes, int k, int group, const 
 extern "C" __global__ void dequantize_q8_f32(const unsigned char* codes, int k, int group,
                                              const fd_f16* scales, const fd_f16* mins,
                                              float* out) {
+    fd_grid_start();
+    fd_grid_wait();
     qdequantize<8>(codes, k, group, scales, mins, out);
 }
 extern "C" __global__ void dequantize_q4_f32(const unsigned char* codes, int k, int group,
                                              const fd_f16* scales, const fd_f16* mins,
                                              float* out) {
+    fd_grid_start();
+    fd_grid_wait();
     qdequantize<4>(codes, k, group, scales, mins, out);
 }
 extern "C" __global__ void dequantize_q2_f32(const unsigned char* codes, int k, int group,
                                              const fd_f16* scales, const fd_f16* mins,
                                              float* out) {
+    fd_grid_start();
+    fd_grid_wait();
     qdequantize<2>(codes, k, group, scales, mins, out);
 }
 
 extern "C" __global__ void dequantize_e4m3_f32(const unsigned char* codes, int k, int group,
                                                const fd_f16* scales, const fd_f16* mins,
                                                float* out) {
+    fd_grid_start();
+    fd_grid_wait();
     qdequantize<8, true>(codes, k, group, scales, mins, out);
 }
 
 extern "C" __global__ void embedding_q8(const unsigned char* codes, int cols, int group,
                                       const fd_f16* scales, const fd_f16* mins,
                                       const unsigned int* ids, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     qembedding<8>(codes, cols, group, scales, mins, ids, out, out_stride);
 }
 extern "C" __global__ void embedding_q4(const unsigned char* codes, int cols, int group,
                                       const fd_f16* scales, const fd_f16* mins,
                                       const unsigned int* ids, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     qembedding<4>(codes, cols, group, scales, mins, ids, out, out_stride);
 }
 extern "C" __global__ void embedding_q2(const unsigned char* codes, int cols, int group,
                                       const fd_f16* scales, const fd_f16* mins,
                                       const unsigned int* ids, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     qembedding<2>(codes, cols, group, scales, mins, ids, out, out_stride);
 }
 extern "C" __global__ void embedding_e4m3(const unsigned char* codes, int cols, int group,
                                           const fd_f16* scales, const fd_f16* mins,
                                           const unsigned int* ids, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     qembedding<8, true>(codes, cols, group, scales, mins, ids, out, out_stride);
 }

@@ -13,20 +13,28 @@ __device__ void embedding(const W* table, const unsigned int* ids, int cols, flo
 
 extern "C" __global__ void embedding_f32(const float* table, const unsigned int* ids, int cols,
                                          float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     embedding(table, ids, cols, out, out_stride);
 }
 extern "C" __global__ void embedding_bf16(const fd_bf16* table, const unsigned int* ids, int cols,
                                           float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     embedding(table, ids, cols, out, out_stride);
 }
 extern "C" __global__ void embedding_f16(const fd_f16* table, const unsigned int* ids, int cols,
                                          float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     embedding(table, ids, cols, out, out_stride);
 }
 
 // out[r, :] = x[rows[r], :]. Grid: one block per output row.
 extern "C" __global__ void gather_rows_f32(const float* x, int x_stride, const unsigned int* rows,
                                            int cols, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     const float* src = x + (long long)rows[blockIdx.x] * x_stride;
     float* o = out + (long long)blockIdx.x * out_stride;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) o[i] = src[i];
@@ -35,12 +43,16 @@ extern "C" __global__ void gather_rows_f32(const float* x, int x_stride, const u
 // Elementwise ops over [T, cols]. Grid: (column blocks, T).
 extern "C" __global__ void add_f32(const float* a, int a_stride, const float* b, int b_stride,
                                    int cols, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i < cols) out[r * out_stride + i] = a[r * a_stride + i] + b[r * b_stride + i];
 }
 
 extern "C" __global__ void mul_f32(const float* a, int a_stride, const float* b, int b_stride,
                                    int cols, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i < cols) out[r * out_stride + i] = a[r * a_stride + i] * b[r * b_stride + i];
 }
@@ -49,6 +61,8 @@ __device__ __forceinline__ float fd_silu(float x) { return x / (1.0f + expf(-x))
 
 extern "C" __global__ void silu_f32(const float* x, int x_stride, int cols, float* out,
                                     int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i < cols) out[r * out_stride + i] = fd_silu(x[r * x_stride + i]);
 }
@@ -56,6 +70,8 @@ extern "C" __global__ void silu_f32(const float* x, int x_stride, int cols, floa
 // out[r, i] = silu(gu[r, i]) * gu[r, cols + i].
 extern "C" __global__ void silu_mul_f32(const float* gu, int gu_stride, int cols, float* out,
                                         int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x, r = blockIdx.y;
     if (i < cols) {
         const float* row = gu + (long long)r * gu_stride;
@@ -90,6 +106,8 @@ __device__ __forceinline__ float fd_sum_squares(int cols, F value) {
 // Grid: (groups per row, T); the block sums its group's squares.
 extern "C" __global__ void rms_norm_f32(const float* x, int x_stride, int group, const float* w,
                                         float eps, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     __shared__ float scratch[32];
     const float* row = x + (long long)blockIdx.y * x_stride + blockIdx.x * group;
     float* o = out + (long long)blockIdx.y * out_stride + blockIdx.x * group;
@@ -116,6 +134,8 @@ extern "C" __global__ void add_rms_norm_f32(const float* x, int x_stride, const 
                                             int d_stride, int cols, const float* w, float eps,
                                             float* sum_out, int sum_stride, float* normed_out,
                                             int normed_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     __shared__ float scratch[32];
     const long long r = blockIdx.x;
     const float* xr = x + r * x_stride;
@@ -149,6 +169,8 @@ extern "C" __global__ void rope_f32(const float* x, int x_stride, int head_dim,
                                     const unsigned int* positions, const float* cos_table,
                                     const float* sin_table, int table_stride, float* out,
                                     int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
     const int half = head_dim / 2, h = blockIdx.x, r = blockIdx.y;
     const long long p = (long long)positions[r] * table_stride;
     const float* xh = x + (long long)r * x_stride + h * head_dim;
@@ -183,6 +205,8 @@ __device__ __forceinline__ void fd_argmax_warp(float& best, int& at) {
 // NaNs): `sampler::argmax` on the device, so that a greedy decode step copies back one id per
 // sequence rather than its row of the vocabulary. Grid: (rows); block: 1024 threads.
 extern "C" __global__ void argmax_rows_f32(const float* logits, int cols, unsigned int* ids) {
+    fd_grid_start();
+    fd_grid_wait();
     __shared__ float warp_value[32];
     __shared__ int warp_index[32];
     const float* row = logits + (long long)blockIdx.x * cols;

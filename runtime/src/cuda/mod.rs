@@ -216,6 +216,9 @@ pub struct GpuEngine {
     gemm: Option<Gemm>,
     /// Where the A8 and FP8 matmuls put their quantized activations (None: the plan has none).
     act_quant: Option<ActQuantBuffers>,
+    /// Whether the plan's kernels are launched overlapped (programmatic dependent launch): on
+    /// sm90, unless `FDRT_PDL=off`.
+    overlap_launches: bool,
     /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
     profile: Option<HashMap<String, (std::time::Duration, usize)>>,
 }
@@ -483,6 +486,8 @@ impl GpuEngine {
             prefill_attention,
             gemm,
             act_quant,
+            overlap_launches: matches!(plan.manifest.target, Target::Cuda(CudaArch::Sm90))
+                && !std::env::var("FDRT_PDL").is_ok_and(|v| v == "off"),
             pinned_logits,
             partial,
             partial_per_token,
@@ -894,19 +899,12 @@ impl GpuEngine {
             |cols: u64, r: u32| grid((cols as u32).div_ceil(ROW_THREADS), r, ROW_THREADS);
         let functions = self.gpu.step_functions(index);
         let launch = |f: &CudaFunction, config: LaunchConfig, args: &[Arg]| {
-            let mut b = s.launch_builder(f);
-            for a in args {
-                match a {
-                    P(v) => b.arg(v),
-                    I(v) => b.arg(v),
-                    F(v) => b.arg(v),
-                };
-            }
             // SAFETY: the arguments match the kernel's signature in `kernels/cuda/` (checked by
             // the GPU tests), and every pointer is a device allocation of this engine sized by
-            // the plan's memory plan, bounds-checked by `act`.
-            unsafe { b.launch(config) }
-                .map(drop)
+            // the plan's memory plan, bounds-checked by `act`. Every kernel of the module waits
+            // for the kernels before it before touching activations (`fd_grid_wait`), which an
+            // overlapped launch relies on.
+            unsafe { launch_kernel(s, f, config, args, self.overlap_launches) }
                 .map_err(|e| RuntimeError::Cuda(format!("step {index} ({}): {e}", step.kernel)))
         };
         let go = |i: usize, config: LaunchConfig, args: &[Arg]| -> Result<(), RuntimeError> {
@@ -1292,6 +1290,60 @@ enum Arg {
     P(u64),
     I(i32),
     F(f32),
+}
+
+/// Queues `f(args)` on `stream`. With `overlap`, as a programmatic dependent launch (sm90): the
+/// kernel's blocks may be scheduled, and load their first weights, while the kernel before it
+/// drains, then wait for it inside (`fd_grid_wait` in `kernels/cuda/common.cuh`). A decode step
+/// is a few hundred short kernels, each of which otherwise starts only once the one before has
+/// ended. cudarc's launch builder has no launch attributes, hence the driver call.
+///
+/// # Safety
+/// `args` must match the kernel's parameters, with every address valid for what it reads and
+/// writes; with `overlap`, the kernel must wait before touching anything an earlier kernel
+/// writes or reads.
+unsafe fn launch_kernel(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    config: LaunchConfig,
+    args: &[Arg],
+    overlap: bool,
+) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    stream.context().bind_to_thread()?;
+    let mut params: Vec<*mut std::ffi::c_void> = args
+        .iter()
+        .map(|a| match a {
+            Arg::P(v) => v as *const u64 as *mut std::ffi::c_void,
+            Arg::I(v) => v as *const i32 as *mut std::ffi::c_void,
+            Arg::F(v) => v as *const f32 as *mut std::ffi::c_void,
+        })
+        .collect();
+    // SAFETY: an all-zero attribute is a valid (ignored) one; its id and value are set next.
+    let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attribute.value.programmaticStreamSerializationAllowed = 1;
+    let launch = sys::CUlaunchConfig {
+        gridDimX: config.grid_dim.0,
+        gridDimY: config.grid_dim.1,
+        gridDimZ: config.grid_dim.2,
+        blockDimX: config.block_dim.0,
+        blockDimY: config.block_dim.1,
+        blockDimZ: config.block_dim.2,
+        sharedMemBytes: config.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: &mut attribute,
+        numAttrs: u32::from(overlap),
+    };
+    // SAFETY: `params` points at the values of `args`, alive across the call (the driver
+    // copies them before returning); the rest is the caller's contract.
+    sys::cuLaunchKernelEx(
+        &launch,
+        f.cu_function(),
+        params.as_mut_ptr(),
+        std::ptr::null_mut(),
+    )
+    .result()
 }
 
 /// Where a pass's returned logits were copied back, and how many values.
