@@ -21,6 +21,20 @@
 pub const CUDA_CUBIN: &str = "cuda.cubin";
 /// The code symbol of a CUDA plan's module as PTX for its virtual architecture (text).
 pub const CUDA_PTX: &str = "cuda.ptx";
+/// The code symbol of a CUDA plan's [`CudaDispatch`] (bincode, through `codec`). Plans written
+/// before it have none; fdrt then applies the rule of `kernels::cuda::gemm_from_tokens`.
+pub const CUDA_DISPATCH: &str = "cuda.dispatch";
+
+/// Which kernel serves each step of a CUDA plan at which pass size, as fdc chose it for the
+/// target. A step's registry kernel (`Step::kernel`) serves passes below its threshold; from
+/// the threshold on, a matmul runs as a tensor-core GEMM through cuBLAS (quantized weights
+/// formed whole in f32 first) when fdrt finds cuBLAS, and on its registry kernel otherwise.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CudaDispatch {
+    /// One entry per step of the program, in order: the pass size in tokens from which the
+    /// step runs as a GEMM, or `None` (not a matmul, or never).
+    pub gemm_from_tokens: Vec<Option<u32>>,
+}
 
 /// Every function entry in a code section starts at a multiple of this many bytes from the start
 /// of the section. Generated code addresses its constant pool relative to its own entry and

@@ -177,7 +177,7 @@ pub fn compile_to(
         let _t = timing::scope("plan_memory");
         plan_memory::run(&graph, &launches)?
     };
-    let (code_bytes, code_symbols, code_index) = {
+    let (mut code_bytes, mut code_symbols, code_index) = {
         let _t = timing::scope("codegen");
         generate_code(&graph, &launches, &selection, options.target)?
     };
@@ -240,6 +240,17 @@ pub fn compile_to(
             },
         })
         .collect();
+    if let Target::Cuda(_) = options.target {
+        // Which kernel serves each step at which pass size, after the module in the code
+        // section.
+        let dispatch = codec::encode(&cuda_dispatch(&program, &weight_infos))?;
+        code_symbols.push(CodeSymbol {
+            name: artifacts::code_abi::CUDA_DISPATCH.to_string(),
+            offset: code_bytes.len() as u64,
+            len: dispatch.len() as u64,
+        });
+        code_bytes.extend_from_slice(&dispatch);
+    }
     let parameter_count = weight_infos
         .iter()
         .map(|w| w.shape.iter().product::<u64>())
@@ -577,6 +588,25 @@ fn cuda_module(graph: &Graph, arch: ir::CudaArch) -> Result<CodeLayout, CompileE
     let mut bytes = module.cubin;
     bytes.extend_from_slice(&module.ptx);
     Ok((bytes, symbols, HashMap::new()))
+}
+
+/// The pass sizes from which a CUDA plan's matmuls run as tensor-core GEMMs (by the weight's
+/// stored type: `kernels::cuda::gemm_from_tokens`); every other step keeps its kernel.
+fn cuda_dispatch(
+    program: &artifacts::schema::Program,
+    weights: &[WeightInfo],
+) -> artifacts::code_abi::CudaDispatch {
+    let gemm_from_tokens = program
+        .steps
+        .iter()
+        .map(|step| match &step.launch {
+            artifacts::schema::Launch::MatMul { w, .. } => weights
+                .get(w.0 as usize)
+                .and_then(|info| kernels::cuda::gemm_from_tokens(info.dtype)),
+            _ => None,
+        })
+        .collect();
+    artifacts::code_abi::CudaDispatch { gemm_from_tokens }
 }
 
 /// Reads a weight expression as f32, in the order its parts are concatenated.

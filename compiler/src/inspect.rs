@@ -20,6 +20,25 @@ pub const CALIBRATED_OPTION: &str = "gptq=";
 /// mid-size card, an 80 GB accelerator.
 const KV_SIZES: [u64; 3] = [1 << 30, 16 << 30, 80 << 30];
 
+/// A CUDA plan's dispatch table (which steps run as GEMMs from which pass size), if it has one.
+fn cuda_dispatch(
+    plan: &PlanFile,
+    manifest: &Manifest,
+) -> Result<Option<artifacts::code_abi::CudaDispatch>, PlanError> {
+    let name = artifacts::code_abi::CUDA_DISPATCH;
+    let Some(sym) = manifest.code.iter().find(|s| s.name == name) else {
+        return Ok(None);
+    };
+    let bytes = plan
+        .section(section::CODE)
+        .and_then(|code| code.get(sym.offset as usize..(sym.offset + sym.len) as usize))
+        .ok_or_else(|| PlanError::Decode {
+            section: name.to_string(),
+            message: "the symbol lies outside the code section".into(),
+        })?;
+    codec::decode(name, bytes).map(Some)
+}
+
 /// The account of the plan at `path`; `kv_memory` adds sizes to the KV-fit line.
 pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     let plan = PlanFile::open(path)?;
@@ -206,13 +225,20 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     for (kernel, count) in kernels {
         let _ = writeln!(out, "  {kernel:<36} x{count}");
     }
-    // Which kernel serves which matmul shape: the weight's [N, K] per launch.
-    let mut shapes: BTreeMap<(&str, u64, u64), usize> = BTreeMap::new();
-    for step in &program.steps {
+    // Which kernel serves which matmul shape: the weight's [N, K] per launch, and on CUDA the
+    // pass size from which the plan runs it as a tensor-core GEMM instead.
+    let dispatch = cuda_dispatch(&plan, &manifest)?;
+    let mut shapes: BTreeMap<(&str, u64, u64, Option<u32>), usize> = BTreeMap::new();
+    for (i, step) in program.steps.iter().enumerate() {
         if let artifacts::schema::Launch::MatMul { w, .. } = &step.launch {
             if let Some(info) = manifest.weights.get(w.0 as usize) {
                 if let [n, k] = info.shape[..] {
-                    *shapes.entry((step.kernel.as_str(), n, k)).or_default() += 1;
+                    let gemm = dispatch
+                        .as_ref()
+                        .and_then(|d| d.gemm_from_tokens.get(i).copied().flatten());
+                    *shapes
+                        .entry((step.kernel.as_str(), n, k, gemm))
+                        .or_default() += 1;
                 }
             }
         }
@@ -223,8 +249,13 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
             "
 matmuls by shape (N x K of the weight)"
         );
-        for ((kernel, n, k), count) in shapes {
-            let _ = writeln!(out, "  {kernel:<36} {:>16} x{count}", format!("{n} x {k}"));
+        for ((kernel, n, k, gemm), count) in shapes {
+            let gemm = gemm.map_or(String::new(), |t| format!("  cuBLAS GEMM from {t} tokens"));
+            let _ = writeln!(
+                out,
+                "  {kernel:<36} {:>16} x{count}{gemm}",
+                format!("{n} x {k}")
+            );
         }
     }
     if matches!(manifest.target, ir::Target::Cuda(_)) {

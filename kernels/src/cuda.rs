@@ -43,6 +43,27 @@ pub fn module_source(spec: &ModuleSpec) -> String {
     )
 }
 
+/// Pass size (tokens) from which a matmul of plain (f32, bf16, f16) weights runs as a cuBLAS
+/// GEMM on tensor cores rather than on `matmul_*`: below it the row kernel, which reads the
+/// weights at the copy bandwidth, is as fast, since tensor cores only pay once a weight read
+/// serves many tokens (measured on an H100, docs/PERF.md).
+pub const GEMM_MIN_TOKENS: u32 = 16;
+
+/// Pass size from which a matmul of quantized weights runs as a GEMM: its weight is formed whole
+/// in f32 first, a write and a read of four bytes per weight that only many tokens repay.
+pub const GEMM_MIN_TOKENS_QUANTIZED: u32 = 64;
+
+/// The pass size from which a matmul with weights stored as `dtype` (U8 for quantized codes)
+/// runs as a tensor-core GEMM on CUDA targets: what fdc records in a plan's `CudaDispatch`.
+pub fn gemm_from_tokens(dtype: ir_types::DType) -> Option<u32> {
+    use ir_types::DType;
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Some(GEMM_MIN_TOKENS),
+        DType::U8 => Some(GEMM_MIN_TOKENS_QUANTIZED),
+        _ => None,
+    }
+}
+
 /// K and group sizes the quantized CUDA kernels take must be multiples of this: a lane's span of
 /// codes (up to 16 k) lies inside one group.
 pub const QUANT_K_MULTIPLE: usize = 16;

@@ -85,10 +85,26 @@ fn a_cuda_plan_carries_its_module_cuda_kernels_and_row_major_weights() {
             .steps
             .iter()
             .any(|s| matches!(s.launch, artifacts::schema::Launch::AttentionRope { .. })));
+        // The plan says which steps run as tensor-core GEMMs from which pass size: every bf16
+        // matmul from 16 tokens, nothing else; `fdc inspect` shows it by shape.
+        let dispatch: artifacts::code_abi::CudaDispatch = artifacts::codec::decode(
+            artifacts::code_abi::CUDA_DISPATCH,
+            plan.code_symbol(artifacts::code_abi::CUDA_DISPATCH)
+                .expect("a dispatch table"),
+        )
+        .expect("decodes");
+        assert_eq!(dispatch.gemm_from_tokens.len(), plan.program.steps.len());
+        for (step, gemm) in plan.program.steps.iter().zip(&dispatch.gemm_from_tokens) {
+            let matmul = matches!(step.launch, artifacts::schema::Launch::MatMul { .. });
+            assert_eq!(*gemm, matmul.then_some(16), "{}", step.kernel);
+        }
         let report = compiler::inspect::inspect(&path, &[]).expect("inspects");
         assert!(report.contains("CUDA module"), "{report}");
+        let matmul = format!("matmul_bf16_{}", arch.name());
         assert!(
-            report.contains(&format!("matmul_bf16_{}", arch.name())),
+            report
+                .lines()
+                .any(|l| l.contains(&matmul) && l.contains("cuBLAS GEMM from 16 tokens")),
             "{report}"
         );
     }
@@ -200,8 +216,12 @@ fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernel
                 .lines()
                 .any(|l| l.contains(kernel) && l.contains(shape))
         };
+        // Quantized weights take the GEMM (formed in f32) from 64 tokens.
+        let quantized = format!("matmul_{scheme}_sm90");
         assert!(
-            line(&format!("matmul_{scheme}_sm90"), "256 x 64"),
+            section.lines().any(|l| l.contains(&quantized)
+                && l.contains("256 x 64")
+                && l.contains("cuBLAS GEMM from 64 tokens")),
             "{section}"
         );
         assert!(line("matmul_w8a16_sm90", "320 x 64"), "{section}");

@@ -728,7 +728,7 @@ fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
     common::check_logits(&format!("{model} {scheme}"), &got, &want, vocab, 1e-3);
     // A prompt of GEMM_MIN_TOKENS_QUANTIZED tokens or more: the quantized matmuls take the GEMM.
     let long: Vec<u32> = ids.iter().chain(&ids).copied().collect();
-    assert!(long.len() >= runtime::cuda::GEMM_MIN_TOKENS_QUANTIZED);
+    assert!(long.len() >= kernels::cuda::GEMM_MIN_TOKENS_QUANTIZED as usize);
     cpu.reset();
     let want_long = cpu.prefill(&long, true).expect("CPU prefill");
     gpu.reset();

@@ -1,31 +1,24 @@
 //! Dense matmuls of many tokens on tensor cores, through cuBLAS: prefill and large decode
 //! batches. The warp-per-row kernel of `kernels/cuda/matmul.cu` reads each weight once per 4
 //! tokens and multiplies on the FMA units: the right trade for a decode step, which is bound by
-//! reading the weights, and 70x behind a GEMM on a 2,048-token prompt (docs/PERF.md). From
-//! [`GEMM_MIN_TOKENS`] tokens a pass's plain (f32, bf16, f16) matmuls go to cuBLAS instead.
+//! reading the weights, and 70x behind a GEMM on a 2,048-token prompt (docs/PERF.md). From the
+//! pass size the plan records for each matmul (`code_abi::CudaDispatch`, chosen by fdc with
+//! `kernels::cuda::gemm_from_tokens`) it goes to cuBLAS instead.
 //!
 //! bf16 and f16 weights multiply activations rounded to the weights' type (`gemm_input_*` in
 //! the plan's module), accumulating in f32, as HF transformers computes in bf16; f32 weights
 //! multiply the f32 activations as they are, in f32 (no TF32). Quantized weights (8, 4, 2-bit
 //! and e4m3 codes) are formed whole and exactly as f32 (`dequantize_q*_f32`) into a buffer for the
-//! largest of them, then multiplied in f32 (f16 moved the quantized goldens past 1e-3), from
-//! [`GEMM_MIN_TOKENS_QUANTIZED`] tokens: forming the weight costs a write and a read of four
-//! bytes per weight, which only a pass of many tokens repays. cuBLAS is loaded at run time like the driver; without it the
-//! engine keeps the row kernels for every pass and says so once.
+//! largest of them, then multiplied in f32 (f16 moved the quantized goldens past 1e-3): forming
+//! the weight costs a write and a read of four bytes per weight, which only a pass of many tokens
+//! repays, so fdc sets their threshold higher. cuBLAS is loaded at run time like the driver;
+//! without it the engine keeps the row kernels for every pass and says so once.
 
 use super::{ptr, GpuModule, QuantArgs};
 use crate::error::RuntimeError;
 use cudarc::cublas::{result as blas, sys, CudaBlas};
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use ir_types::{CodeFormat, DType};
-
-/// Tokens in a pass from which plain matmuls run as a GEMM. Below it the row kernel, which
-/// reads the weights at the copy bandwidth, is as fast: a GEMM's tensor cores only pay once a
-/// weight read serves many tokens.
-pub const GEMM_MIN_TOKENS: usize = 16;
-
-/// Tokens in a pass from which matmuls with quantized weights run as a GEMM.
-pub const GEMM_MIN_TOKENS_QUANTIZED: usize = 64;
 
 /// cuBLAS's scratch, given to it up front so that it never allocates inside a captured graph.
 const WORKSPACE_BYTES: usize = 32 << 20;

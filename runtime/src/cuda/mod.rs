@@ -7,7 +7,7 @@
 
 mod gemm;
 
-pub use gemm::{Gemm, GemmArgs, GEMM_MIN_TOKENS, GEMM_MIN_TOKENS_QUANTIZED};
+pub use gemm::{Gemm, GemmArgs};
 
 use crate::batch_engine::PassOutput;
 use crate::engine::{writes_logit_rows, EngineOptions, Logits, PassLayout, SeqChunk};
@@ -211,9 +211,11 @@ pub struct GpuEngine {
     /// the query heads sharing a kv head); None for a plan whose module predates it or whose
     /// heads do not fit a tile, when the split kernel serves every pass.
     prefill_attention: Option<(CudaFunction, usize)>,
-    /// Tensor-core GEMMs for the plain matmuls of passes of `GEMM_MIN_TOKENS` tokens or more;
-    /// None without cuBLAS (or with `FDRT_GEMM=off`), when the row kernel takes every pass.
+    /// Tensor-core GEMMs for the matmuls of passes from the plan's thresholds on; None without
+    /// cuBLAS (or with `FDRT_GEMM=off`), when the row kernels take every pass.
     gemm: Option<Gemm>,
+    /// Per step, the pass size from which it runs as a GEMM (the plan's `CudaDispatch`).
+    gemm_from: Vec<Option<u32>>,
     /// Where the A8 and FP8 matmuls put their quantized activations (None: the plan has none).
     act_quant: Option<ActQuantBuffers>,
     /// Whether the plan's kernels are launched overlapped (programmatic dependent launch): on
@@ -402,34 +404,48 @@ impl GpuEngine {
             k_cache.push(kv_alloc("key")?);
             v_cache.push(kv_alloc("value")?);
         }
-        let gemm = if max_batch_tokens < GEMM_MIN_TOKENS
+        let gemm_from = gemm_thresholds(&plan)?;
+        // The matmuls a pass of up to `max_batch_tokens` tokens can run as GEMMs.
+        let reachable = |index: usize| {
+            gemm_from
+                .get(index)
+                .copied()
+                .flatten()
+                .is_some_and(|from| from as usize <= max_batch_tokens)
+        };
+        let gemm_matmuls: Vec<(u64, &artifacts::schema::WeightRef, u64)> = plan
+            .program
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| reachable(i))
+            .filter_map(|(_, step)| match &step.launch {
+                Launch::MatMul { x, w, out, .. } => Some((x.cols, w, out.cols)),
+                _ => None,
+            })
+            .collect();
+        let gemm = if gemm_matmuls.is_empty()
             || std::env::var("FDRT_GEMM").is_ok_and(|v| v == "off")
         {
             None
         } else {
-            let matmuls = || {
-                plan.program
-                    .steps
-                    .iter()
-                    .filter_map(|step| match &step.launch {
-                        Launch::MatMul { x, w, out, .. } => Some((x.cols, w, out.cols)),
-                        _ => None,
-                    })
-            };
-            let max_k = matmuls().map(|(k, _, _)| k as usize).max().unwrap_or(0);
-            // Room for the largest quantized weight formed whole (as f32) for the GEMM, when a
-            // pass can be long enough to take it.
-            let max_quant = matmuls()
-                .filter(|_| max_batch_tokens >= GEMM_MIN_TOKENS_QUANTIZED)
+            let max_k = gemm_matmuls
+                .iter()
+                .map(|&(k, _, _)| k as usize)
+                .max()
+                .unwrap_or(0);
+            // Room for the largest quantized weight formed whole (as f32) for the GEMM.
+            let max_quant = gemm_matmuls
+                .iter()
                 .filter(|(_, w, _)| m.weights[w.0 as usize].quant.is_some())
-                .map(|(k, _, n)| (k * n) as usize)
+                .map(|&(k, _, n)| (k * n) as usize)
                 .max()
                 .unwrap_or(0);
             match Gemm::new(&gpu, max_batch_tokens, max_k, max_quant) {
                 Ok(gemm) => Some(gemm),
                 Err(why) => {
                     tracing::warn!(
-                        "matmuls of {GEMM_MIN_TOKENS} tokens or more run on the decode kernel, not tensor cores: {why}"
+                        "the matmuls the plan runs as GEMMs for long passes run on their row kernels, not tensor cores: {why}"
                     );
                     None
                 }
@@ -485,6 +501,7 @@ impl GpuEngine {
             greedy_ids: vec![],
             prefill_attention,
             gemm,
+            gemm_from,
             act_quant,
             overlap_launches: matches!(plan.manifest.target, Target::Cuda(CudaArch::Sm90))
                 && !std::env::var("FDRT_PDL").is_ok_and(|v| v == "off"),
@@ -1009,7 +1026,13 @@ impl GpuEngine {
                     (xp, xs, row_scales) = (qp, x.cols as i32, sp);
                 }
                 let matmul = functions.len().saturating_sub(1);
-                if let (Some(gemm), true) = (&self.gemm, t as usize >= GEMM_MIN_TOKENS) {
+                // From the plan's threshold on, the GEMM (`CudaDispatch`).
+                let gemm_from = self.gemm_from.get(index).copied().flatten();
+                let gemm = self
+                    .gemm
+                    .as_ref()
+                    .filter(|_| gemm_from.is_some_and(|f| t >= f));
+                if let Some(gemm) = gemm {
                     let args = GemmArgs {
                         x: xp,
                         x_stride: xs,
@@ -1024,9 +1047,7 @@ impl GpuEngine {
                     };
                     match quant {
                         None => return gemm.run(s, &args),
-                        Some(q)
-                            if gemm.dequantizes(&q) && t as usize >= GEMM_MIN_TOKENS_QUANTIZED =>
-                        {
+                        Some(q) if gemm.dequantizes(&q) => {
                             if row_scales == 0 {
                                 return gemm.run_quantized(s, &args, &q);
                             }
@@ -1290,6 +1311,35 @@ enum Arg {
     P(u64),
     I(i32),
     F(f32),
+}
+
+/// Per step of `plan`, the pass size from which it runs as a GEMM: the plan's `CudaDispatch`,
+/// or for a plan written before fdc recorded it, the rule fdc applies
+/// (`kernels::cuda::gemm_from_tokens`).
+fn gemm_thresholds(plan: &LoadedPlan) -> Result<Vec<Option<u32>>, RuntimeError> {
+    let steps = &plan.program.steps;
+    let Some(bytes) = plan.code_symbol(code_abi::CUDA_DISPATCH) else {
+        let weights = &plan.manifest.weights;
+        return Ok(steps
+            .iter()
+            .map(|step| match &step.launch {
+                Launch::MatMul { w, .. } => weights
+                    .get(w.0 as usize)
+                    .and_then(|info| kernels::cuda::gemm_from_tokens(info.dtype)),
+                _ => None,
+            })
+            .collect());
+    };
+    let dispatch: code_abi::CudaDispatch =
+        artifacts::codec::decode(code_abi::CUDA_DISPATCH, bytes)?;
+    if dispatch.gemm_from_tokens.len() != steps.len() {
+        return Err(RuntimeError::InvalidPlan(format!(
+            "the CUDA dispatch table has {} entries for {} steps",
+            dispatch.gemm_from_tokens.len(),
+            steps.len()
+        )));
+    }
+    Ok(dispatch.gemm_from_tokens)
 }
 
 /// Queues `f(args)` on `stream`. With `overlap`, as a programmatic dependent launch (sm90): the
