@@ -1236,12 +1236,12 @@ mod tests {
         dump += &format!("table: {:02x?}\n", &table[..4 + 4 + 8 + 1 + 8]);
         dump += &format!("file blake3 {}", blake3::hash(&bytes).to_hex());
         insta::assert_snapshot!(dump, @r"
-        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 07, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
+        header: [89, 46, 44, 50, 4c, 41, 4e, 0a, 08, 00, 00, 00, 00, 00, 00, 00, 8f, 40, 00, 00, 00, 00, 00, 00]
         file_len 16527 table_offset 16384 table_len 143
         manifest manifest offset 4096 len 2 alignment 4096
         weights.w weights offset 8192 len 5000 alignment 4096
         table: [02, 00, 00, 00, 08, 00, 00, 00, 6d, 61, 6e, 69, 66, 65, 73, 74, 00, 00, 10, 00, 00, 00, 00, 00, 00]
-        file blake3 7fc201204aaf3a2d13092d2bae8ed727e125fa8d0e9ae97b31f133bf48eaf269
+        file blake3 748fc7c0f0ef280effc885a96b5148a201007ecdb494c235c9e343a27e389a83
         ");
     }
 

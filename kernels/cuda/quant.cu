@@ -18,7 +18,9 @@
 // code * x per row in f32, then folds the group in: `scale * sum(code * x) + min * sum(x)`.
 // Measured on an H100 (docs/PERF.md): splitting K over the block's warps matters most (a panel
 // per warp left too few warps for the narrow projections), two pieces per lane beat more, and 4
-// warps per block beat 2, 8 and 16. It reaches 40 to 70% of the copy bandwidth, latency-bound.
+// warps per block beat 2, 8 and 16; requesting the scales with the codes, and a decode step's
+// next iteration too, before any arithmetic took it from 40-67% to 50-86% of the copy bandwidth
+// on the 8B shapes at 4 bits (the narrow ones stay latency-bound), and 8-bit tables to 100%.
 
 #define QPANEL 8
 #define QMATMUL_WARPS 4
@@ -102,65 +104,89 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
         for (int r = 0; r < QPANEL; r++) acc[m][r] = 0.0f;
     const int pieces = k / L::KL;
     constexpr int LANE_K = QPIECES * L::KL;
-    for (int base = warp * 32 * QPIECES; base < pieces; base += WARPS * 32 * QPIECES) {
-        const int j0 = base + lane * QPIECES;
-        uint4 c[QPIECES];
+    constexpr int STEP = WARPS * 32 * QPIECES;  // pieces per iteration of the block
+    // A decode step's single token leaves registers for a second iteration's loads in flight.
+    constexpr int U = TOKENS == 1 ? 2 : 1;
+    bool waited = false;
+    for (int outer = warp * 32 * QPIECES; outer < pieces; outer += U * STEP) {
+        // U iterations' codes, scales and minimums are all requested before any is used: the
+        // scales are as cold as the codes, and loading them after the codes' arithmetic left
+        // the kernel waiting on memory twice per iteration (measured: 20 to 28% faster on the
+        // 8B shapes' large matmuls, docs/PERF.md).
+        uint4 c[U][QPIECES], sv[U], mv[U];
 #pragma unroll
-        for (int u = 0; u < QPIECES; u++) {
-            c[u] = j0 + u < pieces ? fd_load_stream(pc + (long long)(j0 + u) * 16)
-                                   : make_uint4(0, 0, 0, 0);
+        for (int v = 0; v < U; v++) {
+            const int j0 = outer + v * STEP + lane * QPIECES;
+#pragma unroll
+            for (int u = 0; u < QPIECES; u++) {
+                c[v][u] = j0 + u < pieces ? fd_load_stream(pc + (long long)(j0 + u) * 16)
+                                          : make_uint4(0, 0, 0, 0);
+            }
+            // The lane's k lie in one group (the compiler checks that groups are whole lane
+            // spans).
+            const int g = j0 < pieces ? j0 * L::KL / group : 0;
+            sv[v] = j0 < pieces ? *reinterpret_cast<const uint4*>(ps + g * QPANEL)
+                                : make_uint4(0, 0, 0, 0);
+            mv[v] = pm && j0 < pieces ? *reinterpret_cast<const uint4*>(pm + g * QPANEL)
+                                      : make_uint4(0, 0, 0, 0);
         }
-        // The first codes are on their way while the kernel before finishes.
-        if (base == warp * 32 * QPIECES) fd_grid_wait();
-        if (j0 >= pieces) continue;
-        const int k0 = j0 * L::KL;
-        float xv[TOKENS][16];
-        float xs[TOKENS];
+        // The first weights are on their way while the kernel before finishes.
+        if (!waited) {
+            fd_grid_wait();
+            waited = true;
+        }
 #pragma unroll
-        for (int m = 0; m < TOKENS; m++) {
-            xs[m] = 0.0f;
-            if (m < tokens) {
-                const float* xr = x + (long long)(t0 + m) * x_stride + k0;
+        for (int v = 0; v < U; v++) {
+            const int j0 = outer + v * STEP + lane * QPIECES;
+            if (j0 >= pieces) continue;
+            const int k0 = j0 * L::KL;
+            float xv[TOKENS][16];
+            float xs[TOKENS];
 #pragma unroll
-                for (int i = 0; i < LANE_K; i += 4) {
-                    if (X_ALIGNED && LANE_K % 4 == 0) {
-                        const float4 a = *reinterpret_cast<const float4*>(xr + i);
-                        xv[m][i] = a.x; xv[m][i + 1] = a.y; xv[m][i + 2] = a.z; xv[m][i + 3] = a.w;
-                    } else {
+            for (int m = 0; m < TOKENS; m++) {
+                xs[m] = 0.0f;
+                if (m < tokens) {
+                    const float* xr = x + (long long)(t0 + m) * x_stride + k0;
 #pragma unroll
-                        for (int j = 0; j < 4; j++) {
-                            if (i + j < LANE_K) xv[m][i + j] = xr[i + j];
+                    for (int i = 0; i < LANE_K; i += 4) {
+                        if (X_ALIGNED && LANE_K % 4 == 0) {
+                            const float4 a = *reinterpret_cast<const float4*>(xr + i);
+                            xv[m][i] = a.x; xv[m][i + 1] = a.y; xv[m][i + 2] = a.z; xv[m][i + 3] = a.w;
+                        } else {
+#pragma unroll
+                            for (int j = 0; j < 4; j++) {
+                                if (i + j < LANE_K) xv[m][i + j] = xr[i + j];
+                            }
                         }
                     }
-                }
 #pragma unroll
-                for (int i = 0; i < LANE_K; i++) xs[m] += xv[m][i];
+                    for (int i = 0; i < LANE_K; i++) xs[m] += xv[m][i];
+                } else {
+#pragma unroll
+                    for (int i = 0; i < LANE_K; i++) xv[m][i] = 0.0f;
+                }
+            }
+            float gs[TOKENS][QPANEL];
+#pragma unroll
+            for (int m = 0; m < TOKENS; m++)
+#pragma unroll
+                for (int r = 0; r < QPANEL; r++) gs[m][r] = 0.0f;
+#pragma unroll
+            for (int u = 0; u < QPIECES; u++)
+                fd_qpiece<BITS, E4M3, TOKENS>(c[v][u], xv, u * L::KL, gs);
+            float s[QPANEL], mn[QPANEL];
+            fd_unpack8(sv[v], s, false);
+            if (pm) {
+                fd_unpack8(mv[v], mn, false);
             } else {
 #pragma unroll
-                for (int i = 0; i < LANE_K; i++) xv[m][i] = 0.0f;
+                for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
             }
+#pragma unroll
+            for (int m = 0; m < TOKENS; m++)
+#pragma unroll
+                for (int r = 0; r < QPANEL; r++) acc[m][r] += s[r] * gs[m][r] + mn[r] * xs[m];
         }
-        float gs[TOKENS][QPANEL];
-#pragma unroll
-        for (int m = 0; m < TOKENS; m++)
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) gs[m][r] = 0.0f;
-#pragma unroll
-        for (int u = 0; u < QPIECES; u++) fd_qpiece<BITS, E4M3, TOKENS>(c[u], xv, u * L::KL, gs);
-        // The lane's k lie in one group (the compiler checks that groups are whole lane spans).
-        const int g = k0 / group;
-        float s[QPANEL], mn[QPANEL];
-        fd_unpack8(*reinterpret_cast<const uint4*>(ps + g * QPANEL), s, false);
-        if (pm) {
-            fd_unpack8(*reinterpret_cast<const uint4*>(pm + g * QPANEL), mn, false);
-        } else {
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
-        }
-#pragma unroll
-        for (int m = 0; m < TOKENS; m++)
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) acc[m][r] += s[r] * gs[m][r] + mn[r] * xs[m];
     }
     fd_grid_wait();  // returns at once when the loop above waited
 #pragma unroll
@@ -183,61 +209,97 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
     }
 }
 
+// A pass of several tokens: blocks of QTOKENS token rows (the last one partial).
 template <int BITS, bool E4M3>
-__device__ void qmatmul_launch(const float* x, int x_stride, const unsigned char* codes, int k,
+__device__ void qmatmul_tokens(const float* x, int x_stride, const unsigned char* codes, int k,
                                int n, int group, const fd_f16* scales, const fd_f16* mins,
                                const float* bias, const float* row_scales, int t, float* out,
                                int out_stride) {
     const int t0 = blockIdx.y * QTOKENS;
-    const int tokens = min(QTOKENS, t - t0);
-    const bool aligned = ((unsigned long long)x % 16 == 0) && (x_stride % 4 == 0);
-    if (tokens == 1 && aligned) {
+    qmatmul<BITS, E4M3, QMATMUL_WARPS, QTOKENS, false>(x, x_stride, codes, k, n, group, scales,
+                                                       mins, bias, row_scales, t0,
+                                                       min(QTOKENS, t - t0), out, out_stride);
+}
+
+// A pass of one token (a decode step of one sequence). A kernel of its own: a kernel's registers
+// are those of its largest path, and the several-token path's would cut this one's occupancy
+// (measured: 20% slower on the 8B shapes when both lived in one kernel, docs/PERF.md).
+template <int BITS, bool E4M3>
+__device__ void qmatmul_one(const float* x, int x_stride, const unsigned char* codes, int k,
+                            int n, int group, const fd_f16* scales, const fd_f16* mins,
+                            const float* bias, const float* row_scales, float* out) {
+    if ((unsigned long long)x % 16 == 0) {
         qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true>(x, x_stride, codes, k, n, group, scales, mins,
-                                                    bias, row_scales, t0, 1, out, out_stride);
-    } else if (tokens == 1) {
-        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false>(x, x_stride, codes, k, n, group, scales, mins,
-                                                     bias, row_scales, t0, 1, out, out_stride);
+                                                    bias, row_scales, 0, 1, out, 0);
     } else {
-        qmatmul<BITS, E4M3, QMATMUL_WARPS, QTOKENS, false>(x, x_stride, codes, k, n, group, scales,
-                                                           mins, bias, row_scales, t0, tokens, out,
-                                                           out_stride);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false>(x, x_stride, codes, k, n, group, scales, mins,
+                                                     bias, row_scales, 0, 1, out, 0);
     }
 }
 
 // Grid: (ceil(n / QPANEL), ceil(t / QTOKENS)); block: 32 * QMATMUL_WARPS threads (the runtime's
 // QUANT_MATMUL_THREADS). `mins` null for symmetric codes, `row_scales` null for A16 activations;
-// `k` a multiple of 16 and `group` of QPIECES * KL (checked by fdc).
+// `k` a multiple of 16 and `group` of QPIECES * KL (checked by fdc). The `_one` kernels take the
+// same arguments for t = 1 (grid (ceil(n / QPANEL), 1)).
 extern "C" __global__ void matmul_q8(const float* x, int x_stride, const unsigned char* codes,
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
     fd_grid_start();  // waits after its first weight loads
-    qmatmul_launch<8, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+    qmatmul_tokens<8, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
+}
+extern "C" __global__ void matmul_q8_one(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
+    qmatmul_one<8, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, out);
 }
 extern "C" __global__ void matmul_q4(const float* x, int x_stride, const unsigned char* codes,
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
     fd_grid_start();  // waits after its first weight loads
-    qmatmul_launch<4, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+    qmatmul_tokens<4, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
+}
+extern "C" __global__ void matmul_q4_one(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
+    qmatmul_one<4, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, out);
 }
 extern "C" __global__ void matmul_q2(const float* x, int x_stride, const unsigned char* codes,
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
     fd_grid_start();  // waits after its first weight loads
-    qmatmul_launch<2, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+    qmatmul_tokens<2, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
+}
+extern "C" __global__ void matmul_q2_one(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
+    qmatmul_one<2, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, out);
 }
 extern "C" __global__ void matmul_e4m3(const float* x, int x_stride, const unsigned char* codes,
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
                                    int t, float* out, int out_stride) {
     fd_grid_start();  // waits after its first weight loads
-    qmatmul_launch<8, true>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
+    qmatmul_tokens<8, true>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t,
                              out, out_stride);
+}
+extern "C" __global__ void matmul_e4m3_one(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
+    qmatmul_one<8, true>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, out);
 }
 
 // The A8 and FP8 activations: row t of x (k values) divided by its scale `max|x| / LIMIT` and

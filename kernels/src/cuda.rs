@@ -73,13 +73,21 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
     debug_assert_eq!(entry.source, KernelSource::Cuda);
     use ir_types::QuantScheme;
     match (entry.key.op, entry.key.quant) {
-        (OpKind::MatMul, QuantScheme::W8A16) => return &["matmul_q8"],
-        (OpKind::MatMul, QuantScheme::W4A16) => return &["matmul_q4"],
-        (OpKind::MatMul, QuantScheme::W2A16) => return &["matmul_q2"],
+        // A quantized matmul ends with its kernel for passes of several tokens, then its
+        // kernel for a single token.
+        (OpKind::MatMul, QuantScheme::W8A16) => return &["matmul_q8", "matmul_q8_one"],
+        (OpKind::MatMul, QuantScheme::W4A16) => return &["matmul_q4", "matmul_q4_one"],
+        (OpKind::MatMul, QuantScheme::W2A16) => return &["matmul_q2", "matmul_q2_one"],
         // The A8 and FP8 schemes quantize the activations first, then the matmul reads them.
-        (OpKind::MatMul, QuantScheme::W8A8) => return &["quantize_rows_i8_f32", "matmul_q8"],
-        (OpKind::MatMul, QuantScheme::W4A8) => return &["quantize_rows_i8_f32", "matmul_q4"],
-        (OpKind::MatMul, QuantScheme::Fp8) => return &["quantize_rows_e4m3_f32", "matmul_e4m3"],
+        (OpKind::MatMul, QuantScheme::W8A8) => {
+            return &["quantize_rows_i8_f32", "matmul_q8", "matmul_q8_one"]
+        }
+        (OpKind::MatMul, QuantScheme::W4A8) => {
+            return &["quantize_rows_i8_f32", "matmul_q4", "matmul_q4_one"]
+        }
+        (OpKind::MatMul, QuantScheme::Fp8) => {
+            return &["quantize_rows_e4m3_f32", "matmul_e4m3", "matmul_e4m3_one"]
+        }
         (OpKind::Embedding, QuantScheme::W8A16 | QuantScheme::W8A8) => return &["embedding_q8"],
         (OpKind::Embedding, QuantScheme::W4A16 | QuantScheme::W4A8) => return &["embedding_q4"],
         (OpKind::Embedding, QuantScheme::W2A16) => return &["embedding_q2"],

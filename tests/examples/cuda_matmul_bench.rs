@@ -152,7 +152,8 @@ fn main() {
                 let mut b = s.launch_builder(&f);
                 b.arg(&x).arg(&ki).arg(w).arg(&ki).arg(&ni);
                 if quant_bits.is_some() {
-                    b.arg(&group).arg(&scales).arg(&mins);
+                    // ... then the rows' activation scales (none: A16).
+                    b.arg(&group).arg(&scales).arg(&mins).arg(&0u64);
                 }
                 b.arg(&0u64).arg(&ti).arg(out).arg(&ni);
                 let config = LaunchConfig {

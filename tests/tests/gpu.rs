@@ -600,12 +600,14 @@ fn quantized_matmuls_match_a_float64_reference() {
                 } else {
                     0
                 };
-                for t in [1usize, 5] {
+                // The kernel for several tokens (also given one), and the single-token one.
+                let one = format!("{name}_one");
+                for (t, kernel) in [(1usize, name), (1, one.as_str()), (5, name)] {
                     let x = random(t * k, 9 + t as u64);
                     let (x_d, row_scales_d, q, row_scales) = activations(&x, t, act);
                     let row_scales_p = row_scales_d.as_ref().map_or(0, address);
                     let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
-                    let f = function(name);
+                    let f = function(kernel);
                     let (ki, ni, gi, ti) = (k as i32, n as i32, group as i32, t as i32);
                     let mut launch = s.launch_builder(&f);
                     launch
@@ -634,7 +636,7 @@ fn quantized_matmuls_match_a_float64_reference() {
                     unsafe { launch.launch(config) }.expect("launch");
                     let got = s.clone_dtoh(&out_d).unwrap();
                     let err = relative_error(&got, &reference(&q, &row_scales, &weight));
-                    assert!(err < 1e-5, "{case} t {t}: relative error {err}");
+                    assert!(err < 1e-5, "{case} {kernel} t {t}: relative error {err}");
                 }
                 // The GEMM of many tokens: the weight formed whole and exactly, in f32; for
                 // quantized activations the rows' scales and the bias come after

@@ -1073,7 +1073,13 @@ impl GpuEngine {
                         t.div_ceil(4),
                         QUANT_MATMUL_THREADS,
                     );
-                    return go(matmul, config, &[&head[..], &scales, &tail].concat());
+                    // The last function serves a single token, the one before it several.
+                    let f = if t == 1 {
+                        matmul
+                    } else {
+                        matmul.saturating_sub(1)
+                    };
+                    return go(f, config, &[&head[..], &scales, &tail].concat());
                 }
                 let config = grid(n.div_ceil(8), t.div_ceil(4), 256);
                 go(matmul, config, &[&head[..], &tail].concat())
