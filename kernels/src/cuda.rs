@@ -98,9 +98,10 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
         (OpKind::Embedding, ir_types::DType::BF16) => &["embedding_bf16"],
         (OpKind::Embedding, ir_types::DType::F16) => &["embedding_f16"],
         (OpKind::Embedding, _) => &["embedding_f32"],
-        (OpKind::MatMul, ir_types::DType::BF16) => &["matmul_bf16"],
-        (OpKind::MatMul, ir_types::DType::F16) => &["matmul_f16"],
-        (OpKind::MatMul, _) => &["matmul_f32"],
+        // A plain matmul: its kernel for several tokens, then its kernel for a single token.
+        (OpKind::MatMul, ir_types::DType::BF16) => &["matmul_bf16", "matmul_bf16_one"],
+        (OpKind::MatMul, ir_types::DType::F16) => &["matmul_f16", "matmul_f16_one"],
+        (OpKind::MatMul, _) => &["matmul_f32", "matmul_f32_one"],
         (OpKind::RmsNorm, _) => &["rms_norm_f32"],
         (OpKind::AddRmsNorm, _) => &["add_rms_norm_f32"],
         (OpKind::Add, _) => &["add_f32"],

@@ -133,41 +133,44 @@ fn a_plan_for_another_gpu_is_refused_naming_both() {
 fn matmul_bf16_matches_a_float64_reference() {
     let Some(arch) = device() else { return };
     let gpu = module(arch);
-    let (t, k, n) = (5usize, 300usize, 70usize);
-    let x = random(t * k, 1);
-    let w: Vec<bf16> = random(n * k, 2).into_iter().map(bf16::from_f32).collect();
-    let bias = random(n, 3);
-    let s = &gpu.stream;
-    let x_d = s.clone_htod(&x).unwrap();
-    let w_d = s
-        .clone_htod(&w.iter().map(|v| v.to_bits()).collect::<Vec<u16>>())
-        .unwrap();
-    let b_d = s.clone_htod(&bias).unwrap();
-    // Poisoned output: every element must be written.
-    let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
-    let f = gpu.function("matmul_bf16").expect("matmul_bf16");
-    let (ki, ni, ti) = (k as i32, n as i32, t as i32);
-    let mut launch = s.launch_builder(f);
-    launch
-        .arg(&x_d)
-        .arg(&ki)
-        .arg(&w_d)
-        .arg(&ki)
-        .arg(&ni)
-        .arg(&b_d)
-        .arg(&ti)
-        .arg(&mut out_d)
-        .arg(&ni);
-    let config = LaunchConfig {
-        grid_dim: (n.div_ceil(8) as u32, t.div_ceil(4) as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    unsafe { launch.launch(config) }.expect("launch");
-    let got = s.clone_dtoh(&out_d).unwrap();
-    let want = matmul_reference(&x, k, &bias, |c, i| w[c * k + i].to_f32());
-    let err = relative_error(&got, &want);
-    assert!(err < 1e-5, "relative error {err}");
+    // The kernel for several tokens, and the one for a single token.
+    for (t, function) in [(5usize, "matmul_bf16"), (1, "matmul_bf16_one")] {
+        let (k, n) = (300usize, 70usize);
+        let x = random(t * k, 1);
+        let w: Vec<bf16> = random(n * k, 2).into_iter().map(bf16::from_f32).collect();
+        let bias = random(n, 3);
+        let s = &gpu.stream;
+        let x_d = s.clone_htod(&x).unwrap();
+        let w_d = s
+            .clone_htod(&w.iter().map(|v| v.to_bits()).collect::<Vec<u16>>())
+            .unwrap();
+        let b_d = s.clone_htod(&bias).unwrap();
+        // Poisoned output: every element must be written.
+        let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+        let f = gpu.function(function).expect(function);
+        let (ki, ni, ti) = (k as i32, n as i32, t as i32);
+        let mut launch = s.launch_builder(f);
+        launch
+            .arg(&x_d)
+            .arg(&ki)
+            .arg(&w_d)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&b_d)
+            .arg(&ti)
+            .arg(&mut out_d)
+            .arg(&ni);
+        let config = LaunchConfig {
+            grid_dim: (n.div_ceil(8) as u32, t.div_ceil(4) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(config) }.expect("launch");
+        let got = s.clone_dtoh(&out_d).unwrap();
+        let want = matmul_reference(&x, k, &bias, |c, i| w[c * k + i].to_f32());
+        let err = relative_error(&got, &want);
+        assert!(err < 1e-5, "{function}: relative error {err}");
+    }
 }
 
 #[test]

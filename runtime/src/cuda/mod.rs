@@ -1025,7 +1025,9 @@ impl GpuEngine {
                     )?;
                     (xp, xs, row_scales) = (qp, x.cols as i32, sp);
                 }
-                let matmul = functions.len().saturating_sub(1);
+                // The last function serves a single token, the one before it several.
+                let one = functions.len().saturating_sub(1);
+                let row_kernel = if t == 1 { one } else { one.saturating_sub(1) };
                 // From the plan's threshold on, the GEMM (`CudaDispatch`).
                 let gemm_from = self.gemm_from.get(index).copied().flatten();
                 let gemm = self
@@ -1073,16 +1075,10 @@ impl GpuEngine {
                         t.div_ceil(4),
                         QUANT_MATMUL_THREADS,
                     );
-                    // The last function serves a single token, the one before it several.
-                    let f = if t == 1 {
-                        matmul
-                    } else {
-                        matmul.saturating_sub(1)
-                    };
-                    return go(f, config, &[&head[..], &scales, &tail].concat());
+                    return go(row_kernel, config, &[&head[..], &scales, &tail].concat());
                 }
                 let config = grid(n.div_ceil(8), t.div_ceil(4), 256);
-                go(matmul, config, &[&head[..], &tail].concat())
+                go(row_kernel, config, &[&head[..], &tail].concat())
             }
             Launch::Add { a, b, out } | Launch::Mul { a, b, out } => {
                 let ((ap, as_), (bp, bs), (o, os)) = (act(a)?, act(b)?, act(out)?);
