@@ -254,3 +254,34 @@ fn a_tied_table_on_cuda_is_read_by_the_quantized_embedding() {
     assert_eq!(kernels.last(), Some(&"matmul_w8a16_sm90"), "{kernels:?}");
     assert!(kernels.contains(&"matmul_w4a16_sm90"), "{kernels:?}");
 }
+
+#[test]
+fn a_quantized_cuda_plan_from_before_format_8_is_refused_with_a_fix() {
+    if !available_for_test("a_quantized_cuda_plan_from_before_format_8_is_refused_with_a_fix") {
+        return;
+    }
+    // Format 8 gave the quantized CUDA matmuls the rows' activation scales: an older plan's
+    // module would be called with the wrong arguments, so it must be refused before any launch.
+    let target = Target::Cuda(CudaArch::Sm90);
+    let stamped = |quant: QuantScheme, version: u32| {
+        // Group 32 is the default; naming it gives this test plan files of its own.
+        let path = compile_with("tiny/llama", target, quant, Some(32)).expect("compiles");
+        let mut bytes = std::fs::read(&path).expect("reads");
+        // The header as `artifacts::container` lays it out (pinned by its frozen-layout test):
+        // the version at bytes 8..12, a blake3 of the first 72 bytes at 72..104.
+        bytes[8..12].copy_from_slice(&version.to_le_bytes());
+        let checksum = blake3::hash(&bytes[..72]);
+        bytes[72..104].copy_from_slice(checksum.as_bytes());
+        let old = path.with_extension(format!("v{version}.fdp"));
+        std::fs::write(&old, bytes).expect("writes");
+        LoadedPlan::load(&old)
+    };
+    let err = stamped(QuantScheme::W4A16, 7).err().expect("refused");
+    let message = err.to_string();
+    assert!(
+        message.contains("format 7") && message.contains("recompile"),
+        "{message}"
+    );
+    // Unquantized CUDA plans of format 7 read as before.
+    assert!(stamped(QuantScheme::None, 7).is_ok());
+}
