@@ -28,12 +28,17 @@ pub const CUDA_DISPATCH: &str = "cuda.dispatch";
 /// Which kernel serves each step of a CUDA plan at which pass size, as fdc chose it for the
 /// target. A step's registry kernel (`Step::kernel`) serves passes below its threshold; from
 /// the threshold on, a matmul runs as a tensor-core GEMM through cuBLAS (quantized weights
-/// formed whole in f32 first) when fdrt finds cuBLAS, and on its registry kernel otherwise.
+/// formed whole in f32 first) when fdrt finds cuBLAS, and on its registry kernel otherwise;
+/// attention runs on its tiled prefill kernel when prompt chunks make up enough of the pass.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CudaDispatch {
     /// One entry per step of the program, in order: the pass size in tokens from which the
     /// step runs as a GEMM, or `None` (not a matmul, or never).
     pub gemm_from_tokens: Vec<Option<u32>>,
+    /// Attention: the share of a pass's tokens (percent) that must be in prompt chunks for the
+    /// tiled prefill kernel to serve it instead of the split decode kernel; `None`: the split
+    /// kernel always.
+    pub prefill_attention_from_percent: Option<u32>,
 }
 
 /// Every function entry in a code section starts at a multiple of this many bytes from the start

@@ -591,7 +591,8 @@ fn cuda_module(graph: &Graph, arch: ir::CudaArch) -> Result<CodeLayout, CompileE
 }
 
 /// The pass sizes from which a CUDA plan's matmuls run as tensor-core GEMMs (by the weight's
-/// stored type: `kernels::cuda::gemm_from_tokens`); every other step keeps its kernel.
+/// stored type: `kernels::cuda::gemm_from_tokens`), and the share of prompt tokens from which
+/// attention takes its tiled prefill kernel; every other step keeps its kernel.
 fn cuda_dispatch(
     program: &artifacts::schema::Program,
     weights: &[WeightInfo],
@@ -606,7 +607,10 @@ fn cuda_dispatch(
             _ => None,
         })
         .collect();
-    artifacts::code_abi::CudaDispatch { gemm_from_tokens }
+    artifacts::code_abi::CudaDispatch {
+        gemm_from_tokens,
+        prefill_attention_from_percent: Some(kernels::cuda::PREFILL_ATTENTION_FROM_PERCENT),
+    }
 }
 
 /// Reads a weight expression as f32, in the order its parts are concatenated.

@@ -258,6 +258,16 @@ matmuls by shape (N x K of the weight)"
             );
         }
     }
+    if let Some(percent) = dispatch
+        .as_ref()
+        .and_then(|d| d.prefill_attention_from_percent)
+    {
+        let _ = writeln!(
+            out,
+            "\nattention: the split decode kernel, or the tiled prefill kernel for passes with \
+             {percent}% or more of their tokens in prompt chunks"
+        );
+    }
     if matches!(manifest.target, ir::Target::Cuda(_)) {
         let _ = writeln!(out, "\nCUDA module (one for every kernel above)");
         for sym in &manifest.code {

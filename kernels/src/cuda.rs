@@ -64,6 +64,11 @@ pub fn gemm_from_tokens(dtype: ir_types::DType) -> Option<u32> {
     }
 }
 
+/// Share of a pass's tokens (percent) in prompt chunks from which attention runs on the tiled
+/// prefill kernel (`attention_prefill_f32`: a tile of queries of one sequence shares each tile
+/// of keys) rather than the split decode kernel (one query per block and chunk of positions).
+pub const PREFILL_ATTENTION_FROM_PERCENT: u32 = 50;
+
 /// K and group sizes the quantized CUDA kernels take must be multiples of this: a lane's span of
 /// codes (up to 16 k) lies inside one group.
 pub const QUANT_K_MULTIPLE: usize = 16;

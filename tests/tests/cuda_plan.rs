@@ -94,12 +94,17 @@ fn a_cuda_plan_carries_its_module_cuda_kernels_and_row_major_weights() {
         )
         .expect("decodes");
         assert_eq!(dispatch.gemm_from_tokens.len(), plan.program.steps.len());
+        assert_eq!(dispatch.prefill_attention_from_percent, Some(50));
         for (step, gemm) in plan.program.steps.iter().zip(&dispatch.gemm_from_tokens) {
             let matmul = matches!(step.launch, artifacts::schema::Launch::MatMul { .. });
             assert_eq!(*gemm, matmul.then_some(16), "{}", step.kernel);
         }
         let report = compiler::inspect::inspect(&path, &[]).expect("inspects");
         assert!(report.contains("CUDA module"), "{report}");
+        assert!(
+            report.contains("tiled prefill kernel for passes with 50% or more"),
+            "{report}"
+        );
         let matmul = format!("matmul_bf16_{}", arch.name());
         assert!(
             report

@@ -216,6 +216,9 @@ pub struct GpuEngine {
     gemm: Option<Gemm>,
     /// Per step, the pass size from which it runs as a GEMM (the plan's `CudaDispatch`).
     gemm_from: Vec<Option<u32>>,
+    /// The share of a pass's tokens (percent) in prompt chunks from which attention takes the
+    /// tiled prefill kernel (the plan's `CudaDispatch`).
+    prefill_attention_from: usize,
     /// Where the A8 and FP8 matmuls put their quantized activations (None: the plan has none).
     act_quant: Option<ActQuantBuffers>,
     /// Whether the plan's kernels are launched overlapped (programmatic dependent launch): on
@@ -404,7 +407,10 @@ impl GpuEngine {
             k_cache.push(kv_alloc("key")?);
             v_cache.push(kv_alloc("value")?);
         }
-        let gemm_from = gemm_thresholds(&plan)?;
+        let code_abi::CudaDispatch {
+            gemm_from_tokens: gemm_from,
+            prefill_attention_from_percent,
+        } = dispatch(&plan)?;
         // The matmuls a pass of up to `max_batch_tokens` tokens can run as GEMMs.
         let reachable = |index: usize| {
             gemm_from
@@ -462,7 +468,8 @@ impl GpuEngine {
         let group = (m.model.num_heads / m.kv.num_kv_heads.max(1)) as usize;
         let prefill_attention = match gpu.module.load_function("attention_prefill_f32") {
             Ok(f)
-                if (1..=PREFILL_QUERY_ROWS).contains(&group)
+                if prefill_attention_from_percent.is_some()
+                    && (1..=PREFILL_QUERY_ROWS).contains(&group)
                     && m.model.num_heads.is_multiple_of(m.kv.num_kv_heads.max(1)) =>
             {
                 Some((f, PREFILL_QUERY_ROWS / group))
@@ -502,6 +509,7 @@ impl GpuEngine {
             prefill_attention,
             gemm,
             gemm_from,
+            prefill_attention_from: prefill_attention_from_percent.unwrap_or(100) as usize,
             act_quant,
             overlap_launches: matches!(plan.manifest.target, Target::Cuda(CudaArch::Sm90))
                 && !std::env::var("FDRT_PDL").is_ok_and(|v| v == "off"),
@@ -705,8 +713,9 @@ impl GpuEngine {
         }
         s.memcpy_htod(&tables, &mut self.tables.slice_mut(..tables.len()))
             .map_err(up)?;
-        // Most of the pass's tokens in prompt chunks: attention by tiles of queries, each tile
-        // inside one chunk (the split kernel is for decode tokens, one query each).
+        // Enough of the pass in prompt chunks (the plan says how much): attention by tiles of
+        // queries, each tile inside one chunk (the split kernel is for decode tokens, one query
+        // each).
         let in_chunks: usize = layout
             .spans
             .iter()
@@ -714,7 +723,7 @@ impl GpuEngine {
             .map(|s| s.rows)
             .sum();
         let tiles: Vec<u32> = match self.prefill_attention {
-            Some((_, tile_tokens)) if 2 * in_chunks >= t => layout
+            Some((_, tile_tokens)) if 100 * in_chunks >= self.prefill_attention_from * t => layout
                 .spans
                 .iter()
                 .flat_map(|span| {
@@ -1315,14 +1324,13 @@ enum Arg {
     F(f32),
 }
 
-/// Per step of `plan`, the pass size from which it runs as a GEMM: the plan's `CudaDispatch`,
-/// or for a plan written before fdc recorded it, the rule fdc applies
-/// (`kernels::cuda::gemm_from_tokens`).
-fn gemm_thresholds(plan: &LoadedPlan) -> Result<Vec<Option<u32>>, RuntimeError> {
+/// The plan's `CudaDispatch`, or for a plan written before fdc recorded it, the rules fdc
+/// applies (`kernels::cuda::gemm_from_tokens`, `PREFILL_ATTENTION_FROM_PERCENT`).
+fn dispatch(plan: &LoadedPlan) -> Result<code_abi::CudaDispatch, RuntimeError> {
     let steps = &plan.program.steps;
     let Some(bytes) = plan.code_symbol(code_abi::CUDA_DISPATCH) else {
         let weights = &plan.manifest.weights;
-        return Ok(steps
+        let gemm_from_tokens = steps
             .iter()
             .map(|step| match &step.launch {
                 Launch::MatMul { w, .. } => weights
@@ -1330,7 +1338,11 @@ fn gemm_thresholds(plan: &LoadedPlan) -> Result<Vec<Option<u32>>, RuntimeError> 
                     .and_then(|info| kernels::cuda::gemm_from_tokens(info.dtype)),
                 _ => None,
             })
-            .collect());
+            .collect();
+        return Ok(code_abi::CudaDispatch {
+            gemm_from_tokens,
+            prefill_attention_from_percent: Some(kernels::cuda::PREFILL_ATTENTION_FROM_PERCENT),
+        });
     };
     let dispatch: code_abi::CudaDispatch =
         artifacts::codec::decode(code_abi::CUDA_DISPATCH, bytes)?;
@@ -1341,7 +1353,7 @@ fn gemm_thresholds(plan: &LoadedPlan) -> Result<Vec<Option<u32>>, RuntimeError> 
             steps.len()
         )));
     }
-    Ok(dispatch.gemm_from_tokens)
+    Ok(dispatch)
 }
 
 /// Queues `f(args)` on `stream`. With `overlap`, as a programmatic dependent launch (sm90): the
