@@ -11,9 +11,10 @@
 //!
 //! Each function takes the matmul kernels' arguments (`kernels/cuda/matmul.cu`); ROWS_PER_BLOCK
 //! weight rows go to one block of THREADS threads, and each block takes 4 tokens. The default is
-//! the module's `matmul_bf16`. With `--quant 8|4|2` the weights are random codes in the layout of
-//! quantized CUDA plans (groups of 32, asymmetric below 8 bits), the functions take the quantized
-//! matmul's arguments (`kernels/cuda/quant.cu`), and the default is the module's `matmul_q{BITS}`.
+//! the module's `matmul_bf16` (`matmul_bf16_one` for one token). With `--quant 8|4|2` the
+//! weights are random codes in the layout of quantized CUDA plans (groups of 32, asymmetric below
+//! 8 bits), the functions take the quantized matmul's arguments (`kernels/cuda/quant.cu`), and
+//! the default is the module's `matmul_q{BITS}` (`matmul_q{BITS}_one` for one token).
 
 #[path = "../tests/common/random.rs"]
 mod random;
@@ -91,8 +92,14 @@ fn main() {
         },
     };
     if variants.is_empty() {
+        // What a pass of this many tokens runs: the single-token kernel for one.
+        let function = if tokens == 1 {
+            format!("{}_one", reference.function)
+        } else {
+            reference.function.clone()
+        };
         variants.push(Variant {
-            function: reference.function.clone(),
+            function,
             ..reference
         });
     }
