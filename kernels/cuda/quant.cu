@@ -51,10 +51,26 @@ __device__ __forceinline__ float fd_e4m3_f32(unsigned int w, int sel) {
     return (b & 0x7fu) == 0x7fu ? __int_as_float(0x7fffffff) : v;
 }
 
-// Byte `sel` of `w` as the code's value: the unsigned integer, or the e4m3 value.
-template <bool E4M3>
-__device__ __forceinline__ float fd_code_f32(unsigned int w, int sel) {
-    return E4M3 ? fd_e4m3_f32(w, sel) : fd_byte_f32(w, sel);
+// The four e4m3 codes of `w` (byte j into out[j]) as f32. On sm89 and later through the
+// hardware conversion, two codes per instruction into f16 (which holds every e4m3 value and
+// NaN exactly), then widened: the matmul is bound by instructions per weight, and the bit
+// manipulation of `fd_e4m3_f32` costs about twice as many (measured: FP8 decode slower than
+// bf16 with it, docs/PERF.md).
+__device__ __forceinline__ void fd_e4m3x4_f32(unsigned int w, float out[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    unsigned int lo, hi;
+    asm("{\n .reg .b16 a, b;\n mov.b32 {a, b}, %2;\n cvt.rn.f16x2.e4m3x2 %0, a;\n"
+        " cvt.rn.f16x2.e4m3x2 %1, b;\n}"
+        : "=r"(lo), "=r"(hi)
+        : "r"(w));
+    const unsigned short h[4] = {(unsigned short)(lo & 0xffffu), (unsigned short)(lo >> 16),
+                                 (unsigned short)(hi & 0xffffu), (unsigned short)(hi >> 16)};
+#pragma unroll
+    for (int j = 0; j < 4; j++) asm("cvt.f32.f16 %0, %1;" : "=f"(out[j]) : "h"(h[j]));
+#else
+#pragma unroll
+    for (int j = 0; j < 4; j++) out[j] = fd_e4m3_f32(w, j);
+#endif
 }
 
 // gs[m][r] += sum over the piece's KL k of code(k, r) * x[m][k].
@@ -70,12 +86,31 @@ __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], in
 #pragma unroll
         for (int s = 0; s < L::C; s++) slots[wi][s] = (words[wi] >> (s * BITS)) & L::MASK;
     }
+    if constexpr (E4M3) {
+        // 8-bit codes: for each k, its 8 rows' codes in two words, byte j of word q is row
+        // 4q + j.
+#pragma unroll
+        for (int kk = 0; kk < L::KL; kk++) {
+#pragma unroll
+            for (int q = 0; q < QPANEL / 4; q++) {
+                float v[4];
+                fd_e4m3x4_f32(words[kk * (QPANEL / 4) + q], v);
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+#pragma unroll
+                    for (int m = 0; m < TOKENS; m++)
+                        gs[m][q * 4 + j] += v[j] * xv[m][base_k + kk];
+                }
+            }
+        }
+        return;
+    }
 #pragma unroll
     for (int kk = 0; kk < L::KL; kk++) {
 #pragma unroll
         for (int r = 0; r < QPANEL; r++) {
             const int byte = kk * L::BPK + r % L::BPK, slot = r / L::BPK;
-            const float code = fd_code_f32<E4M3>(slots[byte / 4][slot], byte % 4);
+            const float code = fd_byte_f32(slots[byte / 4][slot], byte % 4);
 #pragma unroll
             for (int m = 0; m < TOKENS; m++) gs[m][r] += code * xv[m][base_k + kk];
         }
