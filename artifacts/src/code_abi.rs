@@ -41,6 +41,33 @@ pub struct CudaDispatch {
     pub prefill_attention_from_percent: Option<u32>,
 }
 
+impl CudaDispatch {
+    /// The table for `program`: each matmul's threshold by its weight's stored type
+    /// (`gemm_from`), every other step none. fdc writes it; fdrt rebuilds it for plans written
+    /// before the table existed.
+    pub fn for_program(
+        program: &crate::schema::Program,
+        weights: &[crate::schema::WeightInfo],
+        gemm_from: impl Fn(ir_types::DType) -> Option<u32>,
+        prefill_attention_from_percent: Option<u32>,
+    ) -> CudaDispatch {
+        let gemm_from_tokens = program
+            .steps
+            .iter()
+            .map(|step| match &step.launch {
+                crate::schema::Launch::MatMul { w, .. } => weights
+                    .get(w.0 as usize)
+                    .and_then(|info| gemm_from(info.dtype)),
+                _ => None,
+            })
+            .collect();
+        CudaDispatch {
+            gemm_from_tokens,
+            prefill_attention_from_percent,
+        }
+    }
+}
+
 /// Every function entry in a code section starts at a multiple of this many bytes from the start
 /// of the section. Generated code addresses its constant pool relative to its own entry and
 /// assumes the pool's alignment (16 bytes for vector constants) holds in memory; the loader maps

@@ -597,20 +597,12 @@ fn cuda_dispatch(
     program: &artifacts::schema::Program,
     weights: &[WeightInfo],
 ) -> artifacts::code_abi::CudaDispatch {
-    let gemm_from_tokens = program
-        .steps
-        .iter()
-        .map(|step| match &step.launch {
-            artifacts::schema::Launch::MatMul { w, .. } => weights
-                .get(w.0 as usize)
-                .and_then(|info| kernels::cuda::gemm_from_tokens(info.dtype)),
-            _ => None,
-        })
-        .collect();
-    artifacts::code_abi::CudaDispatch {
-        gemm_from_tokens,
-        prefill_attention_from_percent: Some(kernels::cuda::PREFILL_ATTENTION_FROM_PERCENT),
-    }
+    artifacts::code_abi::CudaDispatch::for_program(
+        program,
+        weights,
+        kernels::cuda::gemm_from_tokens,
+        Some(kernels::cuda::PREFILL_ATTENTION_FROM_PERCENT),
+    )
 }
 
 /// Reads a weight expression as f32, in the order its parts are concatenated.

@@ -1329,20 +1329,12 @@ enum Arg {
 fn dispatch(plan: &LoadedPlan) -> Result<code_abi::CudaDispatch, RuntimeError> {
     let steps = &plan.program.steps;
     let Some(bytes) = plan.code_symbol(code_abi::CUDA_DISPATCH) else {
-        let weights = &plan.manifest.weights;
-        let gemm_from_tokens = steps
-            .iter()
-            .map(|step| match &step.launch {
-                Launch::MatMul { w, .. } => weights
-                    .get(w.0 as usize)
-                    .and_then(|info| kernels::cuda::gemm_from_tokens(info.dtype)),
-                _ => None,
-            })
-            .collect();
-        return Ok(code_abi::CudaDispatch {
-            gemm_from_tokens,
-            prefill_attention_from_percent: Some(kernels::cuda::PREFILL_ATTENTION_FROM_PERCENT),
-        });
+        return Ok(code_abi::CudaDispatch::for_program(
+            &plan.program,
+            &plan.manifest.weights,
+            kernels::cuda::gemm_from_tokens,
+            Some(kernels::cuda::PREFILL_ATTENTION_FROM_PERCENT),
+        ));
     };
     let dispatch: code_abi::CudaDispatch =
         artifacts::codec::decode(code_abi::CUDA_DISPATCH, bytes)?;
