@@ -6,14 +6,15 @@
 //!
 //! ```text
 //! cargo run --release -p tests --example cuda_matmul_bench -- [--extra FILE.cu] [--tokens T] \
-//!     [--quant BITS] [FUNCTION:ROWS_PER_BLOCK:THREADS ...]
+//!     [--quant BITS [--group G] [--sym]] [FUNCTION:ROWS_PER_BLOCK:THREADS ...]
 //! ```
 //!
 //! Each function takes the matmul kernels' arguments (`kernels/cuda/matmul.cu`); ROWS_PER_BLOCK
-//! weight rows go to one block of THREADS threads, and each block takes 4 tokens. The default is
+//! weight rows go to one block of THREADS threads, and each block takes 4 tokens; ROWS_PER_BLOCK
+//! written `xB` launches B blocks per SM instead (the stream kernels, which walk their rows). The default is
 //! the module's `matmul_bf16` (`matmul_bf16_one` for one token). With `--quant 8|4|2` the
-//! weights are random codes in the layout of quantized CUDA plans (groups of 32, asymmetric below
-//! 8 bits), the functions take the quantized matmul's arguments (`kernels/cuda/quant.cu`), and
+//! weights are random codes in the layout of quantized CUDA plans (groups of G, default 32,
+//! asymmetric below 8 bits unless `--sym`), the functions take the quantized matmul's arguments (`kernels/cuda/quant.cu`), and
 //! the default is the module's `matmul_q{BITS}` (`matmul_q{BITS}_one` for one token).
 
 #[path = "../tests/common/random.rs"]
@@ -40,14 +41,22 @@ const COLD_BYTES: usize = 1 << 30;
 
 struct Variant {
     function: String,
-    rows_per_block: u32,
+    grid: Grid,
     threads: u32,
+}
+
+#[derive(Clone, Copy)]
+enum Grid {
+    RowsPerBlock(u32),
+    BlocksPerSm(u32),
 }
 
 fn main() {
     let mut extra = None;
     let mut tokens = 1usize;
     let mut quant_bits: Option<u8> = None;
+    let mut group = 32usize;
+    let mut symmetric = false;
     let mut variants = vec![];
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -60,6 +69,8 @@ fn main() {
                         .expect("--quant BITS"),
                 )
             }
+            "--group" => group = args.next().and_then(|g| g.parse().ok()).expect("--group G"),
+            "--sym" => symmetric = true,
             "--tokens" => {
                 tokens = args
                     .next()
@@ -71,9 +82,13 @@ fn main() {
                 let [function, rows, threads] = parts[..] else {
                     panic!("expected FUNCTION:ROWS_PER_BLOCK:THREADS, got {spec}")
                 };
+                let grid = match rows.strip_prefix('x') {
+                    Some(b) => Grid::BlocksPerSm(b.parse().expect("blocks per SM")),
+                    None => Grid::RowsPerBlock(rows.parse().expect("rows per block")),
+                };
                 variants.push(Variant {
                     function: function.to_string(),
-                    rows_per_block: rows.parse().expect("rows per block"),
+                    grid,
                     threads: threads.parse().expect("threads"),
                 });
             }
@@ -82,12 +97,12 @@ fn main() {
     let reference = match quant_bits {
         None => Variant {
             function: "matmul_bf16".into(),
-            rows_per_block: 8,
+            grid: Grid::RowsPerBlock(8),
             threads: 256,
         },
         Some(bits) => Variant {
             function: format!("matmul_q{bits}"),
-            rows_per_block: 8,
+            grid: Grid::RowsPerBlock(8),
             threads: runtime::cuda::QUANT_MATMUL_THREADS,
         },
     };
@@ -120,7 +135,12 @@ fn main() {
     let module = ctx
         .load_module(cudarc::nvrtc::Ptx::from_binary(module.cubin))
         .expect("loading the module");
-    println!("{name}, {tokens} token(s) per launch");
+    let sms = ctx
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .expect("SM count") as u32;
+    println!("{name}, {sms} SMs, {tokens} token(s) per launch");
 
     let copy_gbs = copy_bandwidth(&ctx, &s);
     println!("device-to-device copy: {copy_gbs:.0} GB/s (bytes read plus written)");
@@ -128,7 +148,7 @@ fn main() {
     for (shape, k, n) in SHAPES {
         let weight = match quant_bits {
             None => WeightBytes::bf16(k, n),
-            Some(bits) => WeightBytes::quantized(bits, k, n),
+            Some(bits) => WeightBytes::quantized(bits, k, n, group, !symmetric && bits < 8),
         };
         let bytes = weight.bytes.len();
         let copies = COLD_BYTES.div_ceil(bytes).max(2);
@@ -164,11 +184,12 @@ fn main() {
                 }
                 b.arg(&0u64).arg(&ti).arg(out).arg(&ni);
                 let config = LaunchConfig {
-                    grid_dim: (
-                        (n as u32).div_ceil(v.rows_per_block),
-                        (tokens as u32).div_ceil(4),
-                        1,
-                    ),
+                    grid_dim: match v.grid {
+                        Grid::RowsPerBlock(rows) => {
+                            ((n as u32).div_ceil(rows), (tokens as u32).div_ceil(4), 1)
+                        }
+                        Grid::BlocksPerSm(b) => ((b * sms).min((n as u32).div_ceil(8)), 1, 1),
+                    },
                     block_dim: (v.threads, 1, 1),
                     shared_mem_bytes: 0,
                 };
@@ -248,14 +269,14 @@ impl WeightBytes {
     }
 
     /// Random codes and scales, packed as the compiler packs them for CUDA.
-    fn quantized(bits: u8, k: usize, n: usize) -> WeightBytes {
+    fn quantized(bits: u8, k: usize, n: usize, group: usize, asymmetric: bool) -> WeightBytes {
         use kernels::cpu::quant::{QuantBytes, QuantFormat, QuantMatrix};
         let format = QuantFormat {
             codes: ir::CodeFormat::Int(bits),
-            group: 32,
-            asymmetric: bits < 8,
+            group,
+            asymmetric,
         };
-        let groups = n * (k / 32);
+        let groups = n * (k / group);
         let noise = random::uniform(n * k, 7);
         let matrix = QuantMatrix {
             format,
@@ -277,7 +298,7 @@ impl WeightBytes {
         let parts = QuantBytes::of(&format, layout, n, k);
         WeightBytes {
             bytes: parts.write(&packed),
-            group: 32,
+            group: group as i32,
             scales_offset: parts.scales_offset as u64,
             mins_offset: format.asymmetric.then_some(parts.mins_offset as u64),
         }
