@@ -29,6 +29,7 @@ pub mod sampler;
 pub mod scheduler;
 pub mod sequence;
 pub mod server;
+pub mod speculative;
 pub mod tokenizer;
 pub mod weights;
 pub mod weights_update;

@@ -175,14 +175,30 @@ impl Sampler {
     /// The next token for one row of logits, which then counts as generated. NaN logits are
     /// never chosen; a row with no finite logit falls back to [`argmax`].
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        self.pick(logits, None)
+    }
+
+    /// The token at a position where `draft` was proposed (speculative decoding): `draft`
+    /// itself with the probability this sampler's distribution (penalties, temperature, top-k,
+    /// top-p, min-p applied) gives it, otherwise a token drawn from that distribution with
+    /// `draft` taken out. The proposal is deterministic, so this is rejection sampling, and the
+    /// token is distributed exactly as [`Sampler::sample`]'s over the same row; it counts as
+    /// generated. A greedy sampler returns the argmax, as `sample` does. It draws one more
+    /// random number than `sample`, so a seeded run differs from one without speculation
+    /// (in the tokens drawn, not in their distribution).
+    pub fn verify_draft(&mut self, logits: &[f32], draft: u32) -> u32 {
+        self.pick(logits, Some(draft))
+    }
+
+    fn pick(&mut self, logits: &[f32], draft: Option<u32>) -> u32 {
         let Some(history) = &mut self.history else {
-            return self.choose(logits);
+            return self.choose(logits, draft);
         };
         let mut penalized = std::mem::take(&mut self.penalized);
         penalized.clear();
         penalized.extend_from_slice(logits);
         history.penalize(&self.params, &mut penalized);
-        let id = self.choose(&penalized);
+        let id = self.choose(&penalized, draft);
         self.penalized = penalized;
         if let Some(history) = &mut self.history {
             *history.generated.entry(id).or_insert(0) += 1;
@@ -196,7 +212,7 @@ impl Sampler {
         self.params.is_greedy() && self.history.is_none()
     }
 
-    fn choose(&mut self, logits: &[f32]) -> u32 {
+    fn choose(&mut self, logits: &[f32], draft: Option<u32>) -> u32 {
         if self.params.is_greedy() {
             return argmax(logits);
         }
@@ -234,6 +250,21 @@ impl Sampler {
         if let Some(min_p) = self.params.min_p {
             // The most likely candidate has weight 1, so it always stays.
             self.candidates.retain(|&(_, weight)| weight >= min_p);
+        }
+        if let Some(draft) = draft {
+            let total: f64 = self.candidates.iter().map(|&(_, w)| f64::from(w)).sum();
+            let at = self.candidates.iter().position(|&(id, _)| id == draft);
+            let weight = at.map_or(0.0, |i| f64::from(self.candidates[i].1));
+            if self.rng.random::<f64>() * total < weight {
+                return draft;
+            }
+            // Rejected: the rest of the distribution, renormalized by `draw`.
+            if let Some(i) = at {
+                self.candidates.swap_remove(i);
+            }
+            if self.candidates.is_empty() {
+                return draft; // it held all the mass; only rounding gets here
+            }
         }
         self.draw()
     }
@@ -484,6 +515,111 @@ mod tests {
             counts[sampler.sample(logits) as usize] += 1;
         }
         counts.iter().map(|&c| c as f64 / draws as f64).collect()
+    }
+
+    /// Pearson's chi-square statistic of `counts` against probabilities `want` (cells with
+    /// probability 0 must be empty).
+    fn chi_square(counts: &[usize], want: &[f64]) -> f64 {
+        let n: usize = counts.iter().sum();
+        counts
+            .iter()
+            .zip(want)
+            .map(|(&c, &p)| {
+                if p == 0.0 {
+                    assert_eq!(c, 0, "a token of probability 0 was drawn");
+                    0.0
+                } else {
+                    let e = p * n as f64;
+                    (c as f64 - e).powi(2) / e
+                }
+            })
+            .sum()
+    }
+
+    /// Speculative decoding's acceptance: whatever token is proposed, `verify_draft` emits
+    /// tokens with the sampler's own distribution. 60,000 draws per case over 5 tokens; the
+    /// 99.9% quantile of chi-square with 4 degrees of freedom is 18.47, so a correct sampler
+    /// fails a case about once in a thousand runs (and the seeds are fixed), while one that
+    /// favoured the proposal by even 2% of the mass lands far above it (checked below).
+    #[test]
+    fn verifying_a_proposal_leaves_the_distribution_unchanged() {
+        let probabilities = [0.4f32, 0.25, 0.2, 0.1, 0.05];
+        let logits = logits_of(&probabilities);
+        let draws = 60_000;
+        let filtered = SamplingParams {
+            top_k: Some(4),
+            ..params(0.7)
+        };
+        // T = 0.7 then top-4: p_i^(1/0.7) over the first four, renormalized.
+        let tempered: Vec<f64> = probabilities[..4]
+            .iter()
+            .map(|&p| f64::from(p).powf(1.0 / 0.7))
+            .collect();
+        let sum: f64 = tempered.iter().sum();
+        let mut want_filtered: Vec<f64> = tempered.iter().map(|p| p / sum).collect();
+        want_filtered.push(0.0);
+        let cases = [
+            (
+                params(1.0),
+                probabilities.iter().map(|&p| f64::from(p)).collect(),
+            ),
+            (filtered, want_filtered),
+        ];
+        for (case, (setting, want)) in cases.iter().enumerate() {
+            // Each proposal: the likeliest token, a middling one, one filtered out (4), one
+            // outside the vocabulary.
+            for draft in [0u32, 2, 4, 99] {
+                let mut sampler = Sampler::new(SamplingParams {
+                    seed: Some(1000 + draft as u64 + 10 * case as u64),
+                    ..*setting
+                })
+                .unwrap();
+                let mut counts = vec![0usize; probabilities.len()];
+                for _ in 0..draws {
+                    counts[sampler.verify_draft(&logits, draft) as usize] += 1;
+                }
+                let stat = chi_square(&counts, want);
+                assert!(
+                    stat < 18.47,
+                    "case {case}, proposal {draft}: chi-square {stat}, counts {counts:?}"
+                );
+            }
+        }
+        // The test's power: a distribution moved by 2% of the mass toward token 2 fails it.
+        let mut skewed = probabilities.to_vec();
+        skewed[2] += 0.02;
+        skewed[0] -= 0.02;
+        let mut sampler = Sampler::new(SamplingParams {
+            seed: Some(7),
+            ..params(1.0)
+        })
+        .unwrap();
+        let mut counts = vec![0usize; probabilities.len()];
+        for _ in 0..draws {
+            counts[sampler.sample(&logits_of(&skewed)) as usize] += 1;
+        }
+        let want: Vec<f64> = probabilities.iter().map(|&p| f64::from(p)).collect();
+        assert!(chi_square(&counts, &want) > 18.47);
+    }
+
+    #[test]
+    fn verifying_with_a_greedy_sampler_is_the_argmax_and_penalties_count_each_token() {
+        let logits = logits_of(&[0.1, 0.6, 0.3]);
+        let mut greedy = Sampler::new(SamplingParams::greedy()).unwrap();
+        assert_eq!(greedy.verify_draft(&logits, 2), 1);
+        assert_eq!(greedy.verify_draft(&logits, 1), 1);
+        // A verified token counts as generated for the penalties, as a sampled one does.
+        let penalized = SamplingParams {
+            frequency_penalty: 2.0,
+            ..SamplingParams::greedy()
+        };
+        let mut a = Sampler::new(penalized).unwrap();
+        let mut b = Sampler::new(penalized).unwrap();
+        let row = [0.0, 3.0, 2.5];
+        let by_verify: Vec<u32> = (0..3).map(|_| a.verify_draft(&row, 1)).collect();
+        let by_sample: Vec<u32> = (0..3).map(|_| b.sample(&row)).collect();
+        assert_eq!(by_verify, by_sample);
+        assert_eq!(by_sample, vec![1, 2, 1]);
     }
 
     #[test]

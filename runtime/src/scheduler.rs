@@ -24,6 +24,7 @@ use crate::engine::{Logits, SeqChunk};
 use crate::error::RuntimeError;
 use crate::generate::FinishReason;
 use crate::sampler::{log_softmax, Sampler, SamplingParams};
+use crate::speculative::{SpeculativeConfig, SpeculativeStats};
 use crate::weights::WeightStore;
 use rayon::prelude::*;
 use std::collections::VecDeque;
@@ -45,6 +46,9 @@ pub struct RequestParams {
     pub ignore_eos: bool,
     /// Report each sampled token's log-probability and this many top alternatives (0 to 20).
     pub logprobs: Option<usize>,
+    /// Whether this request may decode speculatively when the scheduler is configured to (a
+    /// per-request opt-out; the output is the same either way, see `crate::speculative`).
+    pub speculative: bool,
 }
 
 /// One generated token.
@@ -78,6 +82,8 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     /// Reuse the KV blocks of earlier requests with the same prefix.
     pub prefix_caching: bool,
+    /// Propose and verify several tokens per decode step (`--speculative-config`).
+    pub speculative: Option<SpeculativeConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -128,6 +134,8 @@ pub struct Stats {
     /// Tokens of admitted sequences looked up in the prefix cache, and those found there.
     pub prefix_cache_queried_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
+    /// Speculative decoding's proposals and acceptances (all zero when it is off).
+    pub speculative: SpeculativeStats,
 }
 
 /// The receiving end of one request. Dropping it cancels the request.
@@ -241,6 +249,7 @@ impl Scheduler {
             prefix_queried_tokens: 0,
             prefix_hit_tokens: 0,
             weight_generation: 0,
+            speculative: SpeculativeStats::default(),
         };
         let thread = std::thread::Builder::new()
             .name("fdrt-engine".into())
@@ -414,6 +423,9 @@ struct Sequence {
     computed: usize,
     /// Its KV blocks; empty while waiting.
     blocks: SeqBlocks,
+    /// Proposed tokens appended to `tokens` for this step's pass (speculative decoding), taken
+    /// off again when the pass is verified or the sequence gives way.
+    draft: usize,
 }
 
 impl Sequence {
@@ -424,6 +436,13 @@ impl Sequence {
     /// Tokens still to go through the model before the next one can be sampled.
     fn pending(&self) -> usize {
         self.tokens.len() - self.computed
+    }
+
+    /// Takes the proposed tokens off again.
+    fn drop_draft(&mut self) -> Vec<u32> {
+        let proposed = self.tokens.split_off(self.tokens.len() - self.draft);
+        self.draft = 0;
+        proposed
     }
 }
 
@@ -442,6 +461,7 @@ struct Worker {
     prefix_hit_tokens: u64,
     /// Live weight updates so far: part of the prefix cache's salt.
     weight_generation: u64,
+    speculative: SpeculativeStats,
 }
 
 impl Worker {
@@ -476,6 +496,7 @@ impl Worker {
                             request,
                             computed: 0,
                             blocks: SeqBlocks::default(),
+                            draft: 0,
                         });
                         received += 1;
                     }
@@ -585,6 +606,9 @@ impl Worker {
             if preempted[i] || used == budget {
                 continue;
             }
+            if self.running[i].pending() == 1 {
+                self.propose(i, budget - used - 1);
+            }
             let count = self.running[i].pending().min(budget - used);
             let positions = self.running[i].computed + count;
             if self.blocks.blocks_for(positions) > self.blocks.num_blocks() {
@@ -605,6 +629,7 @@ impl Worker {
                     break;
                 };
                 preempted[victim] = true;
+                self.running[victim].drop_draft();
                 let blocks = std::mem::take(&mut self.running[victim].blocks);
                 self.release(blocks);
                 self.running[victim].computed = 0;
@@ -671,6 +696,39 @@ impl Worker {
             .collect()
     }
 
+    /// Speculative decoding: appends to sequence `i`, about to decode one token, the tokens
+    /// proposed for it (at most `room`, what the token budget leaves), when the scheduler and
+    /// the request allow it and the blocks for them are free without preempting anyone.
+    fn propose(&mut self, i: usize, room: usize) {
+        let Some(config) = &self.config.speculative else {
+            return;
+        };
+        let max_context = self.engine.options().max_context;
+        let s = &mut self.running[i];
+        if !s.request.params.speculative {
+            return;
+        }
+        // Every proposed token may be emitted, plus the model's own after them.
+        let limit = room
+            .min(
+                s.request
+                    .params
+                    .max_tokens
+                    .saturating_sub(s.generated() + 1),
+            )
+            .min(max_context.saturating_sub(s.tokens.len()));
+        let draft = config.propose(&s.tokens, limit);
+        if draft.is_empty()
+            || !self
+                .blocks
+                .grow(&mut s.blocks, s.computed + 1 + draft.len())
+        {
+            return;
+        }
+        s.draft = draft.len();
+        s.tokens.extend_from_slice(&draft);
+    }
+
     /// One forward pass over the scheduled tokens; samples for every sequence that reached the
     /// end of its tokens.
     fn step(&mut self) {
@@ -689,6 +747,8 @@ impl Worker {
                     tokens: &s.tokens[s.computed..s.computed + count],
                     logits: match done {
                         false => Logits::None,
+                        // A proposal: the logits after each of its tokens, to verify them.
+                        true if s.draft > 0 => Logits::All,
                         // Nothing but the argmax is read from the row: the engine picks it
                         // (on a GPU, without copying the row back).
                         true if s.request.sampler.picks_argmax()
@@ -717,7 +777,8 @@ impl Worker {
                 let mut planned: Vec<usize> = plan.iter().map(|&(i, _)| i).collect();
                 planned.sort_unstable_by(|a, b| b.cmp(a));
                 for i in planned {
-                    let s = self.running.remove(i);
+                    let mut s = self.running.remove(i);
+                    s.drop_draft();
                     let _ = s.request.events.send(Event::Failed(message.clone()));
                     self.release(s.blocks);
                 }
@@ -730,6 +791,12 @@ impl Worker {
         let (mut rows, mut greedy) = (0, 0);
         for (&(i, count), chunk) in plan.iter().zip(&chunk_logits) {
             let s = &mut self.running[i];
+            if s.draft > 0 {
+                // Verified below; its computed positions are known only then.
+                picks[i] = Some(Pick::Verify(rows));
+                rows += count;
+                continue;
+            }
             s.computed += count;
             self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
             match chunk {
@@ -747,45 +814,85 @@ impl Worker {
         let (logits, greedy_ids) = (output.logits, output.greedy_ids);
         // Each sequence samples with its own sampler, so the rows are sampled in parallel: a
         // decode pass of 64 sequences of a 128K vocabulary is 8M logits to scan.
-        let sampled: Vec<Option<(u32, TokenEvent)>> = self
+        let row = |r: usize| logits.get(r * vocab..(r + 1) * vocab);
+        let sampled: Vec<Option<Emitted>> = self
             .running
             .par_iter_mut()
             .zip(picks.par_iter())
             .map(|(s, pick)| match (*pick)? {
                 Pick::Greedy(k) => {
                     let id = *greedy_ids.get(k)?;
-                    Some((id, token_event(id, &[], None)))
+                    Some(Emitted::one(id, token_event(id, &[], None)))
                 }
-                Pick::Row(row) => {
-                    let row_logits = logits.get(row * vocab..(row + 1) * vocab)?;
+                Pick::Row(r) => {
+                    let row_logits = row(r)?;
                     let id = s.request.sampler.sample(row_logits);
-                    Some((id, token_event(id, row_logits, s.request.params.logprobs)))
+                    Some(Emitted::one(
+                        id,
+                        token_event(id, row_logits, s.request.params.logprobs),
+                    ))
+                }
+                Pick::Verify(row0) => {
+                    // Row j holds the logits after the sequence's last token and the first j
+                    // proposed ones: each proposed token stands while the sampler keeps it,
+                    // and the first it replaces, or the token after them all, ends the step.
+                    let proposed = s.drop_draft();
+                    let mut tokens = Vec::with_capacity(proposed.len() + 1);
+                    for j in 0..=proposed.len() {
+                        let row_logits = row(row0 + j)?;
+                        let id = match proposed.get(j) {
+                            Some(&draft) => s.request.sampler.verify_draft(row_logits, draft),
+                            None => s.request.sampler.sample(row_logits),
+                        };
+                        let event = token_event(id, row_logits, s.request.params.logprobs);
+                        tokens.push((id, event));
+                        if proposed.get(j) != Some(&id) {
+                            break;
+                        }
+                    }
+                    let accepted = tokens.len() - 1;
+                    // The last token and the accepted ones are in the cache; the keys and
+                    // values written for the rejected ones lie past `computed` and are
+                    // overwritten as the sequence goes on.
+                    s.computed += 1 + accepted;
+                    Some(Emitted {
+                        tokens,
+                        proposed: proposed.len(),
+                        accepted,
+                    })
                 }
             })
             .collect();
         let mut finished = vec![];
-        for (i, sample) in sampled.into_iter().enumerate() {
-            let Some((id, event)) = sample else { continue };
+        for (i, emitted) in sampled.into_iter().enumerate() {
+            let Some(emitted) = emitted else { continue };
+            self.speculative.record(emitted.proposed, emitted.accepted);
             let s = &mut self.running[i];
-            s.tokens.push(id);
-            let _ = s.request.events.send(Event::Token(event));
-            let params = &s.request.params;
-            let stop =
-                params.stop_token_ids.contains(&id) || (!params.ignore_eos && eos.contains(&id));
-            let reason = if stop {
-                Some(FinishReason::Stop)
-            } else if s.generated() >= params.max_tokens || s.tokens.len() >= max_context {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                let _ = s.request.events.send(Event::Done {
-                    reason,
-                    prompt_tokens: s.request.prompt.len(),
-                    completion_tokens: s.generated(),
-                });
-                finished.push(i);
+            for (id, event) in emitted.tokens {
+                s.tokens.push(id);
+                let _ = s.request.events.send(Event::Token(event));
+                let params = &s.request.params;
+                let stop = params.stop_token_ids.contains(&id)
+                    || (!params.ignore_eos && eos.contains(&id));
+                let reason = if stop {
+                    Some(FinishReason::Stop)
+                } else if s.generated() >= params.max_tokens || s.tokens.len() >= max_context {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    let _ = s.request.events.send(Event::Done {
+                        reason,
+                        prompt_tokens: s.request.prompt.len(),
+                        completion_tokens: s.generated(),
+                    });
+                    finished.push(i);
+                    break;
+                }
+            }
+            if emitted.proposed > 0 && !finished.contains(&i) {
+                self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
             }
         }
         finished.sort_unstable_by(|a, b| b.cmp(a));
@@ -806,6 +913,7 @@ impl Worker {
         stats.preemptions = self.preemptions;
         stats.prefix_cache_queried_tokens = self.prefix_queried_tokens;
         stats.prefix_cache_hit_tokens = self.prefix_hit_tokens;
+        stats.speculative = self.speculative.clone();
         stats.waiting = self.waiting.len() + in_transit;
     }
 }
@@ -817,6 +925,27 @@ enum Pick {
     Row(usize),
     /// The engine's greedy pick of this index.
     Greedy(usize),
+    /// Its proposed tokens, verified against the rows from this one on (one more row than
+    /// tokens proposed).
+    Verify(usize),
+}
+
+/// What one sequence emits after a pass: one token, or after a proposal the accepted proposed
+/// tokens and the model's own.
+struct Emitted {
+    tokens: Vec<(u32, TokenEvent)>,
+    proposed: usize,
+    accepted: usize,
+}
+
+impl Emitted {
+    fn one(id: u32, event: TokenEvent) -> Emitted {
+        Emitted {
+            tokens: vec![(id, event)],
+            proposed: 0,
+            accepted: 0,
+        }
+    }
 }
 
 fn is_cancelled(r: &Request) -> bool {

@@ -942,6 +942,7 @@ fn the_scheduler_on_the_gpu_batches_requests_as_they_run_alone() {
             max_num_seqs: 8,
             max_waiting: 16,
             prefix_caching: true,
+            speculative: None,
         },
     );
     let prompts: Vec<Vec<u32>> = [3usize, 7, 12, 90, 1, 20, 5, 40]
@@ -955,6 +956,7 @@ fn the_scheduler_on_the_gpu_batches_requests_as_they_run_alone() {
         stop_token_ids: vec![],
         ignore_eos: true,
         logprobs: None,
+        speculative: true,
     };
     let streams: Vec<_> = prompts
         .iter()

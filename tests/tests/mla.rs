@@ -53,6 +53,7 @@ fn run_request(s: &Scheduler, prompt: &[u32]) -> Vec<u32> {
         stop_token_ids: vec![],
         ignore_eos: true,
         logprobs: None,
+        speculative: true,
     };
     let mut stream = s.submit(prompt.to_vec(), params).expect("submit");
     let mut tokens = vec![];
@@ -81,6 +82,7 @@ fn a_cached_latent_prefix_is_reused() {
             max_num_seqs: 2,
             max_waiting: 4,
             prefix_caching: true,
+            speculative: None,
         },
     );
     let prompt: Vec<u32> = (0..40u32).map(|i| 3 + (i * 37) % 300).collect();

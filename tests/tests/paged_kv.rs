@@ -13,19 +13,10 @@ use std::path::PathBuf;
 const CONTEXT: usize = 256;
 
 fn models() -> Vec<(String, PathBuf)> {
-    let mut models: Vec<(String, PathBuf)> = [
-        "tiny/llama",
-        "tiny/llama3_rope",
-        "tiny/qwen2",
-        "tiny/qwen3",
-        "tiny/qwen3_moe",
-        "tiny/mixtral",
-        "tiny/ernie4_5_moe",
-        "tiny/deepseek_v3",
-    ]
-    .iter()
-    .map(|m| (m.to_string(), golden(m)))
-    .collect();
+    let mut models: Vec<(String, PathBuf)> = TINY_GOLDENS
+        .iter()
+        .map(|m| (m.to_string(), golden(m)))
+        .collect();
     models.push(("smollm2".into(), smollm2_gguf()));
     models
 }

@@ -8,18 +8,12 @@ use common::*;
 use ir::DType;
 use runtime::generate::{generate, FinishReason, GenerateOptions};
 use runtime::sampler::SamplingParams;
-use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig, Stats, SubmitError};
+use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig, SubmitError};
 use runtime::EngineOptions;
 use std::time::{Duration, Instant};
 
 fn params(max_tokens: usize) -> RequestParams {
-    RequestParams {
-        max_tokens,
-        sampling: SamplingParams::greedy(),
-        stop_token_ids: vec![],
-        ignore_eos: true,
-        logprobs: None,
-    }
+    greedy_request(max_tokens)
 }
 
 fn scheduler(max_num_seqs: usize, max_waiting: usize, max_batch_tokens: usize) -> Scheduler {
@@ -49,6 +43,7 @@ fn scheduler_with_pool(
             max_num_seqs,
             max_waiting,
             prefix_caching,
+            speculative: None,
         },
     )
 }
@@ -65,31 +60,6 @@ fn alone(prompt: &[u32], max_tokens: usize) -> Vec<u32> {
     generate(&mut engine, prompt, &options, |_| {})
         .expect("generate")
         .tokens
-}
-
-/// Collects a stream's tokens and its finish.
-fn collect(mut stream: runtime::scheduler::RequestStream) -> (Vec<u32>, Event) {
-    let mut tokens = vec![];
-    loop {
-        match stream
-            .next_blocking()
-            .expect("a stream ends with Done or Failed")
-        {
-            Event::Token(t) => tokens.push(t.id),
-            last => return (tokens, last),
-        }
-    }
-}
-
-fn wait_idle(s: &Scheduler) -> Stats {
-    let start = Instant::now();
-    loop {
-        let stats = s.stats();
-        if (stats.running == 0 && stats.waiting == 0) || start.elapsed() > Duration::from_secs(10) {
-            return stats;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
@@ -110,7 +80,7 @@ fn batched_greedy_outputs_equal_single_request_outputs() {
         .map(|p| s.submit(p.clone(), params(12)).expect("submit"))
         .collect();
     for (p, stream) in prompts.iter().zip(streams) {
-        let (tokens, last) = collect(stream);
+        let (tokens, last) = collect_stream(stream);
         assert_eq!(
             last,
             Event::Done {
@@ -144,7 +114,7 @@ fn a_dropped_stream_frees_its_slot() {
     let stats = wait_idle(&s);
     assert_eq!((stats.running, stats.kv_tokens_used), (0, 0), "{stats:?}");
     // The slot is usable again.
-    let (tokens, _) = collect(s.submit(prompt(2, 4), params(3)).expect("submit"));
+    let (tokens, _) = collect_stream(s.submit(prompt(2, 4), params(3)).expect("submit"));
     assert_eq!(tokens.len(), 3);
 }
 
@@ -194,7 +164,7 @@ fn admission_limits_are_errors_with_counts() {
         other => panic!("expected QueueFull, got {other:?}"),
     }
     drop(running);
-    let (tokens, _) = collect(waiting);
+    let (tokens, _) = collect_stream(waiting);
     assert_eq!(tokens.len(), 2);
 }
 
@@ -207,7 +177,7 @@ fn drain_refuses_new_requests_and_finishes_running_ones() {
         s.submit(prompt(5, 5), params(2)).err(),
         Some(SubmitError::ShuttingDown)
     );
-    let (tokens, last) = collect(stream);
+    let (tokens, last) = collect_stream(stream);
     assert_eq!(tokens.len(), 20);
     assert!(matches!(last, Event::Done { .. }));
     assert!(s.join(Duration::from_secs(10)));
@@ -221,7 +191,7 @@ fn join_at_the_deadline_fails_what_is_left_and_frees_it() {
     s.drain();
     assert!(!s.join(Duration::ZERO), "nothing can finish in no time");
     for stream in [running, waiting] {
-        let (_, last) = collect(stream);
+        let (_, last) = collect_stream(stream);
         match last {
             Event::Failed(message) => assert!(message.contains("shut down"), "{message}"),
             other => panic!("expected Failed, got {other:?}"),
@@ -252,8 +222,8 @@ fn penalties_change_a_greedy_request_and_only_it() {
             },
         )
         .expect("penalized");
-    let (plain, _) = collect(plain);
-    let (penalized, _) = collect(penalized);
+    let (plain, _) = collect_stream(plain);
+    let (penalized, _) = collect_stream(penalized);
     assert_eq!(plain, alone(&p, 24), "the batch neighbour's penalty leaked");
     assert_ne!(plain, penalized);
 }
@@ -262,16 +232,16 @@ fn penalties_change_a_greedy_request_and_only_it() {
 fn a_prompt_served_from_the_prefix_cache_gives_the_cold_tokens() {
     let s = scheduler_with_pool(2, 4, 64, 16, None, true);
     let shared = prompt(9, 100);
-    let (cold, _) = collect(s.submit(shared.clone(), params(20)).expect("cold"));
+    let (cold, _) = collect_stream(s.submit(shared.clone(), params(20)).expect("cold"));
     assert_eq!(s.stats().prefix_cache_hit_tokens, 0);
-    let (warm, _) = collect(s.submit(shared.clone(), params(20)).expect("warm"));
+    let (warm, _) = collect_stream(s.submit(shared.clone(), params(20)).expect("warm"));
     assert_eq!(warm, cold);
     // Six of the prompt's blocks of 16 are whole and before its last token.
     assert_eq!(s.stats().prefix_cache_hit_tokens, 96);
     // A longer prompt with the same start reuses them too, and its output is that of a cold run.
     let mut longer = shared.clone();
     longer.extend(prompt(10, 30));
-    let (tokens, _) = collect(s.submit(longer.clone(), params(12)).expect("longer"));
+    let (tokens, _) = collect_stream(s.submit(longer.clone(), params(12)).expect("longer"));
     assert_eq!(tokens, alone(&longer, 12));
     let stats = wait_idle(&s);
     assert!(stats.prefix_cache_hit_tokens >= 96 + 96, "{stats:?}");
@@ -280,7 +250,7 @@ fn a_prompt_served_from_the_prefix_cache_gives_the_cold_tokens() {
     // Turned off, nothing is found.
     let off = scheduler_with_pool(2, 4, 64, 16, None, false);
     for _ in 0..2 {
-        let (tokens, _) = collect(off.submit(shared.clone(), params(20)).expect("off"));
+        let (tokens, _) = collect_stream(off.submit(shared.clone(), params(20)).expect("off"));
         assert_eq!(tokens, cold);
     }
     assert_eq!(off.stats().prefix_cache_hit_tokens, 0);
@@ -298,7 +268,7 @@ fn a_pool_too_small_for_the_load_preempts_and_still_finishes_everything() {
         .map(|(p, n)| s.submit(p.clone(), params(*n)).expect("submit"))
         .collect();
     for ((p, n), stream) in requests.iter().zip(streams) {
-        let (tokens, last) = collect(stream);
+        let (tokens, last) = collect_stream(stream);
         assert!(
             matches!(
                 last,
@@ -355,7 +325,7 @@ fn the_queue_stays_bounded_when_kv_blocks_are_short_rather_than_slots() {
     }
     assert!(refused > 0, "20 requests and none refused");
     for stream in accepted {
-        let (tokens, _) = collect(stream);
+        let (tokens, _) = collect_stream(stream);
         assert_eq!(tokens.len(), 20);
     }
     let stats = wait_idle(&s);
@@ -377,7 +347,8 @@ fn a_prompt_larger_than_the_pool_is_refused_and_one_outgrowing_it_ends_with_leng
         other => panic!("expected ExceedsKvCache, got {other:?}"),
     }
     // Fits to start, but 60 + 30 positions are more than the pool's 64.
-    let (tokens, last) = collect(s.submit(prompt(31, 60), params(30)).expect("fits to start"));
+    let (tokens, last) =
+        collect_stream(s.submit(prompt(31, 60), params(30)).expect("fits to start"));
     assert!(matches!(
         last,
         Event::Done {

@@ -162,6 +162,12 @@ enum Command {
         /// Do not reuse the KV blocks of earlier requests that share a prefix.
         #[arg(long)]
         no_prefix_caching: bool,
+        /// Speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4,
+        /// "prompt_lookup_max": 4, "prompt_lookup_min": 2} (the defaults). Greedy outputs are
+        /// unchanged, sampled ones keep their distribution; requests may opt out with
+        /// "speculative": false.
+        #[arg(long)]
+        speculative_config: Option<String>,
         /// The model name clients send (default: the plan's model name).
         #[arg(long)]
         served_model_name: Option<String>,
@@ -617,6 +623,7 @@ fn run() -> Result<()> {
             max_num_seqs,
             max_waiting,
             no_prefix_caching,
+            speculative_config,
             served_model_name,
             drain_timeout,
             max_body_bytes,
@@ -628,6 +635,11 @@ fn run() -> Result<()> {
             let drain_timeout = seconds("--drain-timeout", drain_timeout, 0.0)?;
             // Zero would close every connection before its request arrives.
             let header_read_timeout = seconds("--header-read-timeout", header_read_timeout, 0.001)?;
+            let speculative = speculative_config
+                .as_deref()
+                .map(runtime::speculative::SpeculativeConfig::parse)
+                .transpose()
+                .context("--speculative-config")?;
             if max_connections == 0 {
                 bail!("--max-connections must be at least 1");
             }
@@ -643,6 +655,7 @@ fn run() -> Result<()> {
                 drain_timeout,
                 max_connections,
                 header_read_timeout,
+                speculative,
             };
             let server = Server::new(engine, config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -146,6 +146,7 @@ pub fn start(
                 stop_token_ids: spec.stop_token_ids.clone(),
                 ignore_eos: spec.ignore_eos,
                 logprobs: spec.logprobs,
+                speculative: spec.speculative,
             };
             submissions.push((prompt.clone(), params));
         }

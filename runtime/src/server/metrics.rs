@@ -246,6 +246,31 @@ impl Metrics {
             "counter",
             stats.preemptions.to_string(),
         );
+        let spec = &stats.speculative;
+        gauge(
+            "fdrt:spec_decode_num_drafts_total",
+            "Decode steps of a sequence that verified proposed tokens (speculative decoding).",
+            "counter",
+            spec.drafts.to_string(),
+        );
+        gauge(
+            "fdrt:spec_decode_num_draft_tokens_total",
+            "Tokens proposed by speculative decoding.",
+            "counter",
+            spec.draft_tokens.to_string(),
+        );
+        gauge(
+            "fdrt:spec_decode_num_accepted_tokens_total",
+            "Proposed tokens the model accepted.",
+            "counter",
+            spec.accepted_tokens.to_string(),
+        );
+        gauge(
+            "fdrt:spec_decode_mean_accepted_length",
+            "Tokens emitted per verified proposal (accepted plus the model's own).",
+            "gauge",
+            spec.mean_accepted_length().to_string(),
+        );
         gauge(
             "fdrt:num_scheduler_steps_total",
             "Forward passes run by the scheduler.",
@@ -319,6 +344,27 @@ impl Metrics {
             "Time from submission to the last event.",
             &model,
         );
+        {
+            // One series per position of the proposal: its acceptance rate.
+            let name = "fdrt:spec_decode_acceptance_rate_per_position";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Share of the tokens proposed at this position that were accepted.\n# TYPE {name} gauge"
+            );
+            for (p, (&acc, &prop)) in spec
+                .accepted_per_position
+                .iter()
+                .zip(&spec.proposed_per_position)
+                .enumerate()
+            {
+                let rate = if prop == 0 {
+                    0.0
+                } else {
+                    acc as f64 / prop as f64
+                };
+                let _ = writeln!(out, "{name}{{{model},position=\"{p}\"}} {rate}");
+            }
+        }
         out
     }
 }
@@ -334,6 +380,14 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two proposals: 3 tokens of which 1 accepted, 2 of which 2.
+    fn runtime_speculative_stats() -> crate::speculative::SpeculativeStats {
+        let mut s = crate::speculative::SpeculativeStats::default();
+        s.record(3, 1);
+        s.record(2, 2);
+        s
+    }
 
     fn line<'a>(text: &'a str, prefix: &str) -> &'a str {
         text.lines()
@@ -374,6 +428,7 @@ mod tests {
             preemptions: 3,
             prefix_cache_queried_tokens: 40,
             prefix_cache_hit_tokens: 32,
+            speculative: runtime_speculative_stats(),
         };
         let text = metrics.render(&stats);
         let model = "model_name=\"m\\\"1\"";
@@ -386,6 +441,13 @@ mod tests {
             "fdrt:num_preemptions_total{M} 3\n",
             "fdrt:prefix_cache_queries_total{M} 40\n",
             "fdrt:prefix_cache_hits_total{M} 32\n",
+            "fdrt:spec_decode_num_drafts_total{M} 2\n",
+            "fdrt:spec_decode_num_draft_tokens_total{M} 5\n",
+            "fdrt:spec_decode_num_accepted_tokens_total{M} 3\n",
+            "fdrt:spec_decode_mean_accepted_length{M} 2.5\n",
+            "fdrt:spec_decode_acceptance_rate_per_position{M,position=\"0\"} 1\n",
+            "fdrt:spec_decode_acceptance_rate_per_position{M,position=\"1\"} 0.5\n",
+            "fdrt:spec_decode_acceptance_rate_per_position{M,position=\"2\"} 0\n",
         ] {
             let expected = expected.replace('M', model);
             assert!(text.contains(&expected), "no {expected} in {text}");

@@ -71,6 +71,8 @@ pub struct ServerConfig {
     /// waiting for one (a new connection, or a kept-alive one after its last response); past
     /// it the connection is closed, so idle and slow clients cannot hold connections forever.
     pub header_read_timeout: Duration,
+    /// Speculative decoding (`--speculative-config`); `None` decodes one token per step.
+    pub speculative: Option<crate::speculative::SpeculativeConfig>,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +87,7 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: Duration::from_secs(30),
+            speculative: None,
         }
     }
 }
@@ -175,6 +178,7 @@ impl Server {
                 max_num_seqs: config.max_num_seqs,
                 max_waiting: config.max_waiting,
                 prefix_caching: config.prefix_caching,
+                speculative: config.speculative.clone(),
             },
         );
         let now = SystemTime::now()

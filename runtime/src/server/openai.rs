@@ -54,6 +54,9 @@ pub struct CommonFields {
     pub stream_options: Option<StreamOptions>,
     /// An extension (as in vLLM): also return the generated token ids of each choice.
     pub return_token_ids: Option<bool>,
+    /// An extension: `false` opts this request out of speculative decoding when the server
+    /// has it on (`--speculative-config`); the output is the same either way.
+    pub speculative: Option<bool>,
 }
 
 /// A content part of a chat message; only `text` parts are understood.
@@ -122,6 +125,7 @@ pub struct Spec {
     /// Alternatives per token; `Some` also asks for each token's own log-probability.
     pub logprobs: Option<usize>,
     pub return_token_ids: bool,
+    pub speculative: bool,
 }
 
 fn check_unit(param: &str, value: Option<f64>, allow_zero: bool) -> Result<Option<f32>, ApiError> {
@@ -277,6 +281,7 @@ impl CommonFields {
             include_usage,
             logprobs: None,
             return_token_ids: self.return_token_ids.unwrap_or(false),
+            speculative: self.speculative.unwrap_or(true),
         })
     }
 }

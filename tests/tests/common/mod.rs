@@ -15,6 +15,60 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
+/// Every tiny golden model (the dense ones, then the mixtures of experts and MLA).
+pub const TINY_GOLDENS: [&str; 8] = [
+    "tiny/llama",
+    "tiny/llama3_rope",
+    "tiny/qwen2",
+    "tiny/qwen3",
+    "tiny/qwen3_moe",
+    "tiny/mixtral",
+    "tiny/ernie4_5_moe",
+    "tiny/deepseek_v3",
+];
+
+/// A greedy request of `max_tokens` tokens that ignores end-of-sequence tokens.
+pub fn greedy_request(max_tokens: usize) -> runtime::scheduler::RequestParams {
+    runtime::scheduler::RequestParams {
+        max_tokens,
+        sampling: runtime::sampler::SamplingParams::greedy(),
+        stop_token_ids: vec![],
+        ignore_eos: true,
+        logprobs: None,
+        speculative: true,
+    }
+}
+
+/// A scheduler stream's tokens, and its last event.
+pub fn collect_stream(
+    mut stream: runtime::scheduler::RequestStream,
+) -> (Vec<u32>, runtime::scheduler::Event) {
+    let mut tokens = vec![];
+    loop {
+        match stream
+            .next_blocking()
+            .expect("a stream ends with Done or Failed")
+        {
+            runtime::scheduler::Event::Token(t) => tokens.push(t.id),
+            last => return (tokens, last),
+        }
+    }
+}
+
+/// The scheduler's stats once nothing runs or waits (or after 10 s).
+pub fn wait_idle(s: &runtime::scheduler::Scheduler) -> runtime::scheduler::Stats {
+    let start = std::time::Instant::now();
+    loop {
+        let stats = s.stats();
+        if (stats.running == 0 && stats.waiting == 0)
+            || start.elapsed() > std::time::Duration::from_secs(10)
+        {
+            return stats;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

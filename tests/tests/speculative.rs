@@ -1,0 +1,234 @@
+//! Speculative decoding through the scheduler: with n-gram proposals, greedy outputs are token
+//! for token those of decoding one token per step, on every tiny golden and SmolLM2, one
+//! request at a time and eight at once; proposals are actually made and accepted (else the
+//! comparison would prove nothing); stops, token limits, sampled requests and the per-request
+//! opt-out behave. That rejection sampling keeps the distribution is tested in
+//! `runtime::sampler` (chi-square).
+
+mod common;
+
+use common::*;
+use ir::DType;
+use runtime::sampler::SamplingParams;
+use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig, Stats};
+use runtime::speculative::SpeculativeConfig;
+use runtime::EngineOptions;
+use std::path::Path;
+
+fn scheduler(plan: &Path, max_num_seqs: usize, speculative: Option<&str>) -> Scheduler {
+    let options = EngineOptions {
+        max_context: 512,
+        max_batch_tokens: 64,
+        max_num_seqs,
+        ..EngineOptions::default()
+    };
+    Scheduler::start(
+        Box::new(engine_with(plan, options)),
+        SchedulerConfig {
+            max_num_seqs,
+            max_waiting: 64,
+            prefix_caching: true,
+            speculative: speculative.map(|json| SpeculativeConfig::parse(json).expect("config")),
+        },
+    )
+}
+
+fn greedy(max_tokens: usize) -> RequestParams {
+    greedy_request(max_tokens)
+}
+
+/// Every request submitted at once (the scheduler batches up to its slots), then collected.
+fn run_all(s: &Scheduler, requests: &[(Vec<u32>, RequestParams)]) -> Vec<(Vec<u32>, Event)> {
+    let streams: Vec<_> = requests
+        .iter()
+        .map(|(p, params)| s.submit(p.clone(), params.clone()).expect("submit"))
+        .collect();
+    streams.into_iter().map(collect_stream).collect()
+}
+
+/// Prompts that invite copying (a repeated phrase) and that do not, inside every tiny vocabulary.
+fn tiny_prompts() -> Vec<Vec<u32>> {
+    let phrase: Vec<u32> = vec![17, 42, 99, 5, 23, 8];
+    let mut repeated = vec![3];
+    for _ in 0..4 {
+        repeated.extend(&phrase);
+    }
+    let varied: Vec<u32> = (0..21u32).map(|i| (i * 7919 + 11) % 250 + 3).collect();
+    let counting: Vec<u32> = (10..40).collect();
+    vec![repeated, varied, counting, vec![7, 7, 7, 7], phrase]
+}
+
+/// Greedy outputs with and without `config`, one request at a time and all at once.
+fn assert_same_outputs(
+    label: &str,
+    plan: &Path,
+    prompts: &[Vec<u32>],
+    config: &str,
+    tokens: usize,
+) -> Stats {
+    let requests: Vec<(Vec<u32>, RequestParams)> = prompts
+        .iter()
+        .map(|p| (p.clone(), greedy(tokens)))
+        .collect();
+    let plain = scheduler(plan, 1, None);
+    let want: Vec<(Vec<u32>, Event)> = requests
+        .iter()
+        .map(|r| run_all(&plain, std::slice::from_ref(r)).remove(0))
+        .collect();
+    let mut stats = Stats::default();
+    for slots in [1, 8] {
+        let s = scheduler(plan, slots, Some(config));
+        let got = if slots == 1 {
+            requests
+                .iter()
+                .map(|r| run_all(&s, std::slice::from_ref(r)).remove(0))
+                .collect()
+        } else {
+            run_all(&s, &requests)
+        };
+        for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                got, want,
+                "{label}, {slots} slots, prompt {i}: speculative output differs"
+            );
+        }
+        let st = wait_idle(&s);
+        assert_eq!(st.kv_blocks_used, 0, "{label}: blocks still held");
+        stats.speculative.drafts += st.speculative.drafts;
+        stats.speculative.draft_tokens += st.speculative.draft_tokens;
+        stats.speculative.accepted_tokens += st.speculative.accepted_tokens;
+        stats.steps += st.steps;
+    }
+    stats
+}
+
+#[test]
+fn greedy_outputs_are_unchanged_on_every_tiny_golden() {
+    for model in TINY_GOLDENS {
+        let plan = compiled(&golden(model), DType::F32);
+        for config in [
+            r#"{"method": "ngram", "num_speculative_tokens": 4}"#,
+            r#"{"method": "ngram", "num_speculative_tokens": 7, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#,
+        ] {
+            let stats = assert_same_outputs(model, &plan, &tiny_prompts(), config, 40);
+            let spec = &stats.speculative;
+            eprintln!(
+                "{model} {config}: {} proposals, {} tokens proposed, {} accepted",
+                spec.drafts, spec.draft_tokens, spec.accepted_tokens
+            );
+            assert!(
+                spec.drafts > 0 && spec.accepted_tokens > 0,
+                "{model}: nothing was proposed and accepted: {spec:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn greedy_outputs_are_unchanged_on_smollm2() {
+    let plan = compiled(&smollm2_gguf(), DType::F32);
+    let mut prompts: Vec<Vec<u32>> = smollm2_cases().into_iter().map(|c| c.prompt).collect();
+    // A text written twice: the model goes on copying it, which n-grams predict.
+    let mut twice = prompts[0].clone();
+    twice.extend(prompts[0].clone());
+    twice.extend(&prompts[0][..prompts[0].len() / 2]);
+    prompts.push(twice);
+    let stats = assert_same_outputs("smollm2", &plan, &prompts, r#"{"method": "ngram"}"#, 32);
+    let spec = &stats.speculative;
+    eprintln!(
+        "smollm2: {} proposals, {} tokens proposed, {} accepted",
+        spec.drafts, spec.draft_tokens, spec.accepted_tokens
+    );
+    assert!(spec.accepted_tokens > 0, "nothing accepted: {spec:?}");
+}
+
+#[test]
+fn stops_and_token_limits_cut_an_accepted_run_where_plain_decoding_would() {
+    let plan = compiled(&golden("tiny/llama"), DType::F32);
+    let prompt = tiny_prompts().remove(0);
+    let plain = scheduler(&plan, 1, None);
+    let (full, _) = run_all(&plain, &[(prompt.clone(), greedy(40))]).remove(0);
+    let config = r#"{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 1}"#;
+    // Stop at a token that comes late in the output, and limits of every length below 12.
+    let stop = full[full.len() / 2];
+    let mut requests = vec![(
+        prompt.clone(),
+        RequestParams {
+            stop_token_ids: vec![stop],
+            ..greedy(40)
+        },
+    )];
+    for max_tokens in 1..12 {
+        requests.push((prompt.clone(), greedy(max_tokens)));
+    }
+    let want: Vec<_> = requests
+        .iter()
+        .map(|r| run_all(&plain, std::slice::from_ref(r)).remove(0))
+        .collect();
+    let s = scheduler(&plan, 4, Some(config));
+    let got = run_all(&s, &requests);
+    assert_eq!(got, want);
+    let first_stop = full.iter().position(|&t| t == stop).expect("in the output");
+    assert_eq!(got[0].0.len(), first_stop + 1, "stops at the first {stop}");
+    assert!(wait_idle(&s).speculative.accepted_tokens > 0);
+}
+
+#[test]
+fn sampled_requests_and_opted_out_requests_run_and_are_counted_apart() {
+    let plan = compiled(&golden("tiny/llama"), DType::F32);
+    let prompt = tiny_prompts().remove(0);
+    let s = scheduler(
+        &plan,
+        4,
+        Some(r#"{"method": "ngram", "prompt_lookup_min": 1}"#),
+    );
+    // Opted out: nothing is proposed.
+    let opted_out = RequestParams {
+        speculative: false,
+        ..greedy(30)
+    };
+    let (tokens, last) = run_all(&s, &[(prompt.clone(), opted_out)]).remove(0);
+    assert_eq!(tokens.len(), 30);
+    assert!(matches!(
+        last,
+        Event::Done {
+            completion_tokens: 30,
+            ..
+        }
+    ));
+    assert_eq!(wait_idle(&s).speculative.drafts, 0);
+    // Sampled, with penalties and log-probabilities: every token is reported once, with its
+    // log-probability, and proposals were verified.
+    let sampled = RequestParams {
+        sampling: SamplingParams {
+            temperature: 0.8,
+            top_p: Some(0.95),
+            seed: Some(11),
+            frequency_penalty: 0.1,
+            ..SamplingParams::greedy()
+        },
+        logprobs: Some(2),
+        ..greedy(40)
+    };
+    let mut stream = s.submit(prompt.clone(), sampled).expect("submit");
+    let mut count = 0;
+    loop {
+        match stream.next_blocking().expect("an event") {
+            Event::Token(t) => {
+                assert!(t.logprob.is_some_and(|l| l <= 0.0) && t.top_logprobs.len() == 2);
+                count += 1;
+            }
+            Event::Done {
+                completion_tokens, ..
+            } => {
+                assert_eq!(completion_tokens, count);
+                break;
+            }
+            Event::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+    assert_eq!(count, 40);
+    let stats = wait_idle(&s);
+    assert!(stats.speculative.drafts > 0, "{:?}", stats.speculative);
+    assert_eq!(stats.kv_blocks_used, 0);
+}
