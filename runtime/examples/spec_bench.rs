@@ -2,7 +2,7 @@
 //! serve` runs it: a task that copies from its context (correcting a supplied text) and free
 //! chat, each request alone (batch 1), greedy, the two configurations alternated so that a busy
 //! machine slows both alike. Prints decode tokens/s per request and configuration, and the
-//! acceptance of the proposals.
+//! acceptance of the proposals. A `draft` configuration loads its draft plan from `"model"`.
 //!
 //! ```text
 //! cargo run --release -p runtime --example spec_bench -- PLAN [--rounds N] [--max-tokens N] \
@@ -12,7 +12,7 @@
 use runtime::chat::{ChatMessage, ChatTemplate};
 use runtime::sampler::SamplingParams;
 use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig};
-use runtime::speculative::SpeculativeConfig;
+use runtime::speculative::{SpeculativeConfig, SpeculativeMethod};
 use runtime::tokenizer::TextTokenizer;
 use runtime::{Engine, EngineOptions, LoadedPlan};
 use std::time::Instant;
@@ -78,16 +78,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok((name, tokenizer.encode(&rendered)?))
         })
         .collect::<Result<_, Box<dyn std::error::Error>>>()?;
+    let options = EngineOptions {
+        max_context: 2048,
+        max_batch_tokens: 512,
+        max_num_seqs: 1,
+        ..EngineOptions::default()
+    };
+    let load = |path: &std::path::Path| -> Result<Engine, Box<dyn std::error::Error>> {
+        Ok(Engine::new(LoadedPlan::load(path)?, options.clone())?)
+    };
     let start = |spec: Option<SpeculativeConfig>| -> Result<Scheduler, Box<dyn std::error::Error>> {
-        let options = EngineOptions {
-            max_context: 2048,
-            max_batch_tokens: 512,
-            max_num_seqs: 1,
-            ..EngineOptions::default()
-        };
-        let engine = Engine::new(LoadedPlan::load(std::path::Path::new(&plan_path))?, options)?;
-        Ok(Scheduler::start(
-            Box::new(engine),
+        let draft: Option<Box<dyn runtime::batch_engine::BatchEngine>> =
+            match spec.as_ref().map(|c| &c.method) {
+                Some(SpeculativeMethod::Draft { model }) => Some(Box::new(load(model)?)),
+                _ => None,
+            };
+        Ok(Scheduler::start_speculative(
+            Box::new(load(std::path::Path::new(&plan_path))?),
+            draft,
             SchedulerConfig {
                 max_num_seqs: 1,
                 max_waiting: 4,

@@ -187,18 +187,66 @@ impl Sampler {
     /// random number than `sample`, so a seeded run differs from one without speculation
     /// (in the tokens drawn, not in their distribution).
     pub fn verify_draft(&mut self, logits: &[f32], draft: u32) -> u32 {
-        self.pick(logits, Some(draft))
+        self.pick(logits, Some((draft, &[(draft, 1.0)])))
     }
 
-    fn pick(&mut self, logits: &[f32], draft: Option<u32>) -> u32 {
-        let Some(history) = &mut self.history else {
-            return self.choose(logits, draft);
-        };
+    /// The token at a position where `draft` was proposed by drawing from the distribution
+    /// `q` (token, probability) of a draft model: `draft` with probability
+    /// `min(1, p(draft) / q(draft))` under this sampler's distribution p, otherwise a token
+    /// drawn from `max(p - q, 0)` renormalized. The standard rejection step of speculative
+    /// sampling: the token is distributed as p whatever q is. `verify_draft` is the case of a
+    /// deterministic proposal (q all on `draft`).
+    pub fn verify_proposal(&mut self, logits: &[f32], draft: u32, q: &[(u32, f32)]) -> u32 {
+        self.pick(logits, Some((draft, q)))
+    }
+
+    /// The distribution a draw from this row would follow (penalties, temperature and filters
+    /// applied), as (token, probability); a greedy sampler's puts everything on its pick. Nothing
+    /// counts as generated.
+    pub fn distribution(&mut self, logits: &[f32]) -> Vec<(u32, f32)> {
+        let row = self.penalized_row(logits);
+        let greedy = self.fill_candidates(row.as_deref().unwrap_or(logits));
+        if let Some(row) = row {
+            self.penalized = row;
+        }
+        if let Some(id) = greedy {
+            return vec![(id, 1.0)];
+        }
+        let total: f64 = self.candidates.iter().map(|&(_, w)| f64::from(w)).sum();
+        self.candidates
+            .iter()
+            .map(|&(id, w)| (id, (f64::from(w) / total) as f32))
+            .collect()
+    }
+
+    /// A token drawn from [`Sampler::distribution`], with that distribution (what a draft model
+    /// proposes with). It counts as generated.
+    pub fn sample_with_distribution(&mut self, logits: &[f32]) -> (u32, Vec<(u32, f32)>) {
+        let q = self.distribution(logits);
+        self.candidates.clear();
+        self.candidates.extend_from_slice(&q);
+        let id = self.draw();
+        if let Some(history) = &mut self.history {
+            *history.generated.entry(id).or_insert(0) += 1;
+        }
+        (id, q)
+    }
+
+    /// The row with the penalties applied, when any is on (in the reused buffer).
+    fn penalized_row(&mut self, logits: &[f32]) -> Option<Vec<f32>> {
+        let history = self.history.as_ref()?;
         let mut penalized = std::mem::take(&mut self.penalized);
         penalized.clear();
         penalized.extend_from_slice(logits);
         history.penalize(&self.params, &mut penalized);
-        let id = self.choose(&penalized, draft);
+        Some(penalized)
+    }
+
+    fn pick(&mut self, logits: &[f32], proposal: Option<(u32, &[(u32, f32)])>) -> u32 {
+        let Some(penalized) = self.penalized_row(logits) else {
+            return self.choose(logits, proposal);
+        };
+        let id = self.choose(&penalized, proposal);
         self.penalized = penalized;
         if let Some(history) = &mut self.history {
             *history.generated.entry(id).or_insert(0) += 1;
@@ -212,9 +260,50 @@ impl Sampler {
         self.params.is_greedy() && self.history.is_none()
     }
 
-    fn choose(&mut self, logits: &[f32], draft: Option<u32>) -> u32 {
+    fn choose(&mut self, logits: &[f32], proposal: Option<(u32, &[(u32, f32)])>) -> u32 {
+        if let Some(id) = self.fill_candidates(logits) {
+            return id;
+        }
+        if let Some((draft, q)) = proposal {
+            let total: f64 = self.candidates.iter().map(|&(_, w)| f64::from(w)).sum();
+            let p_draft = self
+                .candidates
+                .iter()
+                .find(|&&(id, _)| id == draft)
+                .map_or(0.0, |&(_, w)| f64::from(w) / total);
+            let q_draft = q
+                .iter()
+                .find(|&&(id, _)| id == draft)
+                .map_or(1.0, |&(_, p)| f64::from(p));
+            if self.rng.random::<f64>() * q_draft < p_draft {
+                return draft;
+            }
+            // Rejected: the residual max(p - q, 0). A dense copy of q: the candidates may be a
+            // whole vocabulary.
+            let mut q_dense = vec![0f64; logits.len()];
+            for &(id, p) in q {
+                if let Some(slot) = q_dense.get_mut(id as usize) {
+                    *slot = f64::from(p);
+                }
+            }
+            for c in self.candidates.iter_mut() {
+                let p = f64::from(c.1) / total;
+                c.1 = (p - q_dense.get(c.0 as usize).copied().unwrap_or(0.0)).max(0.0) as f32;
+            }
+            self.candidates.retain(|&(_, w)| w > 0.0);
+            if self.candidates.is_empty() {
+                return draft; // p <= q everywhere: p = q, and the draft stood; only rounding gets here
+            }
+        }
+        self.draw()
+    }
+
+    /// Fills `candidates` with the row's tokens and weights after temperature and the filters;
+    /// returns the pick itself instead when there is nothing to draw (greedy, or no finite
+    /// logit).
+    fn fill_candidates(&mut self, logits: &[f32]) -> Option<u32> {
         if self.params.is_greedy() {
-            return argmax(logits);
+            return Some(argmax(logits));
         }
         let Some(max_logit) = logits
             .iter()
@@ -222,7 +311,7 @@ impl Sampler {
             .filter(|logit| logit.is_finite())
             .max_by(f32::total_cmp)
         else {
-            return argmax(logits);
+            return Some(argmax(logits));
         };
 
         // Weights relative to the most likely token: exp((l - max) / T) is in [0, 1] and
@@ -251,22 +340,7 @@ impl Sampler {
             // The most likely candidate has weight 1, so it always stays.
             self.candidates.retain(|&(_, weight)| weight >= min_p);
         }
-        if let Some(draft) = draft {
-            let total: f64 = self.candidates.iter().map(|&(_, w)| f64::from(w)).sum();
-            let at = self.candidates.iter().position(|&(id, _)| id == draft);
-            let weight = at.map_or(0.0, |i| f64::from(self.candidates[i].1));
-            if self.rng.random::<f64>() * total < weight {
-                return draft;
-            }
-            // Rejected: the rest of the distribution, renormalized by `draw`.
-            if let Some(i) = at {
-                self.candidates.swap_remove(i);
-            }
-            if self.candidates.is_empty() {
-                return draft; // it held all the mass; only rounding gets here
-            }
-        }
-        self.draw()
+        None
     }
 
     fn draw(&mut self) -> u32 {
@@ -600,6 +674,46 @@ mod tests {
         }
         let want: Vec<f64> = probabilities.iter().map(|&p| f64::from(p)).collect();
         assert!(chi_square(&counts, &want) > 18.47);
+    }
+
+    /// The draft-model case: proposals drawn from another distribution q (with its own random
+    /// stream), each verified against p; the emitted tokens follow p (chi-square as above),
+    /// for a q close to p, one far from it, and one that puts no mass where p has much.
+    #[test]
+    fn verifying_draws_from_a_draft_distribution_leaves_p_unchanged() {
+        let p = [0.4f32, 0.25, 0.2, 0.1, 0.05];
+        let want: Vec<f64> = p.iter().map(|&v| f64::from(v)).collect();
+        let qs: [[f32; 5]; 3] = [
+            [0.35, 0.3, 0.2, 0.1, 0.05],
+            [0.05, 0.1, 0.2, 0.25, 0.4],
+            [0.0, 0.0, 0.5, 0.5, 0.0],
+        ];
+        for (case, q) in qs.iter().enumerate() {
+            let mut target = Sampler::new(SamplingParams {
+                seed: Some(50 + case as u64),
+                ..params(1.0)
+            })
+            .unwrap();
+            let mut draft = Sampler::new(SamplingParams {
+                seed: Some(90 + case as u64),
+                ..params(1.0)
+            })
+            .unwrap();
+            let q_logits: Vec<f32> = q
+                .iter()
+                .map(|&v| if v > 0.0 { v.ln() } else { f32::NEG_INFINITY })
+                .collect();
+            let mut counts = vec![0usize; p.len()];
+            for _ in 0..60_000 {
+                let (proposed, q_dist) = draft.sample_with_distribution(&q_logits);
+                counts[target.verify_proposal(&logits_of(&p), proposed, &q_dist) as usize] += 1;
+            }
+            let stat = chi_square(&counts, &want);
+            assert!(
+                stat < 18.47,
+                "q {case}: chi-square {stat}, counts {counts:?}"
+            );
+        }
     }
 
     #[test]

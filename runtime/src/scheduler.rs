@@ -213,6 +213,17 @@ pub struct Scheduler {
 impl Scheduler {
     /// Moves `engine` onto a thread of its own and starts stepping it.
     pub fn start(engine: Box<dyn BatchEngine>, config: SchedulerConfig) -> Scheduler {
+        Scheduler::start_speculative(engine, None, config)
+    }
+
+    /// As [`Scheduler::start`], with the draft model of the `draft` speculative method (the
+    /// caller checks that it shares the target's vocabulary; without one that method proposes
+    /// nothing).
+    pub fn start_speculative(
+        engine: Box<dyn BatchEngine>,
+        draft: Option<Box<dyn BatchEngine>>,
+        config: SchedulerConfig,
+    ) -> Scheduler {
         let config = SchedulerConfig {
             max_num_seqs: config.max_num_seqs.max(1),
             ..config
@@ -250,6 +261,12 @@ impl Scheduler {
             prefix_hit_tokens: 0,
             weight_generation: 0,
             speculative: SpeculativeStats::default(),
+            draft: draft.map(|engine| {
+                let (num_blocks, block_size) = (engine.kv_blocks(), engine.options().block_size);
+                let blocks =
+                    BlockManager::new(num_blocks, block_size, false, engine.plan().identity());
+                DraftModel { engine, blocks }
+            }),
         };
         let thread = std::thread::Builder::new()
             .name("fdrt-engine".into())
@@ -426,6 +443,13 @@ struct Sequence {
     /// Proposed tokens appended to `tokens` for this step's pass (speculative decoding), taken
     /// off again when the pass is verified or the sequence gives way.
     draft: usize,
+    /// With a draft model: the distribution each proposed token was drawn from (empty when
+    /// the request is greedy), its KV blocks in the draft's pool, the leading tokens whose keys
+    /// and values are there, and the sampler it proposes with.
+    draft_q: Vec<Vec<(u32, f32)>>,
+    draft_blocks: SeqBlocks,
+    draft_computed: usize,
+    draft_sampler: Option<Sampler>,
 }
 
 impl Sequence {
@@ -438,11 +462,32 @@ impl Sequence {
         self.tokens.len() - self.computed
     }
 
-    /// Takes the proposed tokens off again.
+    /// How many tokens may be proposed for it, at most `room`: every one may be emitted, and
+    /// the model's own after them, within its token limit and the context.
+    fn proposal_room(&self, room: usize, max_context: usize) -> usize {
+        room.min(
+            self.request
+                .params
+                .max_tokens
+                .saturating_sub(self.generated() + 1),
+        )
+        .min(max_context.saturating_sub(self.tokens.len()))
+    }
+
+    /// Takes the proposed tokens off again (a draft model's cache keeps what it computed for
+    /// them; the caller decides what of it still stands).
     fn drop_draft(&mut self) -> Vec<u32> {
         let proposed = self.tokens.split_off(self.tokens.len() - self.draft);
         self.draft = 0;
+        self.draft_q.clear();
         proposed
+    }
+
+    /// Takes the proposed tokens off without verifying them: the draft cache stands up to the
+    /// sequence's real tokens.
+    fn abandon_draft(&mut self) {
+        self.drop_draft();
+        self.draft_computed = self.draft_computed.min(self.tokens.len());
     }
 }
 
@@ -462,6 +507,14 @@ struct Worker {
     /// Live weight updates so far: part of the prefix cache's salt.
     weight_generation: u64,
     speculative: SpeculativeStats,
+    /// The draft model of the `draft` speculative method.
+    draft: Option<DraftModel>,
+}
+
+/// A smaller plan that proposes tokens, with its own KV pool.
+struct DraftModel {
+    engine: Box<dyn BatchEngine>,
+    blocks: BlockManager,
 }
 
 impl Worker {
@@ -497,6 +550,10 @@ impl Worker {
                             computed: 0,
                             blocks: SeqBlocks::default(),
                             draft: 0,
+                            draft_q: vec![],
+                            draft_blocks: SeqBlocks::default(),
+                            draft_computed: 0,
+                            draft_sampler: None,
                         });
                         received += 1;
                     }
@@ -535,9 +592,9 @@ impl Worker {
             .drain(..)
             .chain(self.running.drain(..))
             .collect();
-        for s in all {
+        for mut s in all {
             let _ = s.request.events.send(Event::Failed(message.into()));
-            self.release(s.blocks);
+            Self::free_blocks(&mut self.blocks, &mut self.draft, &mut s);
         }
         self.publish();
     }
@@ -545,6 +602,19 @@ impl Worker {
     fn release(&mut self, blocks: SeqBlocks) {
         if let Err(e) = self.blocks.free(blocks) {
             // A bookkeeping bug, never an input: report it, keep serving.
+            tracing::error!(error = %e, "KV block bookkeeping");
+        }
+    }
+
+    /// Frees a sequence's KV blocks, in the target's pool and the draft model's.
+    fn free_blocks(blocks: &mut BlockManager, draft: &mut Option<DraftModel>, s: &mut Sequence) {
+        let freed = blocks.free(std::mem::take(&mut s.blocks));
+        let freed_draft = match draft {
+            Some(d) => d.blocks.free(std::mem::take(&mut s.draft_blocks)),
+            None => Ok(()),
+        };
+        s.draft_computed = 0;
+        if let Err(e) = freed.and(freed_draft) {
             tracing::error!(error = %e, "KV block bookkeeping");
         }
     }
@@ -581,8 +651,8 @@ impl Worker {
         let mut i = 0;
         while i < self.running.len() {
             if is_cancelled(&self.running[i].request) {
-                let done = self.running.remove(i);
-                self.release(done.blocks);
+                let mut done = self.running.remove(i);
+                Self::free_blocks(&mut self.blocks, &mut self.draft, &mut done);
             } else {
                 i += 1;
             }
@@ -599,6 +669,7 @@ impl Worker {
         let mut used = 0;
         let mut preempted = vec![false; self.running.len()];
         let mut finished = vec![];
+        self.draft_propose(budget);
         let decode_first = (0..self.running.len())
             .filter(|&i| self.running[i].pending() == 1)
             .chain((0..self.running.len()).filter(|&i| self.running[i].pending() > 1));
@@ -606,11 +677,14 @@ impl Worker {
             if preempted[i] || used == budget {
                 continue;
             }
+            if self.running[i].draft > 0 && self.running[i].pending() > budget - used {
+                self.running[i].abandon_draft(); // the budget went to sequences before it
+            }
             if self.running[i].pending() == 1 {
                 self.propose(i, budget - used - 1);
             }
-            let count = self.running[i].pending().min(budget - used);
-            let positions = self.running[i].computed + count;
+            let mut count = self.running[i].pending().min(budget - used);
+            let mut positions = self.running[i].computed + count;
             if self.blocks.blocks_for(positions) > self.blocks.num_blocks() {
                 // Longer than the whole pool: it can never continue.
                 finished.push(i);
@@ -622,6 +696,13 @@ impl Worker {
                     used += count;
                     break;
                 }
+                if self.running[i].draft > 0 {
+                    // Nobody gives way for a proposal: decode one token.
+                    self.running[i].abandon_draft();
+                    count = 1;
+                    positions = self.running[i].computed + 1;
+                    continue;
+                }
                 let Some(victim) = (0..self.running.len())
                     .rev()
                     .find(|&j| !preempted[j] && !finished.contains(&j))
@@ -630,8 +711,7 @@ impl Worker {
                 };
                 preempted[victim] = true;
                 self.running[victim].drop_draft();
-                let blocks = std::mem::take(&mut self.running[victim].blocks);
-                self.release(blocks);
+                Self::free_blocks(&mut self.blocks, &mut self.draft, &mut self.running[victim]);
                 self.running[victim].computed = 0;
                 if let Some(at) = plan.iter().position(|&(k, _)| k == victim) {
                     used -= plan.remove(at).1;
@@ -682,8 +762,7 @@ impl Worker {
                     prompt_tokens: s.request.prompt.len(),
                     completion_tokens: s.generated(),
                 });
-                let blocks = std::mem::take(&mut s.blocks);
-                self.release(blocks);
+                Self::free_blocks(&mut self.blocks, &mut self.draft, &mut s);
             }
         }
         self.preemptions += back_to_waiting.len() as u64;
@@ -694,6 +773,143 @@ impl Worker {
         plan.iter()
             .map(|&(i, count)| (i - out.iter().filter(|&&o| o < i).count(), count))
             .collect()
+    }
+
+    /// The `draft` method: every sequence about to decode one token gets up to
+    /// `num_speculative_tokens` proposals from the draft model, within what the token budget,
+    /// its token limit, the context and the draft's KV pool allow. The draft's cache is first
+    /// caught up with the sequence's tokens (its prompt on the first step, the tokens accepted
+    /// since on later ones), then each proposal is one more draft pass over all the sequences:
+    /// greedy requests propose the draft's argmax, sampled ones draw from the draft's own
+    /// distribution under the request's sampling settings (kept for the verification).
+    fn draft_propose(&mut self, budget: usize) {
+        let (Some(config), Some(draft)) = (&self.config.speculative, self.draft.as_mut()) else {
+            return;
+        };
+        let k = config.num_speculative_tokens;
+        let max_context = self
+            .engine
+            .options()
+            .max_context
+            .min(draft.engine.options().max_context);
+        let mut room = budget;
+        // (index into running, proposals wanted)
+        let mut wanted: Vec<(usize, usize)> = vec![];
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.pending() != 1 || !s.request.params.speculative || room < 2 {
+                continue;
+            }
+            let d = s.proposal_room(room - 1, max_context).min(k);
+            // The draft's cache takes every proposal but the last.
+            if d == 0
+                || !draft
+                    .blocks
+                    .grow(&mut s.draft_blocks, s.tokens.len() + d - 1)
+            {
+                continue;
+            }
+            room -= 1 + d;
+            wanted.push((i, d));
+        }
+        let draft_budget = draft.engine.options().max_batch_tokens;
+        let vocab = draft.engine.vocab_size();
+        let mut proposals: Vec<Vec<u32>> = vec![vec![]; wanted.len()];
+        let mut dists: Vec<Vec<Vec<(u32, f32)>>> = vec![vec![]; wanted.len()];
+        loop {
+            // One draft pass: each sequence still proposing feeds what its cache lacks of its
+            // tokens followed by its proposals so far, within the pass's budget.
+            let mut feeds: Vec<(usize, Vec<u32>, bool)> = vec![];
+            let mut left = draft_budget;
+            for (w, &(i, d)) in wanted.iter().enumerate() {
+                let s = &self.running[i];
+                if proposals[w].len() == d || left == 0 {
+                    continue;
+                }
+                let end = s.tokens.len() + proposals[w].len();
+                let virtual_token = |p: usize| {
+                    s.tokens
+                        .get(p)
+                        .copied()
+                        .unwrap_or_else(|| proposals[w][p - s.tokens.len()])
+                };
+                let take = (end - s.draft_computed).min(left);
+                let tokens: Vec<u32> = (s.draft_computed..s.draft_computed + take)
+                    .map(virtual_token)
+                    .collect();
+                left -= take;
+                feeds.push((w, tokens, s.draft_computed + take == end));
+            }
+            if feeds.is_empty() {
+                break;
+            }
+            let chunks: Vec<SeqChunk> = feeds
+                .iter()
+                .map(|(w, tokens, last)| {
+                    let s = &self.running[wanted[*w].0];
+                    SeqChunk {
+                        blocks: &s.draft_blocks.blocks,
+                        start: s.draft_computed,
+                        tokens,
+                        logits: if *last { Logits::Last } else { Logits::None },
+                    }
+                })
+                .collect();
+            let logits = match draft.engine.pass(&chunks) {
+                Ok(out) => out.logits.to_vec(),
+                Err(e) => {
+                    // The draft's cache is in doubt: recompute it next time; propose nothing.
+                    tracing::warn!(error = %e, "draft model pass failed; decoding without proposals");
+                    for &(i, _) in &wanted {
+                        self.running[i].draft_computed = 0;
+                    }
+                    return;
+                }
+            };
+            let mut row = 0;
+            for (w, tokens, last) in feeds {
+                let s = &mut self.running[wanted[w].0];
+                s.draft_computed += tokens.len();
+                if !last {
+                    continue;
+                }
+                let Some(logits) = logits.get(row * vocab..(row + 1) * vocab) else {
+                    break;
+                };
+                row += 1;
+                if s.request.sampler.picks_argmax() || s.request.params.sampling.temperature == 0.0
+                {
+                    proposals[w].push(crate::sampler::argmax(logits));
+                } else {
+                    let sampler = s.draft_sampler.get_or_insert_with(|| {
+                        let params = SamplingParams {
+                            // The draft proposes from its own distribution; the penalties
+                            // belong to the target's, which the verification applies.
+                            presence_penalty: 0.0,
+                            frequency_penalty: 0.0,
+                            repetition_penalty: 1.0,
+                            seed: Some(s.request.sampler.seed() ^ 0x5eed_d4af),
+                            ..s.request.params.sampling
+                        };
+                        Sampler::new(params).unwrap_or_else(|_| s.request.sampler.clone())
+                    });
+                    let (id, q) = sampler.sample_with_distribution(logits);
+                    proposals[w].push(id);
+                    dists[w].push(q);
+                }
+            }
+        }
+        for (w, (i, _)) in wanted.into_iter().enumerate() {
+            let s = &mut self.running[i];
+            let proposed = std::mem::take(&mut proposals[w]);
+            if proposed.is_empty() {
+                continue;
+            }
+            // The last proposal was never fed: the cache stands up to the one before.
+            s.draft_computed = s.draft_computed.min(s.tokens.len() + proposed.len() - 1);
+            s.draft = proposed.len();
+            s.draft_q = std::mem::take(&mut dists[w]);
+            s.tokens.extend(proposed);
+        }
     }
 
     /// Speculative decoding: appends to sequence `i`, about to decode one token, the tokens
@@ -708,15 +924,7 @@ impl Worker {
         if !s.request.params.speculative {
             return;
         }
-        // Every proposed token may be emitted, plus the model's own after them.
-        let limit = room
-            .min(
-                s.request
-                    .params
-                    .max_tokens
-                    .saturating_sub(s.generated() + 1),
-            )
-            .min(max_context.saturating_sub(s.tokens.len()));
+        let limit = s.proposal_room(room, max_context);
         let draft = config.propose(&s.tokens, limit);
         if draft.is_empty()
             || !self
@@ -780,7 +988,7 @@ impl Worker {
                     let mut s = self.running.remove(i);
                     s.drop_draft();
                     let _ = s.request.events.send(Event::Failed(message.clone()));
-                    self.release(s.blocks);
+                    Self::free_blocks(&mut self.blocks, &mut self.draft, &mut s);
                 }
                 return;
             }
@@ -836,13 +1044,18 @@ impl Worker {
                     // Row j holds the logits after the sequence's last token and the first j
                     // proposed ones: each proposed token stands while the sampler keeps it,
                     // and the first it replaces, or the token after them all, ends the step.
+                    let q = std::mem::take(&mut s.draft_q);
                     let proposed = s.drop_draft();
                     let mut tokens = Vec::with_capacity(proposed.len() + 1);
                     for j in 0..=proposed.len() {
                         let row_logits = row(row0 + j)?;
-                        let id = match proposed.get(j) {
-                            Some(&draft) => s.request.sampler.verify_draft(row_logits, draft),
-                            None => s.request.sampler.sample(row_logits),
+                        let sampler = &mut s.request.sampler;
+                        let id = match (proposed.get(j), q.get(j)) {
+                            (Some(&draft), Some(q)) => {
+                                sampler.verify_proposal(row_logits, draft, q)
+                            }
+                            (Some(&draft), None) => sampler.verify_draft(row_logits, draft),
+                            (None, _) => sampler.sample(row_logits),
                         };
                         let event = token_event(id, row_logits, s.request.params.logprobs);
                         tokens.push((id, event));
@@ -855,6 +1068,8 @@ impl Worker {
                     // values written for the rejected ones lie past `computed` and are
                     // overwritten as the sequence goes on.
                     s.computed += 1 + accepted;
+                    // The draft model's cache holds the accepted proposals, not the rest.
+                    s.draft_computed = s.draft_computed.min(s.computed);
                     Some(Emitted {
                         tokens,
                         proposed: proposed.len(),
@@ -897,8 +1112,8 @@ impl Worker {
         }
         finished.sort_unstable_by(|a, b| b.cmp(a));
         for i in finished {
-            let done = self.running.remove(i);
-            self.release(done.blocks);
+            let mut done = self.running.remove(i);
+            Self::free_blocks(&mut self.blocks, &mut self.draft, &mut done);
         }
     }
 
@@ -914,6 +1129,8 @@ impl Worker {
         stats.prefix_cache_queried_tokens = self.prefix_queried_tokens;
         stats.prefix_cache_hit_tokens = self.prefix_hit_tokens;
         stats.speculative = self.speculative.clone();
+        stats.speculative.draft_blocks_held =
+            self.draft.as_ref().map_or(0, |d| d.blocks.num_held());
         stats.waiting = self.waiting.len() + in_transit;
     }
 }

@@ -9,6 +9,9 @@
 //!   `prompt_lookup_max` down to `prompt_lookup_min`) are looked for earlier in its prompt and
 //!   output; the tokens that followed the latest earlier occurrence are the proposal. No extra
 //!   weights; it pays off when outputs copy from their context (editing, summarizing, code).
+//! - `draft` (alias `draft_model`): a second, smaller plan with the same vocabulary (`"model":
+//!   "draft.fdp"`; for example the same model quantized much harder) proposes the tokens, one
+//!   draft pass per proposed token over every sequence, with a KV cache of its own.
 //!
 //! Exactness does not depend on the proposal: greedy requests keep the longest proposed prefix
 //! equal to the model's own argmax at each position, then take the model's token; sampled
@@ -29,10 +32,12 @@ pub struct SpeculativeConfig {
     pub num_speculative_tokens: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SpeculativeMethod {
     /// Prompt lookup over the sequence's own tokens, with n-grams of `min..=max` tokens.
     Ngram { min: usize, max: usize },
+    /// A draft plan (loaded by the caller and given to the scheduler).
+    Draft { model: std::path::PathBuf },
 }
 
 /// The JSON as written by users; unknown fields are refused so that a typo is not silently
@@ -44,13 +49,15 @@ struct RawConfig {
     num_speculative_tokens: Option<usize>,
     prompt_lookup_max: Option<usize>,
     prompt_lookup_min: Option<usize>,
+    /// The draft plan of the `draft` method.
+    model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpeculativeConfigError {
     #[error("--speculative-config is not valid JSON of the expected fields: {0}")]
     Json(String),
-    #[error("speculative method \"{0}\" is not known; the methods are ngram (alias ngram_match)")]
+    #[error("speculative method \"{0}\" is not known; the methods are ngram (alias ngram_match) and draft (alias draft_model)")]
     UnknownMethod(String),
     #[error("speculative method \"{0}\" is not supported yet; use ngram")]
     NotYet(String),
@@ -58,6 +65,8 @@ pub enum SpeculativeConfigError {
     Tokens(usize),
     #[error("prompt_lookup_min ({min}) and prompt_lookup_max ({max}) must satisfy 1 <= min <= max <= 64")]
     Lookup { min: usize, max: usize },
+    #[error("the draft method needs \"model\": the path of the draft plan")]
+    NoDraftModel,
 }
 
 impl SpeculativeConfig {
@@ -79,9 +88,13 @@ impl SpeculativeConfig {
                 }
                 SpeculativeMethod::Ngram { min, max }
             }
-            "mtp" | "draft" | "draft_model" | "eagle" | "suffix" => {
-                return Err(SpeculativeConfigError::NotYet(raw.method))
-            }
+            "draft" | "draft_model" => SpeculativeMethod::Draft {
+                model: raw
+                    .model
+                    .ok_or(SpeculativeConfigError::NoDraftModel)?
+                    .into(),
+            },
+            "mtp" | "eagle" | "suffix" => return Err(SpeculativeConfigError::NotYet(raw.method)),
             _ => return Err(SpeculativeConfigError::UnknownMethod(raw.method)),
         };
         Ok(SpeculativeConfig {
@@ -98,6 +111,8 @@ impl SpeculativeConfig {
         }
         match self.method {
             SpeculativeMethod::Ngram { min, max } => ngram_proposal(tokens, min, max, limit),
+            // Proposed by the scheduler's draft passes.
+            SpeculativeMethod::Draft { .. } => vec![],
         }
     }
 }
@@ -136,6 +151,8 @@ pub struct SpeculativeStats {
     pub accepted_per_position: Vec<u64>,
     /// Proposed tokens by position, the denominators of the per-position acceptance rate.
     pub proposed_per_position: Vec<u64>,
+    /// KV blocks the draft model's running sequences hold (the `draft` method).
+    pub draft_blocks_held: usize,
 }
 
 impl SpeculativeStats {
@@ -214,6 +231,17 @@ mod tests {
         let err = |json: &str| SpeculativeConfig::parse(json).unwrap_err().to_string();
         assert!(err(r#"{"method": "medusa"}"#).contains("not known"));
         assert!(err(r#"{"method": "mtp"}"#).contains("not supported yet"));
+        assert!(err(r#"{"method": "draft"}"#).contains("needs \"model\""));
+        let c = SpeculativeConfig::parse(
+            r#"{"method": "draft_model", "model": "d.fdp", "num_speculative_tokens": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c.method,
+            SpeculativeMethod::Draft {
+                model: "d.fdp".into()
+            }
+        );
         assert!(err(r#"{"method": "ngram", "num_speculative_tokens": 0}"#).contains("between 1"));
         assert!(
             err(r#"{"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 2}"#)

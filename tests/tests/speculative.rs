@@ -16,14 +16,28 @@ use runtime::EngineOptions;
 use std::path::Path;
 
 fn scheduler(plan: &Path, max_num_seqs: usize, speculative: Option<&str>) -> Scheduler {
+    scheduler_with_draft(plan, None, max_num_seqs, speculative)
+}
+
+/// With `draft` as the draft model of a `draft` configuration.
+fn scheduler_with_draft(
+    plan: &Path,
+    draft: Option<&Path>,
+    max_num_seqs: usize,
+    speculative: Option<&str>,
+) -> Scheduler {
     let options = EngineOptions {
         max_context: 512,
         max_batch_tokens: 64,
         max_num_seqs,
         ..EngineOptions::default()
     };
-    Scheduler::start(
+    let draft = draft.map(|d| {
+        Box::new(engine_with(d, options.clone())) as Box<dyn runtime::batch_engine::BatchEngine>
+    });
+    Scheduler::start_speculative(
         Box::new(engine_with(plan, options)),
+        draft,
         SchedulerConfig {
             max_num_seqs,
             max_waiting: 64,
@@ -62,6 +76,7 @@ fn tiny_prompts() -> Vec<Vec<u32>> {
 fn assert_same_outputs(
     label: &str,
     plan: &Path,
+    draft: Option<&Path>,
     prompts: &[Vec<u32>],
     config: &str,
     tokens: usize,
@@ -77,7 +92,7 @@ fn assert_same_outputs(
         .collect();
     let mut stats = Stats::default();
     for slots in [1, 8] {
-        let s = scheduler(plan, slots, Some(config));
+        let s = scheduler_with_draft(plan, draft, slots, Some(config));
         let got = if slots == 1 {
             requests
                 .iter()
@@ -94,6 +109,10 @@ fn assert_same_outputs(
         }
         let st = wait_idle(&s);
         assert_eq!(st.kv_blocks_used, 0, "{label}: blocks still held");
+        assert_eq!(
+            st.speculative.draft_blocks_held, 0,
+            "{label}: draft blocks still held"
+        );
         stats.speculative.drafts += st.speculative.drafts;
         stats.speculative.draft_tokens += st.speculative.draft_tokens;
         stats.speculative.accepted_tokens += st.speculative.accepted_tokens;
@@ -110,7 +129,7 @@ fn greedy_outputs_are_unchanged_on_every_tiny_golden() {
             r#"{"method": "ngram", "num_speculative_tokens": 4}"#,
             r#"{"method": "ngram", "num_speculative_tokens": 7, "prompt_lookup_min": 1, "prompt_lookup_max": 3}"#,
         ] {
-            let stats = assert_same_outputs(model, &plan, &tiny_prompts(), config, 40);
+            let stats = assert_same_outputs(model, &plan, None, &tiny_prompts(), config, 40);
             let spec = &stats.speculative;
             eprintln!(
                 "{model} {config}: {} proposals, {} tokens proposed, {} accepted",
@@ -133,7 +152,14 @@ fn greedy_outputs_are_unchanged_on_smollm2() {
     twice.extend(prompts[0].clone());
     twice.extend(&prompts[0][..prompts[0].len() / 2]);
     prompts.push(twice);
-    let stats = assert_same_outputs("smollm2", &plan, &prompts, r#"{"method": "ngram"}"#, 32);
+    let stats = assert_same_outputs(
+        "smollm2",
+        &plan,
+        None,
+        &prompts,
+        r#"{"method": "ngram"}"#,
+        32,
+    );
     let spec = &stats.speculative;
     eprintln!(
         "smollm2: {} proposals, {} tokens proposed, {} accepted",
@@ -231,4 +257,106 @@ fn sampled_requests_and_opted_out_requests_run_and_are_counted_apart() {
     let stats = wait_idle(&s);
     assert!(stats.speculative.drafts > 0, "{:?}", stats.speculative);
     assert_eq!(stats.kv_blocks_used, 0);
+}
+
+/// The `draft` method: the same model in bf16 proposes for its f32 plan (same vocabulary,
+/// slightly different numbers, so most proposals stand and some do not), and an unrelated tiny
+/// model of the same vocabulary proposes (nearly everything rejected, so the draft's cache is
+/// rolled back at almost every step).
+#[test]
+fn a_draft_model_leaves_greedy_outputs_unchanged() {
+    let pairs = [
+        ("tiny/llama", "tiny/llama", true),
+        ("tiny/qwen3_moe", "tiny/qwen3_moe", true),
+        ("tiny/deepseek_v3", "tiny/deepseek_v3", true),
+        ("tiny/llama", "tiny/qwen2", false),
+        ("tiny/mixtral", "tiny/deepseek_v3", false),
+    ];
+    for (model, draft_model, same) in pairs {
+        let plan = compiled(&golden(model), DType::F32);
+        let draft = compiled(&golden(draft_model), DType::BF16);
+        let config =
+            r#"{"method": "draft", "model": "unused-here.fdp", "num_speculative_tokens": 3}"#;
+        let label = format!("{model} drafted by {draft_model}");
+        let stats = assert_same_outputs(&label, &plan, Some(&draft), &tiny_prompts(), config, 40);
+        let spec = &stats.speculative;
+        eprintln!(
+            "{label}: {} proposals, {} tokens proposed, {} accepted",
+            spec.drafts, spec.draft_tokens, spec.accepted_tokens
+        );
+        assert!(spec.drafts > 0, "{label}: nothing proposed");
+        if same {
+            assert!(
+                spec.accepted_tokens > 0,
+                "{label}: nothing accepted: {spec:?}"
+            );
+        } else {
+            assert!(
+                spec.accepted_tokens < spec.draft_tokens / 2,
+                "{label}: {spec:?}"
+            );
+        }
+    }
+    let plan = compiled(&smollm2_gguf(), DType::F32);
+    let draft = compiled(&smollm2_gguf(), DType::BF16);
+    let prompts: Vec<Vec<u32>> = smollm2_cases().into_iter().map(|c| c.prompt).collect();
+    let stats = assert_same_outputs(
+        "smollm2",
+        &plan,
+        Some(&draft),
+        &prompts,
+        r#"{"method": "draft", "model": "unused-here.fdp"}"#,
+        24,
+    );
+    assert!(
+        stats.speculative.accepted_tokens > 0,
+        "{:?}",
+        stats.speculative
+    );
+}
+
+#[test]
+fn sampled_requests_verify_a_draft_models_proposals() {
+    let plan = compiled(&golden("tiny/llama"), DType::F32);
+    let draft = compiled(&golden("tiny/llama"), DType::BF16);
+    let s = scheduler_with_draft(
+        &plan,
+        Some(&draft),
+        4,
+        Some(r#"{"method": "draft", "model": "unused-here.fdp"}"#),
+    );
+    let sampled = RequestParams {
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_k: Some(40),
+            seed: Some(5),
+            repetition_penalty: 1.1,
+            ..SamplingParams::greedy()
+        },
+        ..greedy(48)
+    };
+    let requests: Vec<_> = tiny_prompts()
+        .into_iter()
+        .map(|p| (p, sampled.clone()))
+        .collect();
+    for (tokens, last) in run_all(&s, &requests) {
+        assert_eq!(tokens.len(), 48);
+        assert!(matches!(
+            last,
+            Event::Done {
+                completion_tokens: 48,
+                ..
+            }
+        ));
+    }
+    let stats = wait_idle(&s);
+    assert!(
+        stats.speculative.accepted_tokens > 0,
+        "{:?}",
+        stats.speculative
+    );
+    assert_eq!(
+        (stats.kv_blocks_used, stats.speculative.draft_blocks_held),
+        (0, 0)
+    );
 }

@@ -163,7 +163,8 @@ enum Command {
         #[arg(long)]
         no_prefix_caching: bool,
         /// Speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4,
-        /// "prompt_lookup_max": 4, "prompt_lookup_min": 2} (the defaults). Greedy outputs are
+        /// "prompt_lookup_max": 4, "prompt_lookup_min": 2} (the defaults), or {"method":
+        /// "draft", "model": "DRAFT.fdp"} (a smaller plan, same tokenizer). Greedy outputs are
         /// unchanged, sampled ones keep their distribution; requests may opt out with
         /// "speculative": false.
         #[arg(long)]
@@ -657,7 +658,23 @@ fn run() -> Result<()> {
                 header_read_timeout,
                 speculative,
             };
-            let server = Server::new(engine, config)?;
+            let draft = match config.speculative.as_ref().map(|c| &c.method) {
+                Some(runtime::speculative::SpeculativeMethod::Draft { model }) => {
+                    let draft = load_batch_engine(model, &run, max_num_seqs.max(1))
+                        .with_context(|| format!("loading the draft plan {}", model.display()))?;
+                    if draft.vocab_size() != engine.vocab_size() {
+                        bail!(
+                            "the draft plan {} has a vocabulary of {} tokens, the served plan {}: they must share a tokenizer",
+                            model.display(),
+                            draft.vocab_size(),
+                            engine.vocab_size()
+                        );
+                    }
+                    Some(draft)
+                }
+                _ => None,
+            };
+            let server = Server::with_draft(engine, draft, config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 // The engine's own threads do the heavy work; HTTP needs few.
                 .worker_threads(2)

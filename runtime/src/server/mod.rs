@@ -149,6 +149,15 @@ pub struct Server {
 impl Server {
     /// Starts the scheduler on `engine`.
     pub fn new(engine: Box<dyn BatchEngine>, config: ServerConfig) -> Result<Server, ServerError> {
+        Server::with_draft(engine, None, config)
+    }
+
+    /// As [`Server::new`], with the draft model of the `draft` speculative method.
+    pub fn with_draft(
+        engine: Box<dyn BatchEngine>,
+        draft: Option<Box<dyn BatchEngine>>,
+        config: ServerConfig,
+    ) -> Result<Server, ServerError> {
         let plan = engine.plan();
         let model_name = config
             .served_model_name
@@ -172,8 +181,9 @@ impl Server {
         let eos_token_ids = plan.manifest.model.eos_token_ids.clone();
         let manifest = Arc::new(plan.manifest.clone());
         let vocab = engine.vocab_size();
-        let scheduler = Scheduler::start(
+        let scheduler = Scheduler::start_speculative(
             engine,
+            draft,
             SchedulerConfig {
                 max_num_seqs: config.max_num_seqs,
                 max_waiting: config.max_waiting,
