@@ -1468,3 +1468,58 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
     assert_eq!(token_ids(&body["choices"][0]), expected[..4], "{body}");
     s.shutdown().await;
 }
+
+/// A client that sends its head promptly, then trickles its body (within the size limit), gets
+/// 408 once the body deadline passes and is hung up on, while the server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_past_the_deadline_gets_408() {
+    let body_read_timeout = Duration::from_millis(500);
+    let config = ServerConfig {
+        body_read_timeout,
+        ..ServerConfig::default()
+    };
+    let s = start(&tiny_plan(), options(256, 1), config).await;
+    let address = s.base.trim_start_matches("http://").to_string();
+    let (reply, waited) = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&address).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let body = br#"{"prompt": [1, 2, 3], "max_tokens": 2}"#;
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = Instant::now();
+        stream.write_all(head.as_bytes()).expect("head");
+        let mut writer = stream.try_clone().expect("a second handle");
+        // A byte every 100 ms: the body would take about 4 s.
+        std::thread::spawn(move || {
+            for byte in body {
+                if writer.write_all(&[*byte]).is_err() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        (String::from_utf8_lossy(&reply).into_owned(), sent.elapsed())
+    })
+    .await
+    .expect("trickling client");
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("request_timeout"), "{reply}");
+    assert!(waited >= body_read_timeout, "answered after {waited:?}");
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}");
+    // A prompt body is still read and served.
+    let (status, body) = s
+        .post(
+            "/v1/completions",
+            json!({"prompt": [1, 2, 3], "max_tokens": 2, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    s.shutdown().await;
+}

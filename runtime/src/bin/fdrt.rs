@@ -185,6 +185,14 @@ enum Command {
         /// kept-alive one after its last response) before the connection is closed.
         #[arg(long, default_value_t = 30.0)]
         header_read_timeout: f64,
+        /// Seconds a client may take to send a request body in full after its head (408 past
+        /// it).
+        #[arg(long, default_value_t = 30.0)]
+        body_read_timeout: f64,
+        /// Seconds a write to a client may make no progress (it stopped reading its response)
+        /// before the connection is closed and its request cancelled.
+        #[arg(long, default_value_t = 60.0)]
+        write_timeout: f64,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -630,12 +638,16 @@ fn run() -> Result<()> {
             max_body_bytes,
             max_connections,
             header_read_timeout,
+            body_read_timeout,
+            write_timeout,
             run,
         } => {
             init_logging();
             let drain_timeout = seconds("--drain-timeout", drain_timeout, 0.0)?;
             // Zero would close every connection before its request arrives.
             let header_read_timeout = seconds("--header-read-timeout", header_read_timeout, 0.001)?;
+            let body_read_timeout = seconds("--body-read-timeout", body_read_timeout, 0.001)?;
+            let write_timeout = seconds("--write-timeout", write_timeout, 0.001)?;
             let speculative = speculative_config
                 .as_deref()
                 .map(runtime::speculative::SpeculativeConfig::parse)
@@ -656,6 +668,8 @@ fn run() -> Result<()> {
                 drain_timeout,
                 max_connections,
                 header_read_timeout,
+                body_read_timeout,
+                write_timeout,
                 speculative,
             };
             let draft = match config.speculative.as_ref().map(|c| &c.method) {

@@ -1,5 +1,6 @@
 //! Accepting connections: at most `max_connections` open at once, each closed when a request
-//! head does not arrive in full within `header_read_timeout`, all closed gracefully at shutdown.
+//! head does not arrive in full within `header_read_timeout` or when the client stops reading
+//! its response for `write_timeout` (`WriteDeadline`), all closed gracefully at shutdown.
 //!
 //! Written here rather than left to `axum::serve`, which gives hyper no timer (so no header read
 //! timeout) and accepts without limit; the pieces are hyper's HTTP/1 connection builder and
@@ -22,10 +23,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
 
 /// How long connections may take to close after shutdown, beyond the header read timeout: by
 /// then hyper has closed every idle or stalled connection, and what is left is a client not
@@ -37,6 +42,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 pub(crate) struct ConnectionLimits {
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    pub write_timeout: Duration,
 }
 
 /// Serves `app` on connections from `listener` until `stop` completes, then stops accepting,
@@ -76,9 +82,10 @@ pub(crate) async fn serve_connections(
             },
             () = &mut stop => break,
         };
-        let connection = graceful.watch(
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone())),
-        );
+        let connection = graceful.watch(builder.serve_connection(
+            TokioIo::new(WriteDeadline::new(stream, limits.write_timeout)),
+            TowerToHyperService::new(app.clone()),
+        ));
         tokio::spawn(async move {
             // Header timeouts, resets and malformed requests end here: the client's problem.
             if let Err(e) = connection.await {
@@ -101,6 +108,97 @@ pub(crate) async fn serve_connections(
     }
 }
 
+/// A connection whose writes fail with `TimedOut` once one has made no progress for `limit`:
+/// a client that stops reading its response (a long stream, most often) fills the socket's
+/// buffers and would otherwise hold its connection, and its request's sequence, forever; the
+/// failed write ends the connection, and dropping the response cancels the request. Written
+/// here because hyper has no write timeout. Reads pass through: a stalled request head is
+/// hyper's header timeout, a stalled body the body deadline (`routes.rs`).
+pub(crate) struct WriteDeadline<T> {
+    inner: T,
+    limit: Duration,
+    /// Armed when a write first returns `Pending`, disarmed by any progress.
+    stall: Pin<Box<Sleep>>,
+    stalled: bool,
+}
+
+impl<T> WriteDeadline<T> {
+    pub(crate) fn new(inner: T, limit: Duration) -> Self {
+        WriteDeadline {
+            inner,
+            limit,
+            stall: Box::pin(tokio::time::sleep(limit)),
+            stalled: false,
+        }
+    }
+
+    /// What a pending write becomes: still pending, or past the deadline an error.
+    fn check<R>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        if poll.is_ready() {
+            self.stalled = false;
+            return poll;
+        }
+        if !self.stalled {
+            self.stalled = true;
+            self.stall.as_mut().reset(Instant::now() + self.limit);
+        }
+        match self.stall.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the client read nothing of its response for {:.1} s",
+                    self.limit.as_secs_f64()
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteDeadline<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.check(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.check(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.check(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.check(cx, poll)
+    }
+}
+
 /// Accept errors other than a connection gone before it was accepted are those of the process
 /// (most often out of descriptors): log, and wait a second for some to free rather than spin.
 async fn handle_accept_error(e: io::Error) {
@@ -114,4 +212,45 @@ async fn handle_accept_error(e: io::Error) {
     }
     tracing::error!("accepting a connection: {e}");
     tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A peer that reads nothing: the write fails once the deadline passes, not before.
+    #[tokio::test]
+    async fn a_write_nobody_reads_fails_at_the_deadline() {
+        let (ours, _theirs) = tokio::io::duplex(64);
+        let mut guarded = WriteDeadline::new(ours, Duration::from_millis(200));
+        let start = std::time::Instant::now();
+        let err = guarded.write_all(&[7u8; 4096]).await.unwrap_err();
+        let waited = start.elapsed();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(waited >= Duration::from_millis(190), "{waited:?}");
+        assert!(waited < Duration::from_secs(2), "{waited:?}");
+    }
+
+    /// A slow reader that keeps making progress is never cut off, though the whole write takes
+    /// many times the deadline.
+    #[tokio::test]
+    async fn a_slow_reader_that_keeps_reading_is_served() {
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut guarded = WriteDeadline::new(ours, Duration::from_millis(150));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 64];
+            while got < 2048 {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+                got += theirs.read(&mut buf).await.unwrap();
+            }
+            got
+        });
+        guarded
+            .write_all(&[1u8; 2048])
+            .await
+            .expect("no timeout while the reader reads");
+        assert_eq!(reader.await.unwrap(), 2048);
+    }
 }

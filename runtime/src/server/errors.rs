@@ -107,6 +107,20 @@ impl ApiError {
         }
     }
 
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        ApiError {
+            code: Some("request_timeout"),
+            ..Self::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive in full within {:.1} s",
+                    limit.as_secs_f64()
+                ),
+            )
+        }
+    }
+
     pub fn shutting_down() -> Self {
         ApiError {
             code: Some("server_shutting_down"),

@@ -71,6 +71,12 @@ pub struct ServerConfig {
     /// waiting for one (a new connection, or a kept-alive one after its last response); past
     /// it the connection is closed, so idle and slow clients cannot hold connections forever.
     pub header_read_timeout: Duration,
+    /// How long a client may take to send a request body in full, counted from when its head
+    /// arrived (408 past it): a body trickled within the size limit cannot hold a connection.
+    pub body_read_timeout: Duration,
+    /// How long a write to a client may make no progress (it reads nothing of its response)
+    /// before its connection is closed and its request cancelled.
+    pub write_timeout: Duration,
     /// Speculative decoding (`--speculative-config`); `None` decodes one token per step.
     pub speculative: Option<crate::speculative::SpeculativeConfig>,
 }
@@ -87,6 +93,8 @@ impl Default for ServerConfig {
             drain_timeout: Duration::from_secs(30),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(60),
             speculative: None,
         }
     }
@@ -275,6 +283,7 @@ pub async fn serve(
     let limits = connections::ConnectionLimits {
         max_connections: server.state.config.max_connections,
         header_read_timeout: server.state.config.header_read_timeout,
+        write_timeout: server.state.config.write_timeout,
     };
     connections::serve_connections(listener, server.router(), limits, async move {
         let _ = closed_rx.await;

@@ -46,9 +46,42 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(middleware::from_fn_with_state(
             state.clone(),
+            read_body_in_time,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
             count_responses,
         ))
         .with_state(state)
+}
+
+/// Reads the whole request body, within the size limit, before any handler runs, and answers
+/// 408 when it does not arrive within `body_read_timeout` of the head (413 past the size limit,
+/// 400 when the client breaks off): hyper bounds the wait for a head, nothing bounds a body.
+async fn read_body_in_time(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let limit = state.config.max_body_bytes;
+    let timeout = state.config.body_read_timeout;
+    let bytes = match tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => bytes,
+        Err(_elapsed) => return ApiError::body_timeout(timeout).into_response(),
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+                || e.to_string().contains("length limit");
+            return if too_large {
+                ApiError::too_large(limit).into_response()
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}")).into_response()
+            };
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// Counts every response by route and status, for `fdrt:http_requests_total`.
