@@ -7,6 +7,8 @@
 #
 #   scripts/soak.sh [MINUTES] [OUT] [soak.py options...]
 #
+# SOAK_SERVER_ARGS adds options to `fdrt serve` (e.g. a --speculative-config).
+#
 # The server runs with a small queue (--max-waiting 8) so that bursts overflow it, and a KV pool
 # smaller than --max-num-seqs full contexts so that long prompts cause preemption.
 set -euo pipefail
@@ -28,7 +30,7 @@ plan=.cache/plans/smollm2-q4_1-soak.fdp
 "$out/fdc" compile "$model" -o "$plan" >/dev/null
 
 "$out/fdrt" serve "$plan" --port "$port" --max-num-seqs 4 --max-waiting 8 \
-    --max-context 2048 --kv-cache-memory 96MiB --drain-timeout 20 \
+    --max-context 2048 --kv-cache-memory 96MiB --drain-timeout 20 ${SOAK_SERVER_ARGS:-} \
     >"$out/server.log" 2>&1 &
 server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true' EXIT

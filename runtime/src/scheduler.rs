@@ -683,6 +683,12 @@ impl Worker {
             if self.running[i].pending() == 1 {
                 self.propose(i, budget - used - 1);
             }
+            if self.running[i].draft > 0 {
+                let s = &self.running[i];
+                if self.blocks.blocks_for(s.computed + s.pending()) > self.blocks.num_blocks() {
+                    self.running[i].abandon_draft(); // the proposal alone would not fit the pool
+                }
+            }
             let mut count = self.running[i].pending().min(budget - used);
             let mut positions = self.running[i].computed + count;
             if self.blocks.blocks_for(positions) > self.blocks.num_blocks() {

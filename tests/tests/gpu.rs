@@ -994,6 +994,87 @@ fn the_scheduler_on_the_gpu_batches_requests_as_they_run_alone() {
     }
 }
 
+/// Speculative decoding on the GPU (n-gram proposals, each verified in one multi-token pass):
+/// greedy outputs equal those of the same scheduler decoding one token per step, with proposals
+/// made and accepted, for one request at a time and eight at once.
+#[test]
+fn speculative_decoding_on_the_gpu_keeps_greedy_outputs() {
+    use runtime::scheduler::{Event, Scheduler, SchedulerConfig};
+    use runtime::speculative::SpeculativeConfig;
+    let Some(arch) = device() else { return };
+    let path = cuda_plan("llama", arch, DType::F32);
+    let start = |slots: usize, speculative: Option<SpeculativeConfig>| {
+        let options = EngineOptions {
+            max_context: 256,
+            max_batch_tokens: 64,
+            max_num_seqs: slots,
+            block_size: 16,
+            kv_blocks: None,
+        };
+        let loaded = LoadedPlan::load(&path).expect("loading");
+        let engine = GpuEngine::new(loaded, 0, options).expect("uploading the plan");
+        Scheduler::start(
+            Box::new(engine),
+            SchedulerConfig {
+                max_num_seqs: slots,
+                max_waiting: 16,
+                prefix_caching: true,
+                speculative,
+            },
+        )
+    };
+    // Prompts that repeat a phrase, and varied ones.
+    let mut prompts: Vec<Vec<u32>> = (0..4).map(|i| tokens(6 + 5 * i, i as u32 + 30)).collect();
+    for i in 0..4u32 {
+        let phrase = tokens(5, 50 + i);
+        prompts.push(phrase.iter().cycle().take(22).copied().collect());
+    }
+    let run = |s: &Scheduler, batch: &[Vec<u32>]| -> Vec<Vec<u32>> {
+        let streams: Vec<_> = batch
+            .iter()
+            .map(|p| {
+                s.submit(p.clone(), common::greedy_request(40))
+                    .expect("submit")
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|stream| {
+                let (tokens, last) = common::collect_stream(stream);
+                assert!(matches!(last, Event::Done { .. }), "{last:?}");
+                tokens
+            })
+            .collect()
+    };
+    let plain = start(1, None);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run(&plain, std::slice::from_ref(p)).remove(0))
+        .collect();
+    let config =
+        SpeculativeConfig::parse(r#"{"method": "ngram", "prompt_lookup_min": 1}"#).expect("config");
+    for slots in [1, 8] {
+        let s = start(slots, Some(config.clone()));
+        let got: Vec<Vec<u32>> = if slots == 1 {
+            prompts
+                .iter()
+                .map(|p| run(&s, std::slice::from_ref(p)).remove(0))
+                .collect()
+        } else {
+            run(&s, &prompts)
+        };
+        assert_eq!(got, want, "{slots} slots: speculative output differs");
+        let stats = common::wait_idle(&s);
+        eprintln!("{slots} slots: {:?}", stats.speculative);
+        assert!(
+            stats.speculative.accepted_tokens > 0,
+            "{:?}",
+            stats.speculative
+        );
+        assert_eq!(stats.kv_blocks_used, 0);
+    }
+}
+
 /// The tensor-core GEMM of prefill and large batches (cuBLAS), for f32, bf16 and f16 weights,
 /// against a float64 reference of what it computes: activations rounded to the weights' type
 /// (f32 kept as is), products summed exactly. Activations and outputs sit in wider rows (the

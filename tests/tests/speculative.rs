@@ -360,3 +360,62 @@ fn sampled_requests_verify_a_draft_models_proposals() {
         (0, 0)
     );
 }
+
+/// A KV pool smaller than the request: proposals near its end would need positions past the
+/// pool, so they are dropped there, and the request still ends where it ends without
+/// speculation (not earlier, and with no proposed token counted).
+#[test]
+fn proposals_that_would_overflow_the_pool_are_dropped_not_fatal() {
+    let plan = compiled(&golden("tiny/llama"), DType::F32);
+    let draft = compiled(&golden("tiny/llama"), DType::BF16);
+    let options = EngineOptions {
+        max_context: 512,
+        max_batch_tokens: 64,
+        max_num_seqs: 1,
+        block_size: 16,
+        kv_blocks: Some(4),
+    };
+    let start = |config: Option<&str>, draft: Option<&Path>| {
+        // The draft's own pool is larger: only the target's pool limits the proposals.
+        let draft_options = EngineOptions {
+            kv_blocks: Some(8),
+            ..options.clone()
+        };
+        let draft = draft.map(|d| {
+            Box::new(engine_with(d, draft_options)) as Box<dyn runtime::batch_engine::BatchEngine>
+        });
+        Scheduler::start_speculative(
+            Box::new(engine_with(&plan, options.clone())),
+            draft,
+            SchedulerConfig {
+                max_num_seqs: 1,
+                max_waiting: 4,
+                prefix_caching: false,
+                speculative: config.map(|c| SpeculativeConfig::parse(c).expect("config")),
+            },
+        )
+    };
+    // 50 prompt tokens and up to 30 generated: the 64 positions of the pool end it first.
+    let prompt: Vec<u32> = tiny_prompts()[0].iter().cycle().take(50).copied().collect();
+    let request = [(prompt, greedy(30))];
+    let (want, last) = run_all(&start(None, None), &request).remove(0);
+    assert!((10..30).contains(&want.len()), "{} tokens, {last:?}", want.len());
+    for (config, d) in [
+        (
+            r#"{"method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 1}"#,
+            None,
+        ),
+        (
+            r#"{"method": "draft", "model": "unused-here.fdp", "num_speculative_tokens": 8}"#,
+            Some(draft.as_path()),
+        ),
+    ] {
+        let s = start(Some(config), d);
+        let got = run_all(&s, &request).remove(0);
+        assert_eq!(got, (want.clone(), last.clone()), "{config}");
+        assert!(
+            wait_idle(&s).speculative.drafts > 0,
+            "{config}: nothing proposed"
+        );
+    }
+}
