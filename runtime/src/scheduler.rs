@@ -24,7 +24,7 @@ use crate::engine::{Logits, SeqChunk};
 use crate::error::RuntimeError;
 use crate::generate::FinishReason;
 use crate::sampler::{log_softmax, Sampler, SamplingParams};
-use crate::speculative::{SpeculativeConfig, SpeculativeStats};
+use crate::speculative::{SpeculativeConfig, SpeculativeMethod, SpeculativeStats};
 use crate::weights::WeightStore;
 use rayon::prelude::*;
 use std::collections::VecDeque;
@@ -450,6 +450,11 @@ struct Sequence {
     draft_blocks: SeqBlocks,
     draft_computed: usize,
     draft_sampler: Option<Sampler>,
+    /// Back-off after proposals the model rejected whole: consecutive such proposals, and
+    /// decode steps still to go without proposing (1, 3, 7, then 15 after 1 to 4 misses), so
+    /// that a sequence nothing predicts stops paying for proposals, and tries again now and then.
+    proposal_misses: u32,
+    proposal_pause: u32,
 }
 
 impl Sequence {
@@ -460,6 +465,28 @@ impl Sequence {
     /// Tokens still to go through the model before the next one can be sampled.
     fn pending(&self) -> usize {
         self.tokens.len() - self.computed
+    }
+
+    /// Whether it proposes this step (counting down a pause after rejected proposals).
+    fn proposes_now(&mut self) -> bool {
+        if !self.request.params.speculative {
+            return false;
+        }
+        if self.proposal_pause > 0 {
+            self.proposal_pause -= 1;
+            return false;
+        }
+        true
+    }
+
+    /// After a verified proposal of which `accepted` tokens stood.
+    fn proposal_verified(&mut self, accepted: usize) {
+        if accepted > 0 {
+            self.proposal_misses = 0;
+        } else {
+            self.proposal_misses = (self.proposal_misses + 1).min(4);
+            self.proposal_pause = (1 << self.proposal_misses) - 1;
+        }
     }
 
     /// How many tokens may be proposed for it, at most `room`: every one may be emitted, and
@@ -554,6 +581,8 @@ impl Worker {
                             draft_blocks: SeqBlocks::default(),
                             draft_computed: 0,
                             draft_sampler: None,
+                            proposal_misses: 0,
+                            proposal_pause: 0,
                         });
                         received += 1;
                     }
@@ -802,7 +831,7 @@ impl Worker {
         // (index into running, proposals wanted)
         let mut wanted: Vec<(usize, usize)> = vec![];
         for (i, s) in self.running.iter_mut().enumerate() {
-            if s.pending() != 1 || !s.request.params.speculative || room < 2 {
+            if s.pending() != 1 || room < 2 || !s.proposes_now() {
                 continue;
             }
             let d = s.proposal_room(room - 1, max_context).min(k);
@@ -925,9 +954,12 @@ impl Worker {
         let Some(config) = &self.config.speculative else {
             return;
         };
+        if matches!(config.method, SpeculativeMethod::Draft { .. }) {
+            return; // proposed by `draft_propose`
+        }
         let max_context = self.engine.options().max_context;
         let s = &mut self.running[i];
-        if !s.request.params.speculative {
+        if !s.proposes_now() {
             return;
         }
         let limit = s.proposal_room(room, max_context);
@@ -1089,6 +1121,9 @@ impl Worker {
             let Some(emitted) = emitted else { continue };
             self.speculative.record(emitted.proposed, emitted.accepted);
             let s = &mut self.running[i];
+            if emitted.proposed > 0 {
+                s.proposal_verified(emitted.accepted);
+            }
             for (id, event) in emitted.tokens {
                 s.tokens.push(id);
                 let _ = s.request.events.send(Event::Token(event));
