@@ -351,6 +351,9 @@ def scrape(client):
         "running": gauge("fdrt:num_requests_running"),
         "waiting": gauge("fdrt:num_requests_waiting"),
         "preemptions": gauge("fdrt:num_preemptions_total"),
+        # Zero unless the server runs with --speculative-config.
+        "spec_draft_tokens": gauge("fdrt:spec_decode_num_draft_tokens_total"),
+        "spec_accepted_tokens": gauge("fdrt:spec_decode_num_accepted_tokens_total"),
     }
 
 
