@@ -113,7 +113,8 @@ impl SamplingParams {
             || self.repetition_penalty != 1.0
     }
 
-    fn is_greedy(&self) -> bool {
+    /// Whether every pick is the argmax (of the penalized row, when a penalty is on).
+    pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0 || self.top_k == Some(1)
     }
 }
@@ -226,10 +227,15 @@ impl Sampler {
         self.candidates.clear();
         self.candidates.extend_from_slice(&q);
         let id = self.draw();
+        self.count_generated(id);
+        (id, q)
+    }
+
+    /// `id` counts as generated for the penalties (kept only when one is on).
+    fn count_generated(&mut self, id: u32) {
         if let Some(history) = &mut self.history {
             *history.generated.entry(id).or_insert(0) += 1;
         }
-        (id, q)
     }
 
     /// The row with the penalties applied, when any is on (in the reused buffer).
@@ -248,9 +254,7 @@ impl Sampler {
         };
         let id = self.choose(&penalized, proposal);
         self.penalized = penalized;
-        if let Some(history) = &mut self.history {
-            *history.generated.entry(id).or_insert(0) += 1;
-        }
+        self.count_generated(id);
         id
     }
 

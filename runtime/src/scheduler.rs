@@ -890,7 +890,7 @@ impl Worker {
                 })
                 .collect();
             let logits = match draft.engine.pass(&chunks) {
-                Ok(out) => out.logits.to_vec(),
+                Ok(out) => out.logits,
                 Err(e) => {
                     // The draft's cache is in doubt: recompute it next time; propose nothing.
                     tracing::warn!(error = %e, "draft model pass failed; decoding without proposals");
@@ -911,8 +911,7 @@ impl Worker {
                     break;
                 };
                 row += 1;
-                if s.request.sampler.picks_argmax() || s.request.params.sampling.temperature == 0.0
-                {
+                if s.request.params.sampling.is_greedy() {
                     proposals[w].push(crate::sampler::argmax(logits));
                 } else {
                     let sampler = s.draft_sampler.get_or_insert_with(|| {

@@ -1029,40 +1029,26 @@ fn speculative_decoding_on_the_gpu_keeps_greedy_outputs() {
         let phrase = tokens(5, 50 + i);
         prompts.push(phrase.iter().cycle().take(22).copied().collect());
     }
-    let run = |s: &Scheduler, batch: &[Vec<u32>]| -> Vec<Vec<u32>> {
-        let streams: Vec<_> = batch
-            .iter()
-            .map(|p| {
-                s.submit(p.clone(), common::greedy_request(40))
-                    .expect("submit")
-            })
-            .collect();
-        streams
+    let requests: Vec<_> = prompts
+        .iter()
+        .map(|p| (p.clone(), common::greedy_request(40)))
+        .collect();
+    let run = |s: &Scheduler, one_at_a_time: bool| -> Vec<Vec<u32>> {
+        common::run_requests(s, &requests, one_at_a_time)
             .into_iter()
-            .map(|stream| {
-                let (tokens, last) = common::collect_stream(stream);
+            .map(|(tokens, last)| {
                 assert!(matches!(last, Event::Done { .. }), "{last:?}");
                 tokens
             })
             .collect()
     };
     let plain = start(1, None);
-    let want: Vec<Vec<u32>> = prompts
-        .iter()
-        .map(|p| run(&plain, std::slice::from_ref(p)).remove(0))
-        .collect();
+    let want = run(&plain, true);
     let config =
         SpeculativeConfig::parse(r#"{"method": "ngram", "prompt_lookup_min": 1}"#).expect("config");
     for slots in [1, 8] {
         let s = start(slots, Some(config.clone()));
-        let got: Vec<Vec<u32>> = if slots == 1 {
-            prompts
-                .iter()
-                .map(|p| run(&s, std::slice::from_ref(p)).remove(0))
-                .collect()
-        } else {
-            run(&s, &prompts)
-        };
+        let got = run(&s, slots == 1);
         assert_eq!(got, want, "{slots} slots: speculative output differs");
         let stats = common::wait_idle(&s);
         eprintln!("{slots} slots: {:?}", stats.speculative);

@@ -53,11 +53,7 @@ fn greedy(max_tokens: usize) -> RequestParams {
 
 /// Every request submitted at once (the scheduler batches up to its slots), then collected.
 fn run_all(s: &Scheduler, requests: &[(Vec<u32>, RequestParams)]) -> Vec<(Vec<u32>, Event)> {
-    let streams: Vec<_> = requests
-        .iter()
-        .map(|(p, params)| s.submit(p.clone(), params.clone()).expect("submit"))
-        .collect();
-    streams.into_iter().map(collect_stream).collect()
+    run_requests(s, requests, false)
 }
 
 /// Prompts that invite copying (a repeated phrase) and that do not, inside every tiny vocabulary.
@@ -86,21 +82,11 @@ fn assert_same_outputs(
         .map(|p| (p.clone(), greedy(tokens)))
         .collect();
     let plain = scheduler(plan, 1, None);
-    let want: Vec<(Vec<u32>, Event)> = requests
-        .iter()
-        .map(|r| run_all(&plain, std::slice::from_ref(r)).remove(0))
-        .collect();
+    let want = run_requests(&plain, &requests, true);
     let mut stats = Stats::default();
     for slots in [1, 8] {
         let s = scheduler_with_draft(plan, draft, slots, Some(config));
-        let got = if slots == 1 {
-            requests
-                .iter()
-                .map(|r| run_all(&s, std::slice::from_ref(r)).remove(0))
-                .collect()
-        } else {
-            run_all(&s, &requests)
-        };
+        let got = run_requests(&s, &requests, slots == 1);
         for (i, (got, want)) in got.iter().zip(&want).enumerate() {
             assert_eq!(
                 got, want,
@@ -187,10 +173,7 @@ fn stops_and_token_limits_cut_an_accepted_run_where_plain_decoding_would() {
     for max_tokens in 1..12 {
         requests.push((prompt.clone(), greedy(max_tokens)));
     }
-    let want: Vec<_> = requests
-        .iter()
-        .map(|r| run_all(&plain, std::slice::from_ref(r)).remove(0))
-        .collect();
+    let want = run_requests(&plain, &requests, true);
     let s = scheduler(&plan, 4, Some(config));
     let got = run_all(&s, &requests);
     assert_eq!(got, want);

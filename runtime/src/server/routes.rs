@@ -70,10 +70,8 @@ async fn read_body_in_time(
         Ok(Ok(bytes)) => bytes,
         Err(_elapsed) => return ApiError::body_timeout(timeout).into_response(),
         Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
-                || e.to_string().contains("length limit");
-            return if too_large {
+            let e = e.into_inner();
+            return if e.is::<http_body_util::LengthLimitError>() {
                 ApiError::too_large(limit).into_response()
             } else {
                 ApiError::bad_request(format!("cannot read the request body: {e}")).into_response()

@@ -55,6 +55,23 @@ pub fn collect_stream(
     }
 }
 
+/// Every request through `s` with its tokens and last event: all submitted at once (the
+/// scheduler batches them up to its slots), or each after the one before has finished.
+pub fn run_requests(
+    s: &runtime::scheduler::Scheduler,
+    requests: &[(Vec<u32>, runtime::scheduler::RequestParams)],
+    one_at_a_time: bool,
+) -> Vec<(Vec<u32>, runtime::scheduler::Event)> {
+    let submit = |(prompt, params): &(Vec<u32>, runtime::scheduler::RequestParams)| {
+        s.submit(prompt.clone(), params.clone()).expect("submit")
+    };
+    if one_at_a_time {
+        return requests.iter().map(|r| collect_stream(submit(r))).collect();
+    }
+    let streams: Vec<_> = requests.iter().map(submit).collect();
+    streams.into_iter().map(collect_stream).collect()
+}
+
 /// The scheduler's stats once nothing runs or waits (or after 10 s).
 pub fn wait_idle(s: &runtime::scheduler::Scheduler) -> runtime::scheduler::Stats {
     let start = std::time::Instant::now();
