@@ -25,6 +25,10 @@ pub const CUDA_PTX: &str = "cuda.ptx";
 /// before it have none; fdrt then applies the rule of `kernels::cuda::gemm_from_tokens`.
 pub const CUDA_DISPATCH: &str = "cuda.dispatch";
 
+/// The code symbol of a CUDA plan's [`CudaDecodeFolds`] (bincode, through `codec`). Plans
+/// written before it have none, and fold nothing.
+pub const CUDA_DECODE_FOLDS: &str = "cuda.decode_folds";
+
 /// Which kernel serves each step of a CUDA plan at which pass size, as fdc chose it for the
 /// target. A step's registry kernel (`Step::kernel`) serves passes below its threshold; from
 /// the threshold on, a matmul runs as a tensor-core GEMM through cuBLAS (quantized weights
@@ -65,6 +69,112 @@ impl CudaDispatch {
             gemm_from_tokens,
             prefill_attention_from_percent,
         }
+    }
+}
+
+/// The add-and-RMS-norms of a CUDA plan that passes of one token (decode steps of one
+/// sequence) do inside the matmuls around them: the matmul before the norm (its producer) adds
+/// the residual and writes the sum, the sum times the norm's weight and per block the sum of
+/// squares; each matmul reading the norm's output (its consumers) sums those up and scales its
+/// outputs by 1 / rms. The norm itself is not launched. Passes of several tokens run the steps
+/// as they are. (The kernels: `FdFold` in `kernels/cuda/common.cuh`.)
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CudaDecodeFolds {
+    pub norms: Vec<NormFold>,
+}
+
+/// One folded `AddRmsNorm` step, by step indices.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NormFold {
+    pub norm: u32,
+    /// The matmul just before the norm, whose output is the norm's `d` and nothing else's.
+    pub producer: u32,
+    /// The matmuls reading the norm's `normed_out`, every reader of it.
+    pub consumers: Vec<u32>,
+}
+
+impl CudaDecodeFolds {
+    /// The folds `program` allows: every `AddRmsNorm` whose step before is a matmul producing
+    /// its `d` (read by nothing else) and whose `normed_out` is read by matmuls alone (at least
+    /// one), each of them `foldable` (a kernel with fold variants, A16 or plain weights), none
+    /// folded twice, with no view the producer's early writes could spoil: the sum and normed
+    /// rows must not overlap the producer's input, and the sum must not overlap the residual
+    /// unless it is the residual itself.
+    pub fn for_program(
+        program: &crate::schema::Program,
+        foldable: impl Fn(&crate::schema::Step) -> bool,
+    ) -> CudaDecodeFolds {
+        use crate::schema::{Launch, Rows};
+        let steps = &program.steps;
+        let mut taken = vec![false; steps.len()];
+        let mut norms = vec![];
+        for (i, step) in steps.iter().enumerate() {
+            let Launch::AddRmsNorm {
+                x,
+                d,
+                sum_out,
+                normed_out,
+                ..
+            } = step.launch
+            else {
+                continue;
+            };
+            let Some(p) = i.checked_sub(1) else { continue };
+            let Launch::MatMul {
+                x: px, out: pout, ..
+            } = steps[p].launch
+            else {
+                continue;
+            };
+            let views = [x, d, sum_out, normed_out, px, pout];
+            if taken[p]
+                || pout != d
+                || !foldable(&steps[p])
+                || views.iter().any(|a| a.rows != Rows::Tokens)
+            {
+                continue;
+            }
+            let spoils = |a: &crate::schema::Act| a.overlaps(&px);
+            if spoils(&sum_out) || spoils(&normed_out) || (sum_out != x && sum_out.overlaps(&x)) {
+                continue;
+            }
+            // Readers of `d` and of `normed_out` until each is written again.
+            let readers = |view: crate::schema::Act, from: usize| {
+                let mut found = vec![];
+                for (j, later) in steps.iter().enumerate().skip(from) {
+                    let (reads, writes, _) = later.launch.operands();
+                    if reads.iter().any(|r| r.overlaps(&view)) {
+                        found.push(j);
+                    }
+                    if writes.iter().any(|w| w.overlaps(&view)) {
+                        break;
+                    }
+                }
+                found
+            };
+            if readers(d, i + 1).iter().any(|_| true) {
+                continue;
+            }
+            let consumers = readers(normed_out, i + 1);
+            let fits = |&j: &usize| {
+                !taken[j]
+                    && matches!(steps[j].launch, Launch::MatMul { x, .. } if x == normed_out)
+                    && foldable(&steps[j])
+            };
+            if consumers.is_empty() || !consumers.iter().all(fits) {
+                continue;
+            }
+            taken[p] = true;
+            for &j in &consumers {
+                taken[j] = true;
+            }
+            norms.push(NormFold {
+                norm: i as u32,
+                producer: p as u32,
+                consumers: consumers.into_iter().map(|j| j as u32).collect(),
+            });
+        }
+        CudaDecodeFolds { norms }
     }
 }
 

@@ -386,6 +386,76 @@ pub enum Launch {
     },
 }
 
+impl Launch {
+    /// (activations read, activations written, weights used) of a launch.
+    pub fn operands(&self) -> (Vec<Act>, Vec<Act>, Vec<WeightRef>) {
+        match *self {
+            Launch::Embedding { table, out } => (vec![], vec![out], vec![table]),
+            Launch::RmsNorm { x, w, out, .. } => (vec![x], vec![out], vec![w]),
+            Launch::AddRmsNorm {
+                x,
+                d,
+                w,
+                sum_out,
+                normed_out,
+                ..
+            } => (vec![x, d], vec![sum_out, normed_out], vec![w]),
+            Launch::MatMul { x, w, bias, out } => (
+                vec![x],
+                vec![out],
+                [Some(w), bias].into_iter().flatten().collect(),
+            ),
+            Launch::Add { a, b, out } | Launch::Mul { a, b, out } => {
+                (vec![a, b], vec![out], vec![])
+            }
+            Launch::Silu { x, out }
+            | Launch::Rope { x, out, .. }
+            | Launch::GatherRows { x, out } => (vec![x], vec![out], vec![]),
+            Launch::SiluMul { gu, out } => (vec![gu], vec![out], vec![]),
+            Launch::Attention { q, k, v, out, .. } | Launch::AttentionRope { q, k, v, out, .. } => {
+                (vec![q, k, v], vec![out], vec![])
+            }
+            Launch::MlaAttention {
+                q,
+                latent,
+                k_rope,
+                kv_b,
+                out,
+                ..
+            } => (vec![q, latent, k_rope], vec![out], vec![kv_b]),
+            Launch::Moe {
+                x,
+                router,
+                bias,
+                gate_up,
+                down,
+                out,
+                ..
+            } => (
+                vec![x],
+                vec![out],
+                [Some(router), bias, Some(gate_up), Some(down)]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
+        }
+    }
+}
+impl Act {
+    /// Whether two views share any of a token row's columns, for any number of rows: the
+    /// arena's regions by their per-token column ranges; the logits with themselves.
+    pub fn overlaps(&self, other: &Act) -> bool {
+        match (self.buffer, other.buffer) {
+            (Buffer::Arena { offset_cols: x }, Buffer::Arena { offset_cols: y }) => {
+                x < y + other.stride && y < x + self.stride
+            }
+            (Buffer::Logits, Buffer::Logits) => true,
+            _ => false,
+        }
+    }
+}
+
 impl Program {
     /// The KV cache holds one latent row per position and layer (multi-head latent attention)
     /// rather than keys and values: its layers are attended by `MlaAttention` launches.

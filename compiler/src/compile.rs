@@ -175,7 +175,10 @@ pub fn compile_to(
     };
     let memory = {
         let _t = timing::scope("plan_memory");
-        plan_memory::run(&graph, &launches)?
+        let constraints = plan_memory::Constraints {
+            fold_norms_into_matmuls: matches!(options.target, Target::Cuda(_)),
+        };
+        plan_memory::run(&graph, &launches, constraints)?
     };
     let (mut code_bytes, mut code_symbols, code_index) = {
         let _t = timing::scope("codegen");
@@ -243,13 +246,26 @@ pub fn compile_to(
     if let Target::Cuda(_) = options.target {
         // Which kernel serves each step at which pass size, after the module in the code
         // section.
-        let dispatch = codec::encode(&cuda_dispatch(&program, &weight_infos))?;
-        code_symbols.push(CodeSymbol {
-            name: artifacts::code_abi::CUDA_DISPATCH.to_string(),
-            offset: code_bytes.len() as u64,
-            len: dispatch.len() as u64,
-        });
-        code_bytes.extend_from_slice(&dispatch);
+        // Which kernel serves each step at which pass size, and which norms one-token passes
+        // fold into their matmuls, after the module in the code section.
+        let records = [
+            (
+                artifacts::code_abi::CUDA_DISPATCH,
+                codec::encode(&cuda_dispatch(&program, &weight_infos))?,
+            ),
+            (
+                artifacts::code_abi::CUDA_DECODE_FOLDS,
+                codec::encode(&cuda_decode_folds(&program))?,
+            ),
+        ];
+        for (name, bytes) in records {
+            code_symbols.push(CodeSymbol {
+                name: name.to_string(),
+                offset: code_bytes.len() as u64,
+                len: bytes.len() as u64,
+            });
+            code_bytes.extend_from_slice(&bytes);
+        }
     }
     let parameter_count = weight_infos
         .iter()
@@ -603,6 +619,16 @@ fn cuda_dispatch(
         kernels::cuda::gemm_from_tokens,
         Some(kernels::cuda::PREFILL_ATTENTION_FROM_PERCENT),
     )
+}
+
+/// The add-and-RMS-norms a CUDA plan's one-token passes do inside the matmuls around them:
+/// wherever the program allows it and the matmuls' kernels have fold variants.
+fn cuda_decode_folds(program: &artifacts::schema::Program) -> artifacts::code_abi::CudaDecodeFolds {
+    artifacts::code_abi::CudaDecodeFolds::for_program(program, |step| {
+        kernels::registry::by_name(&step.kernel)
+            .and_then(kernels::cuda::fold_functions)
+            .is_some()
+    })
 }
 
 /// Reads a weight expression as f32, in the order its parts are concatenated.

@@ -20,12 +20,12 @@ pub const CALIBRATED_OPTION: &str = "gptq=";
 /// mid-size card, an 80 GB accelerator.
 const KV_SIZES: [u64; 3] = [1 << 30, 16 << 30, 80 << 30];
 
-/// A CUDA plan's dispatch table (which steps run as GEMMs from which pass size), if it has one.
-fn cuda_dispatch(
+/// A code symbol of a CUDA plan decoded (the dispatch table, the decode folds), if it has one.
+fn code_record<T: serde::de::DeserializeOwned>(
     plan: &PlanFile,
     manifest: &Manifest,
-) -> Result<Option<artifacts::code_abi::CudaDispatch>, PlanError> {
-    let name = artifacts::code_abi::CUDA_DISPATCH;
+    name: &str,
+) -> Result<Option<T>, PlanError> {
     let Some(sym) = manifest.code.iter().find(|s| s.name == name) else {
         return Ok(None);
     };
@@ -227,7 +227,8 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     }
     // Which kernel serves which matmul shape: the weight's [N, K] per launch, and on CUDA the
     // pass size from which the plan runs it as a tensor-core GEMM instead.
-    let dispatch = cuda_dispatch(&plan, &manifest)?;
+    let dispatch: Option<artifacts::code_abi::CudaDispatch> =
+        code_record(&plan, &manifest, artifacts::code_abi::CUDA_DISPATCH)?;
     let mut shapes: BTreeMap<(&str, u64, u64, Option<u32>), usize> = BTreeMap::new();
     for (i, step) in program.steps.iter().enumerate() {
         if let artifacts::schema::Launch::MatMul { w, .. } = &step.launch {
@@ -266,6 +267,18 @@ matmuls by shape (N x K of the weight)"
             out,
             "\nattention: the split decode kernel, or the tiled prefill kernel for passes with \
              {percent}% or more of their tokens in prompt chunks"
+        );
+    }
+    let folds: Option<artifacts::code_abi::CudaDecodeFolds> =
+        code_record(&plan, &manifest, artifacts::code_abi::CUDA_DECODE_FOLDS)?;
+    if let Some(folds) = folds.filter(|f| !f.norms.is_empty()) {
+        let consumers: usize = folds.norms.iter().map(|f| f.consumers.len()).sum();
+        let _ = writeln!(
+            out,
+            "\ndecode folds: {} of the add_rms_norm steps run inside the matmuls around them in \
+             passes of one token (the matmul before adds and writes the sums; the {consumers} \
+             matmuls after scale by 1 / rms)",
+            folds.norms.len()
         );
     }
     if matches!(manifest.target, ir::Target::Cuda(_)) {

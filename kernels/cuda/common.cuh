@@ -89,3 +89,52 @@ __device__ __forceinline__ float fd_block_sum(float v, float* scratch) {
     v = lane < warps ? scratch[lane] : 0.0f;
     return fd_warp_sum(v);
 }
+
+// Decode folds: in a pass of one token, the add-and-RMS-norm between two matmuls is done by the
+// matmuls themselves (fdc records which, `code_abi::CudaDecodeFolds`), which saves the norm's
+// launch, a single block whose load-reduce-store chain costs more in a decode step than its
+// bytes (measured: 3.6 us of the step per norm on an H100, docs/PERF.md). The norm of a row
+// needs the sum of all its squares, which no block of the producing matmul has; so the
+// producer writes the sum s = residual + its output and s * w (the norm's weight) and, per
+// block, the sum of its rows' s^2, and each block of a consuming matmul adds those partial sums
+// up itself and scales its outputs by 1 / rms: W (s * w / rms) = (W (s * w)) / rms.
+#define FD_FOLD_NONE 0
+#define FD_FOLD_ADD_NORM 1  // the producer: writes s, s * w and the block's sum of s^2
+#define FD_FOLD_RMS 2       // a consumer: outputs times rsqrt(sum(partials) / cols + eps)
+
+struct FdFold {
+    // FD_FOLD_ADD_NORM (row 0 of each, a one-token pass)
+    const float* residual;  // may be sum_out itself
+    const float* norm_w;
+    float* sum_out;
+    float* normed_out;
+    float* partials_out;  // [gridDim.x]
+    // FD_FOLD_RMS
+    const float* partials_in;
+    int n_partials;
+    int cols;
+    float eps;
+};
+
+// The producer's epilogue: the thread holding row `row` (`holds`) with the matmul's value v
+// (bias included). Every thread of the block calls it.
+__device__ __forceinline__ void fd_fold_add_norm(bool holds, int row, float v, const FdFold& f,
+                                                 float* scratch) {
+    float sq = 0.0f;
+    if (holds) {
+        const float s = f.residual[row] + v;
+        f.sum_out[row] = s;
+        f.normed_out[row] = s * f.norm_w[row];
+        sq = s * s;
+    }
+    const float total = fd_block_sum(sq, scratch);
+    if (threadIdx.x == 0) f.partials_out[blockIdx.x] = total;
+}
+
+// A consumer's 1 / rms, in every thread of the block (every thread calls it, after waiting for
+// the kernels before).
+__device__ __forceinline__ float fd_fold_inv_rms(const FdFold& f, float* scratch) {
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < f.n_partials; i += blockDim.x) s += f.partials_in[i];
+    return rsqrtf(fd_block_sum(s, scratch) / f.cols + f.eps);
+}

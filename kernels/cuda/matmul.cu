@@ -45,10 +45,12 @@ template <> struct Packed<fd_f16> {
 // One warp's row for the block's tokens, at most TOKENS of them. The token bound and the
 // activations' alignment are compile-time, so that a decode step's single token compiles to
 // straight-line code with one accumulator and no branch in the loop (measured: 20% faster).
-template <typename W, int TOKENS, bool X_ALIGNED>
-__device__ __forceinline__ void matmul_row(const float* x, int x_stride, const W* w, int k,
-                                           int row, const float* bias, int t0, int tokens,
-                                           float* out, int out_stride) {
+// With `!WRITE` (one token) nothing is written: the row's sum, without the bias, is returned
+// to every lane for a decode fold's epilogue.
+template <typename W, int TOKENS, bool X_ALIGNED, bool WRITE = true>
+__device__ __forceinline__ float matmul_row(const float* x, int x_stride, const W* w, int k,
+                                            int row, const float* bias, int t0, int tokens,
+                                            float* out, int out_stride) {
     constexpr int E = Packed<W>::N;  // weights per 16-byte load
     const int lane = threadIdx.x & 31;
     const W* wr = w + (long long)row * k;
@@ -102,6 +104,10 @@ __device__ __forceinline__ void matmul_row(const float* x, int x_stride, const W
             if (m < tokens) acc[m] += wv * x[(long long)(t0 + m) * x_stride + i];
         }
     }
+    if constexpr (!WRITE) {
+        static_assert(TOKENS == 1, "a decode fold serves one token");
+        return fd_warp_sum(acc[0]);
+    }
 #pragma unroll
     for (int m = 0; m < TOKENS; m++) {
         const float sum = fd_warp_sum(acc[m]);
@@ -109,6 +115,7 @@ __device__ __forceinline__ void matmul_row(const float* x, int x_stride, const W
             out[(long long)(t0 + m) * out_stride + row] = sum + (bias ? bias[row] : 0.0f);
         }
     }
+    return 0.0f;
 }
 
 template <typename W>
@@ -182,6 +189,51 @@ extern "C" __global__ void matmul_f16_one(const float* x, int x_stride, const fd
     fd_grid_start();  // waits after its first weight loads
     matmul_one(x, x_stride, w, k, n, bias, out, out_stride);
 }
+
+// Decode folds (`FdFold` in common.cuh): the `_one` kernel's arguments, then the fold's. Every
+// warp of a block takes part in the block's sums, so a warp past the last row recomputes that
+// row and writes nothing.
+template <typename W, int FOLD>
+__device__ void matmul_one_fold(const float* x, int x_stride, const W* w, int k, int n,
+                                const float* bias, float* out, const FdFold& fold) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x * MATMUL_WARPS + (threadIdx.x >> 5);
+    const bool holds = (threadIdx.x & 31) == 0 && row < n;
+    const int r = min(row, n - 1);  // only a row that exists is read
+    const float v = (unsigned long long)x % 16 == 0
+                        ? matmul_row<W, 1, true, false>(x, x_stride, w, k, r, bias, 0, 1, out, 0)
+                        : matmul_row<W, 1, false, false>(x, x_stride, w, k, r, bias, 0, 1, out, 0);
+    const float b = bias ? bias[r] : 0.0f;
+    if constexpr (FOLD == FD_FOLD_RMS) {
+        const float inv = fd_fold_inv_rms(fold, scratch);
+        if (holds) out[row] = v * inv + b;
+    } else {
+        fd_fold_add_norm(holds, row, v + b, fold, scratch);
+    }
+}
+
+#define FD_MATMUL_FOLDS(NAME, W)                                                                  \
+    extern "C" __global__ void NAME##_add_norm(                                                   \
+        const float* x, int x_stride, const W* w, int k, int n, const float* bias, int t,         \
+        float* out, int out_stride, const float* residual, const float* norm_w, float* sum_out,   \
+        float* normed_out, float* partials) {                                                     \
+        fd_grid_start();                                                                          \
+        FdFold f{};                                                                               \
+        f.residual = residual; f.norm_w = norm_w; f.sum_out = sum_out;                            \
+        f.normed_out = normed_out; f.partials_out = partials;                                     \
+        matmul_one_fold<W, FD_FOLD_ADD_NORM>(x, x_stride, w, k, n, bias, out, f);                 \
+    }                                                                                             \
+    extern "C" __global__ void NAME##_rms(                                                        \
+        const float* x, int x_stride, const W* w, int k, int n, const float* bias, int t,         \
+        float* out, int out_stride, const float* partials, int n_partials, int cols, float eps) { \
+        fd_grid_start();                                                                          \
+        FdFold f{};                                                                               \
+        f.partials_in = partials; f.n_partials = n_partials; f.cols = cols; f.eps = eps;          \
+        matmul_one_fold<W, FD_FOLD_RMS>(x, x_stride, w, k, n, bias, out, f);                      \
+    }
+FD_MATMUL_FOLDS(matmul_f32_one, float)
+FD_MATMUL_FOLDS(matmul_bf16_one, fd_bf16)
+FD_MATMUL_FOLDS(matmul_f16_one, fd_f16)
 
 // The input of a tensor-core GEMM (cuBLAS, for prefill and large batches): x's rows (f32, at
 // `x_stride`) rounded to nearest-even 16-bit floats, [t, k] contiguous. The GEMM then reads each

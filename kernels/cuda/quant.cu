@@ -118,11 +118,13 @@ __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], in
 }
 
 // `row_scales` (null for A16): each output row's activation scale, multiplied in before the bias.
-template <int BITS, bool E4M3, int WARPS, int TOKENS, bool X_ALIGNED>
+// `FOLD` (one token only): a decode fold's epilogue (`FdFold` in common.cuh).
+template <int BITS, bool E4M3, int WARPS, int TOKENS, bool X_ALIGNED, int FOLD = FD_FOLD_NONE>
 __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes, int k, int n,
                         int group, const fd_f16* scales, const fd_f16* mins, const float* bias,
-                        const float* row_scales, int t0, int tokens, float* out,
-                        int out_stride) {
+                        const float* row_scales, int t0, int tokens, float* out, int out_stride,
+                        const FdFold& fold = FdFold{}) {
+    static_assert(FOLD == FD_FOLD_NONE || TOKENS == 1, "decode folds serve one token");
     using L = QLayout<BITS>;
     __shared__ float reduced[WARPS][QTOKENS][QPANEL];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -232,6 +234,22 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
             if (lane == 0) reduced[warp][m][r] = sum;
         }
     __syncthreads();
+    if constexpr (FOLD != FD_FOLD_NONE) {
+        __shared__ float scratch[32];
+        const int row = panel * QPANEL + threadIdx.x;
+        const bool holds = threadIdx.x < QPANEL && row < n;
+        float v = 0.0f;
+        if (holds) {
+            for (int w = 0; w < WARPS; w++) v += reduced[w][0][threadIdx.x];
+        }
+        if constexpr (FOLD == FD_FOLD_RMS) {
+            const float inv = fd_fold_inv_rms(fold, scratch);
+            if (holds) out[row] = v * inv + (bias ? bias[row] : 0.0f);
+        } else {
+            fd_fold_add_norm(holds, row, v + (holds && bias ? bias[row] : 0.0f), fold, scratch);
+        }
+        return;
+    }
     if (threadIdx.x < TOKENS * QPANEL) {
         const int m = threadIdx.x / QPANEL, r = threadIdx.x % QPANEL;
         const int row = panel * QPANEL + r;
@@ -259,16 +277,19 @@ __device__ void qmatmul_tokens(const float* x, int x_stride, const unsigned char
 // A pass of one token (a decode step of one sequence). A kernel of its own: a kernel's registers
 // are those of its largest path, and the several-token path's would cut this one's occupancy
 // (measured: 20% slower on the 8B shapes when both lived in one kernel, docs/PERF.md).
-template <int BITS, bool E4M3>
+template <int BITS, bool E4M3, int FOLD = FD_FOLD_NONE>
 __device__ void qmatmul_one(const float* x, int x_stride, const unsigned char* codes, int k,
                             int n, int group, const fd_f16* scales, const fd_f16* mins,
-                            const float* bias, const float* row_scales, float* out) {
+                            const float* bias, const float* row_scales, float* out,
+                            const FdFold& fold = FdFold{}) {
     if ((unsigned long long)x % 16 == 0) {
-        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true>(x, x_stride, codes, k, n, group, scales, mins,
-                                                    bias, row_scales, 0, 1, out, 0);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true, FOLD>(x, x_stride, codes, k, n, group, scales,
+                                                          mins, bias, row_scales, 0, 1, out, 0,
+                                                          fold);
     } else {
-        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false>(x, x_stride, codes, k, n, group, scales, mins,
-                                                     bias, row_scales, 0, 1, out, 0);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false, FOLD>(x, x_stride, codes, k, n, group,
+                                                           scales, mins, bias, row_scales, 0, 1,
+                                                           out, 0, fold);
     }
 }
 
@@ -336,6 +357,36 @@ extern "C" __global__ void matmul_e4m3_one(const float* x, int x_stride, const u
     fd_grid_start();  // waits after its first weight loads
     qmatmul_one<8, true>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, out);
 }
+
+// Decode folds of the A16 schemes (`FdFold`): a one-token `_one` kernel's arguments, then the
+// fold's. `_add_norm` writes no `out`: its value goes to s = residual + value and on.
+#define FD_QMATMUL_FOLDS(NAME, BITS)                                                              \
+    extern "C" __global__ void NAME##_add_norm(                                                   \
+        const float* x, int x_stride, const unsigned char* codes, int k, int n, int group,        \
+        const fd_f16* scales, const fd_f16* mins, const float* row_scales, const float* bias,     \
+        int t, float* out, int out_stride, const float* residual, const float* norm_w,            \
+        float* sum_out, float* normed_out, float* partials) {                                     \
+        fd_grid_start();                                                                          \
+        FdFold f{};                                                                               \
+        f.residual = residual; f.norm_w = norm_w; f.sum_out = sum_out;                            \
+        f.normed_out = normed_out; f.partials_out = partials;                                     \
+        qmatmul_one<BITS, false, FD_FOLD_ADD_NORM>(x, x_stride, codes, k, n, group, scales, mins, \
+                                                   bias, nullptr, out, f);                        \
+    }                                                                                             \
+    extern "C" __global__ void NAME##_rms(                                                        \
+        const float* x, int x_stride, const unsigned char* codes, int k, int n, int group,        \
+        const fd_f16* scales, const fd_f16* mins, const float* row_scales, const float* bias,     \
+        int t, float* out, int out_stride, const float* partials, int n_partials, int cols,       \
+        float eps) {                                                                              \
+        fd_grid_start();                                                                          \
+        FdFold f{};                                                                               \
+        f.partials_in = partials; f.n_partials = n_partials; f.cols = cols; f.eps = eps;          \
+        qmatmul_one<BITS, false, FD_FOLD_RMS>(x, x_stride, codes, k, n, group, scales, mins,      \
+                                              bias, nullptr, out, f);                             \
+    }
+FD_QMATMUL_FOLDS(matmul_q8_one, 8)
+FD_QMATMUL_FOLDS(matmul_q4_one, 4)
+FD_QMATMUL_FOLDS(matmul_q2_one, 2)
 
 // The A8 and FP8 activations: row t of x (k values) divided by its scale `max|x| / LIMIT` and
 // rounded (half away from zero to the int8 grid, or to the nearest e4m3 value, ties to even),

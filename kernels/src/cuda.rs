@@ -124,6 +124,25 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
     }
 }
 
+/// The decode-fold variants of a matmul kernel's single-token function (`FdFold` in
+/// `cuda/common.cuh`): the producer's (`_add_norm`) and a consumer's (`_rms`); None for kernels
+/// without them (the A8 and FP8 schemes, whose activations are quantized before the matmul).
+pub fn fold_functions(entry: &KernelEntry) -> Option<[&'static str; 2]> {
+    use ir_types::{DType, QuantScheme};
+    if entry.source != KernelSource::Cuda || entry.key.op != OpKind::MatMul {
+        return None;
+    }
+    Some(match (entry.key.quant, entry.key.dtype) {
+        (QuantScheme::W8A16, _) => ["matmul_q8_one_add_norm", "matmul_q8_one_rms"],
+        (QuantScheme::W4A16, _) => ["matmul_q4_one_add_norm", "matmul_q4_one_rms"],
+        (QuantScheme::W2A16, _) => ["matmul_q2_one_add_norm", "matmul_q2_one_rms"],
+        (QuantScheme::None, DType::BF16) => ["matmul_bf16_one_add_norm", "matmul_bf16_one_rms"],
+        (QuantScheme::None, DType::F16) => ["matmul_f16_one_add_norm", "matmul_f16_one_rms"],
+        (QuantScheme::None, DType::F32) => ["matmul_f32_one_add_norm", "matmul_f32_one_rms"],
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +157,16 @@ mod tests {
             for name in names {
                 let definition = format!("extern \"C\" __global__ void {name}(");
                 assert!(source.contains(&definition), "{} launches {name}", entry.id);
+            }
+            // The fold variants come from one macro per kernel family, named by the single-token
+            // function they extend.
+            for name in fold_functions(entry).into_iter().flatten() {
+                let (base, _) = name.rsplit_once("_one_").expect("a fold variant's name");
+                let family = format!("_FOLDS({base}_one, ");
+                assert!(source.contains(&family), "{} has no {name}", entry.id);
+                assert!(names
+                    .last()
+                    .is_some_and(|one| *one == format!("{base}_one")));
             }
         }
     }

@@ -7,7 +7,7 @@
 
 use crate::error::RuntimeError;
 use crate::kv_cache::{KvPool, KvRows};
-use crate::plan::{launch_operands, LoadedPlan};
+use crate::plan::LoadedPlan;
 use crate::weights::WeightStore;
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
 use artifacts::schema::{Act, Buffer, Launch, Manifest, Rows, WeightRef};
@@ -927,7 +927,8 @@ fn sub_rows(all: &[f32], row0: usize, rows: usize, stride: usize, cols: usize) -
 }
 
 pub(crate) fn writes_logit_rows(launch: &Launch) -> bool {
-    launch_operands(launch)
+    launch
+        .operands()
         .1
         .iter()
         .any(|a| a.rows == Rows::LogitRows)

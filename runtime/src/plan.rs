@@ -288,7 +288,7 @@ impl LoadedPlan {
                 )),
             }
         };
-        let (reads, writes, used) = launch_operands(launch);
+        let (reads, writes, used) = launch.operands();
         for a in reads.iter().chain(writes.iter()) {
             act_ok(a)?;
         }
@@ -316,12 +316,12 @@ impl LoadedPlan {
         // not overlap, for any T. Per-token column ranges decide it.
         for o in &writes {
             for r in &reads {
-                if overlaps(o, r) {
+                if o.overlaps(r) {
                     return Err("an output overlaps an input".into());
                 }
             }
         }
-        if writes.len() == 2 && overlaps(&writes[0], &writes[1]) {
+        if writes.len() == 2 && writes[0].overlaps(&writes[1]) {
             return Err("the two outputs overlap".into());
         }
         Ok(())
@@ -356,16 +356,6 @@ pub(crate) fn quant_view<'a>(
     Ok(Some(view))
 }
 
-fn overlaps(a: &Act, b: &Act) -> bool {
-    match (a.buffer, b.buffer) {
-        (Buffer::Arena { offset_cols: x }, Buffer::Arena { offset_cols: y }) => {
-            x < y + b.stride && y < x + a.stride
-        }
-        (Buffer::Logits, Buffer::Logits) => true,
-        _ => false,
-    }
-}
-
 pub fn launch_kind(launch: &Launch) -> OpKind {
     match launch {
         Launch::Embedding { .. } => OpKind::Embedding,
@@ -381,58 +371,5 @@ pub fn launch_kind(launch: &Launch) -> OpKind {
         Launch::GatherRows { .. } => OpKind::GatherRows,
         Launch::Moe { .. } => OpKind::Moe,
         Launch::MlaAttention { .. } => OpKind::MlaAttention,
-    }
-}
-
-/// (activations read, activations written, weights used) of a launch.
-pub(crate) fn launch_operands(launch: &Launch) -> (Vec<Act>, Vec<Act>, Vec<WeightRef>) {
-    match *launch {
-        Launch::Embedding { table, out } => (vec![], vec![out], vec![table]),
-        Launch::RmsNorm { x, w, out, .. } => (vec![x], vec![out], vec![w]),
-        Launch::AddRmsNorm {
-            x,
-            d,
-            w,
-            sum_out,
-            normed_out,
-            ..
-        } => (vec![x, d], vec![sum_out, normed_out], vec![w]),
-        Launch::MatMul { x, w, bias, out } => (
-            vec![x],
-            vec![out],
-            [Some(w), bias].into_iter().flatten().collect(),
-        ),
-        Launch::Add { a, b, out } | Launch::Mul { a, b, out } => (vec![a, b], vec![out], vec![]),
-        Launch::Silu { x, out } | Launch::Rope { x, out, .. } | Launch::GatherRows { x, out } => {
-            (vec![x], vec![out], vec![])
-        }
-        Launch::SiluMul { gu, out } => (vec![gu], vec![out], vec![]),
-        Launch::Attention { q, k, v, out, .. } | Launch::AttentionRope { q, k, v, out, .. } => {
-            (vec![q, k, v], vec![out], vec![])
-        }
-        Launch::MlaAttention {
-            q,
-            latent,
-            k_rope,
-            kv_b,
-            out,
-            ..
-        } => (vec![q, latent, k_rope], vec![out], vec![kv_b]),
-        Launch::Moe {
-            x,
-            router,
-            bias,
-            gate_up,
-            down,
-            out,
-            ..
-        } => (
-            vec![x],
-            vec![out],
-            [Some(router), bias, Some(gate_up), Some(down)]
-                .into_iter()
-                .flatten()
-                .collect(),
-        ),
     }
 }

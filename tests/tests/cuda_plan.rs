@@ -290,3 +290,64 @@ fn a_quantized_cuda_plan_from_before_format_8_is_refused_with_a_fix() {
     // Unquantized CUDA plans of format 7 read as before.
     assert!(stamped(QuantScheme::None, 7).is_ok());
 }
+
+/// The plan's decode folds for `path`.
+fn decode_folds(plan: &LoadedPlan) -> artifacts::code_abi::CudaDecodeFolds {
+    artifacts::codec::decode(
+        artifacts::code_abi::CUDA_DECODE_FOLDS,
+        plan.code_symbol(artifacts::code_abi::CUDA_DECODE_FOLDS)
+            .expect("a decode-folds record"),
+    )
+    .expect("decodes")
+}
+
+#[test]
+fn one_token_passes_fold_the_norms_between_matmuls_where_the_kernels_can() {
+    if !available_for_test("one_token_passes_fold_the_norms_between_matmuls_where_the_kernels_can")
+    {
+        return;
+    }
+    use artifacts::schema::Launch;
+    let target = Target::Cuda(CudaArch::Sm90);
+    for (model, quant) in [
+        ("tiny/llama", QuantScheme::None),
+        ("tiny/llama", QuantScheme::W4A16),
+        ("tiny/qwen2", QuantScheme::W8A16),
+    ] {
+        let path = compile(model, target, quant).expect("compiles");
+        let plan = LoadedPlan::load(&path).expect("loads");
+        let steps = &plan.program.steps;
+        let folds = decode_folds(&plan);
+        let norms = steps
+            .iter()
+            .filter(|s| matches!(s.launch, Launch::AddRmsNorm { .. }))
+            .count();
+        // Every add_rms_norm: two per layer, less one (the final norm follows a plain add,
+        // since the logit rows are gathered between the two).
+        assert!(norms > 0);
+        assert_eq!(folds.norms.len(), norms, "{model} {quant}");
+        for fold in &folds.norms {
+            let (norm, producer) = (fold.norm as usize, fold.producer as usize);
+            let Launch::AddRmsNorm { d, normed_out, .. } = steps[norm].launch else {
+                panic!("{model}: step {norm} is not a norm");
+            };
+            assert_eq!(producer + 1, norm);
+            assert!(matches!(steps[producer].launch, Launch::MatMul { out, .. } if out == d));
+            assert!(!fold.consumers.is_empty());
+            for &c in &fold.consumers {
+                assert!(
+                    matches!(steps[c as usize].launch, Launch::MatMul { x, .. } if x == normed_out)
+                );
+            }
+        }
+        let report = compiler::inspect::inspect(&path, &[]).expect("inspects");
+        assert!(
+            report.contains(&format!("decode folds: {norms} of the add_rms_norm")),
+            "{report}"
+        );
+    }
+    // A8 activations are quantized before the matmul, which has no fold kernels.
+    let path = compile("tiny/llama", target, QuantScheme::W8A8).expect("compiles");
+    let plan = LoadedPlan::load(&path).expect("loads");
+    assert!(decode_folds(&plan).norms.is_empty());
+}

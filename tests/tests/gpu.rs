@@ -816,6 +816,72 @@ fn golden_qwen3_fp8_on_the_gpu_matches_the_cpu() {
 }
 
 /// A fixed, varied token sequence inside the tiny vocabulary.
+/// Decode steps (passes of one token) with the plan's norms folded into their matmuls give the
+/// logits of the same steps run unfolded (each norm its own launch), and the CPU engine's:
+/// plain and A16-quantized weights, with and without biases, a tied head.
+#[test]
+fn decode_folds_give_the_logits_of_unfolded_steps() {
+    let Some(arch) = device() else { return };
+    for (model, scheme, dtype) in [
+        ("llama", ir::QuantScheme::None, DType::F32),
+        ("llama", ir::QuantScheme::None, DType::BF16),
+        ("llama", ir::QuantScheme::W4A16, DType::F32),
+        ("qwen2", ir::QuantScheme::W8A16, DType::F32),
+        ("qwen3", ir::QuantScheme::W2A16, DType::F32),
+    ] {
+        let dir = common::golden(&format!("tiny/{model}"));
+        let compile = |target: Target| {
+            let out = common::scratch_path(&format!(
+                "folds-{model}-{scheme}-{dtype}-{}.fdp",
+                target.name()
+            ));
+            let mut options = CompileOptions {
+                target,
+                weight_dtype: dtype,
+                quant: Default::default(),
+                progress: false,
+            };
+            options.quant.scheme = scheme;
+            compiler::compile(&dir, &out, &options)
+                .unwrap_or_else(|e| panic!("compiling {model} {scheme} {dtype}: {e}"));
+            LoadedPlan::load(&out).expect("loading")
+        };
+        let label = format!("{model} {scheme} {dtype}");
+        let engine = || GpuEngine::new(compile(Target::Cuda(arch)), 0, solo(256, 64));
+        let mut folded = engine().expect("uploading");
+        let mut unfolded = engine().expect("uploading");
+        assert!(folded.decode_folds() > 0, "{label}: nothing folded");
+        unfolded.unfold_decode_norms();
+        assert_eq!(unfolded.decode_folds(), 0);
+        let mut cpu = runtime::Engine::new(
+            compile(Target::parse("cpu").expect("the host")),
+            Default::default(),
+        )
+        .expect("CPU engine");
+        let vocab = folded.plan().manifest.model.vocab_size as usize;
+        let ids = tokens(24, 7);
+        let (prompt, decode) = ids.split_at(8);
+        let want = cpu.prefill(&ids, true).expect("CPU prefill");
+        folded.forward(prompt, false).expect("prefill");
+        unfolded.forward(prompt, false).expect("prefill");
+        for (i, &token) in decode.iter().enumerate() {
+            let got = folded.forward(&[token], false).expect("folded decode");
+            let plain = unfolded.forward(&[token], false).expect("unfolded decode");
+            let step = format!("{label} step {i}");
+            // Another order of the same sums: the last bits only.
+            common::check_logits(
+                &format!("{step} folded vs unfolded"),
+                &got,
+                &plain,
+                vocab,
+                1e-5,
+            );
+            let row = &want[(prompt.len() + i) * vocab..][..vocab];
+            common::check_logits(&format!("{step} vs the CPU"), &got, row, vocab, 1e-3);
+        }
+    }
+}
+
 fn tokens(len: usize, seed: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i * 7919 + seed * 104_729 + 3) % 317 + 3)

@@ -46,13 +46,45 @@ fn root_of(graph: &Graph, v: ValueId) -> (ValueId, u64) {
     }
 }
 
+/// What the memory plan must allow for besides each step's own inputs and outputs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Constraints {
+    /// A matmul whose next step is an `add_rms_norm` of its output keeps its input alive
+    /// through that norm, so that the norm's outputs never take the input's memory: on CUDA a
+    /// pass of one token runs the two as one kernel (`CudaDecodeFolds`), whose blocks write the
+    /// norm's outputs while others still read the matmul's input.
+    pub fold_norms_into_matmuls: bool,
+}
+
 /// `launches` is the program order: `graph.topo_order()` without the view ops.
-pub fn run(graph: &Graph, launches: &[NodeId]) -> Result<MemoryPlan, PassError> {
+pub fn run(
+    graph: &Graph,
+    launches: &[NodeId],
+    constraints: Constraints,
+) -> Result<MemoryPlan, PassError> {
     let mut last_use: HashMap<ValueId, usize> = HashMap::new();
     for (step, &node) in launches.iter().enumerate() {
         for &v in &graph.node(node).inputs {
             if let ValueDef::Node { .. } = graph.value(v).def {
                 last_use.insert(root_of(graph, v).0, step);
+            }
+        }
+    }
+    if constraints.fold_norms_into_matmuls {
+        for (step, pair) in launches.windows(2).enumerate() {
+            let (matmul, norm) = (graph.node(pair[0]), graph.node(pair[1]));
+            let feeds = matches!(matmul.op, Op::MatMul)
+                && matches!(norm.op, Op::AddRmsNorm { .. })
+                && norm.inputs.iter().any(|v| matmul.outputs.contains(v));
+            if !feeds {
+                continue;
+            }
+            if let Some(&x) = matmul.inputs.first() {
+                if let ValueDef::Node { .. } = graph.value(x).def {
+                    let root = root_of(graph, x).0;
+                    let last = last_use.entry(root).or_insert(step + 1);
+                    *last = (*last).max(step + 1);
+                }
             }
         }
     }

@@ -5,6 +5,7 @@
 //! [`GpuEngine`] runs a CUDA plan's program on the device, for one sequence or a batch of them;
 //! [`GpuModule`] is what it launches from, and what the GPU tests launch kernels from.
 
+mod folds;
 mod gemm;
 
 pub use gemm::{Gemm, GemmArgs};
@@ -226,6 +227,9 @@ pub struct GpuEngine {
     overlap_launches: bool,
     /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
     profile: Option<HashMap<String, (std::time::Duration, usize)>>,
+    /// The norms passes of one token fold into their matmuls (None: the plan has none, or
+    /// `FDRT_FOLDS=off`).
+    folds: Option<folds::DecodeFolds>,
 }
 
 /// A pass's activations on the int8 or e4m3 grid (`max_batch_tokens` rows of the widest such
@@ -499,6 +503,11 @@ impl GpuEngine {
             }),
         };
         let argmax = gpu.module.load_function("argmax_rows_f32").ok();
+        let folds = if std::env::var("FDRT_FOLDS").is_ok_and(|v| v == "off") {
+            None
+        } else {
+            folds::DecodeFolds::load(&plan, &gpu.module, &s)?
+        };
         let row_ids = s
             .alloc_zeros::<u32>(max_batch_tokens)
             .map_err(|e| upload("row ids", e))?;
@@ -518,6 +527,7 @@ impl GpuEngine {
             partial_per_token,
             attention_split,
             profile: std::env::var_os("FDRT_PROFILE").map(|_| HashMap::new()),
+            folds,
             decode_graphs: HashMap::new(),
             inputs,
             gpu,
@@ -614,6 +624,23 @@ impl GpuEngine {
     /// Blocks in the device's KV pool.
     pub fn kv_blocks(&self) -> usize {
         self.kv_blocks
+    }
+
+    /// How many add-and-RMS-norms passes of one token run inside the matmuls around them.
+    pub fn decode_folds(&self) -> usize {
+        self.folds.as_ref().map_or(0, |f| {
+            f.roles
+                .iter()
+                .filter(|r| matches!(r, folds::FoldRole::Norm))
+                .count()
+        })
+    }
+
+    /// Runs every norm as its own step in passes of one token too (what `FDRT_FOLDS=off` does
+    /// at start-up): for comparing the two.
+    pub fn unfold_decode_norms(&mut self) {
+        self.folds = None;
+        self.decode_graphs.clear();
     }
 
     /// Forgets the single sequence.
@@ -940,6 +967,14 @@ impl GpuEngine {
             launch(f, config, args)
         };
         let int = |v: u64| I(v as i32);
+        // A pass of one token folds the norms the plan says into their matmuls.
+        let fold = match &self.folds {
+            Some(folds) if p.t == 1 => folds.roles.get(index),
+            _ => None,
+        };
+        if let Some(folds::FoldRole::Norm) = fold {
+            return Ok(());
+        }
         match &step.launch {
             Launch::Embedding { table, out } => {
                 let (o, os) = act(out)?;
@@ -1074,9 +1109,52 @@ impl GpuEngine {
                     }
                 }
                 // Both row kernels take (x, weight, k, n), then the quantized one its scales,
-                // then both (bias, t, out).
+                // then both (bias, t, out); a decode fold's kernel then the fold's arguments.
                 let head = [P(xp), I(xs), P(weight(w)), int(x.cols), int(out.cols)];
-                let tail = [P(bias), I(t as i32), P(o), I(os)];
+                let mut tail = vec![P(bias), I(t as i32), P(o), I(os)];
+                let fold_function = match fold {
+                    Some(folds::FoldRole::Producer {
+                        function,
+                        norm,
+                        partials,
+                    }) => {
+                        let Launch::AddRmsNorm {
+                            x: residual,
+                            w: norm_w,
+                            sum_out,
+                            normed_out,
+                            ..
+                        } = &self.plan.program.steps[*norm].launch
+                        else {
+                            return Err(RuntimeError::InvalidPlan(format!(
+                                "step {index}: its fold's norm is not an add_rms_norm"
+                            )));
+                        };
+                        tail.extend([
+                            P(act(residual)?.0),
+                            P(weight(norm_w)),
+                            P(act(sum_out)?.0),
+                            P(act(normed_out)?.0),
+                            P(*partials),
+                        ]);
+                        Some(function)
+                    }
+                    Some(folds::FoldRole::Consumer {
+                        function,
+                        partials,
+                        n_partials,
+                        cols,
+                        eps,
+                    }) => {
+                        tail.extend([P(*partials), I(*n_partials as i32), int(*cols), F(*eps)]);
+                        Some(function)
+                    }
+                    _ => None,
+                };
+                let row_launch = |config: LaunchConfig, args: &[Arg]| match fold_function {
+                    Some(f) => launch(f, config, args),
+                    None => go(row_kernel, config, args),
+                };
                 if let Some(q) = quant {
                     let scales = [I(q.group), P(q.scales), P(q.mins), P(row_scales)];
                     let config = grid(
@@ -1084,10 +1162,10 @@ impl GpuEngine {
                         t.div_ceil(4),
                         QUANT_MATMUL_THREADS,
                     );
-                    return go(row_kernel, config, &[&head[..], &scales, &tail].concat());
+                    return row_launch(config, &[&head[..], &scales, &tail].concat());
                 }
                 let config = grid(n.div_ceil(8), t.div_ceil(4), 256);
-                go(row_kernel, config, &[&head[..], &tail].concat())
+                row_launch(config, &[&head[..], &tail].concat())
             }
             Launch::Add { a, b, out } | Launch::Mul { a, b, out } => {
                 let ((ap, as_), (bp, bs), (o, os)) = (act(a)?, act(b)?, act(out)?);
