@@ -135,7 +135,12 @@ impl CudaDecodeFolds {
                 continue;
             }
             let spoils = |a: &crate::schema::Act| a.overlaps(&px);
-            if spoils(&sum_out) || spoils(&normed_out) || (sum_out != x && sum_out.overlaps(&x)) {
+            // The producer reads the residual x and never writes d, so x must not be d.
+            if spoils(&sum_out)
+                || spoils(&normed_out)
+                || (sum_out != x && sum_out.overlaps(&x))
+                || x.overlaps(&d)
+            {
                 continue;
             }
             // Readers of `d` and of `normed_out` until each is written again.
@@ -262,3 +267,107 @@ pub type RopeFn = unsafe extern "C" fn(
     cos: *const f32,
     sin: *const f32,
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{Act, Buffer, Launch, Program, Rows, Step, WeightRef};
+
+    fn view(offset_cols: u64, cols: u64) -> Act {
+        Act {
+            buffer: Buffer::Arena { offset_cols },
+            rows: Rows::Tokens,
+            col: 0,
+            cols,
+            stride: cols,
+        }
+    }
+
+    fn step(launch: Launch) -> Step {
+        Step {
+            kernel: String::new(),
+            code: None,
+            launch,
+        }
+    }
+
+    fn matmul(x: Act, out: Act) -> Step {
+        step(Launch::MatMul {
+            x,
+            w: WeightRef(0),
+            bias: None,
+            out,
+        })
+    }
+
+    /// o-projection -> add_rms_norm -> gate/up, with the arena regions given.
+    fn layer(residual: Act, attn: Act, d: Act, sum: Act, normed: Act) -> Vec<Step> {
+        vec![
+            matmul(attn, d),
+            step(Launch::AddRmsNorm {
+                x: residual,
+                d,
+                w: WeightRef(1),
+                eps: 1e-5,
+                sum_out: sum,
+                normed_out: normed,
+            }),
+            matmul(normed, view(500, 16)),
+        ]
+    }
+
+    fn folds(steps: Vec<Step>) -> CudaDecodeFolds {
+        let program = Program {
+            steps,
+            logits_cols: 0,
+        };
+        CudaDecodeFolds::for_program(&program, |_| true)
+    }
+
+    #[test]
+    fn a_norm_between_two_matmuls_folds_when_nothing_it_writes_early_is_still_read() {
+        let (residual, attn, d, sum, normed) = (
+            view(0, 8),
+            view(8, 8),
+            view(16, 8),
+            view(24, 8),
+            view(32, 8),
+        );
+        let found = folds(layer(residual, attn, d, sum, normed));
+        assert_eq!(
+            found.norms,
+            vec![NormFold {
+                norm: 1,
+                producer: 0,
+                consumers: vec![2]
+            }]
+        );
+        // The sum in the columns the producer reads: its blocks would write them while others
+        // still read.
+        assert!(folds(layer(residual, attn, d, attn, normed))
+            .norms
+            .is_empty());
+        assert!(folds(layer(residual, attn, d, sum, attn)).norms.is_empty());
+        // The residual in d's columns, which a folded producer never writes.
+        assert!(folds(layer(d, attn, d, sum, normed)).norms.is_empty());
+        // d read again later: the folded producer does not write it.
+        let mut steps = layer(residual, attn, d, sum, normed);
+        steps.push(matmul(d, view(600, 4)));
+        assert!(folds(steps).norms.is_empty());
+        // The norm's output read by something other than a matmul.
+        let mut steps = layer(residual, attn, d, sum, normed);
+        steps.push(step(Launch::SiluMul {
+            gu: normed,
+            out: view(700, 4),
+        }));
+        assert!(folds(steps).norms.is_empty());
+        // No foldable kernel: nothing.
+        let program = Program {
+            steps: layer(residual, attn, d, sum, normed),
+            logits_cols: 0,
+        };
+        assert!(CudaDecodeFolds::for_program(&program, |_| false)
+            .norms
+            .is_empty());
+    }
+}

@@ -291,7 +291,7 @@ fn a_quantized_cuda_plan_from_before_format_8_is_refused_with_a_fix() {
     assert!(stamped(QuantScheme::None, 7).is_ok());
 }
 
-/// The plan's decode folds for `path`.
+/// A CUDA plan's decode folds.
 fn decode_folds(plan: &LoadedPlan) -> artifacts::code_abi::CudaDecodeFolds {
     artifacts::codec::decode(
         artifacts::code_abi::CUDA_DECODE_FOLDS,

@@ -815,7 +815,6 @@ fn golden_qwen3_fp8_on_the_gpu_matches_the_cpu() {
     quantized_golden_on_the_gpu("qwen3", ir::QuantScheme::Fp8);
 }
 
-/// A fixed, varied token sequence inside the tiny vocabulary.
 /// Decode steps (passes of one token) with the plan's norms folded into their matmuls give the
 /// logits of the same steps run unfolded (each norm its own launch), and the CPU engine's:
 /// plain and A16-quantized weights, with and without biases, a tied head.
@@ -882,6 +881,7 @@ fn decode_folds_give_the_logits_of_unfolded_steps() {
     }
 }
 
+/// A fixed, varied token sequence inside the tiny vocabulary.
 fn tokens(len: usize, seed: u32) -> Vec<u32> {
     (0..len as u32)
         .map(|i| (i * 7919 + seed * 104_729 + 3) % 317 + 3)

@@ -12,8 +12,9 @@ use kernels::registry;
 use std::sync::Arc;
 
 /// Rows of a matmul's output per block, in both the quantized and the plain single-token
-/// kernels (`QPANEL`, `MATMUL_WARPS`): a producer writes one partial sum per block.
-const ROWS_PER_BLOCK: u64 = 8;
+/// kernels: a producer writes one partial sum per block.
+const ROWS_PER_BLOCK: u64 = super::QUANT_MATMUL_ROWS as u64;
+const _: () = assert!(super::QUANT_MATMUL_ROWS == super::PLAIN_MATMUL_ROWS);
 
 /// What a step does in a pass of one token.
 pub(super) enum FoldRole {
@@ -47,10 +48,13 @@ pub(super) struct DecodeFolds {
 
 impl DecodeFolds {
     /// The plan's folds resolved; None for a plan without any (or written before them).
+    /// `gemm_from`: per step, the pass size from which it runs as a GEMM (the plan's
+    /// `CudaDispatch`), which must leave passes of one token to the row kernels.
     pub fn load(
         plan: &LoadedPlan,
         module: &Arc<CudaModule>,
         stream: &Arc<CudaStream>,
+        gemm_from: &[Option<u32>],
     ) -> Result<Option<DecodeFolds>, RuntimeError> {
         let Some(bytes) = plan.code_symbol(code_abi::CUDA_DECODE_FOLDS) else {
             return Ok(None);
@@ -61,9 +65,20 @@ impl DecodeFolds {
         }
         let steps = &plan.program.steps;
         let bad = |why: String| RuntimeError::InvalidPlan(format!("decode folds: {why}"));
+        // A folded matmul's fold kernel must be what serves a pass of one token.
         let matmul_n = |i: u32| match steps.get(i as usize).map(|s| &s.launch) {
-            Some(Launch::MatMul { out, .. }) => Ok(out.cols),
-            _ => Err(bad(format!("step {i} is not a matmul"))),
+            Some(Launch::MatMul { out, .. })
+                if gemm_from
+                    .get(i as usize)
+                    .copied()
+                    .flatten()
+                    .is_none_or(|t| t > 1) =>
+            {
+                Ok(out.cols)
+            }
+            _ => Err(bad(format!(
+                "step {i} is not a matmul that runs on its row kernel for one token"
+            ))),
         };
         let per_fold = folds
             .norms
@@ -123,7 +138,9 @@ impl DecodeFolds {
             )?;
             for &c in &fold.consumers {
                 match steps.get(c as usize).map(|s| &s.launch) {
-                    Some(Launch::MatMul { x, .. }) if x == normed_out => {}
+                    Some(Launch::MatMul { x, .. }) if x == normed_out => {
+                        matmul_n(c)?;
+                    }
                     _ => {
                         return Err(bad(format!(
                             "step {c} does not read step {}'s norm",

@@ -506,7 +506,7 @@ impl GpuEngine {
         let folds = if std::env::var("FDRT_FOLDS").is_ok_and(|v| v == "off") {
             None
         } else {
-            folds::DecodeFolds::load(&plan, &gpu.module, &s)?
+            folds::DecodeFolds::load(&plan, &gpu.module, &s, &gemm_from)?
         };
         let row_ids = s
             .alloc_zeros::<u32>(max_batch_tokens)
@@ -1164,7 +1164,11 @@ impl GpuEngine {
                     );
                     return row_launch(config, &[&head[..], &scales, &tail].concat());
                 }
-                let config = grid(n.div_ceil(8), t.div_ceil(4), 256);
+                let config = grid(
+                    n.div_ceil(PLAIN_MATMUL_ROWS),
+                    t.div_ceil(4),
+                    PLAIN_MATMUL_THREADS,
+                );
                 row_launch(config, &[&head[..], &tail].concat())
             }
             Launch::Add { a, b, out } | Launch::Mul { a, b, out } => {
@@ -1390,6 +1394,11 @@ pub const PREFILL_THREADS: u32 = 16 * 8;
 
 /// Rows per block of the quantized matmul (`QPANEL` in `kernels/cuda/quant.cu`).
 pub const QUANT_MATMUL_ROWS: u32 = 8;
+
+/// Rows per block of the plain matmul (`MATMUL_WARPS` in `kernels/cuda/matmul.cu`, a warp per
+/// row) and its threads.
+const PLAIN_MATMUL_ROWS: u32 = 8;
+const PLAIN_MATMUL_THREADS: u32 = 32 * PLAIN_MATMUL_ROWS;
 /// Threads per block of the quantized matmul: `QMATMUL_WARPS` warps, which the kernel's K split
 /// and reduction assume.
 pub const QUANT_MATMUL_THREADS: u32 = 128;
