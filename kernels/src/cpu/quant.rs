@@ -1123,8 +1123,13 @@ impl QuantTask<'_> {
                             S::prefetch(stream.wrapping_add(PREFETCH_AHEAD));
                         }
                     }
-                    let c: [[S::I; 2]; U] =
-                        std::array::from_fn(|i| S::load_code_pairs_i16::<CODE>(at[i]));
+                    // A loop, not `array::from_fn`: its closure is a function without the
+                    // caller's target features, which kept the 2-bit unpacking's intrinsics
+                    // from being inlined (measured: W2A16 decode 12x slower than W4A16).
+                    let mut c = [[S::zero_i(); 2]; U];
+                    for i in 0..U {
+                        c[i] = S::load_code_pairs_i16::<CODE>(at[i]);
+                    }
                     for i in 0..U {
                         at[i] = at[i].add(2 * bytes_per_k);
                     }

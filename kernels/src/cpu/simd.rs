@@ -924,16 +924,20 @@ mod x86 {
                     );
                     let w = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(pairs));
                     let mask = _mm512_set1_epi16(3);
-                    // Word shifts: the first 16 words (lanes 0-7) by `a`, the rest by `b`.
-                    let shifts = |a: i16, b: i16| {
-                        _mm512_inserti64x4::<1>(
-                            _mm512_castsi256_si512(_mm256_set1_epi16(a)),
-                            _mm256_set1_epi16(b),
-                        )
-                    };
+                    // Word shifts: the first 16 words (lanes 0-7) by 0 or 4, the rest by 2 or
+                    // 6. Written out, not in a closure: a closure is a function of its own,
+                    // without its caller's target features, so intrinsics in it may not inline.
+                    let low = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_set1_epi16(0)),
+                        _mm256_set1_epi16(2),
+                    );
+                    let high = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_set1_epi16(4)),
+                        _mm256_set1_epi16(6),
+                    );
                     [
-                        _mm512_and_si512(_mm512_srlv_epi16(w, shifts(0, 2)), mask),
-                        _mm512_and_si512(_mm512_srlv_epi16(w, shifts(4, 6)), mask),
+                        _mm512_and_si512(_mm512_srlv_epi16(w, low), mask),
+                        _mm512_and_si512(_mm512_srlv_epi16(w, high), mask),
                     ]
                 }
             }
