@@ -157,7 +157,7 @@ impl CudaDecodeFolds {
                 }
                 found
             };
-            if readers(d, i + 1).iter().any(|_| true) {
+            if !readers(d, i + 1).is_empty() {
                 continue;
             }
             let consumers = readers(normed_out, i + 1);

@@ -56,15 +56,24 @@ fn tiny_plan(arch: CudaArch) -> PathBuf {
 }
 
 fn cuda_plan(model: &str, arch: CudaArch, dtype: DType) -> PathBuf {
-    let out = common::scratch_path(&format!("tiny-{model}-{}-{dtype}.fdp", arch.name()));
-    let options = CompileOptions {
-        target: Target::Cuda(arch),
+    compiled_tiny(model, Target::Cuda(arch), dtype, ir::QuantScheme::None)
+}
+
+/// A tiny golden model compiled for `target` with `dtype` weights quantized by `scheme`.
+fn compiled_tiny(model: &str, target: Target, dtype: DType, scheme: ir::QuantScheme) -> PathBuf {
+    let out = common::scratch_path(&format!(
+        "tiny-{model}-{scheme}-{dtype}-{}.fdp",
+        target.name()
+    ));
+    let mut options = CompileOptions {
+        target,
         weight_dtype: dtype,
         quant: Default::default(),
         progress: false,
     };
+    options.quant.scheme = scheme;
     compiler::compile(&common::golden(&format!("tiny/{model}")), &out, &options)
-        .unwrap_or_else(|e| panic!("compiling {model} for {arch:?}: {e}"));
+        .unwrap_or_else(|e| panic!("compiling {model} {scheme} {dtype} for {target}: {e}"));
     out
 }
 
@@ -706,17 +715,7 @@ fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
     }
     let dir = common::golden(&format!("tiny/{model}"));
     let compile = |target: Target| {
-        let out = common::scratch_path(&format!("tiny-{model}-{scheme}-{}.fdp", target.name()));
-        let mut options = CompileOptions {
-            target,
-            weight_dtype: DType::F32,
-            quant: Default::default(),
-            progress: false,
-        };
-        options.quant.scheme = scheme;
-        compiler::compile(&dir, &out, &options)
-            .unwrap_or_else(|e| panic!("compiling {model} {scheme} for {target}: {e}"));
-        LoadedPlan::load(&out).expect("loading")
+        LoadedPlan::load(&compiled_tiny(model, target, DType::F32, scheme)).expect("loading")
     };
     let json = common::read_json(&dir.join("golden.json"));
     let ids = common::ids(&json["input_ids"]);
@@ -828,32 +827,29 @@ fn decode_folds_give_the_logits_of_unfolded_steps() {
         ("qwen2", ir::QuantScheme::W8A16, DType::F32),
         ("qwen3", ir::QuantScheme::W2A16, DType::F32),
     ] {
-        let dir = common::golden(&format!("tiny/{model}"));
-        let compile = |target: Target| {
-            let out = common::scratch_path(&format!(
-                "folds-{model}-{scheme}-{dtype}-{}.fdp",
-                target.name()
-            ));
-            let mut options = CompileOptions {
-                target,
-                weight_dtype: dtype,
-                quant: Default::default(),
-                progress: false,
-            };
-            options.quant.scheme = scheme;
-            compiler::compile(&dir, &out, &options)
-                .unwrap_or_else(|e| panic!("compiling {model} {scheme} {dtype}: {e}"));
-            LoadedPlan::load(&out).expect("loading")
-        };
         let label = format!("{model} {scheme} {dtype}");
-        let engine = || GpuEngine::new(compile(Target::Cuda(arch)), 0, solo(256, 64));
+        // Compiled once, loaded by each engine.
+        let gpu_plan = compiled_tiny(model, Target::Cuda(arch), dtype, scheme);
+        let engine = || {
+            GpuEngine::new(
+                LoadedPlan::load(&gpu_plan).expect("loading"),
+                0,
+                solo(256, 64),
+            )
+        };
         let mut folded = engine().expect("uploading");
         let mut unfolded = engine().expect("uploading");
         assert!(folded.decode_folds() > 0, "{label}: nothing folded");
         unfolded.unfold_decode_norms();
         assert_eq!(unfolded.decode_folds(), 0);
+        let cpu_plan = compiled_tiny(
+            model,
+            Target::parse("cpu").expect("the host"),
+            dtype,
+            scheme,
+        );
         let mut cpu = runtime::Engine::new(
-            compile(Target::parse("cpu").expect("the host")),
+            LoadedPlan::load(&cpu_plan).expect("loading"),
             Default::default(),
         )
         .expect("CPU engine");
