@@ -19,6 +19,8 @@ pub mod section {
     pub const PROGRAM: &str = "program";
     pub const CODE: &str = "code";
     pub const TOKENIZER: &str = "tokenizer.json";
+    /// A multi-token-prediction module's program ([`super::MtpProgram`]), when the model has one.
+    pub const MTP: &str = "mtp";
     /// Weight sections are named `weight:<plan weight name>`.
     pub fn weight(name: &str) -> String {
         format!("weight:{name}")
@@ -225,6 +227,26 @@ pub struct Program {
     pub steps: Vec<Step>,
     /// Width of the logits output `[R, vocab]`.
     pub logits_cols: u64,
+}
+
+/// The program of a multi-token-prediction module (DeepSeek-V3's MTP), section `mtp`: it
+/// proposes the token after next for speculative decoding. A pass of it takes each token's
+/// successor as its token id, at the token's own position, and the main model's final hidden
+/// state of that position, which the runtime copies from `main_hidden` after a pass of the main
+/// program to `hidden_in` before a pass of this one. Its attention has a KV slot of its own
+/// (`KvInfo::num_layers` counts it). It shares the manifest's weights, code and arena.
+/// A plan without the section is a plan without a module; runtimes that do not know the section
+/// run the main program as before.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MtpProgram {
+    pub program: Program,
+    /// `[T, C]`: every token's final hidden state (normed), left by the main program.
+    pub main_hidden: Act,
+    /// `[T, C]`: the hidden states the module reads.
+    pub hidden_in: Act,
+    /// `[T, C]`: the module's own final hidden state, which takes the place of the main
+    /// model's when proposals are chained.
+    pub hidden_out: Act,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -16,8 +16,8 @@ use artifacts::calibration::{Calibration, InputStats};
 use artifacts::parts::{self, PartEntry, PartsWriter, SnapshotTag};
 use artifacts::schema::WeightLayout as PlanLayout;
 use artifacts::schema::{
-    section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, Provenance, QuantInfo,
-    SourceInfo, TokenizerInfo, WeightInfo,
+    section, CodeSymbol, KvInfo, Manifest, MemoryPlan, ModelInfo, MtpProgram, Program, Provenance,
+    QuantInfo, SourceInfo, TokenizerInfo, WeightInfo,
 };
 use artifacts::{codec, PlanError, PlanWriter, SectionKind};
 use half::{bf16, f16};
@@ -164,11 +164,7 @@ pub fn compile_to(
         }
         _ => HashMap::new(),
     };
-    let launches: Vec<NodeId> = graph
-        .topo_order()
-        .into_iter()
-        .filter(|&n| !matches!(graph.node(n).op, Op::Split { .. }))
-        .collect();
+    let (launches, main_steps) = program_order(&graph);
     let selection = {
         let _t = timing::scope("select_kernels");
         select_kernels::run_quantized(&graph, &ctx, &quant_plan)?
@@ -177,6 +173,7 @@ pub fn compile_to(
         let _t = timing::scope("plan_memory");
         let constraints = plan_memory::Constraints {
             fold_norms_into_matmuls: matches!(options.target, Target::Cuda(_)),
+            hidden_input_from: main_steps,
         };
         plan_memory::run(&graph, &launches, constraints)?
     };
@@ -201,6 +198,7 @@ pub fn compile_to(
             code_index: &code_index,
         })?
     };
+    let (program, mtp) = split_mtp(program, main_steps, &graph, &memory)?;
     let layouts = weight_layouts(&graph, &weights, options.target, &quant_plan);
     let weight_infos: Vec<WeightInfo> = weights
         .iter()
@@ -370,6 +368,9 @@ pub fn compile_to(
         )?;
     }
     writer.add_section(section::CODE, SectionKind::Code, &code_bytes)?;
+    if let Some(mtp) = &mtp {
+        writer.add_section(section::MTP, SectionKind::Program, &codec::encode(mtp)?)?;
+    }
     match weights_to {
         WeightOutput::Parts { part_size } => {
             let mut parts = PartsWriter::new(part_plan(*part_size, None)?);
@@ -388,6 +389,86 @@ pub fn compile_to(
     }
     report.plan_bytes = writer.finish()?.file_len;
     Ok(report)
+}
+
+/// The launch order: the main model's nodes, then those of its multi-token-prediction module
+/// (the nodes only the module's outputs need), each in topological order without the views; and
+/// how many launches are the main model's.
+fn program_order(graph: &Graph) -> (Vec<NodeId>, usize) {
+    let mut main = vec![
+        false;
+        graph
+            .topo_order()
+            .iter()
+            .map(|n| n.0 as usize + 1)
+            .max()
+            .unwrap_or(0)
+    ];
+    let mut stack: Vec<ValueId> = graph
+        .outputs()
+        .iter()
+        .filter(|(name, _)| name != ir::OUTPUT_MTP_HIDDEN && name != ir::OUTPUT_MTP_LOGITS)
+        .map(|(_, v)| *v)
+        .collect();
+    while let Some(v) = stack.pop() {
+        if let ValueDef::Node { node, .. } = graph.value(v).def {
+            if !std::mem::replace(&mut main[node.0 as usize], true) {
+                stack.extend(graph.node(node).inputs.iter().copied());
+            }
+        }
+    }
+    let order: Vec<NodeId> = graph
+        .topo_order()
+        .into_iter()
+        .filter(|&n| !matches!(graph.node(n).op, Op::Split { .. }))
+        .collect();
+    let (mut launches, module): (Vec<NodeId>, Vec<NodeId>) =
+        order.into_iter().partition(|n| main[n.0 as usize]);
+    let main_steps = launches.len();
+    launches.extend(module);
+    (launches, main_steps)
+}
+
+/// Splits the steps of the multi-token-prediction module (from `main_steps` on) off the
+/// program, with where its hidden states are; `None` for a model without one.
+fn split_mtp(
+    mut program: Program,
+    main_steps: usize,
+    graph: &Graph,
+    memory: &plan_memory::MemoryPlan,
+) -> Result<(Program, Option<MtpProgram>), CompileError> {
+    if main_steps == program.steps.len() {
+        return Ok((program, None));
+    }
+    let missing = |what: &str| {
+        CompileError::Pass(passes::PassError::Failed {
+            pass: "schedule",
+            message: format!("the multi-token-prediction module has no {what}"),
+        })
+    };
+    let output = |name: &str| {
+        graph
+            .outputs()
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| memory.locations.get(v).copied())
+            .ok_or_else(|| missing(name))
+    };
+    let hidden_in = graph
+        .input(ir::InputKind::Hidden)
+        .and_then(|v| memory.locations.get(&v).copied())
+        .ok_or_else(|| missing("hidden input"))?;
+    let steps = program.steps.split_off(main_steps);
+    let mtp = MtpProgram {
+        program: Program {
+            steps,
+            logits_cols: program.logits_cols,
+        },
+        main_hidden: output(ir::OUTPUT_HIDDEN)?,
+        hidden_in,
+        hidden_out: output(ir::OUTPUT_MTP_HIDDEN)?,
+    };
+    Ok((program, Some(mtp)))
 }
 
 fn weight_name(graph: &Graph, v: ValueId) -> &str {
@@ -412,7 +493,17 @@ fn build_manifest(
         Some(mla) => (1, mla.kv_lora_rank + mla.qk_rope_head_dim, 1),
         None => (cfg.num_key_value_heads, cfg.head_dim, 2),
     };
-    let kv_bytes = kv_pools * cfg.num_hidden_layers * kv_heads * kv_width * DType::F32.size_bytes();
+    // Every attention op has a slot: the model's layers and its prediction module's.
+    let kv_layers = graph
+        .topo_order()
+        .into_iter()
+        .filter_map(|n| match graph.node(n).op {
+            Op::Attention { layer, .. } | Op::MlaAttention { layer, .. } => Some(layer + 1),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(cfg.num_hidden_layers);
+    let kv_bytes = kv_pools * kv_layers * kv_heads * kv_width * DType::F32.size_bytes();
     Manifest {
         model: ModelInfo {
             name: graph.name.clone(),
@@ -438,7 +529,7 @@ fn build_manifest(
             eos_token: t.eos_token.clone(),
         }),
         kv: KvInfo {
-            num_layers: cfg.num_hidden_layers as u64,
+            num_layers: kv_layers as u64,
             num_kv_heads: kv_heads as u64,
             head_dim: kv_width as u64,
             dtype: DType::F32,
@@ -671,6 +762,24 @@ fn materialize(expr: &WeightExpr, tensors: &dyn TensorSource) -> Result<Vec<f32>
                 }
             }
             Ok(data)
+        }
+        WeightExpr::Columns {
+            part,
+            start,
+            len,
+            cols,
+        } => {
+            let data = materialize(part, tensors)?;
+            if *cols == 0 || start + len > *cols {
+                return Err(ModelError::GraphBuild {
+                    message: format!("columns {start}..{} of rows of {cols}", start + len),
+                });
+            }
+            Ok(data
+                .chunks_exact(*cols)
+                .flat_map(|row| &row[*start..start + len])
+                .copied()
+                .collect())
         }
     }
 }

@@ -8,7 +8,7 @@
 use artifacts::parts::{weight_section_len, PartHeader, PartsTable, PARTS_SECTION, PART_SECTION};
 use artifacts::schema::{section, Launch, Manifest, Program};
 use artifacts::{codec, PlanError, PlanFile};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -216,6 +216,10 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     if let Some(moe) = describe_moe(&manifest, &program) {
         out.push_str(&moe);
     }
+    if let Some(bytes) = plan.section(section::MTP) {
+        let mtp: artifacts::schema::MtpProgram = codec::decode(section::MTP, bytes)?;
+        out.push_str(&describe_mtp(&manifest, &program, &mtp));
+    }
 
     let _ = writeln!(out, "\nkernels ({} launches per step)", program.steps.len());
     let mut kernels: BTreeMap<&str, usize> = BTreeMap::new();
@@ -338,6 +342,43 @@ matmuls by shape (N x K of the weight)"
 /// experts, and the bytes of expert weights in all and read per token (a token reads its top-k
 /// routed experts of every sparse layer, the shared experts, and every dense weight); `None`
 /// for a dense model.
+/// The multi-token-prediction module: its launches, its KV slot and the weights only it reads.
+fn describe_mtp(
+    manifest: &Manifest,
+    program: &Program,
+    mtp: &artifacts::schema::MtpProgram,
+) -> String {
+    let weights_of = |p: &Program| -> BTreeSet<u32> {
+        p.steps
+            .iter()
+            .flat_map(|s| s.launch.operands().2)
+            .map(|w| w.0)
+            .collect()
+    };
+    let shared = weights_of(program);
+    let own = weights_of(&mtp.program);
+    let parameters: u64 = own
+        .iter()
+        .filter(|w| !shared.contains(w))
+        .filter_map(|&w| manifest.weights.get(w as usize))
+        .map(|w| w.shape.iter().product::<u64>())
+        .sum();
+    let layers = mtp.program.steps.iter().filter_map(|s| match s.launch {
+        artifacts::schema::Launch::Attention { layer, .. }
+        | artifacts::schema::Launch::AttentionRope { layer, .. }
+        | artifacts::schema::Launch::MlaAttention { layer, .. } => Some(layer),
+        _ => None,
+    });
+    let slots: Vec<String> = layers.map(|l| l.to_string()).collect();
+    format!(
+        "\nmulti-token prediction (speculative method \"mtp\")\n  1 module: {} launches per pass, \
+         KV slot {} of the cache, {parameters} parameters of its own ({} shared with the model)\n",
+        mtp.program.steps.len(),
+        slots.join(", "),
+        own.intersection(&shared).count()
+    )
+}
+
 fn describe_moe(manifest: &Manifest, program: &Program) -> Option<String> {
     let bytes_of = |index: usize| {
         manifest

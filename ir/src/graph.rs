@@ -33,6 +33,15 @@ impl fmt::Display for NodeId {
     }
 }
 
+/// The graph outputs the compiler knows by name: the logits, and with a multi-token-prediction
+/// module the main model's final hidden states (every token's, normed), the module's own and its
+/// logits. The module's nodes are those only its outputs need; the plan runs them as a program
+/// of their own.
+pub const OUTPUT_LOGITS: &str = "logits";
+pub const OUTPUT_HIDDEN: &str = "hidden";
+pub const OUTPUT_MTP_HIDDEN: &str = "mtp_hidden";
+pub const OUTPUT_MTP_LOGITS: &str = "mtp_logits";
+
 /// The graph inputs the runtime fills at every step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum InputKind {
@@ -42,6 +51,10 @@ pub enum InputKind {
     Positions,
     /// `i32[R]`: which rows' logits to compute.
     LogitRows,
+    /// `f32[T, C]`: hidden states supplied by the runtime, one row per token: the main model's
+    /// for a multi-token-prediction module (see `models::arch::decoder`). Unlike the others it
+    /// lives in the activation arena.
+    Hidden,
 }
 
 impl InputKind {
@@ -50,6 +63,7 @@ impl InputKind {
             InputKind::TokenIds => "token_ids",
             InputKind::Positions => "positions",
             InputKind::LogitRows => "logit_rows",
+            InputKind::Hidden => "hidden",
         }
     }
 
@@ -58,6 +72,7 @@ impl InputKind {
             InputKind::TokenIds,
             InputKind::Positions,
             InputKind::LogitRows,
+            InputKind::Hidden,
         ]
         .into_iter()
         .find(|k| k.name() == text)
@@ -95,6 +110,15 @@ pub enum WeightExpr {
         cols: usize,
         factor: f64,
     },
+    /// Columns `start..start + len` of every row of `[rows, cols]`: one side of a projection
+    /// of a concatenation, `W [a; b] = W[:, ..A] a + W[:, A..] b`, so the concatenation is
+    /// never formed (the MTP module's `eh_proj`).
+    Columns {
+        part: Box<WeightExpr>,
+        start: usize,
+        len: usize,
+        cols: usize,
+    },
 }
 
 impl WeightExpr {
@@ -105,9 +129,9 @@ impl WeightExpr {
             WeightExpr::ConcatRows(parts) | WeightExpr::Stack(parts) => {
                 parts.iter().flat_map(|p| p.tensors()).collect()
             }
-            WeightExpr::Deinterleave { part, .. } | WeightExpr::ScaleRows { part, .. } => {
-                part.tensors()
-            }
+            WeightExpr::Deinterleave { part, .. }
+            | WeightExpr::ScaleRows { part, .. }
+            | WeightExpr::Columns { part, .. } => part.tensors(),
         }
     }
 }

@@ -16,7 +16,10 @@ pub mod verify;
 /// The shared vocabulary, from its own crate so the runtime can use it without the graph.
 pub use ir_types as types;
 
-pub use graph::{Graph, GraphError, InputKind, NodeId, ValueDef, ValueId, WeightExpr};
+pub use graph::{
+    Graph, GraphError, InputKind, NodeId, ValueDef, ValueId, WeightExpr, OUTPUT_HIDDEN,
+    OUTPUT_LOGITS, OUTPUT_MTP_HIDDEN, OUTPUT_MTP_LOGITS,
+};
 pub use op::Op;
 pub use shape::{Dim, Shape, TensorType};
 pub use types::{

@@ -121,6 +121,12 @@ fn print_expr(expr: &WeightExpr) -> String {
             "scale_rows({}, {period}, {start}, {len}, {cols}, {factor:?})",
             print_expr(part)
         ),
+        WeightExpr::Columns {
+            part,
+            start,
+            len,
+            cols,
+        } => format!("columns({}, {start}, {len}, {cols})", print_expr(part)),
     }
 }
 
@@ -374,6 +380,17 @@ fn parse_expr(text: &str) -> Result<(WeightExpr, &str), String> {
         };
         return Ok((expr, after));
     }
+    if let Some(rest) = text.strip_prefix("columns(") {
+        let (part, after) = parse_expr(rest.trim_start())?;
+        let (numbers, after) = expr_arguments(after, "columns(expr, start, len, cols)", 3)?;
+        let expr = WeightExpr::Columns {
+            part: Box::new(part),
+            start: number(numbers[0])?,
+            len: number(numbers[1])?,
+            cols: number(numbers[2])?,
+        };
+        return Ok((expr, after));
+    }
     let combined = if let Some(rest) = text.strip_prefix("concat(") {
         Some((rest, "concat"))
     } else {
@@ -539,6 +556,34 @@ mod tests {
         check_error(
             &MLA.replace("groups=2,", "groups=3,"),
             "do not split 4 experts",
+        );
+    }
+
+    /// A multi-token-prediction module's pieces: the `hidden` input and a weight that is
+    /// columns of a checkpoint tensor.
+    const MTP: &str = "graph mtp {
+  input %v0: f32[T, 4] = hidden
+  weight %v1: f32[4, 4] = columns(@eh_proj.weight, 4, 4, 8) named @eh_proj.hidden.weight
+  %v2: f32[T, 4] = matmul(%v0, %v1)
+  output mtp_hidden = %v2
+}
+";
+
+    #[test]
+    fn the_hidden_input_and_column_weights_round_trip() {
+        let graph = parse(MTP).expect("mtp sample parses");
+        assert_eq!(print(&graph), MTP);
+        crate::verify::verify(&graph).expect("verifies");
+        let hidden = graph
+            .input(crate::InputKind::Hidden)
+            .expect("the hidden input");
+        assert_eq!(graph.ty(hidden).to_string(), "f32[T, 4]");
+        check_error(
+            &MTP.replace(
+                "columns(@eh_proj.weight, 4, 4, 8)",
+                "columns(@eh_proj.weight, 4)",
+            ),
+            "columns(expr, start, len, cols)",
         );
     }
 

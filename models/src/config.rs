@@ -327,6 +327,20 @@ pub struct ModelConfig {
     pub moe: Option<MoeConfig>,
     /// Multi-head latent attention, for DeepSeek-V3 (whose `head_dim` is then the rope part's).
     pub mla: Option<MlaConfig>,
+    /// Multi-token-prediction modules after the layers (DeepSeek-V3's
+    /// `num_nextn_predict_layers`), for speculative decoding; `None` when the config has none.
+    pub mtp: Option<MtpConfig>,
+}
+
+/// DeepSeek-V3's multi-token prediction: `layers` modules stored as decoder layers
+/// `num_hidden_layers..num_hidden_layers + layers`, each a full decoder layer behind a projection
+/// of the next token's embedding and the previous hidden state (`models::arch::decoder`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MtpConfig {
+    pub layers: usize,
+    /// The modules' MLPs are mixtures of experts (their layer index is past
+    /// `first_k_dense_replace`), as the sparse layers of the model are.
+    pub sparse: bool,
 }
 
 impl ModelConfig {
@@ -445,6 +459,7 @@ impl ModelConfig {
             qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Qwen3Moe),
             bos_token_id,
             eos_token_ids,
+            mtp: fields.mtp(architecture, num_hidden_layers, moe.is_some())?,
             moe,
             mla,
         };
@@ -921,6 +936,29 @@ impl Fields<'_> {
             ));
         }
         Ok(Some(moe))
+    }
+
+    /// DeepSeek-V3's multi-token-prediction modules; `None` for the other families and when
+    /// `num_nextn_predict_layers` is absent or 0.
+    fn mtp(
+        &self,
+        architecture: Architecture,
+        layers: usize,
+        has_moe: bool,
+    ) -> Result<Option<MtpConfig>, ModelError> {
+        if architecture != Architecture::DeepseekV3 {
+            return Ok(None);
+        }
+        let count = self.usize("num_nextn_predict_layers")?.unwrap_or(0);
+        if count == 0 {
+            return Ok(None);
+        }
+        check_layer_count(layers + count, self.file)?;
+        let first_dense = self.usize("first_k_dense_replace")?.unwrap_or(3);
+        Ok(Some(MtpConfig {
+            layers: count,
+            sparse: has_moe && layers >= first_dense,
+        }))
     }
 
     /// The multi-head latent attention of DeepSeek-V3, with transformers' defaults; `None` for

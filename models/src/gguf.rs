@@ -720,6 +720,7 @@ impl GgufFile {
             eos_token_ids,
             moe: None,
             mla: None,
+            mtp: None,
         };
         config.validate(&self.path)?;
         Ok(config)

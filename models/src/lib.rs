@@ -18,6 +18,8 @@ pub mod tokenizer;
 pub use checkpoint::{
     open, Checkpoint, QuantBlocks, SourceFile, StoredType, TensorInfo, TensorSource,
 };
-pub use config::{Architecture, MlaConfig, ModelConfig, MoeConfig, RopeConfig, RopeScaling, Yarn};
+pub use config::{
+    Architecture, MlaConfig, ModelConfig, MoeConfig, MtpConfig, RopeConfig, RopeScaling, Yarn,
+};
 pub use error::ModelError;
 pub use tokenizer::TokenizerSpec;

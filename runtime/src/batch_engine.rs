@@ -15,6 +15,17 @@ pub struct PassOutput<'a> {
     /// The tokens picked for the `Logits::Greedy` chunks, in chunk order: the first position
     /// of the largest logit, as `sampler::argmax` picks it.
     pub greedy_ids: &'a [u32],
+    /// Every token's final hidden state, `[T, C]` in the pass's token order, when the engine
+    /// keeps them ([`BatchEngine::keep_hidden`]); empty otherwise.
+    pub hidden: &'a [f32],
+}
+
+/// What a pass of the multi-token-prediction module gives back.
+pub struct MtpOutput<'a> {
+    /// As [`PassOutput::logits`].
+    pub logits: &'a [f32],
+    /// The module's own final hidden states, `[T, C]` in the pass's token order.
+    pub hidden: &'a [f32],
 }
 
 pub trait BatchEngine: Send {
@@ -30,6 +41,22 @@ pub trait BatchEngine: Send {
     /// Serves the next pass from `weights` (same structure, checked by the caller) and returns
     /// the previous ones. On an error the previous weights stay in service.
     fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError>;
+    /// Whether this engine runs the plan's multi-token-prediction module ([`BatchEngine::mtp_pass`]).
+    fn runs_mtp(&self) -> bool {
+        false
+    }
+    /// Makes passes return every token's final hidden state ([`PassOutput::hidden`]).
+    fn keep_hidden(&mut self, _on: bool) {}
+    /// One pass of the multi-token-prediction module (see [`Engine::forward_mtp`]).
+    fn mtp_pass(
+        &mut self,
+        _chunks: &[SeqChunk],
+        _hidden: &[f32],
+    ) -> Result<MtpOutput<'_>, RuntimeError> {
+        Err(RuntimeError::Unsupported(
+            "the multi-token-prediction module",
+        ))
+    }
 }
 
 impl BatchEngine for Engine {
@@ -50,10 +77,28 @@ impl BatchEngine for Engine {
         Ok(PassOutput {
             logits: &self.last_logits()[..len],
             greedy_ids: self.greedy_ids(),
+            hidden: self.hidden_rows(),
         })
     }
     fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
         Ok(Engine::replace_weights(self, weights))
+    }
+    fn runs_mtp(&self) -> bool {
+        self.plan().mtp.is_some()
+    }
+    fn keep_hidden(&mut self, on: bool) {
+        Engine::keep_hidden(self, on)
+    }
+    fn mtp_pass(
+        &mut self,
+        chunks: &[SeqChunk],
+        hidden: &[f32],
+    ) -> Result<MtpOutput<'_>, RuntimeError> {
+        let len = Engine::forward_mtp(self, chunks, hidden)?.len();
+        Ok(MtpOutput {
+            logits: &self.last_logits()[..len],
+            hidden: self.mtp_hidden_rows(),
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use crate::kv_cache::{KvPool, KvRows};
 use crate::plan::LoadedPlan;
 use crate::weights::WeightStore;
 use artifacts::code_abi::{AddRmsNormFn, RmsNormFn, RopeFn, SiluMulFn};
-use artifacts::schema::{Act, Buffer, Launch, Manifest, Rows, WeightRef};
+use artifacts::schema::{Act, Buffer, Launch, Manifest, Rows, Step, WeightRef};
 use ir_types::{ActQuant, CpuIsa, Target};
 use kernels::cpu;
 
@@ -194,6 +194,8 @@ pub struct Engine {
     plan: LoadedPlan,
     isa: CpuIsa,
     generated: Vec<Option<Generated>>,
+    /// The same for the multi-token-prediction module's steps.
+    generated_mtp: Vec<Option<Generated>>,
     arena: Vec<f32>,
     logits: Vec<f32>,
     /// The paged KV pool; its memory is committed only as blocks are written.
@@ -213,6 +215,12 @@ pub struct Engine {
     matmul_observer: Option<Box<MatmulObserver>>,
     /// The last pass's picks for its `Greedy` chunks.
     greedy_ids: Vec<u32>,
+    /// Whether a pass of the main program keeps every token's final hidden state (for the
+    /// multi-token-prediction module), and those of the last such pass and of the last module
+    /// pass, `[T, C]`.
+    keep_hidden: bool,
+    hidden: Vec<f32>,
+    mtp_hidden: Vec<f32>,
 }
 
 /// Called with each matmul's weight and its input `x` (`rows` rows of `cols` values, `stride`
@@ -250,6 +258,46 @@ impl Drop for Profile {
     }
 }
 
+/// The generated function of every step of `steps` that has one, resolved once at load.
+fn resolve_generated(
+    plan: &LoadedPlan,
+    steps: &[Step],
+) -> Result<Vec<Option<Generated>>, RuntimeError> {
+    let mut generated = Vec::with_capacity(steps.len());
+    for step in steps {
+        let Some(c) = step.code else {
+            generated.push(None);
+            continue;
+        };
+        let offset = plan.manifest.code[c as usize].offset as usize;
+        // SAFETY: the symbol was generated for the ABI type matching its launch kind, which
+        // the load-time check tied to the step's kernel.
+        let f = unsafe {
+            match step.launch {
+                Launch::RmsNorm { .. } => Generated::RmsNorm(plan.code.entry(offset)?),
+                Launch::AddRmsNorm { .. } => Generated::AddRmsNorm(plan.code.entry(offset)?),
+                Launch::SiluMul { .. } => Generated::SiluMul(plan.code.entry(offset)?),
+                Launch::Rope { .. } => Generated::Rope(plan.code.entry(offset)?),
+                _ => {
+                    return Err(RuntimeError::InvalidPlan(format!(
+                        "no generated form for {}",
+                        step.kernel
+                    )))
+                }
+            }
+        };
+        generated.push(Some(f));
+    }
+    Ok(generated)
+}
+
+/// Which of a plan's programs a pass runs: the model's, or its multi-token-prediction module's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Which {
+    Main,
+    Mtp,
+}
+
 /// Rows below which a generated kernel runs on one thread: splitting costs more than it saves.
 const ROWS_PER_TASK: usize = 16;
 
@@ -266,31 +314,11 @@ impl Engine {
             .min(m.max_position_embeddings as usize)
             .max(1);
         let max_batch_tokens = options.max_batch_tokens.max(1);
-        let mut generated = Vec::with_capacity(plan.program.steps.len());
-        for step in &plan.program.steps {
-            let Some(c) = step.code else {
-                generated.push(None);
-                continue;
-            };
-            let offset = plan.manifest.code[c as usize].offset as usize;
-            // SAFETY: the symbol was generated for the ABI type matching its launch kind, which
-            // the load-time check tied to the step's kernel.
-            let f = unsafe {
-                match step.launch {
-                    Launch::RmsNorm { .. } => Generated::RmsNorm(plan.code.entry(offset)?),
-                    Launch::AddRmsNorm { .. } => Generated::AddRmsNorm(plan.code.entry(offset)?),
-                    Launch::SiluMul { .. } => Generated::SiluMul(plan.code.entry(offset)?),
-                    Launch::Rope { .. } => Generated::Rope(plan.code.entry(offset)?),
-                    _ => {
-                        return Err(RuntimeError::InvalidPlan(format!(
-                            "no generated form for {}",
-                            step.kernel
-                        )))
-                    }
-                }
-            };
-            generated.push(Some(f));
-        }
+        let generated = resolve_generated(&plan, &plan.program.steps)?;
+        let generated_mtp = match &plan.mtp {
+            Some(mtp) => resolve_generated(&plan, &mtp.program.steps)?,
+            None => vec![],
+        };
         let (cos, sin) = rope_tables(&plan.manifest, max_context);
         let max_num_seqs = options.max_num_seqs.max(1);
         let kv_info = &plan.manifest.kv;
@@ -335,6 +363,10 @@ impl Engine {
             profile: std::env::var_os("FDRT_PROFILE").map(|_| Profile::default()),
             matmul_observer: None,
             greedy_ids: vec![],
+            keep_hidden: false,
+            hidden: vec![],
+            mtp_hidden: vec![],
+            generated_mtp,
             plan,
         })
     }
@@ -431,6 +463,63 @@ impl Engine {
     /// then in [`Engine::greedy_ids`]. Every matmul sees all the tokens together; attention runs
     /// per sequence.
     pub fn forward_batch(&mut self, chunks: &[SeqChunk]) -> Result<&[f32], RuntimeError> {
+        self.run_pass(Which::Main, chunks, &[])
+    }
+
+    /// Makes passes of the main program keep every token's final hidden state, for
+    /// [`Engine::hidden_rows`] (the multi-token-prediction module reads them). Off by default:
+    /// it costs a copy per pass.
+    pub fn keep_hidden(&mut self, on: bool) {
+        self.keep_hidden = on && self.plan.mtp.is_some();
+        if !self.keep_hidden {
+            self.hidden = vec![];
+        }
+    }
+
+    /// Every token's final hidden state from the last pass of the main program, `[T, C]` in
+    /// the pass's token order; empty unless [`Engine::keep_hidden`] is on.
+    pub fn hidden_rows(&self) -> &[f32] {
+        &self.hidden
+    }
+
+    /// One pass of the plan's multi-token-prediction module over `chunks` (each token the
+    /// successor of the token at its position), with `hidden` (`[T, C]`, in the pass's token
+    /// order) the main model's final hidden states of those positions, or the module's own when
+    /// proposals are chained. Writes the module's keys and values (its own KV slot) at the
+    /// chunks' positions and returns its logits as [`Engine::forward_batch`] does; its own
+    /// hidden states are then in [`Engine::mtp_hidden_rows`].
+    pub fn forward_mtp(
+        &mut self,
+        chunks: &[SeqChunk],
+        hidden: &[f32],
+    ) -> Result<&[f32], RuntimeError> {
+        self.run_pass(Which::Mtp, chunks, hidden)
+    }
+
+    /// The module's own final hidden states from the last [`Engine::forward_mtp`], `[T, C]`.
+    pub fn mtp_hidden_rows(&self) -> &[f32] {
+        &self.mtp_hidden
+    }
+
+    fn steps(&self, which: Which) -> &[Step] {
+        match (which, &self.plan.mtp) {
+            (Which::Main, _) => &self.plan.program.steps,
+            (Which::Mtp, Some(mtp)) => &mtp.program.steps,
+            (Which::Mtp, None) => &[],
+        }
+    }
+
+    fn run_pass(
+        &mut self,
+        which: Which,
+        chunks: &[SeqChunk],
+        hidden_in: &[f32],
+    ) -> Result<&[f32], RuntimeError> {
+        let mtp = match (which, &self.plan.mtp) {
+            (Which::Main, _) => None,
+            (Which::Mtp, Some(mtp)) => Some(mtp.clone()),
+            (Which::Mtp, None) => return Err(RuntimeError::NoMtpModule),
+        };
         let vocab = self.vocab_size();
         let PassLayout {
             tokens,
@@ -447,16 +536,53 @@ impl Engine {
         )?;
         let r = logit_rows.len();
         self.logits.resize(r * vocab, 0.0);
-        for i in 0..self.plan.program.steps.len() {
+        let hidden_size = self.plan.manifest.model.hidden_size as usize;
+        if let Some(mtp) = &mtp {
+            if hidden_in.len() != tokens.len() * hidden_size {
+                return Err(RuntimeError::InvalidPlan(format!(
+                    "the prediction module's pass has {} tokens and {} hidden values (width {hidden_size})",
+                    tokens.len(),
+                    hidden_in.len()
+                )));
+            }
+            let mem = self.memory(tokens.len(), r);
+            // SAFETY: no other view of the arena is live.
+            let (dst, stride) = unsafe { mem.write(&mtp.hidden_in)? };
+            for (row, src) in hidden_in.chunks_exact(hidden_size).enumerate() {
+                dst[row * stride..][..hidden_size].copy_from_slice(src);
+            }
+        }
+        for i in 0..self.steps(which).len() {
             // With no logits wanted (a middle prefill chunk) the head is skipped; the layers
             // still run, since they fill the KV cache.
-            if r == 0 && writes_logit_rows(&self.plan.program.steps[i].launch) {
+            if r == 0 && writes_logit_rows(&self.steps(which)[i].launch) {
                 continue;
             }
             let start = self.profile.as_ref().map(|_| std::time::Instant::now());
-            self.run_step(i, &tokens, &positions, &logit_rows, &spans)?;
-            if let (Some(profile), Some(start)) = (self.profile.as_mut(), start) {
-                profile.record(&self.plan.program.steps[i].kernel, start.elapsed());
+            self.run_step(which, i, &tokens, &positions, &logit_rows, &spans)?;
+            if let Some(start) = start {
+                let kernel = self.steps(which)[i].kernel.clone();
+                if let Some(profile) = self.profile.as_mut() {
+                    profile.record(&kernel, start.elapsed());
+                }
+            }
+        }
+        let kept = match (which, &self.plan.mtp) {
+            (Which::Main, Some(m)) if self.keep_hidden => Some(m.main_hidden),
+            (Which::Mtp, Some(m)) => Some(m.hidden_out),
+            _ => None,
+        };
+        if let Some(view) = kept {
+            let mem = self.memory(tokens.len(), r);
+            // SAFETY: no other view of the arena is live.
+            let (src, stride) = unsafe { mem.read(&view)? };
+            let out = match which {
+                Which::Main => &mut self.hidden,
+                Which::Mtp => &mut self.mtp_hidden,
+            };
+            out.clear();
+            for row in 0..tokens.len() {
+                out.extend_from_slice(&src[row * stride..][..hidden_size]);
             }
         }
         self.greedy_ids.clear();
@@ -466,6 +592,18 @@ impl Engine {
                 .map(crate::sampler::argmax),
         );
         Ok(&self.logits[..full_rows * vocab])
+    }
+
+    /// The arena and logits as a pass of `t` tokens and `r` logit rows sees them.
+    fn memory(&mut self, t: usize, r: usize) -> Memory {
+        Memory {
+            arena: self.arena.as_mut_ptr(),
+            arena_len: self.arena.len(),
+            logits: self.logits.as_mut_ptr(),
+            logits_len: self.logits.len(),
+            t,
+            r,
+        }
     }
 
     /// The tokens picked for the last pass's `Greedy` chunks, in chunk order.
@@ -480,6 +618,7 @@ impl Engine {
 
     fn run_step(
         &mut self,
+        which: Which,
         index: usize,
         tokens: &[u32],
         positions: &[u32],
@@ -488,7 +627,10 @@ impl Engine {
     ) -> Result<(), RuntimeError> {
         let (t, r) = (tokens.len(), logit_rows.len());
         let isa = self.isa;
-        let step = &self.plan.program.steps[index];
+        let (step, generated) = match (which, &self.plan.mtp) {
+            (Which::Mtp, Some(mtp)) => (&mtp.program.steps[index], self.generated_mtp[index]),
+            _ => (&self.plan.program.steps[index], self.generated[index]),
+        };
         let kernel_error = |source| RuntimeError::Kernel {
             step: index,
             kernel: step.kernel.clone(),
@@ -506,7 +648,7 @@ impl Engine {
         // SAFETY (every `mem.read`/`mem.write` below): the load-time check proved that a step's
         // outputs overlap neither each other nor its inputs, for every T; `Memory` checks bounds.
         unsafe {
-            match (&step.launch, self.generated[index]) {
+            match (&step.launch, generated) {
                 (Launch::Embedding { table, out }, _) => {
                     let (o, os) = mem.write(out)?;
                     match plan.quant_weight(*table) {

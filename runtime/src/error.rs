@@ -65,6 +65,10 @@ pub enum RuntimeError {
     BadTokenId { id: u32, vocab: usize },
     #[error("empty input: at least one token id is needed")]
     EmptyInput,
+    #[error("this plan has no multi-token-prediction module: compile a checkpoint with MTP weights (DeepSeek-V3's num_nextn_predict_layers) or use another speculative method")]
+    NoMtpModule,
+    #[error("{0} is not supported on this engine yet")]
+    Unsupported(&'static str),
 
     // ---- text ----
     #[error("this plan has no tokenizer (compiled from a checkpoint without one): pass token ids instead")]

@@ -8,7 +8,7 @@ use crate::error::RuntimeError;
 use crate::weights::{kernel_layout, WeightStore};
 use artifacts::parts::{PartsTable, PARTS_SECTION};
 use artifacts::schema::{
-    self, section, Act, Buffer, Launch, Manifest, Program, WeightInfo, WeightRef,
+    self, section, Act, Buffer, Launch, Manifest, MtpProgram, Program, Rows, WeightInfo, WeightRef,
 };
 use artifacts::{codec, PlanFile};
 use half::slice::HalfBitsSliceExt;
@@ -28,6 +28,8 @@ pub struct LoadedPlan {
     file: Arc<PlanFile>,
     pub manifest: Manifest,
     pub program: Program,
+    /// The multi-token-prediction module's program, when the model has one (section `mtp`).
+    pub mtp: Option<MtpProgram>,
     pub code: CodeImage,
     weights: WeightStore,
 }
@@ -74,6 +76,10 @@ impl LoadedPlan {
         )?;
         let program: Program =
             codec::decode(section::PROGRAM, file.require_section(section::PROGRAM)?)?;
+        let mtp: Option<MtpProgram> = file
+            .section(section::MTP)
+            .map(|bytes| codec::decode(section::MTP, bytes))
+            .transpose()?;
         let code = match manifest.target {
             Target::Cpu(isa) => {
                 let machine = kernels::cpu::detected_isa();
@@ -121,6 +127,7 @@ impl LoadedPlan {
             file,
             manifest,
             program,
+            mtp,
             code,
             weights,
         };
@@ -237,7 +244,51 @@ impl LoadedPlan {
             self.check_step(i, &step.kernel, step.code, &step.launch)
                 .or_else(|msg| bad(format!("step {i} ({}): {msg}", step.kernel)))?;
         }
+        if let Some(mtp) = &self.mtp {
+            for (i, step) in mtp.program.steps.iter().enumerate() {
+                self.check_step(i, &step.kernel, step.code, &step.launch)
+                    .or_else(|msg| bad(format!("mtp step {i} ({}): {msg}", step.kernel)))?;
+            }
+            if mtp.program.logits_cols != self.program.logits_cols {
+                return bad("the mtp program's logits are not the model's vocabulary".into());
+            }
+            let hidden = m.model.hidden_size;
+            for (name, a) in [
+                ("main_hidden", &mtp.main_hidden),
+                ("hidden_in", &mtp.hidden_in),
+                ("hidden_out", &mtp.hidden_out),
+            ] {
+                let arena = matches!(a.buffer, Buffer::Arena { .. });
+                if !arena || a.rows != Rows::Tokens || a.cols != hidden {
+                    return bad(format!(
+                        "mtp {name} is not [tokens, {hidden}] in the arena: {a:?}"
+                    ));
+                }
+                self.check_act(a)
+                    .or_else(|msg| bad(format!("mtp {name}: {msg}")))?;
+            }
+        }
         Ok(())
+    }
+
+    /// A view lies inside its buffer, and its buffer inside the arena or the logits.
+    fn check_act(&self, a: &Act) -> Result<(), String> {
+        let arena = self.manifest.memory.arena_cols;
+        let logits = self.program.logits_cols;
+        if a.col + a.cols > a.stride {
+            return Err(format!(
+                "view of {} columns at {} exceeds its {}-wide buffer",
+                a.cols, a.col, a.stride
+            ));
+        }
+        match a.buffer {
+            Buffer::Arena { offset_cols } if offset_cols + a.stride <= arena => Ok(()),
+            Buffer::Logits if a.stride == logits => Ok(()),
+            _ => Err(format!(
+                "buffer {:?} of width {} is outside the arena ({arena}) or logits ({logits})",
+                a.buffer, a.stride
+            )),
+        }
     }
 
     fn check_step(
@@ -270,27 +321,9 @@ impl LoadedPlan {
                 Err(format!("weight index {} out of range", w.0))
             }
         };
-        let arena = self.manifest.memory.arena_cols;
-        let logits = self.program.logits_cols;
-        let act_ok = |a: &Act| -> Result<(), String> {
-            if a.col + a.cols > a.stride {
-                return Err(format!(
-                    "view of {} columns at {} exceeds its {}-wide buffer",
-                    a.cols, a.col, a.stride
-                ));
-            }
-            match a.buffer {
-                Buffer::Arena { offset_cols } if offset_cols + a.stride <= arena => Ok(()),
-                Buffer::Logits if a.stride == logits => Ok(()),
-                _ => Err(format!(
-                    "buffer {:?} of width {} is outside the arena ({arena}) or logits ({logits})",
-                    a.buffer, a.stride
-                )),
-            }
-        };
         let (reads, writes, used) = launch.operands();
         for a in reads.iter().chain(writes.iter()) {
-            act_ok(a)?;
+            self.check_act(a)?;
         }
         for w in &used {
             weight_ok(w)?;

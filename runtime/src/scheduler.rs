@@ -247,6 +247,12 @@ impl Scheduler {
             in_transit: 0,
         }));
         let (commands, inbox) = mpsc::channel();
+        let mut engine = engine;
+        let mtp = matches!(
+            config.speculative.as_ref().map(|c| &c.method),
+            Some(SpeculativeMethod::Mtp)
+        );
+        engine.keep_hidden(mtp);
         let worker = Worker {
             engine,
             blocks,
@@ -450,6 +456,11 @@ struct Sequence {
     draft_blocks: SeqBlocks,
     draft_computed: usize,
     draft_sampler: Option<Sampler>,
+    /// With the `mtp` method, `draft_computed` counts the positions the module has computed
+    /// with the model's own hidden states (its rows of the KV blocks past them were written for
+    /// proposals), and these are the model's final hidden states of the positions after them up
+    /// to `computed`, `[computed - draft_computed, C]`: what the module's next catch-up reads.
+    mtp_hidden: Vec<f32>,
     /// Back-off after proposals the model rejected whole: consecutive such proposals, and
     /// decode steps still to go without proposing (1, 3, 7, then 15 after 1 to 4 misses), so
     /// that a sequence nothing predicts stops paying for proposals, and tries again now and then.
@@ -499,6 +510,30 @@ impl Sequence {
                 .saturating_sub(self.generated() + 1),
         )
         .min(max_context.saturating_sub(self.tokens.len()))
+    }
+
+    /// A proposed token from a proposer's logits: its argmax for a greedy request; otherwise a
+    /// draw from its distribution under the request's sampling settings, returned with that
+    /// distribution for the verification.
+    fn propose_from(&mut self, logits: &[f32]) -> (u32, Option<Vec<(u32, f32)>>) {
+        if self.request.params.sampling.is_greedy() {
+            return (crate::sampler::argmax(logits), None);
+        }
+        let (params, fallback) = (&self.request.params.sampling, &self.request.sampler);
+        let sampler = self.draft_sampler.get_or_insert_with(|| {
+            let params = SamplingParams {
+                // The proposer draws from its own distribution; the penalties belong to the
+                // model's, which the verification applies.
+                presence_penalty: 0.0,
+                frequency_penalty: 0.0,
+                repetition_penalty: 1.0,
+                seed: Some(fallback.seed() ^ 0x5eed_d4af),
+                ..*params
+            };
+            Sampler::new(params).unwrap_or_else(|_| fallback.clone())
+        });
+        let (id, q) = sampler.sample_with_distribution(logits);
+        (id, Some(q))
     }
 
     /// Takes the proposed tokens off again (a draft model's cache keeps what it computed for
@@ -581,6 +616,7 @@ impl Worker {
                             draft_blocks: SeqBlocks::default(),
                             draft_computed: 0,
                             draft_sampler: None,
+                            mtp_hidden: vec![],
                             proposal_misses: 0,
                             proposal_pause: 0,
                         });
@@ -643,6 +679,7 @@ impl Worker {
             None => Ok(()),
         };
         s.draft_computed = 0;
+        s.mtp_hidden.clear();
         if let Err(e) = freed.and(freed_draft) {
             tracing::error!(error = %e, "KV block bookkeeping");
         }
@@ -699,6 +736,7 @@ impl Worker {
         let mut preempted = vec![false; self.running.len()];
         let mut finished = vec![];
         self.draft_propose(budget);
+        self.mtp_propose(budget);
         let decode_first = (0..self.running.len())
             .filter(|&i| self.running[i].pending() == 1)
             .chain((0..self.running.len()).filter(|&i| self.running[i].pending() > 1));
@@ -765,6 +803,12 @@ impl Worker {
             let (blocks, hit) = self.blocks.start(&s.tokens);
             s.blocks = blocks;
             s.computed = hit;
+            if self.uses_mtp() {
+                // A cached prefix brings the module's rows with it (as they were written when
+                // it was computed): it carries on from there.
+                s.draft_computed = hit;
+                s.mtp_hidden.clear();
+            }
             let count = s.pending().min(budget - used);
             if !self.blocks.grow(&mut s.blocks, s.computed + count) {
                 let blocks = std::mem::take(&mut s.blocks);
@@ -911,25 +955,9 @@ impl Worker {
                     break;
                 };
                 row += 1;
-                if s.request.params.sampling.is_greedy() {
-                    proposals[w].push(crate::sampler::argmax(logits));
-                } else {
-                    let sampler = s.draft_sampler.get_or_insert_with(|| {
-                        let params = SamplingParams {
-                            // The draft proposes from its own distribution; the penalties
-                            // belong to the target's, which the verification applies.
-                            presence_penalty: 0.0,
-                            frequency_penalty: 0.0,
-                            repetition_penalty: 1.0,
-                            seed: Some(s.request.sampler.seed() ^ 0x5eed_d4af),
-                            ..s.request.params.sampling
-                        };
-                        Sampler::new(params).unwrap_or_else(|_| s.request.sampler.clone())
-                    });
-                    let (id, q) = sampler.sample_with_distribution(logits);
-                    proposals[w].push(id);
-                    dists[w].push(q);
-                }
+                let (id, q) = s.propose_from(logits);
+                proposals[w].push(id);
+                dists[w].extend(q);
             }
         }
         for (w, (i, _)) in wanted.into_iter().enumerate() {
@@ -946,6 +974,149 @@ impl Worker {
         }
     }
 
+    fn uses_mtp(&self) -> bool {
+        matches!(
+            self.config.speculative.as_ref().map(|c| &c.method),
+            Some(SpeculativeMethod::Mtp)
+        )
+    }
+
+    /// The `mtp` method. The module's position `p` reads the model's final hidden state of `p`
+    /// and the token at `p + 1`, so it runs one position behind the model: first a catch-up of
+    /// every running sequence over the positions the model computed since (their hidden states
+    /// kept from its passes, `Sequence::mtp_hidden`), which also keeps those rows few; its last
+    /// row proposes the token after the sequence's pending one. Each further proposal is one
+    /// more pass at the next position, on the module's own hidden state and its last proposal
+    /// (those positions' rows of the module's KV slot are overwritten by the next catch-up).
+    /// Proposals are drawn as the draft method draws them, within the same limits.
+    fn mtp_propose(&mut self, budget: usize) {
+        if !self.uses_mtp() || !self.engine.runs_mtp() {
+            return;
+        }
+        let Some(config) = &self.config.speculative else {
+            return;
+        };
+        let k = config.num_speculative_tokens;
+        let hidden_size = self.engine.plan().manifest.model.hidden_size as usize;
+        let max_context = self.engine.options().max_context;
+        let pass_budget = self.engine.options().max_batch_tokens;
+        let vocab = self.engine.vocab_size();
+        let mut room = budget;
+        // Per running sequence in the work: (index, proposals wanted, next position).
+        let mut work: Vec<(usize, usize, usize)> = vec![];
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if !s.request.params.speculative {
+                continue;
+            }
+            let mut wanted = 0;
+            if s.pending() == 1 && room >= 2 && s.proposes_now() {
+                let d = s.proposal_room(room - 1, max_context).min(k);
+                // The chained passes write the module's rows of positions past the pending one.
+                if d > 0 && self.blocks.grow(&mut s.blocks, s.tokens.len() + d - 1) {
+                    room -= 1 + d;
+                    wanted = d;
+                }
+            }
+            if wanted > 0 || s.draft_computed < s.computed {
+                work.push((i, wanted, s.draft_computed));
+            }
+        }
+        let mut proposals: Vec<Vec<u32>> = vec![vec![]; work.len()];
+        let mut dists: Vec<Vec<Vec<(u32, f32)>>> = vec![vec![]; work.len()];
+        // The module's own hidden state after each sequence's last proposal.
+        let mut chained: Vec<Vec<f32>> = vec![vec![]; work.len()];
+        loop {
+            // (work index, tokens, hidden rows, whether its last row proposes)
+            let mut feeds: Vec<(usize, Vec<u32>, Vec<f32>, bool)> = vec![];
+            let mut left = pass_budget;
+            for (w, &(i, wanted, next)) in work.iter().enumerate() {
+                let s = &self.running[i];
+                if left == 0 {
+                    break;
+                }
+                if next < s.computed {
+                    // Catch-up: positions `next..` with the model's hidden states.
+                    let take = (s.computed - next).min(left);
+                    let from = next - s.draft_computed;
+                    let tokens = s.tokens[next + 1..next + 1 + take].to_vec();
+                    let rows =
+                        s.mtp_hidden[from * hidden_size..(from + take) * hidden_size].to_vec();
+                    let last = next + take == s.computed && wanted > 0;
+                    left -= take;
+                    feeds.push((w, tokens, rows, last));
+                } else if proposals[w].len() < wanted && !proposals[w].is_empty() {
+                    let token = *proposals[w].last().unwrap_or(&0);
+                    left -= 1;
+                    feeds.push((w, vec![token], std::mem::take(&mut chained[w]), true));
+                }
+            }
+            if feeds.is_empty() {
+                break;
+            }
+            let hidden: Vec<f32> = feeds.iter().flat_map(|f| f.2.iter().copied()).collect();
+            let chunks: Vec<SeqChunk> = feeds
+                .iter()
+                .map(|(w, tokens, _, last)| {
+                    let (i, _, next) = work[*w];
+                    SeqChunk {
+                        blocks: &self.running[i].blocks.blocks,
+                        start: next,
+                        tokens,
+                        logits: if *last { Logits::Last } else { Logits::None },
+                    }
+                })
+                .collect();
+            let out = match self.engine.mtp_pass(&chunks, &hidden) {
+                Ok(out) => out,
+                Err(e) => {
+                    // The module's rows are in doubt: it proposes nothing until its sequences
+                    // start again (their outputs do not depend on it).
+                    tracing::warn!(error = %e, "prediction module pass failed; decoding without proposals");
+                    for &(i, _, _) in &work {
+                        let s = &mut self.running[i];
+                        s.mtp_hidden.clear();
+                        s.draft_computed = s.computed;
+                    }
+                    return;
+                }
+            };
+            let (mut row, mut token_row) = (0, 0);
+            for (w, tokens, _, last) in feeds {
+                let (i, _, next) = work[w];
+                let s = &mut self.running[i];
+                work[w].2 = next + tokens.len();
+                token_row += tokens.len();
+                if !last {
+                    continue;
+                }
+                let (Some(logits), Some(h)) = (
+                    out.logits.get(row * vocab..(row + 1) * vocab),
+                    out.hidden
+                        .get((token_row - 1) * hidden_size..token_row * hidden_size),
+                ) else {
+                    break;
+                };
+                row += 1;
+                let (id, q) = s.propose_from(logits);
+                proposals[w].push(id);
+                dists[w].extend(q);
+                chained[w] = h.to_vec();
+            }
+        }
+        for (w, &(i, _, _)) in work.iter().enumerate() {
+            let s = &mut self.running[i];
+            // Caught up to `computed`; what was written past it was for the proposals.
+            s.draft_computed = s.computed;
+            s.mtp_hidden.clear();
+            let proposed = std::mem::take(&mut proposals[w]);
+            if !proposed.is_empty() {
+                s.draft = proposed.len();
+                s.draft_q = std::mem::take(&mut dists[w]);
+                s.tokens.extend(proposed);
+            }
+        }
+    }
+
     /// Speculative decoding: appends to sequence `i`, about to decode one token, the tokens
     /// proposed for it (at most `room`, what the token budget leaves), when the scheduler and
     /// the request allow it and the blocks for them are free without preempting anyone.
@@ -953,8 +1124,11 @@ impl Worker {
         let Some(config) = &self.config.speculative else {
             return;
         };
-        if matches!(config.method, SpeculativeMethod::Draft { .. }) {
-            return; // proposed by `draft_propose`
+        if matches!(
+            config.method,
+            SpeculativeMethod::Draft { .. } | SpeculativeMethod::Mtp
+        ) {
+            return; // proposed by `draft_propose` or `mtp_propose`
         }
         let max_context = self.engine.options().max_context;
         let s = &mut self.running[i];
@@ -1012,6 +1186,8 @@ impl Worker {
         let max_context = self.engine.options().max_context;
         // The logits are read where the engine keeps them: a decode pass of many sequences
         // returns tens of megabytes, which a copy per step would cost milliseconds.
+        let hidden_size = self.engine.plan().manifest.model.hidden_size as usize;
+        let uses_mtp = self.uses_mtp();
         let result = self.engine.pass(&chunks);
         self.steps += 1;
         let output = match result {
@@ -1030,6 +1206,23 @@ impl Worker {
                 return;
             }
         };
+        // The `mtp` method's module reads the model's hidden state of every computed position:
+        // each sequence keeps its rows (those of rejected proposals are dropped below).
+        if uses_mtp && !output.hidden.is_empty() {
+            let mut row0 = 0;
+            for &(i, count) in &plan {
+                let s = &mut self.running[i];
+                if let (true, Some(rows)) = (
+                    s.request.params.speculative,
+                    output
+                        .hidden
+                        .get(row0 * hidden_size..(row0 + count) * hidden_size),
+                ) {
+                    s.mtp_hidden.extend_from_slice(rows);
+                }
+                row0 += count;
+            }
+        }
         // What each running sequence that reached the end of its tokens samples from: a logits
         // row or the engine's greedy pick, each counted in plan order.
         let mut picks: Vec<Option<Pick>> = vec![None; self.running.len()];
@@ -1149,6 +1342,8 @@ impl Worker {
             if emitted.proposed > 0 && !finished.contains(&i) {
                 self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
             }
+            let kept = s.computed.saturating_sub(s.draft_computed) * hidden_size;
+            s.mtp_hidden.truncate(kept);
         }
         finished.sort_unstable_by(|a, b| b.cmp(a));
         for i in finished {

@@ -12,6 +12,12 @@
 //! - `draft` (alias `draft_model`): a second, smaller plan with the same vocabulary (`"model":
 //!   "draft.fdp"`; for example the same model quantized much harder) proposes the tokens, one
 //!   draft pass per proposed token over every sequence, with a KV cache of its own.
+//! - `mtp` (alias `deepseek_mtp`): the plan's own multi-token-prediction module (DeepSeek-V3's
+//!   MTP layer, which fdc compiles into the plan when the checkpoint has its weights). It reads
+//!   the model's final hidden state of a position and the token after it, and predicts the token
+//!   after that; the scheduler feeds it every position the model computes (its catch-up pass,
+//!   which writes its own slot of the sequence's KV blocks), then chains it on its own hidden
+//!   state and proposal for further tokens.
 //!
 //! Exactness does not depend on the proposal: greedy requests keep the longest proposed prefix
 //! equal to the model's own argmax at each position, then take the model's token; sampled
@@ -38,6 +44,9 @@ pub enum SpeculativeMethod {
     Ngram { min: usize, max: usize },
     /// A draft plan (loaded by the caller and given to the scheduler).
     Draft { model: std::path::PathBuf },
+    /// The served plan's own multi-token-prediction module (DeepSeek-V3's MTP layers, compiled
+    /// into the plan by fdc), chained for more than one token.
+    Mtp,
 }
 
 /// The JSON as written by users; unknown fields are refused so that a typo is not silently
@@ -57,7 +66,7 @@ struct RawConfig {
 pub enum SpeculativeConfigError {
     #[error("--speculative-config is not valid JSON of the expected fields: {0}")]
     Json(String),
-    #[error("speculative method \"{0}\" is not known; the methods are ngram (alias ngram_match) and draft (alias draft_model)")]
+    #[error("speculative method \"{0}\" is not known; the methods are ngram (alias ngram_match), draft (alias draft_model) and mtp (alias deepseek_mtp)")]
     UnknownMethod(String),
     #[error("speculative method \"{0}\" is not supported yet; use ngram")]
     NotYet(String),
@@ -67,6 +76,8 @@ pub enum SpeculativeConfigError {
     Lookup { min: usize, max: usize },
     #[error("the draft method needs \"model\": the path of the draft plan")]
     NoDraftModel,
+    #[error("the mtp method runs the module compiled into the served plan and takes no \"model\"")]
+    MtpModel,
 }
 
 impl SpeculativeConfig {
@@ -94,7 +105,11 @@ impl SpeculativeConfig {
                     .ok_or(SpeculativeConfigError::NoDraftModel)?
                     .into(),
             },
-            "mtp" | "eagle" | "suffix" => return Err(SpeculativeConfigError::NotYet(raw.method)),
+            "mtp" | "deepseek_mtp" if raw.model.is_some() => {
+                return Err(SpeculativeConfigError::MtpModel)
+            }
+            "mtp" | "deepseek_mtp" => SpeculativeMethod::Mtp,
+            "eagle" | "suffix" => return Err(SpeculativeConfigError::NotYet(raw.method)),
             _ => return Err(SpeculativeConfigError::UnknownMethod(raw.method)),
         };
         Ok(SpeculativeConfig {
@@ -111,8 +126,8 @@ impl SpeculativeConfig {
         }
         match self.method {
             SpeculativeMethod::Ngram { min, max } => ngram_proposal(tokens, min, max, limit),
-            // Proposed by the scheduler's draft passes.
-            SpeculativeMethod::Draft { .. } => vec![],
+            // Proposed by the scheduler's draft or module passes.
+            SpeculativeMethod::Draft { .. } | SpeculativeMethod::Mtp => vec![],
         }
     }
 }
@@ -230,7 +245,20 @@ mod tests {
         assert_eq!(c.method, SpeculativeMethod::Ngram { min: 1, max: 5 });
         let err = |json: &str| SpeculativeConfig::parse(json).unwrap_err().to_string();
         assert!(err(r#"{"method": "medusa"}"#).contains("not known"));
-        assert!(err(r#"{"method": "mtp"}"#).contains("not supported yet"));
+        assert!(err(r#"{"method": "eagle"}"#).contains("not supported yet"));
+        let c =
+            SpeculativeConfig::parse(r#"{"method": "mtp", "num_speculative_tokens": 2}"#).unwrap();
+        assert_eq!(
+            (c.method, c.num_speculative_tokens),
+            (SpeculativeMethod::Mtp, 2)
+        );
+        assert_eq!(
+            SpeculativeConfig::parse(r#"{"method": "deepseek_mtp"}"#)
+                .unwrap()
+                .method,
+            SpeculativeMethod::Mtp
+        );
+        assert!(err(r#"{"method": "mtp", "model": "m.fdp"}"#).contains("takes no"));
         assert!(err(r#"{"method": "draft"}"#).contains("needs \"model\""));
         let c = SpeculativeConfig::parse(
             r#"{"method": "draft_model", "model": "d.fdp", "num_speculative_tokens": 3}"#,

@@ -2,8 +2,9 @@
 //! for token those of decoding one token per step, on every tiny golden and SmolLM2, one
 //! request at a time and eight at once; proposals are actually made and accepted (else the
 //! comparison would prove nothing); stops, token limits, sampled requests and the per-request
-//! opt-out behave. That rejection sampling keeps the distribution is tested in
-//! `runtime::sampler` (chi-square).
+//! opt-out behave; likewise a draft plan and DeepSeek-V3's MTP module (the module itself is
+//! checked against a float64 reference in `mtp.rs`). That rejection sampling keeps the
+//! distribution is tested in `runtime::sampler` (chi-square).
 
 mod common;
 
@@ -54,6 +55,28 @@ fn greedy(max_tokens: usize) -> RequestParams {
 /// Every request submitted at once (the scheduler batches up to its slots), then collected.
 fn run_all(s: &Scheduler, requests: &[(Vec<u32>, RequestParams)]) -> Vec<(Vec<u32>, Event)> {
     run_requests(s, requests, false)
+}
+
+/// Runs `requests` (each asking for `tokens` tokens) to completion and checks that each
+/// produced them all and that some proposal was accepted; the stats once idle.
+fn all_complete_with_acceptances(
+    s: &Scheduler,
+    requests: &[(Vec<u32>, RequestParams)],
+    tokens: usize,
+) -> Stats {
+    for (got, last) in run_all(s, requests) {
+        assert_eq!(got.len(), tokens);
+        assert!(
+            matches!(last, Event::Done { completion_tokens, .. } if completion_tokens == tokens)
+        );
+    }
+    let stats = wait_idle(s);
+    assert!(
+        stats.speculative.accepted_tokens > 0,
+        "{:?}",
+        stats.speculative
+    );
+    stats
 }
 
 /// Prompts that invite copying (a repeated phrase) and that do not, inside every tiny vocabulary.
@@ -325,22 +348,7 @@ fn sampled_requests_verify_a_draft_models_proposals() {
         .into_iter()
         .map(|p| (p, sampled.clone()))
         .collect();
-    for (tokens, last) in run_all(&s, &requests) {
-        assert_eq!(tokens.len(), 48);
-        assert!(matches!(
-            last,
-            Event::Done {
-                completion_tokens: 48,
-                ..
-            }
-        ));
-    }
-    let stats = wait_idle(&s);
-    assert!(
-        stats.speculative.accepted_tokens > 0,
-        "{:?}",
-        stats.speculative
-    );
+    let stats = all_complete_with_acceptances(&s, &requests, 48);
     assert_eq!(
         (stats.kv_blocks_used, stats.speculative.draft_blocks_held),
         (0, 0)
@@ -408,4 +416,67 @@ fn proposals_that_would_overflow_the_pool_are_dropped_not_fatal() {
             "{config}: nothing proposed"
         );
     }
+}
+
+#[test]
+fn the_mtp_module_leaves_greedy_outputs_unchanged() {
+    let plan = compiled(&deepseek_mtp_checkpoint(), DType::F32);
+    let loaded = runtime::LoadedPlan::load(&plan).expect("loading");
+    assert!(loaded.mtp.is_some(), "the plan has no prediction module");
+    for config in [
+        r#"{"method": "mtp", "num_speculative_tokens": 1}"#,
+        r#"{"method": "mtp", "num_speculative_tokens": 3}"#,
+    ] {
+        let stats =
+            assert_same_outputs("deepseek_v3 mtp", &plan, None, &tiny_prompts(), config, 40);
+        let spec = &stats.speculative;
+        eprintln!(
+            "mtp {config}: {} proposals of {} tokens, {} accepted, {} steps",
+            spec.drafts, spec.draft_tokens, spec.accepted_tokens, stats.steps
+        );
+        assert!(spec.draft_tokens > 0, "{config}: nothing was proposed");
+    }
+    // A plan without a module refuses the method rather than proposing nothing.
+    let plain = compiled(&golden("tiny/deepseek_v3"), DType::F32);
+    assert!(runtime::LoadedPlan::load(&plain)
+        .expect("loading")
+        .mtp
+        .is_none());
+}
+
+/// Sampled requests draw the module's proposals from its own distribution and verify them by
+/// rejection sampling; with random weights its greedy proposals are always rejected, but sampled
+/// ones are accepted often enough to count (every accepted token went through
+/// `verify_proposal`). An opted-out request runs beside them.
+#[test]
+fn sampled_requests_verify_the_mtp_modules_proposals() {
+    let plan = compiled(&deepseek_mtp_checkpoint(), DType::F32);
+    let s = scheduler(
+        &plan,
+        4,
+        Some(r#"{"method": "mtp", "num_speculative_tokens": 2}"#),
+    );
+    let sampled = RequestParams {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: Some(9),
+            repetition_penalty: 1.1,
+            ..SamplingParams::greedy()
+        },
+        ..greedy(48)
+    };
+    let mut requests: Vec<_> = tiny_prompts()
+        .into_iter()
+        .map(|p| (p, sampled.clone()))
+        .collect();
+    requests.push((
+        vec![4, 5, 6],
+        RequestParams {
+            speculative: false,
+            ..sampled.clone()
+        },
+    ));
+    let stats = all_complete_with_acceptances(&s, &requests, 48);
+    eprintln!("{:?}", stats.speculative);
+    assert_eq!(stats.kv_blocks_used, 0);
 }

@@ -4,14 +4,17 @@
 //! Widths are planned per token: a buffer `[T, cols]` at column offset `o` occupies elements
 //! `[o * T, (o + cols) * T)`, which stays disjoint from its neighbours for every `T`, so one plan
 //! serves every batch size up to the runtime's token budget. `split` results are views into their
-//! input (no memory of their own; they keep it alive). The graph outputs go to their own buffers
-//! (the logits), not the arena. Allocation is first-fit over a free list in program order, which
+//! input (no memory of their own; they keep it alive). The logits outputs go to their own buffer,
+//! not the arena; the other outputs (hidden states the runtime reads after a pass) stay in the
+//! arena and live to the end of the program, and the `hidden` input (which the runtime writes
+//! before a pass of the multi-token-prediction module) takes arena memory from that program's
+//! first step (`Constraints::hidden_input_from`). Allocation is first-fit over a free list in program order, which
 //! is simple and, for the straight-line decoder, within a few columns of the peak live width.
 //! It does not reorder the program.
 
 use super::PassError;
 use artifacts::schema::{Act, Buffer, BufferInfo, Rows};
-use ir::{Dim, Graph, NodeId, Op, ValueDef, ValueId};
+use ir::{Dim, Graph, InputKind, NodeId, Op, ValueDef, ValueId};
 use std::collections::HashMap;
 
 pub struct MemoryPlan {
@@ -54,6 +57,10 @@ pub struct Constraints {
     /// pass of one token runs the two as one kernel (`CudaDecodeFolds`), whose blocks write the
     /// norm's outputs while others still read the matmul's input.
     pub fold_norms_into_matmuls: bool,
+    /// The step from which the `hidden` input must be in place: the runtime writes it before
+    /// the multi-token-prediction module's first step, so it is live from there, not only from
+    /// its first reader.
+    pub hidden_input_from: usize,
 }
 
 /// `launches` is the program order: `graph.topo_order()` without the view ops.
@@ -62,12 +69,30 @@ pub fn run(
     launches: &[NodeId],
     constraints: Constraints,
 ) -> Result<MemoryPlan, PassError> {
+    let in_arena = |v: ValueId| {
+        matches!(
+            graph.value(v).def,
+            ValueDef::Node { .. } | ValueDef::Input(InputKind::Hidden)
+        )
+    };
     let mut last_use: HashMap<ValueId, usize> = HashMap::new();
     for (step, &node) in launches.iter().enumerate() {
         for &v in &graph.node(node).inputs {
-            if let ValueDef::Node { .. } = graph.value(v).def {
+            if in_arena(v) {
                 last_use.insert(root_of(graph, v).0, step);
             }
+        }
+    }
+    // Logits go to their own buffer; the other outputs are read after the whole program.
+    let outputs: Vec<ValueId> = graph
+        .outputs()
+        .iter()
+        .filter(|(name, _)| is_logits(name))
+        .map(|(_, v)| *v)
+        .collect();
+    for (name, v) in graph.outputs() {
+        if !is_logits(name) {
+            last_use.insert(root_of(graph, *v).0, launches.len());
         }
     }
     if constraints.fold_norms_into_matmuls {
@@ -88,14 +113,21 @@ pub fn run(
             }
         }
     }
-    let outputs: Vec<ValueId> = graph.outputs().iter().map(|(_, v)| *v).collect();
     let mut free: Vec<(u64, u64)> = vec![]; // sorted, disjoint [start, end) column ranges
     let mut arena_cols = 0u64;
     let mut unplanned_cols = 0u64;
     let mut roots: HashMap<ValueId, (u64, u64)> = HashMap::new(); // root -> (offset, cols)
     let mut buffers = vec![];
     for (step, &node) in launches.iter().enumerate() {
-        for &v in &graph.node(node).outputs {
+        // The hidden input is placed before its program's first step's outputs.
+        let hidden_input = graph
+            .input(InputKind::Hidden)
+            .filter(|v| step == constraints.hidden_input_from && last_use.contains_key(v));
+        let new_values: Vec<ValueId> = hidden_input
+            .into_iter()
+            .chain(graph.node(node).outputs.iter().copied())
+            .collect();
+        for v in new_values {
             if outputs.contains(&v) {
                 continue;
             }
@@ -123,7 +155,7 @@ pub fn run(
                 offset_cols: offset,
                 cols,
                 first_step: step as u32,
-                last_step: *last_use.get(&v).unwrap_or(&step) as u32,
+                last_step: (*last_use.get(&v).unwrap_or(&step)).min(launches.len() - 1) as u32,
             });
         }
         // Release what dies here (after allocating this step's outputs, which must not alias
@@ -140,7 +172,7 @@ pub fn run(
     }
     let mut locations = HashMap::new();
     for v in graph.value_ids() {
-        if !matches!(graph.value(v).def, ValueDef::Node { .. }) || !graph.is_live(v) {
+        if !in_arena(v) || !graph.is_live(v) || !roots_seen(&buffers, v, graph) {
             continue;
         }
         let (root, col) = root_of(graph, v);
@@ -179,6 +211,19 @@ pub fn run(
         unplanned_cols,
         buffers,
     })
+}
+
+/// Whether graph output `name` is a logits output (the logits buffer, not the arena).
+fn is_logits(name: &str) -> bool {
+    name == ir::OUTPUT_LOGITS || name == ir::OUTPUT_MTP_LOGITS
+}
+
+/// Whether `v`'s memory was planned (an input no step reads has none).
+fn roots_seen(buffers: &[BufferInfo], v: ValueId, graph: &Graph) -> bool {
+    match graph.value(v).def {
+        ValueDef::Input(_) => buffers.iter().any(|b| b.name == format!("{v}")),
+        _ => true,
+    }
 }
 
 /// Returns `[offset, offset + cols)` to the free list, merging neighbours.

@@ -32,9 +32,32 @@
 //!             latent, k_rope = split(h @ Wkva);  latent = rms_norm(latent)
 //!             a = mla_attention(q, latent, k_rope, Wkvb);  x = x + a @ Wo
 //! ```
+//!
+//! A DeepSeek-V3 checkpoint with multi-token-prediction weights (`num_nextn_predict_layers`,
+//! stored as layer `L` = `num_hidden_layers`) also gets its first module, which proposes the
+//! token after next for speculative decoding. Its inputs are the tokens one position ahead
+//! (`t[i+1]` at position `i`) and the main model's final hidden states `g` (after `model.norm`,
+//! what the head reads: every row is then normed, not only the gathered ones):
+//! ```text
+//! u = [rms_norm(embedding(embed_tokens, t[i+1]), enorm); rms_norm(g[i], hnorm)] @ eh_proj
+//! x = layer L (u)                                   (its own slot of the KV cache)
+//! g' = rms_norm(x, shared_head.norm);  logits' = gather_rows(g') @ lm_head
+//! ```
+//! The embedding and the head are the main model's (the paper's "shared" ones; the copies a
+//! DeepSeek-V3 checkpoint stores beside the module are not read). Chained for more tokens, `g'`
+//! takes the place of `g`. The hidden state fed in is the one after the final norm, as vLLM and
+//! SGLang feed it.
 
 use crate::{ModelConfig, ModelError, TensorSource};
-use ir::{DType, Dim, Graph, GraphError, InputKind, Op, TensorType, ValueId, WeightExpr};
+use ir::{
+    DType, Dim, Graph, GraphError, InputKind, Op, TensorType, ValueId, WeightExpr, OUTPUT_HIDDEN,
+    OUTPUT_LOGITS, OUTPUT_MTP_HIDDEN, OUTPUT_MTP_LOGITS,
+};
+
+/// The epsilon of multi-head latent attention's two bottleneck norms (`q_a_layernorm`,
+/// `kv_a_layernorm`): HF builds them as `DeepseekV3RMSNorm(rank)` with the class's default,
+/// whatever the config's `rms_norm_eps` (DeepSeek's own inference code does the same).
+const LATENT_NORM_EPS: f32 = 1e-6;
 
 /// Checkpoint tensor names of a family's sparse MLP block, under `model.layers.{l}.{block}`.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +87,9 @@ pub struct DecoderVariant {
 struct Builder<'a> {
     graph: Graph,
     tensors: &'a dyn TensorSource,
+    variant: DecoderVariant,
+    /// Where the sparse layers' tensors are, for a mixture-of-experts family.
+    moe_names: Option<MoeNames>,
 }
 
 impl Builder<'_> {
@@ -271,12 +297,8 @@ impl Builder<'_> {
         mla: &crate::MlaConfig,
         positions: ValueId,
     ) -> Result<ValueId, ModelError> {
-        let (c, h, eps, bias) = (
-            cfg.hidden_size,
-            cfg.num_attention_heads,
-            cfg.rms_norm_eps as f32,
-            cfg.attention_bias,
-        );
+        let (c, h, bias) = (cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias);
+        let eps = LATENT_NORM_EPS;
         let (n, r, v, l) = (
             mla.qk_nope_head_dim,
             mla.qk_rope_head_dim,
@@ -358,28 +380,22 @@ impl Builder<'_> {
         self.graph.add_node1(op, inputs).map_err(graph_bug)
     }
 
-    /// `x + mlp(rms_norm(x))` of layer `layer`, the MLP sparse where the config says so.
+    /// `x + mlp(rms_norm(x))` of the layer at prefix `p`, its MLP a mixture of experts when
+    /// `sparse`.
     fn feed_forward(
         &mut self,
         x: ValueId,
         p: &str,
-        layer: usize,
+        sparse: bool,
         cfg: &ModelConfig,
-        moe_names: Option<&MoeNames>,
     ) -> Result<ValueId, ModelError> {
         let c = cfg.hidden_size;
         let eps = cfg.rms_norm_eps as f32;
         let w = self.weight(&format!("{p}.post_attention_layernorm.weight"), &[c])?;
         let hn = self.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
-        let sparse = match (&cfg.moe, moe_names) {
-            (Some(moe), Some(names)) if moe.sparse_layers.get(layer) == Some(&true) => {
-                Some((moe, names))
-            }
-            _ => None,
-        };
-        let down = match sparse {
-            Some((moe, names)) => self.sparse_mlp(hn, p, cfg, moe, names)?,
-            None => self.mlp(
+        let down = match (&cfg.moe, self.moe_names) {
+            (Some(moe), Some(names)) if sparse => self.sparse_mlp(hn, p, cfg, moe, &names)?,
+            _ => self.mlp(
                 hn,
                 &format!("{p}.mlp"),
                 cfg.intermediate_size,
@@ -388,6 +404,143 @@ impl Builder<'_> {
             )?,
         };
         self.node(Op::Add, &[x, down])
+    }
+
+    /// One decoder layer over the residual stream `x`: attention, then the MLP, each behind its
+    /// RMSNorm and added back. Layer `layer` names its tensors and its slot of the KV cache.
+    fn layer(
+        &mut self,
+        x: ValueId,
+        layer: usize,
+        sparse: bool,
+        cfg: &ModelConfig,
+        positions: ValueId,
+    ) -> Result<ValueId, ModelError> {
+        let variant = self.variant;
+        let (c, d, h, kv) = (
+            cfg.hidden_size,
+            cfg.head_dim,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        );
+        let eps = cfg.rms_norm_eps as f32;
+        let p = format!("model.layers.{layer}");
+        let w = self.weight(&format!("{p}.input_layernorm.weight"), &[c])?;
+        let hn = self.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
+        if let Some(mla) = &cfg.mla {
+            let o = self.mla_attention(hn, &p, layer, cfg, mla, positions)?;
+            let x = self.node(Op::Add, &[x, o])?;
+            return self.feed_forward(x, &p, sparse, cfg);
+        }
+        let (q_name, k_name) = (
+            format!("{p}.self_attn.q_proj"),
+            format!("{p}.self_attn.k_proj"),
+        );
+        let (mut q, mut k) = if variant.rope_interleaved {
+            (
+                self.linear_deinterleaved(hn, &q_name, h * d, c, variant.qkv_bias, d)?,
+                self.linear_deinterleaved(hn, &k_name, kv * d, c, variant.qkv_bias, d)?,
+            )
+        } else {
+            (
+                self.linear(hn, &q_name, h * d, c, variant.qkv_bias)?,
+                self.linear(hn, &k_name, kv * d, c, variant.qkv_bias)?,
+            )
+        };
+        let val = self.linear(
+            hn,
+            &format!("{p}.self_attn.v_proj"),
+            kv * d,
+            c,
+            variant.qkv_bias,
+        )?;
+        if variant.qk_norm {
+            let qn = self.weight(&format!("{p}.self_attn.q_norm.weight"), &[d])?;
+            let kn = self.weight(&format!("{p}.self_attn.k_norm.weight"), &[d])?;
+            q = self.node(Op::RmsNorm { eps, group: d }, &[q, qn])?;
+            k = self.node(Op::RmsNorm { eps, group: d }, &[k, kn])?;
+        }
+        let q = self.node(
+            Op::Rope {
+                n_heads: h,
+                head_dim: d,
+            },
+            &[q, positions],
+        )?;
+        let k = self.node(
+            Op::Rope {
+                n_heads: kv,
+                head_dim: d,
+            },
+            &[k, positions],
+        )?;
+        // YaRN's attention factor multiplies every rotated q and k (HF scales the cos and sin
+        // tables), so every score by its square.
+        let scale = cfg.rope.attention_factor().powi(2) as f32 / (d as f32).sqrt();
+        let attn = Op::Attention {
+            layer,
+            n_heads: h,
+            n_kv_heads: kv,
+            head_dim: d,
+            scale,
+            rope: false,
+        };
+        let a = self.node(attn, &[q, k, val, positions])?;
+        let o = self.linear(a, &format!("{p}.self_attn.o_proj"), c, h * d, false)?;
+        let x = self.node(Op::Add, &[x, o])?;
+        self.feed_forward(x, &p, sparse, cfg)
+    }
+
+    /// DeepSeek-V3's first multi-token-prediction module, stored as layer `layer` (the first
+    /// past the model's), when the checkpoint has its weights; `None` when it has not (HF
+    /// transformers' own checkpoints drop them). See the module doc for what it computes.
+    fn mtp_module(
+        &mut self,
+        layer: usize,
+        cfg: &ModelConfig,
+        [ids, positions, rows, embed, head]: [ValueId; 5],
+    ) -> Result<Option<[ValueId; 2]>, ModelError> {
+        let Some(mtp) = &cfg.mtp else {
+            return Ok(None);
+        };
+        let (c, eps) = (cfg.hidden_size, cfg.rms_norm_eps as f32);
+        let p = format!("model.layers.{layer}");
+        let eh_name = format!("{p}.eh_proj.weight");
+        if self.tensors.info_expecting(&eh_name, &[c, 2 * c]).is_none() {
+            return Ok(None);
+        }
+        self.check_shape(&eh_name, &[c, 2 * c])?;
+        let hidden = self.graph.add_input(
+            InputKind::Hidden,
+            TensorType::new(DType::F32, &[Dim::Tokens, Dim::Const(c)]),
+        );
+        let e = self.node(Op::Embedding, &[embed, ids])?;
+        let w = self.weight(&format!("{p}.enorm.weight"), &[c])?;
+        let e = self.node(Op::RmsNorm { eps, group: c }, &[e, w])?;
+        let w = self.weight(&format!("{p}.hnorm.weight"), &[c])?;
+        let h = self.node(Op::RmsNorm { eps, group: c }, &[hidden, w])?;
+        // eh_proj [e; h] as two matmuls over its column halves, embedding first.
+        let mut halves = [e, h];
+        for (i, x) in halves.iter_mut().enumerate() {
+            let w = self.graph.add_weight(
+                format!("{p}.eh_proj.{}.weight", ["embed", "hidden"][i]),
+                TensorType::new(DType::F32, &[Dim::Const(c), Dim::Const(c)]),
+                WeightExpr::Columns {
+                    part: Box::new(WeightExpr::Tensor(eh_name.clone())),
+                    start: i * c,
+                    len: c,
+                    cols: 2 * c,
+                },
+            );
+            *x = self.node(Op::MatMul, &[*x, w])?;
+        }
+        let x = self.node(Op::Add, &halves)?;
+        let x = self.layer(x, layer, mtp.sparse, cfg, positions)?;
+        let w = self.weight(&format!("{p}.shared_head.norm.weight"), &[c])?;
+        let out = self.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
+        let picked = self.node(Op::GatherRows, &[out, rows])?;
+        let logits = self.node(Op::MatMul, &[picked, head])?;
+        Ok(Some([out, logits]))
     }
 
     fn linear(
@@ -443,17 +596,13 @@ fn build(
     variant: DecoderVariant,
     moe_names: Option<MoeNames>,
 ) -> Result<Graph, ModelError> {
-    let (c, d, h, kv, v) = (
-        cfg.hidden_size,
-        cfg.head_dim,
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.vocab_size,
-    );
+    let (c, d, v) = (cfg.hidden_size, cfg.head_dim, cfg.vocab_size);
     let eps = cfg.rms_norm_eps as f32;
     let mut b = Builder {
         graph: Graph::new(name),
         tensors,
+        variant,
+        moe_names,
     };
     let ids = b.graph.add_input(
         InputKind::TokenIds,
@@ -472,82 +621,37 @@ fn build(
     let embed = b.weight("model.embed_tokens.weight", &[v, c])?;
     let mut x = b.node(Op::Embedding, &[embed, ids])?;
     for layer in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{layer}");
-        let w = b.weight(&format!("{p}.input_layernorm.weight"), &[c])?;
-        let hn = b.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
-        if let Some(mla) = &cfg.mla {
-            let o = b.mla_attention(hn, &p, layer, cfg, mla, positions)?;
-            x = b.node(Op::Add, &[x, o])?;
-            x = b.feed_forward(x, &p, layer, cfg, moe_names.as_ref())?;
-            continue;
-        }
-        let (q_name, k_name) = (
-            format!("{p}.self_attn.q_proj"),
-            format!("{p}.self_attn.k_proj"),
-        );
-        let (mut q, mut k) = if variant.rope_interleaved {
-            (
-                b.linear_deinterleaved(hn, &q_name, h * d, c, variant.qkv_bias, d)?,
-                b.linear_deinterleaved(hn, &k_name, kv * d, c, variant.qkv_bias, d)?,
-            )
-        } else {
-            (
-                b.linear(hn, &q_name, h * d, c, variant.qkv_bias)?,
-                b.linear(hn, &k_name, kv * d, c, variant.qkv_bias)?,
-            )
-        };
-        let val = b.linear(
-            hn,
-            &format!("{p}.self_attn.v_proj"),
-            kv * d,
-            c,
-            variant.qkv_bias,
-        )?;
-        if variant.qk_norm {
-            let qn = b.weight(&format!("{p}.self_attn.q_norm.weight"), &[d])?;
-            let kn = b.weight(&format!("{p}.self_attn.k_norm.weight"), &[d])?;
-            q = b.node(Op::RmsNorm { eps, group: d }, &[q, qn])?;
-            k = b.node(Op::RmsNorm { eps, group: d }, &[k, kn])?;
-        }
-        let q = b.node(
-            Op::Rope {
-                n_heads: h,
-                head_dim: d,
-            },
-            &[q, positions],
-        )?;
-        let k = b.node(
-            Op::Rope {
-                n_heads: kv,
-                head_dim: d,
-            },
-            &[k, positions],
-        )?;
-        // YaRN's attention factor multiplies every rotated q and k (HF scales the cos and sin
-        // tables), so every score by its square.
-        let scale = cfg.rope.attention_factor().powi(2) as f32 / (d as f32).sqrt();
-        let attn = Op::Attention {
-            layer,
-            n_heads: h,
-            n_kv_heads: kv,
-            head_dim: d,
-            scale,
-            rope: false,
-        };
-        let a = b.node(attn, &[q, k, val, positions])?;
-        let o = b.linear(a, &format!("{p}.self_attn.o_proj"), c, h * d, false)?;
-        x = b.node(Op::Add, &[x, o])?;
-        x = b.feed_forward(x, &p, layer, cfg, moe_names.as_ref())?;
+        let sparse = cfg
+            .moe
+            .as_ref()
+            .is_some_and(|m| m.sparse_layers.get(layer) == Some(&true));
+        x = b.layer(x, layer, sparse, cfg, positions)?;
     }
-    let picked = b.node(Op::GatherRows, &[x, rows])?;
     let w = b.weight("model.norm.weight", &[c])?;
-    let normed = b.node(Op::RmsNorm { eps, group: c }, &[picked, w])?;
     let head = if cfg.tie_word_embeddings {
         embed
     } else {
         b.weight("lm_head.weight", &[v, c])?
     };
+    let inputs = [ids, positions, rows, embed, head];
+    let mtp = b.mtp_module(cfg.num_hidden_layers, cfg, inputs)?;
+    let normed = match mtp {
+        // The module reads every token's final hidden state, so all rows are normed.
+        Some(_) => {
+            let hidden = b.node(Op::RmsNorm { eps, group: c }, &[x, w])?;
+            b.graph.set_output(OUTPUT_HIDDEN, hidden);
+            b.node(Op::GatherRows, &[hidden, rows])?
+        }
+        None => {
+            let picked = b.node(Op::GatherRows, &[x, rows])?;
+            b.node(Op::RmsNorm { eps, group: c }, &[picked, w])?
+        }
+    };
     let logits = b.node(Op::MatMul, &[normed, head])?;
-    b.graph.set_output("logits", logits);
+    b.graph.set_output(OUTPUT_LOGITS, logits);
+    if let Some([hidden, logits]) = mtp {
+        b.graph.set_output(OUTPUT_MTP_HIDDEN, hidden);
+        b.graph.set_output(OUTPUT_MTP_LOGITS, logits);
+    }
     Ok(b.graph)
 }

@@ -686,6 +686,12 @@ fn run() -> Result<()> {
                     }
                     Some(draft)
                 }
+                Some(runtime::speculative::SpeculativeMethod::Mtp) if !engine.runs_mtp() => {
+                    if engine.plan().mtp.is_none() {
+                        return Err(runtime::RuntimeError::NoMtpModule.into());
+                    }
+                    bail!("the mtp speculative method runs on CPU plans only so far: the GPU engine does not run the plan's prediction module yet");
+                }
                 _ => None,
             };
             let server = Server::with_draft(engine, draft, config)?;

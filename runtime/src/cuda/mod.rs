@@ -703,6 +703,8 @@ impl GpuEngine {
         Ok(PassOutput {
             logits,
             greedy_ids: &self.greedy_ids,
+            // The GPU engine does not run the multi-token-prediction module yet.
+            hidden: &[],
         })
     }
 

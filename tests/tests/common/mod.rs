@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod deepseek_f64;
 pub mod load_memory;
 pub mod random;
 pub mod synthetic;
@@ -324,4 +325,18 @@ pub fn check_smollm2(
             case.greedy.len()
         );
     }
+}
+
+/// The tiny DeepSeek-V3 config with random weights for the model and for its
+/// multi-token-prediction module (`fdc synth`: the golden checkpoint has no module weights),
+/// written once per test binary.
+pub fn deepseek_mtp_checkpoint() -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = scratch_path("deepseek_v3-mtp");
+        let config = golden("tiny/deepseek_v3").join("config.json");
+        models::synth::synthesize(&config, &dir, 11, false).expect("synthesizing");
+        dir
+    })
+    .clone()
 }
