@@ -14,6 +14,9 @@ const ROWWISE: &str = include_str!("../cuda/rowwise.cu");
 const MATMUL: &str = include_str!("../cuda/matmul.cu");
 const ATTENTION: &str = include_str!("../cuda/attention.cu");
 const QUANT: &str = include_str!("../cuda/quant.cu");
+// After matmul.cu: the experts' and the value projection's rows are read with its helpers.
+const MOE: &str = include_str!("../cuda/moe.cu");
+const MLA: &str = include_str!("../cuda/mla.cu");
 
 /// What a plan's module is specialized to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,10 +41,59 @@ impl ModuleSpec {
 /// The module's full source for `spec`: its constants, then every source file.
 pub fn module_source(spec: &ModuleSpec) -> String {
     format!(
-        "// Built by fdc for one plan.\n#define FD_HEAD_DIM {}\n\n{COMMON}\n{ROWWISE}\n{MATMUL}\n{ATTENTION}\n{QUANT}",
+        "// Built by fdc for one plan.\n#define FD_HEAD_DIM {}\n\n{COMMON}\n{ROWWISE}\n{MATMUL}\n{ATTENTION}\n{QUANT}\n{MOE}\n{MLA}",
         spec.head_dim
     )
 }
+
+/// A mixture-of-experts launch's functions: routing, gate-up and down, each for f32, bf16 and
+/// f16 weights (in that order, from [`MOE_ROUTE`], [`MOE_GATE_UP`], [`MOE_DOWN`]), then
+/// `silu_mul_f32` between gate-up and down.
+pub const MOE_FUNCTIONS: [&str; 10] = [
+    "moe_route_f32",
+    "moe_route_bf16",
+    "moe_route_f16",
+    "moe_gate_up_f32",
+    "moe_gate_up_bf16",
+    "moe_gate_up_f16",
+    "moe_down_f32",
+    "moe_down_bf16",
+    "moe_down_f16",
+    "silu_mul_f32",
+];
+pub const MOE_ROUTE: usize = 0;
+pub const MOE_GATE_UP: usize = 3;
+pub const MOE_DOWN: usize = 6;
+pub const MOE_SILU_MUL: usize = 9;
+
+/// A latent-attention launch's functions: the cache append, then the attention for f32, bf16
+/// and f16 `kv_b` (from [`MLA_ATTENTION`]).
+pub const MLA_FUNCTIONS: [&str; 4] = [
+    "mla_append_f32",
+    "mla_attention_f32",
+    "mla_attention_bf16",
+    "mla_attention_f16",
+];
+pub const MLA_ATTENTION: usize = 1;
+
+/// The offset of a weight stored as `dtype` among a function's f32, bf16 and f16 variants.
+pub fn dtype_variant(dtype: ir_types::DType) -> Option<usize> {
+    match dtype {
+        ir_types::DType::F32 => Some(0),
+        ir_types::DType::BF16 => Some(1),
+        ir_types::DType::F16 => Some(2),
+        _ => None,
+    }
+}
+
+/// The latent attention kernel's limits (`kernels/cuda/mla.cu`): latent rank, rope, no-rope
+/// and value dims per head.
+pub const MLA_MAX_LORA: u64 = 1024;
+pub const MLA_MAX_ROPE: u64 = 128;
+pub const MLA_MAX_HEAD: u64 = 256;
+
+/// Experts a routing launch ranks at most (`kernels/cuda/moe.cu`).
+pub const MOE_MAX_EXPERTS: u64 = 512;
 
 /// Pass size (tokens) from which a matmul of plain (f32, bf16, f16) weights runs as a cuBLAS
 /// GEMM on tensor cores rather than on `matmul_*`: below it the row kernel, which reads the
@@ -120,7 +172,9 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
             "attention_merge_f32",
         ],
         (OpKind::GatherRows, _) => &["gather_rows_f32"],
-        (OpKind::Moe | OpKind::MlaAttention, _) => &[],
+        // The variant for each weight's storage type, picked at launch (`MOE_FUNCTIONS`).
+        (OpKind::Moe, _) => &MOE_FUNCTIONS,
+        (OpKind::MlaAttention, _) => &MLA_FUNCTIONS,
     }
 }
 
@@ -155,8 +209,19 @@ mod tests {
             let names = functions(entry);
             assert!(!names.is_empty(), "{}", entry.id);
             for name in names {
-                let definition = format!("extern \"C\" __global__ void {name}(");
-                assert!(source.contains(&definition), "{} launches {name}", entry.id);
+                // `extern "C" __global__ void [__launch_bounds__(..)] name(`
+                let defined = source
+                    .split("extern \"C\" __global__ void")
+                    .skip(1)
+                    .any(|def| {
+                        let def = def.trim_start();
+                        let def = match def.strip_prefix("__launch_bounds__(") {
+                            Some(rest) => rest.split_once(')').map_or("", |(_, r)| r).trim_start(),
+                            None => def,
+                        };
+                        def.starts_with(&format!("{name}("))
+                    });
+                assert!(defined, "{} launches {name}", entry.id);
             }
             // The fold variants come from one macro per kernel family, named by the single-token
             // function they extend.

@@ -403,7 +403,9 @@ macro_rules! cuda_entry {
     };
 }
 
-/// The CUDA kernels of one architecture: the ops of dense models, f32/bf16/f16 weights.
+/// The CUDA kernels of one architecture: the ops of dense models, f32/bf16/f16 weights, and the
+/// mixture-of-experts and latent-attention ops (keyed f32 like their CPU twins; the runtime picks
+/// the function for each weight's storage type).
 macro_rules! cuda_kernels {
     ($arch:ident, $arch_name:literal) => {
         [
@@ -488,6 +490,14 @@ macro_rules! cuda_kernels {
                 $arch,
                 GATHER_ROWS_DOC
             ),
+            cuda_entry!(concat!("moe_f32_", $arch_name), Moe, F32, $arch, MOE_DOC),
+            cuda_entry!(
+                concat!("mla_attention_f32_", $arch_name),
+                MlaAttention,
+                F32,
+                $arch,
+                MLA_DOC
+            ),
         ]
     };
 }
@@ -555,7 +565,7 @@ macro_rules! cuda_quant_kernels {
 const LIBRARY_PER_ISA: usize = 17;
 const GENERATED_PER_ISA: usize = 4;
 const QUANT_PER_ISA: usize = 12;
-const CUDA_PER_ARCH: usize = 15;
+const CUDA_PER_ARCH: usize = 17;
 const CUDA_QUANT_PER_ARCH: usize = 10;
 /// FP8 runs on the architectures with FP8 hardware (sm89, sm90) only.
 const CUDA_FP8_ARCHS: usize = 2;
@@ -691,7 +701,7 @@ mod tests {
         );
         assert_eq!(
             entries().len(),
-            3 * 17 + 3 * 12 + 2 * 4 + 3 * (15 + 10) + 2 * 2
+            3 * 17 + 3 * 12 + 2 * 4 + 3 * (17 + 10) + 2 * 2
         );
     }
 
@@ -732,7 +742,7 @@ mod tests {
     }
 
     #[test]
-    fn every_dense_op_but_moe_and_mla_has_a_cuda_kernel_on_every_arch() {
+    fn every_op_has_a_cuda_kernel_on_every_arch() {
         for arch in CudaArch::ALL {
             for &op in OpKind::ALL {
                 let dtypes: &[DType] = match op {
@@ -746,8 +756,7 @@ mod tests {
                         quant: QuantScheme::None,
                         target: Target::Cuda(arch),
                     });
-                    let expected = usize::from(!matches!(op, OpKind::Moe | OpKind::MlaAttention));
-                    assert_eq!(found.len(), expected, "{op} {dtype} {arch:?}");
+                    assert_eq!(found.len(), 1, "{op} {dtype} {arch:?}");
                     assert!(found.iter().all(|e| e.source == KernelSource::Cuda));
                 }
             }

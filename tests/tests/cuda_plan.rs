@@ -153,10 +153,40 @@ fn what_a_cuda_target_cannot_compile_is_refused_naming_what_it_can() {
     // The quantized CUDA kernels take groups of whole 16-k spans.
     let err = compile_with("tiny/llama", target, QuantScheme::W4A16, Some(8)).unwrap_err();
     assert!(err.contains("multiples of 16 (group 8)"), "{err}");
-    let err = compile("tiny/mixtral", target, QuantScheme::None).unwrap_err();
-    assert!(err.contains("no kernel for moe"), "{err}");
-    assert!(err.contains("cuda-sm90 has kernels for:"), "{err}");
-    assert!(err.contains("attention"), "{err}");
+}
+
+/// Mixtures of experts and latent attention take CUDA kernels too: every step of the four MoE
+/// tiny goldens is a kernel of the target, the experts and the latent cache as the CPU has them.
+#[test]
+fn moe_and_latent_attention_plans_take_cuda_kernels() {
+    if !available_for_test("moe_and_latent_attention_plans_take_cuda_kernels") {
+        return;
+    }
+    let target = Target::Cuda(CudaArch::Sm90);
+    for model in [
+        "tiny/qwen3_moe",
+        "tiny/mixtral",
+        "tiny/ernie4_5_moe",
+        "tiny/deepseek_v3",
+    ] {
+        let path = compile(model, target, QuantScheme::None).expect("compiles");
+        let plan = LoadedPlan::load(&path).expect("loads without a GPU");
+        let kernels: Vec<&str> = plan
+            .program
+            .steps
+            .iter()
+            .map(|s| s.kernel.as_str())
+            .collect();
+        assert!(kernels.contains(&"moe_f32_sm90"), "{model}: {kernels:?}");
+        for step in &plan.program.steps {
+            let entry = registry::by_name(&step.kernel).expect("a registry kernel");
+            assert_eq!(entry.source, KernelSource::Cuda, "{model}: {}", step.kernel);
+        }
+        if model == "tiny/deepseek_v3" {
+            assert!(kernels.contains(&"mla_attention_f32_sm90"), "{kernels:?}");
+            assert!(plan.program.has_latent_kv());
+        }
+    }
 }
 
 #[test]

@@ -471,6 +471,74 @@ fn golden_qwen3_qk_norm_on_the_gpu() {
     golden_on_the_gpu("qwen3");
 }
 
+#[test]
+fn golden_qwen3_moe_experts_on_the_gpu() {
+    golden_on_the_gpu("qwen3_moe");
+}
+
+#[test]
+fn golden_mixtral_experts_on_the_gpu() {
+    golden_on_the_gpu("mixtral");
+}
+
+#[test]
+fn golden_ernie4_5_moe_shared_experts_biased_routing_on_the_gpu() {
+    golden_on_the_gpu("ernie4_5_moe");
+}
+
+#[test]
+fn golden_deepseek_v3_latent_attention_grouped_routing_on_the_gpu() {
+    golden_on_the_gpu("deepseek_v3");
+}
+
+#[test]
+fn golden_deepseek_v3_yarn_on_the_gpu() {
+    golden_on_the_gpu("deepseek_v3_yarn");
+}
+
+/// A mixture of experts and latent attention with several sequences sharing passes through
+/// scattered block tables (prompt chunks, then decode passes of two sequences, captured and
+/// replayed): the GPU engine against the CPU engine running the same passes, within 1e-3 of the
+/// largest logit; f32 weights, and bf16 ones (the experts' bf16 kernels) in passes short enough
+/// to stay off the GEMMs, whose bf16-rounded activations the CPU does not share.
+#[test]
+fn experts_and_latent_attention_in_shared_passes_match_the_cpu() {
+    let Some(arch) = device() else { return };
+    let options = EngineOptions {
+        max_context: 256,
+        max_batch_tokens: 128,
+        max_num_seqs: 2,
+        block_size: 16,
+        kv_blocks: Some(32),
+    };
+    for model in ["deepseek_v3", "qwen3_moe"] {
+        for (dtype, prompt) in [(DType::F32, 37), (DType::BF16, 7)] {
+            let cpu_plan = compiled_tiny(
+                model,
+                Target::parse("cpu").expect("cpu"),
+                dtype,
+                ir::QuantScheme::None,
+            );
+            let mut cpu = common::engine_with(&cpu_plan, options.clone());
+            let plan = LoadedPlan::load(&cuda_plan(model, arch, dtype)).expect("loading");
+            let mut gpu = GpuEngine::new(plan, 0, options.clone()).expect("uploading the plan");
+            let tables: Vec<Vec<u32>> = (0..2u32)
+                .map(|i| (0..16).map(|b| b * 2 + i).collect())
+                .collect();
+            let (a, b) = (tokens(prompt, 5), tokens(prompt / 2 + 1, 6));
+            let passes: Vec<Vec<(usize, Vec<u32>, Logits)>> = vec![
+                vec![(0, a.clone(), Logits::All), (1, b.clone(), Logits::Last)],
+                vec![(0, a.clone(), Logits::All)],
+                vec![(1, vec![9], Logits::Last), (0, vec![8], Logits::Last)],
+                vec![(0, vec![10], Logits::Last), (1, vec![11], Logits::Last)],
+                vec![(1, vec![12], Logits::Last), (0, vec![13], Logits::Last)],
+            ];
+            let label = format!("{model} {dtype}");
+            compare_passes(&label, &mut cpu, &mut gpu, &tables, &passes);
+        }
+    }
+}
+
 /// SmolLM2-135M (its GGUF, f32 weights) on the GPU against the float64 reference, as the CPU
 /// test checks it: prompt logits within 1e-3, teacher-forced greedy tokens equal.
 #[test]
@@ -884,6 +952,38 @@ fn tokens(len: usize, seed: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Runs `passes` (per chunk: sequence, tokens, logits wanted) on both engines, each sequence
+/// through its table of `tables` after what the passes before gave it, and checks every pass's
+/// logits within 1e-3 of the largest logit. Returns the positions each sequence holds.
+fn compare_passes(
+    label: &str,
+    cpu: &mut runtime::Engine,
+    gpu: &mut GpuEngine,
+    tables: &[Vec<u32>],
+    passes: &[Vec<(usize, Vec<u32>, Logits)>],
+) -> Vec<usize> {
+    let vocab = cpu.vocab_size();
+    let mut lens = vec![0usize; tables.len()];
+    for (i, pass) in passes.iter().enumerate() {
+        let chunks: Vec<SeqChunk> = pass
+            .iter()
+            .map(|(seq, ids, logits)| SeqChunk {
+                blocks: &tables[*seq],
+                start: lens[*seq],
+                tokens: ids,
+                logits: *logits,
+            })
+            .collect();
+        let want = cpu.forward_batch(&chunks).expect("CPU pass").to_vec();
+        let got = gpu.forward_batch(&chunks).expect("GPU pass").to_vec();
+        common::check_logits(&format!("{label} pass {i}"), &got, &want, vocab, 1e-3);
+        for (seq, ids, _) in pass {
+            lens[*seq] += ids.len();
+        }
+    }
+    lens
+}
+
 /// Several sequences sharing passes on the GPU, each through its own block table scattered
 /// over the pool (sequence i holds every third block from i): prompt chunks beside decode
 /// tokens, and decode passes of 2 and 3 sequences (captured graphs, the second replayed at new
@@ -926,24 +1026,7 @@ fn several_sequences_in_one_pass_match_the_cpu_engine() {
         ],
         vec![(0, vec![15], Logits::Last), (1, vec![16], Logits::Last)],
     ];
-    let mut lens = [0usize; 3];
-    for (i, pass) in passes.iter().enumerate() {
-        let chunks: Vec<SeqChunk> = pass
-            .iter()
-            .map(|(seq, ids, logits)| SeqChunk {
-                blocks: &tables[*seq],
-                start: lens[*seq],
-                tokens: ids,
-                logits: *logits,
-            })
-            .collect();
-        let want = cpu.forward_batch(&chunks).expect("CPU pass").to_vec();
-        let got = gpu.forward_batch(&chunks).expect("GPU pass").to_vec();
-        common::check_logits(&format!("pass {i}"), &got, &want, vocab, 1e-3);
-        for (seq, ids, _) in pass {
-            lens[*seq] += ids.len();
-        }
-    }
+    let lens = compare_passes("llama", &mut cpu, &mut gpu, &tables, &passes);
     // Greedy chunks: the same decode pass run twice at the same positions, once returning
     // the rows and once with the device picking from them (a graph of its own, captured with
     // the picks): the picks are the host's argmax of the rows.

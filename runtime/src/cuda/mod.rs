@@ -222,6 +222,8 @@ pub struct GpuEngine {
     prefill_attention_from: usize,
     /// Where the A8 and FP8 matmuls put their quantized activations (None: the plan has none).
     act_quant: Option<ActQuantBuffers>,
+    /// The mixture-of-experts launches' routes and intermediate rows (None: the plan has none).
+    moe: Option<MoeScratch>,
     /// Whether the plan's kernels are launched overlapped (programmatic dependent launch): on
     /// sm90, unless `FDRT_PDL=off`.
     overlap_launches: bool,
@@ -238,6 +240,101 @@ struct ActQuantBuffers {
     q: CudaSlice<f32>,
     scales: CudaSlice<f32>,
     scale_rows: CudaFunction,
+}
+
+/// What a mixture-of-experts launch keeps between its kernels, for `max_batch_tokens` tokens
+/// of the widest such layer: each token's picked experts and their weights, then per (token,
+/// pick) the gate-up row and the activation row.
+struct MoeScratch {
+    ids: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    gate_up: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    /// Per-pick row widths the buffers hold: `2I` (gate-up) and `I`.
+    inter: usize,
+    top_k: usize,
+}
+
+impl MoeScratch {
+    fn for_plan(
+        plan: &LoadedPlan,
+        max_batch_tokens: usize,
+        alloc: &dyn Fn(usize) -> Result<CudaSlice<f32>, RuntimeError>,
+        s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    ) -> Result<Option<MoeScratch>, RuntimeError> {
+        let (mut inter, mut top_k) = (0, 0);
+        for step in &plan.program.steps {
+            if let Launch::Moe {
+                gate_up,
+                experts,
+                top_k: k,
+                ..
+            } = &step.launch
+            {
+                inter = inter.max(expert_inter(
+                    &plan.manifest.weights[gate_up.0 as usize],
+                    *experts,
+                ));
+                top_k = top_k.max(*k as usize);
+            }
+        }
+        if top_k == 0 {
+            return Ok(None);
+        }
+        let picks = max_batch_tokens * top_k;
+        Ok(Some(MoeScratch {
+            ids: s
+                .alloc_zeros::<u32>(picks)
+                .map_err(|e| RuntimeError::Cuda(format!("uploading expert routes: {e}")))?,
+            weights: alloc(picks)?,
+            gate_up: alloc(picks * 2 * inter)?,
+            act: alloc(picks * inter)?,
+            inter,
+            top_k,
+        }))
+    }
+}
+
+/// An expert's intermediate size `I` from the stacked gate-up weight (`[E, 2I, C]`).
+fn expert_inter(gate_up: &artifacts::schema::WeightInfo, experts: u64) -> usize {
+    let rows: u64 = gate_up.shape[..gate_up.shape.len().saturating_sub(1)]
+        .iter()
+        .product();
+    (rows / (2 * experts.max(1))) as usize
+}
+
+/// Refuses a plan whose latent attention is wider than `kernels/cuda/mla.cu` holds.
+fn check_latent_attention(plan: &LoadedPlan) -> Result<(), RuntimeError> {
+    use kernels::cuda::{MLA_MAX_HEAD, MLA_MAX_LORA, MLA_MAX_ROPE};
+    for step in &plan.program.steps {
+        if let Launch::MlaAttention {
+            nope_dim,
+            rope_dim,
+            v_dim,
+            kv_lora,
+            ..
+        } = step.launch
+        {
+            if kv_lora > MLA_MAX_LORA
+                || rope_dim > MLA_MAX_ROPE
+                || nope_dim > MLA_MAX_HEAD
+                || v_dim > MLA_MAX_HEAD
+            {
+                return Err(RuntimeError::Cuda(format!(
+                    "latent attention of rank {kv_lora}, rope {rope_dim}, heads {nope_dim}/{v_dim} is wider than the CUDA kernel holds ({MLA_MAX_LORA}, {MLA_MAX_ROPE}, {MLA_MAX_HEAD})"
+                )));
+            }
+        }
+        if let Launch::Moe { experts, .. } = step.launch {
+            if experts > kernels::cuda::MOE_MAX_EXPERTS {
+                return Err(RuntimeError::Cuda(format!(
+                    "{experts} experts are more than the CUDA routing kernel ranks ({})",
+                    kernels::cuda::MOE_MAX_EXPERTS
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A captured graph, owned by one engine.
@@ -314,11 +411,7 @@ impl GpuEngine {
         ordinal: usize,
         options: EngineOptions,
     ) -> Result<GpuEngine, RuntimeError> {
-        if plan.program.has_latent_kv() {
-            return Err(RuntimeError::Cuda(
-                "multi-head latent attention has no CUDA kernel yet".into(),
-            ));
-        }
+        check_latent_attention(&plan)?;
         let gpu = GpuModule::open(&plan, ordinal)?;
         let s = gpu.stream.clone();
         let m = &plan.manifest;
@@ -380,7 +473,8 @@ impl GpuEngine {
         // The KV pool last, in what the device has left.
         let kv = &m.kv;
         let block_len = block_size * kv.num_kv_heads as usize * kv.head_dim as usize;
-        let block_bytes = 2 * kv.num_layers as usize * block_len * std::mem::size_of::<f32>();
+        let pools = if plan.program.has_latent_kv() { 1 } else { 2 };
+        let block_bytes = pools * kv.num_layers as usize * block_len * std::mem::size_of::<f32>();
         let kv_blocks = match options.kv_blocks {
             Some(n) => n.max(1),
             None => {
@@ -399,6 +493,8 @@ impl GpuEngine {
         };
         let mut k_cache = vec![];
         let mut v_cache = vec![];
+        // A latent cache (multi-head latent attention) keeps one row per position and no values.
+        let latent = plan.program.has_latent_kv();
         for _ in 0..kv.num_layers {
             let kv_alloc = |what| {
                 s.alloc_zeros::<f32>((kv_blocks * block_len).max(1))
@@ -408,8 +504,12 @@ impl GpuEngine {
                         ))
                     })
             };
-            k_cache.push(kv_alloc("key")?);
-            v_cache.push(kv_alloc("value")?);
+            k_cache.push(kv_alloc(if latent { "latent" } else { "key" })?);
+            v_cache.push(if latent {
+                alloc(1)?
+            } else {
+                kv_alloc("value")?
+            });
         }
         let code_abi::CudaDispatch {
             gemm_from_tokens: gemm_from,
@@ -511,6 +611,7 @@ impl GpuEngine {
         let row_ids = s
             .alloc_zeros::<u32>(max_batch_tokens)
             .map_err(|e| upload("row ids", e))?;
+        let moe = MoeScratch::for_plan(&plan, max_batch_tokens, &alloc, &s)?;
         let mut engine = GpuEngine {
             argmax,
             row_ids,
@@ -520,6 +621,7 @@ impl GpuEngine {
             gemm_from,
             prefill_attention_from: prefill_attention_from_percent.unwrap_or(100) as usize,
             act_quant,
+            moe,
             overlap_launches: matches!(plan.manifest.target, Target::Cuda(CudaArch::Sm90))
                 && !std::env::var("FDRT_PDL").is_ok_and(|v| v == "off"),
             pinned_logits,
@@ -1320,15 +1422,181 @@ impl GpuEngine {
                 let merge = [partial, int(*n_heads), I(chunks as i32), P(o), I(os)];
                 go(2, grid(*n_heads as u32, t, 128), &merge)
             }
+            Launch::Moe {
+                x,
+                router,
+                bias,
+                gate_up,
+                down,
+                experts,
+                top_k,
+                routing,
+                normalize,
+                scaling,
+                out,
+            } => {
+                use kernels::cuda::{
+                    dtype_variant, MOE_DOWN, MOE_GATE_UP, MOE_ROUTE, MOE_SILU_MUL,
+                };
+                let scratch = self.moe.as_ref().ok_or_else(|| {
+                    RuntimeError::InvalidPlan(format!("step {index}: no room for its experts"))
+                })?;
+                let variant = |w: &artifacts::schema::WeightRef| {
+                    dtype_variant(self.plan.manifest.weights[w.0 as usize].dtype).ok_or_else(|| {
+                        RuntimeError::InvalidPlan(format!(
+                            "step {index}: the CUDA experts take f32, bf16 or f16 weights"
+                        ))
+                    })
+                };
+                let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
+                let inter = expert_inter(&self.plan.manifest.weights[gate_up.0 as usize], *experts);
+                let k = *top_k as usize;
+                if inter > scratch.inter || k > scratch.top_k {
+                    return Err(RuntimeError::InvalidPlan(format!(
+                        "step {index}: experts wider than the plan's"
+                    )));
+                }
+                let (kind, groups, top_groups) = match routing {
+                    ir_types::MoeRouting::Softmax => (0, 0, 0),
+                    ir_types::MoeRouting::Sigmoid => (1, 0, 0),
+                    ir_types::MoeRouting::SigmoidGrouped { groups, top_groups } => {
+                        (2, *groups as i32, *top_groups as i32)
+                    }
+                };
+                let (ids, wts) = (ptr(&scratch.ids, s), ptr(&scratch.weights, s));
+                let (h, a) = (ptr(&scratch.gate_up, s), ptr(&scratch.act, s));
+                let route = [
+                    P(xp),
+                    I(xs),
+                    int(x.cols),
+                    P(weight(router)),
+                    P(bias.as_ref().map_or(0, weight)),
+                    int(*experts),
+                    int(*top_k),
+                    I(kind),
+                    I(groups),
+                    I(top_groups),
+                    I(*normalize as i32),
+                    F(*scaling),
+                    P(ids),
+                    P(wts),
+                ];
+                go(
+                    MOE_ROUTE + variant(router)?,
+                    grid(p.t as u32, 1, 256),
+                    &route,
+                )?;
+                let picks = (p.t * k) as u32;
+                let up = [
+                    P(xp),
+                    I(xs),
+                    int(x.cols),
+                    P(weight(gate_up)),
+                    I(inter as i32),
+                    P(ids),
+                    int(*top_k),
+                    P(h),
+                ];
+                let up_grid = grid((2 * inter as u32).div_ceil(8), picks, 256);
+                go(MOE_GATE_UP + variant(gate_up)?, up_grid, &up)?;
+                let gu = 2 * inter as i32;
+                let silu = [P(h), I(gu), I(inter as i32), P(a), I(inter as i32)];
+                go(MOE_SILU_MUL, cols_grid(inter as u64, picks), &silu)?;
+                let down_args = [
+                    P(a),
+                    I(inter as i32),
+                    P(weight(down)),
+                    int(out.cols),
+                    P(ids),
+                    P(wts),
+                    int(*top_k),
+                    P(o),
+                    I(os),
+                ];
+                let down_grid = grid((out.cols as u32).div_ceil(8), p.t as u32, 256);
+                go(MOE_DOWN + variant(down)?, down_grid, &down_args)
+            }
+            Launch::MlaAttention {
+                q,
+                latent,
+                k_rope,
+                kv_b,
+                layer,
+                n_heads,
+                nope_dim,
+                rope_dim,
+                v_dim,
+                kv_lora,
+                scale,
+                rope_interleaved,
+                out,
+            } => {
+                use kernels::cuda::{dtype_variant, MLA_ATTENTION};
+                let ((qp, qs), (lp, ls), (rp, rs)) = (act(q)?, act(latent)?, act(k_rope)?);
+                let (o, os) = act(out)?;
+                let cache = self.k_cache.get(*layer as usize).ok_or_else(|| {
+                    RuntimeError::InvalidPlan(format!("step {index}: no KV layer {layer}"))
+                })?;
+                let cache = ptr(cache, s);
+                let dtype = self.plan.manifest.weights[kv_b.0 as usize].dtype;
+                let variant = dtype_variant(dtype).ok_or_else(|| {
+                    RuntimeError::InvalidPlan(format!(
+                        "step {index}: kv_b must be f32, bf16 or f16, not {dtype}"
+                    ))
+                })?;
+                let (tables, offsets) = (P(p.tables), P(p.table_offsets));
+                let block_size = I(self.options.block_size as i32);
+                let (cos, sin) = (P(ptr(&self.cos, s)), P(ptr(&self.sin, s)));
+                let table_stride = int(self.plan.manifest.model.head_dim / 2);
+                let interleaved = I(*rope_interleaved as i32);
+                let append = [
+                    P(lp),
+                    I(ls),
+                    P(rp),
+                    I(rs),
+                    P(p.positions),
+                    tables,
+                    offsets,
+                    block_size,
+                    int(*kv_lora),
+                    int(*rope_dim),
+                    cos,
+                    sin,
+                    table_stride,
+                    interleaved,
+                    P(cache),
+                ];
+                go(0, grid(p.t as u32, 1, 256), &append)?;
+                let attend = [
+                    P(qp),
+                    I(qs),
+                    P(p.positions),
+                    tables,
+                    offsets,
+                    block_size,
+                    int(*n_heads),
+                    int(*nope_dim),
+                    int(*rope_dim),
+                    int(*v_dim),
+                    int(*kv_lora),
+                    F(*scale),
+                    interleaved,
+                    cos,
+                    sin,
+                    table_stride,
+                    P(weight(kv_b)),
+                    P(cache),
+                    P(o),
+                    I(os),
+                ];
+                let config = grid(*n_heads as u32, p.t as u32, 128);
+                go(MLA_ATTENTION + variant, config, &attend)
+            }
             Launch::GatherRows { x, out } => {
                 let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
                 let args = [P(xp), I(xs), P(p.logit_rows), int(x.cols), P(o), I(os)];
                 go(0, grid(p.r as u32, 1, ROW_THREADS), &args)
             }
-            other => Err(RuntimeError::Cuda(format!(
-                "step {index}: {} has no CUDA kernel yet",
-                crate::plan::launch_kind(other)
-            ))),
         }
     }
 
