@@ -480,3 +480,27 @@ fn sampled_requests_verify_the_mtp_modules_proposals() {
     eprintln!("{:?}", stats.speculative);
     assert_eq!(stats.kv_blocks_used, 0);
 }
+
+/// A prompt served again comes from the prefix cache, the module's rows of the KV blocks with
+/// it (its catch-up starts past the cached prefix): greedy outputs stay those of plain decoding.
+#[test]
+fn the_mtp_module_carries_on_from_a_cached_prefix() {
+    let plan = compiled(&deepseek_mtp_checkpoint(), DType::F32);
+    let prompt: Vec<u32> = (0..150u32).map(|i| (i * 37 + 5) % 300 + 3).collect();
+    let longer: Vec<u32> = prompt.iter().copied().chain([17, 18, 19]).collect();
+    let requests: Vec<(Vec<u32>, RequestParams)> = [prompt.clone(), prompt, longer]
+        .into_iter()
+        .map(|p| (p, greedy(24)))
+        .collect();
+    let want = run_requests(&scheduler(&plan, 1, None), &requests, true);
+    let s = scheduler(
+        &plan,
+        1,
+        Some(r#"{"method": "mtp", "num_speculative_tokens": 2}"#),
+    );
+    let got = run_requests(&s, &requests, true);
+    assert_eq!(got, want);
+    let stats = wait_idle(&s);
+    assert!(stats.prefix_cache_hit_tokens >= 128, "{stats:?}");
+    assert!(stats.speculative.draft_tokens > 0);
+}
