@@ -338,10 +338,6 @@ matmuls by shape (N x K of the weight)"
     Ok(out)
 }
 
-/// The mixture-of-experts layers of a plan: how many, their experts and routing, shared
-/// experts, and the bytes of expert weights in all and read per token (a token reads its top-k
-/// routed experts of every sparse layer, the shared experts, and every dense weight); `None`
-/// for a dense model.
 /// The multi-token-prediction module: its launches, its KV slot and the weights only it reads.
 fn describe_mtp(
     manifest: &Manifest,
@@ -379,6 +375,10 @@ fn describe_mtp(
     )
 }
 
+/// The mixture-of-experts layers of a plan: how many, their experts and routing, shared
+/// experts, and the bytes of expert weights in all and read per token (a token reads its top-k
+/// routed experts of every sparse layer, the shared experts, and every dense weight); `None`
+/// for a dense model.
 fn describe_moe(manifest: &Manifest, program: &Program) -> Option<String> {
     let bytes_of = |index: usize| {
         manifest

@@ -515,9 +515,10 @@ impl Engine {
         chunks: &[SeqChunk],
         hidden_in: &[f32],
     ) -> Result<&[f32], RuntimeError> {
+        // (where the module reads its hidden states, where it leaves its own)
         let mtp = match (which, &self.plan.mtp) {
             (Which::Main, _) => None,
-            (Which::Mtp, Some(mtp)) => Some(mtp.clone()),
+            (Which::Mtp, Some(mtp)) => Some((mtp.hidden_in, mtp.hidden_out)),
             (Which::Mtp, None) => return Err(RuntimeError::NoMtpModule),
         };
         let vocab = self.vocab_size();
@@ -537,7 +538,7 @@ impl Engine {
         let r = logit_rows.len();
         self.logits.resize(r * vocab, 0.0);
         let hidden_size = self.plan.manifest.model.hidden_size as usize;
-        if let Some(mtp) = &mtp {
+        if let Some((hidden_at, _)) = &mtp {
             if hidden_in.len() != tokens.len() * hidden_size {
                 return Err(RuntimeError::InvalidPlan(format!(
                     "the prediction module's pass has {} tokens and {} hidden values (width {hidden_size})",
@@ -547,7 +548,7 @@ impl Engine {
             }
             let mem = self.memory(tokens.len(), r);
             // SAFETY: no other view of the arena is live.
-            let (dst, stride) = unsafe { mem.write(&mtp.hidden_in)? };
+            let (dst, stride) = unsafe { mem.write(hidden_at)? };
             for (row, src) in hidden_in.chunks_exact(hidden_size).enumerate() {
                 dst[row * stride..][..hidden_size].copy_from_slice(src);
             }

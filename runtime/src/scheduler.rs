@@ -267,6 +267,7 @@ impl Scheduler {
             prefix_hit_tokens: 0,
             weight_generation: 0,
             speculative: SpeculativeStats::default(),
+            mtp_failed: false,
             draft: draft.map(|engine| {
                 let (num_blocks, block_size) = (engine.kv_blocks(), engine.options().block_size);
                 let blocks =
@@ -571,6 +572,9 @@ struct Worker {
     speculative: SpeculativeStats,
     /// The draft model of the `draft` speculative method.
     draft: Option<DraftModel>,
+    /// A pass of the `mtp` method's module failed: its rows are in doubt, so it proposes no
+    /// more and the prefix cache stops waiting for them.
+    mtp_failed: bool,
 }
 
 /// A smaller plan that proposes tokens, with its own KV pool.
@@ -804,8 +808,8 @@ impl Worker {
             s.blocks = blocks;
             s.computed = hit;
             if self.uses_mtp() {
-                // A cached prefix brings the module's rows with it (as they were written when
-                // it was computed): it carries on from there.
+                // A cached prefix brings the module's rows with it (blocks are shared only once
+                // the module has written them, `committable`): it carries on from there.
                 s.draft_computed = hit;
                 s.mtp_hidden.clear();
             }
@@ -975,10 +979,23 @@ impl Worker {
     }
 
     fn uses_mtp(&self) -> bool {
-        matches!(
-            self.config.speculative.as_ref().map(|c| &c.method),
-            Some(SpeculativeMethod::Mtp)
-        )
+        !self.mtp_failed
+            && self.engine.runs_mtp()
+            && matches!(
+                self.config.speculative.as_ref().map(|c| &c.method),
+                Some(SpeculativeMethod::Mtp)
+            )
+    }
+
+    /// Positions of `s` whose KV rows are all written, the prefix cache may share: with the
+    /// `mtp` method a block is shared once the module's rows in it are written too, so a later
+    /// request that takes it from the cache gets them.
+    fn committable(uses_mtp: bool, s: &Sequence) -> usize {
+        if uses_mtp {
+            s.computed.min(s.draft_computed)
+        } else {
+            s.computed
+        }
     }
 
     /// The `mtp` method. The module's position `p` reads the model's final hidden state of `p`
@@ -990,7 +1007,7 @@ impl Worker {
     /// (those positions' rows of the module's KV slot are overwritten by the next catch-up).
     /// Proposals are drawn as the draft method draws them, within the same limits.
     fn mtp_propose(&mut self, budget: usize) {
-        if !self.uses_mtp() || !self.engine.runs_mtp() {
+        if !self.uses_mtp() {
             return;
         }
         let Some(config) = &self.config.speculative else {
@@ -1004,15 +1021,28 @@ impl Worker {
         let mut room = budget;
         // Per running sequence in the work: (index, proposals wanted, next position).
         let mut work: Vec<(usize, usize, usize)> = vec![];
+        // Blocks the running sequences may take this step before any proposal does (a decode
+        // token or a chunk starting a block each): proposals never preempt anyone.
+        let mut spare = self
+            .blocks
+            .num_available()
+            .saturating_sub(self.running.len());
         for (i, s) in self.running.iter_mut().enumerate() {
-            if !s.request.params.speculative {
-                continue;
-            }
+            // Every sequence's rows are written, opted out or not, so that the blocks the
+            // prefix cache shares carry them.
             let mut wanted = 0;
-            if s.pending() == 1 && room >= 2 && s.proposes_now() {
+            if s.request.params.speculative && s.pending() == 1 && room >= 2 && s.proposes_now() {
                 let d = s.proposal_room(room - 1, max_context).min(k);
+                let needed = self
+                    .blocks
+                    .blocks_for(s.tokens.len() + d - 1)
+                    .saturating_sub(s.blocks.blocks.len());
                 // The chained passes write the module's rows of positions past the pending one.
-                if d > 0 && self.blocks.grow(&mut s.blocks, s.tokens.len() + d - 1) {
+                if d > 0
+                    && needed <= spare
+                    && self.blocks.grow(&mut s.blocks, s.tokens.len() + d - 1)
+                {
+                    spare -= needed;
                     room -= 1 + d;
                     wanted = d;
                 }
@@ -1069,11 +1099,11 @@ impl Worker {
             let out = match self.engine.mtp_pass(&chunks, &hidden) {
                 Ok(out) => out,
                 Err(e) => {
-                    // The module's rows are in doubt: it proposes nothing until its sequences
-                    // start again (their outputs do not depend on it).
-                    tracing::warn!(error = %e, "prediction module pass failed; decoding without proposals");
-                    for &(i, _, _) in &work {
-                        let s = &mut self.running[i];
+                    // The module's rows are in doubt: it proposes no more (outputs do not
+                    // depend on it), and blocks are shared without waiting for its rows.
+                    tracing::warn!(error = %e, "prediction module pass failed; decoding without proposals from now on");
+                    self.mtp_failed = true;
+                    for s in &mut self.running {
                         s.mtp_hidden.clear();
                         s.draft_computed = s.computed;
                     }
@@ -1108,6 +1138,7 @@ impl Worker {
             // Caught up to `computed`; what was written past it was for the proposals.
             s.draft_computed = s.computed;
             s.mtp_hidden.clear();
+            self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
             let proposed = std::mem::take(&mut proposals[w]);
             if !proposed.is_empty() {
                 s.draft = proposed.len();
@@ -1212,12 +1243,10 @@ impl Worker {
             let mut row0 = 0;
             for &(i, count) in &plan {
                 let s = &mut self.running[i];
-                if let (true, Some(rows)) = (
-                    s.request.params.speculative,
-                    output
-                        .hidden
-                        .get(row0 * hidden_size..(row0 + count) * hidden_size),
-                ) {
+                if let Some(rows) = output
+                    .hidden
+                    .get(row0 * hidden_size..(row0 + count) * hidden_size)
+                {
                     s.mtp_hidden.extend_from_slice(rows);
                 }
                 row0 += count;
@@ -1236,7 +1265,8 @@ impl Worker {
                 continue;
             }
             s.computed += count;
-            self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
+            let upto = Self::committable(uses_mtp, s);
+            self.blocks.commit(&mut s.blocks, &s.tokens, upto);
             match chunk {
                 Logits::Greedy => {
                     picks[i] = Some(Pick::Greedy(greedy));
@@ -1340,7 +1370,8 @@ impl Worker {
                 }
             }
             if emitted.proposed > 0 && !finished.contains(&i) {
-                self.blocks.commit(&mut s.blocks, &s.tokens, s.computed);
+                let upto = Self::committable(uses_mtp, s);
+                self.blocks.commit(&mut s.blocks, &s.tokens, upto);
             }
             let kept = s.computed.saturating_sub(s.draft_computed) * hidden_size;
             s.mtp_hidden.truncate(kept);

@@ -481,26 +481,68 @@ fn sampled_requests_verify_the_mtp_modules_proposals() {
     assert_eq!(stats.kv_blocks_used, 0);
 }
 
-/// A prompt served again comes from the prefix cache, the module's rows of the KV blocks with
-/// it (its catch-up starts past the cached prefix): greedy outputs stay those of plain decoding.
+/// A prompt served again comes from the prefix cache, and the module's rows of the KV blocks
+/// with it: blocks are shared only once the module has written its rows in them, whoever
+/// computed them (a request that opted out, one that ended in the pass that filled them). The
+/// rows are the proof: a sampled request's output depends on its proposals, so it must be the
+/// same after any such warm-up as in a cold run; greedy outputs must equal plain decoding's.
 #[test]
 fn the_mtp_module_carries_on_from_a_cached_prefix() {
     let plan = compiled(&deepseek_mtp_checkpoint(), DType::F32);
     let prompt: Vec<u32> = (0..150u32).map(|i| (i * 37 + 5) % 300 + 3).collect();
     let longer: Vec<u32> = prompt.iter().copied().chain([17, 18, 19]).collect();
-    let requests: Vec<(Vec<u32>, RequestParams)> = [prompt.clone(), prompt, longer]
+    let mtp = r#"{"method": "mtp", "num_speculative_tokens": 2}"#;
+    let requests: Vec<(Vec<u32>, RequestParams)> = [prompt.clone(), prompt.clone(), longer]
         .into_iter()
         .map(|p| (p, greedy(24)))
         .collect();
     let want = run_requests(&scheduler(&plan, 1, None), &requests, true);
-    let s = scheduler(
-        &plan,
-        1,
-        Some(r#"{"method": "mtp", "num_speculative_tokens": 2}"#),
-    );
-    let got = run_requests(&s, &requests, true);
-    assert_eq!(got, want);
+    let s = scheduler(&plan, 1, Some(mtp));
+    assert_eq!(run_requests(&s, &requests, true), want);
     let stats = wait_idle(&s);
     assert!(stats.prefix_cache_hit_tokens >= 128, "{stats:?}");
     assert!(stats.speculative.draft_tokens > 0);
+
+    let sampled = RequestParams {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            seed: Some(9),
+            ..SamplingParams::greedy()
+        },
+        ..greedy(24)
+    };
+    let request = (prompt.clone(), sampled);
+    // A budget that takes the whole prompt in one pass.
+    let mtp_scheduler = || {
+        let options = EngineOptions {
+            max_context: 512,
+            max_batch_tokens: 256,
+            max_num_seqs: 1,
+            ..EngineOptions::default()
+        };
+        Scheduler::start(
+            Box::new(engine_with(&plan, options)),
+            SchedulerConfig {
+                max_num_seqs: 1,
+                max_waiting: 8,
+                prefix_caching: true,
+                speculative: Some(SpeculativeConfig::parse(mtp).expect("config")),
+            },
+        )
+    };
+    let cold = run_requests(&mtp_scheduler(), std::slice::from_ref(&request), true);
+    let warm_ups = [
+        RequestParams {
+            speculative: false,
+            ..greedy(2)
+        },
+        greedy(1),
+    ];
+    for warm_up in warm_ups {
+        let s = mtp_scheduler();
+        run_requests(&s, &[(prompt.clone(), warm_up.clone())], true);
+        let warm = run_requests(&s, std::slice::from_ref(&request), true);
+        assert_eq!(warm, cold, "after a warm-up of {warm_up:?}");
+        assert!(wait_idle(&s).prefix_cache_hit_tokens >= 128 || warm_up.max_tokens == 1);
+    }
 }

@@ -282,6 +282,13 @@ impl MoeScratch {
             return Ok(None);
         }
         let picks = max_batch_tokens * top_k;
+        // The gate-up and SiLU launches put the (token, pick) rows on the grid's y axis.
+        if picks > MAX_GRID_Y {
+            return Err(RuntimeError::Cuda(format!(
+                "a pass of {max_batch_tokens} tokens routes {picks} (token, expert) rows, more than a CUDA launch holds ({MAX_GRID_Y}): lower --max-batch-tokens to {}",
+                MAX_GRID_Y / top_k
+            )));
+        }
         Ok(Some(MoeScratch {
             ids: s
                 .alloc_zeros::<u32>(picks)
@@ -294,6 +301,9 @@ impl MoeScratch {
         }))
     }
 }
+
+/// The largest grid y dimension of a CUDA launch.
+const MAX_GRID_Y: usize = 65535;
 
 /// An expert's intermediate size `I` from the stacked gate-up weight (`[E, 2I, C]`).
 fn expert_inter(gate_up: &artifacts::schema::WeightInfo, experts: u64) -> usize {
@@ -325,7 +335,12 @@ fn check_latent_attention(plan: &LoadedPlan) -> Result<(), RuntimeError> {
                 )));
             }
         }
-        if let Launch::Moe { experts, .. } = step.launch {
+        if let Launch::Moe { experts, top_k, .. } = step.launch {
+            if top_k == 0 || top_k > experts {
+                return Err(RuntimeError::InvalidPlan(format!(
+                    "a mixture of experts picks {top_k} of {experts} experts"
+                )));
+            }
             if experts > kernels::cuda::MOE_MAX_EXPERTS {
                 return Err(RuntimeError::Cuda(format!(
                     "{experts} experts are more than the CUDA routing kernel ranks ({})",
