@@ -164,7 +164,7 @@ pub fn compile_to(
         }
         _ => HashMap::new(),
     };
-    let (launches, main_steps) = program_order(&graph);
+    let (launches, main_steps) = program_order(&graph)?;
     let selection = {
         let _t = timing::scope("select_kernels");
         select_kernels::run_quantized(&graph, &ctx, &quant_plan)?
@@ -394,7 +394,7 @@ pub fn compile_to(
 /// The launch order: the main model's nodes, then those of its multi-token-prediction module
 /// (the nodes only the module's outputs need), each in topological order without the views; and
 /// how many launches are the main model's.
-fn program_order(graph: &Graph) -> (Vec<NodeId>, usize) {
+fn program_order(graph: &Graph) -> Result<(Vec<NodeId>, usize), CompileError> {
     let mut main = vec![
         false;
         graph
@@ -424,9 +424,22 @@ fn program_order(graph: &Graph) -> (Vec<NodeId>, usize) {
         .collect();
     let (mut launches, module): (Vec<NodeId>, Vec<NodeId>) =
         order.into_iter().partition(|n| main[n.0 as usize]);
+    // A pass of the module runs only its own steps: a value of the model's would be stale.
+    let reads_the_model = module.iter().any(|&n| {
+        graph.node(n).inputs.iter().any(
+            |&v| matches!(graph.value(v).def, ValueDef::Node { node, .. } if main[node.0 as usize]),
+        )
+    });
+    if reads_the_model {
+        return Err(CompileError::Pass(PassError::Failed {
+            pass: "schedule",
+            message: "the multi-token-prediction module reads a value of the model's program"
+                .into(),
+        }));
+    }
     let main_steps = launches.len();
     launches.extend(module);
-    (launches, main_steps)
+    Ok((launches, main_steps))
 }
 
 /// Splits the steps of the multi-token-prediction module (from `main_steps` on) off the
