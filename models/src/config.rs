@@ -788,6 +788,22 @@ impl Fields<'_> {
             .transpose()
     }
 
+    /// The shared experts' intermediate size, `shared` experts of `moe_intermediate_size`
+    /// each, refused when it does not fit a `usize` (a corrupt config, not an overflow).
+    fn shared_width(
+        &self,
+        shared: usize,
+        moe_intermediate_size: usize,
+    ) -> Result<usize, ModelError> {
+        shared.checked_mul(moe_intermediate_size).ok_or_else(|| {
+            invalid(
+                self.file,
+                "moe_intermediate_size",
+                &format!("{shared} shared experts of {moe_intermediate_size} do not fit a size"),
+            )
+        })
+    }
+
     /// A list of layer indices (`mlp_only_layers`).
     fn usize_list(&self, key: &str) -> Result<Vec<usize>, ModelError> {
         let Some(v) = self.get(key) else {
@@ -842,7 +858,7 @@ impl Fields<'_> {
                     routing,
                     score_correction_bias: true,
                     num_shared_experts: shared,
-                    shared_intermediate_size: shared * moe_intermediate_size,
+                    shared_intermediate_size: self.shared_width(shared, moe_intermediate_size)?,
                     routed_scaling_factor: self.f64("routed_scaling_factor")?.unwrap_or(2.5),
                 }
             }
@@ -910,7 +926,7 @@ impl Fields<'_> {
                     routing: ir::MoeRouting::Softmax,
                     score_correction_bias: true,
                     num_shared_experts: shared,
-                    shared_intermediate_size: shared * moe_intermediate_size,
+                    shared_intermediate_size: self.shared_width(shared, moe_intermediate_size)?,
                     routed_scaling_factor: 1.0,
                 }
             }
@@ -1352,6 +1368,20 @@ mod tests {
             r#"{"architectures": ["Qwen3MoeForCausalLM"], "num_hidden_layers": 55555277777777640}"#;
         match parse(text) {
             Err(ModelError::InvalidConfig { field, .. }) => assert_eq!(field, "num_hidden_layers"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Found by the `hf_config` fuzz target (a 12-minute run): the shared experts' width
+    /// overflowed (a panic in builds with overflow checks).
+    #[test]
+    fn shared_experts_too_wide_for_a_size_are_refused() {
+        let text =
+            r#"{"model_type": "ernie4_5_moe", "moe_intermediate_size": 9999999999999999184}"#;
+        match parse(text) {
+            Err(ModelError::InvalidConfig { field, .. }) => {
+                assert_eq!(field, "moe_intermediate_size")
+            }
             other => panic!("{other:?}"),
         }
     }
