@@ -395,15 +395,12 @@ pub fn compile_to(
 /// (the nodes only the module's outputs need), each in topological order without the views; and
 /// how many launches are the main model's.
 fn program_order(graph: &Graph) -> Result<(Vec<NodeId>, usize), CompileError> {
-    let mut main = vec![
-        false;
-        graph
-            .topo_order()
-            .iter()
-            .map(|n| n.0 as usize + 1)
-            .max()
-            .unwrap_or(0)
-    ];
+    let topo = graph.topo_order();
+    let mut main = vec![false; topo.iter().map(|n| n.0 as usize + 1).max().unwrap_or(0)];
+    let order: Vec<NodeId> = topo
+        .into_iter()
+        .filter(|&n| !matches!(graph.node(n).op, Op::Split { .. }))
+        .collect();
     let mut stack: Vec<ValueId> = graph
         .outputs()
         .iter()
@@ -417,11 +414,6 @@ fn program_order(graph: &Graph) -> Result<(Vec<NodeId>, usize), CompileError> {
             }
         }
     }
-    let order: Vec<NodeId> = graph
-        .topo_order()
-        .into_iter()
-        .filter(|&n| !matches!(graph.node(n).op, Op::Split { .. }))
-        .collect();
     let (mut launches, module): (Vec<NodeId>, Vec<NodeId>) =
         order.into_iter().partition(|n| main[n.0 as usize]);
     // A pass of the module runs only its own steps: a value of the model's would be stale.
