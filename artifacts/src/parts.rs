@@ -80,9 +80,7 @@ pub fn weight_section_len(info: &WeightInfo) -> Option<u64> {
         WeightLayout::RowMajor => info.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?,
         // Panels round N up to whole panels.
         WeightLayout::Panels { panel } => {
-            let [rows, cols] = info.shape[..] else {
-                return None;
-            };
+            let (rows, cols) = panel_matrix(info)?;
             let panel = u64::from(panel).max(1);
             rows.div_ceil(panel).checked_mul(panel)?.checked_mul(cols)?
         }
@@ -90,7 +88,9 @@ pub fn weight_section_len(info: &WeightInfo) -> Option<u64> {
     if let Some(q) = &info.quant {
         // Codes, then f16 scales at `scales_offset`, then (asymmetric) f16 minimums at
         // `mins_offset`, one of each per panel row and group.
-        let (WeightLayout::Panels { panel }, [rows, cols]) = (info.layout, &info.shape[..]) else {
+        let (WeightLayout::Panels { panel }, Some((rows, cols))) =
+            (info.layout, panel_matrix(info))
+        else {
             return None;
         };
         let panel = u64::from(panel).max(1);
@@ -110,6 +110,16 @@ pub fn weight_section_len(info: &WeightInfo) -> Option<u64> {
         DType::F32 | DType::BF16 | DType::F16 => {
             elements.checked_mul(info.dtype.size_bytes() as u64)
         }
+        _ => None,
+    }
+}
+
+/// The `[rows, cols]` matrix a weight in panels is: a matrix, or quantized stacked experts
+/// `[E, R, K]` as one `[E * R, K]` matrix.
+fn panel_matrix(info: &WeightInfo) -> Option<(u64, u64)> {
+    match info.shape[..] {
+        [rows, cols] => Some((rows, cols)),
+        [experts, rows, cols] if info.quant.is_some() => Some((experts.checked_mul(rows)?, cols)),
         _ => None,
     }
 }
@@ -513,5 +523,26 @@ mod tests {
             Some(32 * 4 * 2)
         );
         assert_eq!(weight_section_len(&info(DType::F16, vec![4], panels)), None);
+        // Quantized stacked experts [E, R, K] are one [E * R, K] matrix: 3 x 16 rows of 32
+        // 4-bit codes with one asymmetric group per row, minimums after the offset.
+        let quant = crate::schema::QuantInfo {
+            scheme: ir_types::QuantScheme::W4A16,
+            codes: ir_types::CodeFormat::Int(4),
+            group: 32,
+            asymmetric: true,
+            scales_offset: 768,
+            mins_offset: 896,
+            from_checkpoint: false,
+        };
+        let experts = WeightInfo {
+            quant: Some(quant),
+            ..info(DType::U8, vec![3, 16, 32], panels)
+        };
+        assert_eq!(weight_section_len(&experts), Some(896 + 48 * 2));
+        // A plain 3-dimensional weight is never in panels.
+        assert_eq!(
+            weight_section_len(&info(DType::U8, vec![3, 16, 32], panels)),
+            None
+        );
     }
 }

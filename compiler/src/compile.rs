@@ -224,9 +224,8 @@ pub fn compile_to(
             },
             quant: match (quant_plan.get(&v), layout) {
                 (Some(q), WeightLayout::Panels(p)) => {
-                    let dims = &graph.ty(v).shape.0;
-                    let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(0);
-                    let parts = QuantBytes::of(&q.format, p, dim(0), dim(1));
+                    let (rows, cols) = matrix_dims(graph.ty(v));
+                    let parts = QuantBytes::of(&q.format, p, rows, cols);
                     Some(QuantInfo {
                         scheme: q.scheme,
                         codes: q.format.codes,
@@ -815,8 +814,9 @@ fn deinterleave_rows(data: &[f32], head_dim: usize, cols: usize) -> Vec<f32> {
 /// A table also read by an embedding (tied input and output embeddings) is packed too: the
 /// embedding gathers its rows from the panels, at a stride, which costs microseconds per token,
 /// where a second, row-major copy would cost the whole table again (SmolLM2-135M: 49152 x 576,
-/// 113 MB in f32, 57 MB in bf16, a fifth of the plan). Weights with any other reader (the
-/// experts of a mixture, vectors) stay row-major.
+/// 113 MB in f32, 57 MB in bf16, a fifth of the plan). Quantized weights are always in panels
+/// (stacked experts too: each expert's rows are whole panels, see `quantize_weights`). Weights
+/// with any other reader (plain experts of a mixture, vectors) stay row-major.
 fn weight_layouts(
     graph: &Graph,
     weights: &[ValueId],
@@ -843,6 +843,10 @@ fn weight_layouts(
     weights
         .iter()
         .map(|&v| {
+            // Quantized weights are always packed (stacked experts included).
+            if quant_plan.contains_key(&v) {
+                return panels;
+            }
             let users = graph.users(v);
             let by_matmul = |n: NodeId| {
                 let node = graph.node(n);
@@ -1117,6 +1121,21 @@ fn calibrated_weights(
         .collect())
 }
 
+/// A quantized weight's `[rows, cols]` as the kernels see it: stacked experts `[E, R, K]` are
+/// one `[E * R, K]` matrix.
+fn matrix_dims(ty: &ir::TensorType) -> (usize, usize) {
+    let dims: Vec<usize> = ty
+        .shape
+        .0
+        .iter()
+        .map(|d| d.as_const().unwrap_or(0))
+        .collect();
+    match dims.split_last() {
+        Some((&cols, rest)) if !rest.is_empty() => (rest.iter().product(), cols),
+        _ => (0, 0),
+    }
+}
+
 /// The section bytes of a quantized weight: packed codes, f16 scales, f16 minimums. With
 /// `stats`, the weight is quantized by GPTQ.
 #[allow(clippy::too_many_arguments)]
@@ -1131,9 +1150,7 @@ fn encode_quantized(
     stats: Option<&InputStats>,
     rescale: Option<&Rescale>,
 ) -> Result<Vec<u8>, CompileError> {
-    let dims = &ty.shape.0;
-    let dim = |i: usize| dims.get(i).and_then(|d| d.as_const()).unwrap_or(0);
-    let (rows, cols) = (dim(0), dim(1));
+    let (rows, cols) = matrix_dims(ty);
     let bad = |message: String| CompileError::Weight {
         name: name.to_string(),
         message,

@@ -432,3 +432,161 @@ moe_down_f16(const float* act, int inter, const fd_f16* down, int cols, const in
     fd_grid_wait();
     fd_moe_down(act, inter, down, cols, ids, weights, top_k, out, out_stride);
 }
+
+// Quantized experts (every scheme: W8A16, W4A16, W2A16, W8A8, W4A8, FP8). fdc quantizes the
+// stacked weights as one [E * R, K] matrix in quant.cu's panels of QPANEL rows, each expert's R
+// rows whole panels (it refuses others), so expert e is the matrix starting at panel
+// e * R / QPANEL, which `qmatmul` reads as it is. The launches after the route (the router stays
+// plain):
+//
+//   quantize_rows_*     A8 and FP8 only: the T token rows onto their grid (quant.cu)
+//   moe_gate_up_q*      h[r, :] = x[r / top_k, :] @ gate_up(ids[r])^T, a block per panel and row
+//   silu_mul_f32        act = silu(gate) * up, over the T * top_k rows
+//   quantize_rows_*     A8 and FP8 only: the T * top_k act rows onto their grid
+//   moe_down_q*         y[r, :] = act[r, :] @ down(ids[r])^T, unweighted
+//   moe_combine_f32     out[t, :] = sum over j in pick order of weights[r] * y[r, :]
+//
+// The combine sums a token's picks best first as `fd_moe_down` does; nothing is accumulated
+// across blocks, so the results are deterministic.
+
+// The parts of expert e of a stacked quantized weight with `rows` rows per expert and K = k.
+template <int BITS>
+struct FdExpertPanels {
+    const unsigned char* codes;
+    const fd_f16* scales;
+    const fd_f16* mins;
+    __device__ FdExpertPanels(const unsigned char* c, const fd_f16* s, const fd_f16* m, int e,
+                              int rows, int k, int group) {
+        const long long panels = (long long)e * (rows / QPANEL);
+        codes = c + panels * k * QLayout<BITS>::BPK;
+        scales = s + panels * (k / group) * QPANEL;
+        mins = m ? m + panels * (k / group) * QPANEL : nullptr;
+    }
+};
+
+// out[r, n] = x[r / x_div, :] . expert(ids[r])[n, :] for the block's panel of n (blockIdx.x)
+// and (token, pick) row r = blockIdx.y; `row_scales` (A8, FP8) is indexed like x's rows.
+// Grid: (rows / QPANEL, T * top_k); block: 32 * QMATMUL_WARPS.
+template <int BITS, bool E4M3>
+__device__ void fd_moe_qrows(const float* x, int x_stride, int x_div, const unsigned char* codes,
+                             int k, int rows, int group, const fd_f16* scales,
+                             const fd_f16* mins, const float* row_scales, const int* ids,
+                             float* out) {
+    fd_grid_wait();  // the expert ids come from the route
+    const int r = blockIdx.y, t = r / x_div;
+    const FdExpertPanels<BITS> w(codes, scales, mins, ids[r], rows, k, group);
+    const float* xr = x + (long long)t * x_stride;
+    const float* rs = row_scales ? row_scales + t : nullptr;
+    float* o = out + (long long)r * rows;
+    if ((unsigned long long)xr % 16 == 0) {
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true>(xr, 0, w.codes, k, rows, group, w.scales,
+                                                    w.mins, nullptr, rs, 0, 1, o, 0);
+    } else {
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false>(xr, 0, w.codes, k, rows, group, w.scales,
+                                                     w.mins, nullptr, rs, 0, 1, o, 0);
+    }
+}
+
+// Gate-up: x [T, cols], h [T * top_k, 2 * inter].
+template <int BITS, bool E4M3>
+__device__ void fd_moe_qgate_up(const float* x, int x_stride, int cols, const unsigned char* codes,
+                                int inter, int group, const fd_f16* scales, const fd_f16* mins,
+                                const float* row_scales, const int* ids, int top_k, float* h) {
+    fd_moe_qrows<BITS, E4M3>(x, x_stride, top_k, codes, cols, 2 * inter, group, scales, mins,
+                             row_scales, ids, h);
+}
+
+// Down: act [T * top_k, inter] (row stride act_stride), y [T * top_k, cols].
+template <int BITS, bool E4M3>
+__device__ void fd_moe_qdown(const float* act, int act_stride, int inter,
+                             const unsigned char* codes, int cols, int group,
+                             const fd_f16* scales, const fd_f16* mins, const float* row_scales,
+                             const int* ids, float* y) {
+    fd_moe_qrows<BITS, E4M3>(act, act_stride, 1, codes, inter, cols, group, scales, mins,
+                             row_scales, ids, y);
+}
+
+extern "C" __global__ void moe_gate_up_q8(const float* x, int x_stride, int cols,
+                                          const unsigned char* codes, int inter, int group,
+                                          const fd_f16* scales, const fd_f16* mins,
+                                          const float* row_scales, const int* ids, int top_k,
+                                          float* h) {
+    fd_grid_start();
+    fd_moe_qgate_up<8, false>(x, x_stride, cols, codes, inter, group, scales, mins, row_scales,
+                              ids, top_k, h);
+}
+extern "C" __global__ void moe_gate_up_q4(const float* x, int x_stride, int cols,
+                                          const unsigned char* codes, int inter, int group,
+                                          const fd_f16* scales, const fd_f16* mins,
+                                          const float* row_scales, const int* ids, int top_k,
+                                          float* h) {
+    fd_grid_start();
+    fd_moe_qgate_up<4, false>(x, x_stride, cols, codes, inter, group, scales, mins, row_scales,
+                              ids, top_k, h);
+}
+extern "C" __global__ void moe_gate_up_q2(const float* x, int x_stride, int cols,
+                                          const unsigned char* codes, int inter, int group,
+                                          const fd_f16* scales, const fd_f16* mins,
+                                          const float* row_scales, const int* ids, int top_k,
+                                          float* h) {
+    fd_grid_start();
+    fd_moe_qgate_up<2, false>(x, x_stride, cols, codes, inter, group, scales, mins, row_scales,
+                              ids, top_k, h);
+}
+extern "C" __global__ void moe_gate_up_e4m3(const float* x, int x_stride, int cols,
+                                            const unsigned char* codes, int inter, int group,
+                                            const fd_f16* scales, const fd_f16* mins,
+                                            const float* row_scales, const int* ids, int top_k,
+                                            float* h) {
+    fd_grid_start();
+    fd_moe_qgate_up<8, true>(x, x_stride, cols, codes, inter, group, scales, mins, row_scales,
+                             ids, top_k, h);
+}
+extern "C" __global__ void moe_down_q8(const float* act, int act_stride, int inter,
+                                       const unsigned char* codes, int cols, int group,
+                                       const fd_f16* scales, const fd_f16* mins,
+                                       const float* row_scales, const int* ids, float* y) {
+    fd_grid_start();
+    fd_moe_qdown<8, false>(act, act_stride, inter, codes, cols, group, scales, mins, row_scales,
+                           ids, y);
+}
+extern "C" __global__ void moe_down_q4(const float* act, int act_stride, int inter,
+                                       const unsigned char* codes, int cols, int group,
+                                       const fd_f16* scales, const fd_f16* mins,
+                                       const float* row_scales, const int* ids, float* y) {
+    fd_grid_start();
+    fd_moe_qdown<4, false>(act, act_stride, inter, codes, cols, group, scales, mins, row_scales,
+                           ids, y);
+}
+extern "C" __global__ void moe_down_q2(const float* act, int act_stride, int inter,
+                                       const unsigned char* codes, int cols, int group,
+                                       const fd_f16* scales, const fd_f16* mins,
+                                       const float* row_scales, const int* ids, float* y) {
+    fd_grid_start();
+    fd_moe_qdown<2, false>(act, act_stride, inter, codes, cols, group, scales, mins, row_scales,
+                           ids, y);
+}
+extern "C" __global__ void moe_down_e4m3(const float* act, int act_stride, int inter,
+                                         const unsigned char* codes, int cols, int group,
+                                         const fd_f16* scales, const fd_f16* mins,
+                                         const float* row_scales, const int* ids, float* y) {
+    fd_grid_start();
+    fd_moe_qdown<8, true>(act, act_stride, inter, codes, cols, group, scales, mins, row_scales,
+                          ids, y);
+}
+
+// out[t, c] = sum over j = 0..top_k in order (best expert first) of weights[r] * y[r, c],
+// r = t * top_k + j. Grid: (ceil(cols / 256), T); block: 256.
+extern "C" __global__ void moe_combine_f32(const float* y, int cols, const float* weights,
+                                           int top_k, float* out, int out_stride) {
+    fd_grid_start();
+    fd_grid_wait();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
+    if (c >= cols) return;
+    float acc = 0.0f;
+    for (int j = 0; j < top_k; j++) {
+        const int r = t * top_k + j;
+        acc += weights[r] * y[(long long)r * cols + c];
+    }
+    out[(long long)t * out_stride + c] = acc;
+}

@@ -66,6 +66,30 @@ pub const MOE_GATE_UP: usize = 3;
 pub const MOE_DOWN: usize = 6;
 pub const MOE_SILU_MUL: usize = 9;
 
+/// A mixture of quantized experts' functions: the routing for f32, bf16 and f16 routers (from
+/// [`MOE_ROUTE`]), then the scheme's gate-up, `silu_mul_f32`, down and the combine (at
+/// [`MOE_QUANT_GATE_UP`] ...), then for the A8 and FP8 schemes the activations' quantizer
+/// ([`MOE_QUANT_ACTIVATIONS`]).
+macro_rules! moe_quant_functions {
+    ($codes:literal $(, $quantize:literal)?) => {
+        &[
+            "moe_route_f32",
+            "moe_route_bf16",
+            "moe_route_f16",
+            concat!("moe_gate_up_", $codes),
+            "silu_mul_f32",
+            concat!("moe_down_", $codes),
+            "moe_combine_f32",
+            $($quantize,)?
+        ]
+    };
+}
+pub const MOE_QUANT_GATE_UP: usize = 3;
+pub const MOE_QUANT_SILU_MUL: usize = 4;
+pub const MOE_QUANT_DOWN: usize = 5;
+pub const MOE_QUANT_COMBINE: usize = 6;
+pub const MOE_QUANT_ACTIVATIONS: usize = 7;
+
 /// A latent-attention launch's functions: the cache append, then the attention for f32, bf16
 /// and f16 `kv_b` (from [`MLA_ATTENTION`]).
 pub const MLA_FUNCTIONS: [&str; 4] = [
@@ -144,6 +168,18 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
         }
         (OpKind::MatMul, QuantScheme::Fp8) => {
             return &["quantize_rows_e4m3_f32", "matmul_e4m3", "matmul_e4m3_one"]
+        }
+        (OpKind::Moe, QuantScheme::W8A16) => return moe_quant_functions!("q8"),
+        (OpKind::Moe, QuantScheme::W4A16) => return moe_quant_functions!("q4"),
+        (OpKind::Moe, QuantScheme::W2A16) => return moe_quant_functions!("q2"),
+        (OpKind::Moe, QuantScheme::W8A8) => {
+            return moe_quant_functions!("q8", "quantize_rows_i8_f32")
+        }
+        (OpKind::Moe, QuantScheme::W4A8) => {
+            return moe_quant_functions!("q4", "quantize_rows_i8_f32")
+        }
+        (OpKind::Moe, QuantScheme::Fp8) => {
+            return moe_quant_functions!("e4m3", "quantize_rows_e4m3_f32")
         }
         (OpKind::Embedding, QuantScheme::W8A16 | QuantScheme::W8A8) => return &["embedding_q8"],
         (OpKind::Embedding, QuantScheme::W4A16 | QuantScheme::W4A8) => return &["embedding_q4"],

@@ -134,6 +134,8 @@ const MATMUL_QUANT_DOC: &str =
     "out[T,N] = act(x)[T,K] @ dequant(w)[N,K]^T (+ bias), codes unpacked in registers";
 const EMBEDDING_QUANT_DOC: &str = "out[T,H] = dequant(table)[ids[T]]";
 const MOE_DOC: &str = "top-k routed SwiGLU experts, grouped by expert, stacked weights";
+const MOE_QUANT_DOC: &str =
+    "top-k routed SwiGLU experts, grouped by expert, stacked quantized weights";
 const MLA_DOC: &str = "multi-head latent attention on a latent KV cache, projections absorbed";
 
 macro_rules! entry {
@@ -299,8 +301,8 @@ macro_rules! library_kernels {
     };
 }
 
-/// The matmul and embedding of one quantization scheme on one ISA.
-macro_rules! quant_pair {
+/// The matmul, embedding and experts of one quantization scheme on one ISA.
+macro_rules! quant_ops {
     ($quant:ident, $quant_name:literal, $isa:ident, $isa_name:literal) => {
         [
             entry!(
@@ -321,25 +323,34 @@ macro_rules! quant_pair {
                 Library,
                 EMBEDDING_QUANT_DOC
             ),
+            entry!(
+                concat!("moe_", $quant_name, "_", $isa_name),
+                Moe,
+                U8,
+                $quant,
+                $isa,
+                Library,
+                MOE_QUANT_DOC
+            ),
         ]
     };
 }
 
-/// The kernels of quantized weights on one ISA: every scheme's matmul and embedding.
+/// The kernels of quantized weights on one ISA: every scheme's matmul, embedding and experts.
 macro_rules! quant_kernels {
     ($isa:ident, $isa_name:literal) => {{
         let pairs = [
-            quant_pair!(W8A16, "w8a16", $isa, $isa_name),
-            quant_pair!(W4A16, "w4a16", $isa, $isa_name),
-            quant_pair!(W2A16, "w2a16", $isa, $isa_name),
-            quant_pair!(W8A8, "w8a8", $isa, $isa_name),
-            quant_pair!(W4A8, "w4a8", $isa, $isa_name),
-            quant_pair!(Fp8, "fp8", $isa, $isa_name),
+            quant_ops!(W8A16, "w8a16", $isa, $isa_name),
+            quant_ops!(W4A16, "w4a16", $isa, $isa_name),
+            quant_ops!(W2A16, "w2a16", $isa, $isa_name),
+            quant_ops!(W8A8, "w8a8", $isa, $isa_name),
+            quant_ops!(W4A8, "w4a8", $isa, $isa_name),
+            quant_ops!(Fp8, "fp8", $isa, $isa_name),
         ];
         let mut all = [pairs[0][0]; QUANT_PER_ISA];
         let mut i = 0;
         while i < QUANT_PER_ISA {
-            all[i] = pairs[i / 2][i % 2];
+            all[i] = pairs[i / 3][i % 3];
             i += 1;
         }
         all
@@ -519,8 +530,8 @@ macro_rules! cuda_quant_entry {
     };
 }
 
-/// The matmul and embedding of one quantized scheme on one CUDA architecture.
-macro_rules! cuda_quant_pair {
+/// The matmul, embedding and experts of one quantized scheme on one CUDA architecture.
+macro_rules! cuda_quant_ops {
     ($quant:ident, $quant_name:literal, $arch:ident, $arch_name:literal) => {
         [
             cuda_quant_entry!(
@@ -537,25 +548,32 @@ macro_rules! cuda_quant_pair {
                 $arch,
                 EMBEDDING_QUANT_DOC
             ),
+            cuda_quant_entry!(
+                concat!("moe_", $quant_name, "_", $arch_name),
+                Moe,
+                $quant,
+                $arch,
+                MOE_QUANT_DOC
+            ),
         ]
     };
 }
 
-/// The CUDA kernels of quantized weights on one architecture: every integer scheme's matmul and
-/// embedding (the A8 ones quantize each token's activations first).
+/// The CUDA kernels of quantized weights on one architecture: every integer scheme's matmul,
+/// embedding and experts (the A8 ones quantize each token's activations first).
 macro_rules! cuda_quant_kernels {
     ($arch:ident, $arch_name:literal) => {{
         let pairs = [
-            cuda_quant_pair!(W8A16, "w8a16", $arch, $arch_name),
-            cuda_quant_pair!(W4A16, "w4a16", $arch, $arch_name),
-            cuda_quant_pair!(W2A16, "w2a16", $arch, $arch_name),
-            cuda_quant_pair!(W8A8, "w8a8", $arch, $arch_name),
-            cuda_quant_pair!(W4A8, "w4a8", $arch, $arch_name),
+            cuda_quant_ops!(W8A16, "w8a16", $arch, $arch_name),
+            cuda_quant_ops!(W4A16, "w4a16", $arch, $arch_name),
+            cuda_quant_ops!(W2A16, "w2a16", $arch, $arch_name),
+            cuda_quant_ops!(W8A8, "w8a8", $arch, $arch_name),
+            cuda_quant_ops!(W4A8, "w4a8", $arch, $arch_name),
         ];
         let mut all = [pairs[0][0]; CUDA_QUANT_PER_ARCH];
         let mut i = 0;
         while i < CUDA_QUANT_PER_ARCH {
-            all[i] = pairs[i / 2][i % 2];
+            all[i] = pairs[i / 3][i % 3];
             i += 1;
         }
         all
@@ -564,16 +582,16 @@ macro_rules! cuda_quant_kernels {
 
 const LIBRARY_PER_ISA: usize = 17;
 const GENERATED_PER_ISA: usize = 4;
-const QUANT_PER_ISA: usize = 12;
+const QUANT_PER_ISA: usize = 18;
 const CUDA_PER_ARCH: usize = 17;
-const CUDA_QUANT_PER_ARCH: usize = 10;
+const CUDA_QUANT_PER_ARCH: usize = 15;
 /// FP8 runs on the architectures with FP8 hardware (sm89, sm90) only.
 const CUDA_FP8_ARCHS: usize = 2;
 const COUNT: usize = 3 * LIBRARY_PER_ISA
     + 3 * QUANT_PER_ISA
     + 2 * GENERATED_PER_ISA
     + CudaArch::ALL.len() * (CUDA_PER_ARCH + CUDA_QUANT_PER_ARCH)
-    + CUDA_FP8_ARCHS * 2;
+    + CUDA_FP8_ARCHS * 3;
 
 const ENTRIES: &[KernelEntry] = &{
     let parts: [&[KernelEntry]; 16] = [
@@ -591,8 +609,8 @@ const ENTRIES: &[KernelEntry] = &{
         &cuda_quant_kernels!(Sm80, "sm80"),
         &cuda_quant_kernels!(Sm89, "sm89"),
         &cuda_quant_kernels!(Sm90, "sm90"),
-        &cuda_quant_pair!(Fp8, "fp8", Sm89, "sm89"),
-        &cuda_quant_pair!(Fp8, "fp8", Sm90, "sm90"),
+        &cuda_quant_ops!(Fp8, "fp8", Sm89, "sm89"),
+        &cuda_quant_ops!(Fp8, "fp8", Sm90, "sm90"),
     ];
     let mut all = [parts[0][0]; COUNT];
     let (mut n, mut p) = (0, 0);
@@ -701,7 +719,7 @@ mod tests {
         );
         assert_eq!(
             entries().len(),
-            3 * 17 + 3 * 12 + 2 * 4 + 3 * (17 + 10) + 2 * 2
+            3 * 17 + 3 * 18 + 2 * 4 + 3 * (17 + 15) + 2 * 3
         );
     }
 
@@ -709,7 +727,7 @@ mod tests {
     fn cuda_runs_every_scheme_and_fp8_only_with_fp8_hardware() {
         for arch in CudaArch::ALL {
             for &quant in QuantScheme::ALL.iter().filter(|&&q| q != QuantScheme::None) {
-                for op in [OpKind::MatMul, OpKind::Embedding] {
+                for op in [OpKind::MatMul, OpKind::Embedding, OpKind::Moe] {
                     let found = lookup(&KernelKey {
                         op,
                         dtype: DType::U8,
@@ -724,10 +742,10 @@ mod tests {
     }
 
     #[test]
-    fn every_quant_scheme_has_a_matmul_and_an_embedding_on_every_isa() {
+    fn every_quant_scheme_has_a_matmul_an_embedding_and_experts_on_every_isa() {
         for isa in ISAS {
             for &quant in QuantScheme::ALL.iter().filter(|&&q| q != QuantScheme::None) {
-                for op in [OpKind::MatMul, OpKind::Embedding] {
+                for op in [OpKind::MatMul, OpKind::Embedding, OpKind::Moe] {
                     let key = KernelKey {
                         op,
                         dtype: DType::U8,

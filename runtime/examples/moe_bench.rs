@@ -13,7 +13,7 @@
 //! Usage: `cargo run --release -p runtime --example moe_bench -- PLAN [REPEATS]`.
 
 use artifacts::schema::Launch;
-use kernels::cpu::{self, MoeParams, Weight, WeightData};
+use kernels::cpu::{self, Experts, MoeParams, Weight};
 use rayon::prelude::*;
 use runtime::{Engine, EngineOptions, LoadedPlan, Logits, SeqChunk};
 use std::time::Instant;
@@ -146,20 +146,23 @@ fn main() -> anyhow::Result<()> {
     };
     let (router, gate_up, down) = (
         plan.weight(*router),
-        plan.stacked_weight(*gate_up),
-        plan.stacked_weight(*down),
+        plan.experts(*gate_up),
+        plan.experts(*down),
     );
     let bias = bias.map(|b| plan.vector(b));
     let c = x.cols as usize;
     let e = params.experts;
-    let i = gate_up.rows / (2 * e);
-    let expert_bytes = (gate_up.data.len() + down.data.len()) / e * dtype_bytes(&gate_up);
+    let i = gate_up.rows() / (2 * e);
+    let expert_bytes = gate_up.expert_bytes(2 * i) + down.expert_bytes(c);
+    let stored = match &gate_up {
+        Experts::Plain(w) => format!("{:?}", w.data.dtype()),
+        Experts::Quant(w, act) => format!("{:?} g{} {act:?}", w.format.codes, w.format.group),
+    };
     println!(
-        "moe layer: {e} experts, top {}, C {c}, I {i}, {:?}, {:.1} MB per expert, {:?} weights",
+        "moe layer: {e} experts, top {}, C {c}, I {i}, {:?}, {:.2} MB per expert, {stored} weights",
         params.top_k,
         params.routing,
         expert_bytes as f64 / 1e6,
-        gate_up.data.dtype()
     );
     let isa = plan
         .manifest
@@ -218,13 +221,6 @@ fn best_of(repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow:
     Ok(best)
 }
 
-fn dtype_bytes(w: &Weight) -> usize {
-    match w.data {
-        WeightData::F32(_) => 4,
-        WeightData::BF16(_) | WeightData::F16(_) => 2,
-    }
-}
-
 /// Per token, its routing weight for every expert (0 where not picked).
 fn routing_weights(
     isa: ir_types::CpuIsa,
@@ -270,38 +266,23 @@ fn moe_unfused(
     t: usize,
     router: &Weight,
     bias: Option<&[f32]>,
-    gate_up: &Weight,
-    down: &Weight,
+    gate_up: &Experts,
+    down: &Experts,
     params: &MoeParams,
     out: &mut [f32],
 ) -> anyhow::Result<()> {
     let (c, e) = (router.cols, params.experts);
-    let i = gate_up.rows / (2 * e);
+    let i = gate_up.rows() / (2 * e);
     let weights = routing_weights(isa, x, t, router, bias, params)?;
     out.fill(0.0);
     let (mut gu, mut act, mut y) = (vec![0.0; t * 2 * i], vec![0.0; t * i], vec![0.0; t * c]);
     for expert_idx in 0..e {
-        cpu::matmul(
-            isa,
-            x,
-            c,
-            t,
-            &cpu::moe_expert(gate_up, expert_idx, 2 * i),
-            None,
-            &mut gu,
-            2 * i,
-        )?;
+        gate_up
+            .expert(expert_idx, 2 * i)?
+            .matmul(isa, x, c, t, &mut gu, 2 * i)?;
         cpu::silu_mul(isa, &gu, 2 * i, t, i, &mut act, i)?;
-        cpu::matmul(
-            isa,
-            &act,
-            i,
-            t,
-            &cpu::moe_expert(down, expert_idx, c),
-            None,
-            &mut y,
-            c,
-        )?;
+        down.expert(expert_idx, c)?
+            .matmul(isa, &act, i, t, &mut y, c)?;
         for token in 0..t {
             let w = weights[token * e + expert_idx];
             for (o, v) in out[token * c..][..c].iter_mut().zip(&y[token * c..][..c]) {

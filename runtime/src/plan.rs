@@ -13,8 +13,8 @@ use artifacts::schema::{
 use artifacts::{codec, PlanFile};
 use half::slice::HalfBitsSliceExt;
 use half::{bf16, f16};
-use ir_types::{DType, OpKind, Target};
-use kernels::cpu::{QuantFormat, QuantWeight, Weight, WeightData, WeightLayout};
+use ir_types::{ActQuant, DType, OpKind, Target};
+use kernels::cpu::{Experts, QuantFormat, QuantWeight, Weight, WeightData, WeightLayout};
 use kernels::registry::{self, KernelSource};
 use std::path::Path;
 use std::sync::Arc;
@@ -193,16 +193,21 @@ impl LoadedPlan {
         quant_view(info, self.weight_bytes(w)).ok().flatten()
     }
 
-    /// A stacked weight `[E, N, K]` (mixture-of-experts experts) seen as one row-major
-    /// `[E * N, K]` matrix, in its storage type; expert `e` is rows `e * N..(e + 1) * N`.
-    pub fn stacked_weight(&self, w: WeightRef) -> Weight<'_> {
+    /// A stacked weight `[E, N, K]` (mixture-of-experts experts) seen as one `[E * N, K]`
+    /// matrix, plain (row-major, in its storage type) or quantized (with its scheme's activation
+    /// handling); expert `e` is rows `e * N..(e + 1) * N`.
+    pub fn experts(&self, w: WeightRef) -> Experts<'_> {
         let info = &self.manifest.weights[w.0 as usize];
+        if let Some(q) = self.quant_weight(w) {
+            let act = info.quant.map_or(ActQuant::None, |q| q.scheme.act_quant());
+            return Experts::Quant(q, act);
+        }
         let cols = info.shape.last().copied().unwrap_or(1) as usize;
         let rows = info.shape.iter().rev().skip(1).product::<u64>() as usize;
         let mut weight = self.weight(w);
         weight.rows = rows;
         weight.cols = cols;
-        weight
+        Experts::Plain(weight)
     }
 
     /// An f32 vector weight (norm weight, bias).
@@ -328,13 +333,14 @@ impl LoadedPlan {
         for w in &used {
             weight_ok(w)?;
         }
-        // A matmul or embedding kernel must be the one for its weight's scheme.
-        let table = match launch {
-            Launch::MatMul { w, .. } => Some(w),
-            Launch::Embedding { table, .. } => Some(table),
-            _ => None,
+        // A matmul, embedding or experts kernel must be the one for its weights' scheme.
+        let keyed: &[&WeightRef] = match launch {
+            Launch::MatMul { w, .. } => &[w],
+            Launch::Embedding { table, .. } => &[table],
+            Launch::Moe { gate_up, down, .. } => &[gate_up, down],
+            _ => &[],
         };
-        if let Some(w) = table {
+        for w in keyed {
             let scheme = self.manifest.weights[w.0 as usize]
                 .quant
                 .map_or(ir_types::QuantScheme::None, |q| q.scheme);
@@ -379,7 +385,17 @@ pub(crate) fn quant_view<'a>(
         group: q.group as usize,
         asymmetric: q.asymmetric,
     };
-    let (rows, cols) = (info.shape[0] as usize, info.shape[1] as usize);
+    // Stacked experts `[E, R, K]` are one `[E * R, K]` matrix.
+    let (rows, cols) = match info.shape.split_last() {
+        Some((&cols, rest)) if !rest.is_empty() => {
+            let rows = rest
+                .iter()
+                .try_fold(1u64, |a, &d| a.checked_mul(d))
+                .ok_or("its shape overflows")?;
+            (rows as usize, cols as usize)
+        }
+        _ => return Err(format!("a quantized weight of shape {:?}", info.shape)),
+    };
     let view =
         QuantWeight::from_bytes(format, layout, rows, cols, bytes).map_err(|e| e.to_string())?;
     let parts = kernels::cpu::quant::QuantBytes::of(&format, layout, rows, cols);

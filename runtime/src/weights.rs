@@ -377,11 +377,12 @@ fn part_file_error(path: &Path, source: artifacts::PlanError) -> RuntimeError {
 }
 
 /// The kernels' view of a weight's layout; a panel layout must be a width the kernels read, on
-/// a matrix.
+/// a matrix or on quantized stacked experts (`[E, R, K]`, one `[E * R, K]` matrix).
 pub(crate) fn kernel_layout(info: &WeightInfo) -> Result<WeightLayout, String> {
+    let matrix = info.shape.len() == 2 || (info.shape.len() == 3 && info.quant.is_some());
     match info.layout {
         PlanLayout::RowMajor => Ok(WeightLayout::RowMajor),
-        PlanLayout::Panels { .. } if info.shape.len() != 2 => Err(format!(
+        PlanLayout::Panels { .. } if !matrix => Err(format!(
             "panel layout on a {}-dimensional weight",
             info.shape.len()
         )),

@@ -4,6 +4,7 @@
 
 mod common;
 
+use artifacts::schema::{Launch, WeightLayout as PlanLayout};
 use compiler::codegen::cuda::available_for_test;
 use compiler::CompileOptions;
 use ir::{CudaArch, DType, QuantScheme, Target};
@@ -186,6 +187,56 @@ fn moe_and_latent_attention_plans_take_cuda_kernels() {
             assert!(kernels.contains(&"mla_attention_f32_sm90"), "{kernels:?}");
             assert!(plan.program.has_latent_kv());
         }
+    }
+}
+
+/// Quantized experts on CUDA: stacked `[E, R, K]` codes in panels of 8 rows (each expert whole
+/// panels), the scheme's experts kernel, and the module defines every function it launches.
+#[test]
+fn quantized_experts_take_the_schemes_cuda_kernel_in_panels_of_8() {
+    if !available_for_test("quantized_experts_take_the_schemes_cuda_kernel_in_panels_of_8") {
+        return;
+    }
+    let target = Target::Cuda(CudaArch::Sm90);
+    for (model, scheme) in [
+        ("tiny/qwen3_moe", QuantScheme::W4A16),
+        ("tiny/deepseek_v3", QuantScheme::W8A8),
+        ("tiny/ernie4_5_moe", QuantScheme::Fp8),
+    ] {
+        let path = compile(model, target, scheme).expect("compiles");
+        let plan = LoadedPlan::load(&path).expect("loads without a GPU");
+        let want = format!("moe_{}_sm90", scheme.name());
+        let mut experts = 0;
+        for step in &plan.program.steps {
+            let Launch::Moe { gate_up, down, .. } = &step.launch else {
+                continue;
+            };
+            assert_eq!(step.kernel, want, "{model}");
+            for w in [gate_up, down] {
+                let info = &plan.manifest.weights[w.0 as usize];
+                assert_eq!(info.shape.len(), 3, "{model}: {}", info.name);
+                assert_eq!(
+                    info.layout,
+                    PlanLayout::Panels { panel: 8 },
+                    "{}",
+                    info.name
+                );
+                assert_eq!(info.quant.map(|q| q.scheme), Some(scheme), "{}", info.name);
+                experts += 1;
+            }
+            let entry = registry::by_name(&step.kernel).expect("a registry kernel");
+            let ptx = String::from_utf8_lossy(
+                plan.code_symbol(artifacts::code_abi::CUDA_PTX)
+                    .expect("ptx"),
+            );
+            for name in kernels::cuda::functions(entry) {
+                assert!(
+                    ptx.contains(&format!(".entry {name}(")),
+                    "{model}: {name} missing"
+                );
+            }
+        }
+        assert!(experts >= 4, "{model}: {experts} stacked experts weights");
     }
 }
 

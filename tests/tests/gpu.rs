@@ -882,6 +882,28 @@ fn golden_qwen3_fp8_on_the_gpu_matches_the_cpu() {
     quantized_golden_on_the_gpu("qwen3", ir::QuantScheme::Fp8);
 }
 
+/// Mixture-of-experts goldens with their stacked experts quantized (`moe.cu`'s quantized
+/// experts; every other matmul quantized too): the GPU against the CPU engine as above.
+#[test]
+fn golden_qwen3_moe_w4a16_experts_on_the_gpu_match_the_cpu() {
+    quantized_golden_on_the_gpu("qwen3_moe", ir::QuantScheme::W4A16);
+}
+
+#[test]
+fn golden_deepseek_v3_w8a8_experts_on_the_gpu_match_the_cpu() {
+    quantized_golden_on_the_gpu("deepseek_v3", ir::QuantScheme::W8A8);
+}
+
+#[test]
+fn golden_mixtral_w2a16_experts_on_the_gpu_match_the_cpu() {
+    quantized_golden_on_the_gpu("mixtral", ir::QuantScheme::W2A16);
+}
+
+#[test]
+fn golden_ernie4_5_moe_fp8_experts_on_the_gpu_match_the_cpu() {
+    quantized_golden_on_the_gpu("ernie4_5_moe", ir::QuantScheme::Fp8);
+}
+
 /// Decode steps (passes of one token) with the plan's norms folded into their matmuls give the
 /// logits of the same steps run unfolded (each norm its own launch), and the CPU engine's:
 /// plain and A16-quantized weights, with and without biases, a tied head.

@@ -2,8 +2,12 @@
 //! one of the quantization schemes with its group size and symmetry (`--quant`, `--group-size`,
 //! `--quant-asym`/`--quant-sym`, `--quant-override PATTERN=SCHEME`).
 //!
-//! Only matrices read by matmuls (and possibly by an embedding: tied tables) are quantized; norms,
-//! biases and mixture-of-experts experts stay as they are. A table read by an embedding and the
+//! Matrices read by matmuls (and possibly by an embedding: tied tables) and the stacked experts
+//! of mixture-of-experts layers (`[E, R, K]`, quantized as one `[E * R, K]` matrix whose groups
+//! never cross a row, so each expert is quantized as it would be alone) are quantized; norms,
+//! biases and routers stay as they are. An expert's R rows must be whole panels of the target's
+//! packed layout (each expert is then a contiguous slice the kernels read as a matrix of its
+//! own), and a layer's gate-up and down experts take one scheme (one kernel serves the layer). A table read by an embedding and the
 //! `lm_head` default to `w8a16` under any other scheme, as is usual (their error reaches every
 //! token's logits), in that scheme's own default groups (32, symmetric: a GGUF's Q8_0 table is
 //! kept bit for bit): `--group-size` and the symmetry flags are for the chosen scheme's weights.
@@ -16,7 +20,7 @@
 use super::{PassCtx, PassError};
 use artifacts::calibration::Calibration;
 use ir::{CodeFormat, DType, Graph, Op, OpKind, QuantScheme, ValueDef, ValueId};
-use kernels::cpu::QuantFormat;
+use kernels::cpu::{PackedLayout, QuantFormat};
 use kernels::registry::{self, KernelKey};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -111,10 +115,13 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
             matches!(node.op, Op::Embedding) && node.inputs.first() == Some(&w)
         };
         let ty = graph.ty(w);
-        if ty.shape.0.len() != 2
-            || !users.iter().any(by_matmul)
-            || !users.iter().all(|n| by_matmul(n) || by_embedding(n))
-        {
+        let matrix = ty.shape.0.len() == 2
+            && users.iter().any(by_matmul)
+            && users.iter().all(|n| by_matmul(n) || by_embedding(n));
+        let experts = ty.shape.0.len() == 3
+            && !users.is_empty()
+            && users.iter().all(|&n| reads_as_experts(graph, n, w));
+        if !matrix && !experts {
             continue;
         }
         let table = users.iter().any(by_embedding) || name.starts_with("lm_head");
@@ -143,7 +150,19 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
         let Some(codes) = scheme.code_format() else {
             continue;
         };
-        let k = ty.shape.0[1].as_const().unwrap_or(0);
+        let k = ty.shape.last_const().unwrap_or(0);
+        if experts {
+            let rows = ty.shape.0[1].as_const().unwrap_or(0);
+            let panel = quant_panel(ctx.target);
+            if !rows.is_multiple_of(panel) {
+                return Err(fail(format!(
+                    "experts {name} {ty} under {scheme}: an expert's {rows} rows are not whole \
+                     panels of {panel} rows, which quantized experts need on {}; keep them \
+                     unquantized with --quant-override '*experts*=none'",
+                    ctx.target
+                )));
+            }
+        }
         let group = match group_option {
             Some(GroupSize::Elements(g)) => g,
             Some(GroupSize::Channel) => k,
@@ -157,19 +176,15 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
             group,
             asymmetric,
         };
-        format.check(k).map_err(|m| {
-            fail(format!(
-                "weight {name} [{}, {k}] under {scheme}: {m}",
-                ty.shape.0[0]
-            ))
-        })?;
+        format
+            .check(k)
+            .map_err(|m| fail(format!("weight {name} {ty} under {scheme}: {m}")))?;
         if let ir::Target::Cuda(_) = ctx.target {
             let multiple = kernels::cuda::QUANT_K_MULTIPLE;
             if !k.is_multiple_of(multiple) || !group.is_multiple_of(multiple) {
                 return Err(fail(format!(
-                    "weight {name} [{}, {k}] under {scheme}: the CUDA kernels need K and the \
-                     group size to be multiples of {multiple} (group {group})",
-                    ty.shape.0[0]
+                    "weight {name} {ty} under {scheme}: the CUDA kernels need K and the group \
+                     size to be multiples of {multiple} (group {group})"
                 )));
             }
         }
@@ -182,7 +197,64 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
             },
         );
     }
+    check_experts_agree(graph, &plan).map_err(fail)?;
     Ok(plan)
+}
+
+/// The stacked experts weight (gate-up or down) that node `n` reads, if `n` is a
+/// mixture-of-experts op: its operands end `gate_up, down`.
+fn expert_weights(graph: &Graph, n: ir::NodeId) -> Option<[ValueId; 2]> {
+    let node = graph.node(n);
+    if !matches!(node.op, Op::Moe { .. }) {
+        return None;
+    }
+    match node.inputs[..] {
+        [.., gate_up, down] => Some([gate_up, down]),
+        _ => None,
+    }
+}
+
+/// Whether node `n` reads `w` as one of its stacked experts, and in no other role.
+fn reads_as_experts(graph: &Graph, n: ir::NodeId, w: ValueId) -> bool {
+    let Some(experts) = expert_weights(graph, n) else {
+        return false;
+    };
+    let reads = graph.node(n).inputs.iter().filter(|&&i| i == w).count();
+    experts.contains(&w) && reads == 1
+}
+
+/// Rows per panel of quantized weights on `target` (`weight_layouts` in compile.rs packs them).
+fn quant_panel(target: ir::Target) -> usize {
+    match target {
+        ir::Target::Cpu(isa) => PackedLayout::for_isa(isa).panel(),
+        ir::Target::Cuda(_) => PackedLayout::CUDA_QUANT.panel(),
+    }
+}
+
+/// A layer's gate-up and down experts must share a scheme (none included): one kernel of the
+/// registry serves the layer.
+fn check_experts_agree(graph: &Graph, plan: &QuantPlan) -> Result<(), String> {
+    for n in graph.topo_order() {
+        let Some([gate_up, down]) = expert_weights(graph, n) else {
+            continue;
+        };
+        let scheme = |w: ValueId| plan.get(&w).map_or(QuantScheme::None, |q| q.scheme);
+        if scheme(gate_up) != scheme(down) {
+            let name = |w: ValueId| match &graph.value(w).def {
+                ValueDef::Weight { name, .. } => name.clone(),
+                _ => format!("{w:?}"),
+            };
+            return Err(format!(
+                "the experts of one layer take one scheme: {} is {}, {} is {}; give both the \
+                 same --quant-override",
+                name(gate_up),
+                scheme(gate_up),
+                name(down),
+                scheme(down)
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether the target has a matmul for `scheme`; if not, the message lists the ones it has.

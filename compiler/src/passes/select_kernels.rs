@@ -1,5 +1,6 @@
 //! `select_kernels`: picks one registry kernel for every launching node, by
-//! `(op, weight dtype, quant scheme, target)`.
+//! `(op, weight dtype, quant scheme, target)`; quantized weights (matmul, embedding table,
+//! mixture-of-experts experts) key it by their scheme and u8 codes.
 //!
 //! Among the candidates it prefers a generated (cranelift, specialized per shape) kernel only for
 //! the ops where `docs/PERF.md` measured it faster than the library kernel (`GENERATED_WINS`);
@@ -46,9 +47,12 @@ pub fn run_quantized(
             continue;
         };
         let data = graph.node(node);
+        // The weight whose scheme keys the kernel; a mixture's two stacked experts share one
+        // (`quantize_weights` checks it).
         let weight = match data.op {
             Op::MatMul => data.inputs.get(1),
             Op::Embedding => data.inputs.first(),
+            Op::Moe { .. } => data.inputs.len().checked_sub(2).map(|i| &data.inputs[i]),
             _ => None,
         };
         let key = match weight.and_then(|w| quant.get(w)) {

@@ -39,7 +39,7 @@ pub use gather::{embedding, gather_rows};
 pub use layout::{PackedLayout, WeightLayout};
 pub use matmul::{matmul, matmul_with_path, MatmulPath};
 pub use mla::{mla_attention, MlaParams, RopeTables};
-pub use moe::{expert as moe_expert, moe, route as moe_route, MoeParams};
+pub use moe::{moe, route as moe_route, Experts, MoeParams};
 pub use norm::{add_rms_norm, rms_norm};
 pub use quant::{embedding_quant, matmul_quant, QuantFormat, QuantMatrix, QuantWeight};
 pub use rope::rope;

@@ -3,6 +3,10 @@
 //! `gate_up` `[E * 2I, C]` (expert e's rows `[G_e; U_e]` at `e * 2I`) and `down` `[E * C, I]`
 //! (expert e's rows at `e * C`), both row-major so one expert is one contiguous slice.
 //!
+//! The stacked weights are plain (f32, bf16, f16) or quantized ([`Experts::Quant`]: codes in the
+//! matmul's panels, each expert's rows whole panels, so an expert is a contiguous run of each
+//! part and its matmul is `matmul_quant` on that slice).
+//!
 //! Routing, per token: scores = softmax or sigmoid of `x @ router^T` (computed in f64); the
 //! `top_k` experts with the largest `score + bias` are picked (the bias only selects; ties go
 //! to the lower expert index); their weights are their scores, divided by `max(sum, 1e-12)` when
@@ -14,9 +18,10 @@
 //! over just them, and scatter-adds the weighted rows into `out`. Each output row sums its
 //! experts in ascending expert order whatever the batch, so results do not depend on threads.
 
+use super::quant::{matmul_quant, QuantWeight};
 use super::{check_rows, matmul, runnable_isa, silu_mul, Weight, WeightData, WeightLayout};
 use crate::KernelError;
-use ir_types::{CpuIsa, MoeRouting};
+use ir_types::{ActQuant, CpuIsa, MoeRouting};
 
 const NAME: &str = "moe";
 
@@ -36,6 +41,134 @@ pub struct MoeParams {
 /// The picked experts of one token and their weights, best first.
 pub type Route = Vec<(usize, f32)>;
 
+/// A layer's stacked expert weights (`gate_up` `[E * 2I, C]` or `down` `[E * C, I]`).
+#[derive(Clone, Copy, Debug)]
+pub enum Experts<'a> {
+    /// Row-major, in the checkpoint's element type.
+    Plain(Weight<'a>),
+    /// Quantized codes in panels, with how the matmul treats activations (as they are for the
+    /// A16 schemes, rounded per token row for A8 and FP8: see `quant`).
+    Quant(QuantWeight<'a>, ActQuant),
+}
+
+impl<'a> Experts<'a> {
+    pub fn rows(&self) -> usize {
+        match self {
+            Experts::Plain(w) => w.rows,
+            Experts::Quant(w, _) => w.rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Experts::Plain(w) => w.cols,
+            Experts::Quant(w, _) => w.cols,
+        }
+    }
+
+    /// Element `[row, col]` as the kernels compute with it.
+    pub fn get_f32(&self, row: usize, col: usize) -> f32 {
+        match self {
+            Experts::Plain(w) => w.get_f32(row, col),
+            Experts::Quant(w, _) => w.get_f32(row, col),
+        }
+    }
+
+    /// Bytes of one expert's `rows` rows as stored (codes, scales and minimums when quantized).
+    pub fn expert_bytes(&self, rows: usize) -> usize {
+        match self {
+            Experts::Plain(w) => rows * w.cols * w.data.dtype().size_bytes(),
+            Experts::Quant(w, _) => {
+                let sizes = super::quant::quant_sizes(&w.format, w.layout, rows, w.cols);
+                sizes.code_bytes + 2 * (sizes.scales + sizes.mins)
+            }
+        }
+    }
+
+    /// Expert `e`'s `rows` rows, a weight of their own; an error where they do not exist or (when
+    /// quantized) are not whole panels.
+    pub fn expert(&self, e: usize, rows: usize) -> Result<Experts<'a>, KernelError> {
+        let out_of_range = e
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(rows))
+            .is_none_or(|end| end > self.rows());
+        if out_of_range {
+            return Err(KernelError::shape(
+                NAME,
+                format!("expert {e} of {rows} rows lies past {} rows", self.rows()),
+            ));
+        }
+        match self {
+            Experts::Plain(w) => Ok(Experts::Plain(expert(w, e, rows))),
+            Experts::Quant(w, act) => w
+                .panel_rows(e * rows, rows)
+                .map(|q| Experts::Quant(q, *act))
+                .ok_or_else(|| {
+                    KernelError::shape(
+                        NAME,
+                        format!(
+                            "an expert's {rows} rows are not whole panels of {}",
+                            w.layout.panel()
+                        ),
+                    )
+                }),
+        }
+    }
+
+    /// `out[T, rows] = x[T, cols] @ self^T`.
+    pub fn matmul(
+        &self,
+        isa: CpuIsa,
+        x: &[f32],
+        x_stride: usize,
+        t: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) -> Result<(), KernelError> {
+        match self {
+            Experts::Plain(w) => matmul(isa, x, x_stride, t, w, None, out, out_stride),
+            Experts::Quant(w, act) => {
+                matmul_quant(isa, *act, x, x_stride, t, w, None, out, out_stride)
+            }
+        }
+    }
+
+    /// The stacked weight is whole and (plain) row-major, or (quantized) consistent, with each
+    /// expert's `rows_per_expert` rows whole panels.
+    fn check(&self, what: &str, rows_per_expert: usize) -> Result<(), KernelError> {
+        match self {
+            Experts::Plain(w) => {
+                if w.layout != WeightLayout::RowMajor {
+                    return Err(KernelError::shape(
+                        NAME,
+                        format!("stacked {what} must be row-major"),
+                    ));
+                }
+                if w.rows.checked_mul(w.cols) != Some(w.data.len()) {
+                    return Err(KernelError::shape(
+                        NAME,
+                        format!("{what} has {} elements", w.data.len()),
+                    ));
+                }
+            }
+            Experts::Quant(w, _) => {
+                w.check(NAME)?;
+                if !rows_per_expert.is_multiple_of(w.layout.panel()) {
+                    return Err(KernelError::shape(
+                        NAME,
+                        format!(
+                            "quantized {what}: an expert's {rows_per_expert} rows are not whole \
+                             panels of {}",
+                            w.layout.panel()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Sizes of the stacked weights: `(C, I)` after checking every argument.
 #[allow(clippy::too_many_arguments)]
 fn check(
@@ -44,8 +177,8 @@ fn check(
     t: usize,
     router: &Weight,
     bias: Option<&[f32]>,
-    gate_up: &Weight,
-    down: &Weight,
+    gate_up: &Experts,
+    down: &Experts,
     p: &MoeParams,
     out_len: usize,
     out_stride: usize,
@@ -64,34 +197,30 @@ fn check(
     if bias.is_some_and(|b| b.len() != e) {
         return bad(format!("router bias is not {e} values"));
     }
-    if gate_up.cols != c || !gate_up.rows.is_multiple_of(2 * e) || gate_up.rows == 0 {
+    if gate_up.cols() != c || !gate_up.rows().is_multiple_of(2 * e) || gate_up.rows() == 0 {
         return bad(format!(
             "gate_up is [{}, {}], not [{e} * 2I, {c}]",
-            gate_up.rows, gate_up.cols
+            gate_up.rows(),
+            gate_up.cols()
         ));
     }
-    let i = gate_up.rows / (2 * e);
-    if down.rows != e * c || down.cols != i {
+    let i = gate_up.rows() / (2 * e);
+    if e.checked_mul(c) != Some(down.rows()) || down.cols() != i {
         return bad(format!(
             "down is [{}, {}], not [{e} * {c}, {i}]",
-            down.rows, down.cols
+            down.rows(),
+            down.cols()
         ));
     }
-    for (w, what) in [(gate_up, "gate_up"), (down, "down")] {
-        if w.layout != WeightLayout::RowMajor {
-            return bad(format!("stacked {what} must be row-major"));
-        }
-        if w.data.len() != w.rows * w.cols {
-            return bad(format!("{what} has {} elements", w.data.len()));
-        }
-    }
+    gate_up.check("gate_up", 2 * i)?;
+    down.check("down", c)?;
     check_rows(NAME, "x", x_len, t, c, x_stride)?;
     check_rows(NAME, "out", out_len, t, c, out_stride)?;
     Ok((c, i))
 }
 
 /// Expert `e`'s `rows` rows of a stacked row-major weight.
-pub fn expert<'a>(w: &Weight<'a>, e: usize, rows: usize) -> Weight<'a> {
+fn expert<'a>(w: &Weight<'a>, e: usize, rows: usize) -> Weight<'a> {
     let (start, len) = (e * rows * w.cols, rows * w.cols);
     let data = match w.data {
         WeightData::F32(d) => WeightData::F32(&d[start..start + len]),
@@ -178,7 +307,7 @@ fn mask_groups(keys: &mut [f64], groups: usize, top_groups: usize) {
 /// The fused layer, grouped by expert (see the module doc).
 ///
 /// Shapes: `x` `[T, C]` with row stride `x_stride`; `router` `[E, C]`; `bias` `[E]`; `gate_up`
-/// `[E * 2I, C]` and `down` `[E * C, I]` row-major; `out` `[T, C]` with row stride `out_stride`.
+/// `[E * 2I, C]` and `down` `[E * C, I]`; `out` `[T, C]` with row stride `out_stride`.
 #[allow(clippy::too_many_arguments)]
 pub fn moe(
     isa: CpuIsa,
@@ -187,8 +316,8 @@ pub fn moe(
     t: usize,
     router: &Weight,
     bias: Option<&[f32]>,
-    gate_up: &Weight,
-    down: &Weight,
+    gate_up: &Experts,
+    down: &Experts,
     params: &MoeParams,
     out: &mut [f32],
     out_stride: usize,
@@ -235,18 +364,11 @@ pub fn moe(
         gu.resize(n * 2 * i, 0.0);
         act.resize(n * i, 0.0);
         y.resize(n * c, 0.0);
-        matmul(
-            isa,
-            &xs,
-            c,
-            n,
-            &expert(gate_up, e, 2 * i),
-            None,
-            &mut gu,
-            2 * i,
-        )?;
+        gate_up
+            .expert(e, 2 * i)?
+            .matmul(isa, &xs, c, n, &mut gu, 2 * i)?;
         silu_mul(isa, &gu, 2 * i, n, i, &mut act, i)?;
-        matmul(isa, &act, i, n, &expert(down, e, c), None, &mut y, c)?;
+        down.expert(e, c)?.matmul(isa, &act, i, n, &mut y, c)?;
         for (j, &(token, w)) in group.iter().enumerate() {
             let o = &mut out[token * out_stride..][..c];
             for (o, v) in o.iter_mut().zip(&y[j * c..][..c]) {
@@ -260,7 +382,8 @@ pub fn moe(
 pub mod reference {
     use super::*;
 
-    /// One token at a time, every picked expert's MLP in f64, summed best expert first.
+    /// One token at a time, every picked expert's MLP in f64 on the weights' values (quantized
+    /// ones as the kernels form them; activations are not rounded), summed best expert first.
     #[allow(clippy::too_many_arguments)]
     pub fn moe(
         x: &[f32],
@@ -268,23 +391,24 @@ pub mod reference {
         t: usize,
         router: &Weight,
         bias: Option<&[f32]>,
-        gate_up: &Weight,
-        down: &Weight,
+        gate_up: &Experts,
+        down: &Experts,
         params: &MoeParams,
         out: &mut [f32],
         out_stride: usize,
     ) {
         let (c, e_count) = (router.cols, params.experts);
-        let i = gate_up.rows / (2 * e_count);
+        let i = gate_up.rows() / (2 * e_count);
         for token in 0..t {
             let xr = &x[token * x_stride..][..c];
-            let dot = |w: &Weight, row: usize, v: &[f64]| -> f64 {
-                (0..w.cols)
+            let dot = |w: &Experts, row: usize, v: &[f64]| -> f64 {
+                (0..w.cols())
                     .map(|k| w.get_f32(row, k) as f64 * v[k])
                     .sum::<f64>()
             };
             let xd: Vec<f64> = xr.iter().map(|&v| v as f64).collect();
-            let logits: Vec<f32> = (0..e_count).map(|e| dot(router, e, &xd) as f32).collect();
+            let router = Experts::Plain(*router);
+            let logits: Vec<f32> = (0..e_count).map(|e| dot(&router, e, &xd) as f32).collect();
             let mut acc = vec![0.0f64; c];
             for (e, w) in route(&logits, bias, params) {
                 let h: Vec<f64> = (0..i)
@@ -307,8 +431,11 @@ pub mod reference {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::{isas_to_test, max_abs_diff, Rng};
+    use super::super::quant::{PackedQuant, QuantFormat};
+    use super::super::test_util::{isas_to_test, max_abs_diff, random_quant_matrix, Rng};
+    use super::super::PackedLayout;
     use super::*;
+    use ir_types::CodeFormat;
 
     struct Case {
         e: usize,
@@ -337,8 +464,16 @@ mod tests {
         fn run(&self, isa: CpuIsa, x: &[f32], t: usize, p: &MoeParams) -> (Vec<f32>, Vec<f32>) {
             let (c, stride) = (self.c, self.c + 3);
             let router = Weight::row_major(WeightData::F32(&self.router), self.e, c);
-            let gate_up = Weight::row_major(WeightData::F32(&self.gate_up), self.e * 2 * self.i, c);
-            let down = Weight::row_major(WeightData::F32(&self.down), self.e * c, self.i);
+            let gate_up = Experts::Plain(Weight::row_major(
+                WeightData::F32(&self.gate_up),
+                self.e * 2 * self.i,
+                c,
+            ));
+            let down = Experts::Plain(Weight::row_major(
+                WeightData::F32(&self.down),
+                self.e * c,
+                self.i,
+            ));
             let bias = self.bias.as_deref();
             let mut got = vec![7.0; t * stride];
             let mut want = vec![7.0; t * stride];
@@ -471,14 +606,172 @@ mod tests {
         }
     }
 
+    /// Stacked experts of random codes in `isa`'s panels: gate_up `[e * 2i, c]`, down `[e * c, i]`.
+    fn quantized_experts(
+        rng: &mut Rng,
+        isa: CpuIsa,
+        format: QuantFormat,
+        (e, c, i): (usize, usize, usize),
+    ) -> [PackedQuant; 2] {
+        let layout = PackedLayout::for_isa(isa);
+        [(e * 2 * i, c), (e * c, i)].map(|(rows, cols)| {
+            random_quant_matrix(rng, format, rows, cols)
+                .pack(layout)
+                .unwrap()
+        })
+    }
+
+    fn view<'a>(
+        packed: &'a PackedQuant,
+        isa: CpuIsa,
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        act: ActQuant,
+    ) -> Experts<'a> {
+        let w = QuantWeight {
+            format,
+            layout: PackedLayout::for_isa(isa),
+            rows,
+            cols,
+            codes: &packed.codes,
+            scales: &packed.scales,
+            mins: &packed.mins,
+        };
+        Experts::Quant(w, act)
+    }
+
+    /// Token by token, each picked expert's MLP on that token's row alone through the expert's
+    /// own weight slice, summed in ascending expert order: the unfused graph of one token.
+    #[allow(clippy::too_many_arguments)]
+    fn unfused(
+        isa: CpuIsa,
+        x: &[f32],
+        t: usize,
+        router: &Weight,
+        gate_up: &Experts,
+        down: &Experts,
+        p: &MoeParams,
+    ) -> Vec<f32> {
+        let (c, i) = (router.cols, down.cols());
+        let mut out = vec![0.0f32; t * c];
+        for token in 0..t {
+            let row = &x[token * c..][..c];
+            let mut logits = vec![0.0f32; p.experts];
+            matmul(isa, row, c, 1, router, None, &mut logits, p.experts).unwrap();
+            let mut picks = route(&logits, None, p);
+            picks.sort_by_key(|&(e, _)| e);
+            let (mut gu, mut act, mut y) = (vec![0.0; 2 * i], vec![0.0; i], vec![0.0; c]);
+            for (e, w) in picks {
+                let g = gate_up.expert(e, 2 * i).unwrap();
+                g.matmul(isa, row, c, 1, &mut gu, 2 * i).unwrap();
+                silu_mul(isa, &gu, 2 * i, 1, i, &mut act, i).unwrap();
+                down.expert(e, c)
+                    .unwrap()
+                    .matmul(isa, &act, i, 1, &mut y, c)
+                    .unwrap();
+                for (o, v) in out[token * c..][..c].iter_mut().zip(&y) {
+                    *o += w * v;
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quantized_experts_match_the_reference_and_the_unfused_graph() {
+        let mut rng = Rng::new(17);
+        let (e, c, i, t) = (6, 64, 32, 9);
+        let p = params(e, 2, MoeRouting::Softmax, true);
+        let router_values = rng.vec(e * c, 1.0);
+        let router = Weight::row_major(WeightData::F32(&router_values), e, c);
+        let x = rng.vec(t * c, 1.0);
+        let formats = [
+            (CodeFormat::Int(8), 32, false, ActQuant::None),
+            (CodeFormat::Int(4), 32, true, ActQuant::None),
+            (CodeFormat::Int(2), 16, true, ActQuant::None),
+            (CodeFormat::Int(8), 32, false, ActQuant::Int8PerToken),
+            (CodeFormat::Int(4), 32, true, ActQuant::Int8PerToken),
+            (CodeFormat::Fp8E4M3, 32, false, ActQuant::Fp8PerToken),
+        ];
+        for isa in isas_to_test() {
+            for (codes, group, asymmetric, act) in formats {
+                let format = QuantFormat {
+                    codes,
+                    group,
+                    asymmetric,
+                };
+                let packed = quantized_experts(&mut rng, isa, format, (e, c, i));
+                let gate_up = view(&packed[0], isa, format, e * 2 * i, c, act);
+                let down = view(&packed[1], isa, format, e * c, i, act);
+                let mut got = vec![0.0f32; t * c];
+                moe(
+                    isa, &x, c, t, &router, None, &gate_up, &down, &p, &mut got, c,
+                )
+                .unwrap();
+                let label = format!("{isa:?} {codes:?} g{group} {act:?}");
+                // The unfused graph runs the same kernels on the same rows: the same bits.
+                let want = unfused(isa, &x, t, &router, &gate_up, &down, &p);
+                assert_eq!(got, want, "{label}: fused and unfused differ");
+                // Against the f64 reference on the weights' values: only the A16 schemes, whose
+                // activations keep 16 bits per block of 32 (the A8 ones round them to 8).
+                if act == ActQuant::None {
+                    let mut want = vec![0.0f32; t * c];
+                    reference::moe(&x, c, t, &router, None, &gate_up, &down, &p, &mut want, c);
+                    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    assert!(scale > 1e-3, "{label}: output is not trivially zero");
+                    let diff = max_abs_diff(&got, &want);
+                    assert!(diff <= 1e-4 * scale, "{label}: {diff} of {scale}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_experts_that_split_a_panel_are_refused() {
+        let mut rng = Rng::new(19);
+        let isa = CpuIsa::Portable; // panels of 8 rows
+        let format = QuantFormat {
+            codes: CodeFormat::Int(4),
+            group: 16,
+            asymmetric: false,
+        };
+        // I = 6: an expert's 12 gate-up rows are a panel and a half.
+        let (e, c, i) = (4, 16, 6);
+        let gate_up = random_quant_matrix(&mut rng, format, e * 2 * i, c)
+            .pack(PackedLayout::for_isa(isa))
+            .unwrap();
+        let down = Experts::Plain(Weight::row_major(
+            WeightData::F32(&[0.0; 4 * 16 * 6]),
+            e * c,
+            i,
+        ));
+        let gate_up = view(&gate_up, isa, format, e * 2 * i, c, ActQuant::None);
+        let router = Weight::row_major(WeightData::F32(&[0.0; 4 * 16]), e, c);
+        let (x, mut out) = (vec![1.0; 2 * c], vec![0.0; 2 * c]);
+        let p = params(e, 2, MoeRouting::Softmax, true);
+        let err = moe(
+            isa, &x, c, 2, &router, None, &gate_up, &down, &p, &mut out, c,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("12 rows are not whole panels of 8"),
+            "{err}"
+        );
+        assert!(gate_up.expert(1, 2 * i).is_err());
+        assert!(gate_up.expert(6, 8).is_err(), "past the last row");
+        assert!(gate_up.expert(5, 8).is_ok(), "whole panels inside");
+    }
+
     #[test]
     fn bad_shapes_are_errors() {
         let w = vec![0.0f32; 4 * 8];
         let router = Weight::row_major(WeightData::F32(&w), 4, 8);
         let gu = vec![0.0f32; 4 * 2 * 3 * 8];
-        let gate_up = Weight::row_major(WeightData::F32(&gu), 4 * 2 * 3, 8);
+        let gate_up = Experts::Plain(Weight::row_major(WeightData::F32(&gu), 4 * 2 * 3, 8));
         let d = vec![0.0f32; 4 * 8 * 2];
-        let down = Weight::row_major(WeightData::F32(&d), 4 * 8, 2);
+        let down = Experts::Plain(Weight::row_major(WeightData::F32(&d), 4 * 8, 2));
         let x = vec![0.0; 2 * 8];
         let mut out = vec![0.0; 2 * 8];
         let p = params(4, 2, MoeRouting::Softmax, true);

@@ -257,6 +257,29 @@ impl<'a> QuantWeight<'a> {
         Ok(())
     }
 
+    /// Rows `row0..row0 + rows` as a weight of their own, when both are whole panels (a panel's
+    /// codes, scales and minimums are contiguous runs of each part): one expert of stacked
+    /// experts. None when they are not, or lie past the weight.
+    pub fn panel_rows(&self, row0: usize, rows: usize) -> Option<QuantWeight<'a>> {
+        let p = self.layout.panel();
+        let end = row0.checked_add(rows)?;
+        if !row0.is_multiple_of(p) || !rows.is_multiple_of(p) || end > self.rows {
+            return None;
+        }
+        let before = quant_sizes(&self.format, self.layout, row0, self.cols);
+        let part = quant_sizes(&self.format, self.layout, rows, self.cols);
+        let slice = |all: &'a [f16], start: usize, len: usize| all.get(start..start + len);
+        Some(QuantWeight {
+            rows,
+            codes: self
+                .codes
+                .get(before.code_bytes..before.code_bytes + part.code_bytes)?,
+            scales: slice(self.scales, before.scales, part.scales)?,
+            mins: slice(self.mins, before.mins, part.mins)?,
+            ..*self
+        })
+    }
+
     /// The code of element `[row, col]`.
     fn code(&self, row: usize, col: usize) -> u8 {
         let p = self.layout.panel();
@@ -1355,41 +1378,9 @@ pub mod reference {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::test_util::{isas_to_test, on_threads, Rng};
-
-    /// A random quantized matrix of `format`.
-    fn random_matrix(rng: &mut Rng, format: QuantFormat, n: usize, k: usize) -> QuantMatrix {
-        let bits = format.codes.bits();
-        let groups = n * format.groups(k);
-        let codes = (0..n * k)
-            .map(|_| match format.codes {
-                // Finite e4m3 codes only (0x7f and 0xff are NaN).
-                CodeFormat::Fp8E4M3 => {
-                    let c = rng.below(254) as u8;
-                    c + u8::from(c >= 0x7f)
-                }
-                _ => rng.below(1 << bits) as u8,
-            })
-            .collect();
-        let scales = (0..groups)
-            .map(|_| f16::from_f32(0.01 + rng.unit().abs() * 0.05))
-            .collect();
-        let mins = if format.asymmetric {
-            (0..groups)
-                .map(|_| f16::from_f32(rng.unit() * 0.1))
-                .collect()
-        } else {
-            vec![]
-        };
-        QuantMatrix {
-            format,
-            rows: n,
-            cols: k,
-            codes,
-            scales,
-            mins,
-        }
-    }
+    use crate::cpu::test_util::{
+        isas_to_test, on_threads, random_quant_matrix as random_matrix, Rng,
+    };
 
     fn formats() -> Vec<QuantFormat> {
         let mut all = vec![];

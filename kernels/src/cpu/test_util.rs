@@ -1,7 +1,9 @@
 //! Test helpers: a small deterministic RNG, random buffers, the ISAs this CPU can exercise, and
 //! error measures.
 
-use ir_types::CpuIsa;
+use super::quant::{QuantFormat, QuantMatrix};
+use half::f16;
+use ir_types::{CodeFormat, CpuIsa};
 
 /// SplitMix64: tiny, deterministic, good enough to fill test tensors.
 pub(crate) struct Rng(u64);
@@ -61,4 +63,43 @@ pub(crate) fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) 
         .build()
         .unwrap()
         .install(f)
+}
+
+/// A random quantized matrix of `format`.
+pub(crate) fn random_quant_matrix(
+    rng: &mut Rng,
+    format: QuantFormat,
+    n: usize,
+    k: usize,
+) -> QuantMatrix {
+    let bits = format.codes.bits();
+    let groups = n * format.groups(k);
+    let codes = (0..n * k)
+        .map(|_| match format.codes {
+            // Finite e4m3 codes only (0x7f and 0xff are NaN).
+            CodeFormat::Fp8E4M3 => {
+                let c = rng.below(254) as u8;
+                c + u8::from(c >= 0x7f)
+            }
+            _ => rng.below(1 << bits) as u8,
+        })
+        .collect();
+    let scales = (0..groups)
+        .map(|_| f16::from_f32(0.01 + rng.unit().abs() * 0.05))
+        .collect();
+    let mins = if format.asymmetric {
+        (0..groups)
+            .map(|_| f16::from_f32(rng.unit() * 0.1))
+            .collect()
+    } else {
+        vec![]
+    };
+    QuantMatrix {
+        format,
+        rows: n,
+        cols: k,
+        codes,
+        scales,
+        mins,
+    }
 }

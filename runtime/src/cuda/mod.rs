@@ -253,6 +253,25 @@ struct MoeScratch {
     /// Per-pick row widths the buffers hold: `2I` (gate-up) and `I`.
     inter: usize,
     top_k: usize,
+    /// What quantized experts need beyond that, when the plan has them.
+    quantized: Option<QuantExpertsScratch>,
+}
+
+/// Quantized experts' buffers: per (token, pick) the down projection before its routing weight
+/// (`moe_combine_f32` sums them), and for the A8 and FP8 schemes the token rows and the act rows
+/// on their grid with their scales.
+struct QuantExpertsScratch {
+    down: CudaSlice<f32>,
+    /// The widest mixture input `C` the buffers hold.
+    cols: usize,
+    grid_rows: Option<GridRows>,
+}
+
+struct GridRows {
+    x: CudaSlice<f32>,
+    x_scales: CudaSlice<f32>,
+    act: CudaSlice<f32>,
+    act_scales: CudaSlice<f32>,
 }
 
 impl MoeScratch {
@@ -262,20 +281,25 @@ impl MoeScratch {
         alloc: &dyn Fn(usize) -> Result<CudaSlice<f32>, RuntimeError>,
         s: &std::sync::Arc<cudarc::driver::CudaStream>,
     ) -> Result<Option<MoeScratch>, RuntimeError> {
-        let (mut inter, mut top_k) = (0, 0);
+        let (mut inter, mut top_k, mut cols) = (0, 0, 0);
+        let (mut quantized, mut grid_rows) = (false, false);
         for step in &plan.program.steps {
             if let Launch::Moe {
+                x,
                 gate_up,
                 experts,
                 top_k: k,
                 ..
             } = &step.launch
             {
-                inter = inter.max(expert_inter(
-                    &plan.manifest.weights[gate_up.0 as usize],
-                    *experts,
-                ));
+                let info = &plan.manifest.weights[gate_up.0 as usize];
+                inter = inter.max(expert_inter(info, *experts));
                 top_k = top_k.max(*k as usize);
+                cols = cols.max(x.cols as usize);
+                if let Some(q) = info.quant {
+                    quantized = true;
+                    grid_rows |= q.scheme.act_quant() != ActQuant::None;
+                }
             }
         }
         if top_k == 0 {
@@ -298,6 +322,22 @@ impl MoeScratch {
             act: alloc(picks * inter)?,
             inter,
             top_k,
+            quantized: match quantized {
+                false => None,
+                true => Some(QuantExpertsScratch {
+                    down: alloc(picks * cols)?,
+                    cols,
+                    grid_rows: match grid_rows {
+                        false => None,
+                        true => Some(GridRows {
+                            x: alloc(max_batch_tokens * cols)?,
+                            x_scales: alloc(max_batch_tokens)?,
+                            act: alloc(picks * inter)?,
+                            act_scales: alloc(picks)?,
+                        }),
+                    },
+                }),
+            },
         }))
     }
 }
@@ -1502,6 +1542,93 @@ impl GpuEngine {
                     &route,
                 )?;
                 let picks = (p.t * k) as u32;
+                if let Some(q) = self.quant(gate_up) {
+                    let q_down = self.quant(down).ok_or_else(|| {
+                        RuntimeError::InvalidPlan(format!(
+                            "step {index}: quantized gate-up experts with plain down experts"
+                        ))
+                    })?;
+                    let qs = scratch.quantized.as_ref().ok_or_else(|| {
+                        RuntimeError::InvalidPlan(format!("step {index}: no room for its experts"))
+                    })?;
+                    if x.cols as usize > qs.cols || out.cols != x.cols {
+                        return Err(RuntimeError::InvalidPlan(format!(
+                            "step {index}: experts wider than the plan's"
+                        )));
+                    }
+                    use kernels::cuda::{
+                        MOE_QUANT_ACTIVATIONS, MOE_QUANT_COMBINE, MOE_QUANT_DOWN,
+                        MOE_QUANT_GATE_UP, MOE_QUANT_SILU_MUL,
+                    };
+                    // A8 and FP8: rows onto their grid before each matmul (as `MatMul` does).
+                    let grid_rows = match q.act {
+                        ActQuant::None => None,
+                        _ => Some(qs.grid_rows.as_ref().ok_or_else(|| {
+                            RuntimeError::InvalidPlan(format!(
+                                "step {index}: no room for its activations"
+                            ))
+                        })?),
+                    };
+                    let (mut gx, mut gxs, mut x_scales) = (xp, xs, 0u64);
+                    if let Some(g) = grid_rows {
+                        let (qx, sx) = (ptr(&g.x, s), ptr(&g.x_scales, s));
+                        let args = [P(xp), I(xs), int(x.cols), P(qx), P(sx)];
+                        go(MOE_QUANT_ACTIVATIONS, grid(p.t as u32, 1, 256), &args)?;
+                        (gx, gxs, x_scales) = (qx, x.cols as i32, sx);
+                    }
+                    let up = [
+                        P(gx),
+                        I(gxs),
+                        int(x.cols),
+                        P(weight(gate_up)),
+                        I(inter as i32),
+                        I(q.group),
+                        P(q.scales),
+                        P(q.mins),
+                        P(x_scales),
+                        P(ids),
+                        int(*top_k),
+                        P(h),
+                    ];
+                    let panels = (2 * inter as u32).div_ceil(QUANT_MATMUL_ROWS);
+                    go(
+                        MOE_QUANT_GATE_UP,
+                        grid(panels, picks, QUANT_MATMUL_THREADS),
+                        &up,
+                    )?;
+                    let gu = 2 * inter as i32;
+                    let silu = [P(h), I(gu), I(inter as i32), P(a), I(inter as i32)];
+                    go(MOE_QUANT_SILU_MUL, cols_grid(inter as u64, picks), &silu)?;
+                    let (mut ga, mut act_scales) = (a, 0u64);
+                    if let Some(g) = grid_rows {
+                        let (qa, sa) = (ptr(&g.act, s), ptr(&g.act_scales, s));
+                        let args = [P(a), I(inter as i32), I(inter as i32), P(qa), P(sa)];
+                        go(MOE_QUANT_ACTIVATIONS, grid(picks, 1, 256), &args)?;
+                        (ga, act_scales) = (qa, sa);
+                    }
+                    let y = ptr(&qs.down, s);
+                    let down_args = [
+                        P(ga),
+                        I(inter as i32),
+                        I(inter as i32),
+                        P(weight(down)),
+                        int(out.cols),
+                        I(q_down.group),
+                        P(q_down.scales),
+                        P(q_down.mins),
+                        P(act_scales),
+                        P(ids),
+                        P(y),
+                    ];
+                    let panels = (out.cols as u32).div_ceil(QUANT_MATMUL_ROWS);
+                    go(
+                        MOE_QUANT_DOWN,
+                        grid(panels, picks, QUANT_MATMUL_THREADS),
+                        &down_args,
+                    )?;
+                    let combine = [P(y), int(out.cols), P(wts), int(*top_k), P(o), I(os)];
+                    return go(MOE_QUANT_COMBINE, cols_grid(out.cols, p.t as u32), &combine);
+                }
                 let up = [
                     P(xp),
                     I(xs),

@@ -138,14 +138,18 @@ pub fn write_safetensors(
 /// Copies the checkpoint directory `from` to `to` with every weight `w` replaced by
 /// `w * scale + offset * sin(i)` (element `i`): same names and shapes, other values.
 pub fn perturbed_copy(from: &Path, to: &Path, scale: f32, offset: f32) {
-    std::fs::create_dir_all(to).expect("checkpoint directory");
-    for entry in std::fs::read_dir(from).expect("checkpoint directory") {
-        let path = entry.expect("entry").path();
-        let name = path.file_name().unwrap().to_string_lossy().to_string();
-        if name == "config.json" {
-            std::fs::copy(&path, to.join(&name)).expect("copy config");
+    rewritten_copy(from, to, |_, original, out| {
+        for (i, (v, &w)) in out.iter_mut().zip(original).enumerate() {
+            *v = w * scale + offset * (i as f32).sin();
         }
-    }
+    });
+}
+
+/// Copies the f32 checkpoint directory `from` (its config and `model.safetensors`) to `to`,
+/// each tensor's values written by `rewrite(name, original, out)`: same names and shapes.
+pub fn rewritten_copy(from: &Path, to: &Path, mut rewrite: impl FnMut(&str, &[f32], &mut [f32])) {
+    std::fs::create_dir_all(to).expect("checkpoint directory");
+    std::fs::copy(from.join("config.json"), to.join("config.json")).expect("copy config");
     let bytes = std::fs::read(from.join("model.safetensors")).expect("model.safetensors");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
@@ -154,12 +158,16 @@ pub fn perturbed_copy(from: &Path, to: &Path, scale: f32, offset: f32) {
         .iter()
         .map(|n| (n.clone(), st.tensor(n).expect("tensor").shape().to_vec()))
         .collect();
+    let mut original = vec![];
     write_safetensors(&to.join("model.safetensors"), &tensors, |_, name, out| {
         let view = st.tensor(name).expect("tensor");
         assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
-        for (i, (v, c)) in out.iter_mut().zip(view.data().chunks_exact(4)).enumerate() {
-            let w = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            *v = w * scale + offset * (i as f32).sin();
-        }
+        original.clear();
+        original.extend(
+            view.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        );
+        rewrite(name, &original, out);
     });
 }
