@@ -575,10 +575,12 @@ extern "C" __global__ void moe_down_e4m3(const float* act, int act_stride, int i
                           ids, y);
 }
 
-// out[t, c] = sum over j = 0..top_k in order (best expert first) of weights[r] * y[r, c],
-// r = t * top_k + j. Grid: (ceil(cols / 256), T); block: 256.
-extern "C" __global__ void moe_combine_f32(const float* y, int cols, const float* weights,
-                                           int top_k, float* out, int out_stride) {
+// out[t, c] = sum over j = 0..top_k in order (best expert first) of weights[r] * y[s, c],
+// r = t * top_k + j, s = slot[r] (the row's place when grouped by expert) or r when slot is null.
+// Grid: (ceil(cols / 256), T); block: 256.
+extern "C" __global__ void moe_combine_f32(const float* y, int cols, const int* slot,
+                                           const float* weights, int top_k, float* out,
+                                           int out_stride) {
     fd_grid_start();
     fd_grid_wait();
     const int c = blockIdx.x * blockDim.x + threadIdx.x, t = blockIdx.y;
@@ -586,7 +588,185 @@ extern "C" __global__ void moe_combine_f32(const float* y, int cols, const float
     float acc = 0.0f;
     for (int j = 0; j < top_k; j++) {
         const int r = t * top_k + j;
-        acc += weights[r] * y[(long long)r * cols + c];
+        const int s = slot ? slot[r] : r;
+        acc += weights[r] * y[(long long)s * cols + c];
     }
     out[(long long)t * out_stride + c] = acc;
+}
+
+// Passes of several tokens group their (token, pick) rows by expert, as the CPU kernel does, so
+// that an expert's weights are read once per tile of up to FD_MOE_TILE of its rows rather than
+// once per row (a decode step of one sequence picks top_k distinct experts and keeps the
+// per-pick kernels above):
+//
+//   moe_group         sorts the rows by expert and cuts each expert's run into tiles
+//   moe_gather_f32    xs[pos, :] = x[order[pos] / top_k, :], the rows in that order
+//   quantize_rows_*   A8 and FP8 only, over xs
+//   moe_tile_*        h[pos, :] = xs[pos, :] @ gate_up(e)^T for a tile of expert e's rows
+//   silu_mul_f32      over all rows
+//   quantize_rows_*   A8 and FP8 only
+//   moe_tile_*        y[pos, :] = act[pos, :] @ down(e)^T
+//   moe_combine_f32   with slot[r] = pos
+//
+// The tile kernels are the dense matmuls' row readers (`matmul_row`, `qmatmul`) on a tile's
+// consecutive rows; each row's sums do not depend on the rows beside it, so the order the
+// grouping gives rows of one expert (atomics) does not change any result.
+#define FD_MOE_TILE 4  // at most the row readers' token blocks
+static_assert(FD_MOE_TILE <= QTOKENS, "a tile's rows fit qmatmul's token block");
+#define FD_MOE_GROUP_THREADS 1024
+
+// One block. order[pos] = r and slot[r] = pos for the picks' rows r sorted by expert; tile i
+// is (first pos, rows, expert) = tiles[i].x, .y, .z, i < n_tiles[0]. The tile kernels' grids
+// have room for every possible tile (ceil(picks / FD_MOE_TILE) + min(experts, picks)); the
+// blocks past n_tiles[0] return at once.
+extern "C" __global__ void __launch_bounds__(FD_MOE_GROUP_THREADS)
+moe_group(const int* ids, int picks, int experts, int* order, int* slot, int4* tiles,
+          int* n_tiles) {
+    __shared__ int count[FD_MOE_MAX_EXPERTS];
+    __shared__ int cursor[FD_MOE_MAX_EXPERTS];
+    fd_grid_start();
+    fd_grid_wait();
+    const int tid = threadIdx.x;
+    for (int e = tid; e < experts; e += blockDim.x) count[e] = 0;
+    __syncthreads();
+    for (int r = tid; r < picks; r += blockDim.x) atomicAdd(&count[ids[r]], 1);
+    __syncthreads();
+    if (tid == 0) {
+        int pos = 0, n = 0;
+        for (int e = 0; e < experts; e++) {
+            cursor[e] = pos;
+            for (int s = 0; s < count[e]; s += FD_MOE_TILE)
+                tiles[n++] = make_int4(pos + s, min(FD_MOE_TILE, count[e] - s), e, 0);
+            pos += count[e];
+        }
+        n_tiles[0] = n;
+    }
+    __syncthreads();
+    for (int r = tid; r < picks; r += blockDim.x) {
+        const int pos = atomicAdd(&cursor[ids[r]], 1);
+        order[pos] = r;
+        slot[r] = pos;
+    }
+}
+
+// xs[pos, c] = x[order[pos] / top_k, c]. Grid: (ceil(cols / 256), picks); block: 256.
+extern "C" __global__ void moe_gather_f32(const float* x, int x_stride, int cols,
+                                          const int* order, int top_k, float* xs) {
+    fd_grid_start();
+    fd_grid_wait();
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, pos = blockIdx.y;
+    if (c >= cols) return;
+    xs[(long long)pos * cols + c] = x[(long long)(order[pos] / top_k) * x_stride + c];
+}
+
+// out[pos, n] = xs[pos, :] . w(e)[n, :] for tile blockIdx.y's rows pos and expert e, where w(e)
+// is rows e * rows .. of a stacked plain weight of K = k; a warp per n (FD_MOE_ROWS per block).
+// xs and out are dense ([picks, k] and [picks, rows]). Grid: (ceil(rows / FD_MOE_ROWS),
+// max tiles); block: 32 * FD_MOE_ROWS.
+template <typename W>
+__device__ void fd_moe_tile(const float* xs, int k, const W* w, int rows, const int4* tiles,
+                            const int* n_tiles, float* out) {
+    fd_grid_wait();  // the tiles come from moe_group
+    if ((int)blockIdx.y >= n_tiles[0]) return;
+    const int4 tile = tiles[blockIdx.y];
+    const int n = blockIdx.x * FD_MOE_ROWS + (threadIdx.x >> 5);
+    if (n >= rows) return;  // whole warps
+    const W* we = w + (long long)tile.z * rows * k;
+    // A tile of one row (an expert only one token picked: most of them in a decode step of a
+    // batch) takes the single-token reader, straight-line code with one accumulator.
+    const bool aligned = (unsigned long long)xs % 16 == 0 && k % 4 == 0;
+    if (tile.y == 1 && aligned) {
+        matmul_row<W, 1, true>(xs, k, we, k, n, nullptr, tile.x, 1, out, rows);
+    } else if (tile.y == 1) {
+        matmul_row<W, 1, false>(xs, k, we, k, n, nullptr, tile.x, 1, out, rows);
+    } else if (aligned) {
+        matmul_row<W, FD_MOE_TILE, true>(xs, k, we, k, n, nullptr, tile.x, tile.y, out, rows);
+    } else {
+        matmul_row<W, FD_MOE_TILE, false>(xs, k, we, k, n, nullptr, tile.x, tile.y, out, rows);
+    }
+}
+
+// The quantized twin: a block per panel (blockIdx.x) of expert e's rows, `row_scales` (A8, FP8)
+// per row of xs. Grid: (rows / QPANEL, max tiles); block: 32 * QMATMUL_WARPS.
+template <int BITS, bool E4M3>
+__device__ void fd_moe_qtile(const float* xs, int k, const unsigned char* codes, int rows,
+                             int group, const fd_f16* scales, const fd_f16* mins,
+                             const float* row_scales, const int4* tiles, const int* n_tiles,
+                             float* out) {
+    fd_grid_wait();
+    if ((int)blockIdx.y >= n_tiles[0]) return;
+    const int4 tile = tiles[blockIdx.y];
+    const FdExpertPanels<BITS> w(codes, scales, mins, tile.z, rows, k, group);
+    // One row: the single-token path (its FMAs are a quarter of the token block's, which
+    // runs all QTOKENS slots).
+    if (tile.y == 1) {
+        if ((unsigned long long)(xs + (long long)tile.x * k) % 16 == 0) {
+            qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true>(xs, k, w.codes, k, rows, group, w.scales,
+                                                        w.mins, nullptr, row_scales, tile.x, 1,
+                                                        out, rows);
+        } else {
+            qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false>(xs, k, w.codes, k, rows, group,
+                                                         w.scales, w.mins, nullptr, row_scales,
+                                                         tile.x, 1, out, rows);
+        }
+    } else if ((unsigned long long)xs % 16 == 0 && k % 4 == 0) {
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, QTOKENS, true>(xs, k, w.codes, k, rows, group,
+                                                          w.scales, w.mins, nullptr, row_scales,
+                                                          tile.x, tile.y, out, rows);
+    } else {
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, QTOKENS, false>(xs, k, w.codes, k, rows, group,
+                                                           w.scales, w.mins, nullptr, row_scales,
+                                                           tile.x, tile.y, out, rows);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * FD_MOE_ROWS)
+moe_tile_f32(const float* xs, int k, const float* w, int rows, const int4* tiles,
+             const int* n_tiles, float* out) {
+    fd_grid_start();
+    fd_moe_tile(xs, k, w, rows, tiles, n_tiles, out);
+}
+extern "C" __global__ void __launch_bounds__(32 * FD_MOE_ROWS)
+moe_tile_bf16(const float* xs, int k, const fd_bf16* w, int rows, const int4* tiles,
+              const int* n_tiles, float* out) {
+    fd_grid_start();
+    fd_moe_tile(xs, k, w, rows, tiles, n_tiles, out);
+}
+extern "C" __global__ void __launch_bounds__(32 * FD_MOE_ROWS)
+moe_tile_f16(const float* xs, int k, const fd_f16* w, int rows, const int4* tiles,
+             const int* n_tiles, float* out) {
+    fd_grid_start();
+    fd_moe_tile(xs, k, w, rows, tiles, n_tiles, out);
+}
+extern "C" __global__ void moe_tile_q8(const float* xs, int k, const unsigned char* codes,
+                                       int rows, int group, const fd_f16* scales,
+                                       const fd_f16* mins, const float* row_scales,
+                                       const int4* tiles, const int* n_tiles, float* out) {
+    fd_grid_start();
+    fd_moe_qtile<8, false>(xs, k, codes, rows, group, scales, mins, row_scales, tiles, n_tiles,
+                           out);
+}
+extern "C" __global__ void moe_tile_q4(const float* xs, int k, const unsigned char* codes,
+                                       int rows, int group, const fd_f16* scales,
+                                       const fd_f16* mins, const float* row_scales,
+                                       const int4* tiles, const int* n_tiles, float* out) {
+    fd_grid_start();
+    fd_moe_qtile<4, false>(xs, k, codes, rows, group, scales, mins, row_scales, tiles, n_tiles,
+                           out);
+}
+extern "C" __global__ void moe_tile_q2(const float* xs, int k, const unsigned char* codes,
+                                       int rows, int group, const fd_f16* scales,
+                                       const fd_f16* mins, const float* row_scales,
+                                       const int4* tiles, const int* n_tiles, float* out) {
+    fd_grid_start();
+    fd_moe_qtile<2, false>(xs, k, codes, rows, group, scales, mins, row_scales, tiles, n_tiles,
+                           out);
+}
+extern "C" __global__ void moe_tile_e4m3(const float* xs, int k, const unsigned char* codes,
+                                         int rows, int group, const fd_f16* scales,
+                                         const fd_f16* mins, const float* row_scales,
+                                         const int4* tiles, const int* n_tiles, float* out) {
+    fd_grid_start();
+    fd_moe_qtile<8, true>(xs, k, codes, rows, group, scales, mins, row_scales, tiles, n_tiles,
+                          out);
 }

@@ -46,10 +46,13 @@ pub fn module_source(spec: &ModuleSpec) -> String {
     )
 }
 
-/// A mixture-of-experts launch's functions: routing, gate-up and down, each for f32, bf16 and
-/// f16 weights (in that order, from [`MOE_ROUTE`], [`MOE_GATE_UP`], [`MOE_DOWN`]), then
-/// `silu_mul_f32` between gate-up and down.
-pub const MOE_FUNCTIONS: [&str; 10] = [
+/// A mixture-of-experts launch's functions: routing, gate-up and down per (token, pick) row,
+/// each for f32, bf16 and f16 weights (in that order, from [`MOE_ROUTE`], [`MOE_GATE_UP`],
+/// [`MOE_DOWN`]), `silu_mul_f32` between gate-up and down, then what passes of several tokens
+/// run instead of the per-row gate-up and down: the grouping by expert ([`MOE_GROUP`]), the
+/// gather of the rows in that order, the tile kernel for each weight type ([`MOE_TILE`]) and
+/// the combine ([`MOE_COMBINE`]).
+pub const MOE_FUNCTIONS: [&str; 16] = [
     "moe_route_f32",
     "moe_route_bf16",
     "moe_route_f16",
@@ -60,16 +63,26 @@ pub const MOE_FUNCTIONS: [&str; 10] = [
     "moe_down_bf16",
     "moe_down_f16",
     "silu_mul_f32",
+    "moe_group",
+    "moe_gather_f32",
+    "moe_tile_f32",
+    "moe_tile_bf16",
+    "moe_tile_f16",
+    "moe_combine_f32",
 ];
 pub const MOE_ROUTE: usize = 0;
 pub const MOE_GATE_UP: usize = 3;
 pub const MOE_DOWN: usize = 6;
 pub const MOE_SILU_MUL: usize = 9;
+pub const MOE_GROUP: usize = 10;
+pub const MOE_GATHER: usize = 11;
+pub const MOE_TILE: usize = 12;
+pub const MOE_COMBINE: usize = 15;
 
 /// A mixture of quantized experts' functions: the routing for f32, bf16 and f16 routers (from
-/// [`MOE_ROUTE`]), then the scheme's gate-up, `silu_mul_f32`, down and the combine (at
-/// [`MOE_QUANT_GATE_UP`] ...), then for the A8 and FP8 schemes the activations' quantizer
-/// ([`MOE_QUANT_ACTIVATIONS`]).
+/// [`MOE_ROUTE`]), then the scheme's per-row gate-up, `silu_mul_f32`, per-row down, the combine,
+/// the grouping, the gather and the scheme's tile kernel (at [`MOE_QUANT_GATE_UP`] ...), then
+/// for the A8 and FP8 schemes the activations' quantizer ([`MOE_QUANT_ACTIVATIONS`]).
 macro_rules! moe_quant_functions {
     ($codes:literal $(, $quantize:literal)?) => {
         &[
@@ -80,6 +93,9 @@ macro_rules! moe_quant_functions {
             "silu_mul_f32",
             concat!("moe_down_", $codes),
             "moe_combine_f32",
+            "moe_group",
+            "moe_gather_f32",
+            concat!("moe_tile_", $codes),
             $($quantize,)?
         ]
     };
@@ -88,7 +104,25 @@ pub const MOE_QUANT_GATE_UP: usize = 3;
 pub const MOE_QUANT_SILU_MUL: usize = 4;
 pub const MOE_QUANT_DOWN: usize = 5;
 pub const MOE_QUANT_COMBINE: usize = 6;
-pub const MOE_QUANT_ACTIVATIONS: usize = 7;
+pub const MOE_QUANT_GROUP: usize = 7;
+pub const MOE_QUANT_GATHER: usize = 8;
+pub const MOE_QUANT_TILE: usize = 9;
+pub const MOE_QUANT_ACTIVATIONS: usize = 10;
+
+/// Quantized experts group a pass's rows by expert only from this many rows per expert on
+/// average (`picks >= MOE_QUANT_GROUP_FROM * experts`): below it most tiles are partial, and
+/// the quantized tile kernel's token block runs all its slots (measured on an H100 at
+/// Qwen3-30B-A3B's shape, W4A16, decode at batch 32: 1.65 ms per step per row, 1.82 grouped;
+/// docs/PERF.md). Plain experts group every pass of several tokens.
+pub const MOE_QUANT_GROUP_FROM: usize = 4;
+
+/// Output rows per block of the plain experts' row and tile kernels (`FD_MOE_ROWS`: a warp each).
+pub const MOE_ROWS_PER_BLOCK: u32 = 8;
+
+/// Rows of one expert a tile kernel reads its weights once for (`FD_MOE_TILE`): the grid of a
+/// pass's tile launches holds every possible tile, `ceil(picks / MOE_TILE) + min(experts,
+/// picks)`.
+pub const MOE_TILE_ROWS: usize = 4;
 
 /// A latent-attention launch's functions: the cache append, then the attention for f32, bf16
 /// and f16 `kv_b` (from [`MLA_ATTENTION`]).

@@ -250,23 +250,26 @@ struct MoeScratch {
     weights: CudaSlice<f32>,
     gate_up: CudaSlice<f32>,
     act: CudaSlice<f32>,
-    /// Per-pick row widths the buffers hold: `2I` (gate-up) and `I`.
+    /// The rows grouped by expert (passes of several tokens): `order[pos]` is the (token, pick)
+    /// row at `pos`, `slot[row]` its `pos`, the tiles `(pos, rows, expert, 0)` and their count.
+    order: CudaSlice<u32>,
+    slot: CudaSlice<u32>,
+    tiles: CudaSlice<u32>,
+    n_tiles: CudaSlice<u32>,
+    /// The gathered input rows, and the down projections before their routing weights (per
+    /// row, or per `pos` when grouped), `[picks, C]` each.
+    sorted_in: CudaSlice<f32>,
+    sorted_out: CudaSlice<f32>,
+    /// Per-pick row widths the buffers hold: `2I` (gate-up) and `I`; the widest input `C`.
     inter: usize,
     top_k: usize,
-    /// What quantized experts need beyond that, when the plan has them.
-    quantized: Option<QuantExpertsScratch>,
-}
-
-/// Quantized experts' buffers: per (token, pick) the down projection before its routing weight
-/// (`moe_combine_f32` sums them), and for the A8 and FP8 schemes the token rows and the act rows
-/// on their grid with their scales.
-struct QuantExpertsScratch {
-    down: CudaSlice<f32>,
-    /// The widest mixture input `C` the buffers hold.
     cols: usize,
+    /// The A8 and FP8 experts' rows on their grid, when the plan has such experts.
     grid_rows: Option<GridRows>,
 }
 
+/// A8 and FP8 experts: their input rows (the tokens', or the gathered ones) and their act rows
+/// on the int8 or e4m3 grid, with each row's scale.
 struct GridRows {
     x: CudaSlice<f32>,
     x_scales: CudaSlice<f32>,
@@ -281,61 +284,65 @@ impl MoeScratch {
         alloc: &dyn Fn(usize) -> Result<CudaSlice<f32>, RuntimeError>,
         s: &std::sync::Arc<cudarc::driver::CudaStream>,
     ) -> Result<Option<MoeScratch>, RuntimeError> {
-        let (mut inter, mut top_k, mut cols) = (0, 0, 0);
-        let (mut quantized, mut grid_rows) = (false, false);
+        let (mut inter, mut top_k, mut cols, mut experts) = (0, 0, 0, 0);
+        let mut grid_rows = false;
         for step in &plan.program.steps {
             if let Launch::Moe {
                 x,
                 gate_up,
-                experts,
+                experts: e,
                 top_k: k,
                 ..
             } = &step.launch
             {
                 let info = &plan.manifest.weights[gate_up.0 as usize];
-                inter = inter.max(expert_inter(info, *experts));
+                inter = inter.max(expert_inter(info, *e));
                 top_k = top_k.max(*k as usize);
                 cols = cols.max(x.cols as usize);
-                if let Some(q) = info.quant {
-                    quantized = true;
-                    grid_rows |= q.scheme.act_quant() != ActQuant::None;
-                }
+                experts = experts.max(*e as usize);
+                grid_rows |= info
+                    .quant
+                    .is_some_and(|q| q.scheme.act_quant() != ActQuant::None);
             }
         }
         if top_k == 0 {
             return Ok(None);
         }
         let picks = max_batch_tokens * top_k;
-        // The gate-up and SiLU launches put the (token, pick) rows on the grid's y axis.
-        if picks > MAX_GRID_Y {
+        let max_tiles = picks.div_ceil(kernels::cuda::MOE_TILE_ROWS) + experts.min(picks);
+        // The gate-up and SiLU launches put the (token, pick) rows on the grid's y axis, the
+        // tile launches their tiles.
+        if picks.max(max_tiles) > MAX_GRID_Y {
             return Err(RuntimeError::Cuda(format!(
                 "a pass of {max_batch_tokens} tokens routes {picks} (token, expert) rows, more than a CUDA launch holds ({MAX_GRID_Y}): lower --max-batch-tokens to {}",
-                MAX_GRID_Y / top_k
+                MAX_GRID_Y * kernels::cuda::MOE_TILE_ROWS / (kernels::cuda::MOE_TILE_ROWS + 1) / top_k
             )));
         }
+        let indices = |n: usize, what: &str| {
+            s.alloc_zeros::<u32>(n.max(1))
+                .map_err(|e| RuntimeError::Cuda(format!("uploading expert {what}: {e}")))
+        };
         Ok(Some(MoeScratch {
-            ids: s
-                .alloc_zeros::<u32>(picks)
-                .map_err(|e| RuntimeError::Cuda(format!("uploading expert routes: {e}")))?,
+            ids: indices(picks, "routes")?,
             weights: alloc(picks)?,
             gate_up: alloc(picks * 2 * inter)?,
             act: alloc(picks * inter)?,
+            order: indices(picks, "order")?,
+            slot: indices(picks, "slots")?,
+            tiles: indices(4 * max_tiles, "tiles")?,
+            n_tiles: indices(1, "tile count")?,
+            sorted_in: alloc(picks * cols)?,
+            sorted_out: alloc(picks * cols)?,
             inter,
             top_k,
-            quantized: match quantized {
+            cols,
+            grid_rows: match grid_rows {
                 false => None,
-                true => Some(QuantExpertsScratch {
-                    down: alloc(picks * cols)?,
-                    cols,
-                    grid_rows: match grid_rows {
-                        false => None,
-                        true => Some(GridRows {
-                            x: alloc(max_batch_tokens * cols)?,
-                            x_scales: alloc(max_batch_tokens)?,
-                            act: alloc(picks * inter)?,
-                            act_scales: alloc(picks)?,
-                        }),
-                    },
+                true => Some(GridRows {
+                    x: alloc(picks * cols)?,
+                    x_scales: alloc(picks)?,
+                    act: alloc(picks * inter)?,
+                    act_scales: alloc(picks)?,
                 }),
             },
         }))
@@ -1490,9 +1497,7 @@ impl GpuEngine {
                 scaling,
                 out,
             } => {
-                use kernels::cuda::{
-                    dtype_variant, MOE_DOWN, MOE_GATE_UP, MOE_ROUTE, MOE_SILU_MUL,
-                };
+                use kernels::cuda::{dtype_variant, MOE_ROUTE};
                 let scratch = self.moe.as_ref().ok_or_else(|| {
                     RuntimeError::InvalidPlan(format!("step {index}: no room for its experts"))
                 })?;
@@ -1506,7 +1511,11 @@ impl GpuEngine {
                 let ((xp, xs), (o, os)) = (act(x)?, act(out)?);
                 let inter = expert_inter(&self.plan.manifest.weights[gate_up.0 as usize], *experts);
                 let k = *top_k as usize;
-                if inter > scratch.inter || k > scratch.top_k {
+                if inter > scratch.inter
+                    || k > scratch.top_k
+                    || x.cols as usize > scratch.cols
+                    || out.cols != x.cols
+                {
                     return Err(RuntimeError::InvalidPlan(format!(
                         "step {index}: experts wider than the plan's"
                     )));
@@ -1542,121 +1551,185 @@ impl GpuEngine {
                     &route,
                 )?;
                 let picks = (p.t * k) as u32;
+                let (c, gu) = (x.cols as i32, 2 * inter as i32);
+                let ys = ptr(&scratch.sorted_out, s);
+                // Passes of several tokens group their rows by expert (`moe_group`), gather them
+                // in that order, and run the tile kernels on them; a single token's top_k picks
+                // are distinct experts and keep the per-row kernels, as do quantized experts
+                // below `MOE_QUANT_GROUP_FROM` rows per expert.
+                let quantized = self.quant(gate_up).is_some();
+                let grouped = p.t > 1
+                    && (!quantized
+                        || picks as usize
+                            >= kernels::cuda::MOE_QUANT_GROUP_FROM * *experts as usize);
+                let (order, slot) = (ptr(&scratch.order, s), ptr(&scratch.slot, s));
+                let (tiles, n_tiles) = (ptr(&scratch.tiles, s), ptr(&scratch.n_tiles, s));
+                let max_tiles = (picks as usize).div_ceil(kernels::cuda::MOE_TILE_ROWS)
+                    + (*experts as usize).min(picks as usize);
+                let xsorted = ptr(&scratch.sorted_in, s);
+                let group_and_gather = |group: usize, gather: usize| -> Result<(), RuntimeError> {
+                    let sort = [
+                        P(ids),
+                        I(picks as i32),
+                        int(*experts),
+                        P(order),
+                        P(slot),
+                        P(tiles),
+                        P(n_tiles),
+                    ];
+                    go(group, grid(1, 1, 1024), &sort)?;
+                    let args = [P(xp), I(xs), I(c), P(order), int(*top_k), P(xsorted)];
+                    go(gather, cols_grid(x.cols, picks), &args)
+                };
+                let combine = |f: usize| {
+                    let slot = if grouped { slot } else { 0 };
+                    let args = [P(ys), I(c), P(slot), P(wts), int(*top_k), P(o), I(os)];
+                    go(f, cols_grid(out.cols, p.t as u32), &args)
+                };
                 if let Some(q) = self.quant(gate_up) {
+                    use kernels::cuda::{
+                        MOE_QUANT_ACTIVATIONS, MOE_QUANT_COMBINE, MOE_QUANT_DOWN,
+                        MOE_QUANT_GATE_UP, MOE_QUANT_GATHER, MOE_QUANT_GROUP, MOE_QUANT_SILU_MUL,
+                        MOE_QUANT_TILE,
+                    };
                     let q_down = self.quant(down).ok_or_else(|| {
                         RuntimeError::InvalidPlan(format!(
                             "step {index}: quantized gate-up experts with plain down experts"
                         ))
                     })?;
-                    let qs = scratch.quantized.as_ref().ok_or_else(|| {
-                        RuntimeError::InvalidPlan(format!("step {index}: no room for its experts"))
-                    })?;
-                    if x.cols as usize > qs.cols || out.cols != x.cols {
-                        return Err(RuntimeError::InvalidPlan(format!(
-                            "step {index}: experts wider than the plan's"
-                        )));
-                    }
-                    use kernels::cuda::{
-                        MOE_QUANT_ACTIVATIONS, MOE_QUANT_COMBINE, MOE_QUANT_DOWN,
-                        MOE_QUANT_GATE_UP, MOE_QUANT_SILU_MUL,
-                    };
                     // A8 and FP8: rows onto their grid before each matmul (as `MatMul` does).
                     let grid_rows = match q.act {
                         ActQuant::None => None,
-                        _ => Some(qs.grid_rows.as_ref().ok_or_else(|| {
+                        _ => Some(scratch.grid_rows.as_ref().ok_or_else(|| {
                             RuntimeError::InvalidPlan(format!(
                                 "step {index}: no room for its activations"
                             ))
                         })?),
                     };
-                    let (mut gx, mut gxs, mut x_scales) = (xp, xs, 0u64);
+                    let on_grid = |rows: u32, x: u64, stride: i32, cols: i32, q: u64, sc: u64| {
+                        let args = [P(x), I(stride), I(cols), P(q), P(sc)];
+                        go(MOE_QUANT_ACTIVATIONS, grid(rows, 1, 256), &args)
+                    };
+                    // The gate-up's input: the token rows (per-row kernels) or the gathered rows
+                    // (tiles), then on their grid.
+                    let (mut gx, mut gxs, mut gx_rows) = (xp, xs, p.t as u32);
+                    if grouped {
+                        group_and_gather(MOE_QUANT_GROUP, MOE_QUANT_GATHER)?;
+                        (gx, gxs, gx_rows) = (xsorted, c, picks);
+                    }
+                    let mut x_scales = 0u64;
                     if let Some(g) = grid_rows {
                         let (qx, sx) = (ptr(&g.x, s), ptr(&g.x_scales, s));
-                        let args = [P(xp), I(xs), int(x.cols), P(qx), P(sx)];
-                        go(MOE_QUANT_ACTIVATIONS, grid(p.t as u32, 1, 256), &args)?;
-                        (gx, gxs, x_scales) = (qx, x.cols as i32, sx);
+                        on_grid(gx_rows, gx, gxs, c, qx, sx)?;
+                        (gx, gxs, x_scales) = (qx, c, sx);
                     }
-                    let up = [
-                        P(gx),
-                        I(gxs),
-                        int(x.cols),
-                        P(weight(gate_up)),
-                        I(inter as i32),
-                        I(q.group),
-                        P(q.scales),
-                        P(q.mins),
-                        P(x_scales),
-                        P(ids),
-                        int(*top_k),
-                        P(h),
-                    ];
-                    let panels = (2 * inter as u32).div_ceil(QUANT_MATMUL_ROWS);
-                    go(
-                        MOE_QUANT_GATE_UP,
-                        grid(panels, picks, QUANT_MATMUL_THREADS),
-                        &up,
-                    )?;
-                    let gu = 2 * inter as i32;
+                    let quant_args = |q: &QuantArgs, scales: u64| {
+                        [I(q.group), P(q.scales), P(q.mins), P(scales)]
+                    };
+                    let up_panels = (gu as u32).div_ceil(QUANT_MATMUL_ROWS);
+                    if grouped {
+                        let head = [P(gx), I(c), P(weight(gate_up)), I(gu)];
+                        let tail = [P(tiles), P(n_tiles), P(h)];
+                        let args = [&head[..], &quant_args(&q, x_scales), &tail].concat();
+                        let config = grid(up_panels, max_tiles as u32, QUANT_MATMUL_THREADS);
+                        go(MOE_QUANT_TILE, config, &args)?;
+                    } else {
+                        let head = [P(gx), I(gxs), I(c), P(weight(gate_up)), I(inter as i32)];
+                        let tail = [P(ids), int(*top_k), P(h)];
+                        let args = [&head[..], &quant_args(&q, x_scales), &tail].concat();
+                        let config = grid(up_panels, picks, QUANT_MATMUL_THREADS);
+                        go(MOE_QUANT_GATE_UP, config, &args)?;
+                    }
                     let silu = [P(h), I(gu), I(inter as i32), P(a), I(inter as i32)];
                     go(MOE_QUANT_SILU_MUL, cols_grid(inter as u64, picks), &silu)?;
                     let (mut ga, mut act_scales) = (a, 0u64);
                     if let Some(g) = grid_rows {
                         let (qa, sa) = (ptr(&g.act, s), ptr(&g.act_scales, s));
-                        let args = [P(a), I(inter as i32), I(inter as i32), P(qa), P(sa)];
-                        go(MOE_QUANT_ACTIVATIONS, grid(picks, 1, 256), &args)?;
+                        on_grid(picks, a, inter as i32, inter as i32, qa, sa)?;
                         (ga, act_scales) = (qa, sa);
                     }
-                    let y = ptr(&qs.down, s);
-                    let down_args = [
-                        P(ga),
-                        I(inter as i32),
-                        I(inter as i32),
-                        P(weight(down)),
-                        int(out.cols),
-                        I(q_down.group),
-                        P(q_down.scales),
-                        P(q_down.mins),
-                        P(act_scales),
-                        P(ids),
-                        P(y),
-                    ];
-                    let panels = (out.cols as u32).div_ceil(QUANT_MATMUL_ROWS);
-                    go(
-                        MOE_QUANT_DOWN,
-                        grid(panels, picks, QUANT_MATMUL_THREADS),
-                        &down_args,
-                    )?;
-                    let combine = [P(y), int(out.cols), P(wts), int(*top_k), P(o), I(os)];
-                    return go(MOE_QUANT_COMBINE, cols_grid(out.cols, p.t as u32), &combine);
+                    let down_panels = (out.cols as u32).div_ceil(QUANT_MATMUL_ROWS);
+                    if grouped {
+                        let head = [P(ga), I(inter as i32), P(weight(down)), I(c)];
+                        let tail = [P(tiles), P(n_tiles), P(ys)];
+                        let args = [&head[..], &quant_args(&q_down, act_scales), &tail].concat();
+                        let config = grid(down_panels, max_tiles as u32, QUANT_MATMUL_THREADS);
+                        go(MOE_QUANT_TILE, config, &args)?;
+                    } else {
+                        let i = inter as i32;
+                        let head = [P(ga), I(i), I(i), P(weight(down)), I(c)];
+                        let tail = [P(ids), P(ys)];
+                        let args = [&head[..], &quant_args(&q_down, act_scales), &tail].concat();
+                        let config = grid(down_panels, picks, QUANT_MATMUL_THREADS);
+                        go(MOE_QUANT_DOWN, config, &args)?;
+                    }
+                    return combine(MOE_QUANT_COMBINE);
                 }
-                let up = [
-                    P(xp),
-                    I(xs),
-                    int(x.cols),
-                    P(weight(gate_up)),
-                    I(inter as i32),
-                    P(ids),
-                    int(*top_k),
-                    P(h),
-                ];
-                let up_grid = grid((2 * inter as u32).div_ceil(8), picks, 256);
-                go(MOE_GATE_UP + variant(gate_up)?, up_grid, &up)?;
-                let gu = 2 * inter as i32;
+                use kernels::cuda::{
+                    MOE_COMBINE, MOE_DOWN, MOE_GATE_UP, MOE_GATHER, MOE_GROUP, MOE_SILU_MUL,
+                    MOE_TILE,
+                };
+                let rows_block = 32 * kernels::cuda::MOE_ROWS_PER_BLOCK;
+                let up_blocks = (gu as u32).div_ceil(kernels::cuda::MOE_ROWS_PER_BLOCK);
+                let down_blocks = (out.cols as u32).div_ceil(kernels::cuda::MOE_ROWS_PER_BLOCK);
+                // out[pos, :] = input[pos, :] @ w(e)^T over each tile of expert e's rows.
+                let tile =
+                    |input: u64, k: i32, w: &artifacts::schema::WeightRef, rows: i32, out: u64| {
+                        let args = [
+                            P(input),
+                            I(k),
+                            P(weight(w)),
+                            I(rows),
+                            P(tiles),
+                            P(n_tiles),
+                            P(out),
+                        ];
+                        let blocks = (rows as u32).div_ceil(kernels::cuda::MOE_ROWS_PER_BLOCK);
+                        let config = grid(blocks, max_tiles as u32, rows_block);
+                        go(MOE_TILE + variant(w)?, config, &args)
+                    };
+                if grouped {
+                    group_and_gather(MOE_GROUP, MOE_GATHER)?;
+                    tile(xsorted, c, gate_up, gu, h)?;
+                } else {
+                    let up = [
+                        P(xp),
+                        I(xs),
+                        I(c),
+                        P(weight(gate_up)),
+                        I(inter as i32),
+                        P(ids),
+                        int(*top_k),
+                        P(h),
+                    ];
+                    go(
+                        MOE_GATE_UP + variant(gate_up)?,
+                        grid(up_blocks, picks, rows_block),
+                        &up,
+                    )?;
+                }
                 let silu = [P(h), I(gu), I(inter as i32), P(a), I(inter as i32)];
                 go(MOE_SILU_MUL, cols_grid(inter as u64, picks), &silu)?;
+                if grouped {
+                    tile(a, inter as i32, down, c, ys)?;
+                    return combine(MOE_COMBINE);
+                }
                 let down_args = [
                     P(a),
                     I(inter as i32),
                     P(weight(down)),
-                    int(out.cols),
+                    I(c),
                     P(ids),
                     P(wts),
                     int(*top_k),
                     P(o),
                     I(os),
                 ];
-                let down_grid = grid((out.cols as u32).div_ceil(8), p.t as u32, 256);
-                go(MOE_DOWN + variant(down)?, down_grid, &down_args)
+                go(
+                    MOE_DOWN + variant(down)?,
+                    grid(down_blocks, p.t as u32, rows_block),
+                    &down_args,
+                )
             }
             Launch::MlaAttention {
                 q,
