@@ -306,6 +306,20 @@ mod tests {
         }
     }
 
+    /// The launch side's sizes are the kernels' own: the tile count the runtime allocates and
+    /// launches, the rows per block, the experts the routing ranks.
+    #[test]
+    fn the_experts_constants_match_the_kernels_defines() {
+        let source = module_source(&ModuleSpec { head_dim: 64 });
+        for define in [
+            format!("#define FD_MOE_TILE {MOE_TILE_ROWS} "),
+            format!("#define FD_MOE_ROWS {MOE_ROWS_PER_BLOCK}\n"),
+            format!("#define FD_MOE_MAX_EXPERTS {MOE_MAX_EXPERTS}\n"),
+        ] {
+            assert!(source.contains(&define), "{define:?} is not in the module");
+        }
+    }
+
     #[test]
     fn head_dims_the_attention_kernel_cannot_take_are_refused() {
         for head_dim in [16, 64, 96, 128, 256] {

@@ -240,6 +240,58 @@ fn quantized_experts_take_the_schemes_cuda_kernel_in_panels_of_8() {
     }
 }
 
+/// A CUDA plan whose experts' weights disagree with their launch (as a hand edit of the
+/// manifest would make them) is refused before anything reaches a device: the kernels index the
+/// weights by the launch's sizes.
+#[test]
+fn experts_whose_weights_disagree_with_their_launch_are_refused_before_the_device() {
+    if !available_for_test(
+        "experts_whose_weights_disagree_with_their_launch_are_refused_before_the_device",
+    ) {
+        return;
+    }
+    let path = compile(
+        "tiny/qwen3_moe",
+        Target::Cuda(CudaArch::Sm90),
+        QuantScheme::W4A16,
+    )
+    .expect("compiles");
+    let down = |plan: &LoadedPlan| {
+        plan.program
+            .steps
+            .iter()
+            .find_map(|s| match &s.launch {
+                Launch::Moe { down, .. } => Some(down.0 as usize),
+                _ => None,
+            })
+            .expect("a mixture")
+    };
+    type Edit = fn(&mut artifacts::schema::WeightInfo);
+    let edits: [(&str, Edit); 3] = [
+        ("[8, 64, 16]", |w| w.shape[2] /= 2),
+        ("panels of 8 rows", |w| {
+            w.layout = PlanLayout::Panels { panel: 16 }
+        }),
+        ("the scheme's codes", |w| {
+            if let Some(q) = w.quant.as_mut() {
+                q.codes = ir::CodeFormat::Int(2);
+            }
+        }),
+    ];
+    for (want, edit) in edits {
+        let mut plan = LoadedPlan::load(&path).expect("loads");
+        let index = down(&plan);
+        edit(&mut plan.manifest.weights[index]);
+        let err = runtime::cuda::GpuEngine::new(plan, 0, EngineOptions::default())
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, RuntimeError::InvalidPlan(_)) && err.to_string().contains(want),
+            "{want}: {err}"
+        );
+    }
+}
+
 #[test]
 fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernels() {
     if !available_for_test(

@@ -540,8 +540,8 @@ fn experts_and_latent_attention_in_shared_passes_match_the_cpu() {
 }
 
 /// The grouping of a pass's rows by expert at its extreme: the tiny DeepSeek-V3 with selection
-/// biases that make every token pick experts 3 and 2 (one expert's rows span many tiles, six
-/// experts receive none), plain and with W4A16 experts: the GPU's prompt pass (grouped) and a
+/// biases that make every token pick experts 3 and 2 (one expert's rows span many tiles and end
+/// in a one-row tile, six experts receive none), plain and with W4A16 experts: the GPU's prompt pass (grouped) and a
 /// decode step (per-row kernels) against the CPU engine's, within 1e-3 of the largest logit.
 #[test]
 fn every_token_picking_the_same_experts_matches_the_cpu() {
@@ -560,7 +560,9 @@ fn every_token_picking_the_same_experts_matches_the_cpu() {
     );
     let json = common::read_json(&common::golden("tiny/deepseek_v3").join("golden.json"));
     let ids = common::ids(&json["input_ids"]);
-    let prompt: Vec<u32> = ids.iter().chain(&ids).chain(&ids).copied().collect();
+    let mut prompt: Vec<u32> = ids.iter().chain(&ids).chain(&ids).copied().collect();
+    // 4n + 1 rows per expert: full tiles and a one-row tile.
+    prompt.truncate((prompt.len() - 1) / 4 * 4 + 1);
     for scheme in [ir::QuantScheme::None, ir::QuantScheme::W4A16] {
         let compile = |target: Target| {
             let out = common::scratch_path(&format!(
@@ -852,6 +854,20 @@ fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
     let got = gpu.forward(&ids, true).expect("GPU forward");
     let vocab = gpu.plan().manifest.model.vocab_size as usize;
     common::check_logits(&format!("{model} {scheme}"), &got, &want, vocab, 1e-3);
+    // A pass of 3 tokens (a mixture's quantized experts then run per row, under
+    // `MOE_QUANT_GROUP_FROM` rows per expert), and a decode step after the prompt.
+    cpu.reset();
+    let want_short = cpu.prefill(&ids[..3], true).expect("CPU prefill");
+    gpu.reset();
+    let got_short = gpu.forward(&ids[..3], true).expect("GPU forward");
+    let label = format!("{model} {scheme} 3 tokens");
+    common::check_logits(&label, &got_short, &want_short, vocab, 1e-3);
+    gpu.reset();
+    let _ = gpu.forward(&ids[..ids.len() - 1], false).expect("prefill");
+    let last = gpu.forward(&ids[ids.len() - 1..], false).expect("decode");
+    let want_last = &want[(ids.len() - 1) * vocab..];
+    let label = format!("{model} {scheme} decode");
+    common::check_logits(&label, &last, want_last, vocab, 1e-3);
     // A prompt of GEMM_MIN_TOKENS_QUANTIZED tokens or more: the quantized matmuls take the GEMM.
     let long: Vec<u32> = ids.iter().chain(&ids).copied().collect();
     assert!(long.len() >= kernels::cuda::GEMM_MIN_TOKENS_QUANTIZED as usize);
@@ -891,18 +907,6 @@ fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
     assert!(
         gpu_error <= 1.5 * cpu_error,
         "{label}: the GPU's FP8 logits are {gpu_error:.3e} from the unquantized model's, the CPU's {cpu_error:.3e}"
-    );
-    // Decode steps (the graph path) agree with the CPU too.
-    gpu.reset();
-    let _ = gpu.forward(&ids[..ids.len() - 1], false).expect("prefill");
-    let last = gpu.forward(&ids[ids.len() - 1..], false).expect("decode");
-    let want_last = &want[(ids.len() - 1) * vocab..];
-    common::check_logits(
-        &format!("{model} {scheme} decode"),
-        &last,
-        want_last,
-        vocab,
-        1e-3,
     );
 }
 

@@ -158,7 +158,7 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
                 return Err(fail(format!(
                     "experts {name} {ty} under {scheme}: an expert's {rows} rows are not whole \
                      panels of {panel} rows, which quantized experts need on {}; keep them \
-                     unquantized with --quant-override '*experts*=none'",
+                     unquantized with --quant-override experts=none",
                     ctx.target
                 )));
             }

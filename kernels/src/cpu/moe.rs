@@ -380,10 +380,26 @@ pub fn moe(
 }
 
 pub mod reference {
+    use super::super::quant::quantize_activation_row;
     use super::*;
 
+    /// `row` as a quantized expert weight `w` of the A8 and FP8 schemes reads it: rounded to
+    /// f32, then to the scheme's grid (`quantize_activation_row`); unchanged for the others.
+    fn on_grid(w: &Experts, row: Vec<f64>) -> Vec<f64> {
+        let act = match w {
+            Experts::Quant(_, act) if *act != ActQuant::None => *act,
+            _ => return row,
+        };
+        let row: Vec<f32> = row.iter().map(|&v| v as f32).collect();
+        let mut q = vec![0.0f32; row.len()];
+        let scale = quantize_activation_row(act, &row, &mut q) as f64;
+        q.iter().map(|&v| v as f64 * scale).collect()
+    }
+
     /// One token at a time, every picked expert's MLP in f64 on the weights' values (quantized
-    /// ones as the kernels form them; activations are not rounded), summed best expert first.
+    /// ones as the kernels form them), summed best expert first. A8 and FP8 experts read each
+    /// row (the token's, then the act row) on the scheme's grid, as their kernels do; other
+    /// activations are not rounded.
     #[allow(clippy::too_many_arguments)]
     pub fn moe(
         x: &[f32],
@@ -409,6 +425,7 @@ pub mod reference {
             let xd: Vec<f64> = xr.iter().map(|&v| v as f64).collect();
             let router = Experts::Plain(*router);
             let logits: Vec<f32> = (0..e_count).map(|e| dot(&router, e, &xd) as f32).collect();
+            let xd = on_grid(gate_up, xd);
             let mut acc = vec![0.0f64; c];
             for (e, w) in route(&logits, bias, params) {
                 let h: Vec<f64> = (0..i)
@@ -418,6 +435,7 @@ pub mod reference {
                         g / (1.0 + (-g).exp()) * u
                     })
                     .collect();
+                let h = on_grid(down, h);
                 for (col, a) in acc.iter_mut().enumerate() {
                     *a += w as f64 * dot(down, e * c + col, &h);
                 }
@@ -713,16 +731,15 @@ mod tests {
                 // The unfused graph runs the same kernels on the same rows: the same bits.
                 let want = unfused(isa, &x, t, &router, &gate_up, &down, &p);
                 assert_eq!(got, want, "{label}: fused and unfused differ");
-                // Against the f64 reference on the weights' values: only the A16 schemes, whose
-                // activations keep 16 bits per block of 32 (the A8 ones round them to 8).
-                if act == ActQuant::None {
-                    let mut want = vec![0.0f32; t * c];
-                    reference::moe(&x, c, t, &router, None, &gate_up, &down, &p, &mut want, c);
-                    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                    assert!(scale > 1e-3, "{label}: output is not trivially zero");
-                    let diff = max_abs_diff(&got, &want);
-                    assert!(diff <= 1e-4 * scale, "{label}: {diff} of {scale}");
-                }
+                // Against the f64 reference on the weights' values: for the A16 schemes (whose
+                // activations keep 16 bits per block of 32) as they are, for A8 and FP8 with each
+                // row an expert matmul reads put on the scheme's grid first.
+                let mut want = vec![0.0f32; t * c];
+                reference::moe(&x, c, t, &router, None, &gate_up, &down, &p, &mut want, c);
+                let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                assert!(scale > 1e-3, "{label}: output is not trivially zero");
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff <= 1e-4 * scale, "{label}: {diff} of {scale}");
             }
         }
     }

@@ -308,16 +308,23 @@ impl MoeScratch {
         if top_k == 0 {
             return Ok(None);
         }
-        let picks = max_batch_tokens * top_k;
-        let max_tiles = picks.div_ceil(kernels::cuda::MOE_TILE_ROWS) + experts.min(picks);
         // The gate-up and SiLU launches put the (token, pick) rows on the grid's y axis, the
         // tile launches their tiles.
-        if picks.max(max_tiles) > MAX_GRID_Y {
+        let grid_rows_of = |tokens: usize| {
+            let picks = tokens * top_k;
+            picks.max(picks.div_ceil(kernels::cuda::MOE_TILE_ROWS) + experts.min(picks))
+        };
+        let picks = max_batch_tokens * top_k;
+        if grid_rows_of(max_batch_tokens) > MAX_GRID_Y {
+            let fits = (1..max_batch_tokens)
+                .rev()
+                .find(|&t| grid_rows_of(t) <= MAX_GRID_Y)
+                .unwrap_or(1);
             return Err(RuntimeError::Cuda(format!(
-                "a pass of {max_batch_tokens} tokens routes {picks} (token, expert) rows, more than a CUDA launch holds ({MAX_GRID_Y}): lower --max-batch-tokens to {}",
-                MAX_GRID_Y * kernels::cuda::MOE_TILE_ROWS / (kernels::cuda::MOE_TILE_ROWS + 1) / top_k
+                "a pass of {max_batch_tokens} tokens routes {picks} (token, expert) rows, more than a CUDA launch holds ({MAX_GRID_Y}): lower --max-batch-tokens to {fits}"
             )));
         }
+        let max_tiles = picks.div_ceil(kernels::cuda::MOE_TILE_ROWS) + experts.min(picks);
         let indices = |n: usize, what: &str| {
             s.alloc_zeros::<u32>(n.max(1))
                 .map_err(|e| RuntimeError::Cuda(format!("uploading expert {what}: {e}")))
@@ -360,8 +367,10 @@ fn expert_inter(gate_up: &artifacts::schema::WeightInfo, experts: u64) -> usize 
     (rows / (2 * experts.max(1))) as usize
 }
 
-/// Refuses a plan whose latent attention is wider than `kernels/cuda/mla.cu` holds.
-fn check_latent_attention(plan: &LoadedPlan) -> Result<(), RuntimeError> {
+/// Refuses, before any upload, a plan the CUDA kernels cannot run as written: latent attention
+/// wider than `kernels/cuda/mla.cu` holds, a mixture of more experts than the routing ranks or
+/// whose weights disagree with its launch.
+fn check_kernel_limits(plan: &LoadedPlan) -> Result<(), RuntimeError> {
     use kernels::cuda::{MLA_MAX_HEAD, MLA_MAX_LORA, MLA_MAX_ROPE};
     for step in &plan.program.steps {
         if let Launch::MlaAttention {
@@ -394,6 +403,84 @@ fn check_latent_attention(plan: &LoadedPlan) -> Result<(), RuntimeError> {
                     kernels::cuda::MOE_MAX_EXPERTS
                 )));
             }
+            check_experts(plan, &step.launch).map_err(RuntimeError::InvalidPlan)?;
+        }
+    }
+    Ok(())
+}
+
+/// A mixture's weights have the shapes and formats its launch reads them with: the CUDA kernels
+/// index them by the launch's sizes (the CPU kernel checks them itself), so a plan whose
+/// manifest disagrees must fail here, not read past a weight on the device.
+fn check_experts(plan: &LoadedPlan, launch: &Launch) -> Result<(), String> {
+    let Launch::Moe {
+        x,
+        router,
+        bias,
+        gate_up,
+        down,
+        experts,
+        out,
+        ..
+    } = launch
+    else {
+        return Ok(());
+    };
+    let info = |w: &artifacts::schema::WeightRef| {
+        plan.manifest.weights.get(w.0 as usize).ok_or_else(|| {
+            format!(
+                "a mixture of experts reads weight {}, which does not exist",
+                w.0
+            )
+        })
+    };
+    let (c, e) = (x.cols, *experts);
+    let want = |w: &artifacts::schema::WeightRef, shape: &[u64]| -> Result<(), String> {
+        let info = info(w)?;
+        if info.shape != shape {
+            return Err(format!(
+                "weight {} is {:?}, a mixture of {e} experts over {c} columns reads it as {shape:?}",
+                info.name, info.shape
+            ));
+        }
+        Ok(())
+    };
+    if out.cols != c {
+        return Err(format!(
+            "a mixture of experts maps {c} columns to {}",
+            out.cols
+        ));
+    }
+    want(router, &[e, c])?;
+    if let Some(b) = bias {
+        want(b, &[e])?;
+    }
+    let width = match info(gate_up)?.shape[..] {
+        [_, width, _] if width > 0 && width % 2 == 0 => width,
+        ref other => return Err(format!("stacked gate-up experts of shape {other:?}")),
+    };
+    want(gate_up, &[e, width, c])?;
+    want(down, &[e, c, width / 2])?;
+    // Quantized experts: codes in panels of 8 rows, each expert whole panels, K and the group
+    // multiples of 16, the scheme's code format (`kernels/cuda/quant.cu`).
+    for (w, k) in [(gate_up, c), (down, width / 2)] {
+        let info = info(w)?;
+        let Some(q) = info.quant else { continue };
+        let multiple = kernels::cuda::QUANT_K_MULTIPLE as u64;
+        let panels = artifacts::schema::WeightLayout::Panels { panel: 8 };
+        let rows = info.shape[1];
+        if info.layout != panels
+            || rows % 8 != 0
+            || k % multiple != 0
+            || q.group % multiple != 0
+            || q.group == 0
+            || k % q.group != 0
+            || q.scheme.code_format() != Some(q.codes)
+        {
+            return Err(format!(
+                "quantized experts {} ({:?}, {:?}, {} codes in groups of {}) are not what the CUDA kernels read: panels of 8 rows, K and the group multiples of {multiple}, the scheme's codes",
+                info.name, info.shape, info.layout, q.scheme, q.group
+            ));
         }
     }
     Ok(())
@@ -473,7 +560,7 @@ impl GpuEngine {
         ordinal: usize,
         options: EngineOptions,
     ) -> Result<GpuEngine, RuntimeError> {
-        check_latent_attention(&plan)?;
+        check_kernel_limits(&plan)?;
         let gpu = GpuModule::open(&plan, ordinal)?;
         let s = gpu.stream.clone();
         let m = &plan.manifest;
