@@ -7,15 +7,18 @@
 //! never cross a row, so each expert is quantized as it would be alone) are quantized; norms,
 //! biases and routers stay as they are. An expert's R rows must be whole panels of the target's
 //! packed layout (each expert is then a contiguous slice the kernels read as a matrix of its
-//! own), and a layer's gate-up and down experts take one scheme (one kernel serves the layer). A table read by an embedding and the
-//! `lm_head` default to `w8a16` under any other scheme, as is usual (their error reaches every
-//! token's logits), in that scheme's own default groups (32, symmetric: a GGUF's Q8_0 table is
-//! kept bit for bit): `--group-size` and the symmetry flags are for the chosen scheme's weights.
-//! An override names them to change that. It is an analysis: it does not
-//! change the graph; the weight writer quantizes the data and `select_kernels` reads the result.
+//! own), and a layer's gate-up and down experts take one scheme (one kernel serves the layer).
+//!
+//! A table read by an embedding and the `lm_head` default to `w8a16` under any other scheme, as
+//! is usual (their error reaches every token's logits), in that scheme's own default groups (32,
+//! symmetric: a GGUF's Q8_0 table is kept bit for bit): `--group-size` and the symmetry flags are
+//! for the chosen scheme's weights. An override names them to change that. It is an analysis:
+//! it does not change the graph; the weight writer quantizes the data and `select_kernels` reads
+//! the result.
 //!
 //! Errors: a scheme the target has no kernel for lists the schemes it has; a group size that
-//! does not divide a weight's K names the weight.
+//! does not divide a weight's K names the weight; so do experts that split a panel, and a
+//! layer's experts under two schemes.
 
 use super::{PassCtx, PassError};
 use artifacts::calibration::Calibration;
@@ -201,8 +204,8 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
     Ok(plan)
 }
 
-/// The stacked experts weight (gate-up or down) that node `n` reads, if `n` is a
-/// mixture-of-experts op: its operands end `gate_up, down`.
+/// The stacked experts `[gate_up, down]` node `n` reads, if `n` is a mixture-of-experts op (its
+/// operands end with them).
 fn expert_weights(graph: &Graph, n: ir::NodeId) -> Option<[ValueId; 2]> {
     let node = graph.node(n);
     if !matches!(node.op, Op::Moe { .. }) {
