@@ -1644,9 +1644,9 @@ impl GpuEngine {
                 // in that order, and run the tile kernels on them; a single token's top_k picks
                 // are distinct experts and keep the per-row kernels, as do quantized experts
                 // below `MOE_QUANT_GROUP_FROM` rows per expert.
-                let quantized = self.quant(gate_up).is_some();
+                let quant = self.quant(gate_up);
                 let grouped = p.t > 1
-                    && (!quantized
+                    && (quant.is_none()
                         || picks as usize
                             >= kernels::cuda::MOE_QUANT_GROUP_FROM * *experts as usize);
                 let (order, slot) = (ptr(&scratch.order, s), ptr(&scratch.slot, s));
@@ -1673,7 +1673,7 @@ impl GpuEngine {
                     let args = [P(ys), I(c), P(slot), P(wts), int(*top_k), P(o), I(os)];
                     go(f, cols_grid(out.cols, p.t as u32), &args)
                 };
-                if let Some(q) = self.quant(gate_up) {
+                if let Some(q) = quant {
                     use kernels::cuda::{
                         MOE_QUANT_ACTIVATIONS, MOE_QUANT_COMBINE, MOE_QUANT_DOWN,
                         MOE_QUANT_GATE_UP, MOE_QUANT_GATHER, MOE_QUANT_GROUP, MOE_QUANT_SILU_MUL,
