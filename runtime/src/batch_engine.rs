@@ -47,6 +47,19 @@ pub trait BatchEngine: Send {
     }
     /// Makes passes return every token's final hidden state ([`PassOutput::hidden`]).
     fn keep_hidden(&mut self, _on: bool) {}
+    /// Appends KV block `block`'s bytes, every layer ([`crate::kv_cache::KvPool::read_block`]'s
+    /// form), to `out`: what a prefill instance sends a decode instance.
+    fn read_kv_block(&self, _block: u32, _out: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(
+            "moving KV blocks between instances",
+        ))
+    }
+    /// Writes KV block `block` from bytes in [`BatchEngine::read_kv_block`]'s form.
+    fn write_kv_block(&mut self, _block: u32, _bytes: &[u8]) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(
+            "moving KV blocks between instances",
+        ))
+    }
     /// One pass of the multi-token-prediction module (see [`Engine::forward_mtp`]).
     fn mtp_pass(
         &mut self,
@@ -88,6 +101,16 @@ impl BatchEngine for Engine {
     }
     fn keep_hidden(&mut self, on: bool) {
         Engine::keep_hidden(self, on)
+    }
+    fn read_kv_block(&self, block: u32, out: &mut Vec<u8>) -> Result<(), RuntimeError> {
+        self.kv_pool()
+            .read_block(block, out)
+            .map_err(|e| RuntimeError::KvBlocks(e.to_string()))
+    }
+    fn write_kv_block(&mut self, block: u32, bytes: &[u8]) -> Result<(), RuntimeError> {
+        self.kv_pool_mut()
+            .write_block(block, bytes)
+            .map_err(|e| RuntimeError::KvBlocks(e.to_string()))
     }
     fn mtp_pass(
         &mut self,

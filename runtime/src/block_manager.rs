@@ -125,15 +125,46 @@ impl BlockManager {
     /// leaving at least the last token to compute. Returns the sequence and how many of its
     /// tokens are already in the cache.
     pub fn start(&mut self, tokens: &[u32]) -> (SeqBlocks, usize) {
-        let mut seq = SeqBlocks::default();
-        if !self.prefix_caching || tokens.is_empty() {
-            return (seq, 0);
+        if tokens.is_empty() {
+            return (SeqBlocks::default(), 0);
         }
         // The last token must go through the model for its logits: only blocks entirely
         // before it can come from the cache.
         let eligible = (tokens.len() - 1) / self.block_size;
+        let seq = self.take_cached(&tokens[..eligible * self.block_size]);
+        let hit = seq.blocks.len() * self.block_size;
+        (seq, hit)
+    }
+
+    /// How many leading full blocks of `tokens` are cached, taking none of them (a decode
+    /// instance asks before it has a prefill instance send it the rest).
+    pub fn cached_blocks(&self, tokens: &[u32]) -> usize {
+        if !self.prefix_caching {
+            return 0;
+        }
         let mut parent = self.salt;
-        for block_tokens in tokens.chunks(self.block_size).take(eligible) {
+        let mut found = 0;
+        for block_tokens in tokens.chunks_exact(self.block_size) {
+            let hash = chain_hash(&parent, block_tokens);
+            if !self.cached.contains_key(&hash) {
+                break;
+            }
+            found += 1;
+            parent = hash;
+        }
+        found
+    }
+
+    /// Takes the leading cached full blocks of `tokens`, all of them (where [`BlockManager::start`]
+    /// leaves the last token to compute): the blocks a prefill instance sends, held until
+    /// [`BlockManager::free`].
+    pub fn take_cached(&mut self, tokens: &[u32]) -> SeqBlocks {
+        let mut seq = SeqBlocks::default();
+        if !self.prefix_caching {
+            return seq;
+        }
+        let mut parent = self.salt;
+        for block_tokens in tokens.chunks_exact(self.block_size) {
             let hash = chain_hash(&parent, block_tokens);
             let Some(&block) = self.cached.get(&hash) else {
                 break;
@@ -143,8 +174,7 @@ impl BlockManager {
             seq.hashes.push(hash);
             parent = hash;
         }
-        let hit = seq.blocks.len() * self.block_size;
-        (seq, hit)
+        seq
     }
 
     /// Gives `seq` blocks enough for `positions` positions. Returns false, allocating nothing,
@@ -320,6 +350,37 @@ mod tests {
 
     fn manager(blocks: usize, block_size: usize) -> BlockManager {
         BlockManager::new(blocks, block_size, true, SALT)
+    }
+
+    #[test]
+    fn cached_blocks_are_counted_without_taking_and_taken_whole() {
+        let mut m = manager(6, 2);
+        let tokens = [1, 2, 3, 4, 5, 6, 7];
+        let (mut seq, hit) = m.start(&tokens);
+        assert_eq!(hit, 0);
+        assert!(m.grow(&mut seq, 7));
+        m.commit(&mut seq, &tokens, 6); // three full blocks
+        let held = seq.blocks.clone();
+        m.free(seq).unwrap();
+        assert_eq!(m.cached_blocks(&tokens), 3);
+        assert_eq!(m.cached_blocks(&tokens[..5]), 2, "only full blocks count");
+        assert_eq!(
+            m.cached_blocks(&[1, 2, 9, 9]),
+            1,
+            "the chain stops at the first miss"
+        );
+        assert_eq!(m.num_held(), 0, "counting takes nothing");
+        // `start` leaves the last token to compute; `take_cached` takes every full block.
+        let (s, hit) = m.start(&tokens[..6]);
+        assert_eq!(hit, 4);
+        m.free(s).unwrap();
+        let taken = m.take_cached(&tokens[..6]);
+        assert_eq!(taken.blocks, held[..3]);
+        assert!(taken.blocks.iter().all(|&b| m.ref_count(b) == 1));
+        m.free(taken).unwrap();
+        let mut off = BlockManager::new(6, 2, false, SALT);
+        assert_eq!(off.cached_blocks(&tokens), 0);
+        assert!(off.take_cached(&tokens).blocks.is_empty());
     }
 
     fn run(m: &mut BlockManager, tokens: &[u32]) -> SeqBlocks {

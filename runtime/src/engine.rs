@@ -403,6 +403,11 @@ impl Engine {
         &self.kv
     }
 
+    /// The KV pool, to write blocks that another instance computed.
+    pub fn kv_pool_mut(&mut self) -> &mut KvPool {
+        &mut self.kv
+    }
+
     /// Tokens in the single sequence of `prefill` / `forward_last`.
     pub fn seq_len(&self) -> usize {
         self.solo_len

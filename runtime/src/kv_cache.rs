@@ -85,4 +85,120 @@ impl KvPool {
     pub fn bytes(&self) -> usize {
         self.num_blocks * self.bytes_per_block()
     }
+
+    /// Values of one block in one layer's pool.
+    fn block_len(&self) -> usize {
+        self.block_size * self.kv_heads * self.head_dim
+    }
+
+    /// Block `block`'s keys and values of every layer as bytes (`bytes_per_block` of them):
+    /// layer after layer, its keys then its values, little-endian f32. The form a block
+    /// travels in between instances (prefill/decode disaggregation).
+    pub fn read_block(&self, block: u32, out: &mut Vec<u8>) -> Result<(), KvBlockError> {
+        let range = self.block_range(block)?;
+        out.reserve(self.bytes_per_block());
+        for (k, v) in &self.layers {
+            for pool in [k, v] {
+                if let Some(values) = pool.get(range.clone()) {
+                    out.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes block `block` from `bytes` in [`KvPool::read_block`]'s form.
+    pub fn write_block(&mut self, block: u32, bytes: &[u8]) -> Result<(), KvBlockError> {
+        let range = self.block_range(block)?;
+        if bytes.len() != self.bytes_per_block() {
+            return Err(KvBlockError::Size {
+                got: bytes.len(),
+                want: self.bytes_per_block(),
+            });
+        }
+        let mut words = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let values = self.values;
+        for (k, v) in &mut self.layers {
+            let pools: &mut [&mut Vec<f32>] = if values { &mut [k, v] } else { &mut [k] };
+            for pool in pools.iter_mut() {
+                for (slot, x) in pool[range.clone()].iter_mut().zip(words.by_ref()) {
+                    *slot = x;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn block_range(&self, block: u32) -> Result<std::ops::Range<usize>, KvBlockError> {
+        let b = block as usize;
+        if b >= self.num_blocks {
+            return Err(KvBlockError::OutOfRange {
+                block,
+                blocks: self.num_blocks,
+            });
+        }
+        Ok(b * self.block_len()..(b + 1) * self.block_len())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KvBlockError {
+    #[error("KV block {block} is outside the pool of {blocks} blocks")]
+    OutOfRange { block: u32, blocks: usize },
+    #[error("a KV block of this plan is {want} bytes, not {got}")]
+    Size { got: usize, want: usize },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_read_and_written_elsewhere_holds_the_same_values() {
+        for rows in [
+            KvRows::KeysAndValues {
+                kv_heads: 2,
+                head_dim: 3,
+            },
+            KvRows::Latent { width: 5 },
+        ] {
+            let mut a = KvPool::new(2, 4, 2, rows);
+            for (l, (k, v)) in a.layers.iter_mut().enumerate() {
+                for (i, x) in k.iter_mut().enumerate() {
+                    *x = (l * 1000 + i) as f32;
+                }
+                for (i, x) in v.iter_mut().enumerate() {
+                    *x = -((l * 1000 + i) as f32);
+                }
+            }
+            let mut bytes = vec![];
+            a.read_block(2, &mut bytes).unwrap();
+            assert_eq!(bytes.len(), a.bytes_per_block());
+            let mut b = KvPool::new(2, 4, 2, rows);
+            b.write_block(1, &bytes).unwrap();
+            let len = a.block_len();
+            for l in 0..2 {
+                assert_eq!(b.layers[l].0[len..2 * len], a.layers[l].0[2 * len..3 * len]);
+                assert_eq!(
+                    b.layers[l].1.get(len..2 * len),
+                    a.layers[l].1.get(2 * len..3 * len)
+                );
+                // The other blocks stay untouched.
+                assert!(b.layers[l].0[..len].iter().all(|&x| x == 0.0));
+            }
+            assert_eq!(
+                b.write_block(4, &bytes),
+                Err(KvBlockError::OutOfRange {
+                    block: 4,
+                    blocks: 4
+                })
+            );
+            assert!(matches!(
+                b.write_block(0, &bytes[1..]),
+                Err(KvBlockError::Size { .. })
+            ));
+        }
+    }
 }

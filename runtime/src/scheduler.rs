@@ -20,6 +20,7 @@
 
 use crate::batch_engine::BatchEngine;
 use crate::block_manager::{BlockManager, SeqBlocks};
+use crate::disagg::KvPrefix;
 use crate::engine::{Logits, SeqChunk};
 use crate::error::RuntimeError;
 use crate::generate::FinishReason;
@@ -179,7 +180,18 @@ enum Command {
     Abort,
     /// Put these weights in service at the next step boundary (see `weights_update`).
     SwapWeights(Box<WeightStore>, SwitchReply),
+    /// How many leading full blocks of these tokens the prefix cache holds.
+    CachedBlocks(Vec<u32>, tokio::sync::oneshot::Sender<usize>),
+    /// The cached full blocks of these tokens' prefix, from the given block on, as bytes.
+    ReadCached(Vec<u32>, usize, BlocksReply),
+    /// Seat a prefix's blocks computed elsewhere in the prefix cache.
+    WriteCached(
+        Box<KvPrefix>,
+        tokio::sync::oneshot::Sender<Result<usize, String>>,
+    ),
 }
+
+type BlocksReply = tokio::sync::oneshot::Sender<Result<Vec<Vec<u8>>, String>>;
 
 struct Request {
     prompt: Vec<u32>,
@@ -404,6 +416,50 @@ impl Scheduler {
         Ok(on_switch)
     }
 
+    /// How many leading full blocks of `tokens` this instance's prefix cache holds.
+    pub async fn cached_blocks(&self, tokens: Vec<u32>) -> Result<usize, SubmitError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::CachedBlocks(tokens, reply))
+            .map_err(|_| SubmitError::ShuttingDown)?;
+        answer.await.map_err(|_| SubmitError::ShuttingDown)
+    }
+
+    /// The KV bytes of `tokens`' leading full blocks from block `skip` on, as far as this
+    /// instance's prefix cache holds them (a prefill instance sends these; run the tokens as a
+    /// request first).
+    pub async fn read_cached_blocks(
+        &self,
+        tokens: Vec<u32>,
+        skip: usize,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::ReadCached(tokens, skip, reply))
+            .map_err(|_| SubmitError::ShuttingDown.to_string())?;
+        answer
+            .await
+            .map_err(|_| SubmitError::ShuttingDown.to_string())?
+    }
+
+    /// Seats a prefix's KV blocks computed by another instance of the same plan in this
+    /// instance's prefix cache; returns how many leading full blocks of it the cache holds
+    /// after (a request with this prefix is then admitted with them as a cache hit).
+    pub async fn write_cached_blocks(&self, prefix: KvPrefix) -> Result<usize, String> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::WriteCached(Box::new(prefix), reply))
+            .map_err(|_| SubmitError::ShuttingDown.to_string())?;
+        answer
+            .await
+            .map_err(|_| SubmitError::ShuttingDown.to_string())?
+    }
+
+    /// Positions per KV block.
+    pub fn block_size(&self) -> usize {
+        self.pool.1
+    }
+
     /// Stops accepting requests; running and waiting ones are finished. Returns at once.
     pub fn drain(&self) {
         self.shared
@@ -604,6 +660,8 @@ impl Worker {
             };
             let mut received = 0;
             let mut swaps = vec![];
+            // Prefix-cache reads and writes for another instance, between two steps.
+            let mut cache_jobs = vec![];
             for command in
                 std::iter::once(first).chain(std::iter::from_fn(|| self.inbox.try_recv().ok()))
             {
@@ -629,6 +687,9 @@ impl Worker {
                     Command::Wake => {}
                     Command::Drain => draining = true,
                     Command::SwapWeights(weights, switched) => swaps.push((weights, switched)),
+                    command @ (Command::CachedBlocks(..)
+                    | Command::ReadCached(..)
+                    | Command::WriteCached(..)) => cache_jobs.push(command),
                     Command::Abort => {
                         self.abort(received);
                         return;
@@ -638,6 +699,20 @@ impl Worker {
             self.mark_received(received);
             for (weights, switched) in swaps {
                 self.swap_weights(*weights, switched);
+            }
+            for job in cache_jobs {
+                match job {
+                    Command::CachedBlocks(tokens, reply) => {
+                        let _ = reply.send(self.blocks.cached_blocks(&tokens));
+                    }
+                    Command::ReadCached(tokens, skip, reply) => {
+                        let _ = reply.send(self.read_cached(&tokens, skip));
+                    }
+                    Command::WriteCached(prefix, reply) => {
+                        let _ = reply.send(self.write_cached(*prefix));
+                    }
+                    _ => {}
+                }
             }
             self.drop_cancelled();
             self.step();
@@ -666,6 +741,52 @@ impl Worker {
             Self::free_blocks(&mut self.blocks, &mut self.draft, &mut s);
         }
         self.publish();
+    }
+
+    /// The bytes of `tokens`' leading cached full blocks, from block `skip` on; fewer than
+    /// the tokens cover when the cache holds fewer.
+    fn read_cached(&mut self, tokens: &[u32], skip: usize) -> Result<Vec<Vec<u8>>, String> {
+        let held = self.blocks.take_cached(tokens);
+        let mut out = vec![];
+        let mut result = Ok(());
+        for &block in held.blocks.iter().skip(skip) {
+            let mut bytes = vec![];
+            result = self.engine.read_kv_block(block, &mut bytes);
+            if result.is_err() {
+                break;
+            }
+            out.push(bytes);
+        }
+        self.release(held);
+        result.map(|()| out).map_err(|e| e.to_string())
+    }
+
+    /// Puts the blocks of `prefix` that this pool lacks into the prefix cache, so a request
+    /// with that prefix is admitted with them as a cache hit. Returns how many leading full
+    /// blocks of the prefix the cache then holds. Seats nothing past a gap (a block this pool
+    /// dropped since it asked for the rest) or when no block is free: the request computes
+    /// what is missing itself, so the outcome is slower, never different.
+    fn write_cached(&mut self, prefix: KvPrefix) -> Result<usize, String> {
+        let block_size = self.blocks.block_size();
+        let mut seq = self.blocks.take_cached(&prefix.tokens);
+        let have = seq.blocks.len();
+        let end = (prefix.first_block + prefix.blocks.len()).min(prefix.tokens.len() / block_size);
+        if have < prefix.first_block || end <= have || !self.blocks.grow(&mut seq, end * block_size)
+        {
+            self.release(seq);
+            return Ok(have);
+        }
+        for b in have..end {
+            let bytes = &prefix.blocks[b - prefix.first_block];
+            if let Err(e) = self.engine.write_kv_block(seq.blocks[b], bytes) {
+                self.release(seq);
+                return Err(e.to_string());
+            }
+        }
+        self.blocks
+            .commit(&mut seq, &prefix.tokens, end * block_size);
+        self.release(seq);
+        Ok(end)
     }
 
     fn release(&mut self, blocks: SeqBlocks) {

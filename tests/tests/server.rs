@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::http::*;
 use common::*;
 use ir::DType;
 use runtime::chat::{ChatMessage, ChatTemplate};
@@ -174,49 +175,6 @@ impl TestServer {
     }
 }
 
-async fn read_json_response(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("body");
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {status}: body is not JSON ({e}): {text}"));
-    (status, value)
-}
-
-/// Reads server-sent events from a streaming response, one `data:` payload at a time.
-struct SseReader {
-    response: reqwest::Response,
-    buffer: String,
-}
-
-impl SseReader {
-    fn new(response: reqwest::Response) -> Self {
-        SseReader {
-            response,
-            buffer: String::new(),
-        }
-    }
-
-    async fn next(&mut self) -> Option<String> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let event: String = self.buffer.drain(..end + 2).collect();
-                let data: Vec<&str> = event
-                    .lines()
-                    .filter_map(|l| l.strip_prefix("data: "))
-                    .collect();
-                if data.is_empty() {
-                    continue; // a keep-alive comment
-                }
-                return Some(data.join("\n"));
-            }
-            match self.response.chunk().await.expect("stream chunk") {
-                Some(bytes) => self.buffer.push_str(&String::from_utf8_lossy(&bytes)),
-                None => return None,
-            }
-        }
-    }
-}
-
 /// The chunks of a stream as JSON, without the final `[DONE]`.
 fn chunks(events: &[String]) -> Vec<Value> {
     events[..events.len() - 1]
@@ -225,15 +183,6 @@ fn chunks(events: &[String]) -> Vec<Value> {
             serde_json::from_str(e).unwrap_or_else(|err| panic!("chunk is not JSON ({err}): {e}"))
         })
         .collect()
-}
-
-/// The value of a Prometheus sample line starting with `prefix` (name and labels).
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {prefix} in\n{text}"))
 }
 
 fn error_of(body: &Value) -> (&str, Option<&str>, &str) {
@@ -245,14 +194,6 @@ fn error_of(body: &Value) -> (&str, Option<&str>, &str) {
         e["param"].as_str(),
         e["message"].as_str().expect("an error message"),
     )
-}
-
-/// The `token_ids` of a choice or chunk; none when absent (a role-only chunk).
-fn token_ids(choice: &Value) -> Vec<u32> {
-    choice["token_ids"]
-        .as_array()
-        .map(|_| ids(&choice["token_ids"]))
-        .unwrap_or_default()
 }
 
 // ---- the tiny plan: token ids in, token ids out ----

@@ -193,8 +193,48 @@ enum Command {
         /// before the connection is closed and its request cancelled.
         #[arg(long, default_value_t = 60.0)]
         write_timeout: f64,
+        /// Prefill/decode disaggregation: `prefill` also serves its prompts' KV blocks to
+        /// decode instances on --kv-transfer-port; `decode` takes a request's prompt blocks from
+        /// the prefill instance the router names (one of --kv-source); `mixed` does both jobs
+        /// itself.
+        #[arg(long, value_enum, default_value = "mixed")]
+        role: runtime::disagg::Role,
+        /// `--role prefill`: the port KV transfers are served on (on --host).
+        #[arg(long)]
+        kv_transfer_port: Option<u16>,
+        /// `--role decode`: a prefill instance's KV transfer address (HOST:PORT) this instance
+        /// may take blocks from; repeat for each.
+        #[arg(long)]
+        kv_source: Vec<String>,
         #[command(flatten)]
         run: RunArgs,
+    },
+    /// The front door of disaggregated serving: an OpenAI-compatible server that sends each
+    /// request to a decode instance, naming a prefill instance for its prompt's KV blocks.
+    Router {
+        /// host:port of a prefill instance's HTTP server (`fdrt serve --role prefill`); repeat
+        /// for each.
+        #[arg(long)]
+        prefill: Vec<String>,
+        /// host:port of a decode instance's HTTP server (`fdrt serve --role decode`); repeat
+        /// for each.
+        #[arg(long, required = true)]
+        decode: Vec<String>,
+        #[arg(long, default_value = runtime::server::DEFAULT_HOST)]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Key for the router's own calls to the instances (health, description); clients'
+        /// Authorization headers are passed through as they are.
+        #[arg(long, env = "FDRT_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+        /// Seconds between health checks of every instance.
+        #[arg(long, default_value_t = 1.0)]
+        health_interval: f64,
+        /// Seconds any one wait on an instance may take (connecting, its answer's head, each
+        /// piece of a streamed answer).
+        #[arg(long, default_value_t = 300.0)]
+        upstream_timeout: f64,
     },
     /// Load-test a running server: concurrent streaming completions with random token prompts;
     /// prints throughput and TTFT / TPOT / inter-token latency percentiles.
@@ -640,9 +680,13 @@ fn run() -> Result<()> {
             header_read_timeout,
             body_read_timeout,
             write_timeout,
+            role,
+            kv_transfer_port,
+            kv_source,
             run,
         } => {
             init_logging();
+            check_role(role, kv_transfer_port, &kv_source, !no_prefix_caching)?;
             let drain_timeout = seconds("--drain-timeout", drain_timeout, 0.0)?;
             // Zero would close every connection before its request arrives.
             let header_read_timeout = seconds("--header-read-timeout", header_read_timeout, 0.001)?;
@@ -671,6 +715,12 @@ fn run() -> Result<()> {
                 body_read_timeout,
                 write_timeout,
                 speculative,
+                disagg: runtime::server::disagg::DisaggConfig {
+                    role,
+                    kv_transfer_port,
+                    kv_sources: kv_source,
+                    ..Default::default()
+                },
             };
             let draft = match config.speculative.as_ref().map(|c| &c.method) {
                 Some(runtime::speculative::SpeculativeMethod::Draft { model }) => {
@@ -706,6 +756,21 @@ fn run() -> Result<()> {
                     .await
                     .with_context(|| format!("listening on {host}:{port}"))?;
                 let address = listener.local_addr()?;
+                if let Some(port) = kv_transfer_port {
+                    let transfers = tokio::net::TcpListener::bind((host.as_str(), port))
+                        .await
+                        .with_context(|| format!("listening for KV transfers on {host}:{port}"))?;
+                    tracing::info!(
+                        "serving KV transfers to decode instances at {}",
+                        transfers.local_addr()?
+                    );
+                    tokio::spawn(runtime::disagg::transfer::serve(
+                        transfers,
+                        server.scheduler().clone(),
+                        server.kv_identity().clone(),
+                        Default::default(),
+                    ));
+                }
                 tracing::info!(
                     "serving `{}` at http://{address}/v1 (OpenAI API){}",
                     server.model_name(),
@@ -717,6 +782,43 @@ fn run() -> Result<()> {
                 );
                 runtime::server::serve(listener, server, shutdown_signal()).await?;
                 tracing::info!("stopped");
+                anyhow::Ok(())
+            })?;
+        }
+        Command::Router {
+            prefill,
+            decode,
+            host,
+            port,
+            api_key,
+            health_interval,
+            upstream_timeout,
+        } => {
+            init_logging();
+            let config = runtime::router::RouterConfig {
+                prefill,
+                decode,
+                api_key,
+                health_interval: seconds("--health-interval", health_interval, 0.01)?,
+                upstream_timeout: seconds("--upstream-timeout", upstream_timeout, 0.01)?,
+                ..Default::default()
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            runtime.block_on(async move {
+                let router = runtime::router::Router::connect(config).await?;
+                let listener = tokio::net::TcpListener::bind((host.as_str(), port))
+                    .await
+                    .with_context(|| format!("listening on {host}:{port}"))?;
+                tracing::info!(
+                    "routing at http://{}/v1 (plan {})",
+                    listener.local_addr()?,
+                    router.plan()
+                );
+                runtime::router::serve(listener, router, shutdown_signal()).await?;
                 anyhow::Ok(())
             })?;
         }
@@ -933,6 +1035,34 @@ fn log_loaded(plan: &Path, engine: &dyn BatchEngine) {
         options.max_batch_tokens,
         rayon::current_num_threads(),
     );
+}
+
+/// `fdrt serve`'s disaggregation flags fit its `--role`.
+fn check_role(
+    role: runtime::disagg::Role,
+    kv_transfer_port: Option<u16>,
+    kv_sources: &[String],
+    prefix_caching: bool,
+) -> Result<()> {
+    use runtime::disagg::Role;
+    if role != Role::Mixed && !prefix_caching {
+        bail!("--role prefill and --role decode move KV blocks through the prefix cache: drop --no-prefix-caching");
+    }
+    match role {
+        Role::Prefill if kv_transfer_port.is_none() => {
+            bail!("--role prefill needs --kv-transfer-port PORT, where decode instances fetch KV blocks")
+        }
+        Role::Decode if kv_sources.is_empty() => {
+            bail!("--role decode needs --kv-source HOST:PORT for each prefill instance it may take KV blocks from")
+        }
+        Role::Prefill | Role::Mixed if !kv_sources.is_empty() => {
+            bail!("--kv-source is for --role decode")
+        }
+        Role::Decode | Role::Mixed if kv_transfer_port.is_some() => {
+            bail!("--kv-transfer-port is for --role prefill")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -99,6 +99,16 @@ struct Inner {
     tpot: Histogram,
     itl: Histogram,
     e2e: Histogram,
+    kv_transfer: KvTransfer,
+}
+
+/// Prefill/decode disaggregation, as a decode instance sees it.
+#[derive(Clone, Debug, Default)]
+struct KvTransfer {
+    blocks: u64,
+    bytes: u64,
+    seconds: f64,
+    failures: u64,
 }
 
 /// Counters and histograms of one server.
@@ -130,6 +140,7 @@ impl Metrics {
                 tpot: Histogram::new(TOKEN_BOUNDS),
                 itl: Histogram::new(TOKEN_BOUNDS),
                 e2e: Histogram::new(E2E_BOUNDS),
+                kv_transfer: KvTransfer::default(),
             }),
         }
     }
@@ -155,6 +166,21 @@ impl Metrics {
                 m.itl.observe(gap.as_secs_f64());
             }
         });
+    }
+
+    /// A decode instance received `blocks` KV blocks (`bytes`) from a prefill instance, taking
+    /// `time` from asking to seating them.
+    pub fn kv_received(&self, blocks: usize, bytes: usize, time: Duration) {
+        self.with(|m| {
+            m.kv_transfer.blocks += blocks as u64;
+            m.kv_transfer.bytes += bytes as u64;
+            m.kv_transfer.seconds += time.as_secs_f64();
+        });
+    }
+
+    /// A KV transfer failed (the request computed its prompt itself).
+    pub fn kv_transfer_failed(&self) {
+        self.with(|m| m.kv_transfer.failures += 1);
     }
 
     pub fn finished(&self, outcome: Outcome, timings: &RequestTimings) {
@@ -245,6 +271,31 @@ impl Metrics {
             "Running sequences preempted to free KV blocks (recomputed later).",
             "counter",
             stats.preemptions.to_string(),
+        );
+        let kv = &m.kv_transfer;
+        gauge(
+            "fdrt:kv_transfer_received_blocks_total",
+            "KV blocks a decode instance took from prefill instances.",
+            "counter",
+            kv.blocks.to_string(),
+        );
+        gauge(
+            "fdrt:kv_transfer_received_bytes_total",
+            "Bytes of those KV blocks.",
+            "counter",
+            kv.bytes.to_string(),
+        );
+        gauge(
+            "fdrt:kv_transfer_seconds_total",
+            "Time from asking a prefill instance for a prompt's blocks to seating them.",
+            "counter",
+            kv.seconds.to_string(),
+        );
+        gauge(
+            "fdrt:kv_transfer_failures_total",
+            "KV transfers that failed (the request computed its prompt itself).",
+            "counter",
+            kv.failures.to_string(),
         );
         let spec = &stats.speculative;
         gauge(

@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod bench;
 mod connections;
+pub mod disagg;
 pub mod errors;
 mod generation;
 pub mod metrics;
@@ -79,6 +80,8 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// Speculative decoding (`--speculative-config`); `None` decodes one token per step.
     pub speculative: Option<crate::speculative::SpeculativeConfig>,
+    /// Prefill/decode disaggregation: this instance's role and peers.
+    pub disagg: disagg::DisaggConfig,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +99,7 @@ impl Default for ServerConfig {
             body_read_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(60),
             speculative: None,
+            disagg: disagg::DisaggConfig::default(),
         }
     }
 }
@@ -137,6 +141,8 @@ pub(crate) struct AppState {
     manifest: Arc<Manifest>,
     /// Held by the weight update in progress: updates run one at a time.
     weights_update: tokio::sync::Mutex<()>,
+    /// What a KV transfer peer must share with this instance.
+    kv_identity: crate::disagg::transfer::Identity,
 }
 
 impl AppState {
@@ -189,6 +195,7 @@ impl Server {
         let eos_token_ids = plan.manifest.model.eos_token_ids.clone();
         let manifest = Arc::new(plan.manifest.clone());
         let vocab = engine.vocab_size();
+        let kv_identity = disagg::identity(plan, engine.options().block_size);
         let scheduler = Scheduler::start_speculative(
             engine,
             draft,
@@ -220,6 +227,7 @@ impl Server {
             id_prefix: now.as_nanos() as u64,
             manifest,
             weights_update: tokio::sync::Mutex::new(()),
+            kv_identity,
         };
         Ok(Server {
             state: Arc::new(state),
@@ -237,6 +245,12 @@ impl Server {
 
     pub fn scheduler(&self) -> &Scheduler {
         &self.state.scheduler
+    }
+
+    /// What a KV transfer peer must share with this instance (`--role prefill` serves
+    /// transfers with it).
+    pub fn kv_identity(&self) -> &crate::disagg::transfer::Identity {
+        &self.state.kv_identity
     }
 
     pub fn stats(&self) -> Stats {

@@ -12,7 +12,7 @@ use crate::server::AppState;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -31,6 +31,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
+        .route("/v1/kv_transfer", get(super::disagg::describe))
         // Metrics name the model and reveal load and traffic: behind the key when there is one.
         .route("/metrics", get(metrics))
         .route_layer(middleware::from_fn_with_state(
@@ -242,6 +243,7 @@ struct Meta {
 
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: ChatCompletionRequest = parse_body(&state, body)?;
@@ -262,12 +264,15 @@ async fn chat_completions(
     let ids = tokenizer
         .encode_raw(&text)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let running = generation::start(&state, vec![ids], &spec)?;
+    let prompts = vec![ids];
+    super::disagg::pull_prompt_blocks(&state, &headers, &prompts).await?;
+    let running = generation::start(&state, prompts, &spec)?;
     respond(&state, running, Api::Chat, spec).await
 }
 
 async fn completions(
     State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let request: CompletionRequest = parse_body(&state, body)?;
@@ -304,6 +309,7 @@ async fn completions(
             }
         });
     }
+    super::disagg::pull_prompt_blocks(&state, &headers, &ids).await?;
     let running = generation::start(&state, ids, &spec)?;
     respond(&state, running, Api::Completion, spec).await
 }

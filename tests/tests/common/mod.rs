@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod deepseek_f64;
+pub mod http;
 pub mod load_memory;
 pub mod random;
 pub mod synthetic;
@@ -157,6 +158,21 @@ pub fn engine(plan: &Path) -> Engine {
             max_batch_tokens: 64,
             max_num_seqs: 1,
             ..EngineOptions::default()
+        },
+    )
+}
+
+/// The tiny llama (f32) with room for 4 sequences of 256 positions in 64 blocks of
+/// `block_size`: the instances of the serving tests.
+pub fn tiny_llama_engine(block_size: usize) -> Engine {
+    engine_with(
+        &compiled(&golden("tiny/llama"), DType::F32),
+        EngineOptions {
+            max_context: 256,
+            max_batch_tokens: 64,
+            max_num_seqs: 4,
+            block_size,
+            kv_blocks: Some(64),
         },
     )
 }

@@ -1,0 +1,610 @@
+//! `fdrt router`: the OpenAI-compatible front door of disaggregated serving. Each generation
+//! request goes to a decode instance (`fdrt serve --role decode`), which streams the answer
+//! back through the router, with a header naming the prefill instance (`--role prefill`) whose
+//! KV transfer port it takes the prompt's blocks from (`crate::disagg` says how).
+//!
+//! Placement: among the healthy instances of a role, the one that a hash of the request's
+//! leading text prefers (rendezvous hashing, so requests sharing a prefix meet the same prefix
+//! caches while the set of instances stays the same), unless it has more requests outstanding
+//! than the least busy one plus [`LOAD_SLACK`], in which case the least busy one.
+//!
+//! Failures: instances are checked on `/health` every `health_interval`; one that fails is out
+//! of rotation until it answers again. A decode instance that cannot be reached, or that fails
+//! before its answer is complete, is marked unhealthy and the request goes to the next one (a
+//! streamed answer can be retried only until its first bytes have gone to the client; after
+//! that the stream ends with an error event). With no prefill instance healthy, decode instances
+//! compute prompts themselves; with no decode instance healthy, requests get 503. Every wait on
+//! an instance is bounded by `upstream_timeout`.
+
+use crate::server::disagg::KV_SOURCE_HEADER;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Full};
+use serde_json::{json, Value};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Requests outstanding beyond the least busy instance that the preferred one may have and
+/// still be chosen: prefix affinity is worth a little queueing, not a lot.
+pub const LOAD_SLACK: usize = 4;
+
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// `host:port` of each prefill instance's HTTP server.
+    pub prefill: Vec<String>,
+    /// `host:port` of each decode instance's HTTP server.
+    pub decode: Vec<String>,
+    /// Sent to the instances as `Authorization: Bearer` for the router's own calls (health,
+    /// description); clients' own Authorization headers are passed through.
+    pub api_key: Option<String>,
+    pub health_interval: Duration,
+    /// How long to wait at start for every instance to describe itself.
+    pub startup_timeout: Duration,
+    /// How long any one wait on an instance may take: connecting, its response head, each
+    /// piece of a streamed body.
+    pub upstream_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            prefill: vec![],
+            decode: vec![],
+            api_key: None,
+            health_interval: Duration::from_secs(1),
+            startup_timeout: Duration::from_secs(120),
+            upstream_timeout: Duration::from_secs(300),
+            max_body_bytes: 4 << 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("the router needs at least one --decode instance")]
+    NoDecode,
+    #[error("instance {address}: {message}")]
+    Instance { address: String, message: String },
+    #[error("the instances run different plans or block sizes: {0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+#[derive(Debug)]
+struct Instance {
+    address: String,
+    /// A prefill instance's KV transfer address, as decode instances reach it.
+    kv_address: Option<String>,
+    healthy: AtomicBool,
+    outstanding: AtomicUsize,
+    requests: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// Holds one request against an instance's outstanding count.
+struct Outstanding(Arc<Instance>);
+
+impl Outstanding {
+    fn new(instance: &Arc<Instance>) -> Self {
+        instance.outstanding.fetch_add(1, Ordering::SeqCst);
+        instance.requests.fetch_add(1, Ordering::Relaxed);
+        Outstanding(instance.clone())
+    }
+}
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+pub struct Router {
+    prefill: Vec<Arc<Instance>>,
+    decode: Vec<Arc<Instance>>,
+    config: RouterConfig,
+    plan: String,
+}
+
+/// What `GET /v1/kv_transfer` of an instance says.
+struct Description {
+    role: String,
+    plan: String,
+    block_size: u64,
+    kv_transfer_port: Option<u16>,
+}
+
+impl Router {
+    /// Asks every instance what it is (retrying until `startup_timeout`, so instances may
+    /// still be loading), and checks that they fit together: prefill instances serve KV
+    /// transfers, decode instances take them, all run the same plan with the same block size.
+    pub async fn connect(config: RouterConfig) -> Result<Arc<Router>, RouterError> {
+        if config.decode.is_empty() {
+            return Err(RouterError::NoDecode);
+        }
+        let deadline = Instant::now() + config.startup_timeout;
+        let mut plans = vec![];
+        let mut prefill = vec![];
+        let mut decode = vec![];
+        for (address, want) in config
+            .prefill
+            .iter()
+            .map(|a| (a, "prefill"))
+            .chain(config.decode.iter().map(|a| (a, "decode")))
+        {
+            let d = loop {
+                match describe(address, config.api_key.as_deref(), config.upstream_timeout).await {
+                    Ok(d) => break d,
+                    Err(message) if Instant::now() >= deadline => {
+                        return Err(RouterError::Instance {
+                            address: address.clone(),
+                            message,
+                        })
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            };
+            if d.role != want {
+                return Err(RouterError::Instance {
+                    address: address.clone(),
+                    message: format!(
+                        "it runs --role {}, where --{want} needs --role {want}",
+                        d.role
+                    ),
+                });
+            }
+            let kv_address = match d.kv_transfer_port {
+                Some(port) if want == "prefill" => Some(format!("{}:{port}", host_of(address))),
+                _ => None,
+            };
+            plans.push((address.clone(), d.plan, d.block_size));
+            let instance = Arc::new(Instance {
+                address: address.clone(),
+                kv_address,
+                healthy: AtomicBool::new(true),
+                outstanding: AtomicUsize::new(0),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            });
+            if want == "prefill" {
+                prefill.push(instance);
+            } else {
+                decode.push(instance);
+            }
+        }
+        let (_, plan, block_size) = plans[0].clone();
+        if let Some((address, other_plan, other_block)) = plans
+            .iter()
+            .find(|(_, p, b)| *p != plan || *b != block_size)
+        {
+            return Err(RouterError::Mismatch(format!(
+                "{} runs plan {plan} with blocks of {block_size}, {address} plan {other_plan} with blocks of {other_block}",
+                plans[0].0
+            )));
+        }
+        Ok(Arc::new(Router {
+            prefill,
+            decode,
+            config,
+            plan,
+        }))
+    }
+
+    /// The plan every instance runs (its identity, hex).
+    pub fn plan(&self) -> &str {
+        &self.plan
+    }
+
+    /// The router's HTTP routes.
+    pub fn app(self: &Arc<Self>) -> axum::Router {
+        axum::Router::new()
+            .route("/v1/chat/completions", post(forward))
+            .route("/v1/completions", post(forward))
+            .route("/v1/models", get(forward))
+            .route("/health", get(health))
+            .route("/metrics", get(metrics))
+            .fallback(|| async {
+                error(StatusCode::NOT_FOUND, "not_found_error", "no such endpoint")
+            })
+            .layer(axum::extract::DefaultBodyLimit::max(
+                self.config.max_body_bytes,
+            ))
+            .with_state(self.clone())
+    }
+
+    /// Checks every instance's `/health` every `health_interval`, forever.
+    pub async fn check_health(self: Arc<Self>) {
+        loop {
+            let checks = self.prefill.iter().chain(&self.decode).map(|i| {
+                let (i, key, wait) = (i.clone(), self.config.api_key.clone(), self.config.health_interval);
+                async move {
+                    let ok = matches!(
+                        call(&i.address, key.as_deref(), Method::GET, "/health", HeaderMap::new(), Bytes::new(), wait).await,
+                        Ok((200, _, _))
+                    );
+                    if i.healthy.swap(ok, Ordering::SeqCst) != ok {
+                        tracing::warn!(address = %i.address, healthy = ok, "instance health changed");
+                    }
+                }
+            });
+            futures_util::future::join_all(checks).await;
+            tokio::time::sleep(self.config.health_interval).await;
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `shutdown` completes (health checks included).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Arc<Router>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let health = tokio::spawn(router.clone().check_health());
+    let result = axum::serve(listener, router.app())
+        .with_graceful_shutdown(shutdown)
+        .await;
+    health.abort();
+    Ok(result?)
+}
+
+fn host_of(address: &str) -> &str {
+    address.rsplit_once(':').map_or(address, |(host, _)| host)
+}
+
+async fn describe(address: &str, key: Option<&str>, wait: Duration) -> Result<Description, String> {
+    let (status, _, body) = call(
+        address,
+        key,
+        Method::GET,
+        "/v1/kv_transfer",
+        HeaderMap::new(),
+        Bytes::new(),
+        wait,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let body = collect(body, wait).await?;
+    if status != 200 {
+        return Err(format!(
+            "GET /v1/kv_transfer answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
+    }
+    let v: Value =
+        serde_json::from_slice(&body).map_err(|e| format!("GET /v1/kv_transfer: {e}"))?;
+    Ok(Description {
+        role: v["role"].as_str().unwrap_or_default().to_string(),
+        plan: v["plan"].as_str().unwrap_or_default().to_string(),
+        block_size: v["block_size"].as_u64().unwrap_or_default(),
+        kv_transfer_port: v["kv_transfer_port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok()),
+    })
+}
+
+/// One HTTP/1 request to an instance; the response's status, headers and body.
+async fn call(
+    address: &str,
+    key: Option<&str>,
+    method: Method,
+    path: &str,
+    headers: HeaderMap,
+    body: Bytes,
+    wait: Duration,
+) -> Result<(u16, HeaderMap, hyper::body::Incoming), String> {
+    let send = async {
+        let stream = tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        stream.set_nodelay(true).ok();
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+        tokio::spawn(connection);
+        let mut request = hyper::Request::builder().method(method).uri(path);
+        for (name, value) in &headers {
+            request = request.header(name, value);
+        }
+        request = request.header(header::HOST, address);
+        if let (Some(key), false) = (key, headers.contains_key(header::AUTHORIZATION)) {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {key}"));
+        }
+        let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (parts, body) = response.into_parts();
+        Ok((parts.status.as_u16(), parts.headers, body))
+    };
+    tokio::time::timeout(wait, send)
+        .await
+        .map_err(|_| format!("no answer within {wait:?}"))?
+}
+
+async fn collect(body: hyper::body::Incoming, wait: Duration) -> Result<Vec<u8>, String> {
+    tokio::time::timeout(wait, body.collect())
+        .await
+        .map_err(|_| format!("the body did not arrive within {wait:?}"))?
+        .map(|b| b.to_bytes().to_vec())
+        .map_err(|e| e.to_string())
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let message = message.into();
+    (
+        status,
+        Json(json!({"error": {"message": message, "type": kind, "param": null, "code": null}})),
+    )
+        .into_response()
+}
+
+/// The text a request's placement hashes: its prompt's (or first messages') leading characters.
+fn affinity_key(body: &[u8]) -> Vec<u8> {
+    const LEADING: usize = 512;
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return vec![];
+    };
+    let text = if let Some(messages) = v.get("messages") {
+        messages.to_string()
+    } else {
+        v.get("prompt").map(Value::to_string).unwrap_or_default()
+    };
+    text.bytes().take(LEADING).collect()
+}
+
+/// Healthy instances in the order to try them: the one the key prefers first unless it is
+/// more than [`LOAD_SLACK`] busier than the least busy, then by load.
+fn order(instances: &[Arc<Instance>], key: &[u8]) -> Vec<Arc<Instance>> {
+    let mut healthy: Vec<Arc<Instance>> = instances
+        .iter()
+        .filter(|i| i.healthy.load(Ordering::SeqCst))
+        .cloned()
+        .collect();
+    let weight = |i: &Instance| {
+        let mut h = blake3::Hasher::new();
+        h.update(i.address.as_bytes());
+        h.update(key);
+        u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]))
+    };
+    healthy.sort_by_key(|i| i.outstanding.load(Ordering::SeqCst));
+    let least = healthy
+        .first()
+        .map_or(0, |i| i.outstanding.load(Ordering::SeqCst));
+    if let Some(preferred) = healthy
+        .iter()
+        .filter(|i| i.outstanding.load(Ordering::SeqCst) <= least + LOAD_SLACK)
+        .max_by_key(|i| weight(i))
+        .cloned()
+    {
+        healthy.retain(|i| !Arc::ptr_eq(i, &preferred));
+        healthy.insert(0, preferred);
+    }
+    healthy
+}
+
+/// Forwards a client's request to a decode instance (with a prefill instance named for its
+/// prompt blocks) and its answer back.
+async fn forward(State(router): State<Arc<Router>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path().to_string();
+    let body = match axum::body::to_bytes(body, router.config.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the request body is too large or broke off",
+            )
+        }
+    };
+    let key = affinity_key(&body);
+    let stream = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("stream").and_then(Value::as_bool))
+        .unwrap_or(false);
+    let mut headers = HeaderMap::new();
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
+        if let Some(value) = parts.headers.get(&name) {
+            headers.insert(name, value.clone());
+        }
+    }
+    if parts.method == Method::POST {
+        if let Some(kv) = order(&router.prefill, &key)
+            .first()
+            .and_then(|p| p.kv_address.clone())
+        {
+            if let Ok(value) = HeaderValue::from_str(&kv) {
+                headers.insert(KV_SOURCE_HEADER, value);
+            }
+        }
+    }
+    let wait = router.config.upstream_timeout;
+    let mut last_error = "no decode instance is healthy".to_string();
+    for decode in order(&router.decode, &key) {
+        let held = Outstanding::new(&decode);
+        let answer = call(
+            &decode.address,
+            None,
+            parts.method.clone(),
+            &path,
+            headers.clone(),
+            body.clone(),
+            wait,
+        )
+        .await;
+        let (status, response_headers, upstream) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                last_error = format!("decode instance {}: {e}", decode.address);
+                fail(&decode, &last_error);
+                continue;
+            }
+        };
+        let mut response = Response::builder().status(status);
+        if let Some(ct) = response_headers.get(header::CONTENT_TYPE) {
+            response = response.header(header::CONTENT_TYPE, ct);
+        }
+        if stream && status == 200 {
+            // From here on the client has its answer's head: no retry, an error event instead.
+            let body = streamed(upstream, wait, held, decode.clone());
+            return response.body(body).unwrap_or_else(|_| {
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "bad upstream response",
+                )
+            });
+        }
+        match collect(upstream, wait).await {
+            Ok(bytes) => {
+                drop(held);
+                return response.body(Body::from(bytes)).unwrap_or_else(|_| {
+                    error(
+                        StatusCode::BAD_GATEWAY,
+                        "api_error",
+                        "bad upstream response",
+                    )
+                });
+            }
+            Err(e) => {
+                last_error = format!("decode instance {} failed mid-answer: {e}", decode.address);
+                fail(&decode, &last_error);
+            }
+        }
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        format!("no decode instance could serve the request: {last_error}"),
+    )
+}
+
+fn fail(instance: &Instance, why: &str) {
+    tracing::warn!(address = %instance.address, error = why, "taking the instance out of rotation");
+    instance.failures.fetch_add(1, Ordering::Relaxed);
+    instance.healthy.store(false, Ordering::SeqCst);
+}
+
+/// A streamed answer passed through piece by piece; if the instance fails or stalls, one last
+/// server-sent event says so and the stream ends.
+fn streamed(
+    upstream: hyper::body::Incoming,
+    wait: Duration,
+    held: Outstanding,
+    instance: Arc<Instance>,
+) -> Body {
+    let pieces = futures_util::stream::unfold((Some(upstream), held), move |(upstream, held)| {
+        let instance = instance.clone();
+        async move {
+            let mut body = upstream?;
+            loop {
+                match tokio::time::timeout(wait, body.frame()).await {
+                    Ok(Some(Ok(frame))) => {
+                        if let Ok(data) = frame.into_data() {
+                            return Some((Ok::<Bytes, std::io::Error>(data), (Some(body), held)));
+                        }
+                    }
+                    Ok(None) => return None,
+                    Ok(Some(Err(e))) => {
+                        fail(&instance, &e.to_string());
+                        return Some((
+                            Ok(stream_error(&instance.address, &e.to_string())),
+                            (None, held),
+                        ));
+                    }
+                    Err(_) => {
+                        let why = format!("no output for {wait:?}");
+                        fail(&instance, &why);
+                        return Some((Ok(stream_error(&instance.address, &why)), (None, held)));
+                    }
+                }
+            }
+        }
+    });
+    Body::from_stream(pieces.boxed())
+}
+
+fn stream_error(address: &str, why: &str) -> Bytes {
+    let event = json!({"error": {"message": format!("the decode instance {address} failed during the stream: {why}"), "type": "api_error", "param": null, "code": null}});
+    Bytes::from(format!("data: {event}\n\ndata: [DONE]\n\n"))
+}
+
+async fn health(State(router): State<Arc<Router>>) -> Response {
+    if router
+        .decode
+        .iter()
+        .any(|d| d.healthy.load(Ordering::SeqCst))
+    {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "no decode instance is healthy",
+        )
+    }
+}
+
+async fn metrics(State(router): State<Arc<Router>>) -> Response {
+    let mut out = String::new();
+    let sets = [("prefill", &router.prefill), ("decode", &router.decode)];
+    type Field = fn(&Instance) -> u64;
+    let fields: [(&str, &str, &str, Field); 4] = [
+        (
+            "fdrt_router:instance_healthy",
+            "gauge",
+            "1 while the instance is in rotation.",
+            |i| i.healthy.load(Ordering::SeqCst) as u64,
+        ),
+        (
+            "fdrt_router:instance_outstanding_requests",
+            "gauge",
+            "Requests the router has in flight at the instance.",
+            |i| i.outstanding.load(Ordering::SeqCst) as u64,
+        ),
+        (
+            "fdrt_router:instance_requests_total",
+            "counter",
+            "Requests the router sent to the instance.",
+            |i| i.requests.load(Ordering::Relaxed),
+        ),
+        (
+            "fdrt_router:instance_failures_total",
+            "counter",
+            "Times the instance failed a request and was taken out of rotation.",
+            |i| i.failures.load(Ordering::Relaxed),
+        ),
+    ];
+    for (name, kind, help, value) in fields {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (role, instances) in sets {
+            for i in instances.iter() {
+                let _ = writeln!(
+                    out,
+                    "{name}{{role=\"{role}\",address=\"{}\"}} {}",
+                    i.address,
+                    value(i)
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "# HELP fdrt_router:plan_info The plan every instance runs.\n# TYPE fdrt_router:plan_info gauge\nfdrt_router:plan_info{{plan=\"{}\"}} 1", router.plan);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
+}

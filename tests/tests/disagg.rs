@@ -1,0 +1,308 @@
+//! Prefill/decode disaggregation below the HTTP layer: a decode instance takes a prompt's KV
+//! blocks from a prefill instance over the transfer protocol (loopback TCP) and continues the
+//! request with exactly the tokens one mixed instance gives, greedy and seeded; blocks it holds
+//! already are not sent; instances that differ, and damaged or broken transfers, end in errors
+//! (never a hang), and the prefill instance serves on.
+
+mod common;
+
+use common::*;
+use runtime::disagg::transfer::{self, Identity, Timeouts, TransferError};
+use runtime::disagg::wire::{Control, Message, WireError};
+use runtime::sampler::SamplingParams;
+use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig};
+use std::time::Duration;
+
+const BLOCK: usize = 16;
+
+/// A scheduler over the tiny llama with blocks of `block_size`, and what a transfer peer must
+/// share with it.
+fn instance(block_size: usize) -> (Scheduler, Identity) {
+    let engine = tiny_llama_engine(block_size);
+    let identity = Identity {
+        plan: engine.plan().identity(),
+        block_size,
+        block_bytes: engine.kv_pool().bytes_per_block(),
+    };
+    let config = SchedulerConfig {
+        max_num_seqs: 4,
+        max_waiting: 16,
+        prefix_caching: true,
+        speculative: None,
+    };
+    (Scheduler::start(Box::new(engine), config), identity)
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 3 + (seed * 37 + i * 11) % 290)
+        .collect()
+}
+
+fn sampled(max_tokens: usize, seed: u64) -> RequestParams {
+    RequestParams {
+        sampling: SamplingParams {
+            temperature: 0.9,
+            top_p: Some(0.95),
+            seed: Some(seed),
+            ..SamplingParams::greedy()
+        },
+        ..greedy_request(max_tokens)
+    }
+}
+
+fn tokens_of(s: &Scheduler, prompt: &[u32], params: &RequestParams) -> Vec<u32> {
+    let (tokens, last) = collect_stream(s.submit(prompt.to_vec(), params.clone()).expect("submit"));
+    assert!(matches!(last, Event::Done { .. }), "{last:?}");
+    tokens
+}
+
+/// A prefill instance serving transfers on a loopback port.
+fn prefill_instance(rt: &tokio::runtime::Runtime) -> (Scheduler, Identity, String) {
+    let (p, identity) = instance(BLOCK);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    rt.spawn(transfer::serve(
+        listener,
+        p.clone(),
+        identity.clone(),
+        Timeouts::default(),
+    ));
+    (p, identity, addr)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+#[test]
+fn a_decode_instance_continues_from_blocks_a_prefill_instance_computed() {
+    let rt = runtime();
+    let (_p, identity, addr) = prefill_instance(&rt);
+    let (mixed, _) = instance(BLOCK);
+    let (d, d_identity) = instance(BLOCK);
+    assert_eq!(identity, d_identity);
+    let long = prompt(1, 70);
+    // The second shares the first's first three blocks, then differs.
+    let mut sharing = long[..3 * BLOCK].to_vec();
+    sharing.extend(prompt(2, 30));
+    let cases = [
+        (long.clone(), greedy_request(12)),
+        (sharing.clone(), greedy_request(12)),
+        (prompt(3, 64), sampled(16, 11)), // a whole number of blocks: the last stays behind
+        (prompt(4, 49), sampled(16, 5)),
+        (prompt(5, 10), greedy_request(8)), // shorter than a block: nothing to move
+    ];
+    let mut hits = 0;
+    for (i, (prompt, params)) in cases.iter().enumerate() {
+        let want = tokens_of(&mixed, prompt, params);
+        // What `fdrt serve --role decode` does before it submits the request.
+        let blocks = (prompt.len() - 1) / BLOCK;
+        let prefix = prompt[..blocks * BLOCK].to_vec();
+        let held = rt
+            .block_on(d.cached_blocks(prefix.clone()))
+            .expect("cached");
+        if blocks > 0 {
+            let fetched = rt
+                .block_on(transfer::fetch_prefix(
+                    &addr,
+                    &d_identity,
+                    prefix,
+                    held,
+                    Timeouts::default(),
+                ))
+                .expect("fetch");
+            assert_eq!(fetched.first_block, held, "case {i}");
+            assert_eq!(
+                fetched.blocks.len(),
+                blocks - held,
+                "case {i}: only the missing blocks"
+            );
+            let seated = rt.block_on(d.write_cached_blocks(fetched)).expect("seat");
+            assert_eq!(seated, blocks, "case {i}");
+        }
+        if i == 1 {
+            assert_eq!(
+                held, 3,
+                "the shared blocks stayed in the decode instance's cache"
+            );
+        }
+        let before = d.stats().prefix_cache_hit_tokens;
+        let got = tokens_of(&d, prompt, params);
+        assert_eq!(got, want, "case {i}: the decode instance's tokens");
+        let hit = (d.stats().prefix_cache_hit_tokens - before) as usize;
+        assert_eq!(
+            hit,
+            blocks * BLOCK,
+            "case {i}: the moved blocks were used, not recomputed"
+        );
+        hits += hit;
+    }
+    assert!(hits > 0);
+    let stats = wait_idle(&d);
+    assert_eq!(stats.kv_blocks_used, 0, "every block free again");
+}
+
+#[test]
+fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
+    let rt = runtime();
+    let (_p, identity, addr) = prefill_instance(&rt);
+    let tokens = prompt(6, 2 * BLOCK);
+    let fetch = |who: &Identity, tokens: &[u32]| {
+        rt.block_on(transfer::fetch_prefix(
+            &addr,
+            who,
+            tokens.to_vec(),
+            0,
+            Timeouts::default(),
+        ))
+    };
+    let mut other = identity.clone();
+    other.block_size = 32;
+    let err = fetch(&other, &tokens).expect_err("another block size");
+    assert!(
+        matches!(&err, TransferError::Mismatch(m) if m.contains("--block-size 16")),
+        "{err}"
+    );
+    let mut other = identity.clone();
+    other.plan[0] ^= 1;
+    let err = fetch(&other, &tokens).expect_err("another plan");
+    assert!(
+        matches!(&err, TransferError::Mismatch(m) if m.contains("plan")),
+        "{err}"
+    );
+    // Not a whole number of blocks: the prefill instance says why.
+    let err = fetch(&identity, &tokens[..20]).expect_err("a partial block");
+    assert!(
+        matches!(&err, TransferError::Peer(m) if m.contains("whole number")),
+        "{err}"
+    );
+    // And it still serves a good request.
+    let fetched = fetch(&identity, &tokens).expect("fetch after the refusals");
+    assert_eq!(fetched.blocks.len(), 2);
+    assert!(fetched
+        .blocks
+        .iter()
+        .all(|b| b.len() == identity.block_bytes));
+}
+
+/// A peer that says hello as a prefill instance would, then sends `frames` (already encoded)
+/// and hangs up, or stays silent when `frames` is empty.
+fn fake_prefill_instance(
+    rt: &tokio::runtime::Runtime,
+    identity: &Identity,
+    frames: Vec<Vec<u8>>,
+) -> String {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let hello = Message::Control(Control::Hello {
+        version: runtime::disagg::wire::PROTOCOL_VERSION,
+        plan: runtime::disagg::wire::plan_hex(&identity.plan),
+        block_size: identity.block_size as u32,
+        block_bytes: identity.block_bytes as u64,
+    });
+    rt.spawn(async move {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let mut conn =
+            tokio_util::codec::Framed::new(stream, tokio_util::codec::LengthDelimitedCodec::new());
+        conn.send(tokio_util::bytes::Bytes::from(hello.encode()))
+            .await
+            .expect("hello");
+        let _ = conn.next().await; // their hello
+        let _ = conn.next().await; // their request
+        let silent = frames.is_empty();
+        for frame in frames {
+            conn.send(tokio_util::bytes::Bytes::from(frame))
+                .await
+                .expect("frame");
+        }
+        if silent {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        }
+    });
+    addr
+}
+
+#[test]
+fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
+    let rt = runtime();
+    let (_, identity) = instance(BLOCK);
+    let tokens = prompt(7, 2 * BLOCK);
+    let fetch = |addr: &str, io: Duration| {
+        rt.block_on(transfer::fetch_prefix(
+            addr,
+            &identity,
+            tokens.clone(),
+            0,
+            Timeouts { io, prefill: io },
+        ))
+    };
+    let done = |end: u32| Message::Control(Control::Done { end }).encode();
+    let block = |index: u32, len: usize| {
+        Message::Block {
+            index,
+            bytes: vec![7; len],
+        }
+        .encode()
+    };
+    let good = identity.block_bytes;
+    // A block damaged on the way.
+    let mut damaged = block(0, good);
+    damaged[100] ^= 1;
+    let addr = fake_prefill_instance(&rt, &identity, vec![damaged]);
+    let err = fetch(&addr, Duration::from_secs(10)).expect_err("damaged");
+    assert!(
+        matches!(err, TransferError::Wire(WireError::Checksum)),
+        "{err}"
+    );
+    // A block of the wrong size, one out of order, one past the prefix, an end that does not
+    // match the blocks sent.
+    for frames in [
+        vec![block(0, 8)],
+        vec![block(1, good)],
+        vec![block(0, good), block(1, good), block(2, good)],
+        vec![block(0, good), done(2)],
+    ] {
+        let addr = fake_prefill_instance(&rt, &identity, frames);
+        assert!(matches!(
+            fetch(&addr, Duration::from_secs(10)),
+            Err(TransferError::Protocol(_))
+        ));
+    }
+    // A peer that hangs up halfway.
+    let addr = fake_prefill_instance(&rt, &identity, vec![block(0, good)]);
+    assert!(matches!(
+        fetch(&addr, Duration::from_secs(10)),
+        Err(TransferError::Protocol(_))
+    ));
+    // Fewer blocks than asked for, properly ended, are a result (the rest is computed).
+    let addr = fake_prefill_instance(&rt, &identity, vec![block(0, good), done(1)]);
+    let fetched = fetch(&addr, Duration::from_secs(10)).expect("a short transfer");
+    assert_eq!(fetched.blocks.len(), 1);
+    // A peer that goes silent: the deadline ends it.
+    let addr = fake_prefill_instance(&rt, &identity, vec![]);
+    let start = std::time::Instant::now();
+    assert!(matches!(
+        fetch(&addr, Duration::from_millis(300)),
+        Err(TransferError::Timeout(_))
+    ));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // Nobody listening.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("address").to_string()
+    };
+    assert!(matches!(
+        fetch(&closed, Duration::from_secs(5)),
+        Err(TransferError::Connect { .. })
+    ));
+}

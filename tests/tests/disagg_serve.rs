@@ -1,0 +1,434 @@
+//! Disaggregated serving end to end over loopback HTTP: `fdrt router` in front of prefill and
+//! decode instances (`fdrt serve --role prefill|decode`), each instance on a tokio runtime of its
+//! own, so that shutting that runtime down drops its listeners and connections at once, as a
+//! killed process would. Answers through the router are token for token those of one mixed
+//! instance (greedy and seeded, streamed and not), the moved KV blocks are used, and when an
+//! instance dies every request still ends: completed elsewhere, or with a clear error.
+
+mod common;
+
+use common::http::*;
+use common::*;
+use runtime::disagg::Role;
+use runtime::router::{Router, RouterConfig};
+use runtime::server::disagg::DisaggConfig;
+use runtime::server::{Server, ServerConfig};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+const BLOCK: usize = 16;
+
+/// One instance (`fdrt serve`) on a runtime of its own.
+struct Instance {
+    runtime: Option<tokio::runtime::Runtime>,
+    /// host:port of its HTTP server.
+    http: String,
+    /// host:port of its KV transfers (prefill instances).
+    kv: Option<String>,
+}
+
+impl Instance {
+    fn start(role: Role, kv_sources: Vec<String>) -> Instance {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let engine = tiny_llama_engine(BLOCK);
+        let transfers = (role == Role::Prefill).then(|| {
+            runtime
+                .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+                .expect("bind")
+        });
+        let kv = transfers
+            .as_ref()
+            .map(|l| l.local_addr().expect("address").to_string());
+        let config = ServerConfig {
+            max_num_seqs: 4,
+            disagg: DisaggConfig {
+                role,
+                kv_transfer_port: transfers
+                    .as_ref()
+                    .map(|l| l.local_addr().expect("address").port()),
+                kv_sources,
+                ..Default::default()
+            },
+            ..ServerConfig::default()
+        };
+        let server = Server::new(Box::new(engine), config).expect("server");
+        if let Some(listener) = transfers {
+            runtime.spawn(runtime::disagg::transfer::serve(
+                listener,
+                server.scheduler().clone(),
+                server.kv_identity().clone(),
+                Default::default(),
+            ));
+        }
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let http = listener.local_addr().expect("address").to_string();
+        runtime.spawn(runtime::server::serve(
+            listener,
+            server,
+            std::future::pending(),
+        ));
+        Instance {
+            runtime: Some(runtime),
+            http,
+            kv,
+        }
+    }
+
+    /// Drops its listeners, connections and requests at once.
+    fn kill(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Cluster {
+    prefill: Vec<Instance>,
+    decode: Vec<Instance>,
+    router: String,
+    router_runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+fn cluster(prefill: usize, decode: usize, health_interval: Duration) -> Cluster {
+    let prefill: Vec<Instance> = (0..prefill)
+        .map(|_| Instance::start(Role::Prefill, vec![]))
+        .collect();
+    let sources: Vec<String> = prefill.iter().filter_map(|p| p.kv.clone()).collect();
+    let decode: Vec<Instance> = (0..decode)
+        .map(|_| Instance::start(Role::Decode, sources.clone()))
+        .collect();
+    let router_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = RouterConfig {
+        prefill: prefill.iter().map(|p| p.http.clone()).collect(),
+        decode: decode.iter().map(|d| d.http.clone()).collect(),
+        health_interval,
+        upstream_timeout: Duration::from_secs(20),
+        ..RouterConfig::default()
+    };
+    let router = router_runtime
+        .block_on(Router::connect(config))
+        .expect("the router connects");
+    let listener = router_runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    router_runtime.spawn(runtime::router::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
+    Cluster {
+        prefill,
+        decode,
+        router: address,
+        router_runtime,
+        client: reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client"),
+    }
+}
+
+impl Cluster {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.router_runtime
+            .block_on(async { tokio::time::timeout(Duration::from_secs(120), f).await })
+            .expect("no request may hang")
+    }
+}
+
+fn prompt(seed: u32, len: usize) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 3 + (seed * 41 + i * 13) % 290)
+        .collect()
+}
+
+fn body(prompt: &[u32], seed: Option<u64>, stream: bool) -> Value {
+    let mut b = json!({"prompt": prompt, "max_tokens": 10, "ignore_eos": true, "stream": stream});
+    match seed {
+        Some(seed) => {
+            b["temperature"] = json!(0.9);
+            b["seed"] = json!(seed);
+        }
+        None => b["temperature"] = json!(0),
+    }
+    b
+}
+
+/// The answer's token ids (streamed or not) and its last event, from the server at `address`.
+async fn complete(client: &reqwest::Client, address: &str, body: &Value) -> (u16, Vec<u32>, Value) {
+    let response = client
+        .post(format!("http://{address}/v1/completions"))
+        .json(body)
+        .send()
+        .await
+        .expect("request");
+    if body["stream"] != json!(true) {
+        let (status, v) = read_json_response(response).await;
+        return (status, token_ids(&v["choices"][0]), v);
+    }
+    let status = response.status().as_u16();
+    let mut events = SseReader::new(response);
+    let (mut tokens, mut last) = (vec![], Value::Null);
+    while let Some(data) = events.next().await {
+        if data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&data).expect("a JSON chunk");
+        if let Some(choice) = v["choices"].get(0) {
+            tokens.extend(token_ids(choice));
+        }
+        last = v;
+    }
+    (status, tokens, last)
+}
+
+async fn metrics(client: &reqwest::Client, address: &str) -> String {
+    client
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+#[test]
+fn through_the_router_answers_are_a_mixed_instances_and_the_blocks_move() {
+    let mixed = Instance::start(Role::Mixed, vec![]);
+    let c = cluster(1, 1, Duration::from_secs(1));
+    let cases: Vec<(Vec<u32>, Option<u64>, bool)> = vec![
+        (prompt(1, 70), None, false),
+        (prompt(2, 100), None, true),
+        (prompt(3, 40), Some(7), false),
+        (prompt(4, 33), Some(9), true),
+        (prompt(5, 10), None, true), // shorter than a block: computed on the decode instance
+    ];
+    for (i, (p, seed, stream)) in cases.iter().enumerate() {
+        let b = body(p, *seed, *stream);
+        let (status, want, _) = c.block_on(complete(&c.client, &mixed.http, &b));
+        assert_eq!(status, 200);
+        let (status, got, last) = c.block_on(complete(&c.client, &c.router, &b));
+        assert_eq!(status, 200, "case {i}: {last}");
+        assert_eq!(got, want, "case {i}: through the router");
+        assert_eq!(got.len(), 10);
+    }
+    let d = c.block_on(metrics(&c.client, &c.decode[0].http));
+    // 70 -> 4 blocks, 100 -> 6, 40 -> 2, 33 -> 2 (the last prompt token stays on the decode side).
+    assert_eq!(
+        metric(&d, "fdrt:kv_transfer_received_blocks_total"),
+        14.0,
+        "{d}"
+    );
+    assert_eq!(metric(&d, "fdrt:kv_transfer_failures_total"), 0.0);
+    assert!(metric(&d, "fdrt:prefix_cache_hits_total") >= 14.0 * BLOCK as f64);
+    let r = c.block_on(metrics(&c.client, &c.router));
+    assert!(
+        r.contains("fdrt_router:instance_requests_total{role=\"decode\""),
+        "{r}"
+    );
+    // The same prompt again: the decode instance holds its blocks, nothing moves.
+    let b = body(&cases[0].0, None, false);
+    c.block_on(complete(&c.client, &c.router, &b));
+    let d = c.block_on(metrics(&c.client, &c.decode[0].http));
+    assert_eq!(metric(&d, "fdrt:kv_transfer_received_blocks_total"), 14.0);
+}
+
+#[test]
+fn two_of_each_give_a_mixed_instances_answers() {
+    let mixed = Instance::start(Role::Mixed, vec![]);
+    let c = cluster(2, 2, Duration::from_secs(1));
+    let handles: Vec<_> = (0..8)
+        .map(|i| {
+            let b = body(
+                &prompt(10 + i, 20 + 11 * i as usize),
+                (i % 2 == 1).then_some(i as u64),
+                i % 3 == 0,
+            );
+            let client = c.client.clone();
+            let (router, mixed) = (c.router.clone(), mixed.http.clone());
+            c.router_runtime.spawn(async move {
+                let (_, want, _) = complete(&client, &mixed, &b).await;
+                let (status, got, last) = complete(&client, &router, &b).await;
+                (status, got, want, last)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (status, got, want, last) = c.block_on(h).expect("task");
+        assert_eq!(status, 200, "request {i}: {last}");
+        assert_eq!(got, want, "request {i}");
+    }
+    let mut requests = 0.0;
+    for d in &c.decode {
+        let r = c.block_on(metrics(&c.client, &c.router));
+        requests += metric(
+            &r,
+            &format!(
+                "fdrt_router:instance_requests_total{{role=\"decode\",address=\"{}\"}}",
+                d.http
+            ),
+        );
+    }
+    assert_eq!(requests, 8.0);
+}
+
+#[test]
+fn a_dead_prefill_instance_leaves_the_decode_instance_computing_prompts() {
+    let mixed = Instance::start(Role::Mixed, vec![]);
+    let mut c = cluster(1, 1, Duration::from_secs(60)); // the router does not notice by itself
+    c.prefill[0].kill();
+    let b = body(&prompt(20, 90), None, false);
+    let (_, want, _) = c.block_on(complete(&c.client, &mixed.http, &b));
+    let (status, got, last) = c.block_on(complete(&c.client, &c.router, &b));
+    assert_eq!(status, 200, "{last}");
+    assert_eq!(got, want);
+    let d = c.block_on(metrics(&c.client, &c.decode[0].http));
+    assert_eq!(metric(&d, "fdrt:kv_transfer_received_blocks_total"), 0.0);
+    // Either the decode instance tried the dead one, or the router's first health check (at
+    // its start) had already taken it out of rotation.
+    let r = c.block_on(metrics(&c.client, &c.router));
+    let p = &c.prefill[0].http;
+    let out_of_rotation = metric(
+        &r,
+        &format!("fdrt_router:instance_healthy{{role=\"prefill\",address=\"{p}\"}}"),
+    ) == 0.0;
+    let tried = metric(&d, "fdrt:kv_transfer_failures_total") == 1.0;
+    assert!(out_of_rotation || tried, "{d}\n{r}");
+}
+
+#[test]
+fn a_dead_decode_instance_is_retried_elsewhere_or_ends_its_stream_with_an_error() {
+    let mixed = Instance::start(Role::Mixed, vec![]);
+    let mut c = cluster(1, 2, Duration::from_secs(60));
+    // A long stream; kill whichever decode instance serves it after its first tokens.
+    let mut long = body(&prompt(30, 50), None, true);
+    long["max_tokens"] = json!(200);
+    let response = c.block_on(
+        c.client
+            .post(format!("http://{}/v1/completions", c.router))
+            .json(&long)
+            .send(),
+    );
+    let response = response.expect("stream starts");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut events = SseReader::new(response);
+    let first = c.block_on(events.next()).expect("a first chunk");
+    assert!(first.starts_with('{'), "{first}");
+    let busy = c
+        .decode
+        .iter()
+        .position(|d| {
+            let r = c.block_on(metrics(&c.client, &c.router));
+            metric(
+                &r,
+                &format!(
+                    "fdrt_router:instance_outstanding_requests{{role=\"decode\",address=\"{}\"}}",
+                    d.http
+                ),
+            ) == 1.0
+        })
+        .expect("one decode instance has the stream");
+    c.decode[busy].kill();
+    let mut rest = vec![];
+    while let Some(data) = c.block_on(events.next()) {
+        rest.push(data);
+    }
+    assert_eq!(
+        rest.last().map(String::as_str),
+        Some("[DONE]"),
+        "the stream ends: {rest:?}"
+    );
+    let error = &rest[rest.len() - 2];
+    assert!(
+        error.contains("\"error\"") && error.contains("failed during the stream"),
+        "{error}"
+    );
+    // The next requests go to the other instance, whether or not they would have preferred
+    // the dead one, non-streamed and streamed; the router knows it is gone.
+    for (i, stream) in [false, true, false].into_iter().enumerate() {
+        let b = body(&prompt(40 + i as u32, 45), None, stream);
+        let (_, want, _) = c.block_on(complete(&c.client, &mixed.http, &b));
+        let (status, got, last) = c.block_on(complete(&c.client, &c.router, &b));
+        assert_eq!(status, 200, "{last}");
+        assert_eq!(got, want);
+    }
+    let r = c.block_on(metrics(&c.client, &c.router));
+    let dead = &c.decode[busy].http;
+    assert_eq!(
+        metric(
+            &r,
+            &format!("fdrt_router:instance_healthy{{role=\"decode\",address=\"{dead}\"}}")
+        ),
+        0.0
+    );
+    // With no decode instance left, a clear 503.
+    let other = 1 - busy;
+    c.decode[other].kill();
+    let (status, _, v) = c.block_on(complete(
+        &c.client,
+        &c.router,
+        &body(&prompt(50, 20), None, false),
+    ));
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no decode instance")),
+        "{v}"
+    );
+}
+
+#[test]
+fn a_decode_instance_takes_blocks_only_from_its_own_sources() {
+    let mut d = Instance::start(Role::Decode, vec!["127.0.0.1:9".into()]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let b = body(&prompt(60, 40), None, false);
+    let send = |source: &str| {
+        rt.block_on(
+            client
+                .post(format!("http://{}/v1/completions", d.http))
+                .header(runtime::server::disagg::KV_SOURCE_HEADER, source)
+                .json(&b)
+                .send(),
+        )
+        .expect("request")
+    };
+    let (status, v) = rt.block_on(read_json_response(send("10.1.2.3:5000")));
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--kv-source")),
+        "{v}"
+    );
+    // Its own source, unreachable: the request is served all the same.
+    let (status, v) = rt.block_on(read_json_response(send("127.0.0.1:9")));
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(token_ids(&v["choices"][0]).len(), 10);
+    let text = rt.block_on(metrics(&client, &d.http));
+    assert_eq!(metric(&text, "fdrt:kv_transfer_failures_total"), 1.0);
+    d.kill();
+}
