@@ -37,3 +37,5 @@ else
     python=python3
 fi
 FDRT_BIN=target/debug/fdrt FDRT_TEST_PLAN="$plan" "$python" -m unittest -v tests/python/test_openai_client.py
+# The same client through `fdrt router` in front of a prefill and a decode instance.
+FDRT_TEST_DISAGG=1 FDRT_BIN=target/debug/fdrt FDRT_TEST_PLAN="$plan" "$python" -m unittest -v tests/python/test_openai_client.py

@@ -16,6 +16,7 @@
 //! compute prompts themselves; with no decode instance healthy, requests get 503. Every wait on
 //! an instance is bounded by `upstream_timeout`.
 
+use crate::server::admin::ROLE_PATH;
 use crate::server::disagg::KV_SOURCE_HEADER;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -28,7 +29,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Requests outstanding beyond the least busy instance that the preferred one may have and
@@ -51,6 +52,11 @@ pub struct RouterConfig {
     /// piece of a streamed body.
     pub upstream_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Switch instances between prefill and decode as their queues call for
+    /// ([`Router::check_health`] says when).
+    pub auto_roles: bool,
+    /// The least time between two switches the router asks for.
+    pub role_cooldown: Duration,
 }
 
 impl Default for RouterConfig {
@@ -63,6 +69,8 @@ impl Default for RouterConfig {
             startup_timeout: Duration::from_secs(120),
             upstream_timeout: Duration::from_secs(300),
             max_body_bytes: 4 << 20,
+            auto_roles: false,
+            role_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -82,12 +90,48 @@ pub enum RouterError {
 #[derive(Debug)]
 struct Instance {
     address: String,
-    /// A prefill instance's KV transfer address, as decode instances reach it.
-    kv_address: Option<String>,
+    /// What it last said of itself (`GET /v1/kv_transfer`).
+    view: Mutex<View>,
     healthy: AtomicBool,
     outstanding: AtomicUsize,
     requests: AtomicU64,
     failures: AtomicU64,
+}
+
+/// An instance's role and load as it last described them.
+#[derive(Clone, Debug, Default)]
+struct View {
+    role: String,
+    /// A role switch is under way: no new work until it is done.
+    switching: bool,
+    /// Its KV transfer address, as decode instances reach it (prefill instances).
+    kv_address: Option<String>,
+    can_prefill: bool,
+    can_decode: bool,
+    /// Its scheduler's running and waiting requests.
+    queue: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    Prefill,
+    /// Decode instances, and mixed ones (which compute their prompts themselves).
+    Decode,
+}
+
+impl Instance {
+    fn view(&self) -> View {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn serves(&self, part: Part) -> bool {
+        let v = self.view.lock().unwrap_or_else(|e| e.into_inner());
+        !v.switching
+            && match part {
+                Part::Prefill => v.role == "prefill",
+                Part::Decode => v.role == "decode" || v.role == "mixed",
+            }
+    }
 }
 
 /// Holds one request against an instance's outstanding count.
@@ -108,37 +152,39 @@ impl Drop for Outstanding {
 }
 
 pub struct Router {
-    prefill: Vec<Arc<Instance>>,
-    decode: Vec<Arc<Instance>>,
+    instances: Vec<Arc<Instance>>,
     config: RouterConfig,
     plan: String,
+    /// Role switches the router asked for, and when it last did.
+    switches: AtomicU64,
+    last_switch: Mutex<Option<Instant>>,
 }
 
 /// What `GET /v1/kv_transfer` of an instance says.
 struct Description {
-    role: String,
+    view: View,
     plan: String,
     block_size: u64,
-    kv_transfer_port: Option<u16>,
 }
 
 impl Router {
     /// Asks every instance what it is (retrying until `startup_timeout`, so instances may
-    /// still be loading), and checks that they fit together: prefill instances serve KV
-    /// transfers, decode instances take them, all run the same plan with the same block size.
+    /// still be loading), and checks that they fit together: `--prefill` instances have the
+    /// prefill role, `--decode` ones the decode (or mixed) role, all run the same plan with the
+    /// same block size. Roles may change later (`POST /admin/v1/role` on an instance, or
+    /// `auto_roles`): the health checks follow them.
     pub async fn connect(config: RouterConfig) -> Result<Arc<Router>, RouterError> {
         if config.decode.is_empty() {
             return Err(RouterError::NoDecode);
         }
         let deadline = Instant::now() + config.startup_timeout;
         let mut plans = vec![];
-        let mut prefill = vec![];
-        let mut decode = vec![];
+        let mut instances = vec![];
         for (address, want) in config
             .prefill
             .iter()
-            .map(|a| (a, "prefill"))
-            .chain(config.decode.iter().map(|a| (a, "decode")))
+            .map(|a| (a, Part::Prefill))
+            .chain(config.decode.iter().map(|a| (a, Part::Decode)))
         {
             let d = loop {
                 match describe(address, config.api_key.as_deref(), config.upstream_timeout).await {
@@ -152,33 +198,30 @@ impl Router {
                     Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                 }
             };
-            if d.role != want {
-                return Err(RouterError::Instance {
-                    address: address.clone(),
-                    message: format!(
-                        "it runs --role {}, where --{want} needs --role {want}",
-                        d.role
-                    ),
-                });
-            }
-            let kv_address = match d.kv_transfer_port {
-                Some(port) if want == "prefill" => Some(format!("{}:{port}", host_of(address))),
-                _ => None,
-            };
-            plans.push((address.clone(), d.plan, d.block_size));
             let instance = Arc::new(Instance {
                 address: address.clone(),
-                kv_address,
+                view: Mutex::new(d.view.clone()),
                 healthy: AtomicBool::new(true),
                 outstanding: AtomicUsize::new(0),
                 requests: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             });
-            if want == "prefill" {
-                prefill.push(instance);
-            } else {
-                decode.push(instance);
+            if !instance.serves(want) {
+                let flag = if want == Part::Prefill {
+                    "prefill"
+                } else {
+                    "decode"
+                };
+                return Err(RouterError::Instance {
+                    address: address.clone(),
+                    message: format!(
+                        "it runs --role {}, where --{flag} needs --role {flag}",
+                        d.view.role
+                    ),
+                });
             }
+            plans.push((address.clone(), d.plan, d.block_size));
+            instances.push(instance);
         }
         let (_, plan, block_size) = plans[0].clone();
         if let Some((address, other_plan, other_block)) = plans
@@ -191,16 +234,25 @@ impl Router {
             )));
         }
         Ok(Arc::new(Router {
-            prefill,
-            decode,
+            instances,
             config,
             plan,
+            switches: AtomicU64::new(0),
+            last_switch: Mutex::new(None),
         }))
     }
 
     /// The plan every instance runs (its identity, hex).
     pub fn plan(&self) -> &str {
         &self.plan
+    }
+
+    fn serving(&self, part: Part) -> Vec<Arc<Instance>> {
+        self.instances
+            .iter()
+            .filter(|i| i.serves(part))
+            .cloned()
+            .collect()
     }
 
     /// The router's HTTP routes.
@@ -220,23 +272,127 @@ impl Router {
             .with_state(self.clone())
     }
 
-    /// Checks every instance's `/health` every `health_interval`, forever.
+    /// Every `health_interval`, forever: what each instance says of itself (its role may have
+    /// changed; an instance that does not answer is out of rotation), then the role policy
+    /// when `auto_roles` is on.
     pub async fn check_health(self: Arc<Self>) {
         loop {
-            let checks = self.prefill.iter().chain(&self.decode).map(|i| {
-                let (i, key, wait) = (i.clone(), self.config.api_key.clone(), self.config.health_interval);
+            let wait = self.config.health_interval.max(Duration::from_millis(500));
+            let checks = self.instances.iter().map(|i| {
+                let (i, key) = (i.clone(), self.config.api_key.clone());
+                let plan = self.plan.clone();
                 async move {
-                    let ok = matches!(
-                        call(&i.address, key.as_deref(), Method::GET, "/health", HeaderMap::new(), Bytes::new(), wait).await,
-                        Ok((200, _, _))
-                    );
+                    let ok = match describe(&i.address, key.as_deref(), wait).await {
+                        Ok(d) if d.plan == plan => {
+                            *i.view.lock().unwrap_or_else(|e| e.into_inner()) = d.view;
+                            true
+                        }
+                        Ok(d) => {
+                            tracing::warn!(address = %i.address, plan = %d.plan, "the instance now runs another plan");
+                            false
+                        }
+                        Err(_) => false,
+                    };
                     if i.healthy.swap(ok, Ordering::SeqCst) != ok {
                         tracing::warn!(address = %i.address, healthy = ok, "instance health changed");
                     }
                 }
             });
             futures_util::future::join_all(checks).await;
+            if self.config.auto_roles {
+                self.balance_roles().await;
+            }
             tokio::time::sleep(self.config.health_interval).await;
+        }
+    }
+
+    /// The role policy: when one part's instances hold on average more than twice the other
+    /// part's requests in their queues, plus [`LOAD_SLACK`], the least busy instance of the
+    /// other part that can take the busy part's role is asked to switch (it does once its work
+    /// in flight drains); at most one switch per `role_cooldown`, and each part keeps one
+    /// instance.
+    async fn balance_roles(&self) {
+        {
+            let last = self.last_switch.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|t| t.elapsed() < self.config.role_cooldown) {
+                return;
+            }
+        }
+        let healthy = |part| -> Vec<Arc<Instance>> {
+            self.serving(part)
+                .into_iter()
+                .filter(|i| i.healthy.load(Ordering::SeqCst))
+                .collect()
+        };
+        let (prefill, decode) = (healthy(Part::Prefill), healthy(Part::Decode));
+        if prefill.is_empty() || decode.is_empty() {
+            return;
+        }
+        let mean = |set: &[Arc<Instance>]| {
+            set.iter().map(|i| i.view().queue as f64).sum::<f64>() / set.len() as f64
+        };
+        let (p, d) = (mean(&prefill), mean(&decode));
+        let slack = LOAD_SLACK as f64;
+        let (from, to) = if p > 2.0 * d + slack && decode.len() > 1 {
+            (decode, Part::Prefill)
+        } else if d > 2.0 * p + slack && prefill.len() > 1 {
+            (prefill, Part::Decode)
+        } else {
+            return;
+        };
+        let Some(mover) = from
+            .iter()
+            .filter(|i| {
+                let v = i.view();
+                v.role != "mixed"
+                    && if to == Part::Prefill {
+                        v.can_prefill
+                    } else {
+                        v.can_decode
+                    }
+            })
+            .min_by_key(|i| i.view().queue)
+        else {
+            return;
+        };
+        let role = if to == Part::Prefill {
+            "prefill"
+        } else {
+            "decode"
+        };
+        let body = Bytes::from(json!({ "role": role }).to_string());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let wait = self.config.health_interval.max(Duration::from_millis(500));
+        let key = self.config.api_key.as_deref();
+        match call(
+            &mover.address,
+            key,
+            Method::POST,
+            ROLE_PATH,
+            headers,
+            body,
+            wait,
+        )
+        .await
+        {
+            Ok((200, _, _)) => {
+                tracing::info!(address = %mover.address, role, prefill_queue = p, decode_queue = d, "asked an instance to switch roles");
+                mover
+                    .view
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .switching = true;
+                self.switches.fetch_add(1, Ordering::Relaxed);
+                *self.last_switch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            }
+            Ok((status, _, _)) => {
+                tracing::warn!(address = %mover.address, status, "a role switch was refused")
+            }
+            Err(e) => tracing::warn!(address = %mover.address, error = %e, "a role switch failed"),
         }
     }
 }
@@ -280,13 +436,23 @@ async fn describe(address: &str, key: Option<&str>, wait: Duration) -> Result<De
     }
     let v: Value =
         serde_json::from_slice(&body).map_err(|e| format!("GET /v1/kv_transfer: {e}"))?;
+    let port = v["kv_transfer_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok());
+    let role = v["role"].as_str().unwrap_or_default().to_string();
     Ok(Description {
-        role: v["role"].as_str().unwrap_or_default().to_string(),
+        view: View {
+            kv_address: port
+                .filter(|_| role == "prefill")
+                .map(|port| format!("{}:{port}", host_of(address))),
+            role,
+            switching: !v["switching_to"].is_null(),
+            can_prefill: v["can_prefill"].as_bool().unwrap_or(false),
+            can_decode: v["can_decode"].as_bool().unwrap_or(false),
+            queue: v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0),
+        },
         plan: v["plan"].as_str().unwrap_or_default().to_string(),
         block_size: v["block_size"].as_u64().unwrap_or_default(),
-        kv_transfer_port: v["kv_transfer_port"]
-            .as_u64()
-            .and_then(|p| u16::try_from(p).ok()),
     })
 }
 
@@ -419,9 +585,9 @@ async fn forward(State(router): State<Arc<Router>>, request: Request) -> Respons
         }
     }
     if parts.method == Method::POST {
-        if let Some(kv) = order(&router.prefill, &key)
+        if let Some(kv) = order(&router.serving(Part::Prefill), &key)
             .first()
-            .and_then(|p| p.kv_address.clone())
+            .and_then(|p| p.view().kv_address)
         {
             if let Ok(value) = HeaderValue::from_str(&kv) {
                 headers.insert(KV_SOURCE_HEADER, value);
@@ -430,14 +596,18 @@ async fn forward(State(router): State<Arc<Router>>, request: Request) -> Respons
     }
     let wait = router.config.upstream_timeout;
     let mut last_error = "no decode instance is healthy".to_string();
-    for decode in order(&router.decode, &key) {
+    for decode in order(&router.serving(Part::Decode), &key) {
         let held = Outstanding::new(&decode);
+        let mut headers = headers.clone();
+        if decode.view().role != "decode" {
+            headers.remove(KV_SOURCE_HEADER);
+        }
         let answer = call(
             &decode.address,
             None,
             parts.method.clone(),
             &path,
-            headers.clone(),
+            headers,
             body.clone(),
             wait,
         )
@@ -541,7 +711,7 @@ fn stream_error(address: &str, why: &str) -> Bytes {
 
 async fn health(State(router): State<Arc<Router>>) -> Response {
     if router
-        .decode
+        .serving(Part::Decode)
         .iter()
         .any(|d| d.healthy.load(Ordering::SeqCst))
     {
@@ -557,9 +727,8 @@ async fn health(State(router): State<Arc<Router>>) -> Response {
 
 async fn metrics(State(router): State<Arc<Router>>) -> Response {
     let mut out = String::new();
-    let sets = [("prefill", &router.prefill), ("decode", &router.decode)];
     type Field = fn(&Instance) -> u64;
-    let fields: [(&str, &str, &str, Field); 4] = [
+    let fields: [(&str, &str, &str, Field); 5] = [
         (
             "fdrt_router:instance_healthy",
             "gauge",
@@ -571,6 +740,12 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
             "gauge",
             "Requests the router has in flight at the instance.",
             |i| i.outstanding.load(Ordering::SeqCst) as u64,
+        ),
+        (
+            "fdrt_router:instance_queue_length",
+            "gauge",
+            "Requests running and waiting in the instance's scheduler, as it last said.",
+            |i| i.view().queue,
         ),
         (
             "fdrt_router:instance_requests_total",
@@ -587,17 +762,34 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
     ];
     for (name, kind, help, value) in fields {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (role, instances) in sets {
-            for i in instances.iter() {
-                let _ = writeln!(
-                    out,
-                    "{name}{{role=\"{role}\",address=\"{}\"}} {}",
-                    i.address,
-                    value(i)
-                );
-            }
+        for i in &router.instances {
+            let v = i.view();
+            let _ = writeln!(
+                out,
+                "{name}{{role=\"{}\",address=\"{}\"}} {}",
+                if v.switching {
+                    "switching"
+                } else {
+                    v.role.as_str()
+                },
+                i.address,
+                value(i)
+            );
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP fdrt_router:queue_length Requests running and waiting in the schedulers of the instances of a role.\n# TYPE fdrt_router:queue_length gauge"
+    );
+    for (role, part) in [("prefill", Part::Prefill), ("decode", Part::Decode)] {
+        let queue: u64 = router.serving(part).iter().map(|i| i.view().queue).sum();
+        let _ = writeln!(out, "fdrt_router:queue_length{{role=\"{role}\"}} {queue}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP fdrt_router:role_switches_total Role switches the router asked instances for.\n# TYPE fdrt_router:role_switches_total counter\nfdrt_router:role_switches_total {}",
+        router.switches.load(Ordering::Relaxed)
+    );
     let _ = writeln!(out, "# HELP fdrt_router:plan_info The plan every instance runs.\n# TYPE fdrt_router:plan_info gauge\nfdrt_router:plan_info{{plan=\"{}\"}} 1", router.plan);
     (
         [(

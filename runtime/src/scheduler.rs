@@ -117,6 +117,16 @@ pub enum SubmitError {
     Sampling(String),
 }
 
+/// What [`Scheduler::cached_blocks`] finds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedPrefix {
+    /// Leading full blocks held.
+    pub blocks: usize,
+    /// Live weight updates so far: blocks seated with [`Scheduler::write_cached_blocks`] must
+    /// have been asked for under the same weights (see [`KvPrefix::weights_generation`]).
+    pub weights_generation: u64,
+}
+
 /// A snapshot of the scheduler's state, for metrics and tests.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Stats {
@@ -180,8 +190,9 @@ enum Command {
     Abort,
     /// Put these weights in service at the next step boundary (see `weights_update`).
     SwapWeights(Box<WeightStore>, SwitchReply),
-    /// How many leading full blocks of these tokens the prefix cache holds.
-    CachedBlocks(Vec<u32>, tokio::sync::oneshot::Sender<usize>),
+    /// How many leading full blocks of these tokens the prefix cache holds, and the weights'
+    /// generation.
+    CachedBlocks(Vec<u32>, tokio::sync::oneshot::Sender<CachedPrefix>),
     /// The cached full blocks of these tokens' prefix, from the given block on, as bytes.
     ReadCached(Vec<u32>, usize, BlocksReply),
     /// Seat a prefix's blocks computed elsewhere in the prefix cache.
@@ -417,7 +428,7 @@ impl Scheduler {
     }
 
     /// How many leading full blocks of `tokens` this instance's prefix cache holds.
-    pub async fn cached_blocks(&self, tokens: Vec<u32>) -> Result<usize, SubmitError> {
+    pub async fn cached_blocks(&self, tokens: Vec<u32>) -> Result<CachedPrefix, SubmitError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
             .send(Command::CachedBlocks(tokens, reply))
@@ -703,7 +714,10 @@ impl Worker {
             for job in cache_jobs {
                 match job {
                     Command::CachedBlocks(tokens, reply) => {
-                        let _ = reply.send(self.blocks.cached_blocks(&tokens));
+                        let _ = reply.send(CachedPrefix {
+                            blocks: self.blocks.cached_blocks(&tokens),
+                            weights_generation: self.weight_generation,
+                        });
                     }
                     Command::ReadCached(tokens, skip, reply) => {
                         let _ = reply.send(self.read_cached(&tokens, skip));
@@ -767,6 +781,10 @@ impl Worker {
     /// dropped since it asked for the rest) or when no block is free: the request computes
     /// what is missing itself, so the outcome is slower, never different.
     fn write_cached(&mut self, prefix: KvPrefix) -> Result<usize, String> {
+        if prefix.weights_generation != self.weight_generation {
+            // New weights since the blocks were asked for: they are of the old ones.
+            return Ok(0);
+        }
         let block_size = self.blocks.block_size();
         let mut seq = self.blocks.take_cached(&prefix.tokens);
         let have = seq.blocks.len();

@@ -5,6 +5,9 @@ client sees: models.list, chat (whole and streamed, with usage), completions, lo
 sampling, stop sequences, and the exceptions for bad requests, an unknown model and a wrong key.
 On the way out the server gets SIGTERM and must drain and exit with status 0.
 
+With FDRT_TEST_DISAGG=1 the same checks run through `fdrt router` in front of a prefill and a
+decode instance (`fdrt serve --role prefill|decode`) instead, and all three must stop cleanly.
+
 Environment: FDRT_BIN (default target/debug/fdrt) and FDRT_TEST_PLAN (default
 .cache/plans/smollm2-bf16.fdp), both relative to the repository root unless absolute.
 Run: python -m unittest tests/python/test_openai_client.py (scripts/test.sh does).
@@ -32,41 +35,41 @@ def _path(variable, default):
 
 
 class ServerProcess:
-    """`fdrt serve` as a child process; its log is kept for failure messages."""
+    """An `fdrt` child process (`serve` or `router`); its log is kept for failure messages, and
+    the addresses it prints are read from it."""
 
-    def __init__(self):
+    def __init__(self, args, wait_for=(r"http://([0-9.]+:[0-9]+)/v1",)):
         binary = _path("FDRT_BIN", "target/debug/fdrt")
         plan = _path("FDRT_TEST_PLAN", ".cache/plans/smollm2-bf16.fdp")
         for p in (binary, plan):
             if not p.exists():
                 raise RuntimeError(f"{p} is missing: build fdrt and compile the SmolLM2 plan first (scripts/test.sh does)")
-        command = [
-            str(binary), "serve", str(plan),
-            "--port", "0", "--max-num-seqs", "4", "--max-context", "1024",
-            "--api-key", API_KEY, "--served-model-name", MODEL, "--drain-timeout", "20",
-        ]
-        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+        command = [str(binary)] + [str(plan) if a == "PLAN" else a for a in args]
+        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1", FDRT_API_KEY=API_KEY)
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
         self.log = []
-        self.address = None
+        self.found = [None] * len(wait_for)
         ready = threading.Event()
 
         def read_log():
             for line in self.process.stderr:
                 self.log.append(line)
-                found = re.search(r"http://([0-9.]+:[0-9]+)/v1", line)
-                if found and self.address is None:
-                    self.address = found.group(1)
+                for i, pattern in enumerate(wait_for):
+                    match = re.search(pattern, line)
+                    if match and self.found[i] is None:
+                        self.found[i] = match.group(1)
+                if all(self.found):
                     ready.set()
             ready.set()
 
         threading.Thread(target=read_log, daemon=True).start()
-        if not ready.wait(timeout=300) or self.address is None:
+        if not ready.wait(timeout=300) or not all(self.found):
             self.process.kill()
-            raise RuntimeError("fdrt serve did not start:\n" + "".join(self.log))
+            raise RuntimeError(f"fdrt {args[0]} did not start:\n" + "".join(self.log))
+        self.address = self.found[0]
 
     def stop(self):
-        """SIGTERM, then the exit status (the server drains and exits 0)."""
+        """SIGTERM, then the exit status (a server drains and exits 0)."""
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout=60)
@@ -75,21 +78,54 @@ class ServerProcess:
             return None
 
 
+SERVE = ["serve", "PLAN", "--port", "0", "--max-num-seqs", "4", "--max-context", "1024",
+         "--served-model-name", MODEL, "--drain-timeout", "20"]
+
+
+def start_processes():
+    """The server the client talks to, and every process to stop at the end (servers last)."""
+    if os.environ.get("FDRT_TEST_DISAGG") != "1":
+        server = ServerProcess(SERVE)
+        return server, [server]
+    # Blocks of 16 positions, so that even the chat prompts here move blocks.
+    blocks = ["--block-size", "16"]
+    prefill = ServerProcess(SERVE + blocks + ["--role", "prefill", "--kv-transfer-port", "0"],
+                            wait_for=(r"http://([0-9.]+:[0-9]+)/v1", r"KV transfers to decode instances at ([0-9.]+:[0-9]+)"))
+    decode = ServerProcess(SERVE + blocks + ["--role", "decode", "--kv-source", prefill.found[1]])
+    router = ServerProcess(["router", "--port", "0", "--prefill", prefill.address, "--decode", decode.address])
+    return router, [router, decode, prefill]
+
+
 SERVER = None
 
 
+PROCESSES = []
+
+
 def setUpModule():
-    global SERVER
-    SERVER = ServerProcess()
+    global SERVER, PROCESSES
+    SERVER, PROCESSES = start_processes()
 
 
 def tearDownModule():
-    status = SERVER.stop()
-    if status != 0:
-        raise AssertionError(f"fdrt serve exited with {status} after SIGTERM:\n" + "".join(SERVER.log))
-    log = "".join(SERVER.log)
-    if "drained" not in log:
-        raise AssertionError("the server did not log its drain:\n" + log)
+    if len(PROCESSES) > 1:
+        # The decode instance took KV blocks from the prefill instance, and none failed.
+        import urllib.request
+        request = urllib.request.Request(f"http://{PROCESSES[1].address}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+        text = urllib.request.urlopen(request, timeout=30).read().decode()
+        def value(name):
+            found = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
+            return float(found.group(1)) if found else None
+        if not value("fdrt:kv_transfer_received_blocks_total") or value("fdrt:kv_transfer_failures_total") != 0:
+            raise AssertionError("the decode instance's transfers:\n" + text)
+    for process in PROCESSES:
+        status = process.stop()
+        log = "".join(process.log)
+        if status != 0:
+            raise AssertionError(f"fdrt exited with {status} after SIGTERM:\n" + log)
+        if process is not PROCESSES[0] or len(PROCESSES) == 1:
+            if "drained" not in log:
+                raise AssertionError("the server did not log its drain:\n" + log)
 
 
 def client(key=API_KEY):

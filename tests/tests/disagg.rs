@@ -9,11 +9,20 @@ mod common;
 use common::*;
 use runtime::disagg::transfer::{self, Identity, Timeouts, TransferError};
 use runtime::disagg::wire::{Control, Message, WireError};
+use runtime::disagg::{InstanceState, Role};
 use runtime::sampler::SamplingParams;
+use runtime::scheduler::CachedPrefix;
 use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig};
+use std::sync::Arc;
 use std::time::Duration;
 
 const BLOCK: usize = 16;
+
+/// A decode instance that holds none of the prefix, before any weight update.
+const NOTHING_HELD: CachedPrefix = CachedPrefix {
+    blocks: 0,
+    weights_generation: 0,
+};
 
 /// A scheduler over the tiny llama with blocks of `block_size`, and what a transfer peer must
 /// share with it.
@@ -21,6 +30,7 @@ fn instance(block_size: usize) -> (Scheduler, Identity) {
     let engine = tiny_llama_engine(block_size);
     let identity = Identity {
         plan: engine.plan().identity(),
+        weights: String::new(),
         block_size,
         block_bytes: engine.kv_pool().bytes_per_block(),
     };
@@ -64,10 +74,11 @@ fn prefill_instance(rt: &tokio::runtime::Runtime) -> (Scheduler, Identity, Strin
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("address").to_string();
+    let state = Arc::new(InstanceState::new(identity.clone(), Role::Prefill));
     rt.spawn(transfer::serve(
         listener,
         p.clone(),
-        identity.clone(),
+        state,
         Timeouts::default(),
     ));
     (p, identity, addr)
@@ -118,10 +129,10 @@ fn a_decode_instance_continues_from_blocks_a_prefill_instance_computed() {
                     Timeouts::default(),
                 ))
                 .expect("fetch");
-            assert_eq!(fetched.first_block, held, "case {i}");
+            assert_eq!(fetched.first_block, held.blocks, "case {i}");
             assert_eq!(
                 fetched.blocks.len(),
-                blocks - held,
+                blocks - held.blocks,
                 "case {i}: only the missing blocks"
             );
             let seated = rt.block_on(d.write_cached_blocks(fetched)).expect("seat");
@@ -129,7 +140,7 @@ fn a_decode_instance_continues_from_blocks_a_prefill_instance_computed() {
         }
         if i == 1 {
             assert_eq!(
-                held, 3,
+                held.blocks, 3,
                 "the shared blocks stayed in the decode instance's cache"
             );
         }
@@ -159,7 +170,7 @@ fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
             &addr,
             who,
             tokens.to_vec(),
-            0,
+            NOTHING_HELD,
             Timeouts::default(),
         ))
     };
@@ -175,6 +186,13 @@ fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
     let err = fetch(&other, &tokens).expect_err("another plan");
     assert!(
         matches!(&err, TransferError::Mismatch(m) if m.contains("plan")),
+        "{err}"
+    );
+    let mut other = identity.clone();
+    other.weights = "step-9".into();
+    let err = fetch(&other, &tokens).expect_err("other weights");
+    assert!(
+        matches!(&err, TransferError::Mismatch(m) if m.contains("weight snapshot step-9")),
         "{err}"
     );
     // Not a whole number of blocks: the prefill instance says why.
@@ -207,6 +225,7 @@ fn fake_prefill_instance(
     let hello = Message::Control(Control::Hello {
         version: runtime::disagg::wire::PROTOCOL_VERSION,
         plan: runtime::disagg::wire::plan_hex(&identity.plan),
+        weights: identity.weights.clone(),
         block_size: identity.block_size as u32,
         block_bytes: identity.block_bytes as u64,
     });
@@ -242,7 +261,7 @@ fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
             addr,
             &identity,
             tokens.clone(),
-            0,
+            NOTHING_HELD,
             Timeouts { io, prefill: io },
         ))
     };

@@ -60,7 +60,7 @@ impl Instance {
             runtime.spawn(runtime::disagg::transfer::serve(
                 listener,
                 server.scheduler().clone(),
-                server.kv_identity().clone(),
+                server.instance_state(),
                 Default::default(),
             ));
         }

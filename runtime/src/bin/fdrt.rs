@@ -199,11 +199,14 @@ enum Command {
         /// itself.
         #[arg(long, value_enum, default_value = "mixed")]
         role: runtime::disagg::Role,
-        /// `--role prefill`: the port KV transfers are served on (on --host).
+        /// The port KV transfers to decode instances are served on (on --host) while the
+        /// instance has the prefill role; needed by `--role prefill`, and by any instance that
+        /// may switch to it.
         #[arg(long)]
         kv_transfer_port: Option<u16>,
-        /// `--role decode`: a prefill instance's KV transfer address (HOST:PORT) this instance
-        /// may take blocks from; repeat for each.
+        /// A prefill instance's KV transfer address (HOST:PORT) this instance may take blocks
+        /// from while it has the decode role; repeat for each. Needed by `--role decode`, and by
+        /// any instance that may switch to it.
         #[arg(long)]
         kv_source: Vec<String>,
         #[command(flatten)]
@@ -235,6 +238,15 @@ enum Command {
         /// piece of a streamed answer).
         #[arg(long, default_value_t = 300.0)]
         upstream_timeout: f64,
+        /// Move instances between prefill and decode as their queues call for: when one role's
+        /// instances hold on average more than twice the other's requests (plus 4), the least
+        /// busy instance of the other role that can switch is asked to (`POST
+        /// /admin/v1/role`; the router then needs the instances' --api-key).
+        #[arg(long)]
+        auto_roles: bool,
+        /// Seconds between two role switches of --auto-roles at least.
+        #[arg(long, default_value_t = 30.0)]
+        role_cooldown: f64,
     },
     /// Load-test a running server: concurrent streaming completions with random token prompts;
     /// prints throughput and TTFT / TPOT / inter-token latency percentiles.
@@ -700,6 +712,20 @@ fn run() -> Result<()> {
             if max_connections == 0 {
                 bail!("--max-connections must be at least 1");
             }
+            // Bound before the server is built, so that it reports the port actually taken
+            // (`--kv-transfer-port 0` picks a free one).
+            let transfers = kv_transfer_port
+                .map(|port| {
+                    let listener = std::net::TcpListener::bind((host.as_str(), port))
+                        .with_context(|| format!("listening for KV transfers on {host}:{port}"))?;
+                    listener.set_nonblocking(true)?;
+                    anyhow::Ok(listener)
+                })
+                .transpose()?;
+            let kv_transfer_port = match &transfers {
+                Some(l) => Some(l.local_addr()?.port()),
+                None => None,
+            };
             let engine = load_batch_engine(&plan, &run, max_num_seqs.max(1))?;
             log_loaded(&plan, engine.as_ref());
             let config = ServerConfig {
@@ -756,10 +782,8 @@ fn run() -> Result<()> {
                     .await
                     .with_context(|| format!("listening on {host}:{port}"))?;
                 let address = listener.local_addr()?;
-                if let Some(port) = kv_transfer_port {
-                    let transfers = tokio::net::TcpListener::bind((host.as_str(), port))
-                        .await
-                        .with_context(|| format!("listening for KV transfers on {host}:{port}"))?;
+                if let Some(transfers) = transfers {
+                    let transfers = tokio::net::TcpListener::from_std(transfers)?;
                     tracing::info!(
                         "serving KV transfers to decode instances at {}",
                         transfers.local_addr()?
@@ -767,7 +791,7 @@ fn run() -> Result<()> {
                     tokio::spawn(runtime::disagg::transfer::serve(
                         transfers,
                         server.scheduler().clone(),
-                        server.kv_identity().clone(),
+                        server.instance_state(),
                         Default::default(),
                     ));
                 }
@@ -793,6 +817,8 @@ fn run() -> Result<()> {
             api_key,
             health_interval,
             upstream_timeout,
+            auto_roles,
+            role_cooldown,
         } => {
             init_logging();
             let config = runtime::router::RouterConfig {
@@ -801,6 +827,8 @@ fn run() -> Result<()> {
                 api_key,
                 health_interval: seconds("--health-interval", health_interval, 0.01)?,
                 upstream_timeout: seconds("--upstream-timeout", upstream_timeout, 0.01)?,
+                auto_roles,
+                role_cooldown: seconds("--role-cooldown", role_cooldown, 0.0)?,
                 ..Default::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1055,12 +1083,8 @@ fn check_role(
         Role::Decode if kv_sources.is_empty() => {
             bail!("--role decode needs --kv-source HOST:PORT for each prefill instance it may take KV blocks from")
         }
-        Role::Prefill | Role::Mixed if !kv_sources.is_empty() => {
-            bail!("--kv-source is for --role decode")
-        }
-        Role::Decode | Role::Mixed if kv_transfer_port.is_some() => {
-            bail!("--kv-transfer-port is for --role prefill")
-        }
+        // Either flag on another role makes the instance able to switch to that role later
+        // (POST /admin/v1/role).
         _ => Ok(()),
     }
 }

@@ -19,6 +19,11 @@
 pub mod transfer;
 pub mod wire;
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+use transfer::Identity;
+
 /// A prompt prefix's KV blocks as they travel between instances.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvPrefix {
@@ -28,6 +33,10 @@ pub struct KvPrefix {
     pub first_block: usize,
     /// Blocks `first_block ..` in `KvPool::read_block`'s form.
     pub blocks: Vec<Vec<u8>>,
+    /// The receiving scheduler's weights generation when it asked for them
+    /// ([`crate::scheduler::CachedPrefix`]): after a live weight update in between they are
+    /// not seated.
+    pub weights_generation: u64,
 }
 
 /// The role of an instance (`fdrt serve --role`).
@@ -39,4 +48,146 @@ pub enum Role {
     Prefill,
     /// Also takes a request's prompt blocks from the prefill instance the router names.
     Decode,
+}
+
+/// An instance's role, and the role it moves to once its work in flight drains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoleStatus {
+    pub current: Role,
+    pub pending: Option<Role>,
+}
+
+/// What an instance's HTTP side and its transfer server share: who it is (plan, weights in
+/// service, block size), its role, and the transfers' counters.
+#[derive(Debug)]
+pub struct InstanceState {
+    identity: Mutex<Identity>,
+    role: Mutex<RoleStatus>,
+    active_transfers: AtomicUsize,
+    role_switches: AtomicU64,
+    pub counters: TransferCounters,
+}
+
+impl InstanceState {
+    pub fn new(identity: Identity, role: Role) -> InstanceState {
+        InstanceState {
+            identity: Mutex::new(identity),
+            role: Mutex::new(RoleStatus {
+                current: role,
+                pending: None,
+            }),
+            active_transfers: AtomicUsize::new(0),
+            role_switches: AtomicU64::new(0),
+            counters: TransferCounters::default(),
+        }
+    }
+
+    pub fn identity(&self) -> Identity {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// After a live weight update: transfers from now on name `snapshot_id`.
+    pub fn set_weights(&self, snapshot_id: &str) {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .weights = snapshot_id.to_string();
+    }
+
+    pub fn role(&self) -> RoleStatus {
+        *self.role.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks for `role` once the instance's work in flight drains (asking for the current role
+    /// cancels a pending switch). Returns the status after.
+    pub fn request_role(&self, role: Role) -> RoleStatus {
+        let mut status = self.role.lock().unwrap_or_else(|e| e.into_inner());
+        status.pending = (role != status.current).then_some(role);
+        *status
+    }
+
+    /// Takes the pending role, if any; returns the new one.
+    pub fn finish_switch(&self) -> Option<Role> {
+        let mut status = self.role.lock().unwrap_or_else(|e| e.into_inner());
+        let role = status.pending.take()?;
+        status.current = role;
+        self.role_switches.fetch_add(1, Ordering::Relaxed);
+        Some(role)
+    }
+
+    pub fn role_switches(&self) -> u64 {
+        self.role_switches.load(Ordering::Relaxed)
+    }
+
+    /// Counts a transfer in flight until the guard is dropped.
+    pub fn transfer_started(&self) -> ActiveTransfer<'_> {
+        self.active_transfers.fetch_add(1, Ordering::SeqCst);
+        ActiveTransfer(self)
+    }
+
+    pub fn active_transfers(&self) -> usize {
+        self.active_transfers.load(Ordering::SeqCst)
+    }
+}
+
+/// A transfer in flight ([`InstanceState::transfer_started`]).
+pub struct ActiveTransfer<'a>(&'a InstanceState);
+
+impl Drop for ActiveTransfer<'_> {
+    fn drop(&mut self) {
+        self.0.active_transfers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// KV transfers as one instance saw them (`/metrics`): sent as a prefill instance, received as
+/// a decode instance.
+#[derive(Debug, Default)]
+pub struct TransferCounters {
+    pub sent_blocks: AtomicU64,
+    pub sent_bytes: AtomicU64,
+    sent_micros: AtomicU64,
+    pub send_failures: AtomicU64,
+    pub received_blocks: AtomicU64,
+    pub received_bytes: AtomicU64,
+    received_micros: AtomicU64,
+    pub receive_failures: AtomicU64,
+}
+
+impl TransferCounters {
+    /// A transfer sent `blocks` blocks (`bytes`) in `time`, from connection to end.
+    pub fn sent(&self, blocks: usize, bytes: usize, time: Duration) {
+        self.sent_blocks.fetch_add(blocks as u64, Ordering::Relaxed);
+        self.sent_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.sent_micros
+            .fetch_add(time.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn failed(&self) {
+        self.send_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A transfer brought `blocks` blocks (`bytes`), taking `time` from asking to seating them.
+    pub fn received(&self, blocks: usize, bytes: usize, time: Duration) {
+        self.received_blocks
+            .fetch_add(blocks as u64, Ordering::Relaxed);
+        self.received_bytes
+            .fetch_add(bytes as u64, Ordering::Relaxed);
+        self.received_micros
+            .fetch_add(time.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn receive_failed(&self) {
+        self.receive_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn sent_seconds(&self) -> f64 {
+        self.sent_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    pub fn received_seconds(&self) -> f64 {
+        self.received_micros.load(Ordering::Relaxed) as f64 / 1e6
+    }
 }

@@ -2,18 +2,21 @@
 //! on a decode instance (the exchange is in `wire`'s doc).
 
 use super::wire::{plan_hex, Control, Message, WireError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
-use super::KvPrefix;
+use super::{InstanceState, KvPrefix, Role};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{Event, RequestParams, Scheduler};
+use crate::scheduler::{CachedPrefix, Event, RequestParams, Scheduler};
 use futures_util::{SinkExt, StreamExt};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-/// What the two ends must share: the same plan, KV blocks of the same size.
+/// What the two ends must share: the same plan and weights, KV blocks of the same size.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Identity {
     pub plan: [u8; 32],
+    /// The weight snapshot in service (live weight updates), empty for the plan's own.
+    pub weights: String,
     pub block_size: usize,
     /// Bytes of one block, all layers.
     pub block_bytes: usize,
@@ -95,6 +98,7 @@ fn hello(me: &Identity) -> Message {
     Message::Control(Control::Hello {
         version: PROTOCOL_VERSION,
         plan: plan_hex(&me.plan),
+        weights: me.weights.clone(),
         block_size: me.block_size as u32,
         block_bytes: me.block_bytes as u64,
     })
@@ -105,16 +109,27 @@ fn check_hello(me: &Identity, message: Message) -> Result<(), TransferError> {
         Message::Control(Control::Hello {
             version,
             plan,
+            weights,
             block_size,
             block_bytes,
         }) => {
             let mine = plan_hex(&me.plan);
+            let name = |w: &str| match w {
+                "" => "the plan's own weights".to_string(),
+                w => format!("weight snapshot {w}"),
+            };
             if version != PROTOCOL_VERSION {
                 Err(format!(
                     "protocol version {version} against this instance's {PROTOCOL_VERSION}"
                 ))
             } else if plan != mine {
                 Err(format!("plan {plan} against this instance's {mine}"))
+            } else if weights != me.weights {
+                Err(format!(
+                    "{} against this instance's {}",
+                    name(&weights),
+                    name(&me.weights)
+                ))
             } else if block_size as usize != me.block_size {
                 Err(format!(
                     "--block-size {block_size} against this instance's {}",
@@ -148,14 +163,15 @@ fn unexpected(wanted: &str, got: Message) -> TransferError {
 }
 
 /// The decode side: asks the prefill instance at `addr` for the KV blocks of `tokens` (a whole
-/// number of blocks) from block `skip_blocks` on, and returns those it sends.
+/// number of blocks) past the `held` ones this instance's cache has, and returns those it sends.
 pub async fn fetch_prefix(
     addr: &str,
     me: &Identity,
     tokens: Vec<u32>,
-    skip_blocks: usize,
+    held: CachedPrefix,
     timeouts: Timeouts,
 ) -> Result<KvPrefix, TransferError> {
+    let skip_blocks = held.blocks;
     let stream = tokio::time::timeout(timeouts.io, TcpStream::connect(addr))
         .await
         .map_err(|_| TransferError::Timeout(timeouts.io))?
@@ -202,11 +218,18 @@ pub async fn fetch_prefix(
         tokens,
         first_block: skip_blocks,
         blocks,
+        weights_generation: held.weights_generation,
     })
 }
 
-/// The prefill side: answers every connection on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, scheduler: Scheduler, me: Identity, timeouts: Timeouts) {
+/// The prefill side: answers every connection on `listener` until the task is dropped, while
+/// `instance` is a prefill instance (others are refused, so a role switch stops new transfers).
+pub async fn serve(
+    listener: TcpListener,
+    scheduler: Scheduler,
+    instance: Arc<InstanceState>,
+    timeouts: Timeouts,
+) {
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -217,11 +240,23 @@ pub async fn serve(listener: TcpListener, scheduler: Scheduler, me: Identity, ti
                 continue;
             }
         };
-        let (scheduler, me) = (scheduler.clone(), me.clone());
+        let (scheduler, instance) = (scheduler.clone(), instance.clone());
         tokio::spawn(async move {
-            match answer(stream, &scheduler, &me, timeouts).await {
-                Ok(blocks) => tracing::debug!(%peer, blocks, "KV transfer sent"),
-                Err(e) => tracing::warn!(%peer, error = %e, "KV transfer"),
+            let _active = instance.transfer_started();
+            let start = Instant::now();
+            match answer(stream, &scheduler, &instance, timeouts).await {
+                Ok(blocks) => {
+                    instance.counters.sent(
+                        blocks,
+                        blocks * instance.identity().block_bytes,
+                        start.elapsed(),
+                    );
+                    tracing::debug!(%peer, blocks, "KV transfer sent")
+                }
+                Err(e) => {
+                    instance.counters.failed();
+                    tracing::warn!(%peer, error = %e, "KV transfer")
+                }
             }
         });
     }
@@ -231,15 +266,22 @@ pub async fn serve(listener: TcpListener, scheduler: Scheduler, me: Identity, ti
 async fn answer(
     stream: TcpStream,
     scheduler: &Scheduler,
-    me: &Identity,
+    instance: &InstanceState,
     timeouts: Timeouts,
 ) -> Result<usize, TransferError> {
+    let me = &instance.identity();
     let mut conn = connection(stream);
     send(&mut conn, &hello(me), timeouts.io).await?;
     let refuse = |message: String| Message::Control(Control::Error { message });
     if let Err(e) = check_hello(me, receive(&mut conn, timeouts.io).await?) {
         let _ = send(&mut conn, &refuse(e.to_string()), timeouts.io).await;
         return Err(e);
+    }
+    let role = instance.role().current;
+    if role != Role::Prefill {
+        let message = format!("this instance is a {role:?} instance now, not a prefill instance");
+        let _ = send(&mut conn, &refuse(message.clone()), timeouts.io).await;
+        return Err(TransferError::Peer(message));
     }
     let (tokens, skip) = match receive(&mut conn, timeouts.io).await? {
         Message::Control(Control::Prefill {
@@ -312,7 +354,8 @@ async fn stream_blocks(
         let cached = scheduler
             .cached_blocks(tokens.to_vec())
             .await
-            .map_err(|e| Failure::Refused(e.to_string()))?;
+            .map_err(|e| Failure::Refused(e.to_string()))?
+            .blocks;
         if cached > *sent {
             let blocks = scheduler
                 .read_cached_blocks(tokens.to_vec(), *sent)

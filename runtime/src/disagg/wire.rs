@@ -38,6 +38,8 @@ pub enum Control {
         version: u32,
         /// The plan's identity (`LoadedPlan::identity`), hex.
         plan: String,
+        /// The weight snapshot in service, empty for the plan's own weights.
+        weights: String,
         block_size: u32,
         block_bytes: u64,
     },
@@ -146,6 +148,7 @@ mod tests {
             Message::Control(Control::Hello {
                 version: PROTOCOL_VERSION,
                 plan: plan_hex(&[0xab; 32]),
+                weights: "step-7".into(),
                 block_size: 64,
                 block_bytes: 1 << 20,
             }),

@@ -1,6 +1,7 @@
-//! Admin endpoints, for the operator rather than for clients: today `POST
+//! Admin endpoints, for the operator rather than for clients: `POST
 //! /admin/v1/update_weights`, a live weight update (see `weights_update`), and the client side
-//! of it that `fdrt update-weights` runs.
+//! of it that `fdrt update-weights` runs; `POST /admin/v1/role`, a role switch in disaggregated
+//! serving (`disagg`).
 //!
 //! Authentication: admin endpoints exist only when the server has an API key (`--api-key` or
 //! `FDRT_API_KEY`) and require `Authorization: Bearer <key>`; without a key they answer 403.
@@ -23,10 +24,13 @@ use std::sync::Arc;
 
 /// Path of the live weight update.
 pub const UPDATE_WEIGHTS_PATH: &str = "/admin/v1/update_weights";
+/// Path of the role switch (disaggregated serving).
+pub const ROLE_PATH: &str = "/admin/v1/role";
 
 pub(crate) fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route(UPDATE_WEIGHTS_PATH, post(update_weights))
+        .route(ROLE_PATH, post(super::disagg::switch_role))
         .route_layer(middleware::from_fn_with_state(state, require_admin_key))
 }
 
@@ -65,6 +69,8 @@ async fn update_weights(
     );
     match weights_update::update_weights(&state.scheduler, state.manifest.clone(), request).await {
         Ok(report) => {
+            // KV transfers now name these weights: peers still on others are refused.
+            state.disagg.set_weights(&report.snapshot_id);
             tracing::info!(
                 snapshot_id = %report.snapshot_id,
                 parts = report.parts,

@@ -7,6 +7,7 @@
 //! under one mutex: a scrape or an update is a handful of additions, far below the cost of one
 //! decode step.
 
+use crate::disagg::InstanceState;
 use crate::scheduler::Stats;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -99,16 +100,6 @@ struct Inner {
     tpot: Histogram,
     itl: Histogram,
     e2e: Histogram,
-    kv_transfer: KvTransfer,
-}
-
-/// Prefill/decode disaggregation, as a decode instance sees it.
-#[derive(Clone, Debug, Default)]
-struct KvTransfer {
-    blocks: u64,
-    bytes: u64,
-    seconds: f64,
-    failures: u64,
 }
 
 /// Counters and histograms of one server.
@@ -140,7 +131,6 @@ impl Metrics {
                 tpot: Histogram::new(TOKEN_BOUNDS),
                 itl: Histogram::new(TOKEN_BOUNDS),
                 e2e: Histogram::new(E2E_BOUNDS),
-                kv_transfer: KvTransfer::default(),
             }),
         }
     }
@@ -168,21 +158,6 @@ impl Metrics {
         });
     }
 
-    /// A decode instance received `blocks` KV blocks (`bytes`) from a prefill instance, taking
-    /// `time` from asking to seating them.
-    pub fn kv_received(&self, blocks: usize, bytes: usize, time: Duration) {
-        self.with(|m| {
-            m.kv_transfer.blocks += blocks as u64;
-            m.kv_transfer.bytes += bytes as u64;
-            m.kv_transfer.seconds += time.as_secs_f64();
-        });
-    }
-
-    /// A KV transfer failed (the request computed its prompt itself).
-    pub fn kv_transfer_failed(&self) {
-        self.with(|m| m.kv_transfer.failures += 1);
-    }
-
     pub fn finished(&self, outcome: Outcome, timings: &RequestTimings) {
         self.with(|m| {
             *m.outcomes.entry(outcome).or_default() += 1;
@@ -196,8 +171,9 @@ impl Metrics {
         });
     }
 
-    /// The exposition text: these metrics plus the scheduler's gauges from `stats`.
-    pub fn render(&self, stats: &Stats) -> String {
+    /// The exposition text: these metrics plus the scheduler's gauges from `stats` and the
+    /// instance's disaggregation counters from `instance`.
+    pub fn render(&self, stats: &Stats, instance: &InstanceState) -> String {
         let m = self.with(|m| m.clone());
         let model = format!("model_name=\"{}\"", escape(&self.model_name));
         let mut out = String::new();
@@ -272,31 +248,21 @@ impl Metrics {
             "counter",
             stats.preemptions.to_string(),
         );
-        let kv = &m.kv_transfer;
-        gauge(
-            "fdrt:kv_transfer_received_blocks_total",
-            "KV blocks a decode instance took from prefill instances.",
-            "counter",
-            kv.blocks.to_string(),
-        );
-        gauge(
-            "fdrt:kv_transfer_received_bytes_total",
-            "Bytes of those KV blocks.",
-            "counter",
-            kv.bytes.to_string(),
-        );
-        gauge(
-            "fdrt:kv_transfer_seconds_total",
-            "Time from asking a prefill instance for a prompt's blocks to seating them.",
-            "counter",
-            kv.seconds.to_string(),
-        );
-        gauge(
-            "fdrt:kv_transfer_failures_total",
-            "KV transfers that failed (the request computed its prompt itself).",
-            "counter",
-            kv.failures.to_string(),
-        );
+        let kv = &instance.counters;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        for (name, help, value) in [
+            ("fdrt:kv_transfer_sent_blocks_total", "KV blocks a prefill instance sent to decode instances.", load(&kv.sent_blocks).to_string()),
+            ("fdrt:kv_transfer_sent_bytes_total", "Bytes of those KV blocks.", load(&kv.sent_bytes).to_string()),
+            ("fdrt:kv_transfer_send_seconds_total", "Time of those transfers, from connection to end (the prefill they wait for included).", kv.sent_seconds().to_string()),
+            ("fdrt:kv_transfer_send_failures_total", "KV transfers a prefill instance refused or broke off.", load(&kv.send_failures).to_string()),
+            ("fdrt:kv_transfer_received_blocks_total", "KV blocks a decode instance took from prefill instances.", load(&kv.received_blocks).to_string()),
+            ("fdrt:kv_transfer_received_bytes_total", "Bytes of those KV blocks.", load(&kv.received_bytes).to_string()),
+            ("fdrt:kv_transfer_seconds_total", "Time from asking a prefill instance for a prompt's blocks to seating them.", kv.received_seconds().to_string()),
+            ("fdrt:kv_transfer_failures_total", "KV transfers that failed on a decode instance (the request computed its prompt itself).", load(&kv.receive_failures).to_string()),
+            ("fdrt:role_switches_total", "Times this instance moved between prefill and decode.", instance.role_switches().to_string()),
+        ] {
+            gauge(name, help, "counter", value);
+        }
         let spec = &stats.speculative;
         gauge(
             "fdrt:spec_decode_num_drafts_total",
@@ -481,7 +447,20 @@ mod tests {
             prefix_cache_hit_tokens: 32,
             speculative: runtime_speculative_stats(),
         };
-        let text = metrics.render(&stats);
+        let instance = InstanceState::new(
+            crate::disagg::transfer::Identity {
+                plan: [0; 32],
+                weights: String::new(),
+                block_size: 16,
+                block_bytes: 64,
+            },
+            crate::disagg::Role::Decode,
+        );
+        instance
+            .counters
+            .received(3, 192, Duration::from_millis(500));
+        instance.counters.receive_failed();
+        let text = metrics.render(&stats, &instance);
         let model = "model_name=\"m\\\"1\"";
         assert_eq!(
             line(&text, &format!("fdrt:num_requests_running{{{model}}}")),
@@ -492,6 +471,11 @@ mod tests {
             "fdrt:num_preemptions_total{M} 3\n",
             "fdrt:prefix_cache_queries_total{M} 40\n",
             "fdrt:prefix_cache_hits_total{M} 32\n",
+            "fdrt:kv_transfer_received_blocks_total{M} 3\n",
+            "fdrt:kv_transfer_received_bytes_total{M} 192\n",
+            "fdrt:kv_transfer_seconds_total{M} 0.5\n",
+            "fdrt:kv_transfer_failures_total{M} 1\n",
+            "fdrt:kv_transfer_sent_blocks_total{M} 0\n",
             "fdrt:spec_decode_num_drafts_total{M} 2\n",
             "fdrt:spec_decode_num_draft_tokens_total{M} 5\n",
             "fdrt:spec_decode_num_accepted_tokens_total{M} 3\n",

@@ -141,8 +141,9 @@ pub(crate) struct AppState {
     manifest: Arc<Manifest>,
     /// Held by the weight update in progress: updates run one at a time.
     weights_update: tokio::sync::Mutex<()>,
-    /// What a KV transfer peer must share with this instance.
-    kv_identity: crate::disagg::transfer::Identity,
+    /// Its part in disaggregated serving: identity, role, transfer counters (shared with its
+    /// KV transfer server).
+    disagg: Arc<crate::disagg::InstanceState>,
 }
 
 impl AppState {
@@ -195,7 +196,10 @@ impl Server {
         let eos_token_ids = plan.manifest.model.eos_token_ids.clone();
         let manifest = Arc::new(plan.manifest.clone());
         let vocab = engine.vocab_size();
-        let kv_identity = disagg::identity(plan, engine.options().block_size);
+        let instance = Arc::new(crate::disagg::InstanceState::new(
+            disagg::identity(plan, engine.options().block_size),
+            config.disagg.role,
+        ));
         let scheduler = Scheduler::start_speculative(
             engine,
             draft,
@@ -227,7 +231,7 @@ impl Server {
             id_prefix: now.as_nanos() as u64,
             manifest,
             weights_update: tokio::sync::Mutex::new(()),
-            kv_identity,
+            disagg: instance,
         };
         Ok(Server {
             state: Arc::new(state),
@@ -247,10 +251,10 @@ impl Server {
         &self.state.scheduler
     }
 
-    /// What a KV transfer peer must share with this instance (`--role prefill` serves
-    /// transfers with it).
-    pub fn kv_identity(&self) -> &crate::disagg::transfer::Identity {
-        &self.state.kv_identity
+    /// Its part in disaggregated serving, which its KV transfer server (`--role prefill`)
+    /// shares.
+    pub fn instance_state(&self) -> Arc<crate::disagg::InstanceState> {
+        self.state.disagg.clone()
     }
 
     pub fn stats(&self) -> Stats {

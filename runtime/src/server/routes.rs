@@ -140,7 +140,9 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(&state.scheduler.stats());
+    let text = state
+        .metrics
+        .render(&state.scheduler.stats(), &state.disagg);
     (
         [(
             header::CONTENT_TYPE,
