@@ -325,36 +325,36 @@ impl Router {
                 .collect()
         };
         let (prefill, decode) = (healthy(Part::Prefill), healthy(Part::Decode));
-        if prefill.is_empty() || decode.is_empty() {
-            return;
-        }
-        let mean = |set: &[Arc<Instance>]| {
-            set.iter().map(|i| i.view().queue as f64).sum::<f64>() / set.len() as f64
-        };
-        let (p, d) = (mean(&prefill), mean(&decode));
-        let slack = LOAD_SLACK as f64;
-        let (from, to) = if p > 2.0 * d + slack && decode.len() > 1 {
-            (decode, Part::Prefill)
-        } else if d > 2.0 * p + slack && prefill.len() > 1 {
-            (prefill, Part::Decode)
-        } else {
-            return;
-        };
-        let Some(mover) = from
-            .iter()
-            .filter(|i| {
-                let v = i.view();
-                v.role != "mixed"
-                    && if to == Part::Prefill {
-                        v.can_prefill
-                    } else {
-                        v.can_decode
+        let load = |set: &[Arc<Instance>], to: Part| -> Vec<Load> {
+            set.iter()
+                .map(|i| {
+                    let v = i.view();
+                    Load {
+                        queue: v.queue,
+                        can_switch: v.role != "mixed"
+                            && if to == Part::Prefill {
+                                v.can_prefill
+                            } else {
+                                v.can_decode
+                            },
                     }
-            })
-            .min_by_key(|i| i.view().queue)
+                })
+                .collect()
+        };
+        let Some((to, index)) =
+            pick_switch(&load(&prefill, Part::Decode), &load(&decode, Part::Prefill))
         else {
             return;
         };
+        let mover = if to == Part::Prefill {
+            &decode[index]
+        } else {
+            &prefill[index]
+        };
+        let mean = |set: &[Arc<Instance>]| {
+            set.iter().map(|i| i.view().queue as f64).sum::<f64>() / set.len().max(1) as f64
+        };
+        let (p, d) = (mean(&prefill), mean(&decode));
         let role = if to == Part::Prefill {
             "prefill"
         } else {
@@ -394,6 +394,84 @@ impl Router {
             }
             Err(e) => tracing::warn!(address = %mover.address, error = %e, "a role switch failed"),
         }
+    }
+}
+
+/// An instance as the role policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Load {
+    /// Requests running and waiting in its scheduler.
+    queue: u64,
+    /// Whether it can take the other part's role.
+    can_switch: bool,
+}
+
+/// The role policy's decision: when one part's instances hold on average more than twice the
+/// other part's requests, plus [`LOAD_SLACK`], the least busy instance of the other part that
+/// can switch moves to the busy part; each part keeps one instance. Returns the part it moves
+/// to and its index among its current part's instances.
+fn pick_switch(prefill: &[Load], decode: &[Load]) -> Option<(Part, usize)> {
+    if prefill.is_empty() || decode.is_empty() {
+        return None;
+    }
+    let mean = |set: &[Load]| set.iter().map(|l| l.queue as f64).sum::<f64>() / set.len() as f64;
+    let (p, d) = (mean(prefill), mean(decode));
+    let slack = LOAD_SLACK as f64;
+    let (from, to) = if p > 2.0 * d + slack && decode.len() > 1 {
+        (decode, Part::Prefill)
+    } else if d > 2.0 * p + slack && prefill.len() > 1 {
+        (prefill, Part::Decode)
+    } else {
+        return None;
+    };
+    from.iter()
+        .enumerate()
+        .filter(|(_, l)| l.can_switch)
+        .min_by_key(|(_, l)| l.queue)
+        .map(|(index, _)| (to, index))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(queues: &[(u64, bool)]) -> Vec<Load> {
+        queues
+            .iter()
+            .map(|&(queue, can_switch)| Load { queue, can_switch })
+            .collect()
+    }
+
+    #[test]
+    fn the_least_busy_instance_that_can_switch_moves_to_the_busy_part() {
+        // Prefill queues average 12, decode 2: 12 > 2 * 2 + 4, a decode instance moves.
+        let prefill = loads(&[(12, false)]);
+        let decode = loads(&[(1, false), (3, true), (2, true)]);
+        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Prefill, 2)));
+        // And the other way.
+        let prefill = loads(&[(0, true), (1, true)]);
+        let decode = loads(&[(9, false)]);
+        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Decode, 0)));
+    }
+
+    #[test]
+    fn no_switch_within_the_slack_without_a_candidate_or_from_a_last_instance() {
+        // 8 is not above 2 * 2 + 4.
+        assert_eq!(
+            pick_switch(&loads(&[(8, true)]), &loads(&[(2, true), (2, true)])),
+            None
+        );
+        // Nobody can switch.
+        assert_eq!(
+            pick_switch(&loads(&[(20, true)]), &loads(&[(0, false), (0, false)])),
+            None
+        );
+        // The only decode instance stays.
+        assert_eq!(
+            pick_switch(&loads(&[(20, true)]), &loads(&[(0, true)])),
+            None
+        );
+        assert_eq!(pick_switch(&[], &loads(&[(0, true)])), None);
     }
 }
 

@@ -29,13 +29,24 @@ struct Instance {
 
 impl Instance {
     fn start(role: Role, kv_sources: Vec<String>) -> Instance {
+        Instance::with(role, kv_sources, role == Role::Prefill, None)
+    }
+
+    /// An instance with a KV transfer port when `transfers` (so it may prefill for others),
+    /// and an API key when given (so its admin endpoints exist).
+    fn with(
+        role: Role,
+        kv_sources: Vec<String>,
+        transfers: bool,
+        api_key: Option<&str>,
+    ) -> Instance {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
         let engine = tiny_llama_engine(BLOCK);
-        let transfers = (role == Role::Prefill).then(|| {
+        let transfers = transfers.then(|| {
             runtime
                 .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
                 .expect("bind")
@@ -45,6 +56,7 @@ impl Instance {
             .map(|l| l.local_addr().expect("address").to_string());
         let config = ServerConfig {
             max_num_seqs: 4,
+            api_key: api_key.map(str::to_string),
             disagg: DisaggConfig {
                 role,
                 kv_transfer_port: transfers
@@ -185,6 +197,21 @@ async fn complete(client: &reqwest::Client, address: &str, body: &Value) -> (u16
         return (status, token_ids(&v["choices"][0]), v);
     }
     let status = response.status().as_u16();
+    let (tokens, last) = stream_tokens(response).await;
+    (status, tokens, last)
+}
+
+/// A response's token ids, streamed or not.
+async fn tokens_of_response(response: reqwest::Response, stream: bool) -> Vec<u32> {
+    if stream {
+        stream_tokens(response).await.0
+    } else {
+        token_ids(&read_json_response(response).await.1["choices"][0])
+    }
+}
+
+/// A streamed answer's token ids and its last chunk.
+async fn stream_tokens(response: reqwest::Response) -> (Vec<u32>, Value) {
     let mut events = SseReader::new(response);
     let (mut tokens, mut last) = (vec![], Value::Null);
     while let Some(data) = events.next().await {
@@ -197,7 +224,7 @@ async fn complete(client: &reqwest::Client, address: &str, body: &Value) -> (u16
         }
         last = v;
     }
-    (status, tokens, last)
+    (tokens, last)
 }
 
 async fn metrics(client: &reqwest::Client, address: &str) -> String {
@@ -431,4 +458,277 @@ fn a_decode_instance_takes_blocks_only_from_its_own_sources() {
     let text = rt.block_on(metrics(&client, &d.http));
     assert_eq!(metric(&text, "fdrt:kv_transfer_failures_total"), 1.0);
     d.kill();
+}
+
+#[test]
+fn an_instance_switches_roles_once_idle_and_the_router_follows() {
+    const KEY: &str = "k";
+    let mixed = Instance::start(Role::Mixed, vec![]);
+    let p = Instance::with(Role::Prefill, vec![], true, Some(KEY));
+    // Able to switch: a transfer port and a source each.
+    let d1 = Instance::with(
+        Role::Decode,
+        vec![p.kv.clone().expect("p's port")],
+        true,
+        Some(KEY),
+    );
+    let sources = vec![
+        p.kv.clone().expect("p's port"),
+        d1.kv.clone().expect("d1's port"),
+    ];
+    let d2 = Instance::with(Role::Decode, sources, false, Some(KEY));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = RouterConfig {
+        prefill: vec![p.http.clone()],
+        decode: vec![d1.http.clone(), d2.http.clone()],
+        api_key: Some(KEY.into()),
+        health_interval: Duration::from_millis(50),
+        upstream_timeout: Duration::from_secs(20),
+        ..RouterConfig::default()
+    };
+    let router = rt
+        .block_on(Router::connect(config))
+        .expect("the router connects");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let router_address = listener.local_addr().expect("address").to_string();
+    rt.spawn(runtime::router::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let admin = |address: &str, body: Value, key: Option<&str>| {
+        let mut request = client
+            .post(format!("http://{address}/admin/v1/role"))
+            .json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        rt.block_on(async { read_json_response(request.send().await.expect("request")).await })
+    };
+    // Refusals: no key, a role the instance cannot take, no such role.
+    assert_eq!(admin(&p.http, json!({"role": "decode"}), None).0, 401);
+    let (status, v) = admin(&p.http, json!({"role": "decode"}), Some(KEY));
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--kv-source")),
+        "{v}"
+    );
+    assert_eq!(admin(&p.http, json!({"role": "chef"}), Some(KEY)).0, 400);
+    // d1 moves to prefill; it is idle, so at once.
+    let (status, v) = admin(&d1.http, json!({"role": "prefill"}), Some(KEY));
+    assert_eq!(status, 200, "{v}");
+    let describe = |address: &str| {
+        rt.block_on(async {
+            client
+                .get(format!("http://{address}/v1/kv_transfer"))
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .expect("describe")
+                .json::<Value>()
+                .await
+                .expect("json")
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while describe(&d1.http)["role"] != "prefill" {
+        assert!(std::time::Instant::now() < deadline, "d1 never switched");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The router follows: d1 is a prefill instance to it now.
+    let row = format!(
+        "fdrt_router:instance_requests_total{{role=\"prefill\",address=\"{}\"}}",
+        d1.http
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = rt.block_on(async {
+            client
+                .get(format!("http://{router_address}/metrics"))
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        });
+        if text.contains(&row) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the router did not follow:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Requests through the router: all to d2 now, and still a mixed instance's answers.
+    for i in 0..4u32 {
+        let b = body(&prompt(70 + i, 40 + 9 * i as usize), None, i % 2 == 0);
+        let (_, want, _) = rt.block_on(complete(&client, &mixed.http, &b));
+        let response = rt.block_on(async {
+            client
+                .post(format!("http://{router_address}/v1/completions"))
+                .bearer_auth(KEY)
+                .json(&b)
+                .send()
+                .await
+                .expect("request")
+        });
+        assert_eq!(response.status().as_u16(), 200);
+        let got = rt.block_on(tokens_of_response(response, b["stream"] == json!(true)));
+        assert_eq!(got, want, "request {i}");
+    }
+    let metrics_of = |address: &str| {
+        rt.block_on(async {
+            client
+                .get(format!("http://{address}/metrics"))
+                .bearer_auth(KEY)
+                .send()
+                .await
+                .expect("metrics")
+                .text()
+                .await
+                .expect("text")
+        })
+    };
+    assert_eq!(
+        metric(&metrics_of(&d1.http), "fdrt:role_switches_total"),
+        1.0
+    );
+    let d2_metrics = metrics_of(&d2.http);
+    assert!(
+        metric(&d2_metrics, "fdrt:kv_transfer_received_blocks_total") > 0.0,
+        "{d2_metrics}"
+    );
+    assert_eq!(metric(&d2_metrics, "fdrt:kv_transfer_failures_total"), 0.0);
+}
+
+/// Keeps a prefill instance busy: `n` long requests straight to it, so that the prefill of a
+/// transfer waits in its queue. Returns their tasks.
+fn keep_busy(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    address: &str,
+    n: u32,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let b = json!({"prompt": prompt(200 + i, 16), "max_tokens": 230, "temperature": 0, "ignore_eos": true});
+            let (client, url) = (client.clone(), format!("http://{address}/v1/completions"));
+            rt.spawn(async move {
+                let _ = client.post(url).json(&b).send().await;
+            })
+        })
+        .collect()
+}
+
+/// Waits until the server at `address` reports `name` at `at_least`.
+fn wait_for_metric(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    address: &str,
+    name: &str,
+    at_least: f64,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = rt.block_on(metrics(client, address));
+        if metric(&text, name) >= at_least {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name} never reached {at_least}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn instances_killed_during_a_transfer_lose_no_request() {
+    let mixed = Instance::start(Role::Mixed, vec![]);
+    let mut c = cluster(1, 2, Duration::from_secs(60));
+    let b = body(&prompt(90, 120), None, false);
+    let (_, want, _) = c.block_on(complete(&c.client, &mixed.http, &b));
+    // The decode instance that has the request dies while the prefill instance, busy with
+    // others, has its transfer queued: the router sends the request to the other one.
+    let busy = keep_busy(&c.router_runtime, &c.client, &c.prefill[0].http, 40);
+    let request = {
+        let (client, router, b) = (c.client.clone(), c.router.clone(), b.clone());
+        c.router_runtime
+            .spawn(async move { complete(&client, &router, &b).await })
+    };
+    wait_for_metric(
+        &c.router_runtime,
+        &c.client,
+        &c.prefill[0].http,
+        "fdrt:kv_transfers_active",
+        1.0,
+    );
+    let r = c.block_on(metrics(&c.client, &c.router));
+    let first = (0..2)
+        .find(|&i| {
+            metric(
+                &r,
+                &format!(
+                    "fdrt_router:instance_outstanding_requests{{role=\"decode\",address=\"{}\"}}",
+                    c.decode[i].http
+                ),
+            ) == 1.0
+        })
+        .expect("a decode instance has the request");
+    c.decode[first].kill();
+    let (status, got, last) = c.block_on(request).expect("task");
+    assert_eq!(status, 200, "{last}");
+    assert_eq!(got, want, "completed by the other decode instance");
+    for task in busy {
+        task.abort();
+    }
+    // The prefill instance dies while the survivor's transfer waits in its queue: the decode
+    // instance computes the prompt itself.
+    let survivor = 1 - first;
+    let busy = keep_busy(&c.router_runtime, &c.client, &c.prefill[0].http, 40);
+    let b = body(&prompt(91, 120), None, true);
+    let (_, want, _) = c.block_on(complete(&c.client, &mixed.http, &b));
+    let failures_before = metric(
+        &c.block_on(metrics(&c.client, &c.decode[survivor].http)),
+        "fdrt:kv_transfer_failures_total",
+    );
+    let request = {
+        let (client, router, b) = (c.client.clone(), c.router.clone(), b.clone());
+        c.router_runtime
+            .spawn(async move { complete(&client, &router, &b).await })
+    };
+    wait_for_metric(
+        &c.router_runtime,
+        &c.client,
+        &c.prefill[0].http,
+        "fdrt:kv_transfers_active",
+        1.0,
+    );
+    c.prefill[0].kill();
+    let (status, got, last) = c.block_on(request).expect("task");
+    assert_eq!(status, 200, "{last}");
+    assert_eq!(got, want, "computed by the decode instance itself");
+    let d = c.block_on(metrics(&c.client, &c.decode[survivor].http));
+    assert_eq!(
+        metric(&d, "fdrt:kv_transfer_failures_total"),
+        failures_before + 1.0,
+        "{d}"
+    );
+    for task in busy {
+        task.abort();
+    }
 }

@@ -263,6 +263,12 @@ impl Metrics {
         ] {
             gauge(name, help, "counter", value);
         }
+        gauge(
+            "fdrt:kv_transfers_active",
+            "KV transfers this prefill instance is serving now.",
+            "gauge",
+            instance.active_transfers().to_string(),
+        );
         let spec = &stats.speculative;
         gauge(
             "fdrt:spec_decode_num_drafts_total",
