@@ -431,50 +431,6 @@ fn pick_switch(prefill: &[Load], decode: &[Load]) -> Option<(Part, usize)> {
         .map(|(index, _)| (to, index))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn loads(queues: &[(u64, bool)]) -> Vec<Load> {
-        queues
-            .iter()
-            .map(|&(queue, can_switch)| Load { queue, can_switch })
-            .collect()
-    }
-
-    #[test]
-    fn the_least_busy_instance_that_can_switch_moves_to_the_busy_part() {
-        // Prefill queues average 12, decode 2: 12 > 2 * 2 + 4, a decode instance moves.
-        let prefill = loads(&[(12, false)]);
-        let decode = loads(&[(1, false), (3, true), (2, true)]);
-        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Prefill, 2)));
-        // And the other way.
-        let prefill = loads(&[(0, true), (1, true)]);
-        let decode = loads(&[(9, false)]);
-        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Decode, 0)));
-    }
-
-    #[test]
-    fn no_switch_within_the_slack_without_a_candidate_or_from_a_last_instance() {
-        // 8 is not above 2 * 2 + 4.
-        assert_eq!(
-            pick_switch(&loads(&[(8, true)]), &loads(&[(2, true), (2, true)])),
-            None
-        );
-        // Nobody can switch.
-        assert_eq!(
-            pick_switch(&loads(&[(20, true)]), &loads(&[(0, false), (0, false)])),
-            None
-        );
-        // The only decode instance stays.
-        assert_eq!(
-            pick_switch(&loads(&[(20, true)]), &loads(&[(0, true)])),
-            None
-        );
-        assert_eq!(pick_switch(&[], &loads(&[(0, true)])), None);
-    }
-}
-
 /// Serves `router` on `listener` until `shutdown` completes (health checks included).
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -877,4 +833,48 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loads(queues: &[(u64, bool)]) -> Vec<Load> {
+        queues
+            .iter()
+            .map(|&(queue, can_switch)| Load { queue, can_switch })
+            .collect()
+    }
+
+    #[test]
+    fn the_least_busy_instance_that_can_switch_moves_to_the_busy_part() {
+        // Prefill queues average 12, decode 2: 12 > 2 * 2 + 4, a decode instance moves.
+        let prefill = loads(&[(12, false)]);
+        let decode = loads(&[(1, false), (3, true), (2, true)]);
+        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Prefill, 2)));
+        // And the other way.
+        let prefill = loads(&[(0, true), (1, true)]);
+        let decode = loads(&[(9, false)]);
+        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Decode, 0)));
+    }
+
+    #[test]
+    fn no_switch_within_the_slack_without_a_candidate_or_from_a_last_instance() {
+        // 8 is not above 2 * 2 + 4.
+        assert_eq!(
+            pick_switch(&loads(&[(8, true)]), &loads(&[(2, true), (2, true)])),
+            None
+        );
+        // Nobody can switch.
+        assert_eq!(
+            pick_switch(&loads(&[(20, true)]), &loads(&[(0, false), (0, false)])),
+            None
+        );
+        // The only decode instance stays.
+        assert_eq!(
+            pick_switch(&loads(&[(20, true)]), &loads(&[(0, true)])),
+            None
+        );
+        assert_eq!(pick_switch(&[], &loads(&[(0, true)])), None);
+    }
 }
