@@ -431,18 +431,24 @@ fn pick_switch(prefill: &[Load], decode: &[Load]) -> Option<(Part, usize)> {
         .map(|(index, _)| (to, index))
 }
 
-/// Serves `router` on `listener` until `shutdown` completes (health checks included).
+/// Serves `router` on `listener` until `shutdown` completes (health checks included), with
+/// the connection limits of `fdrt serve` (at most 512 connections, 30 s for a request head,
+/// 60 s for a write that makes no progress).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Arc<Router>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
     let health = tokio::spawn(router.clone().check_health());
-    let result = axum::serve(listener, router.app())
-        .with_graceful_shutdown(shutdown)
-        .await;
+    let defaults = crate::server::ServerConfig::default();
+    let limits = crate::server::connections::ConnectionLimits {
+        max_connections: defaults.max_connections,
+        header_read_timeout: defaults.header_read_timeout,
+        write_timeout: defaults.write_timeout,
+    };
+    crate::server::connections::serve_connections(listener, router.app(), limits, shutdown).await;
     health.abort();
-    Ok(result?)
+    Ok(())
 }
 
 fn host_of(address: &str) -> &str {

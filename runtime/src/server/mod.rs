@@ -19,7 +19,7 @@
 
 pub mod admin;
 pub mod bench;
-mod connections;
+pub(crate) mod connections;
 pub mod disagg;
 pub mod errors;
 mod generation;
