@@ -86,6 +86,14 @@ curl -s http://127.0.0.1:8602/metrics >"$out/disagg-decode-metrics.txt"
 cleanup
 pids=()
 
+echo "== disaggregated, prompts under 512 tokens computed on the decode instance"
+instance 0 8601 prefill-min --role prefill --kv-transfer-port 8611
+instance 1 8602 decode-min --role decode --kv-source 127.0.0.1:8611 --kv-transfer-min-tokens 512
+router disagg-min --prefill 127.0.0.1:8601 --decode 127.0.0.1:8602
+workload disagg-min
+cleanup
+pids=()
+
 echo "== mixed: two mixed instances, one per core"
 instance 0 8601 mixed0
 instance 1 8602 mixed1
@@ -126,16 +134,16 @@ def loopback_bandwidth(total=2 << 30, chunk=8 << 20):
     return got / elapsed
 
 rows = []
-for mode in ("disagg", "mixed"):
+for mode in ("disagg", "disagg-min", "mixed"):
     for cls in ("chat", "long"):
         r = json.load(open(f"{out}/{mode}-{cls}.json"))
         rows.append((mode, cls, r))
-print("| mode | class | requests | TTFT p50 / p99 ms | ITL p50 / p99 ms | output tok/s |")
+print("| mode | class | requests (failed) | TTFT p50 / p99 ms | ITL p50 / p99 ms | output tok/s |")
 print("| --- | --- | --- | --- | --- | --- |")
 for mode, cls, r in rows:
-    ttft, itl = r["ttft_ms"], r["itl_ms"]
-    print(f"| {mode} | {cls} | {r['requests']} | {ttft['p50']:.1f} / {ttft['p99']:.1f} | "
-          f"{itl['p50']:.1f} / {itl['p99']:.1f} | {r['output_tok_s']:.1f} |")
+    ttft, itl = r["ttft"], r["itl"]
+    print(f"| {mode} | {cls} | {r['completed']} ({r['failed']}) | {ttft['p50_ms']:.0f} / {ttft['p99_ms']:.0f} | "
+          f"{itl['p50_ms']:.1f} / {itl['p99_ms']:.1f} | {r['output_throughput']:.1f} |")
 metrics = open(f"{out}/disagg-decode-metrics.txt").read()
 def value(name):
     m = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", metrics, re.M)
@@ -148,4 +156,6 @@ print(f"KV transfer: {blocks:.0f} blocks, {size / 1e6:.1f} MB in {secs:.2f} s of
       f"failures {value('fdrt:kv_transfer_failures_total'):.0f}")
 print(f"loopback TCP bandwidth: {loopback_bandwidth() / 1e9:.2f} GB/s")
 EOF
+cargo build --release --locked -p runtime --example kv_transfer_bench
+"$target_dir/release/examples/kv_transfer_bench" "$plan" 1600 5 | tee "$out/kv-transfer.txt"
 echo "results in $out"

@@ -100,7 +100,7 @@ impl KvPool {
         for (k, v) in &self.layers {
             for pool in [k, v] {
                 if let Some(values) = pool.get(range.clone()) {
-                    out.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+                    extend_le(out, values);
                 }
             }
         }
@@ -116,16 +116,15 @@ impl KvPool {
                 want: self.bytes_per_block(),
             });
         }
-        let mut words = bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
         let values = self.values;
+        let mut rest = bytes;
         for (k, v) in &mut self.layers {
             let pools: &mut [&mut Vec<f32>] = if values { &mut [k, v] } else { &mut [k] };
             for pool in pools.iter_mut() {
-                for (slot, x) in pool[range.clone()].iter_mut().zip(words.by_ref()) {
-                    *slot = x;
-                }
+                let slots = &mut pool[range.clone()];
+                let (these, after) = rest.split_at(slots.len() * 4);
+                copy_le(slots, these);
+                rest = after;
             }
         }
         Ok(())
@@ -140,6 +139,27 @@ impl KvPool {
             });
         }
         Ok(b * self.block_len()..(b + 1) * self.block_len())
+    }
+}
+
+/// Appends `values` as little-endian bytes.
+fn extend_le(out: &mut Vec<u8>, values: &[f32]) {
+    if cfg!(target_endian = "little") {
+        out.extend_from_slice(bytemuck::cast_slice(values));
+    } else {
+        out.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+    }
+}
+
+/// Fills `slots` from little-endian bytes (`bytes.len() == 4 * slots.len()`).
+fn copy_le(slots: &mut [f32], bytes: &[u8]) {
+    if cfg!(target_endian = "little") {
+        // The bytes of a frame need not be 4-aligned: copy through the byte view of the slots.
+        bytemuck::cast_slice_mut::<f32, u8>(slots).copy_from_slice(bytes);
+    } else {
+        for (slot, b) in slots.iter_mut().zip(bytes.chunks_exact(4)) {
+            *slot = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
     }
 }
 

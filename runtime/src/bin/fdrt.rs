@@ -209,6 +209,10 @@ enum Command {
         /// any instance that may switch to it.
         #[arg(long)]
         kv_source: Vec<String>,
+        /// As a decode instance, compute prompts shorter than this many tokens here instead of
+        /// taking their blocks from a prefill instance.
+        #[arg(long, default_value_t = 0)]
+        kv_transfer_min_tokens: usize,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -695,6 +699,7 @@ fn run() -> Result<()> {
             role,
             kv_transfer_port,
             kv_source,
+            kv_transfer_min_tokens,
             run,
         } => {
             init_logging();
@@ -745,6 +750,7 @@ fn run() -> Result<()> {
                     role,
                     kv_transfer_port,
                     kv_sources: kv_source,
+                    min_transfer_tokens: kv_transfer_min_tokens,
                     ..Default::default()
                 },
             };

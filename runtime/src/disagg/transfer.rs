@@ -300,7 +300,8 @@ async fn answer(
         return Err(TransferError::Peer(message));
     }
     let mut sent = skip;
-    let streamed = stream_blocks(&mut conn, scheduler, &tokens, &mut sent, timeouts);
+    let total = tokens.len() / me.block_size;
+    let streamed = stream_blocks(&mut conn, scheduler, &tokens, total, &mut sent, timeouts);
     match tokio::time::timeout(timeouts.prefill, streamed).await {
         Ok(Ok(())) => {}
         Ok(Err(Failure::Refused(message))) => {
@@ -334,6 +335,7 @@ async fn stream_blocks(
     conn: &mut Connection,
     scheduler: &Scheduler,
     tokens: &[u32],
+    total_blocks: usize,
     sent: &mut usize,
     timeouts: Timeouts,
 ) -> Result<(), Failure> {
@@ -345,9 +347,9 @@ async fn stream_blocks(
         logprobs: None,
         speculative: false,
     };
-    let mut request = scheduler
-        .submit(tokens.to_vec(), params)
-        .map_err(|e| Failure::Refused(e.to_string()))?;
+    // Submitted only when the cache lacks a block: blocks this instance holds already go out
+    // without any computation.
+    let mut request = None;
     let mut finished = false;
     loop {
         // The engine answers between steps, so this paces itself by the prefill's chunks.
@@ -369,10 +371,20 @@ async fn stream_blocks(
                 *sent += 1;
             }
         }
-        if finished {
+        // Every block sent, or the prefill done (a block the cache dropped meanwhile is the
+        // decode instance's to compute).
+        if *sent >= total_blocks || finished {
             return Ok(());
         }
-        match tokio::time::timeout(PROGRESS_POLL, request.next()).await {
+        let stream = match &mut request {
+            Some(stream) => stream,
+            None => request.insert(
+                scheduler
+                    .submit(tokens.to_vec(), params.clone())
+                    .map_err(|e| Failure::Refused(e.to_string()))?,
+            ),
+        };
+        match tokio::time::timeout(PROGRESS_POLL, stream.next()).await {
             Err(_) | Ok(Some(Event::Token(_))) => {}
             Ok(Some(Event::Done { .. })) => finished = true,
             Ok(Some(Event::Failed(message))) => return Err(Failure::Refused(message)),

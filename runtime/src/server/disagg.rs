@@ -33,6 +33,10 @@ pub struct DisaggConfig {
     pub kv_transfer_port: Option<u16>,
     /// `--role decode`: the prefill instances' transfer addresses it may take blocks from.
     pub kv_sources: Vec<String>,
+    /// `--role decode`: prompts shorter than this are computed here, without a transfer (a
+    /// short prompt queued behind long ones on a busy prefill instance waits longer than it
+    /// takes to compute).
+    pub min_transfer_tokens: usize,
     pub timeouts: Timeouts,
 }
 
@@ -42,6 +46,7 @@ impl Default for DisaggConfig {
             role: Role::Mixed,
             kv_transfer_port: None,
             kv_sources: vec![],
+            min_transfer_tokens: 0,
             timeouts: Timeouts::default(),
         }
     }
@@ -191,6 +196,9 @@ async fn pull(
     timeouts: Timeouts,
 ) -> Result<usize, String> {
     let me = state.disagg.identity();
+    if prompt.len() < state.config.disagg.min_transfer_tokens {
+        return Ok(0);
+    }
     // The last prompt token is computed here for its logits, and with it its block.
     let blocks = prompt.len().saturating_sub(1) / me.block_size;
     if blocks == 0 {
