@@ -41,7 +41,6 @@ fn main() -> anyhow::Result<()> {
     )?;
     let identity = Identity {
         plan: engine.plan().identity(),
-        weights: String::new(),
         block_size,
         block_bytes: engine.kv_pool().bytes_per_block(),
     };
@@ -91,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     let nothing = CachedPrefix {
         blocks: 0,
         weights_generation: 0,
+        weights: String::new(),
     };
     let mut best = Duration::MAX;
     for _ in 0..repeats {
@@ -99,7 +99,7 @@ fn main() -> anyhow::Result<()> {
             &addr,
             &identity,
             prompt.clone(),
-            nothing,
+            nothing.clone(),
             Timeouts::default(),
         ))?;
         anyhow::ensure!(

@@ -108,6 +108,8 @@ struct View {
     kv_address: Option<String>,
     can_prefill: bool,
     can_decode: bool,
+    /// The prefill instances' transfer addresses it takes blocks from (`--kv-source`).
+    kv_sources: Vec<String>,
     /// Its scheduler's running and waiting requests.
     queue: u64,
 }
@@ -222,6 +224,24 @@ impl Router {
             }
             plans.push((address.clone(), d.plan, d.block_size));
             instances.push(instance);
+        }
+        // Every decode instance must take blocks from every prefill instance, by the address
+        // the router will name (the prefill instance's host as given here, its transfer port).
+        for p in instances.iter().filter(|i| i.serves(Part::Prefill)) {
+            let Some(kv) = p.view().kv_address else {
+                continue;
+            };
+            for d in instances.iter().filter(|i| i.view().role == "decode") {
+                let sources = d.view().kv_sources;
+                if !sources.contains(&kv) {
+                    return Err(RouterError::Mismatch(format!(
+                        "decode instance {} does not take KV blocks from {kv}, the prefill instance {} (its --kv-source list: {}); give it --kv-source {kv}, or name the prefill instance by the host its --kv-source uses",
+                        d.address,
+                        p.address,
+                        if sources.is_empty() { "empty".to_string() } else { sources.join(", ") }
+                    )));
+                }
+            }
         }
         let (_, plan, block_size) = plans[0].clone();
         if let Some((address, other_plan, other_block)) = plans
@@ -489,11 +509,37 @@ async fn describe(address: &str, key: Option<&str>, wait: Duration) -> Result<De
             switching: !v["switching_to"].is_null(),
             can_prefill: v["can_prefill"].as_bool().unwrap_or(false),
             can_decode: v["can_decode"].as_bool().unwrap_or(false),
+            kv_sources: v["kv_sources"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
             queue: v["running"].as_u64().unwrap_or(0) + v["waiting"].as_u64().unwrap_or(0),
         },
         plan: v["plan"].as_str().unwrap_or_default().to_string(),
         block_size: v["block_size"].as_u64().unwrap_or_default(),
     })
+}
+
+/// Why a call to an instance gave no response head.
+#[derive(Debug)]
+enum CallError {
+    /// It did not answer in time (it may still be working).
+    Timeout(Duration),
+    /// No connection, or it broke before the head.
+    Failed(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Timeout(waited) => write!(f, "no answer within {waited:?}"),
+            CallError::Failed(why) => f.write_str(why),
+        }
+    }
 }
 
 /// One HTTP/1 request to an instance; the response's status, headers and body.
@@ -505,7 +551,7 @@ async fn call(
     headers: HeaderMap,
     body: Bytes,
     wait: Duration,
-) -> Result<(u16, HeaderMap, hyper::body::Incoming), String> {
+) -> Result<(u16, HeaderMap, hyper::body::Incoming), CallError> {
     let send = async {
         let stream = tokio::net::TcpStream::connect(address)
             .await
@@ -534,7 +580,8 @@ async fn call(
     };
     tokio::time::timeout(wait, send)
         .await
-        .map_err(|_| format!("no answer within {wait:?}"))?
+        .map_err(|_| CallError::Timeout(wait))?
+        .map_err(CallError::Failed)
 }
 
 async fn collect(body: hyper::body::Incoming, wait: Duration) -> Result<Vec<u8>, String> {
@@ -582,13 +629,14 @@ fn order(instances: &[Arc<Instance>], key: &[u8]) -> Vec<Arc<Instance>> {
         h.update(key);
         u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or([0; 8]))
     };
-    healthy.sort_by_key(|i| i.outstanding.load(Ordering::SeqCst));
-    let least = healthy
-        .first()
-        .map_or(0, |i| i.outstanding.load(Ordering::SeqCst));
+    // Load: what the router has in flight there, plus the queue it last reported (work from
+    // elsewhere, and a prefill instance's transfers, which the router does not see).
+    let load = |i: &Instance| i.outstanding.load(Ordering::SeqCst) + i.view().queue as usize;
+    healthy.sort_by_key(|i| load(i));
+    let least = healthy.first().map_or(0, |i| load(i));
     if let Some(preferred) = healthy
         .iter()
-        .filter(|i| i.outstanding.load(Ordering::SeqCst) <= least + LOAD_SLACK)
+        .filter(|i| load(i) <= least + LOAD_SLACK)
         .max_by_key(|i| weight(i))
         .cloned()
     {
@@ -624,23 +672,31 @@ async fn forward(State(router): State<Arc<Router>>, request: Request) -> Respons
             headers.insert(name, value.clone());
         }
     }
-    if parts.method == Method::POST {
-        if let Some(kv) = order(&router.serving(Part::Prefill), &key)
-            .first()
-            .and_then(|p| p.view().kv_address)
-        {
-            if let Ok(value) = HeaderValue::from_str(&kv) {
-                headers.insert(KV_SOURCE_HEADER, value);
-            }
-        }
-    }
+    // The prefill instance for the prompt's blocks, held against its load while the request
+    // runs (its transfer happens before the decode instance's answer begins).
+    let prefill = (parts.method == Method::POST)
+        .then(|| {
+            order(&router.serving(Part::Prefill), &key)
+                .into_iter()
+                .next()
+        })
+        .flatten();
+    let _prefill_held = prefill.as_ref().map(Outstanding::new);
+    let kv_source = prefill.as_ref().and_then(|p| p.view().kv_address);
     let wait = router.config.upstream_timeout;
     let mut last_error = "no decode instance is healthy".to_string();
     for decode in order(&router.serving(Part::Decode), &key) {
         let held = Outstanding::new(&decode);
         let mut headers = headers.clone();
-        if decode.view().role != "decode" {
-            headers.remove(KV_SOURCE_HEADER);
+        let view = decode.view();
+        // Only a decode instance takes blocks, and only from a source it was given: another
+        // computes the prompt itself.
+        if let Some(kv) = &kv_source {
+            if view.role == "decode" && view.kv_sources.contains(kv) {
+                if let Ok(value) = HeaderValue::from_str(kv) {
+                    headers.insert(KV_SOURCE_HEADER, value);
+                }
+            }
         }
         let answer = call(
             &decode.address,
@@ -654,7 +710,19 @@ async fn forward(State(router): State<Arc<Router>>, request: Request) -> Respons
         .await;
         let (status, response_headers, upstream) = match answer {
             Ok(answer) => answer,
-            Err(e) => {
+            // Slow is not dead: a long prompt's transfer and prefill come before the answer's
+            // head. No retry (the request may still be running there) and no verdict.
+            Err(CallError::Timeout(waited)) => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "decode instance {} did not answer within {waited:?} (--upstream-timeout)",
+                        decode.address
+                    ),
+                )
+            }
+            Err(CallError::Failed(e)) => {
                 last_error = format!("decode instance {}: {e}", decode.address);
                 fail(&decode, &last_error);
                 continue;
@@ -686,6 +754,16 @@ async fn forward(State(router): State<Arc<Router>>, request: Request) -> Respons
                     )
                 });
             }
+            Err(e) if e.starts_with("the body did not arrive") => {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!(
+                        "decode instance {}: {e} (--upstream-timeout)",
+                        decode.address
+                    ),
+                )
+            }
             Err(e) => {
                 last_error = format!("decode instance {} failed mid-answer: {e}", decode.address);
                 fail(&decode, &last_error);
@@ -713,40 +791,41 @@ fn streamed(
     held: Outstanding,
     instance: Arc<Instance>,
 ) -> Body {
-    let pieces = futures_util::stream::unfold((Some(upstream), held), move |(upstream, held)| {
+    // Whether the last bytes forwarded ended an event: an error event must not be glued onto
+    // half of one.
+    let state = (Some(upstream), held, true);
+    let pieces = futures_util::stream::unfold(state, move |(upstream, held, at_boundary)| {
         let instance = instance.clone();
         async move {
             let mut body = upstream?;
-            loop {
+            let why = loop {
                 match tokio::time::timeout(wait, body.frame()).await {
                     Ok(Some(Ok(frame))) => {
                         if let Ok(data) = frame.into_data() {
-                            return Some((Ok::<Bytes, std::io::Error>(data), (Some(body), held)));
+                            let boundary = data.ends_with(b"\n\n");
+                            let next = (Some(body), held, boundary);
+                            return Some((Ok::<Bytes, std::io::Error>(data), next));
                         }
                     }
                     Ok(None) => return None,
-                    Ok(Some(Err(e))) => {
-                        fail(&instance, &e.to_string());
-                        return Some((
-                            Ok(stream_error(&instance.address, &e.to_string())),
-                            (None, held),
-                        ));
-                    }
-                    Err(_) => {
-                        let why = format!("no output for {wait:?}");
-                        fail(&instance, &why);
-                        return Some((Ok(stream_error(&instance.address, &why)), (None, held)));
-                    }
+                    Ok(Some(Err(e))) => break e.to_string(),
+                    Err(_) => break format!("no output for {wait:?}"),
                 }
-            }
+            };
+            fail(&instance, &why);
+            let event = stream_error(&instance.address, &why, at_boundary);
+            Some((Ok(event), (None, held, true)))
         }
     });
     Body::from_stream(pieces.boxed())
 }
 
-fn stream_error(address: &str, why: &str) -> Bytes {
+/// The last event of a stream whose decode instance failed (after a blank line, to end a
+/// half-forwarded event first, unless `at_boundary`).
+fn stream_error(address: &str, why: &str, at_boundary: bool) -> Bytes {
     let event = json!({"error": {"message": format!("the decode instance {address} failed during the stream: {why}"), "type": "api_error", "param": null, "code": null}});
-    Bytes::from(format!("data: {event}\n\ndata: [DONE]\n\n"))
+    let end = if at_boundary { "" } else { "\n\n" };
+    Bytes::from(format!("{end}data: {event}\n\ndata: [DONE]\n\n"))
 }
 
 async fn health(State(router): State<Arc<Router>>) -> Response {

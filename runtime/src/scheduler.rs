@@ -118,13 +118,16 @@ pub enum SubmitError {
 }
 
 /// What [`Scheduler::cached_blocks`] finds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CachedPrefix {
     /// Leading full blocks held.
     pub blocks: usize,
     /// Live weight updates so far: blocks seated with [`Scheduler::write_cached_blocks`] must
     /// have been asked for under the same weights (see [`KvPrefix::weights_generation`]).
     pub weights_generation: u64,
+    /// The weight snapshot in service (empty for the plan's own weights), read at the same
+    /// moment: what a KV transfer names.
+    pub weights: String,
 }
 
 /// A snapshot of the scheduler's state, for metrics and tests.
@@ -189,7 +192,7 @@ enum Command {
     /// Fail whatever is left and stop the engine thread.
     Abort,
     /// Put these weights in service at the next step boundary (see `weights_update`).
-    SwapWeights(Box<WeightStore>, SwitchReply),
+    SwapWeights(Box<(WeightStore, String)>, SwitchReply),
     /// How many leading full blocks of these tokens the prefix cache holds, and the weights'
     /// generation.
     CachedBlocks(Vec<u32>, tokio::sync::oneshot::Sender<CachedPrefix>),
@@ -202,7 +205,8 @@ enum Command {
     ),
 }
 
-type BlocksReply = tokio::sync::oneshot::Sender<Result<Vec<Vec<u8>>, String>>;
+/// The blocks' bytes and the weights generation they were read under.
+type BlocksReply = tokio::sync::oneshot::Sender<Result<(Vec<Vec<u8>>, u64), String>>;
 
 struct Request {
     prompt: Vec<u32>,
@@ -289,6 +293,7 @@ impl Scheduler {
             prefix_queried_tokens: 0,
             prefix_hit_tokens: 0,
             weight_generation: 0,
+            weights_name: String::new(),
             speculative: SpeculativeStats::default(),
             mtp_failed: false,
             draft: draft.map(|engine| {
@@ -414,15 +419,20 @@ impl Scheduler {
             .clone()
     }
 
-    /// Hands `weights` to the engine thread, which puts them in service at the next step
-    /// boundary; the receiver completes once they serve. Errs when the engine thread is gone.
+    /// Hands `weights` (weight snapshot `snapshot_id`) to the engine thread, which puts them in
+    /// service at the next step boundary; the receiver completes once they serve. Errs when the
+    /// engine thread is gone.
     pub fn swap_weights(
         &self,
         weights: WeightStore,
+        snapshot_id: String,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), RuntimeError>>, SubmitError> {
         let (switched, on_switch) = tokio::sync::oneshot::channel();
         self.commands
-            .send(Command::SwapWeights(Box::new(weights), switched))
+            .send(Command::SwapWeights(
+                Box::new((weights, snapshot_id)),
+                switched,
+            ))
             .map_err(|_| SubmitError::ShuttingDown)?;
         Ok(on_switch)
     }
@@ -438,12 +448,12 @@ impl Scheduler {
 
     /// The KV bytes of `tokens`' leading full blocks from block `skip` on, as far as this
     /// instance's prefix cache holds them (a prefill instance sends these; run the tokens as a
-    /// request first).
+    /// request first), and the weights generation they were computed under.
     pub async fn read_cached_blocks(
         &self,
         tokens: Vec<u32>,
         skip: usize,
-    ) -> Result<Vec<Vec<u8>>, String> {
+    ) -> Result<(Vec<Vec<u8>>, u64), String> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.commands
             .send(Command::ReadCached(tokens, skip, reply))
@@ -636,6 +646,8 @@ struct Worker {
     prefix_hit_tokens: u64,
     /// Live weight updates so far: part of the prefix cache's salt.
     weight_generation: u64,
+    /// The snapshot id of the weights in service, empty for the plan's own.
+    weights_name: String,
     speculative: SpeculativeStats,
     /// The draft model of the `draft` speculative method.
     draft: Option<DraftModel>,
@@ -709,7 +721,8 @@ impl Worker {
             }
             self.mark_received(received);
             for (weights, switched) in swaps {
-                self.swap_weights(*weights, switched);
+                let (weights, snapshot_id) = *weights;
+                self.swap_weights(weights, snapshot_id, switched);
             }
             for job in cache_jobs {
                 match job {
@@ -717,10 +730,12 @@ impl Worker {
                         let _ = reply.send(CachedPrefix {
                             blocks: self.blocks.cached_blocks(&tokens),
                             weights_generation: self.weight_generation,
+                            weights: self.weights_name.clone(),
                         });
                     }
                     Command::ReadCached(tokens, skip, reply) => {
-                        let _ = reply.send(self.read_cached(&tokens, skip));
+                        let blocks = self.read_cached(&tokens, skip);
+                        let _ = reply.send(blocks.map(|b| (b, self.weight_generation)));
                     }
                     Command::WriteCached(prefix, reply) => {
                         let _ = reply.send(self.write_cached(*prefix));
@@ -830,10 +845,11 @@ impl Worker {
 
     /// A live weight update, between two steps: no pass mixes old and new weights, and running
     /// sequences go on with the new ones. The old weights are unmapped here.
-    fn swap_weights(&mut self, weights: WeightStore, switched: SwitchReply) {
+    fn swap_weights(&mut self, weights: WeightStore, snapshot_id: String, switched: SwitchReply) {
         match self.engine.replace_weights(weights) {
             Ok(old) => {
                 drop(old);
+                self.weights_name = snapshot_id;
                 self.invalidate_prefix_cache();
                 let _ = switched.send(Ok(()));
             }

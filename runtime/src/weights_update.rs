@@ -78,7 +78,7 @@ pub async fn update_weights(
     let parts = store.file_count();
     let loaded = start.elapsed();
     let switched = scheduler
-        .swap_weights(store)
+        .swap_weights(store, request.snapshot_id.clone())
         .map_err(|_| UpdateError::EngineStopped)?;
     switched.await.map_err(|_| UpdateError::EngineStopped)??;
     Ok(UpdateWeightsReport {

@@ -19,10 +19,13 @@ use std::time::Duration;
 const BLOCK: usize = 16;
 
 /// A decode instance that holds none of the prefix, before any weight update.
-const NOTHING_HELD: CachedPrefix = CachedPrefix {
-    blocks: 0,
-    weights_generation: 0,
-};
+fn nothing_held() -> CachedPrefix {
+    CachedPrefix {
+        blocks: 0,
+        weights_generation: 0,
+        weights: String::new(),
+    }
+}
 
 /// A scheduler over the tiny llama with blocks of `block_size`, and what a transfer peer must
 /// share with it.
@@ -30,10 +33,14 @@ fn instance(block_size: usize) -> (Scheduler, Identity) {
     let engine = tiny_llama_engine(block_size);
     let identity = Identity {
         plan: engine.plan().identity(),
-        weights: String::new(),
         block_size,
         block_bytes: engine.kv_pool().bytes_per_block(),
     };
+    // What `fdrt serve` announces (from the manifest) is what the pool reads and writes.
+    assert_eq!(
+        engine.plan().manifest.kv.bytes_per_token as usize * block_size,
+        identity.block_bytes
+    );
     let config = SchedulerConfig {
         max_num_seqs: 4,
         max_waiting: 16,
@@ -125,7 +132,7 @@ fn a_decode_instance_continues_from_blocks_a_prefill_instance_computed() {
                     &addr,
                     &d_identity,
                     prefix,
-                    held,
+                    held.clone(),
                     Timeouts::default(),
                 ))
                 .expect("fetch");
@@ -170,7 +177,7 @@ fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
             &addr,
             who,
             tokens.to_vec(),
-            NOTHING_HELD,
+            nothing_held(),
             Timeouts::default(),
         ))
     };
@@ -188,9 +195,19 @@ fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
         matches!(&err, TransferError::Mismatch(m) if m.contains("plan")),
         "{err}"
     );
-    let mut other = identity.clone();
-    other.weights = "step-9".into();
-    let err = fetch(&other, &tokens).expect_err("other weights");
+    let other_weights = CachedPrefix {
+        weights: "step-9".into(),
+        ..nothing_held()
+    };
+    let err = rt
+        .block_on(transfer::fetch_prefix(
+            &addr,
+            &identity,
+            tokens.clone(),
+            other_weights,
+            Timeouts::default(),
+        ))
+        .expect_err("other weights");
     assert!(
         matches!(&err, TransferError::Mismatch(m) if m.contains("weight snapshot step-9")),
         "{err}"
@@ -225,7 +242,7 @@ fn fake_prefill_instance(
     let hello = Message::Control(Control::Hello {
         version: runtime::disagg::wire::PROTOCOL_VERSION,
         plan: runtime::disagg::wire::plan_hex(&identity.plan),
-        weights: identity.weights.clone(),
+        weights: String::new(),
         block_size: identity.block_size as u32,
         block_bytes: identity.block_bytes as u64,
     });
@@ -261,7 +278,7 @@ fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
             addr,
             &identity,
             tokens.clone(),
-            NOTHING_HELD,
+            nothing_held(),
             Timeouts { io, prefill: io },
         ))
     };
@@ -324,4 +341,28 @@ fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
         fetch(&closed, Duration::from_secs(5)),
         Err(TransferError::Connect { .. })
     ));
+}
+
+#[test]
+fn blocks_asked_for_before_a_weight_update_are_not_seated_after_it() {
+    let rt = runtime();
+    let (_p, identity, addr) = prefill_instance(&rt);
+    let (d, _) = instance(BLOCK);
+    let tokens = prompt(8, 3 * BLOCK);
+    let mut fetched = rt
+        .block_on(transfer::fetch_prefix(
+            &addr,
+            &identity,
+            tokens.clone(),
+            nothing_held(),
+            Timeouts::default(),
+        ))
+        .expect("fetch");
+    assert_eq!(fetched.blocks.len(), 3);
+    // As if the decode instance's weights had changed while the blocks travelled.
+    fetched.weights_generation += 1;
+    let seated = rt.block_on(d.write_cached_blocks(fetched)).expect("seat");
+    assert_eq!(seated, 0, "blocks of other weights are not seated");
+    let held = rt.block_on(d.cached_blocks(tokens)).expect("cached");
+    assert_eq!(held.blocks, 0);
 }

@@ -304,18 +304,25 @@ fn two_of_each_give_a_mixed_instances_answers() {
         assert_eq!(status, 200, "request {i}: {last}");
         assert_eq!(got, want, "request {i}");
     }
-    let mut requests = 0.0;
+    let (mut requests, mut moved) = (0.0, 0.0);
+    let r = c.block_on(metrics(&c.client, &c.router));
     for d in &c.decode {
-        let r = c.block_on(metrics(&c.client, &c.router));
-        requests += metric(
-            &r,
-            &format!(
-                "fdrt_router:instance_requests_total{{role=\"decode\",address=\"{}\"}}",
-                d.http
-            ),
+        let row = format!(
+            "fdrt_router:instance_requests_total{{role=\"decode\",address=\"{}\"}}",
+            d.http
         );
+        requests += metric(&r, &row);
+        let m = c.block_on(metrics(&c.client, &d.http));
+        moved += metric(&m, "fdrt:kv_transfer_received_blocks_total");
+        assert_eq!(metric(&m, "fdrt:kv_transfer_failures_total"), 0.0);
     }
     assert_eq!(requests, 8.0);
+    // Prompts of 20 + 11 i tokens: (len - 1) / 16 full blocks each moved.
+    let want: usize = (0..8).map(|i| (20 + 11 * i - 1) / BLOCK).sum();
+    assert_eq!(
+        moved, want as f64,
+        "every prompt's blocks came from a prefill instance"
+    );
 }
 
 #[test]
@@ -731,4 +738,27 @@ fn instances_killed_during_a_transfer_lose_no_request() {
     for task in busy {
         task.abort();
     }
+}
+
+#[test]
+fn the_router_refuses_a_decode_instance_that_would_not_take_the_prefill_instances_blocks() {
+    let p = Instance::start(Role::Prefill, vec![]);
+    // Its only source is some other address.
+    let d = Instance::start(Role::Decode, vec!["127.0.0.1:9".into()]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let config = RouterConfig {
+        prefill: vec![p.http.clone()],
+        decode: vec![d.http.clone()],
+        startup_timeout: Duration::from_secs(10),
+        ..RouterConfig::default()
+    };
+    let Err(err) = rt.block_on(Router::connect(config)) else {
+        panic!("the router started");
+    };
+    let message = err.to_string();
+    let kv = p.kv.clone().expect("p's port");
+    assert!(
+        message.contains(&d.http) && message.contains(&format!("--kv-source {kv}")),
+        "{message}"
+    );
 }

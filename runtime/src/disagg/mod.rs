@@ -57,11 +57,11 @@ pub struct RoleStatus {
     pub pending: Option<Role>,
 }
 
-/// What an instance's HTTP side and its transfer server share: who it is (plan, weights in
-/// service, block size), its role, and the transfers' counters.
+/// What an instance's HTTP side and its transfer server share: who it is (plan, block size),
+/// its role, and the transfers' counters.
 #[derive(Debug)]
 pub struct InstanceState {
-    identity: Mutex<Identity>,
+    identity: Identity,
     role: Mutex<RoleStatus>,
     active_transfers: AtomicUsize,
     role_switches: AtomicU64,
@@ -71,7 +71,7 @@ pub struct InstanceState {
 impl InstanceState {
     pub fn new(identity: Identity, role: Role) -> InstanceState {
         InstanceState {
-            identity: Mutex::new(identity),
+            identity,
             role: Mutex::new(RoleStatus {
                 current: role,
                 pending: None,
@@ -83,18 +83,7 @@ impl InstanceState {
     }
 
     pub fn identity(&self) -> Identity {
-        self.identity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// After a live weight update: transfers from now on name `snapshot_id`.
-    pub fn set_weights(&self, snapshot_id: &str) {
-        self.identity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .weights = snapshot_id.to_string();
+        self.identity.clone()
     }
 
     pub fn role(&self) -> RoleStatus {

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
-/// What the two ends must share: the same plan and weights, KV blocks of the same size.
+/// What the two ends must share besides the weights in service (which the scheduler reports,
+/// [`CachedPrefix::weights`]): the same plan, KV blocks of the same size.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Identity {
     pub plan: [u8; 32],
-    /// The weight snapshot in service (live weight updates), empty for the plan's own.
-    pub weights: String,
     pub block_size: usize,
     /// Bytes of one block, all layers.
     pub block_bytes: usize,
@@ -94,17 +93,17 @@ async fn receive(conn: &mut Connection, wait: Duration) -> Result<Message, Trans
     }
 }
 
-fn hello(me: &Identity) -> Message {
+fn hello(me: &Identity, weights: &str) -> Message {
     Message::Control(Control::Hello {
         version: PROTOCOL_VERSION,
         plan: plan_hex(&me.plan),
-        weights: me.weights.clone(),
+        weights: weights.to_string(),
         block_size: me.block_size as u32,
         block_bytes: me.block_bytes as u64,
     })
 }
 
-fn check_hello(me: &Identity, message: Message) -> Result<(), TransferError> {
+fn check_hello(me: &Identity, my_weights: &str, message: Message) -> Result<(), TransferError> {
     match message {
         Message::Control(Control::Hello {
             version,
@@ -124,11 +123,11 @@ fn check_hello(me: &Identity, message: Message) -> Result<(), TransferError> {
                 ))
             } else if plan != mine {
                 Err(format!("plan {plan} against this instance's {mine}"))
-            } else if weights != me.weights {
+            } else if weights != my_weights {
                 Err(format!(
                     "{} against this instance's {}",
                     name(&weights),
-                    name(&me.weights)
+                    name(my_weights)
                 ))
             } else if block_size as usize != me.block_size {
                 Err(format!(
@@ -180,8 +179,10 @@ pub async fn fetch_prefix(
             source,
         })?;
     let mut conn = connection(stream);
-    send(&mut conn, &hello(me), timeouts.io).await?;
-    check_hello(me, receive(&mut conn, timeouts.io).await?)?;
+    // The weights the blocks must have been computed with: those of this instance's cache
+    // when it counted its blocks (the seating checks their generation again).
+    send(&mut conn, &hello(me, &held.weights), timeouts.io).await?;
+    check_hello(me, &held.weights, receive(&mut conn, timeouts.io).await?)?;
     let total = tokens.len() / me.block_size.max(1);
     let request = Control::Prefill {
         tokens: tokens.clone(),
@@ -230,7 +231,12 @@ pub async fn serve(
     instance: Arc<InstanceState>,
     timeouts: Timeouts,
 ) {
+    // Beyond this many at once, connections wait in the listen backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return; // closed: never, the semaphore is ours
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -242,6 +248,7 @@ pub async fn serve(
         };
         let (scheduler, instance) = (scheduler.clone(), instance.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let _active = instance.transfer_started();
             let start = Instant::now();
             match answer(stream, &scheduler, &instance, timeouts).await {
@@ -271,9 +278,16 @@ async fn answer(
 ) -> Result<usize, TransferError> {
     let me = &instance.identity();
     let mut conn = connection(stream);
-    send(&mut conn, &hello(me), timeouts.io).await?;
+    // A decode instance needs only small messages: a large frame is refused before it is read.
+    conn.codec_mut().set_max_frame_length(MAX_REQUEST_BYTES);
+    // The weights in service now: the blocks sent must be of these (checked at every read).
+    let weights = scheduler
+        .cached_blocks(vec![])
+        .await
+        .map_err(|e| TransferError::Peer(e.to_string()))?;
+    send(&mut conn, &hello(me, &weights.weights), timeouts.io).await?;
     let refuse = |message: String| Message::Control(Control::Error { message });
-    if let Err(e) = check_hello(me, receive(&mut conn, timeouts.io).await?) {
+    if let Err(e) = check_hello(me, &weights.weights, receive(&mut conn, timeouts.io).await?) {
         let _ = send(&mut conn, &refuse(e.to_string()), timeouts.io).await;
         return Err(e);
     }
@@ -301,7 +315,11 @@ async fn answer(
     }
     let mut sent = skip;
     let total = tokens.len() / me.block_size;
-    let streamed = stream_blocks(&mut conn, scheduler, &tokens, total, &mut sent, timeouts);
+    conn.codec_mut().set_max_frame_length(MAX_FRAME_BYTES);
+    let generation = weights.weights_generation;
+    let streamed = stream_blocks(
+        &mut conn, scheduler, &tokens, total, generation, &mut sent, timeouts,
+    );
     match tokio::time::timeout(timeouts.prefill, streamed).await {
         Ok(Ok(())) => {}
         Ok(Err(Failure::Refused(message))) => {
@@ -336,9 +354,12 @@ async fn stream_blocks(
     scheduler: &Scheduler,
     tokens: &[u32],
     total_blocks: usize,
+    generation: u64,
     sent: &mut usize,
     timeouts: Timeouts,
 ) -> Result<(), Failure> {
+    let changed =
+        || Failure::Refused("the prefill instance's weights changed during the transfer".into());
     let params = RequestParams {
         max_tokens: 1,
         sampling: SamplingParams::greedy(),
@@ -356,13 +377,18 @@ async fn stream_blocks(
         let cached = scheduler
             .cached_blocks(tokens.to_vec())
             .await
-            .map_err(|e| Failure::Refused(e.to_string()))?
-            .blocks;
-        if cached > *sent {
-            let blocks = scheduler
+            .map_err(|e| Failure::Refused(e.to_string()))?;
+        if cached.weights_generation != generation {
+            return Err(changed());
+        }
+        if cached.blocks > *sent {
+            let (blocks, read_under) = scheduler
                 .read_cached_blocks(tokens.to_vec(), *sent)
                 .await
                 .map_err(Failure::Refused)?;
+            if read_under != generation {
+                return Err(changed());
+            }
             for bytes in blocks {
                 let index = *sent as u32;
                 send(conn, &Message::Block { index, bytes }, timeouts.io)
@@ -384,18 +410,33 @@ async fn stream_blocks(
                     .map_err(|e| Failure::Refused(e.to_string()))?,
             ),
         };
-        match tokio::time::timeout(PROGRESS_POLL, stream.next()).await {
-            Err(_) | Ok(Some(Event::Token(_))) => {}
-            Ok(Some(Event::Done { .. })) => finished = true,
-            Ok(Some(Event::Failed(message))) => return Err(Failure::Refused(message)),
-            Ok(None) => {
-                return Err(Failure::Refused(
-                    "the prefill ended without finishing".into(),
-                ))
+        tokio::select! {
+            progress = tokio::time::timeout(PROGRESS_POLL, stream.next()) => match progress {
+                Err(_) | Ok(Some(Event::Token(_))) => {}
+                Ok(Some(Event::Done { .. })) => finished = true,
+                Ok(Some(Event::Failed(message))) => return Err(Failure::Refused(message)),
+                Ok(None) => {
+                    return Err(Failure::Refused(
+                        "the prefill ended without finishing".into(),
+                    ))
+                }
+            },
+            // A decode instance sends nothing after its request: anything now is its hang-up,
+            // and the prefill (dropped with `request`) stops rather than computing for nobody.
+            _ = conn.next() => {
+                return Err(Failure::Transfer(TransferError::Protocol(
+                    "the decode instance hung up before the transfer ended".into(),
+                )))
             }
         }
     }
 }
+
+/// Transfers a prefill instance serves at once.
+const MAX_TRANSFERS: usize = 64;
+
+/// The largest message a prefill instance reads: a prefill request of about a million tokens.
+const MAX_REQUEST_BYTES: usize = 16 << 20;
 
 /// How often a prefill instance looks for newly computed blocks while nothing else happens
 /// (a request waiting in its queue, say).

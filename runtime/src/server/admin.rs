@@ -69,8 +69,6 @@ async fn update_weights(
     );
     match weights_update::update_weights(&state.scheduler, state.manifest.clone(), request).await {
         Ok(report) => {
-            // KV transfers now name these weights: peers still on others are refused.
-            state.disagg.set_weights(&report.snapshot_id);
             tracing::info!(
                 snapshot_id = %report.snapshot_id,
                 parts = report.parts,

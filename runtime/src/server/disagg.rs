@@ -62,11 +62,11 @@ pub(crate) async fn describe(State(state): State<Arc<AppState>>) -> Response {
         "role": role_name(role.current),
         "switching_to": role.pending.map(role_name),
         "plan": plan_hex(&identity.plan),
-        "weights": identity.weights,
         "block_size": identity.block_size,
         "kv_transfer_port": d.kv_transfer_port,
         "can_prefill": d.kv_transfer_port.is_some(),
         "can_decode": !d.kv_sources.is_empty(),
+        "kv_sources": d.kv_sources,
         "running": stats.running,
         "waiting": stats.waiting,
     }))
@@ -225,7 +225,6 @@ async fn pull(
 pub(crate) fn identity(plan: &crate::plan::LoadedPlan, block_size: usize) -> Identity {
     Identity {
         plan: plan.identity(),
-        weights: String::new(),
         block_size,
         block_bytes: plan.manifest.kv.bytes_per_token as usize * block_size,
     }

@@ -81,14 +81,27 @@ struct ChoiceConfig {
     every_token: bool,
 }
 
-/// Checks `prompts` against the vocabulary and the context, then submits `spec.n` choices per
-/// prompt (choice `p * n + j` is the `j`-th of prompt `p`). On any refusal, the choices already
-/// submitted are cancelled and the error is returned.
-pub fn start(
+/// A request checked and counted as in flight, not submitted yet ([`prepare`], then
+/// [`start`]; a decode instance takes the prompts' KV blocks in between).
+pub struct Prepared {
+    in_flight: InFlight,
+    prompts: Vec<Vec<u32>>,
+    submissions: Vec<(Vec<u32>, RequestParams)>,
+}
+
+impl Prepared {
+    pub fn prompts(&self) -> &[Vec<u32>] {
+        &self.prompts
+    }
+}
+
+/// Checks `prompts` against the vocabulary and the context, and counts the request as in
+/// flight (a drain waits for it from here on).
+pub fn prepare(
     state: &Arc<AppState>,
     prompts: Vec<Vec<u32>>,
     spec: &Spec,
-) -> Result<Running, ApiError> {
+) -> Result<Prepared, ApiError> {
     let in_flight = InFlight::new(state);
     let mut submissions = vec![];
     for (p, prompt) in prompts.iter().enumerate() {
@@ -151,6 +164,21 @@ pub fn start(
             submissions.push((prompt.clone(), params));
         }
     }
+    Ok(Prepared {
+        in_flight,
+        prompts,
+        submissions,
+    })
+}
+
+/// Submits `spec.n` choices per prompt (choice `p * n + j` is the `j`-th of prompt `p`). On any
+/// refusal, the choices already submitted are cancelled and the error is returned.
+pub fn start(state: &Arc<AppState>, prepared: Prepared, spec: &Spec) -> Result<Running, ApiError> {
+    let Prepared {
+        in_flight,
+        prompts,
+        submissions,
+    } = prepared;
     let mut stop_token_ids = spec.stop_token_ids.clone();
     if !spec.ignore_eos {
         stop_token_ids.extend(&state.eos_token_ids);

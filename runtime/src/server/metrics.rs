@@ -456,7 +456,6 @@ mod tests {
         let instance = InstanceState::new(
             crate::disagg::transfer::Identity {
                 plan: [0; 32],
-                weights: String::new(),
                 block_size: 16,
                 block_bytes: 64,
             },

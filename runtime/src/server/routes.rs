@@ -266,9 +266,9 @@ async fn chat_completions(
     let ids = tokenizer
         .encode_raw(&text)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
-    let prompts = vec![ids];
-    super::disagg::pull_prompt_blocks(&state, &headers, &prompts).await?;
-    let running = generation::start(&state, prompts, &spec)?;
+    let prepared = generation::prepare(&state, vec![ids], &spec)?;
+    super::disagg::pull_prompt_blocks(&state, &headers, prepared.prompts()).await?;
+    let running = generation::start(&state, prepared, &spec)?;
     respond(&state, running, Api::Chat, spec).await
 }
 
@@ -311,8 +311,9 @@ async fn completions(
             }
         });
     }
-    super::disagg::pull_prompt_blocks(&state, &headers, &ids).await?;
-    let running = generation::start(&state, ids, &spec)?;
+    let prepared = generation::prepare(&state, ids, &spec)?;
+    super::disagg::pull_prompt_blocks(&state, &headers, prepared.prompts()).await?;
+    let running = generation::start(&state, prepared, &spec)?;
     respond(&state, running, Api::Completion, spec).await
 }
 
