@@ -42,6 +42,17 @@
 //   nobar  diagnostic: the persistent kernel with no barriers at all (results wrong, unchecked):
 //       the time of the same streaming with no dependency between matmuls.
 //   R   diagnostic: one kernel that only reads the 3.6 GB of codes and scales (XOR), the floor.
+//   F   the module's single-token loop (same loads, sums and reduction, so the same bits)
+//       software-pipelined across panels (`q4_pipe`): a block takes P consecutive panels and
+//       walks them as one stream of stages of SU sub-iterations (a sub-iteration: a lane's 2
+//       pieces of 16 bytes and the group's 8 scales), with a ring of DEPTH stages in registers:
+//       stage t + DEPTH - 1 (possibly of the next panel) is requested before stage t's
+//       arithmetic. One reduction and one __syncthreads per panel. Grid ceil(N / 8 / P).
+//   G   the same loop with a grid-stride walk over panels, grid = SMs x blocks per SM (the
+//       occupancy API), at most one block per panel.
+//       F and G are launched like A (128 launches with PDL in a graph; their first DEPTH stages
+//       are requested before griddepcontrol.wait), and also timed shape by shape (each shape's
+//       32 instances in a graph without PDL, so every launch reads its weights from DRAM).
 //
 // Reported per variant: ms per layer (chain / 32), GB read (codes + scales; activations are
 // ~5 MB and not counted), TB/s, % of the device-to-device copy bandwidth measured in the same
@@ -51,14 +62,15 @@
 //
 // Results of the first run (H100, 2026-12-07) and their reading: RESULTS.md beside this file. That
 // run used a register id in `named_bar`, which cost the persistent kernels occupancy (4 CTAs/SM);
-// the ids are immediates now (not yet re-measured).
+// the ids are immediates now (re-measured at 01:04 the same day: same reading).
 //
 // How to run (on the GPU machine, from the repository root):
-//   bash kernels/cuda/experiments/run_decode_chain.sh
+//   bash kernels/cuda/experiments/run_decode_chain.sh [replays] [persistent]
+// (B to E and nobar only with "persistent"; A, A0, F, G and R always)
 // which does
 //   nvcc -O3 -arch=sm_90a -std=c++17 -lineinfo --resource-usage \
 //        -o /tmp/decode_chain_bench kernels/cuda/experiments/decode_chain_bench.cu
-//   /tmp/decode_chain_bench
+//   /tmp/decode_chain_bench [replays] [persistent]
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
@@ -397,6 +409,164 @@ __global__ void __launch_bounds__(128 * SUB, MINB) chain_persistent(ChainParams 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// F and G: the module's single-token 4-bit loop, software-pipelined across panels.
+//
+// qmatmul<4, false, 4, 1, true> (TOKENS = 1, U = 2) has warp w's lane l take, in sub-iteration
+// s = 0, 1, 2, ... of a panel (outer iteration s / 2, v = s % 2), the QPIECES pieces from
+// j0 = w * 64 + s * 256 + l * 2 (256 = STEP pieces per block sub-iteration), skipping j0 >=
+// pieces; the panel's sub-iterations are S = ceil(pieces / 256) for every warp (the extra ones of
+// a warp whose range ends early are all skipped, as in qmatmul). Here a block walks a sequence of
+// panels (F: P consecutive ones; G: blockIdx.x + i * gridDim.x) as one stream of "stages" of SU
+// sub-iterations each (ceil(S / SU) per panel), with a ring of DEPTH stages in registers: the
+// codes and scales of stage t + DEPTH - 1 (which may belong to the next panel) are requested
+// before the arithmetic of stage t. The arithmetic of each sub-iteration, the order of the sums
+// into acc, the warp sums and the reduction over the 4 warps are qmatmul's, so the outputs are
+// the same bits. One __syncthreads per panel (the per-panel partial sums in shared memory,
+// double-buffered by parity, so one barrier per panel suffices).
+template <int SU> struct PipeStage {
+    uint4 c[SU][QPIECES];
+    uint4 sv[SU];
+};
+
+template <int SU>
+__device__ __forceinline__ void pipe_load(PipeStage<SU>& st, const unsigned char* pc,
+                                          const fd_f16* ps, int s0, int pieces, int group,
+                                          int warp, int lane) {
+    using L = QLayout<4>;
+    constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
+#pragma unroll
+    for (int v = 0; v < SU; v++) {
+        const int j0 = warp * 32 * QPIECES + (s0 + v) * STEP + lane * QPIECES;
+#pragma unroll
+        for (int u = 0; u < QPIECES; u++)
+            st.c[v][u] = j0 + u < pieces ? fd_load_stream(pc + (long long)(j0 + u) * 16)
+                                         : make_uint4(0, 0, 0, 0);
+        const int g = j0 < pieces ? j0 * L::KL / group : 0;
+        st.sv[v] = j0 < pieces ? *reinterpret_cast<const uint4*>(ps + g * QPANEL)
+                               : make_uint4(0, 0, 0, 0);
+    }
+}
+
+template <int SU>
+__device__ __forceinline__ void pipe_compute(const PipeStage<SU>& st, const float* x, int s0,
+                                             int pieces, int warp, int lane, float acc[QPANEL]) {
+    using L = QLayout<4>;
+    constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
+    constexpr int LANE_K = QPIECES * L::KL;
+    const float offset = 8.0f;
+#pragma unroll
+    for (int v = 0; v < SU; v++) {
+        const int j0 = warp * 32 * QPIECES + (s0 + v) * STEP + lane * QPIECES;
+        if (j0 >= pieces) continue;
+        const int k0 = j0 * L::KL;
+        float xv[1][16];
+        float xs = 0.0f;
+        const float* xr = x + k0;
+#pragma unroll
+        for (int i = 0; i < LANE_K; i += 4) {
+            const float4 a = *reinterpret_cast<const float4*>(xr + i);
+            xv[0][i] = a.x; xv[0][i + 1] = a.y; xv[0][i + 2] = a.z; xv[0][i + 3] = a.w;
+        }
+#pragma unroll
+        for (int i = 0; i < LANE_K; i++) xs += xv[0][i];
+        float gs[1][QPANEL];
+#pragma unroll
+        for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
+#pragma unroll
+        for (int u = 0; u < QPIECES; u++) fd_qpiece<4, false, 1>(st.c[v][u], xv, u * L::KL, gs);
+        float s[QPANEL], mn[QPANEL];
+        fd_unpack8(st.sv[v], s, false);
+#pragma unroll
+        for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
+#pragma unroll
+        for (int r = 0; r < QPANEL; r++) acc[r] += s[r] * gs[0][r] + mn[r] * xs;
+    }
+}
+
+// Grid: F ceil(panels / ppb) blocks with grid_stride = 0; G any number of blocks (SMs x blocks
+// per SM) with grid_stride = 1 (ppb unused). 128 threads. x 16-byte aligned, k a multiple of 16.
+template <int SU, int DEPTH, int MINB>
+__global__ void __launch_bounds__(128, MINB)
+    q4_pipe(const float* x, const unsigned char* codes, const fd_f16* scales, float* out, int k,
+            int n, int group, int ppb, int grid_stride) {
+    static_assert(DEPTH >= 2, "a ring of at least two stages");
+    fd_grid_start();
+    using L = QLayout<4>;
+    __shared__ float reduced[2][QMATMUL_WARPS][QPANEL];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int panels = (n + QPANEL - 1) / QPANEL;
+    int base, stride, count;
+    if (grid_stride) {
+        base = blockIdx.x;
+        stride = gridDim.x;
+        count = base < panels ? (panels - base + stride - 1) / stride : 0;
+    } else {
+        base = blockIdx.x * ppb;
+        stride = 1;
+        count = max(0, min(ppb, panels - base));
+    }
+    const int pieces = k / L::KL;
+    const int S = (pieces + QMATMUL_WARPS * 32 * QPIECES - 1) / (QMATMUL_WARPS * 32 * QPIECES);
+    const int SP = (S + SU - 1) / SU;  // stages per panel
+    const int T = count * SP;          // stages of this block
+    const int groups = k / group;
+    const long long pcb = (long long)k * L::BPK;  // code bytes per panel
+    const int pse = groups * QPANEL;              // scales per panel
+    PipeStage<SU> buf[DEPTH];
+    int lp = 0, ls = 0;  // the next stage to request: panel ordinal, stage in the panel
+    auto load_next = [&](PipeStage<SU>& st) {
+        const long long panel = base + (long long)lp * stride;
+        pipe_load<SU>(st, codes + panel * pcb, scales + panel * pse, ls * SU, pieces, group,
+                      warp, lane);
+        if (++ls == SP) { ls = 0; lp++; }
+    };
+#pragma unroll
+    for (int d = 0; d < DEPTH - 1; d++)
+        if (d < T) load_next(buf[d]);
+    float acc[QPANEL];
+#pragma unroll
+    for (int r = 0; r < QPANEL; r++) acc[r] = 0.0f;
+    int cp = 0, cs = 0, par = 0;  // the stage to compute: panel ordinal, stage in the panel
+    bool waited = false;
+    for (int t0 = 0; t0 < T; t0 += DEPTH) {
+#pragma unroll
+        for (int r = 0; r < DEPTH; r++) {
+            const int t = t0 + r;
+            if (t < T) {
+                if (t + DEPTH - 1 < T) load_next(buf[(r + DEPTH - 1) % DEPTH]);
+                // The first stages are on their way while the kernel before finishes.
+                if (!waited) {
+                    fd_grid_wait();
+                    waited = true;
+                }
+                pipe_compute<SU>(buf[r], x, cs * SU, pieces, warp, lane, acc);
+                if (++cs == SP) {
+#pragma unroll
+                    for (int q = 0; q < QPANEL; q++) {
+                        const float sum = fd_warp_sum(acc[q]);
+                        if (lane == 0) reduced[par][warp][q] = sum;
+                        acc[q] = 0.0f;
+                    }
+                    __syncthreads();
+                    if (tid < QPANEL) {
+                        const int row = (int)(base + (long long)cp * stride) * QPANEL + tid;
+                        if (row < n) {
+                            float v = 0.0f;
+                            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[par][w][tid];
+                            out[row] = v + 0.0f;
+                        }
+                    }
+                    par ^= 1;
+                    cs = 0;
+                    cp++;
+                }
+            }
+        }
+    }
+    fd_grid_wait();  // returns at once when the loop waited; a block with no panel waits here
+}
+
 // R: read every byte of [p, p + n16 * 16) once, 4 loads in flight per thread.
 __global__ void stream_read(const uint4* p, long long n16, unsigned* sink) {
     unsigned acc = 0;
@@ -472,6 +642,177 @@ struct Row {
     double ms = 0, gb = 0;
     std::string check;
 };
+
+// ---- F and G on the host
+
+using PipeFn = void (*)(const float*, const unsigned char*, const fd_f16*, float*, int, int, int,
+                        int, int);
+struct PipeInst {
+    int su, depth, minb;
+    PipeFn fn;
+};
+// The instances measured (SU sub-iterations per stage, DEPTH stages in the ring, MINB blocks
+// per SM asked of ptxas, 0: registers left to it).
+static const PipeInst PIPE_INSTS[] = {
+    {2, 2, 0, q4_pipe<2, 2, 0>}, {2, 2, 6, q4_pipe<2, 2, 6>}, {1, 3, 0, q4_pipe<1, 3, 0>},
+    {1, 4, 0, q4_pipe<1, 4, 0>}, {2, 3, 0, q4_pipe<2, 3, 0>}, {2, 4, 0, q4_pipe<2, 4, 0>},
+};
+struct PipeCfg {
+    int inst;  // index into PIPE_INSTS
+    int ppb;   // F: panels per block; 0: G (grid-stride, SMs x blocks per SM)
+};
+static const PipeCfg PIPE_CFGS[] = {
+    {0, 1}, {0, 2}, {0, 4}, {0, 8}, {0, 0},  // SU=2 DEPTH=2 (one stage of U=2 ahead)
+    {1, 2}, {1, 4}, {1, 0},                  // the same capped at 6 blocks per SM
+    {2, 1}, {2, 2}, {2, 4}, {2, 8}, {2, 0},  // SU=1 DEPTH=3 (two sub-iterations ahead, 72 regs)
+    {3, 2}, {3, 0},                          // SU=1 DEPTH=4
+    {4, 2}, {4, 0},                          // SU=2 DEPTH=3
+    {5, 2}, {5, 0},                          // SU=2 DEPTH=4 (a whole K=4096 panel ahead)
+};
+
+static double shape_bytes(const Shape& s) {
+    return (double)s.n * s.k / 2 + (double)s.n * (s.k / GROUP) * 2;
+}
+
+// One launch of matmul m: variant -1 is the module's matmul_q4_one (A), else PIPE_CFGS[variant].
+static void launch_variant(int variant, const MM& d, int x_stride, bool pdl, cudaStream_t stream,
+                           int sms, int occ) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.blockDim = dim3(128);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 1 : 0;
+    const int panels = (d.n + QPANEL - 1) / QPANEL;
+    if (variant < 0) {
+        cfg.gridDim = dim3(panels);
+        CK(cudaLaunchKernelEx(&cfg, matmul_q4_one, d.x, x_stride, d.codes, d.k, d.n, d.group,
+                              d.scales, (const fd_f16*)nullptr, (const float*)nullptr,
+                              (const float*)nullptr, 1, d.out, d.n));
+        return;
+    }
+    const PipeCfg& c = PIPE_CFGS[variant];
+    const PipeInst& in = PIPE_INSTS[c.inst];
+    int grid;
+    if (c.ppb > 0) {
+        grid = (panels + c.ppb - 1) / c.ppb;
+    } else {
+        grid = std::min(panels, sms * occ);
+    }
+    cfg.gridDim = dim3(grid);
+    CK(cudaLaunchKernelEx(&cfg, in.fn, d.x, d.codes, d.scales, d.out, d.k, d.n, d.group, c.ppb,
+                          c.ppb > 0 ? 0 : 1));
+}
+
+// A graph of the matmuls `ms` (indices into mms), each reading its x as in the chain.
+static cudaGraphExec_t variant_graph(int variant, const std::vector<MM>& mms,
+                                     const std::vector<int>& ms, bool pdl, cudaStream_t stream,
+                                     int sms) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    int occ = 0;  // G's blocks per SM (asked before the capture)
+    if (variant >= 0)
+        CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, PIPE_INSTS[PIPE_CFGS[variant].inst].fn, 128, 0));
+    CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    for (int m : ms) {
+        const int x_stride = m == 0 ? 4096 : SHAPES[(m - 1) % 4].n;
+        launch_variant(variant, mms[m], x_stride, pdl, stream, sms, occ);
+    }
+    CK(cudaStreamEndCapture(stream, &g));
+    CK(cudaGraphInstantiate(&ge, g, 0));
+    CK(cudaGraphDestroy(g));
+    return ge;
+}
+
+static std::string variant_name(int variant, int sms, int* regs_out = nullptr, int* occ_out = nullptr) {
+    const void* fn;
+    char buf[160];
+    if (variant < 0) {
+        fn = (const void*)matmul_q4_one;
+    } else {
+        fn = (const void*)PIPE_INSTS[PIPE_CFGS[variant].inst].fn;
+    }
+    cudaFuncAttributes fa;
+    CK(cudaFuncGetAttributes(&fa, fn));
+    int occ = 0;
+    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, 128, 0));
+    if (regs_out) *regs_out = fa.numRegs;
+    if (occ_out) *occ_out = occ;
+    if (variant < 0) {
+        snprintf(buf, sizeof buf, "module kernel, 1 panel/block (%d regs, %d blocks/SM)", fa.numRegs, occ);
+    } else {
+        const PipeCfg& c = PIPE_CFGS[variant];
+        const PipeInst& in = PIPE_INSTS[c.inst];
+        std::string how = c.ppb > 0 ? "P=" + std::to_string(c.ppb)
+                                    : "grid-stride, grid " + std::to_string(sms) + "x" + std::to_string(occ);
+        snprintf(buf, sizeof buf, "%s, SU=%d DEPTH=%d%s (%d regs, %d blocks/SM, %d B local)", how.c_str(),
+                 in.su, in.depth, in.minb ? (" MINB=" + std::to_string(in.minb)).c_str() : "",
+                 fa.numRegs, occ, (int)fa.localSizeBytes);
+    }
+    return buf;
+}
+
+template <class TimeMs, class Poison, class Compare>
+static void run_pipe_variants(const std::vector<MM>& mms, std::vector<Row>& rows,
+                              cudaStream_t stream, int sms, double copy_tbs, double gb,
+                              TimeMs& time_ms, Poison& poison, Compare& compare) {
+    auto nothing = [] {};
+    std::vector<int> chain(MMS);
+    for (int m = 0; m < MMS; m++) chain[m] = m;
+    const int nv = (int)(sizeof(PIPE_CFGS) / sizeof(PIPE_CFGS[0]));
+    // The chain: 128 launches with PDL in a graph, checked against A's outputs.
+    for (int v = 0; v < nv; v++) {
+        const PipeCfg& c = PIPE_CFGS[v];
+        cudaGraphExec_t ge = variant_graph(v, mms, chain, true, stream, sms);
+        poison();
+        CK(cudaGraphLaunch(ge, stream));
+        CK(cudaStreamSynchronize(stream));
+        CK(cudaGetLastError());
+        Row r;
+        r.name = c.ppb > 0 ? "F" : "G";
+        r.what = variant_name(v, sms);
+        double fr, ar;
+        long long un;
+        compare(fr, ar, un);
+        char buf[96];
+        snprintf(buf, sizeof buf, "%s: %.1e (all %.1e)%s", (ar <= 1e-6 && un == 0) ? "ok" : "FAIL", fr, ar,
+                 un ? " UNWRITTEN" : "");
+        r.check = buf;
+        r.ms = time_ms(nothing, [&] { CK(cudaGraphLaunch(ge, stream)); });
+        r.gb = gb;
+        rows.push_back(r);
+        printf("  %-3s %-70s %8.4f ms/layer  %s\n", r.name.c_str(), r.what.c_str(), r.ms / LAYERS,
+               r.check.c_str());
+        fflush(stdout);
+        CK(cudaGraphExecDestroy(ge));
+    }
+    // Each shape alone: a graph of its 32 instances (different weights: 134 MB to 940 MB, so
+    // every launch reads from DRAM), no PDL; time per launch = graph time / 32.
+    printf("\nEach shape alone (32 launches of the shape, one per layer, in a graph without PDL; us per launch,\n"
+           "%% of the copy bandwidth %.3f TB/s; median of the replays)\n", copy_tbs);
+    printf("| var | config | qkv us | o us | gate_up us | down us | sum us |\n|---|---|---|---|---|---|---|\n");
+    for (int v = -1; v < nv; v++) {
+        double us[4], sum = 0;
+        for (int s = 0; s < 4; s++) {
+            std::vector<int> ms;
+            for (int l = 0; l < LAYERS; l++) ms.push_back(4 * l + s);
+            cudaGraphExec_t ge = variant_graph(v, mms, ms, false, stream, sms);
+            us[s] = 1e3 * time_ms(nothing, [&] { CK(cudaGraphLaunch(ge, stream)); }) / LAYERS;
+            sum += us[s];
+            CK(cudaGraphExecDestroy(ge));
+        }
+        printf("| %s | %s |", v < 0 ? "A" : (PIPE_CFGS[v].ppb > 0 ? "F" : "G"), variant_name(v, sms).c_str());
+        for (int s = 0; s < 4; s++) {
+            const double tbs = shape_bytes(SHAPES[s]) / (us[s] * 1e-6) / 1e12;
+            printf(" %.2f (%.0f%%) |", us[s], 100 * tbs / copy_tbs);
+        }
+        printf(" %.1f |\n", sum);
+        fflush(stdout);
+    }
+    printf("\n");
+}
 
 int main(int argc, char** argv) {
     const int reps = argc > 1 ? atoi(argv[1]) : 9;
@@ -713,7 +1054,11 @@ int main(int argc, char** argv) {
         CK(cudaGraphExecDestroy(ge));
     }
 
-    // ---- the persistent variants
+    // ---- F and G: the pipelined loop, 128 launches in a graph with PDL, and each shape alone
+    run_pipe_variants(mms, rows, stream, sms, copy_tbs, gb, time_ms, poison, compare);
+
+    // ---- the persistent variants (B to E, nobar), only with a second argument "persistent"
+    const bool persistent = argc > 2 && strcmp(argv[2], "persistent") == 0;
     unsigned* dctr = nullptr;
     CK(cudaMalloc(&dctr, 256));
     struct Cfg {
@@ -776,7 +1121,7 @@ int main(int argc, char** argv) {
             default: return (const void*)chain_persistent<4, false, 0>;
         }
     };
-    {
+    if (persistent) {
         const int inst[][3] = {{1, 0, 0}, {1, 0, 7}, {2, 0, 0}, {4, 0, 0}, {1, 1, 0}, {1, 1, 7}, {2, 1, 0}};
         for (const auto& in : inst) {
             const void* fn = kernel_of(in[0], in[1], in[2]);
@@ -789,6 +1134,7 @@ int main(int argc, char** argv) {
         }
     }
     for (const Cfg& c : cfgs) {
+        if (!persistent) break;
         const void* fn = kernel_of(c.sub, c.esmem, c.minb);
         int occ = 0;
         CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, fn, 128 * c.sub, 0));
