@@ -13,8 +13,7 @@
 
 use runtime::disagg::transfer::{self, Identity, Timeouts};
 use runtime::disagg::{InstanceState, Role};
-use runtime::sampler::SamplingParams;
-use runtime::scheduler::{CachedPrefix, Event, RequestParams, Scheduler, SchedulerConfig};
+use runtime::scheduler::{CachedPrefix, Event, Scheduler, SchedulerConfig};
 use runtime::{Engine, EngineOptions, LoadedPlan};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,15 +72,7 @@ fn main() -> anyhow::Result<()> {
         .map(|i| 1000 + (i * 7919) % (vocab - 1000))
         .collect();
     // Into the prefill instance's cache.
-    let params = RequestParams {
-        max_tokens: 1,
-        sampling: SamplingParams::greedy(),
-        stop_token_ids: vec![],
-        ignore_eos: true,
-        logprobs: None,
-        speculative: false,
-    };
-    let mut warm = scheduler.submit(prompt.clone(), params)?;
+    let mut warm = scheduler.submit(prompt.clone(), transfer::prefill_request())?;
     while let Some(event) = warm.next_blocking() {
         if let Event::Failed(e) = event {
             anyhow::bail!("warming the prefill instance: {e}");

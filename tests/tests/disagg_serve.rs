@@ -114,6 +114,23 @@ struct Cluster {
     client: reqwest::Client,
 }
 
+/// `fdrt router` on a loopback port of `rt`; its address.
+fn start_router(rt: &tokio::runtime::Runtime, config: RouterConfig) -> String {
+    let router = rt
+        .block_on(Router::connect(config))
+        .expect("the router connects");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    rt.spawn(runtime::router::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
+    address
+}
+
 fn cluster(prefill: usize, decode: usize, health_interval: Duration) -> Cluster {
     let prefill: Vec<Instance> = (0..prefill)
         .map(|_| Instance::start(Role::Prefill, vec![]))
@@ -134,18 +151,7 @@ fn cluster(prefill: usize, decode: usize, health_interval: Duration) -> Cluster 
         upstream_timeout: Duration::from_secs(20),
         ..RouterConfig::default()
     };
-    let router = router_runtime
-        .block_on(Router::connect(config))
-        .expect("the router connects");
-    let listener = router_runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let address = listener.local_addr().expect("address").to_string();
-    router_runtime.spawn(runtime::router::serve(
-        listener,
-        router,
-        std::future::pending(),
-    ));
+    let address = start_router(&router_runtime, config);
     Cluster {
         prefill,
         decode,
@@ -497,18 +503,7 @@ fn an_instance_switches_roles_once_idle_and_the_router_follows() {
         upstream_timeout: Duration::from_secs(20),
         ..RouterConfig::default()
     };
-    let router = rt
-        .block_on(Router::connect(config))
-        .expect("the router connects");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let router_address = listener.local_addr().expect("address").to_string();
-    rt.spawn(runtime::router::serve(
-        listener,
-        router,
-        std::future::pending(),
-    ));
+    let router_address = start_router(&rt, config);
     let client = reqwest::Client::builder()
         .no_proxy()
         .build()

@@ -360,14 +360,7 @@ async fn stream_blocks(
 ) -> Result<(), Failure> {
     let changed =
         || Failure::Refused("the prefill instance's weights changed during the transfer".into());
-    let params = RequestParams {
-        max_tokens: 1,
-        sampling: SamplingParams::greedy(),
-        stop_token_ids: vec![],
-        ignore_eos: true,
-        logprobs: None,
-        speculative: false,
-    };
+    let params = prefill_request();
     // Submitted only when the cache lacks a block: blocks this instance holds already go out
     // without any computation.
     let mut request = None;
@@ -429,6 +422,19 @@ async fn stream_blocks(
                 )))
             }
         }
+    }
+}
+
+/// What a prefill instance runs a prefix as: one greedy token, which leaves the prefix's full
+/// blocks in its prefix cache.
+pub fn prefill_request() -> RequestParams {
+    RequestParams {
+        max_tokens: 1,
+        sampling: SamplingParams::greedy(),
+        stop_token_ids: vec![],
+        ignore_eos: true,
+        logprobs: None,
+        speculative: false,
     }
 }
 
