@@ -83,8 +83,6 @@ pub enum RouterError {
     Instance { address: String, message: String },
     #[error("the instances run different plans or block sizes: {0}")]
     Mismatch(String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
 }
 
 #[derive(Debug)]
@@ -124,6 +122,12 @@ enum Part {
 impl Instance {
     fn view(&self) -> View {
         self.view.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Its scheduler's running and waiting requests, as it last said (without cloning the
+    /// whole view: placement reads it for every comparison).
+    fn queue(&self) -> u64 {
+        self.view.lock().unwrap_or_else(|e| e.into_inner()).queue
     }
 
     fn serves(&self, part: Part) -> bool {
@@ -372,7 +376,7 @@ impl Router {
             &prefill[index]
         };
         let mean = |set: &[Arc<Instance>]| {
-            set.iter().map(|i| i.view().queue as f64).sum::<f64>() / set.len().max(1) as f64
+            set.iter().map(|i| i.queue() as f64).sum::<f64>() / set.len().max(1) as f64
         };
         let (p, d) = (mean(&prefill), mean(&decode));
         let role = if to == Part::Prefill {
@@ -631,7 +635,7 @@ fn order(instances: &[Arc<Instance>], key: &[u8]) -> Vec<Arc<Instance>> {
     };
     // Load: what the router has in flight there, plus the queue it last reported (work from
     // elsewhere, and a prefill instance's transfers, which the router does not see).
-    let load = |i: &Instance| i.outstanding.load(Ordering::SeqCst) + i.view().queue as usize;
+    let load = |i: &Instance| i.outstanding.load(Ordering::SeqCst) + i.queue() as usize;
     healthy.sort_by_key(|i| load(i));
     let least = healthy.first().map_or(0, |i| load(i));
     if let Some(preferred) = healthy
@@ -864,7 +868,7 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
             "fdrt_router:instance_queue_length",
             "gauge",
             "Requests running and waiting in the instance's scheduler, as it last said.",
-            |i| i.view().queue,
+            |i| i.queue(),
         ),
         (
             "fdrt_router:instance_requests_total",
@@ -901,7 +905,7 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
         "# HELP fdrt_router:queue_length Requests running and waiting in the schedulers of the instances of a role.\n# TYPE fdrt_router:queue_length gauge"
     );
     for (role, part) in [("prefill", Part::Prefill), ("decode", Part::Decode)] {
-        let queue: u64 = router.serving(part).iter().map(|i| i.view().queue).sum();
+        let queue: u64 = router.serving(part).iter().map(|i| i.queue()).sum();
         let _ = writeln!(out, "fdrt_router:queue_length{{role=\"{role}\"}} {queue}");
     }
     let _ = writeln!(

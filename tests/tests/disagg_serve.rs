@@ -170,6 +170,32 @@ impl Cluster {
             .block_on(async { tokio::time::timeout(Duration::from_secs(120), f).await })
             .expect("no request may hang")
     }
+
+    /// Sends `b` through the router and returns once the first prefill instance serves its
+    /// transfer; the request's task.
+    fn send_until_transferring(
+        &self,
+        b: &Value,
+    ) -> tokio::task::JoinHandle<(u16, Vec<u32>, Value)> {
+        let (client, router, b) = (self.client.clone(), self.router.clone(), b.clone());
+        let request = self
+            .router_runtime
+            .spawn(async move { complete(&client, &router, &b).await });
+        let p = &self.prefill[0].http;
+        wait_for_metric(
+            &self.router_runtime,
+            &self.client,
+            p,
+            "fdrt:kv_transfers_active",
+            1.0,
+        );
+        request
+    }
+}
+
+/// The sample name of a router metric of one instance.
+fn row(name: &str, role: &str, address: &str) -> String {
+    format!("fdrt_router:{name}{{role=\"{role}\",address=\"{address}\"}}")
 }
 
 fn prompt(seed: u32, len: usize) -> Vec<u32> {
@@ -313,11 +339,7 @@ fn two_of_each_give_a_mixed_instances_answers() {
     let (mut requests, mut moved) = (0.0, 0.0);
     let r = c.block_on(metrics(&c.client, &c.router));
     for d in &c.decode {
-        let row = format!(
-            "fdrt_router:instance_requests_total{{role=\"decode\",address=\"{}\"}}",
-            d.http
-        );
-        requests += metric(&r, &row);
+        requests += metric(&r, &row("instance_requests_total", "decode", &d.http));
         let m = c.block_on(metrics(&c.client, &d.http));
         moved += metric(&m, "fdrt:kv_transfer_received_blocks_total");
         assert_eq!(metric(&m, "fdrt:kv_transfer_failures_total"), 0.0);
@@ -347,10 +369,7 @@ fn a_dead_prefill_instance_leaves_the_decode_instance_computing_prompts() {
     // its start) had already taken it out of rotation.
     let r = c.block_on(metrics(&c.client, &c.router));
     let p = &c.prefill[0].http;
-    let out_of_rotation = metric(
-        &r,
-        &format!("fdrt_router:instance_healthy{{role=\"prefill\",address=\"{p}\"}}"),
-    ) == 0.0;
+    let out_of_rotation = metric(&r, &row("instance_healthy", "prefill", p)) == 0.0;
     let tried = metric(&d, "fdrt:kv_transfer_failures_total") == 1.0;
     assert!(out_of_rotation || tried, "{d}\n{r}");
 }
@@ -378,13 +397,7 @@ fn a_dead_decode_instance_is_retried_elsewhere_or_ends_its_stream_with_an_error(
         .iter()
         .position(|d| {
             let r = c.block_on(metrics(&c.client, &c.router));
-            metric(
-                &r,
-                &format!(
-                    "fdrt_router:instance_outstanding_requests{{role=\"decode\",address=\"{}\"}}",
-                    d.http
-                ),
-            ) == 1.0
+            metric(&r, &row("instance_outstanding_requests", "decode", &d.http)) == 1.0
         })
         .expect("one decode instance has the stream");
     c.decode[busy].kill();
@@ -413,13 +426,7 @@ fn a_dead_decode_instance_is_retried_elsewhere_or_ends_its_stream_with_an_error(
     }
     let r = c.block_on(metrics(&c.client, &c.router));
     let dead = &c.decode[busy].http;
-    assert_eq!(
-        metric(
-            &r,
-            &format!("fdrt_router:instance_healthy{{role=\"decode\",address=\"{dead}\"}}")
-        ),
-        0.0
-    );
+    assert_eq!(metric(&r, &row("instance_healthy", "decode", dead)), 0.0);
     // With no decode instance left, a clear 503.
     let other = 1 - busy;
     c.decode[other].kill();
@@ -550,10 +557,7 @@ fn an_instance_switches_roles_once_idle_and_the_router_follows() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // The router follows: d1 is a prefill instance to it now.
-    let row = format!(
-        "fdrt_router:instance_requests_total{{role=\"prefill\",address=\"{}\"}}",
-        d1.http
-    );
+    let as_prefill = row("instance_requests_total", "prefill", &d1.http);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let text = rt.block_on(async {
@@ -566,7 +570,7 @@ fn an_instance_switches_roles_once_idle_and_the_router_follows() {
                 .await
                 .expect("text")
         });
-        if text.contains(&row) {
+        if text.contains(&as_prefill) {
             break;
         }
         assert!(
@@ -667,27 +671,13 @@ fn instances_killed_during_a_transfer_lose_no_request() {
     // The decode instance that has the request dies while the prefill instance, busy with
     // others, has its transfer queued: the router sends the request to the other one.
     let busy = keep_busy(&c.router_runtime, &c.client, &c.prefill[0].http, 40);
-    let request = {
-        let (client, router, b) = (c.client.clone(), c.router.clone(), b.clone());
-        c.router_runtime
-            .spawn(async move { complete(&client, &router, &b).await })
-    };
-    wait_for_metric(
-        &c.router_runtime,
-        &c.client,
-        &c.prefill[0].http,
-        "fdrt:kv_transfers_active",
-        1.0,
-    );
+    let request = c.send_until_transferring(&b);
     let r = c.block_on(metrics(&c.client, &c.router));
     let first = (0..2)
         .find(|&i| {
             metric(
                 &r,
-                &format!(
-                    "fdrt_router:instance_outstanding_requests{{role=\"decode\",address=\"{}\"}}",
-                    c.decode[i].http
-                ),
+                &row("instance_outstanding_requests", "decode", &c.decode[i].http),
             ) == 1.0
         })
         .expect("a decode instance has the request");
@@ -708,18 +698,7 @@ fn instances_killed_during_a_transfer_lose_no_request() {
         &c.block_on(metrics(&c.client, &c.decode[survivor].http)),
         "fdrt:kv_transfer_failures_total",
     );
-    let request = {
-        let (client, router, b) = (c.client.clone(), c.router.clone(), b.clone());
-        c.router_runtime
-            .spawn(async move { complete(&client, &router, &b).await })
-    };
-    wait_for_metric(
-        &c.router_runtime,
-        &c.client,
-        &c.prefill[0].http,
-        "fdrt:kv_transfers_active",
-        1.0,
-    );
+    let request = c.send_until_transferring(&b);
     c.prefill[0].kill();
     let (status, got, last) = c.block_on(request).expect("task");
     assert_eq!(status, 200, "{last}");

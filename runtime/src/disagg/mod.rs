@@ -154,7 +154,7 @@ impl TransferCounters {
             .fetch_add(time.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn failed(&self) {
+    pub fn send_failed(&self) {
         self.send_failures.fetch_add(1, Ordering::Relaxed);
     }
 

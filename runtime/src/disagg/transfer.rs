@@ -261,7 +261,7 @@ pub async fn serve(
                     tracing::debug!(%peer, blocks, "KV transfer sent")
                 }
                 Err(e) => {
-                    instance.counters.failed();
+                    instance.counters.send_failed();
                     tracing::warn!(%peer, error = %e, "KV transfer")
                 }
             }
@@ -366,29 +366,21 @@ async fn stream_blocks(
     let mut request = None;
     let mut finished = false;
     loop {
-        // The engine answers between steps, so this paces itself by the prefill's chunks.
-        let cached = scheduler
-            .cached_blocks(tokens.to_vec())
+        // The blocks past those sent that the cache holds now, in one call to the engine
+        // thread, which answers between steps: this paces itself by the prefill's chunks.
+        let (blocks, read_under) = scheduler
+            .read_cached_blocks(tokens.to_vec(), *sent)
             .await
-            .map_err(|e| Failure::Refused(e.to_string()))?;
-        if cached.weights_generation != generation {
+            .map_err(Failure::Refused)?;
+        if read_under != generation {
             return Err(changed());
         }
-        if cached.blocks > *sent {
-            let (blocks, read_under) = scheduler
-                .read_cached_blocks(tokens.to_vec(), *sent)
+        for bytes in blocks {
+            let index = *sent as u32;
+            send(conn, &Message::Block { index, bytes }, timeouts.io)
                 .await
-                .map_err(Failure::Refused)?;
-            if read_under != generation {
-                return Err(changed());
-            }
-            for bytes in blocks {
-                let index = *sent as u32;
-                send(conn, &Message::Block { index, bytes }, timeouts.io)
-                    .await
-                    .map_err(Failure::Transfer)?;
-                *sent += 1;
-            }
+                .map_err(Failure::Transfer)?;
+            *sent += 1;
         }
         // Every block sent, or the prefill done (a block the cache dropped meanwhile is the
         // decode instance's to compute).
