@@ -47,9 +47,9 @@ pub trait BatchEngine: Send {
     }
     /// Makes passes return every token's final hidden state ([`PassOutput::hidden`]).
     fn keep_hidden(&mut self, _on: bool) {}
-    /// Appends KV block `block`'s bytes, every layer ([`crate::kv_cache::KvPool::read_block`]'s
-    /// form), to `out`: what a prefill instance sends a decode instance.
-    fn read_kv_block(&self, _block: u32, _out: &mut Vec<u8>) -> Result<(), RuntimeError> {
+    /// Writes KV block `block`'s bytes, every layer ([`crate::kv_cache::KvPool::read_block`]'s
+    /// form), into `out` (exactly a block long): what a prefill instance sends a decode instance.
+    fn read_kv_block(&self, _block: u32, _out: &mut [u8]) -> Result<(), RuntimeError> {
         Err(RuntimeError::Unsupported(
             "moving KV blocks between instances",
         ))
@@ -102,7 +102,7 @@ impl BatchEngine for Engine {
     fn keep_hidden(&mut self, on: bool) {
         Engine::keep_hidden(self, on)
     }
-    fn read_kv_block(&self, block: u32, out: &mut Vec<u8>) -> Result<(), RuntimeError> {
+    fn read_kv_block(&self, block: u32, out: &mut [u8]) -> Result<(), RuntimeError> {
         self.kv_pool()
             .read_block(block, out)
             .map_err(|e| RuntimeError::KvBlocks(e.to_string()))

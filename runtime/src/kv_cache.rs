@@ -94,14 +94,22 @@ impl KvPool {
     /// Block `block`'s keys and values of every layer as bytes (`bytes_per_block` of them):
     /// layer after layer, its keys then its values, little-endian f32. The form a block
     /// travels in between instances (prefill/decode disaggregation).
-    pub fn read_block(&self, block: u32, out: &mut Vec<u8>) -> Result<(), KvBlockError> {
+    pub fn read_block(&self, block: u32, out: &mut [u8]) -> Result<(), KvBlockError> {
         let range = self.block_range(block)?;
-        out.reserve(self.bytes_per_block());
+        if out.len() != self.bytes_per_block() {
+            return Err(KvBlockError::Size {
+                got: out.len(),
+                want: self.bytes_per_block(),
+            });
+        }
+        let mut rest = out;
         for (k, v) in &self.layers {
-            for pool in [k, v] {
-                if let Some(values) = pool.get(range.clone()) {
-                    extend_le(out, values);
-                }
+            let pools: &[&Vec<f32>] = if self.values { &[k, v] } else { &[k] };
+            for pool in pools {
+                let values = &pool[range.clone()];
+                let (these, after) = rest.split_at_mut(values.len() * 4);
+                write_le(these, values);
+                rest = after;
             }
         }
         Ok(())
@@ -142,12 +150,14 @@ impl KvPool {
     }
 }
 
-/// Appends `values` as little-endian bytes.
-fn extend_le(out: &mut Vec<u8>, values: &[f32]) {
+/// Writes `values` as little-endian bytes (`out.len() == 4 * values.len()`).
+fn write_le(out: &mut [u8], values: &[f32]) {
     if cfg!(target_endian = "little") {
-        out.extend_from_slice(bytemuck::cast_slice(values));
+        out.copy_from_slice(bytemuck::cast_slice(values));
     } else {
-        out.extend(values.iter().flat_map(|x| x.to_le_bytes()));
+        for (b, x) in out.chunks_exact_mut(4).zip(values) {
+            b.copy_from_slice(&x.to_le_bytes());
+        }
     }
 }
 
@@ -193,9 +203,9 @@ mod tests {
                     *x = -((l * 1000 + i) as f32);
                 }
             }
-            let mut bytes = vec![];
+            let mut bytes = vec![0; a.bytes_per_block()];
             a.read_block(2, &mut bytes).unwrap();
-            assert_eq!(bytes.len(), a.bytes_per_block());
+            assert!(a.read_block(2, &mut bytes[1..]).is_err());
             let mut b = KvPool::new(2, 4, 2, rows);
             b.write_block(1, &bytes).unwrap();
             let len = a.block_len();

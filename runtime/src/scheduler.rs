@@ -20,7 +20,7 @@
 
 use crate::batch_engine::BatchEngine;
 use crate::block_manager::{BlockManager, SeqBlocks};
-use crate::disagg::KvPrefix;
+use crate::disagg::{BlockSlots, KvPrefix};
 use crate::engine::{Logits, SeqChunk};
 use crate::error::RuntimeError;
 use crate::generate::FinishReason;
@@ -196,8 +196,9 @@ enum Command {
     /// How many leading full blocks of these tokens the prefix cache holds, and the weights'
     /// generation.
     CachedBlocks(Vec<u32>, tokio::sync::oneshot::Sender<CachedPrefix>),
-    /// The cached full blocks of these tokens' prefix, from the given block on, as bytes.
-    ReadCached(Vec<u32>, usize, BlocksReply),
+    /// The cached full blocks of these tokens' prefix, from the given block on, copied into
+    /// the slots (as many as they take).
+    ReadCached(Vec<u32>, usize, BlockSlots, BlocksReply),
     /// Seat a prefix's blocks computed elsewhere in the prefix cache.
     WriteCached(
         Box<KvPrefix>,
@@ -205,8 +206,18 @@ enum Command {
     ),
 }
 
-/// The blocks' bytes and the weights generation they were read under.
-type BlocksReply = tokio::sync::oneshot::Sender<Result<(Vec<Vec<u8>>, u64), String>>;
+/// The slots back, how many blocks were copied into them, and the weights generation they were
+/// read under.
+type BlocksReply = tokio::sync::oneshot::Sender<Result<BlocksRead, String>>;
+
+/// What [`Scheduler::read_cached_blocks`] gives back.
+#[derive(Debug)]
+pub struct BlocksRead {
+    pub slots: BlockSlots,
+    /// The slots filled, from the first.
+    pub count: usize,
+    pub weights_generation: u64,
+}
 
 struct Request {
     prompt: Vec<u32>,
@@ -446,21 +457,28 @@ impl Scheduler {
         answer.await.map_err(|_| SubmitError::ShuttingDown)
     }
 
-    /// The KV bytes of `tokens`' leading full blocks from block `skip` on, as far as this
-    /// instance's prefix cache holds them (a prefill instance sends these; run the tokens as a
-    /// request first), and the weights generation they were computed under.
-    pub async fn read_cached_blocks(
+    /// Copies `tokens`' leading full blocks from block `skip` on, as far as this instance's
+    /// prefix cache holds them and `slots` has room, into `slots` (a prefill instance sends
+    /// these; run the tokens as a request first). The engine thread takes the command at once,
+    /// before the returned future is polled, so the copy runs while the caller does other work
+    /// (sends the blocks of the read before, say).
+    pub fn read_cached_blocks(
         &self,
         tokens: Vec<u32>,
         skip: usize,
-    ) -> Result<(Vec<Vec<u8>>, u64), String> {
+        slots: BlockSlots,
+    ) -> impl std::future::Future<Output = Result<BlocksRead, String>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.commands
-            .send(Command::ReadCached(tokens, skip, reply))
-            .map_err(|_| SubmitError::ShuttingDown.to_string())?;
-        answer
-            .await
-            .map_err(|_| SubmitError::ShuttingDown.to_string())?
+        let sent = self
+            .commands
+            .send(Command::ReadCached(tokens, skip, slots, reply))
+            .map_err(|_| SubmitError::ShuttingDown.to_string());
+        async move {
+            sent?;
+            answer
+                .await
+                .map_err(|_| SubmitError::ShuttingDown.to_string())?
+        }
     }
 
     /// Seats a prefix's KV blocks computed by another instance of the same plan in this
@@ -733,9 +751,13 @@ impl Worker {
                             weights: self.weights_name.clone(),
                         });
                     }
-                    Command::ReadCached(tokens, skip, reply) => {
-                        let blocks = self.read_cached(&tokens, skip);
-                        let _ = reply.send(blocks.map(|b| (b, self.weight_generation)));
+                    Command::ReadCached(tokens, skip, mut slots, reply) => {
+                        let read = self.read_cached(&tokens, skip, &mut slots);
+                        let _ = reply.send(read.map(|count| BlocksRead {
+                            slots,
+                            count,
+                            weights_generation: self.weight_generation,
+                        }));
                     }
                     Command::WriteCached(prefix, reply) => {
                         let _ = reply.send(self.write_cached(*prefix));
@@ -774,20 +796,24 @@ impl Worker {
 
     /// The bytes of `tokens`' leading cached full blocks, from block `skip` on; fewer than
     /// the tokens cover when the cache holds fewer.
-    fn read_cached(&mut self, tokens: &[u32], skip: usize) -> Result<Vec<Vec<u8>>, String> {
+    fn read_cached(
+        &mut self,
+        tokens: &[u32],
+        skip: usize,
+        slots: &mut BlockSlots,
+    ) -> Result<usize, String> {
         let held = self.blocks.take_cached(tokens);
-        let mut out = vec![];
+        let mut count = 0;
         let mut result = Ok(());
-        for &block in held.blocks.iter().skip(skip) {
-            let mut bytes = vec![];
-            result = self.engine.read_kv_block(block, &mut bytes);
+        for &block in held.blocks.iter().skip(skip).take(slots.capacity()) {
+            result = self.engine.read_kv_block(block, slots.slot(count));
             if result.is_err() {
                 break;
             }
-            out.push(bytes);
+            count += 1;
         }
         self.release(held);
-        result.map(|()| out).map_err(|e| e.to_string())
+        result.map(|()| count).map_err(|e| e.to_string())
     }
 
     /// Puts the blocks of `prefix` that this pool lacks into the prefix cache, so a request
@@ -810,7 +836,10 @@ impl Worker {
             return Ok(have);
         }
         for b in have..end {
-            let bytes = &prefix.blocks[b - prefix.first_block];
+            let bytes = prefix
+                .blocks
+                .get(b - prefix.first_block)
+                .unwrap_or_default();
             if let Err(e) = self.engine.write_kv_block(seq.blocks[b], bytes) {
                 self.release(seq);
                 return Err(e.to_string());

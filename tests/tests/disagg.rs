@@ -7,9 +7,9 @@
 mod common;
 
 use common::*;
-use runtime::disagg::transfer::{self, Identity, Timeouts, TransferError};
+use runtime::disagg::transfer::{self, Identity, Options, Timeouts, TransferError, TransferKey};
 use runtime::disagg::wire::{Control, Message, WireError};
-use runtime::disagg::{InstanceState, Role};
+use runtime::disagg::{InstanceState, ReceivedBlocks, Role};
 use runtime::sampler::SamplingParams;
 use runtime::scheduler::CachedPrefix;
 use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig};
@@ -76,18 +76,20 @@ fn tokens_of(s: &Scheduler, prompt: &[u32], params: &RequestParams) -> Vec<u32> 
 
 /// A prefill instance serving transfers on a loopback port.
 fn prefill_instance(rt: &tokio::runtime::Runtime) -> (Scheduler, Identity, String) {
+    prefill_instance_with(rt, Options::default())
+}
+
+fn prefill_instance_with(
+    rt: &tokio::runtime::Runtime,
+    options: Options,
+) -> (Scheduler, Identity, String) {
     let (p, identity) = instance(BLOCK);
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("address").to_string();
     let state = Arc::new(InstanceState::new(identity.clone(), Role::Prefill));
-    rt.spawn(transfer::serve(
-        listener,
-        p.clone(),
-        state,
-        Timeouts::default(),
-    ));
+    rt.spawn(transfer::serve(listener, p.clone(), state, options));
     (p, identity, addr)
 }
 
@@ -101,7 +103,22 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn a_decode_instance_continues_from_blocks_a_prefill_instance_computed() {
+    continues_from_moved_blocks(false);
+}
+
+#[test]
+fn blocks_moved_through_shared_memory_give_the_same_tokens() {
+    continues_from_moved_blocks(true);
+}
+
+/// A decode instance takes the blocks of several prompts over the socket or through shared
+/// memory (both instances are on this host) and gives a mixed instance's tokens.
+fn continues_from_moved_blocks(shared_memory: bool) {
     let rt = runtime();
+    let options = Options {
+        shared_memory,
+        ..Options::default()
+    };
     let (_p, identity, addr) = prefill_instance(&rt);
     let (mixed, _) = instance(BLOCK);
     let (d, d_identity) = instance(BLOCK);
@@ -133,10 +150,15 @@ fn a_decode_instance_continues_from_blocks_a_prefill_instance_computed() {
                     &d_identity,
                     prefix,
                     held.clone(),
-                    Timeouts::default(),
+                    &options,
                 ))
                 .expect("fetch");
             assert_eq!(fetched.first_block, held.blocks, "case {i}");
+            assert_eq!(
+                matches!(fetched.blocks, ReceivedBlocks::Shared { .. }),
+                shared_memory,
+                "case {i}: the path the blocks took"
+            );
             assert_eq!(
                 fetched.blocks.len(),
                 blocks - held.blocks,
@@ -178,7 +200,7 @@ fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
             who,
             tokens.to_vec(),
             nothing_held(),
-            Timeouts::default(),
+            &Options::default(),
         ))
     };
     let mut other = identity.clone();
@@ -205,7 +227,7 @@ fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
             &identity,
             tokens.clone(),
             other_weights,
-            Timeouts::default(),
+            &Options::default(),
         ))
         .expect_err("other weights");
     assert!(
@@ -221,10 +243,62 @@ fn instances_that_differ_are_refused_and_the_prefill_instance_serves_on() {
     // And it still serves a good request.
     let fetched = fetch(&identity, &tokens).expect("fetch after the refusals");
     assert_eq!(fetched.blocks.len(), 2);
-    assert!(fetched
-        .blocks
-        .iter()
-        .all(|b| b.len() == identity.block_bytes));
+    assert!((0..2).all(|i| fetched.blocks.get(i).map(<[u8]>::len) == Some(identity.block_bytes)));
+}
+
+#[test]
+fn with_a_transfer_key_only_instances_holding_it_move_blocks() {
+    let rt = runtime();
+    let key = |secret: &str| Some(TransferKey::from_secret(secret.as_bytes()).expect("a key"));
+    let keyed = |k| Options {
+        key: k,
+        ..Options::default()
+    };
+    let (_p, identity, addr) = prefill_instance_with(&rt, keyed(key("sixteen bytes or more")));
+    let tokens = prompt(9, 2 * BLOCK);
+    let fetch = |options: &Options| {
+        rt.block_on(transfer::fetch_prefix(
+            &addr,
+            &identity,
+            tokens.clone(),
+            nothing_held(),
+            options,
+        ))
+    };
+    let refused = |options: Options, why: &str| {
+        let err = fetch(&options).expect_err("refused");
+        assert!(
+            matches!(&err, TransferError::Mismatch(m) | TransferError::Peer(m) if m.contains(why)),
+            "{err}: want {why:?}"
+        );
+    };
+    refused(
+        keyed(key("another secret, as long")),
+        "key is not this instance's",
+    );
+    refused(
+        Options::default(),
+        "requires a KV transfer key and this instance has none",
+    );
+    // The same secret with white space around it (as a file written by `echo` holds it).
+    let fetched = fetch(&keyed(key("  sixteen bytes or more\n"))).expect("the same key");
+    assert_eq!(fetched.blocks.len(), 2);
+    // A keyed decode instance refuses a prefill instance without the key.
+    let (_q, _, open_addr) = prefill_instance(&rt);
+    let err = rt
+        .block_on(transfer::fetch_prefix(
+            &open_addr,
+            &identity,
+            tokens.clone(),
+            nothing_held(),
+            &keyed(key("sixteen bytes or more")),
+        ))
+        .expect_err("an unkeyed prefill instance");
+    assert!(
+        matches!(&err, TransferError::Mismatch(m) if m.contains("this instance requires a KV transfer key")),
+        "{err}"
+    );
+    assert!(TransferKey::from_secret(b"  short  ").is_err());
 }
 
 /// A peer that says hello as a prefill instance would, then sends `frames` (already encoded)
@@ -245,6 +319,10 @@ fn fake_prefill_instance(
         weights: String::new(),
         block_size: identity.block_size as u32,
         block_bytes: identity.block_bytes as u64,
+        nonce: "00".repeat(16),
+    });
+    let no_key = Message::Control(Control::Auth {
+        proof: String::new(),
     });
     rt.spawn(async move {
         let (stream, _) = listener.accept().await.expect("accept");
@@ -254,6 +332,10 @@ fn fake_prefill_instance(
             .await
             .expect("hello");
         let _ = conn.next().await; // their hello
+        conn.send(tokio_util::bytes::Bytes::from(no_key.encode()))
+            .await
+            .expect("auth");
+        let _ = conn.next().await; // their proof
         let _ = conn.next().await; // their request
         let silent = frames.is_empty();
         for frame in frames {
@@ -279,14 +361,18 @@ fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
             &identity,
             tokens.clone(),
             nothing_held(),
-            Timeouts { io, prefill: io },
+            &Options {
+                timeouts: Timeouts { io, prefill: io },
+                shared_memory: false,
+                key: None,
+            },
         ))
     };
     let done = |end: u32| Message::Control(Control::Done { end }).encode();
     let block = |index: u32, len: usize| {
         Message::Block {
             index,
-            bytes: vec![7; len],
+            bytes: vec![7; len].into(),
         }
         .encode()
     };
@@ -301,12 +387,16 @@ fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
         "{err}"
     );
     // A block of the wrong size, one out of order, one past the prefix, an end that does not
-    // match the blocks sent.
+    // match the blocks sent; blocks said to be in shared memory that was never offered (this
+    // fetch offers none), a region taken that was not offered.
+    let control = |c: Control| Message::Control(c).encode();
     for frames in [
         vec![block(0, 8)],
         vec![block(1, good)],
         vec![block(0, good), block(1, good), block(2, good)],
         vec![block(0, good), done(2)],
+        vec![control(Control::Written { end: 1 }), done(1)],
+        vec![control(Control::Mapped), done(0)],
     ] {
         let addr = fake_prefill_instance(&rt, &identity, frames);
         assert!(matches!(
@@ -355,7 +445,7 @@ fn blocks_asked_for_before_a_weight_update_are_not_seated_after_it() {
             &identity,
             tokens.clone(),
             nothing_held(),
-            Timeouts::default(),
+            &Options::default(),
         ))
         .expect("fetch");
     assert_eq!(fetched.blocks.len(), 3);

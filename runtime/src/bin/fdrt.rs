@@ -213,6 +213,15 @@ enum Command {
         /// taking their blocks from a prefill instance.
         #[arg(long, default_value_t = 0)]
         kv_transfer_min_tokens: usize,
+        /// A file holding a secret (at least 16 bytes) that every prefill and decode instance of
+        /// one deployment is given: transfers between instances that do not both hold it are
+        /// refused. Without it, keep the transfer ports on a trusted network.
+        #[arg(long, env = "FDRT_KV_TRANSFER_KEY_FILE")]
+        kv_transfer_key_file: Option<PathBuf>,
+        /// As a decode instance, always take blocks over the socket, even from a prefill
+        /// instance on the same host (which otherwise writes them into shared memory).
+        #[arg(long)]
+        no_kv_shared_memory: bool,
         #[command(flatten)]
         run: RunArgs,
     },
@@ -700,10 +709,26 @@ fn run() -> Result<()> {
             kv_transfer_port,
             kv_source,
             kv_transfer_min_tokens,
+            kv_transfer_key_file,
+            no_kv_shared_memory,
             run,
         } => {
             init_logging();
             check_role(role, kv_transfer_port, &kv_source, !no_prefix_caching)?;
+            let key = kv_transfer_key_file
+                .map(|path| {
+                    let secret = std::fs::read(&path).with_context(|| {
+                        format!("reading the KV transfer key {}", path.display())
+                    })?;
+                    runtime::disagg::transfer::TransferKey::from_secret(&secret)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+                })
+                .transpose()?;
+            let transfer = runtime::disagg::transfer::Options {
+                shared_memory: !no_kv_shared_memory,
+                key,
+                ..Default::default()
+            };
             let drain_timeout = seconds("--drain-timeout", drain_timeout, 0.0)?;
             // Zero would close every connection before its request arrives.
             let header_read_timeout = seconds("--header-read-timeout", header_read_timeout, 0.001)?;
@@ -751,7 +776,7 @@ fn run() -> Result<()> {
                     kv_transfer_port,
                     kv_sources: kv_source,
                     min_transfer_tokens: kv_transfer_min_tokens,
-                    ..Default::default()
+                    transfer: transfer.clone(),
                 },
             };
             let draft = match config.speculative.as_ref().map(|c| &c.method) {
@@ -798,7 +823,7 @@ fn run() -> Result<()> {
                         transfers,
                         server.scheduler().clone(),
                         server.instance_state(),
-                        Default::default(),
+                        transfer,
                     ));
                 }
                 tracing::info!(

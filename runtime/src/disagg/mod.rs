@@ -14,29 +14,102 @@
 //! holds are not sent, and any failure of a transfer leaves the decode instance computing the
 //! prompt itself: slower, never different.
 //!
-//! `wire` is the protocol, `transfer` the two ends of a connection.
+//! `wire` is the protocol, `transfer` the two ends of a connection, `shared` the same-host
+//! path through shared memory.
 
+pub mod shared;
 pub mod transfer;
 pub mod wire;
 
+use shared::SharedRegion;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio_util::bytes::Bytes;
 use transfer::Identity;
 
 /// A prompt prefix's KV blocks as they travel between instances.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct KvPrefix {
     /// The prefix's tokens: a whole number of blocks.
     pub tokens: Vec<u32>,
     /// The index of the first block carried (the blocks before it were not asked for).
     pub first_block: usize,
     /// Blocks `first_block ..` in `KvPool::read_block`'s form.
-    pub blocks: Vec<Vec<u8>>,
+    pub blocks: ReceivedBlocks,
     /// The receiving scheduler's weights generation when it asked for them
     /// ([`crate::scheduler::CachedPrefix`]): after a live weight update in between they are
     /// not seated.
     pub weights_generation: u64,
+}
+
+/// The blocks a transfer brought: the frames they came in, or the shared-memory region the
+/// prefill instance wrote them into.
+#[derive(Debug)]
+pub enum ReceivedBlocks {
+    Frames(Vec<Bytes>),
+    /// The first `count` blocks of the region.
+    Shared {
+        region: SharedRegion,
+        count: usize,
+    },
+}
+
+impl ReceivedBlocks {
+    pub fn len(&self) -> usize {
+        match self {
+            ReceivedBlocks::Frames(frames) => frames.len(),
+            ReceivedBlocks::Shared { count, .. } => *count,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Block `i` of those that came.
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        match self {
+            ReceivedBlocks::Frames(frames) => frames.get(i).map(|b| &b[..]),
+            ReceivedBlocks::Shared { region, count } => (i < *count).then(|| region.block(i)),
+        }
+    }
+}
+
+/// Where a prefill instance's engine thread copies the blocks it reads for a transfer: buffers
+/// kept from one read to the next (each a block long), or the decode instance's shared-memory
+/// region from its block `offset` on.
+#[derive(Debug)]
+pub enum BlockSlots {
+    Buffers(Vec<Vec<u8>>),
+    Shared { region: SharedRegion, offset: usize },
+}
+
+impl BlockSlots {
+    /// How many blocks one read may copy.
+    pub fn capacity(&self) -> usize {
+        match self {
+            BlockSlots::Buffers(buffers) => buffers.len(),
+            BlockSlots::Shared { region, offset } => region.blocks().saturating_sub(*offset),
+        }
+    }
+
+    /// Where the read's `i`th block goes (`i < capacity()`).
+    pub fn slot(&mut self, i: usize) -> &mut [u8] {
+        match self {
+            BlockSlots::Buffers(buffers) => &mut buffers[i],
+            BlockSlots::Shared { region, offset } => region.block_mut(*offset + i),
+        }
+    }
+}
+
+/// `N` bytes from the operating system's generator; `None` when it fails (a transfer that
+/// needs them does not happen).
+pub(crate) fn random_bytes<const N: usize>() -> Option<[u8; N]> {
+    use rand::TryRngCore;
+    let mut bytes = [0u8; N];
+    rand::rngs::OsRng.try_fill_bytes(&mut bytes).ok()?;
+    Some(bytes)
 }
 
 /// The role of an instance (`fdrt serve --role`).

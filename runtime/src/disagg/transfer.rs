@@ -1,14 +1,20 @@
 //! The two ends of a KV transfer connection: [`serve`] on a prefill instance, [`fetch_prefix`]
 //! on a decode instance (the exchange is in `wire`'s doc).
 
-use super::wire::{plan_hex, Control, Message, WireError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
-use super::{InstanceState, KvPrefix, Role};
+use super::shared::{SharedOffer, SharedRegion};
+use super::wire::{
+    block_frame_head, checksum, hex, plan_hex, Control, Message, WireError, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+};
+use super::{random_bytes, BlockSlots, InstanceState, KvPrefix, ReceivedBlocks, Role};
 use crate::sampler::SamplingParams;
-use crate::scheduler::{CachedPrefix, Event, RequestParams, Scheduler};
+use crate::scheduler::{BlocksRead, CachedPrefix, Event, RequestParams, Scheduler};
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::bytes::{Buf, Bytes};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 /// What the two ends must share besides the weights in service (which the scheduler reports,
@@ -35,6 +41,67 @@ impl Default for Timeouts {
         Timeouts {
             io: Duration::from_secs(30),
             prefill: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A secret both ends of a transfer hold (`fdrt serve --kv-transfer-key-file`): each proves it
+/// to the other on the connection's nonces, so only instances given the key take or send
+/// blocks. The file's bytes, trimmed of surrounding white space, go through blake3's key
+/// derivation.
+#[derive(Clone)]
+pub struct TransferKey([u8; 32]);
+
+impl TransferKey {
+    /// The least a key file must hold, after trimming.
+    pub const MIN_SECRET_BYTES: usize = 16;
+
+    pub fn from_secret(secret: &[u8]) -> Result<TransferKey, String> {
+        let secret = secret.trim_ascii();
+        if secret.len() < Self::MIN_SECRET_BYTES {
+            return Err(format!(
+                "a KV transfer key needs at least {} bytes; this one has {}",
+                Self::MIN_SECRET_BYTES,
+                secret.len()
+            ));
+        }
+        Ok(TransferKey(blake3::derive_key(
+            "fdrt 2026 KV transfer key",
+            secret,
+        )))
+    }
+
+    /// The proof that the side in `role` holds the key, for the nonces of this connection.
+    fn prove(&self, role: Role, to_nonce: &str, from_nonce: &str) -> blake3::Hash {
+        let mut hasher = blake3::Hasher::new_keyed(&self.0);
+        hasher.update(&[role as u8]);
+        hasher.update(to_nonce.as_bytes());
+        hasher.update(from_nonce.as_bytes());
+        hasher.finalize()
+    }
+}
+
+impl std::fmt::Debug for TransferKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TransferKey(..)")
+    }
+}
+
+/// How one instance's transfers run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub timeouts: Timeouts,
+    /// A decode instance offers a shared-memory region for the blocks (taken only on one host).
+    pub shared_memory: bool,
+    pub key: Option<TransferKey>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            timeouts: Timeouts::default(),
+            shared_memory: true,
+            key: None,
         }
     }
 }
@@ -76,8 +143,25 @@ async fn send(
     message: &Message,
     wait: Duration,
 ) -> Result<(), TransferError> {
-    let frame = tokio_util::bytes::Bytes::from(message.encode());
+    let frame = Bytes::from(message.encode());
     tokio::time::timeout(wait, conn.send(frame))
+        .await
+        .map_err(|_| TransferError::Timeout(wait))??;
+    Ok(())
+}
+
+/// Sends block `index` as a block frame written straight from `bytes` (see `wire`).
+async fn send_block(
+    conn: &mut Connection,
+    index: u32,
+    bytes: &[u8],
+    wait: Duration,
+) -> Result<(), TransferError> {
+    let head = block_frame_head(index, bytes.len());
+    let sum = checksum(&[&head[4..], bytes]);
+    let mut pieces = (&head[..]).chain(bytes).chain(&sum[..]);
+    // The codec's write buffer is empty: every `send` above flushes it.
+    tokio::time::timeout(wait, conn.get_mut().write_all_buf(&mut pieces))
         .await
         .map_err(|_| TransferError::Timeout(wait))??;
     Ok(())
@@ -89,21 +173,23 @@ async fn receive(conn: &mut Connection, wait: Duration) -> Result<Message, Trans
         Ok(None) => Err(TransferError::Protocol(
             "the peer closed the connection".into(),
         )),
-        Ok(Some(frame)) => Ok(Message::decode(&frame?)?),
+        Ok(Some(frame)) => Ok(Message::decode(frame?.freeze())?),
     }
 }
 
-fn hello(me: &Identity, weights: &str) -> Message {
+fn hello(me: &Identity, weights: &str, nonce: &str) -> Message {
     Message::Control(Control::Hello {
         version: PROTOCOL_VERSION,
         plan: plan_hex(&me.plan),
         weights: weights.to_string(),
         block_size: me.block_size as u32,
         block_bytes: me.block_bytes as u64,
+        nonce: nonce.to_string(),
     })
 }
 
-fn check_hello(me: &Identity, my_weights: &str, message: Message) -> Result<(), TransferError> {
+/// Checks the peer's hello against this instance; returns the peer's nonce.
+fn check_hello(me: &Identity, my_weights: &str, message: Message) -> Result<String, TransferError> {
     match message {
         Message::Control(Control::Hello {
             version,
@@ -111,6 +197,7 @@ fn check_hello(me: &Identity, my_weights: &str, message: Message) -> Result<(), 
             weights,
             block_size,
             block_bytes,
+            nonce,
         }) => {
             let mine = plan_hex(&me.plan);
             let name = |w: &str| match w {
@@ -140,11 +227,76 @@ fn check_hello(me: &Identity, my_weights: &str, message: Message) -> Result<(), 
                     me.block_bytes
                 ))
             } else {
-                Ok(())
+                Ok(nonce)
             }
             .map_err(TransferError::Mismatch)
         }
         other => Err(unexpected("a hello", other)),
+    }
+}
+
+/// Steps 1 and 2 of the exchange (`wire`'s doc): hellos both ways, then proofs of the key both
+/// ways. `role` is this side's. A mismatch is told to the peer before the error returns.
+async fn handshake(
+    conn: &mut Connection,
+    me: &Identity,
+    weights: &str,
+    role: Role,
+    options: &Options,
+) -> Result<(), TransferError> {
+    let io = options.timeouts.io;
+    let nonce = random_bytes::<16>()
+        .map(|b| hex(&b))
+        .ok_or_else(|| TransferError::Protocol("no randomness for a nonce".into()))?;
+    send(conn, &hello(me, weights, &nonce), io).await?;
+    let checked = match check_hello(me, weights, receive(conn, io).await?) {
+        Ok(peer_nonce) => {
+            let proof = options.key.as_ref().map_or(String::new(), |key| {
+                key.prove(role, &peer_nonce, &nonce).to_hex().to_string()
+            });
+            send(conn, &Message::Control(Control::Auth { proof }), io).await?;
+            match receive(conn, io).await? {
+                Message::Control(Control::Auth { proof }) => {
+                    let peer = match role {
+                        Role::Decode => Role::Prefill,
+                        _ => Role::Decode,
+                    };
+                    check_proof(options.key.as_ref(), peer, &nonce, &peer_nonce, &proof)
+                }
+                other => Err(unexpected("a key proof", other)),
+            }
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(TransferError::Mismatch(message)) = &checked {
+        let refusal = Message::Control(Control::Error {
+            message: message.clone(),
+        });
+        let _ = send(conn, &refusal, io).await;
+    }
+    checked
+}
+
+fn check_proof(
+    key: Option<&TransferKey>,
+    peer: Role,
+    my_nonce: &str,
+    peer_nonce: &str,
+    proof: &str,
+) -> Result<(), TransferError> {
+    let refused = |why: &str| Err(TransferError::Mismatch(why.to_string()));
+    match key {
+        None if proof.is_empty() => Ok(()),
+        None => refused("the peer requires a KV transfer key and this instance has none (--kv-transfer-key-file)"),
+        Some(_) if proof.is_empty() => refused("this instance requires a KV transfer key and the peer has none (--kv-transfer-key-file)"),
+        Some(key) => {
+            // blake3::Hash compares in constant time.
+            let expected = key.prove(peer, my_nonce, peer_nonce);
+            match blake3::Hash::from_hex(proof) {
+                Ok(given) if given == expected => Ok(()),
+                _ => refused("the peer's KV transfer key is not this instance's"),
+            }
+        }
     }
 }
 
@@ -168,8 +320,9 @@ pub async fn fetch_prefix(
     me: &Identity,
     tokens: Vec<u32>,
     held: CachedPrefix,
-    timeouts: Timeouts,
+    options: &Options,
 ) -> Result<KvPrefix, TransferError> {
+    let timeouts = options.timeouts;
     let skip_blocks = held.blocks;
     let stream = tokio::time::timeout(timeouts.io, TcpStream::connect(addr))
         .await
@@ -181,29 +334,58 @@ pub async fn fetch_prefix(
     let mut conn = connection(stream);
     // The weights the blocks must have been computed with: those of this instance's cache
     // when it counted its blocks (the seating checks their generation again).
-    send(&mut conn, &hello(me, &held.weights), timeouts.io).await?;
-    check_hello(me, &held.weights, receive(&mut conn, timeouts.io).await?)?;
+    handshake(&mut conn, me, &held.weights, Role::Decode, options).await?;
     let total = tokens.len() / me.block_size.max(1);
+    let wanted = total.saturating_sub(skip_blocks);
+    let mut region = (options.shared_memory && wanted > 0)
+        .then(|| SharedRegion::create(wanted, me.block_bytes))
+        .flatten();
     let request = Control::Prefill {
         tokens: tokens.clone(),
         skip_blocks: skip_blocks as u32,
+        shared: region.as_ref().and_then(SharedRegion::offer),
     };
     send(&mut conn, &Message::Control(request), timeouts.io).await?;
     // Blocks arrive as the prefill instance computes them: each may take a prompt chunk's time.
-    let mut blocks = Vec::new();
+    let mut frames = Vec::new();
+    let mut mapped = false;
+    let mut written = 0;
     loop {
-        let due = skip_blocks + blocks.len();
+        let due = skip_blocks + frames.len() + written;
         match receive(&mut conn, timeouts.prefill).await? {
             Message::Block { index, bytes }
-                if index as usize == due && due < total && bytes.len() == me.block_bytes =>
+                if !mapped
+                    && index as usize == due
+                    && due < total
+                    && bytes.len() == me.block_bytes =>
             {
-                blocks.push(bytes)
+                // Not through the region, then: let it go.
+                region = None;
+                frames.push(bytes)
             }
             Message::Block { index, bytes } => {
                 return Err(TransferError::Protocol(format!(
                     "block {index} of {} bytes where block {due} of {} (of {total}) was due",
                     bytes.len(),
                     me.block_bytes
+                )))
+            }
+            Message::Control(Control::Mapped) if region.is_some() && due == skip_blocks => {
+                mapped = true
+            }
+            Message::Control(Control::Written { end })
+                if mapped && end as usize > due && end as usize <= total =>
+            {
+                written = end as usize - skip_blocks
+            }
+            Message::Control(Control::Written { end }) => {
+                return Err(TransferError::Protocol(format!(
+                    "blocks before {end} written to shared memory after block {due} (of {total}){}",
+                    if mapped {
+                        ""
+                    } else {
+                        ", but the region was not taken"
+                    }
                 )))
             }
             Message::Control(Control::Done { end }) if end as usize == due => break,
@@ -215,6 +397,18 @@ pub async fn fetch_prefix(
             other => return Err(unexpected("a block", other)),
         }
     }
+    let blocks = match region {
+        Some(mut region) if mapped => {
+            // The prefill instance wrote its last block before its `Done`: the region can
+            // serve the next transfer once these blocks are seated.
+            region.keep();
+            ReceivedBlocks::Shared {
+                region,
+                count: written,
+            }
+        }
+        _ => ReceivedBlocks::Frames(frames),
+    };
     Ok(KvPrefix {
         tokens,
         first_block: skip_blocks,
@@ -229,10 +423,11 @@ pub async fn serve(
     listener: TcpListener,
     scheduler: Scheduler,
     instance: Arc<InstanceState>,
-    timeouts: Timeouts,
+    options: Options,
 ) {
     // Beyond this many at once, connections wait in the listen backlog.
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS));
+    let options = Arc::new(options);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return; // closed: never, the semaphore is ours
@@ -246,12 +441,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let (scheduler, instance) = (scheduler.clone(), instance.clone());
+        let (scheduler, instance, options) = (scheduler.clone(), instance.clone(), options.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let _active = instance.transfer_started();
             let start = Instant::now();
-            match answer(stream, &scheduler, &instance, timeouts).await {
+            match answer(stream, &scheduler, &instance, &options).await {
                 Ok(blocks) => {
                     instance.counters.sent(
                         blocks,
@@ -274,8 +469,9 @@ async fn answer(
     stream: TcpStream,
     scheduler: &Scheduler,
     instance: &InstanceState,
-    timeouts: Timeouts,
+    options: &Options,
 ) -> Result<usize, TransferError> {
+    let timeouts = options.timeouts;
     let me = &instance.identity();
     let mut conn = connection(stream);
     // A decode instance needs only small messages: a large frame is refused before it is read.
@@ -285,23 +481,20 @@ async fn answer(
         .cached_blocks(vec![])
         .await
         .map_err(|e| TransferError::Peer(e.to_string()))?;
-    send(&mut conn, &hello(me, &weights.weights), timeouts.io).await?;
+    handshake(&mut conn, me, &weights.weights, Role::Prefill, options).await?;
     let refuse = |message: String| Message::Control(Control::Error { message });
-    if let Err(e) = check_hello(me, &weights.weights, receive(&mut conn, timeouts.io).await?) {
-        let _ = send(&mut conn, &refuse(e.to_string()), timeouts.io).await;
-        return Err(e);
-    }
     let role = instance.role().current;
     if role != Role::Prefill {
         let message = format!("this instance is a {role:?} instance now, not a prefill instance");
         let _ = send(&mut conn, &refuse(message.clone()), timeouts.io).await;
         return Err(TransferError::Peer(message));
     }
-    let (tokens, skip) = match receive(&mut conn, timeouts.io).await? {
+    let (tokens, skip, offer) = match receive(&mut conn, timeouts.io).await? {
         Message::Control(Control::Prefill {
             tokens,
             skip_blocks,
-        }) => (tokens, skip_blocks as usize),
+            shared,
+        }) => (tokens, skip_blocks as usize, shared),
         other => return Err(unexpected("a prefill request", other)),
     };
     if tokens.is_empty() || !tokens.len().is_multiple_of(me.block_size) {
@@ -313,13 +506,27 @@ async fn answer(
         send(&mut conn, &refuse(message.clone()), timeouts.io).await?;
         return Err(TransferError::Peer(message));
     }
-    let mut sent = skip;
     let total = tokens.len() / me.block_size;
+    let region = match offer {
+        Some(offer) => open_region(&offer, total.saturating_sub(skip), me.block_bytes),
+        None => None,
+    };
+    if region.is_some() {
+        send(&mut conn, &Message::Control(Control::Mapped), timeouts.io).await?;
+    }
+    let mut out = Outbound {
+        tokens: &tokens,
+        skip,
+        sent: skip,
+        total,
+        generation: weights.weights_generation,
+        region,
+        buffers: [vec![], vec![]],
+        block_bytes: me.block_bytes,
+        io: timeouts.io,
+    };
     conn.codec_mut().set_max_frame_length(MAX_FRAME_BYTES);
-    let generation = weights.weights_generation;
-    let streamed = stream_blocks(
-        &mut conn, scheduler, &tokens, total, generation, &mut sent, timeouts,
-    );
+    let streamed = stream_blocks(&mut conn, scheduler, &mut out);
     match tokio::time::timeout(timeouts.prefill, streamed).await {
         Ok(Ok(())) => {}
         Ok(Err(Failure::Refused(message))) => {
@@ -333,9 +540,21 @@ async fn answer(
             return Err(TransferError::Peer(message));
         }
     }
-    let end = Control::Done { end: sent as u32 };
+    let end = Control::Done {
+        end: out.sent as u32,
+    };
     send(&mut conn, &Message::Control(end), timeouts.io).await?;
-    Ok(sent - skip)
+    if let Some(region) = &mut out.region {
+        region.keep();
+    }
+    Ok(out.sent - skip)
+}
+
+/// The decode instance's region, if it is on this host; otherwise the blocks go as frames.
+fn open_region(offer: &SharedOffer, blocks: usize, block_bytes: usize) -> Option<SharedRegion> {
+    SharedRegion::open(offer, blocks, block_bytes)
+        .map_err(|e| tracing::debug!(error = %e, "KV transfer: blocks go over the socket"))
+        .ok()
 }
 
 enum Failure {
@@ -345,53 +564,51 @@ enum Failure {
     Transfer(TransferError),
 }
 
+/// A prefill instance's side of one transfer while blocks go out.
+struct Outbound<'a> {
+    tokens: &'a [u32],
+    /// The first block asked for.
+    skip: usize,
+    /// The next block to hand over.
+    sent: usize,
+    total: usize,
+    /// The weights generation every read must be of.
+    generation: u64,
+    /// The decode instance's shared-memory region, when the blocks go through it.
+    region: Option<SharedRegion>,
+    /// Two sets of block buffers when they go as frames: the engine thread fills one while the
+    /// other is sent.
+    buffers: [Vec<Vec<u8>>; 2],
+    block_bytes: usize,
+    io: Duration,
+}
+
 /// Runs `tokens` through the model as a request of one token, which leaves their full blocks
-/// in the prefix cache, and sends each block from `*sent` on as soon as the cache holds it:
-/// between two steps of a chunked prefill, the blocks of the chunks done so far go out while
-/// the next chunk computes.
+/// in the prefix cache, and hands over each block from `out.sent` on as soon as the cache
+/// holds it: between two steps of a chunked prefill, the blocks of the chunks done so far go
+/// out while the next chunk computes.
 async fn stream_blocks(
     conn: &mut Connection,
     scheduler: &Scheduler,
-    tokens: &[u32],
-    total_blocks: usize,
-    generation: u64,
-    sent: &mut usize,
-    timeouts: Timeouts,
+    out: &mut Outbound<'_>,
 ) -> Result<(), Failure> {
-    let changed =
-        || Failure::Refused("the prefill instance's weights changed during the transfer".into());
     let params = prefill_request();
     // Submitted only when the cache lacks a block: blocks this instance holds already go out
     // without any computation.
     let mut request = None;
     let mut finished = false;
     loop {
-        // The blocks past those sent that the cache holds now, in one call to the engine
-        // thread, which answers between steps: this paces itself by the prefill's chunks.
-        let (blocks, read_under) = scheduler
-            .read_cached_blocks(tokens.to_vec(), *sent)
-            .await
-            .map_err(Failure::Refused)?;
-        if read_under != generation {
-            return Err(changed());
-        }
-        for bytes in blocks {
-            let index = *sent as u32;
-            send(conn, &Message::Block { index, bytes }, timeouts.io)
-                .await
-                .map_err(Failure::Transfer)?;
-            *sent += 1;
-        }
+        hand_over_cached(conn, scheduler, out).await?;
         // Every block sent, or the prefill done (a block the cache dropped meanwhile is the
         // decode instance's to compute).
-        if *sent >= total_blocks || finished {
+        if out.sent >= out.total || finished {
             return Ok(());
         }
         let stream = match &mut request {
             Some(stream) => stream,
             None => request.insert(
                 scheduler
-                    .submit(tokens.to_vec(), params.clone())
+                    .submit(out.tokens.to_vec(), params.clone())
                     .map_err(|e| Failure::Refused(e.to_string()))?,
             ),
         };
@@ -417,6 +634,72 @@ async fn stream_blocks(
     }
 }
 
+/// Hands over every block from `out.sent` on that the cache holds now: into the region, or as
+/// frames, each batch sent while the engine thread copies the next.
+async fn hand_over_cached(
+    conn: &mut Connection,
+    scheduler: &Scheduler,
+    out: &mut Outbound<'_>,
+) -> Result<(), Failure> {
+    let checked = |read: Result<BlocksRead, String>, generation: u64| {
+        let read = read.map_err(Failure::Refused)?;
+        if read.weights_generation != generation {
+            return Err(Failure::Refused(
+                "the prefill instance's weights changed during the transfer".into(),
+            ));
+        }
+        Ok(read)
+    };
+    if let Some(region) = out.region.take() {
+        let offset = out.sent - out.skip;
+        let slots = BlockSlots::Shared { region, offset };
+        let read = scheduler.read_cached_blocks(out.tokens.to_vec(), out.sent, slots);
+        let read = checked(read.await, out.generation)?;
+        if let BlockSlots::Shared { region, .. } = read.slots {
+            out.region = Some(region);
+        }
+        if read.count > 0 {
+            out.sent += read.count;
+            let written = Control::Written {
+                end: out.sent as u32,
+            };
+            send(conn, &Message::Control(written), out.io)
+                .await
+                .map_err(Failure::Transfer)?;
+        }
+        return Ok(());
+    }
+    let batch = (READ_BATCH_BYTES / out.block_bytes.max(1)).max(1);
+    let fresh = |buffers: &mut Vec<Vec<u8>>| {
+        let mut buffers = std::mem::take(buffers);
+        buffers.resize_with(batch, || vec![0; out.block_bytes]);
+        BlockSlots::Buffers(buffers)
+    };
+    let [mut next_buffers, mut spare] = std::mem::take(&mut out.buffers);
+    let mut pending =
+        scheduler.read_cached_blocks(out.tokens.to_vec(), out.sent, fresh(&mut next_buffers));
+    loop {
+        let read = checked(pending.await, out.generation)?;
+        let BlockSlots::Buffers(filled) = read.slots else {
+            return Err(Failure::Refused("KV slots came back changed".into()));
+        };
+        if read.count == 0 {
+            out.buffers = [filled, spare];
+            return Ok(());
+        }
+        // The next read starts now, into the other buffers, while these go out.
+        let after = out.sent + read.count;
+        pending = scheduler.read_cached_blocks(out.tokens.to_vec(), after, fresh(&mut spare));
+        for bytes in &filled[..read.count] {
+            send_block(conn, out.sent as u32, bytes, out.io)
+                .await
+                .map_err(Failure::Transfer)?;
+            out.sent += 1;
+        }
+        spare = filled;
+    }
+}
+
 /// What a prefill instance runs a prefix as: one greedy token, which leaves the prefix's full
 /// blocks in its prefix cache.
 pub fn prefill_request() -> RequestParams {
@@ -439,3 +722,7 @@ const MAX_REQUEST_BYTES: usize = 16 << 20;
 /// How often a prefill instance looks for newly computed blocks while nothing else happens
 /// (a request waiting in its queue, say).
 const PROGRESS_POLL: Duration = Duration::from_millis(2);
+
+/// Bytes of blocks one read from the engine copies when they go as frames (at least a block):
+/// two such batches per transfer are in memory at once.
+const READ_BATCH_BYTES: usize = 4 << 20;

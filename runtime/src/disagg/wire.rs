@@ -2,31 +2,43 @@
 //! connection per request.
 //!
 //! Framing is tokio-util's length-delimited codec (a 4-byte big-endian length, then the frame);
-//! every frame is `[kind][body][blake3(kind, body)]`, so a frame damaged anywhere on its way is
-//! refused whole instead of seating wrong keys and values. Control messages carry JSON bodies
+//! every frame is `[kind][body][xxh3-128(kind, body)]`, so a frame damaged anywhere on its way is
+//! refused whole instead of seating wrong keys and values (the checksum detects damage; it does
+//! not authenticate: the handshake does that, below). Control messages carry JSON bodies
 //! (small, and readable in a capture); a block frame carries the block's bytes raw, in
-//! [`crate::kv_cache::KvPool::read_block`]'s form, behind its index.
+//! [`crate::kv_cache::KvPool::read_block`]'s form, behind its index, and is written to the socket
+//! in three pieces ([`block_frame_head`], the bytes, [`checksum`]) so a block is never copied
+//! into a frame.
 //!
 //! The exchange, decode instance (D) to prefill instance (P):
-//! 1. both send [`Message::Hello`]: protocol version, plan identity, block size and bytes per
-//!    block must agree, or the side that sees the difference sends [`Message::Error`] and closes;
-//! 2. D sends [`Message::Prefill`]: the prompt's leading full blocks' tokens, and how many of
-//!    those blocks it already holds in its prefix cache (P skips them);
-//! 3. P prefills the tokens (from its own prefix cache where it can) and sends each block as
-//!    soon as it is computed, one [`Message::Block`] each, in order, while the later chunks of
-//!    the prompt are still being computed; then [`Control::Done`] with the index after the
-//!    last block sent; or an error at any point.
+//! 1. both send [`Control::Hello`]: protocol version, plan identity, weights in service, block
+//!    size and bytes per block must agree, or the side that sees the difference sends
+//!    [`Control::Error`] and closes; each hello carries a fresh random nonce;
+//! 2. both send [`Control::Auth`]: with a shared transfer key, a keyed hash of the peer's nonce
+//!    and its own (and its role, so a proof cannot be sent back); without a key, empty. A side
+//!    with a key refuses a peer whose proof is missing or wrong, and one without a key refuses a
+//!    peer that has one (the two are configured differently);
+//! 3. D sends [`Control::Prefill`]: the prompt's leading full blocks' tokens, how many of those
+//!    blocks it already holds in its prefix cache (P skips them), and, on one host, a shared
+//!    memory region to put the blocks in (`super::shared`);
+//! 4. P answers [`Control::Mapped`] if it opened the region; then it prefills the tokens (from
+//!    its own prefix cache where it can) and hands over each block as soon as it is computed,
+//!    while the later chunks of the prompt are still being computed: as a [`Message::Block`]
+//!    frame each, or, into the region, a [`Control::Written`] for each batch; then
+//!    [`Control::Done`] with the index after the last block; or an error at any point.
 
+use super::shared::SharedOffer;
 use serde::{Deserialize, Serialize};
+use tokio_util::bytes::Bytes;
 
 /// Changes whenever a message's form does.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side accepts: a block of a large model's KV (an 8B-shaped plan's
 /// 64-position block is 16.8 MB in f32) with room to spare.
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
 
-const CHECKSUM_BYTES: usize = 32;
+pub const CHECKSUM_BYTES: usize = 16;
 const KIND_CONTROL: u8 = 1;
 const KIND_BLOCK: u8 = 2;
 
@@ -42,10 +54,26 @@ pub enum Control {
         weights: String,
         block_size: u32,
         block_bytes: u64,
+        /// 16 random bytes, hex: what the peer's [`Control::Auth`] proves its key on.
+        nonce: String,
+    },
+    /// Hex of the keyed hash proving the transfer key (`super::transfer::TransferKey`), empty
+    /// without one.
+    Auth {
+        proof: String,
     },
     Prefill {
         tokens: Vec<u32>,
         skip_blocks: u32,
+        /// A shared-memory region for the blocks, when the decode instance could make one.
+        #[serde(default)]
+        shared: Option<SharedOffer>,
+    },
+    /// The prefill instance opened the offered region: the blocks come through it.
+    Mapped,
+    /// The region holds the blocks before block `end` (counted from the prefix's first block).
+    Written {
+        end: u32,
     },
     /// The blocks sent end before block `end` (fewer than asked for when the prefill
     /// instance's cache dropped some: the decode instance computes the rest).
@@ -64,7 +92,7 @@ pub enum Message {
     /// Block `index` of the prefix (counted from the prefix's first block).
     Block {
         index: u32,
-        bytes: Vec<u8>,
+        bytes: Bytes,
     },
 }
 
@@ -98,35 +126,34 @@ impl Message {
                 frame
             }
         };
-        let checksum = blake3::hash(&frame);
-        frame.extend_from_slice(checksum.as_bytes());
+        let sum = checksum(&[&frame]);
+        frame.extend_from_slice(&sum);
         frame
     }
 
-    /// Checks and reads a frame.
-    pub fn decode(frame: &[u8]) -> Result<Message, WireError> {
+    /// Checks and reads a frame (a block's bytes stay in the frame's buffer).
+    pub fn decode(frame: Bytes) -> Result<Message, WireError> {
         let Some(body_len) = frame.len().checked_sub(CHECKSUM_BYTES).filter(|&n| n > 0) else {
             return Err(WireError::Short(frame.len()));
         };
-        let (content, checksum) = frame.split_at(body_len);
-        // blake3::Hash compares in constant time; the length is fixed above.
-        if blake3::hash(content)
-            != blake3::Hash::from_slice(checksum).map_err(|_| WireError::Checksum)?
-        {
+        let (content, sum) = frame.split_at(body_len);
+        if checksum(&[content])[..] != sum[..] {
             return Err(WireError::Checksum);
         }
-        let (&kind, body) = content.split_first().ok_or(WireError::Short(frame.len()))?;
-        match kind {
-            KIND_CONTROL => serde_json::from_slice(body)
+        match content[0] {
+            KIND_CONTROL => serde_json::from_slice(&content[1..])
                 .map(Message::Control)
                 .map_err(|e| WireError::Malformed(e.to_string())),
             KIND_BLOCK => {
-                let (index, bytes) = body.split_first_chunk::<4>().ok_or_else(|| {
-                    WireError::Malformed("a block frame without its index".into())
-                })?;
+                let index = content
+                    .get(1..5)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| {
+                        WireError::Malformed("a block frame without its index".into())
+                    })?;
                 Ok(Message::Block {
-                    index: u32::from_le_bytes(*index),
-                    bytes: bytes.to_vec(),
+                    index: u32::from_le_bytes(index),
+                    bytes: frame.slice(5..body_len),
                 })
             }
             other => Err(WireError::Kind(other)),
@@ -134,9 +161,35 @@ impl Message {
     }
 }
 
+/// The checksum of a frame's content, given in pieces.
+pub fn checksum(pieces: &[&[u8]]) -> [u8; CHECKSUM_BYTES] {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for piece in pieces {
+        hasher.update(piece);
+    }
+    hasher.digest128().to_le_bytes()
+}
+
+/// What goes on the wire before a block's `len` bytes in a block frame: the codec's length
+/// field, the kind and the index. The frame's checksum is
+/// `checksum(&[&head[4..], bytes])`.
+pub fn block_frame_head(index: u32, len: usize) -> [u8; 9] {
+    let frame_len = (1 + 4 + len + CHECKSUM_BYTES) as u32;
+    let mut head = [0u8; 9];
+    head[..4].copy_from_slice(&frame_len.to_be_bytes());
+    head[4] = KIND_BLOCK;
+    head[5..].copy_from_slice(&index.to_le_bytes());
+    head
+}
+
 /// The plan identity as the hello message spells it.
 pub fn plan_hex(identity: &[u8; 32]) -> String {
-    identity.iter().map(|b| format!("{b:02x}")).collect()
+    hex(identity)
+}
+
+/// Bytes as lowercase hex, the way the messages spell them.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -151,22 +204,39 @@ mod tests {
                 weights: "step-7".into(),
                 block_size: 64,
                 block_bytes: 1 << 20,
+                nonce: "00ff".repeat(8),
+            }),
+            Message::Control(Control::Auth {
+                proof: "ab".repeat(32),
             }),
             Message::Control(Control::Prefill {
                 tokens: vec![1, 2, 3],
                 skip_blocks: 1,
+                shared: None,
             }),
+            Message::Control(Control::Prefill {
+                tokens: vec![4],
+                skip_blocks: 0,
+                shared: Some(SharedOffer {
+                    pid: 7,
+                    fd: 3,
+                    tag: "01".repeat(16),
+                    bytes: 1 << 30,
+                }),
+            }),
+            Message::Control(Control::Mapped),
+            Message::Control(Control::Written { end: 2 }),
             Message::Control(Control::Done { end: 3 }),
             Message::Control(Control::Error {
                 message: "no".into(),
             }),
             Message::Block {
                 index: 7,
-                bytes: (0..=255).collect(),
+                bytes: (0..=255).collect::<Vec<u8>>().into(),
             },
             Message::Block {
                 index: 0,
-                bytes: vec![],
+                bytes: Bytes::new(),
             },
         ]
     }
@@ -174,7 +244,7 @@ mod tests {
     #[test]
     fn every_message_survives_its_frame() {
         for message in messages() {
-            assert_eq!(Message::decode(&message.encode()), Ok(message));
+            assert_eq!(Message::decode(message.encode().into()), Ok(message));
         }
     }
 
@@ -186,38 +256,55 @@ mod tests {
                 let mut damaged = frame.clone();
                 damaged[at] ^= 0x10;
                 assert_eq!(
-                    Message::decode(&damaged),
+                    Message::decode(damaged.into()),
                     Err(WireError::Checksum),
                     "byte {at} of {message:?}"
                 );
             }
-            assert!(Message::decode(&frame[..frame.len() - 1]).is_err());
+            assert!(Message::decode(frame[..frame.len() - 1].to_vec().into()).is_err());
         }
-        assert_eq!(Message::decode(&[]), Err(WireError::Short(0)));
-        assert_eq!(Message::decode(&[0; 32]), Err(WireError::Short(32)));
+        let short = |n: usize| Message::decode(vec![0; n].into());
+        assert_eq!(short(0), Err(WireError::Short(0)));
+        assert_eq!(short(CHECKSUM_BYTES), Err(WireError::Short(CHECKSUM_BYTES)));
     }
 
     #[test]
     fn checksummed_nonsense_is_refused_by_kind_and_form() {
         let frame = |content: &[u8]| {
             let mut f = content.to_vec();
-            f.extend_from_slice(blake3::hash(content).as_bytes());
-            f
+            f.extend_from_slice(&checksum(&[content]));
+            Bytes::from(f)
         };
-        assert_eq!(Message::decode(&frame(&[9, 1, 2])), Err(WireError::Kind(9)));
+        assert_eq!(Message::decode(frame(&[9, 1, 2])), Err(WireError::Kind(9)));
         assert!(matches!(
-            Message::decode(&frame(&[KIND_CONTROL, b'{'])),
+            Message::decode(frame(&[KIND_CONTROL, b'{'])),
             Err(WireError::Malformed(_))
         ));
         let mut unknown_field = vec![KIND_CONTROL];
         unknown_field.extend(br#"{"type":"prefill","tokens":[1],"skip_blocks":0,"x":1}"#);
         assert!(matches!(
-            Message::decode(&frame(&unknown_field)),
+            Message::decode(frame(&unknown_field)),
             Err(WireError::Malformed(_))
         ));
         assert!(matches!(
-            Message::decode(&frame(&[KIND_BLOCK, 1, 2])),
+            Message::decode(frame(&[KIND_BLOCK, 1, 2])),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_block_written_in_pieces_is_the_frame_the_codec_reads() {
+        let bytes: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        let head = block_frame_head(9, bytes.len());
+        let mut wire = head.to_vec();
+        wire.extend_from_slice(&bytes);
+        wire.extend_from_slice(&checksum(&[&head[4..], &bytes]));
+        let whole = Message::Block {
+            index: 9,
+            bytes: bytes.clone().into(),
+        }
+        .encode();
+        assert_eq!(&wire[..4], &(whole.len() as u32).to_be_bytes());
+        assert_eq!(&wire[4..], &whole[..]);
     }
 }

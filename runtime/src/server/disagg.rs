@@ -10,7 +10,7 @@
 //! `POST /admin/v1/role` (with the API key) moves an instance between roles once its work in
 //! flight drains.
 
-use crate::disagg::transfer::{self, Identity, Timeouts};
+use crate::disagg::transfer::{self, Identity};
 use crate::disagg::wire::plan_hex;
 use crate::disagg::Role;
 use crate::server::errors::ApiError;
@@ -37,7 +37,8 @@ pub struct DisaggConfig {
     /// short prompt queued behind long ones on a busy prefill instance waits longer than it
     /// takes to compute).
     pub min_transfer_tokens: usize,
-    pub timeouts: Timeouts,
+    /// Timeouts, the transfer key, shared memory on one host.
+    pub transfer: transfer::Options,
 }
 
 impl Default for DisaggConfig {
@@ -47,7 +48,7 @@ impl Default for DisaggConfig {
             kv_transfer_port: None,
             kv_sources: vec![],
             min_transfer_tokens: 0,
-            timeouts: Timeouts::default(),
+            transfer: transfer::Options::default(),
         }
     }
 }
@@ -172,7 +173,7 @@ pub(crate) async fn pull_prompt_blocks(
     }
     for prompt in prompts {
         let start = Instant::now();
-        match pull(state, source, prompt, d.timeouts).await {
+        match pull(state, source, prompt, &d.transfer).await {
             Ok(0) => {}
             Ok(blocks) => state.disagg.counters.received(
                 blocks,
@@ -193,7 +194,7 @@ async fn pull(
     state: &AppState,
     source: &str,
     prompt: &[u32],
-    timeouts: Timeouts,
+    options: &transfer::Options,
 ) -> Result<usize, String> {
     let me = state.disagg.identity();
     if prompt.len() < state.config.disagg.min_transfer_tokens {
@@ -213,7 +214,7 @@ async fn pull(
     if held.blocks >= blocks {
         return Ok(0);
     }
-    let fetched = transfer::fetch_prefix(source, &me, prefix, held, timeouts)
+    let fetched = transfer::fetch_prefix(source, &me, prefix, held, options)
         .await
         .map_err(|e| e.to_string())?;
     let arrived = fetched.blocks.len();

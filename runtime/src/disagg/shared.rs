@@ -1,0 +1,392 @@
+//! Same-host KV transfer through shared memory: when a decode and a prefill instance run on one
+//! machine, the blocks skip the socket. The decode instance creates an anonymous memory file
+//! (`memfd`) the size of the blocks it asks for, reserves its pages, seals its size, and names
+//! it in its request by its process id and descriptor; the prefill instance opens it through
+//! `/proc/PID/fd/FD`, checks it is that region (a random tag the decode instance wrote in its
+//! header, the seals, the size), and its engine thread copies each block straight from the KV
+//! pool into it; the decode instance's engine thread seats them straight from it. One copy on
+//! each side, no checksum (memory is not a lossy channel) and no socket; the control messages
+//! still travel on the transfer connection. When the region cannot be opened (another host,
+//! another PID namespace, no `/proc`) the prefill instance sends the blocks over the socket.
+//!
+//! Why a sealed memfd and not a named file in `/dev/shm`: nothing is left behind when a process
+//! dies, no name can be guessed or pointed elsewhere, and the seals mean the decode instance
+//! cannot shrink the file under the prefill instance's mapping (a write past a shrunk file's end
+//! would kill the prefill instance with SIGBUS). The pages are reserved with `fallocate` when the
+//! region is made, so a full memory cgroup refuses the region then, not in the middle of a copy.
+//!
+//! Hand-written over `libc` because it is a few system calls (memfd_create, fallocate, the seal
+//! fcntls) that no well-kept crate wraps together with the `/proc` open this needs.
+
+use super::wire::hex;
+use memmap2::MmapMut;
+use std::fs::File;
+
+/// Bytes before the first block: the region's tag, padded so blocks start 64-byte aligned.
+const HEADER_BYTES: usize = 64;
+const TAG_BYTES: usize = 16;
+
+/// Regions a decode instance keeps for its next transfers, and mappings of decode instances'
+/// regions a prefill instance keeps: making a region (reserving and zeroing its pages) and
+/// mapping one cost more than copying the blocks through it, so both are reused.
+const MAX_KEPT: usize = 4;
+/// The most bytes of kept regions, each side.
+const MAX_KEPT_BYTES: usize = 1 << 30;
+
+/// What a decode instance's request says of its region.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SharedOffer {
+    pub pid: u32,
+    pub fd: i32,
+    /// Hex of the random tag at the region's start.
+    pub tag: String,
+    /// The region's size, header included (at least what the blocks asked for need).
+    pub bytes: u64,
+}
+
+/// A memory file and its mapping.
+#[derive(Debug)]
+struct Mapping {
+    // Field order: the mapping goes before the file closes (either order is sound; this is the
+    // natural one).
+    map: MmapMut,
+    file: File,
+    tag: [u8; TAG_BYTES],
+}
+
+/// Kept regions: a decode instance's own, free for its next transfer, or a prefill instance's
+/// mappings of others', by the offer that named them.
+type Kept = std::sync::Mutex<Vec<(Option<SharedOffer>, Mapping)>>;
+static MADE: Kept = std::sync::Mutex::new(Vec::new());
+static OPENED: Kept = std::sync::Mutex::new(Vec::new());
+
+/// A mapped shared-memory region with room for a transfer's blocks behind a small header,
+/// held by one transfer at a time.
+#[derive(Debug)]
+pub struct SharedRegion {
+    mapping: Option<Mapping>,
+    /// The offer it was opened by (prefill side), `None` for a region made here.
+    opened_by: Option<SharedOffer>,
+    block_bytes: usize,
+    blocks: usize,
+    /// Whether it goes back to be reused when dropped ([`SharedRegion::keep`]).
+    reusable: bool,
+}
+
+impl SharedRegion {
+    /// The decode side: a region for `blocks` blocks of `block_bytes`, one kept from an earlier
+    /// transfer when one is large enough, else a new one (room for the next power of two of
+    /// blocks, so that it fits later prompts too). `None` where shared memory cannot be had here
+    /// (not Linux, memory refused): the transfer then goes over the socket.
+    pub fn create(blocks: usize, block_bytes: usize) -> Option<SharedRegion> {
+        let need = HEADER_BYTES.checked_add(blocks.checked_mul(block_bytes)?)?;
+        let kept = {
+            let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+            let fits = (0..made.len())
+                .filter(|&i| made[i].1.map.len() >= need)
+                .min_by_key(|&i| made[i].1.map.len());
+            fits.map(|i| made.swap_remove(i).1)
+        };
+        let mapping = match kept {
+            Some(mapping) => mapping,
+            None => {
+                let room = HEADER_BYTES.checked_add(
+                    blocks
+                        .checked_next_power_of_two()?
+                        .checked_mul(block_bytes)?,
+                )?;
+                make(room)
+                    .map_err(
+                        |e| tracing::debug!(error = %e, "KV transfer: no shared memory region"),
+                    )
+                    .ok()?
+            }
+        };
+        Some(SharedRegion {
+            mapping: Some(mapping),
+            opened_by: None,
+            block_bytes,
+            blocks,
+            reusable: false,
+        })
+    }
+
+    /// How a request names this region to a prefill instance.
+    pub fn offer(&self) -> Option<SharedOffer> {
+        use std::os::fd::AsRawFd;
+        let mapping = self.mapping.as_ref()?;
+        Some(SharedOffer {
+            pid: std::process::id(),
+            fd: mapping.file.as_raw_fd(),
+            tag: hex(&mapping.tag),
+            bytes: mapping.map.len() as u64,
+        })
+    }
+
+    /// The prefill side: opens the region `offer` names, if it is one made by
+    /// [`SharedRegion::create`] on this host with room for `blocks` blocks of `block_bytes`
+    /// (a mapping kept from an earlier transfer when there is one).
+    pub fn open(offer: &SharedOffer, blocks: usize, block_bytes: usize) -> Result<Self, String> {
+        let need = blocks
+            .checked_mul(block_bytes)
+            .and_then(|b| b.checked_add(HEADER_BYTES))
+            .ok_or("the region's size overflows")?;
+        if offer.bytes < need as u64 {
+            return Err(format!(
+                "a region of {} bytes offered for {need}",
+                offer.bytes
+            ));
+        }
+        let kept = {
+            let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+            let at = opened.iter().position(|(o, _)| o.as_ref() == Some(offer));
+            at.map(|i| opened.remove(i).1)
+        };
+        let mapping = match kept {
+            Some(mapping) => mapping,
+            None => {
+                let bytes = usize::try_from(offer.bytes).map_err(|_| "region too large")?;
+                let file = sys::open_sealed(offer.pid, offer.fd, bytes)?;
+                // SAFETY: a sealed memory file (checked above): it cannot shrink under the
+                // mapping.
+                let map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }
+                    .map_err(|e| format!("mapping: {e}"))?;
+                let tag: [u8; TAG_BYTES] = map[..TAG_BYTES]
+                    .try_into()
+                    .map_err(|_| "a region without its tag")?;
+                Mapping { map, file, tag }
+            }
+        };
+        if hex(&mapping.tag) != offer.tag {
+            return Err("the descriptor names another region (not the same host?)".into());
+        }
+        Ok(SharedRegion {
+            mapping: Some(mapping),
+            opened_by: Some(offer.clone()),
+            block_bytes,
+            blocks,
+            reusable: false,
+        })
+    }
+
+    /// Lets the region be reused once dropped: call it only when the other side is done with
+    /// it (the transfer ended with its `Done`), since a region given to the next transfer while
+    /// a late writer still writes into it would seat that writer's bytes.
+    pub fn keep(&mut self) {
+        self.reusable = true;
+    }
+
+    /// Blocks the transfer asked room for.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Block `i` of the region (`i < blocks()`).
+    pub fn block(&self, i: usize) -> &[u8] {
+        let start = HEADER_BYTES + i * self.block_bytes;
+        match &self.mapping {
+            Some(m) => &m.map[start..start + self.block_bytes],
+            None => &[],
+        }
+    }
+
+    /// Block `i` of the region, to write (`i < blocks()`).
+    pub fn block_mut(&mut self, i: usize) -> &mut [u8] {
+        let start = HEADER_BYTES + i * self.block_bytes;
+        match &mut self.mapping {
+            Some(m) => &mut m.map[start..start + self.block_bytes],
+            None => &mut [],
+        }
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        let Some(mapping) = self.mapping.take() else {
+            return;
+        };
+        if !self.reusable {
+            return;
+        }
+        let kept = if self.opened_by.is_some() {
+            &OPENED
+        } else {
+            &MADE
+        };
+        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        kept.push((self.opened_by.take(), mapping));
+        // The oldest go first.
+        while kept.len() > MAX_KEPT
+            || kept.iter().map(|(_, m)| m.map.len()).sum::<usize>() > MAX_KEPT_BYTES
+        {
+            kept.remove(0);
+        }
+    }
+}
+
+/// A new region of `bytes`, its tag written.
+fn make(bytes: usize) -> Result<Mapping, String> {
+    let file = sys::create_sealed(bytes)?;
+    // SAFETY: the file is ours alone until its descriptor is named to a prefill instance,
+    // which only writes blocks into it; see the module doc for why its size cannot change.
+    let mut map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }
+        .map_err(|e| format!("mapping: {e}"))?;
+    let tag: [u8; TAG_BYTES] = super::random_bytes().ok_or("no randomness for a tag")?;
+    map[..TAG_BYTES].copy_from_slice(&tag);
+    Ok(Mapping { map, file, tag })
+}
+
+#[cfg(target_os = "linux")]
+mod sys {
+    use std::fs::File;
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+    fn last_error(what: &str) -> String {
+        format!("{what}: {}", std::io::Error::last_os_error())
+    }
+
+    /// A memory file of `bytes`, its pages reserved, its size sealed.
+    pub fn create_sealed(bytes: usize) -> Result<File, String> {
+        // SAFETY: a NUL-terminated name; the descriptor returned is owned by the File at once.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"fdrt-kv".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if fd < 0 {
+            return Err(last_error("memfd_create"));
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let len = libc::off_t::try_from(bytes).map_err(|_| "region too large".to_string())?;
+        // SAFETY: plain system calls on our own descriptor.
+        let reserved = unsafe { libc::posix_fallocate(fd, 0, len) };
+        if reserved != 0 {
+            return Err(format!(
+                "reserving {bytes} bytes of shared memory: {}",
+                std::io::Error::from_raw_os_error(reserved)
+            ));
+        }
+        // SAFETY: as above.
+        if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, SEALS) } != 0 {
+            return Err(last_error("sealing the region"));
+        }
+        Ok(file)
+    }
+
+    /// Another process's sealed memory file of exactly `bytes`.
+    pub fn open_sealed(pid: u32, fd: i32, bytes: usize) -> Result<File, String> {
+        if fd < 0 {
+            return Err(format!("descriptor {fd}"));
+        }
+        let path = format!("/proc/{pid}/fd/{fd}");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("opening {path}: {e}"))?;
+        let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+        if !meta.is_file() || meta.len() != bytes as u64 {
+            return Err(format!(
+                "{path} is not a region of {bytes} bytes ({} bytes)",
+                meta.len()
+            ));
+        }
+        // SAFETY: a query on a descriptor we own.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & SEALS != SEALS {
+            return Err(format!("{path} is not a sealed region"));
+        }
+        Ok(file)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+mod sys {
+    use std::fs::File;
+
+    pub fn create_sealed(_bytes: usize) -> Result<File, String> {
+        Err("shared-memory KV transfer needs Linux".into())
+    }
+
+    pub fn open_sealed(_pid: u32, _fd: i32, _bytes: usize) -> Result<File, String> {
+        Err("shared-memory KV transfer needs Linux".into())
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_region_made_here_opens_by_its_offer_and_carries_blocks() {
+        let mut made = SharedRegion::create(3, 100).expect("a region");
+        let offer = made.offer().expect("an offer");
+        let mut opened = SharedRegion::open(&offer, 3, 100).expect("opened");
+        opened.block_mut(2).fill(7);
+        opened.block_mut(0)[99] = 1;
+        assert!(made.block(2).iter().all(|&b| b == 7));
+        assert_eq!(made.block(0)[99], 1);
+        assert_eq!(made.block(1), &[0; 100][..]);
+        made.block_mut(1)[0] = 3;
+        assert_eq!(opened.block(1)[0], 3);
+    }
+
+    #[test]
+    fn offers_that_do_not_match_their_region_are_refused() {
+        let made = SharedRegion::create(2, 64).expect("a region");
+        let offer = made.offer().expect("an offer");
+        // Too small, another tag, a descriptor that is no region, a process that is not there.
+        assert!(SharedRegion::open(&offer, 3, 64).is_err());
+        let other_tag = SharedOffer {
+            tag: "00".repeat(TAG_BYTES),
+            ..offer.clone()
+        };
+        assert!(SharedRegion::open(&other_tag, 2, 64).is_err());
+        let plain = tempfile_of(offer.bytes as usize);
+        use std::os::fd::AsRawFd;
+        let not_sealed = SharedOffer {
+            fd: plain.as_raw_fd(),
+            ..offer.clone()
+        };
+        let err = SharedRegion::open(&not_sealed, 2, 64).expect_err("unsealed");
+        assert!(err.contains("not a sealed region"), "{err}");
+        let gone = SharedOffer {
+            pid: u32::MAX,
+            ..offer.clone()
+        };
+        assert!(SharedRegion::open(&gone, 2, 64).is_err());
+        let negative = SharedOffer { fd: -1, ..offer };
+        assert!(SharedRegion::open(&negative, 2, 64).is_err());
+    }
+
+    /// An ordinary (unsealed) memory file of `bytes`.
+    fn tempfile_of(bytes: usize) -> File {
+        // SAFETY: a NUL-terminated name; the descriptor is owned by the File at once.
+        let fd = unsafe { libc::memfd_create(c"plain".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        use std::os::fd::FromRawFd;
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(bytes as u64).expect("size");
+        file
+    }
+
+    #[test]
+    fn a_region_kept_after_its_transfer_serves_the_next_one() {
+        // Smaller than any other test's region, so none of them takes it meanwhile.
+        let mut first = SharedRegion::create(1, 16).expect("a region");
+        let offer = first.offer().expect("an offer");
+        first.keep();
+        drop(first);
+        let second = SharedRegion::create(1, 16).expect("a region");
+        assert_eq!(second.offer(), Some(offer.clone()), "the same region again");
+        // Not kept: the next one is new.
+        drop(second);
+        let third = SharedRegion::create(1, 16).expect("a region");
+        assert_ne!(third.offer().map(|o| o.tag), Some(offer.tag));
+    }
+}
