@@ -39,3 +39,6 @@ fi
 FDRT_BIN=target/debug/fdrt FDRT_TEST_PLAN="$plan" "$python" -m unittest -v tests/python/test_openai_client.py
 # The same client through `fdrt router` in front of a prefill and a decode instance.
 FDRT_TEST_DISAGG=1 FDRT_BIN=target/debug/fdrt FDRT_TEST_PLAN="$plan" "$python" -m unittest -v tests/python/test_openai_client.py
+# Disaggregated serving with instances killed (SIGKILL) mid-stream, mid-transfer and while
+# requests queue in the prefill instance.
+FDRT_BIN=target/debug/fdrt FDRT_TEST_PLAN="$plan" "$python" -m unittest -v tests/python/test_disagg_faults.py

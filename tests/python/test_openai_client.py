@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import unittest
@@ -87,8 +88,13 @@ def start_processes():
     if os.environ.get("FDRT_TEST_DISAGG") != "1":
         server = ServerProcess(SERVE)
         return server, [server]
-    # Blocks of 16 positions, so that even the chat prompts here move blocks.
-    blocks = ["--block-size", "16"]
+    # Blocks of 16 positions, so that even the chat prompts here move blocks; both instances
+    # hold the same transfer key.
+    key = tempfile.NamedTemporaryFile("w", suffix=".key", delete=False)
+    key.write("a secret shared by this test's instances\n")
+    key.close()
+    KEY_FILES.append(key.name)
+    blocks = ["--block-size", "16", "--kv-transfer-key-file", key.name]
     prefill = ServerProcess(SERVE + blocks + ["--role", "prefill", "--kv-transfer-port", "0"],
                             wait_for=(r"http://([0-9.]+:[0-9]+)/v1", r"KV transfers to decode instances at ([0-9.]+:[0-9]+)"))
     decode = ServerProcess(SERVE + blocks + ["--role", "decode", "--kv-source", prefill.found[1]])
@@ -97,6 +103,7 @@ def start_processes():
 
 
 SERVER = None
+KEY_FILES = []
 
 
 PROCESSES = []
@@ -108,6 +115,8 @@ def setUpModule():
 
 
 def tearDownModule():
+    for name in KEY_FILES:
+        os.unlink(name)
     if len(PROCESSES) > 1:
         # The decode instance took KV blocks from the prefill instance, and none failed.
         import urllib.request
@@ -116,7 +125,9 @@ def tearDownModule():
         def value(name):
             found = re.search(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M)
             return float(found.group(1)) if found else None
-        if not value("fdrt:kv_transfer_received_blocks_total") or value("fdrt:kv_transfer_failures_total") != 0:
+        # Both instances are on this host: the blocks came through shared memory.
+        if (not value("fdrt:kv_transfer_received_blocks_total") or value("fdrt:kv_transfer_failures_total") != 0
+                or value("fdrt:kv_transfer_received_shared_memory_blocks_total") != value("fdrt:kv_transfer_received_blocks_total")):
             raise AssertionError("the decode instance's transfers:\n" + text)
     for process in PROCESSES:
         status = process.stop()

@@ -214,6 +214,8 @@ pub struct TransferCounters {
     pub send_failures: AtomicU64,
     pub received_blocks: AtomicU64,
     pub received_bytes: AtomicU64,
+    /// Of the blocks received, those that came through shared memory (same host).
+    pub received_shared_blocks: AtomicU64,
     received_micros: AtomicU64,
     pub receive_failures: AtomicU64,
 }

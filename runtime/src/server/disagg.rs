@@ -218,6 +218,13 @@ async fn pull(
         .await
         .map_err(|e| e.to_string())?;
     let arrived = fetched.blocks.len();
+    if matches!(fetched.blocks, crate::disagg::ReceivedBlocks::Shared { .. }) {
+        state
+            .disagg
+            .counters
+            .received_shared_blocks
+            .fetch_add(arrived as u64, std::sync::atomic::Ordering::Relaxed);
+    }
     state.scheduler.write_cached_blocks(fetched).await?;
     Ok(arrived)
 }
