@@ -218,12 +218,23 @@ fn body(prompt: &[u32], seed: Option<u64>, stream: bool) -> Value {
 
 /// The answer's token ids (streamed or not) and its last event, from the server at `address`.
 async fn complete(client: &reqwest::Client, address: &str, body: &Value) -> (u16, Vec<u32>, Value) {
-    let response = client
+    complete_with_key(client, address, body, None).await
+}
+
+/// [`complete`] with the API key `key`.
+async fn complete_with_key(
+    client: &reqwest::Client,
+    address: &str,
+    body: &Value,
+    key: Option<&str>,
+) -> (u16, Vec<u32>, Value) {
+    let mut request = client
         .post(format!("http://{address}/v1/completions"))
-        .json(body)
-        .send()
-        .await
-        .expect("request");
+        .json(body);
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    let response = request.send().await.expect("request");
     if body["stream"] != json!(true) {
         let (status, v) = read_json_response(response).await;
         return (status, token_ids(&v["choices"][0]), v);
@@ -231,15 +242,6 @@ async fn complete(client: &reqwest::Client, address: &str, body: &Value) -> (u16
     let status = response.status().as_u16();
     let (tokens, last) = stream_tokens(response).await;
     (status, tokens, last)
-}
-
-/// A response's token ids, streamed or not.
-async fn tokens_of_response(response: reqwest::Response, stream: bool) -> Vec<u32> {
-    if stream {
-        stream_tokens(response).await.0
-    } else {
-        token_ids(&read_json_response(response).await.1["choices"][0])
-    }
 }
 
 /// A streamed answer's token ids and its last chunk.
@@ -484,33 +486,9 @@ fn a_decode_instance_takes_blocks_only_from_its_own_sources() {
 fn an_instance_switches_roles_once_idle_and_the_router_follows() {
     const KEY: &str = "k";
     let mixed = Instance::start(Role::Mixed, vec![]);
-    let p = Instance::with(Role::Prefill, vec![], true, Some(KEY));
-    // Able to switch: a transfer port and a source each.
-    let d1 = Instance::with(
-        Role::Decode,
-        vec![p.kv.clone().expect("p's port")],
-        true,
-        Some(KEY),
-    );
-    let sources = vec![
-        p.kv.clone().expect("p's port"),
-        d1.kv.clone().expect("d1's port"),
-    ];
-    let d2 = Instance::with(Role::Decode, sources, false, Some(KEY));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let config = RouterConfig {
-        prefill: vec![p.http.clone()],
-        decode: vec![d1.http.clone(), d2.http.clone()],
-        api_key: Some(KEY.into()),
-        health_interval: Duration::from_millis(50),
-        upstream_timeout: Duration::from_secs(20),
-        ..RouterConfig::default()
-    };
-    let router_address = start_router(&rt, config);
+    let (p, d1, d2) = switchable_trio(KEY);
+    let rt = router_runtime();
+    let router_address = start_router(&rt, trio_router(&p, &d1, &d2, KEY));
     let client = reqwest::Client::builder()
         .no_proxy()
         .build()
@@ -538,19 +516,7 @@ fn an_instance_switches_roles_once_idle_and_the_router_follows() {
     // d1 moves to prefill; it is idle, so at once.
     let (status, v) = admin(&d1.http, json!({"role": "prefill"}), Some(KEY));
     assert_eq!(status, 200, "{v}");
-    let describe = |address: &str| {
-        rt.block_on(async {
-            client
-                .get(format!("http://{address}/v1/kv_transfer"))
-                .bearer_auth(KEY)
-                .send()
-                .await
-                .expect("describe")
-                .json::<Value>()
-                .await
-                .expect("json")
-        })
-    };
+    let describe = |address: &str| describe_instance(&rt, &client, address, KEY);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while describe(&d1.http)["role"] != "prefill" {
         assert!(std::time::Instant::now() < deadline, "d1 never switched");
@@ -583,17 +549,9 @@ fn an_instance_switches_roles_once_idle_and_the_router_follows() {
     for i in 0..4u32 {
         let b = body(&prompt(70 + i, 40 + 9 * i as usize), None, i % 2 == 0);
         let (_, want, _) = rt.block_on(complete(&client, &mixed.http, &b));
-        let response = rt.block_on(async {
-            client
-                .post(format!("http://{router_address}/v1/completions"))
-                .bearer_auth(KEY)
-                .json(&b)
-                .send()
-                .await
-                .expect("request")
-        });
-        assert_eq!(response.status().as_u16(), 200);
-        let got = rt.block_on(tokens_of_response(response, b["stream"] == json!(true)));
+        let (status, got, _) =
+            rt.block_on(complete_with_key(&client, &router_address, &b, Some(KEY)));
+        assert_eq!(status, 200);
         assert_eq!(got, want, "request {i}");
     }
     let metrics_of = |address: &str| {
@@ -619,6 +577,64 @@ fn an_instance_switches_roles_once_idle_and_the_router_follows() {
         "{d2_metrics}"
     );
     assert_eq!(metric(&d2_metrics, "fdrt:kv_transfer_failures_total"), 0.0);
+}
+
+/// A prefill instance and two decode instances, all with the API key `key`: d1 can also take
+/// the prefill role (it has a transfer port), d2 takes blocks from both and cannot.
+fn switchable_trio(key: &str) -> (Instance, Instance, Instance) {
+    let p = Instance::with(Role::Prefill, vec![], true, Some(key));
+    let d1 = Instance::with(
+        Role::Decode,
+        vec![p.kv.clone().expect("p's port")],
+        true,
+        Some(key),
+    );
+    let sources = vec![
+        p.kv.clone().expect("p's port"),
+        d1.kv.clone().expect("d1's port"),
+    ];
+    let d2 = Instance::with(Role::Decode, sources, false, Some(key));
+    (p, d1, d2)
+}
+
+/// A router over [`switchable_trio`]'s instances, checking them every 50 ms.
+fn trio_router(p: &Instance, d1: &Instance, d2: &Instance, key: &str) -> RouterConfig {
+    RouterConfig {
+        prefill: vec![p.http.clone()],
+        decode: vec![d1.http.clone(), d2.http.clone()],
+        api_key: Some(key.into()),
+        health_interval: Duration::from_millis(50),
+        upstream_timeout: Duration::from_secs(20),
+        ..RouterConfig::default()
+    }
+}
+
+fn router_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// What an instance says of itself (`GET /v1/kv_transfer`).
+fn describe_instance(
+    rt: &tokio::runtime::Runtime,
+    client: &reqwest::Client,
+    address: &str,
+    key: &str,
+) -> Value {
+    rt.block_on(async {
+        client
+            .get(format!("http://{address}/v1/kv_transfer"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("describe")
+            .json::<Value>()
+            .await
+            .expect("json")
+    })
 }
 
 /// Keeps a prefill instance busy: `n` long requests straight to it, so that the prefill of a
@@ -734,5 +750,66 @@ fn the_router_refuses_a_decode_instance_that_would_not_take_the_prefill_instance
     assert!(
         message.contains(&d.http) && message.contains(&format!("--kv-source {kv}")),
         "{message}"
+    );
+}
+
+#[test]
+fn a_missed_first_token_target_moves_a_decode_instance_to_prefill() {
+    const KEY: &str = "k";
+    let (p, d1, d2) = switchable_trio(KEY);
+    let rt = router_runtime();
+    // Idle, even queues: only the target rule can move anything, and every first token misses
+    // a target of a nanosecond.
+    let config = RouterConfig {
+        auto_roles: true,
+        role_cooldown: Duration::ZERO,
+        targets: runtime::router::Targets {
+            ttft: Some(Duration::from_nanos(1)),
+            tpot: None,
+        },
+        ..trio_router(&p, &d1, &d2, KEY)
+    };
+    let router_address = start_router(&rt, config);
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let router_metrics = || rt.block_on(metrics(&client, &router_address));
+    assert!(
+        !router_metrics().contains("fdrt_router:time_to_first_token_seconds_mean"),
+        "no mean before enough answers"
+    );
+    for i in 0..8u32 {
+        let b = body(&prompt(300 + i, 20 + 3 * i as usize), None, true);
+        let (status, got, _) =
+            rt.block_on(complete_with_key(&client, &router_address, &b, Some(KEY)));
+        assert_eq!(status, 200);
+        assert!(!got.is_empty());
+    }
+    let text = router_metrics();
+    assert!(
+        metric(&text, "fdrt_router:time_to_first_token_seconds_mean") > 0.0,
+        "{text}"
+    );
+    let role = |address: &str| describe_instance(&rt, &client, address, KEY)["role"].clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while role(&d1.http) != "prefill" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "d1 was never moved to prefill:\n{}",
+            router_metrics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        metric(&router_metrics(), "fdrt_router:role_switches_total"),
+        1.0
+    );
+    // The last decode instance stays one.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(role(&d2.http), "decode");
+    assert_eq!(
+        metric(&router_metrics(), "fdrt_router:role_switches_total"),
+        1.0
     );
 }

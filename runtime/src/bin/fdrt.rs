@@ -260,6 +260,15 @@ enum Command {
         /// Seconds between two role switches of --auto-roles at least.
         #[arg(long, default_value_t = 30.0)]
         role_cooldown: f64,
+        /// With --auto-roles: a time-to-first-token target (milliseconds, mean of the streamed
+        /// answers of the last 30 s as the router sees them). Missed while the TPOT target is
+        /// met (or unset), a decode instance is moved to prefill.
+        #[arg(long, requires = "auto_roles")]
+        ttft_target_ms: Option<f64>,
+        /// With --auto-roles: a time-per-output-token target (milliseconds, same window).
+        /// Missed while the TTFT target is met (or unset), a prefill instance is moved to decode.
+        #[arg(long, requires = "auto_roles")]
+        tpot_target_ms: Option<f64>,
     },
     /// Load-test a running server: concurrent streaming completions with random token prompts;
     /// prints throughput and TTFT / TPOT / inter-token latency percentiles.
@@ -850,8 +859,22 @@ fn run() -> Result<()> {
             upstream_timeout,
             auto_roles,
             role_cooldown,
+            ttft_target_ms,
+            tpot_target_ms,
         } => {
             init_logging();
+            let target = |flag: &str, ms: Option<f64>| -> Result<Option<Duration>> {
+                match ms {
+                    Some(ms) if !(ms.is_finite() && ms > 0.0 && ms < 1e9) => {
+                        bail!("{flag} must be a positive number of milliseconds")
+                    }
+                    ms => Ok(ms.map(|ms| Duration::from_secs_f64(ms / 1e3))),
+                }
+            };
+            let targets = runtime::router::Targets {
+                ttft: target("--ttft-target-ms", ttft_target_ms)?,
+                tpot: target("--tpot-target-ms", tpot_target_ms)?,
+            };
             let config = runtime::router::RouterConfig {
                 prefill,
                 decode,
@@ -860,6 +883,7 @@ fn run() -> Result<()> {
                 upstream_timeout: seconds("--upstream-timeout", upstream_timeout, 0.01)?,
                 auto_roles,
                 role_cooldown: seconds("--role-cooldown", role_cooldown, 0.0)?,
+                targets,
                 ..Default::default()
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,6 +16,11 @@
 //! compute prompts themselves; with no decode instance healthy, requests get 503. Every wait on
 //! an instance is bounded by `upstream_timeout`.
 
+mod policy;
+
+pub use policy::Targets;
+use policy::{pick_switch, LatencyWindow, Load, Part};
+
 use crate::server::admin::ROLE_PATH;
 use crate::server::disagg::KV_SOURCE_HEADER;
 use axum::body::{Body, Bytes};
@@ -57,6 +62,8 @@ pub struct RouterConfig {
     pub auto_roles: bool,
     /// The least time between two switches the router asks for.
     pub role_cooldown: Duration,
+    /// Latency targets the role policy moves instances for (`policy` says how).
+    pub targets: Targets,
 }
 
 impl Default for RouterConfig {
@@ -71,6 +78,7 @@ impl Default for RouterConfig {
             max_body_bytes: 4 << 20,
             auto_roles: false,
             role_cooldown: Duration::from_secs(30),
+            targets: Targets::default(),
         }
     }
 }
@@ -110,13 +118,6 @@ struct View {
     kv_sources: Vec<String>,
     /// Its scheduler's running and waiting requests.
     queue: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Part {
-    Prefill,
-    /// Decode instances, and mixed ones (which compute their prompts themselves).
-    Decode,
 }
 
 impl Instance {
@@ -164,6 +165,8 @@ pub struct Router {
     /// Role switches the router asked for, and when it last did.
     switches: AtomicU64,
     last_switch: Mutex<Option<Instant>>,
+    /// Streamed answers' first-token and per-token times, for the target rule and `/metrics`.
+    latencies: Mutex<LatencyWindow>,
 }
 
 /// What `GET /v1/kv_transfer` of an instance says.
@@ -263,6 +266,7 @@ impl Router {
             plan,
             switches: AtomicU64::new(0),
             last_switch: Mutex::new(None),
+            latencies: Mutex::new(LatencyWindow::default()),
         }))
     }
 
@@ -277,6 +281,10 @@ impl Router {
             .filter(|i| i.serves(part))
             .cloned()
             .collect()
+    }
+
+    fn latencies(&self) -> std::sync::MutexGuard<'_, LatencyWindow> {
+        self.latencies.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The router's HTTP routes.
@@ -330,11 +338,8 @@ impl Router {
         }
     }
 
-    /// The role policy: when one part's instances hold on average more than twice the other
-    /// part's requests in their queues, plus [`LOAD_SLACK`], the least busy instance of the
-    /// other part that can take the busy part's role is asked to switch (it does once its work
-    /// in flight drains); at most one switch per `role_cooldown`, and each part keeps one
-    /// instance.
+    /// The role policy (`policy` says how): at most one switch per `role_cooldown`; the
+    /// instance asked switches once its work in flight drains.
     async fn balance_roles(&self) {
         {
             let last = self.last_switch.lock().unwrap_or_else(|e| e.into_inner());
@@ -365,9 +370,13 @@ impl Router {
                 })
                 .collect()
         };
-        let Some((to, index)) =
-            pick_switch(&load(&prefill, Part::Decode), &load(&decode, Part::Prefill))
-        else {
+        let observed = self.latencies().observed(Instant::now());
+        let Some((to, index)) = pick_switch(
+            &load(&prefill, Part::Decode),
+            &load(&decode, Part::Prefill),
+            self.config.targets,
+            observed,
+        ) else {
             return;
         };
         let mover = if to == Part::Prefill {
@@ -404,7 +413,12 @@ impl Router {
         .await
         {
             Ok((200, _, _)) => {
-                tracing::info!(address = %mover.address, role, prefill_queue = p, decode_queue = d, "asked an instance to switch roles");
+                tracing::info!(
+                    address = %mover.address, role, prefill_queue = p, decode_queue = d,
+                    ttft_ms = observed.ttft.map(|t| t.as_secs_f64() * 1e3),
+                    tpot_ms = observed.tpot.map(|t| t.as_secs_f64() * 1e3),
+                    "asked an instance to switch roles"
+                );
                 mover
                     .view
                     .lock()
@@ -419,40 +433,6 @@ impl Router {
             Err(e) => tracing::warn!(address = %mover.address, error = %e, "a role switch failed"),
         }
     }
-}
-
-/// An instance as the role policy sees it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-struct Load {
-    /// Requests running and waiting in its scheduler.
-    queue: u64,
-    /// Whether it can take the other part's role.
-    can_switch: bool,
-}
-
-/// The role policy's decision: when one part's instances hold on average more than twice the
-/// other part's requests, plus [`LOAD_SLACK`], the least busy instance of the other part that
-/// can switch moves to the busy part; each part keeps one instance. Returns the part it moves
-/// to and its index among its current part's instances.
-fn pick_switch(prefill: &[Load], decode: &[Load]) -> Option<(Part, usize)> {
-    if prefill.is_empty() || decode.is_empty() {
-        return None;
-    }
-    let mean = |set: &[Load]| set.iter().map(|l| l.queue as f64).sum::<f64>() / set.len() as f64;
-    let (p, d) = (mean(prefill), mean(decode));
-    let slack = LOAD_SLACK as f64;
-    let (from, to) = if p > 2.0 * d + slack && decode.len() > 1 {
-        (decode, Part::Prefill)
-    } else if d > 2.0 * p + slack && prefill.len() > 1 {
-        (prefill, Part::Decode)
-    } else {
-        return None;
-    };
-    from.iter()
-        .enumerate()
-        .filter(|(_, l)| l.can_switch)
-        .min_by_key(|(_, l)| l.queue)
-        .map(|(index, _)| (to, index))
 }
 
 /// Serves `router` on `listener` until `shutdown` completes (health checks included), with
@@ -653,6 +633,7 @@ fn order(instances: &[Arc<Instance>], key: &[u8]) -> Vec<Arc<Instance>> {
 /// Forwards a client's request to a decode instance (with a prefill instance named for its
 /// prompt blocks) and its answer back.
 async fn forward(State(router): State<Arc<Router>>, request: Request) -> Response {
+    let started = Instant::now();
     let (parts, body) = request.into_parts();
     let path = parts.uri.path().to_string();
     let body = match axum::body::to_bytes(body, router.config.max_body_bytes).await {
@@ -738,7 +719,8 @@ async fn forward(State(router): State<Arc<Router>>, request: Request) -> Respons
         }
         if stream && status == 200 {
             // From here on the client has its answer's head: no retry, an error event instead.
-            let body = streamed(upstream, wait, held, decode.clone());
+            let timing = StreamTiming::new(router.clone(), started);
+            let body = streamed(upstream, wait, held, decode.clone(), timing);
             return response.body(body).unwrap_or_else(|_| {
                 error(
                     StatusCode::BAD_GATEWAY,
@@ -788,40 +770,97 @@ fn fail(instance: &Instance, why: &str) {
 }
 
 /// A streamed answer passed through piece by piece; if the instance fails or stalls, one last
-/// server-sent event says so and the stream ends.
+/// server-sent event says so and the stream ends. Its first-token and per-token times go to the
+/// router's latency window.
 fn streamed(
     upstream: hyper::body::Incoming,
     wait: Duration,
     held: Outstanding,
     instance: Arc<Instance>,
+    timing: StreamTiming,
 ) -> Body {
     // Whether the last bytes forwarded ended an event: an error event must not be glued onto
     // half of one.
-    let state = (Some(upstream), held, true);
-    let pieces = futures_util::stream::unfold(state, move |(upstream, held, at_boundary)| {
-        let instance = instance.clone();
-        async move {
-            let mut body = upstream?;
-            let why = loop {
-                match tokio::time::timeout(wait, body.frame()).await {
-                    Ok(Some(Ok(frame))) => {
-                        if let Ok(data) = frame.into_data() {
-                            let boundary = data.ends_with(b"\n\n");
-                            let next = (Some(body), held, boundary);
-                            return Some((Ok::<Bytes, std::io::Error>(data), next));
+    let state = (Some(upstream), held, true, timing);
+    let pieces =
+        futures_util::stream::unfold(state, move |(upstream, held, at_boundary, mut timing)| {
+            let instance = instance.clone();
+            async move {
+                let mut body = upstream?;
+                let why = loop {
+                    match tokio::time::timeout(wait, body.frame()).await {
+                        Ok(Some(Ok(frame))) => {
+                            if let Ok(data) = frame.into_data() {
+                                timing.saw(&data);
+                                let boundary = data.ends_with(b"\n\n");
+                                let next = (Some(body), held, boundary, timing);
+                                return Some((Ok::<Bytes, std::io::Error>(data), next));
+                            }
                         }
+                        Ok(None) => {
+                            timing.finished();
+                            return None;
+                        }
+                        Ok(Some(Err(e))) => break e.to_string(),
+                        Err(_) => break format!("no output for {wait:?}"),
                     }
-                    Ok(None) => return None,
-                    Ok(Some(Err(e))) => break e.to_string(),
-                    Err(_) => break format!("no output for {wait:?}"),
-                }
-            };
-            fail(&instance, &why);
-            let event = stream_error(&instance.address, &why, at_boundary);
-            Some((Ok(event), (None, held, true)))
-        }
-    });
+                };
+                fail(&instance, &why);
+                let event = stream_error(&instance.address, &why, at_boundary);
+                Some((Ok(event), (None, held, true, timing)))
+            }
+        });
     Body::from_stream(pieces.boxed())
+}
+
+/// What a streamed answer tells the role policy: when its first event came (time to first
+/// token, from the request's arrival at the router) and the mean gap between its events after
+/// that (time per output token; each event carries one token, a chat stream's first one only
+/// its role, which the count ignores as noise).
+struct StreamTiming {
+    router: Arc<Router>,
+    started: Instant,
+    first: Option<Instant>,
+    last: Instant,
+    events: u32,
+}
+
+impl StreamTiming {
+    fn new(router: Arc<Router>, started: Instant) -> StreamTiming {
+        StreamTiming {
+            router,
+            started,
+            first: None,
+            last: started,
+            events: 0,
+        }
+    }
+
+    fn saw(&mut self, data: &[u8]) {
+        let now = Instant::now();
+        let events = data.windows(6).filter(|w| w == b"data: ").count() as u32;
+        let done = data.windows(12).any(|w| w == b"data: [DONE]");
+        let tokens = events.saturating_sub(done as u32);
+        if tokens == 0 {
+            return;
+        }
+        if self.first.is_none() {
+            self.first = Some(now);
+            self.router.latencies().first_token(now, now - self.started);
+        }
+        self.events += tokens;
+        self.last = now;
+    }
+
+    /// The stream ended normally.
+    fn finished(&mut self) {
+        if let Some(first) = self.first.filter(|_| self.events >= 2) {
+            let per_token = (self.last - first) / (self.events - 1);
+            self.router
+                .latencies()
+                .per_output_token(self.last, per_token);
+        }
+    }
 }
 
 /// The last event of a stream whose decode instance failed (after a blank line, to end a
@@ -913,6 +952,15 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
         "# HELP fdrt_router:role_switches_total Role switches the router asked instances for.\n# TYPE fdrt_router:role_switches_total counter\nfdrt_router:role_switches_total {}",
         router.switches.load(Ordering::Relaxed)
     );
+    let observed = router.latencies().observed(Instant::now());
+    for (name, help, value) in [
+        ("fdrt_router:time_to_first_token_seconds_mean", "Mean time to first token of the streamed answers of the last 30 s, from arrival at the router (transfer and queues included); absent with fewer than 8.", observed.ttft),
+        ("fdrt_router:time_per_output_token_seconds_mean", "Mean time per output token after the first of the streamed answers of the last 30 s; absent with fewer than 8.", observed.tpot),
+    ] {
+        if let Some(value) = value {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.as_secs_f64());
+        }
+    }
     let _ = writeln!(out, "# HELP fdrt_router:plan_info The plan every instance runs.\n# TYPE fdrt_router:plan_info gauge\nfdrt_router:plan_info{{plan=\"{}\"}} 1", router.plan);
     (
         [(
@@ -922,48 +970,4 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
         out,
     )
         .into_response()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn loads(queues: &[(u64, bool)]) -> Vec<Load> {
-        queues
-            .iter()
-            .map(|&(queue, can_switch)| Load { queue, can_switch })
-            .collect()
-    }
-
-    #[test]
-    fn the_least_busy_instance_that_can_switch_moves_to_the_busy_part() {
-        // Prefill queues average 12, decode 2: 12 > 2 * 2 + 4, a decode instance moves.
-        let prefill = loads(&[(12, false)]);
-        let decode = loads(&[(1, false), (3, true), (2, true)]);
-        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Prefill, 2)));
-        // And the other way.
-        let prefill = loads(&[(0, true), (1, true)]);
-        let decode = loads(&[(9, false)]);
-        assert_eq!(pick_switch(&prefill, &decode), Some((Part::Decode, 0)));
-    }
-
-    #[test]
-    fn no_switch_within_the_slack_without_a_candidate_or_from_a_last_instance() {
-        // 8 is not above 2 * 2 + 4.
-        assert_eq!(
-            pick_switch(&loads(&[(8, true)]), &loads(&[(2, true), (2, true)])),
-            None
-        );
-        // Nobody can switch.
-        assert_eq!(
-            pick_switch(&loads(&[(20, true)]), &loads(&[(0, false), (0, false)])),
-            None
-        );
-        // The only decode instance stays.
-        assert_eq!(
-            pick_switch(&loads(&[(20, true)]), &loads(&[(0, true)])),
-            None
-        );
-        assert_eq!(pick_switch(&[], &loads(&[(0, true)])), None);
-    }
 }
