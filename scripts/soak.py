@@ -14,6 +14,10 @@ percentiles of the requests finished in that window, as one JSON line in `timeli
 At the end it waits for the server to go idle and checks that every KV block is free and that
 descriptors and threads are back to their idle values, then writes `summary.json`.
 
+With `--instance NAME:PORT:PID` (repeatable) the server at `--port` is a front door (`fdrt
+router`) and each instance behind it is sampled and checked the same way (memory, descriptors,
+threads; KV blocks and queues summed over the instances).
+
 Standard library only (http.client, threads), so it runs with any Python 3.8+.
 """
 
@@ -314,7 +318,7 @@ def burst(client, rec, rng, size):
 
 
 class ServerProcess:
-    """/proc figures of the server's process."""
+    """/proc figures of one watched process."""
 
     def __init__(self, pid):
         self.pid = pid
@@ -326,8 +330,51 @@ class ServerProcess:
         status = open(f"/proc/{self.pid}/status").read()
         rss_kib = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
         threads = int(re.search(r"Threads:\s+(\d+)", status).group(1))
-        fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-        return {"rss_mib": round(rss_kib / 1024, 1), "fds": fds, "threads": threads}
+        fds, regions = 0, 0
+        for fd in os.listdir(f"/proc/{self.pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{self.pid}/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile
+            # Shared-memory regions of KV transfers, kept for reuse (a bounded pool): counted
+            # apart from the descriptors that must return to idle.
+            if target.startswith("/memfd:fdrt-kv"):
+                regions += 1
+            else:
+                fds += 1
+        return {"rss_mib": round(rss_kib / 1024, 1), "fds": fds, "kv_regions": regions, "threads": threads}
+
+
+class Watched:
+    """The processes a run watches: the server the load goes to (named `server`) and, behind a
+    router, its instances. Each is sampled from /proc; the scheduler figures are summed over
+    every process that has them."""
+
+    def __init__(self, front_pid, front_client, instances, api_key):
+        self.processes = [("server", ServerProcess(front_pid), front_client)]
+        for name, port, pid in instances:
+            client = Client("127.0.0.1", port, None, api_key, timeout=60)
+            self.processes.append((name, ServerProcess(pid), client))
+
+    def names(self):
+        return [name for name, _, _ in self.processes]
+
+    def alive(self):
+        return all(p.alive() for _, p, _ in self.processes)
+
+    def sample(self):
+        """One flat row: `NAME_rss_mib`, `NAME_fds`, `NAME_threads` per process (plain `rss_mib`,
+        `fds`, `threads` for the server), then the summed scheduler figures."""
+        row = {}
+        totals = {}
+        for name, process, client in self.processes:
+            prefix = "" if name == "server" else name + "_"
+            for key, value in process.sample().items():
+                row[prefix + key] = value
+            for key, value in scrape(client).items():
+                totals[key] = totals.get(key, 0) + value
+        row.update(totals)
+        return row
 
 
 def scrape(client):
@@ -371,27 +418,33 @@ def main():
     parser.add_argument("--api-key")
     parser.add_argument("--out", required=True, help="directory for timeline.jsonl and summary.json")
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument("--instance", action="append", default=[], metavar="NAME:PORT:PID",
+                        help="an instance behind the server at --port (a router) to sample and check too")
     args = parser.parse_args()
+    instances = []
+    for spec in args.instance:
+        name, port, pid = spec.split(":")
+        instances.append((name, int(port), int(pid)))
 
     os.makedirs(args.out, exist_ok=True)
     client = Client("127.0.0.1", args.port, None, args.api_key, timeout=600)
     _, models, _ = client.request("GET", "/v1/models")
     client.model = models["data"][0]["id"]
-    server = ServerProcess(args.pid)
+    server = Watched(args.pid, client, instances, args.api_key)
     rec = Recorder()
     stop = threading.Event()
     start = time.monotonic()
     deadline = start + args.minutes * 60
 
     # One completion first: the kernels' worker pool starts its threads on first use, and they
-    # stay (a pool, not a leak); the idle baseline is the server after that.
+    # stay (a pool, not a leak); the idle baseline is the server after that. Its prompt is long
+    # enough to move KV blocks behind a router, so a prefill instance computes too.
     client.request(
         "POST",
         "/v1/completions",
-        {"model": client.model, "prompt": "Warm up.", "max_tokens": 2, "temperature": 0},
+        {"model": client.model, "prompt": SYSTEM_PROMPT + "Warm up.", "max_tokens": 2, "temperature": 0},
     )
     idle_before = server.sample()
-    idle_before.update(scrape(client))
 
     def worker(index):
         rng = random.Random(args.seed * 1000 + index)
@@ -417,11 +470,10 @@ def main():
     while time.monotonic() < deadline:
         time.sleep(min(args.sample_every, max(0.0, deadline - time.monotonic())))
         if not server.alive():
-            print("the server process is gone", file=sys.stderr)
+            print("a watched process is gone", file=sys.stderr)
             break
         row = {"t_s": round(time.monotonic() - start, 1)}
         row.update(server.sample())
-        row.update(scrape(client))
         lat, ttft = rec.take_window()
         row.update({
             "finished": len(lat),
@@ -444,13 +496,12 @@ def main():
     idle_after = None
     if alive:
         for _ in range(120):
-            m = scrape(client)
+            m = server.sample()
             if m["running"] == 0 and m["waiting"] == 0 and m["kv_blocks_used"] == 0:
                 break
             time.sleep(0.5)
         time.sleep(2)
         idle_after = server.sample()
-        idle_after.update(scrape(client))
 
     warm = [s for s in samples if s["t_s"] >= args.warmup_minutes * 60]
     lost = sum(v for k, v in rec.outcomes.items() if k.endswith(":lost") or k.endswith(":error_in_stream"))
@@ -478,12 +529,18 @@ def main():
         "no_request_lost": lost == 0,
         "kv_free_at_end": bool(idle_after) and idle_after["kv_blocks_used"] == 0
         and idle_after["running"] == 0 and idle_after["waiting"] == 0,
-        "fds_back_to_idle": bool(idle_after) and idle_after["fds"] <= idle_before["fds"],
-        "threads_back_to_idle": bool(idle_after) and idle_after["threads"] <= idle_before["threads"],
-        # Flat after warm-up: the last third's peak within 10% of the first third's after warm-up.
-        "rss_flat_after_warmup": bool(rss_warm) and max(rss_warm[-max(1, len(rss_warm) // 3):])
-        <= 1.10 * max(rss_warm[: max(1, len(rss_warm) // 3)]),
     }
+    for name in server.names():
+        prefix = "" if name == "server" else name + "_"
+        label = "" if name == "server" else "_" + name
+        checks["fds_back_to_idle" + label] = bool(idle_after) and idle_after[prefix + "fds"] <= idle_before[prefix + "fds"]
+        checks["threads_back_to_idle" + label] = bool(idle_after) and idle_after[prefix + "threads"] <= idle_before[prefix + "threads"]
+        # Kept transfer regions (decode side) and mappings (prefill side): at most 4 each.
+        checks["kv_regions_bounded" + label] = all(s_[prefix + "kv_regions"] <= 4 for s_ in samples)
+        # Flat after warm-up: the last third's peak within 10% of the first third's after warm-up.
+        rss = [s[prefix + "rss_mib"] for s in warm]
+        checks["rss_flat_after_warmup" + label] = bool(rss) and max(rss[-max(1, len(rss) // 3):]) \
+            <= 1.10 * max(rss[: max(1, len(rss) // 3)])
     summary["checks"] = checks
     summary["pass"] = all(checks.values())
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -144,4 +144,10 @@ impl BatchEngine for GpuEngine {
     fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
         GpuEngine::replace_weights(self, weights)
     }
+    fn read_kv_block(&self, block: u32, out: &mut [u8]) -> Result<(), RuntimeError> {
+        GpuEngine::read_kv_block(self, block, out)
+    }
+    fn write_kv_block(&mut self, block: u32, bytes: &[u8]) -> Result<(), RuntimeError> {
+        GpuEngine::write_kv_block(self, block, bytes)
+    }
 }

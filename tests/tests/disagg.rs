@@ -274,16 +274,16 @@ fn with_a_transfer_key_only_instances_holding_it_move_blocks() {
     };
     refused(
         keyed(key("another secret, as long")),
-        "key is not this instance's",
+        "the decode instance's KV transfer key is not this prefill instance's",
     );
     refused(
         Options::default(),
-        "requires a KV transfer key and this instance has none",
+        "this prefill instance requires a KV transfer key and the decode instance has none",
     );
     // The same secret with white space around it (as a file written by `echo` holds it).
     let fetched = fetch(&keyed(key("  sixteen bytes or more\n"))).expect("the same key");
     assert_eq!(fetched.blocks.len(), 2);
-    // A keyed decode instance refuses a prefill instance without the key.
+    // A keyed decode instance and a prefill instance without the key: refused.
     let (_q, _, open_addr) = prefill_instance(&rt);
     let err = rt
         .block_on(transfer::fetch_prefix(
@@ -295,10 +295,56 @@ fn with_a_transfer_key_only_instances_holding_it_move_blocks() {
         ))
         .expect_err("an unkeyed prefill instance");
     assert!(
-        matches!(&err, TransferError::Mismatch(m) if m.contains("this instance requires a KV transfer key")),
+        matches!(&err, TransferError::Peer(m) if m.contains("the decode instance holds a KV transfer key and this prefill instance has none")),
         "{err}"
     );
     assert!(TransferKey::from_secret(b"  short  ").is_err());
+    // A keyed prefill instance proves its key only after the connecting side proved its own:
+    // connecting earns nothing a relay could show a decode instance.
+    use futures_util::{SinkExt, StreamExt};
+    rt.block_on(async {
+        let stream = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let mut conn =
+            tokio_util::codec::Framed::new(stream, tokio_util::codec::LengthDelimitedCodec::new());
+        let frame = |m: Message| tokio_util::bytes::Bytes::from(m.encode());
+        let next = |frame: tokio_util::bytes::BytesMut| Message::decode(frame.freeze());
+        let hello = conn.next().await.expect("its hello").expect("a frame");
+        assert!(matches!(
+            next(hello),
+            Ok(Message::Control(Control::Hello { .. }))
+        ));
+        conn.send(frame(hello_of(&identity))).await.expect("hello");
+        let early = tokio::time::timeout(Duration::from_millis(300), conn.next()).await;
+        assert!(
+            early.is_err(),
+            "the prefill instance spoke before our proof: {early:?}"
+        );
+        let wrong = Control::Auth {
+            proof: "00".repeat(32),
+        };
+        conn.send(frame(Message::Control(wrong)))
+            .await
+            .expect("proof");
+        let answer = conn.next().await.expect("an answer").expect("a frame");
+        assert!(
+            matches!(next(answer), Ok(Message::Control(Control::Error { .. }))),
+            "a wrong proof gets an error, never the prefill instance's proof"
+        );
+    });
+}
+
+/// A hello as an instance of `identity` serving the plan's own weights says it.
+fn hello_of(identity: &Identity) -> Message {
+    Message::Control(Control::Hello {
+        version: runtime::disagg::wire::PROTOCOL_VERSION,
+        plan: runtime::disagg::wire::plan_hex(&identity.plan),
+        weights: String::new(),
+        block_size: identity.block_size as u32,
+        block_bytes: identity.block_bytes as u64,
+        nonce: "00".repeat(16),
+    })
 }
 
 /// A peer that says hello as a prefill instance would, then sends `frames` (already encoded)
@@ -313,14 +359,7 @@ fn fake_prefill_instance(
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("address").to_string();
-    let hello = Message::Control(Control::Hello {
-        version: runtime::disagg::wire::PROTOCOL_VERSION,
-        plan: runtime::disagg::wire::plan_hex(&identity.plan),
-        weights: String::new(),
-        block_size: identity.block_size as u32,
-        block_bytes: identity.block_bytes as u64,
-        nonce: "00".repeat(16),
-    });
+    let hello = hello_of(identity);
     let no_key = Message::Control(Control::Auth {
         proof: String::new(),
     });

@@ -1423,3 +1423,179 @@ fn the_device_argmax_picks_what_the_host_argmax_picks() {
     let want: Vec<u32> = rows.iter().map(|r| runtime::sampler::argmax(r)).collect();
     assert_eq!(got, want);
 }
+
+/// Prefill/decode disaggregation on the GPU. Engine level: a block read from the GPU's KV pool
+/// has the CPU pool's form (the same prompt's blocks agree within 1e-4 of their largest value,
+/// f32 plans), a block written into another GPU pool reads back bit for bit, and a pass that
+/// continues from moved blocks gives the logits of a pass that computed them itself (1e-4).
+/// Then over the transfer protocol between two GPU schedulers, socket and shared memory: the
+/// decode instance's greedy tokens are a mixed GPU instance's.
+#[test]
+fn kv_blocks_move_between_gpu_instances() {
+    use runtime::disagg::transfer::{self, Identity, Options};
+    use runtime::disagg::{InstanceState, Role};
+    use runtime::scheduler::{Scheduler, SchedulerConfig};
+    let Some(arch) = device() else { return };
+    let options = EngineOptions {
+        max_context: 256,
+        max_batch_tokens: 64,
+        max_num_seqs: 4,
+        block_size: 16,
+        kv_blocks: Some(48),
+    };
+    let path = cuda_plan("llama", arch, DType::F32);
+    let gpu_engine = || {
+        GpuEngine::new(
+            LoadedPlan::load(&path).expect("loading"),
+            0,
+            options.clone(),
+        )
+        .expect("uploading the plan")
+    };
+    let cpu_plan = common::compiled(&common::golden("tiny/llama"), DType::F32);
+    let mut cpu = common::engine_with(&cpu_plan, options.clone());
+    let (mut g1, mut g2) = (gpu_engine(), gpu_engine());
+    let prompt = tokens(37, 5);
+    let table: Vec<u32> = vec![3, 5, 7];
+    fn pass<'a>(blocks: &'a [u32], start: usize, tokens: &'a [u32]) -> Vec<SeqChunk<'a>> {
+        vec![SeqChunk {
+            blocks,
+            start,
+            tokens,
+            logits: Logits::Last,
+        }]
+    }
+    let g1_logits = g1
+        .forward_batch(&pass(&table, 0, &prompt))
+        .expect("GPU pass")
+        .to_vec();
+    cpu.forward_batch(&pass(&table, 0, &prompt))
+        .expect("CPU pass");
+    let block_bytes = cpu.kv_pool().bytes_per_block();
+    let read_gpu = |engine: &GpuEngine, block: u32| {
+        let mut bytes = vec![0u8; block_bytes];
+        engine.read_kv_block(block, &mut bytes).expect("GPU read");
+        bytes
+    };
+    let as_f32 = |bytes: &[u8]| -> Vec<f32> {
+        bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let mut moved = vec![];
+    for &block in &table[..2] {
+        let bytes = read_gpu(&g1, block);
+        let mut want = vec![0u8; block_bytes];
+        cpu.kv_pool()
+            .read_block(block, &mut want)
+            .expect("CPU read");
+        let (got, want) = (as_f32(&bytes), as_f32(&want));
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst <= 1e-4 * scale,
+            "block {block}: GPU against CPU {worst} of {scale}"
+        );
+        moved.push(bytes);
+    }
+    // Into another pool at other blocks, and back.
+    let other: Vec<u32> = vec![10, 11, 12];
+    for (bytes, &block) in moved.iter().zip(&other) {
+        g2.write_kv_block(block, bytes).expect("GPU write");
+        assert_eq!(&read_gpu(&g2, block), bytes, "block {block} read back");
+    }
+    assert!(
+        g2.write_kv_block(99, &moved[0]).is_err(),
+        "a block past the pool"
+    );
+    assert!(
+        g2.read_kv_block(0, &mut [0u8; 12]).is_err(),
+        "a short buffer"
+    );
+    // The rest of the prompt on the moved blocks: the logits of g1's whole-prompt pass.
+    let g2_logits = g2
+        .forward_batch(&pass(&other, 32, &prompt[32..]))
+        .expect("GPU pass")
+        .to_vec();
+    common::check_logits(
+        "continued from moved blocks",
+        &g2_logits,
+        &g1_logits,
+        cpu.vocab_size(),
+        1e-4,
+    );
+
+    // Over the protocol.
+    let config = SchedulerConfig {
+        max_num_seqs: 4,
+        max_waiting: 16,
+        prefix_caching: true,
+        speculative: None,
+    };
+    let identity = Identity {
+        plan: LoadedPlan::load(&path).expect("loading").identity(),
+        block_size: 16,
+        block_bytes,
+    };
+    let prefill = Scheduler::start(Box::new(gpu_engine()), config.clone());
+    let mixed = Scheduler::start(Box::new(gpu_engine()), config.clone());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    rt.spawn(transfer::serve(
+        listener,
+        prefill.clone(),
+        std::sync::Arc::new(InstanceState::new(identity.clone(), Role::Prefill)),
+        Options::default(),
+    ));
+    for shared_memory in [false, true] {
+        let decode = Scheduler::start(Box::new(gpu_engine()), config.clone());
+        for (i, len) in [70usize, 33, 100].into_iter().enumerate() {
+            let prompt = tokens(len, 40 + i as u32 + 10 * shared_memory as u32);
+            let request = common::greedy_request(12);
+            let (want, _) = common::collect_stream(
+                mixed
+                    .submit(prompt.clone(), request.clone())
+                    .expect("submit"),
+            );
+            let blocks = (prompt.len() - 1) / 16;
+            let prefix = prompt[..blocks * 16].to_vec();
+            let held = rt
+                .block_on(decode.cached_blocks(prefix.clone()))
+                .expect("cached");
+            let options = Options {
+                shared_memory,
+                ..Options::default()
+            };
+            let fetched = rt
+                .block_on(transfer::fetch_prefix(
+                    &addr, &identity, prefix, held, &options,
+                ))
+                .expect("fetch");
+            assert_eq!(fetched.blocks.len(), blocks);
+            let seated = rt
+                .block_on(decode.write_cached_blocks(fetched))
+                .expect("seat");
+            assert_eq!(seated, blocks);
+            let before = decode.stats().prefix_cache_hit_tokens;
+            let (got, _) =
+                common::collect_stream(decode.submit(prompt.clone(), request).expect("submit"));
+            assert_eq!(
+                (decode.stats().prefix_cache_hit_tokens - before) as usize,
+                blocks * 16,
+                "the moved blocks were used"
+            );
+            assert_eq!(got, want, "prompt of {len}, shared memory {shared_memory}");
+        }
+    }
+}

@@ -877,6 +877,104 @@ impl GpuEngine {
         self.kv_blocks
     }
 
+    /// Copies KV block `block` of every layer into `out` (exactly a block long) in the CPU
+    /// pool's form (`KvPool::read_block`: layer after layer, keys then values, f32; the device
+    /// and every host CUDA runs on are little-endian), so CPU and GPU instances of a plan
+    /// exchange blocks alike.
+    pub fn read_kv_block(&self, block: u32, out: &mut [u8]) -> Result<(), RuntimeError> {
+        let (range, pools) = self.kv_block_range(block, out.len())?;
+        self.bind()?;
+        let s = &self.gpu.stream;
+        let down = |e| RuntimeError::Cuda(format!("copying KV block {block} to the host: {e}"));
+        let mut rest = out;
+        for layer in 0..self.k_cache.len() {
+            for pool in [&self.k_cache[layer], &self.v_cache[layer]]
+                .into_iter()
+                .take(pools)
+            {
+                let (these, after) = rest.split_at_mut(range.len() * 4);
+                let src = pool.slice(range.clone());
+                match bytemuck::try_cast_slice_mut::<u8, f32>(these) {
+                    Ok(dst) => s.memcpy_dtoh(&src, dst).map_err(down)?,
+                    // Not 4-aligned: through a buffer.
+                    Err(_) => {
+                        let mut values = vec![0f32; range.len()];
+                        s.memcpy_dtoh(&src, &mut values).map_err(down)?;
+                        these.copy_from_slice(bytemuck::cast_slice(&values));
+                    }
+                }
+                rest = after;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes KV block `block` from bytes in [`GpuEngine::read_kv_block`]'s form.
+    pub fn write_kv_block(&mut self, block: u32, bytes: &[u8]) -> Result<(), RuntimeError> {
+        let (range, pools) = self.kv_block_range(block, bytes.len())?;
+        self.bind()?;
+        let s = self.gpu.stream.clone();
+        let up = |e| RuntimeError::Cuda(format!("copying KV block {block} to the device: {e}"));
+        let mut rest = bytes;
+        for layer in 0..self.k_cache.len() {
+            for pool in [&mut self.k_cache[layer], &mut self.v_cache[layer]]
+                .into_iter()
+                .take(pools)
+            {
+                let (these, after) = rest.split_at(range.len() * 4);
+                let mut dst = pool.slice_mut(range.clone());
+                match bytemuck::try_cast_slice::<u8, f32>(these) {
+                    Ok(src) => s.memcpy_htod(src, &mut dst).map_err(up)?,
+                    Err(_) => {
+                        let mut values = vec![0f32; range.len()];
+                        bytemuck::cast_slice_mut::<f32, u8>(&mut values).copy_from_slice(these);
+                        s.memcpy_htod(&values, &mut dst).map_err(up)?;
+                    }
+                }
+                rest = after;
+            }
+        }
+        Ok(())
+    }
+
+    /// The values of block `block` in each layer's pool, and how many pools a layer has (one
+    /// for a latent cache); checks the block and a buffer of `len` bytes.
+    fn kv_block_range(
+        &self,
+        block: u32,
+        len: usize,
+    ) -> Result<(std::ops::Range<usize>, usize), RuntimeError> {
+        let m = &self.plan.manifest;
+        let block_len =
+            self.options.block_size * m.kv.num_kv_heads as usize * m.kv.head_dim as usize;
+        let pools = if self.plan.program.has_latent_kv() {
+            1
+        } else {
+            2
+        };
+        let want = pools * self.k_cache.len() * block_len * 4;
+        if block as usize >= self.kv_blocks {
+            return Err(RuntimeError::KvBlocks(format!(
+                "block {block} of a pool of {}",
+                self.kv_blocks
+            )));
+        }
+        if len != want {
+            return Err(RuntimeError::KvBlocks(format!(
+                "a block of {len} bytes where this pool's blocks have {want}"
+            )));
+        }
+        let start = block as usize * block_len;
+        Ok((start..start + block_len, pools))
+    }
+
+    fn bind(&self) -> Result<(), RuntimeError> {
+        self.gpu
+            .ctx
+            .bind_to_thread()
+            .map_err(cuda("binding the device"))
+    }
+
     /// How many add-and-RMS-norms passes of one token run inside the matmuls around them.
     pub fn decode_folds(&self) -> usize {
         self.folds.as_ref().map_or(0, |f| {

@@ -81,27 +81,25 @@ impl SharedRegion {
     /// (not Linux, memory refused): the transfer then goes over the socket.
     pub fn create(blocks: usize, block_bytes: usize) -> Option<SharedRegion> {
         let need = HEADER_BYTES.checked_add(blocks.checked_mul(block_bytes)?)?;
+        let room = HEADER_BYTES.checked_add(
+            blocks
+                .checked_next_power_of_two()?
+                .checked_mul(block_bytes)?,
+        )?;
         let kept = {
             let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+            // Not one far larger than this transfer needs: a prefill instance maps only what
+            // it is asked to fill, but the offer names the whole region.
             let fits = (0..made.len())
-                .filter(|&i| made[i].1.map.len() >= need)
+                .filter(|&i| (need..=2 * room).contains(&made[i].1.map.len()))
                 .min_by_key(|&i| made[i].1.map.len());
             fits.map(|i| made.swap_remove(i).1)
         };
         let mapping = match kept {
             Some(mapping) => mapping,
-            None => {
-                let room = HEADER_BYTES.checked_add(
-                    blocks
-                        .checked_next_power_of_two()?
-                        .checked_mul(block_bytes)?,
-                )?;
-                make(room)
-                    .map_err(
-                        |e| tracing::debug!(error = %e, "KV transfer: no shared memory region"),
-                    )
-                    .ok()?
-            }
+            None => make(room)
+                .map_err(|e| tracing::debug!(error = %e, "KV transfer: no shared memory region"))
+                .ok()?,
         };
         Some(SharedRegion {
             mapping: Some(mapping),
@@ -140,7 +138,9 @@ impl SharedRegion {
         }
         let kept = {
             let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
-            let at = opened.iter().position(|(o, _)| o.as_ref() == Some(offer));
+            let at = opened
+                .iter()
+                .position(|(o, m)| o.as_ref() == Some(offer) && m.map.len() >= need);
             at.map(|i| opened.remove(i).1)
         };
         let mapping = match kept {
@@ -148,10 +148,16 @@ impl SharedRegion {
             None => {
                 let bytes = usize::try_from(offer.bytes).map_err(|_| "region too large")?;
                 let file = sys::open_sealed(offer.pid, offer.fd, bytes)?;
+                // Only what this transfer fills is mapped, whatever size the offer names.
                 // SAFETY: a sealed memory file (checked above): it cannot shrink under the
                 // mapping.
-                let map = unsafe { memmap2::MmapOptions::new().populate().map_mut(&file) }
-                    .map_err(|e| format!("mapping: {e}"))?;
+                let map = unsafe {
+                    memmap2::MmapOptions::new()
+                        .len(need)
+                        .populate()
+                        .map_mut(&file)
+                }
+                .map_err(|e| format!("mapping: {e}"))?;
                 let tag: [u8; TAG_BYTES] = map[..TAG_BYTES]
                     .try_into()
                     .map_err(|_| "a region without its tag")?;
@@ -214,7 +220,16 @@ impl Drop for SharedRegion {
         } else {
             &MADE
         };
+        if mapping.map.len() > MAX_KEPT_BYTES {
+            return;
+        }
         let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
+        // Mappings of regions whose process has ended only hold memory.
+        kept.retain(|(offer, _)| {
+            offer
+                .as_ref()
+                .is_none_or(|o| std::path::Path::new(&format!("/proc/{}", o.pid)).exists())
+        });
         kept.push((self.opened_by.take(), mapping));
         // The oldest go first.
         while kept.len() > MAX_KEPT
@@ -284,9 +299,13 @@ mod sys {
             return Err(format!("descriptor {fd}"));
         }
         let path = format!("/proc/{pid}/fd/{fd}");
+        use std::os::unix::fs::OpenOptionsExt;
+        // Non-blocking and never a controlling terminal: the descriptor is the peer's word until
+        // the checks below (a device or a FIFO must not block or act on being opened).
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
             .map_err(|e| format!("opening {path}: {e}"))?;
         let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;

@@ -235,8 +235,11 @@ fn check_hello(me: &Identity, my_weights: &str, message: Message) -> Result<Stri
     }
 }
 
-/// Steps 1 and 2 of the exchange (`wire`'s doc): hellos both ways, then proofs of the key both
-/// ways. `role` is this side's. A mismatch is told to the peer before the error returns.
+/// Steps 1 and 2 of the exchange (`wire`'s doc): hellos both ways, then proofs of the key: the
+/// decode side (which connects) proves first, and the prefill side proves only once it has
+/// checked that proof, so connecting to a prefill instance never earns its proof (which a relay
+/// could show a decode instance). `role` is this side's. A mismatch is told to the peer before
+/// the error returns.
 async fn handshake(
     conn: &mut Connection,
     me: &Identity,
@@ -249,25 +252,32 @@ async fn handshake(
         .map(|b| hex(&b))
         .ok_or_else(|| TransferError::Protocol("no randomness for a nonce".into()))?;
     send(conn, &hello(me, weights, &nonce), io).await?;
-    let checked = match check_hello(me, weights, receive(conn, io).await?) {
-        Ok(peer_nonce) => {
-            let proof = options.key.as_ref().map_or(String::new(), |key| {
-                key.prove(role, &peer_nonce, &nonce).to_hex().to_string()
-            });
-            send(conn, &Message::Control(Control::Auth { proof }), io).await?;
-            match receive(conn, io).await? {
-                Message::Control(Control::Auth { proof }) => {
-                    let peer = match role {
-                        Role::Decode => Role::Prefill,
-                        _ => Role::Decode,
-                    };
-                    check_proof(options.key.as_ref(), peer, &nonce, &peer_nonce, &proof)
-                }
-                other => Err(unexpected("a key proof", other)),
-            }
+    let checked = async {
+        let peer_nonce = check_hello(me, weights, receive(conn, io).await?)?;
+        let proof = options.key.as_ref().map_or(String::new(), |key| {
+            key.prove(role, &peer_nonce, &nonce).to_hex().to_string()
+        });
+        let mine = Message::Control(Control::Auth { proof });
+        let peer = if role == Role::Decode {
+            Role::Prefill
+        } else {
+            Role::Decode
+        };
+        if role == Role::Decode {
+            send(conn, &mine, io).await?;
         }
-        Err(e) => Err(e),
-    };
+        match receive(conn, io).await? {
+            Message::Control(Control::Auth { proof }) => {
+                check_proof(options.key.as_ref(), peer, &nonce, &peer_nonce, &proof)?
+            }
+            other => return Err(unexpected("a key proof", other)),
+        }
+        if role != Role::Decode {
+            send(conn, &mine, io).await?;
+        }
+        Ok(())
+    }
+    .await;
     if let Err(TransferError::Mismatch(message)) = &checked {
         let refusal = Message::Control(Control::Error {
             message: message.clone(),
@@ -284,17 +294,23 @@ fn check_proof(
     peer_nonce: &str,
     proof: &str,
 ) -> Result<(), TransferError> {
-    let refused = |why: &str| Err(TransferError::Mismatch(why.to_string()));
+    let (me, them) = match peer {
+        Role::Decode => ("prefill", "decode"),
+        _ => ("decode", "prefill"),
+    };
+    let refused = |why: String| Err(TransferError::Mismatch(why));
     match key {
         None if proof.is_empty() => Ok(()),
-        None => refused("the peer requires a KV transfer key and this instance has none (--kv-transfer-key-file)"),
-        Some(_) if proof.is_empty() => refused("this instance requires a KV transfer key and the peer has none (--kv-transfer-key-file)"),
+        None => refused(format!("the {them} instance holds a KV transfer key and this {me} instance has none; give both the same --kv-transfer-key-file")),
+        Some(_) if proof.is_empty() => refused(format!("this {me} instance requires a KV transfer key and the {them} instance has none; give both the same --kv-transfer-key-file")),
         Some(key) => {
             // blake3::Hash compares in constant time.
             let expected = key.prove(peer, my_nonce, peer_nonce);
             match blake3::Hash::from_hex(proof) {
                 Ok(given) if given == expected => Ok(()),
-                _ => refused("the peer's KV transfer key is not this instance's"),
+                _ => refused(format!(
+                    "the {them} instance's KV transfer key is not this {me} instance's"
+                )),
             }
         }
     }
@@ -331,15 +347,26 @@ pub async fn fetch_prefix(
             addr: addr.to_string(),
             source,
         })?;
+    // One host: the connection's two ends have the same address (loopback, or the host's own).
+    let same_host = matches!(
+        (stream.local_addr(), stream.peer_addr()),
+        (Ok(local), Ok(peer)) if local.ip() == peer.ip()
+    );
     let mut conn = connection(stream);
     // The weights the blocks must have been computed with: those of this instance's cache
     // when it counted its blocks (the seating checks their generation again).
     handshake(&mut conn, me, &held.weights, Role::Decode, options).await?;
     let total = tokens.len() / me.block_size.max(1);
     let wanted = total.saturating_sub(skip_blocks);
-    let mut region = (options.shared_memory && wanted > 0)
-        .then(|| SharedRegion::create(wanted, me.block_bytes))
-        .flatten();
+    let mut region = None;
+    if options.shared_memory && same_host && wanted > 0 {
+        // Reserving a new region's pages takes a while: off the async workers.
+        let block_bytes = me.block_bytes;
+        region = tokio::task::spawn_blocking(move || SharedRegion::create(wanted, block_bytes))
+            .await
+            .ok()
+            .flatten();
+    }
     let request = Control::Prefill {
         tokens: tokens.clone(),
         skip_blocks: skip_blocks as u32,
@@ -359,8 +386,6 @@ pub async fn fetch_prefix(
                     && due < total
                     && bytes.len() == me.block_bytes =>
             {
-                // Not through the region, then: let it go.
-                region = None;
                 frames.push(bytes)
             }
             Message::Block { index, bytes } => {
@@ -397,16 +422,16 @@ pub async fn fetch_prefix(
             other => return Err(unexpected("a block", other)),
         }
     }
+    // The prefill instance wrote its last block before its `Done` (or never took the region):
+    // the region can serve the next transfer once these blocks are seated.
+    if let Some(region) = &mut region {
+        region.keep();
+    }
     let blocks = match region {
-        Some(mut region) if mapped => {
-            // The prefill instance wrote its last block before its `Done`: the region can
-            // serve the next transfer once these blocks are seated.
-            region.keep();
-            ReceivedBlocks::Shared {
-                region,
-                count: written,
-            }
-        }
+        Some(region) if mapped => ReceivedBlocks::Shared {
+            region,
+            count: written,
+        },
         _ => ReceivedBlocks::Frames(frames),
     };
     Ok(KvPrefix {
@@ -481,7 +506,11 @@ async fn answer(
         .cached_blocks(vec![])
         .await
         .map_err(|e| TransferError::Peer(e.to_string()))?;
-    handshake(&mut conn, me, &weights.weights, Role::Prefill, options).await?;
+    // An unauthenticated connection holds one of the transfer slots: it gets a short while.
+    let handshaking = handshake(&mut conn, me, &weights.weights, Role::Prefill, options);
+    tokio::time::timeout(HANDSHAKE_TIMEOUT.min(timeouts.io), handshaking)
+        .await
+        .map_err(|_| TransferError::Timeout(HANDSHAKE_TIMEOUT.min(timeouts.io)))??;
     let refuse = |message: String| Message::Control(Control::Error { message });
     let role = instance.role().current;
     if role != Role::Prefill {
@@ -508,7 +537,13 @@ async fn answer(
     }
     let total = tokens.len() / me.block_size;
     let region = match offer {
-        Some(offer) => open_region(&offer, total.saturating_sub(skip), me.block_bytes),
+        Some(offer) => {
+            let (blocks, block_bytes) = (total.saturating_sub(skip), me.block_bytes);
+            tokio::task::spawn_blocking(move || open_region(&offer, blocks, block_bytes))
+                .await
+                .ok()
+                .flatten()
+        }
         None => None,
     };
     if region.is_some() {
@@ -525,7 +560,6 @@ async fn answer(
         block_bytes: me.block_bytes,
         io: timeouts.io,
     };
-    conn.codec_mut().set_max_frame_length(MAX_FRAME_BYTES);
     let streamed = stream_blocks(&mut conn, scheduler, &mut out);
     match tokio::time::timeout(timeouts.prefill, streamed).await {
         Ok(Ok(())) => {}
@@ -712,6 +746,9 @@ pub fn prefill_request() -> RequestParams {
         speculative: false,
     }
 }
+
+/// How long a prefill instance waits for a decode instance's hello and proof.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Transfers a prefill instance serves at once.
 const MAX_TRANSFERS: usize = 64;

@@ -14,10 +14,12 @@
 //! 1. both send [`Control::Hello`]: protocol version, plan identity, weights in service, block
 //!    size and bytes per block must agree, or the side that sees the difference sends
 //!    [`Control::Error`] and closes; each hello carries a fresh random nonce;
-//! 2. both send [`Control::Auth`]: with a shared transfer key, a keyed hash of the peer's nonce
-//!    and its own (and its role, so a proof cannot be sent back); without a key, empty. A side
-//!    with a key refuses a peer whose proof is missing or wrong, and one without a key refuses a
-//!    peer that has one (the two are configured differently);
+//! 2. D sends [`Control::Auth`], then P, once it has checked D's: with a shared transfer key, a
+//!    keyed hash of the peer's nonce and its own (and its role, so a proof cannot be sent back);
+//!    without a key, empty. A side with a key refuses a peer whose proof is missing or wrong,
+//!    and one without a key refuses a peer that has one (the two are configured differently).
+//!    The key authenticates the connection's two ends, not each frame: on a network path that
+//!    is not trusted, carry the connection over TLS or a VPN;
 //! 3. D sends [`Control::Prefill`]: the prompt's leading full blocks' tokens, how many of those
 //!    blocks it already holds in its prefix cache (P skips them), and, on one host, a shared
 //!    memory region to put the blocks in (`super::shared`);

@@ -426,6 +426,8 @@ impl Router {
                     .switching = true;
                 self.switches.fetch_add(1, Ordering::Relaxed);
                 *self.last_switch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                // The next decision reads answers given after this switch, not before it.
+                self.latencies().clear();
             }
             Ok((status, _, _)) => {
                 tracing::warn!(address = %mover.address, status, "a role switch was refused")
@@ -813,54 +815,86 @@ fn streamed(
     Body::from_stream(pieces.boxed())
 }
 
-/// What a streamed answer tells the role policy: when its first event came (time to first
-/// token, from the request's arrival at the router) and the mean gap between its events after
-/// that (time per output token; each event carries one token, a chat stream's first one only
-/// its role, which the count ignores as noise).
+/// What a streamed answer tells the role policy: when its first token came (time to first
+/// token, from the request's arrival at the router) and the mean gap between its tokens after
+/// that (time per output token). Tokens are the events whose first choice carries text (a chat
+/// stream's opening role-only event, the finish and usage events do not count); the events are
+/// read whole, however the bytes were split.
 struct StreamTiming {
     router: Arc<Router>,
     started: Instant,
+    /// The bytes of an event not yet complete.
+    pending: Vec<u8>,
     first: Option<Instant>,
     last: Instant,
-    events: u32,
+    tokens: u32,
 }
+
+/// The most bytes of one event the timing waits for; a longer one is not timed.
+const MAX_EVENT_BYTES: usize = 1 << 16;
 
 impl StreamTiming {
     fn new(router: Arc<Router>, started: Instant) -> StreamTiming {
         StreamTiming {
             router,
             started,
+            pending: Vec::new(),
             first: None,
             last: started,
-            events: 0,
+            tokens: 0,
         }
     }
 
     fn saw(&mut self, data: &[u8]) {
         let now = Instant::now();
-        let events = data.windows(6).filter(|w| w == b"data: ").count() as u32;
-        let done = data.windows(12).any(|w| w == b"data: [DONE]");
-        let tokens = events.saturating_sub(done as u32);
-        if tokens == 0 {
-            return;
+        self.pending.extend_from_slice(data);
+        while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            if carries_a_token(&event) {
+                if self.first.is_none() {
+                    self.first = Some(now);
+                    self.router.latencies().first_token(now, now - self.started);
+                }
+                self.tokens += 1;
+                self.last = now;
+            }
         }
-        if self.first.is_none() {
-            self.first = Some(now);
-            self.router.latencies().first_token(now, now - self.started);
+        if self.pending.len() > MAX_EVENT_BYTES {
+            self.pending.clear();
         }
-        self.events += tokens;
-        self.last = now;
     }
 
     /// The stream ended normally.
     fn finished(&mut self) {
-        if let Some(first) = self.first.filter(|_| self.events >= 2) {
-            let per_token = (self.last - first) / (self.events - 1);
+        if let Some(first) = self.first.filter(|_| self.tokens >= 2) {
+            let per_token = (self.last - first) / (self.tokens - 1);
             self.router
                 .latencies()
                 .per_output_token(self.last, per_token);
         }
     }
+}
+
+/// Whether a server-sent event's first choice carries generated text (completions' `text`,
+/// chat's `delta.content`) or token ids (`token_ids`, when the request asked for them: a token
+/// that ends inside a character has no text of its own yet).
+fn carries_a_token(event: &[u8]) -> bool {
+    let Some(payload) = event.strip_prefix(b"data: ") else {
+        return false;
+    };
+    let Ok(v) = serde_json::from_slice::<Value>(payload.trim_ascii()) else {
+        return false; // `[DONE]`, or not JSON
+    };
+    let Some(choices) = v["choices"].as_array() else {
+        return false;
+    };
+    choices.iter().any(|c| {
+        c["index"].as_u64().unwrap_or(0) == 0
+            && ([&c["text"], &c["delta"]["content"]]
+                .iter()
+                .any(|t| t.as_str().is_some_and(|t| !t.is_empty()))
+                || c["token_ids"].as_array().is_some_and(|ids| !ids.is_empty()))
+    })
 }
 
 /// The last event of a stream whose decode instance failed (after a blank line, to end a
@@ -970,4 +1004,40 @@ async fn metrics(State(router): State<Arc<Router>>) -> Response {
         out,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::carries_a_token;
+
+    #[test]
+    fn only_events_with_text_in_their_first_choice_are_tokens() {
+        let event = |json: &str| format!("data: {json}\n\n").into_bytes();
+        for (json, token) in [
+            (
+                r#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#,
+                false,
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#,
+                true,
+            ),
+            (
+                r#"{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"stop"}]}"#,
+                false,
+            ),
+            (r#"{"choices":[{"index":0,"text":" the"}]}"#, true),
+            (r#"{"choices":[{"index":1,"text":" the"}]}"#, false),
+            (
+                r#"{"choices":[{"index":0,"text":"","token_ids":[7]}]}"#,
+                true,
+            ),
+            (r#"{"choices":[],"usage":{"completion_tokens":3}}"#, false),
+            ("[DONE]", false),
+            ("not json", false),
+        ] {
+            assert_eq!(carries_a_token(&event(json)), token, "{json}");
+        }
+        assert!(!carries_a_token(b": keep-alive\n\n"));
+    }
 }

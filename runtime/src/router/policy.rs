@@ -71,6 +71,13 @@ impl LatencyWindow {
         push(&mut self.tpot, at, tpot);
     }
 
+    /// Forgets every answer (after a role switch, the answers before it describe another
+    /// deployment).
+    pub fn clear(&mut self) {
+        self.ttft.clear();
+        self.tpot.clear();
+    }
+
     /// The means of the answers within [`WINDOW`] of `now`.
     pub fn observed(&mut self, now: Instant) -> Observed {
         Observed {
