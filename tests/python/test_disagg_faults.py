@@ -1,6 +1,10 @@
-"""Fault tests of disaggregated serving with real processes: `fdrt router` in front of one
-prefill and two decode instances, each its own `fdrt serve`, and instances killed with SIGKILL
-(no drain, no goodbye: what a crash or an OOM kill does) at the moments that matter.
+"""Disaggregated serving with real processes, each `fdrt serve` or `fdrt router` its own.
+
+Two of each: `fdrt router` in front of two prefill and two decode instances answers greedy
+requests exactly as one mixed instance does, and both decode instances take blocks.
+
+Faults: `fdrt router` in front of one prefill and two decode instances, and instances killed
+with SIGKILL (no drain, no goodbye: what a crash or an OOM kill does) at the moments that matter.
 
 - A decode instance killed while it streams an answer: the stream ends (an error event, then the
   end) well within a deadline, and the router serves the next requests with the other one.
@@ -105,6 +109,41 @@ class Deployment:
             status, body = post(self.router.address, completion(prompt(100 + i, 40), 4))
             assert status == 200, (status, body)
             assert body["usage"]["completion_tokens"] == 4, body
+
+
+class TwoOfEachTest(unittest.TestCase):
+    def test_two_prefill_and_two_decode_instances_answer_as_one_mixed_instance(self):
+        mixed = ServerProcess(SERVE + BLOCK)
+        prefill = [ServerProcess(SERVE + BLOCK + ["--role", "prefill", "--kv-transfer-port", "0"],
+                                 wait_for=(r"http://([0-9.]+:[0-9]+)/v1",
+                                           r"KV transfers to decode instances at ([0-9.]+:[0-9]+)"))
+                   for _ in range(2)]
+        sources = sum((["--kv-source", p.found[1]] for p in prefill), [])
+        decode = [ServerProcess(SERVE + BLOCK + ["--role", "decode"] + sources) for _ in range(2)]
+        router = ServerProcess(["router", "--port", "0"]
+                               + sum((["--prefill", p.address] for p in prefill), [])
+                               + sum((["--decode", d.address] for d in decode), []))
+        processes = [router, *decode, *prefill, mixed]
+        try:
+            shared = prompt(7, 48)
+            prompts = [prompt(20 + i, 40 + 23 * i) for i in range(6)] + [shared + prompt(30 + i, 9 + i) for i in range(4)]
+            for i, tokens in enumerate(prompts):
+                body = completion(tokens, 8)
+                status, want = post(mixed.address, body)
+                self.assertEqual(status, 200, want)
+                status, got = post(router.address, body)
+                self.assertEqual(status, 200, got)
+                self.assertEqual(got["choices"][0]["text"], want["choices"][0]["text"], f"prompt {i}")
+            text = metrics(router.address)
+            for d in decode:
+                self.assertGreater(value(text, "fdrt_router:instance_requests_total", f'address="{d.address}"'), 0)
+            received = sum(value(metrics(d.address), "fdrt:kv_transfer_received_blocks_total") for d in decode)
+            sent = [value(metrics(p.address), "fdrt:kv_transfer_sent_blocks_total") for p in prefill]
+            self.assertGreater(received, 0)
+            self.assertEqual(received, sum(sent))
+        finally:
+            for p in processes:
+                self.assertEqual(p.stop(), 0, "".join(p.log))
 
 
 class DisaggFaultTest(unittest.TestCase):
