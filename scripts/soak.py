@@ -500,7 +500,9 @@ def main():
             if m["running"] == 0 and m["waiting"] == 0 and m["kv_blocks_used"] == 0:
                 break
             time.sleep(0.5)
-        time.sleep(2)
+        # Idle threads of the async runtime's blocking pool (shared-memory transfers use it)
+        # end after 10 s.
+        time.sleep(12)
         idle_after = server.sample()
 
     warm = [s for s in samples if s["t_s"] >= args.warmup_minutes * 60]
@@ -535,8 +537,9 @@ def main():
         label = "" if name == "server" else "_" + name
         checks["fds_back_to_idle" + label] = bool(idle_after) and idle_after[prefix + "fds"] <= idle_before[prefix + "fds"]
         checks["threads_back_to_idle" + label] = bool(idle_after) and idle_after[prefix + "threads"] <= idle_before[prefix + "threads"]
-        # Kept transfer regions (decode side) and mappings (prefill side): at most 4 each.
-        checks["kv_regions_bounded" + label] = all(s_[prefix + "kv_regions"] <= 4 for s_ in samples)
+        # Transfer regions (decode side) and mappings (prefill side): at most 8 transfers at once
+        # and 4 kept for reuse.
+        checks["kv_regions_bounded" + label] = all(s_[prefix + "kv_regions"] <= 12 for s_ in samples)
         # Flat after warm-up: the last third's peak within 10% of the first third's after warm-up.
         rss = [s[prefix + "rss_mib"] for s in warm]
         checks["rss_flat_after_warmup" + label] = bool(rss) and max(rss[-max(1, len(rss) // 3):]) \

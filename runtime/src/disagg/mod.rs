@@ -139,7 +139,14 @@ pub struct InstanceState {
     active_transfers: AtomicUsize,
     role_switches: AtomicU64,
     pub counters: TransferCounters,
+    /// Transfers a decode instance takes at once ([`MAX_PULLS`]): each holds a prompt's blocks
+    /// (frames or a shared-memory region) until they are seated.
+    pulls: tokio::sync::Semaphore,
 }
+
+/// Transfers a decode instance takes at once; more requests wait for one to end (its scheduler
+/// would not run them sooner anyway).
+pub const MAX_PULLS: usize = 8;
 
 impl InstanceState {
     pub fn new(identity: Identity, role: Role) -> InstanceState {
@@ -152,6 +159,7 @@ impl InstanceState {
             active_transfers: AtomicUsize::new(0),
             role_switches: AtomicU64::new(0),
             counters: TransferCounters::default(),
+            pulls: tokio::sync::Semaphore::new(MAX_PULLS),
         }
     }
 
@@ -188,6 +196,11 @@ impl InstanceState {
     pub fn transfer_started(&self) -> ActiveTransfer<'_> {
         self.active_transfers.fetch_add(1, Ordering::SeqCst);
         ActiveTransfer(self)
+    }
+
+    /// Waits for one of the [`MAX_PULLS`] transfers a decode instance takes at once.
+    pub async fn pull_started(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.pulls.acquire().await.ok()
     }
 
     pub fn active_transfers(&self) -> usize {

@@ -206,6 +206,7 @@ async fn pull(
         return Ok(0);
     }
     let prefix = prompt[..blocks * me.block_size].to_vec();
+    let _pull = state.disagg.pull_started().await;
     let held = state
         .scheduler
         .cached_blocks(prefix.clone())
