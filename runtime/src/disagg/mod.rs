@@ -37,19 +37,23 @@ pub struct KvPrefix {
     pub first_block: usize,
     /// Blocks `first_block ..` in `KvPool::read_block`'s form.
     pub blocks: ReceivedBlocks,
+    /// Whether the prefill instance wrote them into shared memory (same host) rather than
+    /// sending them over the socket.
+    pub shared_memory: bool,
     /// The receiving scheduler's weights generation when it asked for them
     /// ([`crate::scheduler::CachedPrefix`]): after a live weight update in between they are
     /// not seated.
     pub weights_generation: u64,
 }
 
-/// The blocks a transfer brought: the frames they came in, or the shared-memory region the
-/// prefill instance wrote them into.
+/// The blocks a transfer brought: in a kept shared-memory region (the prefill instance wrote
+/// them into it on this host, or the decode instance read the socket's block frames into it),
+/// or, where no region could be had, in the frames they came in.
 #[derive(Debug)]
 pub enum ReceivedBlocks {
     Frames(Vec<Bytes>),
     /// The first `count` blocks of the region.
-    Shared {
+    Region {
         region: SharedRegion,
         count: usize,
     },
@@ -59,7 +63,7 @@ impl ReceivedBlocks {
     pub fn len(&self) -> usize {
         match self {
             ReceivedBlocks::Frames(frames) => frames.len(),
-            ReceivedBlocks::Shared { count, .. } => *count,
+            ReceivedBlocks::Region { count, .. } => *count,
         }
     }
 
@@ -71,7 +75,7 @@ impl ReceivedBlocks {
     pub fn get(&self, i: usize) -> Option<&[u8]> {
         match self {
             ReceivedBlocks::Frames(frames) => frames.get(i).map(|b| &b[..]),
-            ReceivedBlocks::Shared { region, count } => (i < *count).then(|| region.block(i)),
+            ReceivedBlocks::Region { region, count } => (i < *count).then(|| region.block(i)),
         }
     }
 }

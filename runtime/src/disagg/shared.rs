@@ -7,7 +7,9 @@
 //! pool into it; the decode instance's engine thread seats them straight from it. One copy on
 //! each side, no checksum (memory is not a lossy channel) and no socket; the control messages
 //! still travel on the transfer connection. When the region cannot be opened (another host,
-//! another PID namespace, no `/proc`) the prefill instance sends the blocks over the socket.
+//! another PID namespace, no `/proc`) the prefill instance sends the blocks over the socket, and
+//! the decode instance reads their frames straight into the same region: a receive buffer whose
+//! pages are already touched.
 //!
 //! Why a sealed memfd and not a named file in `/dev/shm`: nothing is left behind when a process
 //! dies, no name can be guessed or pointed elsewhere, and the seals mean the decode instance

@@ -3,8 +3,8 @@
 
 use super::shared::{SharedOffer, SharedRegion};
 use super::wire::{
-    block_frame_head, checksum, hex, plan_hex, Control, Message, WireError, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
+    block_frame_head, checksum, hex, plan_hex, Control, Message, WireError, CHECKSUM_BYTES,
+    KIND_BLOCK, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use super::{random_bytes, BlockSlots, InstanceState, KvPrefix, ReceivedBlocks, Role};
 use crate::sampler::SamplingParams;
@@ -12,7 +12,7 @@ use crate::scheduler::{BlocksRead, CachedPrefix, Event, RequestParams, Scheduler
 use futures_util::{SinkExt, StreamExt};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::bytes::{Buf, Bytes};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
@@ -159,7 +159,7 @@ async fn send_block(
 ) -> Result<(), TransferError> {
     let head = block_frame_head(index, bytes.len());
     let sum = checksum(&[&head[4..], bytes]);
-    let mut pieces = (&head[..]).chain(bytes).chain(&sum[..]);
+    let mut pieces = Buf::chain(Buf::chain(&head[..], bytes), &sum[..]);
     // The codec's write buffer is empty: every `send` above flushes it.
     tokio::time::timeout(wait, conn.get_mut().write_all_buf(&mut pieces))
         .await
@@ -358,8 +358,11 @@ pub async fn fetch_prefix(
     handshake(&mut conn, me, &held.weights, Role::Decode, options).await?;
     let total = tokens.len() / me.block_size.max(1);
     let wanted = total.saturating_sub(skip_blocks);
+    // A kept region for the blocks: on this host the prefill instance writes into it; from
+    // another host the socket's block frames are read into it (its pages are touched already,
+    // where a fresh buffer per frame costs a page fault every 4 KB).
     let mut region = None;
-    if options.shared_memory && same_host && wanted > 0 {
+    if wanted > 0 {
         // Reserving a new region's pages takes a while: off the async workers.
         let block_bytes = me.block_bytes;
         region = tokio::task::spawn_blocking(move || SharedRegion::create(wanted, block_bytes))
@@ -367,21 +370,43 @@ pub async fn fetch_prefix(
             .ok()
             .flatten();
     }
+    let offered = options.shared_memory && same_host;
     let request = Control::Prefill {
         tokens: tokens.clone(),
         skip_blocks: skip_blocks as u32,
-        shared: region.as_ref().and_then(SharedRegion::offer),
+        shared: region
+            .as_ref()
+            .filter(|_| offered)
+            .and_then(SharedRegion::offer),
     };
     send(&mut conn, &Message::Control(request), timeouts.io).await?;
     // Blocks arrive as the prefill instance computes them: each may take a prompt chunk's time.
-    let mut frames = Vec::new();
+    let mut frames = Vec::new(); // without a region
+    let mut received = 0; // in the region, either way
     let mut mapped = false;
-    let mut written = 0;
     loop {
-        let due = skip_blocks + frames.len() + written;
-        match receive(&mut conn, timeouts.prefill).await? {
+        let due = skip_blocks + frames.len() + received;
+        let incoming = match &mut region {
+            Some(region) if !mapped && due < total => {
+                receive_block_into(&mut conn, region, due - skip_blocks, timeouts).await?
+            }
+            _ => Incoming::Message(receive(&mut conn, timeouts.prefill).await?),
+        };
+        let message = match incoming {
+            Incoming::Block { index } if index as usize == due => {
+                received += 1;
+                continue;
+            }
+            Incoming::Block { index } => {
+                return Err(TransferError::Protocol(format!(
+                    "block {index} where block {due} (of {total}) was due"
+                )))
+            }
+            Incoming::Message(message) => message,
+        };
+        match message {
             Message::Block { index, bytes }
-                if !mapped
+                if region.is_none()
                     && index as usize == due
                     && due < total
                     && bytes.len() == me.block_bytes =>
@@ -395,13 +420,15 @@ pub async fn fetch_prefix(
                     me.block_bytes
                 )))
             }
-            Message::Control(Control::Mapped) if region.is_some() && due == skip_blocks => {
+            Message::Control(Control::Mapped)
+                if offered && region.is_some() && due == skip_blocks =>
+            {
                 mapped = true
             }
             Message::Control(Control::Written { end })
                 if mapped && end as usize > due && end as usize <= total =>
             {
-                written = end as usize - skip_blocks
+                received = end as usize - skip_blocks
             }
             Message::Control(Control::Written { end }) => {
                 return Err(TransferError::Protocol(format!(
@@ -424,22 +451,100 @@ pub async fn fetch_prefix(
     }
     // The prefill instance wrote its last block before its `Done` (or never took the region):
     // the region can serve the next transfer once these blocks are seated.
-    if let Some(region) = &mut region {
-        region.keep();
-    }
     let blocks = match region {
-        Some(region) if mapped => ReceivedBlocks::Shared {
-            region,
-            count: written,
-        },
-        _ => ReceivedBlocks::Frames(frames),
+        Some(mut region) => {
+            region.keep();
+            ReceivedBlocks::Region {
+                region,
+                count: received,
+            }
+        }
+        None => ReceivedBlocks::Frames(frames),
     };
     Ok(KvPrefix {
         tokens,
         first_block: skip_blocks,
         blocks,
+        shared_memory: mapped,
         weights_generation: held.weights_generation,
     })
+}
+
+/// What [`receive_block_into`] read.
+enum Incoming {
+    /// A block frame, its bytes checked and in the region's slot.
+    Block {
+        index: u32,
+    },
+    Message(Message),
+}
+
+/// The next frame, a block frame read straight into `slot` of `region` (checksum checked);
+/// any other frame, or a block frame of another size, read and decoded whole.
+async fn receive_block_into(
+    conn: &mut Connection,
+    region: &mut SharedRegion,
+    slot: usize,
+    timeouts: Timeouts,
+) -> Result<Incoming, TransferError> {
+    let mut length = [0u8; 4];
+    // The first bytes may wait for a prompt chunk's computation; the rest follow at once.
+    read_exact(conn, &mut length, timeouts.prefill).await?;
+    let length = u32::from_be_bytes(length) as usize;
+    if length > MAX_FRAME_BYTES {
+        return Err(TransferError::Protocol(format!(
+            "a frame of {length} bytes (at most {MAX_FRAME_BYTES})"
+        )));
+    }
+    let block_bytes = region.block(slot).len();
+    if length == 5 + block_bytes + CHECKSUM_BYTES {
+        let mut head = [0u8; 5];
+        read_exact(conn, &mut head, timeouts.io).await?;
+        if head[0] == KIND_BLOCK {
+            let bytes = region.block_mut(slot);
+            read_exact(conn, bytes, timeouts.io).await?;
+            let mut sum = [0u8; CHECKSUM_BYTES];
+            read_exact(conn, &mut sum, timeouts.io).await?;
+            if checksum(&[&head, region.block(slot)]) != sum {
+                return Err(WireError::Checksum.into());
+            }
+            let index = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
+            return Ok(Incoming::Block { index });
+        }
+        let mut frame = head.to_vec();
+        frame.resize(length, 0);
+        read_exact(conn, &mut frame[5..], timeouts.io).await?;
+        return Ok(Incoming::Message(Message::decode(frame.into())?));
+    }
+    let mut frame = vec![0u8; length];
+    read_exact(conn, &mut frame, timeouts.io).await?;
+    Ok(Incoming::Message(Message::decode(frame.into())?))
+}
+
+/// Fills `dst` from the connection: what its codec has read ahead first, then the socket (the
+/// codec reads the next frame from where this leaves off).
+async fn read_exact(
+    conn: &mut Connection,
+    dst: &mut [u8],
+    wait: Duration,
+) -> Result<(), TransferError> {
+    let ahead = conn.read_buffer_mut();
+    let n = ahead.len().min(dst.len());
+    dst[..n].copy_from_slice(&ahead[..n]);
+    ahead.advance(n);
+    if n < dst.len() {
+        let rest = &mut dst[n..];
+        tokio::time::timeout(wait, conn.get_mut().read_exact(rest))
+            .await
+            .map_err(|_| TransferError::Timeout(wait))?
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    TransferError::Protocol("the peer closed the connection".into())
+                }
+                _ => TransferError::Io(e),
+            })?;
+    }
+    Ok(())
 }
 
 /// The prefill side: answers every connection on `listener` until the task is dropped, while

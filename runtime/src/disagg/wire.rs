@@ -42,7 +42,9 @@ pub const MAX_FRAME_BYTES: usize = 256 << 20;
 
 pub const CHECKSUM_BYTES: usize = 16;
 const KIND_CONTROL: u8 = 1;
-const KIND_BLOCK: u8 = 2;
+/// The kind byte of a block frame (a decode instance reads block frames by hand, into kept
+/// memory: `super::transfer`).
+pub(crate) const KIND_BLOCK: u8 = 2;
 
 /// A control message (JSON body).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

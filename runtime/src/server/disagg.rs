@@ -219,7 +219,7 @@ async fn pull(
         .await
         .map_err(|e| e.to_string())?;
     let arrived = fetched.blocks.len();
-    if matches!(fetched.blocks, crate::disagg::ReceivedBlocks::Shared { .. }) {
+    if fetched.shared_memory {
         state
             .disagg
             .counters
