@@ -139,11 +139,7 @@ fn cluster(prefill: usize, decode: usize, health_interval: Duration) -> Cluster 
     let decode: Vec<Instance> = (0..decode)
         .map(|_| Instance::start(Role::Decode, sources.clone()))
         .collect();
-    let router_runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let router_runtime = router_runtime();
     let config = RouterConfig {
         prefill: prefill.iter().map(|p| p.http.clone()).collect(),
         decode: decode.iter().map(|d| d.http.clone()).collect(),

@@ -85,20 +85,8 @@
 #include <string>
 #include <vector>
 
-// The module's sources, as NVRTC gets them (they need no header beyond what nvcc includes).
-#include "../common.cuh"
-#include "../matmul.cu"
-#include "../quant.cu"
-
-#define CK(call)                                                                              \
-    do {                                                                                      \
-        cudaError_t e_ = (call);                                                              \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__,   \
-                    __LINE__, cudaGetErrorString(e_));                                        \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
+// The module's sources, CK and mix64.
+#include "bench.cuh"
 
 constexpr int LAYERS = 32;
 constexpr int MMS = 4 * LAYERS;
@@ -586,12 +574,6 @@ __global__ void stream_read(const uint4* p, long long n16, unsigned* sink) {
 }
 
 // Random weights: codes 1..15 (zero mean), scales s0 * U[0.5, 1.5].
-__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 __global__ void fill_codes(unsigned* w, long long words, unsigned long long seed) {
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < words;
          i += (long long)gridDim.x * blockDim.x) {

@@ -27,29 +27,11 @@
 #include <cstdlib>
 #include <vector>
 
-#include "../common.cuh"
-#include "../matmul.cu"
-#include "../quant.cu"
-
-#define CK(call)                                                                              \
-    do {                                                                                      \
-        cudaError_t e_ = (call);                                                              \
-        if (e_ != cudaSuccess) {                                                              \
-            fprintf(stderr, "CUDA error %s at %s:%d: %s\n", cudaGetErrorName(e_), __FILE__,   \
-                    __LINE__, cudaGetErrorString(e_));                                        \
-            exit(1);                                                                          \
-        }                                                                                     \
-    } while (0)
+// The module's sources, CK and mix64.
+#include "bench.cuh"
 
 constexpr int INSTANCES = 32;
 constexpr int GROUP = 128;
-
-__device__ unsigned long long mix(unsigned long long z) {
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
 
 // Codes 1..15 (zero mean around 8), scales around s0: the values of the matrix as a whole,
 // whichever layout stores them, come from the element's (row, k) so both layouts hold one matrix.
@@ -60,7 +42,7 @@ __global__ void fill(unsigned char* codes, fd_f16* scales, int n, int k, int sli
     for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (long long)gridDim.x * blockDim.x) {
         const int row = (int)(e / k), kk = (int)(e % k);
-        const unsigned code = 1u + (unsigned)(mix(seed ^ (unsigned long long)e) % 15u);
+        const unsigned code = 1u + (unsigned)(mix64(seed ^ (unsigned long long)e) % 15u);
         // Slice s = kk / ks holds columns [s*ks, (s+1)*ks) as an N x ks matrix in panels of 8:
         // per panel, for each k the 8 rows' codes in 4 bytes, bits [j*4, j*4+4) of byte b are
         // row j*4 + b (QLayout<4>: BPK = 4 bytes per k, C = 2 codes per byte).
@@ -72,7 +54,7 @@ __global__ void fill(unsigned char* codes, fd_f16* scales, int n, int k, int sli
                  (code << shift) << (8 * ((unsigned long long)byte & 3ull)));
         if (kl % GROUP == 0) {
             const int groups = ks / GROUP, g = kl / GROUP;
-            const float u = 0.5f + (float)(mix(seed * 31 + (unsigned long long)(row * 977 + kk / GROUP)) >> 40) *
+            const float u = 0.5f + (float)(mix64(seed * 31 + (unsigned long long)(row * 977 + kk / GROUP)) >> 40) *
                                        (1.0f / 16777216.0f);
             fd_f16* sb = scales + (long long)s * n * groups;
             sb[((long long)panel * groups + g) * QPANEL + r].bits = __half_as_ushort(__float2half_rn(s0 * u));

@@ -845,10 +845,7 @@ impl GpuEngine {
     /// valid; returns the previous store. If the copy fails the previous weights are copied
     /// back and stay in service.
     pub fn replace_weights(&mut self, weights: WeightStore) -> Result<WeightStore, RuntimeError> {
-        self.gpu
-            .ctx
-            .bind_to_thread()
-            .map_err(cuda("binding the device"))?;
+        self.bind()?;
         let old = self.plan.replace_weights(weights);
         match self.upload_weights() {
             Ok(()) => Ok(old),
@@ -968,6 +965,8 @@ impl GpuEngine {
         Ok((start..start + block_len, pools))
     }
 
+    /// Makes the engine's device context current on this thread (the scheduler's engine
+    /// thread; every call that touches the device starts with it).
     fn bind(&self) -> Result<(), RuntimeError> {
         self.gpu
             .ctx
@@ -1077,10 +1076,7 @@ impl GpuEngine {
             tables.extend_from_slice(&c.blocks[..(c.start + span.rows).div_ceil(block_size)]);
             offsets.extend(std::iter::repeat_n(offset, span.rows));
         }
-        self.gpu
-            .ctx
-            .bind_to_thread()
-            .map_err(cuda("binding the device"))?;
+        self.bind()?;
         let s = self.gpu.stream.clone();
         let up = |e| RuntimeError::Cuda(format!("uploading the pass's inputs: {e}"));
         if tables.len() > self.tables.len() {

@@ -849,8 +849,9 @@ impl StreamTiming {
         let now = Instant::now();
         self.pending.extend_from_slice(data);
         while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
-            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
-            if carries_a_token(&event) {
+            let token = carries_a_token(&self.pending[..end]);
+            self.pending.drain(..end + 2);
+            if token {
                 if self.first.is_none() {
                     self.first = Some(now);
                     self.router.latencies().first_token(now, now - self.started);
