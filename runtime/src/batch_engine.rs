@@ -2,6 +2,7 @@
 //! each through its own KV block table. The CPU [`Engine`] and the GPU
 //! [`crate::cuda::GpuEngine`] both are one, so `fdrt serve` runs either plan the same way.
 
+use crate::cuda::ipc::{DeviceLink, DeviceRegion};
 use crate::cuda::GpuEngine;
 use crate::engine::{Engine, EngineOptions, SeqChunk};
 use crate::error::RuntimeError;
@@ -58,6 +59,33 @@ pub trait BatchEngine: Send {
     fn write_kv_block(&mut self, _block: u32, _bytes: &[u8]) -> Result<(), RuntimeError> {
         Err(RuntimeError::Unsupported(
             "moving KV blocks between instances",
+        ))
+    }
+    /// The device of a GPU engine, for KV transfers through device memory.
+    fn device_link(&self) -> Option<DeviceLink> {
+        None
+    }
+    /// Copies KV block `block` into block `i` of a device region, in
+    /// [`BatchEngine::read_kv_block`]'s form.
+    fn read_kv_block_to_device(
+        &self,
+        _block: u32,
+        _region: &DeviceRegion,
+        _i: usize,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(
+            "moving KV blocks through device memory",
+        ))
+    }
+    /// Writes KV block `block` from block `i` of a device region.
+    fn write_kv_block_from_device(
+        &mut self,
+        _block: u32,
+        _region: &DeviceRegion,
+        _i: usize,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Unsupported(
+            "moving KV blocks through device memory",
         ))
     }
     /// One pass of the multi-token-prediction module (see [`Engine::forward_mtp`]).
@@ -149,5 +177,24 @@ impl BatchEngine for GpuEngine {
     }
     fn write_kv_block(&mut self, block: u32, bytes: &[u8]) -> Result<(), RuntimeError> {
         GpuEngine::write_kv_block(self, block, bytes)
+    }
+    fn device_link(&self) -> Option<DeviceLink> {
+        Some(GpuEngine::device_link(self))
+    }
+    fn read_kv_block_to_device(
+        &self,
+        block: u32,
+        region: &DeviceRegion,
+        i: usize,
+    ) -> Result<(), RuntimeError> {
+        GpuEngine::read_kv_block_to_device(self, block, region, i)
+    }
+    fn write_kv_block_from_device(
+        &mut self,
+        block: u32,
+        region: &DeviceRegion,
+        i: usize,
+    ) -> Result<(), RuntimeError> {
+        GpuEngine::write_kv_block_from_device(self, block, region, i)
     }
 }

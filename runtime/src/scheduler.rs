@@ -198,7 +198,7 @@ enum Command {
     CachedBlocks(Vec<u32>, tokio::sync::oneshot::Sender<CachedPrefix>),
     /// The cached full blocks of these tokens' prefix, from the given block on, copied into
     /// the slots (as many as they take).
-    ReadCached(Vec<u32>, usize, BlockSlots, BlocksReply),
+    ReadCached(Vec<u32>, usize, Box<BlockSlots>, BlocksReply),
     /// Seat a prefix's blocks computed elsewhere in the prefix cache.
     WriteCached(
         Box<KvPrefix>,
@@ -471,7 +471,7 @@ impl Scheduler {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let sent = self
             .commands
-            .send(Command::ReadCached(tokens, skip, slots, reply))
+            .send(Command::ReadCached(tokens, skip, Box::new(slots), reply))
             .map_err(|_| SubmitError::ShuttingDown.to_string());
         async move {
             sent?;
@@ -754,7 +754,7 @@ impl Worker {
                     Command::ReadCached(tokens, skip, mut slots, reply) => {
                         let read = self.read_cached(&tokens, skip, &mut slots);
                         let _ = reply.send(read.map(|count| BlocksRead {
-                            slots,
+                            slots: *slots,
                             count,
                             weights_generation: self.weight_generation,
                         }));
@@ -806,7 +806,7 @@ impl Worker {
         let mut count = 0;
         let mut result = Ok(());
         for &block in held.blocks.iter().skip(skip).take(slots.capacity()) {
-            result = self.engine.read_kv_block(block, slots.slot(count));
+            result = slots.fill(count, self.engine.as_ref(), block);
             if result.is_err() {
                 break;
             }
@@ -836,11 +836,11 @@ impl Worker {
             return Ok(have);
         }
         for b in have..end {
-            let bytes = prefix
-                .blocks
-                .get(b - prefix.first_block)
-                .unwrap_or_default();
-            if let Err(e) = self.engine.write_kv_block(seq.blocks[b], bytes) {
+            let seated =
+                prefix
+                    .blocks
+                    .seat(b - prefix.first_block, self.engine.as_mut(), seq.blocks[b]);
+            if let Err(e) = seated {
                 self.release(seq);
                 return Err(e.to_string());
             }

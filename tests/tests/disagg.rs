@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use runtime::disagg::transfer::{self, Identity, Options, Timeouts, TransferError, TransferKey};
 use runtime::disagg::wire::{Control, Message, WireError};
-use runtime::disagg::{InstanceState, ReceivedBlocks, Role};
+use runtime::disagg::{InstanceState, ReceivedBlocks, Role, TransferPath};
 use runtime::sampler::SamplingParams;
 use runtime::scheduler::CachedPrefix;
 use runtime::scheduler::{Event, RequestParams, Scheduler, SchedulerConfig};
@@ -154,10 +154,12 @@ fn continues_from_moved_blocks(shared_memory: bool) {
                 ))
                 .expect("fetch");
             assert_eq!(fetched.first_block, held.blocks, "case {i}");
-            assert_eq!(
-                fetched.shared_memory, shared_memory,
-                "case {i}: the path the blocks took"
-            );
+            let path = if shared_memory {
+                TransferPath::SharedMemory
+            } else {
+                TransferPath::Socket
+            };
+            assert_eq!(fetched.path, path, "case {i}: the path the blocks took");
             // Either way they land in a kept region (over the socket, read straight into it).
             assert_eq!(
                 matches!(fetched.blocks, ReceivedBlocks::Region { .. }),
@@ -408,7 +410,7 @@ fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
             &Options {
                 timeouts: Timeouts { io, prefill: io },
                 shared_memory: false,
-                key: None,
+                ..Options::default()
             },
         ))
     };
@@ -440,7 +442,7 @@ fn damaged_or_broken_transfers_end_in_errors_not_hangs() {
         vec![block(0, good), block(1, good), block(2, good)],
         vec![block(0, good), done(2)],
         vec![control(Control::Written { end: 1 }), done(1)],
-        vec![control(Control::Mapped), done(0)],
+        vec![control(Control::Mapped { device: false }), done(0)],
     ] {
         let addr = fake_prefill_instance(&rt, &identity, frames);
         assert!(matches!(

@@ -1432,8 +1432,7 @@ fn the_device_argmax_picks_what_the_host_argmax_picks() {
 /// decode instance's greedy tokens are a mixed GPU instance's.
 #[test]
 fn kv_blocks_move_between_gpu_instances() {
-    use runtime::disagg::transfer::{self, Identity, Options};
-    use runtime::disagg::{InstanceState, Role};
+    use runtime::disagg::transfer::{Identity, Options};
     use runtime::scheduler::{Scheduler, SchedulerConfig};
     let Some(arch) = device() else { return };
     let options = EngineOptions {
@@ -1543,59 +1542,259 @@ fn kv_blocks_move_between_gpu_instances() {
     };
     let prefill = Scheduler::start(Box::new(gpu_engine()), config.clone());
     let mixed = Scheduler::start(Box::new(gpu_engine()), config.clone());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("address").to_string();
-    rt.spawn(transfer::serve(
-        listener,
-        prefill.clone(),
-        std::sync::Arc::new(InstanceState::new(identity.clone(), Role::Prefill)),
-        Options::default(),
-    ));
+    let rt = transfer_runtime();
+    let addr = serve_prefill(&rt, prefill.clone(), &identity, Options::default());
     for shared_memory in [false, true] {
         let decode = Scheduler::start(Box::new(gpu_engine()), config.clone());
         for (i, len) in [70usize, 33, 100].into_iter().enumerate() {
             let prompt = tokens(len, 40 + i as u32 + 10 * shared_memory as u32);
-            let request = common::greedy_request(12);
-            let (want, _) = common::collect_stream(
-                mixed
-                    .submit(prompt.clone(), request.clone())
-                    .expect("submit"),
-            );
-            let blocks = (prompt.len() - 1) / 16;
-            let prefix = prompt[..blocks * 16].to_vec();
-            let held = rt
-                .block_on(decode.cached_blocks(prefix.clone()))
-                .expect("cached");
             let options = Options {
                 shared_memory,
                 ..Options::default()
             };
-            let fetched = rt
-                .block_on(transfer::fetch_prefix(
-                    &addr, &identity, prefix, held, &options,
-                ))
-                .expect("fetch");
-            assert_eq!(fetched.blocks.len(), blocks);
-            let seated = rt
-                .block_on(decode.write_cached_blocks(fetched))
-                .expect("seat");
-            assert_eq!(seated, blocks);
-            let before = decode.stats().prefix_cache_hit_tokens;
-            let (got, _) =
-                common::collect_stream(decode.submit(prompt.clone(), request).expect("submit"));
-            assert_eq!(
-                (decode.stats().prefix_cache_hit_tokens - before) as usize,
-                blocks * 16,
-                "the moved blocks were used"
+            let what = format!("prompt of {len}, shared memory {shared_memory}");
+            move_and_continue(
+                &rt,
+                [&mixed, &decode],
+                &addr,
+                &identity,
+                &options,
+                prompt,
+                &what,
             );
-            assert_eq!(got, want, "prompt of {len}, shared memory {shared_memory}");
         }
     }
+}
+
+/// Names the plan a child process serves as the prefill instance of
+/// `kv_blocks_move_between_gpu_processes`.
+const PREFILL_PLAN_VAR: &str = "FDRT_TEST_GPU_PREFILL_PLAN";
+/// What the child prints before its transfer address.
+const PREFILL_AT: &str = "prefill instance at ";
+
+/// Options and scheduler settings the two-process test's instances share.
+fn ipc_engine_options() -> EngineOptions {
+    EngineOptions {
+        max_context: 256,
+        max_batch_tokens: 64,
+        max_num_seqs: 4,
+        block_size: 16,
+        kv_blocks: Some(48),
+    }
+}
+
+fn ipc_scheduler_config() -> runtime::scheduler::SchedulerConfig {
+    runtime::scheduler::SchedulerConfig {
+        max_num_seqs: 4,
+        max_waiting: 16,
+        prefix_caching: true,
+        speculative: None,
+    }
+}
+
+/// The prefill instance of `kv_blocks_move_between_gpu_processes`, run by that test as a child
+/// process of this binary (device memory is exported to another process only): serves the KV
+/// transfers of the plan it is given on a free loopback port, prints the address, and stops
+/// when its standard input closes. Does nothing when run on its own.
+#[test]
+#[ignore = "the child process of kv_blocks_move_between_gpu_processes"]
+fn gpu_prefill_instance_of_another_process() {
+    use runtime::disagg::transfer::Options;
+    use runtime::scheduler::Scheduler;
+    let Ok(path) = std::env::var(PREFILL_PLAN_VAR) else {
+        return;
+    };
+    let plan = LoadedPlan::load(std::path::Path::new(&path)).expect("loading");
+    let identity = runtime::server::disagg::identity(&plan, 16);
+    let engine = GpuEngine::new(plan, 0, ipc_engine_options()).expect("uploading the plan");
+    let options = Options {
+        device: Some(engine.device_link()),
+        ..Options::default()
+    };
+    let scheduler = Scheduler::start(Box::new(engine), ipc_scheduler_config());
+    let rt = transfer_runtime();
+    let addr = serve_prefill(&rt, scheduler, &identity, options);
+    println!("{PREFILL_AT}{addr}");
+    use std::io::Read;
+    let _ = std::io::stdin().read_to_end(&mut Vec::new());
+}
+
+/// GPU instances in two processes on one device: the blocks go from the prefill instance's
+/// pool into the decode instance's device region and on into its pool, device to device, and
+/// the decode instance's greedy answers are those of one instance that computed the prompts
+/// itself. Without a device on the decode side the same transfer goes through host shared
+/// memory; two instances in one process (where device memory is not exported) fall back to it
+/// too.
+#[test]
+fn kv_blocks_move_between_gpu_processes() {
+    use runtime::disagg::transfer::Options;
+    use runtime::disagg::TransferPath;
+    use runtime::scheduler::Scheduler;
+    use std::io::BufRead;
+    let Some(arch) = device() else { return };
+    let path = cuda_plan("llama", arch, DType::F32);
+    let mut child = std::process::Command::new(std::env::current_exe().expect("this binary"))
+        .args([
+            "--exact",
+            "gpu_prefill_instance_of_another_process",
+            "--ignored",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(PREFILL_PLAN_VAR, &path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the prefill process");
+    // Its address, or a failure after a deadline (a child that dies closes its output).
+    let stdout = child.stdout.take().expect("its output");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.strip_prefix(PREFILL_AT) {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    let child_addr = rx.recv_timeout(std::time::Duration::from_secs(120));
+    let child_addr = match child_addr {
+        Ok(addr) => addr,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("the prefill process did not start");
+        }
+    };
+
+    let plan = LoadedPlan::load(&path).expect("loading");
+    let identity = runtime::server::disagg::identity(&plan, 16);
+    let gpu_engine = || {
+        GpuEngine::new(
+            LoadedPlan::load(&path).expect("loading"),
+            0,
+            ipc_engine_options(),
+        )
+        .expect("uploading the plan")
+    };
+    let mixed = Scheduler::start(Box::new(gpu_engine()), ipc_scheduler_config());
+    let decode_engine = gpu_engine();
+    let link = decode_engine.device_link();
+    let decode = Scheduler::start(Box::new(decode_engine), ipc_scheduler_config());
+    let rt = transfer_runtime();
+    // A prefill instance in this process, for the fallback.
+    let here_engine = gpu_engine();
+    let here_options = Options {
+        device: Some(here_engine.device_link()),
+        ..Options::default()
+    };
+    let here_scheduler = Scheduler::start(Box::new(here_engine), ipc_scheduler_config());
+    let here_addr = serve_prefill(&rt, here_scheduler, &identity, here_options);
+    let cases = [
+        (&child_addr, Some(link.clone()), TransferPath::Device),
+        (&child_addr, None, TransferPath::SharedMemory),
+        (&here_addr, Some(link.clone()), TransferPath::SharedMemory),
+        // Twice more through device memory: kept regions on both sides serve again.
+        (&child_addr, Some(link.clone()), TransferPath::Device),
+        (&child_addr, Some(link), TransferPath::Device),
+    ];
+    for (i, (addr, device, path)) in cases.into_iter().enumerate() {
+        let len = [70usize, 100, 33, 90, 50][i];
+        let options = Options {
+            device,
+            ..Options::default()
+        };
+        let what = format!("case {i}: prompt of {len}, {path:?} expected");
+        let took = move_and_continue(
+            &rt,
+            [&mixed, &decode],
+            addr,
+            &identity,
+            &options,
+            tokens(len, 70 + i as u32),
+            &what,
+        );
+        assert_eq!(took, path, "{what}: the path the blocks took");
+    }
+    drop(child.stdin.take());
+    let status = child.wait().expect("the prefill process");
+    assert!(status.success(), "the prefill process: {status}");
+}
+
+/// Moves `prompt`'s leading full blocks from the prefill instance at `addr` into the decode
+/// instance's cache (`[mixed, decode]`), and checks that it then answers greedily as the mixed
+/// instance does, with the moved blocks as a cache hit. Returns the path the blocks took.
+fn move_and_continue(
+    rt: &tokio::runtime::Runtime,
+    [mixed, decode]: [&runtime::scheduler::Scheduler; 2],
+    addr: &str,
+    identity: &runtime::disagg::transfer::Identity,
+    options: &runtime::disagg::transfer::Options,
+    prompt: Vec<u32>,
+    what: &str,
+) -> runtime::disagg::TransferPath {
+    let request = common::greedy_request(12);
+    let (want, _) = common::collect_stream(
+        mixed
+            .submit(prompt.clone(), request.clone())
+            .expect("submit"),
+    );
+    let blocks = (prompt.len() - 1) / 16;
+    let prefix = prompt[..blocks * 16].to_vec();
+    let held = rt
+        .block_on(decode.cached_blocks(prefix.clone()))
+        .expect("cached");
+    let fetched = rt
+        .block_on(runtime::disagg::transfer::fetch_prefix(
+            addr, identity, prefix, held, options,
+        ))
+        .unwrap_or_else(|e| panic!("{what}: fetch: {e}"));
+    let path = fetched.path;
+    assert_eq!(fetched.blocks.len(), blocks, "{what}");
+    let seated = rt
+        .block_on(decode.write_cached_blocks(fetched))
+        .unwrap_or_else(|e| panic!("{what}: seat: {e}"));
+    assert_eq!(seated, blocks, "{what}");
+    let before = decode.stats().prefix_cache_hit_tokens;
+    let (got, _) = common::collect_stream(decode.submit(prompt, request).expect("submit"));
+    assert_eq!(
+        (decode.stats().prefix_cache_hit_tokens - before) as usize,
+        blocks * 16,
+        "{what}: the moved blocks were used"
+    );
+    assert_eq!(got, want, "{what}");
+    path
+}
+
+/// A runtime for the transfer tests' async side.
+fn transfer_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Serves `scheduler`'s KV transfers as a prefill instance on a free loopback port; returns
+/// the address.
+fn serve_prefill(
+    rt: &tokio::runtime::Runtime,
+    scheduler: runtime::scheduler::Scheduler,
+    identity: &runtime::disagg::transfer::Identity,
+    options: runtime::disagg::transfer::Options,
+) -> String {
+    use runtime::disagg::{InstanceState, Role};
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    rt.spawn(runtime::disagg::transfer::serve(
+        listener,
+        scheduler,
+        std::sync::Arc::new(InstanceState::new(identity.clone(), Role::Prefill)),
+        options,
+    ));
+    addr
 }

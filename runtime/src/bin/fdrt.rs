@@ -767,6 +767,12 @@ fn run() -> Result<()> {
             };
             let engine = load_batch_engine(&plan, &run, max_num_seqs.max(1))?;
             log_loaded(&plan, engine.as_ref());
+            // A GPU instance moves blocks to and from other GPU instances on its host through
+            // device memory.
+            let transfer = runtime::disagg::transfer::Options {
+                device: engine.device_link(),
+                ..transfer
+            };
             let config = ServerConfig {
                 served_model_name,
                 api_key,

@@ -7,6 +7,7 @@
 
 mod folds;
 mod gemm;
+pub mod ipc;
 
 pub use gemm::{Gemm, GemmArgs};
 
@@ -932,6 +933,76 @@ impl GpuEngine {
             }
         }
         Ok(())
+    }
+
+    /// The engine's device, for KV transfers through device memory ([`ipc`]).
+    pub fn device_link(&self) -> ipc::DeviceLink {
+        ipc::DeviceLink::new(self.gpu.ctx.clone())
+    }
+
+    /// Copies KV block `block` of every layer into block `i` of a device region (another
+    /// instance's, opened here) in [`GpuEngine::read_kv_block`]'s form, device to device.
+    pub fn read_kv_block_to_device(
+        &self,
+        block: u32,
+        region: &ipc::DeviceRegion,
+        i: usize,
+    ) -> Result<(), RuntimeError> {
+        let dst = region.block_ptr(i, &self.gpu.ctx)?;
+        self.copy_kv_block(block, region.block_bytes(), dst, false)
+    }
+
+    /// Writes KV block `block` from block `i` of a device region (made here, filled by another
+    /// instance) in [`GpuEngine::read_kv_block`]'s form, device to device.
+    pub fn write_kv_block_from_device(
+        &mut self,
+        block: u32,
+        region: &ipc::DeviceRegion,
+        i: usize,
+    ) -> Result<(), RuntimeError> {
+        let src = region.block_ptr(i, &self.gpu.ctx)?;
+        self.copy_kv_block(block, region.block_bytes(), src, true)
+    }
+
+    /// Device-to-device copies of block `block` between the pools and `len` bytes of device
+    /// memory at `other` (into the pools when `into_pools`). Waits for them, so the other
+    /// memory is free to reuse (or to hand to the other instance) on return.
+    fn copy_kv_block(
+        &self,
+        block: u32,
+        len: usize,
+        other: u64,
+        into_pools: bool,
+    ) -> Result<(), RuntimeError> {
+        let (range, pools) = self.kv_block_range(block, len)?;
+        self.bind()?;
+        let s = &self.gpu.stream;
+        let failed = |e| RuntimeError::Cuda(format!("copying KV block {block} on the device: {e}"));
+        let bytes = range.len() * 4;
+        let mut at = 0u64;
+        for layer in 0..self.k_cache.len() {
+            for pool in [&self.k_cache[layer], &self.v_cache[layer]]
+                .into_iter()
+                .take(pools)
+            {
+                let pooled = ptr(pool, s) + 4 * range.start as u64;
+                let (dst, src) = if into_pools {
+                    (pooled, other + at)
+                } else {
+                    (other + at, pooled)
+                };
+                // SAFETY: both ranges lie inside live allocations of this context: the pool's
+                // block (checked by `kv_block_range`) and the `len` bytes at `other` (a device
+                // region's block, `DeviceRegion::block_ptr`); the stream is synchronized below,
+                // before either is reused.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, s.cu_stream())
+                }
+                .map_err(failed)?;
+                at += bytes as u64;
+            }
+        }
+        s.synchronize().map_err(failed)
     }
 
     /// The values of block `block` in each layer's pool, and how many pools a layer has (one

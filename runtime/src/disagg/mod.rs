@@ -15,12 +15,17 @@
 //! prompt itself: slower, never different.
 //!
 //! `wire` is the protocol, `transfer` the two ends of a connection, `shared` the same-host
-//! path through shared memory.
+//! path through shared memory (`crate::cuda::ipc` the one through device memory between GPU
+//! instances), `kept` the memory both keep for the next transfer.
 
+pub(crate) mod kept;
 pub mod shared;
 pub mod transfer;
 pub mod wire;
 
+use crate::batch_engine::BatchEngine;
+use crate::cuda::ipc::DeviceRegion;
+use crate::error::RuntimeError;
 use shared::SharedRegion;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -37,18 +42,29 @@ pub struct KvPrefix {
     pub first_block: usize,
     /// Blocks `first_block ..` in `KvPool::read_block`'s form.
     pub blocks: ReceivedBlocks,
-    /// Whether the prefill instance wrote them into shared memory (same host) rather than
-    /// sending them over the socket.
-    pub shared_memory: bool,
+    /// How they came.
+    pub path: TransferPath,
     /// The receiving scheduler's weights generation when it asked for them
     /// ([`crate::scheduler::CachedPrefix`]): after a live weight update in between they are
     /// not seated.
     pub weights_generation: u64,
 }
 
+/// How a transfer's blocks came.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferPath {
+    /// Over the connection, as block frames.
+    Socket,
+    /// Written by the prefill instance into host shared memory (same host).
+    SharedMemory,
+    /// Copied by the prefill instance into device memory (GPU instances on one host).
+    Device,
+}
+
 /// The blocks a transfer brought: in a kept shared-memory region (the prefill instance wrote
 /// them into it on this host, or the decode instance read the socket's block frames into it),
-/// or, where no region could be had, in the frames they came in.
+/// in a device region (GPU instances on one host), or, where no region could be had, in the
+/// frames they came in.
 #[derive(Debug)]
 pub enum ReceivedBlocks {
     Frames(Vec<Bytes>),
@@ -57,13 +73,18 @@ pub enum ReceivedBlocks {
         region: SharedRegion,
         count: usize,
     },
+    /// The first `count` blocks of the device region.
+    Device {
+        region: DeviceRegion,
+        count: usize,
+    },
 }
 
 impl ReceivedBlocks {
     pub fn len(&self) -> usize {
         match self {
             ReceivedBlocks::Frames(frames) => frames.len(),
-            ReceivedBlocks::Region { count, .. } => *count,
+            ReceivedBlocks::Region { count, .. } | ReceivedBlocks::Device { count, .. } => *count,
         }
     }
 
@@ -71,22 +92,48 @@ impl ReceivedBlocks {
         self.len() == 0
     }
 
-    /// Block `i` of those that came.
+    /// Block `i` of those that came, when they are in host memory.
     pub fn get(&self, i: usize) -> Option<&[u8]> {
         match self {
             ReceivedBlocks::Frames(frames) => frames.get(i).map(|b| &b[..]),
             ReceivedBlocks::Region { region, count } => (i < *count).then(|| region.block(i)),
+            ReceivedBlocks::Device { .. } => None,
+        }
+    }
+
+    /// Seats block `i` of those that came as KV block `block` of `engine`'s pool.
+    pub(crate) fn seat(
+        &self,
+        i: usize,
+        engine: &mut dyn BatchEngine,
+        block: u32,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            ReceivedBlocks::Device { region, count } if i < *count => {
+                engine.write_kv_block_from_device(block, region, i)
+            }
+            ReceivedBlocks::Device { count, .. } => Err(RuntimeError::KvBlocks(format!(
+                "block {i} of {count} received"
+            ))),
+            _ => match self.get(i) {
+                Some(bytes) => engine.write_kv_block(block, bytes),
+                None => Err(RuntimeError::KvBlocks(format!(
+                    "block {i} of {} received",
+                    self.len()
+                ))),
+            },
         }
     }
 }
 
 /// Where a prefill instance's engine thread copies the blocks it reads for a transfer: buffers
 /// kept from one read to the next (each a block long), or the decode instance's shared-memory
-/// region from its block `offset` on.
+/// or device region from its block `offset` on.
 #[derive(Debug)]
 pub enum BlockSlots {
     Buffers(Vec<Vec<u8>>),
     Shared { region: SharedRegion, offset: usize },
+    Device { region: DeviceRegion, offset: usize },
 }
 
 impl BlockSlots {
@@ -95,14 +142,26 @@ impl BlockSlots {
         match self {
             BlockSlots::Buffers(buffers) => buffers.len(),
             BlockSlots::Shared { region, offset } => region.blocks().saturating_sub(*offset),
+            BlockSlots::Device { region, offset } => region.blocks().saturating_sub(*offset),
         }
     }
 
-    /// Where the read's `i`th block goes (`i < capacity()`).
-    pub fn slot(&mut self, i: usize) -> &mut [u8] {
+    /// Copies KV block `block` of `engine`'s pool into the read's `i`th slot
+    /// (`i < capacity()`).
+    pub(crate) fn fill(
+        &mut self,
+        i: usize,
+        engine: &dyn BatchEngine,
+        block: u32,
+    ) -> Result<(), RuntimeError> {
         match self {
-            BlockSlots::Buffers(buffers) => &mut buffers[i],
-            BlockSlots::Shared { region, offset } => region.block_mut(*offset + i),
+            BlockSlots::Buffers(buffers) => engine.read_kv_block(block, &mut buffers[i]),
+            BlockSlots::Shared { region, offset } => {
+                engine.read_kv_block(block, region.block_mut(*offset + i))
+            }
+            BlockSlots::Device { region, offset } => {
+                engine.read_kv_block_to_device(block, region, *offset + i)
+            }
         }
     }
 }
@@ -233,6 +292,9 @@ pub struct TransferCounters {
     pub received_bytes: AtomicU64,
     /// Of the blocks received, those that came through shared memory (same host).
     pub received_shared_blocks: AtomicU64,
+    /// Of the blocks received, those that came through device memory (GPU instances, same
+    /// host).
+    pub received_device_blocks: AtomicU64,
     received_micros: AtomicU64,
     pub receive_failures: AtomicU64,
 }

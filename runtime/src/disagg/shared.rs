@@ -20,6 +20,7 @@
 //! Hand-written over `libc` because it is a few system calls (memfd_create, fallocate, the seal
 //! fcntls) that no well-kept crate wraps together with the `/proc` open this needs.
 
+use super::kept::{process_gone, region_sizes, Kept};
 use super::wire::hex;
 use memmap2::MmapMut;
 use std::fs::File;
@@ -27,13 +28,6 @@ use std::fs::File;
 /// Bytes before the first block: the region's tag, padded so blocks start 64-byte aligned.
 const HEADER_BYTES: usize = 64;
 const TAG_BYTES: usize = 16;
-
-/// Regions a decode instance keeps for its next transfers, and mappings of decode instances'
-/// regions a prefill instance keeps: making a region (reserving and zeroing its pages) and
-/// mapping one cost more than copying the blocks through it, so both are reused.
-const MAX_KEPT: usize = 4;
-/// The most bytes of kept regions, each side.
-const MAX_KEPT_BYTES: usize = 1 << 30;
 
 /// What a decode instance's request says of its region.
 #[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq)]
@@ -59,9 +53,8 @@ struct Mapping {
 
 /// Kept regions: a decode instance's own, free for its next transfer, or a prefill instance's
 /// mappings of others', by the offer that named them.
-type Kept = std::sync::Mutex<Vec<(Option<SharedOffer>, Mapping)>>;
-static MADE: Kept = std::sync::Mutex::new(Vec::new());
-static OPENED: Kept = std::sync::Mutex::new(Vec::new());
+static MADE: Kept<SharedOffer, Mapping> = Kept::new();
+static OPENED: Kept<SharedOffer, Mapping> = Kept::new();
 
 /// A mapped shared-memory region with room for a transfer's blocks behind a small header,
 /// held by one transfer at a time.
@@ -82,22 +75,10 @@ impl SharedRegion {
     /// blocks, so that it fits later prompts too). `None` where shared memory cannot be had here
     /// (not Linux, memory refused): the transfer then goes over the socket.
     pub fn create(blocks: usize, block_bytes: usize) -> Option<SharedRegion> {
-        let need = HEADER_BYTES.checked_add(blocks.checked_mul(block_bytes)?)?;
-        let room = HEADER_BYTES.checked_add(
-            blocks
-                .checked_next_power_of_two()?
-                .checked_mul(block_bytes)?,
-        )?;
-        let kept = {
-            let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
-            // Not one far larger than this transfer needs: a prefill instance maps only what
-            // it is asked to fill, but the offer names the whole region.
-            let fits = (0..made.len())
-                .filter(|&i| (need..=2 * room).contains(&made[i].1.map.len()))
-                .min_by_key(|&i| made[i].1.map.len());
-            fits.map(|i| made.swap_remove(i).1)
-        };
-        let mapping = match kept {
+        let (need, room) = region_sizes(blocks, block_bytes, HEADER_BYTES)?;
+        // Not one far larger than this transfer needs: a prefill instance maps only what it is
+        // asked to fill, but the offer names the whole region.
+        let mapping = match MADE.take(None, need..=2 * room) {
             Some(mapping) => mapping,
             None => make(room)
                 .map_err(|e| tracing::debug!(error = %e, "KV transfer: no shared memory region"))
@@ -128,24 +109,15 @@ impl SharedRegion {
     /// [`SharedRegion::create`] on this host with room for `blocks` blocks of `block_bytes`
     /// (a mapping kept from an earlier transfer when there is one).
     pub fn open(offer: &SharedOffer, blocks: usize, block_bytes: usize) -> Result<Self, String> {
-        let need = blocks
-            .checked_mul(block_bytes)
-            .and_then(|b| b.checked_add(HEADER_BYTES))
-            .ok_or("the region's size overflows")?;
+        let (need, _) =
+            region_sizes(blocks, block_bytes, HEADER_BYTES).ok_or("the region's size overflows")?;
         if offer.bytes < need as u64 {
             return Err(format!(
                 "a region of {} bytes offered for {need}",
                 offer.bytes
             ));
         }
-        let kept = {
-            let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
-            let at = opened
-                .iter()
-                .position(|(o, m)| o.as_ref() == Some(offer) && m.map.len() >= need);
-            at.map(|i| opened.remove(i).1)
-        };
-        let mapping = match kept {
+        let mapping = match OPENED.take(Some(offer), need..=usize::MAX) {
             Some(mapping) => mapping,
             None => {
                 let bytes = usize::try_from(offer.bytes).map_err(|_| "region too large")?;
@@ -222,23 +194,10 @@ impl Drop for SharedRegion {
         } else {
             &MADE
         };
-        if mapping.map.len() > MAX_KEPT_BYTES {
-            return;
-        }
-        let mut kept = kept.lock().unwrap_or_else(|e| e.into_inner());
-        // Mappings of regions whose process has ended only hold memory.
-        kept.retain(|(offer, _)| {
-            offer
-                .as_ref()
-                .is_none_or(|o| std::path::Path::new(&format!("/proc/{}", o.pid)).exists())
+        let bytes = mapping.map.len();
+        kept.put(self.opened_by.take(), mapping, bytes, |o| {
+            process_gone(o.pid)
         });
-        kept.push((self.opened_by.take(), mapping));
-        // The oldest go first.
-        while kept.len() > MAX_KEPT
-            || kept.iter().map(|(_, m)| m.map.len()).sum::<usize>() > MAX_KEPT_BYTES
-        {
-            kept.remove(0);
-        }
     }
 }
 

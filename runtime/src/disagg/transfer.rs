@@ -6,7 +6,9 @@ use super::wire::{
     block_frame_head, checksum, hex, plan_hex, Control, Message, WireError, CHECKSUM_BYTES,
     KIND_BLOCK, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
+use super::TransferPath;
 use super::{random_bytes, BlockSlots, InstanceState, KvPrefix, ReceivedBlocks, Role};
+use crate::cuda::ipc::{DeviceLink, DeviceRegion};
 use crate::sampler::SamplingParams;
 use crate::scheduler::{BlocksRead, CachedPrefix, Event, RequestParams, Scheduler};
 use futures_util::{SinkExt, StreamExt};
@@ -91,9 +93,12 @@ impl std::fmt::Debug for TransferKey {
 #[derive(Clone, Debug)]
 pub struct Options {
     pub timeouts: Timeouts,
-    /// A decode instance offers a shared-memory region for the blocks (taken only on one host).
+    /// A decode instance offers a shared-memory region for the blocks (taken only on one host),
+    /// and a GPU instance a device region too.
     pub shared_memory: bool,
     pub key: Option<TransferKey>,
+    /// A GPU instance's device, for the device regions.
+    pub device: Option<DeviceLink>,
 }
 
 impl Default for Options {
@@ -102,6 +107,7 @@ impl Default for Options {
             timeouts: Timeouts::default(),
             shared_memory: true,
             key: None,
+            device: None,
         }
     }
 }
@@ -371,6 +377,22 @@ pub async fn fetch_prefix(
             .flatten();
     }
     let offered = options.shared_memory && same_host;
+    // A GPU instance on one host offers device memory too: a GPU prefill instance copies the
+    // blocks into it device to device.
+    let mut device_region = None;
+    if let Some(link) = options.device.clone().filter(|_| offered && wanted > 0) {
+        let block_bytes = me.block_bytes;
+        let made =
+            tokio::task::spawn_blocking(move || DeviceRegion::create(&link, wanted, block_bytes));
+        device_region = match made.await {
+            Ok(Ok(region)) => Some(region),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "KV transfer: no device region");
+                None
+            }
+            Err(_) => None,
+        };
+    }
     let request = Control::Prefill {
         tokens: tokens.clone(),
         skip_blocks: skip_blocks as u32,
@@ -378,12 +400,14 @@ pub async fn fetch_prefix(
             .as_ref()
             .filter(|_| offered)
             .and_then(SharedRegion::offer),
+        device: device_region.as_ref().and_then(DeviceRegion::offer),
     };
     send(&mut conn, &Message::Control(request), timeouts.io).await?;
     // Blocks arrive as the prefill instance computes them: each may take a prompt chunk's time.
     let mut frames = Vec::new(); // without a region
     let mut received = 0; // in the region, either way
     let mut mapped = false;
+    let mut on_device = false;
     loop {
         let due = skip_blocks + frames.len() + received;
         let incoming = match &mut region {
@@ -420,10 +444,16 @@ pub async fn fetch_prefix(
                     me.block_bytes
                 )))
             }
-            Message::Control(Control::Mapped)
-                if offered && region.is_some() && due == skip_blocks =>
+            Message::Control(Control::Mapped { device: false })
+                if offered && region.is_some() && due == skip_blocks && !mapped =>
             {
                 mapped = true
+            }
+            Message::Control(Control::Mapped { device: true })
+                if device_region.is_some() && due == skip_blocks && !mapped =>
+            {
+                mapped = true;
+                on_device = true;
             }
             Message::Control(Control::Written { end })
                 if mapped && end as usize > due && end as usize <= total =>
@@ -450,22 +480,39 @@ pub async fn fetch_prefix(
         }
     }
     // The prefill instance wrote its last block before its `Done` (or never took the region):
-    // the region can serve the next transfer once these blocks are seated.
-    let blocks = match region {
-        Some(mut region) => {
-            region.keep();
+    // the regions can serve the next transfer once these blocks are seated.
+    for r in region.iter_mut() {
+        r.keep();
+    }
+    for r in device_region.iter_mut() {
+        r.keep();
+    }
+    let (blocks, path) = match (region, device_region) {
+        (_, Some(region)) if on_device => (
+            ReceivedBlocks::Device {
+                region,
+                count: received,
+            },
+            TransferPath::Device,
+        ),
+        (Some(region), _) => (
             ReceivedBlocks::Region {
                 region,
                 count: received,
-            }
-        }
-        None => ReceivedBlocks::Frames(frames),
+            },
+            if mapped {
+                TransferPath::SharedMemory
+            } else {
+                TransferPath::Socket
+            },
+        ),
+        (None, _) => (ReceivedBlocks::Frames(frames), TransferPath::Socket),
     };
     Ok(KvPrefix {
         tokens,
         first_block: skip_blocks,
         blocks,
-        shared_memory: mapped,
+        path,
         weights_generation: held.weights_generation,
     })
 }
@@ -623,12 +670,13 @@ async fn answer(
         let _ = send(&mut conn, &refuse(message.clone()), timeouts.io).await;
         return Err(TransferError::Peer(message));
     }
-    let (tokens, skip, offer) = match receive(&mut conn, timeouts.io).await? {
+    let (tokens, skip, offer, device_offer) = match receive(&mut conn, timeouts.io).await? {
         Message::Control(Control::Prefill {
             tokens,
             skip_blocks,
             shared,
-        }) => (tokens, skip_blocks as usize, shared),
+            device,
+        }) => (tokens, skip_blocks as usize, shared, device),
         other => return Err(unexpected("a prefill request", other)),
     };
     if tokens.is_empty() || !tokens.len().is_multiple_of(me.block_size) {
@@ -641,18 +689,36 @@ async fn answer(
         return Err(TransferError::Peer(message));
     }
     let total = tokens.len() / me.block_size;
-    let region = match offer {
-        Some(offer) => {
-            let (blocks, block_bytes) = (total.saturating_sub(skip), me.block_bytes);
-            tokio::task::spawn_blocking(move || open_region(&offer, blocks, block_bytes))
+    let (blocks, block_bytes) = (total.saturating_sub(skip), me.block_bytes);
+    // The device region first (a GPU instance that can reach it), then the host one.
+    let mut region = match (device_offer, options.device.clone()) {
+        (Some(offer), Some(link)) => {
+            let opened = move || DeviceRegion::open(&link, &offer, blocks, block_bytes);
+            match tokio::task::spawn_blocking(opened).await {
+                Ok(Ok(region)) => Some(Taken::Device(region)),
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "KV transfer: the device region is not reachable");
+                    None
+                }
+                Err(_) => None,
+            }
+        }
+        _ => None,
+    };
+    if region.is_none() {
+        if let Some(offer) = offer {
+            region = tokio::task::spawn_blocking(move || open_region(&offer, blocks, block_bytes))
                 .await
                 .ok()
                 .flatten()
+                .map(Taken::Host);
         }
-        None => None,
-    };
-    if region.is_some() {
-        send(&mut conn, &Message::Control(Control::Mapped), timeouts.io).await?;
+    }
+    if let Some(taken) = &region {
+        let mapped = Control::Mapped {
+            device: matches!(taken, Taken::Device(_)),
+        };
+        send(&mut conn, &Message::Control(mapped), timeouts.io).await?;
     }
     let mut out = Outbound {
         tokens: &tokens,
@@ -683,10 +749,18 @@ async fn answer(
         end: out.sent as u32,
     };
     send(&mut conn, &Message::Control(end), timeouts.io).await?;
-    if let Some(region) = &mut out.region {
-        region.keep();
+    match &mut out.region {
+        Some(Taken::Host(region)) => region.keep(),
+        Some(Taken::Device(region)) => region.keep(),
+        None => {}
     }
     Ok(out.sent - skip)
+}
+
+/// The decode instance's region a prefill instance writes the blocks into.
+enum Taken {
+    Host(SharedRegion),
+    Device(DeviceRegion),
 }
 
 /// The decode instance's region, if it is on this host; otherwise the blocks go as frames.
@@ -713,8 +787,8 @@ struct Outbound<'a> {
     total: usize,
     /// The weights generation every read must be of.
     generation: u64,
-    /// The decode instance's shared-memory region, when the blocks go through it.
-    region: Option<SharedRegion>,
+    /// The decode instance's region, when the blocks go through one.
+    region: Option<Taken>,
     /// Two sets of block buffers when they go as frames: the engine thread fills one while the
     /// other is sent.
     buffers: [Vec<Vec<u8>>; 2],
@@ -791,12 +865,17 @@ async fn hand_over_cached(
     };
     if let Some(region) = out.region.take() {
         let offset = out.sent - out.skip;
-        let slots = BlockSlots::Shared { region, offset };
+        let slots = match region {
+            Taken::Host(region) => BlockSlots::Shared { region, offset },
+            Taken::Device(region) => BlockSlots::Device { region, offset },
+        };
         let read = scheduler.read_cached_blocks(out.tokens.to_vec(), out.sent, slots);
         let read = checked(read.await, out.generation)?;
-        if let BlockSlots::Shared { region, .. } = read.slots {
-            out.region = Some(region);
-        }
+        out.region = match read.slots {
+            BlockSlots::Shared { region, .. } => Some(Taken::Host(region)),
+            BlockSlots::Device { region, .. } => Some(Taken::Device(region)),
+            BlockSlots::Buffers(_) => None,
+        };
         if read.count > 0 {
             out.sent += read.count;
             let written = Control::Written {

@@ -22,19 +22,22 @@
 //!    is not trusted, carry the connection over TLS or a VPN;
 //! 3. D sends [`Control::Prefill`]: the prompt's leading full blocks' tokens, how many of those
 //!    blocks it already holds in its prefix cache (P skips them), and, on one host, a shared
-//!    memory region to put the blocks in (`super::shared`);
-//! 4. P answers [`Control::Mapped`] if it opened the region; then it prefills the tokens (from
+//!    memory region to put the blocks in (`super::shared`) and, from a GPU instance, a device
+//!    region too (`crate::cuda::ipc`);
+//! 4. P answers [`Control::Mapped`] if it opened one of them (the device region first, when it
+//!    is a GPU instance that can reach it); then it prefills the tokens (from
 //!    its own prefix cache where it can) and hands over each block as soon as it is computed,
 //!    while the later chunks of the prompt are still being computed: as a [`Message::Block`]
 //!    frame each, or, into the region, a [`Control::Written`] for each batch; then
 //!    [`Control::Done`] with the index after the last block; or an error at any point.
 
 use super::shared::SharedOffer;
+use crate::cuda::ipc::DeviceOffer;
 use serde::{Deserialize, Serialize};
 use tokio_util::bytes::Bytes;
 
 /// Changes whenever a message's form does.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest frame either side accepts: a block of a large model's KV (an 8B-shaped plan's
 /// 64-position block is 16.8 MB in f32) with room to spare.
@@ -72,9 +75,17 @@ pub enum Control {
         /// A shared-memory region for the blocks, when the decode instance could make one.
         #[serde(default)]
         shared: Option<SharedOffer>,
+        /// A device region for the blocks, when the decode instance is a GPU instance that
+        /// could make one.
+        #[serde(default)]
+        device: Option<DeviceOffer>,
     },
-    /// The prefill instance opened the offered region: the blocks come through it.
-    Mapped,
+    /// The prefill instance opened an offered region (the device region when `device`): the
+    /// blocks come through it.
+    Mapped {
+        #[serde(default)]
+        device: bool,
+    },
     /// The region holds the blocks before block `end` (counted from the prefix's first block).
     Written {
         end: u32,
@@ -196,6 +207,17 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The bytes [`hex`] spelled; `None` for anything else.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +239,7 @@ mod tests {
                 tokens: vec![1, 2, 3],
                 skip_blocks: 1,
                 shared: None,
+                device: None,
             }),
             Message::Control(Control::Prefill {
                 tokens: vec![4],
@@ -227,8 +250,15 @@ mod tests {
                     tag: "01".repeat(16),
                     bytes: 1 << 30,
                 }),
+                device: Some(DeviceOffer {
+                    pid: 7,
+                    handle: "02".repeat(64),
+                    tag: "03".repeat(16),
+                    bytes: 1 << 20,
+                }),
             }),
-            Message::Control(Control::Mapped),
+            Message::Control(Control::Mapped { device: false }),
+            Message::Control(Control::Mapped { device: true }),
             Message::Control(Control::Written { end: 2 }),
             Message::Control(Control::Done { end: 3 }),
             Message::Control(Control::Error {
@@ -243,6 +273,14 @@ mod tests {
                 bytes: Bytes::new(),
             },
         ]
+    }
+
+    #[test]
+    fn hex_spells_bytes_and_unhex_reads_only_that() {
+        assert_eq!(unhex(&hex(&[0, 0xab, 0x7f])), Some(vec![0, 0xab, 0x7f]));
+        for bad in ["abc", "+f", "zz", "0g"] {
+            assert_eq!(unhex(bad), None, "{bad}");
+        }
     }
 
     #[test]

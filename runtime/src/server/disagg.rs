@@ -12,7 +12,7 @@
 
 use crate::disagg::transfer::{self, Identity};
 use crate::disagg::wire::plan_hex;
-use crate::disagg::Role;
+use crate::disagg::{Role, TransferPath};
 use crate::server::errors::ApiError;
 use crate::server::AppState;
 use axum::extract::State;
@@ -219,19 +219,21 @@ async fn pull(
         .await
         .map_err(|e| e.to_string())?;
     let arrived = fetched.blocks.len();
-    if fetched.shared_memory {
-        state
-            .disagg
-            .counters
-            .received_shared_blocks
-            .fetch_add(arrived as u64, std::sync::atomic::Ordering::Relaxed);
+    let counters = &state.disagg.counters;
+    let by_path = match fetched.path {
+        TransferPath::SharedMemory => Some(&counters.received_shared_blocks),
+        TransferPath::Device => Some(&counters.received_device_blocks),
+        TransferPath::Socket => None,
+    };
+    if let Some(counter) = by_path {
+        counter.fetch_add(arrived as u64, std::sync::atomic::Ordering::Relaxed);
     }
     state.scheduler.write_cached_blocks(fetched).await?;
     Ok(arrived)
 }
 
 /// What a transfer peer of this plan must share with it (the plan's own weights).
-pub(crate) fn identity(plan: &crate::plan::LoadedPlan, block_size: usize) -> Identity {
+pub fn identity(plan: &crate::plan::LoadedPlan, block_size: usize) -> Identity {
     Identity {
         plan: plan.identity(),
         block_size,
