@@ -1,7 +1,7 @@
-// splitk_bench.cu: does splitting K make the narrow W4A16 single-token matmuls stream faster?
-// (docs/PERF.md, "A persistent W4A16 decode chain", and RESULTS.md beside this file: the pipelined
-// loop lost; the reading left was that the narrow shapes have too few panels of 8 rows to fill
-// the machine: 512 to 768 blocks against 924 block slots, each block's work two iterations.)
+// narrow_matmul_bench.cu: can the narrow W4A16 single-token matmuls of a decode step stream
+// faster than the module's `matmul_q4_one`? (docs/PERF.md, "A persistent W4A16 decode chain",
+// and RESULTS.md beside this file: the pipelined loop lost; the narrow shapes' kernels spend about
+// 4 us of QKV's 8.2 in ramp and drain against 4.3 us of streaming at copy speed.)
 //
 // Standalone, like decode_chain_bench.cu: the module's quant.cu included unchanged. For each
 // Llama-3-8B shape (QKV 4096 -> 6144, O 4096 -> 4096, gate_up 4096 -> 28672, down 14336 -> 4096),
@@ -11,12 +11,17 @@
 //   S   split-K in S = 2, 4, 8 slices: the weight stored as S matrices of N x K/S in the module's
 //       panel layout (a layout fdc could emit), one launch of grid (ceil(N / 8), S) in which
 //       block (p, s) runs the module's own per-panel loop (`qmatmul`, unchanged) on panel p of
-//       slice s into partial row s, then a second small kernel sums the S partial rows.
+//       slice s into partial row s, then a second small kernel sums the S partial rows;
+//   R   a ring of D = 2, 3, 4, 6 stages in shared memory per lane: the module's loop and
+//       arithmetic, but each lane requests its codes and scales with `cp.async` D iterations
+//       ahead into its own slots (no register held by a load in flight, so loads in flight
+//       cost no occupancy; for K = 4096 a lane's whole share of the panel is requested at once),
+//       refilling a slot once its values are used.
 // Checked: each S's output against A's within 2e-6 of the largest value (the sums are formed in
-// another order, so not bit for bit).
+// another order, so not bit for bit); each R's bit for bit (the same sums in the same order).
 //
 // Run on the GPU machine from the repository root:
-//   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/splitk kernels/cuda/experiments/splitk_bench.cu && /tmp/splitk
+//   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/narrow kernels/cuda/experiments/narrow_matmul_bench.cu && /tmp/narrow
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -83,6 +88,99 @@ extern "C" __global__ void sum_slices(const float* part, int n, int slices, floa
     out[i] = v;
 }
 
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool through_l1) {
+    const unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    if (through_l1) {
+        // The scales: the 16 lanes of a group of 128 read the same 16 bytes.
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+    } else {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+    }
+}
+
+// R: `qmatmul<4, false, 4, 1, true>` (symmetric groups, one token) with each lane's loads
+// requested D iterations ahead by cp.async into its own ring slots.
+template <int D>
+__global__ void __launch_bounds__(128) matmul_q4_ring(const float* x, const unsigned char* codes,
+                                                      int k, int n, int group,
+                                                      const fd_f16* scales, float* out) {
+    using L = QLayout<4>;
+    // [stage][two code pieces, the scales][thread]: a thread's 16 bytes beside its neighbours'.
+    __shared__ uint4 ring[D][3][128];
+    __shared__ float reduced[QMATMUL_WARPS][QPANEL];
+    fd_grid_start();
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int panel = blockIdx.x;
+    const int groups = k / group;
+    const unsigned char* pc = codes + (long long)panel * k * L::BPK;
+    const fd_f16* ps = scales + (long long)panel * groups * QPANEL;
+    const float offset = 8.0f;
+    const int pieces = k / L::KL;
+    constexpr int LANE_K = QPIECES * L::KL;
+    constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
+    const int first = warp * 32 * QPIECES + lane * QPIECES;
+    const int iters = first < pieces ? (pieces - first + STEP - 1) / STEP : 0;
+    auto issue = [&](int i) {
+        const int j0 = first + i * STEP;
+        cp_async16(&ring[i % D][0][tid], pc + (long long)j0 * 16, false);
+        cp_async16(&ring[i % D][1][tid], pc + (long long)(j0 + 1) * 16, false);
+        cp_async16(&ring[i % D][2][tid], ps + (j0 * L::KL / group) * QPANEL, true);
+    };
+#pragma unroll
+    for (int s = 0; s < D; s++) {
+        if (s < iters) issue(s);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    fd_grid_wait();
+    float acc[QPANEL];
+#pragma unroll
+    for (int r = 0; r < QPANEL; r++) acc[r] = 0.0f;
+    for (int i = 0; i < iters; i++) {
+        // Groups committed: D + i; stage i is the (i+1)th.
+        asm volatile("cp.async.wait_group %0;" ::"n"(D - 1) : "memory");
+        const uint4 c0 = ring[i % D][0][tid], c1 = ring[i % D][1][tid], sv = ring[i % D][2][tid];
+        const int k0 = (first + i * STEP) * L::KL;
+        float xv[1][16];
+        float xs = 0.0f;
+#pragma unroll
+        for (int j = 0; j < LANE_K; j += 4) {
+            const float4 a = *reinterpret_cast<const float4*>(x + k0 + j);
+            xv[0][j] = a.x; xv[0][j + 1] = a.y; xv[0][j + 2] = a.z; xv[0][j + 3] = a.w;
+        }
+#pragma unroll
+        for (int j = 0; j < LANE_K; j++) xs += xv[0][j];
+        float gs[1][QPANEL];
+#pragma unroll
+        for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
+        fd_qpiece<4, false, 1>(c0, xv, 0, gs);
+        fd_qpiece<4, false, 1>(c1, xv, L::KL, gs);
+        float s[QPANEL], mn[QPANEL];
+        fd_unpack8(sv, s, false);
+#pragma unroll
+        for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
+#pragma unroll
+        for (int r = 0; r < QPANEL; r++) acc[r] += s[r] * gs[0][r] + mn[r] * xs;
+        // The slot's values are used (read into registers above and consumed): refill it.
+        if (i + D < iters) issue(i + D);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+#pragma unroll
+    for (int r = 0; r < QPANEL; r++) {
+        const float sum = fd_warp_sum(acc[r]);
+        if (lane == 0) reduced[warp][r] = sum;
+    }
+    __syncthreads();
+    if (tid < QPANEL) {
+        const int row = panel * QPANEL + tid;
+        if (row < n) {
+            float v = 0.0f;
+            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[w][tid];
+            out[row] = v;
+        }
+    }
+}
+
 struct Shape {
     const char* name;
     int k, n;
@@ -119,8 +217,11 @@ int main() {
     printf("copy: %.3f TB/s (read + written)\n\n", copy_tbs);
     const Shape shapes[] = {{"qkv", 4096, 6144}, {"o", 4096, 4096}, {"gate_up", 4096, 28672},
                             {"down", 14336, 4096}};
-    const int splits[] = {1, 2, 4, 8};
-    printf("| shape | A us (%% copy) | S=2 us | S=4 us | S=8 us | check (S=2,4,8 vs A) |\n|---|---|---|---|---|---|\n");
+    // {split S, ring depth D}: A first, then split-K, then the rings.
+    constexpr int VARIANTS = 8;
+    const int variants[VARIANTS][2] = {{1, 0}, {2, 0}, {4, 0}, {8, 0}, {1, 2}, {1, 3}, {1, 4}, {1, 6}};
+    printf("| shape | A us (%% copy) | S=2 us | S=4 us | S=8 us | R D=2 us | R D=3 us | R D=4 us | R D=6 us | check (max relative difference from A) |\n"
+           "|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Shape& sh : shapes) {
         const double bytes = (double)sh.n * sh.k / 2 + (double)sh.n * (sh.k / GROUP) * 2;
         float* x;
@@ -131,10 +232,10 @@ int main() {
             CK(cudaMemcpy(x, hx.data(), sh.k * 4, cudaMemcpyHostToDevice));
         }
         std::vector<float> ref;
-        double us[4] = {0, 0, 0, 0};
-        double err[4] = {0, 0, 0, 0};
-        for (int si = 0; si < 4; si++) {
-            const int S = splits[si];
+        double us[VARIANTS] = {};
+        double err[VARIANTS] = {};
+        for (int si = 0; si < VARIANTS; si++) {
+            const int S = variants[si][0], D = variants[si][1];
             if (sh.k % (S * GROUP) != 0) {
                 us[si] = -1;
                 continue;
@@ -159,7 +260,15 @@ int main() {
             cudaGraph_t g;
             CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
             for (int m = 0; m < INSTANCES; m++) {
-                if (S == 1) {
+                if (D == 2) {
+                    matmul_q4_ring<2><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (D == 3) {
+                    matmul_q4_ring<3><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (D == 4) {
+                    matmul_q4_ring<4><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (D == 6) {
+                    matmul_q4_ring<6><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (S == 1) {
                     matmul_q4_one<<<panels, 128, 0, stream>>>(x, 0, codes[m], sh.k, sh.n, GROUP,
                                                                scales[m], nullptr, nullptr, nullptr,
                                                                1, outs[m], 0);
@@ -186,7 +295,7 @@ int main() {
             us[si] = 1e3 * t[t.size() / 2] / INSTANCES;
             std::vector<float> got(sh.n);
             CK(cudaMemcpy(got.data(), outs[0], sh.n * 4, cudaMemcpyDeviceToHost));
-            if (S == 1) {
+            if (si == 0) {
                 ref = got;
             } else {
                 double mx = 0, d = 0;
@@ -207,13 +316,19 @@ int main() {
         }
         auto pct = [&](double u) { return 100.0 * bytes / (u * 1e-6) / 1e12 / copy_tbs; };
         printf("| %s | %.2f (%.0f%%) |", sh.name, us[0], pct(us[0]));
-        for (int si = 1; si < 4; si++) {
+        for (int si = 1; si < VARIANTS; si++) {
             if (us[si] < 0) printf(" n/a |");
             else printf(" %.2f (%.0f%%) |", us[si], pct(us[si]));
         }
         bool ok = true;
-        for (int si = 1; si < 4; si++) ok = ok && (us[si] < 0 || err[si] <= 2e-6);
-        printf(" %s %.1e %.1e %.1e |\n", ok ? "ok" : "FAIL", err[1], err[2], err[3]);
+        for (int si = 1; si < VARIANTS; si++) {
+            // The rings form A's sums in A's order: bit for bit.
+            const double bound = variants[si][1] ? 0.0 : 2e-6;
+            ok = ok && (us[si] < 0 || err[si] <= bound);
+        }
+        printf(" %s", ok ? "ok" : "FAIL");
+        for (int si = 1; si < VARIANTS; si++) printf(" %.1e", err[si]);
+        printf(" |\n");
         fflush(stdout);
         CK(cudaFree(x));
     }
