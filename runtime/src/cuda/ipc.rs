@@ -13,7 +13,7 @@
 //! The driver keeps an opened region alive for its importer, so a region is only reused (kept
 //! here after its transfer) once the transfer ended with its `Done`, like a host region.
 
-use crate::disagg::kept::{process_gone, region_sizes, Kept};
+use crate::disagg::kept::{region_sizes, Held, Offer, Pools};
 use crate::disagg::wire::hex;
 use crate::error::RuntimeError;
 use cudarc::driver::{sys, CudaContext};
@@ -101,27 +101,21 @@ impl Drop for Allocation {
     }
 }
 
-static MADE: Kept<DeviceOffer, Allocation> = Kept::new();
-static OPENED: Kept<DeviceOffer, Allocation> = Kept::new();
+impl Offer for DeviceOffer {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// Kept device regions: a decode instance's own, and a prefill instance's openings of
+/// others'.
+static KEPT: Pools<DeviceOffer, Allocation> = Pools::new();
 
 /// A device region with room for a transfer's blocks behind a small header, held by one
 /// transfer at a time.
+#[derive(Debug)]
 pub struct DeviceRegion {
-    allocation: Option<Allocation>,
-    opened_by: Option<DeviceOffer>,
-    block_bytes: usize,
-    blocks: usize,
-    reusable: bool,
-}
-
-impl std::fmt::Debug for DeviceRegion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DeviceRegion")
-            .field("opened_by", &self.opened_by)
-            .field("block_bytes", &self.block_bytes)
-            .field("blocks", &self.blocks)
-            .finish()
-    }
+    held: Held<DeviceOffer, Allocation>,
 }
 
 fn driver(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> String {
@@ -136,22 +130,19 @@ impl DeviceRegion {
     pub fn create(link: &DeviceLink, blocks: usize, block_bytes: usize) -> Result<Self, String> {
         let (need, room) =
             region_sizes(blocks, block_bytes, HEADER_BYTES).ok_or("the region's size overflows")?;
-        let allocation = match MADE.take(None, need..=2 * room) {
+        let allocation = match KEPT.made.take(None, need..=2 * room) {
             Some(a) if a.link.is(&link.ctx) => a,
             _ => allocate(link, room)?,
         };
+        let bytes = allocation.bytes;
         Ok(DeviceRegion {
-            allocation: Some(allocation),
-            opened_by: None,
-            block_bytes,
-            blocks,
-            reusable: false,
+            held: Held::new(&KEPT, allocation, bytes, None, blocks, block_bytes),
         })
     }
 
     /// How a request names this region to a prefill instance (`None` for an opened region).
     pub fn offer(&self) -> Option<DeviceOffer> {
-        let a = self.allocation.as_ref()?;
+        let a = self.held.memory()?;
         Some(DeviceOffer {
             pid: std::process::id(),
             handle: hex(a.handle.as_ref()?),
@@ -177,7 +168,7 @@ impl DeviceRegion {
                 offer.bytes
             ));
         }
-        let allocation = match OPENED.take(Some(offer), need..=usize::MAX) {
+        let allocation = match KEPT.opened.take(Some(offer), need..=usize::MAX) {
             Some(a) if a.link.is(&link.ctx) => a,
             _ => open_handle(link, offer)?,
         };
@@ -186,66 +177,51 @@ impl DeviceRegion {
         if hex(&read_tag(&allocation)?) != offer.tag {
             return Err("the handle names another device region".into());
         }
+        let bytes = allocation.bytes;
         Ok(DeviceRegion {
-            allocation: Some(allocation),
-            opened_by: Some(offer.clone()),
-            block_bytes,
-            blocks,
-            reusable: false,
+            held: Held::new(
+                &KEPT,
+                allocation,
+                bytes,
+                Some(offer.clone()),
+                blocks,
+                block_bytes,
+            ),
         })
     }
 
-    /// Lets the region be reused once dropped: only when the other side is done with it.
+    /// Lets the region be reused once dropped ([`Held::keep`]: only once the transfer ended
+    /// with its `Done`).
     pub fn keep(&mut self) {
-        self.reusable = true;
+        self.held.keep();
     }
 
     /// Blocks the transfer asked room for.
     pub fn blocks(&self) -> usize {
-        self.blocks
+        self.held.blocks
     }
 
     pub fn block_bytes(&self) -> usize {
-        self.block_bytes
+        self.held.block_bytes
     }
 
     /// The device address of block `i` (`i < blocks()`), in the context of `ctx`, which must
     /// be the one the region was made or opened in.
     pub(crate) fn block_ptr(&self, i: usize, ctx: &CudaContext) -> Result<u64, RuntimeError> {
         let a = self
-            .allocation
-            .as_ref()
+            .held
+            .memory()
             .filter(|a| a.link.is(ctx))
             .ok_or_else(|| {
                 RuntimeError::KvBlocks("a device region of another device or engine".into())
             })?;
-        if i >= self.blocks {
+        if i >= self.held.blocks {
             return Err(RuntimeError::KvBlocks(format!(
                 "block {i} of a device region of {}",
-                self.blocks
+                self.held.blocks
             )));
         }
-        Ok(a.ptr + (HEADER_BYTES + i * self.block_bytes) as u64)
-    }
-}
-
-impl Drop for DeviceRegion {
-    fn drop(&mut self) {
-        let Some(allocation) = self.allocation.take() else {
-            return;
-        };
-        if !self.reusable {
-            return;
-        }
-        let kept = if self.opened_by.is_some() {
-            &OPENED
-        } else {
-            &MADE
-        };
-        let bytes = allocation.bytes;
-        kept.put(self.opened_by.take(), allocation, bytes, |o| {
-            process_gone(o.pid)
-        });
+        Ok(a.ptr + (HEADER_BYTES + i * self.held.block_bytes) as u64)
     }
 }
 

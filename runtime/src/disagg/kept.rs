@@ -75,6 +75,107 @@ pub(crate) fn region_sizes(
     Some((bytes(blocks)?, bytes(blocks.checked_next_power_of_two()?)?))
 }
 
+/// An offer naming a peer's region: what a kept opening of it is found by.
+pub(crate) trait Offer: PartialEq {
+    /// The process that made the region.
+    fn pid(&self) -> u32;
+}
+
+/// The two pools of one kind of memory: regions made here, and peers' regions opened here.
+pub(crate) struct Pools<O, M> {
+    pub(crate) made: Kept<O, M>,
+    pub(crate) opened: Kept<O, M>,
+}
+
+impl<O: PartialEq, M> Pools<O, M> {
+    pub(crate) const fn new() -> Self {
+        Pools {
+            made: Kept::new(),
+            opened: Kept::new(),
+        }
+    }
+}
+
+/// Memory one transfer holds (a region made here, or a peer's opened by `opened_by`) with room
+/// for `blocks` blocks of `block_bytes`; back to its pool when dropped, once kept.
+pub(crate) struct Held<O: Offer + 'static, M: 'static> {
+    /// `Some` until dropped.
+    memory: Option<M>,
+    bytes: usize,
+    pub(crate) opened_by: Option<O>,
+    pub(crate) block_bytes: usize,
+    pub(crate) blocks: usize,
+    reusable: bool,
+    pools: &'static Pools<O, M>,
+}
+
+impl<O: Offer, M> Held<O, M> {
+    /// `memory` of `bytes` in all, from `pools`.
+    pub(crate) fn new(
+        pools: &'static Pools<O, M>,
+        memory: M,
+        bytes: usize,
+        opened_by: Option<O>,
+        blocks: usize,
+        block_bytes: usize,
+    ) -> Self {
+        Held {
+            memory: Some(memory),
+            bytes,
+            opened_by,
+            block_bytes,
+            blocks,
+            reusable: false,
+            pools,
+        }
+    }
+
+    /// Lets the memory be reused once dropped: call it only when the other side is done with
+    /// it (the transfer ended with its `Done`), since memory given to the next transfer while a
+    /// late writer still writes into it would seat that writer's bytes.
+    pub(crate) fn keep(&mut self) {
+        self.reusable = true;
+    }
+
+    pub(crate) fn memory(&self) -> Option<&M> {
+        self.memory.as_ref()
+    }
+
+    pub(crate) fn memory_mut(&mut self) -> Option<&mut M> {
+        self.memory.as_mut()
+    }
+}
+
+impl<O: Offer + std::fmt::Debug, M> std::fmt::Debug for Held<O, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Held")
+            .field("bytes", &self.bytes)
+            .field("opened_by", &self.opened_by)
+            .field("block_bytes", &self.block_bytes)
+            .field("blocks", &self.blocks)
+            .finish()
+    }
+}
+
+impl<O: Offer, M> Drop for Held<O, M> {
+    fn drop(&mut self) {
+        let Some(memory) = self.memory.take() else {
+            return;
+        };
+        if !self.reusable {
+            return;
+        }
+        let pool = if self.opened_by.is_some() {
+            &self.pools.opened
+        } else {
+            &self.pools.made
+        };
+        pool.put(self.opened_by.take(), memory, self.bytes, |o| {
+            process_gone(o.pid())
+        });
+    }
+}
+
 /// Whether process `pid` has ended (its `/proc` entry is gone).
 pub(crate) fn process_gone(pid: u32) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()

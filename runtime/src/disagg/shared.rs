@@ -20,7 +20,7 @@
 //! Hand-written over `libc` because it is a few system calls (memfd_create, fallocate, the seal
 //! fcntls) that no well-kept crate wraps together with the `/proc` open this needs.
 
-use super::kept::{process_gone, region_sizes, Kept};
+use super::kept::{region_sizes, Held, Offer, Pools};
 use super::wire::hex;
 use memmap2::MmapMut;
 use std::fs::File;
@@ -51,22 +51,21 @@ struct Mapping {
     tag: [u8; TAG_BYTES],
 }
 
-/// Kept regions: a decode instance's own, free for its next transfer, or a prefill instance's
-/// mappings of others', by the offer that named them.
-static MADE: Kept<SharedOffer, Mapping> = Kept::new();
-static OPENED: Kept<SharedOffer, Mapping> = Kept::new();
+impl Offer for SharedOffer {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+}
+
+/// Kept regions: a decode instance's own, free for its next transfer, and a prefill
+/// instance's mappings of others', by the offer that named them.
+static KEPT: Pools<SharedOffer, Mapping> = Pools::new();
 
 /// A mapped shared-memory region with room for a transfer's blocks behind a small header,
 /// held by one transfer at a time.
 #[derive(Debug)]
 pub struct SharedRegion {
-    mapping: Option<Mapping>,
-    /// The offer it was opened by (prefill side), `None` for a region made here.
-    opened_by: Option<SharedOffer>,
-    block_bytes: usize,
-    blocks: usize,
-    /// Whether it goes back to be reused when dropped ([`SharedRegion::keep`]).
-    reusable: bool,
+    held: Held<SharedOffer, Mapping>,
 }
 
 impl SharedRegion {
@@ -78,25 +77,22 @@ impl SharedRegion {
         let (need, room) = region_sizes(blocks, block_bytes, HEADER_BYTES)?;
         // Not one far larger than this transfer needs: a prefill instance maps only what it is
         // asked to fill, but the offer names the whole region.
-        let mapping = match MADE.take(None, need..=2 * room) {
+        let mapping = match KEPT.made.take(None, need..=2 * room) {
             Some(mapping) => mapping,
             None => make(room)
                 .map_err(|e| tracing::debug!(error = %e, "KV transfer: no shared memory region"))
                 .ok()?,
         };
+        let bytes = mapping.map.len();
         Some(SharedRegion {
-            mapping: Some(mapping),
-            opened_by: None,
-            block_bytes,
-            blocks,
-            reusable: false,
+            held: Held::new(&KEPT, mapping, bytes, None, blocks, block_bytes),
         })
     }
 
     /// How a request names this region to a prefill instance.
     pub fn offer(&self) -> Option<SharedOffer> {
         use std::os::fd::AsRawFd;
-        let mapping = self.mapping.as_ref()?;
+        let mapping = self.held.memory()?;
         Some(SharedOffer {
             pid: std::process::id(),
             fd: mapping.file.as_raw_fd(),
@@ -117,7 +113,7 @@ impl SharedRegion {
                 offer.bytes
             ));
         }
-        let mapping = match OPENED.take(Some(offer), need..=usize::MAX) {
+        let mapping = match KEPT.opened.take(Some(offer), need..=usize::MAX) {
             Some(mapping) => mapping,
             None => {
                 let bytes = usize::try_from(offer.bytes).map_err(|_| "region too large")?;
@@ -141,63 +137,52 @@ impl SharedRegion {
         if hex(&mapping.tag) != offer.tag {
             return Err("the descriptor names another region (not the same host?)".into());
         }
+        let bytes = mapping.map.len();
         Ok(SharedRegion {
-            mapping: Some(mapping),
-            opened_by: Some(offer.clone()),
-            block_bytes,
-            blocks,
-            reusable: false,
+            held: Held::new(
+                &KEPT,
+                mapping,
+                bytes,
+                Some(offer.clone()),
+                blocks,
+                block_bytes,
+            ),
         })
     }
 
-    /// Lets the region be reused once dropped: call it only when the other side is done with
-    /// it (the transfer ended with its `Done`), since a region given to the next transfer while
-    /// a late writer still writes into it would seat that writer's bytes.
+    /// Lets the region be reused once dropped ([`Held::keep`]: only once the transfer ended
+    /// with its `Done`).
     pub fn keep(&mut self) {
-        self.reusable = true;
+        self.held.keep();
     }
 
     /// Blocks the transfer asked room for.
     pub fn blocks(&self) -> usize {
-        self.blocks
+        self.held.blocks
     }
 
     /// Block `i` of the region (`i < blocks()`).
     pub fn block(&self, i: usize) -> &[u8] {
-        let start = HEADER_BYTES + i * self.block_bytes;
-        match &self.mapping {
-            Some(m) => &m.map[start..start + self.block_bytes],
+        let (start, len) = (
+            HEADER_BYTES + i * self.held.block_bytes,
+            self.held.block_bytes,
+        );
+        match self.held.memory() {
+            Some(m) => &m.map[start..start + len],
             None => &[],
         }
     }
 
     /// Block `i` of the region, to write (`i < blocks()`).
     pub fn block_mut(&mut self, i: usize) -> &mut [u8] {
-        let start = HEADER_BYTES + i * self.block_bytes;
-        match &mut self.mapping {
-            Some(m) => &mut m.map[start..start + self.block_bytes],
+        let (start, len) = (
+            HEADER_BYTES + i * self.held.block_bytes,
+            self.held.block_bytes,
+        );
+        match self.held.memory_mut() {
+            Some(m) => &mut m.map[start..start + len],
             None => &mut [],
         }
-    }
-}
-
-impl Drop for SharedRegion {
-    fn drop(&mut self) {
-        let Some(mapping) = self.mapping.take() else {
-            return;
-        };
-        if !self.reusable {
-            return;
-        }
-        let kept = if self.opened_by.is_some() {
-            &OPENED
-        } else {
-            &MADE
-        };
-        let bytes = mapping.map.len();
-        kept.put(self.opened_by.take(), mapping, bytes, |o| {
-            process_gone(o.pid)
-        });
     }
 }
 
