@@ -23,6 +23,9 @@ use std::sync::Arc;
 const HEADER_BYTES: usize = 64;
 const TAG_BYTES: usize = 16;
 const HANDLE_BYTES: usize = 64;
+/// Device memory a new region must leave free (half of what a KV pool sized by free memory
+/// leaves for graphs and scratch).
+const MIN_FREE_AFTER: usize = 512 << 20;
 
 /// A GPU instance's device as its KV transfers see it: the engine's context, so regions can be
 /// made and opened off the engine thread.
@@ -228,6 +231,18 @@ impl DeviceRegion {
 /// New device memory of `bytes` on `link`'s device, its tag written and its IPC handle taken.
 fn allocate(link: &DeviceLink, bytes: usize) -> Result<Allocation, String> {
     link.bind()?;
+    // Not out of the room a pool sized by free memory left for graphs and scratch: the
+    // transfer goes through host memory instead.
+    let (mut free, mut total) = (0usize, 0usize);
+    // SAFETY: out-pointers to locals, with this device's context current.
+    unsafe { sys::cuMemGetInfo_v2(&mut free, &mut total) }
+        .result()
+        .map_err(driver("reading the device's free memory"))?;
+    if free < bytes.saturating_add(MIN_FREE_AFTER) {
+        return Err(format!(
+            "a device region of {bytes} bytes would leave less than {MIN_FREE_AFTER} of {free} free"
+        ));
+    }
     let tag: [u8; TAG_BYTES] = crate::disagg::random_bytes().ok_or("no randomness for a tag")?;
     let mut ptr: sys::CUdeviceptr = 0;
     // SAFETY: an out-pointer to a local; the allocation is owned by the `Allocation` at once.
