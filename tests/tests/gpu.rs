@@ -1655,8 +1655,10 @@ fn kv_blocks_move_between_gpu_processes() {
             .lines()
             .map_while(Result::ok)
         {
-            if let Some(addr) = line.strip_prefix(PREFILL_AT) {
-                let _ = tx.send(addr.to_string());
+            // Anywhere in the line: the test harness prints its own "test NAME ... " first,
+            // on the same line.
+            if let Some((_, addr)) = line.split_once(PREFILL_AT) {
+                let _ = tx.send(addr.trim().to_string());
             }
         }
     });
