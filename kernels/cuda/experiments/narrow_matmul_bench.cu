@@ -23,13 +23,17 @@
 //       module's loop) and the panel's scales whole; every lane then runs the module's
 //       arithmetic on the step from shared memory, in the module's order. One request per
 //       4 KB instead of one per 16 bytes, and no register or lane holds a load in flight.
+//   V   A's loop with U = 2, 4, 8 iterations of a lane's codes requested at once (U = 4: for
+//       K = 4096 the lane's whole share of the panel, one round trip where A makes two), the
+//       panel's scales staged in shared memory by the block first, so that only codes wait in
+//       registers (80 registers at U = 4: 6 blocks per SM, room for QKV's 768 panels at once).
 //   P   no matmul, the floor: one launch that only reads the same bytes. P1: block p reads panel
 //       p's codes and scales (grid and block as A), every thread's 8 loads issued before any is
 //       used; P2: the classic bandwidth kernel, 4 blocks of 512 threads per SM striding over
 //       the codes and scales, 4 loads in flight per thread. Each folds what it read into one
 //       word per block (an xor), so nothing is computed but nothing is skipped either.
 // Checked: each S's output against A's within 2e-6 of the largest value (the sums are formed in
-// another order, so not bit for bit); each R's and T's bit for bit (the same sums in the same order).
+// another order, so not bit for bit); each R's, T's and V's bit for bit (the same sums in the same order).
 //
 // Run on the GPU machine from the repository root:
 //   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/narrow kernels/cuda/experiments/narrow_matmul_bench.cu && /tmp/narrow
@@ -374,6 +378,93 @@ __global__ void __launch_bounds__(512) read_stride(const uint4* codes, long long
     fd_store_block_xor(acc, out);
 }
 
+// V: A's loop with U iterations of a lane's codes requested at once (U = 4: for K = 4096 the
+// lane's whole share of the panel), and the panel's scales staged in shared memory by the block
+// first, so that only codes are held in registers while they are in flight.
+template <int U>
+__global__ void __launch_bounds__(128) matmul_q4_wide(const float* x, const unsigned char* codes,
+                                                      int k, int n, int group,
+                                                      const fd_f16* scales, float* out) {
+    using L = QLayout<4>;
+    constexpr int MAX_GROUPS = 512;  // K / group of the benchmark's shapes: at most 112
+    __shared__ uint4 sc[MAX_GROUPS];
+    __shared__ float reduced[QMATMUL_WARPS][QPANEL];
+    fd_grid_start();
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int panel = blockIdx.x;
+    const int groups = k / group;
+    const unsigned char* pc = codes + (long long)panel * k * L::BPK;
+    const uint4* ps = reinterpret_cast<const uint4*>(scales + (long long)panel * groups * QPANEL);
+    const float offset = 8.0f;
+    const int pieces = k / L::KL;
+    constexpr int LANE_K = QPIECES * L::KL;
+    constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
+    float acc[QPANEL];
+#pragma unroll
+    for (int r = 0; r < QPANEL; r++) acc[r] = 0.0f;
+    uint4 c[U][QPIECES];
+    auto load_round = [&](int outer) {
+#pragma unroll
+        for (int v = 0; v < U; v++) {
+            const int j0 = outer + v * STEP + lane * QPIECES;
+#pragma unroll
+            for (int u = 0; u < QPIECES; u++)
+                c[v][u] = j0 + u < pieces ? fd_load_stream(pc + (long long)(j0 + u) * 16)
+                                          : make_uint4(0, 0, 0, 0);
+        }
+    };
+    int outer = warp * 32 * QPIECES;
+    load_round(outer);
+    for (int g = tid; g < groups; g += blockDim.x) sc[g] = ps[g];
+    __syncthreads();
+    fd_grid_wait();
+    while (true) {
+#pragma unroll
+        for (int v = 0; v < U; v++) {
+            const int j0 = outer + v * STEP + lane * QPIECES;
+            if (j0 >= pieces) continue;
+            const int k0 = j0 * L::KL;
+            float xv[1][16];
+            float xs = 0.0f;
+#pragma unroll
+            for (int j = 0; j < LANE_K; j += 4) {
+                const float4 a = *reinterpret_cast<const float4*>(x + k0 + j);
+                xv[0][j] = a.x; xv[0][j + 1] = a.y; xv[0][j + 2] = a.z; xv[0][j + 3] = a.w;
+            }
+#pragma unroll
+            for (int j = 0; j < LANE_K; j++) xs += xv[0][j];
+            float gs[1][QPANEL];
+#pragma unroll
+            for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
+#pragma unroll
+            for (int u = 0; u < QPIECES; u++) fd_qpiece<4, false, 1>(c[v][u], xv, u * L::KL, gs);
+            float sf[QPANEL], mn[QPANEL];
+            fd_unpack8(sc[k0 / group], sf, false);
+#pragma unroll
+            for (int r = 0; r < QPANEL; r++) mn[r] = -offset * sf[r];
+#pragma unroll
+            for (int r = 0; r < QPANEL; r++) acc[r] += sf[r] * gs[0][r] + mn[r] * xs;
+        }
+        outer += U * STEP;
+        if (outer >= pieces) break;
+        load_round(outer);
+    }
+#pragma unroll
+    for (int r = 0; r < QPANEL; r++) {
+        const float sum = fd_warp_sum(acc[r]);
+        if (lane == 0) reduced[warp][r] = sum;
+    }
+    __syncthreads();
+    if (tid < QPANEL) {
+        const int row = panel * QPANEL + tid;
+        if (row < n) {
+            float v = 0.0f;
+            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[w][tid];
+            out[row] = v;
+        }
+    }
+}
+
 struct Shape {
     const char* name;
     int k, n;
@@ -414,10 +505,12 @@ int main() {
     // (S = 4, 8 and rings of 3 to 6 lost on every shape: RESULTS.md.)
     // {split S, ring depth D, bulk depth B, plain read P}. (S = 2 to 8, rings of 2 to 6 and bulk
     // depths 4 and 8 lost on every shape: RESULTS.md.)
-    constexpr int VARIANTS = 4;
-    const int variants[VARIANTS][4] = {{1, 0, 0, 0}, {1, 0, 2, 0}, {1, 0, 0, 1}, {1, 0, 0, 2}};
-    printf("| shape | A us (%% copy) | T B=2 us | P1 us | P2 us | check (max relative difference from A) |\n"
-           "|---|---|---|---|---|---|\n");
+    // {split S, ring depth D, bulk depth B, plain read P, wide rounds U}.
+    constexpr int VARIANTS = 6;
+    const int variants[VARIANTS][5] = {{1, 0, 0, 0, 0}, {1, 0, 0, 0, 2}, {1, 0, 0, 0, 4},
+                                       {1, 0, 0, 0, 8}, {1, 0, 0, 1, 0}, {1, 0, 0, 2, 0}};
+    printf("| shape | A us (%% copy) | V U=2 us | V U=4 us | V U=8 us | P1 us | P2 us | check (max relative difference from A) |\n"
+           "|---|---|---|---|---|---|---|---|\n");
     for (const Shape& sh : shapes) {
         const double bytes = (double)sh.n * sh.k / 2 + (double)sh.n * (sh.k / GROUP) * 2;
         float* x;
@@ -432,7 +525,7 @@ int main() {
         double err[VARIANTS] = {};
         for (int si = 0; si < VARIANTS; si++) {
             const int S = variants[si][0], D = variants[si][1], B = variants[si][2],
-                      P = variants[si][3];
+                      P = variants[si][3], U = variants[si][4];
             if (sh.k % (S * GROUP) != 0) {
                 us[si] = -1;
                 continue;
@@ -458,7 +551,13 @@ int main() {
             cudaGraph_t g;
             CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
             for (int m = 0; m < INSTANCES; m++) {
-                if (P == 1) {
+                if (U == 2) {
+                    matmul_q4_wide<2><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (U == 4) {
+                    matmul_q4_wide<4><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (U == 8) {
+                    matmul_q4_wide<8><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (P == 1) {
                     read_panels<<<panels, 128, 0, stream>>>(codes[m], sh.k, scales[m], GROUP,
                                                             reinterpret_cast<unsigned*>(outs[m]));
                 } else if (P == 2) {
@@ -537,7 +636,7 @@ int main() {
         bool ok = true;
         for (int si = 1; si < VARIANTS; si++) {
             // The rings and the bulk copies form A's sums in A's order: bit for bit.
-            const double bound = variants[si][1] || variants[si][2] ? 0.0 : 2e-6;
+            const double bound = variants[si][1] || variants[si][2] || variants[si][4] ? 0.0 : 2e-6;
             ok = ok && (us[si] < 0 || err[si] < 0 || err[si] <= bound);
         }
         printf(" %s", ok ? "ok" : "FAIL");
