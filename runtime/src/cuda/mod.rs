@@ -675,9 +675,9 @@ impl GpuEngine {
                     .zip(&v_cache)
                     .flat_map(|(k, v)| [ptr(k, &s), ptr(v, &s)].into_iter().take(pools))
                     .collect();
-                let table = s
-                    .clone_htod(&pools)
-                    .map_err(|e| RuntimeError::Cuda(format!("uploading the KV pools' table: {e}")))?;
+                let table = s.clone_htod(&pools).map_err(|e| {
+                    RuntimeError::Cuda(format!("uploading the KV pools' table: {e}"))
+                })?;
                 Some((function, table))
             }
             Err(_) => None,
