@@ -27,13 +27,18 @@
 //       K = 4096 the lane's whole share of the panel, one round trip where A makes two), the
 //       panel's scales staged in shared memory by the block first, so that only codes wait in
 //       registers (80 registers at U = 4: 6 blocks per SM, room for QKV's 768 panels at once).
+//   M   tensor cores (`mma.m16n8k16`, f16 inputs, f32 accumulators): a 16-row tile per block,
+//       the codes in a layout of their own (`fill_tiles`) unpacked exactly to f16 by `lop3`,
+//       the token split into two f16 halves (RESULTS.md: `split_x_precision.py`) as the mma's
+//       first two columns; 4 or 8 warps per block splitting the groups of K.
 //   P   no matmul, the floor: one launch that only reads the same bytes. P1: block p reads panel
 //       p's codes and scales (grid and block as A), every thread's 8 loads issued before any is
 //       used; P2: the classic bandwidth kernel, 4 blocks of 512 threads per SM striding over
 //       the codes and scales, 4 loads in flight per thread. Each folds what it read into one
 //       word per block (an xor), so nothing is computed but nothing is skipped either.
 // Checked: each S's output against A's within 2e-6 of the largest value (the sums are formed in
-// another order, so not bit for bit); each R's, T's and V's bit for bit (the same sums in the same order).
+// another order, so not bit for bit); each R's, T's and V's bit for bit (the same sums in the same order);
+// M's within 2e-6 (its own order and arithmetic).
 //
 // Run on the GPU machine from the repository root:
 //   nvcc -O3 -arch=sm_90a -std=c++17 -o /tmp/narrow kernels/cuda/experiments/narrow_matmul_bench.cu && /tmp/narrow
@@ -465,6 +470,160 @@ __global__ void __launch_bounds__(128) matmul_q4_wide(const float* x, const unsi
     }
 }
 
+// M: tensor cores. A 16-row tile (panels 2T and 2T + 1) per block, groups of K split over the
+// block's warps; per 16 k one `mma.m16n8k16` with the weights as A (codes unpacked exactly to
+// f16 code - 8) and the token as B: column 0 its high f16 half, column 1 its low half (x scaled by
+// a power of two first, so the low half stays normal), the other six zero. The codes are in a
+// layout of their own (`fill_tiles`): for each tile and each 64 k, lane L's four mmas' fragments
+// in one 16-byte piece, word w for k 16w to 16w + 15 of the 64, nibble j of the word the element
+// (row g + 8 (j & 1), k 2t + 8 ((j >> 1) & 1) + (j >> 2)) of the mma, g = L / 4, t = L % 4 (the
+// PTX fragment order: register r of A holds rows g, g + 8, g, g + 8 and k 2t, 2t, 2t + 8, 2t + 8,
+// each two consecutive k).
+
+// Nibbles 0 and 4 of `w` (mask 0x000f000f) or 1 and 5 (0x00f000f0) as f16x2 of 1024 + v or
+// 1024 + 16 v, by one lop3 with the f16 exponent of 1024.
+template <unsigned MASK>
+__device__ __forceinline__ unsigned fd_nibbles_f16x2(unsigned w) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "n"(MASK), "n"(0x64006400u));
+    return r;
+}
+
+// The eight codes of `w` as four f16x2 registers of code - 8, exact (in the fragment order).
+__device__ __forceinline__ void fd_codes_f16x2(unsigned w, unsigned a[4]) {
+    const unsigned lo = 0x64086408u;             // 1032, 1032: 1024 + v - 1032 = v - 8
+    const unsigned sixteenth = 0x2c002c00u;      // 1/16
+    const unsigned minus72 = 0xd480d480u;        // (1024 + 16 v) / 16 - 72 = v - 8
+    const unsigned w2 = w >> 8;
+    unsigned p0 = fd_nibbles_f16x2<0x000f000fu>(w), p1 = fd_nibbles_f16x2<0x00f000f0u>(w);
+    unsigned p2 = fd_nibbles_f16x2<0x000f000fu>(w2), p3 = fd_nibbles_f16x2<0x00f000f0u>(w2);
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(p0) : "r"(lo));
+    asm("sub.rn.f16x2 %0, %0, %1;" : "+r"(p2) : "r"(lo));
+    asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(p1) : "r"(sixteenth), "r"(minus72));
+    asm("fma.rn.f16x2 %0, %0, %1, %2;" : "+r"(p3) : "r"(sixteenth), "r"(minus72));
+    a[0] = p0;  // nibbles 0, 4: row g, k 2t and 2t + 1
+    a[1] = p1;  // nibbles 1, 5: row g + 8
+    a[2] = p2;  // nibbles 2, 6: row g, k 2t + 8 and 2t + 9
+    a[3] = p3;  // nibbles 3, 7: row g + 8, k 2t + 8 and 2t + 9
+}
+
+__device__ __forceinline__ void fd_mma_16816(float d[4], const unsigned a[4], unsigned b0,
+                                             unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Writes the codes of the same matrix as `fill` (element e = row * k + kk gets the same code) in
+// M's tile layout; `fill` writes the scales, which M reads in the panel layout.
+__global__ void fill_tiles(unsigned char* tiles, int n, int k, unsigned long long seed) {
+    const long long total = (long long)n * k;
+    for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (long long)gridDim.x * blockDim.x) {
+        const int row = (int)(e / k), kk = (int)(e % k);
+        const unsigned code = 1u + (unsigned)(mix64(seed ^ (unsigned long long)e) % 15u);
+        const int tile = row / 16, r16 = row % 16, g = r16 % 8, half = r16 / 8;
+        const int chunk = kk / 64, w = (kk % 64) / 16, kin = kk % 16;
+        const int high8 = kin / 8, t = (kin % 8) / 2, odd = kin % 2;
+        const int j = half | (high8 << 1) | (odd << 2), lane = g * 4 + t;
+        const long long word = (((long long)tile * (k / 64) + chunk) * 32 + lane) * 4 + w;
+        atomicOr(reinterpret_cast<unsigned*>(tiles) + word, code << (4 * j));
+    }
+}
+
+// x as the two f16 halves the mma takes: hi = f16(x * 2^shift), lo = f16(x * 2^shift - hi).
+__global__ void split_x(const float* x, int k, float scale, unsigned short* hi, unsigned short* lo) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= k) return;
+    const float v = x[i] * scale;
+    const __half h = __float2half_rn(v);
+    hi[i] = __half_as_ushort(h);
+    lo[i] = __half_as_ushort(__float2half_rn(v - __half2float(h)));
+}
+
+// Groups of 128 k: two 64-k pieces of a lane's codes per group (the benchmark's GROUP).
+#define MMA_PER_GROUP 2
+#define MMA_AHEAD 4
+
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) matmul_q4_mma(const unsigned short* xh,
+                                                            const unsigned short* xl,
+                                                            float unscale, const uint4* tiles,
+                                                            int k, int n, int group,
+                                                            const fd_f16* scales, float* out) {
+    __shared__ float reduced[WARPS][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const int chunks = k / 64, groups = k / group;
+    const uint4* tc = tiles + (long long)tile * chunks * 32;
+    const fd_f16* s0 = scales + (long long)(2 * tile) * groups * QPANEL;
+    const fd_f16* s1 = scales + (long long)(2 * tile + 1) * groups * QPANEL;
+    // Lanes 0 to 3 give the mma the high halves, 4 to 7 the low ones, the rest zeros.
+    const unsigned short* xs = g == 0 ? xh : xl;
+    float acc0 = 0.0f, acc1 = 0.0f;  // rows g and g + 8, in lanes with t = 0
+    // MMA_AHEAD groups' codes (and scales) requested before any is used: a warp's whole share of
+    // a K = 4096 matrix at 8 warps, half of it at 4.
+    for (int grp0 = warp; grp0 < groups; grp0 += WARPS * MMA_AHEAD) {
+        uint4 q[MMA_AHEAD][MMA_PER_GROUP];
+        fd_f16 sc[MMA_AHEAD][2];
+#pragma unroll
+        for (int a = 0; a < MMA_AHEAD; a++) {
+            const int grp = grp0 + a * WARPS;
+#pragma unroll
+            for (int c = 0; c < MMA_PER_GROUP; c++)
+                q[a][c] = grp < groups
+                              ? fd_load_stream(tc + (long long)(grp * MMA_PER_GROUP + c) * 32 + lane)
+                              : make_uint4(0, 0, 0, 0);
+            sc[a][0] = grp < groups && t == 0 ? s0[grp * QPANEL + g] : fd_f16{0};
+            sc[a][1] = grp < groups && t == 0 ? s1[grp * QPANEL + g] : fd_f16{0};
+        }
+#pragma unroll
+        for (int a = 0; a < MMA_AHEAD; a++) {
+            const int grp = grp0 + a * WARPS;
+            if (grp >= groups) break;
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int c = 0; c < MMA_PER_GROUP; c++) {
+                const unsigned words[4] = {q[a][c].x, q[a][c].y, q[a][c].z, q[a][c].w};
+#pragma unroll
+                for (int w = 0; w < 4; w++) {
+                    const int k0 = (grp * MMA_PER_GROUP + c) * 64 + w * 16;
+                    unsigned b0 = 0, b1 = 0;
+                    if (g < 2) {
+                        b0 = *reinterpret_cast<const unsigned*>(xs + k0 + 2 * t);
+                        b1 = *reinterpret_cast<const unsigned*>(xs + k0 + 2 * t + 8);
+                    }
+                    unsigned am[4];
+                    fd_codes_f16x2(words[w], am);
+                    fd_mma_16816(d, am, b0, b1);
+                }
+            }
+            if (t == 0) {
+                float sc0, sc1;
+                asm("cvt.f32.f16 %0, %1;" : "=f"(sc0) : "h"(sc[a][0].bits));
+                asm("cvt.f32.f16 %0, %1;" : "=f"(sc1) : "h"(sc[a][1].bits));
+                acc0 += sc0 * (d[0] + d[1]);
+                acc1 += sc1 * (d[2] + d[3]);
+            }
+        }
+    }
+    if (t == 0) {
+        reduced[warp][g] = acc0;
+        reduced[warp][g + 8] = acc1;
+    }
+    __syncthreads();
+    if (threadIdx.x < 16) {
+        const int row = tile * 16 + threadIdx.x;
+        if (row < n) {
+            float v = 0.0f;
+            for (int w = 0; w < WARPS; w++) v += reduced[w][threadIdx.x];
+            out[row] = v * unscale;
+        }
+    }
+}
+
 struct Shape {
     const char* name;
     int k, n;
@@ -505,12 +664,13 @@ int main() {
     // (S = 4, 8 and rings of 3 to 6 lost on every shape: RESULTS.md.)
     // {split S, ring depth D, bulk depth B, plain read P}. (S = 2 to 8, rings of 2 to 6 and bulk
     // depths 4 and 8 lost on every shape: RESULTS.md.)
-    // {split S, ring depth D, bulk depth B, plain read P, wide rounds U}.
-    constexpr int VARIANTS = 6;
-    const int variants[VARIANTS][5] = {{1, 0, 0, 0, 0}, {1, 0, 0, 0, 2}, {1, 0, 0, 0, 4},
-                                       {1, 0, 0, 0, 8}, {1, 0, 0, 1, 0}, {1, 0, 0, 2, 0}};
-    printf("| shape | A us (%% copy) | V U=2 us | V U=4 us | V U=8 us | P1 us | P2 us | check (max relative difference from A) |\n"
-           "|---|---|---|---|---|---|---|---|\n");
+    // {split S, ring depth D, bulk depth B, plain read P, wide rounds U, mma warps W}. (V at
+    // U = 2, 4, 8 lost on every shape: RESULTS.md.)
+    constexpr int VARIANTS = 5;
+    const int variants[VARIANTS][6] = {{1, 0, 0, 0, 0, 0}, {1, 0, 0, 0, 0, 4}, {1, 0, 0, 0, 0, 8},
+                                       {1, 0, 0, 1, 0, 0}, {1, 0, 0, 2, 0, 0}};
+    printf("| shape | A us (%% copy) | M W=4 us | M W=8 us | P1 us | P2 us | check (max relative difference from A) |\n"
+           "|---|---|---|---|---|---|---|\n");
     for (const Shape& sh : shapes) {
         const double bytes = (double)sh.n * sh.k / 2 + (double)sh.n * (sh.k / GROUP) * 2;
         float* x;
@@ -520,12 +680,30 @@ int main() {
             for (int i = 0; i < sh.k; i++) hx[i] = std::sin(0.37f * i) * 0.8f;
             CK(cudaMemcpy(x, hx.data(), sh.k * 4, cudaMemcpyHostToDevice));
         }
+        // The token as M takes it: two f16 halves of x scaled by a power of two that puts
+        // max |x| near 2^14 (exact), undone on the output.
+        unsigned short *xh, *xl;
+        CK(cudaMalloc(&xh, sh.k * 2));
+        CK(cudaMalloc(&xl, sh.k * 2));
+        float unscale;
+        {
+            std::vector<float> hx(sh.k);
+            CK(cudaMemcpy(hx.data(), x, sh.k * 4, cudaMemcpyDeviceToHost));
+            float top = 0.0f;
+            for (float v : hx) top = std::max(top, std::fabs(v));
+            int e;
+            std::frexp(top, &e);
+            const float scale = std::ldexp(1.0f, 14 - e);
+            unscale = 1.0f / scale;
+            split_x<<<(sh.k + 255) / 256, 256>>>(x, sh.k, scale, xh, xl);
+            CK(cudaGetLastError());
+        }
         std::vector<float> ref;
         double us[VARIANTS] = {};
         double err[VARIANTS] = {};
         for (int si = 0; si < VARIANTS; si++) {
             const int S = variants[si][0], D = variants[si][1], B = variants[si][2],
-                      P = variants[si][3], U = variants[si][4];
+                      P = variants[si][3], U = variants[si][4], W = variants[si][5];
             if (sh.k % (S * GROUP) != 0) {
                 us[si] = -1;
                 continue;
@@ -544,6 +722,10 @@ int main() {
                 CK(cudaMalloc(&parts[m], (size_t)S * sh.n * 4));
                 fill<<<4 * prop.multiProcessorCount, 256>>>(codes[m], scales[m], sh.n, sh.k, S,
                                                             1000 + m, s0);
+                if (W) {  // the same matrix's codes in M's tile layout (the scales stay)
+                    CK(cudaMemset(codes[m], 0, (size_t)sh.n * sh.k / 2));
+                    fill_tiles<<<4 * prop.multiProcessorCount, 256>>>(codes[m], sh.n, sh.k, 1000 + m);
+                }
             }
             CK(cudaGetLastError());
             CK(cudaDeviceSynchronize());
@@ -551,7 +733,11 @@ int main() {
             cudaGraph_t g;
             CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
             for (int m = 0; m < INSTANCES; m++) {
-                if (U == 2) {
+                if (W == 4) {
+                    matmul_q4_mma<4><<<sh.n / 16, 128, 0, stream>>>(xh, xl, unscale, reinterpret_cast<const uint4*>(codes[m]), sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (W == 8) {
+                    matmul_q4_mma<8><<<sh.n / 16, 256, 0, stream>>>(xh, xl, unscale, reinterpret_cast<const uint4*>(codes[m]), sh.k, sh.n, GROUP, scales[m], outs[m]);
+                } else if (U == 2) {
                     matmul_q4_wide<2><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
                 } else if (U == 4) {
                     matmul_q4_wide<4><<<panels, 128, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP, scales[m], outs[m]);
@@ -644,6 +830,8 @@ int main() {
         printf(" |\n");
         fflush(stdout);
         CK(cudaFree(x));
+        CK(cudaFree(xh));
+        CK(cudaFree(xl));
     }
     return 0;
 }
