@@ -217,12 +217,10 @@ __device__ __forceinline__ void q4_panel(const MM& d, int panel, int tid,
     const int groups = k / group;
     const unsigned char* pc = d.codes + (long long)panel * k * L::BPK;
     const fd_f16* ps = d.scales + (long long)panel * groups * QPANEL;
-    const float offset = 8.0f;
     float acc[QPANEL];
 #pragma unroll
     for (int r = 0; r < QPANEL; r++) acc[r] = 0.0f;
     const int pieces = k / L::KL;
-    constexpr int LANE_K = QPIECES * L::KL;
     constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
     constexpr int U = 2;
     int it = 0;
@@ -280,29 +278,7 @@ __device__ __forceinline__ void q4_panel(const MM& d, int panel, int tid,
         for (int v = 0; v < U; v++) {
             const int j0 = outer + v * STEP + lane * QPIECES;
             if (j0 >= pieces) continue;
-            const int k0 = j0 * L::KL;
-            float xv[1][16];
-            float xs[1];
-            xs[0] = 0.0f;
-            const float* xr = d.x + k0;
-#pragma unroll
-            for (int i = 0; i < LANE_K; i += 4) {
-                const float4 a = *reinterpret_cast<const float4*>(xr + i);
-                xv[0][i] = a.x; xv[0][i + 1] = a.y; xv[0][i + 2] = a.z; xv[0][i + 3] = a.w;
-            }
-#pragma unroll
-            for (int i = 0; i < LANE_K; i++) xs[0] += xv[0][i];
-            float gs[1][QPANEL];
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
-#pragma unroll
-            for (int u = 0; u < QPIECES; u++) fd_qpiece<4, false, 1>(c[v][u], xv, u * L::KL, gs);
-            float s[QPANEL], mn[QPANEL];
-            fd_unpack8(sv[v], s, false);
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) acc[r] += s[r] * gs[0][r] + mn[r] * xs[0];
+            bench_q4_iteration(c[v], sv[v], d.x + j0 * L::KL, acc);
         }
     }
     if (w.pending) sub_wait(w, tid);  // a warp with no iteration (not with these shapes)
@@ -441,34 +417,11 @@ __device__ __forceinline__ void pipe_compute(const PipeStage<SU>& st, const floa
                                              int pieces, int warp, int lane, float acc[QPANEL]) {
     using L = QLayout<4>;
     constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
-    constexpr int LANE_K = QPIECES * L::KL;
-    const float offset = 8.0f;
 #pragma unroll
     for (int v = 0; v < SU; v++) {
         const int j0 = warp * 32 * QPIECES + (s0 + v) * STEP + lane * QPIECES;
         if (j0 >= pieces) continue;
-        const int k0 = j0 * L::KL;
-        float xv[1][16];
-        float xs = 0.0f;
-        const float* xr = x + k0;
-#pragma unroll
-        for (int i = 0; i < LANE_K; i += 4) {
-            const float4 a = *reinterpret_cast<const float4*>(xr + i);
-            xv[0][i] = a.x; xv[0][i + 1] = a.y; xv[0][i + 2] = a.z; xv[0][i + 3] = a.w;
-        }
-#pragma unroll
-        for (int i = 0; i < LANE_K; i++) xs += xv[0][i];
-        float gs[1][QPANEL];
-#pragma unroll
-        for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
-#pragma unroll
-        for (int u = 0; u < QPIECES; u++) fd_qpiece<4, false, 1>(st.c[v][u], xv, u * L::KL, gs);
-        float s[QPANEL], mn[QPANEL];
-        fd_unpack8(st.sv[v], s, false);
-#pragma unroll
-        for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
-#pragma unroll
-        for (int r = 0; r < QPANEL; r++) acc[r] += s[r] * gs[0][r] + mn[r] * xs;
+        bench_q4_iteration(st.c[v], st.sv[v], x + j0 * L::KL, acc);
     }
 }
 

@@ -135,9 +135,7 @@ __global__ void __launch_bounds__(128) matmul_q4_ring(const float* x, const unsi
     const int groups = k / group;
     const unsigned char* pc = codes + (long long)panel * k * L::BPK;
     const fd_f16* ps = scales + (long long)panel * groups * QPANEL;
-    const float offset = 8.0f;
     const int pieces = k / L::KL;
-    constexpr int LANE_K = QPIECES * L::KL;
     constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
     const int first = warp * 32 * QPIECES + lane * QPIECES;
     const int iters = first < pieces ? (pieces - first + STEP - 1) / STEP : 0;
@@ -160,27 +158,8 @@ __global__ void __launch_bounds__(128) matmul_q4_ring(const float* x, const unsi
         // Groups committed: D + i; stage i is the (i+1)th.
         asm volatile("cp.async.wait_group %0;" ::"n"(D - 1) : "memory");
         const uint4 c0 = ring[i % D][0][tid], c1 = ring[i % D][1][tid], sv = ring[i % D][2][tid];
-        const int k0 = (first + i * STEP) * L::KL;
-        float xv[1][16];
-        float xs = 0.0f;
-#pragma unroll
-        for (int j = 0; j < LANE_K; j += 4) {
-            const float4 a = *reinterpret_cast<const float4*>(x + k0 + j);
-            xv[0][j] = a.x; xv[0][j + 1] = a.y; xv[0][j + 2] = a.z; xv[0][j + 3] = a.w;
-        }
-#pragma unroll
-        for (int j = 0; j < LANE_K; j++) xs += xv[0][j];
-        float gs[1][QPANEL];
-#pragma unroll
-        for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
-        fd_qpiece<4, false, 1>(c0, xv, 0, gs);
-        fd_qpiece<4, false, 1>(c1, xv, L::KL, gs);
-        float s[QPANEL], mn[QPANEL];
-        fd_unpack8(sv, s, false);
-#pragma unroll
-        for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
-#pragma unroll
-        for (int r = 0; r < QPANEL; r++) acc[r] += s[r] * gs[0][r] + mn[r] * xs;
+        const uint4 c[QPIECES] = {c0, c1};
+        bench_q4_iteration(c, sv, x + (first + i * STEP) * L::KL, acc);
         // The slot's values are used (read into registers above and consumed): refill it.
         if (i + D < iters) issue(i + D);
         asm volatile("cp.async.commit_group;" ::: "memory");
@@ -251,9 +230,7 @@ __global__ void __launch_bounds__(128) matmul_q4_bulk(const float* x, const unsi
     const int groups = k / group;
     const unsigned char* pc = codes + (long long)panel * k * L::BPK;
     const fd_f16* ps = scales + (long long)panel * groups * QPANEL;
-    const float offset = 8.0f;
     const int pieces = k / L::KL;
-    constexpr int LANE_K = QPIECES * L::KL;
     constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
     const int steps = (pieces + STEP - 1) / STEP;
     const long long panel_bytes = (long long)pieces * 16;
@@ -285,27 +262,8 @@ __global__ void __launch_bounds__(128) matmul_q4_bulk(const float* x, const unsi
         if (j0 < pieces) {
             const uint4 c0 = stage[s % DEPTH][jl], c1 = stage[s % DEPTH][jl + 1];
             const uint4 sv = sc[j0 * L::KL / group];
-            const int k0 = j0 * L::KL;
-            float xv[1][16];
-            float xs = 0.0f;
-#pragma unroll
-            for (int j = 0; j < LANE_K; j += 4) {
-                const float4 a = *reinterpret_cast<const float4*>(x + k0 + j);
-                xv[0][j] = a.x; xv[0][j + 1] = a.y; xv[0][j + 2] = a.z; xv[0][j + 3] = a.w;
-            }
-#pragma unroll
-            for (int j = 0; j < LANE_K; j++) xs += xv[0][j];
-            float gs[1][QPANEL];
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
-            fd_qpiece<4, false, 1>(c0, xv, 0, gs);
-            fd_qpiece<4, false, 1>(c1, xv, L::KL, gs);
-            float sf[QPANEL], mn[QPANEL];
-            fd_unpack8(sv, sf, false);
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) mn[r] = -offset * sf[r];
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) acc[r] += sf[r] * gs[0][r] + mn[r] * xs;
+            const uint4 c[QPIECES] = {c0, c1};
+            bench_q4_iteration(c, sv, x + j0 * L::KL, acc);
         }
         // Every lane has its values of the step in registers: its slot may be refilled.
         __syncthreads();
@@ -400,9 +358,7 @@ __global__ void __launch_bounds__(128) matmul_q4_wide(const float* x, const unsi
     const int groups = k / group;
     const unsigned char* pc = codes + (long long)panel * k * L::BPK;
     const uint4* ps = reinterpret_cast<const uint4*>(scales + (long long)panel * groups * QPANEL);
-    const float offset = 8.0f;
     const int pieces = k / L::KL;
-    constexpr int LANE_K = QPIECES * L::KL;
     constexpr int STEP = QMATMUL_WARPS * 32 * QPIECES;
     float acc[QPANEL];
 #pragma unroll
@@ -429,26 +385,7 @@ __global__ void __launch_bounds__(128) matmul_q4_wide(const float* x, const unsi
             const int j0 = outer + v * STEP + lane * QPIECES;
             if (j0 >= pieces) continue;
             const int k0 = j0 * L::KL;
-            float xv[1][16];
-            float xs = 0.0f;
-#pragma unroll
-            for (int j = 0; j < LANE_K; j += 4) {
-                const float4 a = *reinterpret_cast<const float4*>(x + k0 + j);
-                xv[0][j] = a.x; xv[0][j + 1] = a.y; xv[0][j + 2] = a.z; xv[0][j + 3] = a.w;
-            }
-#pragma unroll
-            for (int j = 0; j < LANE_K; j++) xs += xv[0][j];
-            float gs[1][QPANEL];
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) gs[0][r] = 0.0f;
-#pragma unroll
-            for (int u = 0; u < QPIECES; u++) fd_qpiece<4, false, 1>(c[v][u], xv, u * L::KL, gs);
-            float sf[QPANEL], mn[QPANEL];
-            fd_unpack8(sc[k0 / group], sf, false);
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) mn[r] = -offset * sf[r];
-#pragma unroll
-            for (int r = 0; r < QPANEL; r++) acc[r] += sf[r] * gs[0][r] + mn[r] * xs;
+            bench_q4_iteration(c[v], sc[k0 / group], x + k0, acc);
         }
         outer += U * STEP;
         if (outer >= pieces) break;
