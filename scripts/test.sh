@@ -12,6 +12,10 @@ model="$(scripts/fetch-model.sh | tail -n 1)"
 nvrtc_lib="$(scripts/fetch-nvrtc.sh | tail -n 1)"
 export LD_LIBRARY_PATH="$nvrtc_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export FD_REQUIRE_NVRTC=1
+# A HIP compiler, so the DCU target's plans are compiled for gfx906 and checked here too;
+# FD_REQUIRE_HIPCC turns their "skipped: no HIP compiler" into a failure.
+FD_HIPCC="$(scripts/fetch-hipcc.sh | tail -n 1)"
+export FD_HIPCC FD_REQUIRE_HIPCC=1
 cargo test --workspace --locked
 
 # ---- OpenAI client test ----

@@ -21,6 +21,10 @@
 pub const CUDA_CUBIN: &str = "cuda.cubin";
 /// The code symbol of a CUDA plan's module as PTX for its virtual architecture (text).
 pub const CUDA_PTX: &str = "cuda.ptx";
+/// The code symbol of a DCU plan's module: an AMD GPU code object (ELF) for its gfx
+/// architecture, which fdrt's HIP backend loads. A DCU plan's code section holds this, then
+/// the [`CUDA_DISPATCH`] and [`CUDA_DECODE_FOLDS`] records (the same kernels, the same rules).
+pub const DCU_CODE_OBJECT: &str = "dcu.code_object";
 /// The code symbol of a CUDA plan's [`CudaDispatch`] (bincode, through `codec`). Plans written
 /// before it have none; fdrt then applies the rule of `kernels::cuda::gemm_from_tokens`.
 pub const CUDA_DISPATCH: &str = "cuda.dispatch";

@@ -11,6 +11,7 @@ use crate::passes::quantize_weights::{self, GroupSize, QuantOptions, QuantPlan};
 use crate::passes::{self, plan_memory, schedule, select_kernels, PassCtx, PassError};
 use crate::quantize;
 use crate::smooth::{self, Rescale};
+use crate::targets::{self, CodeGen};
 use crate::timing;
 use artifacts::calibration::{Calibration, InputStats};
 use artifacts::parts::{self, PartEntry, PartsWriter, SnapshotTag};
@@ -50,7 +51,8 @@ pub enum CompileError {
     Plan(#[from] PlanError),
     #[error("code generation: {0}")]
     Codegen(#[from] codegen::CodegenError),
-    #[error("CUDA module: {0}")]
+    /// The GPU module (CUDA or DCU) could not be built.
+    #[error("GPU module: {0}")]
     Cuda(String),
     #[error("weight {name}: {message}")]
     Weight { name: String, message: String },
@@ -172,7 +174,7 @@ pub fn compile_to(
     let memory = {
         let _t = timing::scope("plan_memory");
         let constraints = plan_memory::Constraints {
-            fold_norms_into_matmuls: matches!(options.target, Target::Cuda(_)),
+            fold_norms_into_matmuls: targets::info(options.target).codegen.gpu_module(),
             hidden_input_from: main_steps,
         };
         plan_memory::run(&graph, &launches, constraints)?
@@ -240,9 +242,7 @@ pub fn compile_to(
             },
         })
         .collect();
-    if let Target::Cuda(_) = options.target {
-        // Which kernel serves each step at which pass size, after the module in the code
-        // section.
+    if targets::info(options.target).codegen.gpu_module() {
         // Which kernel serves each step at which pass size, and which norms one-token passes
         // fold into their matmuls, after the module in the code section.
         let records = [
@@ -337,9 +337,9 @@ pub fn compile_to(
         parts: vec![],
         steps: program.steps.len(),
         parameter_count,
-        generated_kernels: match manifest.target {
-            Target::Cpu(_) => manifest.code.len(),
-            Target::Cuda(_) => 0,
+        generated_kernels: match targets::info(manifest.target).codegen {
+            CodeGen::Cranelift(_) => manifest.code.len(),
+            CodeGen::Nvrtc(_) | CodeGen::Hipcc(_) => 0,
         },
     };
     if let WeightOutput::Snapshot { part_size, tag } = weights_to {
@@ -620,9 +620,10 @@ fn generate_code(
     selection: &select_kernels::Selection,
     target: Target,
 ) -> Result<CodeLayout, CompileError> {
-    let isa = match target {
-        Target::Cpu(isa) => isa,
-        Target::Cuda(arch) => return cuda_module(graph, arch),
+    let isa = match targets::info(target).codegen {
+        CodeGen::Cranelift(isa) => isa,
+        CodeGen::Nvrtc(arch) => return gpu_module(graph, GpuArch::Cuda(arch)),
+        CodeGen::Hipcc(arch) => return gpu_module(graph, GpuArch::Dcu(arch)),
     };
     let mut bytes = vec![];
     let mut symbols: Vec<CodeSymbol> = vec![];
@@ -658,11 +659,13 @@ fn generate_code(
     Ok((bytes, symbols, index))
 }
 
-/// The CUDA module of a plan: `kernels::cuda`'s sources specialized to the model's head
-/// dimension, compiled by NVRTC. The code section holds the cubin, then the PTX, named by
-/// [`artifacts::code_abi::CUDA_CUBIN`] and [`artifacts::code_abi::CUDA_PTX`]; no step refers to
-/// them by index, since every CUDA kernel lives in the one module.
-fn cuda_module(graph: &Graph, arch: ir::CudaArch) -> Result<CodeLayout, CompileError> {
+/// The GPU module of a plan: `kernels::cuda`'s sources specialized to the model's head
+/// dimension, compiled by NVRTC (CUDA) or a HIP compiler (DCU). A CUDA plan's code section
+/// holds the cubin, then the PTX, named by [`artifacts::code_abi::CUDA_CUBIN`] and
+/// [`artifacts::code_abi::CUDA_PTX`]; a DCU plan's holds the code object
+/// ([`artifacts::code_abi::DCU_CODE_OBJECT`]). No step refers to them by index, since every
+/// kernel lives in the one module.
+fn gpu_module(graph: &Graph, arch: GpuArch) -> Result<CodeLayout, CompileError> {
     let mut head_dims = graph
         .topo_order()
         .into_iter()
@@ -682,23 +685,45 @@ fn cuda_module(graph: &Graph, arch: ir::CudaArch) -> Result<CodeLayout, CompileE
         head_dim: head_dim as u32,
     };
     spec.check().map_err(CompileError::Cuda)?;
-    let module = codegen::cuda::compile(&kernels::cuda::module_source(&spec), arch)
-        .map_err(|e| CompileError::Cuda(e.to_string()))?;
-    let symbols = vec![
-        CodeSymbol {
-            name: artifacts::code_abi::CUDA_CUBIN.to_string(),
-            offset: 0,
-            len: module.cubin.len() as u64,
-        },
-        CodeSymbol {
-            name: artifacts::code_abi::CUDA_PTX.to_string(),
-            offset: module.cubin.len() as u64,
-            len: module.ptx.len() as u64,
-        },
-    ];
-    let mut bytes = module.cubin;
-    bytes.extend_from_slice(&module.ptx);
+    let (bytes, symbols) = match arch {
+        GpuArch::Cuda(arch) => {
+            let module = codegen::cuda::compile(&kernels::cuda::module_source(&spec), arch)
+                .map_err(|e| CompileError::Cuda(e.to_string()))?;
+            let symbols = vec![
+                CodeSymbol {
+                    name: artifacts::code_abi::CUDA_CUBIN.to_string(),
+                    offset: 0,
+                    len: module.cubin.len() as u64,
+                },
+                CodeSymbol {
+                    name: artifacts::code_abi::CUDA_PTX.to_string(),
+                    offset: module.cubin.len() as u64,
+                    len: module.ptx.len() as u64,
+                },
+            ];
+            let mut bytes = module.cubin;
+            bytes.extend_from_slice(&module.ptx);
+            (bytes, symbols)
+        }
+        GpuArch::Dcu(arch) => {
+            let module = codegen::hip::compile(&kernels::cuda::hip_module_source(&spec), arch)
+                .map_err(|e| CompileError::Cuda(e.to_string()))?;
+            let symbols = vec![CodeSymbol {
+                name: artifacts::code_abi::DCU_CODE_OBJECT.to_string(),
+                offset: 0,
+                len: module.code_object.len() as u64,
+            }];
+            (module.code_object.clone(), symbols)
+        }
+    };
     Ok((bytes, symbols, HashMap::new()))
+}
+
+/// The GPU architecture a plan's one module is compiled for.
+#[derive(Clone, Copy)]
+enum GpuArch {
+    Cuda(ir::CudaArch),
+    Dcu(ir::HipArch),
 }
 
 /// The pass sizes from which a CUDA plan's matmuls run as tensor-core GEMMs (by the weight's

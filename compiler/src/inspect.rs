@@ -20,23 +20,34 @@ pub const CALIBRATED_OPTION: &str = "gptq=";
 /// mid-size card, an 80 GB accelerator.
 const KV_SIZES: [u64; 3] = [1 << 30, 16 << 30, 80 << 30];
 
-/// A code symbol of a CUDA plan decoded (the dispatch table, the decode folds), if it has one.
+/// A code symbol of a GPU plan decoded (the dispatch table, the decode folds), if it has one.
 fn code_record<T: serde::de::DeserializeOwned>(
     plan: &PlanFile,
     manifest: &Manifest,
     name: &str,
 ) -> Result<Option<T>, PlanError> {
+    match code_bytes(plan, manifest, name)? {
+        Some(bytes) => codec::decode(name, bytes).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The bytes of the code symbol `name`, if the plan has one.
+fn code_bytes<'p>(
+    plan: &'p PlanFile,
+    manifest: &Manifest,
+    name: &str,
+) -> Result<Option<&'p [u8]>, PlanError> {
     let Some(sym) = manifest.code.iter().find(|s| s.name == name) else {
         return Ok(None);
     };
-    let bytes = plan
-        .section(section::CODE)
+    plan.section(section::CODE)
         .and_then(|code| code.get(sym.offset as usize..(sym.offset + sym.len) as usize))
+        .map(Some)
         .ok_or_else(|| PlanError::Decode {
             section: name.to_string(),
             message: "the symbol lies outside the code section".into(),
-        })?;
-    codec::decode(name, bytes).map(Some)
+        })
 }
 
 /// The account of the plan at `path`; `kv_memory` adds sizes to the KV-fit line.
@@ -285,10 +296,32 @@ matmuls by shape (N x K of the weight)"
             folds.norms.len()
         );
     }
-    if matches!(manifest.target, ir::Target::Cuda(_)) {
-        let _ = writeln!(out, "\nCUDA module (one for every kernel above)");
+    let codegen = crate::targets::info(manifest.target).codegen;
+    if codegen.gpu_module() {
+        let _ = writeln!(
+            out,
+            "\n{} module (one for every kernel above)",
+            codegen.name()
+        );
         for sym in &manifest.code {
             let _ = writeln!(out, "  {:<36} {:>6} bytes", sym.name, sym.len);
+        }
+        if let crate::targets::CodeGen::Hipcc(arch) = codegen {
+            let object = code_bytes(&plan, &manifest, artifacts::code_abi::DCU_CODE_OBJECT)?
+                .unwrap_or_default();
+            let kernels = crate::codegen::hip::kernels_of(object, arch).map_err(|message| {
+                PlanError::Decode {
+                    section: artifacts::code_abi::DCU_CODE_OBJECT.into(),
+                    message,
+                }
+            })?;
+            let _ = writeln!(
+                out,
+                "  {} kernels compiled for {}: {}",
+                kernels.len(),
+                arch.name(),
+                kernels.join(" ")
+            );
         }
     } else if !manifest.code.is_empty() {
         let _ = writeln!(out, "\ngenerated code ({} functions)", manifest.code.len());

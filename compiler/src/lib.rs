@@ -12,6 +12,7 @@ pub mod inspect;
 pub mod passes;
 pub mod quantize;
 pub mod smooth;
+pub mod targets;
 pub mod timing;
 
 pub use compile::{compile, compile_to, CompileError, CompileOptions, CompileReport, WeightOutput};

@@ -195,7 +195,20 @@ fn bad_flags_list_the_choices() {
     let model = tiny("llama");
     check_fails(
         &["compile", model.to_str().unwrap(), "--target", "tpu"],
-        &["tpu", "cpu-avx2"],
+        &["tpu", "cpu-avx2", "dcu-gfx906", "fdc targets"],
+    );
+    // A scheme the target has no kernels for names the schemes it has and the targets that
+    // have the scheme.
+    check_fails(
+        &[
+            "compile",
+            model.to_str().unwrap(),
+            "--target",
+            "cuda-sm80",
+            "--quant",
+            "fp8",
+        ],
+        &["cuda-sm80", "cannot run --quant fp8", "w4a8", "cuda-sm90"],
     );
     check_fails(
         &["compile", model.to_str().unwrap(), "--dtype", "f8"],
@@ -241,6 +254,22 @@ fn compiling_twice_gives_identical_plans_and_inspect_describes_them() {
             report.contains(expected),
             "inspect should mention {expected}:\n{report}"
         );
+    }
+}
+
+#[test]
+fn targets_prints_the_table_with_aliases_and_what_ran_on_hardware() {
+    let (ok, table, _) = fdc(&["targets"]);
+    assert!(ok);
+    for expected in [
+        "dcu-gfx906",
+        "dcu,hip-gfx906",
+        "wavefronts of 64",
+        "cpu-x86-64-v4",
+        "compiled only",
+        "v_dot4_i32_i8",
+    ] {
+        assert!(table.contains(expected), "{expected}:\n{table}");
     }
 }
 

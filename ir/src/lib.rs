@@ -23,5 +23,5 @@ pub use graph::{
 pub use op::Op;
 pub use shape::{Dim, Shape, TensorType};
 pub use types::{
-    ActQuant, CodeFormat, CpuIsa, CudaArch, DType, MoeRouting, OpKind, QuantScheme, Target,
+    ActQuant, CodeFormat, CpuIsa, CudaArch, DType, HipArch, MoeRouting, OpKind, QuantScheme, Target,
 };

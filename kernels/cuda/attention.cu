@@ -154,7 +154,7 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
         for (int j = 0; j < KEY_DIMS; j++) dot += live ? qv[j] * kv[j] : 0.0f;
 #pragma unroll
         for (int offset = KEY_LANES / 2; offset > 0; offset >>= 1) {
-            dot += __shfl_xor_sync(0xffffffffu, dot, offset);
+            dot += fd_shfl_xor(dot, offset);
         }
         if (live) {
             const float s = dot * scale;
@@ -169,11 +169,11 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
     // The groups of the warp merged: after the exchanges every group holds the warp's state.
 #pragma unroll
     for (int offset = KEY_LANES; offset < 32; offset <<= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, offset);
-        const float l2 = __shfl_xor_sync(0xffffffffu, l, offset);
+        const float m2 = fd_shfl_xor(m, offset);
+        const float l2 = fd_shfl_xor(l, offset);
         float acc2[KEY_DIMS];
 #pragma unroll
-        for (int j = 0; j < KEY_DIMS; j++) acc2[j] = __shfl_xor_sync(0xffffffffu, acc[j], offset);
+        for (int j = 0; j < KEY_DIMS; j++) acc2[j] = fd_shfl_xor(acc[j], offset);
         fd_softmax_merge(m, l, acc, m2, l2, acc2);
     }
     if (lane == 0) {
@@ -319,7 +319,7 @@ attention_prefill_f32(const float* q, int q_stride, const unsigned int* position
         }
 #pragma unroll
         for (int o = PREFILL_LANES / 2; o > 0; o >>= 1) {
-            tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
+            tile_max = fmaxf(tile_max, fd_shfl_xor(tile_max, o));
         }
         // Every lane of the warp takes part in the shuffles below, rows that see no key yet
         // included (their weights are all zero).
@@ -333,14 +333,14 @@ attention_prefill_f32(const float* q, int q_stride, const unsigned int* position
         }
 #pragma unroll
         for (int o = PREFILL_LANES / 2; o > 0; o >>= 1) {
-            p_sum += __shfl_xor_sync(0xffffffffu, p_sum, o);
+            p_sum += fd_shfl_xor(p_sum, o);
         }
         l = l * correction + p_sum;
 #pragma unroll
         for (int i = 0; i < PREFILL_DIMS_PER_LANE; i++) acc[i] *= correction;
 #pragma unroll
         for (int kk = 0; kk < PREFILL_KEYS; kk++) {
-            const float pk = __shfl_sync(0xffffffffu, p[kk / PREFILL_LANES],
+            const float pk = fd_shfl(p[kk / PREFILL_LANES],
                                          base_lane + kk % PREFILL_LANES);
 #pragma unroll
             for (int i = 0; i < PREFILL_DIMS_PER_LANE; i++) {

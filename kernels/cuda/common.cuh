@@ -41,12 +41,58 @@ __device__ __forceinline__ float fd_load(const fd_bf16* p) {
     return __uint_as_float(((unsigned int)p->bits) << 16);
 }
 
-// IEEE half to f32, exact, through the hardware conversion.
-__device__ __forceinline__ float fd_load(const fd_f16* p) {
+// The few places where the CUDA and HIP builds of these sources differ (the DCU target: fdc
+// compiles the same files with a HIP compiler, `FD_HIP` defined and the HIP runtime header
+// included first). A HIP wavefront is 64 lanes; every kernel here is written for warps of 32,
+// so shuffles stay inside 32-lane halves (width 32) and a wavefront runs two of the kernels'
+// warps side by side, in lockstep, which is all the warp-synchronous code assumes.
+#ifdef FD_HIP
+template <typename T> __device__ __forceinline__ T fd_shfl_xor(T v, int lane_mask) {
+    return __shfl_xor(v, lane_mask, 32);
+}
+template <typename T> __device__ __forceinline__ T fd_shfl(T v, int lane) {
+    return __shfl(v, lane, 32);
+}
+// IEEE half to f32 (exact) and f32 to half, nearest even: the compiler's _Float16.
+__device__ __forceinline__ float fd_f16_f32(unsigned short h) {
+    return (float)__builtin_bit_cast(_Float16, h);
+}
+__device__ __forceinline__ unsigned short fd_f32_f16(float v) {
+    return __builtin_bit_cast(unsigned short, (_Float16)v);
+}
+// f32 to bf16, nearest even (NaN stays a quiet NaN): gfx906 has no bf16 instructions.
+__device__ __forceinline__ unsigned short fd_f32_bf16(float v) {
+    const unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+#else
+template <typename T> __device__ __forceinline__ T fd_shfl_xor(T v, int lane_mask) {
+    return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+template <typename T> __device__ __forceinline__ T fd_shfl(T v, int lane) {
+    return __shfl_sync(0xffffffffu, v, lane);
+}
+// Through the hardware conversions.
+__device__ __forceinline__ float fd_f16_f32(unsigned short h) {
     float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p->bits));
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
 }
+__device__ __forceinline__ unsigned short fd_f32_f16(float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+__device__ __forceinline__ unsigned short fd_f32_bf16(float v) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return h;
+}
+#endif
+
+// IEEE half to f32, exact.
+__device__ __forceinline__ float fd_load(const fd_f16* p) { return fd_f16_f32(p->bits); }
 
 // Eight 16-bit weights packed in 16 bytes, widened to f32.
 __device__ __forceinline__ void fd_unpack8(uint4 v, float out[8], bool bf16) {
@@ -58,22 +104,22 @@ __device__ __forceinline__ void fd_unpack8(uint4 v, float out[8], bool bf16) {
             out[2 * j] = __uint_as_float((unsigned int)lo << 16);
             out[2 * j + 1] = __uint_as_float((unsigned int)hi << 16);
         } else {
-            asm("cvt.f32.f16 %0, %1;" : "=f"(out[2 * j]) : "h"(lo));
-            asm("cvt.f32.f16 %0, %1;" : "=f"(out[2 * j + 1]) : "h"(hi));
+            out[2 * j] = fd_f16_f32(lo);
+            out[2 * j + 1] = fd_f16_f32(hi);
         }
     }
 }
 
 __device__ __forceinline__ float fd_warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
+        v += fd_shfl_xor(v, offset);
     }
     return v;
 }
 
 __device__ __forceinline__ float fd_warp_max(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
-        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+        v = fmaxf(v, fd_shfl_xor(v, offset));
     }
     return v;
 }

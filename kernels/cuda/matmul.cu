@@ -17,11 +17,18 @@
 
 // 16 bytes of weights that are read once: through the read-only path, not allocated in L1.
 __device__ __forceinline__ uint4 fd_load_stream(const void* p) {
+#ifdef FD_HIP
+    // A non-temporal load: the nearest gfx906 has to the read-once hint.
+    typedef unsigned int u32x4 __attribute__((ext_vector_type(4)));
+    const u32x4 v = __builtin_nontemporal_load(reinterpret_cast<const u32x4*>(p));
+    return make_uint4(v.x, v.y, v.z, v.w);
+#else
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
         : "l"(p));
     return v;
+#endif
 }
 
 // The weights in 16 bytes, widened to f32.
@@ -246,13 +253,7 @@ __device__ __forceinline__ void gemm_input(const float* x, int x_stride, int k,
     const int r = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= k) return;
     const float v = x[(long long)r * x_stride + c];
-    unsigned short h;
-    if (BF16) {
-        asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    } else {
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    }
-    out[(long long)r * k + c] = h;
+    out[(long long)r * k + c] = BF16 ? fd_f32_bf16(v) : fd_f32_f16(v);
 }
 extern "C" __global__ void gemm_input_bf16(const float* x, int x_stride, int k,
                                            unsigned short* out) {

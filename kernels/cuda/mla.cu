@@ -107,7 +107,7 @@ __device__ __forceinline__ void fd_mla_load_w4(const fd_f16* p, float out[4]) {
     const unsigned short h[4] = {(unsigned short)(v.x & 0xffffu), (unsigned short)(v.x >> 16),
                                  (unsigned short)(v.y & 0xffffu), (unsigned short)(v.y >> 16)};
 #pragma unroll
-    for (int u = 0; u < 4; u++) asm("cvt.f32.f16 %0, %1;" : "=f"(out[u]) : "h"(h[u]));
+    for (int u = 0; u < 4; u++) out[u] = fd_f16_f32(h[u]);
 }
 
 // One warp's share of the positions 0..len-1 (every FD_MLA_WARPS-th batch of BATCH) with an

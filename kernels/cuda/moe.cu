@@ -118,7 +118,7 @@ __device__ __forceinline__ bool fd_moe_before(double ka, int a, double kb, int b
 // The fixed shuffle tree makes both deterministic (the CPU sums in order: the difference is in
 // the last bits of a double). `scratch` holds FD_MOE_WARPS doubles of shared memory.
 __device__ __forceinline__ double fd_moe_block_max(double v, double* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, fd_shfl_xor(v, o));
     __syncthreads();
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
     __syncthreads();
@@ -127,7 +127,7 @@ __device__ __forceinline__ double fd_moe_block_max(double v, double* scratch) {
     return v;
 }
 __device__ __forceinline__ double fd_moe_block_sum(double v, double* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    for (int o = 16; o > 0; o >>= 1) v += fd_shfl_xor(v, o);
     __syncthreads();
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
     __syncthreads();
@@ -236,8 +236,8 @@ __device__ void fd_moe_route(const float* x, int x_stride, int cols, const W* ro
             }
             // The two largest of the union of two lanes' pairs.
             for (int o = 16; o > 0; o >>= 1) {
-                const double b2 = __shfl_xor_sync(0xffffffffu, best, o);
-                const double s2 = __shfl_xor_sync(0xffffffffu, second, o);
+                const double b2 = fd_shfl_xor(best, o);
+                const double s2 = fd_shfl_xor(second, o);
                 second = fmax(fmin(best, b2), fmax(second, s2));
                 best = fmax(best, b2);
             }
@@ -283,8 +283,8 @@ __device__ void fd_moe_route(const float* x, int x_stride, int cols, const W* ro
             }
         }
         for (int o = 16; o > 0; o >>= 1) {
-            const double k2 = __shfl_xor_sync(0xffffffffu, bk, o);
-            const int i2 = __shfl_xor_sync(0xffffffffu, bi, o);
+            const double k2 = fd_shfl_xor(bk, o);
+            const int i2 = fd_shfl_xor(bi, o);
             if (fd_moe_before(k2, i2, bk, bi)) {
                 bk = k2;
                 bi = i2;

@@ -66,15 +66,55 @@ __device__ __forceinline__ void fd_e4m3x4_f32(unsigned int w, float out[4]) {
     const unsigned short h[4] = {(unsigned short)(lo & 0xffffu), (unsigned short)(lo >> 16),
                                  (unsigned short)(hi & 0xffffu), (unsigned short)(hi >> 16)};
 #pragma unroll
-    for (int j = 0; j < 4; j++) asm("cvt.f32.f16 %0, %1;" : "=f"(out[j]) : "h"(h[j]));
+    for (int j = 0; j < 4; j++) out[j] = fd_f16_f32(h[j]);
 #else
 #pragma unroll
     for (int j = 0; j < 4; j++) out[j] = fd_e4m3_f32(w, j);
 #endif
 }
 
-// gs[m][r] += sum over the piece's KL k of code(k, r) * x[m][k].
-template <int BITS, bool E4M3, int TOKENS>
+#ifdef FD_HIP
+// The DCU's W4A8 (I8DOT): for 4-bit codes against activations on the int8 grid, each row's
+// codes of the piece's 4 k gathered into one word (a 4 x 4 byte transpose by byte permutes) and
+// multiplied with the 4 activations by one int8 dot-product instruction (v_dot4_i32_i8; codes
+// 0..15 are non-negative int8). The sums are the f32 path's exactly: integers far below 2^24.
+template <int TOKENS>
+__device__ __forceinline__ void fd_qpiece_i8dot(const unsigned int (*slots)[2],
+                                                const float (*xv)[16], int base_k,
+                                                float (*gs)[QPANEL]) {
+    int xq[TOKENS];
+#pragma unroll
+    for (int m = 0; m < TOKENS; m++) {
+        xq[m] = 0;
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+            xq[m] |= ((int)xv[m][base_k + kk] & 0xff) << (8 * kk);
+    }
+#pragma unroll
+    for (int s = 0; s < 2; s++) {
+        // slots[k][s] holds rows 4s..4s+3 at k, a byte each: the transpose gives row 4s + j's
+        // four k in word j.
+        const unsigned int lo01 = __byte_perm(slots[0][s], slots[1][s], 0x5140);
+        const unsigned int lo23 = __byte_perm(slots[2][s], slots[3][s], 0x5140);
+        const unsigned int hi01 = __byte_perm(slots[0][s], slots[1][s], 0x7362);
+        const unsigned int hi23 = __byte_perm(slots[2][s], slots[3][s], 0x7362);
+        const unsigned int rows[4] = {__byte_perm(lo01, lo23, 0x5410),
+                                      __byte_perm(lo01, lo23, 0x7632),
+                                      __byte_perm(hi01, hi23, 0x5410),
+                                      __byte_perm(hi01, hi23, 0x7632)};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+#pragma unroll
+            for (int m = 0; m < TOKENS; m++)
+                gs[m][4 * s + j] += (float)__builtin_amdgcn_sdot4((int)rows[j], xq[m], 0, false);
+        }
+    }
+}
+#endif
+
+// gs[m][r] += sum over the piece's KL k of code(k, r) * x[m][k]. I8DOT (HIP, 4-bit codes,
+// activations on the int8 grid): by int8 dot products.
+template <int BITS, bool E4M3, int TOKENS, bool I8DOT = false>
 __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], int base_k,
                                           float (*gs)[QPANEL]) {
     using L = QLayout<BITS>;
@@ -86,6 +126,13 @@ __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], in
 #pragma unroll
         for (int s = 0; s < L::C; s++) slots[wi][s] = (words[wi] >> (s * BITS)) & L::MASK;
     }
+#ifdef FD_HIP
+    if constexpr (I8DOT) {
+        static_assert(BITS == 4 && !E4M3, "int8 dot products serve 4-bit codes");
+        fd_qpiece_i8dot<TOKENS>(slots, xv, base_k, gs);
+        return;
+    }
+#endif
     if constexpr (E4M3) {
         // 8-bit codes: for each k, its 8 rows' codes in two words, byte j of word q is row
         // 4q + j.
@@ -119,7 +166,8 @@ __device__ __forceinline__ void fd_qpiece(uint4 piece, const float (*xv)[16], in
 
 // `row_scales` (null for A16): each output row's activation scale, multiplied in before the bias.
 // `FOLD` (one token only): a decode fold's epilogue (`FdFold` in common.cuh).
-template <int BITS, bool E4M3, int WARPS, int TOKENS, bool X_ALIGNED, int FOLD = FD_FOLD_NONE>
+template <int BITS, bool E4M3, int WARPS, int TOKENS, bool X_ALIGNED, int FOLD = FD_FOLD_NONE,
+          bool I8DOT = false>
 __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes, int k, int n,
                         int group, const fd_f16* scales, const fd_f16* mins, const float* bias,
                         const float* row_scales, int t0, int tokens, float* out, int out_stride,
@@ -210,7 +258,7 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
                 for (int r = 0; r < QPANEL; r++) gs[m][r] = 0.0f;
 #pragma unroll
             for (int u = 0; u < QPIECES; u++)
-                fd_qpiece<BITS, E4M3, TOKENS>(c[v][u], xv, u * L::KL, gs);
+                fd_qpiece<BITS, E4M3, TOKENS, I8DOT>(c[v][u], xv, u * L::KL, gs);
             float s[QPANEL], mn[QPANEL];
             fd_unpack8(sv[v], s, false);
             if (pm) {
@@ -263,33 +311,31 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
 }
 
 // A pass of several tokens: blocks of QTOKENS token rows (the last one partial).
-template <int BITS, bool E4M3>
+template <int BITS, bool E4M3, bool I8DOT = false>
 __device__ void qmatmul_tokens(const float* x, int x_stride, const unsigned char* codes, int k,
                                int n, int group, const fd_f16* scales, const fd_f16* mins,
                                const float* bias, const float* row_scales, int t, float* out,
                                int out_stride) {
     const int t0 = blockIdx.y * QTOKENS;
-    qmatmul<BITS, E4M3, QMATMUL_WARPS, QTOKENS, false>(x, x_stride, codes, k, n, group, scales,
-                                                       mins, bias, row_scales, t0,
-                                                       min(QTOKENS, t - t0), out, out_stride);
+    qmatmul<BITS, E4M3, QMATMUL_WARPS, QTOKENS, false, FD_FOLD_NONE, I8DOT>(
+        x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, t0,
+        min(QTOKENS, t - t0), out, out_stride);
 }
 
 // A pass of one token (a decode step of one sequence). A kernel of its own: a kernel's registers
 // are those of its largest path, and the several-token path's would cut this one's occupancy
 // (measured: 20% slower on the 8B shapes when both lived in one kernel, docs/PERF.md).
-template <int BITS, bool E4M3, int FOLD = FD_FOLD_NONE>
+template <int BITS, bool E4M3, int FOLD = FD_FOLD_NONE, bool I8DOT = false>
 __device__ void qmatmul_one(const float* x, int x_stride, const unsigned char* codes, int k,
                             int n, int group, const fd_f16* scales, const fd_f16* mins,
                             const float* bias, const float* row_scales, float* out,
                             const FdFold& fold = FdFold{}) {
     if ((unsigned long long)x % 16 == 0) {
-        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true, FOLD>(x, x_stride, codes, k, n, group, scales,
-                                                          mins, bias, row_scales, 0, 1, out, 0,
-                                                          fold);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, true, FOLD, I8DOT>(
+            x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, 0, 1, out, 0, fold);
     } else {
-        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false, FOLD>(x, x_stride, codes, k, n, group,
-                                                           scales, mins, bias, row_scales, 0, 1,
-                                                           out, 0, fold);
+        qmatmul<BITS, E4M3, QMATMUL_WARPS, 1, false, FOLD, I8DOT>(
+            x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, 0, 1, out, 0, fold);
     }
 }
 
@@ -327,6 +373,25 @@ extern "C" __global__ void matmul_q4_one(const float* x, int x_stride, const uns
     fd_grid_start();  // waits after its first weight loads
     qmatmul_one<4, false>(x, x_stride, codes, k, n, group, scales, mins, bias, row_scales, out);
 }
+#ifdef FD_HIP
+// W4A8 on the DCU: `matmul_q4`'s arguments, `x` the activations on the int8 grid
+// (`quantize_rows_i8_f32`), the codes' products summed by int8 dot products.
+extern "C" __global__ void matmul_q4_a8(const float* x, int x_stride, const unsigned char* codes,
+                                   int k, int n, int group, const fd_f16* scales,
+                                   const fd_f16* mins, const float* row_scales, const float* bias,
+                                   int t, float* out, int out_stride) {
+    qmatmul_tokens<4, false, true>(x, x_stride, codes, k, n, group, scales, mins, bias,
+                                   row_scales, t, out, out_stride);
+}
+extern "C" __global__ void matmul_q4_a8_one(const float* x, int x_stride,
+                                   const unsigned char* codes, int k, int n, int group,
+                                   const fd_f16* scales, const fd_f16* mins,
+                                   const float* row_scales, const float* bias, int t, float* out,
+                                   int out_stride) {
+    qmatmul_one<4, false, FD_FOLD_NONE, true>(x, x_stride, codes, k, n, group, scales, mins,
+                                              bias, row_scales, out);
+}
+#endif
 extern "C" __global__ void matmul_q2(const float* x, int x_stride, const unsigned char* codes,
                                    int k, int n, int group, const fd_f16* scales,
                                    const fd_f16* mins, const float* row_scales, const float* bias,
@@ -416,7 +481,7 @@ __device__ void quantize_rows(const float* x, int x_stride, int k, float* q, flo
     for (int i = threadIdx.x; i < k; i += blockDim.x) amax = fmaxf(amax, fabsf(row[i]));
     // The block's maximum (fmaxf ignores NaN as the CPU's `f32::max` does).
     for (int offset = 16; offset > 0; offset >>= 1)
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, offset));
+        amax = fmaxf(amax, fd_shfl_xor(amax, offset));
     if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = amax;
     __syncthreads();
     amax = 0.0f;

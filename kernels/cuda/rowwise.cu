@@ -195,8 +195,8 @@ __device__ __forceinline__ void fd_argmax_take(float& best, int& at, float v, in
 // The warp's (best, at), in every lane.
 __device__ __forceinline__ void fd_argmax_warp(float& best, int& at) {
     for (int o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_xor_sync(0xffffffffu, best, o);
-        const int i = __shfl_xor_sync(0xffffffffu, at, o);
+        const float v = fd_shfl_xor(best, o);
+        const int i = fd_shfl_xor(at, o);
         fd_argmax_take(best, at, v, i);
     }
 }

@@ -46,6 +46,16 @@ pub fn module_source(spec: &ModuleSpec) -> String {
     )
 }
 
+/// The same module for a HIP compiler (the DCU target): the HIP runtime header and `FD_HIP`
+/// first, which select the few HIP forms in `common.cuh` (shuffles within 32-lane halves of a
+/// 64-lane wavefront, half conversions without PTX) and the DCU's own kernels.
+pub fn hip_module_source(spec: &ModuleSpec) -> String {
+    format!(
+        "#include <hip/hip_runtime.h>\n#define FD_HIP 1\n{}",
+        module_source(spec)
+    )
+}
+
 /// A mixture-of-experts launch's functions: routing, gate-up and down per (token, pick) row,
 /// each for f32, bf16 and f16 weights (in that order, from [`MOE_ROUTE`], [`MOE_GATE_UP`],
 /// [`MOE_DOWN`]), `silu_mul_f32` between gate-up and down, then what passes of several tokens
@@ -183,11 +193,19 @@ pub const PREFILL_ATTENTION_FROM_PERCENT: u32 = 50;
 /// codes (up to 16 k) lies inside one group.
 pub const QUANT_K_MULTIPLE: usize = 16;
 
-/// The module functions a CUDA kernel of the registry launches, in launch order.
+/// The module functions a GPU kernel of the registry (CUDA or HIP) launches, in launch order.
 pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
-    debug_assert_eq!(entry.source, KernelSource::Cuda);
+    debug_assert!(matches!(
+        entry.source,
+        KernelSource::Cuda | KernelSource::Hip
+    ));
     use ir_types::QuantScheme;
     match (entry.key.op, entry.key.quant) {
+        // The DCU's W4A8: int8 dot products of codes and activations (`matmul_q4_a8` in
+        // quant.cu, HIP only).
+        (OpKind::MatMul, QuantScheme::W4A8) if entry.source == KernelSource::Hip => {
+            return &["quantize_rows_i8_f32", "matmul_q4_a8", "matmul_q4_a8_one"]
+        }
         // A quantized matmul ends with its kernel for passes of several tokens, then its
         // kernel for a single token.
         (OpKind::MatMul, QuantScheme::W8A16) => return &["matmul_q8", "matmul_q8_one"],
@@ -253,7 +271,9 @@ pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
 /// without them (the A8 and FP8 schemes, whose activations are quantized before the matmul).
 pub fn fold_functions(entry: &KernelEntry) -> Option<[&'static str; 2]> {
     use ir_types::{DType, QuantScheme};
-    if entry.source != KernelSource::Cuda || entry.key.op != OpKind::MatMul {
+    if !matches!(entry.source, KernelSource::Cuda | KernelSource::Hip)
+        || entry.key.op != OpKind::MatMul
+    {
         return None;
     }
     Some(match (entry.key.quant, entry.key.dtype) {
@@ -273,9 +293,15 @@ mod tests {
     use crate::registry::entries;
 
     #[test]
-    fn every_function_a_cuda_kernel_launches_is_defined_in_the_module() {
-        let source = module_source(&ModuleSpec { head_dim: 64 });
-        for entry in entries().iter().filter(|e| e.source == KernelSource::Cuda) {
+    fn every_function_a_gpu_kernel_launches_is_defined_in_the_module() {
+        let cuda = module_source(&ModuleSpec { head_dim: 64 });
+        let hip = hip_module_source(&ModuleSpec { head_dim: 64 });
+        for entry in entries() {
+            let source = match entry.source {
+                KernelSource::Cuda => &cuda,
+                KernelSource::Hip => &hip,
+                _ => continue,
+            };
             let names = functions(entry);
             assert!(!names.is_empty(), "{}", entry.id);
             for name in names {

@@ -12,7 +12,7 @@
 //! `matmul_w4a16_sm90`) are CUDA C in `kernels/cuda/`, which
 //! fdc compiles with NVRTC into the plan's module for the target architecture ([`crate::cuda`]).
 
-use ir_types::{CpuIsa, CudaArch, DType, OpKind, QuantScheme, Target};
+use ir_types::{CpuIsa, CudaArch, DType, HipArch, OpKind, QuantScheme, Target};
 use std::fmt;
 
 /// What a kernel is selected by.
@@ -34,6 +34,9 @@ pub enum KernelSource {
     Generated,
     /// CUDA C from `kernels/cuda/`, compiled by fdc into the plan's CUDA module.
     Cuda,
+    /// The same CUDA C sources compiled by fdc with a HIP compiler into the plan's code object
+    /// (`kernels::cuda::hip_module_source` adapts them).
+    Hip,
 }
 
 impl KernelSource {
@@ -42,6 +45,7 @@ impl KernelSource {
             KernelSource::Library => "library",
             KernelSource::Generated => "generated",
             KernelSource::Cuda => "cuda",
+            KernelSource::Hip => "hip",
         }
     }
 }
@@ -68,10 +72,7 @@ pub struct KernelEntry {
 impl KernelEntry {
     /// The suffix of the kernel's id: its CPU ISA level (`avx2`) or GPU architecture (`sm90`).
     pub fn target_suffix(&self) -> &'static str {
-        match self.key.target {
-            Target::Cpu(isa) => isa.name(),
-            Target::Cuda(arch) => arch.name(),
-        }
+        self.key.target.kernel_suffix()
     }
 }
 
@@ -397,178 +398,228 @@ macro_rules! generated_kernels {
     };
 }
 
-/// One CUDA kernel of `kernels/cuda/` on one architecture.
-macro_rules! cuda_entry {
-    ($id:expr, $op:ident, $dtype:ident, $arch:ident, $doc:expr) => {
+/// One GPU kernel of `kernels/cuda/` on one target (CUDA, or HIP for the DCU).
+macro_rules! gpu_entry {
+    ($id:expr, $op:ident, $dtype:ident, $target:expr, $source:ident, $doc:expr) => {
         KernelEntry {
             id: KernelId($id),
             key: KernelKey {
                 op: OpKind::$op,
                 dtype: DType::$dtype,
                 quant: QuantScheme::None,
-                target: Target::Cuda(CudaArch::$arch),
+                target: $target,
             },
-            source: KernelSource::Cuda,
+            source: KernelSource::$source,
             doc: $doc,
         }
     };
 }
 
-/// The CUDA kernels of one architecture: the ops of dense models, f32/bf16/f16 weights, and the
+/// The GPU kernels of one target: the ops of dense models, f32/bf16/f16 weights, and the
 /// mixture-of-experts and latent-attention ops (keyed f32 like their CPU twins; the runtime picks
 /// the function for each weight's storage type).
-macro_rules! cuda_kernels {
-    ($arch:ident, $arch_name:literal) => {
+macro_rules! gpu_kernels {
+    ($target:expr, $source:ident, $arch_name:literal) => {
         [
-            cuda_entry!(
+            gpu_entry!(
                 concat!("embedding_f32_", $arch_name),
                 Embedding,
                 F32,
-                $arch,
+                $target,
+                $source,
                 EMBEDDING_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("embedding_bf16_", $arch_name),
                 Embedding,
                 BF16,
-                $arch,
+                $target,
+                $source,
                 EMBEDDING_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("embedding_f16_", $arch_name),
                 Embedding,
                 F16,
-                $arch,
+                $target,
+                $source,
                 EMBEDDING_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("rms_norm_f32_", $arch_name),
                 RmsNorm,
                 F32,
-                $arch,
+                $target,
+                $source,
                 RMS_NORM_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("add_rms_norm_f32_", $arch_name),
                 AddRmsNorm,
                 F32,
-                $arch,
+                $target,
+                $source,
                 ADD_RMS_NORM_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("matmul_f32_", $arch_name),
                 MatMul,
                 F32,
-                $arch,
+                $target,
+                $source,
                 MATMUL_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("matmul_bf16_", $arch_name),
                 MatMul,
                 BF16,
-                $arch,
+                $target,
+                $source,
                 MATMUL_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("matmul_f16_", $arch_name),
                 MatMul,
                 F16,
-                $arch,
+                $target,
+                $source,
                 MATMUL_DOC
             ),
-            cuda_entry!(concat!("add_f32_", $arch_name), Add, F32, $arch, ADD_DOC),
-            cuda_entry!(concat!("mul_f32_", $arch_name), Mul, F32, $arch, MUL_DOC),
-            cuda_entry!(concat!("silu_f32_", $arch_name), Silu, F32, $arch, SILU_DOC),
-            cuda_entry!(
+            gpu_entry!(
+                concat!("add_f32_", $arch_name),
+                Add,
+                F32,
+                $target,
+                $source,
+                ADD_DOC
+            ),
+            gpu_entry!(
+                concat!("mul_f32_", $arch_name),
+                Mul,
+                F32,
+                $target,
+                $source,
+                MUL_DOC
+            ),
+            gpu_entry!(
+                concat!("silu_f32_", $arch_name),
+                Silu,
+                F32,
+                $target,
+                $source,
+                SILU_DOC
+            ),
+            gpu_entry!(
                 concat!("silu_mul_f32_", $arch_name),
                 SiluMul,
                 F32,
-                $arch,
+                $target,
+                $source,
                 SILU_MUL_DOC
             ),
-            cuda_entry!(concat!("rope_f32_", $arch_name), Rope, F32, $arch, ROPE_DOC),
-            cuda_entry!(
+            gpu_entry!(
+                concat!("rope_f32_", $arch_name),
+                Rope,
+                F32,
+                $target,
+                $source,
+                ROPE_DOC
+            ),
+            gpu_entry!(
                 concat!("attention_f32_", $arch_name),
                 Attention,
                 F32,
-                $arch,
+                $target,
+                $source,
                 ATTENTION_DOC
             ),
-            cuda_entry!(
+            gpu_entry!(
                 concat!("gather_rows_f32_", $arch_name),
                 GatherRows,
                 F32,
-                $arch,
+                $target,
+                $source,
                 GATHER_ROWS_DOC
             ),
-            cuda_entry!(concat!("moe_f32_", $arch_name), Moe, F32, $arch, MOE_DOC),
-            cuda_entry!(
+            gpu_entry!(
+                concat!("moe_f32_", $arch_name),
+                Moe,
+                F32,
+                $target,
+                $source,
+                MOE_DOC
+            ),
+            gpu_entry!(
                 concat!("mla_attention_f32_", $arch_name),
                 MlaAttention,
                 F32,
-                $arch,
+                $target,
+                $source,
                 MLA_DOC
             ),
         ]
     };
 }
 
-/// One quantized CUDA kernel (weights dequantized in the kernel) on one architecture.
-macro_rules! cuda_quant_entry {
-    ($id:expr, $op:ident, $quant:ident, $arch:ident, $doc:expr) => {
+/// One quantized GPU kernel (weights dequantized in the kernel) on one target.
+macro_rules! gpu_quant_entry {
+    ($id:expr, $op:ident, $quant:ident, $target:expr, $source:ident, $doc:expr) => {
         KernelEntry {
             id: KernelId($id),
             key: KernelKey {
                 op: OpKind::$op,
                 dtype: DType::U8,
                 quant: QuantScheme::$quant,
-                target: Target::Cuda(CudaArch::$arch),
+                target: $target,
             },
-            source: KernelSource::Cuda,
+            source: KernelSource::$source,
             doc: $doc,
         }
     };
 }
 
-/// The matmul, embedding and experts of one quantized scheme on one CUDA architecture.
-macro_rules! cuda_quant_ops {
-    ($quant:ident, $quant_name:literal, $arch:ident, $arch_name:literal) => {
+/// The matmul, embedding and experts of one quantized scheme on one GPU target.
+macro_rules! gpu_quant_ops {
+    ($quant:ident, $quant_name:literal, $target:expr, $source:ident, $arch_name:literal) => {
         [
-            cuda_quant_entry!(
+            gpu_quant_entry!(
                 concat!("matmul_", $quant_name, "_", $arch_name),
                 MatMul,
                 $quant,
-                $arch,
+                $target,
+                $source,
                 MATMUL_QUANT_DOC
             ),
-            cuda_quant_entry!(
+            gpu_quant_entry!(
                 concat!("embedding_", $quant_name, "_", $arch_name),
                 Embedding,
                 $quant,
-                $arch,
+                $target,
+                $source,
                 EMBEDDING_QUANT_DOC
             ),
-            cuda_quant_entry!(
+            gpu_quant_entry!(
                 concat!("moe_", $quant_name, "_", $arch_name),
                 Moe,
                 $quant,
-                $arch,
+                $target,
+                $source,
                 MOE_QUANT_DOC
             ),
         ]
     };
 }
 
-/// The CUDA kernels of quantized weights on one architecture: every integer scheme's matmul,
+/// The GPU kernels of quantized weights on one target: every integer scheme's matmul,
 /// embedding and experts (the A8 ones quantize each token's activations first).
-macro_rules! cuda_quant_kernels {
-    ($arch:ident, $arch_name:literal) => {{
+macro_rules! gpu_quant_kernels {
+    ($target:expr, $source:ident, $arch_name:literal) => {{
         let pairs = [
-            cuda_quant_ops!(W8A16, "w8a16", $arch, $arch_name),
-            cuda_quant_ops!(W4A16, "w4a16", $arch, $arch_name),
-            cuda_quant_ops!(W2A16, "w2a16", $arch, $arch_name),
-            cuda_quant_ops!(W8A8, "w8a8", $arch, $arch_name),
-            cuda_quant_ops!(W4A8, "w4a8", $arch, $arch_name),
+            gpu_quant_ops!(W8A16, "w8a16", $target, $source, $arch_name),
+            gpu_quant_ops!(W4A16, "w4a16", $target, $source, $arch_name),
+            gpu_quant_ops!(W2A16, "w2a16", $target, $source, $arch_name),
+            gpu_quant_ops!(W8A8, "w8a8", $target, $source, $arch_name),
+            gpu_quant_ops!(W4A8, "w4a8", $target, $source, $arch_name),
         ];
         let mut all = [pairs[0][0]; CUDA_QUANT_PER_ARCH];
         let mut i = 0;
@@ -590,11 +641,16 @@ const CUDA_FP8_ARCHS: usize = 2;
 const COUNT: usize = 3 * LIBRARY_PER_ISA
     + 3 * QUANT_PER_ISA
     + 2 * GENERATED_PER_ISA
-    + CudaArch::ALL.len() * (CUDA_PER_ARCH + CUDA_QUANT_PER_ARCH)
+    + (CudaArch::ALL.len() + HipArch::ALL.len()) * (CUDA_PER_ARCH + CUDA_QUANT_PER_ARCH)
     + CUDA_FP8_ARCHS * 3;
 
+const SM80: Target = Target::Cuda(CudaArch::Sm80);
+const SM89: Target = Target::Cuda(CudaArch::Sm89);
+const SM90: Target = Target::Cuda(CudaArch::Sm90);
+const GFX906: Target = Target::Dcu(HipArch::Gfx906);
+
 const ENTRIES: &[KernelEntry] = &{
-    let parts: [&[KernelEntry]; 16] = [
+    let parts: [&[KernelEntry]; 18] = [
         &library_kernels!(Portable, "portable"),
         &library_kernels!(Avx2, "avx2"),
         &library_kernels!(Avx512, "avx512"),
@@ -603,14 +659,17 @@ const ENTRIES: &[KernelEntry] = &{
         &quant_kernels!(Avx512, "avx512"),
         &generated_kernels!(Avx2, "avx2"),
         &generated_kernels!(Avx512, "avx512"),
-        &cuda_kernels!(Sm80, "sm80"),
-        &cuda_kernels!(Sm89, "sm89"),
-        &cuda_kernels!(Sm90, "sm90"),
-        &cuda_quant_kernels!(Sm80, "sm80"),
-        &cuda_quant_kernels!(Sm89, "sm89"),
-        &cuda_quant_kernels!(Sm90, "sm90"),
-        &cuda_quant_ops!(Fp8, "fp8", Sm89, "sm89"),
-        &cuda_quant_ops!(Fp8, "fp8", Sm90, "sm90"),
+        &gpu_kernels!(SM80, Cuda, "sm80"),
+        &gpu_kernels!(SM89, Cuda, "sm89"),
+        &gpu_kernels!(SM90, Cuda, "sm90"),
+        &gpu_quant_kernels!(SM80, Cuda, "sm80"),
+        &gpu_quant_kernels!(SM89, Cuda, "sm89"),
+        &gpu_quant_kernels!(SM90, Cuda, "sm90"),
+        &gpu_quant_ops!(Fp8, "fp8", SM89, Cuda, "sm89"),
+        &gpu_quant_ops!(Fp8, "fp8", SM90, Cuda, "sm90"),
+        // The same sources built by a HIP compiler; no FP8 (gfx906 has no FP8 instructions).
+        &gpu_kernels!(GFX906, Hip, "gfx906"),
+        &gpu_quant_kernels!(GFX906, Hip, "gfx906"),
     ];
     let mut all = [parts[0][0]; COUNT];
     let (mut n, mut p) = (0, 0);
@@ -719,7 +778,7 @@ mod tests {
         );
         assert_eq!(
             entries().len(),
-            3 * 17 + 3 * 18 + 2 * 4 + 3 * (17 + 15) + 2 * 3
+            3 * 17 + 3 * 18 + 2 * 4 + 4 * (17 + 15) + 2 * 3
         );
     }
 

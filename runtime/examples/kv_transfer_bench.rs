@@ -64,7 +64,10 @@ impl Bench {
             ir_types::Target::Cuda(_) => {
                 Box::new(runtime::cuda::GpuEngine::new(loaded, 0, options)?)
             }
-            ir_types::Target::Cpu(_) => Box::new(Engine::new(loaded, options)?),
+            // The CPU engine refuses a DCU plan with its error.
+            ir_types::Target::Cpu(_) | ir_types::Target::Dcu(_) => {
+                Box::new(Engine::new(loaded, options)?)
+            }
         };
         let link = engine.device_link();
         let config = SchedulerConfig {

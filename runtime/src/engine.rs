@@ -303,10 +303,18 @@ const ROWS_PER_TASK: usize = 16;
 
 impl Engine {
     pub fn new(plan: LoadedPlan, options: EngineOptions) -> Result<Engine, RuntimeError> {
-        let Target::Cpu(isa) = plan.manifest.target else {
-            return Err(RuntimeError::CudaPlan {
-                plan_target: plan.manifest.target.name(),
-            });
+        let isa = match plan.manifest.target {
+            Target::Cpu(isa) => isa,
+            Target::Cuda(_) => {
+                return Err(RuntimeError::CudaPlan {
+                    plan_target: plan.manifest.target.name(),
+                })
+            }
+            Target::Dcu(_) => {
+                return Err(RuntimeError::DcuPlan {
+                    plan_target: plan.manifest.target.name(),
+                })
+            }
         };
         let m = &plan.manifest.model;
         let max_context = options

@@ -19,6 +19,8 @@ pub enum RuntimeError {
     },
     #[error("plan is for {plan_target}: the CPU engine cannot run it, and of fdrt's commands only `generate` and `bench` run CUDA plans so far; for the others compile for a CPU target with `fdc compile --target cpu`")]
     CudaPlan { plan_target: String },
+    #[error("plan is for {plan_target} (a Hygon DCU): this fdrt has no DCU engine yet, only the plan's checks; docs/TARGETS.md says what runs where. To serve on this machine compile for a CPU target with `fdc compile --target cpu`")]
+    DcuPlan { plan_target: String },
     #[error("plan is for {plan_target} but the GPU is {device}: recompile with `fdc compile --target {device_target}`")]
     WrongGpu {
         plan_target: String,

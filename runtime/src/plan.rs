@@ -99,6 +99,9 @@ impl LoadedPlan {
                     _ => CodeImage::load(&[])?,
                 }
             }
+            // A DCU plan's code section is its GPU code object, never mapped here; no engine
+            // of this fdrt runs it yet (`RuntimeError::DcuPlan`), but the plan is checked.
+            Target::Dcu(_) => CodeImage::load(&[])?,
             // A CUDA plan's code section is its GPU module ([`LoadedPlan::cuda_cubin`]), never
             // mapped executable here.
             Target::Cuda(_) => {
@@ -218,10 +221,10 @@ impl LoadedPlan {
     fn check(&self) -> Result<(), RuntimeError> {
         let bad = |msg: String| Err(RuntimeError::InvalidPlan(msg));
         let m = &self.manifest;
-        // A CUDA plan's module is not mapped as code; its symbols index the section itself.
+        // A GPU plan's module is not mapped as code; its symbols index the section itself.
         let code_len = match m.target {
             Target::Cpu(_) => self.code.len() as u64,
-            Target::Cuda(_) => self
+            Target::Cuda(_) | Target::Dcu(_) => self
                 .file
                 .section(section::CODE)
                 .map_or(0, |b| b.len() as u64),
@@ -317,6 +320,8 @@ impl LoadedPlan {
             (KernelSource::Library, Some(_)) => return Err("library kernel with code".into()),
             (KernelSource::Cuda, None) if matches!(self.manifest.target, Target::Cuda(_)) => {}
             (KernelSource::Cuda, _) => return Err("CUDA kernel outside a CUDA plan".into()),
+            (KernelSource::Hip, None) if matches!(self.manifest.target, Target::Dcu(_)) => {}
+            (KernelSource::Hip, _) => return Err("DCU kernel outside a DCU plan".into()),
         }
         let weights = self.manifest.weights.len();
         let weight_ok = |w: &WeightRef| -> Result<(), String> {

@@ -172,12 +172,7 @@ fn moe_and_latent_attention_plans_take_cuda_kernels() {
     ] {
         let path = compile(model, target, QuantScheme::None).expect("compiles");
         let plan = LoadedPlan::load(&path).expect("loads without a GPU");
-        let kernels: Vec<&str> = plan
-            .program
-            .steps
-            .iter()
-            .map(|s| s.kernel.as_str())
-            .collect();
+        let kernels = common::step_kernels(&plan);
         assert!(kernels.contains(&"moe_f32_sm90"), "{model}: {kernels:?}");
         for step in &plan.program.steps {
             let entry = registry::by_name(&step.kernel).expect("a registry kernel");
@@ -330,12 +325,7 @@ fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernel
             }
         }
         assert!(quantized >= 7, "{scheme}: {quantized} quantized weights");
-        let kernels: Vec<&str> = plan
-            .program
-            .steps
-            .iter()
-            .map(|s| s.kernel.as_str())
-            .collect();
+        let kernels = common::step_kernels(&plan);
         assert!(
             kernels.contains(&format!("matmul_{scheme}_sm90").as_str()),
             "{kernels:?}"
@@ -378,12 +368,7 @@ fn a_tied_table_on_cuda_is_read_by_the_quantized_embedding() {
     )
     .expect("compiles");
     let plan = LoadedPlan::load(&path).expect("loads without a GPU");
-    let kernels: Vec<&str> = plan
-        .program
-        .steps
-        .iter()
-        .map(|s| s.kernel.as_str())
-        .collect();
+    let kernels = common::step_kernels(&plan);
     assert_eq!(
         kernels.first(),
         Some(&"embedding_w8a16_sm90"),

@@ -4,6 +4,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use compiler::passes::quantize_weights::{CalibrationRef, GroupSize, QuantOptions};
 use compiler::passes::PassCtx;
+use compiler::targets::CodeGen;
 use compiler::{timing, CompileOptions, WeightOutput};
 use ir::{DType, QuantScheme, Target};
 use std::path::PathBuf;
@@ -28,8 +29,10 @@ enum Command {
         /// Where to write the plan (default: <model name>.fdp in the current directory).
         #[arg(short, long)]
         output: Option<PathBuf>,
-        /// Hardware target: cpu (this machine's best), cpu-avx512, cpu-avx2, cpu-portable, or a
-        /// GPU: cuda-sm80, cuda-sm89, cuda-sm90 (needs NVRTC: the nvidia-cuda-nvrtc wheel).
+        /// Hardware target: cpu (this machine's best), cpu-avx512, cpu-avx2, cpu-portable, a
+        /// CUDA GPU: cuda-sm80, cuda-sm89, cuda-sm90 (needs NVRTC: the nvidia-cuda-nvrtc
+        /// wheel), or dcu (Hygon DCU, gfx906; needs a HIP compiler); `fdc targets` lists them
+        /// with their aliases.
         #[arg(long, default_value = "cpu")]
         target: String,
         /// Storage type of matmul and embedding weights: f32, bf16 or f16.
@@ -116,6 +119,9 @@ enum Command {
         #[arg(long, default_value = "bf16")]
         dtype: String,
     },
+    /// The target table: every target, its aliases, hardware, quantization schemes and how
+    /// each is lowered, matrix units, memory, code generator, and what has run on hardware.
+    Targets,
     /// The kernel registry.
     Kernels {
         /// List every kernel with its key.
@@ -125,13 +131,7 @@ enum Command {
 }
 
 fn parse_target(text: &str) -> Result<Target> {
-    match Target::parse(text) {
-        Some(t) => Ok(t),
-        None => bail!(
-            "unknown target {text:?}; supported: {}",
-            Target::SUPPORTED.join(", ")
-        ),
-    }
+    Ok(compiler::targets::resolve(text)?)
 }
 
 fn parse_dtype(text: &str) -> Result<DType> {
@@ -294,9 +294,12 @@ fn run() -> Result<()> {
             if matches!(weights_to, WeightOutput::Snapshot { .. }) {
                 return Ok(());
             }
-            let code = match options.target {
-                Target::Cpu(_) => format!("{} generated kernels", report.generated_kernels),
-                Target::Cuda(_) => "one CUDA module".to_string(),
+            let code = match compiler::targets::info(options.target).codegen {
+                CodeGen::Cranelift(_) => {
+                    format!("{} generated kernels", report.generated_kernels)
+                }
+                CodeGen::Nvrtc(_) => "one CUDA module".to_string(),
+                CodeGen::Hipcc(arch) => format!("one {} code object", arch.name()),
             };
             println!(
                 "wrote {} ({:.1} MB): {:.1} M parameters, {} launches per step, {code}, target {}, dtype {}, quant {}",
@@ -366,6 +369,7 @@ fn run() -> Result<()> {
                 print!("{}", ir::text::print(&lowered.graph));
             }
         }
+        Command::Targets => print!("{}", compiler::targets::table()),
         Command::Kernels { .. } => print!("{}", kernels::registry::table()),
     }
     Ok(())

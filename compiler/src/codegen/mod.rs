@@ -10,10 +10,12 @@
 //! the bytes as they are. The same spec and ISA always give the same bytes.
 //!
 //! This module builds the target and checks the result; [`elementwise`] writes the IR.
-//! [`cuda`] compiles the CUDA targets' module with NVRTC.
+//! [`cuda`] compiles the CUDA targets' module with NVRTC, [`hip`] the DCU target's with a HIP
+//! compiler.
 
 pub mod cuda;
 mod elementwise;
+pub mod hip;
 
 use std::fmt;
 

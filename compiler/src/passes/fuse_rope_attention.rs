@@ -1,4 +1,4 @@
-//! `fuse_rope_attention` (CUDA targets): `attention(rope(q), rope(k), v, positions)` becomes
+//! `fuse_rope_attention` (GPU targets: CUDA and DCU): `attention(rope(q), rope(k), v, positions)` becomes
 //! `attention(q, k, v, positions) {rope}`, which rotates k as it writes the KV cache and q as it
 //! loads it (`kernels/cuda/attention.cu`).
 //!
@@ -10,10 +10,10 @@
 //! on CPU targets it does nothing (their rope kernels are generated and fused there already).
 
 use super::{PassCtx, PassError};
-use ir::{Graph, NodeId, Op, Target, ValueId};
+use ir::{Graph, NodeId, Op, ValueId};
 
 pub fn run(graph: &mut Graph, ctx: &PassCtx) -> Result<(), PassError> {
-    if !matches!(ctx.target, Target::Cuda(_)) {
+    if !crate::targets::info(ctx.target).codegen.gpu_module() {
         return Ok(());
     }
     for attention in graph.topo_order() {
@@ -95,7 +95,7 @@ fn rotated(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ir::{CpuIsa, DType};
+    use ir::{CpuIsa, DType, Target};
 
     /// The CUDA case of `compiler/tests/passes/fuse_rope_attention` on a CPU target: unchanged.
     #[test]

@@ -21,10 +21,10 @@
 //! layer's experts under two schemes.
 
 use super::{PassCtx, PassError};
+use crate::targets::CodeGen;
 use artifacts::calibration::Calibration;
-use ir::{CodeFormat, DType, Graph, Op, OpKind, QuantScheme, ValueDef, ValueId};
+use ir::{CodeFormat, Graph, Op, QuantScheme, ValueDef, ValueId};
 use kernels::cpu::{PackedLayout, QuantFormat};
-use kernels::registry::{self, KernelKey};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -182,11 +182,11 @@ pub fn run(graph: &Graph, ctx: &PassCtx) -> Result<QuantPlan, PassError> {
         format
             .check(k)
             .map_err(|m| fail(format!("weight {name} {ty} under {scheme}: {m}")))?;
-        if let ir::Target::Cuda(_) = ctx.target {
+        if crate::targets::info(ctx.target).codegen.gpu_module() {
             let multiple = kernels::cuda::QUANT_K_MULTIPLE;
             if !k.is_multiple_of(multiple) || !group.is_multiple_of(multiple) {
                 return Err(fail(format!(
-                    "weight {name} {ty} under {scheme}: the CUDA kernels need K and the group \
+                    "weight {name} {ty} under {scheme}: the GPU kernels need K and the group \
                      size to be multiples of {multiple} (group {group})"
                 )));
             }
@@ -228,9 +228,9 @@ fn reads_as_experts(graph: &Graph, n: ir::NodeId, w: ValueId) -> bool {
 
 /// Rows per panel of quantized weights on `target` (`weight_layouts` in compile.rs packs them).
 fn quant_panel(target: ir::Target) -> usize {
-    match target {
-        ir::Target::Cpu(isa) => PackedLayout::for_isa(isa).panel(),
-        ir::Target::Cuda(_) => PackedLayout::CUDA_QUANT.panel(),
+    match crate::targets::info(target).codegen {
+        CodeGen::Cranelift(isa) => PackedLayout::for_isa(isa).panel(),
+        CodeGen::Nvrtc(_) | CodeGen::Hipcc(_) => PackedLayout::CUDA_QUANT.panel(),
     }
 }
 
@@ -262,33 +262,7 @@ fn check_experts_agree(graph: &Graph, plan: &QuantPlan) -> Result<(), String> {
 
 /// Whether the target has a matmul for `scheme`; if not, the message lists the ones it has.
 fn check_target(scheme: QuantScheme, ctx: &PassCtx) -> Result<(), String> {
-    let available = schemes_on(ctx.target);
-    if available.contains(&scheme.name()) {
-        return Ok(());
-    }
-    Err(format!(
-        "target {} cannot run --quant {scheme}; it runs: {}",
-        ctx.target,
-        available.join(", ")
-    ))
-}
-
-/// The `--quant` schemes `target` has a matmul for (`none` always), for error messages.
-pub(crate) fn schemes_on(target: ir::Target) -> Vec<&'static str> {
-    QuantScheme::ALL
-        .iter()
-        .filter(|&&q| {
-            q == QuantScheme::None
-                || !registry::lookup(&KernelKey {
-                    op: OpKind::MatMul,
-                    dtype: DType::U8,
-                    quant: q,
-                    target,
-                })
-                .is_empty()
-        })
-        .map(|q| q.name())
-        .collect()
+    crate::targets::check_scheme(ctx.target, scheme)
 }
 
 /// Whether `pattern` (`*` matches any run of characters) matches the whole of `name` or a part of

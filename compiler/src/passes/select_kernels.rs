@@ -96,7 +96,7 @@ pub fn run_quantized(
 /// For errors: the quantization schemes (`schemes`) or the ops a target has kernels for.
 fn what_the_target_runs(target: ir::Target, schemes: bool) -> String {
     if schemes {
-        let names = super::quantize_weights::schemes_on(target);
+        let names = crate::targets::schemes_on(target);
         return format!("{target} runs the schemes: {}", names.join(", "));
     }
     let mut ops: Vec<&str> = vec![];

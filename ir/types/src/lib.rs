@@ -266,51 +266,91 @@ impl CudaArch {
     }
 }
 
+/// An AMD GPU architecture a plan's HIP kernels are compiled for, by its LLVM processor name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum HipArch {
+    /// gfx906 (Vega 20): Hygon's DCUs (Z100 class) and AMD's MI50 / MI60; 64-wide wavefronts,
+    /// int8 and f16 dot-product instructions, no matrix cores.
+    Gfx906,
+}
+
+impl HipArch {
+    pub const ALL: [HipArch; 1] = [HipArch::Gfx906];
+
+    /// `gfx906`: the name HIP compilers take (`--offload-arch`).
+    pub fn name(self) -> &'static str {
+        match self {
+            HipArch::Gfx906 => "gfx906",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<HipArch> {
+        HipArch::ALL.into_iter().find(|a| a.name() == text)
+    }
+
+    /// Threads that execute together (a wavefront).
+    pub fn wavefront(self) -> u32 {
+        match self {
+            HipArch::Gfx906 => 64,
+        }
+    }
+}
+
 /// Hardware a plan is compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Target {
     Cpu(CpuIsa),
     Cuda(CudaArch),
+    /// Hygon DCUs through HIP.
+    Dcu(HipArch),
 }
 
 impl Target {
-    /// Spelling used on the command line and in `fdc inspect`: `cpu-avx512`, `cpu-avx2`,
-    /// `cpu-portable`, `cuda-sm80`, `cuda-sm89`, `cuda-sm90`.
+    /// Every target, in the order `fdc targets` lists them.
+    pub const ALL: [Target; 7] = [
+        Target::Cpu(CpuIsa::Avx512),
+        Target::Cpu(CpuIsa::Avx2),
+        Target::Cpu(CpuIsa::Portable),
+        Target::Cuda(CudaArch::Sm80),
+        Target::Cuda(CudaArch::Sm89),
+        Target::Cuda(CudaArch::Sm90),
+        Target::Dcu(HipArch::Gfx906),
+    ];
+
+    /// Canonical spelling, used in plans, kernel keys and `fdc inspect`: `cpu-avx512`,
+    /// `cpu-avx2`, `cpu-portable`, `cuda-sm80`, `cuda-sm89`, `cuda-sm90`, `dcu-gfx906`. (The
+    /// command line also takes aliases: the compiler's target table.)
     pub fn name(self) -> String {
         match self {
             Target::Cpu(isa) => format!("cpu-{}", isa.name()),
             Target::Cuda(arch) => format!("cuda-{}", arch.name()),
+            Target::Dcu(arch) => format!("dcu-{}", arch.name()),
         }
     }
 
-    /// Parses `cpu` (this machine's best level), `cpu-avx512`, `cpu-avx2`, `cpu-portable` or
-    /// `cuda-sm80|sm89|sm90`.
+    /// Parses a canonical spelling ([`Target::name`]), or `cpu`: the build host's best level.
     pub fn parse(text: &str) -> Option<Target> {
         if text == "cpu" {
             return Some(Target::Cpu(CpuIsa::detect()));
         }
-        if let Some(arch) = text.strip_prefix("cuda-") {
-            return CudaArch::parse(arch).map(Target::Cuda);
-        }
-        CpuIsa::parse(text.strip_prefix("cpu-")?).map(Target::Cpu)
+        Target::ALL.into_iter().find(|t| t.name() == text)
     }
-
-    /// Spellings accepted by [`Target::parse`], for error messages.
-    pub const SUPPORTED: &'static [&'static str] = &[
-        "cpu",
-        "cpu-avx512",
-        "cpu-avx2",
-        "cpu-portable",
-        "cuda-sm80",
-        "cuda-sm89",
-        "cuda-sm90",
-    ];
 
     /// The CPU instruction set of a CPU target.
     pub fn cpu_isa(self) -> Option<CpuIsa> {
         match self {
             Target::Cpu(isa) => Some(isa),
-            Target::Cuda(_) => None,
+            Target::Cuda(_) | Target::Dcu(_) => None,
+        }
+    }
+
+    /// The suffix of this target's kernel ids: the CPU ISA level (`avx2`) or the GPU
+    /// architecture (`sm90`, `gfx906`).
+    pub fn kernel_suffix(self) -> &'static str {
+        match self {
+            Target::Cpu(isa) => isa.name(),
+            Target::Cuda(arch) => arch.name(),
+            Target::Dcu(arch) => arch.name(),
         }
     }
 }
@@ -498,6 +538,13 @@ mod tests {
         assert_eq!(CudaArch::of_device(8, 6), None);
         assert_eq!(Target::parse("cuda-sm75"), None);
         assert_eq!(Target::parse("gpu"), None);
+        assert_eq!(
+            Target::parse("dcu-gfx906"),
+            Some(Target::Dcu(HipArch::Gfx906))
+        );
+        for target in Target::ALL {
+            assert_eq!(Target::parse(&target.name()), Some(target));
+        }
         for r in [MoeRouting::Softmax, MoeRouting::Sigmoid] {
             assert_eq!(MoeRouting::parse(r.name()), Some(r));
         }

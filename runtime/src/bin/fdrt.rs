@@ -402,6 +402,12 @@ fn load_for_target(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<T
         ir_types::Target::Cpu(_) => {
             TargetEngine::Cpu(Box::new(engine_for(loaded, args, max_num_seqs)?))
         }
+        ir_types::Target::Dcu(_) => {
+            return Err(runtime::RuntimeError::DcuPlan {
+                plan_target: loaded.manifest.target.name(),
+            }
+            .into())
+        }
     })
 }
 
@@ -1025,7 +1031,7 @@ fn run() -> Result<()> {
             let target = engine.plan().manifest.target;
             let r = runtime::bench::run(engine.as_mut(), prompt_tokens, decode_tokens, repeats)?;
             let threads = match target {
-                ir_types::Target::Cuda(_) => 0,
+                ir_types::Target::Cuda(_) | ir_types::Target::Dcu(_) => 0,
                 ir_types::Target::Cpu(_) => rayon::current_num_threads(),
             };
             if json {

@@ -356,3 +356,12 @@ pub fn deepseek_mtp_checkpoint() -> PathBuf {
     })
     .clone()
 }
+
+/// The registry kernel of each step of `plan`, in program order.
+pub fn step_kernels(plan: &runtime::LoadedPlan) -> Vec<&str> {
+    plan.program
+        .steps
+        .iter()
+        .map(|s| s.kernel.as_str())
+        .collect()
+}
