@@ -227,3 +227,27 @@ extern "C" __global__ void argmax_rows_f32(const float* logits, int cols, unsign
     fd_argmax_warp(best, at);
     if (lane == 0) ids[blockIdx.x] = at == 0x7fffffff ? 0 : at;
 }
+
+// One KV block moved between the cache's pools and a contiguous buffer in one launch, where a copy
+// per layer and pool cost a driver call each (64 for an 8B-shaped block: about 2 us apiece, most of
+// a block's time between two instances on one GPU, docs/PERF.md). Segment s (a layer's keys, then
+// its values; keys only for a latent cache) is `seg` floats at `pools[s] + offset` and at
+// `other + s * seg`; `into_pools` picks the direction. Grid: (chunks, segments); block: 256.
+extern "C" __global__ void kv_block_copy(const unsigned long long* pools, long long offset, int seg,
+                                         float* other, int into_pools) {
+    fd_grid_start();
+    fd_grid_wait();
+    float* pooled = reinterpret_cast<float*>(pools[blockIdx.y]) + offset;
+    float* buf = other + (long long)blockIdx.y * seg;
+    const float* src = into_pools ? buf : pooled;
+    float* dst = into_pools ? pooled : buf;
+    const int first = blockIdx.x * blockDim.x + threadIdx.x, stride = gridDim.x * blockDim.x;
+    const bool vectors = seg % 4 == 0 && (((unsigned long long)src | (unsigned long long)dst) & 15) == 0;
+    if (vectors) {
+        const float4* s4 = reinterpret_cast<const float4*>(src);
+        float4* d4 = reinterpret_cast<float4*>(dst);
+        for (int i = first; i < seg / 4; i += stride) d4[i] = s4[i];
+    } else {
+        for (int i = first; i < seg; i += stride) dst[i] = src[i];
+    }
+}

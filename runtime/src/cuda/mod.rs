@@ -188,6 +188,10 @@ pub struct GpuEngine {
     greedy_ids: Vec<u32>,
     /// Per layer, `[blocks, block_size, KV, head_dim]` keys and values.
     k_cache: Vec<CudaSlice<f32>>,
+    /// `kv_block_copy` and the pools it reads and writes (each layer's keys then values, keys
+    /// only for a latent cache), for moving a block to or from another instance's device memory
+    /// in one launch; None for a plan whose module predates it (a copy per pool then).
+    kv_copy: Option<(CudaFunction, CudaSlice<u64>)>,
     v_cache: Vec<CudaSlice<f32>>,
     kv_blocks: usize,
     cos: CudaSlice<f32>,
@@ -552,6 +556,9 @@ const KV_HEADROOM: usize = 1 << 30;
 /// Threads per block of the row-wise kernels.
 const ROW_THREADS: u32 = 256;
 
+/// Threads per block of `kv_block_copy`.
+const KV_COPY_THREADS: u32 = 256;
+
 impl GpuEngine {
     /// Uploads `plan` to device `ordinal` with the context, token budget and KV cache of
     /// `options`. With `kv_blocks` unset the pool holds `max_num_seqs` full contexts, or as
@@ -661,6 +668,20 @@ impl GpuEngine {
                 kv_alloc("value")?
             });
         }
+        let kv_copy = match gpu.module.load_function("kv_block_copy") {
+            Ok(function) => {
+                let pools: Vec<u64> = k_cache
+                    .iter()
+                    .zip(&v_cache)
+                    .flat_map(|(k, v)| [ptr(k, &s), ptr(v, &s)].into_iter().take(pools))
+                    .collect();
+                let table = s.clone_htod(&pools).map_err(|e| {
+                    RuntimeError::Cuda(format!("uploading the KV pools' table: {e}"))
+                })?;
+                Some((function, table))
+            }
+            Err(_) => None,
+        };
         let code_abi::CudaDispatch {
             gemm_from_tokens: gemm_from,
             prefill_attention_from_percent,
@@ -788,6 +809,7 @@ impl GpuEngine {
             logits,
             host_logits: vec![],
             k_cache,
+            kv_copy,
             v_cache,
             kv_blocks,
             cos,
@@ -978,6 +1000,30 @@ impl GpuEngine {
         self.bind()?;
         let s = &self.gpu.stream;
         let failed = |e| RuntimeError::Cuda(format!("copying KV block {block} on the device: {e}"));
+        if let Some((function, table)) = &self.kv_copy {
+            let segments = (pools * self.k_cache.len()) as u32;
+            let seg = range.len() as u32;
+            let config = LaunchConfig {
+                grid_dim: (seg.div_ceil(4 * KV_COPY_THREADS).clamp(1, 64), segments, 1),
+                block_dim: (KV_COPY_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let args = [
+                Arg::P(ptr(table, s)),
+                Arg::P(range.start as u64),
+                Arg::I(seg as i32),
+                Arg::P(other),
+                Arg::I(i32::from(into_pools)),
+            ];
+            // SAFETY: `kv_block_copy(pools, offset, seg, other, into_pools)`: the table holds
+            // `segments` pool addresses of this engine, each with the block's `seg` floats at
+            // `offset` (checked by `kv_block_range`), and `other` has `len` = segments x seg x 4
+            // bytes (`DeviceRegion::block_ptr`); the stream is synchronized below, before
+            // either is reused.
+            unsafe { launch_kernel(s, function, config, &args, self.overlap_launches) }
+                .map_err(failed)?;
+            return s.synchronize().map_err(failed);
+        }
         let bytes = range.len() * 4;
         let mut at = 0u64;
         for layer in 0..self.k_cache.len() {
