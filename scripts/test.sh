@@ -17,6 +17,9 @@ export FD_REQUIRE_NVRTC=1
 FD_HIPCC="$(scripts/fetch-hipcc.sh | tail -n 1)"
 export FD_HIPCC FD_REQUIRE_HIPCC=1
 cargo test --workspace --locked
+# The HIP backend builds only with its feature: its test checks the HIP runtime's clear errors
+# on a machine without a DCU (the runtime library comes with hipcc).
+cargo test --locked -p runtime --features hip --lib hip::
 
 # ---- OpenAI client test ----
 cargo build --locked --bin fdc --bin fdrt

@@ -266,7 +266,13 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
 matmuls by shape (N x K of the weight)"
         );
         for ((kernel, n, k, gemm), count) in shapes {
-            let gemm = gemm.map_or(String::new(), |t| format!("  cuBLAS GEMM from {t} tokens"));
+            // The DCU plan carries the same thresholds for its BLAS (hipBLAS), which no engine
+            // runs yet.
+            let blas = match crate::targets::info(manifest.target).codegen {
+                crate::targets::CodeGen::Hipcc(_) => "hipBLAS",
+                _ => "cuBLAS",
+            };
+            let gemm = gemm.map_or(String::new(), |t| format!("  {blas} GEMM from {t} tokens"));
             let _ = writeln!(
                 out,
                 "  {kernel:<36} {:>16} x{count}{gemm}",

@@ -21,6 +21,9 @@ pub enum RuntimeError {
     CudaPlan { plan_target: String },
     #[error("plan is for {plan_target} (a Hygon DCU): this fdrt has no DCU engine yet, only the plan's checks; docs/TARGETS.md says what runs where. To serve on this machine compile for a CPU target with `fdc compile --target cpu`")]
     DcuPlan { plan_target: String },
+    /// The HIP runtime, device or a DCU plan's code object on it (the `hip` feature).
+    #[error("HIP: {0}")]
+    Hip(String),
     #[error("plan is for {plan_target} but the GPU is {device}: recompile with `fdc compile --target {device_target}`")]
     WrongGpu {
         plan_target: String,

@@ -24,6 +24,8 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;
+#[cfg(feature = "hip")]
+pub mod hip;
 pub mod kv_cache;
 pub mod plan;
 pub mod router;

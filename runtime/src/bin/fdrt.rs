@@ -403,10 +403,22 @@ fn load_for_target(plan: &Path, args: &RunArgs, max_num_seqs: usize) -> Result<T
             TargetEngine::Cpu(Box::new(engine_for(loaded, args, max_num_seqs)?))
         }
         ir_types::Target::Dcu(_) => {
+            // With the HIP backend, what can be checked on this machine is checked first, so
+            // a missing library or device, or a code object the device refuses, is named.
+            #[cfg(feature = "hip")]
+            {
+                let checked = runtime::hip::check_plan(&loaded, 0)
+                    .context("checking the DCU plan against this machine's HIP runtime")?;
+                eprintln!(
+                    "the plan's code object loads on device 0 of this machine's {} DCUs ({} \
+                     kernel functions resolved)",
+                    checked.devices, checked.functions
+                );
+            }
             return Err(runtime::RuntimeError::DcuPlan {
                 plan_target: loaded.manifest.target.name(),
             }
-            .into())
+            .into());
         }
     })
 }
