@@ -346,6 +346,60 @@ mod tests {
         }
     }
 
+    /// The DCU's W4A8 piece (`fd_qpiece_i8dot`, HIP only, never run on a DCU here) compiled for
+    /// the CPU with its two intrinsics written out (`kernels/cuda/host/i8dot_check.cpp`): its
+    /// byte transposes and dot products must give the plain sums of codes times activations.
+    /// Needs a C++ compiler (`CXX`, c++, g++ or clang++); skipped with a message without one.
+    #[test]
+    fn the_dcu_w4a8_piece_sums_what_the_f32_path_sums() {
+        let start = QUANT
+            .find("template <int TOKENS>\n__device__ __forceinline__ void fd_qpiece_i8dot")
+            .expect("fd_qpiece_i8dot in quant.cu");
+        let len = QUANT[start..].find("\n#endif").expect("its #endif");
+        let compiler = std::env::var("CXX")
+            .ok()
+            .into_iter()
+            .chain(["c++", "g++", "clang++", "clang++-15"].map(String::from))
+            .find(|c| {
+                std::process::Command::new(c)
+                    .arg("--version")
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            });
+        let Some(compiler) = compiler else {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED the_dcu_w4a8_piece_sums_what_the_f32_path_sums: no C++ compiler"
+            );
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("fd-i8dot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("a work directory");
+        std::fs::write(dir.join("i8dot_piece.inc"), &QUANT[start..start + len]).expect("write");
+        std::fs::write(
+            dir.join("check.cpp"),
+            include_str!("../cuda/host/i8dot_check.cpp"),
+        )
+        .expect("write");
+        let exe = dir.join("check");
+        let built = std::process::Command::new(&compiler)
+            .args(["-std=c++17", "-O1", "-o"])
+            .arg(&exe)
+            .arg(dir.join("check.cpp"))
+            .output()
+            .expect("runs the compiler");
+        assert!(
+            built.status.success(),
+            "{compiler}: {}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        let run = std::process::Command::new(&exe).output().expect("runs");
+        let _ = std::fs::remove_dir_all(&dir);
+        let text = String::from_utf8_lossy(&run.stdout);
+        assert!(run.status.success() && text.starts_with("ok "), "{text}");
+    }
+
     #[test]
     fn head_dims_the_attention_kernel_cannot_take_are_refused() {
         for head_dim in [16, 64, 96, 128, 256] {
