@@ -848,10 +848,10 @@ fn weight_layouts(
     target: Target,
     quant_plan: &QuantPlan,
 ) -> Vec<WeightLayout> {
-    let Target::Cpu(isa) = target else {
-        // The CUDA kernels read plain weights row-major, coalesced along K, and quantized ones
-        // in the CPU's panels of 8 rows: a warp's 16-byte load then holds codes of 8 rows that
-        // share the activations it loads (kernels/cuda/quant.cu).
+    let CodeGen::Cranelift(isa) = targets::info(target).codegen else {
+        // The GPU kernels (CUDA and DCU) read plain weights row-major, coalesced along K, and
+        // quantized ones in the CPU's panels of 8 rows: a warp's 16-byte load then holds codes
+        // of 8 rows that share the activations it loads (kernels/cuda/quant.cu).
         let quantized = WeightLayout::Panels(PackedLayout::CUDA_QUANT);
         return weights
             .iter()
