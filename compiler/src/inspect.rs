@@ -304,11 +304,11 @@ matmuls by shape (N x K of the weight)"
     }
     let codegen = crate::targets::info(manifest.target).codegen;
     if codegen.gpu_module() {
-        let _ = writeln!(
-            out,
-            "\n{} module (one for every kernel above)",
-            codegen.name()
-        );
+        let module = match codegen {
+            crate::targets::CodeGen::Hipcc(_) => "DCU module",
+            _ => "CUDA module",
+        };
+        let _ = writeln!(out, "\n{module} (one for every kernel above)");
         for sym in &manifest.code {
             let _ = writeln!(out, "  {:<36} {:>6} bytes", sym.name, sym.len);
         }

@@ -290,8 +290,7 @@ pub fn check_scheme(target: Target, scheme: QuantScheme) -> Result<(), String> {
         return Ok(());
     }
     Err(format!(
-        "target {target} ({}) cannot run --quant {scheme}; it runs: {}; {scheme} runs on: {}",
-        info(target).hardware,
+        "target {target} cannot run --quant {scheme}; it runs: {}; {scheme} runs on: {}",
         schemes_on(target).join(", "),
         targets_running(scheme).join(", ")
     ))

@@ -93,7 +93,7 @@ fn w4a8_dcu_plans_of_every_tiny_golden_and_smollm2_compile_every_kernel_for_gfx9
         );
         // `fdc inspect` names the code object and the kernels compiled into it.
         let text = compiler::inspect::inspect(&path, &[]).expect("inspects");
-        assert!(text.contains("hipcc (HIP C) module"), "{label}: {text}");
+        assert!(text.contains("DCU module"), "{label}: {text}");
         assert!(
             text.contains("kernels compiled for gfx906: ") && text.contains("matmul_q4_a8_one"),
             "{label}: {text}"
