@@ -26,6 +26,10 @@ if ! find_hipcc >/dev/null; then
     fi
     sudo=()
     if [[ "$(id -u)" != 0 ]]; then
+        if ! command -v sudo >/dev/null 2>&1; then
+            echo "error: no HIP compiler, and installing Debian's hipcc needs root or sudo; install it (apt-get install hipcc) or set FD_HIPCC" >&2
+            exit 1
+        fi
         sudo=(sudo)
     fi
     echo "installing Debian's hipcc for the DCU target's tests" >&2
