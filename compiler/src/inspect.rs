@@ -244,6 +244,13 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
     // pass size from which the plan runs it as a tensor-core GEMM instead.
     let dispatch: Option<artifacts::code_abi::CudaDispatch> =
         code_record(&plan, &manifest, artifacts::code_abi::CUDA_DISPATCH)?;
+    // A DCU plan carries the same GEMM thresholds for its BLAS (hipBLAS), which no engine runs
+    // yet; its module is the DCU's.
+    let codegen = crate::targets::info(manifest.target).codegen;
+    let (blas, module) = match codegen {
+        crate::targets::CodeGen::Hipcc(_) => ("hipBLAS", "DCU module"),
+        _ => ("cuBLAS", "CUDA module"),
+    };
     let mut shapes: BTreeMap<(&str, u64, u64, Option<u32>), usize> = BTreeMap::new();
     for (i, step) in program.steps.iter().enumerate() {
         if let artifacts::schema::Launch::MatMul { w, .. } = &step.launch {
@@ -266,12 +273,6 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
 matmuls by shape (N x K of the weight)"
         );
         for ((kernel, n, k, gemm), count) in shapes {
-            // The DCU plan carries the same thresholds for its BLAS (hipBLAS), which no engine
-            // runs yet.
-            let blas = match crate::targets::info(manifest.target).codegen {
-                crate::targets::CodeGen::Hipcc(_) => "hipBLAS",
-                _ => "cuBLAS",
-            };
             let gemm = gemm.map_or(String::new(), |t| format!("  {blas} GEMM from {t} tokens"));
             let _ = writeln!(
                 out,
@@ -302,12 +303,7 @@ matmuls by shape (N x K of the weight)"
             folds.norms.len()
         );
     }
-    let codegen = crate::targets::info(manifest.target).codegen;
     if codegen.gpu_module() {
-        let module = match codegen {
-            crate::targets::CodeGen::Hipcc(_) => "DCU module",
-            _ => "CUDA module",
-        };
         let _ = writeln!(out, "\n{module} (one for every kernel above)");
         for sym in &manifest.code {
             let _ = writeln!(out, "  {:<36} {:>6} bytes", sym.name, sym.len);

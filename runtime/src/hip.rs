@@ -81,6 +81,23 @@ impl Hip {
         })
     }
 
+    /// Initializes HIP and counts its devices: an error when it cannot, or when there is none.
+    fn devices(&self) -> Result<usize, RuntimeError> {
+        let mut count: c_int = 0;
+        // SAFETY: the runtime's documented entry points with a valid out-pointer.
+        unsafe {
+            self.check(
+                "initializing HIP (is there a usable DCU on this machine?)",
+                (self.init)(0),
+            )?;
+            self.check("counting HIP devices", (self.device_count)(&mut count))?;
+        }
+        if count <= 0 {
+            return Err(failed("no HIP device (DCU) on this machine".into()));
+        }
+        Ok(count as usize)
+    }
+
     /// `Ok` for hipSuccess (0), else the runtime's own words for the error.
     fn check(&self, what: &str, code: HipError) -> Result<(), RuntimeError> {
         if code == 0 {
@@ -116,18 +133,10 @@ pub fn check_plan(plan: &LoadedPlan, ordinal: usize) -> Result<DcuCheck, Runtime
         .code_symbol(artifacts::code_abi::DCU_CODE_OBJECT)
         .ok_or_else(|| failed("the plan has no DCU code object".into()))?;
     let hip = Hip::open()?;
+    let count = hip.devices()?;
     // SAFETY: the runtime's documented entry points with valid out-pointers.
     unsafe {
-        hip.check(
-            "initializing HIP (is there a usable DCU on this machine?)",
-            (hip.init)(0),
-        )?;
-        let mut count: c_int = 0;
-        hip.check("counting HIP devices", (hip.device_count)(&mut count))?;
-        if count <= 0 {
-            return Err(failed("no HIP device (DCU) on this machine".into()));
-        }
-        if ordinal >= count as usize {
+        if ordinal >= count {
             return Err(failed(format!(
                 "device {ordinal} asked for, this machine has {count}"
             )));
@@ -161,7 +170,7 @@ pub fn check_plan(plan: &LoadedPlan, ordinal: usize) -> Result<DcuCheck, Runtime
         }
         let _ = (hip.module_unload)(module);
         result.map(|()| DcuCheck {
-            devices: count as usize,
+            devices: count,
             functions,
         })
     }
@@ -177,25 +186,16 @@ mod tests {
     fn without_a_dcu_the_runtime_check_names_what_is_missing() {
         match Hip::open() {
             Err(e) => assert!(e.to_string().contains("libamdhip64"), "{e}"),
-            Ok(hip) => {
-                let mut count: c_int = 0;
-                // SAFETY: documented entry points with a valid out-pointer.
-                let init = unsafe { (hip.init)(0) };
-                let counted = unsafe { (hip.device_count)(&mut count) };
-                if init == 0 && counted == 0 && count > 0 {
-                    eprintln!("a HIP device is present: {count}");
-                    return;
+            Ok(hip) => match hip.devices() {
+                Ok(count) => eprintln!("a HIP device is present: {count}"),
+                Err(e) => {
+                    let err = e.to_string();
+                    assert!(
+                        err.contains("HIP") || err.contains("DCU"),
+                        "an error that says what is missing: {err}"
+                    );
                 }
-                let err = hip
-                    .check("initializing HIP", if init != 0 { init } else { counted })
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "no HIP device (DCU) on this machine".into());
-                assert!(
-                    err.contains("HIP") || err.contains("DCU"),
-                    "an error that says what is missing: {err}"
-                );
-            }
+            },
         }
     }
 }

@@ -1,7 +1,7 @@
 // bench.cuh: what the standalone CUDA benchmarks of this folder share: the module's sources,
 // included as NVRTC gets them (they need no header beyond what nvcc includes), an error check,
-// the hash their fill kernels draw random weights from, and the lane iteration their variants of
-// the single-token 4-bit loop run.
+// the hash their fill kernels draw random weights from, and the lane iteration and the panel's
+// final sums their variants of the single-token 4-bit loop run.
 #pragma once
 
 #include "../common.cuh"
@@ -55,4 +55,27 @@ __device__ __forceinline__ void bench_q4_iteration(const uint4* c, uint4 sv, con
     for (int r = 0; r < QPANEL; r++) mn[r] = -offset * s[r];
 #pragma unroll
     for (int r = 0; r < QPANEL; r++) acc[r] += s[r] * gs[0][r] + mn[r] * xs;
+}
+
+// The end of a block's panel in those variants, as the module's loop ends: each warp's sums of
+// its lanes' `acc`, then the first QPANEL threads add the warps' sums in warp order and write
+// the panel's rows. `reduced` is the block's shared [QMATMUL_WARPS][QPANEL].
+__device__ __forceinline__ void bench_panel_store(const float acc[QPANEL],
+                                                  float (*reduced)[QPANEL], int panel, int n,
+                                                  float* out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, tid = threadIdx.x;
+#pragma unroll
+    for (int r = 0; r < QPANEL; r++) {
+        const float sum = fd_warp_sum(acc[r]);
+        if (lane == 0) reduced[warp][r] = sum;
+    }
+    __syncthreads();
+    if (tid < QPANEL) {
+        const int row = panel * QPANEL + tid;
+        if (row < n) {
+            float v = 0.0f;
+            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[w][tid];
+            out[row] = v;
+        }
+    }
 }

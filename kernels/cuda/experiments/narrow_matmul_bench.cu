@@ -164,20 +164,7 @@ __global__ void __launch_bounds__(128) matmul_q4_ring(const float* x, const unsi
         if (i + D < iters) issue(i + D);
         asm volatile("cp.async.commit_group;" ::: "memory");
     }
-#pragma unroll
-    for (int r = 0; r < QPANEL; r++) {
-        const float sum = fd_warp_sum(acc[r]);
-        if (lane == 0) reduced[warp][r] = sum;
-    }
-    __syncthreads();
-    if (tid < QPANEL) {
-        const int row = panel * QPANEL + tid;
-        if (row < n) {
-            float v = 0.0f;
-            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[w][tid];
-            out[row] = v;
-        }
-    }
+    bench_panel_store(acc, reduced, panel, n, out);
 }
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
@@ -269,20 +256,7 @@ __global__ void __launch_bounds__(128) matmul_q4_bulk(const float* x, const unsi
         __syncthreads();
         if (tid == 0 && s + DEPTH < steps) issue(s + DEPTH);
     }
-#pragma unroll
-    for (int r = 0; r < QPANEL; r++) {
-        const float sum = fd_warp_sum(acc[r]);
-        if (lane == 0) reduced[warp][r] = sum;
-    }
-    __syncthreads();
-    if (tid < QPANEL) {
-        const int row = panel * QPANEL + tid;
-        if (row < n) {
-            float v = 0.0f;
-            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[w][tid];
-            out[row] = v;
-        }
-    }
+    bench_panel_store(acc, reduced, panel, n, out);
 }
 
 __device__ __forceinline__ unsigned fd_xor4(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
@@ -391,20 +365,7 @@ __global__ void __launch_bounds__(128) matmul_q4_wide(const float* x, const unsi
         if (outer >= pieces) break;
         load_round(outer);
     }
-#pragma unroll
-    for (int r = 0; r < QPANEL; r++) {
-        const float sum = fd_warp_sum(acc[r]);
-        if (lane == 0) reduced[warp][r] = sum;
-    }
-    __syncthreads();
-    if (tid < QPANEL) {
-        const int row = panel * QPANEL + tid;
-        if (row < n) {
-            float v = 0.0f;
-            for (int w = 0; w < QMATMUL_WARPS; w++) v += reduced[w][tid];
-            out[row] = v;
-        }
-    }
+    bench_panel_store(acc, reduced, panel, n, out);
 }
 
 // M: tensor cores. A 16-row tile (panels 2T and 2T + 1) per block, groups of K split over the

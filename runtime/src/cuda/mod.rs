@@ -188,11 +188,11 @@ pub struct GpuEngine {
     greedy_ids: Vec<u32>,
     /// Per layer, `[blocks, block_size, KV, head_dim]` keys and values.
     k_cache: Vec<CudaSlice<f32>>,
+    v_cache: Vec<CudaSlice<f32>>,
     /// `kv_block_copy` and the pools it reads and writes (each layer's keys then values, keys
     /// only for a latent cache), for moving a block to or from another instance's device memory
     /// in one launch; None for a plan whose module predates it (a copy per pool then).
     kv_copy: Option<(CudaFunction, CudaSlice<u64>)>,
-    v_cache: Vec<CudaSlice<f32>>,
     kv_blocks: usize,
     cos: CudaSlice<f32>,
     sin: CudaSlice<f32>,
@@ -809,8 +809,8 @@ impl GpuEngine {
             logits,
             host_logits: vec![],
             k_cache,
-            kv_copy,
             v_cache,
+            kv_copy,
             kv_blocks,
             cos,
             sin,
