@@ -401,6 +401,7 @@ impl Router {
         );
         let wait = self.config.health_interval.max(Duration::from_millis(500));
         let key = self.config.api_key.as_deref();
+        let asked = Instant::now();
         match call(
             &mover.address,
             key,
@@ -427,7 +428,7 @@ impl Router {
                 self.switches.fetch_add(1, Ordering::Relaxed);
                 *self.last_switch.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
                 // The next decision reads answers given after this switch, not before it.
-                self.latencies().clear();
+                self.latencies().forget_before(asked);
             }
             Ok((status, _, _)) => {
                 tracing::warn!(address = %mover.address, status, "a role switch was refused")
@@ -828,6 +829,8 @@ struct StreamTiming {
     first: Option<Instant>,
     last: Instant,
     tokens: u32,
+    /// Whether the answer's time per output token went to the window already.
+    timed: bool,
 }
 
 /// The most bytes of one event the timing waits for; a longer one is not timed.
@@ -842,6 +845,7 @@ impl StreamTiming {
             first: None,
             last: started,
             tokens: 0,
+            timed: false,
         }
     }
 
@@ -849,8 +853,16 @@ impl StreamTiming {
         let now = Instant::now();
         self.pending.extend_from_slice(data);
         while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
-            let token = carries_a_token(&self.pending[..end]);
+            let event = &self.pending[..end];
+            let token = carries_a_token(event);
+            let done = event.trim_ascii() == b"data: [DONE]";
             self.pending.drain(..end + 2);
+            if done {
+                // Timed here, before `[DONE]` goes out: a client may close the connection as
+                // soon as it reads it, and then the upstream's end is never polled.
+                self.finished();
+                continue;
+            }
             if token {
                 if self.first.is_none() {
                     self.first = Some(now);
@@ -865,8 +877,12 @@ impl StreamTiming {
         }
     }
 
-    /// The stream ended normally.
+    /// The stream ended normally (its `[DONE]`, or the upstream's end); only the first call
+    /// records.
     fn finished(&mut self) {
+        if std::mem::replace(&mut self.timed, true) {
+            return;
+        }
         if let Some(first) = self.first.filter(|_| self.tokens >= 2) {
             let per_token = (self.last - first) / (self.tokens - 1);
             self.router

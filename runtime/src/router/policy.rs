@@ -71,11 +71,13 @@ impl LatencyWindow {
         push(&mut self.tpot, at, tpot);
     }
 
-    /// Forgets every answer (after a role switch, the answers before it describe another
-    /// deployment).
-    pub fn clear(&mut self) {
-        self.ttft.clear();
-        self.tpot.clear();
+    /// Forgets the answers recorded before `at` (a role switch's request: the answers before
+    /// it describe another deployment). Answers recorded while the request was on its way stay:
+    /// the instance may have switched, and new answers come, before its reply is read.
+    pub fn forget_before(&mut self, at: Instant) {
+        for samples in [&mut self.ttft, &mut self.tpot] {
+            samples.retain(|(recorded, _)| *recorded >= at);
+        }
     }
 
     /// The means of the answers within [`WINDOW`] of `now`.
@@ -277,5 +279,25 @@ mod tests {
             window.per_output_token(later, 20 * MS);
         }
         assert_eq!(window.observed(later).tpot, Some(20 * MS));
+    }
+
+    #[test]
+    fn a_switch_forgets_the_answers_before_its_request_only() {
+        let mut window = LatencyWindow::default();
+        let before = Instant::now();
+        let asked = before + MS;
+        let after = asked + MS;
+        for _ in 0..MIN_SAMPLES {
+            window.first_token(before, 100 * MS);
+            window.per_output_token(before, 40 * MS);
+        }
+        for _ in 0..MIN_SAMPLES {
+            window.first_token(after, 10 * MS);
+            window.per_output_token(after, 4 * MS);
+        }
+        window.forget_before(asked);
+        let observed = window.observed(after);
+        assert_eq!(observed.ttft, Some(10 * MS));
+        assert_eq!(observed.tpot, Some(4 * MS));
     }
 }
