@@ -76,8 +76,15 @@ pub struct PartHeader {
 /// Bytes of the section holding `info`, as the compiler writes it and the runtime checks it;
 /// `None` for a storage type or shape whose size cannot be computed.
 pub fn weight_section_len(info: &WeightInfo) -> Option<u64> {
-    let elements = match info.layout {
-        WeightLayout::RowMajor => info.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?,
+    // The tile layout permutes the codes of panels of 8 rows: the same bytes.
+    let layout = match info.layout {
+        WeightLayout::QuantTiles => WeightLayout::Panels { panel: 8 },
+        other => other,
+    };
+    let elements = match layout {
+        WeightLayout::RowMajor | WeightLayout::QuantTiles => {
+            info.shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d))?
+        }
         // Panels round N up to whole panels.
         WeightLayout::Panels { panel } => {
             let (rows, cols) = panel_matrix(info)?;
@@ -88,8 +95,7 @@ pub fn weight_section_len(info: &WeightInfo) -> Option<u64> {
     if let Some(q) = &info.quant {
         // Codes, then f16 scales at `scales_offset`, then (asymmetric) f16 minimums at
         // `mins_offset`, one of each per panel row and group.
-        let (WeightLayout::Panels { panel }, Some((rows, cols))) =
-            (info.layout, panel_matrix(info))
+        let (WeightLayout::Panels { panel }, Some((rows, cols))) = (layout, panel_matrix(info))
         else {
             return None;
         };

@@ -157,6 +157,11 @@ pub enum WeightLayout {
     /// `panel` rows, the last padded with zero rows, each stored k-major (for each k, the
     /// `panel` values of its rows). The section holds `ceil(N / panel) * panel * K` elements.
     Panels { panel: u32 },
+    /// 4-bit symmetric codes of a CUDA plan in the tile layout of the tensor-core matmul
+    /// (`kernels::cuda::tiles_from_panels` and `kernels/cuda/quant.cu` say it in full): for each
+    /// 16 rows and 64 k, each lane's 16 bytes in the order of the mma's fragments. The scales
+    /// follow as in `Panels { panel: 8 }`, and the section has that layout's size.
+    QuantTiles,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -202,10 +202,12 @@ pub fn compile_to(
     };
     let (program, mtp) = split_mtp(program, main_steps, &graph, &memory)?;
     let layouts = weight_layouts(&graph, &weights, options.target, &quant_plan);
+    let tiles = quant_tiles(&graph, &weights, options.target, &quant_plan);
     let weight_infos: Vec<WeightInfo> = weights
         .iter()
         .zip(&layouts)
-        .map(|(&v, &layout)| WeightInfo {
+        .zip(&tiles)
+        .map(|((&v, &layout), &tiled)| WeightInfo {
             name: weight_name(&graph, v).to_string(),
             dtype: match quant_plan.get(&v) {
                 Some(_) => DType::U8,
@@ -219,6 +221,7 @@ pub fn compile_to(
                 .map(|d| d.as_const().unwrap_or(0) as u64)
                 .collect(),
             layout: match layout {
+                _ if tiled => PlanLayout::QuantTiles,
                 WeightLayout::RowMajor => PlanLayout::RowMajor,
                 WeightLayout::Panels(p) => PlanLayout::Panels {
                     panel: p.panel() as u32,
@@ -324,6 +327,7 @@ pub fn compile_to(
         graph: &graph,
         weights: &weights,
         layouts: &layouts,
+        tiles: &tiles,
         quant: &quant_plan,
         quant_options: &options.quant,
         calibrated: &calibrated,
@@ -896,6 +900,41 @@ fn weight_layouts(
         .collect()
 }
 
+/// Per weight, whether a plan for `target` stores it in the tile layout of the CUDA tensor-core
+/// matmul (`PlanLayout::QuantTiles`): where the target's table says so, for quantized matrices
+/// that only matmuls read (as their weight) and that fit the tiles (`kernels::cuda::tiles_fit`).
+/// `FDC_QUANT_TILES=off` keeps them in panels, so the two kernels can be measured on one model.
+fn quant_tiles(
+    graph: &Graph,
+    weights: &[ValueId],
+    target: Target,
+    quant_plan: &QuantPlan,
+) -> Vec<bool> {
+    let enabled = targets::info(target).quant_tiles
+        && std::env::var("FDC_QUANT_TILES").map_or(true, |v| v != "off");
+    weights
+        .iter()
+        .map(|&v| {
+            let Some(q) = quant_plan.get(&v).filter(|_| enabled) else {
+                return false;
+            };
+            let users = graph.users(v);
+            let only_matmuls = !users.is_empty()
+                && users.iter().all(|&n| {
+                    let node = graph.node(n);
+                    matches!(node.op, Op::MatMul)
+                        && node.inputs.get(1) == Some(&v)
+                        && node.inputs.iter().filter(|&&i| i == v).count() == 1
+                });
+            let ty = graph.ty(v);
+            let (rows, cols) = matrix_dims(ty);
+            only_matmuls
+                && ty.shape.0.len() == 2
+                && kernels::cuda::tiles_fit(q.scheme, &q.format, rows, cols)
+        })
+        .collect()
+}
+
 /// The section bytes of a weight: `values` (row-major `[rows, cols]`) converted to `dtype`, then
 /// laid out in `layout`.
 fn encode_weight(
@@ -939,6 +978,8 @@ struct WeightSource<'a> {
     graph: &'a Graph,
     weights: &'a [ValueId],
     layouts: &'a [WeightLayout],
+    /// Per weight, whether its codes go into the tile layout (`quant_tiles`).
+    tiles: &'a [bool],
     /// Weights stored quantized, and how.
     quant: &'a QuantPlan,
     quant_options: &'a QuantOptions,
@@ -971,12 +1012,14 @@ impl WeightSource<'_> {
         } else {
             indicatif::ProgressBar::hidden()
         };
-        for (window, layouts) in self.weights.chunks(WINDOW).zip(self.layouts.chunks(WINDOW)) {
+        let windows = self.weights.chunks(WINDOW).zip(self.layouts.chunks(WINDOW));
+        for ((window, layouts), tiles) in windows.zip(self.tiles.chunks(WINDOW)) {
             let encoded: Vec<Result<(String, Vec<u8>), CompileError>> =
                 window
                     .par_iter()
                     .zip(layouts)
-                    .map(|(&v, &layout)| {
+                    .zip(tiles)
+                    .map(|((&v, &layout), &tiled)| {
                         let ValueDef::Weight { name, expr } = &graph.value(v).def else {
                             unreachable!("graph.weights() returns weights only")
                         };
@@ -986,7 +1029,7 @@ impl WeightSource<'_> {
                                 Some(c) if self.calibrated.contains(&v) => c.0.input(name),
                                 _ => None,
                             };
-                            let bytes = encode_quantized(
+                            let mut bytes = encode_quantized(
                                 name,
                                 expr,
                                 ty,
@@ -997,6 +1040,13 @@ impl WeightSource<'_> {
                                 stats,
                                 self.rescale.get(&v),
                             )?;
+                            if tiled {
+                                // The codes (4 bits, before the scales) move into tiles.
+                                let (rows, cols) = matrix_dims(ty);
+                                let codes = &mut bytes[..rows * cols / 2];
+                                let moved = kernels::cuda::tiles_from_panels(codes, rows, cols);
+                                codes.copy_from_slice(&moved);
+                            }
                             return Ok((name.clone(), bytes));
                         }
                         let mut values = materialize(expr, tensors)?;

@@ -59,6 +59,9 @@ pub struct TargetInfo {
     /// Memory per device.
     pub memory: &'static str,
     pub codegen: CodeGen,
+    /// Whether 4-bit symmetric W4A16 matrices that fit (`kernels::cuda::tiles_fit`) are stored
+    /// in the tile layout of the tensor-core matmul (`WeightLayout::QuantTiles`).
+    pub quant_tiles: bool,
     /// What has run on real hardware and what has only been compiled.
     pub verified: &'static str,
 }
@@ -91,7 +94,12 @@ macro_rules! cpu_quants {
 
 const CUDA_INT_QUANTS: [(QuantScheme, &str); 5] = [
     (QuantScheme::W8A16, "codes unpacked in registers, f32 FMAs"),
-    (QuantScheme::W4A16, "codes unpacked in registers, f32 FMAs"),
+    (
+        QuantScheme::W4A16,
+        "symmetric codes in 16-row tiles with K and groups multiples of 64: tensor cores \
+         (mma.m16n8k16 bf16, the activations split into three bf16: exact products, f32 sums); \
+         otherwise codes unpacked in registers, f32 FMAs",
+    ),
     (QuantScheme::W2A16, "codes unpacked in registers, f32 FMAs"),
     (
         QuantScheme::W8A8,
@@ -133,6 +141,7 @@ pub static TARGETS: [TargetInfo; 7] = [
         matrix_units: "none (no AMX); 512-bit FMA",
         memory: "host RAM",
         codegen: CodeGen::Cranelift(CpuIsa::Avx512),
+        quant_tiles: false,
         verified: "runs: the whole test suite and the goldens on the development machines",
     },
     TargetInfo {
@@ -148,6 +157,7 @@ pub static TARGETS: [TargetInfo; 7] = [
         matrix_units: "none; 256-bit FMA",
         memory: "host RAM",
         codegen: CodeGen::Cranelift(CpuIsa::Avx2),
+        quant_tiles: false,
         verified: "runs: the test suite's kernel and golden tests at this level",
     },
     TargetInfo {
@@ -163,6 +173,7 @@ pub static TARGETS: [TargetInfo; 7] = [
         matrix_units: "none",
         memory: "host RAM",
         codegen: CodeGen::Cranelift(CpuIsa::Portable),
+        quant_tiles: false,
         verified: "runs: the test suite's kernel and golden tests at this level",
     },
     TargetInfo {
@@ -176,6 +187,7 @@ pub static TARGETS: [TargetInfo; 7] = [
                        (through cuBLAS for prefill GEMMs)",
         memory: "40 or 80 GB HBM2e",
         codegen: CodeGen::Nvrtc(CudaArch::Sm80),
+        quant_tiles: true,
         verified: CUDA_VERIFIED,
     },
     TargetInfo {
@@ -189,6 +201,7 @@ pub static TARGETS: [TargetInfo; 7] = [
                        (through cuBLAS for prefill GEMMs)",
         memory: "24 or 48 GB GDDR6",
         codegen: CodeGen::Nvrtc(CudaArch::Sm89),
+        quant_tiles: true,
         verified: CUDA_VERIFIED,
     },
     TargetInfo {
@@ -202,6 +215,7 @@ pub static TARGETS: [TargetInfo; 7] = [
                        prefill GEMMs); mma.m16n8k16 as on sm80",
         memory: "80 GB HBM3 (H100), 141 GB HBM3e (H200)",
         codegen: CodeGen::Nvrtc(CudaArch::Sm90),
+        quant_tiles: true,
         verified: "runs: the GPU test suite and every benchmark in docs/PERF.md, on H100s",
     },
     TargetInfo {
@@ -212,7 +226,7 @@ pub static TARGETS: [TargetInfo; 7] = [
         weight_dtypes: WEIGHT_TYPES,
         quants: &[
             CUDA_INT_QUANTS[0],
-            CUDA_INT_QUANTS[1],
+            (QuantScheme::W4A16, "codes unpacked in registers, f32 FMAs"),
             CUDA_INT_QUANTS[2],
             CUDA_INT_QUANTS[3],
             (
@@ -225,6 +239,7 @@ pub static TARGETS: [TargetInfo; 7] = [
                        v_dot2_f32_f16",
         memory: "32 GB HBM2 (Z100), 16 or 32 GB (MI50, MI60)",
         codegen: CodeGen::Hipcc(HipArch::Gfx906),
+        quant_tiles: false,
         verified: "compiled only: every kernel is built into each DCU plan and checked in CI; \
                    nothing has run on a DCU (none here)",
     },

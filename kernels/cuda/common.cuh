@@ -184,3 +184,18 @@ __device__ __forceinline__ float fd_fold_inv_rms(const FdFold& f, float* scratch
     for (int i = threadIdx.x; i < f.n_partials; i += blockDim.x) s += f.partials_in[i];
     return rsqrtf(fd_block_sum(s, scratch) / f.cols + f.eps);
 }
+
+// A folded single-token matmul's epilogue, in every thread of the block: the thread holding row
+// `row` (`holds`) has its value v and bias b; a consumer writes (v / rms + b), the producer
+// passes v + b on (`fd_fold_add_norm`).
+template <int FOLD>
+__device__ __forceinline__ void fd_fold_epilogue(bool holds, int row, float v, float b,
+                                                 float* out, const FdFold& f) {
+    __shared__ float scratch[32];
+    if constexpr (FOLD == FD_FOLD_RMS) {
+        const float inv = fd_fold_inv_rms(f, scratch);
+        if (holds) out[row] = v * inv + b;
+    } else {
+        fd_fold_add_norm(holds, row, v + b, f, scratch);
+    }
+}

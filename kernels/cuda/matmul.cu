@@ -203,20 +203,13 @@ extern "C" __global__ void matmul_f16_one(const float* x, int x_stride, const fd
 template <typename W, int FOLD>
 __device__ void matmul_one_fold(const float* x, int x_stride, const W* w, int k, int n,
                                 const float* bias, float* out, const FdFold& fold) {
-    __shared__ float scratch[32];
     const int row = blockIdx.x * MATMUL_WARPS + (threadIdx.x >> 5);
     const bool holds = (threadIdx.x & 31) == 0 && row < n;
     const int r = min(row, n - 1);  // only a row that exists is read
     const float v = (unsigned long long)x % 16 == 0
                         ? matmul_row<W, 1, true, false>(x, x_stride, w, k, r, bias, 0, 1, out, 0)
                         : matmul_row<W, 1, false, false>(x, x_stride, w, k, r, bias, 0, 1, out, 0);
-    const float b = bias ? bias[r] : 0.0f;
-    if constexpr (FOLD == FD_FOLD_RMS) {
-        const float inv = fd_fold_inv_rms(fold, scratch);
-        if (holds) out[row] = v * inv + b;
-    } else {
-        fd_fold_add_norm(holds, row, v + b, fold, scratch);
-    }
+    fd_fold_epilogue<FOLD>(holds, row, v, bias ? bias[r] : 0.0f, out, fold);
 }
 
 #define FD_MATMUL_FOLDS(NAME, W)                                                                  \

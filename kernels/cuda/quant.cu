@@ -283,19 +283,13 @@ __device__ void qmatmul(const float* x, int x_stride, const unsigned char* codes
         }
     __syncthreads();
     if constexpr (FOLD != FD_FOLD_NONE) {
-        __shared__ float scratch[32];
         const int row = panel * QPANEL + threadIdx.x;
         const bool holds = threadIdx.x < QPANEL && row < n;
         float v = 0.0f;
         if (holds) {
             for (int w = 0; w < WARPS; w++) v += reduced[w][0][threadIdx.x];
         }
-        if constexpr (FOLD == FD_FOLD_RMS) {
-            const float inv = fd_fold_inv_rms(fold, scratch);
-            if (holds) out[row] = v * inv + (bias ? bias[row] : 0.0f);
-        } else {
-            fd_fold_add_norm(holds, row, v + (holds && bias ? bias[row] : 0.0f), fold, scratch);
-        }
+        fd_fold_epilogue<FOLD>(holds, row, v, holds && bias ? bias[row] : 0.0f, out, fold);
         return;
     }
     if (threadIdx.x < TOKENS * QPANEL) {
@@ -622,3 +616,291 @@ extern "C" __global__ void embedding_e4m3(const unsigned char* codes, int cols, 
     fd_grid_wait();
     qembedding<8, true>(codes, cols, group, scales, mins, ids, out, out_stride);
 }
+
+// ---- W4A16 on tensor cores: the tile layout (CUDA only) ----------------------------------------
+//
+// fdc stores a CUDA plan's 4-bit symmetric A16 matrices whose only readers are matmuls, with N a
+// multiple of QTILE_ROWS and K and the group multiples of 64, in a layout of their own
+// (`WeightLayout::QuantTiles`): for each tile of 16 rows and each 64 k (a chunk), lane L's codes
+// for the chunk's four `mma.m16n8k16` in one 16-byte piece, word w for k 16w to 16w + 15, nibble j
+// of the word the element (row g + 8 (j & 1), k 2t + 8 ((j >> 1) & 1) + (j >> 2)) of the mma,
+// g = L / 4, t = L % 4: the PTX fragment order of A, whose register r holds rows g, g + 8, g,
+// g + 8 and k 2t, 2t, 2t + 8, 2t + 8, two consecutive k each. The scales stay in panels of
+// QPANEL rows (tile T's rows are panels 2T and 2T + 1).
+//
+// The matmul (`qmatmul_tiles`): a block per tile, its warps splitting the chunks; codes unpacked
+// exactly to bf16 `code - 8` (one lop3 with bf16's 128 and one fma per pair); the activations
+// split as x = hi + mid + lo, three bf16 values that hold all of an f32's 24 bits and its whole
+// exponent range, as three of the mma's eight columns (a second token in the other four), so
+// products are exact and summed in f32 as the f32 loop sums them. Each chunk's sums are scaled
+// by its group's scale in f32. Measured as variant M of
+// `experiments/narrow_matmul_bench.cu` (RESULTS.md): at 16 warps with two units of two chunks
+// requested at once, 2 to 11% faster than `matmul_q4_one` on every Llama-3-8B shape.
+#ifndef FD_HIP
+#define QTILE_ROWS 16
+#define QTILE_WARPS_ONE 16  // warps per block of the single-token kernel
+#define QTILE_WARPS 4       // warps per block of the several-token kernel (QTOKENS tokens)
+#define QTILE_UNIT 2        // consecutive chunks a warp takes at once
+#define QTILE_AHEAD 2       // units a warp requests before any arithmetic
+
+// Nibbles 0 and 4 of `w` (bits 0-3 and 16-19) as bf16x2 of 128 + v, by one lop3 with the bf16
+// exponent of 128 (whose unit in the last place is 1).
+__device__ __forceinline__ unsigned fd_nibbles_bf16x2(unsigned w) {
+    unsigned r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(r) : "r"(w), "n"(0x000f000fu), "n"(0x43004300u));
+    return r;
+}
+
+// The eight codes of `w` as the four bf16x2 registers of an mma's A fragment, code - 8, exact.
+__device__ __forceinline__ void fd_codes_bf16x2(unsigned w, unsigned a[4]) {
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        unsigned p = fd_nibbles_bf16x2(w >> (4 * j));
+        // (128 + v) * 1 - 136 = v - 8
+        asm("fma.rn.bf16x2 %0, %0, %1, %2;" : "+r"(p) : "r"(0x3f803f80u), "r"(0xc308c308u));
+        a[j] = p;  // j = 0: row g, k 2t, 2t + 1; 1: row g + 8; 2: row g, k + 8; 3: row g + 8, k + 8
+    }
+}
+
+__device__ __forceinline__ void fd_mma_bf16_16816(float d[4], const unsigned a[4], unsigned b0,
+                                                  unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f32 as bf16x2 (nearest even): `a` in the low half.
+__device__ __forceinline__ unsigned fd_bf16x2(float a, float b) {
+    unsigned r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+    return r;
+}
+__device__ __forceinline__ float fd_bf16_lo(unsigned v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float fd_bf16_hi(unsigned v) { return __uint_as_float(v & 0xffff0000u); }
+
+// Eight activations v as their three bf16 pieces (v = hi + mid + lo to within 2^-24 |v|), each
+// as four bf16x2 words.
+__device__ __forceinline__ void fd_split3(const float v[8], uint4& hi, uint4& mid, uint4& lo) {
+    unsigned h[4], m[4], l[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float a = v[2 * i], b = v[2 * i + 1];
+        h[i] = fd_bf16x2(a, b);
+        const float ra = a - fd_bf16_lo(h[i]), rb = b - fd_bf16_hi(h[i]);
+        m[i] = fd_bf16x2(ra, rb);
+        l[i] = fd_bf16x2(ra - fd_bf16_lo(m[i]), rb - fd_bf16_hi(m[i]));
+    }
+    hi = make_uint4(h[0], h[1], h[2], h[3]);
+    mid = make_uint4(m[0], m[1], m[2], m[3]);
+    lo = make_uint4(l[0], l[1], l[2], l[3]);
+}
+
+// TOKENS tokens from t0 (`tokens` of them real), 1 or QTOKENS; FOLD for one token only.
+template <int WARPS, int TOKENS, int FOLD = FD_FOLD_NONE>
+__device__ void qmatmul_tiles(const float* x, int x_stride, const uint4* tiles, int k, int n,
+                              int group, const fd_f16* scales, const float* bias, int t0,
+                              int tokens, float* out, int out_stride,
+                              const FdFold& fold = FdFold{}) {
+    static_assert(FOLD == FD_FOLD_NONE || TOKENS == 1, "decode folds serve one token");
+    constexpr int SLOTS = QTILE_AHEAD * QTILE_UNIT;  // chunks a warp holds per round
+    constexpr int MMAS = (TOKENS + 1) / 2;            // two tokens per mma
+    static_assert(SLOTS * 64 == 32 * 8, "a round's activations are 8 per lane");
+    // The round's activations, split: [token][piece][k of the warp's chunks].
+    __shared__ __align__(16) unsigned short xs[WARPS][TOKENS][3][SLOTS * 64];
+    __shared__ float reduced[WARPS][TOKENS][QTILE_ROWS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const int chunks = k / 64, groups = k / group;
+    const uint4* tc = tiles + (long long)tile * chunks * 32;
+    const fd_f16* s0 = scales + (long long)(2 * tile) * groups * QPANEL;
+    const fd_f16* s1 = s0 + (long long)groups * QPANEL;
+    // This lane's B column: token 2 m + g / 4, piece g % 4 (3: a zero column).
+    const int piece = g & 3;
+    float acc[MMAS][2];  // rows g and g + 8 of token 2 m + t / 2 (columns 2t and 2t + 1)
+#pragma unroll
+    for (int m = 0; m < MMAS; m++) acc[m][0] = acc[m][1] = 0.0f;
+    bool waited = false;
+    for (int c0 = warp * QTILE_UNIT; c0 < chunks; c0 += WARPS * SLOTS) {
+        // Slot s = a * UNIT + u holds chunk c0 + a * WARPS * UNIT + u.
+        uint4 q[SLOTS];
+        fd_f16 sc[SLOTS][2];
+#pragma unroll
+        for (int s = 0; s < SLOTS; s++) {
+            const int chunk = c0 + (s / QTILE_UNIT) * WARPS * QTILE_UNIT + s % QTILE_UNIT;
+            const bool in = chunk < chunks;
+            q[s] = in ? fd_load_stream(tc + (long long)chunk * 32 + lane) : make_uint4(0, 0, 0, 0);
+            const int grp = in ? chunk * 64 / group : 0;
+            sc[s][0] = in ? s0[grp * QPANEL + g] : fd_f16{0};
+            sc[s][1] = in ? s1[grp * QPANEL + g] : fd_f16{0};
+        }
+        // The first weights are on their way while the kernel before finishes.
+        if (!waited) {
+            fd_grid_wait();
+            waited = true;
+        }
+        // The round's activations into shared memory, split: lane L takes 8 k of slot L / 8.
+        {
+            const int s = lane / 8, kk = (lane % 8) * 8;
+            const int chunk = c0 + (s / QTILE_UNIT) * WARPS * QTILE_UNIT + s % QTILE_UNIT;
+#pragma unroll
+            for (int m = 0; m < TOKENS; m++) {
+                float v[8];
+#pragma unroll
+                for (int i = 0; i < 8; i++) v[i] = 0.0f;
+                if (m < tokens && chunk < chunks) {
+                    const float* xr = x + (long long)(t0 + m) * x_stride + chunk * 64 + kk;
+                    if ((unsigned long long)xr % 16 == 0) {
+                        const float4 a = *reinterpret_cast<const float4*>(xr);
+                        const float4 b = *reinterpret_cast<const float4*>(xr + 4);
+                        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+                        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 8; i++) v[i] = xr[i];
+                    }
+                }
+                uint4 hi, mid, lo;
+                fd_split3(v, hi, mid, lo);
+                const int at = s * 64 + kk;
+                *reinterpret_cast<uint4*>(&xs[warp][m][0][at]) = hi;
+                *reinterpret_cast<uint4*>(&xs[warp][m][1][at]) = mid;
+                *reinterpret_cast<uint4*>(&xs[warp][m][2][at]) = lo;
+            }
+        }
+        __syncwarp();
+#pragma unroll
+        for (int s = 0; s < SLOTS; s++) {
+            const int chunk = c0 + (s / QTILE_UNIT) * WARPS * QTILE_UNIT + s % QTILE_UNIT;
+            if (chunk >= chunks) break;
+            float d[MMAS][4];
+#pragma unroll
+            for (int m = 0; m < MMAS; m++) d[m][0] = d[m][1] = d[m][2] = d[m][3] = 0.0f;
+            const unsigned words[4] = {q[s].x, q[s].y, q[s].z, q[s].w};
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                unsigned a[4];
+                fd_codes_bf16x2(words[w], a);
+                const int kb = s * 64 + w * 16 + 2 * t;
+#pragma unroll
+                for (int m = 0; m < MMAS; m++) {
+                    const int token = 2 * m + (g >> 2);
+                    unsigned b0 = 0, b1 = 0;
+                    if (piece < 3 && token < TOKENS) {
+                        b0 = *reinterpret_cast<const unsigned*>(&xs[warp][token][piece][kb]);
+                        b1 = *reinterpret_cast<const unsigned*>(&xs[warp][token][piece][kb + 8]);
+                    }
+                    fd_mma_bf16_16816(d[m], a, b0, b1);
+                }
+            }
+            const float sa = fd_f16_f32(sc[s][0].bits), sb = fd_f16_f32(sc[s][1].bits);
+#pragma unroll
+            for (int m = 0; m < MMAS; m++) {
+                acc[m][0] += sa * (d[m][0] + d[m][1]);
+                acc[m][1] += sb * (d[m][2] + d[m][3]);
+            }
+        }
+        __syncwarp();  // the next round's activations overwrite these
+    }
+    fd_grid_wait();  // returns at once when the loop above waited
+    // Columns 2t, 2t + 1 and 2(t ^ 1), 2(t ^ 1) + 1 hold one token's three pieces.
+#pragma unroll
+    for (int m = 0; m < MMAS; m++) {
+        acc[m][0] += fd_shfl_xor(acc[m][0], 1);
+        acc[m][1] += fd_shfl_xor(acc[m][1], 1);
+        const int token = 2 * m + (t >> 1);
+        if ((t & 1) == 0 && token < TOKENS) {
+            reduced[warp][token][g] = acc[m][0];
+            reduced[warp][token][g + 8] = acc[m][1];
+        }
+    }
+    __syncthreads();
+    if constexpr (FOLD != FD_FOLD_NONE) {
+        const int row = tile * QTILE_ROWS + threadIdx.x;
+        const bool holds = threadIdx.x < QTILE_ROWS && row < n;
+        float v = 0.0f;
+        if (holds) {
+            for (int w = 0; w < WARPS; w++) v += reduced[w][0][threadIdx.x];
+        }
+        fd_fold_epilogue<FOLD>(holds, row, v, holds && bias ? bias[row] : 0.0f, out, fold);
+        return;
+    }
+    if (threadIdx.x < TOKENS * QTILE_ROWS) {
+        const int m = threadIdx.x / QTILE_ROWS, r = threadIdx.x % QTILE_ROWS;
+        const int row = tile * QTILE_ROWS + r;
+        if (m < tokens && row < n) {
+            float v = 0.0f;
+            for (int w = 0; w < WARPS; w++) v += reduced[w][m][r];
+            out[(long long)(t0 + m) * out_stride + row] = v + (bias ? bias[row] : 0.0f);
+        }
+    }
+}
+
+// `matmul_q4`'s arguments (`mins` and `row_scales` null: symmetric A16 codes only). Grid:
+// (n / QTILE_ROWS, ceil(t / QTOKENS)), block 32 * QTILE_WARPS; the `_one` kernel grid
+// (n / QTILE_ROWS, 1), block 32 * QTILE_WARPS_ONE.
+extern "C" __global__ void __launch_bounds__(32 * QTILE_WARPS)
+matmul_q4t(const float* x, int x_stride, const unsigned char* codes, int k, int n, int group,
+           const fd_f16* scales, const fd_f16* mins, const float* row_scales, const float* bias,
+           int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
+    const int t0 = blockIdx.y * QTOKENS;
+    qmatmul_tiles<QTILE_WARPS, QTOKENS>(x, x_stride, reinterpret_cast<const uint4*>(codes), k, n,
+                                        group, scales, bias, t0, min(QTOKENS, t - t0), out,
+                                        out_stride);
+}
+extern "C" __global__ void __launch_bounds__(32 * QTILE_WARPS_ONE)
+matmul_q4t_one(const float* x, int x_stride, const unsigned char* codes, int k, int n, int group,
+               const fd_f16* scales, const fd_f16* mins, const float* row_scales,
+               const float* bias, int t, float* out, int out_stride) {
+    fd_grid_start();  // waits after its first weight loads
+    qmatmul_tiles<QTILE_WARPS_ONE, 1>(x, x_stride, reinterpret_cast<const uint4*>(codes), k, n,
+                                      group, scales, bias, 0, 1, out, 0);
+}
+extern "C" __global__ void __launch_bounds__(32 * QTILE_WARPS_ONE)
+matmul_q4t_one_add_norm(const float* x, int x_stride, const unsigned char* codes, int k, int n,
+                        int group, const fd_f16* scales, const fd_f16* mins,
+                        const float* row_scales, const float* bias, int t, float* out,
+                        int out_stride, const float* residual, const float* norm_w,
+                        float* sum_out, float* normed_out, float* partials) {
+    fd_grid_start();
+    FdFold f{};
+    f.residual = residual; f.norm_w = norm_w; f.sum_out = sum_out;
+    f.normed_out = normed_out; f.partials_out = partials;
+    qmatmul_tiles<QTILE_WARPS_ONE, 1, FD_FOLD_ADD_NORM>(
+        x, x_stride, reinterpret_cast<const uint4*>(codes), k, n, group, scales, bias, 0, 1, out,
+        0, f);
+}
+extern "C" __global__ void __launch_bounds__(32 * QTILE_WARPS_ONE)
+matmul_q4t_one_rms(const float* x, int x_stride, const unsigned char* codes, int k, int n,
+                   int group, const fd_f16* scales, const fd_f16* mins, const float* row_scales,
+                   const float* bias, int t, float* out, int out_stride, const float* partials,
+                   int n_partials, int cols, float eps) {
+    fd_grid_start();
+    FdFold f{};
+    f.partials_in = partials; f.n_partials = n_partials; f.cols = cols; f.eps = eps;
+    qmatmul_tiles<QTILE_WARPS_ONE, 1, FD_FOLD_RMS>(
+        x, x_stride, reinterpret_cast<const uint4*>(codes), k, n, group, scales, bias, 0, 1, out,
+        0, f);
+}
+
+// `dequantize_q4_f32` for the tile layout: out = the whole matrix [n, k] as f32, row-major.
+// Grid: (n, column blocks).
+extern "C" __global__ void dequantize_q4t_f32(const unsigned char* codes, int k, int group,
+                                              const fd_f16* scales, const fd_f16* mins,
+                                              float* out) {
+    fd_grid_start();
+    fd_grid_wait();
+    const int row = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x;
+    if (c >= k) return;
+    const int tile = row / QTILE_ROWS, r16 = row % QTILE_ROWS, g = r16 % 8, half = r16 / 8;
+    const int chunk = c / 64, w = (c % 64) / 16, kin = c % 16;
+    const int high8 = kin / 8, t = (kin % 8) / 2, odd = kin % 2;
+    const int j = half | (high8 << 1) | (odd << 2), lane = g * 4 + t;
+    const long long word = (((long long)tile * (k / 64) + chunk) * 32 + lane) * 4 + w;
+    const unsigned code = (reinterpret_cast<const unsigned*>(codes)[word] >> (4 * j)) & 15u;
+    const long long at = ((long long)(row / QPANEL) * (k / group) + c / group) * QPANEL + row % QPANEL;
+    out[(long long)row * k + c] = ((float)code - 8.0f) * fd_load(scales + at);
+}
+#endif  // FD_HIP

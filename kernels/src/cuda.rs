@@ -193,6 +193,73 @@ pub const PREFILL_ATTENTION_FROM_PERCENT: u32 = 50;
 /// codes (up to 16 k) lies inside one group.
 pub const QUANT_K_MULTIPLE: usize = 16;
 
+/// The W4A16 matmul on tensor cores over the tile layout (`qmatmul_tiles` in `cuda/quant.cu`;
+/// the plan's `WeightLayout::QuantTiles`), which a step whose weight has that layout launches in
+/// place of its registry kernel's matmul functions: its kernel for several tokens, then its
+/// kernel for one, as [`functions`] lists them.
+pub const TILE_MATMUL_FUNCTIONS: [&str; 2] = ["matmul_q4t", "matmul_q4t_one"];
+/// The decode-fold variants of `matmul_q4t_one`, as [`fold_functions`] gives them.
+pub const TILE_FOLD_FUNCTIONS: [&str; 2] = ["matmul_q4t_one_add_norm", "matmul_q4t_one_rms"];
+/// The tile layout's whole matrix as f32, for the GEMM (`dequantize_q4_f32`'s arguments).
+pub const TILE_DEQUANTIZE: &str = "dequantize_q4t_f32";
+/// Output rows per block of the tile kernels (`QTILE_ROWS`): an mma's 16 rows.
+pub const QUANT_TILE_ROWS: u32 = 16;
+/// Threads per block of `matmul_q4t` (`QTILE_WARPS` warps) and of the single-token kernels
+/// (`QTILE_WARPS_ONE`).
+pub const QUANT_TILE_THREADS: u32 = 32 * 4;
+pub const QUANT_TILE_THREADS_ONE: u32 = 32 * 16;
+/// K and the group of a tiled weight are multiples of this: a lane's 16 bytes of codes hold
+/// four mmas' 64 k, all scaled by one group's scale.
+pub const QUANT_TILE_K_MULTIPLE: usize = 64;
+
+/// Whether a quantized `[rows, cols]` weight may be stored in the tile layout for the CUDA
+/// matmul on tensor cores: 4-bit symmetric codes under an A16 scheme (activations read as f32),
+/// whole tiles of rows, and K and the group multiples of [`QUANT_TILE_K_MULTIPLE`]. fdc stores
+/// every such weight that only matmuls read in tiles on CUDA targets; fdrt checks it again.
+pub fn tiles_fit(
+    scheme: ir_types::QuantScheme,
+    format: &crate::cpu::QuantFormat,
+    rows: usize,
+    cols: usize,
+) -> bool {
+    scheme == ir_types::QuantScheme::W4A16
+        && format.codes == ir_types::CodeFormat::Int(4)
+        && !format.asymmetric
+        && rows > 0
+        && rows.is_multiple_of(QUANT_TILE_ROWS as usize)
+        && cols > 0
+        && cols.is_multiple_of(QUANT_TILE_K_MULTIPLE)
+        && format.group > 0
+        && format.group.is_multiple_of(QUANT_TILE_K_MULTIPLE)
+        && cols.is_multiple_of(format.group)
+}
+
+/// The 4-bit codes of a `[rows, cols]` matrix moved from the CUDA panels of 8 rows
+/// (`PackedLayout::CUDA_QUANT`: for each panel and k, 4 bytes, row `j` of the panel in nibble
+/// `j / 4` of byte `j % 4`) into the tile layout `qmatmul_tiles` reads (`cuda/quant.cu` says it
+/// in full): per tile of 16 rows and chunk of 64 k, lane L's 16 bytes, word w for k 16w to
+/// 16w + 15, nibble j the element (row g + 8 (j & 1), k 2t + 8 ((j >> 1) & 1) + (j >> 2)),
+/// g = L / 4, t = L % 4. The same number of bytes; `tiles_fit` holds for the shape.
+pub fn tiles_from_panels(panels: &[u8], rows: usize, cols: usize) -> Vec<u8> {
+    debug_assert_eq!(panels.len(), rows * cols / 2);
+    let mut tiles = vec![0u8; panels.len()];
+    let chunks = cols / 64;
+    for row in 0..rows {
+        let (panel, j) = (row / 8, row % 8);
+        let (tile, r16) = (row / 16, row % 16);
+        let (g, half) = (r16 % 8, r16 / 8);
+        for k in 0..cols {
+            let code = (panels[(panel * cols + k) * 4 + j % 4] >> (4 * (j / 4))) & 15;
+            let (chunk, w, kin) = (k / 64, (k % 64) / 16, k % 16);
+            let (high8, t, odd) = (kin / 8, (kin % 8) / 2, kin % 2);
+            let nibble = half | (high8 << 1) | (odd << 2);
+            let word = ((tile * chunks + chunk) * 32 + g * 4 + t) * 4 + w;
+            tiles[word * 4 + nibble / 2] |= code << (4 * (nibble % 2));
+        }
+    }
+    tiles
+}
+
 /// The module functions a GPU kernel of the registry (CUDA or HIP) launches, in launch order.
 pub fn functions(entry: &KernelEntry) -> &'static [&'static str] {
     debug_assert!(matches!(
@@ -319,6 +386,21 @@ mod tests {
                     });
                 assert!(defined, "{} launches {name}", entry.id);
             }
+            // A W4A16 matmul over tiles launches the tile kernels instead (CUDA only).
+            if entry.source == KernelSource::Cuda
+                && entry.key.op == OpKind::MatMul
+                && entry.key.quant == ir_types::QuantScheme::W4A16
+            {
+                let tiles = TILE_MATMUL_FUNCTIONS.iter().chain(&TILE_FOLD_FUNCTIONS);
+                for name in tiles.chain([&TILE_DEQUANTIZE]) {
+                    assert!(
+                        source.contains(&format!("{name}(const float* x"))
+                            || source.contains(&format!("void {name}(")),
+                        "{} has no {name}",
+                        entry.id
+                    );
+                }
+            }
             // The fold variants come from one macro per kernel family, named by the single-token
             // function they extend.
             for name in fold_functions(entry).into_iter().flatten() {
@@ -332,6 +414,44 @@ mod tests {
         }
     }
 
+    /// The tile layout read back by the mma's fragment rules (PTX `mma.m16n8k16`, 16-bit A:
+    /// register r of lane (g, t) holds rows g + 8 (r & 1) and k 2t + 8 (r >> 1), two consecutive
+    /// k, low half first; `fd_codes_bf16x2` takes register r from nibbles r and r + 4 of a word)
+    /// gives back every code of the matrix.
+    #[test]
+    fn tiles_hold_each_code_where_the_mma_fragment_reads_it() {
+        let (rows, cols) = (32, 128);
+        let code = |row: usize, k: usize| ((row * 7 + k * 13 + row * k / 5) % 16) as u8;
+        let mut panels = vec![0u8; rows * cols / 2];
+        for row in 0..rows {
+            let (panel, j) = (row / 8, row % 8);
+            for k in 0..cols {
+                panels[(panel * cols + k) * 4 + j % 4] |= code(row, k) << (4 * (j / 4));
+            }
+        }
+        let tiles = tiles_from_panels(&panels, rows, cols);
+        let mut seen = vec![false; rows * cols];
+        for (piece, bytes) in tiles.chunks(16).enumerate() {
+            let (lane, tile_chunk) = (piece % 32, piece / 32);
+            let (tile, chunk) = (tile_chunk / (cols / 64), tile_chunk % (cols / 64));
+            let (g, t) = (lane / 4, lane % 4);
+            for w in 0..4 {
+                let word = u32::from_le_bytes(bytes[4 * w..4 * w + 4].try_into().unwrap());
+                for r in 0..4 {
+                    for half in 0..2 {
+                        let nibble = r + 4 * half;
+                        let value = ((word >> (4 * nibble)) & 15) as u8;
+                        let row = tile * 16 + g + 8 * (r & 1);
+                        let k = chunk * 64 + w * 16 + 2 * t + 8 * (r >> 1) + half;
+                        assert_eq!(value, code(row, k), "row {row}, k {k}");
+                        seen[row * cols + k] = true;
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&s| s), "every code is read once");
+    }
+
     /// The launch side's sizes are the kernels' own: the tile count the runtime allocates and
     /// launches, the rows per block, the experts the routing ranks.
     #[test]
@@ -341,6 +461,9 @@ mod tests {
             format!("#define FD_MOE_TILE {MOE_TILE_ROWS} "),
             format!("#define FD_MOE_ROWS {MOE_ROWS_PER_BLOCK}\n"),
             format!("#define FD_MOE_MAX_EXPERTS {MOE_MAX_EXPERTS}\n"),
+            format!("#define QTILE_ROWS {QUANT_TILE_ROWS}\n"),
+            format!("#define QTILE_WARPS_ONE {} ", QUANT_TILE_THREADS_ONE / 32),
+            format!("#define QTILE_WARPS {} ", QUANT_TILE_THREADS / 32),
         ] {
             assert!(source.contains(&define), "{define:?} is not in the module");
         }

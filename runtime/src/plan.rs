@@ -155,7 +155,8 @@ impl LoadedPlan {
         std::mem::replace(&mut self.weights, weights)
     }
 
-    pub(crate) fn weight_bytes(&self, w: WeightRef) -> &[u8] {
+    /// The section bytes of weight `w`, as the plan stores them.
+    pub fn weight_bytes(&self, w: WeightRef) -> &[u8] {
         // Present and sized: checked at load.
         self.weights.bytes(w.0 as usize)
     }

@@ -389,5 +389,87 @@ pub(crate) fn kernel_layout(info: &WeightInfo) -> Result<WeightLayout, String> {
         PlanLayout::Panels { panel } => PackedLayout::new(panel as usize)
             .map(WeightLayout::Panels)
             .map_err(|e| e.to_string()),
+        // The CPU kernels never read it (a CUDA plan runs on the GPU engine only); checked as
+        // the panels of 8 rows whose bytes it permutes.
+        PlanLayout::QuantTiles => {
+            check_quant_tiles(info)?;
+            Ok(WeightLayout::Panels(PackedLayout::CUDA_QUANT))
+        }
+    }
+}
+
+/// A weight in the tile layout is one the CUDA tensor-core matmul reads
+/// (`kernels::cuda::tiles_fit`): a quantized matrix in its format and shape.
+fn check_quant_tiles(info: &WeightInfo) -> Result<(), String> {
+    let fits = match (&info.quant, &info.shape[..]) {
+        (Some(q), &[rows, cols]) => {
+            let format = kernels::cpu::QuantFormat {
+                codes: q.codes,
+                group: q.group as usize,
+                asymmetric: q.asymmetric,
+            };
+            info.dtype == DType::U8
+                && kernels::cuda::tiles_fit(q.scheme, &format, rows as usize, cols as usize)
+        }
+        _ => false,
+    };
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(
+            "the tile layout holds 4-bit symmetric W4A16 matrices of whole 16-row tiles with K \
+             and the group multiples of {}; this weight is {:?} {:?} ({:?})",
+            kernels::cuda::QUANT_TILE_K_MULTIPLE,
+            info.shape,
+            info.dtype,
+            info.quant
+                .map(|q| (q.scheme, q.codes, q.group, q.asymmetric))
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use artifacts::schema::QuantInfo;
+    use ir_types::{CodeFormat, QuantScheme};
+
+    /// The tile layout is refused for a weight the tile kernels cannot read, and taken for one
+    /// they can.
+    #[test]
+    fn the_tile_layout_holds_only_what_the_tile_kernels_read() {
+        let info = |scheme, codes, group, asymmetric, shape: Vec<u64>| WeightInfo {
+            name: "w".into(),
+            dtype: DType::U8,
+            shape,
+            layout: PlanLayout::QuantTiles,
+            quant: Some(QuantInfo {
+                scheme,
+                codes,
+                group,
+                asymmetric,
+                scales_offset: 0,
+                mins_offset: 0,
+                from_checkpoint: false,
+            }),
+        };
+        use CodeFormat::Int;
+        use QuantScheme::{W4A16, W4A8, W8A16};
+        let fits = info(W4A16, Int(4), 64, false, vec![32, 128]);
+        assert!(kernel_layout(&fits).is_ok());
+        // Another scheme or code width, minimums, groups of 32, a part tile, stacked experts.
+        let refused: [(QuantScheme, CodeFormat, u64, bool, &[u64]); 6] = [
+            (W8A16, Int(8), 64, false, &[32, 128]),
+            (W4A16, Int(4), 64, true, &[32, 128]),
+            (W4A16, Int(4), 32, false, &[32, 128]),
+            (W4A16, Int(4), 64, false, &[24, 128]),
+            (W4A8, Int(4), 64, false, &[32, 128]),
+            (W4A16, Int(4), 64, false, &[2, 32, 128]),
+        ];
+        for (scheme, codes, group, asymmetric, shape) in refused {
+            let bad = info(scheme, codes, group, asymmetric, shape.to_vec());
+            let err = kernel_layout(&bad).expect_err("refused");
+            assert!(err.contains("tile layout"), "{err}");
+        }
     }
 }

@@ -356,6 +356,95 @@ fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernel
     }
 }
 
+/// W4A16 with symmetric groups of 64: every matmul weight of a CUDA plan goes into the tile
+/// layout of the tensor-core matmul, the codes the panels' moved (`tiles_from_panels`), the
+/// scales where the panels keep them; the tables stay 8-bit panels.
+#[test]
+fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
+    if !available_for_test("symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles") {
+        return;
+    }
+    let compile_sym = |target: Target, name: &str| {
+        let out = common::scratch_path(name);
+        let mut options = CompileOptions {
+            target,
+            weight_dtype: DType::F32,
+            quant: Default::default(),
+            progress: false,
+        };
+        options.quant.scheme = QuantScheme::W4A16;
+        options.quant.group = Some(compiler::passes::quantize_weights::GroupSize::Elements(64));
+        options.quant.asymmetric = Some(false);
+        compiler::compile(&common::golden("tiny/llama"), &out, &options).expect("compiles");
+        LoadedPlan::load(&out).expect("loads without a GPU")
+    };
+    let cuda = compile_sym(Target::Cuda(CudaArch::Sm90), "tiles-llama-sm90.fdp");
+    let cpu = compile_sym(Target::Cpu(ir::CpuIsa::Portable), "tiles-llama-cpu.fdp");
+    let mut tiled = 0;
+    for (i, (w, c)) in cuda
+        .manifest
+        .weights
+        .iter()
+        .zip(&cpu.manifest.weights)
+        .enumerate()
+    {
+        let Some(q) = &w.quant else { continue };
+        if q.codes != ir::CodeFormat::Int(4) {
+            assert_eq!(w.layout, PlanLayout::Panels { panel: 8 }, "{}", w.name);
+            continue;
+        }
+        tiled += 1;
+        assert_eq!(w.layout, PlanLayout::QuantTiles, "{}", w.name);
+        // The same codes as the CPU's (same rows and k), in another order; the same scales.
+        let (rows, cols) = (w.shape[0] as usize, w.shape[1] as usize);
+        let code = |bytes: &[u8], panel: usize, row: usize, k: usize| {
+            let (p, j) = (row / panel, row % panel);
+            let bytes_per_k = panel / 2;
+            (bytes[(p * cols + k) * bytes_per_k + j % bytes_per_k] >> (4 * (j / bytes_per_k))) & 15
+        };
+        let PlanLayout::Panels { panel } = c.layout else {
+            panic!("{}: the CPU plan keeps panels", w.name)
+        };
+        let cpu_codes = cpu.weight_bytes(artifacts::schema::WeightRef(i as u32));
+        let cuda_bytes = cuda.weight_bytes(artifacts::schema::WeightRef(i as u32));
+        let panels_again = {
+            // Back from tiles by the fragment rule `tiles_from_panels` documents.
+            let mut v = vec![0u8; rows * cols / 2];
+            for row in 0..rows {
+                for k in 0..cols {
+                    let (tile, r16) = (row / 16, row % 16);
+                    let (g, half) = (r16 % 8, r16 / 8);
+                    let (chunk, wd, kin) = (k / 64, (k % 64) / 16, k % 16);
+                    let nibble = half | ((kin / 8) << 1) | ((kin % 2) << 2);
+                    let word = ((tile * (cols / 64) + chunk) * 32 + g * 4 + (kin % 8) / 2) * 4 + wd;
+                    let c = (cuda_bytes[word * 4 + nibble / 2] >> (4 * (nibble % 2))) & 15;
+                    let j = row % 8;
+                    v[((row / 8) * cols + k) * 4 + j % 4] |= c << (4 * (j / 4));
+                }
+            }
+            v
+        };
+        for row in 0..rows {
+            for k in 0..cols {
+                assert_eq!(
+                    code(&panels_again, 8, row, k),
+                    code(cpu_codes, panel as usize, row, k),
+                    "{} row {row} k {k}",
+                    w.name
+                );
+            }
+        }
+        let scales = q.scales_offset as usize;
+        assert_eq!(
+            cuda_bytes.len(),
+            scales + rows * (cols / 64) * 2,
+            "{}",
+            w.name
+        );
+    }
+    assert!(tiled >= 7, "{tiled} weights in tiles");
+}
+
 #[test]
 fn a_tied_table_on_cuda_is_read_by_the_quantized_embedding() {
     if !available_for_test("a_tied_table_on_cuda_is_read_by_the_quantized_embedding") {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use compiler::passes::quantize_weights::{GroupSize, QuantOptions};
 use compiler::CompileOptions;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use half::bf16;
@@ -61,17 +62,45 @@ fn cuda_plan(model: &str, arch: CudaArch, dtype: DType) -> PathBuf {
 
 /// A tiny golden model compiled for `target` with `dtype` weights quantized by `scheme`.
 fn compiled_tiny(model: &str, target: Target, dtype: DType, scheme: ir::QuantScheme) -> PathBuf {
+    compiled_tiny_with(model, target, dtype, &scheme_only(scheme))
+}
+
+/// `scheme` with its default groups and symmetry.
+fn scheme_only(scheme: ir::QuantScheme) -> QuantOptions {
+    QuantOptions {
+        scheme,
+        ..Default::default()
+    }
+}
+
+/// W4A16 in symmetric groups of 64: what fits the tile layout of the tensor-core matmul
+/// (`kernels::cuda::tiles_fit`), which fdc then gives every matmul weight of a CUDA plan.
+fn w4a16_tiles() -> QuantOptions {
+    QuantOptions {
+        scheme: ir::QuantScheme::W4A16,
+        group: Some(GroupSize::Elements(64)),
+        asymmetric: Some(false),
+        ..Default::default()
+    }
+}
+
+/// A tiny golden model compiled for `target` with `dtype` weights quantized as `quant` says.
+fn compiled_tiny_with(model: &str, target: Target, dtype: DType, quant: &QuantOptions) -> PathBuf {
+    let scheme = quant.scheme;
+    let shape = match (quant.group, quant.asymmetric) {
+        (None, None) => String::new(),
+        (group, asymmetric) => format!("-{group:?}-{asymmetric:?}").replace(['(', ')', ' '], ""),
+    };
     let out = common::scratch_path(&format!(
-        "tiny-{model}-{scheme}-{dtype}-{}.fdp",
+        "tiny-{model}-{scheme}{shape}-{dtype}-{}.fdp",
         target.name()
     ));
-    let mut options = CompileOptions {
+    let options = CompileOptions {
         target,
         weight_dtype: dtype,
-        quant: Default::default(),
+        quant: quant.clone(),
         progress: false,
     };
-    options.quant.scheme = scheme;
     compiler::compile(&common::golden(&format!("tiny/{model}")), &out, &options)
         .unwrap_or_else(|e| panic!("compiling {model} {scheme} {dtype} for {target}: {e}"));
     out
@@ -743,33 +772,22 @@ fn quantized_matmuls_match_a_float64_reference() {
                     let (x_d, row_scales_d, q, row_scales) = activations(&x, t, act);
                     let row_scales_p = row_scales_d.as_ref().map_or(0, address);
                     let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
-                    let f = function(kernel);
-                    let (ki, ni, gi, ti) = (k as i32, n as i32, group as i32, t as i32);
-                    let mut launch = s.launch_builder(&f);
-                    launch
-                        .arg(&x_d)
-                        .arg(&ki)
-                        .arg(&w_d)
-                        .arg(&ki)
-                        .arg(&ni)
-                        .arg(&gi)
-                        .arg(&scales)
-                        .arg(&mins)
-                        .arg(&row_scales_p)
-                        .arg(&b_d)
-                        .arg(&ti)
-                        .arg(&mut out_d)
-                        .arg(&ni);
-                    let config = LaunchConfig {
-                        grid_dim: (
-                            (n as u32).div_ceil(runtime::cuda::QUANT_MATMUL_ROWS),
-                            t.div_ceil(4) as u32,
-                            1,
-                        ),
-                        block_dim: (runtime::cuda::QUANT_MATMUL_THREADS, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    unsafe { launch.launch(config) }.expect("launch");
+                    let geometry = (
+                        runtime::cuda::QUANT_MATMUL_ROWS,
+                        runtime::cuda::QUANT_MATMUL_THREADS,
+                    );
+                    let (pointers, sizes) = ([scales, mins, row_scales_p], [k, n, group, t]);
+                    launch_quant_matmul(
+                        s,
+                        &function(kernel),
+                        &x_d,
+                        &w_d,
+                        &b_d,
+                        &mut out_d,
+                        pointers,
+                        sizes,
+                        geometry,
+                    );
                     let got = s.clone_dtoh(&out_d).unwrap();
                     let err = relative_error(&got, &reference(&q, &row_scales, &weight));
                     assert!(err < 1e-5, "{case} {kernel} t {t}: relative error {err}");
@@ -781,28 +799,24 @@ fn quantized_matmuls_match_a_float64_reference() {
                 let x = random(t * k, 30);
                 let (x_d, row_scales_d, q, row_scales) = activations(&x, t, act);
                 let out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
-                let args = runtime::cuda::GemmArgs {
-                    x: address(&x_d),
-                    x_stride: k as i32,
-                    w: base,
-                    dtype: DType::F32,
-                    k: k as i32,
-                    n: n as i32,
-                    t: t as i32,
-                    out: address(&out_d),
-                    out_stride: n as i32,
-                    bias: if row_scales_d.is_some() {
+                let args = f32_gemm_args(
+                    address(&x_d),
+                    base,
+                    address(&out_d),
+                    [k, n, t],
+                    if row_scales_d.is_some() {
                         0
                     } else {
                         address(&b_d)
                     },
-                };
+                );
                 let quant = runtime::cuda::QuantArgs {
                     codes,
                     act,
                     group: group as i32,
                     scales,
                     mins,
+                    tiles: false,
                 };
                 assert!(gemm.dequantizes(&quant), "{case}");
                 gemm.run_quantized(s, &args, &quant)
@@ -828,18 +842,208 @@ fn quantized_matmuls_match_a_float64_reference() {
     }
 }
 
+/// A GEMM over f32 activations at `x` ([t, k], packed), a weight at `w` and an output at
+/// `out` ([t, n], packed), `bias` 0 for none.
+fn f32_gemm_args(
+    x: u64,
+    w: u64,
+    out: u64,
+    [k, n, t]: [usize; 3],
+    bias: u64,
+) -> runtime::cuda::GemmArgs {
+    runtime::cuda::GemmArgs {
+        x,
+        x_stride: k as i32,
+        w,
+        dtype: DType::F32,
+        k: k as i32,
+        n: n as i32,
+        t: t as i32,
+        out,
+        out_stride: n as i32,
+        bias,
+    }
+}
+
+/// Launches a quantized row matmul (`matmul_q*`, its `_one` form, the tile kernels) in the
+/// module's argument order: `pointers` are the scales, minimums and rows' activation scales
+/// (0 for none), `sizes` k, n, the group and the tokens t, `geometry` the output rows and
+/// threads per block.
+#[allow(clippy::too_many_arguments)]
+fn launch_quant_matmul(
+    s: &std::sync::Arc<cudarc::driver::CudaStream>,
+    f: &cudarc::driver::CudaFunction,
+    x: &cudarc::driver::CudaSlice<f32>,
+    w: &cudarc::driver::CudaSlice<u8>,
+    bias: &cudarc::driver::CudaSlice<f32>,
+    out: &mut cudarc::driver::CudaSlice<f32>,
+    [scales, mins, row_scales]: [u64; 3],
+    [k, n, group, t]: [usize; 4],
+    (rows, threads): (u32, u32),
+) {
+    let (ki, ni, gi, ti) = (k as i32, n as i32, group as i32, t as i32);
+    let mut launch = s.launch_builder(f);
+    launch
+        .arg(x)
+        .arg(&ki)
+        .arg(w)
+        .arg(&ki)
+        .arg(&ni)
+        .arg(&gi)
+        .arg(&scales)
+        .arg(&mins)
+        .arg(&row_scales)
+        .arg(bias)
+        .arg(&ti)
+        .arg(out)
+        .arg(&ni);
+    let config = LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(rows), t.div_ceil(4) as u32, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: the arguments are the kernels' own (kernels/cuda/quant.cu), the buffers sized
+    // for an [n, k] weight and t rows.
+    unsafe { launch.launch(config) }.expect("launch");
+}
+
+/// The tensor-core W4A16 matmuls over the tile layout (`matmul_q4t`, `matmul_q4t_one`; the
+/// codes moved from panels by `tiles_from_panels`, as fdc writes them) against a float64
+/// reference of the same weights: K of 4 chunks (fewer than the warps) and of 17 (several
+/// rounds, an odd last chunk), a scale per 64 k and per row, one token and 5 (a partial second
+/// block of tokens); and the GEMM over the tiles formed whole (`dequantize_q4t_f32`).
+#[test]
+fn tiled_w4a16_matmuls_match_a_float64_reference() {
+    use ir::{ActQuant, CodeFormat};
+    use kernels::cpu::quant::{QuantBytes, QuantFormat, QuantWeight};
+    use kernels::cpu::PackedLayout;
+    use kernels::cuda::{
+        QUANT_TILE_ROWS, QUANT_TILE_THREADS, QUANT_TILE_THREADS_ONE, TILE_MATMUL_FUNCTIONS,
+    };
+    let Some(arch) = device() else { return };
+    let gpu = module(arch);
+    let s = &gpu.stream;
+    let n = 48usize;
+    let layout = PackedLayout::CUDA_QUANT;
+    let gemm = runtime::cuda::Gemm::new(&gpu, 70, 1088, n * 1088).expect("cuBLAS");
+    let bias = random(n, 8);
+    let b_d = s.clone_htod(&bias).unwrap();
+    let address =
+        |d: &cudarc::driver::CudaSlice<f32>| cudarc::driver::DevicePtr::device_ptr(d, s).0;
+    let function = |name: &str| gpu.module.load_function(name).expect(name);
+    for k in [256usize, 1088] {
+        let values = random(n * k, 7 + k as u64);
+        for group in [64, k] {
+            let case = format!("tiles k {k} group {group}");
+            let format = QuantFormat {
+                codes: CodeFormat::Int(4),
+                group,
+                asymmetric: false,
+            };
+            assert!(kernels::cuda::tiles_fit(
+                ir::QuantScheme::W4A16,
+                &format,
+                n,
+                k
+            ));
+            let matrix = compiler::quantize::quantize(
+                &values,
+                n,
+                k,
+                format,
+                compiler::quantize::Method::RoundToNearest,
+            );
+            let parts = QuantBytes::of(&format, layout, n, k);
+            let panels = parts.write(&matrix.pack(layout).expect("packs"));
+            let weight = QuantWeight::from_bytes(format, layout, n, k, &panels).expect("view");
+            let reference = |x: &[f32]| matmul_reference(x, k, &bias, |c, i| weight.get_f32(c, i));
+            let want_all: Vec<Vec<f64>> = [1usize, 5]
+                .iter()
+                .map(|&t| reference(&random(t * k, 9 + t as u64)))
+                .collect();
+            let codes = n * k / 2;
+            let mut bytes = panels.clone();
+            bytes[..codes].copy_from_slice(&kernels::cuda::tiles_from_panels(
+                &panels[..codes],
+                n,
+                k,
+            ));
+            let w_d = s.clone_htod(&bytes).unwrap();
+            let base = cudarc::driver::DevicePtr::device_ptr(&w_d, s).0;
+            let scales = base + parts.scales_offset as u64;
+            let [several, one] = TILE_MATMUL_FUNCTIONS;
+            for (t, kernel) in [(1usize, one), (1, several), (5, several)] {
+                let x = random(t * k, 9 + t as u64);
+                let want = &want_all[usize::from(t == 5)];
+                let x_d = s.clone_htod(&x).unwrap();
+                let mut out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+                let threads = if kernel == one {
+                    QUANT_TILE_THREADS_ONE
+                } else {
+                    QUANT_TILE_THREADS
+                };
+                let (pointers, sizes) = ([scales, 0, 0], [k, n, group, t]);
+                let geometry = (QUANT_TILE_ROWS, threads);
+                launch_quant_matmul(
+                    s,
+                    &function(kernel),
+                    &x_d,
+                    &w_d,
+                    &b_d,
+                    &mut out_d,
+                    pointers,
+                    sizes,
+                    geometry,
+                );
+                let got = s.clone_dtoh(&out_d).unwrap();
+                let err = relative_error(&got, want);
+                assert!(err < 1e-5, "{case} {kernel} t {t}: relative error {err}");
+            }
+            let t = 70usize;
+            let x = random(t * k, 30);
+            let x_d = s.clone_htod(&x).unwrap();
+            let out_d = s.clone_htod(&vec![f32::NAN; t * n]).unwrap();
+            let args = f32_gemm_args(
+                address(&x_d),
+                base,
+                address(&out_d),
+                [k, n, t],
+                address(&b_d),
+            );
+            let quant = runtime::cuda::QuantArgs {
+                codes: CodeFormat::Int(4),
+                act: ActQuant::None,
+                group: group as i32,
+                scales,
+                mins: 0,
+                tiles: true,
+            };
+            assert!(gemm.dequantizes(&quant), "{case}");
+            gemm.run_quantized(s, &args, &quant).expect("tiled GEMM");
+            let got = s.clone_dtoh(&out_d).unwrap();
+            let err = relative_error(&got, &reference(&x));
+            assert!(err < 1e-5, "GEMM {case}: relative error {err}");
+        }
+    }
+}
+
 /// A tiny golden compiled with a quantized scheme for the GPU and for the CPU from the same
 /// checkpoint: the same codes, so the GPU's logits must match the CPU engine's (which computes
 /// with 16-bit integer activations where the GPU keeps f32) within 1e-3 of the largest logit,
 /// for the golden prompt, a decode step, and a prompt long enough for the quantized GEMM.
 fn quantized_golden_on_the_gpu(model: &str, scheme: ir::QuantScheme) {
+    quantized_golden_on_the_gpu_with(model, &scheme_only(scheme));
+}
+
+fn quantized_golden_on_the_gpu_with(model: &str, quant: &QuantOptions) {
+    let scheme = quant.scheme;
     let Some(arch) = device() else { return };
     if scheme == ir::QuantScheme::Fp8 && arch == CudaArch::Sm80 {
         return skipped("FP8 runs on sm89 and sm90; this device is sm80");
     }
     let dir = common::golden(&format!("tiny/{model}"));
     let compile = |target: Target| {
-        LoadedPlan::load(&compiled_tiny(model, target, DType::F32, scheme)).expect("loading")
+        LoadedPlan::load(&compiled_tiny_with(model, target, DType::F32, quant)).expect("loading")
     };
     let json = common::read_json(&dir.join("golden.json"));
     let ids = common::ids(&json["input_ids"]);
@@ -915,6 +1119,23 @@ fn golden_llama_w4a16_on_the_gpu_matches_the_cpu() {
     quantized_golden_on_the_gpu("llama", ir::QuantScheme::W4A16);
 }
 
+/// Every matmul weight in the tile layout: the tensor-core kernels for one token (the decode
+/// step) and several (the 3-token pass), the tiles formed whole for the GEMM (the long prompt).
+#[test]
+fn golden_llama_w4a16_tiles_on_the_gpu_matches_the_cpu() {
+    let Some(arch) = device() else { return };
+    let plan = compiled_tiny_with("llama", Target::Cuda(arch), DType::F32, &w4a16_tiles());
+    let manifest = LoadedPlan::load(&plan).expect("loading").manifest;
+    let tiled = manifest
+        .weights
+        .iter()
+        .filter(|w| w.layout == artifacts::schema::WeightLayout::QuantTiles)
+        .count();
+    // q, k, v (or their fusion), o, gate and up (or gate_up), down in each of two layers.
+    assert!(tiled >= 8, "{tiled} weights in tiles");
+    quantized_golden_on_the_gpu_with("llama", &w4a16_tiles());
+}
+
 #[test]
 fn golden_qwen2_tied_w8a16_on_the_gpu_matches_the_cpu() {
     quantized_golden_on_the_gpu("qwen2", ir::QuantScheme::W8A16);
@@ -968,16 +1189,17 @@ fn golden_ernie4_5_moe_fp8_experts_on_the_gpu_match_the_cpu() {
 #[test]
 fn decode_folds_give_the_logits_of_unfolded_steps() {
     let Some(arch) = device() else { return };
-    for (model, scheme, dtype) in [
-        ("llama", ir::QuantScheme::None, DType::F32),
-        ("llama", ir::QuantScheme::None, DType::BF16),
-        ("llama", ir::QuantScheme::W4A16, DType::F32),
-        ("qwen2", ir::QuantScheme::W8A16, DType::F32),
-        ("qwen3", ir::QuantScheme::W2A16, DType::F32),
+    for (model, quant, dtype) in [
+        ("llama", scheme_only(ir::QuantScheme::None), DType::F32),
+        ("llama", scheme_only(ir::QuantScheme::None), DType::BF16),
+        ("llama", scheme_only(ir::QuantScheme::W4A16), DType::F32),
+        ("llama", w4a16_tiles(), DType::F32),
+        ("qwen2", scheme_only(ir::QuantScheme::W8A16), DType::F32),
+        ("qwen3", scheme_only(ir::QuantScheme::W2A16), DType::F32),
     ] {
-        let label = format!("{model} {scheme} {dtype}");
+        let label = format!("{model} {:?} {dtype}", quant.scheme);
         // Compiled once, loaded by each engine.
-        let gpu_plan = compiled_tiny(model, Target::Cuda(arch), dtype, scheme);
+        let gpu_plan = compiled_tiny_with(model, Target::Cuda(arch), dtype, &quant);
         let engine = || {
             GpuEngine::new(
                 LoadedPlan::load(&gpu_plan).expect("loading"),
@@ -990,11 +1212,11 @@ fn decode_folds_give_the_logits_of_unfolded_steps() {
         assert!(folded.decode_folds() > 0, "{label}: nothing folded");
         unfolded.unfold_decode_norms();
         assert_eq!(unfolded.decode_folds(), 0);
-        let cpu_plan = compiled_tiny(
+        let cpu_plan = compiled_tiny_with(
             model,
             Target::parse("cpu").expect("the host"),
             dtype,
-            scheme,
+            &quant,
         );
         let mut cpu = runtime::Engine::new(
             LoadedPlan::load(&cpu_plan).expect("loading"),

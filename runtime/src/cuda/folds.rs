@@ -12,7 +12,8 @@ use kernels::registry;
 use std::sync::Arc;
 
 /// Rows of a matmul's output per block, in both the quantized and the plain single-token
-/// kernels: a producer writes one partial sum per block.
+/// kernels (the tile kernels take `QUANT_TILE_ROWS`): a producer writes one partial sum per
+/// block.
 const ROWS_PER_BLOCK: u64 = super::QUANT_MATMUL_ROWS as u64;
 const _: () = assert!(super::QUANT_MATMUL_ROWS == super::PLAIN_MATMUL_ROWS);
 
@@ -66,6 +67,16 @@ impl DecodeFolds {
         let steps = &plan.program.steps;
         let bad = |why: String| RuntimeError::InvalidPlan(format!("decode folds: {why}"));
         // A folded matmul's fold kernel must be what serves a pass of one token.
+        // Blocks of the step's single-token kernel: one partial sum each.
+        let blocks = |i: u32, n: u64| {
+            let rows = match steps.get(i as usize) {
+                Some(step) if super::reads_tiles(plan, step) => {
+                    u64::from(kernels::cuda::QUANT_TILE_ROWS)
+                }
+                _ => ROWS_PER_BLOCK,
+            };
+            n.div_ceil(rows)
+        };
         let matmul_n = |i: u32| match steps.get(i as usize).map(|s| &s.launch) {
             Some(Launch::MatMul { out, .. })
                 if gemm_from
@@ -83,7 +94,7 @@ impl DecodeFolds {
         let per_fold = folds
             .norms
             .iter()
-            .map(|f| matmul_n(f.producer).map(|n| n.div_ceil(ROWS_PER_BLOCK)))
+            .map(|f| matmul_n(f.producer).map(|n| blocks(f.producer, n)))
             .try_fold(1u64, |most, n| n.map(|n| most.max(n)))?;
         let partials = stream
             .alloc_zeros::<f32>((per_fold as usize) * folds.norms.len())
@@ -91,8 +102,12 @@ impl DecodeFolds {
         let base = super::ptr(&partials, stream);
         let function = |step: u32, which: usize| {
             let kernel = &steps[step as usize].kernel;
-            let name = registry::by_name(kernel)
-                .and_then(kernels::cuda::fold_functions)
+            let names = if super::reads_tiles(plan, &steps[step as usize]) {
+                Some(kernels::cuda::TILE_FOLD_FUNCTIONS)
+            } else {
+                registry::by_name(kernel).and_then(kernels::cuda::fold_functions)
+            };
+            let name = names
                 .map(|names| names[which])
                 .ok_or_else(|| bad(format!("{kernel} (step {step}) has no fold kernels")))?;
             module
@@ -117,7 +132,7 @@ impl DecodeFolds {
                 )));
             }
             let partials = base + (index as u64) * per_fold * 4;
-            let n_partials = n.div_ceil(ROWS_PER_BLOCK) as u32;
+            let n_partials = blocks(fold.producer, n) as u32;
             let mut assign = |step: u32, role: FoldRole| match roles.get_mut(step as usize) {
                 Some(slot @ FoldRole::Unchanged) => {
                     *slot = role;

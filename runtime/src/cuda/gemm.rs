@@ -46,13 +46,17 @@ struct Dequantize {
     q2: CudaFunction,
     /// None for a module without FP8 codes (compiled for an architecture without them).
     e4m3: Option<CudaFunction>,
+    /// 4-bit codes in the tile layout (`kernels::cuda::TILE_DEQUANTIZE`); None for a module
+    /// without them (a plan compiled before the layout).
+    q4_tiles: Option<CudaFunction>,
     weights: CudaSlice<f32>,
 }
 
 impl Dequantize {
-    /// The kernel forming weights of these codes.
-    fn function(&self, codes: CodeFormat) -> Option<&CudaFunction> {
-        match codes {
+    /// The kernel forming weights of these codes in their layout.
+    fn function(&self, q: &QuantArgs) -> Option<&CudaFunction> {
+        match q.codes {
+            CodeFormat::Int(4) if q.tiles => self.q4_tiles.as_ref(),
             CodeFormat::Int(8) => Some(&self.q8),
             CodeFormat::Int(4) => Some(&self.q4),
             CodeFormat::Int(2) => Some(&self.q2),
@@ -132,6 +136,7 @@ impl Gemm {
                     q4,
                     q2,
                     e4m3: function("dequantize_e4m3_f32").ok(),
+                    q4_tiles: function(kernels::cuda::TILE_DEQUANTIZE).ok(),
                     weights: s
                         .alloc_zeros::<f32>(max_quant_weight)
                         .map_err(|e| format!("GEMM weight buffer: {e}"))?,
@@ -155,7 +160,7 @@ impl Gemm {
     pub fn dequantizes(&self, q: &QuantArgs) -> bool {
         self.dequantize
             .as_ref()
-            .is_some_and(|d| d.function(q.codes).is_some())
+            .is_some_and(|d| d.function(q).is_some())
     }
 
     /// Queues a matmul whose weight `a.w` holds quantized codes (`q`): the weight formed whole
@@ -177,7 +182,7 @@ impl Gemm {
             .as_ref()
             .ok_or_else(|| fail(&"no dequantizing kernels"))?;
         let function = d
-            .function(q.codes)
+            .function(q)
             .ok_or_else(|| fail(&format!("no GEMM for codes {:?}", q.codes)))?;
         if a.n as usize * a.k as usize > d.weights.len() {
             return Err(fail(&"more than the buffer planned for"));

@@ -22,7 +22,8 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
     PushKernelArg,
 };
-use ir_types::{ActQuant, CodeFormat, CudaArch, Target};
+use ir_types::{ActQuant, CodeFormat, CudaArch, QuantScheme, Target};
+use kernels::cuda::{QUANT_TILE_ROWS, QUANT_TILE_THREADS, QUANT_TILE_THREADS_ONE};
 use kernels::registry::{self, KernelSource};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -116,8 +117,14 @@ impl GpuModule {
                 .ok_or_else(|| {
                     RuntimeError::InvalidPlan(format!("{} is not a CUDA kernel", step.kernel))
                 })?;
+            if reads_tiles(plan, step) && entry.key.quant != QuantScheme::W4A16 {
+                return Err(RuntimeError::InvalidPlan(format!(
+                    "{} reads a weight in the W4A16 tile layout",
+                    step.kernel
+                )));
+            }
             let mut launched = vec![];
-            for &name in kernels::cuda::functions(entry) {
+            for &name in step_function_names(plan, step, entry) {
                 let f = match functions.get(name) {
                     Some(f) => f.clone(),
                     None => {
@@ -489,6 +496,32 @@ fn check_experts(plan: &LoadedPlan, launch: &Launch) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Whether a step is a matmul whose weight is in the tile layout (`PlanLayout::QuantTiles`):
+/// the tensor-core kernels serve it in place of its registry kernel's matmul.
+pub(super) fn reads_tiles(plan: &LoadedPlan, step: &artifacts::schema::Step) -> bool {
+    let Launch::MatMul { w, .. } = &step.launch else {
+        return false;
+    };
+    plan.manifest
+        .weights
+        .get(w.0 as usize)
+        .is_some_and(|info| info.layout == artifacts::schema::WeightLayout::QuantTiles)
+}
+
+/// The functions a step launches, in launch order: its registry kernel's, but a W4A16 matmul
+/// over tiles launches the tile kernels (`GpuModule::open` refuses tiles under another scheme).
+fn step_function_names(
+    plan: &LoadedPlan,
+    step: &artifacts::schema::Step,
+    entry: &registry::KernelEntry,
+) -> &'static [&'static str] {
+    if reads_tiles(plan, step) && entry.key.quant == QuantScheme::W4A16 {
+        &kernels::cuda::TILE_MATMUL_FUNCTIONS
+    } else {
+        kernels::cuda::functions(entry)
+    }
 }
 
 /// A captured graph, owned by one engine.
@@ -1621,11 +1654,12 @@ impl GpuEngine {
                 };
                 if let Some(q) = quant {
                     let scales = [I(q.group), P(q.scales), P(q.mins), P(row_scales)];
-                    let config = grid(
-                        n.div_ceil(QUANT_MATMUL_ROWS),
-                        t.div_ceil(4),
-                        QUANT_MATMUL_THREADS,
-                    );
+                    let (rows, threads) = match (q.tiles, t) {
+                        (false, _) => (QUANT_MATMUL_ROWS, QUANT_MATMUL_THREADS),
+                        (true, 1) => (QUANT_TILE_ROWS, QUANT_TILE_THREADS_ONE),
+                        (true, _) => (QUANT_TILE_ROWS, QUANT_TILE_THREADS),
+                    };
+                    let config = grid(n.div_ceil(rows), t.div_ceil(4), threads);
                     return row_launch(config, &[&head[..], &scales, &tail].concat());
                 }
                 let config = grid(
@@ -2116,9 +2150,11 @@ impl GpuEngine {
     /// Where a quantized weight's scales and minimums are on the device (None for a plain
     /// weight). The plan's check at load verified the offsets against the format.
     fn quant(&self, w: &artifacts::schema::WeightRef) -> Option<QuantArgs> {
-        let q = self.plan.manifest.weights.get(w.0 as usize)?.quant?;
+        let info = self.plan.manifest.weights.get(w.0 as usize)?;
+        let q = info.quant?;
         let base = ptr(&self.weights[w.0 as usize], &self.gpu.stream);
         Some(QuantArgs {
+            tiles: info.layout == artifacts::schema::WeightLayout::QuantTiles,
             codes: q.codes,
             act: q.scheme.act_quant(),
             group: q.group as i32,
@@ -2168,6 +2204,8 @@ pub struct QuantArgs {
     pub scales: u64,
     /// 0 (a null pointer) for symmetric codes.
     pub mins: u64,
+    /// Codes in the tile layout of the tensor-core matmul (`PlanLayout::QuantTiles`).
+    pub tiles: bool,
 }
 
 /// Query rows (query heads x tokens) per block of the prefill attention (`PREFILL_QUERY_ROWS`
