@@ -202,7 +202,7 @@ pub fn compile_to(
     };
     let (program, mtp) = split_mtp(program, main_steps, &graph, &memory)?;
     let layouts = weight_layouts(&graph, &weights, options.target, &quant_plan);
-    let tiles = quant_tiles(&graph, &weights, options.target, &quant_plan);
+    let tiles = quant_tiles(&graph, &weights, options, &quant_plan);
     let weight_infos: Vec<WeightInfo> = weights
         .iter()
         .zip(&layouts)
@@ -583,6 +583,9 @@ fn build_manifest(
                 if q.round_to_nearest {
                     o.push("quant_method=rtn".to_string());
                 }
+                if q.tiles {
+                    o.push("quant_tiles=true".to_string());
+                }
                 for (pattern, scheme) in &q.overrides {
                     o.push(format!("quant_override={pattern}={scheme}"));
                 }
@@ -900,18 +903,17 @@ fn weight_layouts(
         .collect()
 }
 
-/// Per weight, whether a plan for `target` stores it in the tile layout of the CUDA tensor-core
-/// matmul (`PlanLayout::QuantTiles`): where the target's table says so, for quantized matrices
-/// that only matmuls read (as their weight) and that fit the tiles (`kernels::cuda::tiles_fit`).
-/// `FDC_QUANT_TILES=off` keeps them in panels, so the two kernels can be measured on one model.
+/// Per weight, whether a plan stores it in the tile layout of the CUDA tensor-core matmul
+/// (`PlanLayout::QuantTiles`): with `--quant-tiles` on a target whose table has the layout, for
+/// quantized matrices that only matmuls read (as their weight) and that fit the tiles
+/// (`kernels::cuda::tiles_fit`).
 fn quant_tiles(
     graph: &Graph,
     weights: &[ValueId],
-    target: Target,
+    options: &CompileOptions,
     quant_plan: &QuantPlan,
 ) -> Vec<bool> {
-    let enabled = targets::info(target).quant_tiles
-        && std::env::var("FDC_QUANT_TILES").map_or(true, |v| v != "off");
+    let enabled = options.quant.tiles && targets::info(options.target).quant_tiles;
     weights
         .iter()
         .map(|&v| {

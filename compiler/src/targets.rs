@@ -59,8 +59,9 @@ pub struct TargetInfo {
     /// Memory per device.
     pub memory: &'static str,
     pub codegen: CodeGen,
-    /// Whether 4-bit symmetric W4A16 matrices that fit (`kernels::cuda::tiles_fit`) are stored
-    /// in the tile layout of the tensor-core matmul (`WeightLayout::QuantTiles`).
+    /// Whether 4-bit symmetric W4A16 matrices that fit (`kernels::cuda::tiles_fit`) can be
+    /// stored in the tile layout of the tensor-core matmul (`WeightLayout::QuantTiles`, with
+    /// `fdc compile --quant-tiles`).
     pub quant_tiles: bool,
     /// What has run on real hardware and what has only been compiled.
     pub verified: &'static str,
@@ -96,9 +97,9 @@ const CUDA_INT_QUANTS: [(QuantScheme, &str); 5] = [
     (QuantScheme::W8A16, "codes unpacked in registers, f32 FMAs"),
     (
         QuantScheme::W4A16,
-        "symmetric codes in 16-row tiles with K and groups multiples of 64: tensor cores \
-         (mma.m16n8k16 bf16, the activations split into three bf16: exact products, f32 sums); \
-         otherwise codes unpacked in registers, f32 FMAs",
+        "codes unpacked in registers, f32 FMAs; with --quant-tiles, symmetric codes in 16-row \
+         tiles with K and groups multiples of 64 on tensor cores (mma.m16n8k16 bf16, the \
+         activations split into three bf16: exact products, f32 sums; not yet run on a GPU)",
     ),
     (QuantScheme::W2A16, "codes unpacked in registers, f32 FMAs"),
     (

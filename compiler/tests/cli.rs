@@ -214,6 +214,17 @@ fn bad_flags_list_the_choices() {
         &["compile", model.to_str().unwrap(), "--dtype", "f8"],
         &["f8", "bf16"],
     );
+    // The tile layout is the CUDA targets'.
+    check_fails(
+        &[
+            "compile",
+            model.to_str().unwrap(),
+            "--target",
+            "dcu",
+            "--quant-tiles",
+        ],
+        &["--quant-tiles", "dcu-gfx906", "CUDA"],
+    );
     check_fails(&["inspect", "/no/such/plan.fdp"], &["/no/such/plan.fdp"]);
 }
 

@@ -356,7 +356,7 @@ fn a_quantized_cuda_plan_keeps_codes_in_panels_of_8_and_picks_the_schemes_kernel
     }
 }
 
-/// W4A16 with symmetric groups of 64: every matmul weight of a CUDA plan goes into the tile
+/// W4A16 with symmetric groups of 64 and `--quant-tiles`: every matmul weight of a CUDA plan goes into the tile
 /// layout of the tensor-core matmul, the codes the panels' moved (`tiles_from_panels`), the
 /// scales where the panels keep them; the tables stay 8-bit panels.
 #[test]
@@ -375,6 +375,7 @@ fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
         options.quant.scheme = QuantScheme::W4A16;
         options.quant.group = Some(compiler::passes::quantize_weights::GroupSize::Elements(64));
         options.quant.asymmetric = Some(false);
+        options.quant.tiles = true;
         compiler::compile(&common::golden("tiny/llama"), &out, &options).expect("compiles");
         LoadedPlan::load(&out).expect("loads without a GPU")
     };
@@ -443,6 +444,24 @@ fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
         );
     }
     assert!(tiled >= 7, "{tiled} weights in tiles");
+    // Without --quant-tiles (the default until the tile kernels have run on a GPU): panels.
+    let mut options = CompileOptions {
+        target: Target::Cuda(CudaArch::Sm90),
+        weight_dtype: DType::F32,
+        quant: Default::default(),
+        progress: false,
+    };
+    options.quant.scheme = QuantScheme::W4A16;
+    options.quant.group = Some(compiler::passes::quantize_weights::GroupSize::Elements(64));
+    options.quant.asymmetric = Some(false);
+    let out = common::scratch_path("panels-llama-sm90.fdp");
+    compiler::compile(&common::golden("tiny/llama"), &out, &options).expect("compiles");
+    let plan = LoadedPlan::load(&out).expect("loads");
+    assert!(plan
+        .manifest
+        .weights
+        .iter()
+        .all(|w| w.layout != PlanLayout::QuantTiles));
 }
 
 #[test]

@@ -73,13 +73,15 @@ fn scheme_only(scheme: ir::QuantScheme) -> QuantOptions {
     }
 }
 
-/// W4A16 in symmetric groups of 64: what fits the tile layout of the tensor-core matmul
-/// (`kernels::cuda::tiles_fit`), which fdc then gives every matmul weight of a CUDA plan.
+/// W4A16 in symmetric groups of 64 with `--quant-tiles`: what fits the tile layout of the
+/// tensor-core matmul (`kernels::cuda::tiles_fit`), which fdc then gives every matmul weight
+/// of a CUDA plan.
 fn w4a16_tiles() -> QuantOptions {
     QuantOptions {
         scheme: ir::QuantScheme::W4A16,
         group: Some(GroupSize::Elements(64)),
         asymmetric: Some(false),
+        tiles: true,
         ..Default::default()
     }
 }

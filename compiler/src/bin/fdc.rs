@@ -54,6 +54,10 @@ enum Command {
         /// Plain round-to-nearest for asymmetric groups instead of fitted ranges.
         #[arg(long)]
         quant_rtn: bool,
+        /// CUDA targets: store W4A16 matmul weights with symmetric groups of a multiple of 64
+        /// in the tile layout of the tensor-core matmul (not yet run on a GPU; off by default).
+        #[arg(long)]
+        quant_tiles: bool,
         /// Per-weight scheme, `PATTERN=SCHEME` (`lm_head=w8a16`, `embed*=none`), repeatable;
         /// `*` matches anything, a pattern matches whole dot-separated parts of a name.
         #[arg(long, value_name = "PATTERN=SCHEME")]
@@ -223,6 +227,7 @@ fn run() -> Result<()> {
             quant_asym,
             quant_sym,
             quant_rtn,
+            quant_tiles,
             quant_override,
             calibration,
             smooth_alpha,
@@ -264,8 +269,13 @@ fn run() -> Result<()> {
                 bail!("--smooth-alpha {smooth_alpha} is not between 0 and 1");
             }
             quant.smooth_alpha = smooth_alpha;
+            let target = parse_target(&target)?;
+            if quant_tiles && !compiler::targets::info(target).quant_tiles {
+                bail!("--quant-tiles: target {target} has no tile layout (the CUDA targets do)");
+            }
+            quant.tiles = quant_tiles;
             let options = CompileOptions {
-                target: parse_target(&target)?,
+                target,
                 weight_dtype: parse_dtype(&dtype)?,
                 quant,
                 progress: !quiet,

@@ -54,6 +54,10 @@ pub struct QuantOptions {
     /// SmoothQuant's migration strength for the schemes that quantize activations, with
     /// `calibration` (`crate::smooth`); 0 turns smoothing off.
     pub smooth_alpha: f32,
+    /// Store the W4A16 matmul weights that fit in the tile layout of the CUDA tensor-core
+    /// matmul (`fdc compile --quant-tiles`; `kernels::cuda::tiles_fit`). Off by default until
+    /// the tile kernels have run on a GPU (docs/GPU.md).
+    pub tiles: bool,
 }
 
 /// Shared calibration statistics; two are equal when they are the same file read once.
@@ -78,6 +82,7 @@ impl Default for QuantOptions {
             round_to_nearest: false,
             calibration: None,
             smooth_alpha: DEFAULT_SMOOTH_ALPHA,
+            tiles: false,
         }
     }
 }
