@@ -364,7 +364,7 @@ fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
     if !available_for_test("symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles") {
         return;
     }
-    let compile_sym = |target: Target, name: &str| {
+    let compile_sym = |target: Target, name: &str, tiles: bool| {
         let out = common::scratch_path(name);
         let mut options = CompileOptions {
             target,
@@ -375,12 +375,16 @@ fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
         options.quant.scheme = QuantScheme::W4A16;
         options.quant.group = Some(compiler::passes::quantize_weights::GroupSize::Elements(64));
         options.quant.asymmetric = Some(false);
-        options.quant.tiles = true;
+        options.quant.tiles = tiles;
         compiler::compile(&common::golden("tiny/llama"), &out, &options).expect("compiles");
         LoadedPlan::load(&out).expect("loads without a GPU")
     };
-    let cuda = compile_sym(Target::Cuda(CudaArch::Sm90), "tiles-llama-sm90.fdp");
-    let cpu = compile_sym(Target::Cpu(ir::CpuIsa::Portable), "tiles-llama-cpu.fdp");
+    let cuda = compile_sym(Target::Cuda(CudaArch::Sm90), "tiles-llama-sm90.fdp", true);
+    let cpu = compile_sym(
+        Target::Cpu(ir::CpuIsa::Portable),
+        "tiles-llama-cpu.fdp",
+        true,
+    );
     let mut tiled = 0;
     for (i, (w, c)) in cuda
         .manifest
@@ -445,18 +449,7 @@ fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
     }
     assert!(tiled >= 7, "{tiled} weights in tiles");
     // Without --quant-tiles (the default until the tile kernels have run on a GPU): panels.
-    let mut options = CompileOptions {
-        target: Target::Cuda(CudaArch::Sm90),
-        weight_dtype: DType::F32,
-        quant: Default::default(),
-        progress: false,
-    };
-    options.quant.scheme = QuantScheme::W4A16;
-    options.quant.group = Some(compiler::passes::quantize_weights::GroupSize::Elements(64));
-    options.quant.asymmetric = Some(false);
-    let out = common::scratch_path("panels-llama-sm90.fdp");
-    compiler::compile(&common::golden("tiny/llama"), &out, &options).expect("compiles");
-    let plan = LoadedPlan::load(&out).expect("loads");
+    let plan = compile_sym(Target::Cuda(CudaArch::Sm90), "panels-llama-sm90.fdp", false);
     assert!(plan
         .manifest
         .weights
