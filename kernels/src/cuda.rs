@@ -452,6 +452,254 @@ mod tests {
         assert!(seen.iter().all(|&s| s), "every code is read once");
     }
 
+    /// A host model of one launch of `qmatmul_tiles` (`cuda/quant.cu`), statement for
+    /// statement: the warps' chunks and slots, the activations' three bf16 pieces staged per
+    /// lane, the codes unpacked by the kernel's constants (bf16 128 + v, then times 1 minus
+    /// 136), each `mma.m16n8k16` formed from the 32 lanes' registers by the PTX fragment rules
+    /// (A: rows g, g + 8, k 2t, 2t + 8; B: k 2t, 2t + 8, column g; D: row g, g + 8, columns 2t,
+    /// 2t + 1), the chunk's scale, the lane pairs' sum and the warps' reduction. Its outputs
+    /// must be the matrix product to f32 accuracy: an index or constant the kernel gets wrong
+    /// here shows up as a wrong row or token. (The kernel itself runs in the GPU tests.)
+    #[test]
+    #[allow(clippy::needless_range_loop)] // indexed as the kernel indexes, to read side by side
+    fn the_tile_kernels_walk_gives_the_matrix_product() {
+        use half::{bf16, f16};
+        struct Model {
+            warps: usize,
+            tokens_per_block: usize,
+        }
+        fn lop3_bf16(w: u32) -> [f32; 2] {
+            let p = (w & 0x000f_000f) | 0x4300_4300;
+            let (one, minus136) = (bf16::from_bits(0x3f80), bf16::from_bits(0xc308));
+            [p as u16, (p >> 16) as u16].map(|h| {
+                let v = bf16::from_bits(h).to_f32() * one.to_f32() + minus136.to_f32();
+                bf16::from_f32(v).to_f32()
+            })
+        }
+        fn split3(v: f32) -> [u16; 3] {
+            let hi = bf16::from_f32(v);
+            let r = v - hi.to_f32();
+            let mid = bf16::from_f32(r);
+            let lo = bf16::from_f32(r - mid.to_f32());
+            [hi.to_bits(), mid.to_bits(), lo.to_bits()]
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn run(
+            m: &Model,
+            x: &[f32],
+            t: usize,
+            tiles: &[u32],
+            k: usize,
+            n: usize,
+            group: usize,
+            scales: &[f16],
+        ) -> Vec<f32> {
+            const UNIT: usize = 2;
+            const SLOTS: usize = 4;
+            let (chunks, groups) = (k / 64, k / group);
+            let mmas = m.tokens_per_block.div_ceil(2);
+            let mut out = vec![f32::NAN; t * n];
+            for tile in 0..n / 16 {
+                for t0 in (0..t).step_by(m.tokens_per_block) {
+                    let tokens = (t - t0).min(m.tokens_per_block);
+                    let mut reduced = vec![vec![[0f32; 16]; m.tokens_per_block]; m.warps];
+                    for warp in 0..m.warps {
+                        let mut acc = vec![vec![[0f32; 2]; mmas]; 32];
+                        let mut c0 = warp * UNIT;
+                        while c0 < chunks {
+                            let chunk_of = |s: usize| c0 + (s / UNIT) * m.warps * UNIT + s % UNIT;
+                            // Staging: lane L takes 8 k of slot L / 8.
+                            let mut xs = vec![[[0u16; SLOTS * 64]; 3]; m.tokens_per_block];
+                            for lane in 0..32 {
+                                let (s, kk) = (lane / 8, (lane % 8) * 8);
+                                let chunk = chunk_of(s);
+                                for (tok, x_tok) in xs.iter_mut().enumerate() {
+                                    for i in 0..8 {
+                                        let v = if tok < tokens && chunk < chunks {
+                                            x[(t0 + tok) * k + chunk * 64 + kk + i]
+                                        } else {
+                                            0.0
+                                        };
+                                        for (p, piece) in split3(v).into_iter().enumerate() {
+                                            x_tok[p][s * 64 + kk + i] = piece;
+                                        }
+                                    }
+                                }
+                            }
+                            for s in 0..SLOTS {
+                                let chunk = chunk_of(s);
+                                if chunk >= chunks {
+                                    break;
+                                }
+                                let grp = chunk * 64 / group;
+                                let mut d = vec![vec![[0f32; 4]; mmas]; 32];
+                                for w in 0..4 {
+                                    // Each lane's registers, then the mma over all 32.
+                                    let a: Vec<[[f32; 2]; 4]> = (0..32)
+                                        .map(|lane| {
+                                            let word = tiles
+                                                [((tile * chunks + chunk) * 32 + lane) * 4 + w];
+                                            [0, 1, 2, 3].map(|j| lop3_bf16(word >> (4 * j)))
+                                        })
+                                        .collect();
+                                    for mm in 0..mmas {
+                                        let b: Vec<[[f32; 2]; 2]> = (0..32)
+                                            .map(|lane| {
+                                                let (g, tq) = (lane / 4, lane % 4);
+                                                let (token, piece) = (2 * mm + g / 4, g % 4);
+                                                let kb = s * 64 + w * 16 + 2 * tq;
+                                                let at = |i: usize| {
+                                                    if piece < 3 && token < m.tokens_per_block {
+                                                        bf16::from_bits(xs[token][piece][i])
+                                                            .to_f32()
+                                                    } else {
+                                                        0.0
+                                                    }
+                                                };
+                                                [[at(kb), at(kb + 1)], [at(kb + 8), at(kb + 9)]]
+                                            })
+                                            .collect();
+                                        let mut am = [[0f64; 16]; 16];
+                                        let mut bm = [[0f64; 8]; 16];
+                                        for lane in 0..32 {
+                                            let (g, tq) = (lane / 4, lane % 4);
+                                            for (r, reg) in a[lane].iter().enumerate() {
+                                                for (h, v) in reg.iter().enumerate() {
+                                                    am[g + 8 * (r & 1)]
+                                                        [2 * tq + 8 * (r >> 1) + h] = *v as f64;
+                                                }
+                                            }
+                                            for (r, reg) in b[lane].iter().enumerate() {
+                                                for (h, v) in reg.iter().enumerate() {
+                                                    bm[2 * tq + 8 * r + h][g] = *v as f64;
+                                                }
+                                            }
+                                        }
+                                        for (lane, dl) in d.iter_mut().enumerate() {
+                                            let (g, tq) = (lane / 4, lane % 4);
+                                            for (i, v) in dl[mm].iter_mut().enumerate() {
+                                                let (row, col) = (g + 8 * (i / 2), 2 * tq + i % 2);
+                                                let sum: f64 = (0..16)
+                                                    .map(|kk| am[row][kk] * bm[kk][col])
+                                                    .sum();
+                                                *v = (*v as f64 + sum) as f32;
+                                            }
+                                        }
+                                    }
+                                }
+                                for (lane, al) in acc.iter_mut().enumerate() {
+                                    let g = lane / 4;
+                                    let s0 = scales[((2 * tile) * groups + grp) * 8 + g].to_f32();
+                                    let s1 =
+                                        scales[((2 * tile + 1) * groups + grp) * 8 + g].to_f32();
+                                    for mm in 0..mmas {
+                                        al[mm][0] += s0 * (d[lane][mm][0] + d[lane][mm][1]);
+                                        al[mm][1] += s1 * (d[lane][mm][2] + d[lane][mm][3]);
+                                    }
+                                }
+                            }
+                            c0 += m.warps * SLOTS;
+                        }
+                        for lane in 0..32 {
+                            let (g, tq) = (lane / 4, lane % 4);
+                            for mm in 0..mmas {
+                                let token = 2 * mm + tq / 2;
+                                if tq % 2 == 0 && token < m.tokens_per_block {
+                                    reduced[warp][token][g] =
+                                        acc[lane][mm][0] + acc[lane ^ 1][mm][0];
+                                    reduced[warp][token][g + 8] =
+                                        acc[lane][mm][1] + acc[lane ^ 1][mm][1];
+                                }
+                            }
+                        }
+                    }
+                    for tok in 0..tokens {
+                        for r in 0..16 {
+                            let v: f32 = reduced.iter().map(|w| w[tok][r]).sum();
+                            out[(t0 + tok) * n + tile * 16 + r] = v;
+                        }
+                    }
+                }
+            }
+            out
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let n = 32;
+        for (k, group) in [(1088, 64), (256, 128), (256, 256)] {
+            let codes: Vec<u8> = (0..n * k).map(|_| (next() % 16) as u8).collect();
+            let groups = k / group;
+            let scales: Vec<f16> = (0..n * groups)
+                .map(|_| f16::from_f32(0.01 + (next() % 1000) as f32 * 1e-5))
+                .collect();
+            // Scales in panels of 8 rows: (panel, group, row of the panel).
+            let scale =
+                |row: usize, c: usize| scales[((row / 8) * groups + c / group) * 8 + row % 8];
+            let mut panels = vec![0u8; n * k / 2];
+            for row in 0..n {
+                let (panel, j) = (row / 8, row % 8);
+                for c in 0..k {
+                    panels[(panel * k + c) * 4 + j % 4] |= codes[row * k + c] << (4 * (j / 4));
+                }
+            }
+            let tiles: Vec<u32> = tiles_from_panels(&panels, n, k)
+                .chunks(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            for (model, t) in [
+                (
+                    Model {
+                        warps: 16,
+                        tokens_per_block: 1,
+                    },
+                    1,
+                ),
+                (
+                    Model {
+                        warps: 4,
+                        tokens_per_block: 4,
+                    },
+                    7,
+                ),
+            ] {
+                // Activations of mixed sizes, some far below and above 1.
+                let x: Vec<f32> = (0..t * k)
+                    .map(|_| {
+                        let v = (next() % 20001) as f32 / 10000.0 - 1.0;
+                        v * [1e-3f32, 1.0, 300.0][(next() % 3) as usize]
+                    })
+                    .collect();
+                let got = run(&model, &x, t, &tiles, k, n, group, &scales);
+                for tok in 0..t {
+                    let want: Vec<f64> = (0..n)
+                        .map(|row| {
+                            (0..k)
+                                .map(|c| {
+                                    let w =
+                                        (codes[row * k + c] as f64 - 8.0) * scale(row, c).to_f64();
+                                    w * x[tok * k + c] as f64
+                                })
+                                .sum()
+                        })
+                        .collect();
+                    let largest = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+                    for row in 0..n {
+                        let err = (got[tok * n + row] as f64 - want[row]).abs() / largest;
+                        assert!(
+                            err < 1e-6,
+                            "k {k} group {group} token {tok} row {row}: {err:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// The launch side's sizes are the kernels' own: the tile count the runtime allocates and
     /// launches, the rows per block, the experts the routing ranks.
     #[test]
