@@ -448,6 +448,26 @@ fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
         );
     }
     assert!(tiled >= 7, "{tiled} weights in tiles");
+    // A plan whose tiles another kernel would read (the 8-bit head's matmul, the embedding)
+    // is refused before the device.
+    for table in ["lm_head", "embed"] {
+        let mut plan =
+            LoadedPlan::load(&common::scratch_path("tiles-llama-sm90.fdp")).expect("loads");
+        let w = plan
+            .manifest
+            .weights
+            .iter_mut()
+            .find(|w| w.name.contains(table))
+            .expect("the table");
+        w.layout = PlanLayout::QuantTiles;
+        let err = runtime::cuda::GpuEngine::new(plan, 0, EngineOptions::default())
+            .err()
+            .expect("refused");
+        assert!(
+            matches!(err, RuntimeError::InvalidPlan(_)) && err.to_string().contains("tile layout"),
+            "{table}: {err}"
+        );
+    }
     // Without --quant-tiles (the default until the tile kernels have run on a GPU): panels.
     let plan = compile_sym(Target::Cuda(CudaArch::Sm90), "panels-llama-sm90.fdp", false);
     assert!(plan

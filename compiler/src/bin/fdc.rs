@@ -273,6 +273,25 @@ fn run() -> Result<()> {
             if quant_tiles && !compiler::targets::info(target).quant_tiles {
                 bail!("--quant-tiles: target {target} has no tile layout (the CUDA targets do)");
             }
+            // The tiles hold W4A16 in symmetric groups of a multiple of 64: say so rather than
+            // tile nothing.
+            let tileable_group = match quant.group {
+                Some(GroupSize::Elements(g)) => g % kernels::cuda::QUANT_TILE_K_MULTIPLE == 0,
+                Some(GroupSize::Channel) => true,
+                None => false,
+            };
+            let w4a16 = quant.scheme == QuantScheme::W4A16
+                || quant
+                    .overrides
+                    .iter()
+                    .any(|(_, s)| *s == QuantScheme::W4A16);
+            if quant_tiles && !(w4a16 && quant.asymmetric == Some(false) && tileable_group) {
+                bail!(
+                    "--quant-tiles stores W4A16 weights in symmetric groups of a multiple of {}: \
+                     add --quant w4a16 --quant-sym --group-size 64 (or 128, ..., channel)",
+                    kernels::cuda::QUANT_TILE_K_MULTIPLE
+                );
+            }
             quant.tiles = quant_tiles;
             let options = CompileOptions {
                 target,

@@ -117,12 +117,6 @@ impl GpuModule {
                 .ok_or_else(|| {
                     RuntimeError::InvalidPlan(format!("{} is not a CUDA kernel", step.kernel))
                 })?;
-            if reads_tiles(plan, step) && entry.key.quant != QuantScheme::W4A16 {
-                return Err(RuntimeError::InvalidPlan(format!(
-                    "{} reads a weight in the W4A16 tile layout",
-                    step.kernel
-                )));
-            }
             let mut launched = vec![];
             for &name in step_function_names(plan, step, entry) {
                 let f = match functions.get(name) {
@@ -381,10 +375,12 @@ fn expert_inter(gate_up: &artifacts::schema::WeightInfo, experts: u64) -> usize 
 
 /// Refuses, before any upload, a plan the CUDA kernels cannot run as written: latent attention
 /// wider than `kernels/cuda/mla.cu` holds, a mixture of more experts than the routing ranks or
-/// whose weights disagree with its launch.
+/// whose weights disagree with its launch, a weight in the tile layout read by anything but the
+/// W4A16 matmul.
 fn check_kernel_limits(plan: &LoadedPlan) -> Result<(), RuntimeError> {
     use kernels::cuda::{MLA_MAX_HEAD, MLA_MAX_LORA, MLA_MAX_ROPE};
     for step in &plan.program.steps {
+        check_tile_readers(plan, step).map_err(RuntimeError::InvalidPlan)?;
         if let Launch::MlaAttention {
             nope_dim,
             rope_dim,
@@ -417,6 +413,30 @@ fn check_kernel_limits(plan: &LoadedPlan) -> Result<(), RuntimeError> {
             }
             check_experts(plan, &step.launch).map_err(RuntimeError::InvalidPlan)?;
         }
+    }
+    Ok(())
+}
+
+/// Only the W4A16 matmul reads the tile layout, and only as its weight: any other reader would
+/// take the permuted codes for panels.
+fn check_tile_readers(plan: &LoadedPlan, step: &artifacts::schema::Step) -> Result<(), String> {
+    let tiled = |w: &artifacts::schema::WeightRef| {
+        plan.manifest
+            .weights
+            .get(w.0 as usize)
+            .is_some_and(|info| info.layout == artifacts::schema::WeightLayout::QuantTiles)
+    };
+    let w4a16 = registry::by_name(&step.kernel).is_some_and(|e| e.key.quant == QuantScheme::W4A16);
+    let elsewhere = match &step.launch {
+        Launch::MatMul { w, bias, .. } => (tiled(w) && !w4a16) || bias.as_ref().is_some_and(tiled),
+        launch => launch.operands().2.iter().any(tiled),
+    };
+    if elsewhere {
+        return Err(format!(
+            "{} reads a weight in the W4A16 tile layout, which only the W4A16 matmul reads as \
+             its weight",
+            step.kernel
+        ));
     }
     Ok(())
 }
@@ -511,7 +531,7 @@ pub(super) fn reads_tiles(plan: &LoadedPlan, step: &artifacts::schema::Step) -> 
 }
 
 /// The functions a step launches, in launch order: its registry kernel's, but a W4A16 matmul
-/// over tiles launches the tile kernels (`GpuModule::open` refuses tiles under another scheme).
+/// over tiles launches the tile kernels (`check_tile_readers` refused tiles anywhere else).
 fn step_function_names(
     plan: &LoadedPlan,
     step: &artifacts::schema::Step,
