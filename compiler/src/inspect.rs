@@ -211,6 +211,11 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
                 }
             ),
         };
+        let key = if w.layout == artifacts::schema::WeightLayout::QuantTiles {
+            format!("{key} in tensor-core tiles")
+        } else {
+            key
+        };
         storage.entry(key).or_default().push(&w.name);
     }
     for (key, names) in &storage {
@@ -251,7 +256,8 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
         crate::targets::CodeGen::Hipcc(_) => ("hipBLAS", "DCU module"),
         _ => ("cuBLAS", "CUDA module"),
     };
-    let mut shapes: BTreeMap<(&str, u64, u64, Option<u32>), usize> = BTreeMap::new();
+    // A weight in tiles runs on the tensor-core kernels instead of its registry kernel's.
+    let mut shapes: BTreeMap<(&str, bool, u64, u64, Option<u32>), usize> = BTreeMap::new();
     for (i, step) in program.steps.iter().enumerate() {
         if let artifacts::schema::Launch::MatMul { w, .. } = &step.launch {
             if let Some(info) = manifest.weights.get(w.0 as usize) {
@@ -259,8 +265,9 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
                     let gemm = dispatch
                         .as_ref()
                         .and_then(|d| d.gemm_from_tokens.get(i).copied().flatten());
+                    let tiles = info.layout == artifacts::schema::WeightLayout::QuantTiles;
                     *shapes
-                        .entry((step.kernel.as_str(), n, k, gemm))
+                        .entry((step.kernel.as_str(), tiles, n, k, gemm))
                         .or_default() += 1;
                 }
             }
@@ -272,8 +279,14 @@ pub fn inspect(path: &Path, kv_memory: &[u64]) -> Result<String, PlanError> {
             "
 matmuls by shape (N x K of the weight)"
         );
-        for ((kernel, n, k, gemm), count) in shapes {
+        for ((kernel, tiles, n, k, gemm), count) in shapes {
             let gemm = gemm.map_or(String::new(), |t| format!("  {blas} GEMM from {t} tokens"));
+            let gemm = if tiles {
+                let [several, one] = kernels::cuda::TILE_MATMUL_FUNCTIONS;
+                format!("  in tiles: tensor-core row kernels ({one}, {several}){gemm}")
+            } else {
+                gemm
+            };
             let _ = writeln!(
                 out,
                 "  {kernel:<36} {:>16} x{count}{gemm}",

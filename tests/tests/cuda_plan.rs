@@ -448,6 +448,14 @@ fn symmetric_w4a16_matmul_weights_of_a_cuda_plan_are_stored_in_tiles() {
         );
     }
     assert!(tiled >= 7, "{tiled} weights in tiles");
+    // `fdc inspect` says which weights are in tiles and which kernels read them.
+    let report = compiler::inspect::inspect(&common::scratch_path("tiles-llama-sm90.fdp"), &[])
+        .expect("inspects");
+    assert!(
+        report.contains("symmetric) in tensor-core tiles")
+            && report.contains("in tiles: tensor-core row kernels (matmul_q4t_one, matmul_q4t)"),
+        "{report}"
+    );
     // A plan whose tiles another kernel would read (the 8-bit head's matmul, the embedding)
     // is refused before the device.
     for table in ["lm_head", "embed"] {
