@@ -880,12 +880,7 @@ fn weight_layouts(
                 return panels;
             }
             let users = graph.users(v);
-            let by_matmul = |n: NodeId| {
-                let node = graph.node(n);
-                matches!(node.op, Op::MatMul)
-                    && node.inputs.get(1) == Some(&v)
-                    && node.inputs.iter().filter(|&&i| i == v).count() == 1
-            };
+            let by_matmul = |n: NodeId| reads_as_matmul_weight(graph, n, v);
             let by_embedding = |n: NodeId| {
                 let node = graph.node(n);
                 matches!(node.op, Op::Embedding) && node.inputs.first() == Some(&v)
@@ -901,6 +896,14 @@ fn weight_layouts(
             }
         })
         .collect()
+}
+
+/// Whether node `n` is a matmul reading `v` as its weight, and in no other role.
+fn reads_as_matmul_weight(graph: &Graph, n: NodeId, v: ValueId) -> bool {
+    let node = graph.node(n);
+    matches!(node.op, Op::MatMul)
+        && node.inputs.get(1) == Some(&v)
+        && node.inputs.iter().filter(|&&i| i == v).count() == 1
 }
 
 /// Per weight, whether a plan stores it in the tile layout of the CUDA tensor-core matmul
@@ -921,13 +924,8 @@ fn quant_tiles(
                 return false;
             };
             let users = graph.users(v);
-            let only_matmuls = !users.is_empty()
-                && users.iter().all(|&n| {
-                    let node = graph.node(n);
-                    matches!(node.op, Op::MatMul)
-                        && node.inputs.get(1) == Some(&v)
-                        && node.inputs.iter().filter(|&&i| i == v).count() == 1
-                });
+            let only_matmuls =
+                !users.is_empty() && users.iter().all(|&n| reads_as_matmul_weight(graph, n, v));
             let ty = graph.ty(v);
             let (rows, cols) = matrix_dims(ty);
             only_matmuls

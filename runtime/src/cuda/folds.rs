@@ -66,7 +66,6 @@ impl DecodeFolds {
         }
         let steps = &plan.program.steps;
         let bad = |why: String| RuntimeError::InvalidPlan(format!("decode folds: {why}"));
-        // A folded matmul's fold kernel must be what serves a pass of one token.
         // Blocks of the step's single-token kernel: one partial sum each.
         let blocks = |i: u32, n: u64| {
             let rows = match steps.get(i as usize) {
@@ -77,6 +76,7 @@ impl DecodeFolds {
             };
             n.div_ceil(rows)
         };
+        // A folded matmul's fold kernel must be what serves a pass of one token.
         let matmul_n = |i: u32| match steps.get(i as usize).map(|s| &s.launch) {
             Some(Launch::MatMul { out, .. })
                 if gemm_from

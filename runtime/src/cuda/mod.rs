@@ -420,12 +420,7 @@ fn check_kernel_limits(plan: &LoadedPlan) -> Result<(), RuntimeError> {
 /// Only the W4A16 matmul reads the tile layout, and only as its weight: any other reader would
 /// take the permuted codes for panels.
 fn check_tile_readers(plan: &LoadedPlan, step: &artifacts::schema::Step) -> Result<(), String> {
-    let tiled = |w: &artifacts::schema::WeightRef| {
-        plan.manifest
-            .weights
-            .get(w.0 as usize)
-            .is_some_and(|info| info.layout == artifacts::schema::WeightLayout::QuantTiles)
-    };
+    let tiled = |w: &artifacts::schema::WeightRef| in_tiles(plan, w);
     let w4a16 = registry::by_name(&step.kernel).is_some_and(|e| e.key.quant == QuantScheme::W4A16);
     let elsewhere = match &step.launch {
         Launch::MatMul { w, bias, .. } => (tiled(w) && !w4a16) || bias.as_ref().is_some_and(tiled),
@@ -521,9 +516,11 @@ fn check_experts(plan: &LoadedPlan, launch: &Launch) -> Result<(), String> {
 /// Whether a step is a matmul whose weight is in the tile layout (`PlanLayout::QuantTiles`):
 /// the tensor-core kernels serve it in place of its registry kernel's matmul.
 pub(super) fn reads_tiles(plan: &LoadedPlan, step: &artifacts::schema::Step) -> bool {
-    let Launch::MatMul { w, .. } = &step.launch else {
-        return false;
-    };
+    matches!(&step.launch, Launch::MatMul { w, .. } if in_tiles(plan, w))
+}
+
+/// Whether weight `w` is stored in the tile layout (`PlanLayout::QuantTiles`).
+fn in_tiles(plan: &LoadedPlan, w: &artifacts::schema::WeightRef) -> bool {
     plan.manifest
         .weights
         .get(w.0 as usize)
@@ -2170,11 +2167,10 @@ impl GpuEngine {
     /// Where a quantized weight's scales and minimums are on the device (None for a plain
     /// weight). The plan's check at load verified the offsets against the format.
     fn quant(&self, w: &artifacts::schema::WeightRef) -> Option<QuantArgs> {
-        let info = self.plan.manifest.weights.get(w.0 as usize)?;
-        let q = info.quant?;
+        let q = self.plan.manifest.weights.get(w.0 as usize)?.quant?;
         let base = ptr(&self.weights[w.0 as usize], &self.gpu.stream);
         Some(QuantArgs {
-            tiles: info.layout == artifacts::schema::WeightLayout::QuantTiles,
+            tiles: in_tiles(&self.plan, w),
             codes: q.codes,
             act: q.scheme.act_quant(),
             group: q.group as i32,
