@@ -90,44 +90,34 @@ __device__ __forceinline__ void fd_softmax_merge(float& m, float& l, float acc[K
     m = m_new;
 }
 
-// Grid: (H, T, chunks); block: 32 * ATTENTION_WARPS. partial: [T, H, chunks, PARTIAL_WIDTH].
-// With the RoPE tables given, q arrives unrotated (as kv_append_f32's K does).
-// Each group of KEY_LANES lanes takes every (ATTENTION_WARPS * KEY_GROUPS)-th key of the chunk
-// with an online softmax; the groups, then the warps, are merged into the chunk's partial.
-// Chunks past the query's position write an empty partial.
-extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
-                                                 const unsigned int* positions,
-                                                 const unsigned int* tables,
-                                                 const unsigned int* table_offsets, int block_size,
-                                                 int n_heads, int kv_heads, float scale,
-                                                 const float* k_cache, const float* v_cache,
-                                                 const float* cos_table, const float* sin_table,
-                                                 int table_stride, int min_chunk,
-                                                 float* partial) {
-    fd_grid_start();
-    fd_grid_wait();
+// Attends query r of head h to positions [begin, end) of its sequence and leaves the block's
+// merged state `[m, l, acc[FD_HEAD_DIM]]` in `state` (global or shared memory). With the RoPE
+// tables given, q arrives unrotated (as kv_append_f32's K does). With `new_k` given, the query's
+// own position is read from the pass's K and V rows (`new_k`, `new_v`: that token's kv head g,
+// K unrotated) instead of the cache, for the fused decode kernel below, whose append the cache
+// may not hold yet. Every thread of the block calls it (it synchronizes the block).
+//
+// Each group of KEY_LANES lanes takes every (ATTENTION_WARPS * KEY_GROUPS)-th key of the range
+// with an online softmax; the groups, then the warps, are merged into the state.
+__device__ __forceinline__ void fd_attend_range(const float* q, int q_stride,
+                                                const unsigned int* positions,
+                                                const unsigned int* blocks, int block_size,
+                                                int n_heads, int kv_heads, float scale,
+                                                const float* k_cache, const float* v_cache,
+                                                const float* cos_table, const float* sin_table,
+                                                int table_stride, int h, int r, int begin,
+                                                int end, const float* new_k, const float* new_v,
+                                                float* state) {
     __shared__ float part_max[ATTENTION_WARPS], part_sum[ATTENTION_WARPS];
     __shared__ float part_acc[ATTENTION_WARPS][KEY_LANES * KEY_DIMS];
-    const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, chunks = gridDim.z;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = lane / KEY_LANES, first = (lane % KEY_LANES) * KEY_DIMS;
     const int g = h / (n_heads / kv_heads);
-    const unsigned int* blocks = tables + table_offsets[r];
-    const int len = positions[r] + 1;
-    const int chunk = max(min_chunk, (len + chunks - 1) / chunks);
-    const int begin = c * chunk, end = min(begin + chunk, len);
-    float* out = partial + (((long long)r * n_heads + h) * chunks + c) * PARTIAL_WIDTH;
-    if (begin >= len) {
-        if (threadIdx.x == 0) {
-            out[0] = FD_NEG_INF;
-            out[1] = 0.0f;
-        }
-        return;
-    }
+    const int own = positions[r];
     // The query row may sit anywhere in the activations: read element by element, once, and
     // rotated here when RoPE is fused into attention.
     const float* qh = q + (long long)r * q_stride + h * FD_HEAD_DIM;
-    const long long table_row = (long long)positions[r] * table_stride;
+    const long long table_row = (long long)own * table_stride;
     float qv[KEY_DIMS], acc[KEY_DIMS];
 #pragma unroll
     for (int j = 0; j < KEY_DIMS; j++) {
@@ -139,12 +129,19 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
     float m = FD_NEG_INF, l = 0.0f;
     const int stride = ATTENTION_WARPS * KEY_GROUPS;
     // Every lane of a group runs the same iterations (the shuffles below need the whole warp);
-    // a group past the chunk's end computes nothing it keeps.
+    // a group past the range's end computes nothing it keeps.
     for (int p0 = begin + warp * KEY_GROUPS; p0 < end; p0 += stride) {
         const int p = p0 + group;
         const bool live = p < end;
         float kv[KEY_DIMS], vv[KEY_DIMS];
-        if (live) {
+        if (live && new_k && p == own) {
+#pragma unroll
+            for (int j = 0; j < KEY_DIMS; j++) {
+                const bool in = first + j < FD_HEAD_DIM;
+                kv[j] = in ? fd_rope_at(new_k, first + j, cos_table, sin_table, table_row) : 0.0f;
+                vv[j] = in ? new_v[first + j] : 0.0f;
+            }
+        } else if (live) {
             const long long at = fd_cache_row(blocks, block_size, p, kv_heads, g);
             fd_load_key_dims(k_cache + at, first, kv);
             fd_load_key_dims(v_cache + at, first, vv);
@@ -187,7 +184,7 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
     __syncthreads();
     float m_all = FD_NEG_INF;
     for (int w = 0; w < ATTENTION_WARPS; w++) m_all = fmaxf(m_all, part_max[w]);
-    // A warp that saw no key (a chunk shorter than the warps) holds m = -inf and adds nothing.
+    // A warp that saw no key (a range shorter than the warps) holds m = -inf and adds nothing.
     float l_all = 0.0f;
     for (int w = 0; w < ATTENTION_WARPS; w++) {
         if (part_max[w] != FD_NEG_INF) l_all += part_sum[w] * expf(part_max[w] - m_all);
@@ -197,11 +194,62 @@ extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
         for (int w = 0; w < ATTENTION_WARPS; w++) {
             if (part_max[w] != FD_NEG_INF) v += part_acc[w][d] * expf(part_max[w] - m_all);
         }
-        out[2 + d] = v;
+        state[2 + d] = v;
     }
     if (threadIdx.x == 0) {
-        out[0] = m_all;
-        out[1] = l_all;
+        state[0] = m_all;
+        state[1] = l_all;
+    }
+}
+
+// Grid: (H, T, chunks); block: 32 * ATTENTION_WARPS. partial: [T, H, chunks, PARTIAL_WIDTH].
+// Chunks past the query's position write an empty partial.
+extern "C" __global__ void attention_partial_f32(const float* q, int q_stride,
+                                                 const unsigned int* positions,
+                                                 const unsigned int* tables,
+                                                 const unsigned int* table_offsets, int block_size,
+                                                 int n_heads, int kv_heads, float scale,
+                                                 const float* k_cache, const float* v_cache,
+                                                 const float* cos_table, const float* sin_table,
+                                                 int table_stride, int min_chunk,
+                                                 float* partial) {
+    fd_grid_start();
+    fd_grid_wait();
+    const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, chunks = gridDim.z;
+    const int len = positions[r] + 1;
+    const int chunk = max(min_chunk, (len + chunks - 1) / chunks);
+    const int begin = c * chunk, end = min(begin + chunk, len);
+    float* out = partial + (((long long)r * n_heads + h) * chunks + c) * PARTIAL_WIDTH;
+    if (begin >= len) {
+        if (threadIdx.x == 0) {
+            out[0] = FD_NEG_INF;
+            out[1] = 0.0f;
+        }
+        return;
+    }
+    fd_attend_range(q, q_stride, positions, tables + table_offsets[r], block_size, n_heads,
+                    kv_heads, scale, k_cache, v_cache, cos_table, sin_table, table_stride, h, r,
+                    begin, end, nullptr, nullptr, out);
+}
+
+// Query r's output for head h from `parts` states `[m, l, acc]` (`state(c)` reads value i of
+// state c), each weighted by exp(m_c - max m); empty states (m = -inf) add nothing.
+template <typename State>
+__device__ __forceinline__ void fd_merge_states(int parts, State state, float* oh) {
+    float m_all = FD_NEG_INF;
+    for (int c = 0; c < parts; c++) m_all = fmaxf(m_all, state(c, 0));
+    float l_all = 0.0f;
+    for (int c = 0; c < parts; c++) {
+        const float m = state(c, 0);
+        if (m != FD_NEG_INF) l_all += state(c, 1) * expf(m - m_all);
+    }
+    for (int d = threadIdx.x; d < FD_HEAD_DIM; d += blockDim.x) {
+        float v = 0.0f;
+        for (int c = 0; c < parts; c++) {
+            const float m = state(c, 0);
+            if (m != FD_NEG_INF) v += state(c, 2 + d) * expf(m - m_all);
+        }
+        oh[d] = v / l_all;
     }
 }
 
@@ -213,23 +261,72 @@ extern "C" __global__ void attention_merge_f32(const float* partial, int n_heads
     fd_grid_wait();
     const int h = blockIdx.x, r = blockIdx.y;
     const float* base = partial + ((long long)r * n_heads + h) * chunks * PARTIAL_WIDTH;
-    float m_all = FD_NEG_INF;
-    for (int c = 0; c < chunks; c++) m_all = fmaxf(m_all, base[c * PARTIAL_WIDTH]);
-    float l_all = 0.0f;
-    for (int c = 0; c < chunks; c++) {
-        const float* part = base + c * PARTIAL_WIDTH;
-        if (part[0] != FD_NEG_INF) l_all += part[1] * expf(part[0] - m_all);
-    }
-    float* oh = out + (long long)r * out_stride + h * FD_HEAD_DIM;
-    for (int d = threadIdx.x; d < FD_HEAD_DIM; d += blockDim.x) {
-        float v = 0.0f;
-        for (int c = 0; c < chunks; c++) {
-            const float* part = base + c * PARTIAL_WIDTH;
-            if (part[0] != FD_NEG_INF) v += part[2 + d] * expf(part[0] - m_all);
-        }
-        oh[d] = v / l_all;
-    }
+    fd_merge_states(
+        chunks, [&](int c, int i) { return base[c * PARTIAL_WIDTH + i]; },
+        out + (long long)r * out_stride + h * FD_HEAD_DIM);
 }
+
+#ifndef FD_HIP
+// Decode attention in one launch (sm90), for passes in which every token is its sequence's
+// only one: the KV append, the split attention and the merge of its chunks, which otherwise
+// take three dependent launches per layer. The grid is (H, T, chunks), launched in clusters of
+// (1, 1, chunks): a query's chunks share a cluster, each block leaves its chunk's state in its
+// shared memory, and the cluster's first block merges them through distributed shared memory
+// after a cluster barrier, so no partials go through global memory and no merge is launched.
+// The block whose chunk holds a token's position, for the first query head of each kv head,
+// writes the token's K (rotated) and V into the cache; every block reads that position from
+// the pass's K and V rows instead, so no block waits for the write. (A pass with two tokens of
+// one sequence would need the other token's write: those take the three kernels.)
+extern "C" __global__ void attention_decode_f32(const float* q, int q_stride,
+                                                const unsigned int* positions,
+                                                const unsigned int* tables,
+                                                const unsigned int* table_offsets,
+                                                int block_size, int n_heads, int kv_heads,
+                                                float scale, float* k_cache, float* v_cache,
+                                                const float* cos_table, const float* sin_table,
+                                                int table_stride, int min_chunk, const float* k,
+                                                int k_stride, const float* v, int v_stride,
+                                                float* out, int out_stride) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    fd_grid_start();
+    fd_grid_wait();
+    __shared__ float state[PARTIAL_WIDTH];
+    const int h = blockIdx.x, r = blockIdx.y, c = blockIdx.z, chunks = gridDim.z;
+    const int group_heads = n_heads / kv_heads, g = h / group_heads;
+    const int own = positions[r], len = own + 1;
+    const int chunk = max(min_chunk, (len + chunks - 1) / chunks);
+    const int begin = c * chunk, end = min(begin + chunk, len);
+    const unsigned int* blocks = tables + table_offsets[r];
+    const float* new_k = k + (long long)r * k_stride + g * FD_HEAD_DIM;
+    const float* new_v = v + (long long)r * v_stride + g * FD_HEAD_DIM;
+    if (h % group_heads == 0 && begin <= own && own < end) {
+        const long long at = fd_cache_row(blocks, block_size, own, kv_heads, g);
+        const long long p = (long long)own * table_stride;
+        for (int d = threadIdx.x; d < FD_HEAD_DIM; d += blockDim.x) {
+            k_cache[at + d] = fd_rope_at(new_k, d, cos_table, sin_table, p);
+            v_cache[at + d] = new_v[d];
+        }
+    }
+    if (begin < len) {
+        fd_attend_range(q, q_stride, positions, blocks, block_size, n_heads, kv_heads, scale,
+                        k_cache, v_cache, cos_table, sin_table, table_stride, h, r, begin, end,
+                        new_k, new_v, state);
+    } else if (threadIdx.x == 0) {
+        state[0] = FD_NEG_INF;
+        state[1] = 0.0f;
+    }
+    fd_cluster_sync();  // every chunk's state written and visible to the cluster
+    if (fd_cluster_rank() == 0) {
+        const unsigned int local = fd_shared_address(state);
+        fd_merge_states(
+            (int)fd_cluster_size(),
+            [&](int part, int i) { return fd_cluster_load(local + 4 * i, part); },
+            out + (long long)r * out_stride + h * FD_HEAD_DIM);
+    }
+    fd_cluster_sync();  // no block leaves (freeing its shared memory) before the merge read it
+#endif
+}
+#endif  // FD_HIP
 
 // Prefill attention: a block takes a tile of query rows (up to PREFILL_QUERY_ROWS: the query
 // heads of one kv head for consecutive tokens of one sequence) and walks their keys in tiles of

@@ -26,6 +26,41 @@ __device__ __forceinline__ void fd_grid_wait() {
 #endif
 }
 
+#if !defined(FD_HIP)
+// Thread block clusters (sm90; only kernels launched in clusters call these): the block's rank
+// in its cluster, the cluster's size, a barrier over the cluster's threads (writes to shared
+// memory before it are seen by every block of the cluster after it), and a load from another
+// block's shared memory at the offset of a local shared address.
+__device__ __forceinline__ unsigned int fd_cluster_rank() {
+    unsigned int rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+}
+__device__ __forceinline__ unsigned int fd_cluster_size() {
+    unsigned int size;
+    asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+    return size;
+}
+__device__ __forceinline__ void fd_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
+                     : "memory");
+}
+__device__ __forceinline__ unsigned int fd_shared_address(const void* p) {
+    unsigned int address;
+    asm("{\n\t.reg .u64 a;\n\tcvta.to.shared.u64 a, %1;\n\tcvt.u32.u64 %0, a;\n\t}"
+        : "=r"(address)
+        : "l"(p));
+    return address;
+}
+__device__ __forceinline__ float fd_cluster_load(unsigned int local, unsigned int rank) {
+    unsigned int remote;
+    float value;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(value) : "r"(remote) : "memory");
+    return value;
+}
+#endif
+
 // Half-precision weights as 16-bit patterns; distinct types so that `fd_load` picks the widening.
 struct fd_bf16 {
     unsigned short bits;

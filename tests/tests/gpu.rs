@@ -219,31 +219,56 @@ fn paged_attention_matches_a_float64_reference() {
     let gpu = module(arch);
     // 7 tokens in 3 chunks of at least one position: the keys span all three chunks, and the
     // first queries leave chunks empty.
-    check_paged_attention(&gpu, 7, 3, 1, false, false);
+    check_paged_attention(&gpu, 7, 3, 1, false, Attend::Split);
     // 45 tokens in 2 chunks of at least 16: chunks longer than the 16 keys a block takes at a
     // time, and a last round where only some lane groups hold a key.
-    check_paged_attention(&gpu, 45, 2, 16, false, false);
+    check_paged_attention(&gpu, 45, 2, 16, false, Attend::Split);
     // RoPE fused: q and k arrive unrotated and the kernels rotate them with the tables.
-    check_paged_attention(&gpu, 7, 3, 1, true, false);
-    check_paged_attention(&gpu, 45, 2, 16, true, false);
+    check_paged_attention(&gpu, 7, 3, 1, true, Attend::Split);
+    check_paged_attention(&gpu, 45, 2, 16, true, Attend::Split);
     // The tiled prefill kernel: tiles of 8 tokens, the last partial, keys in tiles of 32 (45
     // positions: a partial key tile), with and without RoPE.
-    check_paged_attention(&gpu, 45, 1, 1, false, true);
-    check_paged_attention(&gpu, 45, 1, 1, true, true);
-    check_paged_attention(&gpu, 3, 1, 1, true, true);
+    check_paged_attention(&gpu, 45, 1, 1, false, Attend::Tiled);
+    check_paged_attention(&gpu, 45, 1, 1, true, Attend::Tiled);
+    check_paged_attention(&gpu, 3, 1, 1, true, Attend::Tiled);
+    // The one-launch decode kernel (sm90: clusters), the last token of the sequence appended
+    // and attended at once: its chunks merged in a cluster of 3 (the new key in the last
+    // chunk), of 8 with chunks left empty, of 16 (the largest), and one chunk alone.
+    if arch == CudaArch::Sm90 {
+        for rope in [false, true] {
+            check_paged_attention(&gpu, 7, 3, 1, rope, Attend::Decode);
+            check_paged_attention(&gpu, 45, 8, 16, rope, Attend::Decode);
+            check_paged_attention(&gpu, 45, 16, 1, rope, Attend::Decode);
+            check_paged_attention(&gpu, 45, 1, 16, rope, Attend::Decode);
+        }
+    }
+}
+
+/// Which attention kernels `check_paged_attention` runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Attend {
+    /// The append, then the split kernel and its merge: every token of the pass.
+    Split,
+    /// The append, then the tiled prefill kernel: every token.
+    Tiled,
+    /// The append of all but the last token, then the one-launch decode kernel for the last
+    /// (its append, its chunks, their merge in a cluster): the last token only.
+    Decode,
 }
 
 /// `t` tokens of one sequence attended in one pass, split into `chunks` chunks of at least
 /// `min_chunk` positions, against a float64 reference; with `rope`, q and k are rotated by the
-/// kernels (rotate-half, random angles per position and pair) and by the reference.
+/// kernels (rotate-half, random angles per position and pair) and by the reference. With
+/// `Attend::Decode`, the last token's output and its cache rows are checked.
 fn check_paged_attention(
     gpu: &GpuModule,
     t: usize,
     chunks: usize,
     min_chunk: i32,
     rope: bool,
-    tiled: bool,
+    kernels: Attend,
 ) {
+    let tiled = kernels == Attend::Tiled;
     // The tiny llama's shapes: 4 heads sharing 2 kv heads of 16, in blocks of 4 positions, the
     // sequence's blocks out of order in a pool with one spare block.
     let (heads, kv_heads, d, block_size) = (4usize, 2usize, 16usize, 4usize);
@@ -321,8 +346,10 @@ fn check_paged_attention(
         .arg(&table_stride)
         .arg(&mut k_cache)
         .arg(&mut v_cache);
+    // The decode kernel appends the last token itself.
+    let appended = if kernels == Attend::Decode { t - 1 } else { t };
     let config = LaunchConfig {
-        grid_dim: (kv_heads as u32, t as u32, 1),
+        grid_dim: (kv_heads as u32, appended as u32, 1),
         block_dim: (d as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -347,7 +374,46 @@ fn check_paged_attention(
                 .arg(&table_stride)
         };
     }
-    if tiled {
+    if kernels == Attend::Decode {
+        launch_decode_attention(
+            gpu,
+            DecodeAttention {
+                q: offset_ptr(gpu, &q_d, (t - 1) * heads * d),
+                positions: offset_ptr(gpu, &pos_d, t - 1),
+                tables: offset_ptr(gpu, &blocks_d, 0),
+                offsets: offset_ptr(gpu, &offsets_d, 0),
+                k: offset_ptr(gpu, &k_d, (t - 1) * kv_heads * d),
+                v: offset_ptr(gpu, &v_d, (t - 1) * kv_heads * d),
+                k_cache: offset_ptr(gpu, &k_cache, 0),
+                v_cache: offset_ptr(gpu, &v_cache, 0),
+                cos: cos_p,
+                sin: sin_p,
+                out: offset_ptr(gpu, &out_d, (t - 1) * heads * d),
+                shape: [q_cols, bs, h_i, kv_i, table_stride, min_chunk, kv_cols],
+                scale,
+                chunks: chunks as u32,
+            },
+        );
+        // The appended rows: K rotated, V as given, at the last position's slot.
+        let (kc, vc) = (
+            s.clone_dtoh(&k_cache).unwrap(),
+            s.clone_dtoh(&v_cache).unwrap(),
+        );
+        let p = t - 1;
+        let slot = blocks[p / block_size] as usize * block_size + p % block_size;
+        for g in 0..kv_heads {
+            for i in 0..d {
+                let at = (slot * kv_heads + g) * d + i;
+                let want_k = k_ref[(p * kv_heads + g) * d + i];
+                assert!(
+                    (kc[at] as f64 - want_k).abs() <= 1e-5 * want_k.abs().max(1.0),
+                    "appended K, kv head {g} element {i}: {} against {want_k}",
+                    kc[at]
+                );
+                assert_eq!(vc[at], v[(p * kv_heads + g) * d + i], "appended V");
+            }
+        }
+    } else if tiled {
         // Tiles of 16 query rows over the 2 query heads of a kv head: 8 tokens each.
         let tile_tokens = 16 / (heads / kv_heads);
         let tiles: Vec<u32> = (0..t)
@@ -404,7 +470,7 @@ fn check_paged_attention(
         };
         unsafe { launch.launch(config) }.expect("merge launch");
     }
-    let got = s.clone_dtoh(&out_d).unwrap();
+    let mut got = s.clone_dtoh(&out_d).unwrap();
     let mut want = vec![0f64; t * heads * d];
     for r in 0..t {
         for h in 0..heads {
@@ -427,11 +493,124 @@ fn check_paged_attention(
             }
         }
     }
+    if kernels == Attend::Decode {
+        // Only the last token was attended (the other rows stay NaN).
+        let last = (t - 1) * heads * d;
+        got.drain(..last);
+        want.drain(..last);
+    }
     let err = relative_error(&got, &want);
     assert!(
         err < 1e-5,
-        "{t} tokens in {chunks} chunks, rope {rope}, tiled {tiled}: relative error {err}"
+        "{t} tokens in {chunks} chunks, rope {rope}, {kernels:?}: relative error {err}"
     );
+}
+
+/// The device address `at` elements into `slice`.
+fn offset_ptr<T>(gpu: &GpuModule, slice: &cudarc::driver::CudaSlice<T>, at: usize) -> u64 {
+    cudarc::driver::DevicePtr::device_ptr(slice, &gpu.stream).0
+        + (at * std::mem::size_of::<T>()) as u64
+}
+
+/// The arguments of `attention_decode_f32` (device addresses, then
+/// `[q_stride, block_size, heads, kv_heads, table_stride, min_chunk, kv_stride]`).
+struct DecodeAttention {
+    q: u64,
+    positions: u64,
+    tables: u64,
+    offsets: u64,
+    k: u64,
+    v: u64,
+    k_cache: u64,
+    v_cache: u64,
+    cos: u64,
+    sin: u64,
+    out: u64,
+    shape: [i32; 7],
+    scale: f32,
+    chunks: u32,
+}
+
+/// Launches `attention_decode_f32` for one query, its `chunks` chunks in one cluster, and
+/// waits for it. cudarc's launch builder sets no cluster, hence the driver call.
+fn launch_decode_attention(gpu: &GpuModule, a: DecodeAttention) {
+    use cudarc::driver::sys;
+    let f = gpu
+        .module
+        .load_function("attention_decode_f32")
+        .expect("attention_decode_f32");
+    if a.chunks > 8 {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        )
+        .expect("clusters of more than 8 blocks");
+    }
+    let [q_stride, block_size, heads, kv_heads, table_stride, min_chunk, kv_stride] = a.shape;
+    let mut params: Vec<*mut std::ffi::c_void> = vec![];
+    let (p, i, fl) = (
+        |v: &u64| v as *const u64 as *mut std::ffi::c_void,
+        |v: &i32| v as *const i32 as *mut std::ffi::c_void,
+        |v: &f32| v as *const f32 as *mut std::ffi::c_void,
+    );
+    params.extend([
+        p(&a.q),
+        i(&q_stride),
+        p(&a.positions),
+        p(&a.tables),
+        p(&a.offsets),
+    ]);
+    params.extend([i(&block_size), i(&heads), i(&kv_heads), fl(&a.scale)]);
+    params.extend([
+        p(&a.k_cache),
+        p(&a.v_cache),
+        p(&a.cos),
+        p(&a.sin),
+        i(&table_stride),
+    ]);
+    params.extend([
+        i(&min_chunk),
+        p(&a.k),
+        i(&kv_stride),
+        p(&a.v),
+        i(&kv_stride),
+    ]);
+    let out_stride = q_stride;
+    params.extend([p(&a.out), i(&out_stride)]);
+    // SAFETY: the parameters point at live values of the kernel's argument types, in order;
+    // the addresses are allocations of the caller sized for one query of `heads` heads.
+    unsafe {
+        let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attribute.value.clusterDim.x = 1;
+        attribute.value.clusterDim.y = 1;
+        attribute.value.clusterDim.z = a.chunks;
+        let config = sys::CUlaunchConfig {
+            gridDimX: heads as u32,
+            gridDimY: 1,
+            gridDimZ: a.chunks,
+            blockDimX: 128,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: gpu.stream.cu_stream(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        gpu.stream
+            .context()
+            .bind_to_thread()
+            .expect("binding the context");
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+        .expect("decode attention launch");
+    }
+    gpu.stream.synchronize().expect("decode attention ran");
 }
 
 /// A table on the device.
@@ -1190,6 +1369,7 @@ fn golden_ernie4_5_moe_fp8_experts_on_the_gpu_match_the_cpu() {
 /// plain and A16-quantized weights, with and without biases, a tied head.
 #[test]
 fn decode_folds_give_the_logits_of_unfolded_steps() {
+    // Also: decode attention in one launch gives the logits of its three kernels.
     let Some(arch) = device() else { return };
     for (model, quant, dtype) in [
         ("llama", scheme_only(ir::QuantScheme::None), DType::F32),
@@ -1214,6 +1394,14 @@ fn decode_folds_give_the_logits_of_unfolded_steps() {
         assert!(folded.decode_folds() > 0, "{label}: nothing folded");
         unfolded.unfold_decode_norms();
         assert_eq!(unfolded.decode_folds(), 0);
+        // And attention in one launch (sm90) against its three kernels, the folds kept.
+        assert_eq!(
+            folded.set_one_launch_decode_attention(true),
+            arch == CudaArch::Sm90,
+            "{label}: one-launch decode attention on {arch:?}"
+        );
+        let mut split = engine().expect("uploading");
+        assert!(!split.set_one_launch_decode_attention(false));
         let cpu_plan = compiled_tiny_with(
             model,
             Target::parse("cpu").expect("the host"),
@@ -1231,10 +1419,21 @@ fn decode_folds_give_the_logits_of_unfolded_steps() {
         let want = cpu.prefill(&ids, true).expect("CPU prefill");
         folded.forward(prompt, false).expect("prefill");
         unfolded.forward(prompt, false).expect("prefill");
+        split.forward(prompt, false).expect("prefill");
         for (i, &token) in decode.iter().enumerate() {
             let got = folded.forward(&[token], false).expect("folded decode");
             let plain = unfolded.forward(&[token], false).expect("unfolded decode");
+            let three = split
+                .forward(&[token], false)
+                .expect("split-attention decode");
             let step = format!("{label} step {i}");
+            common::check_logits(
+                &format!("{step} one-launch vs split attention"),
+                &got,
+                &three,
+                vocab,
+                1e-5,
+            );
             // Another order of the same sums: the last bits only.
             common::check_logits(
                 &format!("{step} folded vs unfolded"),

@@ -218,6 +218,13 @@ pub struct GpuEngine {
     /// the query heads sharing a kv head); None for a plan whose module predates it or whose
     /// heads do not fit a tile, when the split kernel serves every pass.
     prefill_attention: Option<(CudaFunction, usize)>,
+    /// Decode attention in one clustered launch (`attention_decode_f32`: append, split attention
+    /// and merge) and the most blocks a cluster may have; None before sm90 or for a plan whose
+    /// module predates it, when the three kernels run.
+    decode_attention: Option<(CudaFunction, u32)>,
+    /// Whether decode passes take `decode_attention`: `ONE_LAUNCH_DECODE_ATTENTION`, or what
+    /// `FDRT_DECODE_ATTENTION` (`one-launch` or `split`) says.
+    decode_attention_on: bool,
     /// Tensor-core GEMMs for the matmuls of passes from the plan's thresholds on; None without
     /// cuBLAS (or with `FDRT_GEMM=off`), when the row kernels take every pass.
     gemm: Option<Gemm>,
@@ -596,6 +603,61 @@ impl AttentionSplit {
     }
 }
 
+/// The most blocks a cluster of the one-launch decode attention (`attention_decode_f32`) may
+/// have on this device: 16 where clusters beyond the portable 8 are allowed and fit (H100s
+/// allow them once a function opts in), else 8. Its cluster is a query's chunks, so this caps
+/// the chunks of a decode pass.
+fn largest_cluster(f: &CudaFunction) -> u32 {
+    use cudarc::driver::sys;
+    let opted_in = f
+        .set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        )
+        .is_ok();
+    if !opted_in {
+        return 8;
+    }
+    // SAFETY: an all-zero attribute is a valid one; the configuration lives across the query,
+    // which only reads it.
+    let fits = unsafe {
+        let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
+        attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        attribute.value.clusterDim.x = 1;
+        attribute.value.clusterDim.y = 1;
+        attribute.value.clusterDim.z = 16;
+        let config = sys::CUlaunchConfig {
+            gridDimX: 1,
+            gridDimY: 1,
+            gridDimZ: 16,
+            blockDimX: ATTENTION_THREADS,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: std::ptr::null_mut(),
+            attrs: &mut attribute,
+            numAttrs: 1,
+        };
+        let mut clusters = 0;
+        sys::cuOccupancyMaxActiveClusters(&mut clusters, f.cu_function(), &config)
+            .result()
+            .is_ok()
+            && clusters > 0
+    };
+    if fits {
+        16
+    } else {
+        8
+    }
+}
+
+/// Whether decode passes run attention in one launch where they can (sm90), unless
+/// `FDRT_DECODE_ATTENTION` says otherwise. Off until the kernel has run on a GPU (docs/GPU.md).
+const ONE_LAUNCH_DECODE_ATTENTION: bool = false;
+
+/// Threads per block of the split attention kernels (`ATTENTION_WARPS` warps).
+const ATTENTION_THREADS: u32 = 128;
+
 /// Weight bytes uploaded between two releases of the plan's resident pages.
 const UPLOAD_WINDOW: usize = 1 << 30;
 
@@ -801,6 +863,17 @@ impl GpuEngine {
             }
             _ => None,
         };
+        let decode_attention = match gpu.module.load_function("attention_decode_f32") {
+            Ok(f) if matches!(plan.manifest.target, Target::Cuda(CudaArch::Sm90)) => {
+                Some((f.clone(), largest_cluster(&f)))
+            }
+            _ => None,
+        };
+        let decode_attention_on = match std::env::var("FDRT_DECODE_ATTENTION").as_deref() {
+            Ok("split") => false,
+            Ok("one-launch") => true,
+            _ => ONE_LAUNCH_DECODE_ATTENTION,
+        };
         let act_quant_k = plan
             .program
             .steps
@@ -838,6 +911,8 @@ impl GpuEngine {
             row_ids,
             greedy_ids: vec![],
             prefill_attention,
+            decode_attention,
+            decode_attention_on,
             gemm,
             gemm_from,
             prefill_attention_from: prefill_attention_from_percent.unwrap_or(100) as usize,
@@ -1158,6 +1233,20 @@ impl GpuEngine {
         self.decode_graphs.clear();
     }
 
+    /// Whether decode passes run attention in one launch (`attention_decode_f32`).
+    pub fn decode_attention_in_one_launch(&self) -> bool {
+        self.decode_attention.is_some() && self.decode_attention_on
+    }
+
+    /// Runs decode passes' attention in one launch where the module has the kernel (sm90), or
+    /// as the append, the split kernel and the merge (what `FDRT_DECODE_ATTENTION=one-launch`
+    /// and `=split` choose at start-up): for comparing the two. Says whether one launch is used.
+    pub fn set_one_launch_decode_attention(&mut self, on: bool) -> bool {
+        self.decode_attention_on = on;
+        self.decode_graphs.clear();
+        self.decode_attention_in_one_launch()
+    }
+
     /// Forgets the single sequence.
     pub fn reset(&mut self) {
         self.solo_len = 0;
@@ -1300,6 +1389,7 @@ impl GpuEngine {
             tables: ptr(&self.tables, &s),
             prefill_tiles: (!tiles.is_empty())
                 .then_some((base + 4 * (3 * t + r) as u64, tiles.len() / 2)),
+            one_per_sequence: chunks.len() == t,
         };
         // A decode pass (one token per sequence, each with its logits) is the same launches
         // every time for a given sequence count, reading positions and tables from the input
@@ -1759,6 +1849,61 @@ impl GpuEngine {
                 let (tables, offsets) = (P(p.tables), P(p.table_offsets));
                 let block_size = I(self.options.block_size as i32);
                 let t = p.t as u32;
+                if *n_heads as usize * *head_dim as usize > self.partial_per_token {
+                    return Err(RuntimeError::InvalidPlan(format!(
+                        "step {index}: attention wider than the model's heads"
+                    )));
+                }
+                // Every kernel of attention takes the queries and the cache this way; each adds
+                // what else it reads and where its results go.
+                let queries = [
+                    P(qp),
+                    I(qs),
+                    P(p.positions),
+                    tables,
+                    offsets,
+                    block_size,
+                    int(*n_heads),
+                    int(*n_kv_heads),
+                    F(*scale),
+                    P(kc),
+                    P(vc),
+                    P(cos),
+                    P(sin),
+                    table_stride,
+                ];
+                if let (Some((decode, cluster)), true, true, None) = (
+                    &self.decode_attention,
+                    self.decode_attention_on,
+                    p.one_per_sequence,
+                    p.prefill_tiles,
+                ) {
+                    // A decode pass: the append, the chunks and their merge in one launch, a
+                    // query's chunks in one cluster.
+                    let chunks = self.attention_split.chunks(p.t).min(*cluster as usize) as u32;
+                    let mut args = queries.to_vec();
+                    args.extend([I(ATTENTION_MIN_CHUNK as i32), P(kp), I(ks), P(vp), I(vs)]);
+                    args.extend([P(o), I(os)]);
+                    let config = LaunchConfig {
+                        grid_dim: (*n_heads as u32, t, chunks),
+                        block_dim: (ATTENTION_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    // SAFETY: as `launch` above; the grid's z is the cluster's size.
+                    return unsafe {
+                        launch_in_clusters(
+                            s,
+                            decode,
+                            config,
+                            &args,
+                            self.overlap_launches,
+                            Some(chunks),
+                        )
+                    }
+                    .map_err(|e| {
+                        RuntimeError::Cuda(format!("step {index} (decode attention): {e}"))
+                    });
+                }
                 let append = [
                     P(kp),
                     I(ks),
@@ -1776,29 +1921,6 @@ impl GpuEngine {
                     P(vc),
                 ];
                 go(0, grid(*n_kv_heads as u32, t, *head_dim as u32), &append)?;
-                if *n_heads as usize * *head_dim as usize > self.partial_per_token {
-                    return Err(RuntimeError::InvalidPlan(format!(
-                        "step {index}: attention wider than the model's heads"
-                    )));
-                }
-                // Both attention kernels take the queries and the cache this way; each adds
-                // where its results go.
-                let queries = [
-                    P(qp),
-                    I(qs),
-                    P(p.positions),
-                    tables,
-                    offsets,
-                    block_size,
-                    int(*n_heads),
-                    int(*n_kv_heads),
-                    F(*scale),
-                    P(kc),
-                    P(vc),
-                    P(cos),
-                    P(sin),
-                    table_stride,
-                ];
                 if let (Some((tiles_at, tiles)), Some((prefill, tile_tokens))) =
                     (p.prefill_tiles, &self.prefill_attention)
                 {
@@ -1826,7 +1948,7 @@ impl GpuEngine {
                 attend.extend([I(ATTENTION_MIN_CHUNK as i32), partial]);
                 let config = LaunchConfig {
                     grid_dim: (*n_heads as u32, t, chunks as u32),
-                    block_dim: (128, 1, 1),
+                    block_dim: (ATTENTION_THREADS, 1, 1),
                     shared_mem_bytes: 0,
                 };
                 go(1, config, &attend)?;
@@ -2289,6 +2411,22 @@ unsafe fn launch_kernel(
     args: &[Arg],
     overlap: bool,
 ) -> Result<(), cudarc::driver::DriverError> {
+    launch_in_clusters(stream, f, config, args, overlap, None)
+}
+
+/// [`launch_kernel`], with the grid's blocks in clusters of `(1, 1, z)` when `cluster_z` is
+/// given (sm90; the kernel's blocks of a cluster share their shared memory).
+///
+/// # Safety
+/// As [`launch_kernel`]; with a cluster, the grid's z must be a multiple of it.
+unsafe fn launch_in_clusters(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    config: LaunchConfig,
+    args: &[Arg],
+    overlap: bool,
+    cluster_z: Option<u32>,
+) -> Result<(), cudarc::driver::DriverError> {
     use cudarc::driver::sys;
     stream.context().bind_to_thread()?;
     let mut params: Vec<*mut std::ffi::c_void> = args
@@ -2299,10 +2437,23 @@ unsafe fn launch_kernel(
             Arg::F(v) => v as *const f32 as *mut std::ffi::c_void,
         })
         .collect();
-    // SAFETY: an all-zero attribute is a valid (ignored) one; its id and value are set next.
-    let mut attribute: sys::CUlaunchAttribute = std::mem::zeroed();
-    attribute.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-    attribute.value.programmaticStreamSerializationAllowed = 1;
+    // SAFETY: an all-zero attribute is a valid (ignored) one; ids and values are set next.
+    let mut attributes: [sys::CUlaunchAttribute; 2] = std::mem::zeroed();
+    let mut count = 0;
+    if overlap {
+        let a = &mut attributes[count];
+        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        a.value.programmaticStreamSerializationAllowed = 1;
+        count += 1;
+    }
+    if let Some(z) = cluster_z {
+        let a = &mut attributes[count];
+        a.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+        a.value.clusterDim.x = 1;
+        a.value.clusterDim.y = 1;
+        a.value.clusterDim.z = z;
+        count += 1;
+    }
     let launch = sys::CUlaunchConfig {
         gridDimX: config.grid_dim.0,
         gridDimY: config.grid_dim.1,
@@ -2312,8 +2463,8 @@ unsafe fn launch_kernel(
         blockDimZ: config.block_dim.2,
         sharedMemBytes: config.shared_mem_bytes,
         hStream: stream.cu_stream(),
-        attrs: &mut attribute,
-        numAttrs: u32::from(overlap),
+        attrs: attributes.as_mut_ptr(),
+        numAttrs: count as u32,
     };
     // SAFETY: `params` points at the values of `args`, alive across the call (the driver
     // copies them before returning); the rest is the caller's contract.
@@ -2356,6 +2507,9 @@ struct PassInputs {
     /// Where the (first row, rows) tiles of prefill attention are, and how many; None: the
     /// split kernel takes the pass.
     prefill_tiles: Option<(u64, usize)>,
+    /// Every token of the pass is its sequence's only one (a decode pass), so no token attends
+    /// to another's new key: attention may append and attend in one launch.
+    one_per_sequence: bool,
 }
 
 /// The device address of an allocation (the engine uses one stream, so no event is needed).
