@@ -288,6 +288,8 @@ extern "C" __global__ void attention_decode_f32(const float* q, int q_stride,
                                                 int k_stride, const float* v, int v_stride,
                                                 float* out, int out_stride) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Launched without its cluster, each block would merge its own chunk alone: refuse loudly.
+    if (fd_cluster_size() != gridDim.z) __trap();
     fd_grid_start();
     fd_grid_wait();
     __shared__ float state[PARTIAL_WIDTH];

@@ -1394,12 +1394,15 @@ fn decode_folds_give_the_logits_of_unfolded_steps() {
         assert!(folded.decode_folds() > 0, "{label}: nothing folded");
         unfolded.unfold_decode_norms();
         assert_eq!(unfolded.decode_folds(), 0);
-        // And attention in one launch (sm90) against its three kernels, the folds kept.
-        assert_eq!(
-            folded.set_one_launch_decode_attention(true),
-            arch == CudaArch::Sm90,
-            "{label}: one-launch decode attention on {arch:?}"
-        );
+        // And attention in one launch (sm90; both engines above) against its three kernels, the
+        // folds kept: each comparison differs in one thing.
+        for engine in [&mut folded, &mut unfolded] {
+            assert_eq!(
+                engine.set_one_launch_decode_attention(true),
+                arch == CudaArch::Sm90,
+                "{label}: one-launch decode attention on {arch:?}"
+            );
+        }
         let mut split = engine().expect("uploading");
         assert!(!split.set_one_launch_decode_attention(false));
         let cpu_plan = compiled_tiny_with(
