@@ -26,6 +26,22 @@ __device__ __forceinline__ float fd_rope_at(const float* head, int d, const floa
     return d < half ? head[d] * c - head[d + half] * s : head[d] * c + head[d - half] * s;
 }
 
+// Writes one token's K row (kv head g, rotated by RoPE when the tables are given) and V row at
+// position `pos` of its sequence's cache, element d0, d0 + step, ...
+__device__ __forceinline__ void fd_write_kv_row(const unsigned int* blocks, int block_size,
+                                                int pos, int kv_heads, int g, const float* kh,
+                                                const float* vh, const float* cos_table,
+                                                const float* sin_table, int table_stride,
+                                                float* k_cache, float* v_cache, int d0,
+                                                int step) {
+    const long long at = fd_cache_row(blocks, block_size, pos, kv_heads, g);
+    const long long p = (long long)pos * table_stride;
+    for (int d = d0; d < FD_HEAD_DIM; d += step) {
+        k_cache[at + d] = fd_rope_at(kh, d, cos_table, sin_table, p);
+        v_cache[at + d] = vh[d];
+    }
+}
+
 // Writes the T new tokens' K and V rows at their positions, K rotated by RoPE first when the
 // tables are given (RoPE fused with the cache write). Grid: (KV, T); block: FD_HEAD_DIM.
 extern "C" __global__ void kv_append_f32(const float* k, int k_stride, const float* v,
@@ -37,13 +53,11 @@ extern "C" __global__ void kv_append_f32(const float* k, int k_stride, const flo
                                          int table_stride, float* k_cache, float* v_cache) {
     fd_grid_start();
     fd_grid_wait();
-    const int g = blockIdx.x, r = blockIdx.y, d = threadIdx.x;
-    const unsigned int* blocks = tables + table_offsets[r];
-    const long long at = fd_cache_row(blocks, block_size, positions[r], kv_heads, g);
-    const float* kh = k + (long long)r * k_stride + g * FD_HEAD_DIM;
-    const long long p = (long long)positions[r] * table_stride;
-    k_cache[at + d] = fd_rope_at(kh, d, cos_table, sin_table, p);
-    v_cache[at + d] = v[(long long)r * v_stride + g * FD_HEAD_DIM + d];
+    const int g = blockIdx.x, r = blockIdx.y;
+    fd_write_kv_row(tables + table_offsets[r], block_size, positions[r], kv_heads, g,
+                    k + (long long)r * k_stride + g * FD_HEAD_DIM,
+                    v + (long long)r * v_stride + g * FD_HEAD_DIM, cos_table, sin_table,
+                    table_stride, k_cache, v_cache, threadIdx.x, blockDim.x);
 }
 
 // Attention is split over the sequence (the flash-decoding layout) so that a decode step, one
@@ -302,12 +316,8 @@ extern "C" __global__ void attention_decode_f32(const float* q, int q_stride,
     const float* new_k = k + (long long)r * k_stride + g * FD_HEAD_DIM;
     const float* new_v = v + (long long)r * v_stride + g * FD_HEAD_DIM;
     if (h % group_heads == 0 && begin <= own && own < end) {
-        const long long at = fd_cache_row(blocks, block_size, own, kv_heads, g);
-        const long long p = (long long)own * table_stride;
-        for (int d = threadIdx.x; d < FD_HEAD_DIM; d += blockDim.x) {
-            k_cache[at + d] = fd_rope_at(new_k, d, cos_table, sin_table, p);
-            v_cache[at + d] = new_v[d];
-        }
+        fd_write_kv_row(blocks, block_size, own, kv_heads, g, new_k, new_v, cos_table, sin_table,
+                        table_stride, k_cache, v_cache, threadIdx.x, blockDim.x);
     }
     if (begin < len) {
         fd_attend_range(q, q_stride, positions, blocks, block_size, n_heads, kv_heads, scale,
