@@ -5,7 +5,6 @@
 use crate::batch_engine::BatchEngine;
 use crate::engine::{Logits, SeqChunk};
 use crate::error::RuntimeError;
-use crate::sampler::argmax;
 use crate::sequence::OneSequence;
 use std::time::Instant;
 
@@ -39,11 +38,12 @@ pub fn run(
     let mut best_decode = f64::MAX;
     for _ in 0..repeats.max(1) {
         engine.reset();
-        let mut logits = engine.append(&prompt[..prompt.len().min(8)])?;
+        // Greedy picks as `fdrt serve` makes them for a greedy request: on a GPU the logits
+        // stay on the device and only the picked id comes back.
+        let mut next = engine.append_greedy(&prompt[..prompt.len().min(8)])?;
         let start = Instant::now();
         for _ in 0..decode_tokens {
-            let next = argmax(&logits);
-            logits = engine.append(&[next])?;
+            next = engine.append_greedy(&[next])?;
         }
         best_decode = best_decode.min(start.elapsed().as_secs_f64());
     }

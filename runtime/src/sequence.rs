@@ -5,6 +5,7 @@ use crate::cuda::GpuEngine;
 use crate::engine::Engine;
 use crate::error::RuntimeError;
 use crate::plan::LoadedPlan;
+use crate::sampler::argmax;
 
 pub trait OneSequence {
     fn plan(&self) -> &LoadedPlan;
@@ -17,6 +18,11 @@ pub trait OneSequence {
     /// Appends `tokens` (in passes of the engine's token budget) and returns the logits of the
     /// last one.
     fn append(&mut self, tokens: &[u32]) -> Result<Vec<f32>, RuntimeError>;
+    /// Appends `tokens` like [`OneSequence::append`] and returns only the most likely next
+    /// token (greedy decoding), which an engine may pick without bringing the logits back.
+    fn append_greedy(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
+        Ok(argmax(&self.append(tokens)?))
+    }
 }
 
 impl OneSequence for Engine {
@@ -59,5 +65,15 @@ impl OneSequence for GpuEngine {
             logits = self.forward(part, false)?;
         }
         Ok(logits)
+    }
+    /// The pick is made on the device and only its id is copied back (the path of a greedy
+    /// request in `fdrt serve`), not the vocabulary's row of logits.
+    fn append_greedy(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
+        let parts: Vec<&[u32]> = tokens.chunks(self.max_batch_tokens()).collect();
+        let (last, before) = parts.split_last().ok_or(RuntimeError::EmptyInput)?;
+        for part in before {
+            self.forward(part, false)?;
+        }
+        self.forward_greedy(last)
     }
 }

@@ -1850,6 +1850,32 @@ fn the_device_argmax_picks_what_the_host_argmax_picks() {
     assert_eq!(got, want);
 }
 
+/// `OneSequence::append_greedy` on the GPU (what `fdrt bench` decodes with: the pick made on the
+/// device, one id copied back) gives the tokens of the logits' host argmax, for a prompt longer
+/// than the pass budget (two passes) and 24 decode steps.
+#[test]
+fn greedy_appends_pick_on_the_device_what_the_host_picks() {
+    use runtime::sequence::OneSequence;
+    let Some(arch) = device() else { return };
+    let plan = LoadedPlan::load(&cuda_plan("llama", arch, DType::F32)).expect("loading");
+    let mut engine = GpuEngine::new(plan, 0, solo(1024, 64)).expect("uploading the plan");
+    let prompt = tokens(100, 5);
+    let mut on_host = vec![];
+    let mut logits = OneSequence::append(&mut engine, &prompt).expect("prefill");
+    for _ in 0..24 {
+        let next = runtime::sampler::argmax(&logits);
+        on_host.push(next);
+        logits = engine.forward(&[next], false).expect("decode");
+    }
+    engine.reset();
+    let mut on_device = vec![engine.append_greedy(&prompt).expect("greedy prefill")];
+    while on_device.len() < on_host.len() {
+        let last = on_device[on_device.len() - 1];
+        on_device.push(engine.append_greedy(&[last]).expect("greedy decode"));
+    }
+    assert_eq!(on_device, on_host);
+}
+
 /// Prefill/decode disaggregation on the GPU. Engine level: a block read from the GPU's KV pool
 /// has the CPU pool's form (the same prompt's blocks agree within 1e-4 of their largest value,
 /// f32 plans), a block written into another GPU pool reads back bit for bit, and a pass that

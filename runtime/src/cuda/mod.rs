@@ -1283,6 +1283,27 @@ impl GpuEngine {
         Ok(logits)
     }
 
+    /// Runs `tokens` after the single sequence so far, like [`GpuEngine::forward`], and returns
+    /// the most likely next token, picked on the device where the module can (one id copied
+    /// back instead of a row of the vocabulary).
+    pub fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
+        let blocks = std::mem::take(&mut self.solo_blocks);
+        let chunk = SeqChunk {
+            blocks: &blocks,
+            start: self.solo_len,
+            tokens,
+            logits: Logits::Greedy,
+        };
+        let result = self.forward_batch(&[chunk]).map(drop);
+        self.solo_blocks = blocks;
+        result?;
+        self.solo_len += tokens.len();
+        self.greedy_ids
+            .first()
+            .copied()
+            .ok_or_else(|| RuntimeError::Cuda("the pass returned no greedy pick".to_string()))
+    }
+
     /// One forward pass over several sequences at once, each chunk's tokens written to its
     /// blocks at its positions (the contract of [`crate::Engine::forward_batch`], checked the
     /// same way). Returns the wanted logits, `[R, vocab]`, in chunk order; the `Greedy`
