@@ -242,6 +242,10 @@ pub struct GpuEngine {
     overlap_launches: bool,
     /// With `FDRT_PROFILE` set: time per kernel (each step synchronized), printed on drop.
     profile: Option<HashMap<String, (std::time::Duration, usize)>>,
+    /// With `FDRT_GRAPH_TIMES` set: the device time of each decode graph replay (two events
+    /// around it), printed on drop, so that a step's wall time can be split into the device's
+    /// part and the host's gap between steps.
+    graph_times: Option<GraphTimes>,
     /// The norms passes of one token fold into their matmuls (None: the plan has none, or
     /// `FDRT_FOLDS=off`).
     folds: Option<folds::DecodeFolds>,
@@ -551,6 +555,14 @@ fn step_function_names(
 /// A captured graph, owned by one engine.
 struct DecodeGraph(cudarc::driver::CudaGraph);
 
+/// Events around the decode graph's replays and what they measured.
+struct GraphTimes {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    replays: usize,
+    device_ms: f64,
+}
+
 // SAFETY: the graph is only touched through its engine's `&mut self` (launched or dropped), so
 // never from two threads at once, which is all the driver asks of graph objects.
 unsafe impl Send for DecodeGraph {}
@@ -567,6 +579,13 @@ impl Drop for GpuEngine {
                     time.as_secs_f64() * 1e3
                 );
             }
+        }
+        if let Some(times) = self.graph_times.as_ref().filter(|t| t.replays > 0) {
+            eprintln!(
+                "decode graphs (FDRT_GRAPH_TIMES): {} replays, {:.4} ms of device time each",
+                times.replays,
+                times.device_ms / times.replays as f64
+            );
         }
     }
 }
@@ -844,6 +863,19 @@ impl GpuEngine {
                 }
             }
         };
+        let graph_times = match std::env::var_os("FDRT_GRAPH_TIMES") {
+            Some(_) => {
+                let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+                let event = |e| RuntimeError::Cuda(format!("creating timing events: {e}"));
+                Some(GraphTimes {
+                    start: gpu.ctx.new_event(timed).map_err(event)?,
+                    end: gpu.ctx.new_event(timed).map_err(event)?,
+                    replays: 0,
+                    device_ms: 0.0,
+                })
+            }
+            None => None,
+        };
         let logit_cols = plan.program.logits_cols as usize;
         // SAFETY: page-locked, ordinary (not write-combined: the host reads it) memory; only
         // read after a copy into it has completed.
@@ -925,6 +957,7 @@ impl GpuEngine {
             partial_per_token,
             attention_split,
             profile: std::env::var_os("FDRT_PROFILE").map(|_| HashMap::new()),
+            graph_times,
             folds,
             decode_graphs: HashMap::new(),
             inputs,
@@ -1422,10 +1455,18 @@ impl GpuEngine {
                 self.decode_graphs.insert(t, graph);
             }
             if let Some(graph) = self.decode_graphs.get(&t) {
-                graph
-                    .0
-                    .launch()
-                    .map_err(|e| RuntimeError::Cuda(format!("replaying the decode graph: {e}")))?;
+                let replay = |e| RuntimeError::Cuda(format!("replaying the decode graph: {e}"));
+                if let Some(times) = &self.graph_times {
+                    times.start.record(&s).map_err(replay)?;
+                }
+                graph.0.launch().map_err(replay)?;
+                if let Some(times) = &mut self.graph_times {
+                    times.end.record(&s).map_err(replay)?;
+                    // Waits for the replay: the step's sync point moves here from the copy
+                    // of its results below, which then finds the work done.
+                    times.device_ms += f64::from(times.start.elapsed_ms(&times.end).map_err(replay)?);
+                    times.replays += 1;
+                }
             }
         } else {
             self.run_steps(&inputs)?;
