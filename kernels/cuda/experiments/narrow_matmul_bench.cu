@@ -31,6 +31,11 @@
 //       the codes in a layout of their own (`fill_tiles`) unpacked exactly to f16 by `lop3`,
 //       the token split into two f16 halves (RESULTS.md: `split_x_precision.py`) as the mma's
 //       first two columns; 4 or 8 warps per block splitting the groups of K.
+//   Q   the module's tensor-core kernel as the plan runs it (`matmul_q4t_one`, 16 warps per tile,
+//       or `qmatmul_tiles` at 8 warps): M's tiles and arithmetic, but with bf16 products and the
+//       activations split into three bf16 pieces by each warp itself, through shared memory,
+//       from the f32 token (M reads two f16 halves split beforehand by a kernel of its own).
+//       Q against M in one run says what the in-kernel split costs.
 //   P   no matmul, the floor: one launch that only reads the same bytes. P1: block p reads panel
 //       p's codes and scales (grid and block as A), every thread's 8 loads issued before any is
 //       used; P2: the classic bandwidth kernel, 4 blocks of 512 threads per SM striding over
@@ -521,6 +526,14 @@ __global__ void __launch_bounds__(WARPS * 32) matmul_q4_mma(const unsigned short
     }
 }
 
+// Q at 8 warps: the module's loop (`qmatmul_tiles`) in a block of 256 threads.
+__global__ void __launch_bounds__(256) matmul_q4t_one_w8(const float* x, const unsigned char* codes,
+                                                         int k, int n, int group,
+                                                         const fd_f16* scales, float* out) {
+    qmatmul_tiles<8, 1>(x, 0, reinterpret_cast<const uint4*>(codes), k, n, group, scales,
+                        nullptr, 0, 1, out, 0);
+}
+
 struct Shape {
     const char* name;
     int k, n;
@@ -565,12 +578,14 @@ int main() {
     // U = 2, 4, 8 lost on every shape: RESULTS.md.)
     // {..., mma warps W, groups a warp requests at once (M's AHEAD)}. (M at W = 4 lost on every
     // shape but gate_up: RESULTS.md.)
-    constexpr int VARIANTS = 6;
-    const int variants[VARIANTS][7] = {{1, 0, 0, 0, 0, 0, 0},  {1, 0, 0, 0, 0, 8, 4},
-                                       {1, 0, 0, 0, 0, 8, 2},  {1, 0, 0, 0, 0, 16, 4},
-                                       {1, 0, 0, 0, 0, 16, 2}, {1, 0, 0, 1, 0, 0, 0}};
-    printf("| shape | A us (%% copy) | M W=8 a4 us | M W=8 a2 us | M W=16 a4 us | M W=16 a2 us | P1 us | check (max relative difference from A) |\n"
-           "|---|---|---|---|---|---|---|---|\n");
+    // {..., mma warps W, M's AHEAD, the module's tile kernel at Q warps}. (M at W = 8, and at
+    // W = 16 with AHEAD 4, lost to W = 16 AHEAD 2 on most shapes: RESULTS.md.)
+    constexpr int VARIANTS = 5;
+    const int variants[VARIANTS][8] = {{1, 0, 0, 0, 0, 0, 0, 0},  {1, 0, 0, 0, 0, 16, 2, 0},
+                                       {1, 0, 0, 0, 0, 0, 0, 16}, {1, 0, 0, 0, 0, 0, 0, 8},
+                                       {1, 0, 0, 1, 0, 0, 0, 0}};
+    printf("| shape | A us (%% copy) | M W=16 a2 us | Q W=16 us | Q W=8 us | P1 us | check (max relative difference from A) |\n"
+           "|---|---|---|---|---|---|---|\n");
     for (const Shape& sh : shapes) {
         const double bytes = (double)sh.n * sh.k / 2 + (double)sh.n * (sh.k / GROUP) * 2;
         float* x;
@@ -604,7 +619,7 @@ int main() {
         for (int si = 0; si < VARIANTS; si++) {
             const int S = variants[si][0], D = variants[si][1], B = variants[si][2],
                       P = variants[si][3], U = variants[si][4], W = variants[si][5],
-                      AH = variants[si][6];
+                      AH = variants[si][6], Q = variants[si][7];
             if (sh.k % (S * GROUP) != 0) {
                 us[si] = -1;
                 continue;
@@ -623,7 +638,7 @@ int main() {
                 CK(cudaMalloc(&parts[m], (size_t)S * sh.n * 4));
                 fill<<<4 * prop.multiProcessorCount, 256>>>(codes[m], scales[m], sh.n, sh.k, S,
                                                             1000 + m, s0);
-                if (W) {  // the same matrix's codes in M's tile layout (the scales stay)
+                if (W || Q) {  // the same matrix's codes in the tile layout (the scales stay)
                     CK(cudaMemset(codes[m], 0, (size_t)sh.n * sh.k / 2));
                     fill_tiles<<<4 * prop.multiProcessorCount, 256>>>(codes[m], sh.n, sh.k, 1000 + m);
                 }
@@ -635,7 +650,14 @@ int main() {
             CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
             for (int m = 0; m < INSTANCES; m++) {
                 const uint4* tiles = reinterpret_cast<const uint4*>(codes[m]);
-                if (W == 8 && AH == 4) {
+                if (Q == 16) {
+                    matmul_q4t_one<<<sh.n / 16, 512, 0, stream>>>(x, 0, codes[m], sh.k, sh.n, GROUP,
+                                                                 scales[m], nullptr, nullptr,
+                                                                 nullptr, 1, outs[m], 0);
+                } else if (Q == 8) {
+                    matmul_q4t_one_w8<<<sh.n / 16, 256, 0, stream>>>(x, codes[m], sh.k, sh.n, GROUP,
+                                                                    scales[m], outs[m]);
+                } else if (W == 8 && AH == 4) {
                     matmul_q4_mma<8, 4><<<sh.n / 16, 256, 0, stream>>>(xh, xl, unscale, tiles, sh.k, sh.n, GROUP, scales[m], outs[m]);
                 } else if (W == 8 && AH == 2) {
                     matmul_q4_mma<8, 2><<<sh.n / 16, 256, 0, stream>>>(xh, xl, unscale, tiles, sh.k, sh.n, GROUP, scales[m], outs[m]);
