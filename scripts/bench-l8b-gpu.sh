@@ -3,8 +3,9 @@
 # random weights (`fdc synth`), compiled three ways for sm90 (bf16; W4A16 in symmetric groups of
 # 128 in the panels of 8 rows; the same with --quant-tiles, the tensor-core layout), then
 # `fdrt bench` of each at batch 1, alternating, ROUNDS times, each with decode attention split
-# over three kernels and in one launch (FDRT_DECODE_ATTENTION). The W4A16 target of the CUDA
-# issue is 2.5x the bf16 figure of the same run.
+# over three kernels and in one launch (FDRT_DECODE_ATTENTION), with the device time of a decode
+# step beside each figure (FDRT_GRAPH_TIMES). The W4A16 target of the CUDA issue is 2.5x the
+# bf16 figure of the same run.
 #
 #   scripts/bench-l8b-gpu.sh [ROUNDS]        # FDC/FDRT: the binaries (default: target/release)
 #   LAYERS=8 scripts/bench-l8b-gpu.sh 1      # the same shape cut to 8 layers: a quick A/B
@@ -36,9 +37,10 @@ for round in $(seq "$rounds"); do
     for plan in bf16 w4a16 w4a16-tiles; do
         for attention in split one-launch; do
             printf 'round %s %-12s %-11s ' "$round" "$plan" "$attention"
-            FDRT_DECODE_ATTENTION=$attention "$fdrt" bench "$work/$plan.fdp" --prompt-tokens 128 \
-                --decode-tokens 64 --repeats 2 --max-context 1024 --max-batch-tokens 128 2>&1 |
-                grep 'tokens/s' | tail -1
+            FDRT_GRAPH_TIMES=1 FDRT_DECODE_ATTENTION=$attention "$fdrt" bench "$work/$plan.fdp" \
+                --prompt-tokens 128 --decode-tokens 64 --repeats 2 --max-context 1024 \
+                --max-batch-tokens 128 2>&1 | grep -E 'tokens/s|decode graphs' | tr '\n' ' '
+            echo
         done
     done
 done
