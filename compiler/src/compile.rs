@@ -708,7 +708,7 @@ fn gpu_module(graph: &Graph, arch: GpuArch) -> Result<CodeLayout, CompileError> 
                     len: module.ptx.len() as u64,
                 },
             ];
-            let mut bytes = module.cubin;
+            let mut bytes = module.cubin.clone();
             bytes.extend_from_slice(&module.ptx);
             (bytes, symbols)
         }

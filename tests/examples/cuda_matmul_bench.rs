@@ -133,7 +133,7 @@ fn main() {
     let ctx = CudaContext::new(0).expect("context");
     let s = ctx.new_stream().expect("stream");
     let module = ctx
-        .load_module(cudarc::nvrtc::Ptx::from_binary(module.cubin))
+        .load_module(cudarc::nvrtc::Ptx::from_binary(module.cubin.clone()))
         .expect("loading the module");
     let sms = ctx
         .attribute(

@@ -9,6 +9,7 @@
 use cudarc::nvrtc::{result, sys};
 use ir::CudaArch;
 use std::ffi::{CStr, CString};
+use std::sync::Arc;
 
 /// The compiled module.
 pub struct CudaModule {
@@ -50,35 +51,29 @@ pub fn available_for_test(test: &str) -> bool {
     false
 }
 
-/// Compiles `source` into a cubin for `arch` and PTX for its virtual architecture.
-pub fn compile(source: &str, arch: CudaArch) -> Result<CudaModule, NvrtcError> {
+/// Compiles `source` into a cubin for `arch` and PTX for its virtual architecture (once per
+/// process for a given source and architecture: [`super::BuiltModules`]).
+///
+/// One NVRTC compile for the real architecture gives both: the PTX NVRTC keeps from it is the
+/// text a compile for the virtual architecture gives, byte for byte (checked for the module on
+/// sm80 and sm90 with NVRTC 13.0), so a second compile would only cost time (a third or more of
+/// the total).
+pub fn compile(source: &str, arch: CudaArch) -> Result<Arc<CudaModule>, NvrtcError> {
+    static BUILT: super::BuiltModules<CudaArch, CudaModule> = super::BuiltModules::new();
     if !available() {
         return Err(NvrtcError::Missing);
     }
     let (major, minor) = arch.compute_capability();
-    let cubin = run(
-        source,
-        &format!("--gpu-architecture=sm_{major}{minor}"),
-        Output::Cubin,
-    )?;
-    let ptx = run(
-        source,
-        &format!("--gpu-architecture=compute_{major}{minor}"),
-        Output::Ptx,
-    )?;
-    Ok(CudaModule { cubin, ptx })
+    BUILT.get_or_build(source, arch, || {
+        run(source, &format!("--gpu-architecture=sm_{major}{minor}"))
+    })
 }
 
 /// NVRTC's "how large is the output" and "copy the output" calls for one kind of output.
 type SizeFn = unsafe fn(sys::nvrtcProgram, *mut usize) -> sys::nvrtcResult;
 type ReadFn = unsafe fn(sys::nvrtcProgram, *mut std::ffi::c_char) -> sys::nvrtcResult;
 
-enum Output {
-    Cubin,
-    Ptx,
-}
-
-fn run(source: &str, arch_option: &str, output: Output) -> Result<Vec<u8>, NvrtcError> {
+fn run(source: &str, arch_option: &str) -> Result<CudaModule, NvrtcError> {
     let failed = |step: &'static str, message: String| NvrtcError::Failed { step, message };
     let src = CString::new(source).map_err(|e| failed("read the source", e.to_string()))?;
     let name = CString::new("fdc_module.cu").expect("no NUL in a literal");
@@ -110,22 +105,24 @@ fn run(source: &str, arch_option: &str, output: Output) -> Result<Vec<u8>, Nvrtc
             .unwrap_or_default();
         return Err(failed("compile the module", format!("{e:?}\n{log}")));
     }
-    let mut size = 0usize;
-    // SAFETY: a compiled program; the buffer is sized from NVRTC's own answer.
-    unsafe {
-        let (size_of, get): (SizeFn, ReadFn) = match output {
-            Output::Cubin => (sys::nvrtcGetCUBINSize, sys::nvrtcGetCUBIN),
-            Output::Ptx => (sys::nvrtcGetPTXSize, sys::nvrtcGetPTX),
-        };
-        size_of(program.0, &mut size)
-            .result()
-            .map_err(|e| failed("size the output", format!("{e:?}")))?;
-        let mut bytes = vec![0u8; size];
-        get(program.0, bytes.as_mut_ptr() as *mut std::ffi::c_char)
-            .result()
-            .map_err(|e| failed("read the output", format!("{e:?}")))?;
-        Ok(bytes)
-    }
+    let read = |size_of: SizeFn, get: ReadFn| {
+        let mut size = 0usize;
+        // SAFETY: a compiled program; the buffer is sized from NVRTC's own answer.
+        unsafe {
+            size_of(program.0, &mut size)
+                .result()
+                .map_err(|e| failed("size the output", format!("{e:?}")))?;
+            let mut bytes = vec![0u8; size];
+            get(program.0, bytes.as_mut_ptr() as *mut std::ffi::c_char)
+                .result()
+                .map_err(|e| failed("read the output", format!("{e:?}")))?;
+            Ok(bytes)
+        }
+    };
+    Ok(CudaModule {
+        cubin: read(sys::nvrtcGetCUBINSize, sys::nvrtcGetCUBIN)?,
+        ptx: read(sys::nvrtcGetPTXSize, sys::nvrtcGetPTX)?,
+    })
 }
 
 #[cfg(test)]

@@ -9,10 +9,9 @@
 
 use ir::HipArch;
 use object::{Object, ObjectSymbol};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 /// Why a module did not compile.
 #[derive(Debug, thiserror::Error)]
@@ -84,19 +83,8 @@ const EM_AMDGPU: u16 = 224;
 /// that builds several plans compiles each distinct source once: the HIP compiler takes about
 /// 16 s for the module (the plans of one head dimension share it).
 pub fn compile(source: &str, arch: HipArch) -> Result<Arc<HipModule>, HipError> {
-    /// Modules built by this process, by the source's hash and the architecture.
-    type Built = BTreeMap<([u8; 32], HipArch), Arc<HipModule>>;
-    static BUILT: Mutex<Built> = Mutex::new(BTreeMap::new());
-    let key = (*blake3::hash(source.as_bytes()).as_bytes(), arch);
-    if let Some(module) = BUILT.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-        return Ok(module.clone());
-    }
-    let module = Arc::new(compile_uncached(source, arch)?);
-    BUILT
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(key, module.clone());
-    Ok(module)
+    static BUILT: super::BuiltModules<HipArch, HipModule> = super::BuiltModules::new();
+    BUILT.get_or_build(source, arch, || compile_uncached(source, arch))
 }
 
 fn compile_uncached(source: &str, arch: HipArch) -> Result<HipModule, HipError> {

@@ -17,13 +17,63 @@ pub mod cuda;
 mod elementwise;
 pub mod hip;
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use cranelift_codegen::control::ControlPlane;
 use cranelift_codegen::isa::{self, OwnedTargetIsa};
 use cranelift_codegen::settings::{self, Configurable};
 use cranelift_codegen::Context;
 use ir::CpuIsa;
+
+/// GPU modules already built by this process, by the hash of their source and their
+/// architecture. A build takes tens of seconds on two cores and the test suites ask for the same
+/// tiny models' module many times, so each is built once; threads asking for a module being
+/// built wait for that build rather than starting their own. (Hand-written over std: a map of
+/// slots, each locked while its module builds.)
+pub(crate) struct BuiltModules<A, M> {
+    slots: Mutex<BTreeMap<ModuleKey<A>, ModuleSlot<M>>>,
+}
+
+/// A module's source hash (blake3) and architecture.
+type ModuleKey<A> = ([u8; 32], A);
+
+/// A module's place: empty until its first build has finished.
+type ModuleSlot<M> = Arc<Mutex<Option<Arc<M>>>>;
+
+impl<A: Ord + Copy, M> BuiltModules<A, M> {
+    pub(crate) const fn new() -> Self {
+        Self {
+            slots: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The module of `source` for `arch`: built by `build` the first time, the same after.
+    /// A build that fails leaves nothing behind, so the next call builds again.
+    pub(crate) fn get_or_build<E>(
+        &self,
+        source: &str,
+        arch: A,
+        build: impl FnOnce() -> Result<M, E>,
+    ) -> Result<Arc<M>, E> {
+        let key = (*blake3::hash(source.as_bytes()).as_bytes(), arch);
+        let slot = self
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_default()
+            .clone();
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(module) = slot.as_ref() {
+            return Ok(module.clone());
+        }
+        let module = Arc::new(build()?);
+        *slot = Some(module.clone());
+        Ok(module)
+    }
+}
 
 /// The only target generated code runs on: the plan's code section is loaded by `fdrt` on
 /// x86-64 Linux, whatever machine compiled it.
@@ -246,3 +296,44 @@ const AVX512_EXTENSIONS: &[&str] = &[
     "has_avx512dq",
     "has_avx512vl",
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::BuiltModules;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A module is built once per source and architecture, also when threads ask for it at
+    /// once; a failed build is not kept.
+    #[test]
+    fn a_module_is_built_once_per_source_and_architecture() {
+        static BUILT: BuiltModules<u8, String> = BuiltModules::new();
+        let builds = AtomicUsize::new(0);
+        let build = |source: &str| {
+            builds.fetch_add(1, Ordering::SeqCst);
+            // Long enough that the threads below overlap inside it.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            Ok::<_, String>(format!("module of {source}"))
+        };
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let module = BUILT.get_or_build("a", 1, || build("a")).unwrap();
+                    assert_eq!(*module, "module of a");
+                });
+            }
+        });
+        assert_eq!(builds.load(Ordering::SeqCst), 1, "four asks, one build");
+        BUILT.get_or_build("a", 2, || build("a")).unwrap();
+        BUILT.get_or_build("b", 1, || build("b")).unwrap();
+        assert_eq!(
+            builds.load(Ordering::SeqCst),
+            3,
+            "another architecture or source builds"
+        );
+
+        let failed = BUILT.get_or_build("c", 1, || Err::<String, _>("no compiler".to_string()));
+        assert_eq!(failed.unwrap_err(), "no compiler");
+        let module = BUILT.get_or_build("c", 1, || build("c")).unwrap();
+        assert_eq!(*module, "module of c", "a failed build is tried again");
+    }
+}

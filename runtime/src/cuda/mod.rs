@@ -1464,7 +1464,8 @@ impl GpuEngine {
                     times.end.record(&s).map_err(replay)?;
                     // Waits for the replay: the step's sync point moves here from the copy
                     // of its results below, which then finds the work done.
-                    times.device_ms += f64::from(times.start.elapsed_ms(&times.end).map_err(replay)?);
+                    times.device_ms +=
+                        f64::from(times.start.elapsed_ms(&times.end).map_err(replay)?);
                     times.replays += 1;
                 }
             }
