@@ -671,7 +671,8 @@ fn largest_cluster(f: &CudaFunction) -> u32 {
 }
 
 /// Whether decode passes run attention in one launch where they can (sm90), unless
-/// `FDRT_DECODE_ATTENTION` says otherwise. Off until the kernel has run on a GPU (docs/GPU.md).
+/// `FDRT_DECODE_ATTENTION` says otherwise. Off: on an H100 the 8B decode step was about
+/// 0.02 ms slower with it than with the three kernels (docs/PERF.md).
 const ONE_LAUNCH_DECODE_ATTENTION: bool = false;
 
 /// Threads per block of the split attention kernels (`ATTENTION_WARPS` warps).
