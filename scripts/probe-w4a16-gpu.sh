@@ -5,7 +5,9 @@
 #      warps) beside the benchmark's M (activations split beforehand) and the panels' kernel (A),
 #      each alone with its weights cold: is the in-kernel split what costs?
 #   2. the 8B shape cut to LAYERS layers: panels and tiles, and, when FDC_ALT/FDRT_ALT name a
-#      build with another QUANT_TILE_THREADS_ONE (kernels/src/cuda.rs), tiles from that build;
+#      build with another tile block (both `QUANT_TILE_THREADS_ONE` in kernels/src/cuda.rs and
+#      `QTILE_WARPS_ONE` in kernels/cuda/quant.cu changed, to 32 * 8 and 8: the kernel and its
+#      launch must agree, and `cargo test -p kernels` checks that they do), tiles from that build;
 #      decode tok/s with the device time per step (FDRT_GRAPH_TIMES), two rounds.
 #   3. with ncu on the PATH: each kind of decode matmul's counters (duration, DRAM throughput,
 #      occupancy, stall reasons), panels then tiles, and attention's kernels and the argmax.
@@ -18,6 +20,14 @@ cd "$repo_root"
 export PATH=/usr/local/cuda/bin:$PATH
 start=$(date +%s)
 left() { echo $((${DEADLINE:-400} - ($(date +%s) - start))); }
+# `timeout` with what is left, or nothing once the deadline has passed (`timeout 0` would mean
+# no limit at all).
+bounded() {
+    local t
+    t=$(left)
+    [ "$t" -gt 0 ] || { echo "out of time: $*" >&2; return 1; }
+    timeout "$t" "$@"
+}
 stamp() { echo "[$1 at $(($(date +%s) - start)) s]"; }
 fdc="${FDC:-target/release/fdc}"
 fdrt="${FDRT:-target/release/fdrt}"
@@ -34,11 +44,11 @@ mkdir -p "$work/config"
 sed "s/\"num_hidden_layers\": 32/\"num_hidden_layers\": $layers/" \
     tests/data/configs/llama-3-8b/config.json >"$work/config/config.json"
 quant=(--target cuda-sm90 --quant w4a16 --group-size 128 --quant-sym --quant-rtn)
-timeout "$(left)" "$fdc" synth "$work/config/config.json" -o "$work/ckpt" >/dev/null
-timeout "$(left)" "$fdc" compile --quiet "${quant[@]}" "$work/ckpt" -o "$work/panels.fdp"
-timeout "$(left)" "$fdc" compile --quiet "${quant[@]}" --quant-tiles "$work/ckpt" -o "$work/tiles.fdp"
+bounded "$fdc" synth "$work/config/config.json" -o "$work/ckpt" >/dev/null
+bounded "$fdc" compile --quiet "${quant[@]}" "$work/ckpt" -o "$work/panels.fdp"
+bounded "$fdc" compile --quiet "${quant[@]}" --quant-tiles "$work/ckpt" -o "$work/tiles.fdp"
 if [ -n "${FDC_ALT:-}" ]; then
-    timeout "$(left)" "$FDC_ALT" compile --quiet "${quant[@]}" --quant-tiles "$work/ckpt" \
+    bounded "$FDC_ALT" compile --quiet "${quant[@]}" --quant-tiles "$work/ckpt" \
         -o "$work/tiles-alt.fdp"
 fi
 stamp plans
@@ -58,7 +68,7 @@ done
 stamp step
 wait
 grep -E "nvcc exit|error" "$work/build.log" | head -5
-[ "$(left)" -gt 10 ] && timeout "$(left)" "$work/narrow"
+[ "$(left)" -gt 10 ] && bounded "$work/narrow"
 stamp narrow
 command -v ncu >/dev/null || exit 0
 profile() { # plan kernel-regex count

@@ -50,7 +50,8 @@ impl<A: Ord + Copy, M> BuiltModules<A, M> {
     }
 
     /// The module of `source` for `arch`: built by `build` the first time, the same after.
-    /// A build that fails leaves nothing behind, so the next call builds again.
+    /// A build that fails (or panics) leaves its slot empty, so the next call builds again;
+    /// threads that were waiting on it then build one after another.
     pub(crate) fn get_or_build<E>(
         &self,
         source: &str,
