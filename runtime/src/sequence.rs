@@ -2,7 +2,7 @@
 //! [`crate::cuda::GpuEngine`]. `fdrt generate` and `fdrt bench` drive either through this.
 
 use crate::cuda::GpuEngine;
-use crate::engine::Engine;
+use crate::engine::{Engine, Logits};
 use crate::error::RuntimeError;
 use crate::plan::LoadedPlan;
 use crate::sampler::argmax;
@@ -71,8 +71,9 @@ impl OneSequence for GpuEngine {
     fn append_greedy(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
         let parts: Vec<&[u32]> = tokens.chunks(self.max_batch_tokens()).collect();
         let (last, before) = parts.split_last().ok_or(RuntimeError::EmptyInput)?;
+        // The parts before the last only fill the cache: no logits come back for them.
         for part in before {
-            self.forward(part, false)?;
+            self.solo_pass(part, Logits::None)?;
         }
         self.forward_greedy(last)
     }

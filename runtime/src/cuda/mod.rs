@@ -1324,39 +1324,39 @@ impl GpuEngine {
     /// with `forward_batch` calls for other sequences); returns the logits of every new token
     /// (`all`) or of the last only, `[rows, vocab]`.
     pub fn forward(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>, RuntimeError> {
-        let blocks = std::mem::take(&mut self.solo_blocks);
-        let chunk = SeqChunk {
-            blocks: &blocks,
-            start: self.solo_len,
-            tokens,
-            logits: if all { Logits::All } else { Logits::Last },
-        };
-        let result = self.forward_batch(&[chunk]).map(<[f32]>::to_vec);
-        self.solo_blocks = blocks;
-        let logits = result?;
-        self.solo_len += tokens.len();
-        Ok(logits)
+        self.solo_pass(tokens, if all { Logits::All } else { Logits::Last })
     }
 
     /// Runs `tokens` after the single sequence so far, like [`GpuEngine::forward`], and returns
     /// the most likely next token, picked on the device where the module can (one id copied
     /// back instead of a row of the vocabulary).
     pub fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32, RuntimeError> {
+        self.solo_pass(tokens, Logits::Greedy)?;
+        self.greedy_ids
+            .first()
+            .copied()
+            .ok_or_else(|| RuntimeError::Cuda("the pass returned no greedy pick".to_string()))
+    }
+
+    /// Runs `tokens` after the single sequence so far, asking for `logits`, and returns the
+    /// logits rows that brings back (none for `Greedy` and `None`).
+    pub(crate) fn solo_pass(
+        &mut self,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<Vec<f32>, RuntimeError> {
         let blocks = std::mem::take(&mut self.solo_blocks);
         let chunk = SeqChunk {
             blocks: &blocks,
             start: self.solo_len,
             tokens,
-            logits: Logits::Greedy,
+            logits,
         };
-        let result = self.forward_batch(&[chunk]).map(drop);
+        let result = self.forward_batch(&[chunk]).map(<[f32]>::to_vec);
         self.solo_blocks = blocks;
-        result?;
+        let rows = result?;
         self.solo_len += tokens.len();
-        self.greedy_ids
-            .first()
-            .copied()
-            .ok_or_else(|| RuntimeError::Cuda("the pass returned no greedy pick".to_string()))
+        Ok(rows)
     }
 
     /// One forward pass over several sequences at once, each chunk's tokens written to its
